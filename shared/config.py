@@ -331,7 +331,20 @@ def _dimensions(env: Mapping[str, str]) -> tuple[str, ...]:
     return names
 
 
-def load_settings(env: Mapping[str, str]) -> Settings:
+def local_environment(settings_file: str | None = "local.settings.json") -> dict[str, str]:
+    """The process environment over local.settings.json's `Values`, as `func start` presents them to the app."""
+    import os
+
+    values: dict[str, str] = {}
+    if settings_file and os.path.isfile(settings_file):
+        with open(settings_file, encoding="utf-8") as handle:
+            raw = json.load(handle).get("Values", {})
+        values = {str(k): str(v) for k, v in raw.items()}
+    values.update(os.environ)
+    return values
+
+
+def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> Settings:
     """Parse and validate every gateway setting; raise ConfigError naming the first bad one."""
     connection = _get(env, "GATEWAY_TABLE_CONNECTION_STRING")
     endpoint = _get(env, "GATEWAY_TABLE_ENDPOINT")
@@ -359,7 +372,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         raise ConfigError(f"GATEWAY_USER_ID_HEADER: not a header name: {user_header!r}")
     gateway_id = _get(env, "GATEWAY_ID") or _get(env, "WEBSITE_SITE_NAME") or "gateway"
     return Settings(
-        backends=parse_backends(_get(env, "GATEWAY_BACKENDS"), env),
+        backends=parse_backends(_get(env, "GATEWAY_BACKENDS"), env)
+        if require_backends or _get(env, "GATEWAY_BACKENDS")
+        else (),
         table_connection_string=connection,
         table_endpoint=endpoint if connection is None else None,
         table_prefix=prefix,

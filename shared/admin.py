@@ -1,0 +1,283 @@
+"""The admin command: consumers, their keys and limits, usage reports, and App Insights queries.
+
+    python -m shared.admin consumers create NAME [--tpm N] [--deployment-tpm DEPLOYMENT=N ...]
+                                                 [--quota N --quota-period daily] [--deployments a,b | --all-deployments]
+                                                 [--priority high|normal|low] [--id ID]
+    python -m shared.admin consumers list | show ID | rotate ID [--grace-seconds S] | disable ID | enable ID | delete ID
+    python -m shared.admin consumers set ID [--tpm N] [--deployment-tpm D=N ...] [--quota N --quota-period P] ...
+    python -m shared.admin usage [--period daily|hourly|monthly|...] [--at ISO-DATE] [--consumer ID]
+    python -m shared.admin query list | run NAME --resource-id ID [--timespan P1D]
+
+It talks to the same Table Storage as the gateway (settings from the environment, then local.settings.json). A new or
+rotated key is printed once and never stored; gateways pick up changes within GATEWAY_CONSUMER_REFRESH_S seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from shared.clock import SystemClock
+from shared.config import ConfigError, Settings, load_settings, local_environment
+from shared.consumers import (
+    PRIORITIES,
+    QUOTA_PERIODS,
+    Consumer,
+    Limits,
+    hash_key,
+    key_prefix,
+    new_key,
+    rotated,
+    validate_consumer_id,
+)
+from shared.storage import Conflict, TableConsumerStore, Tables
+
+
+def _slug(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:63]
+    return slug or "consumer"
+
+
+def _deployment_tpm(items: Sequence[str] | None) -> dict[str, int] | None:
+    if items is None:
+        return None
+    result: dict[str, int] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not value.isdigit():
+            raise SystemExit(f"--deployment-tpm: expected DEPLOYMENT=N, got {item!r}")
+        result[name] = int(value)
+    return result
+
+
+def _limits(args: argparse.Namespace, base: Limits) -> Limits:
+    quota_period = args.quota_period if args.quota_period is not None else base.quota_period
+    quota = args.quota if args.quota is not None else base.quota
+    if quota and quota_period not in QUOTA_PERIODS:
+        raise SystemExit(f"--quota needs --quota-period, one of {', '.join(QUOTA_PERIODS)}")
+    per_deployment = _deployment_tpm(args.deployment_tpm)
+    return Limits(
+        tokens_per_minute=args.tpm if args.tpm is not None else base.tokens_per_minute,
+        deployment_tokens_per_minute=base.deployment_tokens_per_minute if per_deployment is None else per_deployment,
+        quota=quota,
+        quota_period=quota_period if quota else None,
+    )
+
+
+def _deployments(args: argparse.Namespace, base: frozenset[str] | None) -> frozenset[str] | None:
+    if getattr(args, "all_deployments", False):
+        return None
+    if args.deployments is not None:
+        return frozenset(d.strip() for d in args.deployments.split(",") if d.strip())
+    return base
+
+
+def describe(consumer: Consumer) -> dict[str, Any]:
+    limits = consumer.limits
+    return {
+        "id": consumer.id,
+        "name": consumer.name,
+        "key_prefix": consumer.key_prefix,
+        "enabled": consumer.enabled,
+        "priority": consumer.priority,
+        "deployments": "*" if consumer.deployments is None else sorted(consumer.deployments),
+        "tokens_per_minute": limits.tokens_per_minute,
+        "deployment_tokens_per_minute": dict(limits.deployment_tokens_per_minute),
+        "quota": limits.quota,
+        "quota_period": limits.quota_period,
+    }
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+class Admin:
+    def __init__(self, store: TableConsumerStore, out: Any = None) -> None:
+        self.store = store
+        self.out = out or sys.stdout
+
+    def print(self, text: str) -> None:
+        print(text, file=self.out)
+
+    async def create(self, args: argparse.Namespace) -> int:
+        consumer_id = validate_consumer_id(args.id or _slug(args.name))
+        key = new_key()
+        consumer = Consumer(
+            id=consumer_id,
+            name=args.name,
+            key_hash=hash_key(key),
+            key_prefix=key_prefix(key),
+            deployments=_deployments(args, None),
+            limits=_limits(args, Limits()),
+            priority=args.priority or "normal",
+        )
+        try:
+            await self.store.create(consumer)
+        except Conflict:
+            self.print(f"a consumer with id {consumer_id!r} exists already")
+            return 1
+        self.print(json.dumps({**describe(consumer), "key": key}, indent=2))
+        self.print("Store this key now: it is shown once and cannot be recovered.")
+        return 0
+
+    async def _existing(self, consumer_id: str) -> Consumer:
+        consumer = await self.store.get(consumer_id)
+        if consumer is None:
+            raise SystemExit(f"no consumer with id {consumer_id!r}")
+        return consumer
+
+    async def list(self, args: argparse.Namespace) -> int:
+        consumers = sorted(await self.store.list_consumers(), key=lambda c: c.id)
+        if args.json:
+            self.print(json.dumps([describe(c) for c in consumers], indent=2))
+        else:
+            rows = [describe(c) for c in consumers]
+            for row in rows:
+                row["deployments"] = ",".join(row["deployments"]) if isinstance(row["deployments"], list) else "*"
+            self.print(_table(rows, ["id", "name", "key_prefix", "enabled", "priority", "tokens_per_minute", "quota", "quota_period", "deployments"]))
+        return 0
+
+    async def show(self, args: argparse.Namespace) -> int:
+        self.print(json.dumps(describe(await self._existing(args.id)), indent=2))
+        return 0
+
+    async def rotate(self, args: argparse.Namespace) -> int:
+        consumer = await self._existing(args.id)
+        key = new_key()
+        await self.store.put(rotated(consumer, key, args.grace_seconds, SystemClock().now()))
+        self.print(json.dumps({"id": consumer.id, "key_prefix": key_prefix(key), "key": key}, indent=2))
+        if args.grace_seconds:
+            self.print(f"The previous key keeps working for {args.grace_seconds:g} seconds.")
+        self.print("Store this key now: it is shown once and cannot be recovered.")
+        return 0
+
+    async def set_enabled(self, consumer_id: str, enabled: bool) -> int:
+        consumer = await self._existing(consumer_id)
+        await self.store.put(replace(consumer, enabled=enabled, version=consumer.version + 1))
+        self.print(f"{consumer_id}: {'enabled' if enabled else 'disabled'}")
+        return 0
+
+    async def update(self, args: argparse.Namespace) -> int:
+        consumer = await self._existing(args.id)
+        changed = replace(
+            consumer,
+            name=args.name or consumer.name,
+            limits=_limits(args, consumer.limits),
+            deployments=_deployments(args, consumer.deployments),
+            priority=args.priority or consumer.priority,
+            version=consumer.version + 1,
+        )
+        await self.store.put(changed)
+        self.print(json.dumps(describe(changed), indent=2))
+        return 0
+
+    async def delete(self, args: argparse.Namespace) -> int:
+        if not await self.store.delete(args.id):
+            raise SystemExit(f"no consumer with id {args.id!r}")
+        self.print(f"{args.id}: deleted")
+        return 0
+
+
+def _limit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tpm", type=int, help="tokens per minute (0: unlimited)")
+    parser.add_argument("--deployment-tpm", action="append", metavar="DEPLOYMENT=N", help="per-deployment tokens per minute")
+    parser.add_argument("--quota", type=int, help="token quota per period (0: none)")
+    parser.add_argument("--quota-period", choices=QUOTA_PERIODS)
+    parser.add_argument("--deployments", help="comma-separated deployments this consumer may use")
+    parser.add_argument("--all-deployments", action="store_true", help="allow every deployment")
+    parser.add_argument("--priority", choices=PRIORITIES)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="python -m shared.admin", description="Manage the gateway's consumers.")
+    root.add_argument("--settings", default="local.settings.json", help="local settings file read after the environment")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    consumers = commands.add_parser("consumers", help="create, list, rotate, disable consumers").add_subparsers(dest="action", required=True)
+    create = consumers.add_parser("create")
+    create.add_argument("name")
+    create.add_argument("--id")
+    _limit_arguments(create)
+    listing = consumers.add_parser("list")
+    listing.add_argument("--json", action="store_true")
+    for action in ("show", "disable", "enable", "delete"):
+        consumers.add_parser(action).add_argument("id")
+    rotate = consumers.add_parser("rotate")
+    rotate.add_argument("id")
+    rotate.add_argument("--grace-seconds", type=float, default=0.0, help="how long the old key keeps working")
+    update = consumers.add_parser("set")
+    update.add_argument("id")
+    update.add_argument("--name")
+    _limit_arguments(update)
+
+    usage = commands.add_parser("usage", help="tokens per consumer and deployment for a period")
+    usage.add_argument("--period", default="daily", choices=("minute", *QUOTA_PERIODS))
+    usage.add_argument("--at", help="a time inside the period (ISO 8601, UTC); default now")
+    usage.add_argument("--consumer")
+    usage.add_argument("--json", action="store_true")
+
+    commands.add_parser("query", help="run a KQL query against Application Insights", add_help=False)
+    return root
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> int:
+    tables = Tables.from_settings(settings, timeout_s=max(settings.store_timeout_s, 10.0))
+    try:
+        if args.command == "usage":
+            from shared.usage_report import report
+
+            return await report(tables, args, sys.stdout)
+        admin = Admin(TableConsumerStore(tables))
+        action = args.action
+        if action == "create":
+            return await admin.create(args)
+        if action == "list":
+            return await admin.list(args)
+        if action == "show":
+            return await admin.show(args)
+        if action == "rotate":
+            return await admin.rotate(args)
+        if action in ("disable", "enable"):
+            return await admin.set_enabled(args.id, action == "enable")
+        if action == "set":
+            return await admin.update(args)
+        if action == "delete":
+            return await admin.delete(args)
+        raise SystemExit(f"unknown action {action}")
+    finally:
+        await tables.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["query"]:
+        from shared.insights import main as query_main
+
+        return query_main(argv[1:])
+    args = parser().parse_args(argv)
+    try:
+        settings = load_settings(local_environment(args.settings), require_backends=False)
+    except ConfigError as error:
+        print(f"configuration error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(run(args, settings))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

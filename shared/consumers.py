@@ -1,0 +1,230 @@
+"""Consumers: who may call the gateway, with which key, for which deployments, under which limits.
+
+Keys are 256-bit random secrets shown once; only their SHA-256 is stored. A fast hash is enough because the secret has
+full entropy (nothing to brute-force from a dictionary); comparison of the stored and computed digests is constant-time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from shared.clock import Clock
+from shared.errors import GatewayError, unauthorized
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "gw-"
+QUOTA_PERIODS = ("hourly", "daily", "weekly", "monthly", "yearly")
+PRIORITIES = ("high", "normal", "low")
+_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    tokens_per_minute: int = 0  # 0: no limit
+    deployment_tokens_per_minute: Mapping[str, int] = field(default_factory=dict)
+    quota: int = 0  # 0: no quota
+    quota_period: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Consumer:
+    id: str
+    name: str
+    key_hash: str
+    key_prefix: str
+    enabled: bool = True
+    deployments: frozenset[str] | None = None  # None: every deployment
+    limits: Limits = Limits()
+    priority: str = "normal"
+    previous_key_hash: str | None = None
+    previous_key_expires: float = 0.0
+    version: int = 0
+
+    def may_use(self, deployment: str) -> bool:
+        return self.deployments is None or deployment in self.deployments
+
+
+def validate_consumer_id(consumer_id: str) -> str:
+    if not _ID_RE.match(consumer_id):
+        raise ValueError("consumer id: lower-case letters, digits and '-', at most 63, starting with a letter or digit")
+    return consumer_id
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def key_prefix(key: str) -> str:
+    """A short, non-secret handle for a key, safe to show in logs and listings (9 of ~46 characters)."""
+    return key[:9]
+
+
+class ConsumerStore(Protocol):
+    async def list_consumers(self) -> list[Consumer]: ...
+
+    async def get(self, consumer_id: str) -> Consumer | None: ...
+
+    async def find_by_key_hash(self, key_hash: str) -> Consumer | None: ...
+
+    async def put(self, consumer: Consumer) -> None: ...
+
+    async def delete(self, consumer_id: str) -> bool: ...
+
+
+class MemoryConsumerStore:
+    def __init__(self) -> None:
+        self.consumers: dict[str, Consumer] = {}
+        self.calls = 0
+
+    async def list_consumers(self) -> list[Consumer]:
+        self.calls += 1
+        return list(self.consumers.values())
+
+    async def get(self, consumer_id: str) -> Consumer | None:
+        self.calls += 1
+        return self.consumers.get(consumer_id)
+
+    async def find_by_key_hash(self, key_hash: str) -> Consumer | None:
+        self.calls += 1
+        for consumer in self.consumers.values():
+            if key_hash in (consumer.key_hash, consumer.previous_key_hash):
+                return consumer
+        return None
+
+    async def put(self, consumer: Consumer) -> None:
+        self.consumers[consumer.id] = consumer
+
+    async def delete(self, consumer_id: str) -> bool:
+        return self.consumers.pop(consumer_id, None) is not None
+
+
+def key_from_headers(headers: Mapping[str, str], repeated: frozenset[str]) -> str:
+    """The consumer key from `api-key` or `Authorization: Bearer`; 401 when absent or ambiguous."""
+    if "api-key" in repeated or "authorization" in repeated:
+        raise unauthorized("More than one credential header was sent; send exactly one key.")
+    api_key = headers.get("api-key")
+    bearer = None
+    authorization = headers.get("authorization")
+    if authorization is not None:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise unauthorized("The Authorization header must be 'Bearer <key>'.")
+        bearer = value.strip()
+    if api_key is not None and bearer is not None and api_key != bearer:
+        raise unauthorized("The api-key and Authorization headers carry different keys; send exactly one key.")
+    key = api_key if api_key is not None else bearer
+    if not key:
+        raise unauthorized("No API key was sent. Send your gateway key in the 'api-key' header or as 'Authorization: Bearer <key>'.")
+    return key
+
+
+class ConsumerDirectory:
+    """Every consumer, cached in memory and reloaded in the background, so authentication costs no I/O.
+
+    A key not in the cache (a consumer created seconds ago) is looked up once in the store; unknown keys are remembered
+    as unknown until the next reload, so a client spraying bad keys cannot turn each request into a store call.
+    """
+
+    def __init__(self, store: ConsumerStore, clock: Clock, refresh_s: float) -> None:
+        self._store = store
+        self._clock = clock
+        self._refresh_s = refresh_s
+        self._by_hash: dict[str, Consumer] = {}
+        self._by_id: dict[str, Consumer] = {}
+        self._unknown: set[str] = set()
+        self._loaded_at = float("-inf")
+        self._reloading: asyncio.Task[None] | None = None
+        self.reload_failures = 0
+
+    def _index(self, consumers: list[Consumer]) -> None:
+        by_hash: dict[str, Consumer] = {}
+        for consumer in consumers:
+            by_hash[consumer.key_hash] = consumer
+            if consumer.previous_key_hash:
+                by_hash[consumer.previous_key_hash] = consumer
+        self._by_hash = by_hash
+        self._by_id = {c.id: c for c in consumers}
+        self._unknown = set()
+
+    async def reload(self) -> None:
+        try:
+            consumers = await self._store.list_consumers()
+        except Exception as exc:  # the store's own errors are already mapped; keep serving the cached copy
+            self.reload_failures += 1
+            log.warning("could not reload consumers (%s); serving the cached copy", type(exc).__name__)
+            return
+        self._index(consumers)
+        self._loaded_at = self._clock.monotonic()
+
+    def _reload_if_due(self) -> None:
+        if self._clock.monotonic() - self._loaded_at >= self._refresh_s and (
+            self._reloading is None or self._reloading.done()
+        ):
+            self._reloading = asyncio.get_running_loop().create_task(self.reload())
+
+    def get(self, consumer_id: str) -> Consumer | None:
+        return self._by_id.get(consumer_id)
+
+    def all(self) -> list[Consumer]:
+        return list(self._by_id.values())
+
+    async def authenticate(self, key: str) -> Consumer:
+        if self._loaded_at == float("-inf"):
+            await self.reload()
+        else:
+            self._reload_if_due()
+        digest = hash_key(key)
+        consumer = self._by_hash.get(digest)
+        if consumer is None and digest not in self._unknown:
+            try:
+                consumer = await self._store.find_by_key_hash(digest)
+            except Exception as exc:
+                log.warning("consumer lookup failed (%s)", type(exc).__name__)
+                consumer = None
+            if consumer is None:
+                if len(self._unknown) > 100_000:
+                    self._unknown.clear()
+                self._unknown.add(digest)
+            else:
+                self._by_hash[digest] = consumer
+                self._by_id[consumer.id] = consumer
+        if consumer is None:
+            raise unauthorized("The API key is not valid.")
+        if consumer.key_hash != digest:
+            # The previous key of a rotated consumer, valid only during its grace period.
+            if not (
+                consumer.previous_key_hash
+                and hmac.compare_digest(consumer.previous_key_hash, digest)
+                and self._clock.now() < consumer.previous_key_expires
+            ):
+                raise unauthorized("The API key is not valid.")
+        elif not hmac.compare_digest(consumer.key_hash, digest):
+            raise unauthorized("The API key is not valid.")
+        if not consumer.enabled:
+            raise GatewayError(401, "This consumer is disabled.", type="authentication_error", code="consumer_disabled")
+        return consumer
+
+
+def rotated(consumer: Consumer, key: str, grace_s: float, now: float) -> Consumer:
+    """The consumer with a new key; the old one keeps working for `grace_s` seconds (0: not at all)."""
+    return replace(
+        consumer,
+        key_hash=hash_key(key),
+        key_prefix=key_prefix(key),
+        previous_key_hash=consumer.key_hash if grace_s > 0 else None,
+        previous_key_expires=now + grace_s if grace_s > 0 else 0.0,
+        version=consumer.version + 1,
+    )

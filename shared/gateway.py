@@ -1,0 +1,368 @@
+"""The request flow: identify -> check -> limit -> route with failover -> relay -> account -> emit.
+
+Nothing here touches a framework or a socket: the edge hands over a GatewayRequest, the upstream module does the I/O,
+and accounting on the way out is synchronous (in-memory), so it also runs when a client disconnects mid-stream and the
+relay is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
+
+from shared import tokens
+from shared.clock import Clock
+from shared.config import Backend, Settings
+from shared.consumers import Consumer, ConsumerDirectory, key_from_headers
+from shared.errors import GatewayError, error_body, forbidden, not_found
+from shared.limits import Limiter, Ticket
+from shared.messages import GatewayRequest, GatewayResponse
+from shared.routing import Router
+from shared.telemetry import RequestRecord, Telemetry
+from shared.translate import (
+    FORWARDED_RESPONSE_HEADERS,
+    CallShape,
+    Operation,
+    Route,
+    backend_body,
+    backend_url,
+    check_api_version,
+    check_body,
+    match_route,
+    parse_body,
+    request_headers,
+)
+from shared.upstream import Upstream, UpstreamBroken, UpstreamError, UpstreamResponse
+from shared.credentials import BackendAuth
+from shared.usage import SseRelay, TokenUsage, usage_from_body
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+SSE = "text/event-stream"
+
+
+@dataclass
+class Services:
+    settings: Settings
+    clock: Clock
+    consumers: ConsumerDirectory
+    router: Router
+    upstream: Upstream
+    auth: BackendAuth
+    limiter: Limiter
+    telemetry: Telemetry
+
+
+@dataclass(slots=True)
+class Call:
+    """One admitted request on its way through the gateway."""
+
+    request: GatewayRequest
+    route: Route
+    consumer: Consumer
+    shape: CallShape
+    body: dict[str, Any]
+    api_version: str | None
+    started: float
+    user_id: str
+    ticket: Ticket
+    prompt_estimate: int | None = None
+
+
+class _Retryable(Exception):
+    """An attempt failed before anything reached the client; the next candidate may answer."""
+
+    def __init__(self, backend: Backend, reason: str) -> None:
+        self.backend = backend
+        self.reason = reason
+
+
+class Gateway:
+    def __init__(self, services: Services) -> None:
+        self.s = services
+        self._deployments = services.settings.deployments()
+
+    async def handle(self, request: GatewayRequest) -> GatewayResponse:
+        started = self.s.clock.monotonic()
+        route: Route | None = None
+        consumer: Consumer | None = None
+        try:
+            route = match_route(request.method, request.raw_path)
+            if route.operation is Operation.HEALTH:
+                return self._health()
+            consumer = await self.s.consumers.authenticate(key_from_headers(request.headers, request.repeated))
+            if route.operation is Operation.MODELS:
+                return self._models(consumer)
+            return await self._proxy(request, route, consumer, started)
+        except GatewayError as error:
+            if route is not None and consumer is not None and error.status in (429, 403) and error.code in (
+                "rate_limit_exceeded", "quota_exceeded", "tokens_exceed_limit"
+            ):
+                reason = "quota" if error.code == "quota_exceeded" else "rate"
+                self.s.telemetry.throttled(consumer.id, route.deployment or "", reason)
+            return self._error_response(error, request, route, consumer, started)
+
+    # ---- admission ---------------------------------------------------------------------------------------------
+
+    async def _proxy(self, request: GatewayRequest, route: Route, consumer: Consumer, started: float) -> GatewayResponse:
+        api_version = check_api_version(request.query)
+        body = parse_body(request.body)
+        shape = check_body(route, body)
+        route = Route(route.api, route.operation, shape.deployment)
+        if shape.deployment not in self._deployments:
+            raise not_found(f"The deployment '{shape.deployment}' does not exist.", code="DeploymentNotFound")
+        if not consumer.may_use(shape.deployment):
+            raise forbidden(f"This key may not use the deployment '{shape.deployment}'.", code="deployment_not_allowed")
+
+        prompt_estimate: int | None = None
+        reserve = 0
+        if self.s.limiter.needs_estimate(consumer, shape.deployment):
+            prompt_estimate = self._count_prompt(route.operation, body, shape.deployment)
+            completion = 0 if route.operation is Operation.EMBEDDINGS else (
+                shape.max_tokens or self.s.settings.default_max_tokens
+            )
+            reserve = prompt_estimate + completion
+        ticket = await self.s.limiter.admit(consumer, shape.deployment, reserve)
+        call = Call(
+            request=request,
+            route=route,
+            consumer=consumer,
+            shape=shape,
+            body=body,
+            api_version=api_version,
+            started=started,
+            user_id=request.headers.get(self.s.settings.user_id_header, ""),
+            ticket=ticket,
+            prompt_estimate=prompt_estimate,
+        )
+        try:
+            backend, response, attempts = await self._dispatch(call, reserve)
+        except BaseException:
+            ticket.settle(0)
+            raise
+        if shape.stream and response.status == 200:
+            return self._stream(call, backend, response, attempts)
+        return await self._complete(call, backend, response, attempts)
+
+    def _count_prompt(self, operation: Operation, body: dict[str, Any], deployment: str) -> int:
+        encoding = tokens.encoding_for(deployment)
+        if operation is Operation.CHAT:
+            return tokens.count_chat_prompt(body, encoding)
+        if operation is Operation.COMPLETIONS:
+            return tokens.count_completion_prompt(body, encoding)
+        return tokens.count_embedding_input(body, encoding)
+
+    def _prompt_tokens(self, call: Call) -> int:
+        if call.prompt_estimate is None:
+            call.prompt_estimate = self._count_prompt(call.route.operation, call.body, call.shape.deployment)
+        return call.prompt_estimate
+
+    # ---- routing and failover ----------------------------------------------------------------------------------
+
+    async def _dispatch(self, call: Call, need_tokens: int) -> tuple[Backend, UpstreamResponse, int]:
+        """Send to the first candidate that answers; fail over on 429, 5xx, timeouts and connection errors."""
+        router = self.s.router
+        candidates = router.candidates(call.shape.deployment, need_tokens, call.consumer.priority)
+        if not candidates:
+            raise router.exhausted(call.shape.deployment, [])
+        max_attempts = self.s.settings.max_attempts or len(candidates)
+        headers = request_headers(call.request.headers)
+        failures: list[str] = []
+        previous: Backend | None = None
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(min(max_attempts, len(candidates))),
+                retry=retry_if_exception_type(_Retryable),
+                wait=wait_none(),
+                reraise=True,
+            ):
+                with attempt:
+                    backend = candidates[attempt.retry_state.attempt_number - 1]
+                    if previous is not None:
+                        self.s.telemetry.failover(previous.id, backend.id, failures[-1])
+                    previous = backend
+                    response = await self._attempt(call, backend, headers, failures)
+                    return backend, response, attempt.retry_state.attempt_number
+        except _Retryable:
+            raise router.exhausted(call.shape.deployment, failures) from None
+        raise AssertionError("unreachable")
+
+    async def _attempt(
+        self, call: Call, backend: Backend, headers: dict[str, str], failures: list[str]
+    ) -> UpstreamResponse:
+        router = self.s.router
+        url = backend_url(backend, call.route, call.shape.deployment, call.api_version)
+        body = backend_body(call.request.body, call.body, backend, call.shape.deployment, call.shape)
+        send_headers = {**headers, **(await self.s.auth.headers(backend))}
+        try:
+            response = await self.s.upstream.send(backend, url, send_headers, body)
+        except UpstreamError as exc:
+            router.record_error(backend, exc.kind)
+            failures.append(exc.kind)
+            raise _Retryable(backend, exc.kind) from None
+        if router.is_failure(backend, response.status):
+            router.record_failure(backend, response.status, response.headers)
+            failures.append(str(response.status))
+            response.release()
+            raise _Retryable(backend, str(response.status))
+        router.record_success(backend, response.headers)
+        return response
+
+    # ---- responses ---------------------------------------------------------------------------------------------
+
+    def _response_headers(self, call: Call, backend: Backend, upstream: UpstreamResponse) -> dict[str, str]:
+        headers = {k: v for k, v in upstream.headers.items() if k in FORWARDED_RESPONSE_HEADERS}
+        headers["x-gateway-backend"] = backend.id
+        headers.setdefault("x-ms-region", backend.region)
+        headers.update(call.ticket.headers)
+        return headers
+
+    async def _complete(
+        self, call: Call, backend: Backend, upstream: UpstreamResponse, attempts: int
+    ) -> GatewayResponse:
+        headers = self._response_headers(call, backend, upstream)
+        try:
+            raw = await upstream.read()
+        except UpstreamBroken:
+            usage = TokenUsage(self._prompt_tokens(call), 0, self._prompt_tokens(call), reported=False)
+            self._account(call, backend, 502, usage, None, attempts)
+            raise GatewayError(502, "The backend's response broke off.", type="server_error", code="backend_error") from None
+        status = upstream.status
+        usage, model = usage_from_body(raw) if status == 200 else (None, None)
+        if status == 200 and usage is None:
+            # A 200 whose body cannot be read: the backend may still have billed the prompt; charge what we can count.
+            prompt = self._prompt_tokens(call)
+            usage = TokenUsage(prompt, 0, prompt, reported=False)
+            try:
+                orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                self._account(call, backend, 502, usage, None, attempts)
+                raise GatewayError(
+                    502, "The backend returned a malformed response.", type="server_error", code="backend_malformed_response"
+                ) from None
+        if status in (401, 403):
+            self._account(call, backend, 502, None, None, attempts)
+            raise GatewayError(502, "The gateway could not authenticate to the backend.", type="server_error", code="backend_auth_failed")
+        tokens_used = self._account(call, backend, status, usage, model, attempts)
+        headers["x-gateway-tokens-consumed"] = str(tokens_used)
+        headers.update(call.ticket.headers)
+        return GatewayResponse(status, headers, raw)
+
+    def _stream(self, call: Call, backend: Backend, upstream: UpstreamResponse, attempts: int) -> GatewayResponse:
+        headers = self._response_headers(call, backend, upstream)
+        headers["content-type"] = SSE
+        headers["cache-control"] = "no-cache"
+        return GatewayResponse(200, headers, stream=self._relay(call, backend, upstream, attempts))
+
+    async def _relay(
+        self, call: Call, backend: Backend, upstream: UpstreamResponse, attempts: int
+    ) -> AsyncIterator[bytes]:
+        relay = SseRelay(forward_usage_chunk=call.shape.client_wants_usage)
+        first_at: float | None = None
+        clean = False
+        try:
+            async for chunk in upstream.chunks():
+                out = relay.feed(chunk)
+                if out:
+                    if first_at is None:
+                        first_at = self.s.clock.monotonic()
+                    yield out
+            tail = relay.flush()
+            if tail:
+                yield tail
+            if relay.done:
+                clean = True
+            else:
+                yield _stream_error("The backend ended the stream early.")
+        except UpstreamBroken:
+            yield _stream_error("The backend's stream broke off.")
+        finally:
+            if clean:
+                upstream.release()
+            else:
+                upstream.close()
+            usage = relay.usage
+            if usage is None:
+                prompt = self._prompt_tokens(call)
+                completion = relay.delivered_completion_tokens(tokens.encoding_for(relay.model or call.shape.deployment))
+                usage = TokenUsage(prompt, completion, prompt + completion, reported=False)
+            ttft = None if first_at is None else (first_at - call.started) * 1000
+            self._account(call, backend, 200, usage, relay.model, attempts, ttft)
+
+    def _account(
+        self,
+        call: Call,
+        backend: Backend,
+        status: int,
+        usage: TokenUsage | None,
+        model: str | None,
+        attempts: int,
+        ttft_ms: float | None = None,
+    ) -> int:
+        """Settle the consumer's reservation and emit the request's metrics; synchronous so it cannot be cancelled."""
+        spent = usage.total if usage is not None else 0
+        call.ticket.settle(spent)
+        self.s.telemetry.request_done(
+            RequestRecord(
+                consumer_id=call.consumer.id,
+                client_ip=call.request.client_ip,
+                api=call.route.api,
+                operation=call.route.operation.operation_id,
+                user_id=call.user_id,
+                deployment=call.shape.deployment,
+                status=status,
+                duration_ms=(self.s.clock.monotonic() - call.started) * 1000,
+                stream=call.shape.stream,
+                backend_id=backend.id,
+                region=backend.region,
+                ptu=backend.ptu,
+                model=model or "",
+                usage=usage,
+                ttft_ms=ttft_ms,
+                attempts=attempts,
+            )
+        )
+        return spent
+
+    def _error_response(
+        self,
+        error: GatewayError,
+        request: GatewayRequest,
+        route: Route | None,
+        consumer: Consumer | None,
+        started: float,
+    ) -> GatewayResponse:
+        if route is not None and route.operation is not Operation.HEALTH:
+            self.s.telemetry.request_done(
+                RequestRecord(
+                    consumer_id=consumer.id if consumer else "",
+                    client_ip=request.client_ip,
+                    api=route.api,
+                    operation=route.operation.operation_id,
+                    user_id="",
+                    deployment=route.deployment or "",
+                    status=error.status,
+                    duration_ms=(self.s.clock.monotonic() - started) * 1000,
+                )
+            )
+        headers = {"content-type": JSON, **error.headers}
+        return GatewayResponse(error.status, headers, error.body())
+
+    def _models(self, consumer: Consumer) -> GatewayResponse:
+        names = sorted(d for d in self._deployments if consumer.may_use(d))
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "gateway"} for name in names]
+        return GatewayResponse(200, {"content-type": JSON}, orjson.dumps({"object": "list", "data": data}))
+
+    def _health(self) -> GatewayResponse:
+        return GatewayResponse(200, {"content-type": JSON}, orjson.dumps(self.s.router.health()))
+
+
+def _stream_error(message: str) -> bytes:
+    body = error_body(message, "server_error", "stream_interrupted")
+    return b"data: " + body + b"\n\n"

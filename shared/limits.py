@@ -1,0 +1,41 @@
+"""The limiter's contract with the request flow (the distributed implementation lives in ratelimit.py)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from shared.consumers import Consumer
+
+
+class Ticket(Protocol):
+    """An admitted request's reservation; settled exactly once with the tokens it really cost."""
+
+    headers: dict[str, str]
+
+    def settle(self, actual_tokens: int) -> None: ...
+
+
+class Limiter(Protocol):
+    def needs_estimate(self, consumer: Consumer, deployment: str) -> bool: ...
+
+    async def admit(self, consumer: Consumer, deployment: str, reserve: int) -> Ticket:
+        """Reserve `reserve` tokens for the consumer or raise GatewayError (429 over rate, 403 over quota)."""
+        ...
+
+
+class UnlimitedTicket:
+    __slots__ = ("headers",)
+
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+
+    def settle(self, actual_tokens: int) -> None:
+        pass
+
+
+class NoLimits:
+    def needs_estimate(self, consumer: Consumer, deployment: str) -> bool:
+        return False
+
+    async def admit(self, consumer: Consumer, deployment: str, reserve: int) -> Ticket:
+        return UnlimitedTicket()

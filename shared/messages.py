@@ -1,0 +1,26 @@
+"""Framework-free request and response shapes that cross the edge."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayRequest:
+    method: str
+    raw_path: str
+    query: Mapping[str, str]
+    # Lower-cased names; a name sent more than once is listed in `repeated` so auth can refuse ambiguity.
+    headers: Mapping[str, str]
+    body: bytes
+    client_ip: str
+    repeated: frozenset[str] = frozenset()
+
+
+@dataclass(slots=True)
+class GatewayResponse:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None

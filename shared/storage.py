@@ -1,0 +1,212 @@
+"""Azure Table Storage: one service client per worker, every call bounded by a short timeout, errors mapped once.
+
+The stores here are the real twins of the in-memory stores the pure logic is tested with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    AzureError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
+from azure.data.tables import UpdateMode
+from azure.data.tables.aio import TableClient, TableServiceClient
+
+from shared.config import Settings
+from shared.consumers import Consumer, Limits
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class StoreUnavailable(Exception):
+    """Table Storage did not answer in time or failed; callers fall back as their policy says."""
+
+
+class Conflict(Exception):
+    """An ETag-conditional write lost a race (412) or a create found the row already there (409)."""
+
+
+class Tables:
+    """The gateway's tables, each created on first use, with every call under `timeout_s`."""
+
+    NAMES = ("consumers", "ledger", "breakers", "usage")
+
+    def __init__(self, service: TableServiceClient, prefix: str, timeout_s: float) -> None:
+        self._service = service
+        self._prefix = prefix
+        self.timeout_s = timeout_s
+        self._clients: dict[str, TableClient] = {}
+        self._ready: set[str] = set()
+        self.calls = 0
+        self.failures = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, timeout_s: float | None = None) -> Tables:
+        # The SDK's own retries would stretch a call far past our timeout; we decide about retrying ourselves.
+        options: dict[str, Any] = {"retry_total": 0, "connection_timeout": settings.store_timeout_s}
+        if settings.table_connection_string:
+            service = TableServiceClient.from_connection_string(settings.table_connection_string, **options)
+        else:
+            from azure.identity.aio import DefaultAzureCredential
+
+            credential = DefaultAzureCredential(managed_identity_client_id=settings.managed_identity_client_id)
+            assert settings.table_endpoint is not None
+            service = TableServiceClient(endpoint=settings.table_endpoint, credential=credential, **options)
+        return cls(service, settings.table_prefix, timeout_s or settings.store_timeout_s)
+
+    def name(self, table: str) -> str:
+        return f"{self._prefix}{table}"
+
+    def client(self, table: str) -> TableClient:
+        client = self._clients.get(table)
+        if client is None:
+            client = self._clients[table] = self._service.get_table_client(self.name(table))
+        return client
+
+    async def ensure(self, table: str) -> None:
+        if table in self._ready:
+            return
+        try:
+            await asyncio.wait_for(self._service.create_table_if_not_exists(self.name(table)), self.timeout_s * 5)
+        except (AzureError, asyncio.TimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"table {self.name(table)}: {type(exc).__name__}") from None
+        self._ready.add(table)
+
+    async def call(self, table: str, operation: Callable[[TableClient], Awaitable[T]], timeout_s: float | None = None) -> T:
+        """Run one operation on a table, mapping timeouts and service errors to StoreUnavailable / Conflict."""
+        await self.ensure(table)
+        self.calls += 1
+        try:
+            return await asyncio.wait_for(operation(self.client(table)), timeout_s or self.timeout_s)
+        except (ResourceModifiedError, ResourceExistsError) as exc:
+            raise Conflict(type(exc).__name__) from None
+        except ResourceNotFoundError:
+            raise
+        except (AzureError, asyncio.TimeoutError, OSError) as exc:
+            self.failures += 1
+            raise StoreUnavailable(f"{self.name(table)}: {type(exc).__name__}") from None
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        await self._service.close()
+
+
+async def collect(paged: Any) -> list[dict[str, Any]]:
+    return [dict(entity) async for entity in paged]
+
+
+def entity_etag(entity: Any) -> str | None:
+    metadata = getattr(entity, "metadata", None)
+    return metadata.get("etag") if isinstance(metadata, dict) else None
+
+
+# ---- consumers -----------------------------------------------------------------------------------------------------
+
+_CONSUMER_PK = "consumer"
+
+
+def consumer_to_entity(consumer: Consumer) -> dict[str, Any]:
+    limits = consumer.limits
+    return {
+        "PartitionKey": _CONSUMER_PK,
+        "RowKey": consumer.id,
+        "name": consumer.name,
+        "key_hash": consumer.key_hash,
+        "key_prefix": consumer.key_prefix,
+        "enabled": consumer.enabled,
+        "deployments": "*" if consumer.deployments is None else json.dumps(sorted(consumer.deployments)),
+        "tpm": limits.tokens_per_minute,
+        "deployment_tpm": json.dumps(dict(limits.deployment_tokens_per_minute)),
+        "quota": limits.quota,
+        "quota_period": limits.quota_period or "",
+        "priority": consumer.priority,
+        "previous_key_hash": consumer.previous_key_hash or "",
+        "previous_key_expires": float(consumer.previous_key_expires),
+        "version": consumer.version,
+    }
+
+
+def consumer_from_entity(entity: dict[str, Any]) -> Consumer:
+    deployments_raw = entity.get("deployments", "*")
+    deployments = None if deployments_raw in ("*", "", None) else frozenset(json.loads(deployments_raw))
+    return Consumer(
+        id=entity["RowKey"],
+        name=entity.get("name", entity["RowKey"]),
+        key_hash=entity["key_hash"],
+        key_prefix=entity.get("key_prefix", ""),
+        enabled=bool(entity.get("enabled", True)),
+        deployments=deployments,
+        limits=Limits(
+            tokens_per_minute=int(entity.get("tpm", 0) or 0),
+            deployment_tokens_per_minute={k: int(v) for k, v in json.loads(entity.get("deployment_tpm") or "{}").items()},
+            quota=int(entity.get("quota", 0) or 0),
+            quota_period=entity.get("quota_period") or None,
+        ),
+        priority=entity.get("priority") or "normal",
+        previous_key_hash=entity.get("previous_key_hash") or None,
+        previous_key_expires=float(entity.get("previous_key_expires", 0.0) or 0.0),
+        version=int(entity.get("version", 0) or 0),
+    )
+
+
+class TableConsumerStore:
+    def __init__(self, tables: Tables) -> None:
+        self._tables = tables
+
+    async def list_consumers(self) -> list[Consumer]:
+        entities = await self._tables.call(
+            "consumers", lambda t: collect(t.query_entities(f"PartitionKey eq '{_CONSUMER_PK}'")), self._tables.timeout_s * 5
+        )
+        return [consumer_from_entity(e) for e in entities]
+
+    async def get(self, consumer_id: str) -> Consumer | None:
+        try:
+            entity = await self._tables.call("consumers", lambda t: t.get_entity(_CONSUMER_PK, consumer_id))
+        except ResourceNotFoundError:
+            return None
+        return consumer_from_entity(dict(entity))
+
+    async def find_by_key_hash(self, key_hash: str) -> Consumer | None:
+        query = "PartitionKey eq @pk and (key_hash eq @h or previous_key_hash eq @h)"
+        entities = await self._tables.call(
+            "consumers",
+            lambda t: collect(t.query_entities(query, parameters={"pk": _CONSUMER_PK, "h": key_hash})),
+        )
+        return consumer_from_entity(entities[0]) if entities else None
+
+    async def put(self, consumer: Consumer) -> None:
+        entity = consumer_to_entity(consumer)
+        await self._tables.call("consumers", lambda t: t.upsert_entity(entity, mode=UpdateMode.REPLACE))
+
+    async def create(self, consumer: Consumer) -> None:
+        entity = consumer_to_entity(consumer)
+        await self._tables.call("consumers", lambda t: t.create_entity(entity))
+
+    async def delete(self, consumer_id: str) -> bool:
+        existing = await self.get(consumer_id)
+        if existing is None:
+            return False
+        await self._tables.call("consumers", lambda t: t.delete_entity(_CONSUMER_PK, consumer_id))
+        return True
+
+
+__all__ = [
+    "Conflict",
+    "MatchConditions",
+    "StoreUnavailable",
+    "TableConsumerStore",
+    "Tables",
+    "collect",
+    "entity_etag",
+]

@@ -1,0 +1,92 @@
+"""Token and operational metrics: the names, the record the request flow hands over, and its sinks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from shared.usage import TokenUsage
+
+# Metric names: the token metrics keep API Management's names so existing queries and dashboards carry over.
+PROMPT_TOKENS = "Prompt Tokens"
+COMPLETION_TOKENS = "Completion Tokens"
+TOTAL_TOKENS = "Total Tokens"
+CACHED_TOKENS = "Cached Tokens"
+REASONING_TOKENS = "Reasoning Tokens"
+GATEWAY_REQUESTS = "Gateway Requests"
+THROTTLED_REQUESTS = "Throttled Requests"
+FAILOVERS = "Failovers"
+BREAKER_TRANSITIONS = "Breaker Transitions"
+REQUEST_DURATION = "Request Duration"
+TIME_TO_FIRST_TOKEN = "Time To First Token"
+STORE_FALLBACKS = "Limiter Store Fallbacks"
+
+# Dimension names.
+SUBSCRIPTION_ID = "Subscription ID"
+CLIENT_IP = "Client IP"
+API_ID = "API ID"
+OPERATION_ID = "Operation ID"
+USER_ID = "User ID"
+BACKEND_ID = "Backend ID"
+LOCATION = "Location"
+DEPLOYMENT = "Deployment"
+MODEL = "Model"
+GATEWAY_ID = "Gateway ID"
+STREAM = "Stream"
+STATUS_CODE = "Status Code"
+PTU = "PTU"
+REASON = "Reason"
+FROM_BACKEND = "From Backend"
+TO_BACKEND = "To Backend"
+STATE = "State"
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """Everything metrics need about one finished request; built by the request flow, never parsed from bodies."""
+
+    consumer_id: str
+    client_ip: str
+    api: str
+    operation: str
+    user_id: str
+    deployment: str
+    status: int
+    duration_ms: float
+    stream: bool = False
+    backend_id: str = ""
+    region: str = ""
+    ptu: bool = False
+    model: str = ""
+    usage: TokenUsage | None = None
+    ttft_ms: float | None = None
+    attempts: int = 0
+
+
+class Telemetry(Protocol):
+    def request_done(self, record: RequestRecord) -> None: ...
+
+    def throttled(self, consumer_id: str, deployment: str, reason: str) -> None: ...
+
+    def failover(self, from_backend: str, to_backend: str, reason: str) -> None: ...
+
+    def breaker_transition(self, backend_id: str, region: str, state: str) -> None: ...
+
+    def store_fallback(self, reason: str) -> None: ...
+
+
+class NullTelemetry:
+    def request_done(self, record: RequestRecord) -> None:
+        pass
+
+    def throttled(self, consumer_id: str, deployment: str, reason: str) -> None:
+        pass
+
+    def failover(self, from_backend: str, to_backend: str, reason: str) -> None:
+        pass
+
+    def breaker_transition(self, backend_id: str, region: str, state: str) -> None:
+        pass
+
+    def store_fallback(self, reason: str) -> None:
+        pass

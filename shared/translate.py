@@ -1,0 +1,233 @@
+"""Client request -> what to send to a backend: route matching, body checks, backend URL, body and headers."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+from urllib.parse import quote, unquote
+
+import orjson
+
+from shared.config import Backend
+from shared.errors import GatewayError, bad_request, not_found
+
+
+class Operation(Enum):
+    CHAT = ("chat/completions", "ChatCompletions_Create", "messages")
+    COMPLETIONS = ("completions", "Completions_Create", "prompt")
+    EMBEDDINGS = ("embeddings", "Embeddings_Create", "input")
+    MODELS = ("models", "Models_List", None)
+    HEALTH = ("health", "Health_Get", None)
+
+    def __init__(self, path: str, operation_id: str, required: str | None) -> None:
+        self.path = path
+        self.operation_id = operation_id
+        self.required = required
+
+
+AZURE_API = "azure-openai"
+OPENAI_API = "openai-v1"
+DEFAULT_API_VERSION = "2024-10-21"
+
+_OPERATIONS = {op.path: op for op in (Operation.CHAT, Operation.COMPLETIONS, Operation.EMBEDDINGS)}
+_DEPLOYMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_API_VERSION_RE = re.compile(r"^[0-9A-Za-z.-]{1,40}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    api: str
+    operation: Operation
+    deployment: str | None  # from the path (Azure style); None when it comes from the body's `model`
+
+    @property
+    def template(self) -> str:
+        if self.operation is Operation.HEALTH:
+            return "/health"
+        if self.api == AZURE_API:
+            return f"/openai/deployments/{{deployment}}/{self.operation.path}"
+        return f"/v1/{self.operation.path}"
+
+
+def _method_check(method: str, op: Operation) -> None:
+    allowed = "GET" if op in (Operation.MODELS, Operation.HEALTH) else "POST"
+    if method != allowed and not (allowed == "GET" and method == "HEAD"):
+        raise GatewayError(
+            405,
+            f"Method {method} is not allowed here; use {allowed}.",
+            code="method_not_allowed",
+            headers={"allow": allowed},
+        )
+
+
+def match_route(method: str, raw_path: str) -> Route:
+    """Map a request path to the API and operation it names; 404 for anything else, 405 for a wrong method."""
+    path = raw_path.split("?", 1)[0]
+    if path.endswith("/") and len(path) > 1:
+        path = path[:-1]
+    parts = path.split("/")[1:]
+    route: Route | None = None
+    if parts == ["health"]:
+        route = Route(AZURE_API, Operation.HEALTH, None)
+    elif len(parts) >= 4 and parts[0] == "openai" and parts[1] == "deployments":
+        op = _OPERATIONS.get("/".join(parts[3:]))
+        if op is not None:
+            deployment = unquote(parts[2])
+            if not _DEPLOYMENT_RE.match(deployment):
+                raise not_found("The deployment name is not valid.", code="DeploymentNotFound")
+            route = Route(AZURE_API, op, deployment)
+    else:
+        rest: list[str] | None = None
+        if parts[:1] == ["v1"]:
+            rest = parts[1:]
+        elif parts[:2] == ["openai", "v1"]:
+            rest = parts[2:]
+        if rest is not None:
+            tail = "/".join(rest)
+            op = Operation.MODELS if tail == "models" else _OPERATIONS.get(tail)
+            if op is not None:
+                route = Route(OPENAI_API, op, None)
+    if route is None:
+        raise not_found("Resource not found. The gateway serves /openai/deployments/{deployment}/..., /v1/... and /openai/v1/....")
+    _method_check(method, route.operation)
+    return route
+
+
+def check_api_version(query: Mapping[str, str]) -> str | None:
+    value = query.get("api-version")
+    if value is None:
+        return None
+    if not _API_VERSION_RE.match(value):
+        raise bad_request("The api-version query parameter is not valid.", param="api-version", code="invalid_api_version")
+    return value
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise bad_request("The request body is empty; expected a JSON object.", code="invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise bad_request("The request body is not valid JSON (UTF-8).", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, slots=True)
+class CallShape:
+    """What the gateway needs to know about a request body, checked once."""
+
+    deployment: str
+    stream: bool
+    client_wants_usage: bool
+    max_tokens: int | None
+
+
+def check_body(route: Route, body: Mapping[str, Any]) -> CallShape:
+    """Validate the fields the gateway relies on; everything else is the backend's business."""
+    op = route.operation
+    required = op.required
+    if required is not None and body.get(required) is None:
+        raise bad_request(f"Missing required parameter: '{required}'.", param=required, code="missing_required_parameter")
+    if op is Operation.CHAT:
+        messages = body["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise bad_request("'messages' must be a non-empty array.", param="messages", code="invalid_type")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise bad_request(f"'messages[{i}]' must be an object with a string 'role'.", param=f"messages[{i}]", code="invalid_type")
+    elif op is Operation.COMPLETIONS:
+        if not isinstance(body["prompt"], (str, list)):
+            raise bad_request("'prompt' must be a string or an array.", param="prompt", code="invalid_type")
+    elif op is Operation.EMBEDDINGS:
+        value = body["input"]
+        if not isinstance(value, (str, list)) or value == [] or value == "":
+            raise bad_request("'input' must be a non-empty string or array.", param="input", code="invalid_type")
+
+    deployment = route.deployment
+    if deployment is None:
+        model = body.get("model")
+        if model is None:
+            raise bad_request("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
+        if not isinstance(model, str) or not _DEPLOYMENT_RE.match(model):
+            raise not_found("The model (deployment) name is not valid.", code="DeploymentNotFound")
+        deployment = model
+
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad_request("'stream' must be a boolean.", param="stream", code="invalid_type")
+    if stream and op is Operation.EMBEDDINGS:
+        raise bad_request("'stream' is not supported for embeddings.", param="stream", code="invalid_value")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_request("'stream_options' must be an object.", param="stream_options", code="invalid_type")
+    wants_usage = bool(options and options.get("include_usage") is True)
+
+    max_tokens: int | None = None
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not _is_int(value) or value < 1:
+            raise bad_request(f"'{name}' must be a positive integer.", param=name, code="invalid_type")
+        max_tokens = value if max_tokens is None else max_tokens
+    return CallShape(deployment, stream, wants_usage, max_tokens)
+
+
+def backend_url(backend: Backend, route: Route, deployment: str, api_version: str | None) -> str:
+    upstream_name = backend.deployments[deployment]
+    if backend.api == "openai":
+        return f"{backend.endpoint}/{route.operation.path}"
+    version = api_version or backend.api_version or DEFAULT_API_VERSION
+    return (
+        f"{backend.endpoint}/openai/deployments/{quote(upstream_name, safe='')}/{route.operation.path}"
+        f"?api-version={quote(version, safe='')}"
+    )
+
+
+def backend_body(
+    raw: bytes, body: Mapping[str, Any], backend: Backend, deployment: str, shape: CallShape
+) -> bytes:
+    """The body to send: the client's bytes unless the model name or stream options must change."""
+    changes: dict[str, Any] = {}
+    if shape.stream and not shape.client_wants_usage:
+        options = dict(body.get("stream_options") or {})
+        options["include_usage"] = True
+        changes["stream_options"] = options
+    upstream_name = backend.deployments[deployment]
+    if backend.api == "openai" and body.get("model") != upstream_name:
+        changes["model"] = upstream_name
+    if not changes:
+        return raw
+    return orjson.dumps({**body, **changes})
+
+
+# Headers a client may send that are passed to the backend; everything else (cookies, the consumer's key,
+# hop-by-hop headers, forwarding headers) stays at the gateway.
+FORWARDED_REQUEST_HEADERS = frozenset(
+    {"content-type", "accept", "user-agent", "x-ms-client-request-id", "openai-beta", "x-stainless-lang",
+     "x-stainless-package-version", "x-stainless-retry-count"}
+)
+# Backend response headers passed to the client. Rate-limit headers describe the shared backend, not the consumer, so
+# they are replaced by the consumer's own.
+FORWARDED_RESPONSE_HEADERS = frozenset(
+    {"content-type", "x-ms-region", "apim-request-id", "x-request-id", "x-ms-client-request-id",
+     "openai-processing-ms", "openai-version", "openai-model"}
+)
+
+
+def request_headers(client: Mapping[str, str]) -> dict[str, str]:
+    headers = {name: value for name, value in client.items() if name in FORWARDED_REQUEST_HEADERS}
+    headers["content-type"] = "application/json"
+    headers["accept-encoding"] = "identity"
+    return headers

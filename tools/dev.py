@@ -1,0 +1,116 @@
+"""Run the gateway locally on its embedded default: Azurite, three simulated regions, a demo consumer.
+
+    python -m tools.dev [--port 7071] [--no-simulators]
+
+Settings come from the environment, then local.settings.json (created from local.settings.example.json when absent).
+When GATEWAY_BACKENDS names real backends, no simulators start. The gateway is served by `func start` when Azure
+Functions Core Tools are installed, otherwise by tools.localhost, which serves the same registrations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from shared.config import load_settings, local_environment
+from tools import stack
+
+ROOT = stack.ROOT
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((stack.LOOPBACK, port)) == 0
+
+
+def _uses_embedded_backends(env: dict[str, str]) -> bool:
+    try:
+        configured = json.loads(env.get("GATEWAY_BACKENDS", "[]"))
+    except json.JSONDecodeError:
+        return False
+    return configured == json.loads(stack.backends_setting(stack.EMBEDDED_REGIONS))
+
+
+async def _demo_consumer(env: dict[str, str]) -> tuple[str, str] | None:
+    from shared.consumers import Consumer, Limits, hash_key, key_prefix, new_key
+    from shared.storage import Conflict, TableConsumerStore, Tables
+
+    settings = load_settings(env, require_backends=False)
+    tables = Tables.from_settings(settings, timeout_s=10)
+    try:
+        key = new_key()
+        consumer = Consumer(
+            id="demo", name="Demo consumer", key_hash=hash_key(key), key_prefix=key_prefix(key),
+            limits=Limits(tokens_per_minute=100_000),
+        )
+        try:
+            await TableConsumerStore(tables).create(consumer)
+        except Conflict:
+            return None
+        return consumer.id, key
+    finally:
+        await tables.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=7071)
+    parser.add_argument("--no-simulators", action="store_true")
+    args = parser.parse_args(argv)
+
+    settings_file = ROOT / "local.settings.json"
+    if not settings_file.exists():
+        shutil.copy(ROOT / "local.settings.example.json", settings_file)
+        print(f"created {settings_file.name} from local.settings.example.json")
+    env = local_environment(str(settings_file))
+    load_settings(env)  # fail now, with the name of the bad setting, rather than in the gateway process
+
+    children: list[stack.Child] = []
+    try:
+        if env.get("GATEWAY_TABLE_CONNECTION_STRING", "").startswith("UseDevelopmentStorage") and not _listening(10002):
+            children.append(stack.start_azurite(10002))
+            print("azurite (tables) on http://127.0.0.1:10002")
+        if not args.no_simulators and _uses_embedded_backends(env):
+            for region in stack.EMBEDDED_REGIONS:
+                if not _listening(region.port):
+                    children.append(stack.start_simulator(region))
+                print(f"simulated region {region.region:<14} {'PTU, priority 1' if region.ptu else 'priority 2':<16} http://127.0.0.1:{region.port}")
+
+        created = asyncio.run(_demo_consumer(env))
+        url = f"http://127.0.0.1:{args.port}"
+        if created:
+            consumer_id, key = created
+            print(f"\ndemo consumer '{consumer_id}' (100,000 tokens/minute), key (shown once):\n\n    {key}\n")
+        else:
+            print("\ndemo consumer exists already; `python -m shared.admin consumers rotate demo` prints a new key\n")
+        print(f"OpenAI(base_url='{url}/v1', api_key=KEY)  or  AzureOpenAI(azure_endpoint='{url}', api_key=KEY, api_version='2024-10-21')")
+
+        if shutil.which("func"):
+            command = ["func", "start", "--port", str(args.port)]
+        else:
+            command = [stack.PYTHON, "-m", "tools.localhost", "--port", str(args.port)]
+        print(f"serving with: {' '.join(command[:3])} ...  (Ctrl-C stops everything)", flush=True)
+        gateway = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env})
+        signal.signal(signal.SIGTERM, lambda *_: gateway.terminate())
+        try:
+            return gateway.wait()
+        except KeyboardInterrupt:
+            gateway.terminate()
+            gateway.wait(10)
+            return 0
+    finally:
+        for child in reversed(children):
+            child.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

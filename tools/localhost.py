@@ -1,0 +1,163 @@
+"""A small stand-in for the Azure Functions host, for machines without Core Tools (and for the tests).
+
+It serves exactly the registrations of `function_app.py` — `app.get_functions()` gives each function's route, methods
+and auth level, and the handler itself — following the host's conventions: the `routePrefix` from host.json,
+`{name}` parameters, `{*rest}` catch-alls, literal segments before parameters before catch-alls, and function keys for
+`AuthLevel.FUNCTION`. Settings come from the environment, with local.settings.json's `Values` filled in underneath,
+as `func start` does.
+
+    python -m tools.localhost [--port 7071] [--settings local.settings.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import importlib
+import json
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from shared.config import local_environment
+
+ROOT = Path(__file__).resolve().parent.parent
+ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+
+
+@dataclass(frozen=True)
+class HostRoute:
+    function: str
+    template: str  # the Functions route template, without prefix
+    methods: tuple[str, ...]
+    auth_level: str
+    arg_name: str
+    handler: Callable[..., Awaitable[Response]]
+
+
+def route_prefix(host_json: Path) -> str:
+    try:
+        config = json.loads(host_json.read_text())
+    except FileNotFoundError:
+        return "api"
+    prefix = config.get("extensions", {}).get("http", {}).get("routePrefix", "api")
+    return str(prefix).strip("/")
+
+
+def host_routes(function_app: Any) -> list[HostRoute]:
+    routes = []
+    for function in function_app.get_functions():
+        trigger = function.get_trigger()
+        if type(trigger).__name__ != "HttpTrigger":
+            continue
+        methods = tuple(str(getattr(m, "value", m)).upper() for m in trigger.methods) if trigger.methods else ALL_METHODS
+        level = getattr(trigger.auth_level, "name", None) or str(trigger.auth_level or "FUNCTION")
+        routes.append(
+            HostRoute(
+                function=function.get_function_name(),
+                template=trigger.route or function.get_function_name(),
+                methods=methods,
+                auth_level=level.upper(),
+                arg_name=trigger.name,
+                handler=function.get_user_function(),
+            )
+        )
+    return routes
+
+
+def _segment_rank(segment: str) -> int:
+    if segment.startswith("{*"):
+        return 2
+    if segment.startswith("{"):
+        return 1
+    return 0
+
+
+def precedence(template: str) -> tuple[int, ...]:
+    """ASP.NET-style route precedence: compared segment by segment, literal < parameter < catch-all."""
+    return tuple(_segment_rank(s) for s in template.strip("/").split("/"))
+
+
+def starlette_path(prefix: str, template: str) -> str:
+    def convert(match: re.Match[str]) -> str:
+        name = match.group(2).split(":", 1)[0].rstrip("?")
+        return "{" + name + (":path}" if match.group(1) else "}")
+
+    path = re.sub(r"\{(\*?)([^}]+)\}", convert, template.strip("/"))
+    return "/" + "/".join(p for p in (prefix, path) if p)
+
+
+def _authorized(request: Request, level: str, keys: Mapping[str, str]) -> bool:
+    if level == "ANONYMOUS":
+        return True
+    sent = request.headers.get("x-functions-key") or request.query_params.get("code")
+    if not sent:
+        return False
+    allowed = [keys.get("master", "")] if level == "ADMIN" else list(keys.values())
+    return any(key and hmac.compare_digest(sent, key) for key in allowed)
+
+
+def build_asgi(function_app: Any, prefix: str, keys: Mapping[str, str] | None = None) -> Starlette:
+    keys = dict(keys or {})
+    routes = sorted(host_routes(function_app), key=lambda r: precedence(r.template))
+
+    def endpoint(route: HostRoute) -> Callable[[Request], Awaitable[Response]]:
+        async def call(request: Request) -> Response:
+            if not _authorized(request, route.auth_level, keys):
+                return Response(status_code=401)
+            return await route.handler(**{route.arg_name: request})
+
+        return call
+
+    starlette_routes = [
+        Route(starlette_path(prefix, r.template), endpoint(r), methods=list(r.methods), name=r.function) for r in routes
+    ]
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": {"message": "Not found", "type": "invalid_request_error", "code": "not_found"}}, 404)
+
+    return Starlette(routes=starlette_routes, exception_handlers={404: not_found})
+
+
+def load(settings_path: Path | None = None) -> tuple[Any, Starlette]:
+    """Import function_app with settings in place, and build the ASGI app serving its registrations."""
+    os.environ.update(local_environment(str(settings_path or ROOT / "local.settings.json")))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    module = importlib.import_module("function_app")
+    keys = {"default": os.environ.get("LOCALHOST_FUNCTION_KEY", ""), "master": os.environ.get("LOCALHOST_MASTER_KEY", "")}
+    return module, build_asgi(module.app, route_prefix(ROOT / "host.json"), keys)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7071)
+    parser.add_argument("--settings", type=Path, default=None, help="local.settings.json to read Values from")
+    args = parser.parse_args(argv)
+
+    import uvicorn
+
+    _, asgi = load(args.settings)
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    print(f"gateway listening on http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(asgi, host=args.host, port=args.port, loop=loop, log_level="warning", access_log=False, lifespan="off")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Starting the local stack as child processes: Azurite (tables), simulated regions, gateway processes.
+
+Used by the dev runner, the end-to-end tests and the benchmarks, so all three start things the same way. Everything
+listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+LOOPBACK = "127.0.0.1"
+DEVSTORE_CONNECTION = "UseDevelopmentStorage=true"
+SIM_API_KEY = "sim-backend-key"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout_s: float, process: subprocess.Popen[Any] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening on port {port}")
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {LOOPBACK}:{port} after {timeout_s}s")
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[Any]
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout_s)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+def _spawn(name: str, argv: Sequence[str], port: int, env: Mapping[str, str] | None, log_dir: Path, ready_s: float) -> Child:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            list(argv), cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    child = Child(name, process, port, log_path)
+    try:
+        wait_port(port, ready_s, process)
+    except Exception:
+        child.kill()
+        raise RuntimeError(f"{name} did not start:\n{child.log()[-3000:]}") from None
+    return child
+
+
+def azurite_binary() -> Path:
+    binary = ROOT / "node_modules" / ".bin" / "azurite-table"
+    if not binary.exists():
+        raise RuntimeError("Azurite is not installed: run `npm install` in the project (scripts/bootstrap does)")
+    return binary
+
+
+def start_azurite(port: int = 10002, log_dir: Path | None = None, name: str = "azurite") -> Child:
+    argv = [
+        str(azurite_binary()), "--tableHost", LOOPBACK, "--tablePort", str(port), "--inMemoryPersistence",
+        "--disableTelemetry", "--silent", "--skipApiVersionCheck",
+    ]
+    return _spawn(name, argv, port, None, log_dir or _logs(), 30)
+
+
+def table_connection_string(port: int) -> str:
+    if port == 10002:
+        return DEVSTORE_CONNECTION
+    # Azurite's well-known development account and key (public, documented; not a secret).
+    key = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+    return (
+        f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={key};"
+        f"TableEndpoint=http://{LOOPBACK}:{port}/devstoreaccount1;"
+    )
+
+
+@dataclass(frozen=True)
+class Region:
+    """One simulated Azure OpenAI region and how the gateway routes to it."""
+
+    id: str
+    region: str
+    port: int
+    priority: int = 1
+    weight: int = 1
+    ptu: bool = False
+    chat_tpm: int = 300_000
+    embeddings_tpm: int = 1_000_000
+    reserve_tokens: int = 0
+    breaker: Mapping[str, Any] = field(default_factory=dict)
+
+    def backend(self) -> dict[str, Any]:
+        backend: dict[str, Any] = {
+            "id": self.id,
+            "endpoint": f"http://{LOOPBACK}:{self.port}",
+            "region": self.region,
+            "priority": self.priority,
+            "weight": self.weight,
+            "ptu": self.ptu,
+            "deployments": ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"],
+            "auth": "key",
+            "api_key_setting": "SIM_API_KEY",
+        }
+        if self.reserve_tokens:
+            backend["reserve_tokens"] = self.reserve_tokens
+        if self.breaker:
+            backend["breaker"] = dict(self.breaker)
+        return backend
+
+
+EMBEDDED_REGIONS = (
+    Region("uksouth-ptu", "uksouth", 18101, priority=1, ptu=True, chat_tpm=30_000),
+    Region("swedencentral", "swedencentral", 18102, priority=2, chat_tpm=300_000),
+    Region("francecentral", "francecentral", 18103, priority=2, chat_tpm=300_000),
+)
+
+
+def backends_setting(regions: Sequence[Region]) -> str:
+    return json.dumps([r.backend() for r in regions])
+
+
+def simulator_argv(region: Region, latency_ms: float, token_latency_ms: float) -> list[str]:
+    return [
+        PYTHON, "-m", "tools.simulator", "--host", LOOPBACK, "--port", str(region.port), "--region", region.region,
+        "--api-key", SIM_API_KEY, "--latency-ms", str(latency_ms), "--token-latency-ms", str(token_latency_ms),
+        "--deployment", f"gpt-4o:tpm={region.chat_tpm},model=gpt-4o-2024-11-20",
+        "--deployment", f"gpt-4o-mini:tpm={region.chat_tpm},model=gpt-4o-mini-2024-07-18",
+        "--deployment", f"text-embedding-3-small:tpm={region.embeddings_tpm},model=text-embedding-3-small",
+    ]
+
+
+def start_simulator(region: Region, latency_ms: float = 50, token_latency_ms: float = 10, log_dir: Path | None = None) -> Child:
+    return _spawn(f"sim-{region.id}", simulator_argv(region, latency_ms, token_latency_ms), region.port, None, log_dir or _logs(), 30)
+
+
+def gateway_env(backends_json: str, table_port: int, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {
+        "GATEWAY_BACKENDS": backends_json,
+        "SIM_API_KEY": SIM_API_KEY,
+        "GATEWAY_TABLE_CONNECTION_STRING": table_connection_string(table_port),
+        "PYTHON_ENABLE_INIT_INDEXING": "1",
+        "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true",
+        "APPLICATIONINSIGHTS_SDKSTATS_DISABLED": "true",
+        "APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED": "true",
+        "OTEL_EXPERIMENTAL_RESOURCE_DETECTORS": "azure_app_service",
+    }
+    env.update(extra or {})
+    return env
+
+
+def start_gateway(env: Mapping[str, str], port: int | None = None, log_dir: Path | None = None, name: str = "gateway") -> Child:
+    port = port or free_port()
+    # An empty settings file keeps a developer's local.settings.json out of test and benchmark runs.
+    empty = Path(tempfile.gettempdir()) / "gateway-empty-settings.json"
+    empty.write_text('{"Values": {}}')
+    argv = [PYTHON, "-m", "tools.localhost", "--host", LOOPBACK, "--port", str(port), "--settings", str(empty)]
+    return _spawn(name, argv, port, env, log_dir or _logs(), 60)
+
+
+def _logs() -> Path:
+    return Path(os.environ.get("GATEWAY_LOG_DIR", ROOT / ".run" / "logs"))
