@@ -37,6 +37,7 @@ from shared.consumers import (
     validate_consumer_id,
 )
 from shared.storage import Conflict, TableConsumerStore, Tables
+from shared.text import table
 
 
 def _slug(name: str) -> str:
@@ -94,15 +95,6 @@ def describe(consumer: Consumer) -> dict[str, Any]:
     }
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
-    return "\n".join(lines)
-
-
 class Admin:
     def __init__(self, store: TableConsumerStore, out: Any = None) -> None:
         self.store = store
@@ -146,7 +138,8 @@ class Admin:
             rows = [describe(c) for c in consumers]
             for row in rows:
                 row["deployments"] = ",".join(row["deployments"]) if isinstance(row["deployments"], list) else "*"
-            self.print(_table(rows, ["id", "name", "key_prefix", "enabled", "priority", "tokens_per_minute", "quota", "quota_period", "deployments"]))
+            columns = ["id", "name", "key_prefix", "enabled", "priority", "tokens_per_minute", "quota", "quota_period", "deployments"]
+            self.print(table(columns, [[row[c] for c in columns] for row in rows], numeric=("tokens_per_minute", "quota")))
         return 0
 
     async def show(self, args: argparse.Namespace) -> int:
@@ -223,7 +216,7 @@ def parser() -> argparse.ArgumentParser:
     _limit_arguments(update)
 
     usage = commands.add_parser("usage", help="tokens per consumer and deployment for a period")
-    usage.add_argument("--period", default="daily", choices=("minute", *QUOTA_PERIODS))
+    usage.add_argument("--period", default="daily", choices=QUOTA_PERIODS)
     usage.add_argument("--at", help="a time inside the period (ISO 8601, UTC); default now")
     usage.add_argument("--consumer")
     usage.add_argument("--json", action="store_true")
@@ -236,7 +229,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     tables = Tables.from_settings(settings, timeout_s=max(settings.store_timeout_s, 10.0))
     try:
         if args.command == "usage":
-            from shared.usage_report import report
+            from shared.accounting import report
 
             return await report(tables, args, sys.stdout)
         admin = Admin(TableConsumerStore(tables))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import uuid
 from collections.abc import Mapping
 
 from starlette.requests import Request
 from starlette.responses import Response
 
+from shared.accounting import UsageRecorder
 from shared.clock import Clock, SystemClock
 from shared.config import Settings, load_settings
 from shared.consumers import ConsumerDirectory
@@ -17,28 +19,41 @@ from shared.credentials import BackendAuth, default_credential_factory
 from shared.errors import GatewayError
 from shared.gateway import Gateway, Services
 from shared.http import error_response, read_body, to_gateway_request, to_response
-from shared.limits import NoLimits
+from shared.ratelimit import TokenLimiter
 from shared.routing import Router
-from shared.storage import TableConsumerStore, Tables
+from shared.storage import TableConsumerStore, TableLedgerStore, Tables, TableUsageStore
 from shared.telemetry import NullTelemetry
 from shared.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
 
-def build_services(settings: Settings, clock: Clock | None = None) -> Services:
+def build_services(settings: Settings, clock: Clock | None = None) -> tuple[Services, Tables]:
     clock = clock or SystemClock()
     tables = Tables.from_settings(settings)
-    return Services(
+    telemetry = NullTelemetry()
+    instance = f"{settings.gateway_id}-{uuid.uuid4().hex[:8]}"
+    limiter = TokenLimiter(
+        TableLedgerStore(tables),
+        clock,
+        telemetry,
+        lease_lifetime_s=settings.lease_lifetime_s,
+        fail_closed=settings.limit_fail_mode == "closed",
+        instance_count=settings.instance_count,
+        instance_id=instance,
+    )
+    services = Services(
         settings=settings,
         clock=clock,
         consumers=ConsumerDirectory(TableConsumerStore(tables), clock, settings.consumer_refresh_s),
         router=Router(settings.backends),
         upstream=Upstream(settings.backends),
         auth=BackendAuth(settings.backends, clock, default_credential_factory(settings.managed_identity_client_id)),
-        limiter=NoLimits(),
-        telemetry=NullTelemetry(),
+        limiter=limiter,
+        telemetry=telemetry,
+        usage=UsageRecorder(TableUsageStore(tables), clock, instance_id=instance),
     )
+    return services, tables
 
 
 class Edge:
@@ -47,6 +62,7 @@ class Edge:
     def __init__(self, settings: Settings, services: Services | None = None) -> None:
         self.settings = settings
         self._services = services
+        self._tables: Tables | None = None
         self._gateway: Gateway | None = None
         self._lock = asyncio.Lock()
 
@@ -60,10 +76,26 @@ class Edge:
         if gateway is None:
             async with self._lock:
                 if self._gateway is None:
-                    services = self._services or build_services(self.settings)
-                    self._gateway = Gateway(services)
+                    if self._services is None:
+                        self._services, self._tables = build_services(self.settings)
+                    self._gateway = Gateway(self._services)
                 gateway = self._gateway
         return gateway
+
+    async def close(self) -> None:
+        """Return limiter leases, save usage rows, close clients (at shutdown)."""
+        services = self._services
+        if services is None:
+            return
+        for closer in (services.limiter, services.usage, services.upstream):
+            close = getattr(closer, "close", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:
+                    log.exception("error while closing %s", type(closer).__name__)
+        if self._tables is not None:
+            await self._tables.close()
 
     async def handle(self, request: Request) -> Response:
         gateway = await self.gateway()

@@ -16,9 +16,11 @@ import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
 
 from shared import tokens
+from shared.accounting import UsageRecorder
 from shared.clock import Clock
 from shared.config import Backend, Settings
 from shared.consumers import Consumer, ConsumerDirectory, key_from_headers
+from shared.credentials import BackendAuth
 from shared.errors import GatewayError, error_body, forbidden, not_found
 from shared.limits import Limiter, Ticket
 from shared.messages import GatewayRequest, GatewayResponse
@@ -38,7 +40,6 @@ from shared.translate import (
     request_headers,
 )
 from shared.upstream import Upstream, UpstreamBroken, UpstreamError, UpstreamResponse
-from shared.credentials import BackendAuth
 from shared.usage import SseRelay, TokenUsage, usage_from_body
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class Services:
     auth: BackendAuth
     limiter: Limiter
     telemetry: Telemetry
+    usage: UsageRecorder
 
 
 @dataclass(slots=True)
@@ -308,6 +310,7 @@ class Gateway:
         """Settle the consumer's reservation and emit the request's metrics; synchronous so it cannot be cancelled."""
         spent = usage.total if usage is not None else 0
         call.ticket.settle(spent)
+        self.s.usage.record(call.consumer.id, call.shape.deployment, usage)
         self.s.telemetry.request_done(
             RequestRecord(
                 consumer_id=call.consumer.id,

@@ -78,7 +78,7 @@ class Tables:
             return
         try:
             await asyncio.wait_for(self._service.create_table_if_not_exists(self.name(table)), self.timeout_s * 5)
-        except (AzureError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, AzureError, OSError) as exc:
             raise StoreUnavailable(f"table {self.name(table)}: {type(exc).__name__}") from None
         self._ready.add(table)
 
@@ -92,7 +92,7 @@ class Tables:
             raise Conflict(type(exc).__name__) from None
         except ResourceNotFoundError:
             raise
-        except (AzureError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, AzureError, OSError) as exc:
             self.failures += 1
             raise StoreUnavailable(f"{self.name(table)}: {type(exc).__name__}") from None
 
@@ -210,3 +210,90 @@ __all__ = [
     "collect",
     "entity_etag",
 ]
+
+
+# ---- the limiter's ledgers -----------------------------------------------------------------------------------------
+
+_LEDGER_RK = "ledger"
+
+
+class TableLedgerStore:
+    """One entity per consumer (partition = consumer id), written only with ETag conditions."""
+
+    def __init__(self, tables: Tables) -> None:
+        self._tables = tables
+
+    async def read(self, consumer_id: str) -> tuple[Any, str | None]:
+        from shared.ledger import Ledger
+
+        try:
+            entity = await self._tables.call("ledger", lambda t: t.get_entity(consumer_id, _LEDGER_RK))
+        except ResourceNotFoundError:
+            return Ledger(), None
+        return Ledger.from_entity(dict(entity)), entity_etag(entity)
+
+    async def write(self, consumer_id: str, ledger: Any, etag: str | None) -> str:
+        entity = {"PartitionKey": consumer_id, "RowKey": _LEDGER_RK, **ledger.to_entity()}
+        if etag is None:
+            result = await self._tables.call("ledger", lambda t: t.create_entity(entity))
+        else:
+            result = await self._tables.call(
+                "ledger",
+                lambda t: t.update_entity(
+                    entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
+                ),
+            )
+        return str(result["etag"])
+
+
+# ---- usage rows for reports ----------------------------------------------------------------------------------------
+
+
+class TableUsageStore:
+    """Rows keyed consumer / hour|deployment|instance; each instance writes only its own rows, cumulatively."""
+
+    def __init__(self, tables: Tables) -> None:
+        self._tables = tables
+
+    async def save(self, rows: list[Any]) -> None:
+        by_consumer: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_consumer.setdefault(row.consumer, []).append(
+                {
+                    "PartitionKey": row.consumer,
+                    "RowKey": f"{row.hour}|{row.deployment}|{row.instance}",
+                    "hour": row.hour,
+                    "deployment": row.deployment,
+                    "instance": row.instance,
+                    "requests": row.requests,
+                    "prompt": row.prompt,
+                    "completion": row.completion,
+                    "total": row.total,
+                    "cached": row.cached,
+                    "reasoning": row.reasoning,
+                }
+            )
+        for entities in by_consumer.values():
+            for start in range(0, len(entities), 100):  # a batch holds at most 100 operations of one partition
+                operations = [("upsert", e, {"mode": UpdateMode.REPLACE}) for e in entities[start : start + 100]]
+                await self._tables.call("usage", lambda t, ops=operations: t.submit_transaction(ops))  # type: ignore[misc]
+
+    async def query(self, consumer: str | None, start_hour: str, end_hour: str) -> list[Any]:
+        from shared.accounting import UsageRow
+
+        parameters = {"start": start_hour, "end": end_hour}
+        query = "RowKey ge @start and RowKey lt @end"
+        if consumer is not None:
+            query = "PartitionKey eq @consumer and " + query
+            parameters["consumer"] = consumer
+        entities = await self._tables.call(
+            "usage", lambda t: collect(t.query_entities(query, parameters=parameters)), self._tables.timeout_s * 10
+        )
+        return [
+            UsageRow(
+                consumer=e["PartitionKey"], hour=e["hour"], deployment=e["deployment"], instance=e["instance"],
+                requests=int(e["requests"]), prompt=int(e["prompt"]), completion=int(e["completion"]),
+                total=int(e["total"]), cached=int(e.get("cached", 0)), reasoning=int(e.get("reasoning", 0)),
+            )
+            for e in entities
+        ]

@@ -8,7 +8,6 @@ catches `aiohttp.*`.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
@@ -40,7 +39,7 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         try:
             return await self._response.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise UpstreamBroken(type(exc).__name__) from None
         finally:
             self._response.release()
@@ -49,7 +48,7 @@ class UpstreamResponse:
         try:
             async for chunk in self._response.content.iter_any():
                 yield chunk
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise UpstreamBroken(type(exc).__name__) from None
 
     def close(self) -> None:
@@ -82,7 +81,7 @@ class Upstream:
             response = await self._client().post(
                 url, data=body, headers=headers, timeout=self._timeouts[backend.id], allow_redirects=False
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamError("timeout", backend.id, "no response in time") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamError("connection", backend.id, type(exc).__name__) from None

@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 from shared.config import load_settings, local_environment
 from tools import stack

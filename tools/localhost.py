@@ -106,7 +106,10 @@ def _authorized(request: Request, level: str, keys: Mapping[str, str]) -> bool:
     return any(key and hmac.compare_digest(sent, key) for key in allowed)
 
 
-def build_asgi(function_app: Any, prefix: str, keys: Mapping[str, str] | None = None) -> Starlette:
+def build_asgi(
+    function_app: Any, prefix: str, keys: Mapping[str, str] | None = None,
+    on_shutdown: Callable[[], Awaitable[None]] | None = None,
+) -> Starlette:
     keys = dict(keys or {})
     routes = sorted(host_routes(function_app), key=lambda r: precedence(r.template))
 
@@ -125,7 +128,11 @@ def build_asgi(function_app: Any, prefix: str, keys: Mapping[str, str] | None = 
     async def not_found(request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": {"message": "Not found", "type": "invalid_request_error", "code": "not_found"}}, 404)
 
-    return Starlette(routes=starlette_routes, exception_handlers={404: not_found})
+    return Starlette(
+        routes=starlette_routes,
+        exception_handlers={404: not_found},
+        on_shutdown=[on_shutdown] if on_shutdown else [],
+    )
 
 
 def load(settings_path: Path | None = None) -> tuple[Any, Starlette]:
@@ -135,7 +142,10 @@ def load(settings_path: Path | None = None) -> tuple[Any, Starlette]:
         sys.path.insert(0, str(ROOT))
     module = importlib.import_module("function_app")
     keys = {"default": os.environ.get("LOCALHOST_FUNCTION_KEY", ""), "master": os.environ.get("LOCALHOST_MASTER_KEY", "")}
-    return module, build_asgi(module.app, route_prefix(ROOT / "host.json"), keys)
+    # The Functions host stops workers without a hook; here we can return limiter leases and save usage on the way out.
+    edge = getattr(module, "edge", None)
+    on_shutdown = getattr(edge, "close", None)
+    return module, build_asgi(module.app, route_prefix(ROOT / "host.json"), keys, on_shutdown)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         loop = "asyncio"
     print(f"gateway listening on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(asgi, host=args.host, port=args.port, loop=loop, log_level="warning", access_log=False, lifespan="off")
+    uvicorn.run(asgi, host=args.host, port=args.port, loop=loop, log_level="warning", access_log=False, lifespan="on")
     return 0
 
 

@@ -1,0 +1,203 @@
+"""Token usage per consumer and deployment, kept in Table Storage for reports.
+
+Each gateway instance owns its own rows (one per consumer, deployment and UTC hour) and writes *cumulative* totals,
+so a write that fails is simply repeated later with larger numbers: no update can be lost or counted twice, and no two
+instances ever write the same row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from datetime import UTC
+from typing import Any, Protocol, TextIO
+
+from shared.clock import Clock
+from shared.ledger import period_bounds
+from shared.text import table
+from shared.usage import TokenUsage
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL_S = 5.0
+
+
+def hour_key(now_s: float) -> str:
+    return time.strftime("%Y-%m-%dT%H", time.gmtime(now_s))
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    consumer: str
+    hour: str  # UTC, "2026-11-26T17"
+    deployment: str
+    instance: str
+    requests: int = 0
+    prompt: int = 0
+    completion: int = 0
+    total: int = 0
+    cached: int = 0
+    reasoning: int = 0
+
+    def plus(self, usage: TokenUsage | None) -> UsageRow:
+        if usage is None:
+            return replace(self, requests=self.requests + 1)
+        return replace(
+            self,
+            requests=self.requests + 1,
+            prompt=self.prompt + usage.prompt,
+            completion=self.completion + usage.completion,
+            total=self.total + usage.total,
+            cached=self.cached + usage.cached,
+            reasoning=self.reasoning + usage.reasoning,
+        )
+
+
+class UsageStore(Protocol):
+    async def save(self, rows: list[UsageRow]) -> None: ...
+
+    async def query(self, consumer: str | None, start_hour: str, end_hour: str) -> list[UsageRow]: ...
+
+
+class MemoryUsageStore:
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str, str, str], UsageRow] = {}
+        self.unavailable = False
+
+    async def save(self, rows: list[UsageRow]) -> None:
+        if self.unavailable:
+            from shared.storage import StoreUnavailable
+
+            raise StoreUnavailable("memory store switched off")
+        for row in rows:
+            self.rows[(row.consumer, row.hour, row.deployment, row.instance)] = row
+
+    async def query(self, consumer: str | None, start_hour: str, end_hour: str) -> list[UsageRow]:
+        return [
+            r for r in self.rows.values()
+            if (consumer is None or r.consumer == consumer) and start_hour <= r.hour < end_hour
+        ]
+
+
+class UsageRecorder:
+    """Adds each request's usage in memory (no I/O on the request path) and saves changed rows every few seconds."""
+
+    def __init__(self, store: UsageStore, clock: Clock, instance_id: str | None = None, background: bool = True) -> None:
+        self._store = store
+        self._clock = clock
+        self.instance = instance_id or uuid.uuid4().hex[:12]
+        self._rows: dict[tuple[str, str, str], UsageRow] = {}
+        self._dirty: set[tuple[str, str, str]] = set()
+        self._background = background
+        self._task: asyncio.Task[None] | None = None
+        self.saved = 0
+        self.failures = 0
+
+    def record(self, consumer_id: str, deployment: str, usage: TokenUsage | None) -> None:
+        hour = hour_key(self._clock.now())
+        key = (consumer_id, hour, deployment)
+        row = self._rows.get(key) or UsageRow(consumer_id, hour, deployment, self.instance)
+        self._rows[key] = row.plus(usage)
+        self._dirty.add(key)
+        if self._background and (self._task is None or self._task.done()):
+            try:
+                self._task = asyncio.get_running_loop().create_task(self._flush_forever())
+            except RuntimeError:
+                pass
+
+    def totals(self) -> dict[str, int]:
+        return {"requests": sum(r.requests for r in self._rows.values()), "total": sum(r.total for r in self._rows.values())}
+
+    async def flush(self) -> None:
+        if not self._dirty:
+            return
+        keys = list(self._dirty)
+        self._dirty.clear()
+        try:
+            await self._store.save([self._rows[k] for k in keys])
+        except Exception as exc:
+            self._dirty.update(keys)  # cumulative rows: the next save carries these too
+            self.failures += 1
+            log.warning("could not save usage rows (%s); will retry", type(exc).__name__)
+            return
+        self.saved += len(keys)
+        current = hour_key(self._clock.now())
+        for key in [k for k in self._rows if k[1] < current and k not in self._dirty]:
+            del self._rows[key]  # an hour that is over and saved will not change again
+
+    async def _flush_forever(self) -> None:
+        while self._rows:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            await self.flush()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self.flush()
+
+
+@dataclass(frozen=True)
+class UsageTotal:
+    consumer: str
+    deployment: str
+    requests: int
+    prompt: int
+    completion: int
+    total: int
+    cached: int
+
+
+def summarize(rows: Iterable[UsageRow]) -> list[UsageTotal]:
+    sums: dict[tuple[str, str], list[int]] = {}
+    for row in rows:
+        acc = sums.setdefault((row.consumer, row.deployment), [0, 0, 0, 0, 0])
+        acc[0] += row.requests
+        acc[1] += row.prompt
+        acc[2] += row.completion
+        acc[3] += row.total
+        acc[4] += row.cached
+    return [UsageTotal(c, d, *v) for (c, d), v in sorted(sums.items())]
+
+
+def period_hours(period: str, at_s: float) -> tuple[str, str, str]:
+    """(label, first hour, first hour after) of the period containing `at_s`."""
+    key, start, end = period_bounds(period, at_s)
+    return key, hour_key(start), hour_key(end)
+
+
+def format_report(label: str, totals: list[UsageTotal]) -> str:
+    columns = ["consumer", "deployment", "requests", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens"]
+    rows: list[list[object]] = [[t.consumer, t.deployment, t.requests, t.prompt, t.completion, t.total, t.cached] for t in totals]
+    by_consumer: dict[str, list[int]] = {}
+    for t in totals:
+        acc = by_consumer.setdefault(t.consumer, [0, 0, 0, 0, 0])
+        for i, v in enumerate((t.requests, t.prompt, t.completion, t.total, t.cached)):
+            acc[i] += v
+    if len(totals) > 1:
+        rows += [[consumer, "(all)", *acc] for consumer, acc in by_consumer.items()]
+    body = table(columns, rows, numeric=columns[2:]) if rows else "(no usage recorded)"
+    return f"usage for {label} (UTC)\n{body}"
+
+
+async def report(tables: Any, args: Any, out: TextIO) -> int:
+    """The admin command's usage report: tokens per consumer and deployment for one period, from Table Storage."""
+    import json
+    from datetime import datetime
+
+    from shared.storage import TableUsageStore
+
+    at = time.time()
+    if args.at:
+        parsed = datetime.fromisoformat(args.at.replace("Z", "+00:00"))
+        at = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    label, first, after = period_hours(args.period, at)
+    totals = summarize(await TableUsageStore(tables).query(args.consumer, first, after))
+    if args.json:
+        print(json.dumps({"period": label, "usage": [t.__dict__ for t in totals]}, indent=2), file=out)
+    else:
+        print(format_report(f"{args.period} period {label}", totals), file=out)
+    return 0

@@ -1,0 +1,269 @@
+"""A consumer's shared token ledger: a sliding 60-second window per scope, budget leases, and the period quota.
+
+This is pure logic on a value; the limiter reads it from Table Storage, applies one of these operations, and writes it
+back with an ETag condition, so concurrent gateway instances never lose an update.
+
+The window is kept as *occupancy*: tokens admitted at time t occupy the window until t + 60 s. An instance does not
+write every admission; it claims a **lease** (a block of tokens it may admit during the next few seconds). A lease of X
+tokens claimed at t0 with lifetime L occupies X until t0 + L + 60 s, the latest any of its tokens could leave the
+window. When the instance closes the lease it replaces that hold with what it really admitted, bucketed by admission
+time, and the unused rest becomes free again. So at every instant the occupancy is an upper bound of the tokens
+admitted in the last 60 seconds: the limit holds in *every* 60-second span, across every instance.
+"""
+
+from __future__ import annotations
+
+import calendar
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import orjson
+
+WINDOW_MS = 60_000
+BUCKET_MS = 500
+CONSUMER_SCOPE = "*"
+
+
+def deployment_scope(deployment: str) -> str:
+    return f"d:{deployment}"
+
+
+def bucket_expiry(now_ms: int) -> int:
+    """When tokens admitted at `now_ms` leave the window, rounded up to the bucket (never early)."""
+    return -(-now_ms // BUCKET_MS) * BUCKET_MS + WINDOW_MS
+
+
+@dataclass
+class Lease:
+    tokens: dict[str, int]  # scope -> tokens held
+    expires_ms: int
+    quota_tokens: int = 0
+
+
+@dataclass
+class Ledger:
+    windows: dict[str, dict[int, int]] = field(default_factory=dict)  # scope -> {expiry ms: tokens}
+    leases: dict[str, Lease] = field(default_factory=dict)
+    quota_key: str = ""
+    quota_used: int = 0
+
+    def prune(self, now_ms: int) -> None:
+        for scope in list(self.windows):
+            entries = {e: t for e, t in self.windows[scope].items() if e > now_ms and t > 0}
+            if entries:
+                self.windows[scope] = entries
+            else:
+                del self.windows[scope]
+        self.leases = {k: v for k, v in self.leases.items() if v.expires_ms > now_ms}
+
+    def occupancy(self, scope: str, now_ms: int) -> int:
+        held = sum(t for e, t in self.windows.get(scope, {}).items() if e > now_ms)
+        return held + sum(lease.tokens.get(scope, 0) for lease in self.leases.values() if lease.expires_ms > now_ms)
+
+    def wait_ms(self, scope: str, need: int, limit: int, now_ms: int) -> int | None:
+        """How long until `need` more tokens fit under `limit` in `scope`; None if they never can."""
+        if need > limit:
+            return None
+        occupancy = self.occupancy(scope, now_ms)
+        if occupancy + need <= limit:
+            return 0
+        releases: dict[int, int] = {}
+        for e, t in self.windows.get(scope, {}).items():
+            if e > now_ms:
+                releases[e] = releases.get(e, 0) + t
+        for lease in self.leases.values():
+            held = lease.tokens.get(scope, 0)
+            if held and lease.expires_ms > now_ms:
+                releases[lease.expires_ms] = releases.get(lease.expires_ms, 0) + held
+        for expiry in sorted(releases):
+            occupancy -= releases[expiry]
+            if occupancy + need <= limit:
+                return expiry - now_ms
+        return 0
+
+    def add_usage(self, usage: Mapping[str, Mapping[int, int]], now_ms: int) -> None:
+        """Record admitted tokens (or corrections, which may be negative) by scope and expiry."""
+        for scope, buckets in usage.items():
+            window = self.windows.setdefault(scope, {})
+            for expiry, tokens in buckets.items():
+                if expiry <= now_ms or tokens == 0:
+                    continue
+                value = window.get(expiry, 0) + tokens
+                if value > 0:
+                    window[expiry] = value
+                else:
+                    window.pop(expiry, None)
+            if not window:
+                del self.windows[scope]
+
+    def to_entity(self) -> dict[str, object]:
+        return {
+            "windows": orjson.dumps({s: {str(e): t for e, t in w.items()} for s, w in self.windows.items()}).decode(),
+            "leases": orjson.dumps(
+                {k: [lease.tokens, lease.expires_ms, lease.quota_tokens] for k, lease in self.leases.items()}
+            ).decode(),
+            "quota_key": self.quota_key,
+            "quota_used": self.quota_used,
+        }
+
+    @classmethod
+    def from_entity(cls, entity: Mapping[str, object]) -> Ledger:
+        windows_raw = orjson.loads(str(entity.get("windows") or "{}"))
+        leases_raw = orjson.loads(str(entity.get("leases") or "{}"))
+        return cls(
+            windows={s: {int(e): int(t) for e, t in w.items()} for s, w in windows_raw.items()},
+            leases={k: Lease(dict(v[0]), int(v[1]), int(v[2])) for k, v in leases_raw.items()},
+            quota_key=str(entity.get("quota_key") or ""),
+            quota_used=int(entity.get("quota_used") or 0),  # type: ignore[call-overload]
+        )
+
+    def copy(self) -> Ledger:
+        return Ledger(
+            windows={s: dict(w) for s, w in self.windows.items()},
+            leases={k: Lease(dict(v.tokens), v.expires_ms, v.quota_tokens) for k, v in self.leases.items()},
+            quota_key=self.quota_key,
+            quota_used=self.quota_used,
+        )
+
+
+@dataclass(frozen=True)
+class Quota:
+    limit: int
+    period: str  # hourly, daily, weekly, monthly, yearly
+
+
+def period_bounds(period: str, now_s: float) -> tuple[str, float, float]:
+    """(key, start, end) of the fixed UTC period (hourly ... yearly) containing `now_s`."""
+    t = time.gmtime(now_s)
+    if period == "hourly":
+        start = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, 0, 0))
+        return time.strftime("%Y-%m-%dT%H", t), start, start + 3600
+    day_start = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0))
+    if period == "daily":
+        return time.strftime("%Y-%m-%d", t), day_start, day_start + 86400
+    if period == "weekly":
+        start = day_start - t.tm_wday * 86400  # weeks start on Monday (ISO 8601)
+        return time.strftime("%G-W%V", time.gmtime(start)), start, start + 7 * 86400
+    if period == "monthly":
+        year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+        start = calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0))
+        return f"{t.tm_year:04d}-{t.tm_mon:02d}", start, calendar.timegm((year, month, 1, 0, 0, 0))
+    if period == "yearly":
+        start = calendar.timegm((t.tm_year, 1, 1, 0, 0, 0))
+        return f"{t.tm_year:04d}", start, calendar.timegm((t.tm_year + 1, 1, 1, 0, 0, 0))
+    raise ValueError(f"unknown quota period {period!r}")
+
+
+def quota_period(period: str, now_s: float) -> tuple[str, float]:
+    """(key, reset time) of the fixed UTC period containing `now_s`."""
+    key, _, end = period_bounds(period, now_s)
+    return key, end
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a claim failed: over a rate (retry after `wait_ms`, or never if None) or out of quota."""
+
+    scope: str
+    wait_ms: int | None
+    quota_exhausted: bool = False
+    quota_reset_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a claim got: tokens per scope (possibly not every scope asked for), and why the others were refused."""
+
+    tokens: dict[str, int]
+    quota_tokens: int
+    refused: dict[str, Refusal] = field(default_factory=dict)
+
+
+def claim(
+    ledger: Ledger,
+    lease_id: str,
+    need: Mapping[str, int],
+    want: Mapping[str, int],
+    limits: Mapping[str, int],
+    quota: Quota | None,
+    now_s: float,
+    lifetime_ms: int,
+) -> Grant:
+    """Grant a lease of up to `want` (at least `need`) tokens per scope; scopes that cannot get their need are refused.
+    Mutates `ledger`.
+
+    A scope whose limit is 0 is unlimited: its lease is not held in the window. The consumer scope's grant is also
+    bounded by the quota left in the current period.
+    """
+    now_ms = int(now_s * 1000)
+    ledger.prune(now_ms)
+    granted: dict[str, int] = {}
+    refused: dict[str, Refusal] = {}
+    for scope, wanted in want.items():
+        limit = limits.get(scope, 0)
+        needed = need.get(scope, 0)
+        if limit <= 0:
+            granted[scope] = wanted
+            continue
+        free = limit - ledger.occupancy(scope, now_ms)
+        if free < needed or free <= 0:
+            refused[scope] = Refusal(scope, ledger.wait_ms(scope, max(needed, 1), limit, now_ms))
+            continue
+        granted[scope] = min(wanted, free)
+    quota_tokens = 0
+    if quota is not None and quota.limit > 0 and CONSUMER_SCOPE in granted:
+        key, reset_s = quota_period(quota.period, now_s)
+        if ledger.quota_key != key:
+            ledger.quota_key, ledger.quota_used = key, 0
+        free_quota = quota.limit - ledger.quota_used
+        needed = need.get(CONSUMER_SCOPE, 0)
+        if free_quota < needed or free_quota <= 0:
+            del granted[CONSUMER_SCOPE]
+            refused[CONSUMER_SCOPE] = Refusal(CONSUMER_SCOPE, None, quota_exhausted=True, quota_reset_s=reset_s)
+        else:
+            quota_tokens = min(granted[CONSUMER_SCOPE], free_quota)
+            granted[CONSUMER_SCOPE] = quota_tokens
+            ledger.quota_used += quota_tokens
+    held = {s: t for s, t in granted.items() if limits.get(s, 0) > 0}
+    if held or quota_tokens:
+        ledger.leases[lease_id] = Lease(held, now_ms + lifetime_ms + WINDOW_MS, quota_tokens)
+    return Grant(granted, quota_tokens, refused)
+
+
+def report(
+    ledger: Ledger,
+    lease_id: str | None,
+    usage: Mapping[str, Mapping[int, int]],
+    keep: Mapping[str, int] | None,
+    quota_key: str | None,
+    quota_spent: int,
+    quota_hold_before: int,
+    quota_hold_after: int,
+    now_s: float,
+) -> None:
+    """Commit admitted tokens (and late corrections) and set what a lease still holds. Mutates `ledger`.
+
+    `usage` is new usage by scope and expiry (corrections may be negative). `keep` is the lease's remaining hold per
+    scope, None to release the lease. For the quota, which counts committed usage plus every lease's hold,
+    `quota_spent` is the committed part of `usage` and the hold changes from `quota_hold_before` (what the instance
+    last wrote, used when the lease already expired from the ledger) to `quota_hold_after`. Without a lease
+    (`lease_id` None) only usage is committed.
+    """
+    now_ms = int(now_s * 1000)
+    lease = ledger.leases.get(lease_id) if lease_id else None
+    ledger.prune(now_ms)
+    ledger.add_usage(usage, now_ms)
+    if quota_key and quota_key > ledger.quota_key:
+        # Usage from a newer period than the ledger has seen (keys of one period sort by time): start that period.
+        ledger.quota_key, ledger.quota_used = quota_key, 0
+    if quota_key and quota_key == ledger.quota_key:
+        before = lease.quota_tokens if lease is not None else (quota_hold_before if lease_id else 0)
+        after = quota_hold_after if (lease_id and keep is not None) else 0
+        ledger.quota_used = max(0, ledger.quota_used + quota_spent - before + after)
+    if lease_id:
+        if keep is None:
+            ledger.leases.pop(lease_id, None)
+        elif lease is not None:
+            lease.tokens = {s: max(0, t) for s, t in keep.items() if t > 0}
+            lease.quota_tokens = max(0, quota_hold_after)

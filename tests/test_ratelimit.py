@@ -1,0 +1,230 @@
+"""The distributed limiter against its in-memory store twin, with a fake clock: no sleeping."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from shared.clock import FakeClock
+from shared.consumers import Consumer, Limits
+from shared.errors import GatewayError
+from shared.ledger import CONSUMER_SCOPE
+from shared.ratelimit import LimitTicket, MemoryLedgerStore, TokenLimiter
+from shared.telemetry import NullTelemetry
+
+DEPLOYMENT = "gpt-4o"
+
+
+def consumer(tpm: int = 1000, quota: int = 0, period: str | None = None, per_deployment: int = 0) -> Consumer:
+    return Consumer(
+        id="team-a",
+        name="Team A",
+        key_hash="h",
+        key_prefix="gw-x",
+        limits=Limits(
+            tokens_per_minute=tpm,
+            deployment_tokens_per_minute={DEPLOYMENT: per_deployment} if per_deployment else {},
+            quota=quota,
+            quota_period=period,
+        ),
+    )
+
+
+def limiter(store: MemoryLedgerStore, clock: FakeClock, **options: object) -> TokenLimiter:
+    return TokenLimiter(store, clock, NullTelemetry(), background=False, **options)  # type: ignore[arg-type]
+
+
+async def admit_all(lim: TokenLimiter, c: Consumer, reserve: int, count: int) -> tuple[int, GatewayError | None]:
+    admitted = 0
+    for _ in range(count):
+        try:
+            ticket = await lim.admit(c, DEPLOYMENT, reserve)
+        except GatewayError as error:
+            return admitted, error
+        ticket.settle(reserve)
+        admitted += reserve
+    return admitted, None
+
+
+async def test_admits_up_to_the_limit_then_answers_429_with_the_true_wait() -> None:
+    clock = FakeClock()
+    lim = limiter(MemoryLedgerStore(), clock)
+    admitted, error = await admit_all(lim, consumer(), 100, 20)
+    assert admitted == 1000
+    assert error is not None and error.status == 429 and error.code == "rate_limit_exceeded"
+    # Everything was admitted now, so room returns a minute from now (rounded up to the half-second bucket).
+    wait_ms = int(error.headers["retry-after-ms"])
+    assert 60_000 <= wait_ms <= 61_000
+    assert error.headers["retry-after"] == str(-(-wait_ms // 1000))
+    assert error.headers["x-ratelimit-limit-tokens"] == "1000"
+
+
+async def test_the_window_slides_so_a_boundary_burst_is_not_admitted_twice() -> None:
+    clock = FakeClock(start=1_700_000_040.0)
+    lim = limiter(MemoryLedgerStore(), clock)
+    clock.advance(19.9)  # just before a whole minute
+    assert (await admit_all(lim, consumer(), 100, 10))[0] == 1000
+    clock.advance(0.2)  # a fixed per-minute window would reset here
+    admitted, error = await admit_all(lim, consumer(), 100, 1)
+    assert admitted == 0 and error is not None
+    clock.advance(61)
+    await lim.tick()
+    assert (await admit_all(lim, consumer(), 100, 10))[0] == 1000
+
+
+async def test_refunds_after_the_response_make_room_at_once() -> None:
+    lim = limiter(MemoryLedgerStore(), FakeClock())
+    c = consumer()
+    for _ in range(5):
+        ticket = await lim.admit(c, DEPLOYMENT, 500)  # reserve prompt + max_tokens ...
+        ticket.settle(100)  # ... charge what the backend reported
+    admitted, error = await admit_all(lim, c, 100, 10)
+    assert admitted == 500 and error is not None  # 5 x 100 charged, so 500 more fit
+
+
+async def test_a_request_larger_than_the_whole_limit_is_refused_without_retry() -> None:
+    lim = limiter(MemoryLedgerStore(), FakeClock())
+    with pytest.raises(GatewayError) as caught:
+        await lim.admit(consumer(tpm=1000), DEPLOYMENT, 1001)
+    assert caught.value.status == 429 and caught.value.code == "tokens_exceed_limit"
+    assert caught.value.headers["x-should-retry"] == "false"
+
+
+async def test_per_deployment_limit_applies_beside_the_consumer_limit() -> None:
+    lim = limiter(MemoryLedgerStore(), FakeClock())
+    c = consumer(tpm=10_000, per_deployment=300)
+    admitted, error = await admit_all(lim, c, 100, 10)
+    assert admitted == 300 and error is not None and error.headers["x-ratelimit-limit-tokens"] == "300"
+    other = await lim.admit(c, "gpt-4o-mini", 100)
+    other.settle(100)
+
+
+async def test_quota_exhaustion_answers_403_with_the_reset_time() -> None:
+    clock = FakeClock(start=1_700_000_000.0)
+    lim = limiter(MemoryLedgerStore(), clock)
+    c = consumer(tpm=0, quota=500, period="hourly")
+    admitted, error = await admit_all(lim, c, 100, 10)
+    assert admitted == 500
+    assert error is not None and error.status == 403 and error.code == "quota_exceeded"
+    assert error.headers["x-ratelimit-remaining-quota-tokens"] == "0"
+    hour_end = 1_700_000_000 - 1_700_000_000 % 3600 + 3600
+    assert error.headers["x-ratelimit-reset-quota-tokens"] == f"{hour_end - 1_700_000_000}s"
+    clock.advance(hour_end - clock.now() + 1)
+    await lim.tick()
+    assert (await admit_all(lim, c, 100, 3))[0] == 300
+
+
+async def test_quota_is_charged_what_the_backend_reported() -> None:
+    clock = FakeClock()
+    store = MemoryLedgerStore()
+    lim = limiter(store, clock)
+    c = consumer(tpm=0, quota=10_000, period="daily")
+    for _ in range(5):
+        (await lim.admit(c, DEPLOYMENT, 1000)).settle(123)
+    clock.advance(10)
+    await lim.tick()  # idle: the lease is released
+    await lim.tick()
+    ledger, _ = await store.read("team-a")
+    assert ledger.quota_used == 5 * 123
+    assert ledger.leases == {}
+
+
+async def test_headers_report_the_consumers_own_remaining_tokens() -> None:
+    lim = limiter(MemoryLedgerStore(), FakeClock())
+    c = consumer(tpm=1000, quota=5000, period="daily")
+    ticket = await lim.admit(c, DEPLOYMENT, 100)
+    assert ticket.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert int(ticket.headers["x-ratelimit-remaining-tokens"]) == 900
+    assert int(ticket.headers["x-ratelimit-remaining-quota-tokens"]) == 4900
+
+
+async def test_store_outage_fails_open_to_this_instances_share_and_reconciles_later() -> None:
+    clock = FakeClock()
+    store = MemoryLedgerStore()
+    lim = limiter(store, clock, instance_count=4)
+    c = consumer(tpm=1000, quota=100_000, period="daily")
+    store.unavailable = True
+    admitted, error = await admit_all(lim, c, 50, 10)
+    assert admitted == 250  # a quarter of the limit
+    assert error is not None and error.status == 429
+    assert lim.fallback_admissions == 5
+    store.unavailable = False
+    clock.advance(2)
+    await lim.tick()
+    ledger, _ = await store.read("team-a")
+    held = sum(lease.quota_tokens for lease in ledger.leases.values())
+    assert ledger.quota_used - held == 250  # what was admitted during the outage is charged to the quota
+    assert sum(ledger.windows[CONSUMER_SCOPE].values()) == 250  # and counted in the window
+    # Counting resumes against the shared ledger, without a restart.
+    assert (await admit_all(lim, c, 50, 100))[0] == 750
+
+
+async def test_store_outage_fails_closed_when_configured() -> None:
+    store = MemoryLedgerStore()
+    store.unavailable = True
+    lim = limiter(store, FakeClock(), fail_closed=True)
+    with pytest.raises(GatewayError) as caught:
+        await lim.admit(consumer(), DEPLOYMENT, 10)
+    assert caught.value.status == 503 and caught.value.code == "limiter_unavailable"
+
+
+async def test_limits_changed_by_the_admin_apply_to_the_next_request() -> None:
+    lim = limiter(MemoryLedgerStore(), FakeClock())
+    assert (await admit_all(lim, consumer(tpm=500), 100, 10))[0] == 500
+    assert (await admit_all(lim, consumer(tpm=800), 100, 10))[0] == 300
+
+
+@pytest.mark.parametrize(
+    ("limit", "requests_per_step", "max_round_trips"),
+    [
+        # ~1.5 admitted requests a second: capacity frees a request at a time, so claims are frequent.
+        (20_000, (0, 3), 3.0),
+        # ~35 admitted requests a second, demand twice that: a claim serves many requests.
+        (600_000, (2, 5), 0.2),
+    ],
+)
+async def test_many_instances_never_admit_more_than_the_limit_in_any_minute(
+    limit: int, requests_per_step: tuple[int, int], max_round_trips: float
+) -> None:
+    """Four instances share one ledger; random demand above the limit; every 60-second span is checked."""
+    rng = random.Random(7)
+    clock = FakeClock(start=1_700_000_000.0)
+    store = MemoryLedgerStore()
+    instances = [limiter(store, clock, instance_count=4, instance_id=f"i{i}") for i in range(4)]
+    c = consumer(tpm=limit)
+    admissions: list[tuple[float, int]] = []
+    open_tickets: list[tuple[float, LimitTicket, int]] = []
+    for step in range(6000):  # 0.05 s per step: five minutes
+        clock.advance(0.05)
+        now = clock.now()
+        for _, ticket, actual in [t for t in open_tickets if t[0] <= now]:
+            ticket.settle(actual)
+        open_tickets = [t for t in open_tickets if t[0] > now]
+        for _ in range(rng.randint(*requests_per_step)):
+            lim = rng.choice(instances)
+            reserve = rng.randint(50, 400)
+            actual = rng.randint(reserve // 4, reserve)
+            try:
+                ticket = await lim.admit(c, DEPLOYMENT, reserve)
+            except GatewayError:
+                continue
+            admissions.append((now, actual))
+            open_tickets.append((now + rng.uniform(0.05, 2.0), ticket, actual))
+        if step % 2 == 0:
+            for lim in instances:
+                await lim.tick()
+    times = [t for t, _ in admissions]
+    worst = total = j = 0
+    for t, tokens in admissions:
+        total += tokens
+        while times[j] <= t - 60:
+            total -= admissions[j][1]
+            j += 1
+        worst = max(worst, total)
+    assert worst <= limit
+    # Budget is not stranded: over the full minutes after the first, nearly the whole limit is used.
+    per_minute = [sum(a for t, a in admissions if start <= t - 1_700_000_000 < start + 60) for start in (60, 120, 180, 240)]
+    assert min(per_minute) >= 0.9 * limit, per_minute
+    round_trips = (store.reads + store.writes) / len(admissions)
+    assert round_trips <= max_round_trips, (store.reads, store.writes, len(admissions))
