@@ -12,13 +12,14 @@ as `func start` does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import importlib
 import json
 import os
 import re
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,9 +54,10 @@ def route_prefix(host_json: Path) -> str:
     return str(prefix).strip("/")
 
 
-def host_routes(function_app: Any) -> list[HostRoute]:
+def host_routes(functions: Any) -> list[HostRoute]:
+    """The HTTP functions of `app.get_functions()` (which may be called only once per app)."""
     routes = []
-    for function in function_app.get_functions():
+    for function in functions:
         trigger = function.get_trigger()
         if type(trigger).__name__ != "HttpTrigger":
             continue
@@ -107,11 +109,11 @@ def _authorized(request: Request, level: str, keys: Mapping[str, str]) -> bool:
 
 
 def build_asgi(
-    function_app: Any, prefix: str, keys: Mapping[str, str] | None = None,
+    functions: Any, prefix: str, keys: Mapping[str, str] | None = None,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
 ) -> Starlette:
     keys = dict(keys or {})
-    routes = sorted(host_routes(function_app), key=lambda r: precedence(r.template))
+    routes = sorted(host_routes(functions), key=lambda r: precedence(r.template))
 
     def endpoint(route: HostRoute) -> Callable[[Request], Awaitable[Response]]:
         async def call(request: Request) -> Response:
@@ -128,11 +130,13 @@ def build_asgi(
     async def not_found(request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": {"message": "Not found", "type": "invalid_request_error", "code": "not_found"}}, 404)
 
-    return Starlette(
-        routes=starlette_routes,
-        exception_handlers={404: not_found},
-        on_shutdown=[on_shutdown] if on_shutdown else [],
-    )
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        yield
+        if on_shutdown is not None:
+            await on_shutdown()
+
+    return Starlette(routes=starlette_routes, exception_handlers={404: not_found}, lifespan=lifespan)
 
 
 def load(settings_path: Path | None = None) -> tuple[Any, Starlette]:
@@ -145,7 +149,7 @@ def load(settings_path: Path | None = None) -> tuple[Any, Starlette]:
     # The Functions host stops workers without a hook; here we can return limiter leases and save usage on the way out.
     edge = getattr(module, "edge", None)
     on_shutdown = getattr(edge, "close", None)
-    return module, build_asgi(module.app, route_prefix(ROOT / "host.json"), keys, on_shutdown)
+    return module, build_asgi(module.app.get_functions(), route_prefix(ROOT / "host.json"), keys, on_shutdown)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import Stack, gateway_env, start_simulators, test_regions
+from tools import stack
+
+# Nothing in the tests may leave the machine: Azure Monitor's extras (statsbeat, live metrics, metadata lookups) off.
+os.environ.setdefault("APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL", "true")
+os.environ.setdefault("APPLICATIONINSIGHTS_SDKSTATS_DISABLED", "true")
+os.environ.setdefault("APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED", "true")
+os.environ.setdefault("OTEL_EXPERIMENTAL_RESOURCE_DETECTORS", "azure_app_service")
+
+_ids = itertools.count(1)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{os.getpid()}-{next(_ids)}"
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("logs")
+    os.environ["GATEWAY_LOG_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def azurite(log_dir: Path) -> Iterator[stack.Child]:
+    child = stack.start_azurite(stack.free_port(), log_dir)
+    yield child
+    child.stop()
+
+
+@pytest.fixture(scope="session")
+def e2e(azurite: stack.Child, log_dir: Path) -> Iterator[Stack]:
+    """Azurite, three simulated regions (PTU at priority 1) and one gateway process."""
+    regions = test_regions()
+    simulators = start_simulators(regions, latency_ms=5, token_latency_ms=2)
+    env = gateway_env(azurite.port, regions)
+    try:
+        gateway = stack.start_gateway(env, log_dir=log_dir)
+    except Exception:
+        for sim in simulators:
+            sim.child.stop()
+        raise
+    running = Stack(table_port=azurite.port, simulators=simulators, gateways=[gateway], env=env)
+    yield running
+    gateway.stop()
+    for sim in simulators:
+        sim.child.stop()
+
+
+@pytest.fixture
+def gateway_factory(e2e: Stack, log_dir: Path) -> Iterator[Callable[..., stack.Child]]:
+    """Start extra gateway processes on the session's Azurite and regions, with extra settings; stopped after the test."""
+    started: list[stack.Child] = []
+
+    def start(extra: Mapping[str, str] | None = None, regions: list[stack.Region] | None = None) -> stack.Child:
+        env = gateway_env(e2e.table_port, regions or [s.region for s in e2e.simulators], extra)
+        child = stack.start_gateway(env, log_dir=log_dir, name=unique("gateway"))
+        started.append(child)
+        return child
+
+    yield start
+    for child in started:
+        child.stop()
+
+
+@pytest.fixture
+def fresh_sims(e2e: Stack) -> Iterator[Stack]:
+    """The session stack with simulator stats, faults and windows cleared before and after the test."""
+    e2e.reset_simulators()
+    yield e2e
+    e2e.reset_simulators()

@@ -1,0 +1,178 @@
+"""Helpers for end-to-end tests: a running stack (Azurite, simulated regions, gateway processes) and its controls."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import httpx
+
+from shared.config import load_settings
+from shared.consumers import Consumer, Limits, hash_key, key_prefix, new_key
+from shared.storage import TableConsumerStore, TableLedgerStore, Tables, TableUsageStore
+from tools import stack
+
+
+@dataclass
+class Simulator:
+    child: stack.Child
+    region: stack.Region
+
+    @property
+    def url(self) -> str:
+        return self.child.url
+
+    def control(self, method: str, path: str, body: Any = None) -> Any:
+        response = httpx.request(method, f"{self.url}/_sim/{path}", json=body, timeout=10)
+        response.raise_for_status()
+        return response.json() if response.content else None
+
+    def fault(self, kind: str, count: int = 1, **options: Any) -> None:
+        self.control("POST", "faults", {"kind": kind, "count": count, **options})
+
+    def capacity(self, deployment: str, tpm: int, rpm: int | None = None) -> None:
+        self.control("POST", "capacity", {"deployment": deployment, "tpm": tpm, "rpm": rpm})
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.control("GET", "stats")
+        return result
+
+    def requests(self, limit: int = 20) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.control("GET", f"requests?limit={limit}")
+        return result
+
+    def reset(self) -> None:
+        self.control("POST", "reset")
+        self.control("DELETE", "faults")
+
+
+@dataclass
+class Stack:
+    """What the end-to-end tests run against; every address is on 127.0.0.1."""
+
+    table_port: int
+    simulators: list[Simulator]
+    gateways: list[stack.Child] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.gateways[0].url
+
+    def settings_env(self) -> dict[str, str]:
+        return self.env
+
+    def run(self, coroutine: Any) -> Any:
+        return asyncio.run(coroutine)
+
+    async def _with_tables(self, action: Any) -> Any:
+        settings = load_settings(self.env, require_backends=False)
+        tables = Tables.from_settings(settings, timeout_s=10)
+        try:
+            return await action(tables)
+        finally:
+            await tables.close()
+
+    def create_consumer(
+        self,
+        consumer_id: str,
+        *,
+        tpm: int = 0,
+        deployment_tpm: Mapping[str, int] | None = None,
+        quota: int = 0,
+        quota_period: str | None = None,
+        deployments: Sequence[str] | None = None,
+        priority: str = "normal",
+    ) -> str:
+        key = new_key()
+        consumer = Consumer(
+            id=consumer_id,
+            name=consumer_id,
+            key_hash=hash_key(key),
+            key_prefix=key_prefix(key),
+            deployments=frozenset(deployments) if deployments is not None else None,
+            limits=Limits(tpm, dict(deployment_tpm or {}), quota, quota_period),
+            priority=priority,
+        )
+
+        async def put(tables: Tables) -> None:
+            await TableConsumerStore(tables).put(consumer)
+
+        self.run(self._with_tables(put))
+        return key
+
+    def update_consumer(self, consumer_id: str, **changes: Any) -> None:
+        async def update(tables: Tables) -> None:
+            store = TableConsumerStore(tables)
+            consumer = await store.get(consumer_id)
+            assert consumer is not None
+            if "limits" in changes:
+                changes["limits"] = replace(consumer.limits, **changes["limits"])
+            await store.put(replace(consumer, version=consumer.version + 1, **changes))
+
+        self.run(self._with_tables(update))
+
+    def ledger(self, consumer_id: str) -> Any:
+        async def read(tables: Tables) -> Any:
+            return (await TableLedgerStore(tables).read(consumer_id))[0]
+
+        return self.run(self._with_tables(read))
+
+    def usage_rows(self, consumer_id: str) -> list[Any]:
+        async def read(tables: Tables) -> list[Any]:
+            return await TableUsageStore(tables).query(consumer_id, "0000", "9999")
+
+        result: list[Any] = self.run(self._with_tables(read))
+        return result
+
+    def reported_usage(self) -> dict[str, int]:
+        totals = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        for sim in self.simulators:
+            usage = sim.stats()["usage"]
+            for key in totals:
+                totals[key] += usage[key]
+        return totals
+
+    def reset_simulators(self) -> None:
+        for sim in self.simulators:
+            sim.reset()
+
+
+def start_simulators(regions: Sequence[stack.Region], latency_ms: float, token_latency_ms: float) -> list[Simulator]:
+    simulators: list[Simulator] = []
+    try:
+        for region in regions:
+            simulators.append(Simulator(stack.start_simulator(region, latency_ms, token_latency_ms), region))
+    except Exception:
+        for sim in simulators:
+            sim.child.stop()
+        raise
+    return simulators
+
+
+def test_regions() -> list[stack.Region]:
+    return [
+        stack.Region("uksouth-ptu", "uksouth", stack.free_port(), priority=1, ptu=True, chat_tpm=1_000_000),
+        stack.Region("swedencentral", "swedencentral", stack.free_port(), priority=2, chat_tpm=1_000_000),
+        stack.Region("francecentral", "francecentral", stack.free_port(), priority=2, chat_tpm=1_000_000),
+    ]
+
+
+def gateway_env(table_port: int, regions: Sequence[stack.Region], extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = stack.gateway_env(stack.backends_setting(regions), table_port)
+    env.update({"GATEWAY_CONSUMER_REFRESH_S": "0.5", "GATEWAY_MAX_BODY_BYTES": "262144"})
+    env.update(extra or {})
+    return env
+
+
+def sse_lines(response: httpx.Response) -> Iterator[str]:
+    for line in response.iter_lines():
+        if line:
+            yield line
+
+
+def json_events(lines: Sequence[str]) -> list[dict[str, Any]]:
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: {")]

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from shared.config import ConfigError, load_settings, parse_status_rule
+
+BACKEND = {"id": "uk", "endpoint": "https://uk.openai.azure.com/", "region": "uksouth", "deployments": ["gpt-4o"], "auth": "key", "api_key_setting": "UK_KEY"}
+
+
+def env(*backends: dict[str, Any], **extra: str) -> dict[str, str]:
+    return {
+        "GATEWAY_BACKENDS": json.dumps(list(backends)),
+        "UK_KEY": "secret",
+        "GATEWAY_TABLE_CONNECTION_STRING": "UseDevelopmentStorage=true",
+        **extra,
+    }
+
+
+def test_a_valid_configuration() -> None:
+    settings = load_settings(env(BACKEND, {**BACKEND, "id": "se", "region": "swedencentral", "priority": 2, "auth": "identity", "deployments": {"gpt-4o": "gpt4o-standard"}}))
+    uk, se = settings.backends
+    assert uk.endpoint == "https://uk.openai.azure.com" and uk.api_key == "secret" and uk.priority == 1
+    assert se.auth == "identity" and se.deployments == {"gpt-4o": "gpt4o-standard"}
+    assert settings.deployments() == {"gpt-4o"}
+    assert "secret" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"GATEWAY_BACKENDS": "not json"}, "GATEWAY_BACKENDS: invalid JSON"),
+        ({"GATEWAY_BACKENDS": "[]"}, "GATEWAY_BACKENDS: expected a non-empty JSON array"),
+        ({"GATEWAY_BACKENDS": json.dumps([{**BACKEND, "endpoint": "ftp://x"}])}, "GATEWAY_BACKENDS[0].endpoint"),
+        ({"GATEWAY_BACKENDS": json.dumps([{**BACKEND, "priority": "high"}])}, "GATEWAY_BACKENDS[0].priority"),
+        ({"GATEWAY_BACKENDS": json.dumps([{**BACKEND, "weight": -1}])}, "GATEWAY_BACKENDS[0].weight"),
+        ({"GATEWAY_BACKENDS": json.dumps([{**BACKEND, "deployments": []}])}, "GATEWAY_BACKENDS[0].deployments"),
+        ({"GATEWAY_BACKENDS": json.dumps([{**BACKEND, "api_key_setting": "MISSING"}])}, "app setting MISSING is not set"),
+        ({"GATEWAY_BACKENDS": json.dumps([{**BACKEND, "auth": "password"}])}, "GATEWAY_BACKENDS[0].auth"),
+        ({"GATEWAY_BACKENDS": json.dumps([{**BACKEND, "colour": "red"}])}, "GATEWAY_BACKENDS[0].colour: unknown field"),
+        ({"GATEWAY_BACKENDS": json.dumps([BACKEND, BACKEND])}, "GATEWAY_BACKENDS[1].id: duplicate"),
+        ({"GATEWAY_BACKENDS": json.dumps([{**BACKEND, "breaker": {"statuses": "429,700"}}])}, "GATEWAY_BACKENDS[0].breaker.statuses"),
+        ({"GATEWAY_BACKENDS": json.dumps([{**BACKEND, "breaker": {"trip_s": 0}}])}, "GATEWAY_BACKENDS[0].breaker.trip_s"),
+        ({"GATEWAY_MAX_BODY_BYTES": "lots"}, "GATEWAY_MAX_BODY_BYTES: expected a number"),
+        ({"GATEWAY_LIMIT_FAIL_MODE": "maybe"}, "GATEWAY_LIMIT_FAIL_MODE"),
+        ({"GATEWAY_METRIC_DIMENSIONS": "Subscription ID,Colour"}, "GATEWAY_METRIC_DIMENSIONS: unknown dimension 'Colour'"),
+        ({"GATEWAY_RECORD_CONTENT": "perhaps"}, "GATEWAY_RECORD_CONTENT"),
+    ],
+)
+def test_bad_settings_fail_naming_the_setting(change: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_settings({**env(BACKEND), **change})
+
+
+def test_backends_are_required_unless_only_storage_is() -> None:
+    with pytest.raises(ConfigError, match="GATEWAY_BACKENDS: not set"):
+        load_settings({"GATEWAY_TABLE_CONNECTION_STRING": "UseDevelopmentStorage=true"})
+    assert load_settings({"GATEWAY_TABLE_CONNECTION_STRING": "UseDevelopmentStorage=true"}, require_backends=False).backends == ()
+
+
+def test_table_storage_falls_back_to_the_functions_host_storage() -> None:
+    settings = load_settings({"GATEWAY_BACKENDS": env(BACKEND)["GATEWAY_BACKENDS"], "UK_KEY": "k", "AzureWebJobsStorage__accountName": "acct"})
+    assert settings.table_endpoint == "https://acct.table.core.windows.net"
+    assert settings.table_connection_string is None
+
+
+def test_status_rule() -> None:
+    assert parse_status_rule("429, 500-502", "x") == frozenset({429, 500, 501, 502})

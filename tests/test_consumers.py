@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from shared.clock import FakeClock
+from shared.consumers import (
+    Consumer,
+    ConsumerDirectory,
+    MemoryConsumerStore,
+    hash_key,
+    key_from_headers,
+    key_prefix,
+    new_key,
+    rotated,
+)
+from shared.errors import GatewayError
+
+
+def make(store: MemoryConsumerStore, consumer_id: str = "team-a", **changes: object) -> str:
+    key = new_key()
+    store.consumers[consumer_id] = replace(
+        Consumer(id=consumer_id, name=consumer_id, key_hash=hash_key(key), key_prefix=key_prefix(key)), **changes  # type: ignore[arg-type]
+    )
+    return key
+
+
+def test_keys_are_long_random_and_only_their_hash_is_kept() -> None:
+    keys = {new_key() for _ in range(100)}
+    assert len(keys) == 100
+    key = keys.pop()
+    assert key.startswith("gw-") and len(key) >= 45
+    assert hash_key(key) != key and len(hash_key(key)) == 64
+    assert key_prefix(key) == key[:9]
+
+
+@pytest.mark.parametrize(
+    ("headers", "repeated", "key"),
+    [
+        ({"api-key": "k"}, frozenset(), "k"),
+        ({"authorization": "Bearer k"}, frozenset(), "k"),
+        ({"authorization": "bearer   k "}, frozenset(), "k"),
+        ({"api-key": "k", "authorization": "Bearer k"}, frozenset(), "k"),
+    ],
+)
+def test_key_from_either_header(headers: dict[str, str], repeated: frozenset[str], key: str) -> None:
+    assert key_from_headers(headers, repeated) == key
+
+
+@pytest.mark.parametrize(
+    ("headers", "repeated"),
+    [
+        ({}, frozenset()),
+        ({"api-key": ""}, frozenset()),
+        ({"authorization": "Basic abc"}, frozenset()),
+        ({"authorization": "Bearer "}, frozenset()),
+        ({"api-key": "a", "authorization": "Bearer b"}, frozenset()),
+        ({"api-key": "a"}, frozenset({"api-key"})),
+    ],
+)
+def test_missing_malformed_or_ambiguous_credentials_are_401(headers: dict[str, str], repeated: frozenset[str]) -> None:
+    with pytest.raises(GatewayError) as caught:
+        key_from_headers(headers, repeated)
+    assert caught.value.status == 401
+
+
+async def test_directory_authenticates_from_memory_and_remembers_unknown_keys() -> None:
+    store = MemoryConsumerStore()
+    key = make(store)
+    directory = ConsumerDirectory(store, FakeClock(), refresh_s=5)
+    assert (await directory.authenticate(key)).id == "team-a"
+    calls = store.calls
+    for _ in range(10):
+        await directory.authenticate(key)
+    assert store.calls == calls  # served from memory
+    for _ in range(10):
+        with pytest.raises(GatewayError):
+            await directory.authenticate("gw-wrong")
+    assert store.calls == calls + 1  # one lookup for the unknown key, then remembered
+
+
+async def test_a_consumer_created_after_the_last_reload_is_found_at_once() -> None:
+    store = MemoryConsumerStore()
+    directory = ConsumerDirectory(store, FakeClock(), refresh_s=60)
+    make(store, "first")
+    await directory.reload()
+    key = make(store, "second")
+    assert (await directory.authenticate(key)).id == "second"
+
+
+async def test_disabled_consumers_and_changes_apply_after_the_refresh_interval() -> None:
+    store = MemoryConsumerStore()
+    clock = FakeClock()
+    key = make(store)
+    directory = ConsumerDirectory(store, clock, refresh_s=2)
+    await directory.authenticate(key)
+    store.consumers["team-a"] = replace(store.consumers["team-a"], enabled=False)
+    clock.advance(2.5)
+    await directory.authenticate(key)  # starts the reload in the background
+    await directory.reload()
+    with pytest.raises(GatewayError) as caught:
+        await directory.authenticate(key)
+    assert caught.value.code == "consumer_disabled"
+
+
+async def test_rotation_with_and_without_grace() -> None:
+    store = MemoryConsumerStore()
+    clock = FakeClock()
+    old = make(store)
+    new = new_key()
+    store.consumers["team-a"] = rotated(store.consumers["team-a"], new, grace_s=60, now=clock.now())
+    directory = ConsumerDirectory(store, clock, refresh_s=1)
+    assert (await directory.authenticate(new)).id == "team-a"
+    assert (await directory.authenticate(old)).id == "team-a"
+    clock.advance(61)
+    with pytest.raises(GatewayError):
+        await directory.authenticate(old)
+    newer = new_key()
+    store.consumers["team-a"] = rotated(store.consumers["team-a"], newer, grace_s=0, now=clock.now())
+    await directory.reload()
+    with pytest.raises(GatewayError):
+        await directory.authenticate(new)
+    assert (await directory.authenticate(newer)).id == "team-a"
+
+
+async def test_store_trouble_keeps_serving_the_cached_consumers() -> None:
+    class Failing(MemoryConsumerStore):
+        async def list_consumers(self) -> list[Consumer]:
+            raise RuntimeError("store down")
+
+    store = Failing()
+    key = make(store)
+    directory = ConsumerDirectory(store, FakeClock(), refresh_s=1)
+    assert (await directory.authenticate(key)).id == "team-a"  # found by the single lookup
+    assert directory.reload_failures >= 1

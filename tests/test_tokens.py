@@ -1,0 +1,141 @@
+"""Token counts against known values; encodings load from the installed package, never the network."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from shared import tokens
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("token counting tried to open a network connection")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    yield
+
+
+def test_encodings_load_offline_and_match_tiktoken(no_network: None) -> None:
+    tokens._encodings.clear()
+    assert tokens.get_encoding("o200k_base").encode("hello world") == [24912, 2375]
+    assert tokens.get_encoding("cl100k_base").encode("hello world") == [15339, 1917]
+
+
+@pytest.mark.parametrize(
+    ("model", "encoding"),
+    [
+        ("gpt-4o", "o200k_base"),
+        ("gpt-4o-2024-11-20", "o200k_base"),
+        ("gpt-4.1-mini", "o200k_base"),
+        ("o3-mini", "o200k_base"),
+        ("gpt-35-turbo", "cl100k_base"),
+        ("gpt-4", "cl100k_base"),
+        ("text-embedding-3-small", "cl100k_base"),
+        ("my-custom-deployment", "o200k_base"),
+        (None, "o200k_base"),
+    ],
+)
+def test_encoding_for_model_and_deployment_names(model: str | None, encoding: str) -> None:
+    assert tokens.encoding_name_for(model) == encoding
+
+
+# Prompt token counts as reported by the OpenAI API for these requests (the counting guide's published examples).
+COOKBOOK_MESSAGES = [
+    {"role": "system", "content": "You are a helpful, pattern-following assistant that translates corporate jargon into plain English."},
+    {"role": "system", "name": "example_user", "content": "New synergies will help drive top-line growth."},
+    {"role": "system", "name": "example_assistant", "content": "Things working well together will increase revenue."},
+    {"role": "system", "name": "example_user", "content": "Let's circle back when we have more bandwidth to touch base on opportunities for increased leverage."},
+    {"role": "system", "name": "example_assistant", "content": "Let's talk later when we're less busy about how to do better."},
+    {"role": "user", "content": "This late pivot means we don't have time to boil the ocean for the client deliverable."},
+]
+
+
+@pytest.mark.parametrize(("model", "expected"), [("gpt-4o", 124), ("gpt-4", 129), ("gpt-3.5-turbo", 129)])
+def test_chat_prompt_matches_the_apis_count(model: str, expected: int) -> None:
+    encoding = tokens.encoding_for(model)
+    assert tokens.count_chat_prompt({"messages": COOKBOOK_MESSAGES}, encoding) == expected
+
+
+def test_chat_with_tools_matches_the_apis_count() -> None:
+    # The counting guide's function-calling example: 101 prompt tokens on gpt-4o.
+    body = {
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant that can answer to questions about the weather."},
+            {"role": "user", "content": "What's the weather like in San Francisco?"},
+        ],
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_current_weather",
+                    "description": "Get the current weather in a given location",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {
+                            "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+                            "unit": {"type": "string", "description": "The unit of temperature to return", "enum": ["celsius", "fahrenheit"]},
+                        },
+                        "required": ["location"],
+                    },
+                },
+            }
+        ],
+    }
+    assert tokens.count_chat_prompt(body, tokens.encoding_for("gpt-4o")) == 101
+
+
+def test_assistant_tool_calls_and_tool_results_are_counted() -> None:
+    encoding = tokens.encoding_for("gpt-4o")
+    plain = {"messages": [{"role": "user", "content": "Weather in Paris?"}]}
+    with_call = {
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+            ]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+        ]
+    }
+    base = tokens.count_chat_prompt(plain, encoding)
+    call = 3 + len(encoding.encode("get_weather")) + len(encoding.encode('{"city":"Paris"}'))
+    tool_message = 3 + len(encoding.encode("tool")) + len(encoding.encode("call_1")) + len(encoding.encode('{"temp": 21}'))
+    assistant = 3 + len(encoding.encode("assistant")) + call
+    assert tokens.count_chat_prompt(with_call, encoding) == base + assistant + tool_message
+
+
+def test_multimodal_parts_count_text_and_price_images() -> None:
+    encoding = tokens.encoding_for("gpt-4o")
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is in this image?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}},
+        {"type": "image_url", "image_url": {"url": "https://example.invalid/x.png"}},
+    ]}]}
+    text = len(encoding.encode("What is in this image?"))
+    expected = 3 + 3 + len(encoding.encode("user")) + text + tokens.IMAGE_LOW + tokens.IMAGE_HIGH_DEFAULT
+    assert tokens.count_chat_prompt(body, encoding) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("hello world", 2),
+        (["hello world", "hello"], 3),
+        ([24912, 2375, 1], 3),
+        ([[24912, 2375], [1]], 3),
+        (None, 0),
+    ],
+)
+def test_completions_prompt_and_embeddings_input(value: object, expected: int) -> None:
+    encoding = tokens.get_encoding("o200k_base")
+    assert tokens.count_completion_prompt({"prompt": value}, encoding) == expected
+    assert tokens.count_embedding_input({"input": value}, encoding) == expected
+
+
+def test_special_token_text_is_counted_not_rejected() -> None:
+    encoding = tokens.get_encoding("o200k_base")
+    assert tokens.count_text("<|endoftext|>", encoding) > 1
