@@ -21,7 +21,7 @@ from shared.gateway import Gateway, Services
 from shared.http import error_response, read_body, to_gateway_request, to_response
 from shared.ratelimit import TokenLimiter
 from shared.routing import Router
-from shared.storage import TableConsumerStore, TableLedgerStore, Tables, TableUsageStore
+from shared.storage import TableBreakerStore, TableConsumerStore, TableLedgerStore, Tables, TableUsageStore
 from shared.telemetry import NullTelemetry
 from shared.upstream import Upstream
 
@@ -46,7 +46,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> tuple[Serv
         settings=settings,
         clock=clock,
         consumers=ConsumerDirectory(TableConsumerStore(tables), clock, settings.consumer_refresh_s),
-        router=Router(settings.backends),
+        router=Router(settings.backends, clock, telemetry, TableBreakerStore(tables), settings.breaker_sync_s),
         upstream=Upstream(settings.backends),
         auth=BackendAuth(settings.backends, clock, default_credential_factory(settings.managed_identity_client_id)),
         limiter=limiter,
@@ -87,7 +87,7 @@ class Edge:
         services = self._services
         if services is None:
             return
-        for closer in (services.limiter, services.usage, services.upstream):
+        for closer in (services.limiter, services.usage, services.router, services.upstream):
             close = getattr(closer, "close", None)
             if close is not None:
                 try:

@@ -85,6 +85,10 @@ class _Retryable(Exception):
         self.reason = reason
 
 
+class _NoCandidate(Exception):
+    """Every remaining candidate's breaker is open (or its probe is taken)."""
+
+
 class Gateway:
     def __init__(self, services: Services) -> None:
         self.s = services
@@ -168,39 +172,45 @@ class Gateway:
     # ---- routing and failover ----------------------------------------------------------------------------------
 
     async def _dispatch(self, call: Call, need_tokens: int) -> tuple[Backend, UpstreamResponse, int]:
-        """Send to the first candidate that answers; fail over on 429, 5xx, timeouts and connection errors."""
+        """Send to the best candidate that answers: on 429, 5xx, a timeout or a connection error, before anything has
+        reached the client, try the next one at once with the same body. All failover happens in this one loop; the
+        breakers, not the loop, remember which backends are unhealthy."""
         router = self.s.router
-        candidates = router.candidates(call.shape.deployment, need_tokens, call.consumer.priority)
+        deployment = call.shape.deployment
+        candidates = router.candidates(deployment, need_tokens, call.consumer.priority)
         if not candidates:
-            raise router.exhausted(call.shape.deployment, [])
-        max_attempts = self.s.settings.max_attempts or len(candidates)
+            raise router.exhausted(deployment, [])
+        remaining = iter(candidates)
         headers = request_headers(call.request.headers)
         failures: list[str] = []
         previous: Backend | None = None
         try:
             async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(min(max_attempts, len(candidates))),
+                stop=stop_after_attempt(self.s.settings.max_attempts or len(candidates)),
                 retry=retry_if_exception_type(_Retryable),
                 wait=wait_none(),
                 reraise=True,
             ):
                 with attempt:
-                    backend = candidates[attempt.retry_state.attempt_number - 1]
+                    backend = next((b for b in remaining if router.acquire(b)), None)
+                    if backend is None:
+                        raise _NoCandidate()
                     if previous is not None:
                         self.s.telemetry.failover(previous.id, backend.id, failures[-1])
                     previous = backend
                     response = await self._attempt(call, backend, headers, failures)
                     return backend, response, attempt.retry_state.attempt_number
-        except _Retryable:
-            raise router.exhausted(call.shape.deployment, failures) from None
+        except (_Retryable, _NoCandidate):
+            raise router.exhausted(deployment, failures) from None
         raise AssertionError("unreachable")
 
     async def _attempt(
         self, call: Call, backend: Backend, headers: dict[str, str], failures: list[str]
     ) -> UpstreamResponse:
         router = self.s.router
-        url = backend_url(backend, call.route, call.shape.deployment, call.api_version)
-        body = backend_body(call.request.body, call.body, backend, call.shape.deployment, call.shape)
+        deployment = call.shape.deployment
+        url = backend_url(backend, call.route, deployment, call.api_version)
+        body = backend_body(call.request.body, call.body, backend, deployment, call.shape)
         send_headers = {**headers, **(await self.s.auth.headers(backend))}
         try:
             response = await self.s.upstream.send(backend, url, send_headers, body)
@@ -209,11 +219,11 @@ class Gateway:
             failures.append(exc.kind)
             raise _Retryable(backend, exc.kind) from None
         if router.is_failure(backend, response.status):
-            router.record_failure(backend, response.status, response.headers)
+            router.record_failure(backend, deployment, response.status, response.headers)
             failures.append(str(response.status))
             response.release()
             raise _Retryable(backend, str(response.status))
-        router.record_success(backend, response.headers)
+        router.record_success(backend, deployment, response.headers)
         return response
 
     # ---- responses ---------------------------------------------------------------------------------------------

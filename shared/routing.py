@@ -1,47 +1,296 @@
-"""Candidate order for a deployment (placeholder: priority order; weights and breakers come with routing)."""
+"""Which backends may serve a request, in which order, and what every instance knows about their health.
+
+Priority groups first (lowest number first); inside a group, smooth weighted round robin (an exact split over any run
+of requests); backends whose breaker is open are left out; a backend whose last reported remaining capacity is below
+what this request needs, or (for consumers below high priority) below the reserve it keeps for high-priority ones, is
+moved behind the others rather than tried first. Breaker trips are shared through a store: every instance writes its
+transitions and reads everyone's every `sync_s` seconds, so a trip seen by one is honoured by all within a second.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import math
+import time
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+from shared.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Transition
+from shared.clock import Clock
 from shared.config import Backend
 from shared.errors import GatewayError
+from shared.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+# How long a backend's reported remaining capacity is trusted for skipping it.
+CAPACITY_FRESH_S = 2.0
+
+
+@dataclass(frozen=True)
+class BreakerRecord:
+    backend_id: str
+    state: str
+    until: float
+    since: float
+    reason: str
+
+
+class BreakerStore(Protocol):
+    async def load(self) -> list[BreakerRecord]: ...
+
+    async def save(self, record: BreakerRecord) -> None: ...
+
+
+class MemoryBreakerStore:
+    def __init__(self) -> None:
+        self.records: dict[str, BreakerRecord] = {}
+        self.saves = 0
+        self.loads = 0
+
+    async def load(self) -> list[BreakerRecord]:
+        self.loads += 1
+        return list(self.records.values())
+
+    async def save(self, record: BreakerRecord) -> None:
+        self.saves += 1
+        self.records[record.backend_id] = record
+
+
+class _Group:
+    """One priority level of one deployment, spread by smooth weighted round robin."""
+
+    def __init__(self, backends: list[Backend]) -> None:
+        self.backends = backends
+        self.current = {b.id: 0 for b in backends}
+
+    def order(self, usable: list[Backend]) -> list[Backend]:
+        weighted = [b for b in usable if b.weight > 0]
+        if not weighted:
+            return usable
+        total = sum(b.weight for b in weighted)
+        for b in weighted:
+            self.current[b.id] += b.weight
+        first = max(weighted, key=lambda b: self.current[b.id])
+        self.current[first.id] -= total
+        rest = sorted((b for b in usable if b is not first), key=lambda b: (-self.current[b.id], b.id))
+        return [first, *rest]
 
 
 class Router:
-    def __init__(self, backends: tuple[Backend, ...]) -> None:
+    def __init__(
+        self,
+        backends: tuple[Backend, ...],
+        clock: Clock,
+        telemetry: Telemetry,
+        store: BreakerStore | None = None,
+        sync_s: float = 0.5,
+    ) -> None:
         self._backends = backends
-        self._by_deployment: dict[str, list[Backend]] = {}
-        for backend in backends:
-            for deployment in backend.deployments:
-                self._by_deployment.setdefault(deployment, []).append(backend)
-        for group in self._by_deployment.values():
-            group.sort(key=lambda b: (b.priority, -b.weight))
+        self._clock = clock
+        self._telemetry = telemetry
+        self._store = store
+        self._sync_s = sync_s
+        self._breakers = {b.id: Breaker(b.breaker) for b in backends}
+        self._groups: dict[str, list[_Group]] = {}
+        for deployment in sorted({d for b in backends for d in b.deployments}):
+            serving = [b for b in backends if b.serves(deployment)]
+            levels = sorted({b.priority for b in serving})
+            self._groups[deployment] = [_Group([b for b in serving if b.priority == p]) for p in levels]
+        self._remaining: dict[tuple[str, str], tuple[int, float]] = {}
+        self._sync_task: asyncio.Task[None] | None = None
+        self._pending_writes: set[asyncio.Task[None]] = set()
+        self.sync_failures = 0
+
+    # ---- order -----------------------------------------------------------------------------------------------------
 
     def candidates(self, deployment: str, need_tokens: int, priority: str) -> list[Backend]:
-        return list(self._by_deployment.get(deployment, ()))
+        """The backends to try for one request, best first; empty when every breaker is open."""
+        self._start_sync()
+        now = self._clock.now()
+        mono = self._clock.monotonic()
+        first: list[Backend] = []
+        later: list[Backend] = []
+        for group in self._groups.get(deployment, ()):
+            usable = [b for b in group.backends if self._breakers[b.id].usable(now)]
+            for backend in group.order(usable):
+                remaining = self._fresh_remaining(backend, deployment, mono)
+                short = remaining is not None and need_tokens > 0 and remaining < need_tokens
+                reserved = (
+                    remaining is not None
+                    and backend.reserve_tokens > 0
+                    and priority != "high"
+                    and remaining < backend.reserve_tokens + need_tokens
+                )
+                (later if short or reserved else first).append(backend)
+        return first + later
+
+    def _fresh_remaining(self, backend: Backend, deployment: str, mono: float) -> int | None:
+        seen = self._remaining.get((backend.id, deployment))
+        if seen is None or mono - seen[1] > CAPACITY_FRESH_S:
+            return None
+        return seen[0]
+
+    def acquire(self, backend: Backend) -> bool:
+        """Claim the right to send to `backend` now (a half-open breaker lets one probe through)."""
+        allowed, transition = self._breakers[backend.id].acquire(self._clock.now())
+        if transition is not None:
+            self._transitioned(backend, transition)
+        return allowed
+
+    # ---- outcomes --------------------------------------------------------------------------------------------------
 
     def is_failure(self, backend: Backend, status: int) -> bool:
-        return status in backend.breaker.statuses
+        return self._breakers[backend.id].is_failure(status)
+
+    def record_success(self, backend: Backend, deployment: str, headers: Mapping[str, str]) -> None:
+        remaining = headers.get("x-ratelimit-remaining-tokens")
+        if remaining is not None and remaining.isdigit():
+            self._remaining[(backend.id, deployment)] = (int(remaining), self._clock.monotonic())
+        transition = self._breakers[backend.id].on_success(self._clock.now())
+        if transition is not None:
+            self._transitioned(backend, transition)
+
+    def record_failure(self, backend: Backend, deployment: str, status: int, headers: Mapping[str, str]) -> None:
+        now = self._clock.now()
+        breaker = self._breakers[backend.id]
+        if status == 429:
+            self._remaining[(backend.id, deployment)] = (0, self._clock.monotonic())
+        transition = breaker.on_failure(now, str(status), breaker.trip_length(status, headers, now))
+        if transition is not None:
+            self._transitioned(backend, transition)
 
     def record_error(self, backend: Backend, kind: str) -> None:
-        pass
+        now = self._clock.now()
+        breaker = self._breakers[backend.id]
+        transition = breaker.on_failure(now, kind, min(breaker.rule.trip_s, breaker.rule.max_trip_s))
+        if transition is not None:
+            self._transitioned(backend, transition)
 
-    def record_failure(self, backend: Backend, status: int, headers: Mapping[str, str]) -> None:
-        pass
+    def _transitioned(self, backend: Backend, transition: Transition, shared: bool = True) -> None:
+        self._telemetry.breaker_transition(backend.id, backend.region, transition.state)
+        if transition.state == OPEN:
+            log.warning("backend %s taken out until %s (%s)", backend.id, _iso(transition.until), transition.reason)
+        elif transition.state == CLOSED:
+            log.info("backend %s is back", backend.id)
+        if shared and self._store is not None and transition.state in (OPEN, CLOSED):
+            record = BreakerRecord(backend.id, transition.state, transition.until, self._clock.now(), transition.reason)
+            try:
+                task = asyncio.get_running_loop().create_task(self._save(record))
+            except RuntimeError:
+                return
+            self._pending_writes.add(task)
+            task.add_done_callback(self._pending_writes.discard)
 
-    def record_success(self, backend: Backend, headers: Mapping[str, str]) -> None:
-        pass
+    async def _save(self, record: BreakerRecord) -> None:
+        assert self._store is not None
+        try:
+            await self._store.save(record)
+        except Exception as exc:
+            log.warning("could not share the breaker state of %s (%s)", record.backend_id, type(exc).__name__)
+
+    # ---- shared state ----------------------------------------------------------------------------------------------
+
+    def _start_sync(self) -> None:
+        if self._store is None or (self._sync_task is not None and not self._sync_task.done()):
+            return
+        try:
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync_forever())
+        except RuntimeError:
+            pass
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await self.sync()
+            await asyncio.sleep(self._sync_s)
+
+    async def sync(self) -> None:
+        """Adopt the trips (and recoveries) other instances recorded."""
+        if self._store is None:
+            return
+        try:
+            records = await self._store.load()
+        except Exception as exc:
+            self.sync_failures += 1
+            log.warning("could not read shared breaker state (%s)", type(exc).__name__)
+            return
+        now = self._clock.now()
+        by_id = {b.id: b for b in self._backends}
+        for record in records:
+            backend = by_id.get(record.backend_id)
+            if backend is None:
+                continue
+            transition = self._breakers[backend.id].adopt(record.state, record.until, record.since, record.reason, now)
+            if transition is not None:
+                self._transitioned(backend, transition, shared=False)
+
+    async def close(self) -> None:
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+        if self._pending_writes:
+            await asyncio.gather(*self._pending_writes, return_exceptions=True)
+
+    # ---- when nothing answered ------------------------------------------------------------------------------------
 
     def exhausted(self, deployment: str, failures: list[str]) -> GatewayError:
+        """The answer when no candidate served the request: 429 if they are all throttled, else 503 (or 502/504 when
+        every attempt failed by connection error / timeout), with Retry-After = until the soonest recovery."""
+        now = self._clock.now()
+        serving = [b for b in self._backends if b.serves(deployment)]
+        open_breakers = [self._breakers[b.id] for b in serving if self._breakers[b.id].state == OPEN]
+        soonest = min((br.open_until for br in open_breakers), default=now + 1.0)
+        wait_ms = max(1, math.ceil(round((soonest - now) * 1000, 3)))  # round first: float noise must not add a ms
+        headers = {"retry-after": str(max(1, math.ceil(wait_ms / 1000))), "retry-after-ms": str(wait_ms)}
+        throttled = bool(failures) and all(f == "429" for f in failures)
+        if not failures:
+            throttled = bool(open_breakers) and all(br.reason == "429" for br in open_breakers)
+        if throttled:
+            return GatewayError(
+                429,
+                "Every backend for this deployment is at capacity; retry after the time given.",
+                type="rate_limit_error",
+                code="backends_busy",
+                headers=headers,
+            )
         if failures and all(f == "timeout" for f in failures):
             return GatewayError(504, "The backend did not answer in time.", type="server_error", code="backend_timeout")
         if failures and all(f == "connection" for f in failures):
             return GatewayError(502, "The backend could not be reached.", type="server_error", code="backend_unreachable")
-        if failures and all(f == "429" for f in failures):
-            return GatewayError(429, "Every backend is busy; retry later.", type="rate_limit_error", code="backends_busy", headers={"retry-after": "1"})
-        return GatewayError(503, "No backend could serve the request.", type="server_error", code="service_unavailable", headers={"retry-after": "1"})
+        return GatewayError(
+            503,
+            "No backend could serve the request; retry after the time given.",
+            type="server_error",
+            code="service_unavailable",
+            headers=headers,
+        )
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "backends": [{"id": b.id, "region": b.region, "state": "closed"} for b in self._backends]}
+        now = self._clock.now()
+        backends = []
+        for backend in self._backends:
+            breaker = self._breakers[backend.id]
+            state = breaker.state
+            if state == OPEN and now >= breaker.open_until:
+                state = HALF_OPEN  # the next request will probe it
+            entry: dict[str, Any] = {
+                "id": backend.id,
+                "region": backend.region,
+                "priority": backend.priority,
+                "weight": backend.weight,
+                "ptu": backend.ptu,
+                "deployments": sorted(backend.deployments),
+                "state": state,
+            }
+            if breaker.state == OPEN and breaker.open_until > now:
+                entry["reason"] = breaker.reason
+                entry["recovers_at"] = _iso(breaker.open_until)
+                entry["recovers_in_s"] = round(breaker.open_until - now, 3)
+            backends.append(entry)
+        healthy = any(b["state"] != OPEN for b in backends)
+        return {"status": "ok" if healthy else "degraded", "backends": backends}
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}Z"

@@ -297,3 +297,37 @@ class TableUsageStore:
             )
             for e in entities
         ]
+
+
+# ---- shared breaker state ------------------------------------------------------------------------------------------
+
+_BREAKER_PK = "breaker"
+
+
+class TableBreakerStore:
+    """One row per backend, written on breaker transitions only; every instance reads them all a few times a second."""
+
+    def __init__(self, tables: Tables) -> None:
+        self._tables = tables
+
+    async def load(self) -> list[Any]:
+        from shared.routing import BreakerRecord
+
+        entities = await self._tables.call(
+            "breakers", lambda t: collect(t.query_entities(f"PartitionKey eq '{_BREAKER_PK}'"))
+        )
+        return [
+            BreakerRecord(e["RowKey"], e["state"], float(e["until"]), float(e["since"]), e.get("reason", ""))
+            for e in entities
+        ]
+
+    async def save(self, record: Any) -> None:
+        entity = {
+            "PartitionKey": _BREAKER_PK,
+            "RowKey": record.backend_id,
+            "state": record.state,
+            "until": float(record.until),
+            "since": float(record.since),
+            "reason": record.reason,
+        }
+        await self._tables.call("breakers", lambda t: t.upsert_entity(entity, mode=UpdateMode.REPLACE))

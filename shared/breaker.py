@@ -1,0 +1,184 @@
+"""The circuit breaker of one backend: a pure state machine driven by an injected clock, plus Retry-After parsing."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+from shared.config import BreakerRule
+
+CLOSED = "closed"
+OPEN = "open"
+HALF_OPEN = "half-open"
+
+# A probe that has not reported back after this long is presumed lost (its request was cancelled), so another may go.
+PROBE_TIMEOUT_S = 30.0
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def _duration_s(text: str) -> float | None:
+    """'5', '2.5', '1m30s', '20ms', '6m0s' -> seconds."""
+    text = text.strip().lower()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    total = 0.0
+    position = 0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != position:
+            return None
+        value, unit = float(match.group(1)), match.group(2)
+        total += value * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+        position = match.end()
+    return total if position == len(text) and position > 0 else None
+
+
+def retry_after_s(headers: Mapping[str, str], now_s: float) -> float | None:
+    """How long the backend asked us to wait: retry-after-ms, Retry-After (seconds or HTTP date), then the
+    x-ratelimit-reset-requests / -tokens durations. None when it did not say."""
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            ms = float(value)
+            if ms >= 0 and math.isfinite(ms):
+                return ms / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is not None:
+        seconds = _duration_s(value)
+        if seconds is not None and math.isfinite(seconds) and seconds >= 0:
+            return seconds
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - now_s)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            pass
+    for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
+        value = headers.get(name)
+        if value is not None:
+            seconds = _duration_s(value)
+            if seconds is not None and math.isfinite(seconds) and seconds >= 0:
+                return seconds
+    return None
+
+
+@dataclass(frozen=True)
+class Transition:
+    state: str
+    until: float  # wall clock; for OPEN, when the trip ends
+    reason: str
+
+
+class Breaker:
+    """closed -> (failures within the interval reach the count) -> open for the trip duration (or the backend's own
+    Retry-After, capped) -> half-open: one probe -> success: closed; failure: open again."""
+
+    def __init__(self, rule: BreakerRule) -> None:
+        self.rule = rule
+        self.state = CLOSED
+        self.open_until = 0.0
+        self.reason = ""
+        self.changed_at = 0.0
+        self._failures: deque[float] = deque()
+        self._probe_since: float | None = None
+
+    def is_failure(self, status: int) -> bool:
+        return status in self.rule.statuses
+
+    def trip_length(self, status: int | None, headers: Mapping[str, str], now: float) -> float:
+        asked = retry_after_s(headers, now) if self.rule.accept_retry_after else None
+        length = asked if asked is not None and asked > 0 else self.rule.trip_s
+        return min(length, self.rule.max_trip_s)
+
+    def usable(self, now: float) -> bool:
+        """Whether a request may be sent now (without claiming the half-open probe)."""
+        if self.state == CLOSED:
+            return True
+        if self.state == OPEN:
+            return now >= self.open_until
+        return self._probe_since is None or now - self._probe_since > PROBE_TIMEOUT_S
+
+    def begin(self, now: float) -> Transition | None:
+        """Claim the right to send one request. Returns a transition to half-open when the trip just ended.
+        Raises nothing; callers check `usable` first and treat a False from `acquire` as 'skip this backend'."""
+        if self.state == OPEN and now >= self.open_until:
+            self.state = HALF_OPEN
+            self._probe_since = now
+            self.changed_at = now
+            return Transition(HALF_OPEN, now, self.reason)
+        if self.state == HALF_OPEN:
+            self._probe_since = now
+        return None
+
+    def acquire(self, now: float) -> tuple[bool, Transition | None]:
+        if not self.usable(now):
+            return False, None
+        return True, self.begin(now)
+
+    def on_success(self, now: float) -> Transition | None:
+        self._failures.clear()
+        if self.state != CLOSED:
+            self.state = CLOSED
+            self.open_until = 0.0
+            self._probe_since = None
+            self.changed_at = now
+            return Transition(CLOSED, now, "")
+        return None
+
+    def on_failure(self, now: float, reason: str, trip_s: float) -> Transition | None:
+        """Record a failure; trips (or re-trips a failed probe) when the rule says so."""
+        if self.state == HALF_OPEN:
+            return self._trip(now, reason, trip_s)
+        if self.state == OPEN:
+            # A request sent before the trip came back failing: extend if the backend asked for longer.
+            if now + trip_s > self.open_until:
+                self.open_until = now + trip_s
+            return None
+        self._failures.append(now)
+        horizon = now - self.rule.interval_s
+        while self._failures and self._failures[0] < horizon:
+            self._failures.popleft()
+        if len(self._failures) >= self.rule.failures:
+            return self._trip(now, reason, trip_s)
+        return None
+
+    def _trip(self, now: float, reason: str, trip_s: float) -> Transition:
+        self.state = OPEN
+        self.open_until = now + trip_s
+        self.reason = reason
+        self.changed_at = now
+        self._failures.clear()
+        self._probe_since = None
+        return Transition(OPEN, self.open_until, reason)
+
+    def adopt(self, state: str, until: float, since: float, reason: str, now: float) -> Transition | None:
+        """Take in a transition another instance recorded at `since` (shared state), if it is newer than ours."""
+        if since <= self.changed_at:
+            return None
+        if state == OPEN and until > now and self.state != OPEN:
+            self.state = OPEN
+            self.open_until = until
+            self.reason = reason
+            self.changed_at = since
+            self._failures.clear()
+            self._probe_since = None
+            return Transition(OPEN, until, reason)
+        if state == OPEN and until > self.open_until:
+            self.open_until = until
+            self.changed_at = since
+            return None
+        if state == CLOSED and self.state == OPEN:
+            # Another instance's probe succeeded: the backend is back, no need to wait out our copy of the trip.
+            self.state = CLOSED
+            self.open_until = 0.0
+            self.changed_at = since
+            return Transition(CLOSED, now, "")
+        return None
