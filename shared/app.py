@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from starlette.requests import Request
 from starlette.responses import Response
 
+from shared import otel
 from shared.accounting import UsageRecorder
 from shared.clock import Clock, SystemClock
 from shared.config import Settings, load_settings
@@ -22,7 +23,6 @@ from shared.http import error_response, read_body, to_gateway_request, to_respon
 from shared.ratelimit import TokenLimiter
 from shared.routing import Router
 from shared.storage import TableBreakerStore, TableConsumerStore, TableLedgerStore, Tables, TableUsageStore
-from shared.telemetry import NullTelemetry
 from shared.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 def build_services(settings: Settings, clock: Clock | None = None) -> tuple[Services, Tables]:
     clock = clock or SystemClock()
     tables = Tables.from_settings(settings)
-    telemetry = NullTelemetry()
+    telemetry = otel.configure(settings)
     instance = f"{settings.gateway_id}-{uuid.uuid4().hex[:8]}"
     limiter = TokenLimiter(
         TableLedgerStore(tables),
@@ -96,6 +96,7 @@ class Edge:
                     log.exception("error while closing %s", type(closer).__name__)
         if self._tables is not None:
             await self._tables.close()
+        otel.flush()
 
     async def handle(self, request: Request) -> Response:
         gateway = await self.gateway()

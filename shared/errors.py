@@ -27,6 +27,7 @@ class GatewayError(Exception):
         self.code = code
         self.param = param
         self.headers = dict(headers or {})
+        self.deployment: str | None = None  # set by the request flow once the deployment is known, for metrics
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, self.param)

@@ -25,7 +25,7 @@ from shared.errors import GatewayError, error_body, forbidden, not_found
 from shared.limits import Limiter, Ticket
 from shared.messages import GatewayRequest, GatewayResponse
 from shared.routing import Router
-from shared.telemetry import RequestRecord, Telemetry
+from shared.telemetry import NULL_TRACE, RequestRecord, Telemetry, Trace
 from shared.translate import (
     FORWARDED_RESPONSE_HEADERS,
     CallShape,
@@ -74,6 +74,7 @@ class Call:
     started: float
     user_id: str
     ticket: Ticket
+    trace: Trace
     prompt_estimate: int | None = None
 
 
@@ -98,29 +99,46 @@ class Gateway:
         started = self.s.clock.monotonic()
         route: Route | None = None
         consumer: Consumer | None = None
+        trace: Trace = NULL_TRACE
         try:
             route = match_route(request.method, request.raw_path)
             if route.operation is Operation.HEALTH:
                 return self._health()
+            trace = self.s.telemetry.begin(f"{request.method} {route.template}")
             consumer = await self.s.consumers.authenticate(key_from_headers(request.headers, request.repeated))
             if route.operation is Operation.MODELS:
                 return self._models(consumer)
-            return await self._proxy(request, route, consumer, started)
+            return await self._proxy(request, route, consumer, started, trace)
         except GatewayError as error:
             if route is not None and consumer is not None and error.status in (429, 403) and error.code in (
-                "rate_limit_exceeded", "quota_exceeded", "tokens_exceed_limit"
+                "rate_limit_exceeded", "quota_exceeded", "tokens_exceed_limit", "backends_busy"
             ):
-                reason = "quota" if error.code == "quota_exceeded" else "rate"
-                self.s.telemetry.throttled(consumer.id, route.deployment or "", reason)
-            return self._error_response(error, request, route, consumer, started)
+                reason = {"quota_exceeded": "quota", "backends_busy": "backends"}.get(error.code or "", "rate")
+                self.s.telemetry.throttled(consumer.id, error.deployment or route.deployment or "", reason)
+            return self._error_response(error, request, route, consumer, started, trace)
 
     # ---- admission ---------------------------------------------------------------------------------------------
 
-    async def _proxy(self, request: GatewayRequest, route: Route, consumer: Consumer, started: float) -> GatewayResponse:
+    async def _proxy(
+        self, request: GatewayRequest, route: Route, consumer: Consumer, started: float, trace: Trace
+    ) -> GatewayResponse:
         api_version = check_api_version(request.query)
+        content_type = request.headers.get("content-type", "application/json").split(";", 1)[0].strip().lower()
+        if content_type != "application/json":
+            raise GatewayError(415, "Send the request body as application/json.", code="unsupported_media_type")
         body = parse_body(request.body)
         shape = check_body(route, body)
         route = Route(route.api, route.operation, shape.deployment)
+        try:
+            return await self._admitted(request, route, consumer, started, trace, api_version, body, shape)
+        except GatewayError as error:
+            error.deployment = shape.deployment
+            raise
+
+    async def _admitted(
+        self, request: GatewayRequest, route: Route, consumer: Consumer, started: float, trace: Trace,
+        api_version: str | None, body: dict[str, Any], shape: CallShape,
+    ) -> GatewayResponse:
         if shape.deployment not in self._deployments:
             raise not_found(f"The deployment '{shape.deployment}' does not exist.", code="DeploymentNotFound")
         if not consumer.may_use(shape.deployment):
@@ -143,8 +161,9 @@ class Gateway:
             body=body,
             api_version=api_version,
             started=started,
-            user_id=request.headers.get(self.s.settings.user_id_header, ""),
+            user_id=request.headers.get(self.s.settings.user_id_header, "")[:128],
             ticket=ticket,
+            trace=trace,
             prompt_estimate=prompt_estimate,
         )
         try:
@@ -198,26 +217,30 @@ class Gateway:
                     if previous is not None:
                         self.s.telemetry.failover(previous.id, backend.id, failures[-1])
                     previous = backend
-                    response = await self._attempt(call, backend, headers, failures)
-                    return backend, response, attempt.retry_state.attempt_number
+                    number = attempt.retry_state.attempt_number
+                    response = await self._attempt(call, backend, headers, failures, number)
+                    return backend, response, number
         except (_Retryable, _NoCandidate):
             raise router.exhausted(deployment, failures) from None
         raise AssertionError("unreachable")
 
     async def _attempt(
-        self, call: Call, backend: Backend, headers: dict[str, str], failures: list[str]
+        self, call: Call, backend: Backend, headers: dict[str, str], failures: list[str], number: int
     ) -> UpstreamResponse:
         router = self.s.router
         deployment = call.shape.deployment
         url = backend_url(backend, call.route, deployment, call.api_version)
         body = backend_body(call.request.body, call.body, backend, deployment, call.shape)
         send_headers = {**headers, **(await self.s.auth.headers(backend))}
+        span = call.trace.attempt(backend.id, backend.region, backend.host, number)
         try:
             response = await self.s.upstream.send(backend, url, send_headers, body)
         except UpstreamError as exc:
+            span.end(None, exc.kind)
             router.record_error(backend, exc.kind)
             failures.append(exc.kind)
             raise _Retryable(backend, exc.kind) from None
+        span.end(response.status)
         if router.is_failure(backend, response.status):
             router.record_failure(backend, deployment, response.status, response.headers)
             failures.append(str(response.status))
@@ -339,7 +362,8 @@ class Gateway:
                 usage=usage,
                 ttft_ms=ttft_ms,
                 attempts=attempts,
-            )
+            ),
+            call.trace,
         )
         return spent
 
@@ -350,6 +374,7 @@ class Gateway:
         route: Route | None,
         consumer: Consumer | None,
         started: float,
+        trace: Trace,
     ) -> GatewayResponse:
         if route is not None and route.operation is not Operation.HEALTH:
             self.s.telemetry.request_done(
@@ -359,10 +384,11 @@ class Gateway:
                     api=route.api,
                     operation=route.operation.operation_id,
                     user_id="",
-                    deployment=route.deployment or "",
+                    deployment=error.deployment or route.deployment or "",
                     status=error.status,
                     duration_ms=(self.s.clock.monotonic() - started) * 1000,
-                )
+                ),
+                trace,
             )
         headers = {"content-type": JSON, **error.headers}
         return GatewayResponse(error.status, headers, error.body())

@@ -10,7 +10,10 @@ from shared.consumers import Consumer
 class Ticket(Protocol):
     """An admitted request's reservation; settled exactly once with the tokens it really cost."""
 
-    headers: dict[str, str]
+    @property
+    def headers(self) -> dict[str, str]:
+        """The consumer's own rate-limit headers."""
+        ...
 
     def settle(self, actual_tokens: int) -> None: ...
 
@@ -24,10 +27,11 @@ class Limiter(Protocol):
 
 
 class UnlimitedTicket:
-    __slots__ = ("headers",)
+    __slots__ = ()
 
-    def __init__(self) -> None:
-        self.headers: dict[str, str] = {}
+    @property
+    def headers(self) -> dict[str, str]:
+        return {}
 
     def settle(self, actual_tokens: int) -> None:
         pass

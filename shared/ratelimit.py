@@ -207,21 +207,26 @@ class Budget:
 
 
 class LimitTicket:
-    __slots__ = ("_limiter", "_budget", "_lease", "_scopes", "_expiry", "_reserved", "_quota_key", "headers", "_settled")
+    __slots__ = ("_limiter", "_budget", "_lease", "_limits", "_scopes", "_expiry", "_reserved", "_quota_key", "_settled")
 
     def __init__(
-        self, limiter: TokenLimiter, budget: Budget, lease: LeaseState | None, scopes: tuple[str, ...],
-        expiry: int, reserved: int, quota_key: str | None, headers: dict[str, str],
+        self, limiter: TokenLimiter, budget: Budget, lease: LeaseState | None, limits: Scopes,
+        expiry: int, reserved: int, quota_key: str | None,
     ) -> None:
         self._limiter = limiter
         self._budget = budget
         self._lease = lease
-        self._scopes = scopes
+        self._limits = limits
+        self._scopes = limits.names
         self._expiry = expiry
         self._reserved = reserved
         self._quota_key = quota_key
-        self.headers = headers
         self._settled = False
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The consumer's own x-ratelimit-* values, as this instance sees them now."""
+        return self._limiter._headers(self._budget, self._limits)
 
     def settle(self, actual_tokens: int) -> None:
         if self._settled:
@@ -331,7 +336,7 @@ class TokenLimiter:
         budget.last_admit_mono = self._clock.monotonic()
         if self._needs_renewal(budget, lease, now):
             self._sync_in_background(budget)
-        return LimitTicket(self, budget, lease, scopes.names, expiry, reserve, lease.quota_key, self._headers(budget, scopes))
+        return LimitTicket(self, budget, lease, scopes, expiry, reserve, lease.quota_key)
 
     def _admit_degraded(self, budget: Budget, scopes: Scopes, reserve: int) -> LimitTicket:
         """The store is unreachable: fail closed (503), or admit against this instance's share of the limit."""
@@ -363,7 +368,7 @@ class TokenLimiter:
             budget.pending_quota_key = quota_period(scopes.quota.period, now)[0]
         budget.last_admit_mono = self._clock.monotonic()
         self.fallback_admissions += 1
-        return LimitTicket(self, budget, None, scopes.names, expiry, reserve, budget.pending_quota_key, {})
+        return LimitTicket(self, budget, None, scopes, expiry, reserve, budget.pending_quota_key)
 
     def _settle(self, ticket: LimitTicket, actual: int) -> None:
         delta = actual - ticket._reserved

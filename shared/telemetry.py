@@ -63,8 +63,22 @@ class RequestRecord:
     attempts: int = 0
 
 
+class Attempt(Protocol):
+    def end(self, status: int | None, error: str | None = None) -> None: ...
+
+
+class Trace(Protocol):
+    """One request's span, and one child span per backend attempt (App Insights: a request and its dependencies)."""
+
+    def attempt(self, backend_id: str, region: str, target: str, number: int) -> Attempt: ...
+
+    def end(self, record: RequestRecord) -> None: ...
+
+
 class Telemetry(Protocol):
-    def request_done(self, record: RequestRecord) -> None: ...
+    def begin(self, name: str) -> Trace: ...
+
+    def request_done(self, record: RequestRecord, trace: Trace | None = None) -> None: ...
 
     def throttled(self, consumer_id: str, deployment: str, reason: str) -> None: ...
 
@@ -75,8 +89,28 @@ class Telemetry(Protocol):
     def store_fallback(self, reason: str) -> None: ...
 
 
+class _NullAttempt:
+    def end(self, status: int | None, error: str | None = None) -> None:
+        pass
+
+
+class NullTrace:
+    def attempt(self, backend_id: str, region: str, target: str, number: int) -> Attempt:
+        return _NULL_ATTEMPT
+
+    def end(self, record: RequestRecord) -> None:
+        pass
+
+
+_NULL_ATTEMPT = _NullAttempt()
+NULL_TRACE = NullTrace()
+
+
 class NullTelemetry:
-    def request_done(self, record: RequestRecord) -> None:
+    def begin(self, name: str) -> Trace:
+        return NULL_TRACE
+
+    def request_done(self, record: RequestRecord, trace: Trace | None = None) -> None:
         pass
 
     def throttled(self, consumer_id: str, deployment: str, reason: str) -> None:

@@ -1,0 +1,213 @@
+"""Metrics and traces through OpenTelemetry, exported to Application Insights by azure-monitor-opentelemetry.
+
+Instruments are created once per worker. Token metrics carry the dimensions named in the settings (API Management's
+names by default, so existing App Insights queries keep working); the operational metrics have fixed small dimension
+sets. No prompt or completion text is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from shared import telemetry as names
+from shared.config import Settings
+from shared.telemetry import Attempt, NullTelemetry, RequestRecord, Telemetry, Trace
+
+log = logging.getLogger(__name__)
+
+_configured = False
+
+_DIMENSIONS: dict[str, Callable[[RequestRecord], str]] = {
+    names.SUBSCRIPTION_ID: lambda r: r.consumer_id,
+    names.CLIENT_IP: lambda r: r.client_ip,
+    names.API_ID: lambda r: r.api,
+    names.OPERATION_ID: lambda r: r.operation,
+    names.USER_ID: lambda r: r.user_id,
+    names.BACKEND_ID: lambda r: r.backend_id,
+    names.LOCATION: lambda r: r.region,
+    names.DEPLOYMENT: lambda r: r.deployment,
+    names.MODEL: lambda r: r.model,
+    names.STREAM: lambda r: "true" if r.stream else "false",
+}
+
+
+def configure(settings: Settings) -> Telemetry:
+    """Set up the Azure Monitor exporters once per worker, when a connection string is configured."""
+    global _configured
+    if not settings.appinsights_connection_string:
+        return NullTelemetry()
+    if not _configured:
+        from azure.monitor.opentelemetry import configure_azure_monitor
+
+        credential = None
+        if "Authorization=AAD" in (_env("APPLICATIONINSIGHTS_AUTHENTICATION_STRING") or ""):
+            from azure.identity import ManagedIdentityCredential
+
+            credential = ManagedIdentityCredential(client_id=settings.managed_identity_client_id)
+        configure_azure_monitor(
+            connection_string=settings.appinsights_connection_string,
+            credential=credential,
+            enable_live_metrics=False,
+            enable_performance_counters=False,
+            # Our own spans describe requests and backend attempts; library auto-instrumentation would add a
+            # dependency per Table call and per HTTP hop, and cost time on every request.
+            instrumentation_options={lib: {"enabled": False} for lib in (
+                "azure_sdk", "django", "fastapi", "flask", "httpx", "httpx2", "psycopg2", "requests", "urllib", "urllib3"
+            )},
+            logger_name="shared",
+        )
+        _configured = True
+    return OtelTelemetry(settings)
+
+
+def _env(name: str) -> str | None:
+    import os
+
+    return os.environ.get(name)
+
+
+class _Attempt:
+    __slots__ = ("_span",)
+
+    def __init__(self, span: Any) -> None:
+        self._span = span
+
+    def end(self, status: int | None, error: str | None = None) -> None:
+        span = self._span
+        if status is not None:
+            span.set_attribute("http.response.status_code", status)
+            if status >= 400:
+                span.set_status(Status(StatusCode.ERROR))
+        if error is not None:
+            span.set_attribute("error.type", error)
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end()
+
+
+class _Trace:
+    __slots__ = ("_tracer", "_span", "_context")
+
+    def __init__(self, tracer: Any, name: str) -> None:
+        self._tracer = tracer
+        self._span = tracer.start_span(name, kind=SpanKind.SERVER)
+        self._context = trace.set_span_in_context(self._span)
+
+    def attempt(self, backend_id: str, region: str, target: str, number: int) -> Attempt:
+        span = self._tracer.start_span(
+            f"POST {backend_id}",
+            context=self._context,
+            kind=SpanKind.CLIENT,
+            attributes={
+                "http.request.method": "POST",
+                "server.address": target,
+                names.BACKEND_ID: backend_id,
+                names.LOCATION: region,
+                "Attempt": number,
+            },
+        )
+        return _Attempt(span)
+
+    def end(self, record: RequestRecord) -> None:
+        span = self._span
+        span.set_attribute("http.response.status_code", record.status)
+        span.set_attribute(names.SUBSCRIPTION_ID, record.consumer_id)
+        span.set_attribute(names.DEPLOYMENT, record.deployment)
+        span.set_attribute(names.BACKEND_ID, record.backend_id)
+        span.set_attribute(names.OPERATION_ID, record.operation)
+        if record.status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+
+
+class OtelTelemetry:
+    def __init__(self, settings: Settings, meter: Any = None, tracer: Any = None) -> None:
+        meter = meter or metrics.get_meter("ai-gateway")
+        self._tracer = tracer or trace.get_tracer("ai-gateway")
+        self._dimensions = [(name, _DIMENSIONS[name]) for name in settings.metric_dimensions if name in _DIMENSIONS]
+        self._gateway_id = settings.gateway_id
+        if names.GATEWAY_ID in settings.metric_dimensions:
+            self._dimensions.append((names.GATEWAY_ID, lambda r: self._gateway_id))
+        tokens = "{token}"
+        self._prompt = meter.create_counter(names.PROMPT_TOKENS, unit=tokens)
+        self._completion = meter.create_counter(names.COMPLETION_TOKENS, unit=tokens)
+        self._total = meter.create_counter(names.TOTAL_TOKENS, unit=tokens)
+        self._cached = meter.create_counter(names.CACHED_TOKENS, unit=tokens)
+        self._reasoning = meter.create_counter(names.REASONING_TOKENS, unit=tokens)
+        self._requests = meter.create_counter(names.GATEWAY_REQUESTS, unit="{request}")
+        self._throttled = meter.create_counter(names.THROTTLED_REQUESTS, unit="{request}")
+        self._failovers = meter.create_counter(names.FAILOVERS, unit="{request}")
+        self._transitions = meter.create_counter(names.BREAKER_TRANSITIONS, unit="{transition}")
+        self._fallbacks = meter.create_counter(names.STORE_FALLBACKS, unit="{event}")
+        self._duration = meter.create_histogram(names.REQUEST_DURATION, unit="ms")
+        self._ttft = meter.create_histogram(names.TIME_TO_FIRST_TOKEN, unit="ms")
+
+    def begin(self, name: str) -> Trace:
+        return _Trace(self._tracer, name)
+
+    def request_done(self, record: RequestRecord, trace: Trace | None = None) -> None:
+        usage = record.usage
+        if usage is not None:
+            attributes = {name: value(record) for name, value in self._dimensions}
+            self._prompt.add(usage.prompt, attributes)
+            self._completion.add(usage.completion, attributes)
+            self._total.add(usage.total, attributes)
+            if usage.cached:
+                self._cached.add(usage.cached, attributes)
+            if usage.reasoning:
+                self._reasoning.add(usage.reasoning, attributes)
+        status = str(record.status)
+        self._requests.add(
+            1,
+            {
+                names.SUBSCRIPTION_ID: record.consumer_id,
+                names.API_ID: record.api,
+                names.OPERATION_ID: record.operation,
+                names.BACKEND_ID: record.backend_id,
+                names.LOCATION: record.region,
+                names.DEPLOYMENT: record.deployment,
+                names.STATUS_CODE: status,
+                names.PTU: "true" if record.ptu else "false",
+            },
+        )
+        self._duration.record(
+            record.duration_ms,
+            {
+                names.OPERATION_ID: record.operation,
+                names.BACKEND_ID: record.backend_id,
+                names.STATUS_CODE: status,
+                names.STREAM: "true" if record.stream else "false",
+            },
+        )
+        if record.ttft_ms is not None:
+            self._ttft.record(record.ttft_ms, {names.BACKEND_ID: record.backend_id, names.DEPLOYMENT: record.deployment})
+        if trace is not None:
+            trace.end(record)
+
+    def throttled(self, consumer_id: str, deployment: str, reason: str) -> None:
+        self._throttled.add(1, {names.SUBSCRIPTION_ID: consumer_id, names.DEPLOYMENT: deployment, names.REASON: reason})
+
+    def failover(self, from_backend: str, to_backend: str, reason: str) -> None:
+        self._failovers.add(1, {names.FROM_BACKEND: from_backend, names.TO_BACKEND: to_backend, names.REASON: reason})
+
+    def breaker_transition(self, backend_id: str, region: str, state: str) -> None:
+        self._transitions.add(1, {names.BACKEND_ID: backend_id, names.LOCATION: region, names.STATE: state})
+
+    def store_fallback(self, reason: str) -> None:
+        self._fallbacks.add(1, {names.REASON: reason})
+
+
+def flush(timeout_ms: int = 10_000) -> None:
+    """Export everything recorded so far (tests and shutdown)."""
+    provider = metrics.get_meter_provider()
+    force = getattr(provider, "force_flush", None)
+    if force is not None:
+        force(timeout_ms)
+    tracer_provider = trace.get_tracer_provider()
+    force = getattr(tracer_provider, "force_flush", None)
+    if force is not None:
+        force(timeout_ms)
