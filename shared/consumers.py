@@ -192,8 +192,12 @@ class ConsumerDirectory:
             try:
                 consumer = await self._store.find_by_key_hash(digest)
             except Exception as exc:
+                # Not a verdict on the key: it is not remembered as unknown, and the client may retry.
                 log.warning("consumer lookup failed (%s)", type(exc).__name__)
-                consumer = None
+                raise GatewayError(
+                    503, "The gateway cannot check keys right now; try again shortly.", type="server_error",
+                    code="auth_store_unavailable", headers={"retry-after": "1"},
+                ) from None
             if consumer is None:
                 if len(self._unknown) > 100_000:
                     self._unknown.clear()

@@ -38,6 +38,7 @@ from shared.ledger import (
     quota_period,
     report,
 )
+from shared.limits import UnlimitedTicket
 from shared.storage import Conflict, StoreUnavailable
 from shared.telemetry import Telemetry
 
@@ -235,6 +236,9 @@ class LimitTicket:
         self._limiter._settle(self, actual_tokens)
 
 
+UNLIMITED = UnlimitedTicket()
+
+
 class TokenLimiter:
     """The Limiter the request flow uses; see the module docstring."""
 
@@ -278,9 +282,11 @@ class TokenLimiter:
             or limits.deployment_tokens_per_minute.get(deployment, 0) > 0
         )
 
-    async def admit(self, consumer: Consumer, deployment: str, reserve: int) -> LimitTicket:
+    async def admit(self, consumer: Consumer, deployment: str, reserve: int) -> LimitTicket | UnlimitedTicket:
         """Reserve `reserve` tokens for the consumer, or raise: 429 over its rate, 403 over its quota."""
         scopes = scopes_for(consumer, deployment)
+        if not scopes.limits:
+            return UNLIMITED
         for limit in scopes.limits.values():
             if 0 < limit < reserve:
                 raise GatewayError(

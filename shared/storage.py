@@ -178,7 +178,8 @@ class TableConsumerStore:
         return consumer_from_entity(dict(entity))
 
     async def find_by_key_hash(self, key_hash: str) -> Consumer | None:
-        query = "PartitionKey eq @pk and (key_hash eq @h or previous_key_hash eq @h)"
+        # The SDK substitutes @names split on spaces, so parentheses need spaces around them.
+        query = "PartitionKey eq @pk and ( key_hash eq @h or previous_key_hash eq @h )"
         entities = await self._tables.call(
             "consumers",
             lambda t: collect(t.query_entities(query, parameters={"pk": _CONSUMER_PK, "h": key_hash})),

@@ -133,6 +133,7 @@ class Region:
     chat_tpm: int = 300_000
     embeddings_tpm: int = 1_000_000
     reserve_tokens: int = 0
+    timeout_s: float | None = None
     breaker: Mapping[str, Any] = field(default_factory=dict)
 
     def backend(self) -> dict[str, Any]:
@@ -149,6 +150,8 @@ class Region:
         }
         if self.reserve_tokens:
             backend["reserve_tokens"] = self.reserve_tokens
+        if self.timeout_s is not None:
+            backend["timeout_s"] = self.timeout_s
         if self.breaker:
             backend["breaker"] = dict(self.breaker)
         return backend

@@ -165,7 +165,7 @@ class Region:
             deployment = body.get("model") if isinstance(body.get("model"), str) else ""
         self.recent.append({
             "method": request.method, "path": path, "query": dict(request.query),
-            "headers": dict(request.headers), "body": body,
+            "headers": {str(k): v for k, v in request.headers.items()}, "body": body,
         })
         config = self.config.deployments.get(deployment or "")
         if config is None:
