@@ -179,6 +179,7 @@ class Budget:
     closing_since: float = 0.0
     pending_since: float = 0.0
     saturated_until: float = 0.0  # wall clock: the window was full at the last claim; next claim not before this
+    saturated_scope: str = CONSUMER_SCOPE
     rate: float = 0.0  # tokens per second admitted here, smoothed
     typical: float = 0.0  # a typical reservation, smoothed: leases smaller than one request are useless
     last_admit_mono: float = 0.0
@@ -312,8 +313,16 @@ class TokenLimiter:
             blocked = budget.blocked_refusal(scopes, now)
             if blocked is not None:
                 raise self._refusal_error(scopes, blocked[1], blocked[0], now)
-            if budget.saturated_until > now:
-                raise self._refusal_error(scopes, Refusal(CONSUMER_SCOPE, None), budget.saturated_until, now)
+            if budget.saturated_until > now and budget.saturated_scope in scopes.limits:
+                # Claims are spaced out while the window is full, but the answer is the true time until this request
+                # fits, from the last copy of the ledger.
+                scope = budget.saturated_scope
+                until = budget.saturated_until
+                if budget.ledger is not None:
+                    wait_ms = budget.ledger.wait_ms(scope, reserve, scopes.limits[scope], int(now * 1000))
+                    if wait_ms is not None:
+                        until = max(until, now + wait_ms / 1000)
+                raise self._refusal_error(scopes, Refusal(scope, None), until, now)
             await self._sync(budget, reserve, scopes.names)
         now = self._clock.now()
         if budget.degraded_until > now:
@@ -620,8 +629,13 @@ class TokenLimiter:
                 budget.blocked[scope] = (until, refusal)
             for scope in result.tokens:
                 budget.blocked.pop(scope, None)
-            partial = bool(result.refused) or any(result.tokens.get(sc, 0) < w for sc, w in wants.items())
+            # Only a full *window* slows claims down; a quota running out must be asked again, to answer 403.
+            partial = [
+                sc for sc, w in wants.items()
+                if budget.limits.get(sc, 0) > 0 and (sc in result.refused or result.tokens.get(sc, 0) < w)
+            ]
             budget.saturated_until = now + SATURATED_CLAIM_INTERVAL_S if partial else 0.0
+            budget.saturated_scope = partial[0] if partial else CONSUMER_SCOPE
             if trimmed:
                 budget.current = None  # the new lease (if any) replaces it; it is released by the next write
             if result.tokens:
