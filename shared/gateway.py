@@ -211,7 +211,7 @@ class Gateway:
                 reraise=True,
             ):
                 with attempt:
-                    backend = next((b for b in remaining if router.acquire(b)), None)
+                    backend = next((b for b in remaining if router.acquire(b, deployment)), None)
                     if backend is None:
                         raise _NoCandidate()
                     if previous is not None:
@@ -237,7 +237,7 @@ class Gateway:
             response = await self.s.upstream.send(backend, url, send_headers, body)
         except UpstreamError as exc:
             span.end(None, exc.kind)
-            router.record_error(backend, exc.kind)
+            router.record_error(backend, deployment, exc.kind)
             failures.append(exc.kind)
             raise _Retryable(backend, exc.kind) from None
         span.end(response.status)

@@ -32,6 +32,7 @@ CAPACITY_FRESH_S = 2.0
 @dataclass(frozen=True)
 class BreakerRecord:
     backend_id: str
+    deployment: str
     state: str
     until: float
     since: float
@@ -56,7 +57,7 @@ class MemoryBreakerStore:
 
     async def save(self, record: BreakerRecord) -> None:
         self.saves += 1
-        self.records[record.backend_id] = record
+        self.records[f"{record.backend_id}|{record.deployment}"] = record
 
 
 class _Group:
@@ -93,7 +94,9 @@ class Router:
         self._telemetry = telemetry
         self._store = store
         self._sync_s = sync_s
-        self._breakers = {b.id: Breaker(b.breaker) for b in backends}
+        # One breaker per backend and deployment: Azure OpenAI's capacity (and its 429s) is per deployment, so a full
+        # gpt-4o deployment must not send the same account's embeddings elsewhere.
+        self._breakers = {(b.id, d): Breaker(b.breaker) for b in backends for d in b.deployments}
         self._groups: dict[str, list[_Group]] = {}
         for deployment in sorted({d for b in backends for d in b.deployments}):
             serving = [b for b in backends if b.serves(deployment)]
@@ -114,7 +117,7 @@ class Router:
         first: list[Backend] = []
         later: list[Backend] = []
         for group in self._groups.get(deployment, ()):
-            usable = [b for b in group.backends if self._breakers[b.id].usable(now)]
+            usable = [b for b in group.backends if self._breakers[(b.id, deployment)].usable(now)]
             for backend in group.order(usable):
                 remaining = self._fresh_remaining(backend, deployment, mono)
                 short = remaining is not None and need_tokens > 0 and remaining < need_tokens
@@ -133,50 +136,52 @@ class Router:
             return None
         return seen[0]
 
-    def acquire(self, backend: Backend) -> bool:
+    def acquire(self, backend: Backend, deployment: str) -> bool:
         """Claim the right to send to `backend` now (a half-open breaker lets one probe through)."""
-        allowed, transition = self._breakers[backend.id].acquire(self._clock.now())
+        allowed, transition = self._breakers[(backend.id, deployment)].acquire(self._clock.now())
         if transition is not None:
-            self._transitioned(backend, transition)
+            self._transitioned(backend, deployment, transition)
         return allowed
 
     # ---- outcomes --------------------------------------------------------------------------------------------------
 
     def is_failure(self, backend: Backend, status: int) -> bool:
-        return self._breakers[backend.id].is_failure(status)
+        return status in backend.breaker.statuses
 
     def record_success(self, backend: Backend, deployment: str, headers: Mapping[str, str]) -> None:
         remaining = headers.get("x-ratelimit-remaining-tokens")
         if remaining is not None and remaining.isdigit():
             self._remaining[(backend.id, deployment)] = (int(remaining), self._clock.monotonic())
-        transition = self._breakers[backend.id].on_success(self._clock.now())
+        transition = self._breakers[(backend.id, deployment)].on_success(self._clock.now())
         if transition is not None:
-            self._transitioned(backend, transition)
+            self._transitioned(backend, deployment, transition)
 
     def record_failure(self, backend: Backend, deployment: str, status: int, headers: Mapping[str, str]) -> None:
         now = self._clock.now()
-        breaker = self._breakers[backend.id]
+        breaker = self._breakers[(backend.id, deployment)]
         if status == 429:
             self._remaining[(backend.id, deployment)] = (0, self._clock.monotonic())
         transition = breaker.on_failure(now, str(status), breaker.trip_length(status, headers, now))
         if transition is not None:
-            self._transitioned(backend, transition)
+            self._transitioned(backend, deployment, transition)
 
-    def record_error(self, backend: Backend, kind: str) -> None:
+    def record_error(self, backend: Backend, deployment: str, kind: str) -> None:
         now = self._clock.now()
-        breaker = self._breakers[backend.id]
+        breaker = self._breakers[(backend.id, deployment)]
         transition = breaker.on_failure(now, kind, min(breaker.rule.trip_s, breaker.rule.max_trip_s))
         if transition is not None:
-            self._transitioned(backend, transition)
+            self._transitioned(backend, deployment, transition)
 
-    def _transitioned(self, backend: Backend, transition: Transition, shared: bool = True) -> None:
+    def _transitioned(self, backend: Backend, deployment: str, transition: Transition, shared: bool = True) -> None:
         self._telemetry.breaker_transition(backend.id, backend.region, transition.state)
         if transition.state == OPEN:
-            log.warning("backend %s taken out until %s (%s)", backend.id, _iso(transition.until), transition.reason)
+            log.warning("backend %s (%s) taken out until %s (%s)", backend.id, deployment, _iso(transition.until), transition.reason)
         elif transition.state == CLOSED:
-            log.info("backend %s is back", backend.id)
+            log.info("backend %s (%s) is back", backend.id, deployment)
         if shared and self._store is not None and transition.state in (OPEN, CLOSED):
-            record = BreakerRecord(backend.id, transition.state, transition.until, self._clock.now(), transition.reason)
+            record = BreakerRecord(
+                backend.id, deployment, transition.state, transition.until, self._clock.now(), transition.reason
+            )
             try:
                 task = asyncio.get_running_loop().create_task(self._save(record))
             except RuntimeError:
@@ -220,11 +225,12 @@ class Router:
         by_id = {b.id: b for b in self._backends}
         for record in records:
             backend = by_id.get(record.backend_id)
-            if backend is None:
+            breaker = self._breakers.get((record.backend_id, record.deployment))
+            if backend is None or breaker is None:
                 continue
-            transition = self._breakers[backend.id].adopt(record.state, record.until, record.since, record.reason, now)
+            transition = breaker.adopt(record.state, record.until, record.since, record.reason, now)
             if transition is not None:
-                self._transitioned(backend, transition, shared=False)
+                self._transitioned(backend, record.deployment, transition, shared=False)
 
     async def close(self) -> None:
         if self._sync_task is not None:
@@ -239,7 +245,8 @@ class Router:
         every attempt failed by connection error / timeout), with Retry-After = until the soonest recovery."""
         now = self._clock.now()
         serving = [b for b in self._backends if b.serves(deployment)]
-        open_breakers = [self._breakers[b.id] for b in serving if self._breakers[b.id].state == OPEN]
+        breakers = [self._breakers[(b.id, deployment)] for b in serving]
+        open_breakers = [br for br in breakers if br.state == OPEN]
         soonest = min((br.open_until for br in open_breakers), default=now + 1.0)
         wait_ms = max(1, math.ceil(round((soonest - now) * 1000, 3)))  # round first: float noise must not add a ms
         headers = {"retry-after": str(max(1, math.ceil(wait_ms / 1000))), "retry-after-ms": str(wait_ms)}
@@ -270,24 +277,28 @@ class Router:
         now = self._clock.now()
         backends = []
         for backend in self._backends:
-            breaker = self._breakers[backend.id]
-            state = breaker.state
-            if state == OPEN and now >= breaker.open_until:
-                state = HALF_OPEN  # the next request will probe it
-            entry: dict[str, Any] = {
+            deployments = {}
+            for deployment in sorted(backend.deployments):
+                breaker = self._breakers[(backend.id, deployment)]
+                state = breaker.state
+                if state == OPEN and now >= breaker.open_until:
+                    state = HALF_OPEN  # the next request will probe it
+                entry: dict[str, Any] = {"state": state}
+                if breaker.state == OPEN and breaker.open_until > now:
+                    entry["reason"] = breaker.reason
+                    entry["recovers_at"] = _iso(breaker.open_until)
+                    entry["recovers_in_s"] = round(breaker.open_until - now, 3)
+                deployments[deployment] = entry
+            states = {d["state"] for d in deployments.values()}
+            backends.append({
                 "id": backend.id,
                 "region": backend.region,
                 "priority": backend.priority,
                 "weight": backend.weight,
                 "ptu": backend.ptu,
-                "deployments": sorted(backend.deployments),
-                "state": state,
-            }
-            if breaker.state == OPEN and breaker.open_until > now:
-                entry["reason"] = breaker.reason
-                entry["recovers_at"] = _iso(breaker.open_until)
-                entry["recovers_in_s"] = round(breaker.open_until - now, 3)
-            backends.append(entry)
+                "state": OPEN if states == {OPEN} else (CLOSED if states == {CLOSED} else "degraded"),
+                "deployments": deployments,
+            })
         healthy = any(b["state"] != OPEN for b in backends)
         return {"status": "ok" if healthy else "degraded", "backends": backends}
 

@@ -306,7 +306,7 @@ _BREAKER_PK = "breaker"
 
 
 class TableBreakerStore:
-    """One row per backend, written on breaker transitions only; every instance reads them all a few times a second."""
+    """One row per backend and deployment, written on breaker transitions only; every instance reads them all a few times a second."""
 
     def __init__(self, tables: Tables) -> None:
         self._tables = tables
@@ -318,14 +318,16 @@ class TableBreakerStore:
             "breakers", lambda t: collect(t.query_entities(f"PartitionKey eq '{_BREAKER_PK}'"))
         )
         return [
-            BreakerRecord(e["RowKey"], e["state"], float(e["until"]), float(e["since"]), e.get("reason", ""))
+            BreakerRecord(e["backend"], e["deployment"], e["state"], float(e["until"]), float(e["since"]), e.get("reason", ""))
             for e in entities
         ]
 
     async def save(self, record: Any) -> None:
         entity = {
             "PartitionKey": _BREAKER_PK,
-            "RowKey": record.backend_id,
+            "RowKey": f"{record.backend_id}|{record.deployment}",
+            "backend": record.backend_id,
+            "deployment": record.deployment,
             "state": record.state,
             "until": float(record.until),
             "since": float(record.since),

@@ -46,10 +46,10 @@ def test_open_breakers_are_skipped_until_their_trip_ends() -> None:
     assert [x.id for x in r.candidates(D, 0, "normal")] == ["b"]
     clock.advance(3)
     assert [x.id for x in r.candidates(D, 0, "normal")] == ["ptu", "b"]
-    assert r.acquire(ptu)  # the half-open probe
-    assert not r.acquire(ptu)  # only one
+    assert r.acquire(ptu, D)  # the half-open probe
+    assert not r.acquire(ptu, D)  # only one
     r.record_success(ptu, D, {})
-    assert r.acquire(ptu)
+    assert r.acquire(ptu, D)
 
 
 def test_proactive_skip_when_the_last_reported_capacity_is_too_small() -> None:
@@ -84,10 +84,10 @@ async def test_a_trip_seen_by_one_instance_is_honoured_by_another() -> None:
     await two.sync()
     assert [x.id for x in two.candidates(D, 0, "normal")] == ["b"]
     clock.advance(20)
-    assert one.acquire(ptu)
+    assert one.acquire(ptu, D)
     one.record_success(ptu, D, {})
     await one.close()
-    assert store.records["ptu"].state == "closed"
+    assert store.records[f"ptu|{D}"].state == "closed"
 
 
 def test_exhaustion_answers_429_with_the_soonest_recovery_when_all_are_throttled() -> None:
@@ -120,4 +120,15 @@ def test_health_shows_states_without_secrets() -> None:
     health = r.health()
     text = str(health)
     assert "secret-host" not in text and "k3y" not in text
-    assert health["backends"][0]["state"] == "open" and health["backends"][0]["recovers_in_s"] == 30
+    assert health["backends"][0]["state"] == "open"
+    assert health["backends"][0]["deployments"][D] == {
+        "state": "open", "reason": "429", "recovers_at": "2023-11-14T22:13:50.000Z", "recovers_in_s": 30
+    }
+
+
+def test_a_full_deployment_does_not_take_the_accounts_other_deployments_out() -> None:
+    ptu, b = backend("ptu", 1, deployments=(D, "emb")), backend("b", 2, deployments=(D, "emb"))
+    r = router(ptu, b)
+    r.record_failure(ptu, D, 429, {"retry-after": "30"})
+    assert [x.id for x in r.candidates(D, 0, "normal")] == ["b"]
+    assert [x.id for x in r.candidates("emb", 0, "normal")] == ["ptu", "b"]

@@ -109,7 +109,7 @@ class Region:
         self.faults = FaultPlan()
         self.stats = Stats()
         self.recent: deque[dict[str, Any]] = deque(maxlen=config.recent_requests)
-        self.region_headers = {"x-ms-region": config.region}
+        self._latency = (config.latency_ms, config.token_latency_ms)
 
     # ---- the Azure OpenAI surface ----------------------------------------------------------------------------------
 
@@ -342,11 +342,15 @@ class Region:
         return web.Response(body=orjson.dumps(list(self.recent)[-limit:]), content_type="application/json")
 
     async def reset(self, request: web.Request) -> web.Response:
+        """Back to the state at start: configured capacity and latency, no faults, stats or recorded requests."""
         self.stats = Stats()
         self.faults.clear()
         self.recent.clear()
-        for window in self.windows.values():
+        for name, window in self.windows.items():
             window.clear()
+            deployment = self.config.deployments[name]
+            window.resize(deployment.tpm, deployment.rpm)
+        self.config.latency_ms, self.config.token_latency_ms = self._latency
         return web.json_response({"reset": True})
 
 

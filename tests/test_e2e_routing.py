@@ -1,0 +1,146 @@
+"""Multi-region routing end to end: PTU first, invisible failover, stream cuts, breaker trips shared between processes.
+
+These gateways get backend ids of their own (pointing at the session's simulated regions), so their breakers, which are
+shared through Table Storage by backend id, cannot disturb other tests; and they use the `gpt-4o-mini` deployment,
+whose capacity and faults the tests change.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import httpx
+import openai
+import pytest
+
+from shared.tokens import count_chat_prompt, encoding_for
+from tests.conftest import unique
+from tests.e2e import Stack
+from tools import stack
+
+pytestmark = pytest.mark.e2e
+MINI = "gpt-4o-mini"
+MESSAGES = [{"role": "user", "content": "Write a haiku about failover."}]
+
+
+def regions(e2e: Stack, **ptu_options: object) -> list[stack.Region]:
+    tag = unique("r")
+    ptu, sweden, france = (sim.region for sim in e2e.simulators)
+    return [
+        stack.Region(f"{tag}-uksouth-ptu", ptu.region, ptu.port, priority=1, ptu=True, **ptu_options),  # type: ignore[arg-type]
+        stack.Region(f"{tag}-sweden", sweden.region, sweden.port, priority=2),
+        stack.Region(f"{tag}-france", france.region, france.port, priority=2),
+    ]
+
+
+def client(url: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+
+
+def served_by(c: openai.OpenAI, **options: object) -> str:
+    raw = c.chat.completions.with_raw_response.create(model=MINI, messages=MESSAGES, max_tokens=20, **options)  # type: ignore[arg-type]
+    raw.parse()
+    backend = raw.headers["x-gateway-backend"]
+    return next(name for name in ("uksouth-ptu", "sweden", "france") if backend.endswith(name))
+
+
+def test_ptu_saturates_and_traffic_flows_to_the_secondaries_with_no_429(
+    fresh_sims: Stack, gateway_factory: Callable[..., stack.Child]
+) -> None:
+    e2e = fresh_sims
+    e2e.simulators[0].capacity(MINI, tpm=600)  # the PTU region takes ~10 of these requests a minute
+    gateway = gateway_factory(regions=regions(e2e))
+    c = client(gateway.url, e2e.create_consumer(unique("app")))
+    served = Counter(served_by(c) for _ in range(40))
+    assert served["uksouth-ptu"] >= 5  # PTU first, while it has capacity
+    assert served["sweden"] + served["france"] >= 15  # and every one of the 40 succeeded: no 429 reached the client
+    assert abs(served["sweden"] - served["france"]) <= 2  # equal weights split evenly
+    stats = e2e.simulators[0].stats()
+    # Wasted round trips: the PTU's 429s are few, because its breaker honours Retry-After.
+    assert stats["by_status"].get("429", 0) <= 3
+
+
+def test_a_500_or_a_reset_on_the_primary_fails_over_invisibly(
+    fresh_sims: Stack, gateway_factory: Callable[..., stack.Child]
+) -> None:
+    e2e = fresh_sims
+    gateway = gateway_factory(regions=regions(e2e, breaker={"trip_s": 0.5}))
+    c = client(gateway.url, e2e.create_consumer(unique("app")))
+    assert served_by(c) == "uksouth-ptu"
+    # 500 and a reset trip the breaker for its trip_s; a 503 says Retry-After: 1, which the breaker honours.
+    for kind, trip in (("500", 0.5), ("reset", 0.5), ("503", 1.0)):
+        e2e.simulators[0].fault(kind, deployment=MINI)
+        assert served_by(c) in ("sweden", "france"), kind
+        time.sleep(trip + 0.1)  # the trip ends; the next request probes the PTU and finds it healthy
+        assert served_by(c) == "uksouth-ptu", kind
+
+
+def test_a_stream_cut_mid_way_ends_with_an_error_event_and_is_accounted(
+    fresh_sims: Stack, gateway_factory: Callable[..., stack.Child]
+) -> None:
+    e2e = fresh_sims
+    gateway = gateway_factory(regions=regions(e2e))
+    consumer = unique("streamer")
+    key = e2e.create_consumer(consumer, tpm=100_000)
+    e2e.simulators[0].fault("cut", deployment=MINI, after_chunks=5)
+    words = []
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in client(gateway.url, key).chat.completions.create(model=MINI, messages=MESSAGES, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                words.append(chunk.choices[0].delta.content)
+    assert len(words) == 5 and "stream" in str(caught.value.message)
+    # The raw stream: an OpenAI-style error event, then a clean end.
+    e2e.simulators[0].fault("cut", deployment=MINI, after_chunks=2)
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers={"api-key": key},
+                      json={"model": MINI, "messages": MESSAGES, "stream": True}, timeout=30) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1].startswith('data: {"error"') and '"code":"stream_interrupted"' in lines[-1]
+
+    def settled() -> bool:
+        ledger = e2e.ledger(consumer)
+        return not ledger.leases and "*" in ledger.windows
+
+    deadline = time.monotonic() + 15
+    while not settled() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    charged = sum(e2e.ledger(consumer).windows["*"].values())
+    # Each cut stream is charged its prompt plus the words delivered before the cut (5 and 2), counted by the gateway.
+    prompt = count_chat_prompt({"messages": MESSAGES}, encoding_for(MINI))
+    assert charged == 2 * prompt + 5 + 2
+
+
+def test_a_breaker_trip_seen_by_one_gateway_is_honoured_by_another(
+    fresh_sims: Stack, gateway_factory: Callable[..., stack.Child]
+) -> None:
+    e2e = fresh_sims
+    shared_regions = regions(e2e)
+    first, second = gateway_factory(regions=shared_regions), gateway_factory(regions=shared_regions)
+    key = e2e.create_consumer(unique("app"))
+    assert served_by(client(second.url, key)) == "uksouth-ptu"
+    e2e.simulators[0].fault("429", deployment=MINI, delay_s=30)
+    assert served_by(client(first.url, key)) != "uksouth-ptu"  # the 429 trips the PTU in the first gateway
+    time.sleep(1.0)  # the trip is shared within a second
+    before = e2e.simulators[0].stats()["requests"]
+    for _ in range(5):
+        assert served_by(client(second.url, key)) != "uksouth-ptu"
+    assert e2e.simulators[0].stats()["requests"] == before  # the second gateway never tried the tripped PTU
+    health = httpx.get(second.url + "/health").json()
+    ptu = next(b for b in health["backends"] if b["id"].endswith("uksouth-ptu"))
+    assert ptu["deployments"][MINI]["state"] == "open" and 25 <= ptu["deployments"][MINI]["recovers_in_s"] <= 30
+
+
+def test_all_backends_throttled_gives_429_with_the_soonest_recovery(
+    fresh_sims: Stack, gateway_factory: Callable[..., stack.Child]
+) -> None:
+    e2e = fresh_sims
+    gateway = gateway_factory(regions=regions(e2e))
+    for sim, seconds in zip(e2e.simulators, (20, 7, 12), strict=True):
+        sim.fault("429", deployment=MINI, delay_s=seconds)
+    with pytest.raises(openai.RateLimitError) as caught:
+        served_by(client(gateway.url, e2e.create_consumer(unique("app"))))
+    headers = caught.value.response.headers
+    assert caught.value.code == "backends_busy"
+    assert 6_000 <= int(headers["retry-after-ms"]) <= 7_000 and headers["retry-after"] == "7"
+    assert "127.0.0.1" not in caught.value.message
