@@ -232,7 +232,7 @@ class Gateway:
         url = backend_url(backend, call.route, deployment, call.api_version)
         body = backend_body(call.request.body, call.body, backend, deployment, call.shape)
         send_headers = {**headers, **(await self.s.auth.headers(backend))}
-        span = call.trace.attempt(backend.id, backend.region, backend.host, number)
+        span = call.trace.attempt(backend.id, backend.region, url.split("?", 1)[0], number)
         try:
             response = await self.s.upstream.send(backend, url, send_headers, body)
         except UpstreamError as exc:

@@ -22,6 +22,28 @@ log = logging.getLogger(__name__)
 
 _configured = False
 
+# OpenTelemetry instrument names may not contain spaces; views give the metrics API Management's names on export.
+INSTRUMENTS = {
+    names.PROMPT_TOKENS: "gateway.tokens.prompt",
+    names.COMPLETION_TOKENS: "gateway.tokens.completion",
+    names.TOTAL_TOKENS: "gateway.tokens.total",
+    names.CACHED_TOKENS: "gateway.tokens.cached",
+    names.REASONING_TOKENS: "gateway.tokens.reasoning",
+    names.GATEWAY_REQUESTS: "gateway.requests",
+    names.THROTTLED_REQUESTS: "gateway.requests.throttled",
+    names.FAILOVERS: "gateway.failovers",
+    names.BREAKER_TRANSITIONS: "gateway.breaker.transitions",
+    names.STORE_FALLBACKS: "gateway.limiter.store_fallbacks",
+    names.REQUEST_DURATION: "gateway.request.duration",
+    names.TIME_TO_FIRST_TOKEN: "gateway.time_to_first_token",
+}
+
+
+def views() -> list[Any]:
+    from opentelemetry.sdk.metrics.view import View
+
+    return [View(instrument_name=instrument, name=name) for name, instrument in INSTRUMENTS.items()]
+
 _DIMENSIONS: dict[str, Callable[[RequestRecord], str]] = {
     names.SUBSCRIPTION_ID: lambda r: r.consumer_id,
     names.CLIENT_IP: lambda r: r.client_ip,
@@ -60,6 +82,10 @@ def configure(settings: Settings) -> Telemetry:
                 "azure_sdk", "django", "fastapi", "flask", "httpx", "httpx2", "psycopg2", "requests", "urllib", "urllib3"
             )},
             logger_name="shared",
+            views=views(),
+            # Every request traced by default (the exporter's own default is 5 traces a second); metrics are never
+            # sampled, whatever this says.
+            sampling_ratio=settings.trace_sampling,
         )
         _configured = True
     return OtelTelemetry(settings)
@@ -98,13 +124,16 @@ class _Trace:
         self._context = trace.set_span_in_context(self._span)
 
     def attempt(self, backend_id: str, region: str, target: str, number: int) -> Attempt:
+        path = target.split("://", 1)[-1]
+        host, _, rest = path.partition("/")
         span = self._tracer.start_span(
-            f"POST {backend_id}",
+            f"POST /{rest}",
             context=self._context,
             kind=SpanKind.CLIENT,
             attributes={
                 "http.request.method": "POST",
-                "server.address": target,
+                "url.full": target,
+                "server.address": host,
                 names.BACKEND_ID: backend_id,
                 names.LOCATION: region,
                 "Attempt": number,
@@ -133,18 +162,19 @@ class OtelTelemetry:
         if names.GATEWAY_ID in settings.metric_dimensions:
             self._dimensions.append((names.GATEWAY_ID, lambda r: self._gateway_id))
         tokens = "{token}"
-        self._prompt = meter.create_counter(names.PROMPT_TOKENS, unit=tokens)
-        self._completion = meter.create_counter(names.COMPLETION_TOKENS, unit=tokens)
-        self._total = meter.create_counter(names.TOTAL_TOKENS, unit=tokens)
-        self._cached = meter.create_counter(names.CACHED_TOKENS, unit=tokens)
-        self._reasoning = meter.create_counter(names.REASONING_TOKENS, unit=tokens)
-        self._requests = meter.create_counter(names.GATEWAY_REQUESTS, unit="{request}")
-        self._throttled = meter.create_counter(names.THROTTLED_REQUESTS, unit="{request}")
-        self._failovers = meter.create_counter(names.FAILOVERS, unit="{request}")
-        self._transitions = meter.create_counter(names.BREAKER_TRANSITIONS, unit="{transition}")
-        self._fallbacks = meter.create_counter(names.STORE_FALLBACKS, unit="{event}")
-        self._duration = meter.create_histogram(names.REQUEST_DURATION, unit="ms")
-        self._ttft = meter.create_histogram(names.TIME_TO_FIRST_TOKEN, unit="ms")
+        i = INSTRUMENTS
+        self._prompt = meter.create_counter(i[names.PROMPT_TOKENS], unit=tokens)
+        self._completion = meter.create_counter(i[names.COMPLETION_TOKENS], unit=tokens)
+        self._total = meter.create_counter(i[names.TOTAL_TOKENS], unit=tokens)
+        self._cached = meter.create_counter(i[names.CACHED_TOKENS], unit=tokens)
+        self._reasoning = meter.create_counter(i[names.REASONING_TOKENS], unit=tokens)
+        self._requests = meter.create_counter(i[names.GATEWAY_REQUESTS], unit="{request}")
+        self._throttled = meter.create_counter(i[names.THROTTLED_REQUESTS], unit="{request}")
+        self._failovers = meter.create_counter(i[names.FAILOVERS], unit="{request}")
+        self._transitions = meter.create_counter(i[names.BREAKER_TRANSITIONS], unit="{transition}")
+        self._fallbacks = meter.create_counter(i[names.STORE_FALLBACKS], unit="{event}")
+        self._duration = meter.create_histogram(i[names.REQUEST_DURATION], unit="ms")
+        self._ttft = meter.create_histogram(i[names.TIME_TO_FIRST_TOKEN], unit="ms")
 
     def begin(self, name: str) -> Trace:
         return _Trace(self._tracer, name)

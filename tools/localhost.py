@@ -162,12 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     _, asgi = load(args.settings)
-    try:
-        import uvloop  # noqa: F401
-
-        loop = "uvloop"
-    except ImportError:
-        loop = "asyncio"
+    loop = os.environ.get("LOCALHOST_LOOP", "uvloop")
+    if loop == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            loop = "asyncio"
     print(f"gateway listening on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(asgi, host=args.host, port=args.port, loop=loop, log_level="warning", access_log=False, lifespan="on")
     return 0

@@ -1,0 +1,127 @@
+"""Token metrics end to end, through what azure-monitor-opentelemetry really exports to a local ingestion endpoint."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from shared import telemetry as names
+from tests.conftest import unique
+from tests.e2e import Stack
+from tools import stack
+from tools.capture import Capture
+
+pytestmark = pytest.mark.e2e
+MINI = "gpt-4o-mini"
+MESSAGES = [{"role": "user", "content": "Count the tokens, exactly."}]
+NETGUARD = Path(__file__).parent / "netguard"
+
+
+@pytest.fixture
+def capture() -> Iterator[Capture]:
+    sink = Capture()
+    yield sink
+    sink.stop()
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.25)
+    raise AssertionError("condition not met in time")
+
+
+def test_token_metrics_are_exact_with_apim_names_and_dimensions_and_nothing_leaves_loopback(
+    fresh_sims: Stack, capture: Capture, gateway_factory: Callable[..., stack.Child], tmp_path: Path
+) -> None:
+    e2e = fresh_sims
+    netlog = tmp_path / "netguard.log"
+    tag = unique("t")
+    ptu, sweden, france = (sim.region for sim in e2e.simulators)
+    regions = [
+        stack.Region(f"{tag}-uksouth-ptu", ptu.region, ptu.port, priority=1, ptu=True),
+        stack.Region(f"{tag}-sweden", sweden.region, sweden.port, priority=2),
+        stack.Region(f"{tag}-france", france.region, france.port, priority=2),
+    ]
+    gateway = gateway_factory(regions=regions, extra={
+        "APPLICATIONINSIGHTS_CONNECTION_STRING": capture.connection_string,
+        "OTEL_METRIC_EXPORT_INTERVAL": "500",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+        "PYTHONPATH": str(NETGUARD),
+        "NETGUARD_LOG": str(netlog),
+        "LOCALHOST_LOOP": "asyncio",  # so every connection goes through Python's socket module and the guard
+        "GATEWAY_ID": "test-gateway",
+    })
+    consumer = unique("metered")
+    key = e2e.create_consumer(consumer, tpm=1_000_000)
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, default_headers={"x-user-id": "alice"})
+    azure = openai.AzureOpenAI(azure_endpoint=gateway.url, api_key=key, api_version="2024-10-21", max_retries=0,
+                               default_headers={"x-user-id": "bob"})
+
+    client.chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=7)
+    list(client.chat.completions.create(model=MINI, messages=MESSAGES, stream=True, max_tokens=9))
+    azure.chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=3)
+    client.embeddings.create(model="text-embedding-3-small", input=["one", "two three"])
+    e2e.simulators[0].fault("500", deployment=MINI)
+    failed_over = client.chat.completions.with_raw_response.create(model=MINI, messages=MESSAGES, max_tokens=5)
+    assert failed_over.headers["x-gateway-backend"] != f"{tag}-uksouth-ptu"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-deployment", messages=MESSAGES)
+
+    backends_total = sum(sim.stats()["usage"]["total_tokens"] for sim in e2e.simulators)
+    assert backends_total > 0
+    wait_for(lambda: capture.total(names.TOTAL_TOKENS, **{names.SUBSCRIPTION_ID: consumer}) >= backends_total)
+    time.sleep(1.2)  # one more export: nothing more may arrive
+    exported = {
+        name: capture.total(name, **{names.SUBSCRIPTION_ID: consumer})
+        for name in (names.PROMPT_TOKENS, names.COMPLETION_TOKENS, names.TOTAL_TOKENS)
+    }
+    backends = {k: sum(sim.stats()["usage"][k] for sim in e2e.simulators) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    assert exported == {
+        names.PROMPT_TOKENS: backends["prompt_tokens"],
+        names.COMPLETION_TOKENS: backends["completion_tokens"],
+        names.TOTAL_TOKENS: backends["total_tokens"],
+    }
+
+    points = [p for p in capture.metrics(names.TOTAL_TOKENS) if p[3].get(names.SUBSCRIPTION_ID) == consumer]
+    dimensions = {key for *_, props in points for key in props}
+    assert dimensions >= {
+        names.SUBSCRIPTION_ID, names.CLIENT_IP, names.API_ID, names.OPERATION_ID, names.USER_ID, names.BACKEND_ID,
+        names.LOCATION, names.DEPLOYMENT, names.MODEL,
+    }
+    seen = {(p[names.API_ID], p[names.OPERATION_ID], p[names.BACKEND_ID].removeprefix(tag + "-"), p[names.LOCATION]) for *_, p in points}
+    assert ("openai-v1", "ChatCompletions_Create", "uksouth-ptu", "uksouth") in seen
+    assert ("azure-openai", "ChatCompletions_Create", "uksouth-ptu", "uksouth") in seen
+    assert ("openai-v1", "Embeddings_Create", "uksouth-ptu", "uksouth") in seen
+    assert {b for _, _, b, _ in seen} >= {"uksouth-ptu"} and ({"sweden", "france"} & {b for _, _, b, _ in seen})
+    assert {p[names.CLIENT_IP] for *_, p in points} == {"127.0.0.1"}
+    assert {p[names.USER_ID] for *_, p in points} == {"alice", "bob"}
+    assert {p[names.MODEL] for *_, p in points} >= {"gpt-4o-mini-2024-07-18", "text-embedding-3-small"}
+
+    # Requests are counted whether or not they got usage; failovers and breaker trips are metrics too.
+    requests = [p for p in capture.metrics(names.GATEWAY_REQUESTS) if p[3].get(names.SUBSCRIPTION_ID) == consumer]
+    assert sum(v for _, v, _, _ in requests) == 6
+    assert sum(v for _, v, _, p in requests if p[names.STATUS_CODE] == "404") == 1
+    assert capture.total(names.FAILOVERS, **{names.FROM_BACKEND: f"{tag}-uksouth-ptu", names.REASON: "500"}) == 1
+    assert capture.total(names.BREAKER_TRANSITIONS, **{names.BACKEND_ID: f"{tag}-uksouth-ptu", names.STATE: "open"}) == 1
+    assert any(name == names.TIME_TO_FIRST_TOKEN for name, *_ in capture.metrics())
+    assert any(name == names.REQUEST_DURATION for name, *_ in capture.metrics())
+
+    # Each request is traced, with its backend attempts as dependencies.
+    wait_for(lambda: len(capture.items("RemoteDependencyData")) >= 6)
+    dependencies = capture.items("RemoteDependencyData")
+    assert {d["data"]["baseData"]["properties"].get(names.BACKEND_ID) for d in dependencies} >= {f"{tag}-uksouth-ptu"}
+    assert {d["data"]["baseData"]["name"] for d in dependencies} >= {f"POST /openai/deployments/{MINI}/chat/completions"}
+    assert any(d["data"]["baseData"].get("resultCode") == "500" for d in dependencies)
+    request_items = capture.items("RequestData")
+    assert any(r["data"]["baseData"]["name"].endswith("/v1/chat/completions") for r in request_items)
+    text = str(capture.envelopes)
+    assert MESSAGES[0]["content"] not in text and key not in text  # no prompt text, no key
+
+    assert not netlog.exists() or netlog.read_text() == "", netlog.read_text()
