@@ -182,6 +182,24 @@ def start_simulator(region: Region, latency_ms: float = 50, token_latency_ms: fl
     return _spawn(f"sim-{region.id}", simulator_argv(region, latency_ms, token_latency_ms), region.port, None, log_dir or _logs(), 30)
 
 
+def start_tcpproxy(target_port: int, log_dir: Path | None = None, name: str = "tcpproxy") -> tuple[Child, int]:
+    """A counting, slowable proxy in front of `target_port`; returns it and its control port."""
+    listen, control = free_port(), free_port()
+    argv = [PYTHON, "-m", "tools.tcpproxy", "--listen", str(listen), "--target", str(target_port), "--control", str(control)]
+    child = _spawn(name, argv, listen, None, log_dir or _logs(), 30)
+    wait_port(control, 10, child.process)
+    return child, control
+
+
+def proxy_control(control_port: int, action: str) -> dict[str, Any]:
+    """`stats`, `latency?ms=N`, `down`, `up` or `reset` on a tcpproxy's control port."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{LOOPBACK}:{control_port}/{action}", timeout=10) as response:
+        result: dict[str, Any] = json.loads(response.read())
+    return result
+
+
 def gateway_env(backends_json: str, table_port: int, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {
         "GATEWAY_BACKENDS": backends_json,

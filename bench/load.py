@@ -1,0 +1,163 @@
+"""A closed-loop HTTP load generator: N concurrent clients, bounded by a request count and a duration.
+
+    python -m bench.load --url URL --concurrency 64 --seconds 10 [--stream] [--body JSON] [--header K:V]
+
+Prints one JSON object: requests, errors by status, requests/s, latency percentiles (ms) end to end, and for streams
+time to first byte and to last byte. Meant to run as its own process so it does not share a CPU with the process
+being measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+
+@dataclass
+class Result:
+    latencies: list[float] = field(default_factory=list)
+    first_bytes: list[float] = field(default_factory=list)
+    statuses: Counter[str] = field(default_factory=Counter)
+    chunks: int = 0
+    started: float = 0.0
+    finished: float = 0.0
+    records: list[tuple[float, str, int]] = field(default_factory=list)  # (wall-clock start, status, tokens consumed)
+
+    def summary(self) -> dict[str, Any]:
+        elapsed = max(self.finished - self.started, 1e-9)
+        ok = len(self.latencies)
+        out: dict[str, Any] = {
+            "requests": sum(self.statuses.values()),
+            "ok": ok,
+            "statuses": dict(self.statuses),
+            "seconds": round(elapsed, 3),
+            "rps": round(ok / elapsed, 1),
+            "latency_ms": percentiles(self.latencies),
+        }
+        if self.first_bytes:
+            out["ttfb_ms"] = percentiles(self.first_bytes)
+            out["chunks"] = self.chunks
+        return out
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def at(p: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000, 3)
+
+    return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "mean": round(statistics.fmean(ordered) * 1000, 3)}
+
+
+async def run(
+    url: str | list[str], body: bytes, headers: dict[str, str], concurrency: int, seconds: float, max_requests: int,
+    stream: bool, warmup_s: float = 1.0, rate: float | None = None, record: bool = False,
+) -> Result:
+    result = Result()
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=60)
+    stop_at = 0.0
+    measuring = False
+    sent = 0
+    interval = concurrency / rate if rate else 0.0
+    urls = [url] if isinstance(url, str) else url
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def client(index: int) -> None:
+            nonlocal sent
+            target = urls[index % len(urls)]
+            while True:
+                now = time.perf_counter()
+                if now >= stop_at or (measuring and sent >= max_requests):
+                    return
+                begin = now
+                wall = time.time()
+                sent += measuring
+                consumed = 0
+                try:
+                    async with session.post(target, data=body, headers=headers) as response:
+                        consumed = int(response.headers.get("x-gateway-tokens-consumed", "0") or 0)
+                        if stream and response.status == 200:
+                            first = None
+                            async for _ in response.content.iter_any():
+                                if first is None:
+                                    first = time.perf_counter()
+                                if measuring:
+                                    result.chunks += 1
+                            if measuring and first is not None:
+                                result.first_bytes.append(first - begin)
+                        else:
+                            await response.read()
+                        status = str(response.status)
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    status = type(exc).__name__
+                end = time.perf_counter()
+                if measuring:
+                    result.statuses[status] += 1
+                    if status == "200":
+                        result.latencies.append(end - begin)
+                    if record:
+                        result.records.append((wall, status, consumed))
+                if interval:
+                    await asyncio.sleep(max(0.0, interval - (end - begin)))
+
+        # Warm up (connections, caches), then measure.
+        stop_at = time.perf_counter() + warmup_s
+        await asyncio.gather(*(client(i) for i in range(concurrency)))
+        measuring = True
+        result.started = time.perf_counter()
+        stop_at = result.started + seconds
+        await asyncio.gather(*(client(i) for i in range(concurrency)))
+        result.finished = time.perf_counter()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", required=True, action="append", help="repeat to spread clients over several URLs")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--max-requests", type=int, default=1_000_000)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--rate", type=float, help="requests per second in all (default: as fast as answered)")
+    parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--body", required=True)
+    parser.add_argument("--header", action="append", default=[])
+    parser.add_argument("--record", help="write one JSON line per request: [start time, status, tokens consumed]")
+    args = parser.parse_args(argv)
+    if not all(u.startswith(("http://127.0.0.1", "http://localhost")) for u in args.url):
+        parser.error("benchmarks talk to 127.0.0.1 only")
+    headers = {"content-type": "application/json"}
+    for header in args.header:
+        name, _, value = header.partition(":")
+        headers[name.strip()] = value.strip()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    result = asyncio.run(run(args.url, args.body.encode(), headers, args.concurrency, args.seconds, args.max_requests,
+                             args.stream, args.warmup, args.rate, record=bool(args.record)))
+    if args.record:
+        with open(args.record, "w") as handle:
+            for row in result.records:
+                handle.write(json.dumps(row) + "\n")
+    print(json.dumps(result.summary()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
