@@ -192,20 +192,30 @@ class Gateway:
 
     async def _dispatch(self, call: Call, need_tokens: int) -> tuple[Backend, UpstreamResponse, int]:
         """Send to the best candidate that answers: on 429, 5xx, a timeout or a connection error, before anything has
-        reached the client, try the next one at once with the same body. All failover happens in this one loop; the
-        breakers, not the loop, remember which backends are unhealthy."""
+        reached the client, try the next one at once with the same body. All failover happens here; the breakers, not
+        this loop, remember which backends are unhealthy."""
         router = self.s.router
         deployment = call.shape.deployment
         candidates = router.candidates(deployment, need_tokens, call.consumer.priority)
-        if not candidates:
-            raise router.exhausted(deployment, [])
         remaining = iter(candidates)
         headers = request_headers(call.request.headers)
         failures: list[str] = []
-        previous: Backend | None = None
+        first = next((b for b in remaining if router.acquire(b, deployment)), None)
+        if first is None:
+            raise router.exhausted(deployment, [])
+        # The first attempt runs outside the retry machinery: it is the one nearly every request needs, and tenacity's
+        # bookkeeping would be most of what the gateway spends on it.
+        try:
+            return first, await self._attempt(call, first, headers, failures, 1), 1
+        except _Retryable:
+            pass
+        previous = first
+        attempts = min(self.s.settings.max_attempts or len(candidates), len(candidates)) - 1
+        if attempts <= 0:
+            raise router.exhausted(deployment, failures)
         try:
             async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(self.s.settings.max_attempts or len(candidates)),
+                stop=stop_after_attempt(attempts),
                 retry=retry_if_exception_type(_Retryable),
                 wait=wait_none(),
                 reraise=True,
@@ -214,12 +224,10 @@ class Gateway:
                     backend = next((b for b in remaining if router.acquire(b, deployment)), None)
                     if backend is None:
                         raise _NoCandidate()
-                    if previous is not None:
-                        self.s.telemetry.failover(previous.id, backend.id, failures[-1])
+                    self.s.telemetry.failover(previous.id, backend.id, failures[-1])
                     previous = backend
-                    number = attempt.retry_state.attempt_number
-                    response = await self._attempt(call, backend, headers, failures, number)
-                    return backend, response, number
+                    number = attempt.retry_state.attempt_number + 1
+                    return backend, await self._attempt(call, backend, headers, failures, number), number
         except (_Retryable, _NoCandidate):
             raise router.exhausted(deployment, failures) from None
         raise AssertionError("unreachable")
