@@ -31,9 +31,9 @@ GATEWAYS = 4
 CLIENTS = 32
 
 
-def analyse(records: list[tuple[float, str, int]], limit: int, seconds: float) -> dict[str, Any]:
-    admitted = sorted((t, tokens) for t, status, tokens in records if status == "200")
-    start = min(t for t, _, _ in records)
+def analyse(records: list[tuple[Any, ...]], limit: int, seconds: float) -> dict[str, Any]:
+    admitted = sorted((r[0], r[2]) for r in records if r[1] == "200")
+    start = min(r[0] for r in records)
     worst = total = 0
     j = 0
     for t, tokens in admitted:
@@ -47,7 +47,7 @@ def analyse(records: list[tuple[float, str, int]], limit: int, seconds: float) -
     while offset + 60 <= seconds:
         minutes.append(sum(tok for t, tok in admitted if start + offset <= t < start + offset + 60))
         offset += 60
-    refused = sum(1 for _, status, _ in records if status == "429")
+    refused = sum(1 for r in records if r[1] == "429")
     return {
         "requests": len(records),
         "admitted": len(admitted),

@@ -30,7 +30,8 @@ class Result:
     chunks: int = 0
     started: float = 0.0
     finished: float = 0.0
-    records: list[tuple[float, str, int]] = field(default_factory=list)  # (wall-clock start, status, tokens consumed)
+    # (wall-clock start, status, tokens consumed, backend, attempts, seconds)
+    records: list[tuple[float, str, int, str, int, float]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         elapsed = max(self.finished - self.started, 1e-9)
@@ -78,6 +79,8 @@ async def run(
         async def client(index: int) -> None:
             nonlocal sent
             target = urls[index % len(urls)]
+            if interval:
+                await asyncio.sleep(interval * index / concurrency)  # staggered, so a paced load is not a train of bursts
             while True:
                 now = time.perf_counter()
                 if now >= stop_at or (measuring and sent >= max_requests):
@@ -86,9 +89,13 @@ async def run(
                 wall = time.time()
                 sent += measuring
                 consumed = 0
+                backend = ""
+                attempts = 0
                 try:
                     async with session.post(target, data=body, headers=headers) as response:
                         consumed = int(response.headers.get("x-gateway-tokens-consumed", "0") or 0)
+                        backend = response.headers.get("x-gateway-backend", "")
+                        attempts = int(response.headers.get("x-gateway-attempts", "0") or 0)
                         if stream and response.status == 200:
                             first = None
                             async for _ in response.content.iter_any():
@@ -101,7 +108,7 @@ async def run(
                         else:
                             await response.read()
                         status = str(response.status)
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     status = type(exc).__name__
                 end = time.perf_counter()
                 if measuring:
@@ -109,13 +116,14 @@ async def run(
                     if status == "200":
                         result.latencies.append(end - begin)
                     if record:
-                        result.records.append((wall, status, consumed))
+                        result.records.append((wall, status, consumed, backend, attempts, end - begin))
                 if interval:
-                    await asyncio.sleep(max(0.0, interval - (end - begin)))
+                    await asyncio.sleep(max(0.0, min(interval - (end - begin), stop_at - time.perf_counter())))
 
         # Warm up (connections, caches), then measure.
-        stop_at = time.perf_counter() + warmup_s
-        await asyncio.gather(*(client(i) for i in range(concurrency)))
+        if warmup_s > 0:
+            stop_at = time.perf_counter() + warmup_s
+            await asyncio.gather(*(client(i) for i in range(concurrency)))
         measuring = True
         result.started = time.perf_counter()
         stop_at = result.started + seconds
@@ -135,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--body", required=True)
     parser.add_argument("--header", action="append", default=[])
-    parser.add_argument("--record", help="write one JSON line per request: [start time, status, tokens consumed]")
+    parser.add_argument("--record", help="one JSON line per request: [start, status, tokens, backend, attempts, seconds]")
     args = parser.parse_args(argv)
     if not all(u.startswith(("http://127.0.0.1", "http://localhost")) for u in args.url):
         parser.error("benchmarks talk to 127.0.0.1 only")

@@ -259,9 +259,12 @@ class Gateway:
 
     # ---- responses ---------------------------------------------------------------------------------------------
 
-    def _response_headers(self, call: Call, backend: Backend, upstream: UpstreamResponse) -> dict[str, str]:
+    def _response_headers(
+        self, call: Call, backend: Backend, upstream: UpstreamResponse, attempts: int
+    ) -> dict[str, str]:
         headers = {k: v for k, v in upstream.headers.items() if k in FORWARDED_RESPONSE_HEADERS}
         headers["x-gateway-backend"] = backend.id
+        headers["x-gateway-attempts"] = str(attempts)
         headers.setdefault("x-ms-region", backend.region)
         headers.update(call.ticket.headers)
         return headers
@@ -269,7 +272,7 @@ class Gateway:
     async def _complete(
         self, call: Call, backend: Backend, upstream: UpstreamResponse, attempts: int
     ) -> GatewayResponse:
-        headers = self._response_headers(call, backend, upstream)
+        headers = self._response_headers(call, backend, upstream, attempts)
         try:
             raw = await upstream.read()
         except UpstreamBroken:
@@ -298,7 +301,7 @@ class Gateway:
         return GatewayResponse(status, headers, raw)
 
     def _stream(self, call: Call, backend: Backend, upstream: UpstreamResponse, attempts: int) -> GatewayResponse:
-        headers = self._response_headers(call, backend, upstream)
+        headers = self._response_headers(call, backend, upstream, attempts)
         headers["content-type"] = SSE
         headers["cache-control"] = "no-cache"
         return GatewayResponse(200, headers, stream=self._relay(call, backend, upstream, attempts))

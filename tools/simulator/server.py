@@ -61,6 +61,7 @@ class Stats:
     usage_by_deployment: dict[str, Counter[str]] = field(default_factory=dict)
     streams_cut: int = 0
     delivered_in_cut: int = 0
+    throttled: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=5000))  # (when, retry-after s)
 
     def reported(self, deployment: str, prompt: int, completion: int | None) -> None:
         total = prompt + (completion or 0)
@@ -79,6 +80,7 @@ class Stats:
             "usage_by_deployment": {d: {**blank, **c} for d, c in self.usage_by_deployment.items()},
             "streams_cut": self.streams_cut,
             "delivered_completion_tokens_in_cut_streams": self.delivered_in_cut,
+            "throttled": [[round(t, 3), round(r, 3)] for t, r in self.throttled],
         }
 
 
@@ -197,6 +199,7 @@ class Region:
             "x-ratelimit-remaining-requests": str(verdict.remaining_requests),
         }
         if not verdict.admitted:
+            self.stats.throttled.append((time.time(), verdict.retry_after_s))
             seconds = max(1, int(-(-verdict.retry_after_s // 1)))
             return _azure_error(
                 429, "429",
