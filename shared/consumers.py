@@ -22,6 +22,7 @@ from shared.errors import GatewayError, unauthorized
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "gw-"
+RELOAD_RETRY_S = 2.0
 QUOTA_PERIODS = ("hourly", "daily", "weekly", "monthly", "yearly")
 PRIORITIES = ("high", "normal", "low")
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -164,8 +165,13 @@ class ConsumerDirectory:
             consumers = await self._store.list_consumers()
         except Exception as exc:  # the store's own errors are already mapped; keep serving the cached copy
             self.reload_failures += 1
-            log.warning("could not reload consumers (%s); serving the cached copy", type(exc).__name__)
+            if self.reload_failures == 1 or self.reload_failures % 20 == 0:
+                log.warning("could not reload consumers (%s, %d times); serving the cached copy",
+                            type(exc).__name__, self.reload_failures)
+            # Try again in a little while, not on every request while the store is away.
+            self._loaded_at = self._clock.monotonic() - self._refresh_s + min(self._refresh_s, RELOAD_RETRY_S)
             return
+        self.reload_failures = 0
         self._index(consumers)
         self._loaded_at = self._clock.monotonic()
 

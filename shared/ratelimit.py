@@ -587,7 +587,9 @@ class TokenLimiter:
                 _merge(closing.unreported, closing_usage)
             if old:
                 _merge(old.unreported, old_usage)
-                if budget.current is None and old.expires_s > now:
+                if budget.current is None:
+                    # Back as the current lease, even if expired (then it admits nothing): the next write releases it
+                    # with its usage, which must not be dropped.
                     budget.current = old
             self._to_pending(budget, pending)
             budget.pending_quota_key = budget.pending_quota_key or pending_key

@@ -84,17 +84,22 @@ class Tables:
 
     async def call(self, table: str, operation: Callable[[TableClient], Awaitable[T]], timeout_s: float | None = None) -> T:
         """Run one operation on a table, mapping timeouts and service errors to StoreUnavailable / Conflict."""
-        await self.ensure(table)
-        self.calls += 1
-        try:
-            return await asyncio.wait_for(operation(self.client(table)), timeout_s or self.timeout_s)
-        except (ResourceModifiedError, ResourceExistsError) as exc:
-            raise Conflict(type(exc).__name__) from None
-        except ResourceNotFoundError:
-            raise
-        except (TimeoutError, AzureError, OSError) as exc:
-            self.failures += 1
-            raise StoreUnavailable(f"{self.name(table)}: {type(exc).__name__}") from None
+        for attempt in (1, 2):
+            await self.ensure(table)
+            self.calls += 1
+            try:
+                return await asyncio.wait_for(operation(self.client(table)), timeout_s or self.timeout_s)
+            except (ResourceModifiedError, ResourceExistsError) as exc:
+                raise Conflict(type(exc).__name__) from None
+            except ResourceNotFoundError as exc:
+                if getattr(exc, "error_code", None) == "TableNotFound" and attempt == 1:
+                    self._ready.discard(table)  # the store lost the table (an emulator restarted): create it again
+                    continue
+                raise
+            except (TimeoutError, AzureError, OSError) as exc:
+                self.failures += 1
+                raise StoreUnavailable(f"{self.name(table)}: {type(exc).__name__}") from None
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         for client in self._clients.values():

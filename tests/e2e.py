@@ -57,6 +57,7 @@ class Stack:
     simulators: list[Simulator]
     gateways: list[stack.Child] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)  # every consumer key handed out, for the final leak scan
 
     @property
     def url(self) -> str:
@@ -102,6 +103,13 @@ class Stack:
             await TableConsumerStore(tables).put(consumer)
 
         self.run(self._with_tables(put))
+        self.keys.append(key)
+        return key
+
+    def rotate_key(self, consumer_id: str) -> str:
+        key = new_key()
+        self.update_consumer(consumer_id, key_hash=hash_key(key), key_prefix=key_prefix(key))
+        self.keys.append(key)
         return key
 
     def update_consumer(self, consumer_id: str, **changes: Any) -> None:

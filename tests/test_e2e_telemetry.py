@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,10 +23,12 @@ NETGUARD = Path(__file__).parent / "netguard"
 
 
 @pytest.fixture
-def capture() -> Iterator[Capture]:
+def capture(log_dir: Path) -> Iterator[Capture]:
     sink = Capture()
     yield sink
     sink.stop()
+    # Kept with the logs, so the final leak scan reads everything the gateway exported too.
+    (log_dir / f"{unique('capture')}.json").write_text(json.dumps(sink.envelopes))
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:

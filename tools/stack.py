@@ -51,6 +51,7 @@ class Child:
     process: subprocess.Popen[Any]
     port: int
     log_path: Path
+    stop_signal: int = signal.SIGTERM
 
     @property
     def url(self) -> str:
@@ -58,7 +59,7 @@ class Child:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(self.stop_signal)
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
@@ -101,12 +102,16 @@ def azurite_binary() -> Path:
     return binary
 
 
-def start_azurite(port: int = 10002, log_dir: Path | None = None, name: str = "azurite") -> Child:
+def start_azurite(port: int = 10002, log_dir: Path | None = None, name: str = "azurite", location: Path | None = None) -> Child:
+    """Azurite's table service; in memory, or persisted under `location` (so it can be stopped and started again)."""
+    storage = ["--location", str(location)] if location else ["--inMemoryPersistence"]
     argv = [
-        str(azurite_binary()), "--tableHost", LOOPBACK, "--tablePort", str(port), "--inMemoryPersistence",
+        str(azurite_binary()), "--tableHost", LOOPBACK, "--tablePort", str(port), *storage,
         "--disableTelemetry", "--silent", "--skipApiVersionCheck",
     ]
-    return _spawn(name, argv, port, None, log_dir or _logs(), 30)
+    child = _spawn(name, argv, port, None, log_dir or _logs(), 30)
+    child.stop_signal = signal.SIGINT  # Azurite saves its data on SIGINT, not on SIGTERM
+    return child
 
 
 def table_connection_string(port: int) -> str:

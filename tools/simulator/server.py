@@ -61,6 +61,8 @@ class Stats:
     usage_by_deployment: dict[str, Counter[str]] = field(default_factory=dict)
     streams_cut: int = 0
     delivered_in_cut: int = 0
+    streams_abandoned: int = 0  # the caller went away mid-stream
+    unreported: Counter[str] = field(default_factory=Counter)  # prompt + delivered tokens of streams that never reported usage
     throttled: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=5000))  # (when, retry-after s)
 
     def reported(self, deployment: str, prompt: int, completion: int | None) -> None:
@@ -80,6 +82,8 @@ class Stats:
             "usage_by_deployment": {d: {**blank, **c} for d, c in self.usage_by_deployment.items()},
             "streams_cut": self.streams_cut,
             "delivered_completion_tokens_in_cut_streams": self.delivered_in_cut,
+            "streams_abandoned": self.streams_abandoned,
+            "unreported": {**blank, **self.unreported},
             "throttled": [[round(t, 3), round(r, 3)] for t, r in self.throttled],
         }
 
@@ -239,6 +243,7 @@ class Region:
             await response.prepare(request)
             await response.write(payload[: len(payload) // 2])
             self.stats.streams_cut += 1
+            self._unreported(prompt, 0)
             _abort(request)
             return response
         self.stats.reported(config.name, prompt, len(words))
@@ -255,15 +260,23 @@ class Region:
         for event in writer.prelude():
             await response.write(event)
         delay = self.config.token_latency_ms / 1000
-        for index, word in enumerate(words):
-            if cut_after is not None and index >= cut_after:
-                self.stats.streams_cut += 1
-                self.stats.delivered_in_cut += index
-                _abort(request)
-                return response
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await response.write(writer.word(word))
+        sent = 0
+        try:
+            for index, word in enumerate(words):
+                if cut_after is not None and index >= cut_after:
+                    self.stats.streams_cut += 1
+                    self.stats.delivered_in_cut += index
+                    self._unreported(prompt, index)
+                    _abort(request)
+                    return response
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await response.write(writer.word(word))
+                sent = index + 1
+        except (ConnectionError, asyncio.CancelledError):
+            self.stats.streams_abandoned += 1
+            self._unreported(prompt, sent)
+            raise
         await response.write(writer.finish(finish))
         if include_usage:
             await response.write(writer.usage(prompt, len(words)))
@@ -271,6 +284,11 @@ class Region:
         await response.write(DONE)
         await response.write_eof()
         return response
+
+    def _unreported(self, prompt: int, completion: int) -> None:
+        self.stats.unreported["prompt_tokens"] += prompt
+        self.stats.unreported["completion_tokens"] += completion
+        self.stats.unreported["total_tokens"] += prompt + completion
 
     async def _fault(self, request: web.Request, fault: Fault, operation: str) -> web.StreamResponse:
         kind = fault.kind

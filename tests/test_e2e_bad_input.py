@@ -1,0 +1,174 @@
+"""Hostile and malformed input, generated (hypothesis), against a running gateway.
+
+Every one gets a 4xx OpenAI-style error (or, if it happens to be a valid request, the backend's answer); the gateway's
+own code never answers 5xx, its worker keeps serving, and no backend receives anything the configuration did not name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import unique
+from tests.e2e import Stack
+
+pytestmark = pytest.mark.e2e
+CONFIGURED = {"gpt-4o", "gpt-4o-mini", "text-embedding-3-small"}
+EXAMPLES = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+OPERATIONS = ("chat/completions", "completions", "embeddings")
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    max_leaves=20,
+)
+hostile_names = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from(["..", "../..", "%2e%2e", "a%2Fb", "a/b", "http:%2F%2Fevil.example", "//evil.example", "gpt-4o%00",
+                     "gpt-4o?x=1", "gpt-4o#frag", "x" * 300, "%25", "\\..\\", "gpt-4o/../gpt-4o-mini", "~root"]),
+)
+
+
+@pytest.fixture(scope="module")
+def key(e2e: Stack) -> str:
+    return e2e.create_consumer(unique("fuzz"), tpm=100_000_000)
+
+
+@pytest.fixture(scope="module")
+def http(e2e: Stack) -> httpx.Client:
+    with httpx.Client(base_url=e2e.url, timeout=30) as client:
+        yield client
+
+
+def check(response: httpx.Response) -> None:
+    assert response.status_code < 500, (response.status_code, response.text[:300])
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        assert isinstance(error["message"], str) and error["message"]
+        assert "type" in error and "code" in error
+        assert "127.0.0.1" not in response.text
+
+
+def backends_saw_only_configured_things(e2e: Stack) -> None:
+    pattern = re.compile(r"^/openai/deployments/([^/]+)/(chat/completions|completions|embeddings)$")
+    for sim in e2e.simulators:
+        for request in sim.requests(200):
+            match = pattern.match(request["path"])
+            assert match and match.group(1) in CONFIGURED, request["path"]
+
+
+@EXAMPLES
+@given(body=st.one_of(st.binary(max_size=300), json_values.map(lambda v: json.dumps(v).encode())))
+def test_malformed_and_mistyped_bodies(e2e: Stack, http: httpx.Client, key: str, body: bytes) -> None:
+    for path in ("/v1/chat/completions", "/openai/deployments/gpt-4o/embeddings?api-version=2024-10-21"):
+        check(http.post(path, content=body, headers={"api-key": key, "content-type": "application/json"}))
+
+
+@EXAMPLES
+@given(name=hostile_names, operation=st.sampled_from(OPERATIONS))
+def test_hostile_deployment_names_in_the_path_and_in_model(e2e: Stack, http: httpx.Client, key: str, name: str, operation: str) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "prompt": "hi", "input": "hi", "max_tokens": 1}
+    try:
+        response = http.post(f"/openai/deployments/{name}/{operation}?api-version=2024-10-21", json=body, headers={"api-key": key})
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol):
+        response = None  # the client itself refuses to build such a URL
+    if response is not None:
+        check(response)
+    check(http.post(f"/v1/{operation}", json={**body, "model": name}, headers={"api-key": key}))
+    backends_saw_only_configured_things(e2e)
+
+
+@EXAMPLES
+@given(version=st.text(max_size=60))
+def test_hostile_api_versions(e2e: Stack, http: httpx.Client, key: str, version: str) -> None:
+    response = http.post("/openai/deployments/gpt-4o-mini/chat/completions", params={"api-version": version},
+                         json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}, headers={"api-key": key})
+    check(response)
+    for sim in e2e.simulators:
+        for request in sim.requests(5):
+            assert re.match(r"^[0-9A-Za-z.-]{1,40}$", request["query"].get("api-version", "")), request["query"]
+
+
+@EXAMPLES
+@given(content_type=st.one_of(st.sampled_from(["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                                                "application/xml", "application/json; charset=latin-1x", ""]),
+                              st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=30)))
+def test_wrong_content_types(e2e: Stack, http: httpx.Client, key: str, content_type: str) -> None:
+    response = http.post("/v1/chat/completions", content=b'{"model":"gpt-4o","messages":[{"role":"user"}],"max_tokens":1}',
+                         headers={"api-key": key, "content-type": content_type})
+    check(response)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000 + b"]" * 100_000,  # deeply nested
+        b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        b'{"model": "gpt-4o", "messages": [' + b'{"role":"user","content":"x"},' * 20_000 + b'{"role":"user"}]}',  # too big
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\xff\xfe\xfd"}]}',  # invalid UTF-8
+        b'{"model": null, "messages": null, "stream": null, "max_tokens": null}',
+        b'{"model": "gpt-4o", "messages": [{"role": "user"}], "max_tokens": 1e400}',
+        b"\x00" * 1000,
+    ],
+)
+def test_pathological_bodies(e2e: Stack, http: httpx.Client, key: str, body: bytes) -> None:
+    response = http.post("/v1/chat/completions", content=body, headers={"api-key": key, "content-type": "application/json"})
+    assert 400 <= response.status_code < 500
+    check(response)
+
+
+def raw_request(e2e: Stack, lines: list[str], body: bytes = b"") -> tuple[int, bytes]:
+    host, port = e2e.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        head = "\r\n".join(lines + [f"content-length: {len(body)}", "connection: close", "", ""]).encode("latin-1")
+        sock.sendall(head + body)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, data.split(b"\r\n\r\n", 1)[1]
+
+
+def test_duplicated_and_conflicting_credentials_are_401(e2e: Stack, key: str) -> None:
+    body = b'{"model":"gpt-4o","messages":[{"role":"user"}],"max_tokens":1}'
+    base = ["POST /v1/chat/completions HTTP/1.1", "host: gateway", "content-type: application/json"]
+    for extra in (
+        [f"api-key: {key}", f"api-key: {key}"],
+        [f"api-key: {key}", "api-key: gw-other"],
+        [f"authorization: Bearer {key}", "authorization: Bearer gw-other"],
+        [f"api-key: {key}", "authorization: Bearer gw-other"],
+        ["authorization: Basic dXNlcjpwYXNz"],
+    ):
+        status, answer = raw_request(e2e, base + extra, body)
+        assert status == 401, extra
+        assert json.loads(answer)["error"]["type"] == "authentication_error"
+
+
+def test_header_injection_attempts_do_not_reach_the_backend(e2e: Stack, key: str) -> None:
+    before = len(e2e.simulators[0].requests(200))
+    body = b'{"model":"gpt-4o-mini","messages":[{"role":"user"}],"max_tokens":1}'
+    status, _ = raw_request(e2e, [
+        "POST /v1/chat/completions HTTP/1.1", "host: gateway", "content-type: application/json", f"api-key: {key}",
+        "x-user-id: alice", "x-forwarded-host: evil.example", "cookie: session=secret", "api-version: ../../x",
+        "x-ms-client-request-id: ok-id",
+    ], body)
+    assert status == 200
+    sent = e2e.simulators[0].requests(200)
+    assert len(sent) >= before
+    headers = {k.lower(): v for k, v in sent[-1]["headers"].items()}
+    assert "cookie" not in headers and "x-forwarded-host" not in headers and "x-user-id" not in headers
+    assert headers["api-key"] != key and headers["x-ms-client-request-id"] == "ok-id"
+
+
+def test_the_worker_is_still_serving_after_all_of_it(e2e: Stack, key: str) -> None:
+    response = httpx.post(e2e.url + "/v1/chat/completions", headers={"api-key": key},
+                          json={"model": "gpt-4o", "messages": [{"role": "user", "content": "still there?"}], "max_tokens": 2})
+    assert response.status_code == 200
+    assert e2e.gateways[0].process.poll() is None
+    backends_saw_only_configured_things(e2e)
