@@ -1,0 +1,173 @@
+// The gateway: a Python 3.11 Function App on the Flex Consumption plan, running as the user-assigned identity.
+// HTTPS only, TLS 1.2 minimum, FTP and basic-auth publishing off, no keys or connection strings in app settings.
+
+param planName string
+param appName string
+param location string
+param tags object
+
+@description('Resource id of the user-assigned identity the app runs as.')
+param identityId string
+
+@description('Client id of that identity (DefaultAzureCredential and the Functions host pick it with this).')
+param identityClientId string
+
+param storageAccountName string
+
+@description('Blob container URL the Flex Consumption plan deploys the package to.')
+param deploymentContainerUrl string
+
+param appInsightsName string
+
+@description('The gateway\'s backends (GATEWAY_BACKENDS), as built by main.bicep.')
+param backends array
+
+@minValue(40)
+@maxValue(1000)
+param maximumInstanceCount int
+
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int
+
+@minValue(0)
+param alwaysReadyInstances int
+
+@description('Concurrent HTTP requests per instance; 0 keeps the platform default for the memory size.')
+@minValue(0)
+param httpPerInstanceConcurrency int
+
+@allowed([
+  'open'
+  'closed'
+])
+param limitFailMode string
+
+param gatewayId string
+
+@description('More app settings (tuning such as GATEWAY_MAX_ATTEMPTS); they cannot replace the ones set here.')
+param extraAppSettings object = {}
+
+@description('Subnet (delegated to Microsoft.App/environments) for virtual network integration; empty for none.')
+param subnetId string = ''
+
+resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
+  name: storageAccountName
+}
+
+resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
+  name: appInsightsName
+}
+
+resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+  name: planName
+  location: location
+  tags: tags
+  kind: 'functionapp'
+  sku: {
+    tier: 'FlexConsumption'
+    name: 'FC1'
+  }
+  properties: {
+    reserved: true
+  }
+}
+
+var alwaysReady = alwaysReadyInstances > 0 ? [
+  {
+    name: 'http'
+    instanceCount: alwaysReadyInstances
+  }
+] : []
+var httpTriggers = httpPerInstanceConcurrency > 0 ? { http: { perInstanceConcurrency: httpPerInstanceConcurrency } } : null
+
+resource app 'Microsoft.Web/sites@2024-04-01' = {
+  name: appName
+  location: location
+  tags: union(tags, { 'azd-service-name': 'gateway' })
+  kind: 'functionapp,linux'
+  identity: {
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${identityId}': {}
+    }
+  }
+  properties: {
+    serverFarmId: plan.id
+    httpsOnly: true
+    virtualNetworkSubnetId: empty(subnetId) ? null : subnetId
+    siteConfig: {
+      minTlsVersion: '1.2'
+      scmMinTlsVersion: '1.2'
+      ftpsState: 'Disabled'
+    }
+    functionAppConfig: {
+      deployment: {
+        storage: {
+          type: 'blobContainer'
+          value: deploymentContainerUrl
+          authentication: {
+            type: 'UserAssignedIdentity'
+            userAssignedIdentityResourceId: identityId
+          }
+        }
+      }
+      scaleAndConcurrency: {
+        maximumInstanceCount: maximumInstanceCount
+        instanceMemoryMB: instanceMemoryMB
+        alwaysReady: alwaysReady
+        triggers: httpTriggers
+      }
+      runtime: {
+        name: 'python'
+        version: '3.11'
+      }
+    }
+  }
+}
+
+// Every setting the gateway reads at start-up (shared/config.py) that is not left at its default; tests/test_bicep.py
+// keeps this list and the code in step. Flex Consumption takes the runtime from functionAppConfig, so
+// FUNCTIONS_WORKER_RUNTIME and FUNCTIONS_EXTENSION_VERSION are absent. This resource replaces all app settings on
+// every deployment: add settings through extraAppSettings, not in the portal.
+resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
+  parent: app
+  name: 'appsettings'
+  properties: union(extraAppSettings, {
+    AzureWebJobsStorage__accountName: storage.name
+    AzureWebJobsStorage__credential: 'managedidentity'
+    AzureWebJobsStorage__clientId: identityClientId
+    APPLICATIONINSIGHTS_CONNECTION_STRING: appInsights.properties.ConnectionString
+    APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'Authorization=AAD;ClientId=${identityClientId}'
+    AZURE_CLIENT_ID: identityClientId
+    PYTHON_ENABLE_INIT_INDEXING: '1'
+    GATEWAY_BACKENDS: string(backends)
+    GATEWAY_TABLE_ENDPOINT: storage.properties.primaryEndpoints.table
+    GATEWAY_INSTANCE_COUNT: string(maximumInstanceCount)
+    GATEWAY_LIMIT_FAIL_MODE: limitFailMode
+    GATEWAY_ID: gatewayId
+  })
+}
+
+resource ftpPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+  parent: app
+  name: 'ftp'
+  properties: {
+    allow: false
+  }
+}
+
+resource scmPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+  parent: app
+  name: 'scm'
+  properties: {
+    allow: false
+  }
+}
+
+output name string = app.name
+output id string = app.id
+output defaultHostName string = app.properties.defaultHostName

@@ -1,0 +1,66 @@
+// One storage account for the Functions host (AzureWebJobsStorage), the Flex Consumption deployment container and
+// the gateway's tables (consumers, ledger, breakers, usage; the app creates them at start-up). Shared keys are off:
+// every client, the admin CLI included, authenticates with Microsoft Entra ID.
+
+param name string
+param location string
+param tags object
+
+@description('Container the Flex Consumption plan deploys the app package to.')
+param deploymentContainerName string
+
+@allowed([
+  'Standard_LRS'
+  'Standard_ZRS'
+])
+param skuName string = 'Standard_LRS'
+
+@description('True when the account is reached through private endpoints only.')
+param privateNetworking bool = false
+
+@description('Public IP addresses or CIDR ranges still allowed in when private networking is on (the admin CLI).')
+param allowedIpRanges array = []
+
+var ipRules = map(allowedIpRanges, range => { value: range, action: 'Allow' })
+var privateAcls = { defaultAction: 'Deny', bypass: 'None', ipRules: ipRules }
+var publicAcls = { defaultAction: 'Allow', bypass: 'AzureServices' }
+
+resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
+  name: name
+  location: location
+  tags: tags
+  kind: 'StorageV2'
+  sku: {
+    name: skuName
+  }
+  properties: {
+    accessTier: 'Hot'
+    minimumTlsVersion: 'TLS1_2'
+    supportsHttpsTrafficOnly: true
+    allowBlobPublicAccess: false
+    allowSharedKeyAccess: false
+    defaultToOAuthAuthentication: true
+    allowCrossTenantReplication: false
+    publicNetworkAccess: privateNetworking && empty(allowedIpRanges) ? 'Disabled' : 'Enabled'
+    networkAcls: privateNetworking ? privateAcls : publicAcls
+  }
+}
+
+resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01' = {
+  parent: storage
+  name: 'default'
+}
+
+resource deploymentContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+  parent: blobService
+  name: deploymentContainerName
+  properties: {
+    publicAccess: 'None'
+  }
+}
+
+output id string = storage.id
+output name string = storage.name
+output blobEndpoint string = storage.properties.primaryEndpoints.blob
+output tableEndpoint string = storage.properties.primaryEndpoints.table
+output deploymentContainerUrl string = '${storage.properties.primaryEndpoints.blob}${deploymentContainer.name}'
