@@ -15,6 +15,7 @@ from typing import Any
 
 from bench.harness import bench_stack, chat_body, load, machine, save, stamp, update_doc
 from tools import stack
+from tools.capture import Capture
 
 CONCURRENCY = (1, 16, 64)
 
@@ -24,20 +25,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="per measurement (bounded)")
     parser.add_argument("--write", action="store_true", help="write the figures into docs/benchmarks.md")
     parser.add_argument("--extra", default="{}", help="JSON of extra gateway settings")
+    parser.add_argument("--everything", action="store_true",
+                        help="consumer with a token limit, metrics and traces exported to a local capture endpoint")
+    parser.add_argument("--only", choices=("chat", "stream"), help="one workload only")
+    parser.add_argument("--concurrency", type=int, action="append", help="instead of 1, 16 and 64")
     args = parser.parse_args(argv)
+    extra = json.loads(args.extra)
+    capture = None
+    if args.everything:
+        capture = Capture()
+        extra["APPLICATIONINSIGHTS_CONNECTION_STRING"] = capture.connection_string
 
     results: dict[str, Any] = {"machine": machine(), "date": stamp(), "seconds": args.seconds, "rows": []}
     with bench_stack() as bench:
         bench.start_azurite()
         region = stack.Region("sim", "uksouth", stack.free_port(), chat_tpm=10**9, embeddings_tpm=10**9)
         bench.start_simulator(region, latency_ms=50, token_latency_ms=5)
-        gateway = bench.start_gateway([region], json.loads(args.extra))
-        key = bench.consumer("bench")
+        gateway = bench.start_gateway([region], extra)
+        key = bench.consumer("bench", tokens_per_minute=10**9 if args.everything else 0)
         direct_url = f"{region_url(region)}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
         gateway_url = f"{gateway.url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
         for streaming in (False, True):
+            if args.only and args.only != ("stream" if streaming else "chat"):
+                continue
             body = chat_body(stream=streaming)
-            for concurrency in CONCURRENCY:
+            for concurrency in args.concurrency or CONCURRENCY:
                 direct = load(direct_url, body, concurrency, args.seconds, headers={"api-key": stack.SIM_API_KEY}, stream=streaming)
                 through = load(gateway_url, body, concurrency, args.seconds, headers={"api-key": key}, stream=streaming,
                                measure_pid=gateway.process.pid)

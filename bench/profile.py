@@ -17,6 +17,7 @@ from pathlib import Path
 
 from bench.harness import OUT, bench_stack, chat_body, load
 from tools import stack
+from tools.capture import Capture
 
 
 def top_frames(raw: Path, limit: int) -> list[tuple[str, float, float]]:
@@ -43,14 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra", default="{}")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--tpm", type=int, default=0, help="give the consumer a token limit (limiter on the path)")
+    parser.add_argument("--metrics", action="store_true", help="export metrics and traces to a local capture endpoint")
     args = parser.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     raw = OUT / "profile.collapsed"
+    extra = json.loads(args.extra)
+    capture = Capture() if args.metrics else None
+    if capture is not None:
+        extra["APPLICATIONINSIGHTS_CONNECTION_STRING"] = capture.connection_string
     with bench_stack() as bench:
         bench.start_azurite()
         region = stack.Region("sim", "uksouth", stack.free_port(), chat_tpm=10**9, embeddings_tpm=10**9)
         bench.start_simulator(region, latency_ms=50, token_latency_ms=5)
-        gateway = bench.start_gateway([region], json.loads(args.extra))
+        gateway = bench.start_gateway([region], extra)
         key = bench.consumer("bench", tokens_per_minute=args.tpm)
         url = f"{gateway.url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
         spy = subprocess.Popen(

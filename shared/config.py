@@ -98,7 +98,8 @@ class Settings:
     metric_namespace: str = "openai"
     metric_dimensions: tuple[str, ...] = DEFAULT_METRIC_DIMENSIONS
     record_content: bool = False
-    trace_sampling: float = 1.0
+    trace_sampling: float | None = None  # a share of requests to trace; None: at most traces_per_second
+    traces_per_second: float = 10.0
     gateway_id: str = "gateway"
     lease_lifetime_s: float = 2.0
 
@@ -397,7 +398,12 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         metric_namespace=_get(env, "GATEWAY_METRIC_NAMESPACE") or "openai",
         metric_dimensions=_dimensions(env),
         record_content=_boolean(env, "GATEWAY_RECORD_CONTENT", False),
-        trace_sampling=_number(env, "GATEWAY_TRACE_SAMPLING", 1.0, minimum=0.0, maximum=1.0),
+        trace_sampling=(
+            _number(env, "GATEWAY_TRACE_SAMPLING", 1.0, minimum=0.0, maximum=1.0)
+            if _get(env, "GATEWAY_TRACE_SAMPLING") is not None
+            else None
+        ),
+        traces_per_second=_number(env, "GATEWAY_TRACES_PER_SECOND", 10.0, minimum=0.0, maximum=100_000),
         gateway_id=gateway_id,
         lease_lifetime_s=_number(env, "GATEWAY_LEASE_LIFETIME_S", 2.0, minimum=0.1, maximum=30),
     )

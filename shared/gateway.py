@@ -276,8 +276,8 @@ class Gateway:
         try:
             raw = await upstream.read()
         except UpstreamBroken:
-            usage = TokenUsage(self._prompt_tokens(call), 0, self._prompt_tokens(call), reported=False)
-            self._account(call, backend, 502, usage, None, attempts)
+            prompt = self._prompt_tokens(call)
+            self._account(call, backend, 502, TokenUsage(prompt, 0, prompt, reported=False), None, attempts)
             raise GatewayError(502, "The backend's response broke off.", type="server_error", code="backend_error") from None
         status = upstream.status
         usage, model = usage_from_body(raw) if status == 200 else (None, None)

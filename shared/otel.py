@@ -71,6 +71,14 @@ def configure(settings: Settings) -> Telemetry:
             from azure.identity import ManagedIdentityCredential
 
             credential = ManagedIdentityCredential(client_id=settings.managed_identity_client_id)
+        # Traces: exporting a request and its dependencies costs far more CPU than its metrics (the exporter's
+        # serialization), so by default at most GATEWAY_TRACES_PER_SECOND requests a second are traced; set
+        # GATEWAY_TRACE_SAMPLING (a share, 1 = all) instead to sample by ratio. Metrics are never sampled.
+        sampling: dict[str, float] = (
+            {"sampling_ratio": settings.trace_sampling}
+            if settings.trace_sampling is not None
+            else {"traces_per_second": settings.traces_per_second}
+        )
         configure_azure_monitor(
             connection_string=settings.appinsights_connection_string,
             credential=credential,
@@ -83,9 +91,7 @@ def configure(settings: Settings) -> Telemetry:
             )},
             logger_name="shared",
             views=views(),
-            # Every request traced by default (the exporter's own default is 5 traces a second); metrics are never
-            # sampled, whatever this says.
-            sampling_ratio=settings.trace_sampling,
+            **sampling,
         )
         _configured = True
     return OtelTelemetry(settings)

@@ -551,7 +551,7 @@ class TokenLimiter:
                            closing.written_quota_hold, 0, now)
                 if old:
                     keep = old_keep if budget.current is old else None
-                    hold_after = max(0, old_keep.get(CONSUMER_SCOPE, 0)) if (keep and old.quota_held) else 0
+                    hold_after = max(0, keep.get(CONSUMER_SCOPE, 0)) if (keep and old.quota_held) else 0
                     report(ledger, old.id, old_usage, keep, old.quota_key, _spent(old_usage),
                            old.written_quota_hold, hold_after, now)
                 if pending:

@@ -71,17 +71,35 @@ def _build(name: str) -> tiktoken.Encoding:
         return _bundled_ranks(name, expected_hash)
 
     original = openai_public.load_tiktoken_bpe
-    openai_public.load_tiktoken_bpe = offline_loader  # type: ignore[assignment]
+    openai_public.load_tiktoken_bpe = offline_loader
     try:
         spec = constructor()
     finally:
-        openai_public.load_tiktoken_bpe = original  # type: ignore[assignment]
-    return tiktoken.Encoding(
+        openai_public.load_tiktoken_bpe = original
+    encoding = tiktoken.Encoding(
         name=spec["name"],
         pat_str=spec["pat_str"],
         mergeable_ranks=spec["mergeable_ranks"],
         special_tokens=spec["special_tokens"],
     )
+    # The Rust core keeps its own copy of the ranks; the Python one (tens of MB) only serves decoding helpers the
+    # gateway never calls. Dropping it, and handing the freed memory back, keeps a worker's footprint down.
+    del spec
+    if hasattr(encoding, "_mergeable_ranks"):
+        del encoding._mergeable_ranks
+    _release_memory()
+    return encoding
+
+
+def _release_memory() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the memory is reused by the process instead
 
 
 def get_encoding(name: str = DEFAULT_ENCODING) -> tiktoken.Encoding:
@@ -110,9 +128,31 @@ def encoding_for(model: str | None) -> tiktoken.Encoding:
     return get_encoding(encoding_name_for(model))
 
 
+# Counts of recent longer strings: system prompts, tool schemas and few-shot examples repeat across requests, and
+# encoding them is most of what admission costs.
+_CACHE_MIN_CHARS = 64
+_CACHE_MAX_ENTRIES = 4096
+_counts: dict[tuple[str, str], int] = {}
+
+
 def count_text(text: str, encoding: tiktoken.Encoding) -> int:
-    # disallowed_special=() : user text that happens to contain "<|endoftext|>" is counted, not rejected.
-    return len(encoding.encode(text, disallowed_special=()))
+    if len(text) < _CACHE_MIN_CHARS:
+        # disallowed_special=() : user text that happens to contain "<|endoftext|>" is counted, not rejected.
+        return len(encoding.encode(text, disallowed_special=()))
+    key = (encoding.name, text)
+    count = _counts.get(key)
+    if count is None:
+        count = len(encoding.encode(text, disallowed_special=()))
+        if len(_counts) >= _CACHE_MAX_ENTRIES:
+            _counts.clear()
+        _counts[key] = count
+    return count
+
+
+def preload(models: Iterable[str] = ()) -> None:
+    """Load, now (at start-up), the encodings these models or deployment names need, so no request pays for it."""
+    for name in sorted({encoding_name_for(m) for m in models} or {DEFAULT_ENCODING}):
+        get_encoding(name)
 
 
 def _content_tokens(content: Any, enc: tiktoken.Encoding) -> int:

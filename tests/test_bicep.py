@@ -122,6 +122,7 @@ LEFT_AT_DEFAULT = {
     "GATEWAY_METRIC_NAMESPACE",
     "GATEWAY_METRIC_DIMENSIONS",
     "GATEWAY_TRACE_SAMPLING",
+    "GATEWAY_TRACES_PER_SECOND",
     # Prompts and completions are never recorded unless this is set; the deployment keeps it off.
     "GATEWAY_RECORD_CONTENT",
 }

@@ -60,6 +60,7 @@ def test_token_metrics_are_exact_with_apim_names_and_dimensions_and_nothing_leav
         "NETGUARD_LOG": str(netlog),
         "LOCALHOST_LOOP": "asyncio",  # so every connection goes through Python's socket module and the guard
         "GATEWAY_ID": "test-gateway",
+        "GATEWAY_TRACE_SAMPLING": "1",  # every request traced (the default is a rate limit)
     })
     consumer = unique("metered")
     key = e2e.create_consumer(consumer, tpm=1_000_000)

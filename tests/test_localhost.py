@@ -12,7 +12,6 @@ import azure.functions as func
 import pytest
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from tools import localhost
@@ -49,7 +48,7 @@ def test_local_host_serves_exactly_the_registered_functions(function_app: Any) -
     functions = function_app.app.get_functions()
     asgi = localhost.build_asgi(functions, localhost.route_prefix(ROOT / "host.json"))
     # Starlette answers HEAD wherever GET is allowed, as the Functions host does; compare without it.
-    served = {(r.name, r.path, frozenset(r.methods or ()) - {"HEAD"}) for r in asgi.routes if isinstance(r, Route)}
+    served = {(r.name, r.path, r.methods - {"HEAD"}) for r in asgi.routes}
     expected = {
         (name, localhost.starlette_path("", route), methods - {"HEAD"})
         for name, route, methods, _ in registrations(functions)
@@ -65,6 +64,15 @@ def test_route_templates_and_precedence() -> None:
     assert localhost.starlette_path("", "health") == "/health"
     ordered = sorted(["{*all}", "v1/{*rest}", "v1/models", "openai/{x}/y"], key=localhost.precedence)
     assert ordered.index("v1/models") < ordered.index("v1/{*rest}") < ordered.index("{*all}")
+
+
+def test_route_patterns() -> None:
+    pattern = localhost.route_regex("", "openai/deployments/{deployment}/{*operation}")
+    match = pattern.match("/openai/deployments/gpt-4o/chat/completions")
+    assert match is not None and match.groupdict() == {"deployment": "gpt-4o", "operation": "chat/completions"}
+    assert pattern.match("/openai/deployments/gpt-4o") is None
+    assert localhost.route_regex("api", "health").match("/api/health")
+    assert localhost.route_regex("api", "health").match("/health") is None
 
 
 def test_function_keys_and_catch_all_order() -> None:

@@ -12,22 +12,19 @@ as `func start` does.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hmac
 import importlib
 import json
 import os
 import re
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from shared.config import local_environment
 
@@ -108,38 +105,93 @@ def _authorized(request: Request, level: str, keys: Mapping[str, str]) -> bool:
     return any(key and hmac.compare_digest(sent, key) for key in allowed)
 
 
+def route_regex(prefix: str, template: str) -> re.Pattern[str]:
+    """`{name}` matches one segment, `{*rest}` the rest of the path; as the Functions host does."""
+    parts = []
+    for segment in [p for p in (prefix, template.strip("/")) if p]:
+        for piece in segment.split("/"):
+            match = re.fullmatch(r"\{(\*?)([^}:?]+)[^}]*\}", piece)
+            if match is None:
+                parts.append(re.escape(piece))
+            elif match.group(1):
+                parts.append(f"(?P<{match.group(2)}>.*)")
+            else:
+                parts.append(f"(?P<{match.group(2)}>[^/]+)")
+    return re.compile("^/" + "/".join(parts) + "/?$")
+
+
+@dataclass(frozen=True)
+class Served:
+    name: str
+    path: str  # the Starlette-style path, for display and tests
+    methods: frozenset[str]
+    pattern: re.Pattern[str]
+    route: HostRoute
+
+
+class LocalHost:
+    """A lean ASGI app: match the path against the registrations in precedence order and call the handler.
+
+    No middleware stack: every await between the server and the handler is paid again for each chunk of a stream.
+    """
+
+    def __init__(
+        self, functions: Any, prefix: str, keys: Mapping[str, str] | None = None,
+        on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.keys = dict(keys or {})
+        self.on_shutdown = on_shutdown
+        ordered = sorted(host_routes(functions), key=lambda r: precedence(r.template))
+        self.routes = [
+            Served(r.function, starlette_path(prefix, r.template), frozenset(r.methods), route_regex(prefix, r.template), r)
+            for r in ordered
+        ]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        for served in self.routes:
+            match = served.pattern.match(path)
+            if match is None:
+                continue
+            if scope["method"] not in served.methods and not (scope["method"] == "HEAD" and "GET" in served.methods):
+                continue
+            scope["path_params"] = match.groupdict()
+            request = Request(scope, receive)
+            route = served.route
+            if not _authorized(request, route.auth_level, self.keys):
+                response: Response = Response(status_code=401)
+            else:
+                response = await route.handler(**{route.arg_name: request})
+            await response(scope, receive, send)
+            return
+        body = {"error": {"message": "Not found", "type": "invalid_request_error", "code": "not_found"}}
+        await JSONResponse(body, 404)(scope, receive, send)
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.on_shutdown is not None:
+                    await self.on_shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
 def build_asgi(
     functions: Any, prefix: str, keys: Mapping[str, str] | None = None,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
-) -> Starlette:
-    keys = dict(keys or {})
-    routes = sorted(host_routes(functions), key=lambda r: precedence(r.template))
-
-    def endpoint(route: HostRoute) -> Callable[[Request], Awaitable[Response]]:
-        async def call(request: Request) -> Response:
-            if not _authorized(request, route.auth_level, keys):
-                return Response(status_code=401)
-            return await route.handler(**{route.arg_name: request})
-
-        return call
-
-    starlette_routes = [
-        Route(starlette_path(prefix, r.template), endpoint(r), methods=list(r.methods), name=r.function) for r in routes
-    ]
-
-    async def not_found(request: Request, exc: Exception) -> Response:
-        return JSONResponse({"error": {"message": "Not found", "type": "invalid_request_error", "code": "not_found"}}, 404)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        yield
-        if on_shutdown is not None:
-            await on_shutdown()
-
-    return Starlette(routes=starlette_routes, exception_handlers={404: not_found}, lifespan=lifespan)
+) -> LocalHost:
+    return LocalHost(functions, prefix, keys, on_shutdown)
 
 
-def load(settings_path: Path | None = None) -> tuple[Any, Starlette]:
+def load(settings_path: Path | None = None) -> tuple[Any, LocalHost]:
     """Import function_app with settings in place, and build the ASGI app serving its registrations."""
     os.environ.update(local_environment(str(settings_path or ROOT / "local.settings.json")))
     if str(ROOT) not in sys.path:
@@ -169,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             loop = "asyncio"
     print(f"gateway listening on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(asgi, host=args.host, port=args.port, loop=loop, log_level="warning", access_log=False, lifespan="on")
+    uvicorn.run(asgi, host=args.host, port=args.port, loop=loop, log_level="warning", access_log=False, lifespan="on",
+                proxy_headers=False, server_header=False, date_header=False)
     return 0
 
 

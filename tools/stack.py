@@ -139,6 +139,7 @@ class Region:
     embeddings_tpm: int = 1_000_000
     reserve_tokens: int = 0
     timeout_s: float | None = None
+    completion_tokens: int = 40  # what the simulated region generates when a request sets no max_tokens
     breaker: Mapping[str, Any] = field(default_factory=dict)
 
     def backend(self) -> dict[str, Any]:
@@ -177,8 +178,8 @@ def simulator_argv(region: Region, latency_ms: float, token_latency_ms: float) -
     return [
         PYTHON, "-m", "tools.simulator", "--host", LOOPBACK, "--port", str(region.port), "--region", region.region,
         "--api-key", SIM_API_KEY, "--latency-ms", str(latency_ms), "--token-latency-ms", str(token_latency_ms),
-        "--deployment", f"gpt-4o:tpm={region.chat_tpm},model=gpt-4o-2024-11-20",
-        "--deployment", f"gpt-4o-mini:tpm={region.chat_tpm},model=gpt-4o-mini-2024-07-18",
+        "--deployment", f"gpt-4o:tpm={region.chat_tpm},model=gpt-4o-2024-11-20,completion={region.completion_tokens}",
+        "--deployment", f"gpt-4o-mini:tpm={region.chat_tpm},model=gpt-4o-mini-2024-07-18,completion={region.completion_tokens}",
         "--deployment", f"text-embedding-3-small:tpm={region.embeddings_tpm},model=text-embedding-3-small",
     ]
 
