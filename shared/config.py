@@ -100,6 +100,7 @@ class Settings:
     record_content: bool = False
     trace_sampling: float | None = None  # a share of requests to trace; None: at most traces_per_second
     traces_per_second: float = 10.0
+    gc_tuning: bool = True
     gateway_id: str = "gateway"
     lease_lifetime_s: float = 2.0
 
@@ -404,6 +405,7 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
             else None
         ),
         traces_per_second=_number(env, "GATEWAY_TRACES_PER_SECOND", 10.0, minimum=0.0, maximum=100_000),
+        gc_tuning=_boolean(env, "GATEWAY_GC_TUNING", True),
         gateway_id=gateway_id,
         lease_lifetime_s=_number(env, "GATEWAY_LEASE_LIFETIME_S", 2.0, minimum=0.1, maximum=30),
     )

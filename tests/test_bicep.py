@@ -123,6 +123,7 @@ LEFT_AT_DEFAULT = {
     "GATEWAY_METRIC_DIMENSIONS",
     "GATEWAY_TRACE_SAMPLING",
     "GATEWAY_TRACES_PER_SECOND",
+    "GATEWAY_GC_TUNING",
     # Prompts and completions are never recorded unless this is set; the deployment keeps it off.
     "GATEWAY_RECORD_CONTENT",
 }
