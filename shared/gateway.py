@@ -313,7 +313,7 @@ class Gateway:
         first_at: float | None = None
         clean = False
         try:
-            async for chunk in upstream.chunks():
+            while chunk := await upstream.next_chunk():
                 out = relay.feed(chunk)
                 if out:
                     if first_at is None:

@@ -6,8 +6,12 @@ Starlette's, which are the same classes.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from shared.errors import GatewayError
 from shared.messages import GatewayRequest, GatewayResponse
@@ -73,9 +77,60 @@ def to_gateway_request(request: Request, body: bytes) -> GatewayRequest:
     )
 
 
+class EventStreamResponse(Response):
+    """Streams the gateway's chunks to the client, each as soon as it is produced.
+
+    Starlette's StreamingResponse runs the stream in an anyio task group on ASGI servers older than spec 2.4 (uvicorn
+    among them), which costs on every chunk. Here the stream runs in the request's own task, and one plain task waits
+    for the client to disconnect and cancels it; the stream's own clean-up (closing the backend, charging what was
+    delivered) then runs as it would on any cancellation.
+    """
+
+    def __init__(self, chunks: AsyncIterator[bytes], status_code: int, headers: Mapping[str, str]) -> None:
+        # Not Response.__init__: it would render an empty body and announce Content-Length: 0.
+        self.chunks = chunks
+        self.status_code = status_code
+        self.background = None
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        streaming = asyncio.current_task()
+        assert streaming is not None
+        disconnected = False
+
+        async def watch() -> None:
+            nonlocal disconnected
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    disconnected = True
+                    streaming.cancel()
+                    return
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not disconnected:
+                raise
+            streaming.uncancel()  # the client left: not an error of ours, and the task goes on to finish cleanly
+            await _close(self.chunks)
+        finally:
+            watcher.cancel()
+
+
+async def _close(chunks: AsyncIterator[bytes]) -> None:
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 def to_response(response: GatewayResponse) -> Response:
     if response.stream is not None:
-        return StreamingResponse(response.stream, status_code=response.status, headers=response.headers)
+        return EventStreamResponse(response.stream, response.status, response.headers)
     return Response(response.body, status_code=response.status, headers=response.headers)
 
 
