@@ -25,3 +25,43 @@ def rss_mb(pid: int) -> float:
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def tree(pid: int) -> list[int]:
+    """The process and all its descendants."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(parents.get(current, []))
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for member in tree(pid):
+        try:
+            total += cpu_seconds(member)
+        except OSError:
+            pass
+    return total
+
+
+def tree_rss_mb(pid: int) -> float:
+    total = 0.0
+    for member in tree(pid):
+        try:
+            total += rss_mb(member)
+        except OSError:
+            pass
+    return total

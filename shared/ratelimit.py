@@ -52,6 +52,7 @@ PENDING_GRACE_S = 1.0  # write pending usage by then even if no renewal has come
 # When the shared window is full, capacity trickles back as admissions age out; claiming it in larger, less frequent
 # pieces keeps Table round trips per admitted request low without leaving it unused (the window slides).
 SATURATED_CLAIM_INTERVAL_S = 1.0
+MAX_CLAIMS_PER_REQUEST = 8  # a bound on the slow path; with claims sized for every waiter, one or two suffice
 
 
 class LedgerStore(Protocol):
@@ -182,6 +183,7 @@ class Budget:
     saturated_scope: str = CONSUMER_SCOPE
     rate: float = 0.0  # tokens per second admitted here, smoothed
     typical: float = 0.0  # a typical reservation, smoothed: leases smaller than one request are useless
+    waiting: int = 0  # requests of this consumer waiting here for a lease
     last_admit_mono: float = 0.0
 
     def note(self, scopes: Scopes, reserve: int, mono: float) -> None:
@@ -303,27 +305,37 @@ class TokenLimiter:
             budget = self._budgets[consumer.id] = Budget(consumer.id)
             self._start_ticker()
         budget.note(scopes, reserve, self._clock.monotonic())
-        for _ in range(3):
-            ticket = self._admit_from_lease(budget, scopes, reserve)
-            if ticket is not None:
-                return ticket
-            now = self._clock.now()
-            if budget.degraded_until > now:
-                return self._admit_degraded(budget, scopes, reserve)
-            blocked = budget.blocked_refusal(scopes, now)
-            if blocked is not None:
-                raise self._refusal_error(scopes, blocked[1], blocked[0], now)
-            if budget.saturated_until > now and budget.saturated_scope in scopes.limits:
-                # Claims are spaced out while the window is full, but the answer is the true time until this request
-                # fits, from the last copy of the ledger.
-                scope = budget.saturated_scope
-                until = budget.saturated_until
-                if budget.ledger is not None:
-                    wait_ms = budget.ledger.wait_ms(scope, reserve, scopes.limits[scope], int(now * 1000))
-                    if wait_ms is not None:
-                        until = max(until, now + wait_ms / 1000)
-                raise self._refusal_error(scopes, Refusal(scope, None), until, now)
-            await self._sync(budget, reserve, scopes.names)
+        ticket = self._admit_from_lease(budget, scopes, reserve)
+        if ticket is not None:
+            return ticket
+        # Slow path: this instance needs (more of) a lease. Requests that arrive together wait for the same write, and
+        # the claim is sized for all of them; a request is refused only when the ledger says there is no room (or the
+        # store keeps failing), never because other waiters took the tokens first.
+        budget.waiting += 1
+        try:
+            for _ in range(MAX_CLAIMS_PER_REQUEST):
+                now = self._clock.now()
+                if budget.degraded_until > now:
+                    return self._admit_degraded(budget, scopes, reserve)
+                blocked = budget.blocked_refusal(scopes, now)
+                if blocked is not None:
+                    raise self._refusal_error(scopes, blocked[1], blocked[0], now)
+                if budget.saturated_until > now and budget.saturated_scope in scopes.limits:
+                    # Claims are spaced out while the window is full, but the answer is the true time until this
+                    # request fits, from the last copy of the ledger.
+                    scope = budget.saturated_scope
+                    until = budget.saturated_until
+                    if budget.ledger is not None:
+                        wait_ms = budget.ledger.wait_ms(scope, reserve, scopes.limits[scope], int(now * 1000))
+                        if wait_ms is not None:
+                            until = max(until, now + wait_ms / 1000)
+                    raise self._refusal_error(scopes, Refusal(scope, None), until, now)
+                await self._sync(budget, reserve, scopes.names)
+                ticket = self._admit_from_lease(budget, scopes, reserve)
+                if ticket is not None:
+                    return ticket
+        finally:
+            budget.waiting -= 1
         now = self._clock.now()
         if budget.degraded_until > now:
             return self._admit_degraded(budget, scopes, reserve)
@@ -485,7 +497,8 @@ class TokenLimiter:
         needs: dict[str, int] = {}
         wants: dict[str, int] = {}
         usual = max(need, int(budget.typical), 1)
-        expected = int(budget.rate * self._lifetime_s)
+        # Enough for a lease lifetime at the recent rate, and at least for everyone waiting right now.
+        expected = max(int(budget.rate * self._lifetime_s), usual * (budget.waiting + 1))
         for scope, limit in budget.limits.items():
             entry = budget.blocked.get(scope)
             if scope not in need_scopes and entry is not None and entry[0] > now:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -228,3 +229,21 @@ async def test_many_instances_never_admit_more_than_the_limit_in_any_minute(
     assert min(per_minute) >= 0.9 * limit, per_minute
     round_trips = (store.reads + store.writes) / len(admissions)
     assert round_trips <= max_round_trips, (store.reads, store.writes, len(admissions))
+
+
+async def test_a_burst_of_concurrent_first_requests_is_admitted_not_refused() -> None:
+    """A fresh instance, many requests at once, ample limit: they share the claims, none is refused for arriving
+    together (each write is slow here, so they all pile up behind the first)."""
+    import asyncio
+
+    class SlowStore(MemoryLedgerStore):
+        async def write(self, consumer_id: str, ledger: Any, etag: str | None) -> str:
+            await asyncio.sleep(0.01)
+            return await super().write(consumer_id, ledger, etag)
+
+    store = SlowStore()
+    lim = limiter(store, FakeClock())
+    c = consumer(tpm=10_000_000)
+    tickets = await asyncio.gather(*(lim.admit(c, DEPLOYMENT, 200) for _ in range(64)))
+    assert len(tickets) == 64
+    assert store.writes <= 4, store.writes

@@ -1,0 +1,321 @@
+"""The gateway side by side with a direct call, a bare Python passthrough and LiteLLM's proxy (issue: performance).
+
+    .venv/bin/python -m bench.compare [--seconds 6] [--rounds 2] [--no-litellm] [--write]
+
+One simulated backend (50 ms; streams of 20 tokens 5 ms apart); every configuration forwards to it:
+- direct: the load generator straight to the backend (the floor);
+- passthrough: a minimal streaming proxy on one shared httpx.AsyncClient (bench/passthrough.py), and the same on aiohttp;
+- gateway: ours, one worker, with consumer auth, token limits on Azurite, routing and metrics + traces exported to a
+  local App Insights capture endpoint;
+- litellm: LiteLLM's proxy from PyPI in its own virtualenv (bench/.venv-litellm, created on first use), one worker,
+  no database, telemetry and cost-map download off.
+Workloads: non-streaming chat (~200 prompt tokens), streaming chat, embeddings; at 1, 16 and 64 concurrent clients.
+Configurations are measured interleaved (direct, passthrough, gateway, litellm, then again), `--rounds` times, and
+the medians kept. Also: start to first response, CPU of a 1,000-chunk stream, memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.harness import ROOT, Bench, bench_stack, load, machine, save, stamp, update_doc
+from bench.procs import tree_cpu_seconds, tree_rss_mb
+from tools import stack
+from tools.capture import Capture
+
+LITELLM_VENV = ROOT / "bench" / ".venv-litellm"
+PROMPT = " ".join(["The gateway counts every token of every consumer, exactly, across regions."] * 14)
+EMBED_INPUT = "The quick brown fox jumps over the lazy dog near the river bank, where people live happy lives." * 2
+AZURE_PATH = "/openai/deployments/{deployment}/{operation}?api-version=2024-10-21"
+
+
+@dataclass
+class Config:
+    name: str
+    base: str
+    style: str  # "azure": Azure paths, api-key; "openai": /v1 paths, bearer
+    key: str
+    pid: int | None
+
+    def url(self, operation: str, deployment: str) -> str:
+        if self.style == "azure":
+            return self.base + AZURE_PATH.format(deployment=deployment, operation=operation)
+        return f"{self.base}/v1/{operation}"
+
+    def headers(self) -> dict[str, str]:
+        return {"api-key": self.key} if self.style == "azure" else {"authorization": f"Bearer {self.key}"}
+
+
+def body(workload: str, style: str) -> bytes:
+    if workload == "embeddings":
+        payload: dict[str, Any] = {"input": EMBED_INPUT, "model": "text-embedding-3-small"}
+    else:
+        payload = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 20, "model": "gpt-4o"}
+        if workload == "stream":
+            payload["stream"] = True
+    if style == "azure":
+        payload.pop("model")
+    return json.dumps(payload).encode()
+
+
+def measure(config: Config, workload: str, concurrency: int, seconds: float) -> dict[str, Any]:
+    operation = "embeddings" if workload == "embeddings" else "chat/completions"
+    deployment = "text-embedding-3-small" if workload == "embeddings" else "gpt-4o"
+    url, payload, stream = config.url(operation, deployment), body(workload, config.style), workload == "stream"
+    load(url, payload, concurrency, 1.0, headers=config.headers(), stream=stream, warmup=0)  # warm up
+    cpu = tree_cpu_seconds(config.pid) if config.pid else 0.0
+    result = load(url, payload, concurrency, seconds, headers=config.headers(), stream=stream, warmup=0)
+    if config.pid:
+        result["cpu_ms_per_request"] = round((tree_cpu_seconds(config.pid) - cpu) * 1000 / max(1, result["requests"]), 3)
+        result["rss_mb"] = round(tree_rss_mb(config.pid), 1)
+    return result
+
+
+def ensure_litellm() -> Path:
+    binary = LITELLM_VENV / "bin" / "litellm"
+    if not binary.exists():
+        print("installing LiteLLM into bench/.venv-litellm (once) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
+        subprocess.run([str(LITELLM_VENV / "bin" / "pip"), "install", "-q", "litellm[proxy]"], check=True)
+    return binary
+
+
+def start_litellm(bench: Bench, backend: str, log_dir: Path) -> tuple[stack.Child, float]:
+    config = log_dir / "litellm.yaml"
+    models = "\n".join(
+        f"  - model_name: {name}\n    litellm_params:\n      model: azure/{name}\n      api_base: {backend}\n"
+        f"      api_key: {stack.SIM_API_KEY}\n      api_version: \"2024-10-21\""
+        for name in ("gpt-4o", "text-embedding-3-small")
+    )
+    config.write_text(f"model_list:\n{models}\ngeneral_settings:\n  master_key: sk-bench\nlitellm_settings:\n  telemetry: false\n")
+    port = stack.free_port()
+    env = {"LITELLM_TELEMETRY": "False", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "NO_DOCS": "True",
+           "DISABLE_SCHEMA_UPDATE": "True", "LITELLM_LOG": "ERROR"}
+    argv = [str(ensure_litellm()), "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
+    started = time.monotonic()
+    child = stack._spawn("litellm", argv, port, env, log_dir, 120)
+    bench.children.append(child)
+    first_response_s = wait_first_response(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                           {"authorization": "Bearer sk-bench"}, body("chat", "openai"), started)
+    return child, first_response_s
+
+
+def start_passthrough(bench: Bench, backend: str, kind: str, log_dir: Path) -> stack.Child:
+    port = stack.free_port()
+    argv = [stack.PYTHON, "-m", "bench.passthrough", "--port", str(port), "--backend", backend, "--client", kind]
+    child = stack._spawn(f"passthrough-{kind}", argv, port, None, log_dir, 30)
+    bench.children.append(child)
+    return child
+
+
+def wait_first_response(url: str, headers: dict[str, str], payload: bytes, started: float, timeout_s: float = 120) -> float:
+    with httpx.Client(timeout=10) as client:
+        while time.monotonic() - started < timeout_s:
+            try:
+                if client.post(url, content=payload, headers={**headers, "content-type": "application/json"}).status_code == 200:
+                    return round(time.monotonic() - started, 3)
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.02)
+    raise TimeoutError(url)
+
+
+def stream_cpu(config: Config, chunks: int, spacing_ms: float, backend: str) -> float:
+    """CPU ms a stream of `chunks` tokens costs the proxy beyond a non-streaming request (from the simulator at
+    `backend`, whose token latency is set to `spacing_ms`)."""
+    httpx.post(f"{backend}/_sim/latency", json={"latency_ms": 5, "token_latency_ms": spacing_ms})
+    try:
+        url = config.url("chat/completions", "gpt-4o")
+        headers = {**config.headers(), "content-type": "application/json"}
+
+        def cost(stream: bool, count: int) -> float:
+            payload = json.loads(body("stream" if stream else "chat", config.style))
+            payload["max_tokens"] = chunks
+            with httpx.Client(timeout=120) as client:
+                client.post(url, json=payload, headers=headers).read()
+                before = tree_cpu_seconds(config.pid) if config.pid else 0.0
+                for _ in range(count):
+                    with client.stream("POST", url, json=payload, headers=headers) as response:
+                        for _ in response.iter_bytes():
+                            pass
+                return (tree_cpu_seconds(config.pid) - before) * 1000 / count if config.pid else 0.0
+
+        return round(cost(True, 10) - cost(False, 10), 2)
+    finally:
+        httpx.post(f"{backend}/_sim/latency", json={"latency_ms": 50, "token_latency_ms": 5})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, action="append")
+    parser.add_argument("--workload", action="append", choices=("chat", "stream", "embeddings"))
+    parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args(argv)
+    concurrencies = args.concurrency or [1, 16, 64]
+    workloads = args.workload or ["chat", "stream", "embeddings"]
+    results: dict[str, Any] = {"machine": machine(), "date": stamp(), "seconds": args.seconds, "rounds": args.rounds,
+                               "points": [], "extras": {}}
+    capture = Capture()
+    with bench_stack() as bench, tempfile.TemporaryDirectory() as folder:
+        log_dir = Path(folder)
+        bench.start_azurite()
+        # Completions are as long as max_tokens asks, up to 1,000 (the long-stream measurement).
+        region = stack.Region("sim", "uksouth", stack.free_port(), chat_tpm=10**9, embeddings_tpm=10**9, completion_tokens=1000)
+        bench.start_simulator(region, latency_ms=50, token_latency_ms=5)
+        backend = f"http://127.0.0.1:{region.port}"
+        key = bench.consumer("bench", tokens_per_minute=10**9)
+        started = time.monotonic()
+        gateway = bench.start_gateway([region], {"APPLICATIONINSIGHTS_CONNECTION_STRING": capture.connection_string})
+        results["extras"]["gateway_first_response_s"] = wait_first_response(
+            gateway.url + AZURE_PATH.format(deployment="gpt-4o", operation="chat/completions"), {"api-key": key},
+            body("chat", "azure"), started)
+        configs = [Config("direct", backend, "azure", stack.SIM_API_KEY, None)]
+        for kind in ("httpx", "aiohttp"):
+            child = start_passthrough(bench, backend, kind, log_dir)
+            configs.append(Config(f"passthrough-{kind}", child.url, "azure", stack.SIM_API_KEY, child.process.pid))
+        configs.append(Config("gateway", gateway.url, "azure", key, gateway.process.pid))
+        if not args.no_litellm:
+            litellm, first = start_litellm(bench, backend, log_dir)
+            results["extras"]["litellm_first_response_s"] = first
+            configs.append(Config("litellm", litellm.url, "openai", "sk-bench", litellm.process.pid))
+
+        for workload in workloads:
+            for concurrency in concurrencies:
+                rounds: dict[str, list[dict[str, Any]]] = {c.name: [] for c in configs}
+                for round_ in range(args.rounds):
+                    order = configs if round_ % 2 == 0 else list(reversed(configs))
+                    for config in order:
+                        rounds[config.name].append(measure(config, workload, concurrency, args.seconds))
+                direct = merge(rounds["direct"], workload)
+                for config in configs:
+                    point = merge(rounds[config.name], workload)
+                    point.update({"config": config.name, "workload": workload, "concurrency": concurrency})
+                    point["added_p50_ms"] = round(point["p50_ms"] - direct["p50_ms"], 3)
+                    point["added_p99_ms"] = round(point["p99_ms"] - direct["p99_ms"], 3)
+                    point["throughput_vs_direct"] = round(point["rps"] / max(direct["rps"], 1e-9), 3)
+                    results["points"].append(point)
+                    print(json.dumps(point), flush=True)
+
+        for config in configs:
+            if config.pid:
+                results["extras"].setdefault("stream_1000_cpu_ms", {})[config.name] = {
+                    "spaced_1ms": stream_cpu(config, 1000, 1, backend),
+                    "back_to_back": stream_cpu(config, 1000, 0, backend),
+                }
+                results["extras"].setdefault("rss_mb", {})[config.name] = round(tree_rss_mb(config.pid), 1)
+        print(json.dumps(results["extras"]), flush=True)
+    capture.stop()
+    save("compare", results)
+    if args.write:
+        plot(results, ROOT / "docs" / "compare.png")
+        update_doc("compare", markdown(results))
+    return 0
+
+
+def merge(runs: list[dict[str, Any]], workload: str) -> dict[str, Any]:
+    key = "latency_ms"
+
+    def median(path: tuple[str, ...]) -> float:
+        values = []
+        for run in runs:
+            value: Any = run
+            for part in path:
+                value = value.get(part, {}) if isinstance(value, dict) else None
+            if isinstance(value, (int, float)):
+                values.append(value)
+        return round(statistics.median(values), 3) if values else float("nan")
+
+    point = {
+        "rps": median(("rps",)),
+        "p50_ms": median((key, "p50")),
+        "p95_ms": median((key, "p95")),
+        "p99_ms": median((key, "p99")),
+        "cpu_ms_per_request": median(("cpu_ms_per_request",)),
+        "rss_mb": max((r.get("rss_mb", 0) for r in runs), default=0),
+        "errors": sum(r["requests"] - r["ok"] for r in runs),
+    }
+    if workload == "stream":
+        point["ttfb_p50_ms"] = median(("ttfb_ms", "p50"))
+        point["ttfb_p99_ms"] = median(("ttfb_ms", "p99"))
+    return point
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [p for p in results["points"] if p["concurrency"] == max(q["concurrency"] for q in results["points"])]
+    configs = [c for c in dict.fromkeys(p["config"] for p in points) if c != "direct"]
+    workloads = list(dict.fromkeys(p["workload"] for p in points))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    width = 0.8 / max(1, len(workloads))
+    for index, workload in enumerate(workloads):
+        rows = {p["config"]: p for p in points if p["workload"] == workload}
+        xs = [i + index * width for i in range(len(configs))]
+        axes[0].bar(xs, [rows[c]["added_p50_ms"] for c in configs], width, label=workload)
+        axes[1].bar(xs, [rows[c]["cpu_ms_per_request"] for c in configs], width, label=workload)
+        axes[2].bar(xs, [rows[c]["throughput_vs_direct"] for c in configs], width, label=workload)
+    for axis, title in zip(axes, ("added p50 latency (ms)", "proxy CPU per request (ms)", "throughput / direct"), strict=True):
+        axis.set_xticks([i + width * (len(workloads) - 1) / 2 for i in range(len(configs))], configs, rotation=15, fontsize=8)
+        axis.set_title(title)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{max(p['concurrency'] for p in points)} concurrent clients, 50 ms backend — {results['date']}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "## Side by side: direct, Python passthroughs, the gateway, LiteLLM",
+        "",
+        f"`.venv/bin/python -m bench.compare --seconds {results['seconds']:g} --rounds {results['rounds']} --write` — "
+        f"{results['date']}, {results['machine']}.",
+        "One 50 ms simulated backend (streams: 20 tokens 5 ms apart). The gateway runs with everything on: consumer "
+        "auth, a token limit on Azurite, routing, metrics and traces exported to a local App Insights endpoint. "
+        "Configurations interleaved, medians of the rounds. wrk (one thread) drives non-streaming load, the Python "
+        "generator streams. For streams, latency is to the last byte and TTFB to the first.",
+        "",
+        "![compare](compare.png)",
+        "",
+        "| workload | clients | config | req/s | vs direct | p50 ms | p95 ms | p99 ms | added p50 | added p99 | TTFB p50 | CPU ms/req | RSS MB | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in results["points"]:
+        lines.append(
+            f"| {p['workload']} | {p['concurrency']} | {p['config']} | {p['rps']} | {p['throughput_vs_direct']} | {p['p50_ms']} | "
+            f"{p['p95_ms']} | {p['p99_ms']} | {p['added_p50_ms']} | {p['added_p99_ms']} | {p.get('ttfb_p50_ms', '')} | "
+            f"{p['cpu_ms_per_request']} | {p['rss_mb']} | {p['errors']} |"
+        )
+    extras = results["extras"]
+    lines += ["", "| | " + " | ".join(extras.get("rss_mb", {})) + " |", "|---|" + "---|" * len(extras.get("rss_mb", {}))]
+    for label, key in (("CPU ms of a 1,000-chunk stream beyond a plain request, chunks 1 ms apart", "spaced_1ms"),
+                       ("same, chunks back to back", "back_to_back")):
+        lines.append(f"| {label} | " + " | ".join(str(extras["stream_1000_cpu_ms"][c][key]) for c in extras["rss_mb"]) + " |")
+    lines.append("| RSS after the run (MB) | " + " | ".join(str(v) for v in extras["rss_mb"].values()) + " |")
+    lines += ["", f"Start to first successful response: gateway {extras.get('gateway_first_response_s')} s"
+              + (f", LiteLLM {extras['litellm_first_response_s']} s." if "litellm_first_response_s" in extras else ".")]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+    raise SystemExit(main())
