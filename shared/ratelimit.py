@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import time
 import uuid
 from collections.abc import Mapping
@@ -52,6 +53,7 @@ PENDING_GRACE_S = 1.0  # write pending usage by then even if no renewal has come
 # When the shared window is full, capacity trickles back as admissions age out; claiming it in larger, less frequent
 # pieces keeps Table round trips per admitted request low without leaving it unused (the window slides).
 SATURATED_CLAIM_INTERVAL_S = 1.0
+CONFLICT_BACKOFF_S = 0.005
 MAX_CLAIMS_PER_REQUEST = 8  # a bound on the slow path; with claims sized for every waiter, one or two suffice
 
 
@@ -210,6 +212,10 @@ class Budget:
         return None
 
 
+class _Contended(Exception):
+    """Every conditional write lost to another instance's."""
+
+
 class LimitTicket:
     __slots__ = ("_limiter", "_budget", "_lease", "_limits", "_scopes", "_expiry", "_reserved", "_quota_key", "_settled")
 
@@ -273,6 +279,7 @@ class TokenLimiter:
         self._ticker: asyncio.Task[None] | None = None
         self._background = background
         self.syncs = 0
+        self.contended = 0
         self.fallback_admissions = 0
 
     # ---- the request path ----------------------------------------------------------------------------------------
@@ -585,6 +592,8 @@ class TokenLimiter:
                     budget.have_copy = False
                     if not fresh:
                         budget.copy_hits *= 0.7
+                    # Other instances wrote first; a short random pause keeps them from colliding again in step.
+                    await asyncio.sleep(random.uniform(0, CONFLICT_BACKOFF_S * (_attempt + 1)))
                     continue
                 if not fresh:
                     budget.copy_hits = 0.7 * budget.copy_hits + 0.3
@@ -593,8 +602,8 @@ class TokenLimiter:
                 budget.ledger = ledger
                 break
             else:
-                raise StoreUnavailable("too many conflicting writers")
-        except StoreUnavailable as exc:
+                raise _Contended()
+        except (StoreUnavailable, _Contended) as exc:
             budget.have_copy = False
             if closing:
                 _merge(closing.unreported, closing_usage)
@@ -606,6 +615,11 @@ class TokenLimiter:
                     budget.current = old
             self._to_pending(budget, pending)
             budget.pending_quota_key = budget.pending_quota_key or pending_key
+            if isinstance(exc, _Contended):
+                # The store answers; others simply wrote first every time. Not a reason to fall back to local limits
+                # (which would admit beyond the shared limit): the waiting requests try again or are told to retry.
+                self.contended += 1
+                return
             if budget.degraded_until <= now:
                 log.warning("limiter store unavailable for consumer %s (%s); %s", budget.consumer_id, exc,
                             "failing closed" if self._fail_closed else "using the local fallback window")

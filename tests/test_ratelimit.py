@@ -247,3 +247,20 @@ async def test_a_burst_of_concurrent_first_requests_is_admitted_not_refused() ->
     tickets = await asyncio.gather(*(lim.admit(c, DEPLOYMENT, 200) for _ in range(64)))
     assert len(tickets) == 64
     assert store.writes <= 4, store.writes
+
+
+async def test_losing_every_write_to_other_instances_is_not_a_store_outage() -> None:
+    """Contention must not switch an instance to its local fallback share, which would admit beyond the shared limit."""
+
+    class AlwaysBeaten(MemoryLedgerStore):
+        async def write(self, consumer_id: str, ledger: Any, etag: str | None) -> str:
+            self.writes += 1
+            from shared.storage import Conflict
+
+            raise Conflict("someone else wrote first")
+
+    lim = limiter(AlwaysBeaten(), FakeClock(), instance_count=1)
+    with pytest.raises(GatewayError) as caught:
+        await lim.admit(consumer(tpm=1000), DEPLOYMENT, 100)
+    assert caught.value.status == 429
+    assert lim.fallback_admissions == 0 and lim.contended > 0
