@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from typing import Any
 import httpx
 
 from bench.harness import ROOT, Bench, bench_stack, load, machine, save, stamp, update_doc
-from bench.procs import tree_cpu_seconds, tree_rss_mb
+from bench.procs import tree, tree_cpu_seconds, tree_rss_mb
 from tools import stack
 from tools.capture import Capture
 
@@ -68,6 +69,19 @@ def body(workload: str, style: str) -> bytes:
     if style == "azure":
         payload.pop("model")
     return json.dumps(payload).encode()
+
+
+def pause_others(configs: list[Config], running: Config) -> None:
+    """Stop every other proxy (SIGSTOP) while one is measured, so idle background work of the others (LiteLLM's
+    especially) does not take CPU from it on this 2-core machine; the direct floor runs with all of them stopped."""
+    for config in configs:
+        if config.pid:
+            for member in tree(config.pid):
+                try:
+                    os.kill(member, signal.SIGCONT if config is running else signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
+    time.sleep(0.2)
 
 
 def measure(config: Config, workload: str, concurrency: int, seconds: float) -> dict[str, Any]:
@@ -200,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                 for round_ in range(args.rounds):
                     order = configs if round_ % 2 == 0 else list(reversed(configs))
                     for config in order:
+                        pause_others(configs, config)
                         rounds[config.name].append(measure(config, workload, concurrency, args.seconds))
                 direct = merge(rounds["direct"], workload)
                 for config in configs:
@@ -213,12 +228,20 @@ def main(argv: list[str] | None = None) -> int:
 
         for config in configs:
             if config.pid:
+                pause_others(configs, config)
                 results["extras"].setdefault("stream_1000_cpu_ms", {})[config.name] = {
                     "spaced_1ms": stream_cpu(config, 1000, 1, backend),
                     "back_to_back": stream_cpu(config, 1000, 0, backend),
                 }
                 results["extras"].setdefault("rss_mb", {})[config.name] = round(tree_rss_mb(config.pid), 1)
         print(json.dumps(results["extras"]), flush=True)
+        for config in configs:  # wake everyone before the stack is stopped
+            if config.pid:
+                for member in tree(config.pid):
+                    try:
+                        os.kill(member, signal.SIGCONT)
+                    except ProcessLookupError:
+                        pass
     capture.stop()
     save("compare", results)
     if args.write:
@@ -291,8 +314,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['date']}, {results['machine']}.",
         "One 50 ms simulated backend (streams: 20 tokens 5 ms apart). The gateway runs with everything on: consumer "
         "auth, a token limit on Azurite, routing, metrics and traces exported to a local App Insights endpoint. "
-        "Configurations interleaved, medians of the rounds. wrk (one thread) drives non-streaming load, the Python "
-        "generator streams. For streams, latency is to the last byte and TTFB to the first.",
+        "Configurations interleaved, medians of the rounds; while one is measured the others are stopped (SIGSTOP), "
+        "so their idle work does not take CPU on this 2-core machine. wrk (one thread) drives non-streaming load, the "
+        "Python generator streams. For streams, latency is to the last byte and TTFB to the first.",
         "",
         "![compare](compare.png)",
         "",

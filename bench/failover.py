@@ -169,7 +169,7 @@ def plot(records: list[list[Any]], throttled: list[list[float]], started: float,
 
     per_second: dict[str, Counter[int]] = defaultdict(Counter)
     client_429: Counter[int] = Counter()
-    for when, status, _, backend, _, _ in records:
+    for when, status, _, backend, *_ in records:
         second = int(when - started)
         if status == "200":
             per_second[region_of.get(backend, backend)][second] += 1

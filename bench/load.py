@@ -30,8 +30,8 @@ class Result:
     chunks: int = 0
     started: float = 0.0
     finished: float = 0.0
-    # (wall-clock start, status, tokens consumed, backend, attempts, seconds)
-    records: list[tuple[float, str, int, str, int, float]] = field(default_factory=list)
+    # (wall-clock start, status, tokens consumed, backend, attempts, seconds, error code)
+    records: list[tuple[float, str, int, str, int, float, str]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         elapsed = max(self.finished - self.started, 1e-9)
@@ -48,6 +48,13 @@ class Result:
             out["ttfb_ms"] = percentiles(self.first_bytes)
             out["chunks"] = self.chunks
         return out
+
+
+def _error_code(payload: bytes) -> str:
+    try:
+        return str(json.loads(payload)["error"].get("code") or "")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return ""
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -89,6 +96,7 @@ async def run(
                 wall = time.time()
                 sent += measuring
                 consumed = 0
+                code = ""
                 backend = ""
                 attempts = 0
                 try:
@@ -106,7 +114,9 @@ async def run(
                             if measuring and first is not None:
                                 result.first_bytes.append(first - begin)
                         else:
-                            await response.read()
+                            payload = await response.read()
+                            if record and response.status >= 400:
+                                code = _error_code(payload)
                         status = str(response.status)
                 except (TimeoutError, aiohttp.ClientError) as exc:
                     status = type(exc).__name__
@@ -116,7 +126,7 @@ async def run(
                     if status == "200":
                         result.latencies.append(end - begin)
                     if record:
-                        result.records.append((wall, status, consumed, backend, attempts, end - begin))
+                        result.records.append((wall, status, consumed, backend, attempts, end - begin, code))
                 if interval:
                     await asyncio.sleep(max(0.0, min(interval - (end - begin), stop_at - time.perf_counter())))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from typing import Any
 
 from bench.harness import bench_stack, chat_body, load, machine, save, stamp, update_doc
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="consumer with a token limit, metrics and traces exported to a local capture endpoint")
     parser.add_argument("--only", choices=("chat", "stream"), help="one workload only")
     parser.add_argument("--concurrency", type=int, action="append", help="instead of 1, 16 and 64")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
     args = parser.parse_args(argv)
     extra = json.loads(args.extra)
     capture = None
@@ -50,10 +52,14 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             body = chat_body(stream=streaming)
             for concurrency in args.concurrency or CONCURRENCY:
-                direct = load(direct_url, body, concurrency, args.seconds, headers={"api-key": stack.SIM_API_KEY}, stream=streaming)
-                through = load(gateway_url, body, concurrency, args.seconds, headers={"api-key": key}, stream=streaming,
-                               measure_pid=gateway.process.pid)
-                row = summarize("stream" if streaming else "chat", concurrency, direct, through)
+                rows = []
+                for _ in range(args.rounds):  # direct and gateway interleaved, so drift hits both alike
+                    direct = load(direct_url, body, concurrency, args.seconds, headers={"api-key": stack.SIM_API_KEY},
+                                  stream=streaming)
+                    through = load(gateway_url, body, concurrency, args.seconds, headers={"api-key": key},
+                                   stream=streaming, measure_pid=gateway.process.pid)
+                    rows.append(summarize("stream" if streaming else "chat", concurrency, direct, through))
+                row = median_row(rows)
                 results["rows"].append(row)
                 print(json.dumps(row), flush=True)
     save("overhead", results)
@@ -84,11 +90,21 @@ def summarize(kind: str, concurrency: int, direct: dict[str, Any], gateway: dict
     }
 
 
+def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    merged = dict(rows[0])
+    for key, value in rows[0].items():
+        if isinstance(value, (int, float)) and key != "concurrency":
+            merged[key] = round(statistics.median(r[key] for r in rows), 3)
+    merged["rounds"] = len(rows)
+    return merged
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [
         "## Gateway overhead against a direct call (foundation)",
         "",
-        f"`.venv/bin/python -m bench.overhead --seconds {results['seconds']:g} --write` — {results['date']}, {results['machine']}.",
+        f"`.venv/bin/python -m bench.overhead --seconds {results['seconds']:g} --write` — {results['date']}, {results['machine']}. "
+        "Medians of three interleaved rounds.",
         "A 50 ms simulated backend (streams: 20 tokens 5 ms apart); one gateway worker (local host, uvloop) with consumer "
         "auth and Table Storage on Azurite; the load generator in its own process. For streams, latency is time to first byte.",
         "",

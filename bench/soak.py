@@ -164,9 +164,13 @@ def main(argv: list[str] | None = None) -> int:
             httpx.delete(f"{sim.url}/_sim/faults", timeout=10)
         time.sleep(12)  # usage rows (every 5 s) and metric exports (every 5 s) catch up
         statuses: Counter[str] = Counter()
+        codes: Counter[str] = Counter()
         for file in records.iterdir():
             for line in file.read_text().splitlines():
-                statuses[json.loads(line)[1]] += 1
+                row = json.loads(line)
+                statuses[row[1]] += 1
+                if row[1] != "200":
+                    codes[f"{row[1]} {row[6]}"] += 1
         stats = [httpx.get(f"{s.url}/_sim/stats", timeout=10).json() for s in sims]
         served = {k: sum(s["billed"][k] for s in stats) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
         books = asyncio.run(charged(bench.env(), list(keys)))
@@ -181,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     results.update({
         "requests": sum(statuses.values()),
         "statuses": dict(statuses),
+        "error_codes": dict(codes),
         "rss_mb": {"after_warmup": warm[0][1], "end": warm[-1][1], "max": max(s[1] for s in samples),
                    "growth_percent": round(rss_growth, 2)},
         "fds": {"after_warmup": warm[0][2], "end": warm[-1][2], "max": max(s[2] for s in samples)},
@@ -218,6 +223,7 @@ def markdown(r: dict[str, Any]) -> str:
         "| | target | measured |",
         "|---|---|---|",
         f"| requests | | {r['requests']} ({', '.join(f'{k}: {v}' for k, v in sorted(r['statuses'].items()))}) |",
+        f"| answers other than 200, by code | | {', '.join(f'{k}: {v}' for k, v in sorted(r['error_codes'].items()))} |",
         f"| RSS after warm-up → end (MB) | growth < 5 % | {r['rss_mb']['after_warmup']:.1f} → {r['rss_mb']['end']:.1f} "
         f"({r['rss_mb']['growth_percent']:+.2f} %), max {r['rss_mb']['max']:.1f} |",
         f"| open file descriptors after warm-up → end | no growth | {r['fds']['after_warmup']} → {r['fds']['end']} (max {r['fds']['max']}) |",

@@ -277,8 +277,8 @@ class Gateway:
             raw = await upstream.read()
         except UpstreamBroken:
             prompt = self._prompt_tokens(call)
-            self._account(call, backend, 502, TokenUsage(prompt, 0, prompt, reported=False), None, attempts)
-            raise GatewayError(502, "The backend's response broke off.", type="server_error", code="backend_error") from None
+            return self._fail(call, backend, TokenUsage(prompt, 0, prompt, reported=False), attempts, GatewayError(
+                502, "The backend's response broke off.", type="server_error", code="backend_error"))
         status = upstream.status
         usage, model = usage_from_body(raw) if status == 200 else (None, None)
         if status == 200 and usage is None:
@@ -288,17 +288,23 @@ class Gateway:
             try:
                 orjson.loads(raw)
             except orjson.JSONDecodeError:
-                self._account(call, backend, 502, usage, None, attempts)
-                raise GatewayError(
-                    502, "The backend returned a malformed response.", type="server_error", code="backend_malformed_response"
-                ) from None
+                return self._fail(call, backend, usage, attempts, GatewayError(
+                    502, "The backend returned a malformed response.", type="server_error",
+                    code="backend_malformed_response"))
         if status in (401, 403):
-            self._account(call, backend, 502, None, None, attempts)
-            raise GatewayError(502, "The gateway could not authenticate to the backend.", type="server_error", code="backend_auth_failed")
+            return self._fail(call, backend, None, attempts, GatewayError(
+                502, "The gateway could not authenticate to the backend.", type="server_error", code="backend_auth_failed"))
         tokens_used = self._account(call, backend, status, usage, model, attempts)
         headers["x-gateway-tokens-consumed"] = str(tokens_used)
         headers.update(call.ticket.headers)
         return GatewayResponse(status, headers, raw)
+
+    def _fail(
+        self, call: Call, backend: Backend, usage: TokenUsage | None, attempts: int, error: GatewayError
+    ) -> GatewayResponse:
+        """An error answer for a request a backend did serve: accounted once, here, with what it cost."""
+        self._account(call, backend, error.status, usage, None, attempts)
+        return GatewayResponse(error.status, {"content-type": JSON, **error.headers}, error.body())
 
     def _stream(self, call: Call, backend: Backend, upstream: UpstreamResponse, attempts: int) -> GatewayResponse:
         headers = self._response_headers(call, backend, upstream, attempts)

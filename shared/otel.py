@@ -123,12 +123,13 @@ class _Attempt:
 
 
 class _Trace:
-    __slots__ = ("_tracer", "_span", "_context")
+    __slots__ = ("_tracer", "_span", "_context", "_ended")
 
     def __init__(self, tracer: Any, name: str) -> None:
         self._tracer = tracer
         self._span = tracer.start_span(name, kind=SpanKind.SERVER)
         self._context = trace.set_span_in_context(self._span)
+        self._ended = False
 
     def attempt(self, backend_id: str, region: str, target: str, number: int) -> Attempt:
         path = target.split("://", 1)[-1]
@@ -149,6 +150,9 @@ class _Trace:
         return _Attempt(span)
 
     def end(self, record: RequestRecord) -> None:
+        if self._ended:
+            return
+        self._ended = True
         span = self._span
         span.set_attribute("http.response.status_code", record.status)
         span.set_attribute(names.SUBSCRIPTION_ID, record.consumer_id)

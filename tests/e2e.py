@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -129,6 +130,16 @@ class Stack:
 
         return self.run(self._with_tables(read))
 
+    def charged(self, consumer_id: str, timeout_s: float = 15.0) -> int:
+        """Tokens the consumer's ledger window holds once its leases are released (what it was charged)."""
+
+        def settled() -> bool:
+            ledger = self.ledger(consumer_id)
+            return not ledger.leases and "*" in ledger.windows
+
+        wait_for(settled, timeout_s)
+        return int(sum(self.ledger(consumer_id).windows["*"].values()))
+
     def usage_rows(self, consumer_id: str) -> list[Any]:
         async def read(tables: Tables) -> list[Any]:
             return await TableUsageStore(tables).query(consumer_id, "0000", "9999")
@@ -147,6 +158,15 @@ class Stack:
     def reset_simulators(self) -> None:
         for sim in self.simulators:
             sim.reset()
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError("condition not met in time")
 
 
 def start_simulators(regions: Sequence[stack.Region], latency_ms: float, token_latency_ms: float) -> list[Simulator]:

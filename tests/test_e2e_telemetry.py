@@ -12,7 +12,7 @@ import pytest
 
 from shared import telemetry as names
 from tests.conftest import unique
-from tests.e2e import Stack
+from tests.e2e import Stack, wait_for
 from tools import stack
 from tools.capture import Capture
 
@@ -30,14 +30,6 @@ def capture(log_dir: Path) -> Iterator[Capture]:
     # Kept with the logs, so the final leak scan reads everything the gateway exported too.
     (log_dir / f"{unique('capture')}.json").write_text(json.dumps(sink.envelopes))
 
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.25)
-    raise AssertionError("condition not met in time")
 
 
 def test_token_metrics_are_exact_with_apim_names_and_dimensions_and_nothing_leaves_loopback(
