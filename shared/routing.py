@@ -57,7 +57,10 @@ class MemoryBreakerStore:
 
     async def save(self, record: BreakerRecord) -> None:
         self.saves += 1
-        self.records[f"{record.backend_id}|{record.deployment}"] = record
+        key = f"{record.backend_id}|{record.deployment}"
+        current = self.records.get(key)
+        if current is None or current.since < record.since:  # as the table store: an older transition never wins
+            self.records[key] = record
 
 
 class _Group:

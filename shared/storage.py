@@ -308,6 +308,7 @@ class TableUsageStore:
 # ---- shared breaker state ------------------------------------------------------------------------------------------
 
 _BREAKER_PK = "breaker"
+_BREAKER_WRITE_TRIES = 4
 
 
 class TableBreakerStore:
@@ -328,9 +329,12 @@ class TableBreakerStore:
         ]
 
     async def save(self, record: Any) -> None:
+        """Share a transition unless a newer one is already shared: written on the row's ETag, so that an instance's
+        late write of an older transition (a stale "closed") never replaces another's newer trip."""
+        row_key = f"{record.backend_id}|{record.deployment}"
         entity = {
             "PartitionKey": _BREAKER_PK,
-            "RowKey": f"{record.backend_id}|{record.deployment}",
+            "RowKey": row_key,
             "backend": record.backend_id,
             "deployment": record.deployment,
             "state": record.state,
@@ -338,4 +342,25 @@ class TableBreakerStore:
             "since": float(record.since),
             "reason": record.reason,
         }
-        await self._tables.call("breakers", lambda t: t.upsert_entity(entity, mode=UpdateMode.REPLACE))
+        for _ in range(_BREAKER_WRITE_TRIES):
+            try:
+                current = await self._tables.call("breakers", lambda t: t.get_entity(_BREAKER_PK, row_key))
+            except ResourceNotFoundError:
+                current = None
+            try:
+                if current is None:
+                    await self._tables.call("breakers", lambda t: t.create_entity(entity))
+                elif float(current.get("since", 0.0)) >= record.since:
+                    return  # a newer (or the same) transition is already shared
+                else:
+                    await self._tables.call("breakers", _replace_if_unchanged(entity, entity_etag(current)))
+                return
+            except Conflict:
+                continue  # another instance wrote in between: compare with what it wrote
+        log.info("breaker state of %s not shared: kept losing to concurrent writes", record.backend_id)
+
+
+def _replace_if_unchanged(entity: dict[str, Any], etag: str | None) -> Callable[[TableClient], Awaitable[Any]]:
+    return lambda table: table.update_entity(
+        entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
+    )

@@ -7,6 +7,7 @@ whose capacity and faults the tests change.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -137,3 +138,34 @@ def test_all_backends_throttled_gives_429_with_the_soonest_recovery(
     assert caught.value.code == "backends_busy"
     assert 6_000 <= int(headers["retry-after-ms"]) <= 7_000 and headers["retry-after"] == "7"
     assert "127.0.0.1" not in caught.value.message
+
+
+def test_a_late_write_of_an_older_breaker_transition_never_replaces_a_newer_shared_trip(e2e: Stack) -> None:
+    from shared.routing import BreakerRecord
+    from shared.storage import TableBreakerStore
+
+    backend = unique("late-writer")
+
+    async def scenario(tables: object) -> list[list[tuple[str, float]]]:
+        store = TableBreakerStore(tables)  # type: ignore[arg-type]
+
+        async def shared() -> list[tuple[str, float]]:
+            return [(r.state, r.since) for r in await store.load() if r.backend_id == backend]
+
+        seen = []
+        await store.save(BreakerRecord(backend, MINI, "open", 2_000.0, 1_010.0, "429"))  # instance A trips it
+        await store.save(BreakerRecord(backend, MINI, "closed", 0.0, 1_005.0, ""))  # B's older recovery lands late
+        seen.append(await shared())
+        await store.save(BreakerRecord(backend, MINI, "closed", 0.0, 1_020.0, ""))  # a newer recovery does land
+        seen.append(await shared())
+        # Many instances writing at once: the newest transition is what stays shared.
+        await asyncio.gather(
+            *(store.save(BreakerRecord(backend, MINI, "open", 3_000.0, 1_030.0 + i, "500")) for i in range(8))
+        )
+        seen.append(await shared())
+        return seen
+
+    after_late, after_newer, after_race = e2e.run(e2e._with_tables(scenario))
+    assert after_late == [("open", 1_010.0)]
+    assert after_newer == [("closed", 1_020.0)]
+    assert after_race == [("open", 1_037.0)]
