@@ -1,6 +1,6 @@
 """Sustained load with faults and hostile input, and the books balanced at the end (issue: reliability).
 
-    .venv/bin/python -m bench.soak [--minutes 20] [--write]
+    .venv/bin/python -m bench.soak [--minutes 20] [--write] [--keep DIR]
 
 One gateway process (limits, routing and metrics on) in front of three simulated regions, for `--minutes`: a steady
 mix of chat, streamed chat and embeddings from three consumers (one far below its limit, one over it, one running
@@ -13,6 +13,10 @@ hostile requests is sent. Every 10 s the gateway's RSS and open file descriptors
   export) = tokens the backends served (reported usage, plus the prompt and delivered tokens of streams cut mid-way),
   exactly;
 - a table of the faults and bad inputs, with their outcomes. Figures go to docs/reliability.md with --write.
+
+With --keep DIR, the per-request records (JSON lines: start, status, tokens, backend, attempts, seconds, error code),
+the injected faults (`faults.jsonl`: time, kind, region) and the gateway's /health every second (`health.jsonl`) stay
+in DIR, to explain any answer after the fact.
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--keep", type=Path, help="keep records, the fault log and /health snapshots in this folder")
     args = parser.parse_args(argv)
     seconds = args.minutes * 60
     rng = random.Random(2026)
@@ -124,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         stream = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": PROMPT}], "stream": True}).encode()
         embed = json.dumps({"model": "text-embedding-3-small", "input": [PROMPT, "short"]}).encode()
         records = Path(folder)
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            records = args.keep
+        fault_log = (records / "faults.jsonl").open("w") if args.keep is not None else None
+        health_log = (records / "health.jsonl").open("w") if args.keep is not None else None
         loads = [
             start_load(f"{url}/v1/chat/completions", chat, 16, seconds, headers={"api-key": keys["soak-steady"]},
                        rate=30, warmup=0, record=str(records / "chat.jsonl")),
@@ -154,11 +164,19 @@ def main(argv: list[str] | None = None) -> int:
                     spec["delay_s"] = 5
                 httpx.post(f"{sim.url}/_sim/faults", json=spec, timeout=10)
                 faults[kind] += 3
+                if fault_log is not None:
+                    fault_log.write(json.dumps([time.time(), kind, regions[sims.index(sim)].id]) + "\n")
                 next_fault += 20
             if now >= next_barrage:
                 threading.Thread(target=barrage, args=(url, keys["soak-steady"], rng, bad), daemon=True).start()
                 next_barrage += 30
+            if health_log is not None:
+                health = httpx.get(f"{url}/health", timeout=10).json()
+                health_log.write(json.dumps([time.time(), health]) + "\n")
             time.sleep(0.5)
+        for log_file in (fault_log, health_log):
+            if log_file is not None:
+                log_file.close()
         outputs = [finish_load(process, 300) for process in loads]
         for sim in sims:  # the last faults may not have been used; clear them before the books are closed
             httpx.delete(f"{sim.url}/_sim/faults", timeout=10)
@@ -166,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         statuses: Counter[str] = Counter()
         codes: Counter[str] = Counter()
         for file in records.iterdir():
+            if file.name in ("faults.jsonl", "health.jsonl"):
+                continue
             for line in file.read_text().splitlines():
                 row = json.loads(line)
                 statuses[row[1]] += 1
