@@ -253,8 +253,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"| tokens the backends served (reported + cut streams' prompt and delivered) | | {tokens['served_by_backends']['total_tokens']} |",
         f"| books balance exactly (total and prompt) | yes | {'yes' if r['books_balance'] else 'NO'} |",
         "",
-        "Other statuses are the designed answers: 429 and 403 for the consumers over their rate and quota, 502/504 when "
-        "a fault hit the only backend left for a request (every region tripped at once), and 4xx for hostile input.",
+        "Other statuses are the designed answers: `429 rate_limit_exceeded` and `403 quota_exceeded` for the consumers over their rate and quota; `429 backends_busy` when every region serving the deployment was throttling; `503 service_unavailable` when every region serving it was out at once for mixed reasons (answered at once, with `Retry-After` until the soonest recovery, no backend contacted); `502`/`504` when a fault hit the last backend left for a request; 4xx for hostile input. The 503s come in bursts of a few seconds: an injected fault waits in the simulator until its region gets traffic, so when the PTU throttles `gpt-4o` and its overflow reaches the secondaries, the faults queued on both of them fire together and take all three regions out. Run with `--keep DIR` to see when and why each happened.",
         "",
         "## Faults injected during the soak",
         "",
