@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -36,6 +37,12 @@ def top_frames(raw: Path, limit: int) -> list[tuple[str, float, float]]:
     return [(frame, 100 * n / total, 100 * inclusive[frame] / total) for frame, n in own.most_common(limit)]
 
 
+def py_spy() -> str:
+    """The py-spy installed beside this interpreter (the venv's), else the one on PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else (shutil.which("py-spy") or "py-spy")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -60,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         key = bench.consumer("bench", tokens_per_minute=args.tpm)
         url = f"{gateway.url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
         spy = subprocess.Popen(
-            ["py-spy", "record", "--pid", str(gateway.process.pid), "--duration", str(int(args.seconds)), "--rate", "500",
+            [py_spy(), "record", "--pid", str(gateway.process.pid), "--duration", str(int(args.seconds)), "--rate", "500",
              "--format", "raw", "--output", str(raw), "--nonblocking"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
