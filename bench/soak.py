@@ -268,7 +268,7 @@ def markdown(r: dict[str, Any]) -> str:
         "429-bare": "trips for the configured trip duration; failover",
         "429-huge": "asks for a day; trip capped at max_trip_s (20 s here); failover",
         "timeout": "no headers within the backend's 2 s timeout: breaker trips, failover",
-        "cut": "a stream cut mid-way: the client gets an OpenAI error event and a clean end, prompt + delivered tokens charged; a non-streamed body cut: 502 `backend_error` (the SDK retries it), the prompt charged",
+        "cut": "a stream cut mid-way: the client gets an OpenAI error event and a clean end, prompt + delivered tokens charged; a non-streamed body cut: nothing has reached the client, so the request fails over (502 `backend_error` only when no other region is left), and the broken attempt's prompt is charged with the answer",
     }
     for kind, count in sorted(r["faults"].items()):
         lines.append(f"| {kind} | {count} | {outcome.get(kind, '')} |")

@@ -40,7 +40,7 @@ from shared.translate import (
     request_headers,
 )
 from shared.upstream import Upstream, UpstreamBroken, UpstreamError, UpstreamResponse
-from shared.usage import SseRelay, TokenUsage, usage_from_body
+from shared.usage import SseRelay, TokenUsage, combined, usage_from_body
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class Call:
     ticket: Ticket
     trace: Trace
     prompt_estimate: int | None = None
+    lost: TokenUsage | None = None  # what attempts whose body broke off cost (charged with the answer)
 
 
 class _Retryable(Exception):
@@ -169,7 +170,10 @@ class Gateway:
         try:
             backend, response, attempts = await self._dispatch(call, reserve)
         except BaseException:
-            ticket.settle(0)
+            # Nothing answered; attempts whose body broke off were still billed by their backends.
+            ticket.settle(call.lost.total if call.lost is not None else 0)
+            if call.lost is not None:
+                self.s.usage.record(consumer.id, shape.deployment, call.lost)
             raise
         if shape.stream and response.status == 200:
             return self._stream(call, backend, response, attempts)
@@ -254,8 +258,24 @@ class Gateway:
             failures.append(str(response.status))
             response.release()
             raise _Retryable(backend, str(response.status))
+        if not (call.shape.stream and response.status == 200):
+            # A whole answer is read before it is chosen: if its body breaks off, nothing has reached the client yet
+            # and the next candidate can still answer. The broken attempt's prompt was billed; it is charged.
+            try:
+                await response.read()
+            except UpstreamBroken:
+                self._broken_attempt(call, backend, number)
+                router.record_error(backend, deployment, "broken")
+                failures.append("broken")
+                raise _Retryable(backend, "broken") from None
         router.record_success(backend, deployment, response.headers)
         return response
+
+    def _broken_attempt(self, call: Call, backend: Backend, number: int) -> None:
+        prompt = self._prompt_tokens(call)
+        usage = TokenUsage(prompt, 0, prompt, reported=False)
+        call.lost = combined(call.lost, usage)
+        self.s.telemetry.tokens_spent(self._record(call, backend, 502, usage, None, number))
 
     # ---- responses ---------------------------------------------------------------------------------------------
 
@@ -273,12 +293,7 @@ class Gateway:
         self, call: Call, backend: Backend, upstream: UpstreamResponse, attempts: int
     ) -> GatewayResponse:
         headers = self._response_headers(call, backend, upstream, attempts)
-        try:
-            raw = await upstream.read()
-        except UpstreamBroken:
-            prompt = self._prompt_tokens(call)
-            return self._fail(call, backend, TokenUsage(prompt, 0, prompt, reported=False), attempts, GatewayError(
-                502, "The backend's response broke off.", type="server_error", code="backend_error"))
+        raw = await upstream.read()  # already read by the attempt
         status = upstream.status
         usage, model = usage_from_body(raw) if status == 200 else (None, None)
         if status == 200 and usage is None:
@@ -357,32 +372,43 @@ class Gateway:
         attempts: int,
         ttft_ms: float | None = None,
     ) -> int:
-        """Settle the consumer's reservation and emit the request's metrics; synchronous so it cannot be cancelled."""
-        spent = usage.total if usage is not None else 0
+        """Settle the consumer's reservation and emit the request's metrics; synchronous so it cannot be cancelled.
+        Returns the tokens charged: the answer's, plus what attempts whose body broke off cost (emitted already)."""
+        charged = combined(usage, call.lost)
+        spent = charged.total if charged is not None else 0
         call.ticket.settle(spent)
-        self.s.usage.record(call.consumer.id, call.shape.deployment, usage)
-        self.s.telemetry.request_done(
-            RequestRecord(
-                consumer_id=call.consumer.id,
-                client_ip=call.request.client_ip,
-                api=call.route.api,
-                operation=call.route.operation.operation_id,
-                user_id=call.user_id,
-                deployment=call.shape.deployment,
-                status=status,
-                duration_ms=(self.s.clock.monotonic() - call.started) * 1000,
-                stream=call.shape.stream,
-                backend_id=backend.id,
-                region=backend.region,
-                ptu=backend.ptu,
-                model=model or "",
-                usage=usage,
-                ttft_ms=ttft_ms,
-                attempts=attempts,
-            ),
-            call.trace,
-        )
+        self.s.usage.record(call.consumer.id, call.shape.deployment, charged)
+        self.s.telemetry.request_done(self._record(call, backend, status, usage, model, attempts, ttft_ms), call.trace)
         return spent
+
+    def _record(
+        self,
+        call: Call,
+        backend: Backend,
+        status: int,
+        usage: TokenUsage | None,
+        model: str | None,
+        attempts: int,
+        ttft_ms: float | None = None,
+    ) -> RequestRecord:
+        return RequestRecord(
+            consumer_id=call.consumer.id,
+            client_ip=call.request.client_ip,
+            api=call.route.api,
+            operation=call.route.operation.operation_id,
+            user_id=call.user_id,
+            deployment=call.shape.deployment,
+            status=status,
+            duration_ms=(self.s.clock.monotonic() - call.started) * 1000,
+            stream=call.shape.stream,
+            backend_id=backend.id,
+            region=backend.region,
+            ptu=backend.ptu,
+            model=model or "",
+            usage=usage,
+            ttft_ms=ttft_ms,
+            attempts=attempts,
+        )
 
     def _error_response(
         self,

@@ -238,14 +238,7 @@ class OtelTelemetry:
         return _Trace(self._tracer, name)
 
     def request_done(self, record: RequestRecord, trace: Trace | None = None) -> None:
-        usage = record.usage
-        if usage is not None:
-            sums = self._tokens.slot(tuple(value(record) for value in self._dimension_values))
-            sums[0] += usage.prompt
-            sums[1] += usage.completion
-            sums[2] += usage.total
-            sums[3] += usage.cached
-            sums[4] += usage.reasoning
+        self.tokens_spent(record)
         status = str(record.status)
         self._requests.slot((
             record.consumer_id, record.api, record.operation, record.backend_id, record.region, record.deployment,
@@ -264,6 +257,16 @@ class OtelTelemetry:
             self._ttft.record(record.ttft_ms, {names.BACKEND_ID: record.backend_id, names.DEPLOYMENT: record.deployment})
         if trace is not None:
             trace.end(record)
+
+    def tokens_spent(self, record: RequestRecord) -> None:
+        usage = record.usage
+        if usage is not None:
+            sums = self._tokens.slot(tuple(value(record) for value in self._dimension_values))
+            sums[0] += usage.prompt
+            sums[1] += usage.completion
+            sums[2] += usage.total
+            sums[3] += usage.cached
+            sums[4] += usage.reasoning
 
     def throttled(self, consumer_id: str, deployment: str, reason: str) -> None:
         self._throttled.add(1, {names.SUBSCRIPTION_ID: consumer_id, names.DEPLOYMENT: deployment, names.REASON: reason})

@@ -245,7 +245,7 @@ class Router:
 
     def exhausted(self, deployment: str, failures: list[str]) -> GatewayError:
         """The answer when no candidate served the request: 429 if they are all throttled, else 503 (or 502/504 when
-        every attempt failed by connection error / timeout), with Retry-After = until the soonest recovery."""
+        every attempt failed by connection error, a broken body or a timeout), with Retry-After = until the soonest recovery."""
         now = self._clock.now()
         serving = [b for b in self._backends if b.serves(deployment)]
         breakers = [self._breakers[(b.id, deployment)] for b in serving]
@@ -266,7 +266,9 @@ class Router:
             )
         if failures and all(f == "timeout" for f in failures):
             return GatewayError(504, "The backend did not answer in time.", type="server_error", code="backend_timeout")
-        if failures and all(f == "connection" for f in failures):
+        if failures and all(f == "broken" for f in failures):
+            return GatewayError(502, "The backend's response broke off.", type="server_error", code="backend_error")
+        if failures and all(f in ("connection", "broken") for f in failures):
             return GatewayError(502, "The backend could not be reached.", type="server_error", code="backend_unreachable")
         return GatewayError(
             503,

@@ -308,7 +308,7 @@ class TableUsageStore:
 # ---- shared breaker state ------------------------------------------------------------------------------------------
 
 _BREAKER_PK = "breaker"
-_BREAKER_WRITE_TRIES = 4
+_BREAKER_WRITE_TRIES = 16  # each conflict means another writer finished: n writers at once need at most n tries
 
 
 class TableBreakerStore:

@@ -80,6 +80,11 @@ class Telemetry(Protocol):
 
     def request_done(self, record: RequestRecord, trace: Trace | None = None) -> None: ...
 
+    def tokens_spent(self, record: RequestRecord) -> None:
+        """Tokens an attempt cost that did not become the request's answer (a body that broke off before failover):
+        token metrics only, under that attempt's backend; the request itself is counted once, by request_done."""
+        ...
+
     def throttled(self, consumer_id: str, deployment: str, reason: str) -> None: ...
 
     def failover(self, from_backend: str, to_backend: str, reason: str) -> None: ...
@@ -111,6 +116,9 @@ class NullTelemetry:
         return NULL_TRACE
 
     def request_done(self, record: RequestRecord, trace: Trace | None = None) -> None:
+        pass
+
+    def tokens_spent(self, record: RequestRecord) -> None:
         pass
 
     def throttled(self, consumer_id: str, deployment: str, reason: str) -> None:

@@ -29,20 +29,25 @@ class UpstreamBroken(Exception):
 
 
 class UpstreamResponse:
-    __slots__ = ("status", "headers", "_response")
+    __slots__ = ("status", "headers", "_response", "_body")
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
+        self._body: bytes | None = None
         self.status = response.status
         self.headers: Mapping[str, str] = {k.lower(): v for k, v in response.headers.items()}
 
     async def read(self) -> bytes:
+        """The whole body (read once; later calls return it again)."""
+        if self._body is not None:
+            return self._body
         try:
-            return await self._response.read()
+            self._body = await self._response.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise UpstreamBroken(type(exc).__name__) from None
         finally:
             self._response.release()
+        return self._body
 
     async def next_chunk(self) -> bytes:
         """Whatever part of the body has arrived (waiting for some); b"" at the end. A plain coroutine rather than an

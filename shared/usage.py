@@ -23,6 +23,20 @@ class TokenUsage:
     reported: bool = True
 
 
+def combined(first: TokenUsage | None, second: TokenUsage | None) -> TokenUsage | None:
+    """The sum of two usages (either may be None); reported only if both were."""
+    if first is None or second is None:
+        return first if second is None else second
+    return TokenUsage(
+        first.prompt + second.prompt,
+        first.completion + second.completion,
+        first.total + second.total,
+        first.cached + second.cached,
+        first.reasoning + second.reasoning,
+        first.reported and second.reported,
+    )
+
+
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 

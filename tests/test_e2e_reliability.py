@@ -158,6 +158,21 @@ def test_backend_200_with_malformed_json_is_502_and_charged_the_prompt(single: t
     assert caught.value.status_code == 502 and caught.value.code == "backend_malformed_response"
 
 
+def test_backend_whole_answer_broken_off_with_no_other_region_is_502_and_charged_the_prompt(
+    single: tuple[Stack, openai.OpenAI, stack.Child],
+) -> None:
+    e2e, _, gateway = single
+    consumer = unique("cut-only")
+    c = client(gateway.url, e2e.create_consumer(consumer, tpm=100_000))
+    e2e.simulators[0].fault("cut", deployment=MINI)
+    with pytest.raises(openai.APIStatusError) as caught:
+        chat(c)
+    assert caught.value.status_code == 502 and caught.value.code == "backend_error"
+    assert "127.0.0.1" not in str(caught.value.body)
+    prompt = count_chat_prompt({"messages": MESSAGES}, encoding_for(MINI))
+    assert e2e.charged(consumer) == prompt  # the backend billed the prompt it read
+
+
 def test_backend_429_with_a_huge_retry_after_trips_for_the_capped_time(single: tuple[Stack, openai.OpenAI, stack.Child]) -> None:
     e2e, c, gateway = single
     e2e.simulators[0].fault("429-huge", deployment=MINI)

@@ -105,6 +105,28 @@ def test_a_stream_cut_mid_way_ends_with_an_error_event_and_is_accounted(
     assert charged == 2 * prompt + 5 + 2
 
 
+def test_a_whole_answer_that_breaks_off_fails_over_and_the_broken_attempts_prompt_is_charged(
+    fresh_sims: Stack, gateway_factory: Callable[..., stack.Child]
+) -> None:
+    e2e = fresh_sims
+    gateway = gateway_factory(regions=regions(e2e))
+    consumer = unique("cut-whole")
+    key = e2e.create_consumer(consumer, tpm=100_000)
+    e2e.simulators[0].fault("cut", deployment=MINI)  # headers and half the body, then the connection drops
+    raw = client(gateway.url, key).chat.completions.with_raw_response.create(model=MINI, messages=MESSAGES, max_tokens=20)
+    completion = raw.parse()  # the client sees one whole answer, from a secondary
+    assert raw.headers["x-gateway-backend"].endswith(("sweden", "france")) and raw.headers["x-gateway-attempts"] == "2"
+    assert completion.usage is not None and completion.choices[0].message.content
+    prompt = count_chat_prompt({"messages": MESSAGES}, encoding_for(MINI))
+    assert e2e.simulators[0].stats()["streams_cut"] == 1
+    # Charged: what the answer used, plus the prompt the broken attempt was billed for; the header says the same.
+    assert int(raw.headers["x-gateway-tokens-consumed"]) == completion.usage.total_tokens + prompt
+    assert e2e.charged(consumer) == completion.usage.total_tokens + prompt
+    health = httpx.get(gateway.url + "/health").json()
+    ptu = next(b for b in health["backends"] if b["id"].endswith("uksouth-ptu"))
+    assert ptu["deployments"][MINI]["state"] == "open"  # a backend whose answers break off is taken out
+
+
 def test_a_breaker_trip_seen_by_one_gateway_is_honoured_by_another(
     fresh_sims: Stack, gateway_factory: Callable[..., stack.Child]
 ) -> None:

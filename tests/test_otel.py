@@ -92,6 +92,17 @@ def test_a_request_without_usage_is_counted_but_emits_no_tokens() -> None:
     assert metrics[names.GATEWAY_REQUESTS][0][1][names.STATUS_CODE] == "502"
 
 
+def test_tokens_a_broken_attempt_spent_are_emitted_under_its_backend_without_counting_a_request() -> None:
+    sink, reader, _ = telemetry()
+    sink.tokens_spent(record(backend_id="uk-ptu", status=502, usage=TokenUsage(100, 0, 100, reported=False), ttft_ms=None))
+    sink.request_done(record(backend_id="se", region="swedencentral", ptu=False, usage=TokenUsage(100, 20, 120)))
+    metrics = collect(reader)
+    totals = {d["Backend ID"]: v for v, d in metrics[names.TOTAL_TOKENS]}
+    assert totals == {"uk-ptu": 100, "se": 120}
+    assert sum(v for v, _ in metrics[names.GATEWAY_REQUESTS]) == 1  # one request, answered by "se"
+    assert metrics[names.GATEWAY_REQUESTS][0][1][names.BACKEND_ID] == "se"
+
+
 def test_operational_metrics() -> None:
     sink, reader, _ = telemetry()
     sink.throttled("team-a", "gpt-4o", "rate")

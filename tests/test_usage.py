@@ -66,3 +66,13 @@ def test_relay_accepts_crlf_event_boundaries() -> None:
     out = relay.feed(b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\r\n\r\ndata: [DONE]\r\n\r\n')
     assert relay.usage == TokenUsage(1, 1, 2)
     assert out == b"data: [DONE]\n\n" and relay.done
+
+
+def test_combined_usage_adds_every_count_and_is_reported_only_if_both_were() -> None:
+    from shared.usage import combined
+
+    broken = TokenUsage(100, 0, 100, reported=False)
+    answer = TokenUsage(100, 20, 120, cached=64, reasoning=5)
+    assert combined(None, None) is None
+    assert combined(answer, None) == answer and combined(None, broken) == broken
+    assert combined(answer, broken) == TokenUsage(200, 20, 220, cached=64, reasoning=5, reported=False)
