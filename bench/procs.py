@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -47,21 +48,20 @@ def tree(pid: int) -> list[int]:
     return found
 
 
-def tree_cpu_seconds(pid: int) -> float:
+def _tree_sum(pid: int, measure: Callable[[int], float]) -> float:
+    """`measure` summed over a process and its descendants (those that exit meanwhile are skipped)."""
     total = 0.0
     for member in tree(pid):
         try:
-            total += cpu_seconds(member)
+            total += measure(member)
         except OSError:
             pass
     return total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return _tree_sum(pid, cpu_seconds)
 
 
 def tree_rss_mb(pid: int) -> float:
-    total = 0.0
-    for member in tree(pid):
-        try:
-            total += rss_mb(member)
-        except OSError:
-            pass
-    return total
+    return _tree_sum(pid, rss_mb)

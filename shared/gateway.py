@@ -192,6 +192,11 @@ class Gateway:
             call.prompt_estimate = self._count_prompt(call.route.operation, call.body, call.shape.deployment)
         return call.prompt_estimate
 
+    def _prompt_only(self, call: Call) -> TokenUsage:
+        """What a backend bills for a request it read but never answered whole: the prompt, as the gateway counts it."""
+        prompt = self._prompt_tokens(call)
+        return TokenUsage(prompt, 0, prompt, reported=False)
+
     # ---- routing and failover ----------------------------------------------------------------------------------
 
     async def _dispatch(self, call: Call, need_tokens: int) -> tuple[Backend, UpstreamResponse, int]:
@@ -272,8 +277,7 @@ class Gateway:
         return response
 
     def _broken_attempt(self, call: Call, backend: Backend, number: int) -> None:
-        prompt = self._prompt_tokens(call)
-        usage = TokenUsage(prompt, 0, prompt, reported=False)
+        usage = self._prompt_only(call)
         call.lost = combined(call.lost, usage)
         self.s.telemetry.tokens_spent(self._record(call, backend, 502, usage, None, number))
 
@@ -298,8 +302,7 @@ class Gateway:
         usage, model = usage_from_body(raw) if status == 200 else (None, None)
         if status == 200 and usage is None:
             # A 200 whose body cannot be read: the backend may still have billed the prompt; charge what we can count.
-            prompt = self._prompt_tokens(call)
-            usage = TokenUsage(prompt, 0, prompt, reported=False)
+            usage = self._prompt_only(call)
             try:
                 orjson.loads(raw)
             except orjson.JSONDecodeError:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from shared.tokens import get_encoding
-from shared.usage import SseRelay, TokenUsage, usage_from_body
+from shared.usage import SseRelay, TokenUsage, combined, usage_from_body
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -69,8 +69,6 @@ def test_relay_accepts_crlf_event_boundaries() -> None:
 
 
 def test_combined_usage_adds_every_count_and_is_reported_only_if_both_were() -> None:
-    from shared.usage import combined
-
     broken = TokenUsage(100, 0, 100, reported=False)
     answer = TokenUsage(100, 20, 120, cached=64, reasoning=5)
     assert combined(None, None) is None
