@@ -19,8 +19,8 @@ from typing import Any
 
 from bench.procs import cpu_seconds, rss_mb
 from shared.config import load_settings
-from shared.consumers import Consumer, Limits, hash_key, key_prefix, new_key
-from shared.storage import TableConsumerStore, Tables
+from shared.edge.consumers import Consumer, Limits, hash_key, key_prefix, new_key
+from shared.storage.tables import TableConsumerStore, Tables
 from tools import stack
 
 ROOT = Path(__file__).resolve().parent.parent

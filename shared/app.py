@@ -12,19 +12,20 @@ from collections.abc import Mapping
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared import otel, tokens
-from shared.accounting import UsageRecorder
+from shared.telemetry import otel
+from shared.flow import tokens
+from shared.telemetry.usage_rows import UsageRecorder
 from shared.clock import Clock, SystemClock
 from shared.config import Settings, load_settings
-from shared.consumers import ConsumerDirectory
-from shared.credentials import BackendAuth, default_credential_factory
-from shared.errors import GatewayError
-from shared.gateway import Gateway, Services
-from shared.http import error_response, read_body, to_gateway_request, to_response
-from shared.ratelimit import TokenLimiter
-from shared.routing import Router
-from shared.storage import TableBreakerStore, TableConsumerStore, TableLedgerStore, Tables, TableUsageStore
-from shared.upstream import Upstream
+from shared.edge.consumers import ConsumerDirectory
+from shared.flow.credentials import BackendAuth, default_credential_factory
+from shared.edge.errors import GatewayError
+from shared.flow.gateway import Gateway, Services
+from shared.edge.http import error_response, read_body, to_gateway_request, to_response
+from shared.limits.limiter import TokenLimiter
+from shared.routing.router import Router
+from shared.storage.tables import TableBreakerStore, TableConsumerStore, TableLedgerStore, Tables, TableUsageStore
+from shared.flow.upstream import Upstream
 
 log = logging.getLogger(__name__)
 

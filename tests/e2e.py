@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 
 from shared.config import load_settings
-from shared.consumers import Consumer, Limits, hash_key, key_prefix, new_key
-from shared.storage import TableConsumerStore, TableLedgerStore, Tables, TableUsageStore
+from shared.edge.consumers import Consumer, Limits, hash_key, key_prefix, new_key
+from shared.storage.tables import TableConsumerStore, TableLedgerStore, Tables, TableUsageStore
 from tools import stack
 
 

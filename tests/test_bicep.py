@@ -23,7 +23,9 @@ import pytest
 from lark.exceptions import LarkError
 from pycep import BicepParser
 
-from shared import breaker, config, telemetry
+from shared.routing import breaker
+from shared import config
+from shared.telemetry import events as telemetry
 
 ROOT = Path(__file__).resolve().parent.parent
 BICEP = ROOT / "bicep"
@@ -509,7 +511,7 @@ def names_read_elsewhere() -> set[str]:
         r"""(?:_env|environ\.get|getenv)\(\s*["']([A-Za-z_][A-Za-z0-9_]*)["']|environ\[\s*["']([A-Za-z_][A-Za-z0-9_]*)["']"""
     )
     names: set[str] = set()
-    for path in [ROOT / "function_app.py", *sorted((ROOT / "shared").glob("*.py"))]:
+    for path in [ROOT / "function_app.py", *sorted((ROOT / "shared").rglob("*.py"))]:
         for match in pattern.finditer(path.read_text(encoding="utf-8")):
             names.add(match.group(1) or match.group(2))
     return names
@@ -749,7 +751,7 @@ def test_alerts_on_throttled_consumers_and_breaker_trips() -> None:
 
 
 def test_throttle_reasons_in_the_alert_are_the_gateways_429s() -> None:
-    gateway = (ROOT / "shared" / "gateway.py").read_text(encoding="utf-8")
+    gateway = (ROOT / "shared" / "flow" / "gateway.py").read_text(encoding="utf-8")
     reasons = re.findall(r"Reason in \(([^)]*)\)", alert_query(alert_rules()["consumerThrottled"]))
     assert reasons and set(re.findall(r"'(\w+)'", reasons[0])) == {"rate", "backends"}
     for reason in ("rate", "backends", "quota"):

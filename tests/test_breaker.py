@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, retry_after_s
+from shared.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, retry_after_s
 from shared.config import BreakerRule
 
 NOW = 1_700_000_000.0

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 
 from shared.clock import FakeClock
-from shared.consumers import (
+from shared.edge.consumers import (
     Consumer,
     ConsumerDirectory,
     MemoryConsumerStore,
@@ -15,7 +15,7 @@ from shared.consumers import (
     new_key,
     rotated,
 )
-from shared.errors import GatewayError
+from shared.edge.errors import GatewayError
 
 
 def make(store: MemoryConsumerStore, consumer_id: str = "team-a", **changes: object) -> str:

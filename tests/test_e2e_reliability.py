@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from shared.tokens import count_chat_prompt, encoding_for
+from shared.flow.tokens import count_chat_prompt, encoding_for
 from tests.conftest import unique
 from tests.e2e import Stack, gateway_env, wait_for
 from tools import stack

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from shared.tokens import count_chat_prompt, encoding_for
+from shared.flow.tokens import count_chat_prompt, encoding_for
 from tests.conftest import unique
 from tests.e2e import Stack
 from tools import stack
@@ -163,8 +163,8 @@ def test_all_backends_throttled_gives_429_with_the_soonest_recovery(
 
 
 def test_a_late_write_of_an_older_breaker_transition_never_replaces_a_newer_shared_trip(e2e: Stack) -> None:
-    from shared.routing import BreakerRecord
-    from shared.storage import TableBreakerStore
+    from shared.routing.router import BreakerRecord
+    from shared.storage.tables import TableBreakerStore
 
     backend = unique("late-writer")
 

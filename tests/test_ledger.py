@@ -4,7 +4,7 @@ import calendar
 
 import pytest
 
-from shared.ledger import (
+from shared.limits.ledger import (
     CONSUMER_SCOPE,
     Grant,
     Ledger,

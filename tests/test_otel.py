@@ -11,11 +11,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from shared import telemetry as names
+from shared.telemetry import events as names
 from shared.config import Settings, load_settings
-from shared.otel import OtelTelemetry, views
-from shared.telemetry import RequestRecord
-from shared.usage import TokenUsage
+from shared.telemetry.otel import OtelTelemetry, views
+from shared.telemetry.events import RequestRecord
+from shared.flow.usage import TokenUsage
 
 BACKENDS = '[{"id": "b", "endpoint": "https://b.example", "region": "uksouth", "deployments": ["gpt-4o"], "auth": "none"}]'
 

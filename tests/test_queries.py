@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from shared import insights
+from shared.admin import queries as insights
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data" / "appinsights"
@@ -406,9 +406,9 @@ def test_schema_cites_microsofts_documentation_and_lists_the_classic_tables() ->
 
 
 def test_schema_metrics_and_dimensions_are_the_gateways() -> None:
-    from shared import telemetry
+    from shared.telemetry import events as telemetry
     from shared.config import ALL_METRIC_DIMENSIONS
-    from shared.otel import INSTRUMENTS
+    from shared.telemetry.otel import INSTRUMENTS
 
     assert set(SCHEMA["metrics"]) == set(INSTRUMENTS)
     assert SCHEMA["metrics"][telemetry.TOTAL_TOKENS] == list(ALL_METRIC_DIMENSIONS)
@@ -789,7 +789,7 @@ def test_list_and_show(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_the_admin_command_dispatches_query_here() -> None:
-    from shared.admin import main as admin_main
+    from shared.admin.cli import main as admin_main
 
     out = io.StringIO()
     with redirect_stdout(out):
@@ -798,7 +798,7 @@ def test_the_admin_command_dispatches_query_here() -> None:
 
 
 def test_standalone_and_without_azure_monitor_query_loaded() -> None:
-    probe = "import sys, shared.insights; assert 'azure.monitor.query' not in sys.modules, 'imported eagerly'"
+    probe = "import sys, shared.admin.queries; assert 'azure.monitor.query' not in sys.modules, 'imported eagerly'"
     subprocess.run([sys.executable, "-c", probe], cwd=ROOT, check=True)
-    done = subprocess.run([sys.executable, "-m", "shared.insights", "list"], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "shared.admin.queries", "list"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0 and "ptu_share" in done.stdout

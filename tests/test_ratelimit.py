@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 
 from shared.clock import FakeClock
-from shared.consumers import Consumer, Limits
-from shared.errors import GatewayError
-from shared.ledger import CONSUMER_SCOPE
-from shared.ratelimit import LimitTicket, MemoryLedgerStore, TokenLimiter
-from shared.telemetry import NullTelemetry
+from shared.edge.consumers import Consumer, Limits
+from shared.edge.errors import GatewayError
+from shared.limits.ledger import CONSUMER_SCOPE
+from shared.limits.limiter import LimitTicket, MemoryLedgerStore, TokenLimiter
+from shared.telemetry.events import NullTelemetry
 
 DEPLOYMENT = "gpt-4o"
 
@@ -255,7 +255,7 @@ async def test_losing_every_write_to_other_instances_is_not_a_store_outage() -> 
     class AlwaysBeaten(MemoryLedgerStore):
         async def write(self, consumer_id: str, ledger: Any, etag: str | None) -> str:
             self.writes += 1
-            from shared.storage import Conflict
+            from shared.storage.tables import Conflict
 
             raise Conflict("someone else wrote first")
 

@@ -6,8 +6,8 @@ import pytest
 
 from shared.clock import FakeClock
 from shared.config import Backend, BreakerRule
-from shared.routing import MemoryBreakerStore, Router
-from shared.telemetry import NullTelemetry
+from shared.routing.router import MemoryBreakerStore, Router
+from shared.telemetry.events import NullTelemetry
 
 D = "gpt-4o"
 

@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 from openai.types.chat import ChatCompletionMessageParam
 
-from shared.tokens import count_chat_prompt, count_completion_prompt, count_embedding_input, count_text, encoding_for
+from shared.flow.tokens import count_chat_prompt, count_completion_prompt, count_embedding_input, count_text, encoding_for
 from tools.simulator.config import DeploymentConfig, RegionConfig
 from tools.simulator.server import Running, start
 

@@ -8,7 +8,7 @@ import struct
 import orjson
 import pytest
 
-from shared.tokens import count_text, get_encoding
+from shared.flow.tokens import count_text, get_encoding
 from tools.simulator.responses import VOCABULARY, ChunkWriter, completion_words, embeddings
 
 

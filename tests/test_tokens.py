@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared import tokens
+from shared.flow import tokens
 
 
 @pytest.fixture

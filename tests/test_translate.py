@@ -6,8 +6,8 @@ import orjson
 import pytest
 
 from shared.config import Backend
-from shared.errors import GatewayError
-from shared.translate import (
+from shared.edge.errors import GatewayError
+from shared.flow.translate import (
     AZURE_API,
     OPENAI_API,
     Operation,

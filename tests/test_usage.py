@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.tokens import get_encoding
-from shared.usage import SseRelay, TokenUsage, combined, usage_from_body
+from shared.flow.tokens import get_encoding
+from shared.flow.usage import SseRelay, TokenUsage, combined, usage_from_body
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -40,8 +40,8 @@ def _uses_embedded_backends(env: dict[str, str]) -> bool:
 
 
 async def _demo_consumer(env: dict[str, str]) -> tuple[str, str] | None:
-    from shared.consumers import Consumer, Limits, hash_key, key_prefix, new_key
-    from shared.storage import Conflict, TableConsumerStore, Tables
+    from shared.edge.consumers import Consumer, Limits, hash_key, key_prefix, new_key
+    from shared.storage.tables import Conflict, TableConsumerStore, Tables
 
     settings = load_settings(env, require_backends=False)
     tables = Tables.from_settings(settings, timeout_s=10)

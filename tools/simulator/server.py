@@ -18,7 +18,7 @@ import orjson
 import tiktoken
 from aiohttp import web
 
-from shared import tokens
+from shared.flow import tokens
 from tools.simulator import control
 from tools.simulator.capacity import Clock, Verdict
 from tools.simulator.config import DEFAULT_HOST, DeploymentConfig, RegionConfig

@@ -10,7 +10,7 @@ from typing import Any
 import tiktoken
 from aiohttp import web
 
-from shared import tokens
+from shared.flow import tokens
 from tools.simulator.capacity import Clock, SlidingWindow
 from tools.simulator.config import DeploymentConfig, RegionConfig
 from tools.simulator.faults import FaultPlan

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from shared.clock import Clock
-from shared.errors import GatewayError, unauthorized
+from shared.edge.errors import GatewayError, unauthorized
 
 log = logging.getLogger(__name__)
 

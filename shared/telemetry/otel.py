@@ -15,9 +15,9 @@ from opentelemetry import metrics, trace
 from opentelemetry.metrics import Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from shared import telemetry as names
+from shared.telemetry import events as names
 from shared.config import Settings
-from shared.telemetry import Attempt, NullTelemetry, RequestRecord, Telemetry, Trace
+from shared.telemetry.events import Attempt, NullTelemetry, RequestRecord, Telemetry, Trace
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from shared.consumers import Consumer
+from shared.edge.consumers import Consumer
 
 
 class Ticket(Protocol):

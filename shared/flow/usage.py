@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import tiktoken
 
-from shared.tokens import count_text
+from shared.flow.tokens import count_text
 
 
 @dataclass(frozen=True, slots=True)

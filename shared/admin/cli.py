@@ -25,7 +25,7 @@ from typing import Any
 
 from shared.clock import SystemClock
 from shared.config import ConfigError, Settings, load_settings, local_environment
-from shared.consumers import (
+from shared.edge.consumers import (
     PRIORITIES,
     QUOTA_PERIODS,
     Consumer,
@@ -36,7 +36,7 @@ from shared.consumers import (
     rotated,
     validate_consumer_id,
 )
-from shared.storage import Conflict, TableConsumerStore, Tables
+from shared.storage.tables import Conflict, TableConsumerStore, Tables
 from shared.text import table
 
 
@@ -229,7 +229,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     tables = Tables.from_settings(settings, timeout_s=max(settings.store_timeout_s, 10.0))
     try:
         if args.command == "usage":
-            from shared.accounting import report
+            from shared.telemetry.usage_rows import report
 
             return await report(tables, args, sys.stdout)
         admin = Admin(TableConsumerStore(tables))
@@ -256,7 +256,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["query"]:
-        from shared.insights import main as query_main
+        from shared.admin.queries import main as query_main
 
         return query_main(argv[1:])
     args = parser().parse_args(argv)

@@ -17,9 +17,9 @@ from datetime import UTC
 from typing import Any, Protocol, TextIO
 
 from shared.clock import Clock
-from shared.ledger import period_bounds
+from shared.limits.ledger import period_bounds
 from shared.text import table
-from shared.usage import TokenUsage
+from shared.flow.usage import TokenUsage
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class MemoryUsageStore:
 
     async def save(self, rows: list[UsageRow]) -> None:
         if self.unavailable:
-            from shared.storage import StoreUnavailable
+            from shared.storage.tables import StoreUnavailable
 
             raise StoreUnavailable("memory store switched off")
         for row in rows:
@@ -188,7 +188,7 @@ async def report(tables: Any, args: Any, out: TextIO) -> int:
     import json
     from datetime import datetime
 
-    from shared.storage import TableUsageStore
+    from shared.storage.tables import TableUsageStore
 
     at = time.time()
     if args.at:

@@ -15,18 +15,18 @@ from typing import Any
 import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
 
-from shared import tokens
-from shared.accounting import UsageRecorder
+from shared.flow import tokens
+from shared.telemetry.usage_rows import UsageRecorder
 from shared.clock import Clock
 from shared.config import Backend, Settings
-from shared.consumers import Consumer, ConsumerDirectory, key_from_headers
-from shared.credentials import BackendAuth
-from shared.errors import GatewayError, error_body, forbidden, not_found
-from shared.limits import Limiter, Ticket
-from shared.messages import GatewayRequest, GatewayResponse
-from shared.routing import Router
-from shared.telemetry import NULL_TRACE, RequestRecord, Telemetry, Trace
-from shared.translate import (
+from shared.edge.consumers import Consumer, ConsumerDirectory, key_from_headers
+from shared.flow.credentials import BackendAuth
+from shared.edge.errors import GatewayError, error_body, forbidden, not_found
+from shared.limits.contract import Limiter, Ticket
+from shared.edge.messages import GatewayRequest, GatewayResponse
+from shared.routing.router import Router
+from shared.telemetry.events import NULL_TRACE, RequestRecord, Telemetry, Trace
+from shared.flow.translate import (
     FORWARDED_RESPONSE_HEADERS,
     CallShape,
     Operation,
@@ -39,8 +39,8 @@ from shared.translate import (
     parse_body,
     request_headers,
 )
-from shared.upstream import Upstream, UpstreamBroken, UpstreamError, UpstreamResponse
-from shared.usage import SseRelay, TokenUsage, combined, usage_from_body
+from shared.flow.upstream import Upstream, UpstreamBroken, UpstreamError, UpstreamResponse
+from shared.flow.usage import SseRelay, TokenUsage, combined, usage_from_body
 
 log = logging.getLogger(__name__)
 

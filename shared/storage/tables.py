@@ -22,7 +22,7 @@ from azure.data.tables import UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
 
 from shared.config import Settings
-from shared.consumers import Consumer, Limits
+from shared.edge.consumers import Consumer, Limits
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -230,7 +230,7 @@ class TableLedgerStore:
         self._tables = tables
 
     async def read(self, consumer_id: str) -> tuple[Any, str | None]:
-        from shared.ledger import Ledger
+        from shared.limits.ledger import Ledger
 
         try:
             entity = await self._tables.call("ledger", lambda t: t.get_entity(consumer_id, _LEDGER_RK))
@@ -285,7 +285,7 @@ class TableUsageStore:
                 await self._tables.call("usage", lambda t, ops=operations: t.submit_transaction(ops))  # type: ignore[misc]
 
     async def query(self, consumer: str | None, start_hour: str, end_hour: str) -> list[Any]:
-        from shared.accounting import UsageRow
+        from shared.telemetry.usage_rows import UsageRow
 
         parameters = {"start": start_hour, "end": end_hour}
         query = "RowKey ge @start and RowKey lt @end"
@@ -318,7 +318,7 @@ class TableBreakerStore:
         self._tables = tables
 
     async def load(self) -> list[Any]:
-        from shared.routing import BreakerRecord
+        from shared.routing.router import BreakerRecord
 
         entities = await self._tables.call(
             "breakers", lambda t: collect(t.query_entities(f"PartitionKey eq '{_BREAKER_PK}'"))

@@ -12,7 +12,7 @@ from urllib.parse import quote, unquote
 import orjson
 
 from shared.config import Backend
-from shared.errors import GatewayError, bad_request, not_found
+from shared.edge.errors import GatewayError, bad_request, not_found
 
 
 class Operation(Enum):

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from shared.clock import Clock
-from shared.consumers import Consumer
-from shared.errors import GatewayError
-from shared.ledger import (
+from shared.edge.consumers import Consumer
+from shared.edge.errors import GatewayError
+from shared.limits.ledger import (
     BUCKET_MS,
     CONSUMER_SCOPE,
     WINDOW_MS,
@@ -39,9 +39,9 @@ from shared.ledger import (
     quota_period,
     report,
 )
-from shared.limits import UnlimitedTicket
-from shared.storage import Conflict, StoreUnavailable
-from shared.telemetry import Telemetry
+from shared.limits.contract import UnlimitedTicket
+from shared.storage.tables import Conflict, StoreUnavailable
+from shared.telemetry.events import Telemetry
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared.errors import GatewayError
-from shared.messages import GatewayRequest, GatewayResponse
+from shared.edge.errors import GatewayError
+from shared.edge.messages import GatewayRequest, GatewayResponse
 
 
 def client_ip(request: Request) -> str:

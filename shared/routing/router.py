@@ -17,11 +17,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from shared.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Transition
+from shared.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Transition
 from shared.clock import Clock
 from shared.config import Backend
-from shared.errors import GatewayError
-from shared.telemetry import Telemetry
+from shared.edge.errors import GatewayError
+from shared.telemetry.events import Telemetry
 
 log = logging.getLogger(__name__)
 

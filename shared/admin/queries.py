@@ -4,7 +4,7 @@
     python -m shared.admin query show NAME
     python -m shared.admin query run NAME --resource-id ID [--timespan P1D] [--format table|csv|json]
 
-(`python -m shared.insights ...` takes the same arguments.) The resource id is the Application Insights resource's;
+(`python -m shared.admin.queries ...` takes the same arguments.) The resource id is the Application Insights resource's;
 the queries use its classic tables. Authentication is DefaultAzureCredential (`az login`, environment, managed
 identity); the signed-in identity needs read access to the resource (e.g. Monitoring Reader). azure-monitor-query is
 an admin dependency (requirements-dev.txt), imported only when a query runs.
@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from shared.text import table as text_table
 
-QUERIES_DIR = Path(__file__).resolve().parent.parent / "queries"
+QUERIES_DIR = Path(__file__).resolve().parents[2] / "queries"
 FORMATS = ("table", "csv", "json")
 DEFAULT_TIMESPAN = "P1D"
 NUMERIC_TYPES = frozenset({"int", "long", "real", "decimal"})
@@ -376,4 +376,4 @@ def main(
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(prog="python -m shared.insights"))
+    raise SystemExit(main(prog="python -m shared.admin.queries"))

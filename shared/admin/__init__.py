@@ -1,0 +1,1 @@
+"""The admin and query commands (never imported by the Function App)."""

@@ -1,0 +1,1 @@
+"""The edge: the HTTP framework, consumer keys, errors as clients see them."""

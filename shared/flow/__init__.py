@@ -1,0 +1,1 @@
+"""The request flow: routes and bodies, the gateway's phases, the upstream call, usage and token counts."""

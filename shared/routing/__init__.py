@@ -1,0 +1,1 @@
+"""Backend choice: priority, weight and circuit breakers."""

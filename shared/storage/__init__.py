@@ -1,0 +1,1 @@
+"""Table Storage stores and their errors."""

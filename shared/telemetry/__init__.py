@@ -1,0 +1,1 @@
+"""Token metrics, traces and usage rows."""
