@@ -11,7 +11,8 @@ from shared.clock import FakeClock
 from shared.edge.consumers import Consumer, Limits
 from shared.edge.errors import GatewayError
 from shared.limits.ledger import CONSUMER_SCOPE
-from shared.limits.limiter import LimitTicket, MemoryLedgerStore, TokenLimiter
+from shared.limits.limiter import LimitTicket, TokenLimiter
+from shared.storage.memory import MemoryLedgerStore
 from shared.telemetry.events import NullTelemetry
 
 DEPLOYMENT = "gpt-4o"
@@ -255,7 +256,7 @@ async def test_losing_every_write_to_other_instances_is_not_a_store_outage() -> 
     class AlwaysBeaten(MemoryLedgerStore):
         async def write(self, consumer_id: str, ledger: Any, etag: str | None) -> str:
             self.writes += 1
-            from shared.storage.tables import Conflict
+            from shared.storage.protocols import Conflict
 
             raise Conflict("someone else wrote first")
 

@@ -14,10 +14,13 @@ import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Protocol
 
 from shared.clock import Clock
 from shared.edge.errors import GatewayError, unauthorized
+
+# The store's contract and its in-memory twin live with the other stores; imported here for existing callers.
+from shared.storage.memory import MemoryConsumerStore as MemoryConsumerStore
+from shared.storage.protocols import ConsumerStore as ConsumerStore
 
 log = logging.getLogger(__name__)
 
@@ -71,45 +74,6 @@ def hash_key(key: str) -> str:
 def key_prefix(key: str) -> str:
     """A short, non-secret handle for a key, safe to show in logs and listings (9 of ~46 characters)."""
     return key[:9]
-
-
-class ConsumerStore(Protocol):
-    async def list_consumers(self) -> list[Consumer]: ...
-
-    async def get(self, consumer_id: str) -> Consumer | None: ...
-
-    async def find_by_key_hash(self, key_hash: str) -> Consumer | None: ...
-
-    async def put(self, consumer: Consumer) -> None: ...
-
-    async def delete(self, consumer_id: str) -> bool: ...
-
-
-class MemoryConsumerStore:
-    def __init__(self) -> None:
-        self.consumers: dict[str, Consumer] = {}
-        self.calls = 0
-
-    async def list_consumers(self) -> list[Consumer]:
-        self.calls += 1
-        return list(self.consumers.values())
-
-    async def get(self, consumer_id: str) -> Consumer | None:
-        self.calls += 1
-        return self.consumers.get(consumer_id)
-
-    async def find_by_key_hash(self, key_hash: str) -> Consumer | None:
-        self.calls += 1
-        for consumer in self.consumers.values():
-            if key_hash in (consumer.key_hash, consumer.previous_key_hash):
-                return consumer
-        return None
-
-    async def put(self, consumer: Consumer) -> None:
-        self.consumers[consumer.id] = consumer
-
-    async def delete(self, consumer_id: str) -> bool:
-        return self.consumers.pop(consumer_id, None) is not None
 
 
 def key_from_headers(headers: Mapping[str, str], repeated: frozenset[str]) -> str:

@@ -1,4 +1,4 @@
-"""The limiter's contract with the request flow (the distributed implementation lives in ratelimit.py)."""
+"""The limiter's contract with the request flow (the distributed implementation lives in limiter.py)."""
 
 from __future__ import annotations
 

@@ -15,12 +15,14 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from shared.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Transition
 from shared.clock import Clock
 from shared.config import Backend
 from shared.edge.errors import GatewayError
+from shared.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Transition
+from shared.storage.memory import MemoryBreakerStore as MemoryBreakerStore
+from shared.storage.protocols import BreakerStore
 from shared.telemetry.events import Telemetry
 
 log = logging.getLogger(__name__)
@@ -37,30 +39,6 @@ class BreakerRecord:
     until: float
     since: float
     reason: str
-
-
-class BreakerStore(Protocol):
-    async def load(self) -> list[BreakerRecord]: ...
-
-    async def save(self, record: BreakerRecord) -> None: ...
-
-
-class MemoryBreakerStore:
-    def __init__(self) -> None:
-        self.records: dict[str, BreakerRecord] = {}
-        self.saves = 0
-        self.loads = 0
-
-    async def load(self) -> list[BreakerRecord]:
-        self.loads += 1
-        return list(self.records.values())
-
-    async def save(self, record: BreakerRecord) -> None:
-        self.saves += 1
-        key = f"{record.backend_id}|{record.deployment}"
-        current = self.records.get(key)
-        if current is None or current.since < record.since:  # as the table store: an older transition never wins
-            self.records[key] = record
 
 
 class _Group:

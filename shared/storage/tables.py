@@ -23,17 +23,10 @@ from azure.data.tables.aio import TableClient, TableServiceClient
 
 from shared.config import Settings
 from shared.edge.consumers import Consumer, Limits
+from shared.storage.protocols import Conflict, StoreUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class StoreUnavailable(Exception):
-    """Table Storage did not answer in time or failed; callers fall back as their policy says."""
-
-
-class Conflict(Exception):
-    """An ETag-conditional write lost a race (412) or a create found the row already there (409)."""
 
 
 class Tables:

@@ -14,12 +14,14 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
 from shared.clock import Clock
-from shared.limits.ledger import period_bounds
-from shared.text import table
 from shared.flow.usage import TokenUsage
+from shared.limits.ledger import period_bounds
+from shared.storage.memory import MemoryUsageStore as MemoryUsageStore
+from shared.storage.protocols import UsageStore
+from shared.text import table
 
 log = logging.getLogger(__name__)
 
@@ -55,32 +57,6 @@ class UsageRow:
             cached=self.cached + usage.cached,
             reasoning=self.reasoning + usage.reasoning,
         )
-
-
-class UsageStore(Protocol):
-    async def save(self, rows: list[UsageRow]) -> None: ...
-
-    async def query(self, consumer: str | None, start_hour: str, end_hour: str) -> list[UsageRow]: ...
-
-
-class MemoryUsageStore:
-    def __init__(self) -> None:
-        self.rows: dict[tuple[str, str, str, str], UsageRow] = {}
-        self.unavailable = False
-
-    async def save(self, rows: list[UsageRow]) -> None:
-        if self.unavailable:
-            from shared.storage.tables import StoreUnavailable
-
-            raise StoreUnavailable("memory store switched off")
-        for row in rows:
-            self.rows[(row.consumer, row.hour, row.deployment, row.instance)] = row
-
-    async def query(self, consumer: str | None, start_hour: str, end_hour: str) -> list[UsageRow]:
-        return [
-            r for r in self.rows.values()
-            if (consumer is None or r.consumer == consumer) and start_hour <= r.hour < end_hour
-        ]
 
 
 class UsageRecorder:

@@ -1,0 +1,82 @@
+"""This instance's copy of a consumer's ledger, and the conditional write that changes the shared one.
+
+A write on the cached copy (with its ETag) saves the read; when other instances keep writing the same ledger the copy is
+mostly stale, so how often it wins is tracked and below one in two the ledger is read first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shared.clock import Clock
+from shared.limits.ledger import Ledger
+from shared.storage.protocols import Conflict, LedgerStore, StoreUnavailable
+
+CONFLICT_BACKOFF_S = 0.005
+WRITE_ATTEMPTS = 6
+
+
+class Contended(Exception):
+    """Every conditional write lost to another instance's."""
+
+
+@dataclass(eq=False)
+class LedgerCopy:
+    ledger: Ledger | None = None  # last copy read or written, to write without reading first
+    etag: str | None = None
+    have: bool = False
+    hits: float = 1.0  # how often a write on the cached copy succeeded (smoothed): below 1/2, read first
+    occupancy: dict[str, int] = field(default_factory=dict)  # per scope, as of the last sync
+    quota_used: int = 0
+
+    def forget(self) -> None:
+        self.have = False
+
+    async def commit(
+        self, store: LedgerStore, consumer_id: str, clock: Clock, change: Callable[[Ledger, float], bool]
+    ) -> tuple[Ledger, float]:
+        """Apply `change(copy, now)` to a copy of the ledger and write it on the ETag, again on a fresh read when another
+        instance wrote first. `change` returns False when there is nothing to write; that answer is trusted only from
+        a fresh read (other instances may have released tokens since the cached copy). Returns the ledger as changed
+        and the time it was changed at; raises StoreUnavailable, or Contended when every attempt lost."""
+        try:
+            for attempt in range(WRITE_ATTEMPTS):
+                fresh = not self.have or self.hits < 0.5
+                if fresh:
+                    self.ledger, self.etag = await store.read(consumer_id)
+                    self.have = True
+                assert self.ledger is not None
+                ledger = self.ledger.copy()
+                now = clock.now()
+                if not change(ledger, now):
+                    if fresh:
+                        return ledger, now
+                    self.have = False
+                    continue
+                try:
+                    self.etag = await store.write(consumer_id, ledger, self.etag)
+                except Conflict:
+                    self.have = False
+                    if not fresh:
+                        self.hits *= 0.7
+                    # Other instances wrote first; a short random pause keeps them from colliding again in step.
+                    await asyncio.sleep(random.uniform(0, CONFLICT_BACKOFF_S * (attempt + 1)))
+                    continue
+                if not fresh:
+                    self.hits = 0.7 * self.hits + 0.3
+                else:
+                    self.hits = min(1.0, self.hits + 0.05)  # try the cached copy again now and then
+                self.ledger = ledger
+                return ledger, now
+            raise Contended()
+        except (StoreUnavailable, Contended):
+            self.have = False
+            raise
+
+    def observe(self, ledger: Ledger, scopes: Callable[[], list[str]], now: float) -> None:
+        now_ms = int(now * 1000)
+        self.occupancy = {s: ledger.occupancy(s, now_ms) for s in scopes()}
+        self.quota_used = ledger.quota_used

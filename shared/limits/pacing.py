@@ -1,0 +1,88 @@
+"""How much to claim and when: lease sizes from the consumer's recent rate on this instance, renewal ahead of need,
+and claims spaced out while the shared window is full."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from shared.limits.blocks import Blocks
+from shared.limits.leases import LeaseState
+from shared.limits.ledger import CONSUMER_SCOPE, Grant, Quota
+
+RENEW_AHEAD_S = 0.25  # renew a lease when it has less than this long of admissions left at the current rate
+# When the shared window is full, capacity trickles back as admissions age out; claiming it in larger, less frequent
+# pieces keeps Table round trips per admitted request low without leaving it unused (the window slides).
+SATURATED_CLAIM_INTERVAL_S = 1.0
+RATE_MIN_SPAN_S = 0.25  # a rate measured over less than this is noise
+
+
+@dataclass(eq=False)
+class Pacing:
+    rate: float = 0.0  # tokens per second admitted here, smoothed
+    typical: float = 0.0  # a typical reservation, smoothed: leases smaller than one request are useless
+    waiting: int = 0  # requests of this consumer waiting here for a lease
+    admitted_since_mark: int = 0
+    rate_mark_mono: float = 0.0
+    last_admit_mono: float = 0.0
+    saturated_until: float = 0.0  # wall clock: the window was full at the last claim; next claim not before this
+    saturated_scope: str = CONSUMER_SCOPE
+
+    def note_request(self, reserve: int) -> None:
+        self.typical = reserve if self.typical == 0 else 0.9 * self.typical + 0.1 * reserve
+
+    def admitted(self, tokens: int, mono: float) -> None:
+        self.admitted_since_mark += tokens
+        self.last_admit_mono = mono
+
+    def corrected(self, delta: int) -> None:
+        self.admitted_since_mark += delta
+
+    def observe(self, mono: float) -> None:
+        """Fold what was admitted since the last observation into the smoothed rate."""
+        elapsed = mono - self.rate_mark_mono if self.rate_mark_mono else 0.0
+        if elapsed >= RATE_MIN_SPAN_S:
+            observed = max(0, self.admitted_since_mark) / elapsed
+            self.rate = observed if self.rate == 0 else 0.5 * self.rate + 0.5 * observed
+            self.admitted_since_mark = 0
+            self.rate_mark_mono = mono
+        elif not self.rate_mark_mono:
+            self.rate_mark_mono = mono
+
+    def wants(
+        self, limits: Mapping[str, int], quota: Quota | None, blocks: Blocks, need: int, need_scopes: tuple[str, ...],
+        now: float, lifetime_s: float, max_fraction: float,
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """At least the request's need; ideally what this instance admits over a lease lifetime, within a share."""
+        needs: dict[str, int] = {}
+        wants: dict[str, int] = {}
+        usual = max(need, int(self.typical), 1)
+        # Enough for a lease lifetime at the recent rate, and at least for everyone waiting right now.
+        expected = max(int(self.rate * lifetime_s), usual * (self.waiting + 1))
+        for scope, limit in limits.items():
+            if scope not in need_scopes and blocks.blocked(scope, now):
+                continue  # known to be full: asking again now would only waste the write
+            cap = limit if limit > 0 else (quota.limit if quota else 0)
+            scope_need = need if scope in need_scopes else 0
+            upper = max(scope_need, int(cap * max_fraction)) if cap > 0 else max(usual, expected)
+            needs[scope] = scope_need
+            wants[scope] = max(scope_need, min(max(expected, 2 * usual), upper))
+        return needs, wants
+
+    def needs_renewal(self, lease: LeaseState, now: float, lifetime_s: float) -> bool:
+        """Renew ahead of need, so requests rarely wait for a write: near expiry, or when a request or two are left."""
+        if self.saturated_until > now:
+            return False
+        if lease.expires_s - now < lifetime_s / 4:
+            return True
+        low = max(self.typical, self.rate * RENEW_AHEAD_S, 1.0)
+        return any(v < low for v in lease.available.values())
+
+    def claimed(self, wants: Mapping[str, int], grant: Grant, limits: Mapping[str, int], now: float) -> None:
+        # Only a full *window* slows claims down; a quota running out must be asked again, to answer 403.
+        partial = [
+            sc for sc, w in wants.items()
+            if limits.get(sc, 0) > 0 and (sc in grant.refused or grant.tokens.get(sc, 0) < w)
+        ]
+        self.saturated_until = now + SATURATED_CLAIM_INTERVAL_S if partial else 0.0
+        self.saturated_scope = partial[0] if partial else CONSUMER_SCOPE

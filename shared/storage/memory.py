@@ -1,0 +1,128 @@
+"""In-memory twins of the Table Storage stores, with the same contract (storage/protocols.py): ETag conditions,
+409 on create, an older breaker transition never replacing a newer one. `unavailable` switches a twin off."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from shared.limits.ledger import Ledger
+from shared.storage.protocols import Conflict, StoreUnavailable
+
+if TYPE_CHECKING:
+    from shared.edge.consumers import Consumer
+    from shared.routing.router import BreakerRecord
+    from shared.telemetry.usage_rows import UsageRow
+
+
+class _Switch:
+    unavailable = False
+
+    def _check(self) -> None:
+        if self.unavailable:
+            raise StoreUnavailable("memory store switched off")
+
+
+class MemoryConsumerStore(_Switch):
+    def __init__(self) -> None:
+        self.consumers: dict[str, Consumer] = {}
+        self.calls = 0
+
+    async def list_consumers(self) -> list[Consumer]:
+        self._check()
+        self.calls += 1
+        return list(self.consumers.values())
+
+    async def get(self, consumer_id: str) -> Consumer | None:
+        self._check()
+        self.calls += 1
+        return self.consumers.get(consumer_id)
+
+    async def find_by_key_hash(self, key_hash: str) -> Consumer | None:
+        self._check()
+        self.calls += 1
+        for consumer in self.consumers.values():
+            if key_hash in (consumer.key_hash, consumer.previous_key_hash):
+                return consumer
+        return None
+
+    async def put(self, consumer: Consumer) -> None:
+        self._check()
+        self.consumers[consumer.id] = consumer
+
+    async def create(self, consumer: Consumer) -> None:
+        self._check()
+        if consumer.id in self.consumers:
+            raise Conflict("consumer exists")
+        self.consumers[consumer.id] = consumer
+
+    async def delete(self, consumer_id: str) -> bool:
+        self._check()
+        return self.consumers.pop(consumer_id, None) is not None
+
+
+class MemoryLedgerStore(_Switch):
+    def __init__(self) -> None:
+        self.ledgers: dict[str, tuple[dict[str, object], str]] = {}
+        self.reads = 0
+        self.writes = 0
+        self.conflicts = 0
+        self._version = 0
+
+    async def read(self, consumer_id: str) -> tuple[Ledger, str | None]:
+        self._check()
+        self.reads += 1
+        stored = self.ledgers.get(consumer_id)
+        if stored is None:
+            return Ledger(), None
+        return Ledger.from_entity(stored[0]), stored[1]
+
+    async def write(self, consumer_id: str, ledger: Ledger, etag: str | None) -> str:
+        self._check()
+        self.writes += 1
+        stored = self.ledgers.get(consumer_id)
+        if (stored[1] if stored else None) != etag:
+            self.conflicts += 1
+            raise Conflict("etag mismatch")
+        self._version += 1
+        new_etag = f"v{self._version}"
+        self.ledgers[consumer_id] = (ledger.to_entity(), new_etag)
+        return new_etag
+
+
+class MemoryBreakerStore(_Switch):
+    def __init__(self) -> None:
+        self.records: dict[str, BreakerRecord] = {}
+        self.saves = 0
+        self.loads = 0
+
+    async def load(self) -> list[BreakerRecord]:
+        self._check()
+        self.loads += 1
+        return list(self.records.values())
+
+    async def save(self, record: BreakerRecord) -> None:
+        self._check()
+        self.saves += 1
+        key = f"{record.backend_id}|{record.deployment}"
+        current = self.records.get(key)
+        if current is None or current.since < record.since:  # as the table store: an older transition never wins
+            self.records[key] = record
+
+
+class MemoryUsageStore(_Switch):
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str, str, str], UsageRow] = {}
+        self.saves = 0
+
+    async def save(self, rows: list[UsageRow]) -> None:
+        self._check()
+        self.saves += 1
+        for row in rows:
+            self.rows[(row.consumer, row.hour, row.deployment, row.instance)] = row
+
+    async def query(self, consumer: str | None, start_hour: str, end_hour: str) -> list[UsageRow]:
+        self._check()
+        return [
+            r for r in self.rows.values()
+            if (consumer is None or r.consumer == consumer) and start_hour <= r.hour < end_hour
+        ]

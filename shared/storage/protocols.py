@@ -1,0 +1,65 @@
+"""What the gateway asks of its stores, and the two errors every store raises: one contract for the Table Storage
+stores (tables.py) and their in-memory twins (memory.py); tests/test_stores.py runs the same cases against both.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:  # the records are defined beside the logic that uses them; only their names are needed here
+    from shared.edge.consumers import Consumer
+    from shared.limits.ledger import Ledger
+    from shared.routing.router import BreakerRecord
+    from shared.telemetry.usage_rows import UsageRow
+
+
+class StoreUnavailable(Exception):
+    """The store did not answer in time or failed; callers fall back as their policy says."""
+
+
+class Conflict(Exception):
+    """An ETag-conditional write lost a race (412) or a create found the row already there (409)."""
+
+
+class ConsumerStore(Protocol):
+    async def list_consumers(self) -> list[Consumer]: ...
+
+    async def get(self, consumer_id: str) -> Consumer | None: ...
+
+    async def find_by_key_hash(self, key_hash: str) -> Consumer | None: ...
+
+    async def put(self, consumer: Consumer) -> None: ...
+
+    async def delete(self, consumer_id: str) -> bool: ...
+
+
+class LedgerStore(Protocol):
+    async def read(self, consumer_id: str) -> tuple[Ledger, str | None]:
+        """The consumer's ledger and its ETag; an empty ledger and None when there is none yet."""
+        ...
+
+    async def write(self, consumer_id: str, ledger: Ledger, etag: str | None) -> str:
+        """Store `ledger` if the stored copy still has `etag` (None: if there is none); return the new ETag.
+
+        Raises Conflict when another writer got there first, StoreUnavailable when the store does not answer."""
+        ...
+
+
+class BreakerStore(Protocol):
+    async def load(self) -> list[BreakerRecord]:
+        """Every shared breaker record, in one round trip whatever the number of backends."""
+        ...
+
+    async def save(self, record: BreakerRecord) -> None:
+        """Share a transition unless a newer one (by `since`) is shared already."""
+        ...
+
+
+class UsageStore(Protocol):
+    async def save(self, rows: list[UsageRow]) -> None:
+        """Upsert cumulative rows (each instance owns its own rows)."""
+        ...
+
+    async def query(self, consumer: str | None, start_hour: str, end_hour: str) -> list[UsageRow]:
+        """Rows of hours in [start_hour, end_hour), of one consumer or all."""
+        ...

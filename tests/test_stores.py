@@ -1,0 +1,149 @@
+"""One contract for every store, run against the Table Storage stores on Azurite and against their in-memory twins:
+what the limiter, the router, the consumer directory and the usage rows rely on (ETag conditions, 409 on create, an
+older breaker transition never replacing a newer one, cumulative usage rows)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pytest
+from azure.data.tables.aio import TableServiceClient
+
+from shared.edge.consumers import Consumer, Limits, hash_key
+from shared.limits.ledger import Ledger, Quota, claim
+from shared.routing.router import BreakerRecord
+from shared.storage import memory
+from shared.storage.protocols import BreakerStore, Conflict, ConsumerStore, LedgerStore, UsageStore
+from shared.storage.tables import TableBreakerStore, TableConsumerStore, TableLedgerStore, Tables, TableUsageStore
+from shared.telemetry.usage_rows import UsageRow
+from tools import stack
+
+_prefixes = itertools.count(1)
+
+
+@dataclass
+class Stores:
+    consumers: ConsumerStore
+    ledger: LedgerStore
+    breakers: BreakerStore
+    usage: UsageStore
+
+
+@pytest.fixture(params=["memory", "azurite"])
+async def stores(request: pytest.FixtureRequest) -> AsyncIterator[Stores]:
+    if request.param == "memory":
+        yield Stores(memory.MemoryConsumerStore(), memory.MemoryLedgerStore(), memory.MemoryBreakerStore(),
+                     memory.MemoryUsageStore())
+        return
+    azurite = request.getfixturevalue("azurite")
+    service = TableServiceClient.from_connection_string(stack.table_connection_string(azurite.port), retry_total=0)
+    tables = Tables(service, f"contract{next(_prefixes)}x{id(request) % 10_000}", timeout_s=10)
+    try:
+        yield Stores(TableConsumerStore(tables), TableLedgerStore(tables), TableBreakerStore(tables), TableUsageStore(tables))
+    finally:
+        await tables.close()
+
+
+def consumer(consumer_id: str, key: str = "k", tpm: int = 1000) -> Consumer:
+    return Consumer(id=consumer_id, name=consumer_id.title(), key_hash=hash_key(key), key_prefix=key[:9],
+                    limits=Limits(tokens_per_minute=tpm))
+
+
+# ---- ledger ----------------------------------------------------------------------------------------------------------
+
+
+async def test_ledger_starts_empty_and_is_created_only_where_there_is_none(stores: Stores) -> None:
+    ledger, etag = await stores.ledger.read("team-a")
+    assert etag is None and ledger == Ledger()
+    claim(ledger, "i:1", {"*": 1}, {"*": 300}, {"*": 1000}, Quota(5000, "daily"), 1_700_000_000.0, 2000)
+    first = await stores.ledger.write("team-a", ledger, None)
+    with pytest.raises(Conflict):
+        await stores.ledger.write("team-a", ledger, None)  # a second creator lost the race
+    stored, etag = await stores.ledger.read("team-a")
+    assert etag == first and stored == ledger
+
+
+async def test_ledger_write_on_a_stale_etag_is_a_conflict_and_changes_nothing(stores: Stores) -> None:
+    await stores.ledger.write("team-b", Ledger(quota_key="2026-12-01", quota_used=1), None)
+    _, etag = await stores.ledger.read("team-b")
+    newer = await stores.ledger.write("team-b", Ledger(quota_key="2026-12-01", quota_used=2), etag)
+    assert newer != etag
+    with pytest.raises(Conflict):
+        await stores.ledger.write("team-b", Ledger(quota_key="2026-12-01", quota_used=99), etag)
+    stored, current = await stores.ledger.read("team-b")
+    assert stored.quota_used == 2 and current == newer
+
+
+async def test_concurrent_writers_on_one_etag_exactly_one_wins(stores: Stores) -> None:
+    await stores.ledger.write("team-c", Ledger(), None)
+    _, etag = await stores.ledger.read("team-c")
+    results = await asyncio.gather(
+        *(stores.ledger.write("team-c", Ledger(quota_key="k", quota_used=n), etag) for n in range(1, 6)),
+        return_exceptions=True,
+    )
+    assert sum(1 for r in results if isinstance(r, str)) == 1
+    assert all(isinstance(r, (str, Conflict)) for r in results), results
+
+
+async def test_ledgers_of_consumers_are_independent(stores: Stores) -> None:
+    await stores.ledger.write("team-d", Ledger(quota_used=4), None)
+    await stores.ledger.write("team-e", Ledger(quota_used=5), None)
+    assert (await stores.ledger.read("team-d"))[0].quota_used == 4
+    assert (await stores.ledger.read("team-e"))[0].quota_used == 5
+
+
+# ---- breakers -------------------------------------------------------------------------------------------------------
+
+
+def record(backend: str, state: str, since: float, deployment: str = "gpt-4o") -> BreakerRecord:
+    return BreakerRecord(backend, deployment, state, since + 30, since, "429")
+
+
+async def test_breaker_records_load_in_one_call_and_an_older_transition_never_wins(stores: Stores) -> None:
+    await stores.breakers.save(record("sweden", "open", 100.0))
+    await stores.breakers.save(record("france", "open", 100.0))
+    await stores.breakers.save(record("sweden", "closed", 50.0))  # late, stale
+    await stores.breakers.save(record("france", "closed", 150.0))  # newer
+    loaded = {(r.backend_id, r.deployment): r for r in await stores.breakers.load()}
+    assert loaded[("sweden", "gpt-4o")].state == "open"
+    assert loaded[("france", "gpt-4o")].state == "closed" and loaded[("france", "gpt-4o")].since == 150.0
+
+
+# ---- consumers ------------------------------------------------------------------------------------------------------
+
+
+async def test_consumer_create_refuses_a_taken_id_and_lookup_by_key_hash_finds_current_and_previous(stores: Stores) -> None:
+    store: Any = stores.consumers
+    await store.create(consumer("alpha", key="gw-alpha"))
+    with pytest.raises(Conflict):
+        await store.create(consumer("alpha", key="gw-other"))
+    found = await store.find_by_key_hash(hash_key("gw-alpha"))
+    assert found is not None and found.id == "alpha" and found.limits.tokens_per_minute == 1000
+    rotated = replace(found, key_hash=hash_key("gw-new"), previous_key_hash=hash_key("gw-alpha"), version=2)
+    await store.put(rotated)
+    assert (await store.find_by_key_hash(hash_key("gw-new"))) == rotated
+    assert (await store.find_by_key_hash(hash_key("gw-alpha"))) == rotated
+    assert await store.find_by_key_hash(hash_key("gw-nobody")) is None
+    assert [c.id for c in await store.list_consumers()] == ["alpha"]
+    assert await store.delete("alpha") is True
+    assert await store.delete("alpha") is False
+    assert await store.get("alpha") is None
+
+
+# ---- usage rows -----------------------------------------------------------------------------------------------------
+
+
+async def test_usage_rows_are_replaced_cumulatively_and_queried_by_hour_and_consumer(stores: Stores) -> None:
+    first = UsageRow("alpha", "2026-12-01T05", "gpt-4o", "i1", requests=1, prompt=10, completion=5, total=15)
+    await stores.usage.save([first, UsageRow("beta", "2026-12-01T05", "gpt-4o", "i1", requests=2, total=7)])
+    later = replace(first, requests=3, prompt=30, completion=15, total=45)
+    await stores.usage.save([later, UsageRow("alpha", "2026-12-01T07", "gpt-4o", "i1", requests=1, total=1)])
+    rows = await stores.usage.query("alpha", "2026-12-01T05", "2026-12-01T06")
+    assert rows == [later]
+    every = await stores.usage.query(None, "2026-12-01T00", "2026-12-02T00")
+    assert sorted((r.consumer, r.hour, r.total) for r in every) == [
+        ("alpha", "2026-12-01T05", 45), ("alpha", "2026-12-01T07", 1), ("beta", "2026-12-01T05", 7)]
