@@ -42,12 +42,14 @@ def _int(value: Any) -> int:
 
 
 def usage_from_object(obj: Any) -> TokenUsage | None:
-    """The `usage` member of a completion, chat completion or embeddings object, if it has one."""
+    """The `usage` member of a completion, chat completion, embeddings or Responses API object, if it has one."""
     if not isinstance(obj, Mapping):
         return None
     usage = obj.get("usage")
     if not isinstance(usage, Mapping):
         return None
+    if "input_tokens" in usage or "output_tokens" in usage:
+        return _responses_usage(usage)
     prompt = _int(usage.get("prompt_tokens"))
     completion = _int(usage.get("completion_tokens"))
     total = _int(usage.get("total_tokens")) or prompt + completion
@@ -55,6 +57,18 @@ def usage_from_object(obj: Any) -> TokenUsage | None:
     completion_details = usage.get("completion_tokens_details")
     cached = _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, Mapping) else 0
     reasoning = _int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, Mapping) else 0
+    return TokenUsage(prompt, completion, total, cached, reasoning)
+
+
+def _responses_usage(usage: Mapping[str, Any]) -> TokenUsage:
+    """The Responses API names the same figures input/output tokens."""
+    prompt = _int(usage.get("input_tokens"))
+    completion = _int(usage.get("output_tokens"))
+    total = _int(usage.get("total_tokens")) or prompt + completion
+    input_details = usage.get("input_tokens_details")
+    output_details = usage.get("output_tokens_details")
+    cached = _int(input_details.get("cached_tokens")) if isinstance(input_details, Mapping) else 0
+    reasoning = _int(output_details.get("reasoning_tokens")) if isinstance(output_details, Mapping) else 0
     return TokenUsage(prompt, completion, total, cached, reasoning)
 
 

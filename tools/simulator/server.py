@@ -370,6 +370,10 @@ def create_app(config: RegionConfig, clock: Clock = time.monotonic) -> web.Appli
             app.router.add_post(prefix + op.path, operation_handler(region, op, azure=False))
     for path in ("/v1/models", "/openai/v1/models"):
         app.router.add_get(path, models_handler(region))
+    # Imported here: the Responses API module builds on this one's helpers (errors, faults, 429s).
+    from tools.simulator import responses_api
+
+    responses_api.add_routes(app)
     control.add_routes(app.router)
     app.router.add_route("*", "/{tail:.*}", not_found_handler(region))
     return app
