@@ -19,7 +19,15 @@ from shared.flow.responses import (
     count_input,
     created_from_object,
 )
-from shared.flow.tokens import IMAGE_HIGH_DEFAULT, IMAGE_LOW, REPLY_PRIMING, TOKENS_PER_MESSAGE, count_text, count_tools, get_encoding
+from shared.flow.tokens import (
+    IMAGE_HIGH_DEFAULT,
+    IMAGE_LOW,
+    REPLY_PRIMING,
+    TOKENS_PER_MESSAGE,
+    count_text,
+    count_tools,
+    get_encoding,
+)
 from shared.flow.usage import TokenUsage, usage_from_body
 from tools.simulator.responses_api import _finished, _response, stream_events
 

@@ -1,0 +1,94 @@
+"""The response-state store's contract, run against the in-memory twin and against Table Storage (Azurite)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from shared.config import load_settings
+from shared.storage.responses import (
+    RETENTION_S,
+    MemoryResponseStore,
+    ResponseStore,
+    StoredResponse,
+    TableResponseStore,
+)
+from shared.storage.tables import StoreUnavailable, Tables
+from tests.conftest import unique
+from tools import stack
+
+NOW = 1_750_000_000.0
+
+
+@pytest_asyncio.fixture(params=["memory", "azurite"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[ResponseStore]:
+    if request.param == "memory":
+        yield MemoryResponseStore()
+        return
+    azurite: stack.Child = request.getfixturevalue("azurite")
+    env = {"GATEWAY_TABLE_CONNECTION_STRING": stack.table_connection_string(azurite.port),
+           "GATEWAY_TABLE_PREFIX": unique("t").replace("-", "")}
+    tables = Tables.from_settings(load_settings(env, require_backends=False), timeout_s=10)
+    table_store = TableResponseStore(tables)
+    yield table_store
+    await table_store.close()
+    await tables.close()
+
+
+def record(response_id: str, **changes: object) -> StoredResponse:
+    values: dict[str, object] = {"response_id": response_id, "backend_id": "uk-ptu", "consumer_id": "team-a",
+                                 "deployment": "gpt-4o", "expires": NOW + RETENTION_S}
+    values.update(changes)
+    return StoredResponse(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_put_get_replace_forget(store: ResponseStore) -> None:
+    first = record("resp_1")
+    assert await store.get("resp_1", NOW) is None
+    await store.put(first)
+    assert await store.get("resp_1", NOW) == first
+    richer = record("resp_1", context_tokens=1234, background=True)
+    await store.put(richer)
+    assert await store.get("resp_1", NOW) == richer
+    await store.forget("resp_1")
+    assert await store.get("resp_1", NOW) is None
+    await store.forget("resp_1")  # forgetting twice is fine
+
+
+@pytest.mark.asyncio
+async def test_expired_rows_read_as_absent_and_are_cleaned_up(store: ResponseStore) -> None:
+    await store.put(record("resp_old", expires=NOW + 10))
+    assert await store.get("resp_old", NOW + 9.999) is not None
+    assert await store.get("resp_old", NOW + 10) is None
+    await asyncio.sleep(0)  # the Table store deletes in the background
+    if isinstance(store, TableResponseStore):
+        await store.close()
+    # Gone for good: even a reader whose clock is behind no longer finds it.
+    assert await store.get("resp_old", NOW) is None
+
+
+@pytest.mark.asyncio
+async def test_many_ids_do_not_collide(store: ResponseStore) -> None:
+    ids = [f"resp_{i:03d}{'x' * (i % 7)}" for i in range(20)]
+    await asyncio.gather(*(store.put(record(i, consumer_id=f"c{n}")) for n, i in enumerate(ids)))
+    found = await asyncio.gather(*(store.get(i, NOW) for i in ids))
+    assert [r.consumer_id if r else None for r in found] == [f"c{n}" for n in range(20)]
+
+
+@pytest.mark.asyncio
+async def test_an_unreachable_table_is_store_unavailable() -> None:
+    env = {"GATEWAY_TABLE_CONNECTION_STRING": stack.table_connection_string(stack.free_port())}
+    tables = Tables.from_settings(load_settings(env, require_backends=False), timeout_s=0.5)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await TableResponseStore(tables).get("resp_1", NOW)
+    finally:
+        await tables.close()
+    memory = MemoryResponseStore()
+    memory.unavailable = True
+    with pytest.raises(StoreUnavailable):
+        await memory.put(record("resp_1"))
