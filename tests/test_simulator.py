@@ -21,7 +21,14 @@ import pytest
 import pytest_asyncio
 from openai.types.chat import ChatCompletionMessageParam
 
-from shared.flow.tokens import count_chat_prompt, count_completion_prompt, count_embedding_input, count_text, encoding_for
+from shared.flow.tokens import (
+    count_chat_prompt,
+    count_completion_prompt,
+    count_embedding_input,
+    count_text,
+    encoding_for,
+)
+from tools.simulator.capacity import LeakyBucket, SlidingWindow
 from tools.simulator.config import DeploymentConfig, RegionConfig
 from tools.simulator.server import Running, start
 
@@ -91,7 +98,9 @@ async def sdk(sim: Running) -> AsyncIterator[Clients]:
 
 
 def clock(sim: Running) -> Clock:
-    return sim.region.windows["small"]._clock  # type: ignore[return-value]
+    window = sim.region.windows["small"]
+    assert isinstance(window, SlidingWindow)
+    return window._clock  # type: ignore[return-value]
 
 
 async def control(http: aiohttp.ClientSession, sim: Running, method: str, path: str, body: Any = None) -> Any:
@@ -334,6 +343,63 @@ async def test_capacity_and_rpm_change_live(sim: Running, sdk: Clients, http: ai
     async with http.post(f"{sim.url}/_sim/capacity", json={"deployment": "nope", "tpm": 1}) as response:
         assert response.status == 404
     async with http.post(f"{sim.url}/_sim/capacity", json={"deployment": "small", "tpm": -1}) as response:
+        assert response.status == 400
+
+
+PTU_CONFIG = RegionConfig(
+    region="testregion",
+    deployments=(DeploymentConfig("ptu", tpm=6000, model="gpt-4o-2024-11-20", ptu=True, burst_s=10),),  # 100 tokens/s
+    api_key=KEY, latency_ms=0, token_latency_ms=50, completion_tokens=20,  # a stream lasts a second
+)
+
+
+@pytest_asyncio.fixture
+async def ptu_sim() -> AsyncIterator[Running]:
+    running = await start(PTU_CONFIG, "127.0.0.1", 0, clock=Clock())
+    yield running
+    await running.cleanup()
+
+
+@pytest.mark.asyncio
+async def test_a_provisioned_deployment_admits_by_utilisation_and_says_when_it_is_back_under_100_percent(
+    ptu_sim: Running, http: aiohttp.ClientSession
+) -> None:
+    client = openai.AsyncAzureOpenAI(azure_endpoint=ptu_sim.url, api_key=KEY, api_version="2024-10-21", max_retries=0)
+    utilisation = ptu_sim.region.windows["ptu"]
+    assert isinstance(utilisation, LeakyBucket)
+    ptu_clock: Clock = utilisation._clock  # type: ignore[assignment]
+    prompt = count_chat_prompt({"messages": MESSAGES}, encoding_for("gpt-4o-2024-11-20"))
+    # 100 % is 1000 tokens, and the clock stands still: nothing drains unless the test moves it.
+    first = await client.chat.completions.with_raw_response.create(model="ptu", messages=MESSAGES, max_tokens=900)
+    assert "x-ratelimit-remaining-tokens" not in first.headers and "x-ratelimit-remaining-requests" not in first.headers
+    assert utilisation.used_tokens == prompt + 20  # charged prompt + 900, corrected to the 20 it generated
+    await client.chat.completions.create(model="ptu", messages=MESSAGES, max_tokens=900)
+    held = await client.chat.completions.create(model="ptu", messages=MESSAGES, max_tokens=900, stream=True)
+    assert utilisation.used_tokens == 3 * prompt + 2 * 20 + 900 > 1000  # admitted below 100 %, now over it
+    with pytest.raises(openai.RateLimitError) as refused:
+        await client.chat.completions.create(model="ptu", messages=MESSAGES, max_tokens=1)
+    headers = refused.value.response.headers
+    over = utilisation.used_tokens - 1000
+    assert headers["retry-after-ms"] == str(over * 10)  # 100 tokens/s drain: 10 ms a token
+    assert headers["retry-after"] == str(-(-over * 10 // 1000))  # whole seconds, rounded up
+    assert not any(name.startswith("x-ratelimit") for name in headers)
+    assert refused.value.response.json()["error"]["code"] == "429"
+    ptu_clock.t += (over * 10 - 1) / 1000
+    with pytest.raises(openai.RateLimitError) as again:
+        await client.chat.completions.create(model="ptu", messages=MESSAGES, max_tokens=1)
+    assert again.value.response.headers["retry-after-ms"] == "1"
+    ptu_clock.t += 0.001
+    await client.chat.completions.create(model="ptu", messages=MESSAGES, max_tokens=1)  # back at 100 %: admitted
+    async for _ in held:  # the held stream ends: its 900 are corrected to the 20 it generated
+        pass
+    assert utilisation.used_tokens == 1000 + prompt + 1 - 880
+    await client.close()
+    stats = await control(http, ptu_sim, "GET", "stats")
+    assert stats["by_status"] == {"200": 4, "429": 2}
+    assert sorted(n for _, d, n in stats["provisioned"]) == sorted([prompt + 20] * 3 + [prompt + 1])
+    config = await control(http, ptu_sim, "GET", "config")
+    assert config["deployments"][0]["ptu"] is True and config["deployments"][0]["burst_s"] == 10
+    async with http.post(f"{ptu_sim.url}/_sim/capacity", json={"deployment": "ptu", "tpm": 6000, "rpm": 5}) as response:
         assert response.status == 400
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tools.simulator.capacity import UNLIMITED_REQUESTS, WINDOW_S, SlidingWindow
+from tools.simulator.capacity import UNLIMITED_REQUESTS, WINDOW_S, LeakyBucket, SlidingWindow
 
 
 class Clock:
@@ -127,3 +127,86 @@ def test_clear_empties_the_window() -> None:
     assert limiter.admit(1000).admitted
     limiter.clear()
     assert limiter.admit(1000).admitted
+
+
+# ---- provisioned (PTU): utilisation as a leaky bucket -------------------------------------------------------------
+
+
+def bucket(tpm: int = 6000, burst_s: float = 10.0) -> tuple[LeakyBucket, Clock]:
+    clock = Clock()
+    return LeakyBucket(tpm, clock, burst_s), clock  # 6000/min: 100 tokens/s drain; 100 % = 1000 tokens
+
+
+def test_admitted_while_not_above_100_percent_and_one_call_may_take_it_over() -> None:
+    ptu, _ = bucket()
+    assert ptu.admit(900).admitted
+    over = ptu.admit(300)  # at 90 %: admitted, and now at 120 %
+    assert over.admitted and over.utilization == pytest.approx(1.2)
+    refused = ptu.admit(1)
+    assert not refused.admitted and refused.limited_by == "tokens"
+    assert refused.retry_after_s == pytest.approx(2.0)  # 200 tokens over, draining 100 a second
+
+
+def test_the_retry_after_is_exact_and_a_refused_call_is_not_charged() -> None:
+    ptu, clock = bucket()
+    assert ptu.admit(1500).admitted  # an idle deployment takes one call even larger than 100 %
+    for _ in range(50):
+        assert not ptu.admit(400).admitted
+    wait = ptu.admit(400).retry_after_s
+    assert wait == pytest.approx(5.0)  # 500 over at 100 tokens/s; the refusals added nothing
+    clock.t += wait - 0.01
+    assert not ptu.admit(400).admitted
+    clock.t += 0.01
+    verdict = ptu.admit(400)
+    assert verdict.admitted and verdict.utilization == pytest.approx(1.4)
+
+
+def test_utilisation_drains_continuously_at_the_provisioned_rate() -> None:
+    ptu, clock = bucket()
+    ptu.admit(800)
+    clock.t += 2.5
+    assert ptu.utilization == pytest.approx(0.55)  # 800 - 250
+    clock.t += 100
+    assert ptu.utilization == 0.0 and ptu.used_tokens == 0  # never below empty: idle time is not banked
+
+
+def test_a_finished_call_is_corrected_to_what_it_used() -> None:
+    ptu, _ = bucket()
+    ptu.admit(1000)  # prompt + max_tokens
+    assert ptu.admit(1).admitted is True and ptu.utilization == pytest.approx(1.001)  # at exactly 100 %: not above
+    ptu.settle(1, 0)
+    ptu.settle(1000, 400)  # it generated far fewer tokens than max_tokens
+    assert ptu.used_tokens == 400 and ptu.admit(500).admitted
+    ptu.settle(500, 900)  # and one that used more than was charged (a longer prompt than counted)
+    assert ptu.used_tokens == 1300 and not ptu.admit(1).admitted
+
+
+@pytest.mark.parametrize("call_tokens", [37, 230, 1900])
+def test_under_a_flood_the_admitted_rate_is_the_drain_rate(call_tokens: int) -> None:
+    ptu, clock = bucket(tpm=30_000, burst_s=60.0)  # 500 tokens/s
+    admitted = 0
+    for _ in range(60_000):  # a call every 10 ms for 600 s: ~10x the capacity
+        if ptu.admit(call_tokens).admitted:
+            admitted += call_tokens
+        clock.t += 0.01
+    drained = 500 * 600
+    # Everything admitted was drained, plus what the bucket holds at the end (at most 100 % and one call).
+    assert drained <= admitted <= drained + ptu.full + call_tokens
+
+
+def test_a_new_ptu_count_drains_at_the_new_rate_from_now() -> None:
+    ptu, clock = bucket()
+    ptu.admit(1000)
+    clock.t += 1.0  # 900 left
+    ptu.resize(12_000, None)  # twice the PTUs: 200 tokens/s, and 100 % is now 2000 tokens
+    clock.t += 1.0
+    assert ptu.used_tokens == 700 and ptu.utilization == pytest.approx(0.35)
+    with pytest.raises(ValueError):
+        ptu.resize(12_000, 10)
+
+
+def test_clear_empties_the_bucket() -> None:
+    ptu, _ = bucket()
+    ptu.admit(5000)
+    ptu.clear()
+    assert ptu.used_tokens == 0 and ptu.admit(1).admitted

@@ -15,8 +15,17 @@ def test_deployment_syntax() -> None:
     assert parsed.model_name == "gpt-4o-2024-11-20" and DeploymentConfig("x").model_name == "x"
 
 
+def test_provisioned_deployment_syntax() -> None:
+    assert parse_deployment("gpt-4o:tpm=30000,ptu=1") == DeploymentConfig("gpt-4o", tpm=30000, ptu=True)
+    assert parse_deployment("gpt-4o:ptu=1,burst=5") == DeploymentConfig("gpt-4o", ptu=True, burst_s=5)
+    assert parse_deployment("gpt-4o:ptu=0").ptu is False
+    config, _, _ = region_from_json({"region": "r", "port": 1, "deployments": [{"name": "p", "ptu": True, "burst": 2.5}]})
+    assert config.deployments[0].ptu and config.deployments[0].burst_s == 2.5
+
+
 @pytest.mark.parametrize("text", ["gpt-4o:tpm=many", "gpt-4o:colour=red", "gpt-4o:tpm", "gpt-4o:tpm=0", ":tpm=1",
-                                  "a/b", "gpt-4o:completion=0"])
+                                  "a/b", "gpt-4o:completion=0", "gpt-4o:ptu=2", "gpt-4o:ptu=1,rpm=10",
+                                  "gpt-4o:ptu=1,burst=0"])
 def test_bad_deployments_are_refused(text: str) -> None:
     with pytest.raises(ValueError):
         parse_deployment(text)

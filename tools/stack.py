@@ -175,11 +175,13 @@ def backends_setting(regions: Sequence[Region]) -> str:
 
 
 def simulator_argv(region: Region, latency_ms: float, token_latency_ms: float) -> list[str]:
+    # A PTU region's chat deployments are provisioned (utilisation, a leaky bucket); embeddings stay pay-as-you-go.
+    chat = f"completion={region.completion_tokens}" + (",ptu=1" if region.ptu else "")
     return [
         PYTHON, "-m", "tools.simulator", "--host", LOOPBACK, "--port", str(region.port), "--region", region.region,
         "--api-key", SIM_API_KEY, "--latency-ms", str(latency_ms), "--token-latency-ms", str(token_latency_ms),
-        "--deployment", f"gpt-4o:tpm={region.chat_tpm},model=gpt-4o-2024-11-20,completion={region.completion_tokens}",
-        "--deployment", f"gpt-4o-mini:tpm={region.chat_tpm},model=gpt-4o-mini-2024-07-18,completion={region.completion_tokens}",
+        "--deployment", f"gpt-4o:tpm={region.chat_tpm},model=gpt-4o-2024-11-20,{chat}",
+        "--deployment", f"gpt-4o-mini:tpm={region.chat_tpm},model=gpt-4o-mini-2024-07-18,{chat}",
         "--deployment", f"text-embedding-3-small:tpm={region.embeddings_tpm},model=text-embedding-3-small",
     ]
 

@@ -8,11 +8,13 @@
     python -m tools.simulator --regions-json regions.json     # or the JSON text itself
 
 --deployment (repeatable) is NAME[:key=value[,key=value...]] with keys
-    tpm         tokens per minute, sliding 60 s window (default 300000)
+    tpm         tokens per minute, sliding 60 s window (default 300000); with ptu=1 the rate utilisation drains at
     rpm         requests per minute (default: no request limit)
     model       model name reported in bodies and used to pick the tokenizer (default NAME)
     completion  tokens generated when the request sets no max_tokens (default --completion-tokens)
     dimensions  embedding dimensions when the request sets none (default 1536)
+    ptu         1: provisioned, admitted while utilisation (a leaky bucket) is not above 100 %
+    burst       provisioned: seconds of the tpm rate that make 100 % utilisation (default 60)
 Without --deployment the region has gpt-4o (model gpt-4o-2024-11-20).
 
 --regions-json is a list of regions, each served on its own port:

@@ -2,7 +2,9 @@
 
 Deployment syntax: ``NAME[:key=value[,key=value...]]`` with keys ``tpm``, ``rpm``, ``model`` (the model name reported in
 bodies and used to pick the tokenizer; default NAME), ``completion`` (tokens generated when a request sets no
-max_tokens; default the region's) and ``dimensions`` (embeddings). Example: ``gpt-4o:tpm=30000,model=gpt-4o-2024-11-20``.
+max_tokens; default the region's), ``dimensions`` (embeddings), ``ptu`` (1: a provisioned deployment, admitted by
+utilisation, whose ``tpm`` is the rate its utilisation drains at) and ``burst`` (provisioned: seconds of that rate that
+are 100 % utilisation; default 60). Example: ``gpt-4o:tpm=30000,model=gpt-4o-2024-11-20,ptu=1``.
 
 Regions JSON: a list of objects ``{"region": "uksouth", "port": 18101, "host": "127.0.0.1", "api_key": "...",
 "latency_ms": 50, "token_latency_ms": 10, "completion_tokens": 40, "pace_non_streaming": false,
@@ -28,6 +30,8 @@ class DeploymentConfig:
     model: str = ""
     completion_tokens: int | None = None  # None: the region's default
     dimensions: int = 1536
+    ptu: bool = False  # provisioned: a leaky bucket instead of the sliding window
+    burst_s: float = 60.0  # provisioned: seconds of the drain rate that make 100 % utilisation
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or ":" in self.name:
@@ -40,6 +44,12 @@ class DeploymentConfig:
             raise ValueError(f"{self.name}: completion must be at least 1")
         if self.dimensions < 1:
             raise ValueError(f"{self.name}: dimensions must be positive")
+        if not isinstance(self.ptu, bool):
+            raise ValueError(f"{self.name}: ptu must be true or false")
+        if self.ptu and self.rpm is not None:
+            raise ValueError(f"{self.name}: a provisioned deployment has no rpm limit")
+        if not self.burst_s > 0:
+            raise ValueError(f"{self.name}: burst must be positive")
 
     @property
     def model_name(self) -> str:
@@ -70,7 +80,8 @@ class RegionConfig:
         return deployment.completion_tokens or self.completion_tokens
 
 
-_DEPLOYMENT_KEYS = {"tpm": "tpm", "rpm": "rpm", "model": "model", "completion": "completion_tokens", "dimensions": "dimensions"}
+_DEPLOYMENT_KEYS = {"tpm": "tpm", "rpm": "rpm", "model": "model", "completion": "completion_tokens", "dimensions": "dimensions",
+                    "ptu": "ptu", "burst": "burst_s"}
 
 
 def parse_deployment(text: str) -> DeploymentConfig:
@@ -85,6 +96,10 @@ def parse_deployment(text: str) -> DeploymentConfig:
             values[field_name] = value.strip() if field_name == "model" else int(value)
         except ValueError:
             raise ValueError(f"{key} must be an integer in {text!r}") from None
+        if field_name == "ptu":
+            if values["ptu"] not in (0, 1):
+                raise ValueError(f"ptu must be 0 or 1 in {text!r}")
+            values["ptu"] = bool(values["ptu"])
     return DeploymentConfig(name=name.strip(), **values)
 
 
@@ -92,7 +107,8 @@ def deployment_from_json(spec: str | Mapping[str, Any]) -> DeploymentConfig:
     if isinstance(spec, str):
         return parse_deployment(spec)
     known = {f.name for f in fields(DeploymentConfig)}
-    values = {("completion_tokens" if k == "completion" else k): v for k, v in spec.items()}
+    renamed = {"completion": "completion_tokens", "burst": "burst_s"}
+    values = {renamed.get(k, k): v for k, v in spec.items()}
     unknown = set(values) - known
     if unknown:
         raise ValueError(f"unknown deployment keys {sorted(unknown)}")

@@ -79,7 +79,7 @@ async def set_capacity(request: web.Request) -> web.Response:
     tpm = _positive(spec, "tpm")
     if tpm is None:
         raise BadControl("tpm is required")
-    window.resize(tpm, _positive(spec, "rpm"))  # rpm null or absent: no request limit
+    window.resize(tpm, _positive(spec, "rpm"))  # rpm null or absent: no request limit (a PTU refuses one: ValueError)
     return _reply({"deployment": spec["deployment"], "tpm": window.tpm, "rpm": window.rpm})
 
 
@@ -125,7 +125,9 @@ async def get_config(request: web.Request) -> web.Response:
     deployments = [
         {
             "name": d.name, "model": d.model_name, "tpm": region.windows[d.name].tpm, "rpm": region.windows[d.name].rpm,
-            "completion_tokens": region.config.completion_for(d), "dimensions": d.dimensions,
+            "completion_tokens": region.config.completion_for(d), "dimensions": d.dimensions, "ptu": d.ptu,
+            **({"burst_s": d.burst_s, "utilization": round(region.windows[d.name].used_tokens / (d.tpm / 60 * d.burst_s), 4)}
+               if d.ptu else {}),
         }
         for d in region.config.deployments
     ]

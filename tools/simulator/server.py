@@ -145,13 +145,24 @@ def requested_max_tokens(body: Mapping[str, Any]) -> int | None:
     return value if _positive_int(value) else None
 
 
-def throttled(region: Region, request: web.Request, op: Operation, verdict: Verdict) -> web.Response:
+def throttled(region: Region, request: web.Request, op: Operation, verdict: Verdict, provisioned: bool) -> web.Response:
     region.stats.throttled.append((time.time(), verdict.retry_after_s))
     seconds = max(1, math.ceil(verdict.retry_after_s))
+    wait_ms = str(max(1, math.ceil(verdict.retry_after_s * 1000)))
+    if provisioned:
+        # Microsoft documents only these two for a provisioned deployment's 429: the time until utilisation is back
+        # under 100 %, in milliseconds and in seconds. It sends no x-ratelimit-* figures.
+        return azure_error(
+            region, 429, "429",
+            f"Requests to the {op.azure_name} Operation under Azure OpenAI API version "
+            f"{request.query.get('api-version', 'v1')} have exceeded the provisioned throughput of this deployment. "
+            f"Please retry after {wait_ms} milliseconds.",
+            {"retry-after": str(seconds), "retry-after-ms": wait_ms},
+        )
     what = "token rate limit" if verdict.limited_by == "tokens" else "call rate limit"
     headers = {
         "retry-after": str(seconds),
-        "retry-after-ms": str(max(1, math.ceil(verdict.retry_after_s * 1000))),
+        "retry-after-ms": wait_ms,
         "x-ratelimit-remaining-tokens": str(verdict.remaining_tokens),
         "x-ratelimit-remaining-requests": str(verdict.remaining_requests),
         "x-ratelimit-reset-tokens": f"{seconds}s",
@@ -239,9 +250,16 @@ async def serve(region: Region, op: Operation, azure: bool, request: web.Request
     else:
         completion = min(limit, default) if limit is not None else default
         charge = prompt + (limit if limit is not None else default)
-    verdict = region.windows[deployment.name].admit(charge)
+    window = region.windows[deployment.name]
+    verdict = window.admit(charge)
     if not verdict.admitted:
-        return throttled(region, request, op, verdict)
+        return throttled(region, request, op, verdict, deployment.ptu)
+
+    def finished(used: int) -> None:
+        """The call is over: a provisioned deployment corrects its utilisation to what the call really used."""
+        window.settle(charge, used)
+        if deployment.ptu:
+            region.stats.provisioned.append((time.time(), deployment.name, used))
     if fault is not None:
         region.faults.use(fault)  # cut or slow: they act on admitted requests only
 
@@ -251,10 +269,15 @@ async def serve(region: Region, op: Operation, azure: bool, request: web.Request
     if region.pace_non_streaming and not streaming:
         delay_ms += region.token_latency_ms * completion
     if delay_ms > 0:
-        await asyncio.sleep(delay_ms / 1000)
+        try:
+            await asyncio.sleep(delay_ms / 1000)
+        except asyncio.CancelledError:  # the caller went away before the answer: the prompt was still read
+            finished(prompt)
+            raise
     headers = base_headers(region)
-    headers["x-ratelimit-remaining-tokens"] = str(verdict.remaining_tokens)
-    headers["x-ratelimit-remaining-requests"] = str(verdict.remaining_requests)
+    if not deployment.ptu:
+        headers["x-ratelimit-remaining-tokens"] = str(verdict.remaining_tokens)
+        headers["x-ratelimit-remaining-requests"] = str(verdict.remaining_requests)
     model = deployment.model_name
 
     if op is EMBEDDINGS:
@@ -263,6 +286,7 @@ async def serve(region: Region, op: Operation, azure: bool, request: web.Request
         dimensions = body.get("dimensions") or deployment.dimensions
         payload = embeddings(model, count, dimensions, body.get("encoding_format") == "base64", prompt)
         region.stats.reported(deployment.name, prompt, 0)
+        finished(prompt)
         return web.Response(body=payload, content_type=JSON, headers=headers)
 
     words = completion_words(completion, prompt)
@@ -272,7 +296,7 @@ async def serve(region: Region, op: Operation, azure: bool, request: web.Request
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         writer = ChunkWriter(model, op is CHAT, include_usage)
-        return await stream(region, request, headers, writer, words, finish, prompt, cut_after, deployment.name)
+        return await stream(region, request, headers, writer, words, finish, prompt, cut_after, deployment.name, finished)
     build = chat_completion if op is CHAT else text_completion
     payload = build(model, "".join(words), completion, finish, prompt)
     if cut_after is not None:  # headers and half the body, then the connection drops
@@ -282,15 +306,17 @@ async def serve(region: Region, op: Operation, azure: bool, request: web.Request
         with contextlib.suppress(ConnectionError):
             await response.write(payload[: len(payload) // 2])
         region.stats.cut(prompt, 0, streamed=False)
+        finished(prompt)
         drop(request)
         return response
     region.stats.reported(deployment.name, prompt, completion)
+    finished(prompt + completion)
     return web.Response(body=payload, content_type=JSON, headers=headers)
 
 
 async def stream(
     region: Region, request: web.Request, headers: dict[str, str], writer: ChunkWriter, words: tuple[str, ...],
-    finish: str, prompt: int, cut_after: int | None, deployment: str,
+    finish: str, prompt: int, cut_after: int | None, deployment: str, finished: Callable[[int], None],
 ) -> web.StreamResponse:
     headers["content-type"] = SSE
     headers["cache-control"] = "no-cache"
@@ -321,6 +347,8 @@ async def stream(
     except ConnectionError:
         region.stats.abandoned(prompt, sent)
         return response
+    finally:
+        finished(prompt + sent)  # however the stream ended (even cancelled), it used what it generated
     if writer.include_usage:
         region.stats.reported(deployment, prompt, sent)
     else:

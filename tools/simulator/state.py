@@ -11,7 +11,7 @@ import tiktoken
 from aiohttp import web
 
 from shared.flow import tokens
-from tools.simulator.capacity import Clock, SlidingWindow
+from tools.simulator.capacity import Admission, Clock, LeakyBucket, SlidingWindow
 from tools.simulator.config import DeploymentConfig, RegionConfig
 from tools.simulator.faults import FaultPlan
 from tools.simulator.stats import Stats
@@ -23,7 +23,7 @@ class Region:
         self.deployments: dict[str, DeploymentConfig] = {d.name: d for d in config.deployments}
         # Loaded now, so that neither the first request nor a benchmark pays for the tokenizer.
         self.encodings: dict[str, tiktoken.Encoding] = {d.name: tokens.encoding_for(d.model_name) for d in config.deployments}
-        self.windows = {d.name: SlidingWindow(d.tpm, d.rpm, clock) for d in config.deployments}
+        self.windows: dict[str, Admission] = {d.name: capacity_for(d, clock) for d in config.deployments}
         self.faults = FaultPlan()
         self.stats = Stats()
         self.recent: deque[dict[str, Any]] = deque(maxlen=config.recent_requests)
@@ -48,6 +48,12 @@ class Region:
         self.latency_ms = self.config.latency_ms
         self.token_latency_ms = self.config.token_latency_ms
         self.pace_non_streaming = self.config.pace_non_streaming
+
+
+def capacity_for(deployment: DeploymentConfig, clock: Clock) -> Admission:
+    if deployment.ptu:
+        return LeakyBucket(deployment.tpm, clock, deployment.burst_s)
+    return SlidingWindow(deployment.tpm, deployment.rpm, clock)
 
 
 REGION = web.AppKey("region", Region)

@@ -27,6 +27,8 @@ class Stats:
     streams_abandoned: int = 0  # the caller went away mid-stream
     unreported: Counter[str] = field(default_factory=Counter)  # prompt + delivered tokens of answers cut or abandoned
     throttled: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=5000))  # (unix time, retry-after s)
+    # Provisioned deployments: (unix time a call finished, deployment, tokens it used), what utilisation is made of.
+    provisioned: deque[tuple[float, str, int]] = field(default_factory=lambda: deque(maxlen=100_000))
 
     def reported(self, deployment: str, prompt: int, completion: int) -> None:
         per = self.usage_by_deployment.get(deployment)
@@ -64,4 +66,5 @@ class Stats:
             "unreported": {**_BLANK, **self.unreported},
             "billed": {**_BLANK, **self.billed},
             "throttled": [[round(t, 3), round(r, 3)] for t, r in self.throttled],
+            "provisioned": [[round(t, 3), d, n] for t, d, n in self.provisioned],
         }
