@@ -24,6 +24,13 @@ async def azure_openai_v1(req: Request) -> Response:
     return await edge.handle(req)
 
 
+@app.route(route="openai/{*operation}", methods=ALL_METHODS)
+async def azure_openai_preview(req: Request) -> Response:
+    # Azure's preview paths without a deployment (/openai/responses?api-version=...); the routes above are more
+    # specific, so they keep their own requests.
+    return await edge.handle(req)
+
+
 @app.route(route="v1/{*operation}", methods=ALL_METHODS)
 async def openai_v1(req: Request) -> Response:
     return await edge.handle(req)

@@ -24,6 +24,7 @@ from shared.flow.gateway import Gateway, Services
 from shared.edge.http import error_response, read_body, to_gateway_request, to_response
 from shared.limits.limiter import TokenLimiter
 from shared.routing.router import Router
+from shared.storage.responses import TableResponseStore
 from shared.storage.tables import TableBreakerStore, TableConsumerStore, TableLedgerStore, Tables, TableUsageStore
 from shared.flow.upstream import Upstream
 
@@ -54,6 +55,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> tuple[Serv
         limiter=limiter,
         telemetry=telemetry,
         usage=UsageRecorder(TableUsageStore(tables), clock, instance_id=instance),
+        responses=TableResponseStore(tables),
     )
     return services, tables
 
@@ -104,7 +106,7 @@ class Edge:
         services = self._services
         if services is None:
             return
-        for closer in (services.limiter, services.usage, services.router, services.upstream):
+        for closer in (services.limiter, services.usage, services.router, services.upstream, services.responses):
             close = getattr(closer, "close", None)
             if close is not None:
                 try:

@@ -9,14 +9,11 @@ import pytest
 import pytest_asyncio
 
 from shared.config import load_settings
-from shared.storage.responses import (
-    RETENTION_S,
-    MemoryResponseStore,
-    ResponseStore,
-    StoredResponse,
-    TableResponseStore,
-)
-from shared.storage.tables import StoreUnavailable, Tables
+from shared.routing.pinning import RETENTION_S, StoredResponse
+from shared.storage.memory import MemoryResponseStore
+from shared.storage.protocols import ResponseStore, StoreUnavailable
+from shared.storage.responses import TableResponseStore
+from shared.storage.tables import Tables
 from tests.conftest import unique
 from tools import stack
 

@@ -9,24 +9,28 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
 
-from shared.flow import tokens
+from shared.flow import responses, tokens
 from shared.telemetry.usage_rows import UsageRecorder
 from shared.clock import Clock
 from shared.config import Backend, Settings
 from shared.edge.consumers import Consumer, ConsumerDirectory, key_from_headers
 from shared.flow.credentials import BackendAuth
-from shared.edge.errors import GatewayError, error_body, forbidden, not_found
+from shared.edge.errors import GatewayError, bad_request, error_body, forbidden, not_found
 from shared.limits.contract import Limiter, Ticket
 from shared.edge.messages import GatewayRequest, GatewayResponse
+from shared.routing.pinning import Holder, Pinning
 from shared.routing.router import Router
+from shared.storage.memory import MemoryResponseStore
+from shared.storage.protocols import ResponseStore
 from shared.telemetry.events import NULL_TRACE, RequestRecord, Telemetry, Trace
 from shared.flow.translate import (
+    FOLLOW_UPS,
     FORWARDED_RESPONSE_HEADERS,
     CallShape,
     Operation,
@@ -59,6 +63,7 @@ class Services:
     limiter: Limiter
     telemetry: Telemetry
     usage: UsageRecorder
+    responses: ResponseStore = field(default_factory=MemoryResponseStore)  # where stored responses live
 
 
 @dataclass(slots=True)
@@ -77,6 +82,7 @@ class Call:
     trace: Trace
     prompt_estimate: int | None = None
     lost: TokenUsage | None = None  # what attempts whose body broke off cost (charged with the answer)
+    pinned: Holder | None = None  # continues a stored response: only the backend holding it may answer
 
 
 class _Retryable(Exception):
@@ -95,6 +101,11 @@ class Gateway:
     def __init__(self, services: Services) -> None:
         self.s = services
         self._deployments = services.settings.deployments()
+        self.pinning = Pinning(services.responses, services.settings.backends, services.router, services.clock)
+        # Imported here: the follow-up flow builds on this module's records and headers.
+        from shared.flow.followups import FollowUps
+
+        self._follow_ups = FollowUps(services, self.pinning)
 
     async def handle(self, request: GatewayRequest) -> GatewayResponse:
         started = self.s.clock.monotonic()
@@ -109,6 +120,8 @@ class Gateway:
             consumer = await self.s.consumers.authenticate(key_from_headers(request.headers, request.repeated))
             if route.operation is Operation.MODELS:
                 return self._models(consumer)
+            if route.operation in FOLLOW_UPS:
+                return await self._follow_ups.handle(request, route, consumer, started, trace)
             return await self._proxy(request, route, consumer, started, trace)
         except GatewayError as error:
             if route is not None and consumer is not None and error.status in (429, 403) and error.code in (
@@ -145,10 +158,11 @@ class Gateway:
         if not consumer.may_use(shape.deployment):
             raise forbidden(f"This key may not use the deployment '{shape.deployment}'.", code="deployment_not_allowed")
 
+        pinned = await self._pin(route, consumer, body, shape)
         prompt_estimate: int | None = None
         reserve = 0
         if self.s.limiter.needs_estimate(consumer, shape.deployment):
-            prompt_estimate = self._count_prompt(route.operation, body, shape.deployment)
+            prompt_estimate = self._count_prompt(route.operation, body, shape.deployment, pinned)
             completion = 0 if route.operation is Operation.EMBEDDINGS else (
                 shape.max_tokens or self.s.settings.default_max_tokens
             )
@@ -166,6 +180,7 @@ class Gateway:
             ticket=ticket,
             trace=trace,
             prompt_estimate=prompt_estimate,
+            pinned=pinned,
         )
         try:
             backend, response, attempts = await self._dispatch(call, reserve)
@@ -179,8 +194,24 @@ class Gateway:
             return self._stream(call, backend, response, attempts)
         return await self._complete(call, backend, response, attempts)
 
-    def _count_prompt(self, operation: Operation, body: dict[str, Any], deployment: str) -> int:
+    async def _pin(self, route: Route, consumer: Consumer, body: dict[str, Any], shape: CallShape) -> Holder | None:
+        """The backend holding the response this request continues, if it continues one."""
+        previous = body.get("previous_response_id") if route.operation is Operation.RESPONSES else None
+        if not isinstance(previous, str):
+            return None
+        holder = await self.pinning.holder(previous, consumer.id, previous=True)
+        if not holder.backend.serves(shape.deployment):
+            raise bad_request(
+                f"The deployment '{shape.deployment}' is not available in the region that stores the previous response.",
+                param="model",
+                code="deployment_not_in_response_region",
+            )
+        return holder
+
+    def _count_prompt(self, operation: Operation, body: dict[str, Any], deployment: str, pinned: Holder | None = None) -> int:
         encoding = tokens.encoding_for(deployment)
+        if operation is Operation.RESPONSES:
+            return responses.count_input(body, encoding, pinned.record.context_tokens if pinned is not None else 0)
         if operation is Operation.CHAT:
             return tokens.count_chat_prompt(body, encoding)
         if operation is Operation.COMPLETIONS:
@@ -189,7 +220,7 @@ class Gateway:
 
     def _prompt_tokens(self, call: Call) -> int:
         if call.prompt_estimate is None:
-            call.prompt_estimate = self._count_prompt(call.route.operation, call.body, call.shape.deployment)
+            call.prompt_estimate = self._count_prompt(call.route.operation, call.body, call.shape.deployment, call.pinned)
         return call.prompt_estimate
 
     def _prompt_only(self, call: Call) -> TokenUsage:
@@ -203,6 +234,8 @@ class Gateway:
         """Send to the best candidate that answers: on 429, 5xx, a timeout or a connection error, before anything has
         reached the client, try the next one at once with the same body. All failover happens here; the breakers, not
         this loop, remember which backends are unhealthy."""
+        if call.pinned is not None:
+            return await self._dispatch_pinned(call, call.pinned)
         router = self.s.router
         deployment = call.shape.deployment
         candidates = router.candidates(deployment, need_tokens, call.consumer.priority)
@@ -240,6 +273,15 @@ class Gateway:
         except (_Retryable, _NoCandidate):
             raise router.exhausted(deployment, failures) from None
         raise AssertionError("unreachable")
+
+    async def _dispatch_pinned(self, call: Call, holder: Holder) -> tuple[Backend, UpstreamResponse, int]:
+        """One attempt, at the backend that holds the continued response: no other region could answer it."""
+        self.pinning.claim(holder, call.shape.deployment)
+        try:
+            response = await self._attempt(call, holder.backend, request_headers(call.request.headers), [], 1)
+        except _Retryable as failed:
+            raise self.pinning.unavailable(holder, call.shape.deployment, _reason(failed.reason)) from None
+        return holder.backend, response, 1
 
     async def _attempt(
         self, call: Call, backend: Backend, headers: dict[str, str], failures: list[str], number: int
@@ -312,6 +354,10 @@ class Gateway:
         if status in (401, 403):
             return self._fail(call, backend, None, attempts, GatewayError(
                 502, "The gateway could not authenticate to the backend.", type="server_error", code="backend_auth_failed"))
+        if status == 200 and call.route.operation is Operation.RESPONSES:
+            created = _created(raw)
+            if created is not None:
+                await self.pinning.remember(created, backend, call.consumer.id, call.shape.deployment, usage)
         tokens_used = self._account(call, backend, status, usage, model, attempts)
         headers["x-gateway-tokens-consumed"] = str(tokens_used)
         headers.update(call.ticket.headers)
@@ -333,25 +379,39 @@ class Gateway:
     async def _relay(
         self, call: Call, backend: Backend, upstream: UpstreamResponse, attempts: int
     ) -> AsyncIterator[bytes]:
-        relay = SseRelay(forward_usage_chunk=call.shape.client_wants_usage)
+        relay: SseRelay | responses.ResponsesRelay
+        relay = (
+            responses.ResponsesRelay() if call.route.operation is Operation.RESPONSES
+            else SseRelay(forward_usage_chunk=call.shape.client_wants_usage)
+        )
         first_at: float | None = None
         clean = False
+        context_recorded = False
         try:
             while chunk := await upstream.next_chunk():
                 out = relay.feed(chunk)
                 if out:
                     if first_at is None:
                         first_at = self.s.clock.monotonic()
+                    if isinstance(relay, responses.ResponsesRelay) and relay.created_pending:
+                        # Where the response lives is recorded before its id reaches the client, so a follow-up
+                        # sent at once, to any instance, finds it.
+                        relay.created_pending = False
+                        context_recorded = relay.done
+                        await self._remember_streamed(call, backend, relay)
                     yield out
+                    if isinstance(relay, responses.ResponsesRelay) and relay.done and not context_recorded:
+                        context_recorded = True  # again with the usage: the context a continuation adds
+                        await self._remember_streamed(call, backend, relay)
             tail = relay.flush()
             if tail:
                 yield tail
             if relay.done:
                 clean = True
             else:
-                yield _stream_error("The backend ended the stream early.")
+                yield _stream_error("The backend ended the stream early.", relay)
         except UpstreamBroken:
-            yield _stream_error("The backend's stream broke off.")
+            yield _stream_error("The backend's stream broke off.", relay)
         finally:
             if clean:
                 upstream.release()
@@ -364,6 +424,10 @@ class Gateway:
                 usage = TokenUsage(prompt, completion, prompt + completion, reported=False)
             ttft = None if first_at is None else (first_at - call.started) * 1000
             self._account(call, backend, 200, usage, relay.model, attempts, ttft)
+
+    async def _remember_streamed(self, call: Call, backend: Backend, relay: responses.ResponsesRelay) -> None:
+        if relay.created is not None:
+            await self.pinning.remember(relay.created, backend, call.consumer.id, call.shape.deployment, relay.usage)
 
     def _account(
         self,
@@ -448,6 +512,25 @@ class Gateway:
         return GatewayResponse(200, {"content-type": JSON}, orjson.dumps(self.s.router.health()))
 
 
-def _stream_error(message: str) -> bytes:
+def _stream_error(message: str, relay: SseRelay | responses.ResponsesRelay) -> bytes:
+    if isinstance(relay, responses.ResponsesRelay):
+        return relay.interrupted(message)
     body = error_body(message, "server_error", "stream_interrupted")
     return b"data: " + body + b"\n\n"
+
+
+def _created(raw: bytes) -> responses.Created | None:
+    try:
+        return responses.created_from_object(orjson.loads(raw))
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _reason(failure: str) -> str:
+    """A failed attempt's kind, in words for the client."""
+    if failure == "429":
+        return "it is throttling (429)"
+    if failure.isdigit():
+        return f"it answered {failure}"
+    return {"timeout": "it did not answer in time", "connection": "it could not be reached",
+            "broken": "its answer broke off"}.get(failure, failure)

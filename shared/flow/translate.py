@@ -13,6 +13,7 @@ import orjson
 
 from shared.config import Backend
 from shared.edge.errors import GatewayError, bad_request, not_found
+from shared.flow import responses
 
 
 class Operation(Enum):
@@ -21,6 +22,12 @@ class Operation(Enum):
     EMBEDDINGS = ("embeddings", "Embeddings_Create", "input")
     MODELS = ("models", "Models_List", None)
     HEALTH = ("health", "Health_Get", None)
+    RESPONSES = ("responses", "Responses_Create", None)
+    # Follow-ups of a stored response: `path` is what follows responses/{response_id}.
+    RESPONSE_GET = ("", "Responses_Get", None)
+    RESPONSE_DELETE = ("", "Responses_Delete", None)
+    RESPONSE_INPUT_ITEMS = ("/input_items", "Responses_ListInputItems", None)
+    RESPONSE_CANCEL = ("/cancel", "Responses_Cancel", None)
 
     def __init__(self, path: str, operation_id: str, required: str | None) -> None:
         self.path = path
@@ -32,7 +39,16 @@ AZURE_API = "azure-openai"
 OPENAI_API = "openai-v1"
 DEFAULT_API_VERSION = "2024-10-21"
 
-_OPERATIONS = {op.path: op for op in (Operation.CHAT, Operation.COMPLETIONS, Operation.EMBEDDINGS)}
+_OPERATIONS = {op.path: op for op in (Operation.CHAT, Operation.COMPLETIONS, Operation.EMBEDDINGS, Operation.RESPONSES)}
+FOLLOW_UPS = frozenset(
+    {Operation.RESPONSE_GET, Operation.RESPONSE_DELETE, Operation.RESPONSE_INPUT_ITEMS, Operation.RESPONSE_CANCEL}
+)
+# The follow-ups by what follows responses/{id}, and the methods each path takes.
+_FOLLOW_UP_PATHS: dict[str, dict[str, Operation]] = {
+    "": {"GET": Operation.RESPONSE_GET, "DELETE": Operation.RESPONSE_DELETE},
+    "input_items": {"GET": Operation.RESPONSE_INPUT_ITEMS},
+    "cancel": {"POST": Operation.RESPONSE_CANCEL},
+}
 _DEPLOYMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _API_VERSION_RE = re.compile(r"^[0-9A-Za-z.-]{1,40}$")
 
@@ -42,11 +58,17 @@ class Route:
     api: str
     operation: Operation
     deployment: str | None  # from the path (Azure style); None when it comes from the body's `model`
+    response_id: str | None = None  # the stored response a follow-up is about
 
     @property
     def template(self) -> str:
         if self.operation is Operation.HEALTH:
             return "/health"
+        if self.operation in FOLLOW_UPS:
+            prefix = "/openai" if self.api == AZURE_API else "/v1"
+            return f"{prefix}/responses/{{response_id}}{self.operation.path}"
+        if self.operation is Operation.RESPONSES:
+            return "/openai/responses" if self.api == AZURE_API else "/v1/responses"
         if self.api == AZURE_API:
             return f"/openai/deployments/{{deployment}}/{self.operation.path}"
         return f"/v1/{self.operation.path}"
@@ -61,6 +83,27 @@ def _method_check(method: str, op: Operation) -> None:
             code="method_not_allowed",
             headers={"allow": allowed},
         )
+
+
+def _responses_route(method: str, api: str, rest: list[str]) -> Route | None:
+    """`responses` and `responses/{id}[/input_items|/cancel]` (rest starts after the API's prefix)."""
+    if rest == ["responses"]:
+        return Route(api, Operation.RESPONSES, None)
+    if len(rest) not in (2, 3) or rest[0] != "responses":
+        return None
+    by_method = _FOLLOW_UP_PATHS.get(rest[2] if len(rest) == 3 else "")
+    if by_method is None:
+        return None
+    response_id = unquote(rest[1])
+    if not responses.RESPONSE_ID_RE.match(response_id):
+        raise not_found(f"Response with id '{response_id[:64]}' not found.", code="response_not_found")
+    operation = by_method.get(method)
+    if operation is None:
+        allowed = ", ".join(by_method)
+        raise GatewayError(
+            405, f"Method {method} is not allowed here; use {allowed}.", code="method_not_allowed", headers={"allow": allowed}
+        )
+    return Route(api, operation, None, response_id)
 
 
 def match_route(method: str, raw_path: str) -> Route:
@@ -79,6 +122,8 @@ def match_route(method: str, raw_path: str) -> Route:
             if not _DEPLOYMENT_RE.match(deployment):
                 raise not_found("The deployment name is not valid.", code="DeploymentNotFound")
             route = Route(AZURE_API, op, deployment)
+    elif parts[:2] == ["openai", "responses"]:
+        route = _responses_route(method, AZURE_API, parts[1:])  # the preview path: Azure style, api-version given
     else:
         rest: list[str] | None = None
         if parts[:1] == ["v1"]:
@@ -90,9 +135,12 @@ def match_route(method: str, raw_path: str) -> Route:
             op = Operation.MODELS if tail == "models" else _OPERATIONS.get(tail)
             if op is not None:
                 route = Route(OPENAI_API, op, None)
+            elif rest[:1] == ["responses"]:
+                route = _responses_route(method, OPENAI_API, rest)
     if route is None:
         raise not_found("Resource not found. The gateway serves /openai/deployments/{deployment}/..., /v1/... and /openai/v1/....")
-    _method_check(method, route.operation)
+    if route.operation not in FOLLOW_UPS:
+        _method_check(method, route.operation)
     return route
 
 
@@ -129,6 +177,7 @@ class CallShape:
     stream: bool
     client_wants_usage: bool
     max_tokens: int | None
+    model_in_body: bool = False  # the backend reads the deployment from the body's model on every API (Responses)
 
 
 def check_body(route: Route, body: Mapping[str, Any]) -> CallShape:
@@ -151,6 +200,8 @@ def check_body(route: Route, body: Mapping[str, Any]) -> CallShape:
         value = body["input"]
         if not isinstance(value, (str, list)) or value == [] or value == "":
             raise bad_request("'input' must be a non-empty string or array.", param="input", code="invalid_type")
+    elif op is Operation.RESPONSES:
+        create = responses.check_create(body)
 
     deployment = route.deployment
     if deployment is None:
@@ -173,6 +224,9 @@ def check_body(route: Route, body: Mapping[str, Any]) -> CallShape:
         raise bad_request("'stream_options' must be an object.", param="stream_options", code="invalid_type")
     wants_usage = bool(options and options.get("include_usage") is True)
 
+    if op is Operation.RESPONSES:
+        # Streams always end with usage (in response.completed): nothing to ask for.
+        return CallShape(deployment, create.stream, True, create.max_output_tokens, model_in_body=True)
     max_tokens: int | None = None
     for name in ("max_completion_tokens", "max_tokens"):
         value = body.get(name)
@@ -185,6 +239,8 @@ def check_body(route: Route, body: Mapping[str, Any]) -> CallShape:
 
 
 def backend_url(backend: Backend, route: Route, deployment: str, api_version: str | None) -> str:
+    if route.operation is Operation.RESPONSES:
+        return responses.backend_url(backend, route.api == AZURE_API, api_version)
     upstream_name = backend.deployments[deployment]
     if backend.api == "openai":
         return f"{backend.endpoint}/{route.operation.path}"
@@ -205,7 +261,7 @@ def backend_body(
         options["include_usage"] = True
         changes["stream_options"] = options
     upstream_name = backend.deployments[deployment]
-    if backend.api == "openai" and body.get("model") != upstream_name:
+    if (backend.api == "openai" or shape.model_in_body) and body.get("model") != upstream_name:
         changes["model"] = upstream_name
     if not changes:
         return raw

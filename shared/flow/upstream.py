@@ -82,10 +82,13 @@ class Upstream:
             )
         return session
 
-    async def send(self, backend: Backend, url: str, headers: Mapping[str, str], body: bytes) -> UpstreamResponse:
+    async def send(
+        self, backend: Backend, url: str, headers: Mapping[str, str], body: bytes, method: str = "POST"
+    ) -> UpstreamResponse:
         try:
-            response = await self._client().post(
-                url, data=body, headers=headers, timeout=self._timeouts[backend.id], allow_redirects=False
+            response = await self._client().request(
+                method, url, data=body if body or method == "POST" else None, headers=headers,
+                timeout=self._timeouts[backend.id], allow_redirects=False,
             )
         except TimeoutError:
             raise UpstreamError("timeout", backend.id, "no response in time") from None

@@ -10,6 +10,7 @@ from shared.storage.protocols import Conflict, StoreUnavailable
 
 if TYPE_CHECKING:
     from shared.edge.consumers import Consumer
+    from shared.routing.pinning import StoredResponse
     from shared.routing.router import BreakerRecord
     from shared.telemetry.usage_rows import UsageRow
 
@@ -126,3 +127,24 @@ class MemoryUsageStore(_Switch):
             r for r in self.rows.values()
             if (consumer is None or r.consumer == consumer) and start_hour <= r.hour < end_hour
         ]
+
+
+class MemoryResponseStore(_Switch):
+    def __init__(self) -> None:
+        self.records: dict[str, StoredResponse] = {}
+
+    async def put(self, record: StoredResponse) -> None:
+        self._check()
+        self.records[record.response_id] = record
+
+    async def get(self, response_id: str, now: float) -> StoredResponse | None:
+        self._check()
+        record = self.records.get(response_id)
+        if record is not None and record.expired(now):
+            del self.records[response_id]
+            return None
+        return record
+
+    async def forget(self, response_id: str) -> None:
+        self._check()
+        self.records.pop(response_id, None)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:  # the records are defined beside the logic that uses them; only their names are needed here
     from shared.edge.consumers import Consumer
     from shared.limits.ledger import Ledger
+    from shared.routing.pinning import StoredResponse
     from shared.routing.router import BreakerRecord
     from shared.telemetry.usage_rows import UsageRow
 
@@ -62,4 +63,20 @@ class UsageStore(Protocol):
 
     async def query(self, consumer: str | None, start_hour: str, end_hour: str) -> list[UsageRow]:
         """Rows of hours in [start_hour, end_hour), of one consumer or all."""
+        ...
+
+
+class ResponseStore(Protocol):
+    """Where stored responses live (response id -> backend and owner), kept for the backends' retention."""
+
+    async def put(self, record: StoredResponse) -> None:
+        """Record (or replace) where a response lives."""
+        ...
+
+    async def get(self, response_id: str, now: float) -> StoredResponse | None:
+        """The record, or None when there is none or it has expired (an expired row is deleted, lazily)."""
+        ...
+
+    async def forget(self, response_id: str) -> None:
+        """Drop the record (the response was deleted); nothing to drop is fine."""
         ...

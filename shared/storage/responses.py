@@ -1,86 +1,26 @@
-"""Where each stored response lives: response id -> the backend that holds it and the consumer that created it.
+"""Table Storage twin of the response-state store (storage/protocols.py: ResponseStore).
 
-Azure keeps a stored response in the resource that produced it (30 days by default), so every follow-up must go back
-there, from whichever gateway instance receives it. Table Storage has no TTL: each row carries its expiry, an expired
-row reads as absent, and it is deleted when it is next read (lazily; nothing sweeps the table).
+Table Storage has no TTL: each row carries its expiry, an expired row reads as absent, and it is deleted when it is
+next read (lazily; nothing sweeps the table).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any
 
 from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
-from shared.storage.tables import StoreUnavailable, Tables
+from shared.routing.pinning import StoredResponse
+from shared.storage.protocols import StoreUnavailable
+from shared.storage.tables import Tables
 
 log = logging.getLogger(__name__)
 
 TABLE = "responses"
-# Azure OpenAI keeps stored responses for 30 days.
-RETENTION_S = 30 * 24 * 3600.0
 _RK = "r"
-
-
-@dataclass(frozen=True, slots=True)
-class StoredResponse:
-    response_id: str
-    backend_id: str
-    consumer_id: str
-    deployment: str
-    expires: float  # unix time
-    # What continuing this response adds to the next input (its own input and output), for admission's estimate;
-    # 0 until known (a stream still running, a background response).
-    context_tokens: int = 0
-    background: bool = False
-
-    def expired(self, now: float) -> bool:
-        return now >= self.expires
-
-
-class ResponseStore(Protocol):
-    async def put(self, record: StoredResponse) -> None:
-        """Record (or replace) where a response lives. Raises StoreUnavailable."""
-        ...
-
-    async def get(self, response_id: str, now: float) -> StoredResponse | None:
-        """The record, or None when there is none or it has expired. Raises StoreUnavailable."""
-        ...
-
-    async def forget(self, response_id: str) -> None:
-        """Drop the record (the response was deleted). Raises StoreUnavailable."""
-        ...
-
-
-class MemoryResponseStore:
-    """The in-memory twin: one process's view, for tests and single-instance runs."""
-
-    def __init__(self) -> None:
-        self.records: dict[str, StoredResponse] = {}
-        self.unavailable = False  # tests switch the store off to see the flow's answer
-
-    def _check(self) -> None:
-        if self.unavailable:
-            raise StoreUnavailable("memory store switched off")
-
-    async def put(self, record: StoredResponse) -> None:
-        self._check()
-        self.records[record.response_id] = record
-
-    async def get(self, response_id: str, now: float) -> StoredResponse | None:
-        self._check()
-        record = self.records.get(response_id)
-        if record is not None and record.expired(now):
-            del self.records[response_id]
-            return None
-        return record
-
-    async def forget(self, response_id: str) -> None:
-        self._check()
-        self.records.pop(response_id, None)
 
 
 def _to_entity(record: StoredResponse) -> dict[str, Any]:
@@ -109,7 +49,7 @@ def _from_entity(entity: dict[str, Any]) -> StoredResponse:
 
 
 class TableResponseStore:
-    """One row per response id (its own partition: reads and writes spread over the table's servers)."""
+    """One row per response id, in its own partition: reads and writes spread over the table's servers."""
 
     def __init__(self, tables: Tables) -> None:
         self._tables = tables
@@ -127,7 +67,7 @@ class TableResponseStore:
         try:
             record = _from_entity(dict(entity))
         except (KeyError, TypeError, ValueError):
-            log.warning("unreadable response-state row %s; treated as absent", response_id)
+            log.warning("unreadable response-state row; treated as absent")
             return None
         if record.expired(now):
             self._clean_up(response_id)
@@ -154,7 +94,3 @@ class TableResponseStore:
     async def close(self) -> None:
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
-
-
-def with_context(record: StoredResponse, context_tokens: int) -> StoredResponse:
-    return replace(record, context_tokens=context_tokens)

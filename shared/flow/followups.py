@@ -1,0 +1,142 @@
+"""Follow-ups of a stored response: GET, DELETE, GET input_items, POST cancel, each sent to the backend holding it.
+
+No tokens are spent, so there is no admission; the consumer must own the response (shared/routing/pinning.py), the
+request goes to that one backend or is refused with a retryable 503, and the answer is passed through (a
+`GET ...?stream=true` replay as a stream, event by event).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+from urllib.parse import urlencode
+
+from shared.config import Backend
+from shared.edge.consumers import Consumer
+from shared.edge.errors import forbidden
+from shared.edge.messages import GatewayRequest, GatewayResponse
+from shared.flow import responses
+from shared.flow.translate import (
+    AZURE_API,
+    FORWARDED_RESPONSE_HEADERS,
+    Operation,
+    Route,
+    check_api_version,
+    request_headers,
+)
+from shared.flow.upstream import UpstreamBroken, UpstreamError, UpstreamResponse
+from shared.routing.pinning import Holder, Pinning
+from shared.telemetry.events import RequestRecord, Trace
+
+if TYPE_CHECKING:
+    from shared.flow.gateway import Services
+
+JSON = "application/json"
+_METHODS = {
+    Operation.RESPONSE_GET: "GET",
+    Operation.RESPONSE_DELETE: "DELETE",
+    Operation.RESPONSE_INPUT_ITEMS: "GET",
+    Operation.RESPONSE_CANCEL: "POST",
+}
+# Query parameters a follow-up may carry on to the backend (include[], pagination, the replay of a stream).
+_QUERY = frozenset({"include", "include[]", "stream", "starting_after", "after", "before", "limit", "order"})
+
+
+class FollowUps:
+    def __init__(self, services: Services, pinning: Pinning) -> None:
+        self.s = services
+        self.pinning = pinning
+
+    async def handle(
+        self, request: GatewayRequest, route: Route, consumer: Consumer, started: float, trace: Trace
+    ) -> GatewayResponse:
+        assert route.response_id is not None
+        api_version = check_api_version(request.query)
+        holder = await self.pinning.holder(route.response_id, consumer.id, previous=False)
+        deployment = holder.record.deployment
+        if not consumer.may_use(deployment):
+            raise forbidden(f"This key may not use the deployment '{deployment}'.", code="deployment_not_allowed")
+        self.pinning.claim(holder, deployment)
+        upstream = await self._send(request, route, holder, api_version, trace)
+        record = self._record(request, route, consumer, holder.backend, deployment, upstream.status, started)
+        headers = {k: v for k, v in upstream.headers.items() if k in FORWARDED_RESPONSE_HEADERS}
+        headers["x-gateway-backend"] = holder.backend.id
+        headers.setdefault("x-ms-region", holder.backend.region)
+        if upstream.status == 200 and upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            headers["cache-control"] = "no-cache"
+            return GatewayResponse(200, headers, stream=self._replay(upstream, record, trace))
+        try:
+            body = await upstream.read()
+        except UpstreamBroken:
+            self.s.router.record_error(holder.backend, deployment, "broken")
+            raise self.pinning.unavailable(holder, deployment, "its answer broke off") from None
+        if (route.operation is Operation.RESPONSE_DELETE and upstream.status == 200) or upstream.status == 404:
+            await self.pinning.forget(route.response_id)  # the backend no longer has it
+        self.s.telemetry.request_done(record, trace)
+        return GatewayResponse(upstream.status, headers, body)
+
+    async def _send(
+        self, request: GatewayRequest, route: Route, holder: Holder, api_version: str | None, trace: Trace
+    ) -> UpstreamResponse:
+        backend = holder.backend
+        deployment = holder.record.deployment
+        tail = f"/{route.response_id}{route.operation.path}"
+        url = responses.backend_url(backend, route.api == AZURE_API, api_version, tail)
+        query = {k: v for k, v in request.query.items() if k in _QUERY}
+        if query:
+            url += ("&" if "?" in url else "?") + urlencode(query)
+        headers = {**request_headers(request.headers), **(await self.s.auth.headers(backend))}
+        method = _METHODS[route.operation]
+        body = request.body if method == "POST" else b""
+        span = trace.attempt(backend.id, backend.region, url.split("?", 1)[0], 1)
+        try:
+            upstream = await self.s.upstream.send(backend, url, headers, body, method=method)
+        except UpstreamError as exc:
+            span.end(None, exc.kind)
+            self.s.router.record_error(backend, deployment, exc.kind)
+            raise self.pinning.unavailable(holder, deployment, f"{exc.kind} error") from None
+        span.end(upstream.status)
+        if self.s.router.is_failure(backend, upstream.status):
+            self.s.router.record_failure(backend, deployment, upstream.status, upstream.headers)
+            upstream.release()
+            raise self.pinning.unavailable(holder, deployment, f"it answered {upstream.status}")
+        self.s.router.record_success(backend, deployment, upstream.headers)
+        return upstream
+
+    async def _replay(self, upstream: UpstreamResponse, record: RequestRecord, trace: Trace) -> AsyncIterator[bytes]:
+        """A stored response's events, replayed by the backend: passed through as they arrive, nothing charged."""
+        clean = False
+        try:
+            while chunk := await upstream.next_chunk():
+                yield chunk
+            clean = True
+        except UpstreamBroken:
+            yield responses.ResponsesRelay().interrupted("The backend's stream broke off.")
+        finally:
+            if clean:
+                upstream.release()
+            else:
+                upstream.close()
+            self.s.telemetry.request_done(record, trace)
+
+    def _record(
+        self, request: GatewayRequest, route: Route, consumer: Consumer, backend: Backend, deployment: str,
+        status: int, started: float,
+    ) -> RequestRecord:
+        return RequestRecord(
+            consumer_id=consumer.id,
+            client_ip=request.client_ip,
+            api=route.api,
+            operation=route.operation.operation_id,
+            user_id=request.headers.get(self.s.settings.user_id_header, "")[:128],
+            deployment=deployment,
+            status=status,
+            duration_ms=(self.s.clock.monotonic() - started) * 1000,
+            stream=False,
+            backend_id=backend.id,
+            region=backend.region,
+            ptu=backend.ptu,
+        )
+
+
+

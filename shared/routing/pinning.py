@@ -1,0 +1,146 @@
+"""Follow-ups of a stored response go to the backend that holds it, and only for the consumer that created it.
+
+Azure keeps a stored response (`store: true`, the default) in the resource that produced it, for 30 days; a
+`previous_response_id`, GET, DELETE, input_items or cancel sent anywhere else fails there as "not found". So when a
+response is created the gateway records which backend produced it and for whom, and every follow-up, on any instance,
+reads that record and goes to that backend only: never failed over, and when that backend is out, refused with a
+retryable 503 naming the reason. A consumer asking about a response it did not create gets exactly the answer an
+unknown id gets.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from shared.clock import Clock
+from shared.config import Backend
+from shared.edge.errors import GatewayError, bad_request, not_found
+from shared.flow.responses import Created, context_tokens
+from shared.flow.usage import TokenUsage
+from shared.routing.router import Router
+from shared.storage.protocols import ResponseStore, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+# Azure OpenAI keeps stored responses for 30 days.
+RETENTION_S = 30 * 24 * 3600.0
+_WRITE_TRIES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    response_id: str
+    backend_id: str
+    consumer_id: str
+    deployment: str
+    expires: float  # unix time
+    # What continuing this response adds to the next input (its own input and output), for admission's estimate;
+    # 0 while unknown (a background response still running).
+    context_tokens: int = 0
+    background: bool = False
+
+    def expired(self, now: float) -> bool:
+        return now >= self.expires
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    record: StoredResponse
+    backend: Backend
+
+
+def unknown_response(response_id: str, previous: bool) -> GatewayError:
+    """The answer for an id the consumer may not see: unknown, expired, or another consumer's (indistinguishable)."""
+    if previous:
+        return bad_request(
+            f"Previous response with id '{response_id}' not found.",
+            param="previous_response_id",
+            code="previous_response_not_found",
+        )
+    return not_found(f"Response with id '{response_id}' not found.", code="response_not_found")
+
+
+class Pinning:
+    def __init__(
+        self, store: ResponseStore, backends: tuple[Backend, ...], router: Router, clock: Clock,
+        retention_s: float = RETENTION_S,
+    ) -> None:
+        self._store = store
+        self._backends = {b.id: b for b in backends}
+        self._router = router
+        self._clock = clock
+        self._retention_s = retention_s
+        self.unrecorded = 0  # responses whose location could not be written (their follow-ups will be refused)
+
+    async def holder(self, response_id: str, consumer_id: str, *, previous: bool) -> Holder:
+        """Where `response_id` lives, if `consumer_id` created it; else the not-found answer."""
+        try:
+            record = await self._store.get(response_id, self._clock.now())
+        except StoreUnavailable:
+            raise GatewayError(
+                503,
+                "The gateway cannot look up where this response is stored right now; retry shortly.",
+                type="server_error",
+                code="response_state_unavailable",
+                headers={"retry-after": "1", "retry-after-ms": "1000"},
+            ) from None
+        if record is None or record.consumer_id != consumer_id:
+            raise unknown_response(response_id, previous)
+        backend = self._backends.get(record.backend_id)
+        if backend is None or not backend.serves(record.deployment):
+            # The region that holds it is no longer configured: nothing can reach the response any more.
+            raise unknown_response(response_id, previous)
+        return Holder(record, backend)
+
+    def claim(self, holder: Holder, deployment: str) -> None:
+        """Refuse (503, retryable) unless the holder may be sent to now; a half-open breaker lets one probe through."""
+        if not self._router.acquire(holder.backend, deployment):
+            raise self.unavailable(holder, deployment, "its circuit breaker is open")
+
+    def unavailable(self, holder: Holder, deployment: str, reason: str) -> GatewayError:
+        """The answer when the only backend that can serve a follow-up cannot serve it now."""
+        wait_s = self._recovers_in(holder.backend, deployment)
+        backend = holder.backend
+        return GatewayError(
+            503,
+            f"Response '{holder.record.response_id}' is stored in region {backend.region} (backend {backend.id}), "
+            f"which cannot serve it now ({reason}); no other region can continue it. Retry after {wait_s} s.",
+            type="server_error",
+            code="response_backend_unavailable",
+            headers={"retry-after": str(wait_s), "retry-after-ms": str(wait_s * 1000)},
+        )
+
+    def _recovers_in(self, backend: Backend, deployment: str) -> int:
+        for entry in self._router.health()["backends"]:
+            if entry["id"] == backend.id:
+                seconds = entry["deployments"].get(deployment, {}).get("recovers_in_s")
+                if isinstance(seconds, int | float):
+                    return max(1, math.ceil(seconds))
+        return 1
+
+    async def remember(
+        self, created: Created, backend: Backend, consumer_id: str, deployment: str, usage: TokenUsage | None
+    ) -> None:
+        """Record where a new stored response lives (written before the client can learn its id)."""
+        if not created.store:
+            return
+        record = StoredResponse(
+            created.response_id, backend.id, consumer_id, deployment, self._clock.now() + self._retention_s,
+            context_tokens(usage), created.background,
+        )
+        for _ in range(_WRITE_TRIES):
+            try:
+                await self._store.put(record)
+                return
+            except StoreUnavailable:
+                continue
+        self.unrecorded += 1
+        log.warning("could not record where response %s is stored; its follow-ups will be refused", created.response_id)
+
+    async def forget(self, response_id: str) -> None:
+        try:
+            await self._store.forget(response_id)
+        except StoreUnavailable:
+            log.info("could not forget deleted response %s; it expires with the retention", response_id)

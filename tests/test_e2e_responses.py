@@ -1,0 +1,204 @@
+"""The Responses API end to end: Azurite + simulated regions + gateway processes + the official openai SDK.
+
+Both client styles, sync and async, streamed and not; usage reconciled to the token; follow-ups routed to the region
+that holds the response from any gateway instance, never failed over, refused with a retryable 503 when that region
+is out; a consumer touches only its own responses."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from shared.flow.responses import count_input
+from shared.flow.tokens import encoding_for
+from tests.conftest import unique
+from tests.e2e import Simulator, Stack, wait_for
+from tools import stack
+
+pytestmark = pytest.mark.e2e
+PREVIEW_VERSION = "2025-04-01-preview"
+ENC = encoding_for("gpt-4o")
+TOOLS: list[Any] = [{"type": "function", "name": "get_weather", "description": "The weather in a city.",
+                     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+
+
+def clients(url: str, key: str) -> dict[str, openai.OpenAI]:
+    return {
+        "v1": openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0),
+        "openai-v1": openai.OpenAI(base_url=url + "/openai/v1", api_key=key, max_retries=0),
+        "azure": openai.AzureOpenAI(azure_endpoint=url, api_key=key, api_version=PREVIEW_VERSION, max_retries=0),
+    }
+
+
+def sim_named(e2e: Stack, backend_id: str) -> Simulator:
+    return next(s for s in e2e.simulators if s.region.id == backend_id)
+
+
+def requests_with(sim: Simulator, response_id: str) -> list[dict[str, Any]]:
+    return [r for r in sim.requests(200) if response_id in r["path"] or response_id in str(r.get("body"))]
+
+
+def recovered(e2e: Stack, url: str, backend_id: str) -> Callable[[], bool]:
+    def check() -> bool:
+        health = httpx.get(url + "/health", timeout=10).json()
+        entry = next(b for b in health["backends"] if b["id"] == backend_id)
+        return all(d["state"] != "open" for d in entry["deployments"].values())
+
+    return check
+
+
+@pytest.mark.parametrize("style", ["v1", "openai-v1", "azure"])
+def test_create_with_every_client_style_charged_exactly(fresh_sims: Stack, style: str) -> None:
+    e2e = fresh_sims
+    consumer = unique("resp")
+    client = clients(e2e.url, e2e.create_consumer(consumer, tpm=1_000_000))[style]
+    body: dict[str, Any] = {"model": "gpt-4o", "input": "Tell me about the fox.", "instructions": "Be brief.",
+                            "max_output_tokens": 9}
+    raw = client.responses.with_raw_response.create(**body)
+    first = raw.parse()
+    assert first.status == "incomplete" and first.usage is not None and first.usage.output_tokens == 9
+    assert first.usage.input_tokens == count_input(body, ENC)
+    assert raw.headers["x-gateway-backend"] == "uksouth-ptu"
+    assert raw.headers["x-gateway-tokens-consumed"] == str(first.usage.total_tokens)
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "What is the weather in Paris?"}]}]
+    second = client.responses.create(model="gpt-4o", input=items, tools=TOOLS)  # type: ignore[arg-type]
+    assert second.usage is not None and second.usage.input_tokens == count_input({"input": items, "tools": TOOLS}, ENC)
+    assert e2e.charged(consumer) == first.usage.total_tokens + second.usage.total_tokens
+    sent = [r for r in e2e.simulators[0].requests(10) if r["method"] == "POST" and r["path"].endswith("/responses")]
+    expected_path = "/openai/responses" if style == "azure" else "/openai/v1/responses"
+    assert {r["path"] for r in sent[-2:]} == {expected_path}
+    assert all(r["body"]["model"] == "gpt-4o" and "stream_options" not in r["body"] for r in sent[-2:])
+
+
+def test_streamed_sync_and_async_pass_every_event_and_charge_the_usage_of_response_completed(fresh_sims: Stack) -> None:
+    e2e = fresh_sims
+    consumer = unique("resp-stream")
+    key = e2e.create_consumer(consumer, tpm=1_000_000)
+    events = list(clients(e2e.url, key)["azure"].responses.create(model="gpt-4o", input="Stream a story.", stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert kinds.count("response.output_text.delta") == 40
+    usage = events[-1].response.usage  # type: ignore[union-attr]
+    assert usage is not None
+
+    async def run() -> int:
+        client = openai.AsyncOpenAI(base_url=e2e.url + "/openai/v1", api_key=key, max_retries=0)
+        stream = await client.responses.create(model="gpt-4o-mini", input="Stream another.", stream=True,
+                                               max_output_tokens=6)
+        seen = [event async for event in stream]
+        whole = await client.responses.create(model="gpt-4o-mini", input=[{"role": "user", "content": "Hi"}])
+        last = seen[-1].response  # type: ignore[union-attr]
+        assert seen[-1].type == "response.incomplete" and last.usage is not None and whole.usage is not None
+        assert "".join(e.delta for e in seen if e.type == "response.output_text.delta") == last.output_text
+        return last.usage.total_tokens + whole.usage.total_tokens
+
+    more = asyncio.run(run())
+    assert e2e.charged(consumer) == usage.total_tokens + more
+
+
+def test_a_stream_cut_before_response_completed_is_charged_as_chat_streams_are(fresh_sims: Stack) -> None:
+    e2e = fresh_sims
+    consumer = unique("resp-cut")
+    key = e2e.create_consumer(consumer, tpm=1_000_000)
+    e2e.simulators[0].fault("cut", after_chunks=5)
+    body: dict[str, Any] = {"model": "gpt-4o", "input": "This stream will be cut."}
+    deltas = 0
+    with pytest.raises(openai.APIError) as caught:
+        for event in clients(e2e.url, key)["v1"].responses.create(**body, stream=True):
+            deltas += event.type == "response.output_text.delta"
+    assert deltas == 5 and "broke off" in caught.value.message
+    assert e2e.charged(consumer) == count_input(body, ENC) + 5
+
+
+def test_follow_ups_go_to_the_holder_from_any_instance(
+    fresh_sims: Stack, gateway_factory: Callable[..., stack.Child]
+) -> None:
+    e2e = fresh_sims
+    key = e2e.create_consumer(unique("resp-pin"), tpm=1_000_000)
+    other = gateway_factory()
+    ptu = e2e.simulators[0]
+    ptu.fault("503")  # the PTU region refuses once: the response is made (and stored) in a secondary region
+    raw = clients(e2e.url, key)["v1"].responses.with_raw_response.create(model="gpt-4o", input="Remember this.")
+    made = raw.parse()
+    holder = raw.headers["x-gateway-backend"]
+    assert holder != "uksouth-ptu"
+    wait_for(recovered(e2e, other.url, "uksouth-ptu"))  # fresh requests would go to the PTU region again
+    for style, client in clients(other.url, key).items():
+        raw_next = client.responses.with_raw_response.create(
+            model="gpt-4o", input=f"Continue ({style}).", previous_response_id=made.id, max_output_tokens=3)
+        assert raw_next.headers["x-gateway-backend"] == holder
+        assert raw_next.parse().usage.input_tokens > made.usage.input_tokens + made.usage.output_tokens  # type: ignore[union-attr]
+        assert client.responses.retrieve(made.id).id == made.id
+        assert [i.type for i in client.responses.input_items.list(made.id)] == ["message"]
+    fresh = clients(other.url, key)["v1"].responses.with_raw_response.create(model="gpt-4o", input="New topic.")
+    assert fresh.headers["x-gateway-backend"] == "uksouth-ptu"
+    assert requests_with(ptu, made.id) == []  # nothing about it ever went to a region that cannot know it
+    clients(other.url, key)["azure"].responses.delete(made.id)
+    with pytest.raises(openai.NotFoundError):
+        clients(e2e.url, key)["v1"].responses.retrieve(made.id)
+
+
+def test_when_the_holder_is_out_follow_ups_get_a_retryable_503_and_are_never_failed_over(
+    fresh_sims: Stack,
+) -> None:
+    e2e = fresh_sims
+    key = e2e.create_consumer(unique("resp-down"), tpm=1_000_000)
+    client = clients(e2e.url, key)["v1"]
+    made = client.responses.create(model="gpt-4o", input="Keep this in the PTU region.")
+    ptu = e2e.simulators[0]
+    ptu.fault("503", count=-1)
+    try:
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.responses.create(model="gpt-4o", input="More.", previous_response_id=made.id)
+        error = caught.value
+        assert error.status_code == 503 and error.code == "response_backend_unavailable"
+        assert "uksouth" in error.message and int(error.response.headers["retry-after"]) >= 1
+        with pytest.raises(openai.InternalServerError) as again:  # the breaker is open now: refused without a call
+            client.responses.retrieve(made.id)
+        assert again.value.code == "response_backend_unavailable" and "circuit breaker" in again.value.message
+        fresh = client.responses.with_raw_response.create(model="gpt-4o", input="Unrelated.")
+        assert fresh.headers["x-gateway-backend"] != "uksouth-ptu"  # fresh requests still fail over
+        for sim in e2e.simulators[1:]:
+            assert requests_with(sim, made.id) == []
+    finally:
+        ptu.control("DELETE", "faults")
+    wait_for(recovered(e2e, e2e.url, "uksouth-ptu"))
+    assert client.responses.retrieve(made.id).id == made.id
+
+
+def test_a_consumer_touches_only_its_own_responses(fresh_sims: Stack) -> None:
+    e2e = fresh_sims
+    owner = clients(e2e.url, e2e.create_consumer(unique("owner")))["v1"]
+    stranger_key = e2e.create_consumer(unique("stranger"))
+    stranger = clients(e2e.url, stranger_key)["v1"]
+    made = owner.responses.create(model="gpt-4o", input="Mine.", background=True, metadata={"sim_background_s": "60"})
+
+    def answers(response_id: str) -> list[tuple[int, Any]]:
+        results = []
+        for method, tail in (("GET", ""), ("DELETE", ""), ("GET", "/input_items"), ("POST", "/cancel")):
+            r = httpx.request(method, f"{e2e.url}/v1/responses/{response_id}{tail}", timeout=10,
+                              headers={"authorization": f"Bearer {stranger_key}"})
+            body = r.json()
+            body["error"]["message"] = body["error"]["message"].replace(response_id, "ID")
+            results.append((r.status_code, body))
+        r = httpx.post(f"{e2e.url}/v1/responses", timeout=10, headers={"authorization": f"Bearer {stranger_key}"},
+                       json={"model": "gpt-4o", "input": "x", "previous_response_id": response_id})
+        body = r.json()
+        body["error"]["message"] = body["error"]["message"].replace(response_id, "ID")
+        results.append((r.status_code, body))
+        return results
+
+    foreign = answers(made.id)
+    assert foreign == answers("resp_" + "0" * 48)  # indistinguishable from an id that does not exist
+    assert [status for status, _ in foreign] == [404, 404, 404, 404, 400]
+    assert foreign[-1][1]["error"]["code"] == "previous_response_not_found"
+    with pytest.raises(openai.NotFoundError):
+        stranger.responses.cancel(made.id)
+    assert owner.responses.cancel(made.id).status == "cancelled"
+    assert owner.responses.retrieve(made.id).status == "cancelled"
