@@ -252,9 +252,14 @@ async def create(region: Region, store: Store, preview: bool, request: web.Reque
     limit = body.get("max_output_tokens")
     default = region.config.completion_for(deployment)
     completion = min(limit, default) if limit is not None else default
-    verdict = region.windows[deployment.name].admit(prompt + (limit if limit is not None else default))
+    charge = prompt + (limit if limit is not None else default)
+    window = region.windows[deployment.name]
+    verdict = window.admit(charge)
     if not verdict.admitted:
-        return throttled(region, request, Operation("responses", "Responses_Create", "input", count_input), verdict)
+        return throttled(region, request, Operation("responses", "Responses_Create", "input", count_input), verdict,
+                         deployment.ptu)
+    # Settled at once with what the answer will use: the simulator's Responses API is not a capacity benchmark.
+    window.settle(charge, prompt + completion)
     if fault is not None:
         region.faults.use(fault)
     if region.latency_ms > 0:
