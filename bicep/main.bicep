@@ -1,52 +1,95 @@
 // The AI gateway on Azure: a Flex Consumption Function App in front of Azure OpenAI accounts in several regions,
-// with its storage (host, deployment package, the gateway's tables), monitoring (Application Insights, the workbook,
-// alerts) and, optionally, private networking. Every connection uses the app's managed identity; no keys anywhere.
+// with its storage (host, deployment package, the gateway's tables), monitoring (Log Analytics, Application Insights,
+// the workbook, alerts, diagnostic settings) and, optionally, private networking. Every connection uses the app's
+// managed identity; no keys anywhere.
 // Deploy: azd up, or az deployment group create -g <rg> -f bicep/main.bicep -p bicep/main.bicepparam (docs/deploy.md).
 
 targetScope = 'resourceGroup'
 
 metadata description = 'AI gateway on Azure Functions (Flex Consumption) in front of Azure OpenAI in several regions.'
 
-type deploymentSku = 'ProvisionedManaged' | 'GlobalProvisionedManaged' | 'DataZoneProvisionedManaged' | 'Standard' | 'GlobalStandard' | 'DataZoneStandard'
-
+// Decorators, not comments, describe the fields of these types: besides showing in editors, they keep every field on
+// its own unambiguous line for parsers that read `a: t?` followed by `b: u` as a conditional expression.
 type existingAccountRef = {
-  // Name of an existing Azure OpenAI account: nothing is created for this region, the gateway is only granted access.
+  @description('Name of an existing Azure OpenAI account: nothing is created for this region, the gateway is only granted access.')
   name: string
-  // The account's resource group and subscription, when not this deployment's.
+
+  @description('The account\'s resource group, when not this deployment\'s.')
   resourceGroup: string?
+
+  @description('The account\'s subscription, when not this deployment\'s.')
   subscriptionId: string?
-  // The account's endpoint, when its custom subdomain is not its name.
+
+  @description('The account\'s endpoint, when its custom subdomain is not its name.')
   endpoint: string?
+
+  @description('With private networking: auto needs the right to approve private endpoint connections on the account (Microsoft.CognitiveServices/accounts/privateEndpointConnectionsApproval/action); manual (the default) sends a request the account\'s owner approves, see docs/deploy.md.')
+  privateEndpointApproval: ('auto' | 'manual')?
 }
 
 type breakerRule = {
-  // The backend's circuit breaker (GATEWAY_BACKENDS[].breaker); each field is optional, see README.md.
+  @description('The backend\'s circuit breaker (GATEWAY_BACKENDS[].breaker); each field is optional, see README.md.')
   statuses: string?
+
+  @description('Failures within interval_s that open the breaker.')
   failures: int?
+
+  @description('Seconds over which failures are counted.')
   interval_s: int?
+
+  @description('Seconds the breaker stays open.')
   trip_s: int?
+
+  @description('Open for as long as a 429\'s Retry-After says.')
   accept_retry_after: bool?
+
+  @description('Longest time the breaker stays open.')
   max_trip_s: int?
 }
 
 type backendRegion = {
-  // Backend id (GATEWAY_BACKENDS[].id, metrics, x-gateway-backend): letters, digits, '.', '_', '-'.
+  @description('Backend id (GATEWAY_BACKENDS[].id, metrics, x-gateway-backend): letters, digits, \'.\', \'_\', \'-\'.')
+  @minLength(1)
+  @maxLength(40)
   id: string
-  // Azure region of the Azure OpenAI account.
+
+  @description('Azure region of the Azure OpenAI account.')
   location: string
-  // Lower first; backends of equal priority share traffic by weight.
+
+  @description('Lower first; backends of equal priority share traffic by weight.')
   priority: int
+
+  @description('Share of traffic among backends of equal priority.')
   weight: int
-  // Deployment SKU of this region's deployments; the ProvisionedManaged SKUs make it a PTU backend.
-  sku: deploymentSku
-  // PTU backends: tokens of the reported remaining capacity kept for high-priority consumers.
-  reserveTokens: int?
-  // Set to use an existing account instead of creating one.
-  existingAccount: existingAccountRef?
-  // Deployments served from this region: [{ name, deploymentName?, model, modelVersion, capacity }] (modules/openai.bicep).
-  // For an existing account only name and deploymentName are used.
+
+  @description('Deployments served from this region, each with its own SKU: [{ name, deploymentName?, model, modelVersion, sku, capacity }] (the modelDeployment type of modules/openai.bicep). For an existing account only name and deploymentName are used.')
   deployments: array
+
+  @description('PTU backends: tokens of the reported remaining capacity kept for high-priority consumers.')
+  reserveTokens: int?
+
+  @description('Set to use an existing account instead of creating one.')
+  existingAccount: existingAccountRef?
+
+  @description('The backend\'s circuit breaker rule.')
   breaker: breakerRule?
+}
+
+type privateDnsZoneIds = {
+  @description('Existing privatelink.blob.<storage suffix> zone.')
+  blob: string?
+
+  @description('Existing privatelink.table.<storage suffix> zone.')
+  table: string?
+
+  @description('Existing privatelink.openai.azure.com zone.')
+  openai: string?
+
+  @description('Existing privatelink.cognitiveservices.azure.com zone.')
+  cognitiveservices: string?
+
+  @description('Existing privatelink.azurewebsites.net zone (the Function App\'s private endpoint).')
+  sites: string?
 }
 
 @description('Name of the environment (azd: AZURE_ENV_NAME); part of the resource names\' unique suffix, tagged on every resource.')
@@ -57,9 +100,12 @@ param environmentName string
 @description('Region of the Function App, its storage and monitoring; one where Flex Consumption is offered.')
 param location string = resourceGroup().location
 
-@description('The Azure OpenAI backends, one per region: a new account with its model deployments, or an existing account.')
+@description('The pay-as-you-go Azure OpenAI backends, one per region: a new account with its model deployments, or an existing account.')
 @minLength(1)
 param backendRegions backendRegion[]
+
+@description('Provisioned-throughput (PTU) backends, in the same shape. PTUs are billed by the hour whether used or not, and PTU quota is not granted by default: empty unless you have both. They are listed before the pay-as-you-go regions.')
+param provisionedBackendRegions backendRegion[] = []
 
 @description('Flex Consumption scale-out limit, and GATEWAY_INSTANCE_COUNT: while Table Storage is unreachable (fail mode open) each instance admits a consumer\'s limit divided by this.')
 @minValue(40)
@@ -100,6 +146,7 @@ param extraAppSettings object = {}
 @description('Object id of an admin (user, group or service principal) to grant Storage Table Data Contributor, for the admin CLI, and Monitoring Reader on Application Insights; empty for none.')
 param adminPrincipalId string = ''
 
+@description('What adminPrincipalId is; a role assignment with the wrong type fails with UnmatchedPrincipalType. azd sets AZURE_PRINCIPAL_TYPE (main.bicepparam reads it).')
 @allowed([
   'User'
   'Group'
@@ -107,15 +154,35 @@ param adminPrincipalId string = ''
 ])
 param adminPrincipalType string = 'User'
 
-@description('Redundancy of the storage account that holds the consumers, limits and breaker state.')
+@description('Redundancy of the storage account that holds the consumers, limits and breaker state (zoneRedundant makes it Standard_ZRS).')
 @allowed([
   'Standard_LRS'
   'Standard_ZRS'
 ])
 param storageSkuName string = 'Standard_LRS'
 
-@description('Private networking: virtual network integration for the Function App, private endpoints for storage and every Azure OpenAI account, public access off for storage and for new Azure OpenAI accounts.')
+@description('Zone redundancy where the region has availability zones: the Flex Consumption plan spreads instances over zones and storage becomes Standard_ZRS.')
+param zoneRedundant bool = false
+
+@description('Private networking: virtual network integration for the Function App with all its outbound traffic routed through the network, private endpoints for storage and every Azure OpenAI account, public access off for storage and for new Azure OpenAI accounts.')
 param enablePrivateNetworking bool = false
+
+@description('Who may call the gateway: public (anyone with a consumer key), restricted (only appAllowedIpRanges; everyone else gets 403 from the platform), private (a private endpoint in the virtual network; public network access off; needs enablePrivateNetworking).')
+@allowed([
+  'public'
+  'restricted'
+  'private'
+])
+param appInboundAccess string = 'public'
+
+@description('With appInboundAccess restricted: public IP addresses or CIDR ranges allowed to call the gateway.')
+param appAllowedIpRanges string[] = []
+
+@description('With private networking: a NAT gateway (with one public IP address) gives the integrated subnet its outbound internet access (Microsoft Entra ID, Application Insights ingestion). Turn it off when the subnet already routes outbound through your own firewall.')
+param createNatGateway bool = true
+
+@description('With private networking: existing private DNS zones to use instead of creating them (resource ids), for networks whose zones live in a hub; zones not given are created here and linked to the new network.')
+param existingPrivateDnsZoneIds privateDnsZoneIds = {}
 
 param vnetAddressPrefix string = '10.40.0.0/16'
 param appSubnetPrefix string = '10.40.0.0/24'
@@ -134,9 +201,19 @@ param alertEmail string = ''
 @description('Resource ids of existing action groups notified by the alerts.')
 param alertActionGroupIds string[] = []
 
-@description('Alert when one consumer gets at least this many 429s in five minutes, throttled in three of them or more.')
+@description('Alert when one consumer gets at least this many 429s in fifteen minutes, throttled in three minutes of them or more.')
 @minValue(1)
 param throttledRequestsThreshold int = 20
+
+@description('Alert when this percentage of the gateway\'s answers in fifteen minutes are 5xx (with at least 20 answers).')
+@minValue(1)
+@maxValue(100)
+param serverErrorPercentThreshold int = 5
+
+@description('Alert when a PTU deployment\'s utilisation averages at least this percentage over fifteen minutes.')
+@minValue(1)
+@maxValue(100)
+param ptuUtilizationPercentThreshold int = 90
 
 param tags object = {}
 
@@ -146,28 +223,31 @@ var appName = 'func-aigw-${resourceToken}'
 var storageName = 'staigw${resourceToken}'
 var vnetName = 'vnet-aigw-${resourceToken}'
 var deploymentContainerName = 'app-package'
+var regions = concat(provisionedBackendRegions, backendRegions)
 
-// Where each backend's account lives: created here (named from the backend id) or given.
-var accounts = [for region in backendRegions: {
+// Where each backend's account lives: created here (named from the backend id, ending in the unique suffix so the
+// name ends in a letter or digit whatever the id) or given.
+var accounts = [for region in regions: {
   create: region.?existingAccount == null
-  name: region.?existingAccount.?name ?? toLower(take('oai-${resourceToken}-${replace(replace(region.id, '_', '-'), '.', '-')}', 64))
+  name: region.?existingAccount.?name ?? 'oai-${toLower(replace(replace(region.id, '_', '-'), '.', '-'))}-${resourceToken}'
   subscriptionId: region.?existingAccount.?subscriptionId ?? subscription().subscriptionId
   resourceGroup: region.?existingAccount.?resourceGroup ?? resourceGroup().name
+  manualApproval: region.?existingAccount != null && (region.?existingAccount.?privateEndpointApproval ?? 'manual') == 'manual'
+  provisioned: length(filter(region.deployments, d => contains(d.?sku ?? '', 'Provisioned'))) > 0
   region: region
 }]
 var newAccounts = filter(accounts, account => account.create)
 var existingAccounts = filter(accounts, account => !account.create)
-var accountIds = [for account in accounts: resourceId(account.subscriptionId, account.resourceGroup, 'Microsoft.CognitiveServices/accounts', account.name)]
 
 // GATEWAY_BACKENDS (shared/config.py): one backend per region, authenticated with the app's identity.
-var backends = [for (region, i) in backendRegions: {
+var backends = [for (region, i) in regions: {
   id: region.id
   endpoint: region.?existingAccount.?endpoint ?? 'https://${accounts[i].name}.openai.azure.com'
   region: region.location
   deployments: toObject(region.deployments, deployment => deployment.name, deployment => deployment.?deploymentName ?? deployment.name)
   priority: region.priority
   weight: region.weight
-  ptu: contains(region.sku, 'Provisioned')
+  ptu: accounts[i].provisioned
   api: 'azure'
   auth: 'identity'
   reserve_tokens: region.?reserveTokens ?? 0
@@ -183,19 +263,6 @@ module identity 'modules/identity.bicep' = {
   }
 }
 
-module storage 'modules/storage.bicep' = {
-  name: 'aigw-storage-${resourceToken}'
-  params: {
-    name: storageName
-    location: location
-    tags: allTags
-    deploymentContainerName: deploymentContainerName
-    skuName: storageSkuName
-    privateNetworking: enablePrivateNetworking
-    allowedIpRanges: storageAllowedIpRanges
-  }
-}
-
 module monitoring 'modules/monitoring.bicep' = {
   name: 'aigw-monitoring-${resourceToken}'
   params: {
@@ -204,6 +271,20 @@ module monitoring 'modules/monitoring.bicep' = {
     location: location
     tags: allTags
     retentionInDays: logRetentionInDays
+  }
+}
+
+module storage 'modules/storage.bicep' = {
+  name: 'aigw-storage-${resourceToken}'
+  params: {
+    name: storageName
+    location: location
+    tags: allTags
+    deploymentContainerName: deploymentContainerName
+    skuName: zoneRedundant ? 'Standard_ZRS' : storageSkuName
+    privateNetworking: enablePrivateNetworking
+    allowedIpRanges: storageAllowedIpRanges
+    logAnalyticsId: monitoring.outputs.logAnalyticsId
   }
 }
 
@@ -219,20 +300,20 @@ module roles 'modules/roles.bicep' = {
 }
 
 module openAI 'modules/openai.bicep' = [for account in newAccounts: {
-  name: take('aigw-openai-${resourceToken}-${account.region.id}', 64)
+  name: 'aigw-openai-${uniqueString(resourceToken, account.name)}'
   params: {
     name: account.name
     location: account.region.location
     tags: allTags
-    sku: account.region.sku
     deployments: account.region.deployments
     gatewayPrincipalId: identity.outputs.principalId
     privateNetworking: enablePrivateNetworking
+    logAnalyticsId: monitoring.outputs.logAnalyticsId
   }
 }]
 
 module openAIAccess 'modules/openai-access.bicep' = [for account in existingAccounts: {
-  name: take('aigw-openai-access-${resourceToken}-${account.region.id}', 64)
+  name: 'aigw-openai-access-${uniqueString(resourceToken, account.subscriptionId, account.resourceGroup, account.name)}'
   scope: resourceGroup(account.subscriptionId, account.resourceGroup)
   params: {
     accountName: account.name
@@ -250,7 +331,12 @@ module network 'modules/network.bicep' = if (enablePrivateNetworking) {
     appSubnetPrefix: appSubnetPrefix
     privateEndpointSubnetPrefix: privateEndpointSubnetPrefix
     storageAccountId: storage.outputs.id
-    openAIAccountIds: accountIds
+    openAIAccounts: [for account in accounts: {
+      id: resourceId(account.subscriptionId, account.resourceGroup, 'Microsoft.CognitiveServices/accounts', account.name)
+      manualApproval: account.manualApproval
+    }]
+    createNatGateway: createNatGateway
+    existingDnsZoneIds: existingPrivateDnsZoneIds
   }
   dependsOn: [
     openAI
@@ -269,6 +355,7 @@ module functionApp 'modules/functionapp.bicep' = {
     storageAccountName: storage.outputs.name
     deploymentContainerUrl: storage.outputs.deploymentContainerUrl
     appInsightsName: monitoring.outputs.appInsightsName
+    logAnalyticsId: monitoring.outputs.logAnalyticsId
     backends: backends
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
@@ -278,6 +365,9 @@ module functionApp 'modules/functionapp.bicep' = {
     gatewayId: empty(gatewayId) ? appName : gatewayId
     extraAppSettings: extraAppSettings
     subnetId: enablePrivateNetworking ? resourceId('Microsoft.Network/virtualNetworks/subnets', vnetName, 'app') : ''
+    inboundAccess: appInboundAccess
+    allowedIpRanges: appAllowedIpRanges
+    zoneRedundant: zoneRedundant
   }
   // The host reaches its storage at start-up and the gateway its backends at the first request: the role
   // assignments (and, when private, the endpoints) exist first.
@@ -289,6 +379,19 @@ module functionApp 'modules/functionapp.bicep' = {
   ]
 }
 
+// The gateway's own private endpoint: after the app exists, in the network module's subnet.
+module appEndpoint 'modules/app-endpoint.bicep' = if (enablePrivateNetworking && appInboundAccess == 'private') {
+  name: 'aigw-app-endpoint-${resourceToken}'
+  params: {
+    name: 'pe-${appName}'
+    location: location
+    tags: allTags
+    appId: functionApp.outputs.id
+    subnetId: resourceId('Microsoft.Network/virtualNetworks/subnets', vnetName, 'private-endpoints')
+    dnsZoneId: enablePrivateNetworking ? network.outputs.sitesZoneId : ''
+  }
+}
+
 module alerts 'modules/alerts.bicep' = {
   name: 'aigw-alerts-${resourceToken}'
   params: {
@@ -296,9 +399,15 @@ module alerts 'modules/alerts.bicep' = {
     location: location
     tags: allTags
     throttledRequestsThreshold: throttledRequestsThreshold
+    serverErrorPercentThreshold: serverErrorPercentThreshold
+    ptuUtilizationPercentThreshold: ptuUtilizationPercentThreshold
+    provisionedAccountIds: [for account in filter(accounts, a => a.provisioned): resourceId(account.subscriptionId, account.resourceGroup, 'Microsoft.CognitiveServices/accounts', account.name)]
     alertEmail: alertEmail
     actionGroupIds: alertActionGroupIds
   }
+  dependsOn: [
+    openAI
+  ]
 }
 
 output AZURE_LOCATION string = location
@@ -309,3 +418,5 @@ output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
 output APPLICATIONINSIGHTS_RESOURCE_ID string = monitoring.outputs.appInsightsId
 output GATEWAY_IDENTITY_CLIENT_ID string = identity.outputs.clientId
 output GATEWAY_BACKEND_ENDPOINTS array = [for backend in backends: backend.endpoint]
+@description('Private endpoint connections waiting for approval on existing accounts (approve them, docs/deploy.md).')
+output PENDING_PRIVATE_ENDPOINT_APPROVALS array = enablePrivateNetworking ? network.outputs.manualApprovalEndpoints : []

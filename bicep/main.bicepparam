@@ -1,38 +1,50 @@
-// Example: the three regions of the local simulation (scripts/run), on Azure. uksouth serves from provisioned
-// throughput (PTU) at priority 1; swedencentral and francecentral serve pay-as-you-go at priority 2 and take the
-// overflow when the PTU is saturated or failing. Check model, version and SKU availability in each region and your
-// quota before deploying (docs/deploy.md); change or add regions freely.
+// The default: three regions, pay-as-you-go only (billed per token; nothing is billed for the model deployments
+// while idle). uksouth serves at priority 1; swedencentral and francecentral at priority 2 take the overflow when
+// uksouth is throttled or failing. Models, versions and SKUs are current ones offered in these regions according to
+// bicep/azure-openai-models.json (dated; tests/test_bicep.py checks every deployment here against it). Check your
+// quota before deploying (docs/deploy.md). Other scenarios: minimal.bicepparam, existing-accounts.bicepparam,
+// private.bicepparam; what each costs at rest: docs/deploy.md#what-it-costs-at-rest.
 using './main.bicep'
 
 // azd sets AZURE_ENV_NAME; with az deployment group create, export it or keep the default.
 param environmentName = readEnvironmentVariable('AZURE_ENV_NAME', 'aigw')
 
-// The admin who runs `python -m shared.admin` (granted Storage Table Data Contributor and Monitoring Reader): your
-// object id, for example `export AZURE_PRINCIPAL_ID=$(az ad signed-in-user show --query id -o tsv)`, or with azd
-// `azd env set AZURE_PRINCIPAL_ID ...`. Empty grants nothing.
-param adminPrincipalId = readEnvironmentVariable('AZURE_PRINCIPAL_ID', '')
+// The admin who runs `python -m shared.admin` (Storage Table Data Contributor, Monitoring Reader). azd always sets
+// AZURE_PRINCIPAL_ID and AZURE_PRINCIPAL_TYPE (User, or ServicePrincipal when azd is signed in as one) to whoever
+// runs it, so by default the deployer becomes the admin. GATEWAY_ADMIN_PRINCIPAL_ID names someone else (with
+// GATEWAY_ADMIN_PRINCIPAL_TYPE: User, Group or ServicePrincipal; default Group), or 'none' for no admin.
+var adminOverride = readEnvironmentVariable('GATEWAY_ADMIN_PRINCIPAL_ID', '')
+param adminPrincipalId = adminOverride == 'none' ? '' : (empty(adminOverride) ? readEnvironmentVariable('AZURE_PRINCIPAL_ID', '') : adminOverride)
+param adminPrincipalType = empty(adminOverride) ? readEnvironmentVariable('AZURE_PRINCIPAL_TYPE', 'User') : readEnvironmentVariable('GATEWAY_ADMIN_PRINCIPAL_TYPE', 'Group')
 
 param backendRegions = [
   {
-    id: 'uksouth-ptu'
+    id: 'uksouth'
     location: 'uksouth'
     priority: 1
     weight: 1
-    // Regional provisioned throughput: capacity is in PTUs (gpt-4o: minimum 50, steps of 50; gpt-4o-mini: 25).
-    sku: 'ProvisionedManaged'
-    reserveTokens: 20000
+    // GlobalStandard: billed per token, processed in any Azure region; capacity in thousands of tokens per minute.
     deployments: [
       {
-        name: 'gpt-4o'
-        model: 'gpt-4o'
-        modelVersion: '2024-11-20'
-        capacity: 50
+        name: 'gpt-5.4'
+        model: 'gpt-5.4'
+        modelVersion: '2026-03-05'
+        sku: 'GlobalStandard'
+        capacity: 100
       }
       {
-        name: 'gpt-4o-mini'
-        model: 'gpt-4o-mini'
-        modelVersion: '2024-07-18'
-        capacity: 25
+        name: 'gpt-5.4-mini'
+        model: 'gpt-5.4-mini'
+        modelVersion: '2026-03-17'
+        sku: 'GlobalStandard'
+        capacity: 200
+      }
+      {
+        name: 'text-embedding-3-small'
+        model: 'text-embedding-3-small'
+        modelVersion: '1'
+        sku: 'GlobalStandard'
+        capacity: 120
       }
     ]
   }
@@ -41,25 +53,28 @@ param backendRegions = [
     location: 'swedencentral'
     priority: 2
     weight: 1
-    // Standard (regional, pay-as-you-go): capacity is in thousands of tokens per minute.
-    sku: 'Standard'
+    // DataZoneStandard: processed within the EU data zone. gpt-5.4-mini is not offered as DataZoneStandard here
+    // (bicep/azure-openai-models.json), so that one deployment is GlobalStandard.
     deployments: [
       {
-        name: 'gpt-4o'
-        model: 'gpt-4o'
-        modelVersion: '2024-11-20'
-        capacity: 150
+        name: 'gpt-5.4'
+        model: 'gpt-5.4'
+        modelVersion: '2026-03-05'
+        sku: 'DataZoneStandard'
+        capacity: 100
       }
       {
-        name: 'gpt-4o-mini'
-        model: 'gpt-4o-mini'
-        modelVersion: '2024-07-18'
-        capacity: 150
+        name: 'gpt-5.4-mini'
+        model: 'gpt-5.4-mini'
+        modelVersion: '2026-03-17'
+        sku: 'GlobalStandard'
+        capacity: 200
       }
       {
         name: 'text-embedding-3-small'
         model: 'text-embedding-3-small'
         modelVersion: '1'
+        sku: 'DataZoneStandard'
         capacity: 120
       }
     ]
@@ -69,30 +84,59 @@ param backendRegions = [
     location: 'francecentral'
     priority: 2
     weight: 1
-    // Global standard: processed in any Azure region, billed per token; capacity in thousands of tokens per minute.
-    sku: 'GlobalStandard'
     deployments: [
       {
-        name: 'gpt-4o'
-        model: 'gpt-4o'
-        modelVersion: '2024-11-20'
-        capacity: 150
+        name: 'gpt-5.4'
+        model: 'gpt-5.4'
+        modelVersion: '2026-03-05'
+        sku: 'DataZoneStandard'
+        capacity: 100
       }
       {
-        name: 'gpt-4o-mini'
-        model: 'gpt-4o-mini'
-        modelVersion: '2024-07-18'
-        capacity: 150
+        name: 'gpt-5.4-mini'
+        model: 'gpt-5.4-mini'
+        modelVersion: '2026-03-17'
+        sku: 'GlobalStandard'
+        capacity: 200
       }
       {
         name: 'text-embedding-3-small'
         model: 'text-embedding-3-small'
         modelVersion: '1'
+        sku: 'DataZoneStandard'
         capacity: 120
       }
     ]
   }
 ]
+
+// Provisioned throughput (PTU) is opt-in: PTUs are billed by the hour whether used or not (a 15-PTU global
+// deployment runs to thousands of US dollars a month at list price, docs/deploy.md) and PTU quota is not granted by
+// default. With quota (or a reservation) in hand, replace the empty list with, for example, this backend, which
+// then serves first (priority 1, the pay-as-you-go regions above taking its overflow at priority 2):
+//
+// param provisionedBackendRegions = [
+//   {
+//     id: 'uksouth-ptu'
+//     location: 'uksouth'
+//     priority: 1
+//     weight: 1
+//     // Tokens of the reported remaining capacity kept for high-priority consumers.
+//     reserveTokens: 20000
+//     deployments: [
+//       {
+//         name: 'gpt-5.4'
+//         model: 'gpt-5.4'
+//         modelVersion: '2026-03-05'
+//         sku: 'GlobalProvisionedManaged'
+//         capacity: 15
+//       }
+//     ]
+//   }
+// ]
+//
+// and set the uksouth region above to priority 2.
+param provisionedBackendRegions = []
 
 param limitFailMode = 'open'
 param maximumInstanceCount = 40

@@ -1,5 +1,7 @@
 // The gateway: a Python 3.11 Function App on the Flex Consumption plan, running as the user-assigned identity.
 // HTTPS only, TLS 1.2 minimum, FTP and basic-auth publishing off, no keys or connection strings in app settings.
+// Inbound: public, restricted to given addresses, or private (a private endpoint, modules/app-endpoint.bicep).
+// Outbound, when integrated with a subnet: all of it through the network (explicitly, allTraffic).
 
 param planName string
 param appName string
@@ -18,6 +20,9 @@ param storageAccountName string
 param deploymentContainerUrl string
 
 param appInsightsName string
+
+@description('Log Analytics workspace that receives the app\'s logs and platform metrics.')
+param logAnalyticsId string
 
 @description('The gateway\'s backends (GATEWAY_BACKENDS), as built by main.bicep.')
 param backends array
@@ -54,6 +59,28 @@ param extraAppSettings object = {}
 @description('Subnet (delegated to Microsoft.App/environments) for virtual network integration; empty for none.')
 param subnetId string = ''
 
+@description('public: anyone may call (consumer keys decide); restricted: only allowedIpRanges; private: public network access off (a private endpoint is the way in).')
+@allowed([
+  'public'
+  'restricted'
+  'private'
+])
+param inboundAccess string = 'public'
+
+@description('With inboundAccess restricted: IP addresses or CIDR ranges allowed to call the gateway.')
+param allowedIpRanges array = []
+
+@description('Spread instances over availability zones (regions with zones only).')
+param zoneRedundant bool = false
+
+// A bare address is one host.
+var restrictions = [for (range, i) in allowedIpRanges: {
+  name: 'allowed-${i}'
+  ipAddress: contains(range, '/') ? range : '${range}/32'
+  action: 'Allow'
+  priority: 100 + i
+}]
+
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
 }
@@ -62,7 +89,7 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
   name: appInsightsName
 }
 
-resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+resource plan 'Microsoft.Web/serverfarms@2024-11-01' = {
   name: planName
   location: location
   tags: tags
@@ -73,6 +100,7 @@ resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   }
   properties: {
     reserved: true
+    zoneRedundant: zoneRedundant
   }
 }
 
@@ -84,7 +112,7 @@ var alwaysReady = alwaysReadyInstances > 0 ? [
 ] : []
 var httpTriggers = httpPerInstanceConcurrency > 0 ? { http: { perInstanceConcurrency: httpPerInstanceConcurrency } } : null
 
-resource app 'Microsoft.Web/sites@2024-04-01' = {
+resource app 'Microsoft.Web/sites@2024-11-01' = {
   name: appName
   location: location
   tags: union(tags, { 'azd-service-name': 'gateway' })
@@ -98,11 +126,20 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
   properties: {
     serverFarmId: plan.id
     httpsOnly: true
+    publicNetworkAccess: inboundAccess == 'private' ? 'Disabled' : 'Enabled'
     virtualNetworkSubnetId: empty(subnetId) ? null : subnetId
+    outboundVnetRouting: empty(subnetId) ? null : {
+      allTraffic: true
+    }
     siteConfig: {
       minTlsVersion: '1.2'
       scmMinTlsVersion: '1.2'
       ftpsState: 'Disabled'
+      ipSecurityRestrictions: inboundAccess == 'restricted' ? restrictions : []
+      ipSecurityRestrictionsDefaultAction: inboundAccess == 'restricted' ? 'Deny' : 'Allow'
+      // Deployment (azd deploy, func publish) goes through the scm endpoint, which accepts Entra ID only (basic
+      // publishing credentials are off below); it keeps its own, open, rules so deployments work from anywhere.
+      scmIpSecurityRestrictionsUseMain: false
     }
     functionAppConfig: {
       deployment: {
@@ -133,7 +170,7 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
 // keeps this list and the code in step. Flex Consumption takes the runtime from functionAppConfig, so
 // FUNCTIONS_WORKER_RUNTIME and FUNCTIONS_EXTENSION_VERSION are absent. This resource replaces all app settings on
 // every deployment: add settings through extraAppSettings, not in the portal.
-resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
+resource appSettings 'Microsoft.Web/sites/config@2024-11-01' = {
   parent: app
   name: 'appsettings'
   properties: union(extraAppSettings, {
@@ -152,7 +189,7 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
   })
 }
 
-resource ftpPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+resource ftpPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-11-01' = {
   parent: app
   name: 'ftp'
   properties: {
@@ -160,11 +197,31 @@ resource ftpPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2
   }
 }
 
-resource scmPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+resource scmPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-11-01' = {
   parent: app
   name: 'scm'
   properties: {
     allow: false
+  }
+}
+
+resource diagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-gateway-workspace'
+  scope: app
+  properties: {
+    workspaceId: logAnalyticsId
+    logs: [
+      {
+        categoryGroup: 'allLogs'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'AllMetrics'
+        enabled: true
+      }
+    ]
   }
 }
 

@@ -23,6 +23,10 @@ resource logAnalytics 'Microsoft.OperationalInsights/workspaces@2023-09-01' = {
       name: 'PerGB2018'
     }
     retentionInDays: retentionInDays
+    // Queries and ingestion with Microsoft Entra ID only (no workspace keys), like Application Insights.
+    features: {
+      disableLocalAuth: true
+    }
   }
 }
 
@@ -43,7 +47,8 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' = {
   }
 }
 
-// The workbook's content is maintained in workbook.json (the serializedData of an Azure Monitor workbook).
+// The workbook's content is maintained in workbook.json (the serializedData of an Azure Monitor workbook); its
+// fallbackResourceIds placeholder becomes this Application Insights resource, so the workbook opens on it.
 resource workbook 'Microsoft.Insights/workbooks@2023-06-01' = {
   name: guid(resourceGroup().id, appInsights.id, 'ai-gateway-workbook')
   location: location
@@ -53,7 +58,7 @@ resource workbook 'Microsoft.Insights/workbooks@2023-06-01' = {
     displayName: workbookDisplayName
     category: 'workbook'
     version: 'Notebook/1.0'
-    serializedData: loadTextContent('../workbook.json')
+    serializedData: replace(loadTextContent('../workbook.json'), '{appinsights-id}', appInsights.id)
     sourceId: appInsights.id
   }
 }

@@ -1,14 +1,26 @@
-// One new Azure OpenAI account in one region, its model deployments, and the gateway identity's access to it.
-// Keys are disabled: the gateway authenticates with its managed identity (Cognitive Services OpenAI User).
+// One new Azure OpenAI account in one region, its model deployments, the gateway identity's access to it, and its
+// diagnostic settings. Keys are disabled: the gateway authenticates with its managed identity (Cognitive Services
+// OpenAI User).
 
+@description('A model deployment of a new account. Which model versions each SKU offers in each region, and when they retire, is checked against bicep/azure-openai-models.json by tests/test_bicep.py.')
 type modelDeployment = {
-  // The name clients use; also the deployment's name in the account unless deploymentName is given.
+  @description('The name clients use; also the deployment\'s name in the account unless deploymentName is given.')
   name: string
+
+  @description('The deployment\'s name in the account, when it differs from name.')
   deploymentName: string?
-  // Model and version, for example gpt-4o and 2024-11-20.
+
+  @description('Model name, for example gpt-5.4-mini.')
   model: string
+
+  @description('Model version, for example 2026-03-17.')
   modelVersion: string
-  // Provisioned SKUs: PTUs (each model has a minimum and an increment). Standard SKUs: thousands of tokens per minute.
+
+  @description('Deployment type. Pay-as-you-go: Standard (regional), DataZoneStandard (processed within the data zone), GlobalStandard (processed in any region). Provisioned (PTU, billed hourly): ProvisionedManaged, DataZoneProvisionedManaged, GlobalProvisionedManaged.')
+  sku: 'Standard' | 'DataZoneStandard' | 'GlobalStandard' | 'ProvisionedManaged' | 'DataZoneProvisionedManaged' | 'GlobalProvisionedManaged'
+
+  @description('Provisioned SKUs: PTUs (each model has a minimum and an increment). Pay-as-you-go SKUs: thousands of tokens per minute.')
+  @minValue(1)
   capacity: int
 }
 
@@ -20,17 +32,6 @@ param name string
 param location string
 param tags object
 
-@description('Deployment SKU for every model deployment in this account.')
-@allowed([
-  'ProvisionedManaged'
-  'GlobalProvisionedManaged'
-  'DataZoneProvisionedManaged'
-  'Standard'
-  'GlobalStandard'
-  'DataZoneStandard'
-])
-param sku string
-
 param deployments modelDeployment[]
 
 @description('Principal id of the gateway\'s identity.')
@@ -38,6 +39,9 @@ param gatewayPrincipalId string
 
 @description('True to turn public network access off (reached through a private endpoint only).')
 param privateNetworking bool = false
+
+@description('Log Analytics workspace that receives the account\'s logs and metrics.')
+param logAnalyticsId string
 
 // Built-in role: Cognitive Services OpenAI User (inference calls only; no keys, no deployment management).
 var cognitiveServicesOpenAIUser = '5e0bd9bd-7b93-4f28-af87-19fc36ad61bd'
@@ -66,7 +70,7 @@ resource modelDeployments 'Microsoft.CognitiveServices/accounts/deployments@2024
   parent: account
   name: deployment.?deploymentName ?? deployment.name
   sku: {
-    name: sku
+    name: deployment.sku
     capacity: deployment.capacity
   }
   properties: {
@@ -87,6 +91,27 @@ resource gatewayOpenAIUser 'Microsoft.Authorization/roleAssignments@2022-04-01' 
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', cognitiveServicesOpenAIUser)
     principalId: gatewayPrincipalId
     principalType: 'ServicePrincipal'
+  }
+}
+
+// Request and audit logs, and the account's metrics (tokens, latency, PTU utilisation), in the gateway's workspace.
+resource diagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-gateway-workspace'
+  scope: account
+  properties: {
+    workspaceId: logAnalyticsId
+    logs: [
+      {
+        categoryGroup: 'allLogs'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'AllMetrics'
+        enabled: true
+      }
+    ]
   }
 }
 

@@ -21,6 +21,9 @@ param privateNetworking bool = false
 @description('Public IP addresses or CIDR ranges still allowed in when private networking is on (the admin CLI).')
 param allowedIpRanges array = []
 
+@description('Log Analytics workspace that receives the account\'s logs and metrics.')
+param logAnalyticsId string
+
 var ipRules = map(allowedIpRanges, range => { value: range, action: 'Allow' })
 var privateAcls = { defaultAction: 'Deny', bypass: 'None', ipRules: ipRules }
 var publicAcls = { defaultAction: 'Allow', bypass: 'AzureServices' }
@@ -56,6 +59,67 @@ resource deploymentContainer 'Microsoft.Storage/storageAccounts/blobServices/con
   name: deploymentContainerName
   properties: {
     publicAccess: 'None'
+  }
+}
+
+resource tableService 'Microsoft.Storage/storageAccounts/tableServices@2023-05-01' = {
+  parent: storage
+  name: 'default'
+}
+
+// Transactions and capacity of the account; reads, writes and failures of the host's blobs and the gateway's tables
+// (a limiter store outage shows here first).
+resource accountDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-gateway-workspace'
+  scope: storage
+  properties: {
+    workspaceId: logAnalyticsId
+    metrics: [
+      {
+        category: 'Transaction'
+        enabled: true
+      }
+    ]
+  }
+}
+
+resource blobDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-gateway-workspace'
+  scope: blobService
+  properties: {
+    workspaceId: logAnalyticsId
+    logs: [
+      {
+        categoryGroup: 'allLogs'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'Transaction'
+        enabled: true
+      }
+    ]
+  }
+}
+
+resource tableDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-gateway-workspace'
+  scope: tableService
+  properties: {
+    workspaceId: logAnalyticsId
+    logs: [
+      {
+        categoryGroup: 'allLogs'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'Transaction'
+        enabled: true
+      }
+    ]
   }
 }
 

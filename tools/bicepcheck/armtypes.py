@@ -151,6 +151,12 @@ class _Checker:
         if isinstance(value, str) and value in literals:
             return
         others = [e for e, m in zip(t["elements"], members, strict=True) if m["$type"] != "StringLiteralType"]
+        if literals and isinstance(value, str):
+            # Many enums are open in the definitions (the literals, or any string): ARM accepts another string and
+            # the resource provider rejects it at deployment. Stricter than Bicep: a string must be one of the
+            # documented values, in their case.
+            self.report(path, f"{value!r} is not one of {literals}")
+            return
         for element in others:
             attempt = _Checker(self.types, self.file, self.existing)
             attempt.value(value, element, path)
@@ -158,11 +164,6 @@ class _Checker:
                 return
         if literals and not others:
             self.report(path, f"{value!r} is not one of {literals}")
-        elif literals and isinstance(value, str):
-            # An open enum (literals or any string): Azure accepts other strings; Bicep warns. Case differences
-            # are the usual mistake, so those are reported.
-            if any(value.lower() == lit.lower() for lit in literals):
-                self.report(path, f"{value!r} differs in case from one of {literals}")
         elif others:
             attempt = _Checker(self.types, self.file, self.existing)
             attempt.value(value, others[0], path)

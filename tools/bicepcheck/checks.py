@@ -33,11 +33,19 @@ def syntax_problems(paths: list[Path]) -> list[str]:
 
 
 def ambiguous_types(path: Path) -> list[str]:
-    """Object types the grammar reads as expressions without an error (`a: t?` then `b: u` reads as `t ? b : u`)."""
-    if path.suffix != ".bicep":
-        return []
+    """Valid Bicep the grammar misreads without an error: in an object type, `a: t?` then `b: u` reads as the
+    conditional `t ? b : u`; in an array, `[f(x, y)]` after a conditional's `:` reads as `[f, (x, y)]`."""
     found: list[str] = []
     root = syntax.parse_file(path)
+    stack = [root]
+    while stack:
+        current = stack.pop()
+        if current.type == "parenthesized_expression" and len(syntax.named(current)) > 1:
+            found.append(f"line {current.start_point[0] + 1}: {syntax.text(current)[:40]!r} reads as a list in "
+                         "parentheses; give the call its own variable")
+        stack.extend(current.named_children)
+    if path.suffix != ".bicep":
+        return found
     type_nodes = {"primitive_type", "identifier", "nullable_type", "array_type", "union_type", "object", "string",
                   "parenthesized_type", "type", "number", "boolean", "member_expression"}
     for node in syntax.named(root):
@@ -59,10 +67,14 @@ def ambiguous_types(path: Path) -> list[str]:
     return found
 
 
-@cache
 def suppressed_properties(path: Path) -> frozenset[str]:
     """Property names a `#disable-next-line BCP037` (property not in the type definitions) applies to in a file."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    return _suppressed(path.read_text(encoding="utf-8"))
+
+
+@cache
+def _suppressed(source: str) -> frozenset[str]:
+    lines = source.splitlines()
     keys: set[str] = set()
     for i, line in enumerate(lines[:-1]):
         if re.search(r"#disable-next-line\b.*\bBCP037\b", line):

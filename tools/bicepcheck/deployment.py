@@ -82,8 +82,14 @@ def _decorators(node: Node | None) -> dict[str, list[Node]]:
     return found
 
 
-@cache
 def load_template(path: Path) -> Template:
+    """A template, parsed once per version of the file (its size and modification time)."""
+    stat = path.stat()
+    return _load_template(path, stat.st_mtime_ns, stat.st_size)
+
+
+@cache
+def _load_template(path: Path, _mtime_ns: int, _size: int) -> Template:
     root = syntax.parse_file(path)
     template = Template(path=path, root=root)
     pending: Node | None = None
@@ -419,12 +425,13 @@ def check_value(value: Any, param: Param, template: Template) -> list[str]:
         for item in items:
             if item not in allowed:
                 problems.append(f"{item!r} is not one of {allowed}")
-    for key, test, message in (
-        ("minValue", lambda v, n: v >= n, "is below"),
-        ("maxValue", lambda v, n: v <= n, "is above"),
+    bounds: tuple[tuple[str, Callable[[Any, Any], bool], str], ...] = (
+        ("minValue", lambda v, n: bool(v >= n), "is below"),
+        ("maxValue", lambda v, n: bool(v <= n), "is above"),
         ("minLength", lambda v, n: len(v) >= n, "is shorter than"),
         ("maxLength", lambda v, n: len(v) <= n, "is longer than"),
-    ):
+    )
+    for key, test, message in bounds:
         if key in decorators and value is not None:
             bound = evaluate(decorators[key][0], scope)
             if not test(value, bound):
@@ -503,8 +510,8 @@ def _primitive_check(value: Any, name: str, at: str) -> list[str]:
 # ---- a parameters file deployed ---------------------------------------------------------------------------------------
 
 
-def deploy_params_file(path: Path, ctx: Context) -> tuple[Deployment, list[Problem]]:
-    """Evaluate a .bicepparam file's values (readEnvironmentVariable reads ctx.environment) and deploy its template."""
+def params_values(path: Path, ctx: Context) -> tuple[Template, dict[str, Any], list[Problem]]:
+    """A .bicepparam file's template and evaluated values (readEnvironmentVariable reads ctx.environment)."""
     params = load_params(path)
     problems = [Problem(path, p.line, p.message) for p in syntax.problems(params.root)]
     template = load_template((path.parent / params.using).resolve())
@@ -526,9 +533,19 @@ def deploy_params_file(path: Path, ctx: Context) -> tuple[Deployment, list[Probl
             values[name] = evaluate(node, scope)
         except EvaluationError as error:
             problems.append(Problem(path, node.start_point[0] + 1, f"parameter {name}: {error}"))
+    return template, values, problems
+
+
+def deploy(template: Template, values: dict[str, Any], ctx: Context, origin: Path) -> tuple[Deployment, list[Problem]]:
     deployment = Deployment(template, values, ctx, given_line=1)
-    for problem in deployment.problems:  # parameter problems belong to the parameters file
-        problems.append(Problem(path, 1, problem.message))
+    problems = [Problem(origin, 1, p.message) for p in deployment.problems]  # they belong to the parameters
     deployment.problems.clear()
     deployment.run()
     return deployment, problems + deployment.all_problems()
+
+
+def deploy_params_file(path: Path, ctx: Context) -> tuple[Deployment, list[Problem]]:
+    """Evaluate a .bicepparam file's values and deploy its template with them."""
+    template, values, problems = params_values(path, ctx)
+    deployment, more = deploy(template, values, ctx, path)
+    return deployment, problems + more

@@ -106,6 +106,7 @@ _COMPOSITE = ("member_expression", "subscript_expression", "binary_expression", 
 
 
 _POSTFIX = ("member_expression", "subscript_expression", "call_expression")
+_MISBOUND = ("unary_expression", "binary_expression", "ternary_expression")
 
 
 def _leftmost(node: Node, through: tuple[str, ...]) -> Node:
@@ -128,13 +129,12 @@ def evaluate(node: Node, scope: Scope) -> Any:
         if inner is not None and inner.start_byte == node.start_byte:
             return _lambda_span(inner, node, scope)
     if kind in _POSTFIX:
-        # Likewise a prefix operator binds tighter than member access in the grammar (`!a.b` reads as `(!a).b`).
-        unary = _leftmost(node, _POSTFIX)
-        if unary.type == "unary_expression" and unary.start_byte == node.start_byte:
-            op = unary.child_by_field_name("operator")
-            assert op is not None
-            rest = (node.text or b"")[op.end_byte - node.start_byte :]
-            return _apply_unary(text(op), evaluate(_expression(rest.strip()), scope))
+        # Likewise member access, indexing and calls bind looser than prefix and infix operators in the grammar
+        # (`!a.b` reads as `(!a).b`, `a ?? f().b` as `(a ?? f()).b`): the operator's last operand is re-read with
+        # the postfix operations that follow it.
+        inner = _leftmost(node, _POSTFIX)
+        if inner is not node and inner.start_byte == node.start_byte and inner.type in _MISBOUND:
+            return _reassociate(inner, node, scope)
     if kind == "string":
         return _string(node, scope)
     if kind == "number":
@@ -146,6 +146,8 @@ def evaluate(node: Node, scope: Scope) -> Any:
     if kind == "identifier":
         return scope.lookup(text(node))
     if kind == "parenthesized_expression":
+        if len(named(node)) != 1:
+            raise EvaluationError(f"line {node.start_point[0] + 1}: misread parentheses {text(node)[:40]!r}")
         return evaluate(named(node)[0], scope)
     if kind == "array":
         return [evaluate(item, scope) for item in named(node)]
@@ -352,6 +354,31 @@ def _ternary(node: Node, scope: Scope) -> Any:
         return evaluate(yes if value else no, s)
 
     return pick(cond, scope)
+
+
+def _rest(whole: Node, start: int) -> Node:
+    return _expression((whole.text or b"")[start - whole.start_byte :].strip())
+
+
+def _reassociate(inner: Node, whole: Node, scope: Scope) -> Any:
+    if inner.type == "unary_expression":
+        op = inner.child_by_field_name("operator")
+        assert op is not None
+        return _apply_unary(text(op), evaluate(_rest(whole, op.end_byte), scope))
+    if inner.type == "binary_expression":
+        op = inner.child_by_field_name("operator")
+        left = inner.child_by_field_name("left")
+        right = inner.child_by_field_name("right")
+        assert op is not None and left is not None and right is not None
+        return apply_binary(text(op), evaluate(left, scope), lambda: evaluate(_rest(whole, right.start_byte), scope))
+    cond = inner.child_by_field_name("condition")
+    yes = inner.child_by_field_name("consequence")
+    no = inner.child_by_field_name("alternative")
+    assert cond is not None and yes is not None and no is not None
+    value = evaluate(cond, scope)
+    if is_unknown(value):
+        return Unknown("conditional")
+    return evaluate(yes, scope) if value else evaluate(_rest(whole, no.start_byte), scope)
 
 
 def _lambda_params(node: Node) -> list[str]:
