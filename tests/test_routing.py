@@ -132,3 +132,24 @@ def test_a_full_deployment_does_not_take_the_accounts_other_deployments_out() ->
     r.record_failure(ptu, D, 429, {"retry-after": "30"})
     assert [x.id for x in r.candidates(D, 0, "normal")] == ["b"]
     assert [x.id for x in r.candidates("emb", 0, "normal")] == ["ptu", "b"]
+
+
+def test_a_refused_credential_takes_the_backend_out_at_once_for_at_least_a_minute() -> None:
+    clock = FakeClock()
+    bad, good = backend("bad"), backend("good")
+    r = router(bad, good, clock=clock)
+    r.record_auth_failure(bad, D, 403)
+    assert [b.id for b in r.candidates(D, 0, "normal")] == ["good"]
+    clock.advance(59)
+    assert [b.id for b in r.candidates(D, 0, "normal")] == ["good"]
+    error = r.exhausted(D, ["403", "401"])
+    assert (error.status, error.code) == (502, "backend_auth_failed")
+
+
+def test_retry_after_is_the_regions_own_wait_rounded_up_when_their_breakers_stay_closed() -> None:
+    clock = FakeClock()
+    a, b = backend("a"), backend("b")
+    r = router(a, b, clock=clock)
+    error = r.exhausted(D, ["429", "429"], {"a": clock.now() + 2.2, "b": clock.now() + 1.4})
+    assert error.code == "backends_busy"
+    assert error.headers == {"retry-after": "2", "retry-after-ms": "1400"}

@@ -139,3 +139,75 @@ def test_completions_prompt_and_embeddings_input(value: object, expected: int) -
 def test_special_token_text_is_counted_not_rejected() -> None:
     encoding = tokens.get_encoding("o200k_base")
     assert tokens.count_text("<|endoftext|>", encoding) > 1
+
+
+# ---- text the backend bills as prompt that is not in a message's text ---------------------------------------------
+
+HIDDEN = " ".join(f"word{i % 997} detail" for i in range(14_000))  # about 40,000 tokens of schema-like text
+BASE = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def _hidden_bodies() -> list[tuple[str, dict[str, object]]]:
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "description": HIDDEN}
+    return [
+        ("response_format", {**BASE, "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}}),
+        ("tool $defs", {**BASE, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"$ref": "#/$defs/x"}}, "$defs": {"x": {"description": HIDDEN}}}}}]}),
+        ("tool schema description", {**BASE, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "description": HIDDEN, "properties": {}}}}]}),
+        ("prediction", {**BASE, "prediction": {"type": "content", "content": HIDDEN}}),
+        ("prediction parts", {**BASE, "prediction": {"type": "content", "content": [{"type": "text", "text": HIDDEN}]}}),
+        ("unknown part", {"messages": [{"role": "user", "content": [{"type": "future_part", "future_part": {"text": HIDDEN}}]}]}),
+    ]
+
+
+@pytest.mark.parametrize(("name", "body"), _hidden_bodies(), ids=[n for n, _ in _hidden_bodies()])
+def test_hidden_prompt_text_is_estimated(name: str, body: dict[str, object]) -> None:
+    encoding = tokens.get_encoding()
+    hidden = len(encoding.encode(HIDDEN))
+    assert hidden > 35_000
+    assert tokens.count_chat_prompt(body, encoding) >= hidden
+
+
+def test_completion_suffix_is_estimated() -> None:
+    encoding = tokens.get_encoding()
+    assert tokens.count_completion_prompt({"prompt": "def f():", "suffix": HIDDEN}, encoding) >= len(encoding.encode(HIDDEN))
+
+
+def test_files_and_audio_are_bounded_by_their_size() -> None:
+    import base64
+
+    encoding = tokens.get_encoding()
+    text = HIDDEN.encode()
+    data = "data:text/plain;base64," + base64.b64encode(text).decode()
+    part = {"type": "file", "file": {"filename": "notes.txt", "file_data": data}}
+    estimate = tokens.count_chat_prompt({"messages": [{"role": "user", "content": [part]}]}, encoding)
+    assert estimate >= len(encoding.encode(HIDDEN))
+    # A file by id (size unknown) still costs something.
+    by_id = {"type": "file", "file": {"file_id": "file-1"}}
+    assert tokens.count_chat_prompt({"messages": [{"role": "user", "content": [by_id]}]}, encoding) >= tokens.FILE_MIN_TOKENS
+    # Ten seconds of 8 kHz 8-bit wav is about 100 audio tokens; 60 s of 8 kbit/s mp3 about 600.
+    wav = {"type": "input_audio", "input_audio": {"format": "wav", "data": base64.b64encode(b"\0" * 80_000).decode()}}
+    mp3 = {"type": "input_audio", "input_audio": {"format": "mp3", "data": base64.b64encode(b"\0" * 60_000).decode()}}
+    assert tokens.count_chat_prompt({"messages": [{"role": "user", "content": [wav]}]}, encoding) >= 100
+    assert tokens.count_chat_prompt({"messages": [{"role": "user", "content": [mp3]}]}, encoding) >= 600
+
+
+def test_long_texts_are_counted_in_pieces_close_to_a_whole_count() -> None:
+    encoding = tokens.get_encoding()
+    text = "The quick brown fox jumps over the lazy dog. " * 5_000
+    whole = len(encoding.encode(text))
+    tokens._counts.clear()
+    pieces = tokens.count_text(text, encoding)
+    assert whole <= pieces <= whole * 1.002
+    # One long "word": no whitespace to cut at; still linear, still an upper-side count.
+    word = "a" * 200_000
+    assert len(encoding.encode(word)) <= tokens.count_text(word, encoding) <= len(encoding.encode(word)) * 1.01
+
+
+def test_the_count_cache_keeps_no_prompt_text() -> None:
+    encoding = tokens.get_encoding()
+    tokens._counts.clear()
+    text = "secret prompt " * 100
+    tokens.count_text(text, encoding)
+    assert all(not isinstance(part, str) or part in tokens.SUPPORTED_ENCODINGS for key in tokens._counts for part in key)

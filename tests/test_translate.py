@@ -103,8 +103,36 @@ def test_missing_or_mistyped_fields_are_400_naming_the_parameter(path: str, body
 
 
 def test_body_shape() -> None:
-    shape = check_body(match_route("POST", "/v1/chat/completions"), {"model": "gpt-4o", "messages": [{"role": "user"}], "stream": True, "max_completion_tokens": 50, "max_tokens": 10})
-    assert (shape.deployment, shape.stream, shape.client_wants_usage, shape.max_tokens) == ("gpt-4o", True, False, 50)
+    shape = check_body(match_route("POST", "/v1/chat/completions"), {"model": "gpt-4o", "messages": [{"role": "user"}], "stream": True, "max_completion_tokens": 50})
+    assert (shape.deployment, shape.stream, shape.client_wants_usage, shape.max_tokens, shape.choices) == ("gpt-4o", True, False, 50, 1)
+
+
+def test_both_output_caps_are_refused_as_the_service_does() -> None:
+    body = {"model": "gpt-4o", "messages": [{"role": "user"}], "max_completion_tokens": 50, "max_tokens": 100_000}
+    with pytest.raises(GatewayError) as caught:
+        check_body(match_route("POST", "/v1/chat/completions"), body)
+    assert (caught.value.status, caught.value.code, caught.value.param) == (400, "invalid_parameter_combination", "max_tokens")
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "choices"),
+    [
+        ("/v1/chat/completions", {"n": 4}, 4),
+        ("/v1/completions", {"n": 2, "best_of": 5}, 5),
+        ("/v1/completions", {"best_of": 3}, 3),
+        ("/v1/embeddings", {"n": 7}, 1),
+    ],
+)
+def test_every_generated_choice_is_counted(path: str, extra: dict[str, Any], choices: int) -> None:
+    body = {"model": "gpt-4o", "messages": [{"role": "user"}], "prompt": "p", "input": "i", **extra}
+    assert check_body(match_route("POST", path), body).choices == choices
+
+
+@pytest.mark.parametrize("n", [0, -1, 129, 2.5, "4", True])
+def test_a_bad_n_is_refused(n: object) -> None:
+    with pytest.raises(GatewayError) as caught:
+        check_body(match_route("POST", "/v1/chat/completions"), {"model": "gpt-4o", "messages": [{"role": "user"}], "n": n})
+    assert caught.value.status == 400 and caught.value.param == "n"
 
 
 def test_backend_urls() -> None:

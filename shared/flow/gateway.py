@@ -25,6 +25,7 @@ from shared.edge.errors import GatewayError, bad_request, error_body, forbidden,
 from shared.limits.contract import Limiter, Ticket
 from shared.edge.messages import GatewayRequest, GatewayResponse
 from shared.routing.pinning import Holder, Pinning
+from shared.routing.breaker import retry_after_s
 from shared.routing.router import Router
 from shared.storage.memory import MemoryResponseStore
 from shared.storage.protocols import ResponseStore
@@ -83,6 +84,7 @@ class Call:
     prompt_estimate: int | None = None
     lost: TokenUsage | None = None  # what attempts whose body broke off cost (charged with the answer)
     pinned: Holder | None = None  # continues a stored response: only the backend holding it may answer
+    asked: dict[str, float] | None = None  # backend id -> when it said (Retry-After) it would serve again
 
 
 class _Retryable(Exception):
@@ -163,7 +165,8 @@ class Gateway:
         reserve = 0
         if self.s.limiter.needs_estimate(consumer, shape.deployment):
             prompt_estimate = self._count_prompt(route.operation, body, shape.deployment, pinned)
-            completion = 0 if route.operation is Operation.EMBEDDINGS else (
+            # Every choice the backend generates (n, best_of) may run to the cap, and is billed.
+            completion = 0 if route.operation is Operation.EMBEDDINGS else shape.choices * (
                 shape.max_tokens or self.s.settings.default_max_tokens
             )
             reserve = prompt_estimate + completion
@@ -244,7 +247,7 @@ class Gateway:
         failures: list[str] = []
         first = next((b for b in remaining if router.acquire(b, deployment)), None)
         if first is None:
-            raise router.exhausted(deployment, [])
+            raise router.exhausted(deployment, [], call.asked)
         # The first attempt runs outside the retry machinery: it is the one nearly every request needs, and tenacity's
         # bookkeeping would be most of what the gateway spends on it.
         try:
@@ -254,7 +257,7 @@ class Gateway:
         previous = first
         attempts = min(self.s.settings.max_attempts or len(candidates), len(candidates)) - 1
         if attempts <= 0:
-            raise router.exhausted(deployment, failures)
+            raise router.exhausted(deployment, failures, call.asked)
         try:
             async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(attempts),
@@ -271,7 +274,7 @@ class Gateway:
                     number = attempt.retry_state.attempt_number + 1
                     return backend, await self._attempt(call, backend, headers, failures, number), number
         except (_Retryable, _NoCandidate):
-            raise router.exhausted(deployment, failures) from None
+            raise router.exhausted(deployment, failures, call.asked) from None
         raise AssertionError("unreachable")
 
     async def _dispatch_pinned(self, call: Call, holder: Holder) -> tuple[Backend, UpstreamResponse, int]:
@@ -300,7 +303,17 @@ class Gateway:
             failures.append(exc.kind)
             raise _Retryable(backend, exc.kind) from None
         span.end(response.status)
+        if response.status in (401, 403):
+            # The backend refused the gateway's credential: no request will succeed there until it is fixed.
+            router.record_auth_failure(backend, deployment, response.status)
+            failures.append(str(response.status))
+            response.release()
+            raise _Retryable(backend, str(response.status))
         if router.is_failure(backend, response.status):
+            asked = retry_after_s(response.headers, self.s.clock.now())
+            if asked is not None:
+                call.asked = call.asked or {}
+                call.asked[backend.id] = self.s.clock.now() + asked
             router.record_failure(backend, deployment, response.status, response.headers)
             failures.append(str(response.status))
             response.release()
@@ -351,9 +364,6 @@ class Gateway:
                 return self._fail(call, backend, usage, attempts, GatewayError(
                     502, "The backend returned a malformed response.", type="server_error",
                     code="backend_malformed_response"))
-        if status in (401, 403):
-            return self._fail(call, backend, None, attempts, GatewayError(
-                502, "The gateway could not authenticate to the backend.", type="server_error", code="backend_auth_failed"))
         if status == 200 and call.route.operation is Operation.RESPONSES:
             created = _created(raw)
             if created is not None:

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import orjson
 import tiktoken
 import tiktoken.model
 from tiktoken_ext import openai_public
@@ -129,24 +130,47 @@ def encoding_for(model: str | None) -> tiktoken.Encoding:
 
 
 # Counts of recent longer strings: system prompts, tool schemas and few-shot examples repeat across requests, and
-# encoding them is most of what admission costs.
+# encoding them is most of what admission costs. Keyed by the string's length and hash, never the string itself: a
+# cache of whole prompts would hold every large prompt a hostile caller sends (Python's str hash is keyed per process,
+# so a caller cannot craft a collision; one would only mis-estimate, and the backend's usage is what gets charged).
 _CACHE_MIN_CHARS = 64
 _CACHE_MAX_ENTRIES = 4096
-_counts: dict[tuple[str, str], int] = {}
+_counts: dict[tuple[str, int, int], int] = {}
+# Long texts are encoded in pieces: tiktoken's BPE slows down sharply on long runs without a pre-tokenizer split (one
+# 8 MiB "word" took seconds), and a piece at a time lets other threads (the event loop) take the GIL in between.
+# Pieces end at whitespace where there is some, so the sum matches a whole count to within a token per piece.
+CHUNK_CHARS = 4096
 
 
 def count_text(text: str, encoding: tiktoken.Encoding) -> int:
     if len(text) < _CACHE_MIN_CHARS:
         # disallowed_special=() : user text that happens to contain "<|endoftext|>" is counted, not rejected.
         return len(encoding.encode(text, disallowed_special=()))
-    key = (encoding.name, text)
+    key = (encoding.name, len(text), hash(text))
     count = _counts.get(key)
     if count is None:
-        count = len(encoding.encode(text, disallowed_special=()))
+        count = _encode_count(text, encoding)
         if len(_counts) >= _CACHE_MAX_ENTRIES:
             _counts.clear()
         _counts[key] = count
     return count
+
+
+def _encode_count(text: str, encoding: tiktoken.Encoding) -> int:
+    if len(text) <= CHUNK_CHARS:
+        return len(encoding.encode(text, disallowed_special=()))
+    total = 0
+    start = 0
+    end_of_text = len(text)
+    while start < end_of_text:
+        end = min(start + CHUNK_CHARS, end_of_text)
+        if end < end_of_text:
+            space = text.rfind(" ", start + CHUNK_CHARS // 2, end)
+            if space > start:
+                end = space
+        total += len(encoding.encode(text[start:end], disallowed_special=()))
+        start = end
+    return total
 
 
 def preload(models: Iterable[str] = ()) -> None:
@@ -172,12 +196,48 @@ def _content_tokens(content: Any, enc: tiktoken.Encoding) -> int:
                 detail = (part.get("image_url") or {}).get("detail", "auto") if isinstance(part.get("image_url"), Mapping) else "auto"
                 total += IMAGE_LOW if detail == "low" else IMAGE_HIGH_DEFAULT
             elif kind == "input_audio":
-                # Audio is billed by duration, which we cannot know here; count its transcript-free payload as zero.
-                continue
+                total += _audio_tokens(part.get("input_audio"))
+            elif kind == "file":
+                total += _file_tokens(part.get("file"), enc)
             elif kind == "refusal":
                 total += count_text(str(part.get("refusal", "")), enc)
+            else:
+                # A part type this estimate does not know may still be billed as prompt: bound it by its text.
+                total += count_text(_compact_json(part), enc)
         return total
     return count_text(str(content), enc)
+
+
+# Bounds by size for content the gateway cannot count: the backend bills what it extracts from a file (text and page
+# images) or hears in audio. A file is assumed to be no denser than text (about 3 bytes per token, taken from the
+# decoded bytes); audio is billed at about 10 tokens a second, and no common encoding carries a second in fewer than
+# 800 bytes (8 kHz 8-bit PCM for wav) or 100 bytes (8 kbit/s for compressed formats).
+FILE_BYTES_PER_TOKEN = 3
+AUDIO_BYTES_PER_TOKEN = {"wav": 800, "pcm16": 800}
+COMPRESSED_AUDIO_BYTES_PER_TOKEN = 100
+FILE_MIN_TOKENS = 85  # an uploaded file (file_id) of unknown size: at least one page image
+
+
+def _base64_bytes(data: str) -> int:
+    payload = data.split(",", 1)[1] if data.startswith("data:") and "," in data else data
+    return len(payload) * 3 // 4
+
+
+def _audio_tokens(audio: Any) -> int:
+    if not isinstance(audio, Mapping) or not isinstance(audio.get("data"), str):
+        return 0
+    per_token = AUDIO_BYTES_PER_TOKEN.get(str(audio.get("format", "")), COMPRESSED_AUDIO_BYTES_PER_TOKEN)
+    return -(-_base64_bytes(audio["data"]) // per_token)
+
+
+def _file_tokens(file: Any, enc: tiktoken.Encoding) -> int:
+    if not isinstance(file, Mapping):
+        return 0
+    total = count_text(str(file.get("filename", "")), enc) if file.get("filename") else 0
+    data = file.get("file_data")
+    if isinstance(data, str):
+        return total + max(FILE_MIN_TOKENS, -(-_base64_bytes(data) // FILE_BYTES_PER_TOKEN))
+    return total + FILE_MIN_TOKENS
 
 
 def _tool_calls_tokens(calls: Any, enc: tiktoken.Encoding) -> int:
@@ -223,14 +283,20 @@ def _function_definition_tokens(function: Mapping[str, Any], enc: tiktoken.Encod
             if nested:
                 # Nested schemas (items, properties, ...) are rendered inline; count their JSON text.
                 total += count_text(_compact_json(nested), enc)
+    if isinstance(parameters, Mapping):
+        # Everything else in the schema ($defs, a description of the whole object, ...) reaches the model as text too.
+        rest = {k: v for k, v in parameters.items() if k not in ("type", "properties", "required")}
+        if rest:
+            total += count_text(_compact_json(rest), enc)
+    elif parameters is not None:
+        total += count_text(_compact_json(parameters), enc)
     total += func_end
     return total
 
 
 def _compact_json(value: Any) -> str:
-    import json
-
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+    # orjson: C speed, and the body was parsed by it so any value in it serialises (the depth is bounded at parse).
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
 def count_tools(tools: Any, enc: tiktoken.Encoding) -> int:
@@ -278,6 +344,14 @@ def count_chat_prompt(body: Mapping[str, Any], enc: tiktoken.Encoding) -> int:
     if tools:
         # When tools are present the system message gains a preamble, and the priming differs slightly.
         total += count_tools(tools, enc)
+    response_format = body.get("response_format")
+    if isinstance(response_format, Mapping) and response_format.get("type") not in (None, "text", "json_object"):
+        # A structured-output schema is given to the model as text: names, descriptions, $defs.
+        total += count_text(_compact_json(response_format), enc)
+    prediction = body.get("prediction")
+    if isinstance(prediction, Mapping):
+        # Predicted output is processed with the prompt, and what the model does not use is billed as completion.
+        total += _content_tokens(prediction.get("content"), enc)
     return total
 
 
@@ -295,7 +369,8 @@ def _inputs_tokens(value: Any, enc: tiktoken.Encoding) -> int:
 
 
 def count_completion_prompt(body: Mapping[str, Any], enc: tiktoken.Encoding) -> int:
-    return _inputs_tokens(body.get("prompt"), enc)
+    suffix = body.get("suffix")
+    return _inputs_tokens(body.get("prompt"), enc) + (count_text(suffix, enc) if isinstance(suffix, str) else 0)
 
 
 def count_embedding_input(body: Mapping[str, Any], enc: tiktoken.Encoding) -> int:

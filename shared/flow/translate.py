@@ -14,6 +14,7 @@ import orjson
 from shared.config import Backend
 from shared.edge.errors import GatewayError, bad_request, not_found
 from shared.flow import responses
+from shared.flow.jsonbody import parse_body as parse_body  # re-exported: the body is parsed with the route
 
 
 class Operation(Enum):
@@ -153,18 +154,6 @@ def check_api_version(query: Mapping[str, str]) -> str | None:
     return value
 
 
-def parse_body(raw: bytes) -> dict[str, Any]:
-    if not raw:
-        raise bad_request("The request body is empty; expected a JSON object.", code="invalid_json")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise bad_request("The request body is not valid JSON (UTF-8).", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise bad_request("The request body must be a JSON object.", code="invalid_json")
-    return body
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -178,6 +167,11 @@ class CallShape:
     client_wants_usage: bool
     max_tokens: int | None
     model_in_body: bool = False  # the backend reads the deployment from the body's model on every API (Responses)
+    choices: int = 1  # completions generated per request (n, best_of): each may run to max_tokens
+
+
+# The service's own bound on n (and best_of): a larger value is refused there, so it is refused here before admission.
+MAX_CHOICES = 128
 
 
 def check_body(route: Route, body: Mapping[str, Any]) -> CallShape:
@@ -234,8 +228,30 @@ def check_body(route: Route, body: Mapping[str, Any]) -> CallShape:
             continue
         if not _is_int(value) or value < 1:
             raise bad_request(f"'{name}' must be a positive integer.", param=name, code="invalid_type")
-        max_tokens = value if max_tokens is None else max_tokens
-    return CallShape(deployment, stream, wants_usage, max_tokens)
+        if max_tokens is not None:
+            # The service refuses both at once; admitting it at one of them would reserve for the other's cap.
+            raise bad_request(
+                "Setting 'max_tokens' and 'max_completion_tokens' at the same time is not supported.",
+                param="max_tokens", code="invalid_parameter_combination",
+            )
+        max_tokens = value
+    return CallShape(deployment, stream, wants_usage, max_tokens, choices=_choices(op, body))
+
+
+def _choices(op: Operation, body: Mapping[str, Any]) -> int:
+    """How many completions the backend generates (and bills) for one request: `n`, or `best_of` candidates."""
+    if op is Operation.EMBEDDINGS:
+        return 1
+    choices = 1
+    for name in ("n", "best_of") if op is Operation.COMPLETIONS else ("n",):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not _is_int(value) or not 1 <= value <= MAX_CHOICES:
+            raise bad_request(f"'{name}' must be an integer between 1 and {MAX_CHOICES}.", param=name,
+                              code="invalid_value")
+        choices = max(choices, value)
+    return choices
 
 
 def backend_url(backend: Backend, route: Route, deployment: str, api_version: str | None) -> str:

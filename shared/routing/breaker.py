@@ -150,6 +150,12 @@ class Breaker:
             return self._trip(now, reason, trip_s)
         return None
 
+    def trip(self, now: float, reason: str, trip_s: float) -> Transition | None:
+        """Take the backend out at once, whatever the failure count (a refused credential fails every request)."""
+        if self.state == OPEN and self.open_until >= now + trip_s:
+            return None
+        return self._trip(now, reason, trip_s)
+
     def _trip(self, now: float, reason: str, trip_s: float) -> Transition:
         self.state = OPEN
         self.open_until = now + trip_s

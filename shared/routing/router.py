@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # How long a backend's reported remaining capacity is trusted for skipping it.
 CAPACITY_FRESH_S = 2.0
+# A backend that refuses the gateway's credential stays out at least this long (a key or role is not fixed in seconds).
+AUTH_TRIP_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,20 @@ class Router:
         if transition is not None:
             self._transitioned(backend, deployment, transition)
 
+    def record_auth_failure(self, backend: Backend, deployment: str, status: int) -> None:
+        """The backend refused the gateway's own credential (401) or role (403): it fails every request until someone
+        fixes it, so it is taken out at once, for at least a minute, and named in the log (never the credential)."""
+        now = self._clock.now()
+        breaker = self._breakers[(backend.id, deployment)]
+        trip_s = min(max(breaker.rule.trip_s, AUTH_TRIP_S), breaker.rule.max_trip_s)
+        log.error(
+            "backend %s (%s, %s) refused the gateway's credential with HTTP %d: check its key or role assignment; "
+            "failing over to the others", backend.id, backend.region, deployment, status,
+        )
+        transition = breaker.trip(now, str(status), trip_s)
+        if transition is not None:
+            self._transitioned(backend, deployment, transition)
+
     def record_error(self, backend: Backend, deployment: str, kind: str) -> None:
         now = self._clock.now()
         breaker = self._breakers[(backend.id, deployment)]
@@ -221,15 +237,26 @@ class Router:
 
     # ---- when nothing answered ------------------------------------------------------------------------------------
 
-    def exhausted(self, deployment: str, failures: list[str]) -> GatewayError:
+    def exhausted(
+        self, deployment: str, failures: list[str], asked: Mapping[str, float] | None = None
+    ) -> GatewayError:
         """The answer when no candidate served the request: 429 if they are all throttled, else 503 (or 502/504 when
-        every attempt failed by connection error, a broken body or a timeout), with Retry-After = until the soonest recovery."""
+        every attempt failed by connection error, a broken body or a timeout), with Retry-After = until the soonest
+        recovery. `asked` holds, per backend tried, when it said it would serve again (its Retry-After): a client that
+        waits what it is told must find a backend ready, so no backend counts as ready before it said so."""
         now = self._clock.now()
+        asked = asked or {}
         serving = [b for b in self._backends if b.serves(deployment)]
         breakers = [self._breakers[(b.id, deployment)] for b in serving]
         open_breakers = [br for br in breakers if br.state == OPEN]
-        soonest = min((br.open_until for br in open_breakers), default=now + 1.0)
-        wait_ms = max(1, math.ceil(round((soonest - now) * 1000, 3)))  # round first: float noise must not add a ms
+        ready: list[float] = []
+        for backend, breaker in zip(serving, breakers, strict=True):
+            at = max(breaker.open_until if breaker.state == OPEN else 0.0, asked.get(backend.id, 0.0))
+            if at > now:
+                ready.append(at)
+        soonest = min(ready, default=now + 1.0)
+        # Rounded up, never down, after removing float noise (which must not add a millisecond).
+        wait_ms = max(1, math.ceil(round((soonest - now) * 1000, 3)))
         headers = {"retry-after": str(max(1, math.ceil(wait_ms / 1000))), "retry-after-ms": str(wait_ms)}
         throttled = bool(failures) and all(f == "429" for f in failures)
         if not failures:
@@ -242,6 +269,9 @@ class Router:
                 code="backends_busy",
                 headers=headers,
             )
+        if failures and all(f in ("401", "403") for f in failures):
+            return GatewayError(502, "The gateway could not authenticate to the backend.", type="server_error",
+                                code="backend_auth_failed")
         if failures and all(f == "timeout" for f in failures):
             return GatewayError(504, "The backend did not answer in time.", type="server_error", code="backend_timeout")
         if failures and all(f == "broken" for f in failures):

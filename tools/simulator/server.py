@@ -191,6 +191,12 @@ async def inject(region: Region, request: web.Request, fault: Fault, streaming: 
                            {"retry-after": "1"})
     if kind == "reset":
         return drop(request)
+    if kind == "401":  # the gateway's key was rotated away
+        return azure_error(region, 401, "401", ACCESS_DENIED)
+    if kind == "403":  # the gateway's identity lost its role on the resource
+        return azure_error(region, 403, "PermissionDenied",
+                           "The principal lacks the required data action "
+                           "'Microsoft.CognitiveServices/accounts/OpenAI/deployments/chat/completions/action'.")
     if kind == "timeout":
         await asyncio.sleep(fault.delay)
         return azure_error(region, 504, "Timeout", "The operation was timeout.")

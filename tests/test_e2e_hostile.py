@@ -1,0 +1,156 @@
+"""Hostile and long requests end to end (issue 13): reservations that count every choice, bad JSON, backends that
+refuse the gateway's credential, and Retry-After that is never shorter than what the regions said."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import unique
+from tests.e2e import Stack
+from tools import stack
+
+pytestmark = pytest.mark.e2e
+MINI = "gpt-4o-mini"
+MESSAGES = [{"role": "user", "content": "Say something."}]
+
+
+def client(url: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+
+
+def own_regions(e2e: Stack, **options: object) -> list[stack.Region]:
+    tag = unique("hostile")
+    return [stack.Region(f"{tag}-{sim.region.id}", sim.region.region, sim.region.port, priority=sim.region.priority,
+                         **options) for sim in e2e.simulators]  # type: ignore[arg-type]
+
+
+def backend_requests(e2e: Stack) -> int:
+    return sum(sim.stats()["requests"] for sim in e2e.simulators)
+
+
+# ---- reservations -------------------------------------------------------------------------------------------------
+
+
+def test_n_choices_without_max_tokens_are_reserved_for_every_choice(fresh_sims: Stack) -> None:
+    e2e = fresh_sims
+    # The default completion reservation is 1024 tokens; four choices need more than this key's whole minute.
+    key = e2e.create_consumer(unique("n-choices"), tpm=4000)
+    c = client(e2e.url, key)
+    with pytest.raises(openai.RateLimitError) as refused:
+        c.chat.completions.create(model=MINI, messages=MESSAGES, n=4)
+    assert refused.value.code == "tokens_exceed_limit"
+    with pytest.raises(openai.RateLimitError):
+        c.chat.completions.create(model=MINI, messages=MESSAGES, n=3, max_tokens=1500)
+    assert backend_requests(e2e) == 0
+    # One choice fits, and is served.
+    assert c.chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=20).choices
+
+
+def test_both_output_caps_are_refused_before_admission(fresh_sims: Stack) -> None:
+    e2e = fresh_sims
+    key = e2e.create_consumer(unique("both-caps"), tpm=100_000)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(e2e.url, key).chat.completions.create(
+            model=MINI, messages=MESSAGES, max_completion_tokens=10, max_tokens=90_000
+        )
+    assert refused.value.code == "invalid_parameter_combination"
+    assert backend_requests(e2e) == 0
+
+
+# ---- bad JSON -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [100, 1_000])
+def test_deeply_nested_json_is_400_and_the_stream_is_never_started(fresh_sims: Stack, depth: int) -> None:
+    e2e = fresh_sims
+    key = e2e.create_consumer(unique("deep"), tpm=100_000)
+    nested = "[" * depth + "]" * depth
+    for stream in ("false", "true"):
+        raw = (f'{{"model":"{MINI}","stream":{stream},"messages":[{{"role":"user","content":"x"}}],'
+               f'"tools":[{{"type":"function","function":{{"name":"f","parameters":{{"properties":{{"a":{{"items":{nested}}}}}}}}}}}]}}')
+        response = httpx.post(e2e.url + "/v1/chat/completions", content=raw.encode(),
+                              headers={"api-key": key, "content-type": "application/json"}, timeout=30)
+        assert response.status_code == 400, response.text[:200]
+        assert response.json()["error"]["code"] == "invalid_json"
+    assert backend_requests(e2e) == 0
+
+
+def test_a_repeated_key_is_400_so_no_backend_reads_another_request(fresh_sims: Stack) -> None:
+    e2e = fresh_sims
+    key = e2e.create_consumer(unique("dupkey"), tpm=2000)
+    # Admitted at max_tokens 10 by a last-key reader, generated at 100000 by a first-key reader.
+    raw = (f'{{"model":"{MINI}","max_tokens":100000,"messages":[{{"role":"user","content":"x"}}],"max_tokens":10}}').encode()
+    response = httpx.post(e2e.url + "/v1/chat/completions", content=raw,
+                          headers={"api-key": key, "content-type": "application/json"}, timeout=30)
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "message": response.json()["error"]["message"], "type": "invalid_request_error", "param": None,
+        "code": "duplicate_key",
+    }
+    assert backend_requests(e2e) == 0
+
+
+# ---- backends that refuse the gateway -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", ["401", "403"])
+def test_a_backend_refusing_the_gateways_credential_is_taken_out_and_failed_over(
+    fresh_sims: Stack, gateway_factory: Callable[..., stack.Child], status: str
+) -> None:
+    e2e = fresh_sims
+    regions = own_regions(e2e)
+    gateway = gateway_factory(regions=regions)
+    key = e2e.create_consumer(unique("auth-fail"), tpm=1_000_000)
+    ptu = e2e.simulators[0]
+    ptu.fault(status, count=-1, deployment=MINI)
+    c = client(gateway.url, key)
+    for _ in range(5):
+        raw = c.chat.completions.with_raw_response.create(model=MINI, messages=MESSAGES, max_tokens=5)
+        assert raw.headers["x-gateway-backend"] != regions[0].id
+    # Out after its first refusal: later requests went straight to the others.
+    assert ptu.stats()["by_status"].get(status) == 1
+    health = httpx.get(gateway.url + "/health").json()
+    first = next(b for b in health["backends"] if b["id"] == regions[0].id)
+    assert first["deployments"][MINI]["state"] == "open" and first["deployments"][MINI]["reason"] == status
+    assert first["deployments"][MINI]["recovers_in_s"] > 50
+    log = gateway.log()
+    assert regions[0].id in log and "credential" in log
+    assert stack.SIM_API_KEY not in log
+
+
+def test_every_backend_refusing_the_gateway_is_502_backend_auth_failed(
+    fresh_sims: Stack, gateway_factory: Callable[..., stack.Child]
+) -> None:
+    e2e = fresh_sims
+    gateway = gateway_factory(regions=own_regions(e2e))
+    key = e2e.create_consumer(unique("auth-all"), tpm=1_000_000)
+    for sim in e2e.simulators:
+        sim.fault("401", count=-1, deployment=MINI)
+    with pytest.raises(openai.APIStatusError) as failed:
+        client(gateway.url, key).chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=5)
+    assert failed.value.status_code == 502 and failed.value.code == "backend_auth_failed"
+
+
+# ---- Retry-After ----------------------------------------------------------------------------------------------------
+
+
+def test_retry_after_is_never_shorter_than_what_the_regions_said(
+    fresh_sims: Stack, gateway_factory: Callable[..., stack.Child]
+) -> None:
+    e2e = fresh_sims
+    # Breakers that need three failures to trip: a single 429 leaves them closed, so only the regions' own
+    # Retry-After (2.5 s) says when they serve again.
+    gateway = gateway_factory(regions=own_regions(e2e, breaker={"failures": 3}))
+    key = e2e.create_consumer(unique("retry-after"), tpm=1_000_000)
+    for sim in e2e.simulators:
+        sim.fault("429", count=1, deployment=MINI, delay_s=2.5)
+    with pytest.raises(openai.RateLimitError) as refused:
+        client(gateway.url, key).chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=5)
+    headers = refused.value.response.headers
+    assert refused.value.code == "backends_busy"
+    assert int(headers["retry-after"]) == 3
+    assert 2_000 < int(headers["retry-after-ms"]) <= 2_500
