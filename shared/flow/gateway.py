@@ -312,8 +312,9 @@ class Gateway:
         if router.is_failure(backend, response.status):
             asked = retry_after_s(response.headers, self.s.clock.now())
             if asked is not None:
+                # Capped like the breaker's trip: past that the gateway tries the backend again anyway.
                 call.asked = call.asked or {}
-                call.asked[backend.id] = self.s.clock.now() + asked
+                call.asked[backend.id] = self.s.clock.now() + min(asked, backend.breaker.max_trip_s)
             router.record_failure(backend, deployment, response.status, response.headers)
             failures.append(str(response.status))
             response.release()
