@@ -152,3 +152,49 @@ def test_entity_round_trip() -> None:
     report(ledger, None, {S: {bucket_expiry(int(T0 * 1000)): 7}}, None, None, 0, 0, 0, T0)
     again = Ledger.from_entity(ledger.to_entity())
     assert again == ledger
+
+
+def test_a_holding_moves_to_when_usage_is_learnt() -> None:
+    from shared.limits.ledger import Holding
+
+    now_ms = int(T0 * 1000)
+    e0 = bucket_expiry(now_ms)
+    holding = Holding(600, e0)
+    # 30 s in, 150 tokens delivered: they are charged now, and the unused 450 of the reservation move with them.
+    step = holding.step(150, now_ms + 30_000, final=False)
+    e1 = bucket_expiry(now_ms + 30_000)
+    assert step == {e0: -600, e1: 600}
+    assert (holding.hold, holding.served) == (450, 150)
+    # 85 s in: the admission bucket has left the window; only the newer buckets matter.
+    step = holding.step(700, now_ms + 85_000, final=False)
+    e2 = bucket_expiry(now_ms + 85_000)
+    assert step == {e1: -450, e2: 550}
+    assert (holding.hold, holding.served) == (0, 700)
+    # The end: what was reported beyond what was charged is charged now, nothing is held any more.
+    step = holding.step(720, now_ms + 95_000, final=True)
+    assert step == {bucket_expiry(now_ms + 95_000): 20}
+
+
+def test_a_holding_settled_once_refunds_the_unused_reservation_and_charges_the_usage_at_settle_time() -> None:
+    from shared.limits.ledger import Holding
+
+    now_ms = int(T0 * 1000) + 1
+    e0 = bucket_expiry(now_ms)
+    assert Holding(1000, e0).step(300, now_ms + 200, final=True) == {e0: -700}  # the same bucket
+    late = bucket_expiry(now_ms + 70_000)
+    assert Holding(100, e0).step(900, now_ms + 70_000, final=True) == {late: 900}
+
+
+def test_usage_of_an_ended_quota_period_is_carried_into_the_current_one() -> None:
+    from shared.limits.ledger import begin_period
+
+    hour = 3600 * (int(T0) // 3600)
+    quota = Quota(10_000, "hourly")
+    ledger = Ledger()
+    claim(ledger, "a:1", {S: 100}, {S: 100}, {S: 0}, quota, hour + 3599.5, 2000)
+    assert ledger.quota_used == 100
+    old_key = ledger.quota_key
+    begin_period(ledger, quota, hour + 3601)
+    assert ledger.quota_key > old_key and ledger.quota_used == 0
+    report(ledger, "a:1", {S: {bucket_expiry(int((hour + 3601) * 1000)): 900}}, None, old_key, 900, 100, 0, hour + 3601)
+    assert ledger.quota_used == 800

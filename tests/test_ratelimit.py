@@ -265,3 +265,86 @@ async def test_losing_every_write_to_other_instances_is_not_a_store_outage() -> 
         await lim.admit(consumer(tpm=1000), DEPLOYMENT, 100)
     assert caught.value.status == 429
     assert lim.fallback_admissions == 0 and lim.contended > 0
+
+
+# ---- what is learnt late is charged when it is learnt (issue 13) ---------------------------------------------------
+
+
+async def settle_and_sync(lim: TokenLimiter, clock: FakeClock) -> None:
+    clock.advance(5)  # idle past the lease lifetime: the next ticks release the lease with its usage
+    await lim.tick()
+    await lim.tick()
+
+
+async def test_an_overrun_learnt_after_a_minute_is_charged_to_the_next_minute() -> None:
+    clock = FakeClock()
+    store = MemoryLedgerStore()
+    lim = limiter(store, clock)
+    c = consumer(tpm=1000)
+    ticket = await lim.admit(c, DEPLOYMENT, 100)
+    clock.advance(70)  # a long generation: its admission bucket has left the window
+    ticket.settle(900)
+    await settle_and_sync(lim, clock)
+    ledger, _ = await store.read("team-a")
+    assert ledger.occupancy(CONSUMER_SCOPE, int(clock.now() * 1000)) == 900
+    with pytest.raises(GatewayError) as refused:
+        await lim.admit(c, DEPLOYMENT, 200)
+    assert refused.value.status == 429
+
+
+async def test_a_stream_settled_as_it_goes_stays_in_the_window_while_it_runs() -> None:
+    clock = FakeClock()
+    store = MemoryLedgerStore()
+    lim = limiter(store, clock)
+    c = consumer(tpm=1000)
+    ticket = await lim.admit(c, DEPLOYMENT, 600)  # prompt 100 + a cap of 500
+    delivered = 100
+    for _ in range(40):  # three minutes of a slow stream, a step every 4.5 s
+        clock.advance(4.5)
+        delivered += 5
+        ticket.progress(delivered)
+        await lim.tick()
+    # 180 s after admission, the stream's last minute (65 tokens) and the unused part of its reservation (300) are
+    # in the window: what fits beside them is admitted, and not a token more.
+    other = await lim.admit(c, DEPLOYMENT, 600)
+    other.settle(600)
+    with pytest.raises(GatewayError):
+        await lim.admit(c, DEPLOYMENT, 100)
+
+    async def occupancy() -> int:
+        await settle_and_sync(lim, clock)
+        ledger, _ = await store.read("team-a")
+        return ledger.occupancy(CONSUMER_SCOPE, int(clock.now() * 1000))
+
+    before = await occupancy()
+    # Going past the reservation (600) is charged while the stream runs, not only at its end. (Each check moves the
+    # clock 5 s, so one or two steps of the stream's oldest 5 tokens may leave the window meanwhile.)
+    ticket.progress(900)
+    after = await occupancy()
+    assert before + 300 - 10 <= after <= before + 300
+    ticket.settle(950)
+    assert after + 50 - 10 <= await occupancy() <= after + 50
+
+
+async def test_usage_settled_just_after_the_quota_period_resets_is_charged_to_the_new_period() -> None:
+    hour_end = 1_700_000_000 - 1_700_000_000 % 3600 + 3600
+    clock = FakeClock(start=hour_end - 1.0)
+    store = MemoryLedgerStore()
+    lim = limiter(store, clock)
+    c = consumer(tpm=0, quota=100_000, period="hourly")
+    ticket = await lim.admit(c, DEPLOYMENT, 100)
+    held, _ = await store.read("team-a")
+    old_hour = held.quota_used  # what the old hour counted: the instance's lease, at least the 100 reserved
+    assert old_hour >= 100
+    clock.advance(3)  # the hour turns while the request runs
+    ticket.settle(5_000)
+    await settle_and_sync(lim, clock)
+    ledger, _ = await store.read("team-a")
+    # What the old hour did not count is charged to the new hour, never dropped.
+    assert ledger.quota_key == time_key(hour_end) and ledger.quota_used == 5_000 - old_hour
+
+
+def time_key(t: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%dT%H", time.gmtime(t))

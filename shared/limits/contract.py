@@ -8,12 +8,17 @@ from shared.edge.consumers import Consumer
 
 
 class Ticket(Protocol):
-    """An admitted request's reservation; settled exactly once with the tokens it really cost."""
+    """An admitted request's reservation; settled exactly once with the tokens it really cost.
+
+    What is learnt is charged to the window at the time it is learnt: `progress` while a stream runs (the tokens
+    delivered so far, prompt included), `settle` once at the end. Neither refunds what an earlier call charged."""
 
     @property
     def headers(self) -> dict[str, str]:
         """The consumer's own rate-limit headers."""
         ...
+
+    def progress(self, tokens_so_far: int) -> None: ...
 
     def settle(self, actual_tokens: int) -> None: ...
 
@@ -32,6 +37,9 @@ class UnlimitedTicket:
     @property
     def headers(self) -> dict[str, str]:
         return {}
+
+    def progress(self, tokens_so_far: int) -> None:
+        pass
 
     def settle(self, actual_tokens: int) -> None:
         pass

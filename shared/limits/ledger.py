@@ -127,6 +127,45 @@ class Ledger:
         )
 
 
+@dataclass
+class Holding:
+    """What one admitted request occupies in its consumer's window, moved along as its usage becomes known.
+
+    Admission holds the reservation in the admission bucket. When usage is learnt (every few seconds of a stream, or
+    once at the end), the tokens served since the last step are charged to the bucket of *now*, so they occupy the
+    window for the next 60 s, and what is left of the reservation moves to now too: a stream that runs for minutes is
+    inside the window while it runs, and an overrun learnt after a minute is still paid for by the next one."""
+
+    hold: int  # reservation not yet used by served tokens
+    hold_expiry: int  # bucket (expiry ms) the hold sits in
+    served: int = 0  # tokens charged as served so far
+
+    def step(self, total: int, now_ms: int, final: bool) -> dict[int, int]:
+        """Window changes (bucket expiry -> tokens, possibly negative) once `total` tokens are known to be used by now.
+        `final`: the request is over, nothing more is held. Changes to buckets already out of the window are left
+        out: they no longer occupy anything."""
+        now_bucket = bucket_expiry(now_ms)
+        changes: dict[int, int] = {}
+
+        def add(expiry: int, tokens: int) -> None:
+            if tokens and expiry > now_ms:
+                changes[expiry] = changes.get(expiry, 0) + tokens
+
+        new = max(0, total - self.served)
+        if final:
+            remaining = 0
+        else:
+            remaining = max(0, self.hold - new)
+        if not new and remaining == self.hold and self.hold_expiry == now_bucket:
+            return changes
+        add(self.hold_expiry, -self.hold)
+        add(now_bucket, new + remaining)
+        self.served += new
+        self.hold = remaining
+        self.hold_expiry = now_bucket
+        return {e: t for e, t in changes.items() if t}
+
+
 @dataclass(frozen=True)
 class Quota:
     limit: int
@@ -231,6 +270,16 @@ def claim(
     return Grant(granted, quota_tokens, refused)
 
 
+def begin_period(ledger: Ledger, quota: Quota | None, now_s: float) -> None:
+    """Move the ledger's quota to the period containing `now_s` before anything is reported in it, so usage of the
+    period that just ended is carried over by `report` instead of being added to a period about to be reset."""
+    if quota is None or quota.limit <= 0:
+        return
+    key, _ = quota_period(quota.period, now_s)
+    if key > ledger.quota_key:
+        ledger.quota_key, ledger.quota_used = key, 0
+
+
 def report(
     ledger: Ledger,
     lease_id: str | None,
@@ -261,6 +310,11 @@ def report(
         before = lease.quota_tokens if lease is not None else (quota_hold_before if lease_id else 0)
         after = quota_hold_after if (lease_id and keep is not None) else 0
         ledger.quota_used = max(0, ledger.quota_used + quota_spent - before + after)
+    elif quota_key and quota_key < ledger.quota_key:
+        # Usage of a period that has ended, learnt after the reset (a long generation settled, a late correction). That
+        # period counted the lease's hold; what goes beyond it was never charged anywhere: it is charged to this one.
+        before = lease.quota_tokens if lease is not None else (quota_hold_before if lease_id else 0)
+        ledger.quota_used += max(0, quota_spent - before)
     if lease_id:
         if keep is None:
             ledger.leases.pop(lease_id, None)

@@ -34,9 +34,11 @@ from shared.limits.ledger import (
     CONSUMER_SCOPE,
     WINDOW_MS,
     Grant,
+    Holding,
     Ledger,
     Quota,
     Refusal,
+    begin_period,
     bucket_expiry,
     claim,
     quota_period,
@@ -94,7 +96,7 @@ class Budget:
 
 
 class LimitTicket:
-    __slots__ = ("_limiter", "_budget", "_lease", "_limits", "_scopes", "_expiry", "_reserved", "_quota_key", "_settled")
+    __slots__ = ("_limiter", "_budget", "_lease", "_limits", "_scopes", "_holding", "_quota_key", "_settled")
 
     def __init__(
         self, limiter: TokenLimiter, budget: Budget, lease: LeaseState | None, limits: Scopes,
@@ -105,8 +107,7 @@ class LimitTicket:
         self._lease = lease
         self._limits = limits
         self._scopes = limits.names
-        self._expiry = expiry
-        self._reserved = reserved
+        self._holding = Holding(reserved, expiry)
         self._quota_key = quota_key
         self._settled = False
 
@@ -115,11 +116,15 @@ class LimitTicket:
         """The consumer's own x-ratelimit-* values, as this instance sees them now."""
         return self._limiter._headers(self._budget, self._limits)
 
+    def progress(self, tokens_so_far: int) -> None:
+        if not self._settled:
+            self._limiter._charge(self, tokens_so_far, final=False)
+
     def settle(self, actual_tokens: int) -> None:
         if self._settled:
             return
         self._settled = True
-        self._limiter._settle(self, actual_tokens)
+        self._limiter._charge(self, actual_tokens, final=True)
 
 
 UNLIMITED = UnlimitedTicket()
@@ -252,15 +257,23 @@ class TokenLimiter:
         self.fallback_admissions += 1
         return LimitTicket(self, budget, None, scopes, expiry, reserve, held.pending_quota_key)
 
-    def _settle(self, ticket: LimitTicket, actual: int) -> None:
-        delta = actual - ticket._reserved
-        if delta == 0:
+    def _charge(self, ticket: LimitTicket, total: int, final: bool) -> None:
+        """What a request is known to have used by now goes into the window *now* (see Holding): an overrun learnt
+        late is paid for by the next 60 s, not lost in a bucket that has already left the window."""
+        changes = ticket._holding.step(total, int(self._clock.now() * 1000), final)
+        if not changes:
             return
-        budget = ticket._budget
-        budget.held.settle(ticket._lease, ticket._scopes, ticket._expiry, delta, ticket._quota_key, self._clock.monotonic())
-        if ticket._lease is None:
-            budget.fallback.settle(ticket._scopes, ticket._expiry, delta)
-        budget.pace.corrected(delta)
+        # A request can outlive its consumer's state here (forgotten after a minute without admissions): its usage
+        # goes to the consumer's current state, registered again if need be, so it is written, never dropped.
+        budget = self._budgets.setdefault(ticket._budget.consumer_id, ticket._budget)
+        if budget is not ticket._budget:
+            ticket._budget, ticket._lease = budget, None
+        mono = self._clock.monotonic()
+        for expiry, delta in changes.items():
+            budget.held.settle(ticket._lease, ticket._scopes, expiry, delta, ticket._quota_key, mono)
+            if ticket._lease is None:
+                budget.fallback.settle(ticket._scopes, expiry, delta)
+        budget.pace.corrected(sum(changes.values()))
 
     def _headers(self, budget: Budget, scopes: Scopes) -> dict[str, str]:
         headers: dict[str, str] = {}
@@ -324,6 +337,7 @@ class TokenLimiter:
         grants: list[Grant | None] = [None]
 
         def change(ledger: Ledger, at: float) -> bool:
+            begin_period(ledger, quota, at)
             out.report(ledger, at)
             grant = grants[0] = claim(ledger, lease_id, needs, wants, budget.limits, quota, at, lifetime_ms) if wants else None
             # Refused and nothing to report: no write.
@@ -404,7 +418,8 @@ class TokenLimiter:
                 bool(held.pending) and mono - held.pending_since > PENDING_GRACE_S
             )
             if not (renew or flush):
-                if lease is None and idle and mono - budget.pace.last_admit_mono > WINDOW_MS / 1000:
+                if (lease is None and idle and mono - budget.pace.last_admit_mono > WINDOW_MS / 1000
+                        and not held.pending and held.closing is None):
                     del self._budgets[consumer_id]
                 continue
             if budget.fallback.active(now):
