@@ -98,6 +98,11 @@ class Settings:
     metric_namespace: str = "openai"
     metric_dimensions: tuple[str, ...] = DEFAULT_METRIC_DIMENSIONS
     record_content: bool = False
+    client_ip_mode: str = "truncated"  # truncated (/24, /48) | raw | omit
+    user_id_mode: str = "capped"  # capped (validated, <= 64) | hashed (keyed) | raw | omit
+    user_id_hash_key: str | None = field(default=None, repr=False)
+    metric_series_max: int = 5000
+    metric_series_idle_s: float = 600.0
     trace_sampling: float | None = None  # a share of requests to trace; None: at most traces_per_second
     traces_per_second: float = 10.0
     gc_tuning: bool = True
@@ -133,6 +138,13 @@ def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int, m
     if value != int(value):
         raise ConfigError(f"{name}: expected a whole number, got {value:g}")
     return int(value)
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = (_get(env, name) or default).lower()
+    if value not in allowed:
+        raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+    return value
 
 
 def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -378,6 +390,11 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
     if not re.match(r"^[a-z0-9-]{1,64}$", user_header):
         raise ConfigError(f"GATEWAY_USER_ID_HEADER: not a header name: {user_header!r}")
     gateway_id = _get(env, "GATEWAY_ID") or _get(env, "WEBSITE_SITE_NAME") or "gateway"
+    ip_mode = _choice(env, "GATEWAY_CLIENT_IP", "truncated", ("truncated", "raw", "omit"))
+    user_mode = _choice(env, "GATEWAY_USER_ID", "capped", ("capped", "hashed", "raw", "omit"))
+    hash_key = _get(env, "GATEWAY_USER_ID_HASH_KEY")
+    if user_mode == "hashed" and (hash_key is None or len(hash_key) < 16):
+        raise ConfigError("GATEWAY_USER_ID_HASH_KEY: GATEWAY_USER_ID=hashed needs a secret of at least 16 characters")
     return Settings(
         backends=parse_backends(_get(env, "GATEWAY_BACKENDS"), env)
         if require_backends or _get(env, "GATEWAY_BACKENDS")
@@ -399,6 +416,11 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         metric_namespace=_get(env, "GATEWAY_METRIC_NAMESPACE") or "openai",
         metric_dimensions=_dimensions(env),
         record_content=_boolean(env, "GATEWAY_RECORD_CONTENT", False),
+        client_ip_mode=ip_mode,
+        user_id_mode=user_mode,
+        user_id_hash_key=hash_key,
+        metric_series_max=_integer(env, "GATEWAY_METRIC_SERIES_MAX", 5000, minimum=10, maximum=1_000_000),
+        metric_series_idle_s=_number(env, "GATEWAY_METRIC_SERIES_IDLE_S", 600.0, minimum=1, maximum=86400),
         trace_sampling=(
             _number(env, "GATEWAY_TRACE_SAMPLING", 1.0, minimum=0.0, maximum=1.0)
             if _get(env, "GATEWAY_TRACE_SAMPLING") is not None

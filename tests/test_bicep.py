@@ -64,6 +64,11 @@ LEFT_AT_DEFAULT = {
     "GATEWAY_TRACE_SAMPLING",
     "GATEWAY_TRACES_PER_SECOND",
     "GATEWAY_GC_TUNING",
+    "GATEWAY_CLIENT_IP",
+    "GATEWAY_USER_ID",
+    "GATEWAY_USER_ID_HASH_KEY",
+    "GATEWAY_METRIC_SERIES_MAX",
+    "GATEWAY_METRIC_SERIES_IDLE_S",
     # Prompts and completions are never recorded unless this is set; the deployment keeps it off.
     "GATEWAY_RECORD_CONTENT",
 }

@@ -96,7 +96,7 @@ def test_token_metrics_are_exact_with_apim_names_and_dimensions_and_nothing_leav
     assert ("azure-openai", "ChatCompletions_Create", "uksouth-ptu", "uksouth") in seen
     assert ("openai-v1", "Embeddings_Create", "uksouth-ptu", "uksouth") in seen
     assert {b for _, _, b, _ in seen} >= {"uksouth-ptu"} and ({"sweden", "france"} & {b for _, _, b, _ in seen})
-    assert {p[names.CLIENT_IP] for *_, p in points} == {"127.0.0.1"}
+    assert {p[names.CLIENT_IP] for *_, p in points} == {"127.0.0.0"}  # truncated to /24 by default
     assert {p[names.USER_ID] for *_, p in points} == {"alice", "bob"}
     assert {p[names.MODEL] for *_, p in points} >= {"gpt-4o-mini-2024-07-18", "text-embedding-3-small"}
 
@@ -121,3 +121,77 @@ def test_token_metrics_are_exact_with_apim_names_and_dimensions_and_nothing_leav
     assert MESSAGES[0]["content"] not in text and key not in text  # no prompt text, no key
 
     assert not netlog.exists() or netlog.read_text() == "", netlog.read_text()
+
+
+def _points(capture: Capture) -> list[tuple[str, str | None, float, dict[str, str]]]:
+    """(name, namespace, value, dimensions) of every exported metric point."""
+    found = []
+    for envelope in capture.items("MetricData"):
+        data = envelope["data"]["baseData"]
+        for point in data.get("metrics", []):
+            found.append((point["name"], point.get("ns"), float(point["value"]), data.get("properties", {})))
+    return found
+
+
+def test_export_lands_in_the_namespace_with_real_result_codes_bounded_series_and_no_idle_points(
+    fresh_sims: Stack, capture: Capture, gateway_factory: Callable[..., stack.Child]
+) -> None:
+    e2e = fresh_sims
+    gateway = gateway_factory(extra={
+        "APPLICATIONINSIGHTS_CONNECTION_STRING": capture.connection_string,
+        "OTEL_METRIC_EXPORT_INTERVAL": "300",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "GATEWAY_TRACE_SAMPLING": "1",
+        "GATEWAY_METRIC_SERIES_MAX": "10",
+    })
+    spray, tiny = unique("spray"), unique("tiny")
+    spray_key = e2e.create_consumer(spray, tpm=10_000_000)
+    tiny_key = e2e.create_consumer(tiny, tpm=20)
+    consumed = 0
+    for i in range(40):  # one client varies x-user-id on every request
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=spray_key, max_retries=0,
+                               default_headers={"x-user-id": f"user-{i}@example.com"})
+        raw = client.embeddings.with_raw_response.create(model="text-embedding-3-small", input=f"text {i}")
+        consumed += int(raw.headers["x-gateway-tokens-consumed"])
+    limited = openai.OpenAI(base_url=gateway.url + "/v1", api_key=tiny_key, max_retries=0)
+    with pytest.raises(openai.RateLimitError):
+        limited.chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=50)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=gateway.url + "/v1", api_key="gw-wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError):
+        openai.OpenAI(base_url=gateway.url + "/v1", api_key=spray_key, max_retries=0).chat.completions.create(
+            model="no-such-deployment", messages=MESSAGES)
+
+    wait_for(lambda: capture.total(names.TOTAL_TOKENS, **{names.SUBSCRIPTION_ID: spray}) >= consumed)
+    wait_for(lambda: {"429", "401", "404"} <= {r["data"]["baseData"]["responseCode"] for r in capture.items("RequestData")})
+    wait_for(lambda: capture.total(names.GATEWAY_REQUESTS, **{names.SUBSCRIPTION_ID: spray}) >= 41)
+    wait_for(lambda: capture.total(names.GATEWAY_REQUESTS, **{names.SUBSCRIPTION_ID: tiny}) >= 1)
+    time.sleep(0.4)
+    settled = len(_points(capture))
+    time.sleep(1.5)  # five export intervals without traffic
+    points = _points(capture)
+    assert len(points) == settled, points[settled:]  # idle series are not re-exported
+    # (the exporter sends its own `_OTELRESOURCE_` marker, value 0, with each batch of spans)
+    assert [p for p in points if p[2] <= 0 and p[0] != "_OTELRESOURCE_"] == []
+
+    # Token metrics land in the configured namespace (default "openai", as in API Management's labs).
+    assert {ns for name, ns, _, _ in points if name == names.TOTAL_TOKENS} == {"openai"}
+    # Series pressure: exact totals, the consumer kept on every point, user and address given up first.
+    spray_points = [(v, d) for name, _, v, d in points if name == names.TOTAL_TOKENS and d.get(names.SUBSCRIPTION_ID) == spray]
+    assert sum(v for v, _ in spray_points) == consumed
+    assert "(other)" in {d[names.USER_ID] for _, d in spray_points}
+    assert all(d[names.SUBSCRIPTION_ID] not in ("overflow", "(other)", "") for name, _, _, d in points
+               if name == names.TOTAL_TOKENS)
+    assert {d[names.CLIENT_IP] for _, d in spray_points} <= {"127.0.0.0", "(other)"}  # truncated to /24
+
+    # Requests carry real result codes, success false from 400, method and route; no query string.
+    requests = {r["data"]["baseData"]["responseCode"]: r["data"]["baseData"] for r in capture.items("RequestData")}
+    assert requests["200"]["success"] is True
+    for code in ("429", "401", "404"):
+        assert requests[code]["success"] is False, requests[code]
+    assert requests["429"]["name"] == "POST /v1/chat/completions"
+    assert "?" not in str([r.get("url", "") for r in requests.values()])
+    # Dependencies name their backend host and port, never "host:None".
+    targets = {d["data"]["baseData"].get("target") for d in capture.items("RemoteDependencyData")}
+    ports = {str(sim.region.port) for sim in e2e.simulators}
+    assert targets and all(t and t.startswith("127.0.0.1:") and t.split(":")[1] in ports for t in targets), targets

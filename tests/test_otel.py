@@ -5,17 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from azure.monitor.opentelemetry.exporter.export.metrics._exporter import APPLICATION_INSIGHTS_METRIC_TEMPORALITIES
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from shared.telemetry import events as names
 from shared.config import Settings, load_settings
-from shared.telemetry.otel import OtelTelemetry, views
-from shared.telemetry.events import RequestRecord
 from shared.flow.usage import TokenUsage
+from shared.telemetry import events as names
+from shared.telemetry.events import RequestRecord
+from shared.telemetry.otel import OtelTelemetry, views
 
 BACKENDS = '[{"id": "b", "endpoint": "https://b.example", "region": "uksouth", "deployments": ["gpt-4o"], "auth": "none"}]'
 
@@ -48,13 +49,25 @@ def collect(reader: InMemoryMetricReader) -> dict[str, list[tuple[float, dict[st
     return found
 
 
-def telemetry(**env: str) -> tuple[OtelTelemetry, InMemoryMetricReader, InMemorySpanExporter]:
-    reader = InMemoryMetricReader()
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def telemetry(
+    clock: FakeClock | None = None, **env: str
+) -> tuple[OtelTelemetry, InMemoryMetricReader, InMemorySpanExporter]:
+    # The temporalities Azure Monitor's exporter asks for (deltas for counters and histograms).
+    reader = InMemoryMetricReader(preferred_temporality=APPLICATION_INSIGHTS_METRIC_TEMPORALITIES)  # type: ignore[arg-type]
     provider = MeterProvider(metric_readers=[reader], views=views())
     spans = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    return OtelTelemetry(settings(**env), provider.get_meter("test"), tracer_provider.get_tracer("test")), reader, spans
+    sink = OtelTelemetry(settings(**env), provider.get_meter("test"), tracer_provider.get_tracer("test"), clock or FakeClock())
+    return sink, reader, spans
 
 
 def test_token_metrics_have_apim_names_and_dimensions() -> None:
@@ -69,7 +82,7 @@ def test_token_metrics_have_apim_names_and_dimensions() -> None:
     assert sum(v for v, _ in metrics[names.REASONING_TOKENS]) == 5
     dimensions = next(d for v, d in metrics[names.TOTAL_TOKENS] if v == 120)
     assert dimensions == {
-        "Subscription ID": "team-a", "Client IP": "10.1.2.3", "API ID": "openai-v1", "Operation ID": "ChatCompletions_Create",
+        "Subscription ID": "team-a", "Client IP": "10.1.2.0", "API ID": "openai-v1", "Operation ID": "ChatCompletions_Create",
         "User ID": "alice", "Backend ID": "uk-ptu", "Location": "uksouth", "Deployment": "gpt-4o", "Model": "gpt-4o-2024-11-20",
     }
     requests = metrics[names.GATEWAY_REQUESTS]
@@ -118,7 +131,7 @@ def test_operational_metrics() -> None:
 
 def test_requests_are_traced_with_attempts_as_child_dependencies() -> None:
     sink, _, spans = telemetry()
-    trace = sink.begin("POST /v1/chat/completions")
+    trace = sink.begin("POST", "/v1/chat/completions")
     trace.attempt("uk-ptu", "uksouth", "https://uk.example/openai/deployments/gpt-4o/chat/completions", 1).end(429)
     trace.attempt("sweden", "swedencentral", "https://se.example/openai/deployments/gpt-4o/chat/completions", 2).end(200)
     sink.request_done(record(), trace)
@@ -128,3 +141,116 @@ def test_requests_are_traced_with_attempts_as_child_dependencies() -> None:
     assert [c.attributes["Backend ID"] for c in clients] == ["uk-ptu", "sweden"]
     assert all(c.parent is not None and c.parent.span_id == server.context.span_id for c in clients)
     assert server.attributes["Subscription ID"] == "team-a"
+
+
+def test_a_series_is_exported_only_in_intervals_where_it_changed() -> None:
+    sink, reader, _ = telemetry()
+    sink.request_done(record())
+    sink.request_done(record())
+    first = collect(reader)
+    assert sum(v for v, _ in first[names.TOTAL_TOKENS]) == 240
+    assert sum(v for v, _ in first[names.GATEWAY_REQUESTS]) == 2
+    quiet = collect(reader)
+    # Nothing happened: no point at all, not a zero per series (ingestion cost follows traffic, not series).
+    assert not {name for name in quiet if name in (*INSTRUMENT_NAMES,)}, quiet
+    sink.request_done(record(consumer_id="team-b", usage=TokenUsage(1, 2, 3)))
+    third = collect(reader)
+    assert [(v, d[names.SUBSCRIPTION_ID]) for v, d in third[names.TOTAL_TOKENS]] == [(3, "team-b")]
+    assert all(v > 0 for points in third.values() for v, _ in points)
+
+
+INSTRUMENT_NAMES = (
+    names.PROMPT_TOKENS, names.COMPLETION_TOKENS, names.TOTAL_TOKENS, names.CACHED_TOKENS, names.REASONING_TOKENS,
+    names.GATEWAY_REQUESTS, names.REQUEST_DURATION, names.TIME_TO_FIRST_TOKEN,
+)
+
+
+def test_under_series_pressure_user_and_ip_go_first_and_the_consumer_is_never_lost() -> None:
+    sink, reader, _ = telemetry(GATEWAY_METRIC_SERIES_MAX="10")
+    for i in range(300):  # one client varying x-user-id and its address, the other well-behaved
+        sink.request_done(record(consumer_id="spray", user_id=f"u{i}", client_ip=f"10.{i % 250}.{i // 250}.1"))
+        sink.request_done(record(consumer_id="steady", usage=TokenUsage(1, 1, 2)))
+    points = collect(reader)[names.TOTAL_TOKENS]
+    by_consumer: dict[str, float] = {}
+    for value, dims in points:
+        by_consumer[dims[names.SUBSCRIPTION_ID]] = by_consumer.get(dims[names.SUBSCRIPTION_ID], 0) + value
+    assert by_consumer == {"spray": 300 * 120, "steady": 300 * 2}  # exact, and no "overflow" consumer
+    assert len(points) <= 10 + 2
+    collapsed = [d for _, d in points if d[names.USER_ID] == "(other)"]
+    assert collapsed and all(d[names.DEPLOYMENT] == "gpt-4o" and d[names.BACKEND_ID] == "uk-ptu" for d in collapsed)
+
+
+def test_idle_series_are_forgotten_and_make_room() -> None:
+    clock = FakeClock()
+    sink, reader, _ = telemetry(clock, GATEWAY_METRIC_SERIES_MAX="10", GATEWAY_METRIC_SERIES_IDLE_S="60")
+    for i in range(10):
+        sink.request_done(record(user_id=f"old{i}"))
+    collect(reader)
+    assert len(sink.tokens) == 10
+    clock.t += 61
+    sink.request_done(record(user_id="new"))
+    assert len(sink.tokens) == 1  # the ten idle (and exported) series are gone
+    points = collect(reader)[names.TOTAL_TOKENS]
+    assert [d[names.USER_ID] for _, d in points] == ["new"]  # its own series, not collapsed
+
+
+def test_an_unexported_series_is_never_forgotten() -> None:
+    clock = FakeClock()
+    sink, reader, _ = telemetry(clock, GATEWAY_METRIC_SERIES_MAX="10", GATEWAY_METRIC_SERIES_IDLE_S="60")
+    sink.request_done(record(user_id="pending"))
+    clock.t += 3600
+    sink.request_done(record(user_id="later"))
+    totals = {d[names.USER_ID]: v for v, d in collect(reader)[names.TOTAL_TOKENS]}
+    assert totals == {"pending": 120, "later": 120}
+
+
+@pytest.mark.parametrize(
+    ("env", "user_id", "client_ip", "expected_user", "expected_ip"),
+    [
+        ({}, "alice@example.com", "10.1.2.3", "alice@example.com", "10.1.2.0"),
+        ({}, "x" * 65, "2001:db8:1:2::5", "(invalid)", "2001:db8:1::"),
+        ({}, "<script>alert(1)</script>", "::ffff:192.168.7.9", "(invalid)", "192.168.7.0"),
+        ({}, "bob", "not-an-address", "bob", ""),
+        ({"GATEWAY_CLIENT_IP": "raw", "GATEWAY_USER_ID": "raw"}, "a b", "10.1.2.3", "a b", "10.1.2.3"),
+        ({"GATEWAY_CLIENT_IP": "omit", "GATEWAY_USER_ID": "omit"}, "alice", "10.1.2.3", "", ""),
+        (
+            {"GATEWAY_USER_ID": "hashed", "GATEWAY_USER_ID_HASH_KEY": "k" * 32},
+            "alice@example.com", "10.1.2.3", "5f6c35c8d0b4b9f6", "10.1.2.0",
+        ),
+    ],
+)
+def test_client_ip_and_user_id_are_reduced_by_default(
+    env: dict[str, str], user_id: str, client_ip: str, expected_user: str, expected_ip: str
+) -> None:
+    if env.get("GATEWAY_USER_ID") == "hashed":
+        import hashlib
+        import hmac
+
+        expected_user = hmac.new(b"k" * 32, user_id.encode(), hashlib.sha256).hexdigest()[:16]
+    sink, reader, _ = telemetry(**env)
+    sink.request_done(record(user_id=user_id, client_ip=client_ip))
+    (_, dims), = collect(reader)[names.TOTAL_TOKENS]
+    assert (dims[names.USER_ID], dims[names.CLIENT_IP]) == (expected_user, expected_ip)
+
+
+def test_hashed_user_ids_need_a_key() -> None:
+    with pytest.raises(Exception, match="GATEWAY_USER_ID_HASH_KEY"):
+        settings(GATEWAY_USER_ID="hashed")
+
+
+@pytest.mark.parametrize(("status", "error"), [(200, False), (429, True), (401, True), (503, True)])
+def test_the_request_span_carries_method_route_status_and_the_truncated_address(status: int, error: bool) -> None:
+    sink, _, spans = telemetry()
+    trace = sink.begin("POST", "/openai/deployments/{deployment}/{*operation}")
+    trace.attempt("uk", "uksouth", "http://127.0.0.1:8123/openai/deployments/gpt-4o/chat/completions", 1).end(200)
+    sink.request_done(record(status=status), trace)
+    server = next(s for s in spans.get_finished_spans() if s.kind.name == "SERVER")
+    attributes = dict(server.attributes or {})
+    assert attributes["http.request.method"] == "POST"
+    assert attributes["http.route"] == "/openai/deployments/{deployment}/{*operation}"
+    assert attributes["http.response.status_code"] == status
+    assert attributes["client.address"] == "10.1.2.0"
+    assert (server.status.status_code.name == "ERROR") is error
+    client = next(s for s in spans.get_finished_spans() if s.kind.name == "CLIENT")
+    assert (client.attributes or {})["server.address"] == "127.0.0.1"
+    assert (client.attributes or {})["server.port"] == 8123

@@ -118,7 +118,7 @@ class Gateway:
             route = match_route(request.method, request.raw_path)
             if route.operation is Operation.HEALTH:
                 return self._health()
-            trace = self.s.telemetry.begin(f"{request.method} {route.template}")
+            trace = self.s.telemetry.begin(request.method, route.template)
             consumer = await self.s.consumers.authenticate(key_from_headers(request.headers, request.repeated))
             if route.operation is Operation.MODELS:
                 return self._models(consumer)

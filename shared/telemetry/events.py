@@ -76,7 +76,9 @@ class Trace(Protocol):
 
 
 class Telemetry(Protocol):
-    def begin(self, name: str) -> Trace: ...
+    def begin(self, method: str, route: str) -> Trace:
+        """A request span named `METHOD route-template` (no query string, no deployment name)."""
+        ...
 
     def request_done(self, record: RequestRecord, trace: Trace | None = None) -> None: ...
 
@@ -112,7 +114,7 @@ NULL_TRACE = NullTrace()
 
 
 class NullTelemetry:
-    def begin(self, name: str) -> Trace:
+    def begin(self, method: str, route: str) -> Trace:
         return NULL_TRACE
 
     def request_done(self, record: RequestRecord, trace: Trace | None = None) -> None:

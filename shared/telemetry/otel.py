@@ -8,16 +8,21 @@ sets. No prompt or completion text is recorded. This is the only module that imp
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from shared.telemetry import events as names
 from shared.config import Settings
+from shared.telemetry import events as names
 from shared.telemetry.events import Attempt, NullTelemetry, RequestRecord, Telemetry, Trace
+from shared.telemetry.privacy import Privacy
+from shared.telemetry.series import SeriesTable
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,9 @@ def configure(settings: Settings) -> Telemetry:
     if not _configured:
         from azure.monitor.opentelemetry import configure_azure_monitor
 
+        # The exporter sends a metric namespace only when opted in, taking it from the meter's name (our
+        # GATEWAY_METRIC_NAMESPACE): Metrics Explorer charts and metric alerts look metrics up by namespace.
+        os.environ.setdefault("APPLICATIONINSIGHTS_METRIC_NAMESPACE_OPT_IN", "true")
         credential = None
         if "Authorization=AAD" in (_env("APPLICATIONINSIGHTS_AUTHENTICATION_STRING") or ""):
             from azure.identity import ManagedIdentityCredential
@@ -122,31 +130,50 @@ class _Attempt:
         span.end()
 
 
-class _Trace:
-    __slots__ = ("_tracer", "_span", "_context", "_ended")
+def _target(url: str) -> dict[str, Any]:
+    """The attributes the exporter builds a dependency's target and data from: host and port given apart (a port
+    inside server.address made it print `host:None`), the scheme so it drops default ports, no query string."""
+    parts = urlsplit(url)
+    attributes: dict[str, Any] = {
+        "url.full": urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")),
+        "url.scheme": parts.scheme,
+        "server.address": parts.hostname or "",
+    }
+    port = parts.port or {"https": 443, "http": 80}.get(parts.scheme)
+    if port is not None:
+        attributes["server.port"] = port
+    return attributes
 
-    def __init__(self, tracer: Any, name: str) -> None:
+
+class _Trace:
+    __slots__ = ("_tracer", "_span", "_context", "_ended", "_privacy")
+
+    def __init__(self, tracer: Any, method: str, route: str, privacy: Privacy) -> None:
         self._tracer = tracer
-        self._span = tracer.start_span(name, kind=SpanKind.SERVER)
+        # The exporter reads a request's result code, success and operation name from these attributes only when
+        # the span carries the HTTP method; the route is the template (no deployment names, no query secrets).
+        self._span = tracer.start_span(
+            f"{method} {route}", kind=SpanKind.SERVER,
+            attributes={"http.request.method": method, "http.route": route},
+        )
         self._context = trace.set_span_in_context(self._span)
         self._ended = False
+        self._privacy = privacy
+
+    @property
+    def context(self) -> Any:
+        return self._context
 
     def attempt(self, backend_id: str, region: str, target: str, number: int) -> Attempt:
-        path = target.split("://", 1)[-1]
-        host, _, rest = path.partition("/")
-        span = self._tracer.start_span(
-            f"POST /{rest}",
-            context=self._context,
-            kind=SpanKind.CLIENT,
-            attributes={
-                "http.request.method": "POST",
-                "url.full": target,
-                "server.address": host,
-                names.BACKEND_ID: backend_id,
-                names.LOCATION: region,
-                "Attempt": number,
-            },
-        )
+        path = urlsplit(target).path
+        attributes = _target(target)
+        attributes.update({
+            "http.request.method": "POST",
+            names.BACKEND_ID: backend_id,
+            names.LOCATION: region,
+            "Attempt": number,
+        })
+        span = self._tracer.start_span(f"POST {path}", context=self._context, kind=SpanKind.CLIENT, attributes=attributes)
         return _Attempt(span)
 
     def end(self, record: RequestRecord) -> None:
@@ -155,21 +182,17 @@ class _Trace:
         self._ended = True
         span = self._span
         span.set_attribute("http.response.status_code", record.status)
+        address = self._privacy.client_ip(record.client_ip)
+        if address:
+            span.set_attribute("client.address", address)
         span.set_attribute(names.SUBSCRIPTION_ID, record.consumer_id)
         span.set_attribute(names.DEPLOYMENT, record.deployment)
         span.set_attribute(names.BACKEND_ID, record.backend_id)
         span.set_attribute(names.OPERATION_ID, record.operation)
-        if record.status >= 500:
+        if record.status >= 400:
             span.set_status(Status(StatusCode.ERROR))
         span.end()
 
-
-# Token and request counts are summed here, per set of dimension values, and read by the exporter when it collects
-# (observable counters): a request then costs a few dictionary operations instead of an SDK measurement per metric
-# (~40 µs of attribute cleaning and hashing for nine dimensions). Series beyond this many per metric are summed
-# into one series marked as overflow, as the OpenTelemetry SDK does.
-MAX_SERIES = 5000
-_OVERFLOW = "overflow"
 
 TOKEN_FIELDS = (
     (names.PROMPT_TOKENS, 0),
@@ -182,51 +205,50 @@ REQUEST_DIMENSIONS = (
     names.SUBSCRIPTION_ID, names.API_ID, names.OPERATION_ID, names.BACKEND_ID, names.LOCATION, names.DEPLOYMENT,
     names.STATUS_CODE, names.PTU,
 )
-
-
-class _Sums:
-    """Cumulative sums per tuple of dimension values. Written on the event loop, read by the exporter's thread."""
-
-    def __init__(self, dimension_names: tuple[str, ...], width: int) -> None:
-        self.names = dimension_names
-        self.width = width
-        self.values: dict[tuple[str, ...], list[int]] = {}
-
-    def slot(self, key: tuple[str, ...]) -> list[int]:
-        values = self.values.get(key)
-        if values is None:
-            if len(self.values) >= MAX_SERIES:
-                key = (_OVERFLOW,) * len(self.names)
-                values = self.values.get(key)
-            if values is None:
-                values = self.values[key] = [0] * self.width
-        return values
-
-    def observe(self, index: int) -> Iterator[Observation]:
-        for key, values in list(self.values.items()):  # a snapshot: list() of a dict runs under the GIL
-            if values[index]:
-                yield Observation(values[index], dict(zip(self.names, key, strict=True)))
+# Under series pressure a new combination gives these up first, level by level; the consumer, deployment and backend
+# (bounded by configuration) are always kept.
+COLLAPSE = (
+    (names.USER_ID, names.CLIENT_IP),
+    (names.MODEL, names.OPERATION_ID, names.API_ID, names.STREAM, names.GATEWAY_ID, names.STATUS_CODE),
+)
+KEEP = (names.SUBSCRIPTION_ID, names.DEPLOYMENT, names.BACKEND_ID, names.LOCATION, names.PTU)
 
 
 class OtelTelemetry:
-    def __init__(self, settings: Settings, meter: Any = None, tracer: Any = None) -> None:
-        meter = meter or metrics.get_meter("ai-gateway")
+    def __init__(
+        self, settings: Settings, meter: Any = None, tracer: Any = None, now: Callable[[], float] | None = None
+    ) -> None:
+        meter = meter or metrics.get_meter(settings.metric_namespace)
         self._tracer = tracer or trace.get_tracer("ai-gateway")
-        dimensions = [(name, _DIMENSIONS[name]) for name in settings.metric_dimensions if name in _DIMENSIONS]
+        now = now or time.monotonic
+        self.privacy = Privacy(
+            settings.client_ip_mode,  # type: ignore[arg-type]
+            settings.user_id_mode,  # type: ignore[arg-type]
+            (settings.user_id_hash_key or "").encode(),
+        )
+        privacy = self.privacy
+        extract: dict[str, Callable[[RequestRecord], str]] = {
+            **_DIMENSIONS,
+            names.CLIENT_IP: lambda r: privacy.client_ip(r.client_ip),
+            names.USER_ID: lambda r: privacy.user_id(r.user_id),
+        }
+        dimensions = [(name, extract[name]) for name in settings.metric_dimensions if name in extract]
         gateway_id = settings.gateway_id
         if names.GATEWAY_ID in settings.metric_dimensions:
             dimensions.append((names.GATEWAY_ID, lambda r: gateway_id))
         self._dimension_values = tuple(value for _, value in dimensions)
-        self._tokens = _Sums(tuple(name for name, _ in dimensions), len(TOKEN_FIELDS))
-        self._requests = _Sums(REQUEST_DIMENSIONS, 1)
+        limits = {
+            "max_series": settings.metric_series_max, "idle_s": settings.metric_series_idle_s,
+            "collapse": COLLAPSE, "keep": KEEP,
+        }
+        self.tokens = SeriesTable(tuple(name for name, _ in dimensions), len(TOKEN_FIELDS), now, **limits)  # type: ignore[arg-type]
+        self.requests = SeriesTable(REQUEST_DIMENSIONS, 1, now, **limits)  # type: ignore[arg-type]
         i = INSTRUMENTS
-        for name, index in TOKEN_FIELDS:
-            meter.create_observable_counter(
-                i[name], callbacks=[lambda _options, index=index: self._tokens.observe(index)], unit="{token}"
-            )
-        meter.create_observable_counter(
-            i[names.GATEWAY_REQUESTS], callbacks=[lambda _options: self._requests.observe(0)], unit="{request}"
-        )
+        self._token_counters = [meter.create_counter(i[name], unit="{token}") for name, _ in TOKEN_FIELDS]
+        self._request_counter = meter.create_counter(i[names.GATEWAY_REQUESTS], unit="{request}")
+        # Sums are kept in the series tables (a request costs a few dictionary operations) and handed to the SDK as
+        # deltas when it collects: this callback runs first in every collection and observes nothing itself.
+        meter.create_observable_gauge("gateway.internal.collect", callbacks=[self._collect])
         self._throttled = meter.create_counter(i[names.THROTTLED_REQUESTS], unit="{request}")
         self._failovers = meter.create_counter(i[names.FAILOVERS], unit="{request}")
         self._transitions = meter.create_counter(i[names.BREAKER_TRANSITIONS], unit="{transition}")
@@ -234,16 +256,25 @@ class OtelTelemetry:
         self._duration = meter.create_histogram(i[names.REQUEST_DURATION], unit="ms")
         self._ttft = meter.create_histogram(i[names.TIME_TO_FIRST_TOKEN], unit="ms")
 
-    def begin(self, name: str) -> Trace:
-        return _Trace(self._tracer, name)
+    def _collect(self, _options: Any) -> Iterator[Observation]:
+        for dimensions, delta in self.tokens.deltas():
+            for counter, value in zip(self._token_counters, delta, strict=True):
+                if value:
+                    counter.add(_whole(value), dimensions)
+        for dimensions, delta in self.requests.deltas():
+            self._request_counter.add(_whole(delta[0]), dimensions)
+        return iter(())
+
+    def begin(self, method: str, route: str) -> Trace:
+        return _Trace(self._tracer, method, route, self.privacy)
 
     def request_done(self, record: RequestRecord, trace: Trace | None = None) -> None:
         self.tokens_spent(record)
         status = str(record.status)
-        self._requests.slot((
+        self.requests.add((
             record.consumer_id, record.api, record.operation, record.backend_id, record.region, record.deployment,
             status, "true" if record.ptu else "false",
-        ))[0] += 1
+        ), (1,))
         self._duration.record(
             record.duration_ms,
             {
@@ -261,12 +292,10 @@ class OtelTelemetry:
     def tokens_spent(self, record: RequestRecord) -> None:
         usage = record.usage
         if usage is not None:
-            sums = self._tokens.slot(tuple(value(record) for value in self._dimension_values))
-            sums[0] += usage.prompt
-            sums[1] += usage.completion
-            sums[2] += usage.total
-            sums[3] += usage.cached
-            sums[4] += usage.reasoning
+            self.tokens.add(
+                tuple(value(record) for value in self._dimension_values),
+                (usage.prompt, usage.completion, usage.total, usage.cached, usage.reasoning),
+            )
 
     def throttled(self, consumer_id: str, deployment: str, reason: str) -> None:
         self._throttled.add(1, {names.SUBSCRIPTION_ID: consumer_id, names.DEPLOYMENT: deployment, names.REASON: reason})
@@ -279,6 +308,10 @@ class OtelTelemetry:
 
     def store_fallback(self, reason: str) -> None:
         self._fallbacks.add(1, {names.REASON: reason})
+
+
+def _whole(value: float) -> int | float:
+    return int(value) if value == int(value) else value
 
 
 def flush(timeout_ms: int = 10_000) -> None:
