@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         gateway = bench.start_gateway(regions, {
             "APPLICATIONINSIGHTS_CONNECTION_STRING": capture.connection_string,
             "OTEL_METRIC_EXPORT_INTERVAL": "5000",
+            "GATEWAY_USAGE_FLUSH_S": "5",  # the books are compared a few seconds after the load ends
         })
         keys = {
             "soak-steady": bench.consumer("soak-steady", tokens_per_minute=10_000_000),

@@ -54,7 +54,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> tuple[Serv
         auth=BackendAuth(settings.backends, clock, default_credential_factory(settings.managed_identity_client_id)),
         limiter=limiter,
         telemetry=telemetry,
-        usage=UsageRecorder(TableUsageStore(tables), clock, instance_id=instance),
+        usage=UsageRecorder(TableUsageStore(tables), clock, instance_id=instance, flush_s=settings.usage_flush_s),
         responses=TableResponseStore(tables),
     )
     return services, tables

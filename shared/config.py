@@ -93,6 +93,7 @@ class Settings:
     instance_count: int = 1
     consumer_refresh_s: float = 5.0
     breaker_sync_s: float = 0.5
+    usage_flush_s: float = 60.0
     max_attempts: int = 0
     appinsights_connection_string: str | None = field(default=None, repr=False)
     metric_namespace: str = "openai"
@@ -411,6 +412,7 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         instance_count=_integer(env, "GATEWAY_INSTANCE_COUNT", 1, minimum=1, maximum=1000),
         consumer_refresh_s=_number(env, "GATEWAY_CONSUMER_REFRESH_S", 5.0, minimum=0.1, maximum=3600),
         breaker_sync_s=_number(env, "GATEWAY_BREAKER_SYNC_S", 0.5, minimum=0.05, maximum=60),
+        usage_flush_s=_number(env, "GATEWAY_USAGE_FLUSH_S", 60.0, minimum=0.5, maximum=3600),
         max_attempts=_integer(env, "GATEWAY_MAX_ATTEMPTS", 0, minimum=0, maximum=30),
         appinsights_connection_string=_get(env, "APPLICATIONINSIGHTS_CONNECTION_STRING"),
         metric_namespace=_get(env, "GATEWAY_METRIC_NAMESPACE") or "openai",

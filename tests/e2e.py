@@ -191,7 +191,8 @@ def test_regions() -> list[stack.Region]:
 
 def gateway_env(table_port: int, regions: Sequence[stack.Region], extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = stack.gateway_env(stack.backends_setting(regions), table_port)
-    env.update({"GATEWAY_CONSUMER_REFRESH_S": "0.5", "GATEWAY_MAX_BODY_BYTES": "262144"})
+    # Usage rows every second (not every minute): the tests read them back.
+    env.update({"GATEWAY_CONSUMER_REFRESH_S": "0.5", "GATEWAY_MAX_BODY_BYTES": "262144", "GATEWAY_USAGE_FLUSH_S": "1"})
     env.update(extra or {})
     return env
 

@@ -147,3 +147,52 @@ async def test_usage_rows_are_replaced_cumulatively_and_queried_by_hour_and_cons
     every = await stores.usage.query(None, "2026-12-01T00", "2026-12-02T00")
     assert sorted((r.consumer, r.hour, r.total) for r in every) == [
         ("alpha", "2026-12-01T05", 45), ("alpha", "2026-12-01T07", 1), ("beta", "2026-12-01T05", 7)]
+
+
+async def test_usage_rows_of_many_consumers_go_out_in_batches_of_a_hundred(azurite: stack.Child) -> None:
+    """On the Table store a flush costs round trips per hundred rows of an instance and hour, not per consumer."""
+    service = TableServiceClient.from_connection_string(stack.table_connection_string(azurite.port), retry_total=0)
+    tables = Tables(service, f"batches{next(_prefixes)}", timeout_s=10)
+    try:
+        store = TableUsageStore(tables)
+        await tables.ensure("usage")
+        before = tables.calls
+        rows = [UsageRow(f"consumer-{n}", "2026-12-01T05", "gpt-4o", "i1", requests=1, total=n) for n in range(250)]
+        await store.save(rows)
+        assert tables.calls - before == 3
+        back = await store.query(None, "2026-12-01T05", "2026-12-01T06")
+        assert sorted(r.total for r in back) == list(range(250))
+        assert [r.total for r in await store.query("consumer-7", "2026-12-01T00", "2026-12-02T00")] == [7]
+    finally:
+        await tables.close()
+
+
+async def test_usage_rows_written_by_earlier_versions_are_still_reported(azurite: stack.Child) -> None:
+    service = TableServiceClient.from_connection_string(stack.table_connection_string(azurite.port), retry_total=0)
+    tables = Tables(service, f"legacy{next(_prefixes)}", timeout_s=10)
+    try:
+        old = {"PartitionKey": "alpha", "RowKey": "2026-12-01T05|gpt-4o|i0", "hour": "2026-12-01T05",
+               "deployment": "gpt-4o", "instance": "i0", "requests": 2, "prompt": 5, "completion": 5, "total": 10,
+               "cached": 0, "reasoning": 0}
+        await tables.call("usage", lambda t: t.create_entity(old))
+        store = TableUsageStore(tables)
+        await store.save([UsageRow("alpha", "2026-12-01T05", "gpt-4o", "i1", requests=1, total=3)])
+        rows = await store.query("alpha", "2026-12-01T00", "2026-12-02T00")
+        assert sorted((r.instance, r.total) for r in rows) == [("i0", 10), ("i1", 3)]
+        assert sorted(r.total for r in await store.query(None, "2026-12-01T05", "2026-12-01T06")) == [3, 10]
+    finally:
+        await tables.close()
+
+
+async def test_every_breaker_record_loads_in_one_round_trip(azurite: stack.Child) -> None:
+    service = TableServiceClient.from_connection_string(stack.table_connection_string(azurite.port), retry_total=0)
+    tables = Tables(service, f"breakers{next(_prefixes)}", timeout_s=10)
+    try:
+        store = TableBreakerStore(tables)
+        for i in range(60):
+            await store.save(record(f"backend-{i}", "open", 100.0 + i))
+        before = tables.calls
+        assert len(await store.load()) == 60
+        assert tables.calls - before == 1
+    finally:
+        await tables.close()

@@ -249,18 +249,25 @@ class TableLedgerStore:
 
 
 class TableUsageStore:
-    """Rows keyed consumer / hour|deployment|instance; each instance writes only its own rows, cumulatively."""
+    """Rows partitioned by hour and instance (key "hour|instance", row "consumer|deployment"): each instance writes only
+    its own rows, cumulatively, and one batch carries up to 100 of them whatever their consumers, so a flush costs
+    round trips per hundred consumers, not per consumer. Reports read a period as one partition-key range.
+
+    Rows written by earlier versions (partition = consumer, row "hour|deployment|instance", no `consumer` property) are
+    still read."""
 
     def __init__(self, tables: Tables) -> None:
         self._tables = tables
 
     async def save(self, rows: list[Any]) -> None:
-        by_consumer: dict[str, list[dict[str, Any]]] = {}
+        by_partition: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
-            by_consumer.setdefault(row.consumer, []).append(
+            partition = f"{row.hour}|{row.instance}"
+            by_partition.setdefault(partition, []).append(
                 {
-                    "PartitionKey": row.consumer,
-                    "RowKey": f"{row.hour}|{row.deployment}|{row.instance}",
+                    "PartitionKey": partition,
+                    "RowKey": f"{row.consumer}|{row.deployment}",
+                    "consumer": row.consumer,
                     "hour": row.hour,
                     "deployment": row.deployment,
                     "instance": row.instance,
@@ -272,7 +279,7 @@ class TableUsageStore:
                     "reasoning": row.reasoning,
                 }
             )
-        for entities in by_consumer.values():
+        for entities in by_partition.values():
             for start in range(0, len(entities), 100):  # a batch holds at most 100 operations of one partition
                 operations = [("upsert", e, {"mode": UpdateMode.REPLACE}) for e in entities[start : start + 100]]
                 await self._tables.call("usage", lambda t, ops=operations: t.submit_transaction(ops))  # type: ignore[misc]
@@ -280,19 +287,24 @@ class TableUsageStore:
     async def query(self, consumer: str | None, start_hour: str, end_hour: str) -> list[Any]:
         from shared.telemetry.usage_rows import UsageRow
 
+        # "hour|instance" keys of the hours in [start, end) sort between the two hour strings.
         parameters = {"start": start_hour, "end": end_hour}
-        query = "RowKey ge @start and RowKey lt @end"
+        query = "PartitionKey ge @start and PartitionKey lt @end"
+        legacy = "RowKey ge @start and RowKey lt @end"
         if consumer is not None:
-            query = "PartitionKey eq @consumer and " + query
+            query += " and consumer eq @consumer"
+            legacy = "PartitionKey eq @consumer and " + legacy
             parameters["consumer"] = consumer
-        entities = await self._tables.call(
-            "usage", lambda t: collect(t.query_entities(query, parameters=parameters)), self._tables.timeout_s * 10
-        )
+        timeout = self._tables.timeout_s * 10
+        entities = await self._tables.call("usage", lambda t: collect(t.query_entities(query, parameters=parameters)), timeout)
+        old = await self._tables.call("usage", lambda t: collect(t.query_entities(legacy, parameters=parameters)), timeout)
+        entities += [e for e in old if "consumer" not in e]
         return [
             UsageRow(
-                consumer=e["PartitionKey"], hour=e["hour"], deployment=e["deployment"], instance=e["instance"],
-                requests=int(e["requests"]), prompt=int(e["prompt"]), completion=int(e["completion"]),
-                total=int(e["total"]), cached=int(e.get("cached", 0)), reasoning=int(e.get("reasoning", 0)),
+                consumer=e.get("consumer") or e["PartitionKey"], hour=e["hour"], deployment=e["deployment"],
+                instance=e["instance"], requests=int(e["requests"]), prompt=int(e["prompt"]),
+                completion=int(e["completion"]), total=int(e["total"]), cached=int(e.get("cached", 0)),
+                reasoning=int(e.get("reasoning", 0)),
             )
             for e in entities
         ]
