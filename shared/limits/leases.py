@@ -44,6 +44,9 @@ class LeaseState:
     written_quota_hold: int
     unreported: Usage = field(default_factory=dict)
     released: bool = False
+    renew_ahead_s: float = 0.5  # renewed when less than this is left of its lifetime
+    idle_after_s: float = 2.0  # returned when no request used it for this long
+    allowance: bool = False  # a long lease of a quiet consumer (allowance.py): released, not trimmed, at renewal
 
     def quota_hold(self) -> int:
         return max(0, self.available.get(CONSUMER_SCOPE, 0)) if self.quota_held else 0
@@ -124,7 +127,9 @@ class Holdings:
 
     def detach(self, keep_current: bool, claim_new: bool, now: float, typical: float) -> Outgoing:
         """Take what the next write reports. The current lease stays current (trimmed to what it has) while the write
-        runs, unless the write is not to claim a new one or it is expired or too small for a request."""
+        runs, unless the write is not to claim a new one, or it is expired or too small for a request, or it is an
+        allowance (a quiet consumer's requests rarely arrive during the write; a trimmed lease would cost a second
+        write to release)."""
         old = self.current if keep_current else None
         closing = self.closing
         out = Outgoing(
@@ -142,7 +147,8 @@ class Holdings:
             old.unreported = {}
         self.pending = {}
         if old is not None:
-            if not claim_new or old.expires_s <= now + 0.05 or min(old.available.values(), default=0) < max(1, typical):
+            if (not claim_new or old.allowance or old.expires_s <= now + 0.05
+                    or min(old.available.values(), default=0) < max(1, typical)):
                 self.current = None  # released by this write
             else:
                 out.old_keep = dict(old.available)

@@ -17,6 +17,9 @@ from shared.storage.protocols import Conflict, LedgerStore, StoreUnavailable
 
 CONFLICT_BACKOFF_S = 0.005
 WRITE_ATTEMPTS = 6
+# A copy this old, of a ledger other instances also hold leases on, is almost surely stale: read it first rather than
+# lose a write on it (an allowance is renewed every minute or two; by then every other holder has written).
+STALE_SHARED_S = 5.0
 
 
 class Contended(Exception):
@@ -31,6 +34,8 @@ class LedgerCopy:
     hits: float = 1.0  # how often a write on the cached copy succeeded (smoothed): below 1/2, read first
     occupancy: dict[str, int] = field(default_factory=dict)  # per scope, as of the last sync
     quota_used: int = 0
+    shared: bool = False  # other instances held leases on it at the last sync
+    changed_mono: float = 0.0  # when the copy was last read or written
 
     def forget(self) -> None:
         self.have = False
@@ -44,10 +49,12 @@ class LedgerCopy:
         and the time it was changed at; raises StoreUnavailable, or Contended when every attempt lost."""
         try:
             for attempt in range(WRITE_ATTEMPTS):
-                fresh = not self.have or self.hits < 0.5
+                fresh = (not self.have or self.hits < 0.5
+                         or (self.shared and clock.monotonic() - self.changed_mono > STALE_SHARED_S))
                 if fresh:
                     self.ledger, self.etag = await store.read(consumer_id)
                     self.have = True
+                    self.changed_mono = clock.monotonic()
                 assert self.ledger is not None
                 ledger = self.ledger.copy()
                 now = clock.now()
@@ -70,13 +77,15 @@ class LedgerCopy:
                 else:
                     self.hits = min(1.0, self.hits + 0.05)  # try the cached copy again now and then
                 self.ledger = ledger
+                self.changed_mono = clock.monotonic()
                 return ledger, now
             raise Contended()
         except (StoreUnavailable, Contended):
             self.have = False
             raise
 
-    def observe(self, ledger: Ledger, scopes: Callable[[], list[str]], now: float) -> None:
+    def observe(self, ledger: Ledger, scopes: Callable[[], list[str]], now: float, others: bool) -> None:
         now_ms = int(now * 1000)
         self.occupancy = {s: ledger.occupancy(s, now_ms) for s in scopes()}
         self.quota_used = ledger.quota_used
+        self.shared = others

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from shared.clock import Clock
 from shared.edge.consumers import Consumer
 from shared.limits import refusals
+from shared.limits.allowance import RENEW_AHEAD_S, Allowance, allowance, holders
 from shared.limits.blocks import Blocks
 from shared.limits.contract import UnlimitedTicket
 from shared.limits.fallback import Fallback
@@ -163,6 +164,7 @@ class TokenLimiter:
         self.syncs = 0
         self.contended = 0
         self.fallback_admissions = 0
+        self.allowances = 0
 
     # ---- the request path ----------------------------------------------------------------------------------------
 
@@ -238,7 +240,7 @@ class TokenLimiter:
         if not lease.take(scopes.names, reserve, expiry, now):
             return None
         budget.pace.admitted(reserve, self._clock.monotonic())
-        if not budget.syncing() and budget.pace.needs_renewal(lease, now, self._lifetime_s):
+        if not budget.syncing() and budget.pace.needs_renewal(lease, now):
             self._sync_in_background(budget)
         return LimitTicket(self, budget, lease, scopes, expiry, reserve, lease.quota_key)
 
@@ -327,19 +329,27 @@ class TokenLimiter:
         # Detach what this write reports (a flush leaves the current lease alone); if the write fails it is put back.
         out = budget.held.detach(not flush_only, claim_new, now, pace.typical)
         lease_id = f"{self._instance}:{self._lease_seq + 1}"
-        needs, wants = (
-            pace.wants(budget.limits, budget.quota, budget.blocks, need, need_scopes, now, self._lifetime_s,
-                       self._max_fraction)
-            if claim_new else ({}, {})
-        )
         quota = budget.quota
-        lifetime_ms = int(self._lifetime_s * 1000)
-        grants: list[Grant | None] = [None]
+        plans: list[tuple[dict[str, int], Grant | None, Allowance | None]] = [({}, None, None)]
 
         def change(ledger: Ledger, at: float) -> bool:
             begin_period(ledger, quota, at)
             out.report(ledger, at)
-            grant = grants[0] = claim(ledger, lease_id, needs, wants, budget.limits, quota, at, lifetime_ms) if wants else None
+            if not claim_new:
+                plans[0] = ({}, None, None)
+                return True
+            needs, wants = pace.wants(budget.limits, quota, budget.blocks, need, need_scopes, at, self._lifetime_s,
+                                      self._max_fraction)
+            lifetime_s = self._lifetime_s
+            # Far from its limit, a consumer gets an allowance: a lease sized to last for minutes (see allowance.py).
+            instances = max(self._instances, holders(ledger, int(at * 1000), self._instance))
+            plan = allowance(ledger, at, budget.limits, quota, pace.rate, pace.request_rate, pace.typical, instances,
+                             self._lifetime_s) if wants else None
+            if plan is not None:
+                wants = {s: max(w, plan.tokens.get(s, 0)) for s, w in wants.items()}
+                lifetime_s = plan.lifetime_s
+            grant = claim(ledger, lease_id, needs, wants, budget.limits, quota, at, int(lifetime_s * 1000)) if wants else None
+            plans[0] = (wants, grant, plan)
             # Refused and nothing to report: no write.
             return not (grant is not None and not grant.tokens and not out.anything)
 
@@ -362,7 +372,7 @@ class TokenLimiter:
         budget.fallback.recovered()
         budget.last_sync_mono = mono
         trimmed = budget.held.committed(out, mono)
-        grant = grants[0]
+        wants, grant, plan = plans[0]
         if grant is not None:
             budget.blocks.record(grant, now)
             pace.claimed(wants, grant, budget.limits, now)
@@ -370,15 +380,22 @@ class TokenLimiter:
                 budget.held.current = None  # the new lease (if any) replaces it; it is released by the next write
             if grant.tokens:
                 self._lease_seq += 1
+                lifetime_s = plan.lifetime_s if plan is not None else self._lifetime_s
                 budget.held.current = LeaseState(
                     id=lease_id,
                     available=dict(grant.tokens),
-                    expires_s=now + self._lifetime_s,
+                    expires_s=now + lifetime_s,
                     quota_key=quota_period(quota.period, now)[0] if quota else None,
                     quota_held=grant.quota_tokens > 0,
                     written_quota_hold=grant.quota_tokens,
+                    renew_ahead_s=min(lifetime_s / 4, RENEW_AHEAD_S) if plan is not None else lifetime_s / 4,
+                    idle_after_s=plan.idle_after_s if plan is not None else self._lifetime_s,
+                    allowance=plan is not None,
                 )
-        budget.copy.observe(ledger, lambda: list(budget.limits), now)
+                if plan is not None:
+                    self.allowances += 1
+        others = holders(ledger, int(now * 1000), self._instance) > 1
+        budget.copy.observe(ledger, lambda: list(budget.limits), now, others)
 
     # ---- background upkeep ---------------------------------------------------------------------------------------
 
@@ -410,10 +427,10 @@ class TokenLimiter:
                 continue
             held = budget.held
             lease = held.current
-            idle = mono - budget.pace.last_admit_mono > self._lifetime_s
+            idle = mono - budget.pace.last_admit_mono > (lease.idle_after_s if lease is not None else self._lifetime_s)
             # A trimmed lease still holds tokens nobody else can use, and pending usage should reach the ledger; both
             # usually ride along with the next renewal, and get a write of their own only if none comes soon.
-            renew = lease is not None and (idle or lease.expires_s - now < self._lifetime_s / 4)
+            renew = lease is not None and (idle or lease.expires_s - now < lease.renew_ahead_s)
             flush = (held.closing is not None and mono - held.closing_since > CLOSING_GRACE_S) or (
                 bool(held.pending) and mono - held.pending_since > PENDING_GRACE_S
             )
@@ -443,4 +460,5 @@ class TokenLimiter:
                     break
 
     def stats(self) -> Mapping[str, int]:
-        return {"syncs": self.syncs, "fallback_admissions": self.fallback_admissions, "consumers": len(self._budgets)}
+        return {"syncs": self.syncs, "fallback_admissions": self.fallback_admissions, "consumers": len(self._budgets),
+                "allowances": self.allowances}

@@ -20,9 +20,11 @@ RATE_MIN_SPAN_S = 0.25  # a rate measured over less than this is noise
 @dataclass(eq=False)
 class Pacing:
     rate: float = 0.0  # tokens per second admitted here, smoothed
+    request_rate: float = 0.0  # requests per second admitted here, smoothed
     typical: float = 0.0  # a typical reservation, smoothed: leases smaller than one request are useless
     waiting: int = 0  # requests of this consumer waiting here for a lease
     admitted_since_mark: int = 0
+    requests_since_mark: int = 0
     rate_mark_mono: float = 0.0
     last_admit_mono: float = 0.0
     saturated_until: float = 0.0  # wall clock: the window was full at the last claim; next claim not before this
@@ -33,6 +35,7 @@ class Pacing:
 
     def admitted(self, tokens: int, mono: float) -> None:
         self.admitted_since_mark += tokens
+        self.requests_since_mark += 1
         self.last_admit_mono = mono
 
     def corrected(self, delta: int) -> None:
@@ -44,7 +47,10 @@ class Pacing:
         if elapsed >= RATE_MIN_SPAN_S:
             observed = max(0, self.admitted_since_mark) / elapsed
             self.rate = observed if self.rate == 0 else 0.5 * self.rate + 0.5 * observed
+            requests = self.requests_since_mark / elapsed
+            self.request_rate = requests if self.request_rate == 0 else 0.5 * self.request_rate + 0.5 * requests
             self.admitted_since_mark = 0
+            self.requests_since_mark = 0
             self.rate_mark_mono = mono
         elif not self.rate_mark_mono:
             self.rate_mark_mono = mono
@@ -69,11 +75,11 @@ class Pacing:
             wants[scope] = max(scope_need, min(max(expected, 2 * usual), upper))
         return needs, wants
 
-    def needs_renewal(self, lease: LeaseState, now: float, lifetime_s: float) -> bool:
+    def needs_renewal(self, lease: LeaseState, now: float) -> bool:
         """Renew ahead of need, so requests rarely wait for a write: near expiry, or when a request or two are left."""
         if self.saturated_until > now:
             return False
-        if lease.expires_s - now < lifetime_s / 4:
+        if lease.expires_s - now < lease.renew_ahead_s:
             return True
         low = max(self.typical, self.rate * RENEW_AHEAD_S, 1.0)
         return any(v < low for v in lease.available.values())
