@@ -12,21 +12,30 @@ from collections.abc import Mapping
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared.telemetry import otel
-from shared.flow import tokens
-from shared.telemetry.usage_rows import UsageRecorder
 from shared.clock import Clock, SystemClock
 from shared.config import Settings, load_settings
 from shared.edge.consumers import ConsumerDirectory
-from shared.flow.credentials import BackendAuth, default_credential_factory
 from shared.edge.errors import GatewayError
-from shared.flow.gateway import Gateway, Services
 from shared.edge.http import error_response, read_body, to_gateway_request, to_response
+from shared.flow import tokens
+from shared.flow.credentials import BackendAuth, default_credential_factory
+from shared.flow.gateway import Gateway, Services
+from shared.flow.upstream import Upstream
+from shared.lifecycle import on_sigterm
+from shared.limits.budget import BudgetBook, BudgetedLimiter, SpendingTelemetry
 from shared.limits.limiter import TokenLimiter
 from shared.routing.router import Router
 from shared.storage.responses import TableResponseStore
-from shared.storage.tables import TableBreakerStore, TableConsumerStore, TableLedgerStore, Tables, TableUsageStore
-from shared.flow.upstream import Upstream
+from shared.storage.tables import (
+    TableBreakerStore,
+    TableBudgetStore,
+    TableConsumerStore,
+    TableLedgerStore,
+    Tables,
+    TableUsageStore,
+)
+from shared.telemetry import otel
+from shared.telemetry.usage_rows import UsageRecorder
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +43,11 @@ log = logging.getLogger(__name__)
 def build_services(settings: Settings, clock: Clock | None = None) -> tuple[Services, Tables]:
     clock = clock or SystemClock()
     tables = Tables.from_settings(settings)
-    telemetry = otel.configure(settings)
     instance = f"{settings.gateway_id}-{uuid.uuid4().hex[:8]}"
+    book = BudgetBook(
+        TableBudgetStore(tables), clock, settings.prices, instance, refresh_s=settings.budget_refresh_s
+    )
+    telemetry = SpendingTelemetry(otel.configure(settings), book)
     limiter = TokenLimiter(
         TableLedgerStore(tables),
         clock,
@@ -52,7 +64,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> tuple[Serv
         router=Router(settings.backends, clock, telemetry, TableBreakerStore(tables), settings.breaker_sync_s),
         upstream=Upstream(settings.backends),
         auth=BackendAuth(settings.backends, clock, default_credential_factory(settings.managed_identity_client_id)),
-        limiter=limiter,
+        limiter=BudgetedLimiter(limiter, book),
         telemetry=telemetry,
         usage=UsageRecorder(TableUsageStore(tables), clock, instance_id=instance, flush_s=settings.usage_flush_s),
         responses=TableResponseStore(tables),
@@ -80,6 +92,7 @@ class Edge:
         self._tables: Tables | None = None
         self._gateway: Gateway | None = None
         self._lock = asyncio.Lock()
+        self._closed = False
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] | None = None) -> Edge:
@@ -98,14 +111,17 @@ class Edge:
                     if self._services is None:
                         self._services, self._tables = build_services(self.settings)
                     self._gateway = Gateway(self._services)
+                    # Built on the first request, inside the worker's loop: from now on something is buffered.
+                    on_sigterm(self.close)
                 gateway = self._gateway
         return gateway
 
     async def close(self) -> None:
-        """Return limiter leases, save usage rows, close clients (at shutdown)."""
+        """Return limiter leases, save usage rows and budget spend, export telemetry, close clients (at shutdown)."""
         services = self._services
-        if services is None:
+        if services is None or self._closed:
             return
+        self._closed = True
         for closer in (services.limiter, services.usage, services.router, services.upstream, services.responses):
             close = getattr(closer, "close", None)
             if close is not None:

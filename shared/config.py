@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from shared.telemetry.prices import PriceError, PriceTable, parse_prices
+
 AuthKind = Literal["key", "identity", "none"]
 ApiStyle = Literal["azure", "openai"]
 FailMode = Literal["open", "closed"]
@@ -98,7 +100,10 @@ class Settings:
     appinsights_connection_string: str | None = field(default=None, repr=False)
     metric_namespace: str = "openai"
     metric_dimensions: tuple[str, ...] = DEFAULT_METRIC_DIMENSIONS
-    record_content: bool = False
+    prices: PriceTable = field(default_factory=PriceTable)
+    request_log: bool = True
+    request_log_sampling: float = 1.0
+    budget_refresh_s: float = 5.0
     client_ip_mode: str = "truncated"  # truncated (/24, /48) | raw | omit
     user_id_mode: str = "capped"  # capped (validated, <= 64) | hashed (keyed) | raw | omit
     user_id_hash_key: str | None = field(default=None, repr=False)
@@ -351,6 +356,27 @@ def _dimensions(env: Mapping[str, str]) -> tuple[str, ...]:
     return names
 
 
+def _prices(env: Mapping[str, str]) -> PriceTable:
+    text = _get(env, "GATEWAY_PRICES")
+    path = _get(env, "GATEWAY_PRICES_FILE")
+    if text is not None and path is not None:
+        raise ConfigError("GATEWAY_PRICES and GATEWAY_PRICES_FILE: set one, not both")
+    where = "GATEWAY_PRICES"
+    if path is not None:
+        where = f"GATEWAY_PRICES_FILE ({path})"
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read ({exc.strerror})") from None
+    if text is None:
+        return PriceTable()
+    try:
+        return parse_prices(text, where)
+    except PriceError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def local_environment(settings_file: str | None = "local.settings.json") -> dict[str, str]:
     """The process environment over local.settings.json's `Values`, as `func start` presents them to the app."""
     import os
@@ -391,6 +417,11 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
     if not re.match(r"^[a-z0-9-]{1,64}$", user_header):
         raise ConfigError(f"GATEWAY_USER_ID_HEADER: not a header name: {user_header!r}")
     gateway_id = _get(env, "GATEWAY_ID") or _get(env, "WEBSITE_SITE_NAME") or "gateway"
+    if _boolean(env, "GATEWAY_RECORD_CONTENT", False):
+        raise ConfigError(
+            "GATEWAY_RECORD_CONTENT: removed; prompts and completions are never recorded (the per-request log "
+            "records counts, costs and identifiers only)"
+        )
     ip_mode = _choice(env, "GATEWAY_CLIENT_IP", "truncated", ("truncated", "raw", "omit"))
     user_mode = _choice(env, "GATEWAY_USER_ID", "capped", ("capped", "hashed", "raw", "omit"))
     hash_key = _get(env, "GATEWAY_USER_ID_HASH_KEY")
@@ -417,7 +448,10 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         appinsights_connection_string=_get(env, "APPLICATIONINSIGHTS_CONNECTION_STRING"),
         metric_namespace=_get(env, "GATEWAY_METRIC_NAMESPACE") or "openai",
         metric_dimensions=_dimensions(env),
-        record_content=_boolean(env, "GATEWAY_RECORD_CONTENT", False),
+        prices=_prices(env),
+        request_log=_boolean(env, "GATEWAY_REQUEST_LOG", True),
+        request_log_sampling=_number(env, "GATEWAY_REQUEST_LOG_SAMPLING", 1.0, minimum=0.0001, maximum=1.0),
+        budget_refresh_s=_number(env, "GATEWAY_BUDGET_REFRESH_S", 5.0, minimum=0.1, maximum=3600),
         client_ip_mode=ip_mode,
         user_id_mode=user_mode,
         user_id_hash_key=hash_key,

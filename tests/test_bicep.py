@@ -70,7 +70,13 @@ LEFT_AT_DEFAULT = {
     "GATEWAY_USER_ID_HASH_KEY",
     "GATEWAY_METRIC_SERIES_MAX",
     "GATEWAY_METRIC_SERIES_IDLE_S",
-    # Prompts and completions are never recorded unless this is set; the deployment keeps it off.
+    "GATEWAY_REQUEST_LOG",
+    "GATEWAY_REQUEST_LOG_SAMPLING",
+    # Cost: no price table unless one is given (every cost then reads 0), no budget refresh tuning.
+    "GATEWAY_PRICES",
+    "GATEWAY_PRICES_FILE",
+    "GATEWAY_BUDGET_REFRESH_S",
+    # Removed: refused at start-up when true, so nobody believes content is recorded (it never is).
     "GATEWAY_RECORD_CONTENT",
 }
 

@@ -47,11 +47,24 @@ def test_a_valid_configuration() -> None:
         ({"GATEWAY_LIMIT_FAIL_MODE": "maybe"}, "GATEWAY_LIMIT_FAIL_MODE"),
         ({"GATEWAY_METRIC_DIMENSIONS": "Subscription ID,Colour"}, "GATEWAY_METRIC_DIMENSIONS: unknown dimension 'Colour'"),
         ({"GATEWAY_RECORD_CONTENT": "perhaps"}, "GATEWAY_RECORD_CONTENT"),
+        ({"GATEWAY_RECORD_CONTENT": "true"}, "GATEWAY_RECORD_CONTENT: removed; prompts and completions are never recorded"),
+        ({"GATEWAY_PRICES": '{"deployments": {"gpt-4o": {"input": -2}}}'}, "GATEWAY_PRICES.deployments.gpt-4o.input"),
+        ({"GATEWAY_PRICES_FILE": "/nonexistent/prices.json"}, "GATEWAY_PRICES_FILE .*prices.json.*: cannot read"),
+        ({"GATEWAY_PRICES": "{}", "GATEWAY_PRICES_FILE": "x"}, "set one, not both"),
+        ({"GATEWAY_REQUEST_LOG_SAMPLING": "0"}, "GATEWAY_REQUEST_LOG_SAMPLING"),
+        ({"GATEWAY_CLIENT_IP": "full"}, "GATEWAY_CLIENT_IP: expected one of truncated, raw, omit"),
     ],
 )
 def test_bad_settings_fail_naming_the_setting(change: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_settings({**env(BACKEND), **change})
+
+
+def test_prices_from_a_file(tmp_path: Any) -> None:
+    path = tmp_path / "prices.json"
+    path.write_text('{"currency": "EUR", "deployments": {"gpt-4o": {"input": 2.5, "output": 10}}}')
+    settings = load_settings({**env(BACKEND), "GATEWAY_PRICES_FILE": str(path)})
+    assert settings.prices.currency == "EUR" and settings.prices.deployments["gpt-4o"].output == 10
 
 
 def test_backends_are_required_unless_only_storage_is() -> None:

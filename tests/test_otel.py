@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from azure.monitor.opentelemetry.exporter.export.metrics._exporter import APPLICATION_INSIGHTS_METRIC_TEMPORALITIES
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -57,6 +60,9 @@ class FakeClock:
         return self.t
 
 
+LOGS: list[InMemoryLogRecordExporter] = []
+
+
 def telemetry(
     clock: FakeClock | None = None, **env: str
 ) -> tuple[OtelTelemetry, InMemoryMetricReader, InMemorySpanExporter]:
@@ -66,8 +72,25 @@ def telemetry(
     spans = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    sink = OtelTelemetry(settings(**env), provider.get_meter("test"), tracer_provider.get_tracer("test"), clock or FakeClock())
+    logs = InMemoryLogRecordExporter()
+    logger_provider = LoggerProvider()
+    logger_provider.add_log_record_processor(SimpleLogRecordProcessor(logs))
+    LOGS[:] = [logs]
+    sink = OtelTelemetry(
+        settings(**env), provider.get_meter("test"), tracer_provider.get_tracer("test"), clock or FakeClock(),
+        logger_provider.get_logger("test"),
+    )
     return sink, reader, spans
+
+
+def log_records() -> list[dict[str, Any]]:
+    """The per-request log as the exporter reads it: attributes, measurements decoded."""
+    found = []
+    for item in LOGS[0].get_finished_logs():
+        attributes = dict(item.log_record.attributes or {})
+        attributes["microsoft.custom_measurements"] = json.loads(str(attributes["microsoft.custom_measurements"]))
+        found.append(attributes)
+    return found
 
 
 def test_token_metrics_have_apim_names_and_dimensions() -> None:
@@ -254,3 +277,61 @@ def test_the_request_span_carries_method_route_status_and_the_truncated_address(
     client = next(s for s in spans.get_finished_spans() if s.kind.name == "CLIENT")
     assert (client.attributes or {})["server.address"] == "127.0.0.1"
     assert (client.attributes or {})["server.port"] == 8123
+
+
+PRICES = '{"currency": "EUR", "deployments": {"gpt-4o": {"input": 2.5, "cached_input": 1.25, "output": 10}}}'
+
+
+def test_one_log_record_per_request_with_tokens_source_attempts_latency_and_cost() -> None:
+    sink, reader, _ = telemetry(GATEWAY_PRICES=PRICES)
+    sink.request_done(record(ptu=False, attempts=2))
+    sink.request_done(record(status=429, usage=None, ttft_ms=None, backend_id="", region="", ptu=False, attempts=0))
+    sink.request_done(record(ptu=False, usage=TokenUsage(10, 5, 15, reported=False), stream=True))
+    first, throttled, counted = log_records()
+    assert first["microsoft.custom_event.name"] == "GatewayLlmLog"
+    assert first["microsoft.custom_measurements"] == {
+        "Prompt Tokens": 100, "Completion Tokens": 20, "Cached Tokens": 64, "Reasoning Tokens": 5, "Total Tokens": 120,
+        "Attempts": 2, "Duration Ms": 12.5, "Time To First Token Ms": 3.0,
+        "Cost": pytest.approx((36 * 2.5 + 64 * 1.25 + 20 * 10) / 1e6),
+    }
+    assert {k: first[k] for k in ("Subscription ID", "Deployment", "Model", "Backend ID", "Location", "Status Code",
+                                  "Usage Source", "Client IP", "User ID", "Currency", "PTU")} == {
+        "Subscription ID": "team-a", "Deployment": "gpt-4o", "Model": "gpt-4o-2024-11-20", "Backend ID": "uk-ptu",
+        "Location": "uksouth", "Status Code": "200", "Usage Source": "reported", "Client IP": "10.1.2.0",
+        "User ID": "alice", "Currency": "EUR", "PTU": "false",
+    }
+    assert throttled["Status Code"] == "429" and throttled["Usage Source"] == "none"
+    assert "Total Tokens" not in throttled["microsoft.custom_measurements"]
+    assert counted["Usage Source"] == "counted"
+    costs = collect(reader)[names.COST]
+    assert sum(v for v, _ in costs) == pytest.approx(
+        sum(r["microsoft.custom_measurements"]["Cost"] for r in log_records())
+    )
+    assert costs[0][1] == {"Subscription ID": "team-a", "Deployment": "gpt-4o", "Backend ID": "uk-ptu"}
+
+
+def test_ptu_answers_log_zero_cost_and_emit_no_cost_points() -> None:
+    sink, reader, _ = telemetry(GATEWAY_PRICES=PRICES)
+    sink.request_done(record(ptu=True))
+    assert log_records()[0]["microsoft.custom_measurements"]["Cost"] == 0
+    assert names.COST not in collect(reader)
+
+
+def test_the_log_can_be_turned_off_or_sampled_with_a_weight() -> None:
+    sink, _, _ = telemetry(GATEWAY_REQUEST_LOG="false")
+    sink.request_done(record())
+    assert log_records() == []
+    sink, _, _ = telemetry(GATEWAY_REQUEST_LOG_SAMPLING="0.5")
+    for _ in range(400):
+        sink.request_done(record())
+    kept = log_records()
+    assert 100 < len(kept) < 300
+    assert {r["microsoft.custom_measurements"]["Sample Weight"] for r in kept} == {2.0}
+
+
+def test_hostile_identifiers_are_bounded_in_the_log() -> None:
+    sink, _, _ = telemetry()
+    sink.request_done(record(model="m" * 10_000, user_id="u" * 10_000, client_ip="x" * 10_000))
+    (entry,) = log_records()
+    assert len(entry["Model"]) == 128 and entry["User ID"] == "(invalid)" and entry["Client IP"] == ""
+    assert sum(len(str(v)) for v in entry.values()) < 2000

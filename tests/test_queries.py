@@ -67,7 +67,7 @@ FUNCTIONS = {
     "percentile", "percentiles", "percentilew", "percentilesw", "arg_max", "arg_min", "make_set", "take_any",
     "bin", "tostring", "toint", "tolong", "todouble", "toreal", "tobool", "todatetime", "round", "floor", "abs",
     "strcat", "iff", "iif", "case", "coalesce", "isempty", "isnotempty", "isnull", "isnotnull", "not", "ago", "now",
-    "startofday",
+    "startofday", "startofmonth",
 }
 LITERALS = {"datetime", "timespan", "dynamic", "real", "int", "long", "bool", "guid"}  # typed literals: x(...)
 DIMENSION_COLUMNS = {"customDimensions"}
@@ -396,7 +396,8 @@ def query_text(name: str) -> str:
 
 def test_schema_cites_microsofts_documentation_and_lists_the_classic_tables() -> None:
     assert SCHEMA["_source"].startswith("https://learn.microsoft.com/")
-    assert set(SCHEMA["tables"]) == {"customMetrics", "requests", "dependencies"}
+    assert set(SCHEMA["tables"]) == {"customMetrics", "requests", "dependencies", "customEvents", "traces"}
+    assert {"name", "customDimensions", "customMeasurements", "itemCount"} <= set(SCHEMA["tables"]["customEvents"])
     assert {"name", "timestamp", "valueSum", "valueCount", "valueMin", "valueMax", "customDimensions"} <= set(
         SCHEMA["tables"]["customMetrics"]
     )

@@ -135,12 +135,8 @@ class LocalHost:
     No middleware stack: every await between the server and the handler is paid again for each chunk of a stream.
     """
 
-    def __init__(
-        self, functions: Any, prefix: str, keys: Mapping[str, str] | None = None,
-        on_shutdown: Callable[[], Awaitable[None]] | None = None,
-    ) -> None:
+    def __init__(self, functions: Any, prefix: str, keys: Mapping[str, str] | None = None) -> None:
         self.keys = dict(keys or {})
-        self.on_shutdown = on_shutdown
         ordered = sorted(host_routes(functions), key=lambda r: precedence(r.template))
         self.routes = [
             Served(r.function, starlette_path(prefix, r.template), frozenset(r.methods), route_regex(prefix, r.template), r)
@@ -178,17 +174,12 @@ class LocalHost:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self.on_shutdown is not None:
-                    await self.on_shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
 
-def build_asgi(
-    functions: Any, prefix: str, keys: Mapping[str, str] | None = None,
-    on_shutdown: Callable[[], Awaitable[None]] | None = None,
-) -> LocalHost:
-    return LocalHost(functions, prefix, keys, on_shutdown)
+def build_asgi(functions: Any, prefix: str, keys: Mapping[str, str] | None = None) -> LocalHost:
+    return LocalHost(functions, prefix, keys)
 
 
 def load(settings_path: Path | None = None) -> tuple[Any, LocalHost]:
@@ -198,10 +189,9 @@ def load(settings_path: Path | None = None) -> tuple[Any, LocalHost]:
         sys.path.insert(0, str(ROOT))
     module = importlib.import_module("function_app")
     keys = {"default": os.environ.get("LOCALHOST_FUNCTION_KEY", ""), "master": os.environ.get("LOCALHOST_MASTER_KEY", "")}
-    # The Functions host stops workers without a hook; here we can return limiter leases and save usage on the way out.
-    edge = getattr(module, "edge", None)
-    on_shutdown = getattr(edge, "close", None)
-    return module, build_asgi(module.app.get_functions(), route_prefix(ROOT / "host.json"), keys, on_shutdown)
+    # No shutdown hook: the Functions host has none either. The app flushes on SIGTERM by itself (shared/lifecycle.py),
+    # and that is what stopping this host exercises.
+    return module, build_asgi(module.app.get_functions(), route_prefix(ROOT / "host.json"), keys)
 
 
 def main(argv: list[str] | None = None) -> int:

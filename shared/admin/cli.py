@@ -63,11 +63,17 @@ def _limits(args: argparse.Namespace, base: Limits) -> Limits:
     if quota and quota_period not in QUOTA_PERIODS:
         raise SystemExit(f"--quota needs --quota-period, one of {', '.join(QUOTA_PERIODS)}")
     per_deployment = _deployment_tpm(args.deployment_tpm)
+    budget = args.budget if args.budget is not None else base.budget
+    budget_period = args.budget_period if args.budget_period is not None else base.budget_period
+    if budget < 0 or budget != budget or budget == float("inf"):
+        raise SystemExit("--budget: expected an amount of 0 or more (0: no budget)")
     return Limits(
         tokens_per_minute=args.tpm if args.tpm is not None else base.tokens_per_minute,
         deployment_tokens_per_minute=base.deployment_tokens_per_minute if per_deployment is None else per_deployment,
         quota=quota,
         quota_period=quota_period if quota else None,
+        budget=budget,
+        budget_period=budget_period if budget else None,
     )
 
 
@@ -92,6 +98,8 @@ def describe(consumer: Consumer) -> dict[str, Any]:
         "deployment_tokens_per_minute": dict(limits.deployment_tokens_per_minute),
         "quota": limits.quota,
         "quota_period": limits.quota_period,
+        "budget": limits.budget,
+        "budget_period": (limits.budget_period or "monthly") if limits.budget else None,
     }
 
 
@@ -188,6 +196,8 @@ def _limit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deployment-tpm", action="append", metavar="DEPLOYMENT=N", help="per-deployment tokens per minute")
     parser.add_argument("--quota", type=int, help="token quota per period (0: none)")
     parser.add_argument("--quota-period", choices=QUOTA_PERIODS)
+    parser.add_argument("--budget", type=float, help="spend per budget period in the price table's currency (0: none)")
+    parser.add_argument("--budget-period", choices=QUOTA_PERIODS, help="default monthly")
     parser.add_argument("--deployments", help="comma-separated deployments this consumer may use")
     parser.add_argument("--all-deployments", action="store_true", help="allow every deployment")
     parser.add_argument("--priority", choices=PRIORITIES)

@@ -37,6 +37,8 @@ class Limits:
     deployment_tokens_per_minute: Mapping[str, int] = field(default_factory=dict)
     quota: int = 0  # 0: no quota
     quota_period: str | None = None
+    budget: float = 0.0  # in the price table's currency per budget period; 0: no budget
+    budget_period: str | None = None  # one of QUOTA_PERIODS; None: monthly
 
 
 @dataclass(frozen=True, slots=True)

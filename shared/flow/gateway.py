@@ -127,9 +127,11 @@ class Gateway:
             return await self._proxy(request, route, consumer, started, trace)
         except GatewayError as error:
             if route is not None and consumer is not None and error.status in (429, 403) and error.code in (
-                "rate_limit_exceeded", "quota_exceeded", "tokens_exceed_limit", "backends_busy"
+                "rate_limit_exceeded", "quota_exceeded", "tokens_exceed_limit", "backends_busy", "budget_exceeded"
             ):
-                reason = {"quota_exceeded": "quota", "backends_busy": "backends"}.get(error.code or "", "rate")
+                reason = {"quota_exceeded": "quota", "backends_busy": "backends", "budget_exceeded": "budget"}.get(
+                    error.code or "", "rate"
+                )
                 self.s.telemetry.throttled(consumer.id, error.deployment or route.deployment or "", reason)
             return self._error_response(error, request, route, consumer, started, trace)
 

@@ -32,7 +32,7 @@ T = TypeVar("T")
 class Tables:
     """The gateway's tables, each created on first use, with every call under `timeout_s`."""
 
-    NAMES = ("consumers", "ledger", "breakers", "usage")
+    NAMES = ("consumers", "ledger", "breakers", "usage", "budgets")
 
     def __init__(self, service: TableServiceClient, prefix: str, timeout_s: float) -> None:
         self._service = service
@@ -128,6 +128,8 @@ def consumer_to_entity(consumer: Consumer) -> dict[str, Any]:
         "deployment_tpm": json.dumps(dict(limits.deployment_tokens_per_minute)),
         "quota": limits.quota,
         "quota_period": limits.quota_period or "",
+        "budget": float(limits.budget),
+        "budget_period": limits.budget_period or "",
         "priority": consumer.priority,
         "previous_key_hash": consumer.previous_key_hash or "",
         "previous_key_expires": float(consumer.previous_key_expires),
@@ -150,6 +152,8 @@ def consumer_from_entity(entity: dict[str, Any]) -> Consumer:
             deployment_tokens_per_minute={k: int(v) for k, v in json.loads(entity.get("deployment_tpm") or "{}").items()},
             quota=int(entity.get("quota", 0) or 0),
             quota_period=entity.get("quota_period") or None,
+            budget=float(entity.get("budget", 0.0) or 0.0),
+            budget_period=entity.get("budget_period") or None,
         ),
         priority=entity.get("priority") or "normal",
         previous_key_hash=entity.get("previous_key_hash") or None,
@@ -369,3 +373,35 @@ def _replace_if_unchanged(entity: dict[str, Any], etag: str | None) -> Callable[
     return lambda table: table.update_entity(
         entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
     )
+
+
+class TableBudgetStore:
+    """Spend rows keyed consumer|period / instance: each instance writes only its own row, cumulatively."""
+
+    def __init__(self, tables: Tables) -> None:
+        self._tables = tables
+
+    async def save(self, rows: list[Any]) -> None:
+        by_partition: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_partition.setdefault(f"{row.consumer}|{row.period}", []).append(
+                {
+                    "PartitionKey": f"{row.consumer}|{row.period}",
+                    "RowKey": row.instance,
+                    "consumer": row.consumer,
+                    "period": row.period,
+                    "micros": row.micros,
+                }
+            )
+        for entities in by_partition.values():
+            operations = [("upsert", e, {"mode": UpdateMode.REPLACE}) for e in entities]
+            await self._tables.call("budgets", lambda t, ops=operations: t.submit_transaction(ops))  # type: ignore[misc]
+
+    async def read(self, consumer: str, period: str) -> list[Any]:
+        from shared.limits.budget import SpendRow
+
+        entities = await self._tables.call(
+            "budgets",
+            lambda t: collect(t.query_entities("PartitionKey eq @p", parameters={"p": f"{consumer}|{period}"})),
+        )
+        return [SpendRow(e["consumer"], e["period"], e["RowKey"], int(e["micros"])) for e in entities]

@@ -20,6 +20,7 @@ BREAKER_TRANSITIONS = "Breaker Transitions"
 REQUEST_DURATION = "Request Duration"
 TIME_TO_FIRST_TOKEN = "Time To First Token"
 STORE_FALLBACKS = "Limiter Store Fallbacks"
+COST = "Cost"  # in the price table's currency (GATEWAY_PRICES); pay-as-you-go answers only, PTU adds 0
 
 # Dimension names.
 SUBSCRIPTION_ID = "Subscription ID"
@@ -39,6 +40,9 @@ REASON = "Reason"
 FROM_BACKEND = "From Backend"
 TO_BACKEND = "To Backend"
 STATE = "State"
+# Per-request log fields beyond the dimension names above.
+USAGE_SOURCE = "Usage Source"  # reported (by the backend) | counted (by the gateway) | none
+CURRENCY = "Currency"
 
 
 @dataclass(slots=True)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import metrics, trace
+from opentelemetry._logs import SeverityNumber, get_logger, get_logger_provider
 from opentelemetry.metrics import Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -22,6 +24,7 @@ from shared.config import Settings
 from shared.telemetry import events as names
 from shared.telemetry.events import Attempt, NullTelemetry, RequestRecord, Telemetry, Trace
 from shared.telemetry.privacy import Privacy
+from shared.telemetry.request_log import EVENT_NAME, RequestLog
 from shared.telemetry.series import SeriesTable
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ INSTRUMENTS = {
     names.STORE_FALLBACKS: "gateway.limiter.store_fallbacks",
     names.REQUEST_DURATION: "gateway.request.duration",
     names.TIME_TO_FIRST_TOKEN: "gateway.time_to_first_token",
+    names.COST: "gateway.cost",
 }
 
 
@@ -211,15 +215,19 @@ COLLAPSE = (
     (names.USER_ID, names.CLIENT_IP),
     (names.MODEL, names.OPERATION_ID, names.API_ID, names.STREAM, names.GATEWAY_ID, names.STATUS_CODE),
 )
+COST_DIMENSIONS = (names.SUBSCRIPTION_ID, names.DEPLOYMENT, names.BACKEND_ID)
 KEEP = (names.SUBSCRIPTION_ID, names.DEPLOYMENT, names.BACKEND_ID, names.LOCATION, names.PTU)
 
 
 class OtelTelemetry:
     def __init__(
-        self, settings: Settings, meter: Any = None, tracer: Any = None, now: Callable[[], float] | None = None
+        self, settings: Settings, meter: Any = None, tracer: Any = None, now: Callable[[], float] | None = None,
+        logger: Any = None,
     ) -> None:
         meter = meter or metrics.get_meter(settings.metric_namespace)
         self._tracer = tracer or trace.get_tracer("ai-gateway")
+        self._logger = logger or get_logger("ai-gateway.requests")
+        self._prices = settings.prices
         now = now or time.monotonic
         self.privacy = Privacy(
             settings.client_ip_mode,  # type: ignore[arg-type]
@@ -243,9 +251,16 @@ class OtelTelemetry:
         }
         self.tokens = SeriesTable(tuple(name for name, _ in dimensions), len(TOKEN_FIELDS), now, **limits)  # type: ignore[arg-type]
         self.requests = SeriesTable(REQUEST_DIMENSIONS, 1, now, **limits)  # type: ignore[arg-type]
+        self.costs = SeriesTable(COST_DIMENSIONS, 1, now, **limits)  # type: ignore[arg-type]
+        self.request_log = (
+            RequestLog(settings.prices, privacy, gateway_id, settings.request_log_sampling)
+            if settings.request_log else None
+        )
+        self._sampling = settings.request_log_sampling
         i = INSTRUMENTS
         self._token_counters = [meter.create_counter(i[name], unit="{token}") for name, _ in TOKEN_FIELDS]
         self._request_counter = meter.create_counter(i[names.GATEWAY_REQUESTS], unit="{request}")
+        self._cost_counter = meter.create_counter(i[names.COST], unit=settings.prices.currency)
         # Sums are kept in the series tables (a request costs a few dictionary operations) and handed to the SDK as
         # deltas when it collects: this callback runs first in every collection and observes nothing itself.
         meter.create_observable_gauge("gateway.internal.collect", callbacks=[self._collect])
@@ -263,6 +278,8 @@ class OtelTelemetry:
                     counter.add(_whole(value), dimensions)
         for dimensions, delta in self.requests.deltas():
             self._request_counter.add(_whole(delta[0]), dimensions)
+        for dimensions, delta in self.costs.deltas():
+            self._cost_counter.add(delta[0], dimensions)
         return iter(())
 
     def begin(self, method: str, route: str) -> Trace:
@@ -288,6 +305,14 @@ class OtelTelemetry:
             self._ttft.record(record.ttft_ms, {names.BACKEND_ID: record.backend_id, names.DEPLOYMENT: record.deployment})
         if trace is not None:
             trace.end(record)
+        request_log = self.request_log
+        if request_log is not None and (self._sampling >= 1.0 or random.random() < self._sampling):
+            self._logger.emit(
+                body=EVENT_NAME,
+                attributes=request_log.attributes(record),
+                context=getattr(trace, "context", None),
+                severity_number=SeverityNumber.INFO,
+            )
 
     def tokens_spent(self, record: RequestRecord) -> None:
         usage = record.usage
@@ -296,6 +321,9 @@ class OtelTelemetry:
                 tuple(value(record) for value in self._dimension_values),
                 (usage.prompt, usage.completion, usage.total, usage.cached, usage.reasoning),
             )
+            cost = self._prices.cost(record.deployment, record.ptu, usage)
+            if cost:
+                self.costs.add((record.consumer_id, record.deployment, record.backend_id), (cost,))
 
     def throttled(self, consumer_id: str, deployment: str, reason: str) -> None:
         self._throttled.add(1, {names.SUBSCRIPTION_ID: consumer_id, names.DEPLOYMENT: deployment, names.REASON: reason})
@@ -322,5 +350,8 @@ def flush(timeout_ms: int = 10_000) -> None:
         force(timeout_ms)
     tracer_provider = trace.get_tracer_provider()
     force = getattr(tracer_provider, "force_flush", None)
+    if force is not None:
+        force(timeout_ms)
+    force = getattr(get_logger_provider(), "force_flush", None)
     if force is not None:
         force(timeout_ms)

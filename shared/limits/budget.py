@@ -1,0 +1,227 @@
+"""Budgets in currency per consumer, enforced at admission like quotas (403 `budget_exceeded`).
+
+A consumer's spend in a period (monthly unless its record says otherwise) is the sum of what every gateway instance
+charged it: each instance keeps its own cumulative figure in memory, adds each answer's cost (the price table's
+marginal cost, so PTU answers add nothing), and writes it to its own Table Storage row every few seconds (no two
+instances write the same row, so no write conflicts and nothing counted twice). At admission the book reads the other
+instances' rows at most every `refresh_s` seconds per consumer. Like API Management's quota, the check happens before
+the request and the charge after the answer, so concurrent requests and the refresh interval can overshoot a budget
+by what is in flight; after that every request is refused until the period ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from shared.clock import Clock
+from shared.edge.consumers import Consumer
+from shared.edge.errors import GatewayError
+from shared.limits.contract import Limiter, Ticket
+from shared.limits.ledger import period_bounds
+from shared.telemetry.events import RequestRecord, Telemetry, Trace
+from shared.telemetry.prices import PriceTable
+
+log = logging.getLogger(__name__)
+
+MICROS = 1_000_000  # spend is summed in millionths of the currency unit: integers add exactly
+FLUSH_INTERVAL_S = 5.0  # at most; a shorter refresh interval saves as often as it reads
+
+
+class BudgetStore(Protocol):
+    async def save(self, rows: list[SpendRow]) -> None: ...
+
+    async def read(self, consumer: str, period: str) -> list[SpendRow]: ...
+
+
+@dataclass(frozen=True)
+class SpendRow:
+    consumer: str
+    period: str  # "2026-12" for a monthly budget
+    instance: str
+    micros: int
+
+
+class MemoryBudgetStore:
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str, str], SpendRow] = {}
+        self.reads = 0
+
+    async def save(self, rows: list[SpendRow]) -> None:
+        for row in rows:
+            self.rows[(row.consumer, row.period, row.instance)] = row
+
+    async def read(self, consumer: str, period: str) -> list[SpendRow]:
+        self.reads += 1
+        return [r for (c, p, _), r in self.rows.items() if c == consumer and p == period]
+
+
+@dataclass(slots=True)
+class _Account:
+    own: int = 0  # this instance's spend in the period, in micros
+    others: int = 0  # the other instances' spend at the last read
+    read_at: float = float("-inf")
+
+
+class BudgetBook:
+    def __init__(
+        self, store: BudgetStore, clock: Clock, prices: PriceTable, instance: str, *,
+        refresh_s: float = 5.0, flush_s: float | None = None, background: bool = True,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self.prices = prices
+        self.instance = instance
+        self.refresh_s = refresh_s
+        self.flush_s = min(refresh_s, FLUSH_INTERVAL_S) if flush_s is None else flush_s
+        self._accounts: dict[tuple[str, str], _Account] = {}
+        self._periods: dict[str, str] = {}  # consumer -> budget period, for consumers with a budget
+        self._dirty: set[tuple[str, str]] = set()
+        self._background = background
+        self._task: asyncio.Task[None] | None = None
+        self.failures = 0
+
+    def _key(self, consumer_id: str, period: str) -> tuple[str, str]:
+        return consumer_id, period_bounds(period, self._clock.now())[0]
+
+    async def check(self, consumer: Consumer) -> None:
+        """Refuse a consumer whose spend in the period has reached its budget."""
+        budget = consumer.limits.budget
+        if budget <= 0:
+            self._periods.pop(consumer.id, None)
+            return
+        period = consumer.limits.budget_period or "monthly"
+        self._periods[consumer.id] = period
+        key = self._key(consumer.id, period)
+        account = self._accounts.get(key)
+        if account is None:
+            account = self._accounts[key] = _Account()
+        if self._clock.monotonic() - account.read_at >= self.refresh_s:
+            await self._refresh(key, account)
+        if account.own + account.others >= round(budget * MICROS):
+            spent = (account.own + account.others) / MICROS
+            raise GatewayError(
+                403,
+                f"This key has spent its {period} budget ({spent:.2f} of {budget:.2f} {self.prices.currency}).",
+                type="insufficient_quota",
+                code="budget_exceeded",
+            )
+
+    async def _refresh(self, key: tuple[str, str], account: _Account) -> None:
+        try:
+            rows = await self._store.read(*key)
+        except Exception as exc:  # the store is down: decide with what was read last (fail open, like the limiter)
+            self.failures += 1
+            log.warning("could not read budget spend (%s)", type(exc).__name__)
+            account.read_at = self._clock.monotonic()
+            return
+        account.others = sum(r.micros for r in rows if r.instance != self.instance)
+        account.read_at = self._clock.monotonic()
+
+    def spend(self, record: RequestRecord) -> None:
+        """Charge an answer's cost to its consumer (synchronous: also runs when the client went away)."""
+        period = self._periods.get(record.consumer_id)
+        if period is None:
+            return
+        micros = round(self.prices.cost(record.deployment, record.ptu, record.usage) * MICROS)
+        if micros <= 0:
+            return
+        key = self._key(record.consumer_id, period)
+        account = self._accounts.get(key)
+        if account is None:
+            account = self._accounts[key] = _Account()
+        account.own += micros
+        self._dirty.add(key)
+        if self._background and (self._task is None or self._task.done()):
+            try:
+                self._task = asyncio.get_running_loop().create_task(self._flush_forever())
+            except RuntimeError:
+                pass
+
+    def spent(self, consumer_id: str, period: str = "monthly") -> float:
+        account = self._accounts.get(self._key(consumer_id, period))
+        return 0.0 if account is None else (account.own + account.others) / MICROS
+
+    async def flush(self) -> None:
+        if not self._dirty:
+            return
+        keys = list(self._dirty)
+        self._dirty.clear()
+        rows = [SpendRow(c, p, self.instance, self._accounts[(c, p)].own) for c, p in keys]
+        try:
+            await self._store.save(rows)
+        except Exception as exc:
+            self._dirty.update(keys)  # cumulative rows: the next save carries these too
+            self.failures += 1
+            log.warning("could not save budget spend (%s); will retry", type(exc).__name__)
+
+    async def _flush_forever(self) -> None:
+        while self._dirty:
+            await asyncio.sleep(self.flush_s)
+            await self.flush()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self.flush()
+
+
+class BudgetedLimiter:
+    """The limiter with the budget checked first: the request flow sees one Limiter, as before."""
+
+    def __init__(self, inner: Limiter, book: BudgetBook) -> None:
+        self._inner = inner
+        self.book = book
+
+    def needs_estimate(self, consumer: Consumer, deployment: str) -> bool:
+        return self._inner.needs_estimate(consumer, deployment)
+
+    async def admit(self, consumer: Consumer, deployment: str, reserve: int) -> Ticket:
+        await self.book.check(consumer)
+        return await self._inner.admit(consumer, deployment, reserve)
+
+    async def close(self) -> None:
+        close: Callable[[], object] | None = getattr(self._inner, "close", None)
+        try:
+            if close is not None:
+                result = close()
+                if asyncio.iscoroutine(result):
+                    await result
+        finally:
+            await self.book.close()
+
+
+class SpendingTelemetry:
+    """The request flow's telemetry, with every answer also charged to its consumer's budget: the records telemetry
+    receives are exactly what was charged (the answer, and attempts whose body broke off), so spend and the Cost
+    metric cannot drift apart."""
+
+    def __init__(self, inner: Telemetry, book: BudgetBook) -> None:
+        self._inner = inner
+        self.book = book
+
+    def begin(self, method: str, route: str) -> Trace:
+        return self._inner.begin(method, route)
+
+    def request_done(self, record: RequestRecord, trace: Trace | None = None) -> None:
+        self.book.spend(record)
+        self._inner.request_done(record, trace)
+
+    def tokens_spent(self, record: RequestRecord) -> None:
+        self.book.spend(record)
+        self._inner.tokens_spent(record)
+
+    def throttled(self, consumer_id: str, deployment: str, reason: str) -> None:
+        self._inner.throttled(consumer_id, deployment, reason)
+
+    def failover(self, from_backend: str, to_backend: str, reason: str) -> None:
+        self._inner.failover(from_backend, to_backend, reason)
+
+    def breaker_transition(self, backend_id: str, region: str, state: str) -> None:
+        self._inner.breaker_transition(backend_id, region, state)
+
+    def store_fallback(self, reason: str) -> None:
+        self._inner.store_fallback(reason)
