@@ -581,3 +581,16 @@ def test_deploy_document_gives_the_commands_costs_and_what_was_checked() -> None
     readme = (BICEP / "README.md").read_text(encoding="utf-8")
     for scenario in SCENARIOS:
         assert f"{scenario}.bicepparam" in readme
+
+
+def test_the_breaker_rule_type_is_the_gateways() -> None:
+    from tools.bicepcheck.syntax import named, text
+
+    rule = load_template(MAIN.resolve()).types["breakerRule"]
+    fields = {text(named(p)[0]): named(p)[-1].type for p in named(rule) if p.type == "object_property"}
+    assert set(fields) == set(config._BREAKER_FIELDS) and set(fields.values()) == {"nullable_type"}
+
+
+def test_backend_ids_the_template_accepts_are_ones_the_gateway_accepts() -> None:
+    longest = "a" + "-_." * 13  # 40 characters, the template's @maxLength
+    assert len(longest) == 40 and config._ID_RE.fullmatch(longest)

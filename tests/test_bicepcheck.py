@@ -347,3 +347,25 @@ def test_the_commented_ptu_example_passes_the_checks_once_uncommented(copy: Path
     skus = {r.body["sku"]["name"] for r in report.deployment.all_resources()
             if r.type == "Microsoft.CognitiveServices/accounts/deployments"}
     assert skus & models.PROVISIONED_SKUS
+
+
+def test_decorators_on_type_fields_are_checked(copy: Path) -> None:
+    # backendRegion.id is @maxLength(40): longer ids would push new account names past 64 characters.
+    edit(copy / "minimal.bicepparam", "id: 'swedencentral'", "id: 'swedencentral-" + "x" * 28 + "'")
+    found = problems_of(copy / "minimal.bicepparam")
+    assert any("parameter backendRegions: [0].id:" in p and "is longer than 40" in p for p in found), found
+    shutil.copy(BICEP / "minimal.bicepparam", copy / "minimal.bicepparam")
+    edit(copy / "minimal.bicepparam", "capacity: 100", "capacity: 0")  # modelDeployment.capacity is @minValue(1)
+    assert any("capacity" in p and "is below 1" in p for p in problems_of(copy / "minimal.bicepparam"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("param appInboundAccess = 'private'", "needs enablePrivateNetworking"),
+        ("param appInboundAccess = 'restricted'", "refuses every caller"),
+    ],
+)
+def test_combinations_that_lock_everyone_out_are_reported(copy: Path, extra: str, expected: str) -> None:
+    edit(copy / "minimal.bicepparam", "param alwaysReadyInstances = 0", f"param alwaysReadyInstances = 0\n{extra}")
+    assert any(expected in p for p in problems_of(copy / "minimal.bicepparam"))

@@ -137,9 +137,21 @@ def model_problems(deployment: Deployment) -> list[str]:
     return found
 
 
+def combination_problems(values: dict[str, Any]) -> list[str]:
+    """Parameter combinations that deploy but do not work (Bicep has no assertions to refuse them)."""
+    found: list[str] = []
+    if values.get("appInboundAccess") == "private" and not values.get("enablePrivateNetworking"):
+        found.append("appInboundAccess 'private' needs enablePrivateNetworking: without the network the app would "
+                     "have public access off and no private endpoint, so no one could call it")
+    if values.get("appInboundAccess") == "restricted" and not values.get("appAllowedIpRanges"):
+        found.append("appInboundAccess 'restricted' with no appAllowedIpRanges refuses every caller")
+    return found
+
+
 def check(params_file: Path, ctx: Context | None = None) -> Report:
     deployment, problems = deploy_params_file(params_file.resolve(), ctx or Context())
     report = Report(params_file, deployment, [str(p) for p in problems])
+    report.problems.extend(f"{params_file.name}: {m}" for m in combination_problems(deployment.values))
     for resource in deployment.all_resources():
         report.problems.extend(type_problems(resource))
     report.problems.extend(name_problems(deployment))

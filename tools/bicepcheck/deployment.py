@@ -417,8 +417,19 @@ def check_value(value: Any, param: Param, template: Template) -> list[str]:
     if is_unknown(value):
         return []
     problems = check_type(value, param.type_node, template, "") if param.type_node is not None else []
-    decorators = param.decorators
-    scope = Scope(lambda n: (_ for _ in ()).throw(EvaluationError(n)), Context(), template.path.parent)
+    return problems + check_decorators(value, param.decorators, template)
+
+
+def _no_symbols(name: str) -> Any:
+    raise EvaluationError(f"a decorator argument refers to {name}")
+
+
+def check_decorators(value: Any, decorators: dict[str, list[Node]], template: Template) -> list[str]:
+    """Problems of a value against @allowed, @minValue, @maxValue, @minLength and @maxLength."""
+    if is_unknown(value):
+        return []
+    problems: list[str] = []
+    scope = Scope(_no_symbols, Context(), template.path.parent)
     if "allowed" in decorators:
         allowed = evaluate(decorators["allowed"][0], scope)
         items = value if isinstance(value, list) and not any(isinstance(a, list) for a in allowed) else [value]
@@ -482,9 +493,15 @@ def check_type(value: Any, node: Node, template: Template, where: str) -> list[s
             return [f"{at}: expected an object"]
         problems: list[str] = []
         declared: dict[str, Node] = {}
+        decorated: dict[str, dict[str, list[Node]]] = {}
+        pending: Node | None = None
         for prop in named(node):
-            if prop.type == "object_property":
-                declared[text(named(prop)[0]).strip("'")] = named(prop)[-1]
+            if prop.type == "decorators":
+                pending = prop
+            elif prop.type == "object_property":
+                key = text(named(prop)[0]).strip("'")
+                declared[key] = named(prop)[-1]
+                decorated[key], pending = _decorators(pending), None
         for key in value:
             if key not in declared:
                 problems.append(f"{at}: unknown field {key!r} (declared: {sorted(declared)})")
@@ -492,6 +509,7 @@ def check_type(value: Any, node: Node, template: Template, where: str) -> list[s
             sub = f"{where}.{key}" if where else key
             if key in value:
                 problems.extend(check_type(value[key], type_node, template, sub))
+                problems.extend(f"{sub}: {m}" for m in check_decorators(value[key], decorated[key], template))
             elif type_node.type != "nullable_type":
                 problems.append(f"{at}: missing required field {key!r}")
         return problems
