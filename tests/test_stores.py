@@ -196,3 +196,29 @@ async def test_every_breaker_record_loads_in_one_round_trip(azurite: stack.Child
         assert tables.calls - before == 1
     finally:
         await tables.close()
+
+
+async def test_many_consumers_are_created_at_once_and_an_existing_id_is_a_conflict(stores: Stores) -> None:
+    store: Any = stores.consumers
+    await store.create(consumer("taken"))
+    await store.create_many([consumer(f"many-{n}", key=f"gw-key-{n}") for n in range(250)])
+    assert len(await store.list_consumers()) == 251
+    found = await store.find_by_key_hash(hash_key("gw-key-199"))
+    assert found is not None and found.id == "many-199"
+    with pytest.raises(Conflict):
+        await store.create_many([consumer("fresh-1"), consumer("taken"), consumer("fresh-2")])
+    assert await store.get("fresh-1") is None  # a batch is all or nothing
+
+
+async def test_creating_a_thousand_consumers_takes_ten_round_trips(azurite: stack.Child) -> None:
+    service = TableServiceClient.from_connection_string(stack.table_connection_string(azurite.port), retry_total=0)
+    tables = Tables(service, f"bulk{next(_prefixes)}", timeout_s=10)
+    try:
+        store = TableConsumerStore(tables)
+        await tables.ensure("consumers")
+        before = tables.calls
+        await store.create_many([consumer(f"c-{n}", key=f"gw-{n}") for n in range(1000)])
+        assert tables.calls - before == 10
+        assert len(await store.list_consumers()) == 1000
+    finally:
+        await tables.close()

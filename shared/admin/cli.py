@@ -3,10 +3,17 @@
     python -m shared.admin consumers create NAME [--tpm N] [--deployment-tpm DEPLOYMENT=N ...]
                                                  [--quota N --quota-period daily] [--deployments a,b | --all-deployments]
                                                  [--priority high|normal|low] [--id ID]
+    python -m shared.admin consumers create-many FILE [--keys-out KEYS]   (JSON Lines, one consumer a line; see below)
     python -m shared.admin consumers list | show ID | rotate ID [--grace-seconds S] | disable ID | enable ID | delete ID
     python -m shared.admin consumers set ID [--tpm N] [--deployment-tpm D=N ...] [--quota N --quota-period P] ...
     python -m shared.admin usage [--period daily|hourly|monthly|...] [--at ISO-DATE] [--consumer ID]
     python -m shared.admin query list | run NAME --resource-id ID [--timespan P1D]
+
+A consumers file has one JSON object a line: {"name": "...", "id": "...", "tokens_per_minute": N,
+"deployment_tokens_per_minute": {"gpt-4o": N}, "quota": N, "quota_period": "monthly", "deployments": ["gpt-4o"],
+"priority": "normal"}; only "name" is required. The whole file is checked before anything is created; the consumers
+are then created a hundred per round trip, and their keys written once, as JSON Lines, to KEYS (created with mode 0600,
+never overwritten) or to standard output.
 
 It talks to the same Table Storage as the gateway (settings from the environment, then local.settings.json). A new or
 rotated key is printed once and never stored; gateways pick up changes within GATEWAY_CONSUMER_REFRESH_S seconds.
@@ -16,10 +23,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import re
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -103,6 +113,91 @@ def describe(consumer: Consumer) -> dict[str, Any]:
     }
 
 
+_SPEC_FIELDS = frozenset({"name", "id", "tokens_per_minute", "deployment_tokens_per_minute", "quota", "quota_period",
+                          "deployments", "priority"})
+
+
+def _count(spec: Mapping[str, Any], field: str) -> int:
+    value = spec.get(field, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{field} must be a whole number >= 0")
+    return int(value)
+
+
+def consumer_from_spec(spec: Any) -> tuple[Consumer, str]:
+    """One line of a consumers file -> a new consumer and its key (raises ValueError saying what is wrong)."""
+    if not isinstance(spec, dict):
+        raise ValueError("expected a JSON object")
+    unknown = sorted(set(spec) - _SPEC_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown fields {', '.join(unknown)}")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("name is required")
+    per_deployment = spec.get("deployment_tokens_per_minute", {})
+    if not isinstance(per_deployment, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in per_deployment.items()
+    ):
+        raise ValueError("deployment_tokens_per_minute must map deployments to whole numbers >= 0")
+    quota = _count(spec, "quota")
+    period = spec.get("quota_period")
+    if (quota or period is not None) and period not in QUOTA_PERIODS:
+        raise ValueError(f"quota needs quota_period, one of {', '.join(QUOTA_PERIODS)}")
+    deployments = spec.get("deployments", "*")
+    if deployments != "*" and not (isinstance(deployments, list) and all(isinstance(d, str) and d for d in deployments)):
+        raise ValueError('deployments must be a list of names or "*"')
+    priority = spec.get("priority", "normal")
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}")
+    key = new_key()
+    consumer = Consumer(
+        id=validate_consumer_id(spec.get("id") or _slug(name)),
+        name=name,
+        key_hash=hash_key(key),
+        key_prefix=key_prefix(key),
+        deployments=None if deployments == "*" else frozenset(deployments),
+        limits=Limits(
+            tokens_per_minute=_count(spec, "tokens_per_minute"),
+            deployment_tokens_per_minute=dict(per_deployment),
+            quota=quota,
+            quota_period=period if quota else None,
+        ),
+        priority=priority,
+    )
+    return consumer, key
+
+
+def read_specs(lines: Sequence[str]) -> list[tuple[Consumer, str]]:
+    """Every consumer of a file, or SystemExit listing every bad line (nothing is created then)."""
+    made: list[tuple[Consumer, str]] = []
+    errors: list[str] = []
+    seen: set[str] = set()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            consumer, key = consumer_from_spec(json.loads(line))
+        except ValueError as error:  # json.JSONDecodeError is a ValueError
+            errors.append(f"line {number}: {error}")
+            continue
+        if consumer.id in seen:
+            errors.append(f"line {number}: id {consumer.id!r} appears twice")
+            continue
+        seen.add(consumer.id)
+        made.append((consumer, key))
+    if errors:
+        shown = errors[:20] + ([f"... and {len(errors) - 20} more"] if len(errors) > 20 else [])
+        raise SystemExit("nothing created:\n" + "\n".join(shown))
+    return made
+
+
+def _read_lines(path: str) -> list[str]:
+    if path == "-":
+        return sys.stdin.read().splitlines()
+    with open(path, encoding="utf-8") as handle:
+        return handle.read().splitlines()
+
+
 class Admin:
     def __init__(self, store: TableConsumerStore, out: Any = None) -> None:
         self.store = store
@@ -130,6 +225,30 @@ class Admin:
             return 1
         self.print(json.dumps({**describe(consumer), "key": key}, indent=2))
         self.print("Store this key now: it is shown once and cannot be recovered.")
+        return 0
+
+    async def create_many(self, args: argparse.Namespace) -> int:
+        made = read_specs(await asyncio.to_thread(_read_lines, args.file))
+        taken = {c.id for c in await self.store.list_consumers()} & {c.id for c, _ in made}
+        if taken:
+            raise SystemExit(f"nothing created: these ids exist already: {', '.join(sorted(taken)[:20])}")
+        out = self.out
+        if args.keys_out:
+            # The keys are shown once: the file is new (never overwritten) and readable by its owner only.
+            try:
+                out = os.fdopen(os.open(args.keys_out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8")
+            except FileExistsError:
+                raise SystemExit(f"nothing created: {args.keys_out} exists (keys are never written over)") from None
+        started = time.monotonic()
+        try:
+            await self.store.create_many([c for c, _ in made])
+        except Conflict:
+            raise SystemExit("nothing created by the batch holding an id created meanwhile; run again without it") from None
+        with out if args.keys_out else contextlib.nullcontext(out):
+            for consumer, key in made:
+                print(json.dumps({"id": consumer.id, "key_prefix": consumer.key_prefix, "key": key}), file=out)
+        print(f"created {len(made)} consumers in {time.monotonic() - started:.2f} s"
+              + (f"; keys in {args.keys_out} (shown once)" if args.keys_out else ""), file=sys.stderr)
         return 0
 
     async def _existing(self, consumer_id: str) -> Consumer:
@@ -213,6 +332,9 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--id")
     _limit_arguments(create)
+    many = consumers.add_parser("create-many", help="create the consumers of a JSON Lines file at once")
+    many.add_argument("file", help='one JSON object a line (see the module help); "-" for standard input')
+    many.add_argument("--keys-out", help="write the new keys here (a new file, mode 0600) instead of standard output")
     listing = consumers.add_parser("list")
     listing.add_argument("--json", action="store_true")
     for action in ("show", "disable", "enable", "delete"):
@@ -246,6 +368,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         action = args.action
         if action == "create":
             return await admin.create(args)
+        if action == "create-many":
+            return await admin.create_many(args)
         if action == "list":
             return await admin.list(args)
         if action == "show":

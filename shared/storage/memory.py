@@ -56,6 +56,15 @@ class MemoryConsumerStore(_Switch):
             raise Conflict("consumer exists")
         self.consumers[consumer.id] = consumer
 
+    async def create_many(self, consumers: list[Consumer]) -> None:
+        self._check()
+        for start in range(0, len(consumers), 100):  # as the Table store: batches of 100, each all or nothing
+            chunk = consumers[start : start + 100]
+            if any(c.id in self.consumers for c in chunk) or len({c.id for c in chunk}) < len(chunk):
+                raise Conflict("consumer exists")
+            for c in chunk:
+                self.consumers[c.id] = c
+
     async def delete(self, consumer_id: str) -> bool:
         self._check()
         return self.consumers.pop(consumer_id, None) is not None

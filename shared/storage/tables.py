@@ -18,7 +18,7 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
-from azure.data.tables import UpdateMode
+from azure.data.tables import TableTransactionError, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
 
 from shared.config import Settings
@@ -84,6 +84,11 @@ class Tables:
                 return await asyncio.wait_for(operation(self.client(table)), timeout_s or self.timeout_s)
             except (ResourceModifiedError, ResourceExistsError) as exc:
                 raise Conflict(type(exc).__name__) from None
+            except TableTransactionError as exc:
+                if exc.status_code == 409 or getattr(exc, "error_code", None) == "EntityAlreadyExists":
+                    raise Conflict(f"operation {exc.index} of the batch: {getattr(exc, 'error_code', None)}") from None
+                self.failures += 1
+                raise StoreUnavailable(f"{self.name(table)}: {type(exc).__name__}") from None
             except ResourceNotFoundError as exc:
                 if getattr(exc, "error_code", None) == "TableNotFound" and attempt == 1:
                     self._ready.discard(table)  # the store lost the table (an emulator restarted): create it again
@@ -195,6 +200,19 @@ class TableConsumerStore:
     async def create(self, consumer: Consumer) -> None:
         entity = consumer_to_entity(consumer)
         await self._tables.call("consumers", lambda t: t.create_entity(entity))
+
+    async def create_many(self, consumers: list[Consumer], parallel: int = 4) -> None:
+        """Create many consumers in batches of 100 (one round trip each; all share one partition), a few at a time.
+        A batch is all or nothing: Conflict names the first batch holding an id that exists."""
+        entities = [consumer_to_entity(c) for c in consumers]
+        gate = asyncio.Semaphore(parallel)
+
+        async def batch(chunk: list[dict[str, Any]]) -> None:
+            operations = [("create", e) for e in chunk]
+            async with gate:
+                await self._tables.call("consumers", lambda t: t.submit_transaction(operations))
+
+        await asyncio.gather(*(batch(entities[i : i + 100]) for i in range(0, len(entities), 100)))
 
     async def delete(self, consumer_id: str) -> bool:
         existing = await self.get(consumer_id)
