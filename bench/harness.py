@@ -140,7 +140,8 @@ def load_wrk(url: str, body: bytes, concurrency: int, seconds: float, headers: M
 
 def start_load(url: str | Sequence[str], body: bytes, concurrency: int, seconds: float, *,
                headers: Mapping[str, str] | None = None, stream: bool = False, max_requests: int = 1_000_000,
-               warmup: float = 1.0, rate: float | None = None, record: str | None = None) -> subprocess.Popen[str]:
+               warmup: float = 1.0, rate: float | None = None, record: str | None = None, keys: str | None = None,
+               rotate: bool = False) -> subprocess.Popen[str]:
     """Start the Python load generator in its own process (see bench/load.py)."""
     urls = [url] if isinstance(url, str) else list(url)
     argv = [sys.executable, "-m", "bench.load", *(a for u in urls for a in ("--url", u)), "--concurrency", str(concurrency),
@@ -149,6 +150,10 @@ def start_load(url: str | Sequence[str], body: bytes, concurrency: int, seconds:
         argv += ["--rate", str(rate)]
     if record:
         argv += ["--record", record]
+    if keys:
+        argv += ["--keys", keys]
+    if rotate:
+        argv.append("--rotate")
     for name, value in (headers or {}).items():
         argv += ["--header", f"{name}:{value}"]
     if stream:

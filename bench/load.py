@@ -71,6 +71,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
 async def run(
     url: str | list[str], body: bytes, headers: dict[str, str], concurrency: int, seconds: float, max_requests: int,
     stream: bool, warmup_s: float = 1.0, rate: float | None = None, record: bool = False,
+    keys: list[str] | None = None, rotate: bool = False,
 ) -> Result:
     result = Result()
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
@@ -86,6 +87,9 @@ async def run(
         async def client(index: int) -> None:
             nonlocal sent
             target = urls[index % len(urls)]
+            # Many consumers: client i is consumer i (its own key); with rotate its requests go round the gateways.
+            own = {**headers, "api-key": keys[index % len(keys)]} if keys else headers
+            turn = index
             if interval:
                 await asyncio.sleep(interval * index / concurrency)  # staggered, so a paced load is not a train of bursts
             while True:
@@ -100,7 +104,10 @@ async def run(
                 backend = ""
                 attempts = 0
                 try:
-                    async with session.post(target, data=body, headers=headers) as response:
+                    if rotate:
+                        target = urls[turn % len(urls)]
+                        turn += 1
+                    async with session.post(target, data=body, headers=own) as response:
                         consumed = int(response.headers.get("x-gateway-tokens-consumed", "0") or 0)
                         backend = response.headers.get("x-gateway-backend", "")
                         attempts = int(response.headers.get("x-gateway-attempts", "0") or 0)
@@ -154,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--body", required=True)
     parser.add_argument("--header", action="append", default=[])
     parser.add_argument("--record", help="one JSON line per request: [start, status, tokens, backend, attempts, seconds]")
+    parser.add_argument("--keys", help="a file of API keys, one a line: client i sends key i (many consumers)")
+    parser.add_argument("--rotate", action="store_true", help="each client's requests go round the URLs in turn")
     args = parser.parse_args(argv)
     if not all(u.startswith(("http://127.0.0.1", "http://localhost")) for u in args.url):
         parser.error("benchmarks talk to 127.0.0.1 only")
@@ -167,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
+    keys = [k.strip() for k in open(args.keys).read().splitlines() if k.strip()] if args.keys else None  # noqa: SIM115
     result = asyncio.run(run(args.url, args.body.encode(), headers, args.concurrency, args.seconds, args.max_requests,
-                             args.stream, args.warmup, args.rate, record=bool(args.record)))
+                             args.stream, args.warmup, args.rate, record=bool(args.record), keys=keys,
+                             rotate=args.rotate))
     if args.record:
         with open(args.record, "w") as handle:
             for row in result.records:

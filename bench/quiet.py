@@ -1,0 +1,225 @@
+"""Many quiet consumers (issue 20): Table round trips per request, the limiter's added latency, and the limit's
+accuracy for one consumer bursting beside a thousand quiet ones.
+
+    .venv/bin/python -m bench.quiet [--shapes 100x1,100x4,1000x1,1000x4] [--warmup 60] [--seconds 180]
+                                    [--burst-minutes 4] [--write]
+
+Azurite behind the counting TCP proxy (tools/tcpproxy.py), two simulated regions (50 ms, ample capacity), 1 or 4
+gateway processes. Per shape (consumers x gateways): the consumers are created with the admin command's bulk
+creation (`consumers create-many`, timed), each limited to 100,000 tokens/minute and sending one request every 2 s
+(about 7.5% of its limit), its requests going round the gateways in turn; beside them, unlimited consumers (a tenth as
+many, at least 10) at the same rate measure latency without the limiter. After a warm-up the proxy's counts are reset
+and, over the measured span, reported:
+
+- Table round trips per request (every table: ledger, usage rows, breakers, consumers), target <= 0.3,
+- p50 of limited minus unlimited requests: the limiter's added latency, target <= 0.2 ms.
+
+The burst shape: 1,000 quiet consumers and one consumer asking twice its limit from 32 clients over 4 gateways, with
+bench.limits' accuracy figures: the most admitted in any 60 s / the limit (<= 1.02), each full minute (>= 0.95).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.harness import ROOT, Bench, bench_stack, chat_body, finish_load, machine, save, stamp, start_load, update_doc
+from bench.limits import analyse
+from tools import stack
+
+QUIET_TPM = 100_000
+INTERVAL_S = 2.0
+BURST_TPM = 300_000
+BURST_CLIENTS = 32
+
+
+def create(bench: Bench, folder: Path, name: str, specs: list[dict[str, Any]]) -> tuple[list[str], float, float]:
+    """Create consumers with the admin command; return their keys, the command's wall time and its store time."""
+    spec_file, keys_file = folder / f"{name}.jsonl", folder / f"{name}-keys.jsonl"
+    spec_file.write_text("".join(json.dumps(s) + "\n" for s in specs))
+    empty = folder / "empty-settings.json"
+    empty.write_text('{"Values": {}}')
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "shared.admin", "--settings", str(empty), "consumers", "create-many", str(spec_file),
+         "--keys-out", str(keys_file)],
+        cwd=ROOT, env={**os.environ, **bench.env()}, capture_output=True, text=True, timeout=300, check=True,
+    )
+    wall = time.monotonic() - started
+    store_s = float(done.stderr.split(" in ", 1)[1].split(" s", 1)[0])
+    keys = [json.loads(line)["key"] for line in keys_file.read_text().splitlines()]
+    (folder / f"{name}.keys").write_text("\n".join(keys) + "\n")
+    return keys, round(wall, 2), round(store_s, 2)
+
+
+def start_gateways(bench: Bench, regions: list[stack.Region], count: int, tag: str) -> list[stack.Child]:
+    return [bench.start_gateway(regions, {"GATEWAY_INSTANCE_COUNT": str(count)}, name=f"gateway-{tag}-{i}")
+            for i in range(count)]
+
+
+def stop(bench: Bench, children: list[stack.Child]) -> None:
+    for child in children:
+        child.stop()
+        bench.children.remove(child)
+
+
+def table_figures(tables: dict[str, int], requests: int) -> dict[str, Any]:
+    by_kind = {kind: sum(n for t, n in tables.items() if t.endswith(kind)) for kind in ("ledger", "usage", "breakers", "consumers")}
+    by_kind["other"] = sum(tables.values()) - sum(by_kind.values())
+    return {
+        "table_round_trips_per_request": round(sum(tables.values()) / max(1, requests), 4),
+        "by_table_per_request": {k: round(v / max(1, requests), 4) for k, v in by_kind.items()},
+        "table_requests": tables,
+    }
+
+
+def run_shape(bench: Bench, regions: list[stack.Region], control: int, folder: Path, consumers: int, gateways: int,
+              warmup: float, seconds: float, burst_minutes: float = 0.0) -> dict[str, Any]:
+    tag = f"{consumers}x{gateways}{'b' if burst_minutes else ''}-{int(time.time()) % 100000}"
+    unlimited = max(10, consumers // 10)
+    limited_specs = [{"name": f"quiet {tag} {n}", "tokens_per_minute": QUIET_TPM} for n in range(consumers)]
+    _, create_wall, create_store = create(bench, folder, f"quiet-{tag}", limited_specs)
+    create(bench, folder, f"free-{tag}", [{"name": f"free {tag} {n}"} for n in range(unlimited)])
+    burst_key = ""
+    if burst_minutes:
+        burst_key = create(bench, folder, f"burst-{tag}", [{"name": f"burst {tag}", "tokens_per_minute": BURST_TPM}])[0][0]
+        seconds = burst_minutes * 60 + 5
+    children = start_gateways(bench, regions, gateways, tag)
+    urls = [f"{g.url}/v1/chat/completions" for g in children]
+    body = chat_body(model="gpt-4o")
+    time.sleep(6)  # the gateways' consumer directories have loaded the new consumers
+    loads = {
+        "limited": start_load(urls, body, consumers, seconds, rate=consumers / INTERVAL_S, warmup=warmup,
+                              keys=str(folder / f"quiet-{tag}.keys"), rotate=True),
+        "unlimited": start_load(urls, body, unlimited, seconds, rate=unlimited / INTERVAL_S, warmup=warmup,
+                                keys=str(folder / f"free-{tag}.keys"), rotate=True),
+    }
+    record = str(folder / f"burst-{tag}.jsonl")
+    per_request = 0
+    if burst_minutes:
+        probe = chat_body(model="gpt-4o")
+        answer = httpx.post(urls[0], content=probe, headers={"api-key": burst_key, "content-type": "application/json"},
+                            timeout=30)
+        per_request = int(answer.headers["x-gateway-tokens-consumed"])
+        demand = 2 * BURST_TPM / 60 / per_request
+        loads["burst"] = start_load(urls, body, BURST_CLIENTS, seconds, headers={"api-key": burst_key}, rate=demand,
+                                    record=record, warmup=warmup, rotate=True)
+    time.sleep(warmup + 0.7)  # the generators' start-up and warm-up
+    stack.proxy_control(control, "reset")
+    time.sleep(seconds)
+    tables = stack.proxy_control(control, "stats")["requests"]
+    results = {name: finish_load(process, seconds + warmup + 180) for name, process in loads.items()}
+    stop(bench, children)
+    requests = sum(r["requests"] for r in results.values())
+    limited, free = results["limited"], results["unlimited"]
+    figures: dict[str, Any] = {
+        "consumers": consumers,
+        "gateways": gateways,
+        "unlimited_consumers": unlimited,
+        "create_consumers_s": create_wall,
+        "create_consumers_store_s": create_store,
+        "seconds": seconds,
+        "requests": requests,
+        "rps": round(requests / seconds, 1),
+        "limited_statuses": limited["statuses"],
+        "limited_p50_ms": limited["latency_ms"].get("p50"),
+        "unlimited_p50_ms": free["latency_ms"].get("p50"),
+        **table_figures(tables, requests),
+    }
+    figures["added_p50_ms"] = round(figures["limited_p50_ms"] - figures["unlimited_p50_ms"], 3)
+    if burst_minutes:
+        records = [tuple(json.loads(line)) for line in Path(record).read_text().splitlines()]
+        figures["burst"] = {"limit_tpm": BURST_TPM, "tokens_per_request": per_request,
+                            **analyse(records, BURST_TPM, seconds)}
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="100x1,100x4,1000x1,1000x4", help="consumers x gateways, comma-separated")
+    parser.add_argument("--warmup", type=float, default=60.0)
+    parser.add_argument("--seconds", type=float, default=180.0)
+    parser.add_argument("--burst-minutes", type=float, default=4.0, help="0: no burst shape")
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args(argv)
+    results: dict[str, Any] = {"machine": machine(), "date": stamp(), "warmup": args.warmup, "seconds": args.seconds,
+                               "argv": argv if argv is not None else sys.argv[1:], "shapes": []}
+    with bench_stack() as bench, tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        azurite = bench.start_azurite()
+        proxy, control = stack.start_tcpproxy(azurite.port, bench.log_dir)
+        bench.children.append(proxy)
+        bench.table_port = proxy.port  # everything talks to Azurite through the counting proxy
+        regions = [stack.Region(f"sim{i}", region, stack.free_port(), chat_tpm=10**9, embeddings_tpm=10**9)
+                   for i, region in enumerate(("swedencentral", "francecentral"))]
+        for region in regions:
+            bench.start_simulator(region, latency_ms=50, token_latency_ms=5)
+        for shape in args.shapes.split(","):
+            consumers, gateways = (int(x) for x in shape.split("x"))
+            figures = run_shape(bench, regions, control, folder, consumers, gateways, args.warmup, args.seconds)
+            results["shapes"].append(figures)
+            print(json.dumps({k: v for k, v in figures.items() if k != "table_requests"}), flush=True)
+        if args.burst_minutes:
+            figures = run_shape(bench, regions, control, folder, 1000, 4, args.warmup, 0, args.burst_minutes)
+            results["burst"] = figures
+            print(json.dumps({k: v for k, v in figures.items() if k != "table_requests"}), flush=True)
+    save("quiet", results)
+    if args.write:
+        update_doc("quiet", markdown(results))
+    return 0
+
+
+def markdown(results: dict[str, Any]) -> str:
+    argv = " ".join(results["argv"])
+    lines = [
+        "## Many quiet consumers",
+        "",
+        f"`.venv/bin/python -m bench.quiet {argv}` — {results['date']}, {results['machine']}; the machine's 2 cores were "
+        "shared with other work (other sessions' tests and benchmarks) during the run.",
+        "Azurite behind the counting proxy, two 50 ms simulated regions, 1 or 4 gateway processes. Each consumer is limited "
+        f"to {QUIET_TPM:,} tokens/minute and sends one request every {INTERVAL_S:g} s (about 7.5% of its limit), its "
+        "requests going round the gateways; unlimited consumers (a tenth as many, at least 10) at the same rate give the "
+        f"latency without the limiter. Warm-up {results['warmup']:g} s, then every Table request counted over "
+        f"{results['seconds']:g} s.",
+        "",
+        "| consumers x gateways | requests/s | Table round trips per request (target <= 0.3) | ledger / usage / breakers / consumers | "
+        "p50 limited / unlimited ms | added p50 ms (target <= 0.2) | creating the consumers (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for f in results["shapes"]:
+        t = f["by_table_per_request"]
+        lines.append(
+            f"| {f['consumers']} x {f['gateways']} | {f['rps']} | {f['table_round_trips_per_request']} | "
+            f"{t['ledger']} / {t['usage']} / {t['breakers']} / {t['consumers']} | {f['limited_p50_ms']} / "
+            f"{f['unlimited_p50_ms']} | {f['added_p50_ms']} | {f['create_consumers_s']} (store {f['create_consumers_store_s']}) |"
+        )
+    burst = results.get("burst")
+    if burst:
+        b = burst["burst"]
+        lines += [
+            "",
+            f"One consumer limited to {b['limit_tpm']:,} tokens/minute asks twice that from {BURST_CLIENTS} clients over 4 "
+            f"gateways while the 1,000 quiet consumers run beside it ({burst['rps']} requests/s in all):",
+            "",
+            "| | target | figure |",
+            "|---|---|---|",
+            f"| requests / admitted / refused 429 (burst consumer) | | {b['requests']} / {b['admitted']} / {b['refused_429']} |",
+            f"| max tokens admitted in any 60 s / limit | <= 1.02 | {b['max_any_60s_over_limit']} |",
+            f"| tokens admitted per full minute / limit | >= 0.95 | {b['per_full_minute_over_limit']} |",
+            f"| Table round trips per request (all consumers) | | {burst['table_round_trips_per_request']} |",
+            f"| added p50 of the quiet consumers' limiter (ms) | | {burst['added_p50_ms']} |",
+        ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
