@@ -20,7 +20,7 @@ from shared.edge.http import error_response, read_body, to_gateway_request, to_r
 from shared.flow import tokens
 from shared.flow.credentials import BackendAuth, default_credential_factory
 from shared.flow.gateway import Gateway, Services
-from shared.flow.upstream import Upstream
+from shared.flow.upstream import AiohttpUpstream
 from shared.lifecycle import on_sigterm
 from shared.limits.budget import BudgetBook, BudgetedLimiter, SpendingTelemetry
 from shared.limits.limiter import TokenLimiter
@@ -62,7 +62,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> tuple[Serv
         clock=clock,
         consumers=ConsumerDirectory(TableConsumerStore(tables), clock, settings.consumer_refresh_s),
         router=Router(settings.backends, clock, telemetry, TableBreakerStore(tables), settings.breaker_sync_s),
-        upstream=Upstream(settings.backends),
+        upstream=AiohttpUpstream(settings.backends),
         auth=BackendAuth(settings.backends, clock, default_credential_factory(settings.managed_identity_client_id)),
         limiter=BudgetedLimiter(limiter, book),
         telemetry=telemetry,

@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
-from tests.e2e import Stack, gateway_env, start_simulators, test_regions
+from tests.e2e import Stack, gateway_env, leaks, start_simulators, test_regions
+from tests.fakes.gateway import GatewayHarness
 from tools import stack
 
 # Nothing in the tests may leave the machine: Azure Monitor's extras (statsbeat, live metrics, metadata lookups) off.
@@ -54,6 +55,12 @@ def e2e(azurite: stack.Child, log_dir: Path) -> Iterator[Stack]:
     gateway.stop()
     for sim in simulators:
         sim.child.stop()
+    # Once every test that used the stack is done, whatever their order: nothing the gateways logged or exported may
+    # hold a consumer key handed out during the run, or the backends' key.
+    if running.keys:
+        leaked, scanned = leaks([*running.keys, stack.SIM_API_KEY], log_dir)
+        assert scanned > 0, "the gateways logged nothing: the leak scan had nothing to read"
+        assert not leaked, f"a key leaked into {sorted(set(leaked))}"
 
 
 @pytest.fixture
@@ -78,3 +85,11 @@ def fresh_sims(e2e: Stack) -> Iterator[Stack]:
     e2e.reset_simulators()
     yield e2e
     e2e.reset_simulators()
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[GatewayHarness]:
+    """The real gateway in-process: in-memory stores, a fake clock, a scripted upstream, three regions."""
+    built = GatewayHarness()
+    yield built
+    await built.close()

@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -158,6 +159,20 @@ class Stack:
     def reset_simulators(self) -> None:
         for sim in self.simulators:
             sim.reset()
+
+
+def leaks(secrets: Sequence[str], log_dir: Path) -> tuple[list[str], int]:
+    """The log and export files under `log_dir` holding any of `secrets` (a key may appear only as its short non-secret
+    prefix), and how many characters were scanned."""
+    leaked: list[str] = []
+    scanned = 0
+    for path in sorted(log_dir.iterdir()):
+        if not path.name.startswith(("gateway", "capture")) or not path.is_file():
+            continue
+        text = path.read_text(errors="replace")
+        scanned += len(text)
+        leaked += [path.name for secret in secrets if secret in text]
+    return leaked, scanned
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:

@@ -6,7 +6,6 @@ own code never answers 5xx, its worker keeps serving, and no backend receives an
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 
@@ -20,7 +19,7 @@ from tests.e2e import Stack
 
 pytestmark = pytest.mark.e2e
 CONFIGURED = {"gpt-4o", "gpt-4o-mini", "text-embedding-3-small"}
-EXAMPLES = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+EXAMPLES = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 OPERATIONS = ("chat/completions", "completions", "embeddings")
 
 json_values = st.recursive(
@@ -64,13 +63,6 @@ def backends_saw_only_configured_things(e2e: Stack) -> None:
 
 
 @EXAMPLES
-@given(body=st.one_of(st.binary(max_size=300), json_values.map(lambda v: json.dumps(v).encode())))
-def test_malformed_and_mistyped_bodies(e2e: Stack, http: httpx.Client, key: str, body: bytes) -> None:
-    for path in ("/v1/chat/completions", "/openai/deployments/gpt-4o/embeddings?api-version=2024-10-21"):
-        check(http.post(path, content=body, headers={"api-key": key, "content-type": "application/json"}))
-
-
-@EXAMPLES
 @given(name=hostile_names, operation=st.sampled_from(OPERATIONS))
 def test_hostile_deployment_names_in_the_path_and_in_model(e2e: Stack, http: httpx.Client, key: str, name: str, operation: str) -> None:
     body = {"messages": [{"role": "user", "content": "hi"}], "prompt": "hi", "input": "hi", "max_tokens": 1}
@@ -84,45 +76,6 @@ def test_hostile_deployment_names_in_the_path_and_in_model(e2e: Stack, http: htt
     backends_saw_only_configured_things(e2e)
 
 
-@EXAMPLES
-@given(version=st.text(max_size=60))
-def test_hostile_api_versions(e2e: Stack, http: httpx.Client, key: str, version: str) -> None:
-    response = http.post("/openai/deployments/gpt-4o-mini/chat/completions", params={"api-version": version},
-                         json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}, headers={"api-key": key})
-    check(response)
-    for sim in e2e.simulators:
-        for request in sim.requests(5):
-            assert re.match(r"^[0-9A-Za-z.-]{1,40}$", request["query"].get("api-version", "")), request["query"]
-
-
-@EXAMPLES
-@given(content_type=st.one_of(st.sampled_from(["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
-                                                "application/xml", "application/json; charset=latin-1x", ""]),
-                              st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=30)))
-def test_wrong_content_types(e2e: Stack, http: httpx.Client, key: str, content_type: str) -> None:
-    response = http.post("/v1/chat/completions", content=b'{"model":"gpt-4o","messages":[{"role":"user"}],"max_tokens":1}',
-                         headers={"api-key": key, "content-type": content_type})
-    check(response)
-
-
-@pytest.mark.parametrize(
-    "body",
-    [
-        b"[" * 100_000 + b"]" * 100_000,  # deeply nested
-        b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}",
-        b'{"model": "gpt-4o", "messages": [' + b'{"role":"user","content":"x"},' * 20_000 + b'{"role":"user"}]}',  # too big
-        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\xff\xfe\xfd"}]}',  # invalid UTF-8
-        b'{"model": null, "messages": null, "stream": null, "max_tokens": null}',
-        b'{"model": "gpt-4o", "messages": [{"role": "user"}], "max_tokens": 1e400}',
-        b"\x00" * 1000,
-    ],
-)
-def test_pathological_bodies(e2e: Stack, http: httpx.Client, key: str, body: bytes) -> None:
-    response = http.post("/v1/chat/completions", content=body, headers={"api-key": key, "content-type": "application/json"})
-    assert 400 <= response.status_code < 500
-    check(response)
-
-
 def raw_request(e2e: Stack, lines: list[str], body: bytes = b"") -> tuple[int, bytes]:
     host, port = e2e.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
@@ -133,21 +86,6 @@ def raw_request(e2e: Stack, lines: list[str], body: bytes = b"") -> tuple[int, b
             data += chunk
     status = int(data.split(b" ", 2)[1])
     return status, data.split(b"\r\n\r\n", 1)[1]
-
-
-def test_duplicated_and_conflicting_credentials_are_401(e2e: Stack, key: str) -> None:
-    body = b'{"model":"gpt-4o","messages":[{"role":"user"}],"max_tokens":1}'
-    base = ["POST /v1/chat/completions HTTP/1.1", "host: gateway", "content-type: application/json"]
-    for extra in (
-        [f"api-key: {key}", f"api-key: {key}"],
-        [f"api-key: {key}", "api-key: gw-other"],
-        [f"authorization: Bearer {key}", "authorization: Bearer gw-other"],
-        [f"api-key: {key}", "authorization: Bearer gw-other"],
-        ["authorization: Basic dXNlcjpwYXNz"],
-    ):
-        status, answer = raw_request(e2e, base + extra, body)
-        assert status == 401, extra
-        assert json.loads(answer)["error"]["type"] == "authentication_error"
 
 
 def test_header_injection_attempts_do_not_reach_the_backend(e2e: Stack, key: str) -> None:

@@ -24,7 +24,7 @@ from shared.flow.translate import (
     check_api_version,
     request_headers,
 )
-from shared.flow.upstream import UpstreamBroken, UpstreamError, UpstreamResponse
+from shared.flow.upstream import Answer, UpstreamBroken, UpstreamError
 from shared.routing.pinning import Holder, Pinning
 from shared.telemetry.events import RequestRecord, Trace
 
@@ -77,7 +77,7 @@ class FollowUps:
 
     async def _send(
         self, request: GatewayRequest, route: Route, holder: Holder, api_version: str | None, trace: Trace
-    ) -> UpstreamResponse:
+    ) -> Answer:
         backend = holder.backend
         deployment = holder.record.deployment
         tail = f"/{route.response_id}{route.operation.path}"
@@ -103,7 +103,7 @@ class FollowUps:
         self.s.router.record_success(backend, deployment, upstream.headers)
         return upstream
 
-    async def _replay(self, upstream: UpstreamResponse, record: RequestRecord, trace: Trace) -> AsyncIterator[bytes]:
+    async def _replay(self, upstream: Answer, record: RequestRecord, trace: Trace) -> AsyncIterator[bytes]:
         """A stored response's events, replayed by the backend: passed through as they arrive, nothing charged."""
         clean = False
         try:

@@ -15,21 +15,13 @@ from typing import Any
 import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
 
-from shared.flow import responses, tokens
-from shared.telemetry.usage_rows import UsageRecorder
 from shared.clock import Clock
 from shared.config import Backend, Settings
 from shared.edge.consumers import Consumer, ConsumerDirectory, key_from_headers
-from shared.flow.credentials import BackendAuth
 from shared.edge.errors import GatewayError, bad_request, error_body, forbidden, not_found
-from shared.limits.contract import Limiter, Ticket
 from shared.edge.messages import GatewayRequest, GatewayResponse
-from shared.routing.pinning import Holder, Pinning
-from shared.routing.breaker import retry_after_s
-from shared.routing.router import Router
-from shared.storage.memory import MemoryResponseStore
-from shared.storage.protocols import ResponseStore
-from shared.telemetry.events import NULL_TRACE, RequestRecord, Telemetry, Trace
+from shared.flow import responses, tokens
+from shared.flow.credentials import BackendAuth
 from shared.flow.translate import (
     FOLLOW_UPS,
     FORWARDED_RESPONSE_HEADERS,
@@ -44,8 +36,16 @@ from shared.flow.translate import (
     parse_body,
     request_headers,
 )
-from shared.flow.upstream import Upstream, UpstreamBroken, UpstreamError, UpstreamResponse
+from shared.flow.upstream import Answer, UpstreamBroken, UpstreamClient, UpstreamError
 from shared.flow.usage import SseRelay, TokenUsage, combined, usage_from_body
+from shared.limits.contract import Limiter, Ticket
+from shared.routing.breaker import retry_after_s
+from shared.routing.pinning import Holder, Pinning
+from shared.routing.router import Router
+from shared.storage.memory import MemoryResponseStore
+from shared.storage.protocols import ResponseStore
+from shared.telemetry.events import NULL_TRACE, RequestRecord, Telemetry, Trace
+from shared.telemetry.usage_rows import UsageRecorder
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Services:
     clock: Clock
     consumers: ConsumerDirectory
     router: Router
-    upstream: Upstream
+    upstream: UpstreamClient
     auth: BackendAuth
     limiter: Limiter
     telemetry: Telemetry
@@ -235,7 +235,7 @@ class Gateway:
 
     # ---- routing and failover ----------------------------------------------------------------------------------
 
-    async def _dispatch(self, call: Call, need_tokens: int) -> tuple[Backend, UpstreamResponse, int]:
+    async def _dispatch(self, call: Call, need_tokens: int) -> tuple[Backend, Answer, int]:
         """Send to the best candidate that answers: on 429, 5xx, a timeout or a connection error, before anything has
         reached the client, try the next one at once with the same body. All failover happens here; the breakers, not
         this loop, remember which backends are unhealthy."""
@@ -279,7 +279,7 @@ class Gateway:
             raise router.exhausted(deployment, failures, call.asked) from None
         raise AssertionError("unreachable")
 
-    async def _dispatch_pinned(self, call: Call, holder: Holder) -> tuple[Backend, UpstreamResponse, int]:
+    async def _dispatch_pinned(self, call: Call, holder: Holder) -> tuple[Backend, Answer, int]:
         """One attempt, at the backend that holds the continued response: no other region could answer it."""
         self.pinning.claim(holder, call.shape.deployment)
         try:
@@ -290,7 +290,7 @@ class Gateway:
 
     async def _attempt(
         self, call: Call, backend: Backend, headers: dict[str, str], failures: list[str], number: int
-    ) -> UpstreamResponse:
+    ) -> Answer:
         router = self.s.router
         deployment = call.shape.deployment
         url = backend_url(backend, call.route, deployment, call.api_version)
@@ -342,7 +342,7 @@ class Gateway:
     # ---- responses ---------------------------------------------------------------------------------------------
 
     def _response_headers(
-        self, call: Call, backend: Backend, upstream: UpstreamResponse, attempts: int
+        self, call: Call, backend: Backend, upstream: Answer, attempts: int
     ) -> dict[str, str]:
         headers = {k: v for k, v in upstream.headers.items() if k in FORWARDED_RESPONSE_HEADERS}
         headers["x-gateway-backend"] = backend.id
@@ -352,7 +352,7 @@ class Gateway:
         return headers
 
     async def _complete(
-        self, call: Call, backend: Backend, upstream: UpstreamResponse, attempts: int
+        self, call: Call, backend: Backend, upstream: Answer, attempts: int
     ) -> GatewayResponse:
         headers = self._response_headers(call, backend, upstream, attempts)
         raw = await upstream.read()  # already read by the attempt
@@ -383,14 +383,14 @@ class Gateway:
         self._account(call, backend, error.status, usage, None, attempts)
         return GatewayResponse(error.status, {"content-type": JSON, **error.headers}, error.body())
 
-    def _stream(self, call: Call, backend: Backend, upstream: UpstreamResponse, attempts: int) -> GatewayResponse:
+    def _stream(self, call: Call, backend: Backend, upstream: Answer, attempts: int) -> GatewayResponse:
         headers = self._response_headers(call, backend, upstream, attempts)
         headers["content-type"] = SSE
         headers["cache-control"] = "no-cache"
         return GatewayResponse(200, headers, stream=self._relay(call, backend, upstream, attempts))
 
     async def _relay(
-        self, call: Call, backend: Backend, upstream: UpstreamResponse, attempts: int
+        self, call: Call, backend: Backend, upstream: Answer, attempts: int
     ) -> AsyncIterator[bytes]:
         relay: SseRelay | responses.ResponsesRelay
         relay = (

@@ -9,6 +9,7 @@ catches `aiohttp.*`.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol
 
 import aiohttp
 
@@ -28,7 +29,45 @@ class UpstreamBroken(Exception):
     """The backend's response body broke off after it began."""
 
 
-class UpstreamResponse:
+class Answer(Protocol):
+    """A backend's answer as the request flow sees it: status and headers at once, the body read whole or in pieces."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """Lower-cased names."""
+        ...
+
+    async def read(self) -> bytes:
+        """The whole body (read once; later calls return it again); raises UpstreamBroken if it breaks off."""
+        ...
+
+    async def next_chunk(self) -> bytes:
+        """Whatever part of the body has arrived; b"" at the end; raises UpstreamBroken if it breaks off."""
+        ...
+
+    def close(self) -> None:
+        """Drop the connection without reading the rest."""
+        ...
+
+    def release(self) -> None:
+        """Hand the connection back for reuse (the body was read to its end, or is not wanted)."""
+        ...
+
+
+class UpstreamClient(Protocol):
+    """What the request flow sends through; raises UpstreamError when no answer comes."""
+
+    async def send(
+        self, backend: Backend, url: str, headers: Mapping[str, str], body: bytes, method: str = "POST"
+    ) -> Answer: ...
+
+    async def close(self) -> None: ...
+
+
+class AiohttpAnswer:
     __slots__ = ("status", "headers", "_response", "_body")
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
@@ -65,7 +104,7 @@ class UpstreamResponse:
         self._response.release()
 
 
-class Upstream:
+class AiohttpUpstream:
     def __init__(self, backends: tuple[Backend, ...]) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._timeouts = {
@@ -84,7 +123,7 @@ class Upstream:
 
     async def send(
         self, backend: Backend, url: str, headers: Mapping[str, str], body: bytes, method: str = "POST"
-    ) -> UpstreamResponse:
+    ) -> AiohttpAnswer:
         try:
             response = await self._client().request(
                 method, url, data=body if body or method == "POST" else None, headers=headers,
@@ -94,7 +133,7 @@ class Upstream:
             raise UpstreamError("timeout", backend.id, "no response in time") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamError("connection", backend.id, type(exc).__name__) from None
-        return UpstreamResponse(response)
+        return AiohttpAnswer(response)
 
     async def close(self) -> None:
         if self._session is not None:

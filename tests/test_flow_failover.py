@@ -1,0 +1,209 @@
+"""The request flow in-process, backends that fail: which one answers next, what the client sees when none does, what
+the breakers remember, and what every attempt is charged. Time moves on the fake clock; nothing sleeps."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from shared.flow.tokens import count_chat_prompt, encoding_for
+from tests.fakes.gateway import GatewayHarness, backend, three_regions
+from tests.fakes.upstream import Fail, Reply, chat_body, error_reply, json_reply
+
+MINI = "gpt-4o-mini"
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Write a haiku about failover."}]
+CHAT = "/v1/chat/completions"
+BODY = {"model": MINI, "messages": MESSAGES, "max_tokens": 20}
+PROMPT = count_chat_prompt({"messages": MESSAGES}, encoding_for(MINI))
+SECONDARIES = ("swedencentral", "francecentral")
+
+
+def one_region(**options: object) -> list[dict[str, object]]:
+    return [backend("only", "westeurope", 1, **options)]
+
+
+def state(health: dict[str, object], backend_id: str) -> dict[str, object]:
+    entry = next(b for b in health["backends"] if b["id"] == backend_id)  # type: ignore[attr-defined]
+    return dict(entry["deployments"][MINI])
+
+
+@pytest.mark.parametrize(
+    ("failure", "reason", "trip_s"),
+    [
+        (error_reply(500), "500", 10.0),
+        (error_reply(503, {"retry-after": "1"}), "503", 1.0),
+        (error_reply(429, {"retry-after-ms": "2500"}), "429", 2.5),
+        (Fail("connection"), "connection", 10.0),
+        (Fail("timeout"), "timeout", 10.0),
+        (json_reply(chat_body(), breaks_after=0), "broken", 10.0),
+    ],
+)
+async def test_a_failing_primary_fails_over_invisibly_and_is_probed_again_once_its_trip_ends(
+    harness: GatewayHarness, failure: Reply | Fail, reason: str, trip_s: float
+) -> None:
+    key = harness.consumer("app", tpm=100_000)
+    harness.upstream.script("uksouth-ptu", failure)
+    response = await harness.post(CHAT, key, BODY)
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"]
+    assert response.headers["x-gateway-backend"] in SECONDARIES and response.headers["x-gateway-attempts"] == "2"
+    assert harness.telemetry.failovers == [("uksouth-ptu", response.headers["x-gateway-backend"], reason)]
+    assert [(s.backend_id, s.number, s.status, s.error) for s in harness.telemetry.traces[-1].attempts] == [
+        ("uksouth-ptu", 1, None if isinstance(failure, Fail) else failure.status, reason if isinstance(failure, Fail) else None),
+        (response.headers["x-gateway-backend"], 2, 200, None),
+    ]
+    health = (await harness.http.get("/health")).json()
+    assert state(health, "uksouth-ptu")["state"] == "open"
+    assert state(health, "uksouth-ptu")["recovers_in_s"] == pytest.approx(trip_s)
+
+    harness.clock.advance(trip_s - 0.01)
+    assert (await harness.post(CHAT, key, BODY)).headers["x-gateway-backend"] in SECONDARIES
+    harness.clock.advance(0.02)  # the trip is over: the next request probes the PTU and finds it healthy
+    assert (await harness.post(CHAT, key, BODY)).headers["x-gateway-backend"] == "uksouth-ptu"
+    assert ("uksouth-ptu", "closed") in harness.telemetry.transitions
+
+
+async def test_a_whole_answer_that_breaks_off_fails_over_and_the_broken_attempts_prompt_is_charged(
+    harness: GatewayHarness,
+) -> None:
+    key = harness.consumer("cut-whole", tpm=100_000)
+    harness.upstream.script("uksouth-ptu", json_reply(chat_body(), breaks_after=0))
+    response = await harness.post(CHAT, key, BODY)
+    answer = response.json()["usage"]["total_tokens"]
+    assert response.status_code == 200 and response.headers["x-gateway-attempts"] == "2"
+    # Charged: what the answer used, plus the prompt the broken attempt was billed for; the header says the same.
+    assert int(response.headers["x-gateway-tokens-consumed"]) == answer + PROMPT
+    assert await harness.charged("cut-whole") == answer + PROMPT
+    assert sum(r.total for r in await harness.usage_rows("cut-whole")) == answer + PROMPT
+    # Emitted: the broken attempt's prompt under its own backend, the answer under the one that gave it.
+    assert [(r.backend_id, r.status, r.usage.total if r.usage else None) for r in harness.telemetry.spent] == [
+        ("uksouth-ptu", 502, PROMPT)
+    ]
+    assert harness.telemetry.tokens_emitted() == answer + PROMPT
+
+
+async def test_every_backend_throttled_gives_429_with_the_soonest_recovery(harness: GatewayHarness) -> None:
+    for backend_id, seconds in zip(("uksouth-ptu", "swedencentral", "francecentral"), (20, 7, 12), strict=True):
+        harness.upstream.script(backend_id, error_reply(429, {"retry-after": str(seconds)}))
+    with pytest.raises(openai.RateLimitError) as caught:
+        await harness.openai(harness.consumer("app")).chat.completions.create(model=MINI, messages=MESSAGES)
+    headers = caught.value.response.headers
+    assert caught.value.code == "backends_busy"
+    assert headers["retry-after-ms"] == "7000" and headers["retry-after"] == "7"
+    assert "openai.azure.example" not in caught.value.message
+    assert ("app", MINI, "backends") in harness.telemetry.throttles
+    # While every breaker is open nothing is sent; the wait shrinks as time passes.
+    sent = len(harness.upstream.sent)
+    harness.clock.advance(2.5)
+    response = await harness.post(CHAT, harness.consumer("other"), BODY)
+    assert response.status_code == 429 and response.headers["retry-after-ms"] == "4500"
+    assert len(harness.upstream.sent) == sent
+
+
+async def test_a_429_asking_for_a_day_trips_for_the_capped_time() -> None:
+    harness = GatewayHarness(one_region(breaker={"trip_s": 0.2, "max_trip_s": 300}))
+    try:
+        harness.upstream.script("only", error_reply(429, {"retry-after": "86400"}))
+        response = await harness.post(CHAT, harness.consumer(), BODY)
+        assert response.status_code == 429 and response.json()["error"]["code"] == "backends_busy"
+        assert response.headers["retry-after"] == "300"
+        assert state((await harness.http.get("/health")).json(), "only")["state"] == "open"
+    finally:
+        await harness.close()
+
+
+async def test_a_bare_429_trips_for_the_configured_time() -> None:
+    harness = GatewayHarness(one_region(breaker={"trip_s": 0.2, "max_trip_s": 300}))
+    try:
+        key = harness.consumer()
+        harness.upstream.script("only", error_reply(429))
+        response = await harness.post(CHAT, key, BODY)
+        assert response.status_code == 429 and response.headers["retry-after-ms"] == "200"
+        harness.clock.advance(0.2)
+        assert (await harness.post(CHAT, key, BODY)).status_code == 200
+    finally:
+        await harness.close()
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "code"),
+    [
+        (Fail("connection"), 502, "backend_unreachable"),
+        (Fail("timeout"), 504, "backend_timeout"),
+        (json_reply(chat_body(), breaks_after=0), 502, "backend_error"),
+        (error_reply(500), 503, "service_unavailable"),
+    ],
+)
+async def test_with_no_other_region_the_failure_is_mapped_and_the_next_request_succeeds(
+    failure: Reply | Fail, status: int, code: str
+) -> None:
+    harness = GatewayHarness(one_region(breaker={"trip_s": 0.2}))
+    try:
+        key = harness.consumer("alone", tpm=100_000)
+        harness.upstream.script("only", failure)
+        response = await harness.post(CHAT, key, BODY)
+        assert response.status_code == status and response.json()["error"]["code"] == code
+        assert "openai.azure.example" not in response.text and "backend-key" not in response.text
+        record = harness.telemetry.requests[-1]
+        assert (record.status, record.deployment, record.consumer_id) == (status, MINI, "alone")
+        harness.clock.advance(0.2)
+        assert (await harness.post(CHAT, key, BODY)).status_code == 200
+        # A body that broke off was billed by the backend (its prompt): charged. Nothing else was.
+        broken = PROMPT if code == "backend_error" else 0
+        answer = harness.telemetry.requests[-1].usage
+        assert answer is not None
+        assert await harness.charged("alone") == broken + answer.total
+    finally:
+        await harness.close()
+
+
+async def test_a_200_with_malformed_json_is_502_and_charged_the_prompt() -> None:
+    harness = GatewayHarness(one_region())
+    try:
+        harness.upstream.script("only", json_reply(b'{"choices": [{"mess'))
+        response = await harness.post(CHAT, harness.consumer("malformed", tpm=100_000), BODY)
+        assert response.status_code == 502 and response.json()["error"]["code"] == "backend_malformed_response"
+        assert await harness.charged("malformed") == PROMPT
+        record = harness.telemetry.requests[-1]
+        assert record.status == 502 and record.usage is not None and record.usage.total == PROMPT
+        assert not record.usage.reported
+    finally:
+        await harness.close()
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_backend_refusing_the_gateways_credential_is_502(status: int) -> None:
+    harness = GatewayHarness(one_region())
+    try:
+        harness.upstream.script("only", error_reply(status))
+        response = await harness.post(CHAT, harness.consumer(), BODY)
+        assert response.status_code == 502 and response.json()["error"]["code"] == "backend_auth_failed"
+    finally:
+        await harness.close()
+
+
+async def test_a_client_error_from_the_backend_is_passed_through_and_not_retried(harness: GatewayHarness) -> None:
+    harness.upstream.script("uksouth-ptu", error_reply(400, code="context_length_exceeded"))
+    response = await harness.post(CHAT, harness.consumer(), BODY)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert len(harness.upstream.sent) == 1 and harness.telemetry.failovers == []
+
+
+async def test_max_attempts_bounds_the_failover() -> None:
+    harness = GatewayHarness(three_regions(), {"GATEWAY_MAX_ATTEMPTS": "2"})
+    try:
+        for backend_id in ("uksouth-ptu", "swedencentral", "francecentral"):
+            harness.upstream.script(backend_id, error_reply(500))
+        response = await harness.post(CHAT, harness.consumer(), BODY)
+        assert response.status_code == 503 and len(harness.upstream.sent) == 2
+    finally:
+        await harness.close()
+
+
+async def test_ptu_first_then_an_even_split_over_equal_secondaries(harness: GatewayHarness) -> None:
+    key = harness.consumer()
+    harness.upstream.script("uksouth-ptu", error_reply(429, {"retry-after": "60"}))
+    served = [(await harness.post(CHAT, key, BODY)).headers["x-gateway-backend"] for _ in range(20)]
+    assert set(served) == set(SECONDARIES)
+    assert served.count("swedencentral") == served.count("francecentral") == 10
+    assert len(harness.upstream.to("uksouth-ptu")) == 1  # its breaker honoured Retry-After: one wasted round trip
