@@ -16,23 +16,21 @@ from starlette.requests import Request
 from shared.app import Edge
 from shared.clock import FakeClock
 from shared.config import Settings, load_settings
-from shared.edge.consumers import (
-    Consumer,
-    ConsumerDirectory,
-    Limits,
-    MemoryConsumerStore,
-    hash_key,
-    key_prefix,
-    new_key,
-)
+from shared.edge.consumers import Consumer, ConsumerDirectory, Limits, hash_key, key_prefix, new_key
 from shared.edge.messages import GatewayRequest
 from shared.flow.credentials import BackendAuth
 from shared.flow.gateway import Gateway, Services
 from shared.limits.ledger import Ledger
-from shared.limits.limiter import MemoryLedgerStore, TokenLimiter
-from shared.routing.router import MemoryBreakerStore, Router
-from shared.storage.memory import MemoryResponseStore
-from shared.telemetry.usage_rows import MemoryUsageStore, UsageRecorder, UsageRow
+from shared.limits.limiter import TokenLimiter
+from shared.routing.router import Router
+from shared.storage.memory import (
+    MemoryBreakerStore,
+    MemoryConsumerStore,
+    MemoryLedgerStore,
+    MemoryResponseStore,
+    MemoryUsageStore,
+)
+from shared.telemetry.usage_rows import UsageRecorder, UsageRow
 from tests.fakes.telemetry import RecordingTelemetry
 from tests.fakes.upstream import ScriptedUpstream
 
