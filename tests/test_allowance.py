@@ -9,10 +9,10 @@ import random
 
 from shared.clock import FakeClock
 from shared.edge.consumers import Consumer, Limits
-from shared.edge.errors import GatewayError
 from shared.limits.allowance import allowance
 from shared.limits.ledger import CONSUMER_SCOPE, Ledger, Quota, claim
 from shared.limits.limiter import LimitTicket, TokenLimiter
+from shared.outcomes import Refusal
 from shared.storage.memory import MemoryLedgerStore
 from shared.telemetry.events import NullTelemetry
 
@@ -63,7 +63,7 @@ async def quiet_traffic(count: int, gateways: int, seconds: int, measure_from: i
                 requests += 1
                 try:
                     (await lim.admit(c, D, 300)).settle(250)
-                except GatewayError:
+                except Refusal:
                     refused += 1
         for lim in lims:
             await lim.tick()
@@ -110,7 +110,7 @@ async def test_an_allowance_is_withdrawn_as_the_consumer_nears_its_limit_and_the
             lim = rng.choice(lims)
             try:
                 ticket = await lim.admit(c, D, reserve)
-            except GatewayError:
+            except Refusal:
                 continue
             admissions.append((clock.now(), actual))
             assert isinstance(ticket, LimitTicket)
@@ -155,7 +155,7 @@ async def test_the_limit_holds_in_every_minute_across_eight_instances_through_qu
             reserve = rng.randint(100, 600)
             try:
                 ticket = await lim.admit(c, D, reserve)
-            except GatewayError:
+            except Refusal:
                 continue
             actual = rng.randint(0, reserve)
             ticket.settle(actual)

@@ -9,10 +9,11 @@ import pytest
 
 from shared.clock import FakeClock
 from shared.edge.consumers import Consumer, Limits
-from shared.edge.errors import GatewayError
+from shared.edge.errors import GatewayError, render
 from shared.flow.usage import TokenUsage
 from shared.limits.budget import BudgetBook, BudgetedLimiter, MemoryBudgetStore, SpendingTelemetry
 from shared.limits.contract import NoLimits
+from shared.outcomes import BudgetExceeded
 from shared.telemetry.events import NullTelemetry, RequestRecord
 from shared.telemetry.prices import Price, PriceTable
 
@@ -37,9 +38,9 @@ def book(store: MemoryBudgetStore, clock: FakeClock, instance: str = "i1", **kw:
 
 
 def refused(coroutine: Any) -> GatewayError:
-    with pytest.raises(GatewayError) as caught:
+    with pytest.raises(BudgetExceeded) as caught:
         asyncio.run(coroutine)
-    return caught.value
+    return render(caught.value)
 
 
 def test_a_consumer_is_refused_once_its_spend_reaches_the_budget() -> None:

@@ -15,7 +15,8 @@ from shared.edge.consumers import (
     new_key,
     rotated,
 )
-from shared.edge.errors import GatewayError
+from shared.edge.errors import render
+from shared.outcomes import Refusal
 
 
 def make(store: MemoryConsumerStore, consumer_id: str = "team-a", **changes: object) -> str:
@@ -60,9 +61,9 @@ def test_key_from_either_header(headers: dict[str, str], repeated: frozenset[str
     ],
 )
 def test_missing_malformed_or_ambiguous_credentials_are_401(headers: dict[str, str], repeated: frozenset[str]) -> None:
-    with pytest.raises(GatewayError) as caught:
+    with pytest.raises(Refusal) as caught:
         key_from_headers(headers, repeated)
-    assert caught.value.status == 401
+    assert render(caught.value).status == 401
 
 
 async def test_directory_authenticates_from_memory_and_remembers_unknown_keys() -> None:
@@ -75,7 +76,7 @@ async def test_directory_authenticates_from_memory_and_remembers_unknown_keys() 
         await directory.authenticate(key)
     assert store.calls == calls  # served from memory
     for _ in range(10):
-        with pytest.raises(GatewayError):
+        with pytest.raises(Refusal):
             await directory.authenticate("gw-wrong")
     assert store.calls == calls + 1  # one lookup for the unknown key, then remembered
 
@@ -99,9 +100,9 @@ async def test_disabled_consumers_and_changes_apply_after_the_refresh_interval()
     clock.advance(2.5)
     await directory.authenticate(key)  # starts the reload in the background
     await directory.reload()
-    with pytest.raises(GatewayError) as caught:
+    with pytest.raises(Refusal) as caught:
         await directory.authenticate(key)
-    assert caught.value.code == "consumer_disabled"
+    assert render(caught.value).code == "consumer_disabled"
 
 
 async def test_rotation_with_and_without_grace() -> None:
@@ -114,12 +115,12 @@ async def test_rotation_with_and_without_grace() -> None:
     assert (await directory.authenticate(new)).id == "team-a"
     assert (await directory.authenticate(old)).id == "team-a"
     clock.advance(61)
-    with pytest.raises(GatewayError):
+    with pytest.raises(Refusal):
         await directory.authenticate(old)
     newer = new_key()
     store.consumers["team-a"] = rotated(store.consumers["team-a"], newer, grace_s=0, now=clock.now())
     await directory.reload()
-    with pytest.raises(GatewayError):
+    with pytest.raises(Refusal):
         await directory.authenticate(new)
     assert (await directory.authenticate(newer)).id == "team-a"
 

@@ -8,6 +8,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from shared.flow.tokens import count_chat_prompt, encoding_for
+from shared.outcomes import FailureKind
 from tests.fakes.gateway import GatewayHarness, backend, three_regions
 from tests.fakes.upstream import Fail, Reply, chat_body, error_reply, json_reply
 
@@ -34,8 +35,8 @@ def state(health: dict[str, object], backend_id: str) -> dict[str, object]:
         (error_reply(500), "500", 10.0),
         (error_reply(503, {"retry-after": "1"}), "503", 1.0),
         (error_reply(429, {"retry-after-ms": "2500"}), "429", 2.5),
-        (Fail("connection"), "connection", 10.0),
-        (Fail("timeout"), "timeout", 10.0),
+        (Fail(FailureKind.CONNECTION), "connection", 10.0),
+        (Fail(FailureKind.TIMEOUT), "timeout", 10.0),
         (json_reply(chat_body(), breaks_after=0), "broken", 10.0),
     ],
 )
@@ -49,7 +50,8 @@ async def test_a_failing_primary_fails_over_invisibly_and_is_probed_again_once_i
     assert response.headers["x-gateway-backend"] in SECONDARIES and response.headers["x-gateway-attempts"] == "2"
     assert harness.telemetry.failovers == [("uksouth-ptu", response.headers["x-gateway-backend"], reason)]
     assert [(s.backend_id, s.number, s.status, s.error) for s in harness.telemetry.traces[-1].attempts] == [
-        ("uksouth-ptu", 1, None if isinstance(failure, Fail) else failure.status, reason if isinstance(failure, Fail) else None),
+        ("uksouth-ptu", 1, None if isinstance(failure, Fail) else failure.status,
+         failure.kind.value if isinstance(failure, Fail) else None),
         (response.headers["x-gateway-backend"], 2, 200, None),
     ]
     health = (await harness.http.get("/health")).json()
@@ -128,8 +130,8 @@ async def test_a_bare_429_trips_for_the_configured_time() -> None:
 @pytest.mark.parametrize(
     ("failure", "status", "code"),
     [
-        (Fail("connection"), 502, "backend_unreachable"),
-        (Fail("timeout"), 504, "backend_timeout"),
+        (Fail(FailureKind.CONNECTION), 502, "backend_unreachable"),
+        (Fail(FailureKind.TIMEOUT), 504, "backend_timeout"),
         (json_reply(chat_body(), breaks_after=0), 502, "backend_error"),
         (error_reply(500), 503, "service_unavailable"),
     ],

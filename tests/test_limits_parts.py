@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared.clock import FakeClock
-from shared.edge.errors import GatewayError
+from shared.edge.errors import render
 from shared.limits.blocks import Blocks
 from shared.limits.fallback import Fallback
 from shared.limits.leases import Holdings, LeaseState
@@ -13,6 +13,7 @@ from shared.limits.ledger import CONSUMER_SCOPE, Grant, Ledger, Refusal
 from shared.limits.ledger_copy import Contended, LedgerCopy
 from shared.limits.pacing import Pacing
 from shared.limits.scopes import Scopes
+from shared.outcomes import Refusal as Refused
 from shared.storage.memory import MemoryLedgerStore
 from shared.storage.protocols import Conflict, StoreUnavailable
 
@@ -121,7 +122,7 @@ def test_fallback_admits_this_instances_share_then_429s_with_the_true_wait() -> 
     scopes = Scopes({S: 1000}, None)
     for _ in range(5):
         fallback.admit(scopes, 50, T0, instances=4)
-    with pytest.raises(GatewayError) as caught:
+    with pytest.raises(Refused) as caught:
         fallback.admit(scopes, 50, T0, instances=4)
-    assert caught.value.status == 429 and int(caught.value.headers["retry-after-ms"]) > 59_000
+    assert render(caught.value).status == 429 and int(render(caught.value).headers["retry-after-ms"]) > 59_000
 

@@ -9,9 +9,10 @@ import pytest
 
 from shared.clock import FakeClock
 from shared.edge.consumers import Consumer, Limits
-from shared.edge.errors import GatewayError
+from shared.edge.errors import GatewayError, render
 from shared.limits.ledger import CONSUMER_SCOPE
 from shared.limits.limiter import LimitTicket, TokenLimiter
+from shared.outcomes import RateLimited, Refusal
 from shared.storage.memory import MemoryLedgerStore
 from shared.telemetry.events import NullTelemetry
 
@@ -42,7 +43,8 @@ async def admit_all(lim: TokenLimiter, c: Consumer, reserve: int, count: int) ->
     for _ in range(count):
         try:
             ticket = await lim.admit(c, DEPLOYMENT, reserve)
-        except GatewayError as error:
+        except Refusal as refusal:
+            error = render(refusal)
             return admitted, error
         ticket.settle(reserve)
         admitted += reserve
@@ -87,10 +89,10 @@ async def test_refunds_after_the_response_make_room_at_once() -> None:
 
 async def test_a_request_larger_than_the_whole_limit_is_refused_without_retry() -> None:
     lim = limiter(MemoryLedgerStore(), FakeClock())
-    with pytest.raises(GatewayError) as caught:
+    with pytest.raises(Refusal) as caught:
         await lim.admit(consumer(tpm=1000), DEPLOYMENT, 1001)
-    assert caught.value.status == 429 and caught.value.code == "tokens_exceed_limit"
-    assert caught.value.headers["x-should-retry"] == "false"
+    assert render(caught.value).status == 429 and render(caught.value).code == "tokens_exceed_limit"
+    assert render(caught.value).headers["x-should-retry"] == "false"
 
 
 async def test_per_deployment_limit_applies_beside_the_consumer_limit() -> None:
@@ -166,9 +168,9 @@ async def test_store_outage_fails_closed_when_configured() -> None:
     store = MemoryLedgerStore()
     store.unavailable = True
     lim = limiter(store, FakeClock(), fail_closed=True)
-    with pytest.raises(GatewayError) as caught:
+    with pytest.raises(Refusal) as caught:
         await lim.admit(consumer(), DEPLOYMENT, 10)
-    assert caught.value.status == 503 and caught.value.code == "limiter_unavailable"
+    assert render(caught.value).status == 503 and render(caught.value).code == "limiter_unavailable"
 
 
 async def test_limits_changed_by_the_admin_apply_to_the_next_request() -> None:
@@ -209,7 +211,7 @@ async def test_many_instances_never_admit_more_than_the_limit_in_any_minute(
             actual = rng.randint(reserve // 4, reserve)
             try:
                 ticket = await lim.admit(c, DEPLOYMENT, reserve)
-            except GatewayError:
+            except Refusal:
                 continue
             admissions.append((now, actual))
             open_tickets.append((now + rng.uniform(0.05, 2.0), ticket, actual))
@@ -261,9 +263,9 @@ async def test_losing_every_write_to_other_instances_is_not_a_store_outage() -> 
             raise Conflict("someone else wrote first")
 
     lim = limiter(AlwaysBeaten(), FakeClock(), instance_count=1)
-    with pytest.raises(GatewayError) as caught:
+    with pytest.raises(Refusal) as caught:
         await lim.admit(consumer(tpm=1000), DEPLOYMENT, 100)
-    assert caught.value.status == 429
+    assert render(caught.value).status == 429
     assert lim.fallback_admissions == 0 and lim.contended > 0
 
 
@@ -287,9 +289,8 @@ async def test_an_overrun_learnt_after_a_minute_is_charged_to_the_next_minute() 
     await settle_and_sync(lim, clock)
     ledger, _ = await store.read("team-a")
     assert ledger.occupancy(CONSUMER_SCOPE, int(clock.now() * 1000)) == 900
-    with pytest.raises(GatewayError) as refused:
+    with pytest.raises(RateLimited):
         await lim.admit(c, DEPLOYMENT, 200)
-    assert refused.value.status == 429
 
 
 async def test_a_stream_settled_as_it_goes_stays_in_the_window_while_it_runs() -> None:
@@ -308,7 +309,7 @@ async def test_a_stream_settled_as_it_goes_stays_in_the_window_while_it_runs() -
     # in the window: what fits beside them is admitted, and not a token more.
     other = await lim.admit(c, DEPLOYMENT, 600)
     other.settle(600)
-    with pytest.raises(GatewayError):
+    with pytest.raises(RateLimited):
         await lim.admit(c, DEPLOYMENT, 100)
 
     async def occupancy() -> int:

@@ -6,6 +6,8 @@ import pytest
 
 from shared.clock import FakeClock
 from shared.config import Backend, BreakerRule
+from shared.edge.errors import render
+from shared.outcomes import AttemptFailure, BackendsBusy, FailureKind, NoBackend
 from shared.routing.router import MemoryBreakerStore, Router
 from shared.telemetry.events import NullTelemetry
 
@@ -96,19 +98,26 @@ def test_exhaustion_answers_429_with_the_soonest_recovery_when_all_are_throttled
     r = router(a, b, clock=clock)
     r.record_failure(a, D, 429, {"retry-after-ms": "4200"})
     r.record_failure(b, D, 429, {"retry-after": "9"})
-    error = r.exhausted(D, ["429", "429"])
+    busy = r.exhausted(D, [AttemptFailure.of_status(429), AttemptFailure.of_status(429)])
+    assert isinstance(busy, BackendsBusy) and busy.wait_ms == 4200
+    error = render(busy)
     assert error.status == 429 and error.headers["retry-after"] == "5" and error.headers["retry-after-ms"] == "4200"
-    assert r.exhausted(D, []).status == 429  # nothing was even tried: every breaker open on 429
+    assert isinstance(r.exhausted(D, []), BackendsBusy)  # nothing was even tried: every breaker open on 429
 
 
 def test_exhaustion_otherwise() -> None:
     clock = FakeClock()
     a, b = backend("a"), backend("b")
     r = router(a, b, clock=clock)
-    assert r.exhausted(D, ["timeout"]).status == 504
-    assert r.exhausted(D, ["connection", "connection"]).status == 502
+    timeout, connection, broken = (AttemptFailure(k) for k in (FailureKind.TIMEOUT, FailureKind.CONNECTION, FailureKind.BROKEN))
+    assert render(r.exhausted(D, [timeout])).status == 504
+    assert render(r.exhausted(D, [connection, connection])).code == "backend_unreachable"
+    assert render(r.exhausted(D, [broken, broken])).code == "backend_error"
+    assert render(r.exhausted(D, [connection, broken])).code == "backend_unreachable"
     r.record_failure(a, D, 500, {})
-    error = r.exhausted(D, ["500", "timeout"])
+    none = r.exhausted(D, [AttemptFailure.of_status(500), timeout])
+    assert isinstance(none, NoBackend) and none.wait_ms == 10_000
+    error = render(none)
     assert error.status == 503 and error.headers["retry-after"] == "10"
 
 
@@ -142,7 +151,7 @@ def test_a_refused_credential_takes_the_backend_out_at_once_for_at_least_a_minut
     assert [b.id for b in r.candidates(D, 0, "normal")] == ["good"]
     clock.advance(59)
     assert [b.id for b in r.candidates(D, 0, "normal")] == ["good"]
-    error = r.exhausted(D, ["403", "401"])
+    error = render(r.exhausted(D, [AttemptFailure.of_status(403), AttemptFailure.of_status(401)]))
     assert (error.status, error.code) == (502, "backend_auth_failed")
 
 
@@ -150,6 +159,6 @@ def test_retry_after_is_the_regions_own_wait_rounded_up_when_their_breakers_stay
     clock = FakeClock()
     a, b = backend("a"), backend("b")
     r = router(a, b, clock=clock)
-    error = r.exhausted(D, ["429", "429"], {"a": clock.now() + 2.2, "b": clock.now() + 1.4})
+    error = render(r.exhausted(D, [AttemptFailure.of_status(429)] * 2, {"a": clock.now() + 2.2, "b": clock.now() + 1.4}))
     assert error.code == "backends_busy"
     assert error.headers == {"retry-after": "2", "retry-after-ms": "1400"}

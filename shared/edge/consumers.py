@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from shared.clock import Clock
-from shared.edge.errors import GatewayError, unauthorized
+from shared.outcomes import AuthStoreUnavailable, ConsumerDisabled, InvalidKey, KeyProblem
 
 # The store's contract and its in-memory twin live with the other stores; imported here for existing callers.
 from shared.storage.memory import MemoryConsumerStore as MemoryConsumerStore
@@ -79,22 +79,22 @@ def key_prefix(key: str) -> str:
 
 
 def key_from_headers(headers: Mapping[str, str], repeated: frozenset[str]) -> str:
-    """The consumer key from `api-key` or `Authorization: Bearer`; 401 when absent or ambiguous."""
+    """The consumer key from `api-key` or `Authorization: Bearer`; InvalidKey when absent or ambiguous."""
     if "api-key" in repeated or "authorization" in repeated:
-        raise unauthorized("More than one credential header was sent; send exactly one key.")
+        raise InvalidKey(KeyProblem.REPEATED)
     api_key = headers.get("api-key")
     bearer = None
     authorization = headers.get("authorization")
     if authorization is not None:
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
-            raise unauthorized("The Authorization header must be 'Bearer <key>'.")
+            raise InvalidKey(KeyProblem.NOT_BEARER)
         bearer = value.strip()
     if api_key is not None and bearer is not None and api_key != bearer:
-        raise unauthorized("The api-key and Authorization headers carry different keys; send exactly one key.")
+        raise InvalidKey(KeyProblem.CONFLICTING)
     key = api_key if api_key is not None else bearer
     if not key:
-        raise unauthorized("No API key was sent. Send your gateway key in the 'api-key' header or as 'Authorization: Bearer <key>'.")
+        raise InvalidKey(KeyProblem.MISSING)
     return key
 
 
@@ -166,10 +166,7 @@ class ConsumerDirectory:
             except Exception as exc:
                 # Not a verdict on the key: it is not remembered as unknown, and the client may retry.
                 log.warning("consumer lookup failed (%s)", type(exc).__name__)
-                raise GatewayError(
-                    503, "The gateway cannot check keys right now; try again shortly.", type="server_error",
-                    code="auth_store_unavailable", headers={"retry-after": "1"},
-                ) from None
+                raise AuthStoreUnavailable() from None
             if consumer is None:
                 if len(self._unknown) > 100_000:
                     self._unknown.clear()
@@ -178,7 +175,7 @@ class ConsumerDirectory:
                 self._by_hash[digest] = consumer
                 self._by_id[consumer.id] = consumer
         if consumer is None:
-            raise unauthorized("The API key is not valid.")
+            raise InvalidKey(KeyProblem.UNKNOWN)
         if consumer.key_hash != digest:
             # The previous key of a rotated consumer, valid only during its grace period.
             if not (
@@ -186,11 +183,11 @@ class ConsumerDirectory:
                 and hmac.compare_digest(consumer.previous_key_hash, digest)
                 and self._clock.now() < consumer.previous_key_expires
             ):
-                raise unauthorized("The API key is not valid.")
+                raise InvalidKey(KeyProblem.UNKNOWN)
         elif not hmac.compare_digest(consumer.key_hash, digest):
-            raise unauthorized("The API key is not valid.")
+            raise InvalidKey(KeyProblem.UNKNOWN)
         if not consumer.enabled:
-            raise GatewayError(401, "This consumer is disabled.", type="authentication_error", code="consumer_disabled")
+            raise ConsumerDisabled(consumer.id)
         return consumer
 
 

@@ -1,14 +1,41 @@
-"""The gateway's own errors, each rendered as an OpenAI-shaped body with the right status."""
+"""The gateway's own answers, rendered in one place: each refusal (shared/outcomes.py) becomes an OpenAI-shaped body
+`{"error": {"message", "type", "param", "code"}}` with its status and headers, and each throttle gets its metric reason.
+"""
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Mapping
 
 import orjson
 
+from shared.outcomes import (
+    AuthStoreUnavailable,
+    BackendAuthFailed,
+    BackendsBusy,
+    BackendsFailed,
+    BudgetExceeded,
+    ConsumerDisabled,
+    DeploymentNotAllowed,
+    DeploymentNotFound,
+    FailureKind,
+    InvalidKey,
+    KeyProblem,
+    LimiterUnavailable,
+    MalformedAnswer,
+    NeverAdmissible,
+    NoBackend,
+    QuotaExhausted,
+    RateLimited,
+    Refusal,
+)
 
-class GatewayError(Exception):
-    """An answer the gateway gives instead of a backend's: status, OpenAI error fields, extra headers."""
+
+class GatewayError(Refusal):
+    """A refusal that is already an answer: status, OpenAI error fields, extra headers. Raised as such for requests
+    whose shape is wrong (path, method, body, media type), where the status is the whole meaning; `render` builds
+    the others."""
 
     def __init__(
         self,
@@ -27,7 +54,6 @@ class GatewayError(Exception):
         self.code = code
         self.param = param
         self.headers = dict(headers or {})
-        self.deployment: str | None = None  # set by the request flow once the deployment is known, for metrics
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, self.param)
@@ -45,11 +71,126 @@ def not_found(message: str, code: str = "not_found") -> GatewayError:
     return GatewayError(404, message, code=code)
 
 
-def unauthorized(message: str) -> GatewayError:
-    return GatewayError(
-        401, message, type="authentication_error", code="invalid_api_key", headers={"www-authenticate": "Bearer"}
-    )
+def unauthorized(message: str, code: str = "invalid_api_key") -> GatewayError:
+    return GatewayError(401, message, type="authentication_error", code=code, headers={"www-authenticate": "Bearer"})
 
 
 def forbidden(message: str, code: str = "permission_denied") -> GatewayError:
     return GatewayError(403, message, type="permission_error", code=code)
+
+
+_KEY_MESSAGES = {
+    KeyProblem.MISSING: "No API key was sent. Send your gateway key in the 'api-key' header or as "
+    "'Authorization: Bearer <key>'.",
+    KeyProblem.REPEATED: "More than one credential header was sent; send exactly one key.",
+    KeyProblem.NOT_BEARER: "The Authorization header must be 'Bearer <key>'.",
+    KeyProblem.CONFLICTING: "The api-key and Authorization headers carry different keys; send exactly one key.",
+    KeyProblem.UNKNOWN: "The API key is not valid.",
+}
+
+
+def _retry_headers(wait_ms: float) -> dict[str, str]:
+    return {"retry-after": str(max(1, math.ceil(wait_ms / 1000))), "retry-after-ms": str(int(wait_ms))}
+
+
+def render(refusal: Refusal) -> GatewayError:
+    """The answer to a refusal: its status, OpenAI error fields and headers."""
+    match refusal:
+        case GatewayError():
+            return refusal
+        case InvalidKey(problem=problem):
+            return unauthorized(_KEY_MESSAGES[problem])
+        case ConsumerDisabled():
+            return GatewayError(401, "This consumer is disabled.", type="authentication_error", code="consumer_disabled")
+        case AuthStoreUnavailable(retry_after_s=seconds):
+            return GatewayError(
+                503, "The gateway cannot check keys right now; try again shortly.", type="server_error",
+                code="auth_store_unavailable", headers={"retry-after": str(seconds)},
+            )
+        case DeploymentNotFound(name=name):
+            return not_found(f"The deployment '{name}' does not exist.", code="DeploymentNotFound")
+        case DeploymentNotAllowed(name=name):
+            return forbidden(f"This key may not use the deployment '{name}'.", code="deployment_not_allowed")
+        case RateLimited(limit=limit, wait_ms=wait_ms, remaining=remaining):
+            wait_ms = max(1.0, wait_ms)
+            seconds = max(1, math.ceil(wait_ms / 1000))
+            return GatewayError(
+                429, f"This key has used its {limit} tokens per minute; retry after {seconds} seconds.",
+                type="rate_limit_error", code="rate_limit_exceeded",
+                headers={
+                    "retry-after": str(seconds),
+                    "retry-after-ms": str(int(math.ceil(wait_ms))),
+                    "x-ratelimit-limit-tokens": str(limit),
+                    "x-ratelimit-reset-tokens": f"{seconds}s",
+                    "x-ratelimit-remaining-tokens": str(remaining),
+                },
+            )
+        case NeverAdmissible(need=need, limit=limit):
+            return GatewayError(
+                429,
+                f"This request needs up to {need} tokens, more than the {limit} tokens per minute this key may "
+                "use; it can never be admitted. Lower max_tokens or shorten the prompt.",
+                type="rate_limit_error", code="tokens_exceed_limit",
+                headers={"x-should-retry": "false", "x-ratelimit-limit-tokens": str(limit)},
+            )
+        case QuotaExhausted(limit=limit, period=period, resets_at_s=resets_at, resets_in_s=resets_in):
+            reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(resets_at))
+            return GatewayError(
+                403, f"The token quota of {limit} per {period} period is used up; it resets at {reset}.",
+                type="insufficient_quota", code="quota_exceeded",
+                headers={
+                    "x-ratelimit-limit-quota-tokens": str(limit),
+                    "x-ratelimit-remaining-quota-tokens": "0",
+                    "x-ratelimit-reset-quota-tokens": f"{max(1, math.ceil(resets_in))}s",
+                    "x-gateway-quota-resets-at": reset,
+                },
+            )
+        case BudgetExceeded(period=period, spent=spent, budget=budget, currency=currency):
+            return GatewayError(
+                403, f"This key has spent its {period} budget ({spent:.2f} of {budget:.2f} {currency}).",
+                type="insufficient_quota", code="budget_exceeded",
+            )
+        case LimiterUnavailable(retry_after_s=seconds):
+            return GatewayError(
+                503, "The rate limiter's store is unavailable; try again shortly.", type="server_error",
+                code="limiter_unavailable", headers={"retry-after": str(seconds)},
+            )
+        case BackendsBusy(wait_ms=wait_ms):
+            return GatewayError(
+                429, "Every backend for this deployment is at capacity; retry after the time given.",
+                type="rate_limit_error", code="backends_busy", headers=_retry_headers(wait_ms),
+            )
+        case NoBackend(wait_ms=wait_ms):
+            return GatewayError(
+                503, "No backend could serve the request; retry after the time given.", type="server_error",
+                code="service_unavailable", headers=_retry_headers(wait_ms),
+            )
+        case BackendsFailed(kind=FailureKind.TIMEOUT):
+            return GatewayError(504, "The backend did not answer in time.", type="server_error", code="backend_timeout")
+        case BackendsFailed(kind=FailureKind.BROKEN):
+            return GatewayError(502, "The backend's response broke off.", type="server_error", code="backend_error")
+        case BackendsFailed():
+            return GatewayError(502, "The backend could not be reached.", type="server_error", code="backend_unreachable")
+        case BackendAuthFailed():
+            return GatewayError(
+                502, "The gateway could not authenticate to the backend.", type="server_error", code="backend_auth_failed"
+            )
+        case MalformedAnswer():
+            return GatewayError(
+                502, "The backend returned a malformed response.", type="server_error", code="backend_malformed_response"
+            )
+    raise TypeError(f"no rendering for {type(refusal).__name__}")
+
+
+def throttle_reason(refusal: Refusal) -> str | None:
+    """The Reason dimension of the Throttled Requests metric, or None for a refusal that is not a throttle."""
+    match refusal:
+        case RateLimited() | NeverAdmissible():
+            return "rate"
+        case QuotaExhausted():
+            return "quota"
+        case BudgetExceeded():
+            return "budget"
+        case BackendsBusy():
+            return "backends"
+    return None

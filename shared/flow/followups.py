@@ -25,6 +25,7 @@ from shared.flow.translate import (
     request_headers,
 )
 from shared.flow.upstream import Answer, UpstreamBroken, UpstreamError
+from shared.outcomes import FailureKind
 from shared.routing.pinning import Holder, Pinning
 from shared.telemetry.events import RequestRecord, Trace
 
@@ -68,7 +69,7 @@ class FollowUps:
         try:
             body = await upstream.read()
         except UpstreamBroken:
-            self.s.router.record_error(holder.backend, deployment, "broken")
+            self.s.router.record_error(holder.backend, deployment, FailureKind.BROKEN)
             raise self.pinning.unavailable(holder, deployment, "its answer broke off") from None
         if (route.operation is Operation.RESPONSE_DELETE and upstream.status == 200) or upstream.status == 404:
             await self.pinning.forget(route.response_id)  # the backend no longer has it
@@ -92,9 +93,9 @@ class FollowUps:
         try:
             upstream = await self.s.upstream.send(backend, url, headers, body, method=method)
         except UpstreamError as exc:
-            span.end(None, exc.kind)
+            span.end(None, exc.kind.value)
             self.s.router.record_error(backend, deployment, exc.kind)
-            raise self.pinning.unavailable(holder, deployment, f"{exc.kind} error") from None
+            raise self.pinning.unavailable(holder, deployment, f"{exc.kind.value} error") from None
         span.end(upstream.status)
         if self.s.router.is_failure(backend, upstream.status):
             self.s.router.record_failure(backend, deployment, upstream.status, upstream.headers)

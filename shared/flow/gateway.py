@@ -18,7 +18,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from shared.clock import Clock
 from shared.config import Backend, Settings
 from shared.edge.consumers import Consumer, ConsumerDirectory, key_from_headers
-from shared.edge.errors import GatewayError, bad_request, error_body, forbidden, not_found
+from shared.edge.errors import GatewayError, bad_request, error_body, render, throttle_reason
 from shared.edge.messages import GatewayRequest, GatewayResponse
 from shared.flow import responses, tokens
 from shared.flow.credentials import BackendAuth
@@ -39,6 +39,14 @@ from shared.flow.translate import (
 from shared.flow.upstream import Answer, UpstreamBroken, UpstreamClient, UpstreamError
 from shared.flow.usage import SseRelay, TokenUsage, combined, usage_from_body
 from shared.limits.contract import Limiter, Ticket
+from shared.outcomes import (
+    AttemptFailure,
+    DeploymentNotAllowed,
+    DeploymentNotFound,
+    FailureKind,
+    MalformedAnswer,
+    Refusal,
+)
 from shared.routing.breaker import retry_after_s
 from shared.routing.pinning import Holder, Pinning
 from shared.routing.router import Router
@@ -90,10 +98,6 @@ class Call:
 class _Retryable(Exception):
     """An attempt failed before anything reached the client; the next candidate may answer."""
 
-    def __init__(self, backend: Backend, reason: str) -> None:
-        self.backend = backend
-        self.reason = reason
-
 
 class _NoCandidate(Exception):
     """Every remaining candidate's breaker is open (or its probe is taken)."""
@@ -125,15 +129,11 @@ class Gateway:
             if route.operation in FOLLOW_UPS:
                 return await self._follow_ups.handle(request, route, consumer, started, trace)
             return await self._proxy(request, route, consumer, started, trace)
-        except GatewayError as error:
-            if route is not None and consumer is not None and error.status in (429, 403) and error.code in (
-                "rate_limit_exceeded", "quota_exceeded", "tokens_exceed_limit", "backends_busy", "budget_exceeded"
-            ):
-                reason = {"quota_exceeded": "quota", "backends_busy": "backends", "budget_exceeded": "budget"}.get(
-                    error.code or "", "rate"
-                )
-                self.s.telemetry.throttled(consumer.id, error.deployment or route.deployment or "", reason)
-            return self._error_response(error, request, route, consumer, started, trace)
+        except Refusal as refusal:
+            reason = throttle_reason(refusal)
+            if reason is not None and route is not None and consumer is not None:
+                self.s.telemetry.throttled(consumer.id, refusal.deployment or route.deployment or "", reason)
+            return self._error_response(refusal, request, route, consumer, started, trace)
 
     # ---- admission ---------------------------------------------------------------------------------------------
 
@@ -149,8 +149,8 @@ class Gateway:
         route = Route(route.api, route.operation, shape.deployment)
         try:
             return await self._admitted(request, route, consumer, started, trace, api_version, body, shape)
-        except GatewayError as error:
-            error.deployment = shape.deployment
+        except Refusal as refusal:
+            refusal.deployment = shape.deployment
             raise
 
     async def _admitted(
@@ -158,9 +158,9 @@ class Gateway:
         api_version: str | None, body: dict[str, Any], shape: CallShape,
     ) -> GatewayResponse:
         if shape.deployment not in self._deployments:
-            raise not_found(f"The deployment '{shape.deployment}' does not exist.", code="DeploymentNotFound")
+            raise DeploymentNotFound(shape.deployment)
         if not consumer.may_use(shape.deployment):
-            raise forbidden(f"This key may not use the deployment '{shape.deployment}'.", code="deployment_not_allowed")
+            raise DeploymentNotAllowed(shape.deployment)
 
         pinned = await self._pin(route, consumer, body, shape)
         prompt_estimate: int | None = None
@@ -246,7 +246,7 @@ class Gateway:
         candidates = router.candidates(deployment, need_tokens, call.consumer.priority)
         remaining = iter(candidates)
         headers = request_headers(call.request.headers)
-        failures: list[str] = []
+        failures: list[AttemptFailure] = []
         first = next((b for b in remaining if router.acquire(b, deployment)), None)
         if first is None:
             raise router.exhausted(deployment, [], call.asked)
@@ -271,7 +271,7 @@ class Gateway:
                     backend = next((b for b in remaining if router.acquire(b, deployment)), None)
                     if backend is None:
                         raise _NoCandidate()
-                    self.s.telemetry.failover(previous.id, backend.id, failures[-1])
+                    self.s.telemetry.failover(previous.id, backend.id, failures[-1].reason)
                     previous = backend
                     number = attempt.retry_state.attempt_number + 1
                     return backend, await self._attempt(call, backend, headers, failures, number), number
@@ -282,14 +282,15 @@ class Gateway:
     async def _dispatch_pinned(self, call: Call, holder: Holder) -> tuple[Backend, Answer, int]:
         """One attempt, at the backend that holds the continued response: no other region could answer it."""
         self.pinning.claim(holder, call.shape.deployment)
+        failures: list[AttemptFailure] = []
         try:
-            response = await self._attempt(call, holder.backend, request_headers(call.request.headers), [], 1)
-        except _Retryable as failed:
-            raise self.pinning.unavailable(holder, call.shape.deployment, _reason(failed.reason)) from None
+            response = await self._attempt(call, holder.backend, request_headers(call.request.headers), failures, 1)
+        except _Retryable:
+            raise self.pinning.unavailable(holder, call.shape.deployment, _reason(failures[-1])) from None
         return holder.backend, response, 1
 
     async def _attempt(
-        self, call: Call, backend: Backend, headers: dict[str, str], failures: list[str], number: int
+        self, call: Call, backend: Backend, headers: dict[str, str], failures: list[AttemptFailure], number: int
     ) -> Answer:
         router = self.s.router
         deployment = call.shape.deployment
@@ -300,17 +301,17 @@ class Gateway:
         try:
             response = await self.s.upstream.send(backend, url, send_headers, body)
         except UpstreamError as exc:
-            span.end(None, exc.kind)
+            span.end(None, exc.kind.value)
             router.record_error(backend, deployment, exc.kind)
-            failures.append(exc.kind)
-            raise _Retryable(backend, exc.kind) from None
+            failures.append(AttemptFailure(exc.kind))
+            raise _Retryable() from None
         span.end(response.status)
         if response.status in (401, 403):
             # The backend refused the gateway's credential: no request will succeed there until it is fixed.
             router.record_auth_failure(backend, deployment, response.status)
-            failures.append(str(response.status))
+            failures.append(AttemptFailure.of_status(response.status))
             response.release()
-            raise _Retryable(backend, str(response.status))
+            raise _Retryable()
         if router.is_failure(backend, response.status):
             asked = retry_after_s(response.headers, self.s.clock.now())
             if asked is not None:
@@ -318,9 +319,9 @@ class Gateway:
                 call.asked = call.asked or {}
                 call.asked[backend.id] = self.s.clock.now() + min(asked, backend.breaker.max_trip_s)
             router.record_failure(backend, deployment, response.status, response.headers)
-            failures.append(str(response.status))
+            failures.append(AttemptFailure.of_status(response.status))
             response.release()
-            raise _Retryable(backend, str(response.status))
+            raise _Retryable()
         if not (call.shape.stream and response.status == 200):
             # A whole answer is read before it is chosen: if its body breaks off, nothing has reached the client yet
             # and the next candidate can still answer. The broken attempt's prompt was billed; it is charged.
@@ -328,9 +329,9 @@ class Gateway:
                 await response.read()
             except UpstreamBroken:
                 self._broken_attempt(call, backend, number)
-                router.record_error(backend, deployment, "broken")
-                failures.append("broken")
-                raise _Retryable(backend, "broken") from None
+                router.record_error(backend, deployment, FailureKind.BROKEN)
+                failures.append(AttemptFailure(FailureKind.BROKEN))
+                raise _Retryable() from None
         router.record_success(backend, deployment, response.headers)
         return response
 
@@ -364,9 +365,7 @@ class Gateway:
             try:
                 orjson.loads(raw)
             except orjson.JSONDecodeError:
-                return self._fail(call, backend, usage, attempts, GatewayError(
-                    502, "The backend returned a malformed response.", type="server_error",
-                    code="backend_malformed_response"))
+                return self._fail(call, backend, usage, attempts, MalformedAnswer())
         if status == 200 and call.route.operation is Operation.RESPONSES:
             created = _created(raw)
             if created is not None:
@@ -377,9 +376,10 @@ class Gateway:
         return GatewayResponse(status, headers, raw)
 
     def _fail(
-        self, call: Call, backend: Backend, usage: TokenUsage | None, attempts: int, error: GatewayError
+        self, call: Call, backend: Backend, usage: TokenUsage | None, attempts: int, refusal: Refusal
     ) -> GatewayResponse:
         """An error answer for a request a backend did serve: accounted once, here, with what it cost."""
+        error = render(refusal)
         self._account(call, backend, error.status, usage, None, attempts)
         return GatewayResponse(error.status, {"content-type": JSON, **error.headers}, error.body())
 
@@ -492,13 +492,14 @@ class Gateway:
 
     def _error_response(
         self,
-        error: GatewayError,
+        refusal: Refusal,
         request: GatewayRequest,
         route: Route | None,
         consumer: Consumer | None,
         started: float,
         trace: Trace,
     ) -> GatewayResponse:
+        error = render(refusal)
         if route is not None and route.operation is not Operation.HEALTH:
             self.s.telemetry.request_done(
                 RequestRecord(
@@ -507,7 +508,7 @@ class Gateway:
                     api=route.api,
                     operation=route.operation.operation_id,
                     user_id="",
-                    deployment=error.deployment or route.deployment or "",
+                    deployment=refusal.deployment or route.deployment or "",
                     status=error.status,
                     duration_ms=(self.s.clock.monotonic() - started) * 1000,
                 ),
@@ -539,11 +540,12 @@ def _created(raw: bytes) -> responses.Created | None:
         return None
 
 
-def _reason(failure: str) -> str:
+def _reason(failure: AttemptFailure) -> str:
     """A failed attempt's kind, in words for the client."""
-    if failure == "429":
+    if failure.kind is FailureKind.THROTTLED:
         return "it is throttling (429)"
-    if failure.isdigit():
-        return f"it answered {failure}"
-    return {"timeout": "it did not answer in time", "connection": "it could not be reached",
-            "broken": "its answer broke off"}.get(failure, failure)
+    if failure.status is not None:
+        return f"it answered {failure.status}"
+    words = {FailureKind.TIMEOUT: "it did not answer in time", FailureKind.CONNECTION: "it could not be reached",
+             FailureKind.BROKEN: "its answer broke off"}
+    return words.get(failure.kind, str(failure.kind.value))

@@ -14,13 +14,14 @@ from typing import Protocol
 import aiohttp
 
 from shared.config import Backend
+from shared.outcomes import FailureKind
 
 
 class UpstreamError(Exception):
-    """The backend could not be reached or did not answer in time. `kind` is 'timeout' or 'connection'."""
+    """The backend could not be reached or did not answer in time. `kind` is TIMEOUT or CONNECTION."""
 
-    def __init__(self, kind: str, backend_id: str, detail: str) -> None:
-        super().__init__(f"{kind} talking to backend {backend_id}: {detail}")
+    def __init__(self, kind: FailureKind, backend_id: str, detail: str) -> None:
+        super().__init__(f"{kind.value} talking to backend {backend_id}: {detail}")
         self.kind = kind
         self.backend_id = backend_id
 
@@ -130,9 +131,9 @@ class AiohttpUpstream:
                 timeout=self._timeouts[backend.id], allow_redirects=False,
             )
         except TimeoutError:
-            raise UpstreamError("timeout", backend.id, "no response in time") from None
+            raise UpstreamError(FailureKind.TIMEOUT, backend.id, "no response in time") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamError("connection", backend.id, type(exc).__name__) from None
+            raise UpstreamError(FailureKind.CONNECTION, backend.id, type(exc).__name__) from None
         return AiohttpAnswer(response)
 
     async def close(self) -> None:

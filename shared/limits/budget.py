@@ -19,9 +19,9 @@ from typing import Protocol
 
 from shared.clock import Clock
 from shared.edge.consumers import Consumer
-from shared.edge.errors import GatewayError
 from shared.limits.contract import Limiter, Ticket
 from shared.limits.ledger import period_bounds
+from shared.outcomes import BudgetExceeded
 from shared.telemetry.events import RequestRecord, Telemetry, Trace
 from shared.telemetry.prices import PriceTable
 
@@ -103,12 +103,7 @@ class BudgetBook:
             await self._refresh(key, account)
         if account.own + account.others >= round(budget * MICROS):
             spent = (account.own + account.others) / MICROS
-            raise GatewayError(
-                403,
-                f"This key has spent its {period} budget ({spent:.2f} of {budget:.2f} {self.prices.currency}).",
-                type="insufficient_quota",
-                code="budget_exceeded",
-            )
+            raise BudgetExceeded(period=period, spent=spent, budget=budget, currency=self.prices.currency)
 
     async def _refresh(self, key: tuple[str, str], account: _Account) -> None:
         try:

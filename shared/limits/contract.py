@@ -27,7 +27,7 @@ class Limiter(Protocol):
     def needs_estimate(self, consumer: Consumer, deployment: str) -> bool: ...
 
     async def admit(self, consumer: Consumer, deployment: str, reserve: int) -> Ticket:
-        """Reserve `reserve` tokens for the consumer or raise GatewayError (429 over rate, 403 over quota)."""
+        """Reserve `reserve` tokens for the consumer, or raise a Refusal (RateLimited, QuotaExhausted, ...)."""
         ...
 
 

@@ -43,7 +43,7 @@ class Fallback:
             used = sum(window.values())
             if used + reserve > share:
                 wait_ms = _local_wait_ms(window, used + reserve - share, now_ms)
-                raise rate_limited(limit, wait_ms, {"x-ratelimit-remaining-tokens": str(max(0, share - used))})
+                raise rate_limited(limit, wait_ms, remaining=max(0, share - used))
         expiry = bucket_expiry(now_ms)
         for scope in scopes.limits:
             add(self.local, scope, expiry, reserve)

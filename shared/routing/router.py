@@ -19,7 +19,7 @@ from typing import Any
 
 from shared.clock import Clock
 from shared.config import Backend
-from shared.edge.errors import GatewayError
+from shared.outcomes import AttemptFailure, BackendAuthFailed, BackendsBusy, BackendsFailed, FailureKind, NoBackend
 from shared.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Transition
 from shared.storage.memory import MemoryBreakerStore as MemoryBreakerStore
 from shared.storage.protocols import BreakerStore
@@ -162,10 +162,11 @@ class Router:
         if transition is not None:
             self._transitioned(backend, deployment, transition)
 
-    def record_error(self, backend: Backend, deployment: str, kind: str) -> None:
+    def record_error(self, backend: Backend, deployment: str, kind: FailureKind) -> None:
+        """An attempt that got no whole answer (timeout, connection error, broken body): trip for the rule's time."""
         now = self._clock.now()
         breaker = self._breakers[(backend.id, deployment)]
-        transition = breaker.on_failure(now, kind, min(breaker.rule.trip_s, breaker.rule.max_trip_s))
+        transition = breaker.on_failure(now, kind.value, min(breaker.rule.trip_s, breaker.rule.max_trip_s))
         if transition is not None:
             self._transitioned(backend, deployment, transition)
 
@@ -238,10 +239,10 @@ class Router:
     # ---- when nothing answered ------------------------------------------------------------------------------------
 
     def exhausted(
-        self, deployment: str, failures: list[str], asked: Mapping[str, float] | None = None
-    ) -> GatewayError:
-        """The answer when no candidate served the request: 429 if they are all throttled, else 503 (or 502/504 when
-        every attempt failed by connection error, a broken body or a timeout), with Retry-After = until the soonest
+        self, deployment: str, failures: list[AttemptFailure], asked: Mapping[str, float] | None = None
+    ) -> BackendsBusy | BackendAuthFailed | BackendsFailed | NoBackend:
+        """Why no candidate served the request: all throttled (busy), all refusing the gateway's credential, all failed
+        alike (timeouts, broken bodies, connection errors), or else no backend; with the wait until the soonest
         recovery. `asked` holds, per backend tried, when it said it would serve again (its Retry-After): a client that
         waits what it is told must find a backend ready, so no backend counts as ready before it said so."""
         now = self._clock.now()
@@ -257,34 +258,21 @@ class Router:
         soonest = min(ready, default=now + 1.0)
         # Rounded up, never down, after removing float noise (which must not add a millisecond).
         wait_ms = max(1, math.ceil(round((soonest - now) * 1000, 3)))
-        headers = {"retry-after": str(max(1, math.ceil(wait_ms / 1000))), "retry-after-ms": str(wait_ms)}
-        throttled = bool(failures) and all(f == "429" for f in failures)
+        kinds = {f.kind for f in failures}
+        throttled = kinds == {FailureKind.THROTTLED}
         if not failures:
             throttled = bool(open_breakers) and all(br.reason == "429" for br in open_breakers)
         if throttled:
-            return GatewayError(
-                429,
-                "Every backend for this deployment is at capacity; retry after the time given.",
-                type="rate_limit_error",
-                code="backends_busy",
-                headers=headers,
-            )
-        if failures and all(f in ("401", "403") for f in failures):
-            return GatewayError(502, "The gateway could not authenticate to the backend.", type="server_error",
-                                code="backend_auth_failed")
-        if failures and all(f == "timeout" for f in failures):
-            return GatewayError(504, "The backend did not answer in time.", type="server_error", code="backend_timeout")
-        if failures and all(f == "broken" for f in failures):
-            return GatewayError(502, "The backend's response broke off.", type="server_error", code="backend_error")
-        if failures and all(f in ("connection", "broken") for f in failures):
-            return GatewayError(502, "The backend could not be reached.", type="server_error", code="backend_unreachable")
-        return GatewayError(
-            503,
-            "No backend could serve the request; retry after the time given.",
-            type="server_error",
-            code="service_unavailable",
-            headers=headers,
-        )
+            return BackendsBusy(wait_ms)
+        if kinds == {FailureKind.AUTH}:
+            return BackendAuthFailed()
+        if kinds == {FailureKind.TIMEOUT}:
+            return BackendsFailed(FailureKind.TIMEOUT)
+        if kinds == {FailureKind.BROKEN}:
+            return BackendsFailed(FailureKind.BROKEN)
+        if kinds and kinds <= {FailureKind.CONNECTION, FailureKind.BROKEN}:
+            return BackendsFailed(FailureKind.CONNECTION)
+        return NoBackend(wait_ms)
 
     def health(self) -> dict[str, Any]:
         now = self._clock.now()

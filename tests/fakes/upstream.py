@@ -16,6 +16,7 @@ import orjson
 
 from shared.config import Backend
 from shared.flow.upstream import UpstreamBroken, UpstreamError
+from shared.outcomes import FailureKind
 
 PROMPT_TOKENS = 11  # what the default answers report as the prompt's size
 MODEL = "gpt-4o-2024-11-20"
@@ -41,9 +42,9 @@ class Reply:
 
 @dataclass(frozen=True)
 class Fail:
-    """No answer at all: 'timeout' (before the headers) or 'connection' (refused, reset)."""
+    """No answer at all: TIMEOUT (before the headers) or CONNECTION (refused, reset)."""
 
-    kind: str
+    kind: FailureKind
 
 
 Step = Reply | Fail

@@ -1,0 +1,168 @@
+"""What went wrong, as values: the refusals the gateway answers itself, and the ways one backend attempt fails.
+
+Numbers, not HTTP. The limiter, the router and the consumer directory raise these; shared/edge/errors.py renders each
+one, in one place, as an OpenAI-shaped error with its status and headers, and names the metric reason of a throttle.
+
+Refusals are plain (not frozen) dataclasses: Python writes to an exception as it travels (`__traceback__`, notes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Refusal(Exception):
+    """A request the gateway answers itself, without a backend's answer."""
+
+    # Set by the request flow once the deployment is known, for metrics; never by the raiser.
+    deployment: str | None = None
+
+
+# ---- who is calling ------------------------------------------------------------------------------------------------
+
+
+class KeyProblem(Enum):
+    MISSING = "missing"
+    REPEATED = "repeated"  # a credential header sent more than once
+    NOT_BEARER = "not_bearer"  # an Authorization header that is not 'Bearer <key>'
+    CONFLICTING = "conflicting"  # api-key and Authorization carry different keys
+    UNKNOWN = "unknown"  # no consumer has this key (or its grace period is over)
+
+
+@dataclass(eq=False)
+class InvalidKey(Refusal):
+    problem: KeyProblem
+
+
+@dataclass(eq=False)
+class ConsumerDisabled(Refusal):
+    consumer_id: str
+
+
+@dataclass(eq=False)
+class AuthStoreUnavailable(Refusal):
+    """A key not in the cache could not be looked up: not a verdict on the key."""
+
+    retry_after_s: int = 1
+
+
+# ---- what it asks for ----------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class DeploymentNotFound(Refusal):
+    name: str
+
+
+@dataclass(eq=False)
+class DeploymentNotAllowed(Refusal):
+    name: str
+
+
+# ---- the consumer's own limits -------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class RateLimited(Refusal):
+    """Over a tokens-per-minute limit: admissible again in `wait_ms`."""
+
+    limit: int
+    wait_ms: float
+    remaining: int = 0
+
+
+@dataclass(eq=False)
+class NeverAdmissible(Refusal):
+    """The request alone needs more than the whole per-minute limit."""
+
+    need: int
+    limit: int
+
+
+@dataclass(eq=False)
+class QuotaExhausted(Refusal):
+    limit: int
+    period: str
+    resets_at_s: float  # epoch seconds
+    resets_in_s: float
+
+
+@dataclass(eq=False)
+class BudgetExceeded(Refusal):
+    """The consumer has spent its budget (in currency) for the period."""
+
+    period: str
+    spent: float
+    budget: float
+    currency: str
+
+
+@dataclass(eq=False)
+class LimiterUnavailable(Refusal):
+    """The limiter's store is away and the limiter fails closed."""
+
+    retry_after_s: int = 1
+
+
+# ---- the backends --------------------------------------------------------------------------------------------------
+
+
+class FailureKind(Enum):
+    THROTTLED = "throttled"  # 429
+    AUTH = "auth"  # 401/403: the backend refused the gateway's own credential
+    STATUS = "status"  # another status the backend's breaker counts as a failure (5xx by default)
+    TIMEOUT = "timeout"  # no answer in time
+    CONNECTION = "connection"  # refused, reset, unreachable
+    BROKEN = "broken"  # the body broke off after the answer began
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptFailure:
+    """Why one attempt at one backend did not answer the request."""
+
+    kind: FailureKind
+    status: int | None = None
+
+    @classmethod
+    def of_status(cls, status: int) -> AttemptFailure:
+        if status == 429:
+            return cls(FailureKind.THROTTLED, status)
+        return cls(FailureKind.AUTH if status in (401, 403) else FailureKind.STATUS, status)
+
+    @property
+    def reason(self) -> str:
+        """As metrics and breakers name it: the status ("429", "500") or the kind ("timeout", "broken")."""
+        return str(self.status) if self.status is not None else self.kind.value
+
+
+@dataclass(eq=False)
+class BackendsBusy(Refusal):
+    """Every backend for the deployment is throttled; the soonest recovers in `wait_ms`."""
+
+    wait_ms: int
+
+
+@dataclass(eq=False)
+class NoBackend(Refusal):
+    """No backend could serve the request; the soonest recovers in `wait_ms`."""
+
+    wait_ms: int
+
+
+@dataclass(eq=False)
+class BackendsFailed(Refusal):
+    """Every attempt failed the same way: `kind` is TIMEOUT, BROKEN or CONNECTION (connection errors and broken bodies
+    mixed)."""
+
+    kind: FailureKind
+
+
+@dataclass(eq=False)
+class BackendAuthFailed(Refusal):
+    """The backend refused the gateway's own credential (401/403)."""
+
+
+@dataclass(eq=False)
+class MalformedAnswer(Refusal):
+    """The backend said 200 with a body that is not JSON."""
