@@ -1,0 +1,117 @@
+"""Every refusal rendered once: status, OpenAI error fields and headers from numbers; the metric reason of throttles."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from shared.edge.errors import GatewayError, render, throttle_reason
+from shared.outcomes import (
+    AttemptFailure,
+    AuthStoreUnavailable,
+    BackendAuthFailed,
+    BackendsBusy,
+    BackendsFailed,
+    ConsumerDisabled,
+    DeploymentNotAllowed,
+    DeploymentNotFound,
+    FailureKind,
+    InvalidKey,
+    KeyProblem,
+    LimiterUnavailable,
+    MalformedAnswer,
+    NeverAdmissible,
+    NoBackend,
+    QuotaExhausted,
+    RateLimited,
+    Refusal,
+)
+
+RESETS_AT = 1_700_006_400.0  # 2023-11-15T00:00:00Z
+
+
+@pytest.mark.parametrize(
+    ("refusal", "status", "type_", "code", "headers"),
+    [
+        (InvalidKey(KeyProblem.MISSING), 401, "authentication_error", "invalid_api_key", {"www-authenticate": "Bearer"}),
+        (InvalidKey(KeyProblem.UNKNOWN), 401, "authentication_error", "invalid_api_key", {"www-authenticate": "Bearer"}),
+        (ConsumerDisabled("app"), 401, "authentication_error", "consumer_disabled", {}),
+        (AuthStoreUnavailable(), 503, "server_error", "auth_store_unavailable", {"retry-after": "1"}),
+        (DeploymentNotFound("gpt-9"), 404, "invalid_request_error", "DeploymentNotFound", {}),
+        (DeploymentNotAllowed("gpt-4o"), 403, "permission_error", "deployment_not_allowed", {}),
+        (RateLimited(1000, 1500.2, remaining=0), 429, "rate_limit_error", "rate_limit_exceeded",
+         {"retry-after": "2", "retry-after-ms": "1501", "x-ratelimit-limit-tokens": "1000",
+          "x-ratelimit-reset-tokens": "2s", "x-ratelimit-remaining-tokens": "0"}),
+        (RateLimited(1000, 0.0, remaining=250), 429, "rate_limit_error", "rate_limit_exceeded",
+         {"retry-after": "1", "retry-after-ms": "1", "x-ratelimit-remaining-tokens": "250"}),
+        (NeverAdmissible(need=5000, limit=100), 429, "rate_limit_error", "tokens_exceed_limit",
+         {"x-should-retry": "false", "x-ratelimit-limit-tokens": "100"}),
+        (QuotaExhausted(40, "daily", RESETS_AT, 3600.5), 403, "insufficient_quota", "quota_exceeded",
+         {"x-ratelimit-limit-quota-tokens": "40", "x-ratelimit-remaining-quota-tokens": "0",
+          "x-ratelimit-reset-quota-tokens": "3601s", "x-gateway-quota-resets-at": "2023-11-15T00:00:00Z"}),
+        (LimiterUnavailable(), 503, "server_error", "limiter_unavailable", {"retry-after": "1"}),
+        (BackendsBusy(6001), 429, "rate_limit_error", "backends_busy", {"retry-after": "7", "retry-after-ms": "6001"}),
+        (NoBackend(10_000), 503, "server_error", "service_unavailable", {"retry-after": "10", "retry-after-ms": "10000"}),
+        (BackendsFailed(FailureKind.TIMEOUT), 504, "server_error", "backend_timeout", {}),
+        (BackendsFailed(FailureKind.BROKEN), 502, "server_error", "backend_error", {}),
+        (BackendsFailed(FailureKind.CONNECTION), 502, "server_error", "backend_unreachable", {}),
+        (BackendAuthFailed(), 502, "server_error", "backend_auth_failed", {}),
+        (MalformedAnswer(), 502, "server_error", "backend_malformed_response", {}),
+    ],
+)
+def test_each_refusal_renders_as_an_openai_error(
+    refusal: Refusal, status: int, type_: str, code: str, headers: dict[str, str]
+) -> None:
+    error = render(refusal)
+    body = orjson.loads(error.body())["error"]
+    assert (error.status, body["type"], body["code"]) == (status, type_, code)
+    assert isinstance(body["message"], str) and body["message"] and set(body) == {"message", "type", "param", "code"}
+    assert {k: error.headers[k] for k in headers} == headers
+
+
+def test_every_key_problem_has_its_own_message() -> None:
+    messages = {render(InvalidKey(problem)).message for problem in KeyProblem}
+    assert len(messages) == len(KeyProblem)
+
+
+def test_a_gateway_error_is_already_its_own_answer() -> None:
+    error = GatewayError(415, "Send JSON.", code="unsupported_media_type")
+    assert render(error) is error
+
+
+def test_every_refusal_kind_has_a_rendering() -> None:
+    kinds = {cls for cls in Refusal.__subclasses__() if cls is not GatewayError}
+    samples = {
+        InvalidKey(KeyProblem.MISSING), ConsumerDisabled("a"), AuthStoreUnavailable(), DeploymentNotFound("d"),
+        DeploymentNotAllowed("d"), RateLimited(1, 1), NeverAdmissible(2, 1), QuotaExhausted(1, "daily", RESETS_AT, 1),
+        LimiterUnavailable(), BackendsBusy(1), NoBackend(1), BackendsFailed(FailureKind.TIMEOUT), BackendAuthFailed(),
+        MalformedAnswer(),
+    }
+    assert {type(s) for s in samples} == kinds  # a new refusal gets a sample here, and so a rendering
+    for sample in samples:
+        assert 400 <= render(sample).status < 600
+
+
+@pytest.mark.parametrize(
+    ("refusal", "reason"),
+    [
+        (RateLimited(1, 1), "rate"), (NeverAdmissible(2, 1), "rate"), (QuotaExhausted(1, "daily", RESETS_AT, 1), "quota"),
+        (BackendsBusy(1), "backends"), (NoBackend(1), None), (InvalidKey(KeyProblem.UNKNOWN), None),
+        (LimiterUnavailable(), None), (DeploymentNotAllowed("d"), None),
+    ],
+)
+def test_throttles_name_their_metric_reason(refusal: Refusal, reason: str | None) -> None:
+    assert throttle_reason(refusal) == reason
+
+
+@pytest.mark.parametrize(
+    ("failure", "reason"),
+    [
+        (AttemptFailure.of_status(429), "429"), (AttemptFailure.of_status(503), "503"),
+        (AttemptFailure(FailureKind.TIMEOUT), "timeout"), (AttemptFailure(FailureKind.CONNECTION), "connection"),
+        (AttemptFailure(FailureKind.BROKEN), "broken"),
+    ],
+)
+def test_attempt_failures_keep_the_reasons_metrics_and_breakers_have_always_used(failure: AttemptFailure, reason: str) -> None:
+    assert failure.reason == reason
+    assert (failure.kind is FailureKind.THROTTLED) == (reason == "429")
