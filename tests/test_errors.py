@@ -107,7 +107,7 @@ def test_throttles_name_their_metric_reason(refusal: Refusal, reason: str | None
 @pytest.mark.parametrize(
     ("failure", "reason"),
     [
-        (AttemptFailure.of_status(429), "429"), (AttemptFailure.of_status(503), "503"),
+        (AttemptFailure.of_status(429), "429"), (AttemptFailure.of_status(503), "503"), (AttemptFailure.of_status(401), "401"),
         (AttemptFailure(FailureKind.TIMEOUT), "timeout"), (AttemptFailure(FailureKind.CONNECTION), "connection"),
         (AttemptFailure(FailureKind.BROKEN), "broken"),
     ],
@@ -115,3 +115,4 @@ def test_throttles_name_their_metric_reason(refusal: Refusal, reason: str | None
 def test_attempt_failures_keep_the_reasons_metrics_and_breakers_have_always_used(failure: AttemptFailure, reason: str) -> None:
     assert failure.reason == reason
     assert (failure.kind is FailureKind.THROTTLED) == (reason == "429")
+    assert (failure.kind is FailureKind.AUTH) == (reason in ("401", "403"))
