@@ -12,6 +12,7 @@ from shared.outcomes import (
     BackendAuthFailed,
     BackendsBusy,
     BackendsFailed,
+    BudgetExceeded,
     ConsumerDisabled,
     DeploymentNotAllowed,
     DeploymentNotFound,
@@ -50,6 +51,7 @@ RESETS_AT = 1_700_006_400.0  # 2023-11-15T00:00:00Z
          {"x-ratelimit-limit-quota-tokens": "40", "x-ratelimit-remaining-quota-tokens": "0",
           "x-ratelimit-reset-quota-tokens": "3601s", "x-gateway-quota-resets-at": "2023-11-15T00:00:00Z"}),
         (LimiterUnavailable(), 503, "server_error", "limiter_unavailable", {"retry-after": "1"}),
+        (BudgetExceeded("monthly", 10.004, 10.0, "USD"), 403, "insufficient_quota", "budget_exceeded", {}),
         (BackendsBusy(6001), 429, "rate_limit_error", "backends_busy", {"retry-after": "7", "retry-after-ms": "6001"}),
         (NoBackend(10_000), 503, "server_error", "service_unavailable", {"retry-after": "10", "retry-after-ms": "10000"}),
         (BackendsFailed(FailureKind.TIMEOUT), 504, "server_error", "backend_timeout", {}),
@@ -84,7 +86,7 @@ def test_every_refusal_kind_has_a_rendering() -> None:
     samples = {
         InvalidKey(KeyProblem.MISSING), ConsumerDisabled("a"), AuthStoreUnavailable(), DeploymentNotFound("d"),
         DeploymentNotAllowed("d"), RateLimited(1, 1), NeverAdmissible(2, 1), QuotaExhausted(1, "daily", RESETS_AT, 1),
-        LimiterUnavailable(), BackendsBusy(1), NoBackend(1), BackendsFailed(FailureKind.TIMEOUT), BackendAuthFailed(),
+        LimiterUnavailable(), BudgetExceeded("monthly", 1, 1, "EUR"), BackendsBusy(1), NoBackend(1), BackendsFailed(FailureKind.TIMEOUT), BackendAuthFailed(),
         MalformedAnswer(),
     }
     assert {type(s) for s in samples} == kinds  # a new refusal gets a sample here, and so a rendering
@@ -96,7 +98,7 @@ def test_every_refusal_kind_has_a_rendering() -> None:
     ("refusal", "reason"),
     [
         (RateLimited(1, 1), "rate"), (NeverAdmissible(2, 1), "rate"), (QuotaExhausted(1, "daily", RESETS_AT, 1), "quota"),
-        (BackendsBusy(1), "backends"), (NoBackend(1), None), (InvalidKey(KeyProblem.UNKNOWN), None),
+        (BackendsBusy(1), "backends"), (BudgetExceeded("monthly", 1, 1, "EUR"), "budget"), (NoBackend(1), None), (InvalidKey(KeyProblem.UNKNOWN), None),
         (LimiterUnavailable(), None), (DeploymentNotAllowed("d"), None),
     ],
 )
