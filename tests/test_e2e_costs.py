@@ -110,10 +110,11 @@ def test_one_log_record_per_request_whose_totals_and_cost_equal_the_metrics(
 
 
 def test_a_budget_refuses_with_403_budget_exceeded_on_every_instance(
-    fresh_sims: Stack, gateway_factory: Callable[..., stack.Child]
+    fresh_sims: Stack, capture: Capture, gateway_factory: Callable[..., stack.Child]
 ) -> None:
     e2e = fresh_sims
-    extra = {"GATEWAY_PRICES": PRICES, "GATEWAY_BUDGET_REFRESH_S": "0.2", "GATEWAY_CONSUMER_REFRESH_S": "0.2"}
+    extra = {"GATEWAY_PRICES": PRICES, "GATEWAY_BUDGET_REFRESH_S": "0.2", "GATEWAY_CONSUMER_REFRESH_S": "0.2",
+             "APPLICATIONINSIGHTS_CONNECTION_STRING": capture.connection_string, "OTEL_METRIC_EXPORT_INTERVAL": "300"}
     first = gateway_factory(regions=pay_as_you_go(e2e), extra=extra)
     second = gateway_factory(regions=pay_as_you_go(e2e), extra=extra)
     consumer = unique("budgeted")
@@ -136,6 +137,7 @@ def test_a_budget_refuses_with_403_budget_exceeded_on_every_instance(
         return False
 
     wait_for(second_refuses, timeout_s=10)  # the other instance learns the spend from Table Storage
+    wait_for(lambda: capture.total(names.THROTTLED_REQUESTS, **{names.SUBSCRIPTION_ID: consumer, names.REASON: "budget"}) >= 2)
     rows = budget_rows(e2e, consumer)
     assert len(rows) == 1 and rows[0].micros >= 1
 

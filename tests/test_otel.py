@@ -335,3 +335,11 @@ def test_hostile_identifiers_are_bounded_in_the_log() -> None:
     (entry,) = log_records()
     assert len(entry["Model"]) == 128 and entry["User ID"] == "(invalid)" and entry["Client IP"] == ""
     assert sum(len(str(v)) for v in entry.values()) < 2000
+
+
+def test_requests_without_a_consumer_are_not_logged() -> None:
+    sink, reader, _ = telemetry()
+    for _ in range(50):  # a client spraying keys: each refusal would otherwise buy ~1 KB of ingestion
+        sink.request_done(record(consumer_id="", status=401, usage=None, ttft_ms=None, backend_id="", region=""))
+    sink.request_done(record())
+    assert [r["Subscription ID"] for r in log_records()] == ["team-a"]

@@ -31,7 +31,7 @@ RESOURCE_ID = "/subscriptions/0000/resourceGroups/rg-gateway/providers/Microsoft
 REQUIRED = {
     "tokens_per_consumer", "tokens_by_backend", "tokens_by_region", "top_consumers_today", "throttled_by_consumer",
     "throttled_over_time", "failovers_over_time", "ptu_share", "breaker_trips_over_time", "breaker_transitions",
-    "time_to_first_token",
+    "time_to_first_token", "chargeback_monthly", "request_log",
 }
 
 
