@@ -343,3 +343,19 @@ def test_requests_without_a_consumer_are_not_logged() -> None:
         sink.request_done(record(consumer_id="", status=401, usage=None, ttft_ms=None, backend_id="", region=""))
     sink.request_done(record())
     assert [r["Subscription ID"] for r in log_records()] == ["team-a"]
+
+
+def test_an_attempt_whose_body_broke_off_gets_its_own_record_so_log_totals_equal_the_metrics() -> None:
+    sink, reader, _ = telemetry(GATEWAY_PRICES=PRICES)
+    sink.tokens_spent(record(backend_id="uk", status=502, ptu=False, usage=TokenUsage(100, 0, 100, reported=False)))
+    sink.request_done(record(backend_id="se", ptu=False, attempts=2))
+    lost, answered = log_records()
+    assert (lost["Kind"], lost["Backend ID"], lost["Status Code"], lost["Usage Source"]) == (
+        "lost attempt", "uk", "502", "counted")
+    assert (answered["Kind"], answered["Backend ID"]) == ("request", "se")
+    metrics = collect(reader)
+    assert sum(r["microsoft.custom_measurements"]["Total Tokens"] for r in (lost, answered)) == sum(
+        v for v, _ in metrics[names.TOTAL_TOKENS]) == 220
+    assert sum(r["microsoft.custom_measurements"]["Cost"] for r in (lost, answered)) == pytest.approx(
+        sum(v for v, _ in metrics[names.COST]))
+    assert sum(v for v, _ in metrics[names.GATEWAY_REQUESTS]) == 1

@@ -43,6 +43,7 @@ STATE = "State"
 # Per-request log fields beyond the dimension names above.
 USAGE_SOURCE = "Usage Source"  # reported (by the backend) | counted (by the gateway) | none
 CURRENCY = "Currency"
+RECORD_KIND = "Kind"  # request | lost attempt (an attempt whose body broke off before failover; its tokens were charged)
 
 
 @dataclass(slots=True)

@@ -24,7 +24,7 @@ from shared.config import Settings
 from shared.telemetry import events as names
 from shared.telemetry.events import Attempt, NullTelemetry, RequestRecord, Telemetry, Trace
 from shared.telemetry.privacy import Privacy
-from shared.telemetry.request_log import EVENT_NAME, RequestLog
+from shared.telemetry.request_log import EVENT_NAME, KIND_LOST_ATTEMPT, KIND_REQUEST, RequestLog
 from shared.telemetry.series import SeriesTable
 
 log = logging.getLogger(__name__)
@@ -290,7 +290,7 @@ class OtelTelemetry:
         return _Trace(self._tracer, method, route, self.privacy)
 
     def request_done(self, record: RequestRecord, trace: Trace | None = None) -> None:
-        self.tokens_spent(record)
+        self._count_tokens(record)
         status = str(record.status)
         self.requests.add((
             record.consumer_id, record.api, record.operation, record.backend_id, record.region, record.deployment,
@@ -309,6 +309,16 @@ class OtelTelemetry:
             self._ttft.record(record.ttft_ms, {names.BACKEND_ID: record.backend_id, names.DEPLOYMENT: record.deployment})
         if trace is not None:
             trace.end(record)
+        self._log(record, KIND_REQUEST, getattr(trace, "context", None))
+
+    def tokens_spent(self, record: RequestRecord) -> None:
+        # An attempt whose body broke off before failover: its tokens were charged, so it gets a record of its own,
+        # and the log's totals stay equal to the token metrics.
+        self._count_tokens(record)
+        if record.usage is not None:
+            self._log(record, KIND_LOST_ATTEMPT, None)
+
+    def _log(self, record: RequestRecord, kind: str, context: Any) -> None:
         request_log = self.request_log
         # Requests no consumer was found for (no key, a wrong key, an unknown path) are not logged: a client spraying
         # keys would otherwise buy ingestion at will. Their spans (rate-limited) and result codes remain.
@@ -318,12 +328,12 @@ class OtelTelemetry:
         ):
             self._logger.emit(
                 body=EVENT_NAME,
-                attributes=request_log.attributes(record),
-                context=getattr(trace, "context", None),
+                attributes=request_log.attributes(record, kind),
+                context=context,
                 severity_number=SeverityNumber.INFO,
             )
 
-    def tokens_spent(self, record: RequestRecord) -> None:
+    def _count_tokens(self, record: RequestRecord) -> None:
         usage = record.usage
         if usage is not None:
             self.tokens.add(

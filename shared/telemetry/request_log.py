@@ -34,6 +34,8 @@ DURATION = "Duration Ms"
 TTFT = "Time To First Token Ms"
 COST = "Cost"
 WEIGHT = "Sample Weight"
+KIND_REQUEST = "request"
+KIND_LOST_ATTEMPT = "lost attempt"  # a failed-over attempt whose body broke off: its tokens were charged too
 _TEXT_MAX = 128
 
 
@@ -48,7 +50,7 @@ class RequestLog:
     gateway_id: str
     sampling: float = 1.0
 
-    def attributes(self, record: RequestRecord) -> dict[str, str]:
+    def attributes(self, record: RequestRecord, kind: str = KIND_REQUEST) -> dict[str, str]:
         usage = record.usage
         measurements: dict[str, float] = {
             ATTEMPTS: record.attempts,
@@ -77,6 +79,7 @@ class RequestLog:
             names.STATUS_CODE: str(record.status),
             names.STREAM: "true" if record.stream else "false",
             names.PTU: "true" if record.ptu else "false",
+            names.RECORD_KIND: kind,
             names.USAGE_SOURCE: "none" if usage is None else ("reported" if usage.reported else "counted"),
             names.USER_ID: self.privacy.user_id(record.user_id),
             names.CLIENT_IP: self.privacy.client_ip(record.client_ip),
