@@ -7,8 +7,9 @@ once per export interval. Three rules keep what reaches Application Insights use
   are not skewed by zero points);
 - a series that has not changed for `idle_s` is forgotten, making room for new ones;
 - when `max_series` live series exist, a new combination gives up its high-cardinality dimensions first (the
-  `collapse` levels, e.g. User ID and Client IP, then the rest), and never the consumer: the last level keeps only the
-  dimensions named in `keep`, whose values are bounded by configuration (registered consumers, deployments).
+  `collapse` levels, e.g. User ID and Client IP, then the rest; those series may use a reserve of a quarter of
+  `max_series`), and never the consumer: the last level keeps only the dimensions named in `keep`, whose values are
+  bounded by configuration (registered consumers, deployments, backends).
 
 Threads: only the loop creates and deletes series and adds to them; the exporter only reads sums and moves each
 series' exported mark. A series is deleted only when everything it summed was exported, so no increment is lost.
@@ -58,6 +59,7 @@ class SeriesTable:
         levels.append(frozenset(i for i in range(len(self.names)) if i not in kept))
         self._levels = tuple(levels)
         self.collapsed = 0  # new combinations that had to give up dimensions (a health figure)
+        self._reserve = max(1, max_series // 4)
 
     def __len__(self) -> int:
         return len(self._series)
@@ -85,8 +87,9 @@ class SeriesTable:
             series = self._series.get(reduced)
             if series is not None:
                 return series
-            if depth == last:
-                # Bounded by configuration, so always admitted: the consumer is never lost.
+            if depth == last or len(self._series) < self.max_series + self._reserve:
+                # The last level is bounded by configuration, so always admitted: the consumer is never lost. The
+                # levels before it may take a reserve of a quarter more series.
                 return self._new(reduced, now)
         raise AssertionError("unreachable")
 
