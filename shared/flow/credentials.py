@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from shared.clock import Clock
 from shared.config import Backend
+from shared.flow.backend_api import api_of
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,7 @@ class BackendAuth:
         self._identity_backends: dict[str, Backend] = {}
         for backend in backends:
             if backend.auth == "key" and backend.api_key:
-                if backend.api == "azure":
-                    self._static[backend.id] = {"api-key": backend.api_key}
-                else:
-                    self._static[backend.id] = {"authorization": f"Bearer {backend.api_key}"}
+                self._static[backend.id] = api_of(backend).key_headers(backend.api_key)
             elif backend.auth == "identity":
                 self._identity_backends[backend.id] = backend
             else:

@@ -13,7 +13,6 @@ from urllib.parse import urlencode
 
 from shared.config import Backend
 from shared.edge.consumers import Consumer
-from shared.edge.errors import forbidden
 from shared.edge.messages import GatewayRequest, GatewayResponse
 from shared.flow import responses
 from shared.flow.translate import (
@@ -25,12 +24,12 @@ from shared.flow.translate import (
     request_headers,
 )
 from shared.flow.upstream import Answer, UpstreamBroken, UpstreamError
-from shared.outcomes import FailureKind
+from shared.outcomes import DeploymentNotAllowed, FailureKind
 from shared.routing.pinning import Holder, Pinning
 from shared.telemetry.events import RequestRecord, Trace
 
 if TYPE_CHECKING:
-    from shared.flow.gateway import Services
+    from shared.flow.exchange import Services
 
 JSON = "application/json"
 _METHODS = {
@@ -56,7 +55,7 @@ class FollowUps:
         holder = await self.pinning.holder(route.response_id, consumer.id, previous=False)
         deployment = holder.record.deployment
         if not consumer.may_use(deployment):
-            raise forbidden(f"This key may not use the deployment '{deployment}'.", code="deployment_not_allowed")
+            raise DeploymentNotAllowed(deployment)
         self.pinning.claim(holder, deployment)
         upstream = await self._send(request, route, holder, api_version, trace)
         record = self._record(request, route, consumer, holder.backend, deployment, upstream.status, started)

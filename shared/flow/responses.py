@@ -11,13 +11,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 import orjson
 import tiktoken
 
 from shared.config import Backend
 from shared.edge.errors import bad_request
+from shared.flow.backend_api import api_of
 from shared.flow.tokens import (
     IMAGE_HIGH_DEFAULT,
     IMAGE_LOW,
@@ -232,16 +232,8 @@ def count_input(body: Mapping[str, Any], enc: tiktoken.Encoding, context_tokens:
 
 
 def backend_url(backend: Backend, preview_path: bool, api_version: str | None, tail: str = "") -> str:
-    """Where a Responses call goes on `backend`. Azure serves the API on the v1 path (no api-version needed) and on the
-    older preview path (api-version required): a client that called the preview path with an api-version is sent the
-    same way; everything else goes to the v1 path, with the client's api-version if it gave one."""
-    path = "responses" + tail
-    if backend.api == "openai":
-        return f"{backend.endpoint}/{path}"
-    if preview_path and api_version:
-        return f"{backend.endpoint}/openai/{path}?api-version={quote(api_version, safe='')}"
-    query = f"?api-version={quote(api_version, safe='')}" if api_version else ""
-    return f"{backend.endpoint}/openai/v1/{path}{query}"
+    """Where a Responses call goes on `backend` (shared/flow/backend_api.py knows each kind of API)."""
+    return api_of(backend).responses_url(backend, preview_path, api_version, tail)
 
 
 # ---- what came back ---------------------------------------------------------------------------------------------------

@@ -7,13 +7,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 import orjson
 
 from shared.config import Backend
 from shared.edge.errors import GatewayError, bad_request, not_found
 from shared.flow import responses
+from shared.flow.backend_api import api_of
 from shared.flow.jsonbody import parse_body as parse_body  # re-exported: the body is parsed with the route
 
 
@@ -255,16 +256,10 @@ def _choices(op: Operation, body: Mapping[str, Any]) -> int:
 
 
 def backend_url(backend: Backend, route: Route, deployment: str, api_version: str | None) -> str:
+    api = api_of(backend)
     if route.operation is Operation.RESPONSES:
-        return responses.backend_url(backend, route.api == AZURE_API, api_version)
-    upstream_name = backend.deployments[deployment]
-    if backend.api == "openai":
-        return f"{backend.endpoint}/{route.operation.path}"
-    version = api_version or backend.api_version or DEFAULT_API_VERSION
-    return (
-        f"{backend.endpoint}/openai/deployments/{quote(upstream_name, safe='')}/{route.operation.path}"
-        f"?api-version={quote(version, safe='')}"
-    )
+        return api.responses_url(backend, route.api == AZURE_API, api_version, "")
+    return api.url(backend, route.operation.path, deployment, api_version)
 
 
 def backend_body(
@@ -277,7 +272,7 @@ def backend_body(
         options["include_usage"] = True
         changes["stream_options"] = options
     upstream_name = backend.deployments[deployment]
-    if (backend.api == "openai" or shape.model_in_body) and body.get("model") != upstream_name:
+    if (api_of(backend).model_in_body or shape.model_in_body) and body.get("model") != upstream_name:
         changes["model"] = upstream_name
     if not changes:
         return raw

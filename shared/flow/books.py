@@ -1,0 +1,106 @@
+"""The books: the one place a request's tokens are written down.
+
+What the consumer is charged (its limiter ticket), what its usage rows record, and what the token metrics emit are
+computed here, from the same values, in one synchronous function per outcome: so charged = recorded = emitted holds
+by construction, and a stream the client abandons (its relay cancelled) is still settled.
+"""
+
+from __future__ import annotations
+
+from shared.clock import Clock
+from shared.config import Backend
+from shared.edge.consumers import Consumer
+from shared.edge.messages import GatewayRequest
+from shared.flow.exchange import Exchange, LostAttempt, Served
+from shared.flow.translate import Route
+from shared.flow.usage import TokenUsage, combined
+from shared.telemetry.events import RequestRecord, Telemetry, Trace
+from shared.telemetry.usage_rows import UsageRecorder
+
+
+class Books:
+    def __init__(self, clock: Clock, usage: UsageRecorder, telemetry: Telemetry) -> None:
+        self._clock = clock
+        self._usage = usage
+        self._telemetry = telemetry
+
+    def settle(self, exchange: Exchange, served: Served) -> int:
+        """An answer reached the client (whole, cut, or abandoned): charge the answer's usage plus every attempt whose
+        body broke off before it; emit each under the backend that spent it, and the request once. Returns the tokens
+        charged (the x-gateway-tokens-consumed header)."""
+        charged = combined(served.usage, self._lost(exchange))
+        spent = charged.total if charged is not None else 0
+        exchange.ticket.settle(spent)
+        self._usage.record(exchange.consumer.id, exchange.deployment, charged)
+        self._emit_lost(exchange)
+        record = self._record(exchange, served.backend, served.status, served.usage, served.model, served.attempts,
+                              served.ttft_ms)
+        self._telemetry.request_done(record, exchange.trace)
+        return spent
+
+    def unanswered(self, exchange: Exchange) -> None:
+        """No backend answered: only the attempts whose body broke off were billed by their backends. (The request
+        itself is counted by `refused` when its refusal is rendered.)"""
+        lost = self._lost(exchange)
+        exchange.ticket.settle(lost.total if lost is not None else 0)
+        if lost is not None:
+            self._usage.record(exchange.consumer.id, exchange.deployment, lost)
+        self._emit_lost(exchange)
+
+    def refused(
+        self, request: GatewayRequest, route: Route, consumer: Consumer | None, deployment: str | None, status: int,
+        started: float, trace: Trace,
+    ) -> None:
+        """A request the gateway answered itself: counted, with no tokens."""
+        self._telemetry.request_done(
+            RequestRecord(
+                consumer_id=consumer.id if consumer else "",
+                client_ip=request.client_ip,
+                api=route.api,
+                operation=route.operation.operation_id,
+                user_id="",
+                deployment=deployment or route.deployment or "",
+                status=status,
+                duration_ms=(self._clock.monotonic() - started) * 1000,
+            ),
+            trace,
+        )
+
+    @staticmethod
+    def _lost(exchange: Exchange) -> TokenUsage | None:
+        lost: TokenUsage | None = None
+        for attempt in exchange.lost:
+            lost = combined(lost, attempt.usage)
+        return lost
+
+    def _emit_lost(self, exchange: Exchange) -> None:
+        for attempt in exchange.lost:
+            self._telemetry.tokens_spent(self._lost_record(exchange, attempt))
+
+    def _lost_record(self, exchange: Exchange, attempt: LostAttempt) -> RequestRecord:
+        record = self._record(exchange, attempt.backend, 502, attempt.usage, None, attempt.number)
+        record.duration_ms = attempt.duration_ms
+        return record
+
+    def _record(
+        self, exchange: Exchange, backend: Backend, status: int, usage: TokenUsage | None, model: str | None,
+        attempts: int, ttft_ms: float | None = None,
+    ) -> RequestRecord:
+        return RequestRecord(
+            consumer_id=exchange.consumer.id,
+            client_ip=exchange.request.client_ip,
+            api=exchange.route.api,
+            operation=exchange.route.operation.operation_id,
+            user_id=exchange.user_id,
+            deployment=exchange.deployment,
+            status=status,
+            duration_ms=(self._clock.monotonic() - exchange.started) * 1000,
+            stream=exchange.shape.stream,
+            backend_id=backend.id,
+            region=backend.region,
+            ptu=backend.ptu,
+            model=model or "",
+            usage=usage,
+            ttft_ms=ttft_ms,
+            attempts=attempts,
+        )

@@ -1,0 +1,67 @@
+"""Inbound checks: a request the gateway can send on, for a deployment the consumer may use (API Management's
+inbound section). Everything here refuses with a typed refusal or a request-shape GatewayError; nothing is sent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from shared.edge.consumers import Consumer
+from shared.edge.errors import GatewayError, bad_request
+from shared.edge.messages import GatewayRequest
+from shared.flow.exchange import Checked
+from shared.flow.translate import CallShape, Operation, Route, check_api_version, check_body, parse_body
+from shared.outcomes import DeploymentNotAllowed, DeploymentNotFound
+from shared.routing.pinning import Holder, Pinning
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """The request's body and shape: the deployment is known from here on (for the metrics of a refusal)."""
+
+    route: Route
+    body: dict[str, Any]
+    shape: CallShape
+    api_version: str | None
+
+
+class Checks:
+    def __init__(self, deployments: frozenset[str], pinning: Pinning) -> None:
+        self._deployments = deployments
+        self._pinning = pinning
+
+    def parse(self, request: GatewayRequest, route: Route) -> Parsed:
+        """400 for a bad api-version or body, 415 for a body that is not JSON."""
+        api_version = check_api_version(request.query)
+        content_type = request.headers.get("content-type", "application/json").split(";", 1)[0].strip().lower()
+        if content_type != "application/json":
+            raise GatewayError(415, "Send the request body as application/json.", code="unsupported_media_type")
+        body = parse_body(request.body)
+        shape = check_body(route, body)
+        return Parsed(Route(route.api, route.operation, shape.deployment), body, shape, api_version)
+
+    async def allow(self, parsed: Parsed, consumer: Consumer) -> Checked:
+        """An unknown deployment, one the key may not use, or a continuation of a response the consumer may not see
+        is refused here."""
+        deployment = parsed.shape.deployment
+        if deployment not in self._deployments:
+            raise DeploymentNotFound(deployment)
+        if not consumer.may_use(deployment):
+            raise DeploymentNotAllowed(deployment)
+        pinned = await self._pin(parsed, consumer)
+        return Checked(parsed.route, consumer, parsed.body, parsed.shape, parsed.api_version, pinned)
+
+    async def _pin(self, parsed: Parsed, consumer: Consumer) -> Holder | None:
+        """The backend holding the response this request continues, if it continues one."""
+        previous = parsed.body.get("previous_response_id") if parsed.route.operation is Operation.RESPONSES else None
+        if not isinstance(previous, str):
+            return None
+        holder = await self._pinning.holder(previous, consumer.id, previous=True)
+        if not holder.backend.serves(parsed.shape.deployment):
+            raise bad_request(
+                f"The deployment '{parsed.shape.deployment}' is not available in the region that stores the previous "
+                "response.",
+                param="model",
+                code="deployment_not_in_response_region",
+            )
+        return holder

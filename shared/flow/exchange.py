@@ -1,0 +1,142 @@
+"""The request as one object, phase by phase: what the check found (Checked), what admission reserved (Exchange),
+which backend answered (Chosen) and what it served (Served). shared/flow/gateway.py hands it from phase to phase:
+
+    authenticate -> check -> admit -> dispatch with failover -> relay -> settle
+
+Services are what the phases share: built once per worker (shared/app.py), never per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.clock import Clock
+from shared.config import Backend, Settings
+from shared.edge.consumers import Consumer, ConsumerDirectory
+from shared.edge.messages import GatewayRequest
+from shared.flow import responses, tokens
+from shared.flow.credentials import BackendAuth
+from shared.flow.translate import CallShape, Operation, Route
+from shared.flow.upstream import Answer, UpstreamClient
+from shared.flow.usage import TokenUsage
+from shared.limits.contract import Limiter, Ticket
+from shared.routing.pinning import Holder
+from shared.routing.router import Router
+from shared.storage.memory import MemoryResponseStore
+from shared.storage.protocols import ResponseStore
+from shared.telemetry.events import Telemetry, Trace
+from shared.telemetry.usage_rows import UsageRecorder
+
+
+@dataclass
+class Services:
+    settings: Settings
+    clock: Clock
+    consumers: ConsumerDirectory
+    router: Router
+    upstream: UpstreamClient
+    auth: BackendAuth
+    limiter: Limiter
+    telemetry: Telemetry
+    usage: UsageRecorder
+    responses: ResponseStore = field(default_factory=MemoryResponseStore)  # where stored responses live
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A well-formed request for a deployment this consumer may use (the check phase's verdict)."""
+
+    route: Route
+    consumer: Consumer
+    body: dict[str, Any]
+    shape: CallShape
+    api_version: str | None
+    pinned: Holder | None = None  # continues a stored response: only the backend holding it may answer
+
+
+@dataclass(frozen=True, slots=True)
+class LostAttempt:
+    """An attempt whose body broke off before failover: its backend billed the prompt it read."""
+
+    backend: Backend
+    usage: TokenUsage
+    number: int
+    duration_ms: float
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One admitted request on its way through the gateway."""
+
+    request: GatewayRequest
+    checked: Checked
+    started: float
+    trace: Trace
+    user_id: str
+    ticket: Ticket
+    reserve: int
+    prompt_estimate: int | None = None
+    lost: list[LostAttempt] = field(default_factory=list)
+    asked: dict[str, float] = field(default_factory=dict)  # backend id -> when it said (Retry-After) it would serve
+
+    @property
+    def route(self) -> Route:
+        return self.checked.route
+
+    @property
+    def consumer(self) -> Consumer:
+        return self.checked.consumer
+
+    @property
+    def shape(self) -> CallShape:
+        return self.checked.shape
+
+    @property
+    def deployment(self) -> str:
+        return self.checked.shape.deployment
+
+    def prompt_tokens(self) -> int:
+        """The prompt as the gateway counts it (counted once, at admission or when first needed)."""
+        if self.prompt_estimate is None:
+            self.prompt_estimate = count_prompt(self.checked)
+        return self.prompt_estimate
+
+    def prompt_only(self) -> TokenUsage:
+        """What a backend bills for a request it read but never answered whole: the prompt."""
+        prompt = self.prompt_tokens()
+        return TokenUsage(prompt, 0, prompt, reported=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Chosen:
+    """The backend whose answer the client gets (a whole answer already read, or a stream about to be relayed)."""
+
+    backend: Backend
+    answer: Answer
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What one answer cost and how it went, as the books take it."""
+
+    backend: Backend
+    status: int
+    usage: TokenUsage | None
+    model: str | None
+    attempts: int
+    ttft_ms: float | None = None
+
+
+def count_prompt(checked: Checked) -> int:
+    encoding = tokens.encoding_for(checked.shape.deployment)
+    operation, body = checked.route.operation, checked.body
+    if operation is Operation.RESPONSES:
+        context = checked.pinned.record.context_tokens if checked.pinned is not None else 0
+        return responses.count_input(body, encoding, context)
+    if operation is Operation.CHAT:
+        return tokens.count_chat_prompt(body, encoding)
+    if operation is Operation.COMPLETIONS:
+        return tokens.count_completion_prompt(body, encoding)
+    return tokens.count_embedding_input(body, encoding)

@@ -1,0 +1,145 @@
+"""Relay: the chosen backend's answer to the client, whole or as a stream, and what it cost to the books.
+
+A stream is relayed chunk by chunk as the backend produces it; whatever ends it (its end, a break, the client leaving
+and the relay being cancelled) it is settled once, in `finally`, with the usage the backend reported or, failing that,
+the prompt and the completion tokens that reached the client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import orjson
+
+from shared.clock import Clock
+from shared.config import Backend
+from shared.edge.errors import error_body, render
+from shared.edge.messages import GatewayResponse
+from shared.flow import responses, tokens
+from shared.flow.backend_api import api_of
+from shared.flow.books import Books
+from shared.flow.exchange import Chosen, Exchange, Served
+from shared.flow.translate import FORWARDED_RESPONSE_HEADERS, Operation
+from shared.flow.upstream import Answer, UpstreamBroken
+from shared.flow.usage import SseRelay, TokenUsage
+from shared.outcomes import MalformedAnswer
+from shared.routing.pinning import Pinning
+
+JSON = "application/json"
+SSE = "text/event-stream"
+
+
+class Relay:
+    def __init__(self, clock: Clock, books: Books, pinning: Pinning) -> None:
+        self._clock = clock
+        self._books = books
+        self._pinning = pinning
+
+    async def answer(self, exchange: Exchange, chosen: Chosen) -> GatewayResponse:
+        if exchange.shape.stream and chosen.answer.status == 200:
+            return self._stream(exchange, chosen)
+        return await self._whole(exchange, chosen)
+
+    def _headers(self, exchange: Exchange, chosen: Chosen) -> dict[str, str]:
+        headers = {k: v for k, v in chosen.answer.headers.items() if k in FORWARDED_RESPONSE_HEADERS}
+        headers["x-gateway-backend"] = chosen.backend.id
+        headers["x-gateway-attempts"] = str(chosen.attempts)
+        headers.setdefault("x-ms-region", chosen.backend.region)
+        headers.update(exchange.ticket.headers)
+        return headers
+
+    async def _whole(self, exchange: Exchange, chosen: Chosen) -> GatewayResponse:
+        headers = self._headers(exchange, chosen)
+        raw = await chosen.answer.read()  # already read by the attempt
+        status = chosen.answer.status
+        usage, model = api_of(chosen.backend).usage(raw) if status == 200 else (None, None)
+        if status == 200 and usage is None:
+            # A 200 whose body cannot be read: the backend may still have billed the prompt; charge what we can count.
+            usage = exchange.prompt_only()
+            try:
+                orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                error = render(MalformedAnswer())
+                self._books.settle(exchange, Served(chosen.backend, error.status, usage, None, chosen.attempts))
+                return GatewayResponse(error.status, {"content-type": JSON, **error.headers}, error.body())
+        if status == 200 and exchange.route.operation is Operation.RESPONSES:
+            created = _created(raw)
+            if created is not None:
+                await self._pinning.remember(created, chosen.backend, exchange.consumer.id, exchange.deployment, usage)
+        spent = self._books.settle(exchange, Served(chosen.backend, status, usage, model, chosen.attempts))
+        headers["x-gateway-tokens-consumed"] = str(spent)
+        headers.update(exchange.ticket.headers)
+        return GatewayResponse(status, headers, raw)
+
+    def _stream(self, exchange: Exchange, chosen: Chosen) -> GatewayResponse:
+        headers = self._headers(exchange, chosen)
+        headers["content-type"] = SSE
+        headers["cache-control"] = "no-cache"
+        return GatewayResponse(200, headers, stream=self._events(exchange, chosen))
+
+    async def _events(self, exchange: Exchange, chosen: Chosen) -> AsyncIterator[bytes]:
+        upstream: Answer = chosen.answer
+        relay: SseRelay | responses.ResponsesRelay
+        relay = (
+            responses.ResponsesRelay() if exchange.route.operation is Operation.RESPONSES
+            else SseRelay(forward_usage_chunk=exchange.shape.client_wants_usage)
+        )
+        first_at: float | None = None
+        clean = False
+        context_recorded = False
+        try:
+            while chunk := await upstream.next_chunk():
+                out = relay.feed(chunk)
+                if out:
+                    if first_at is None:
+                        first_at = self._clock.monotonic()
+                    if isinstance(relay, responses.ResponsesRelay) and relay.created_pending:
+                        # Where the response lives is recorded before its id reaches the client, so a follow-up
+                        # sent at once, to any instance, finds it.
+                        relay.created_pending = False
+                        context_recorded = relay.done
+                        await self._remember_streamed(exchange, chosen.backend, relay)
+                    yield out
+                    if isinstance(relay, responses.ResponsesRelay) and relay.done and not context_recorded:
+                        context_recorded = True  # again with the usage: the context a continuation adds
+                        await self._remember_streamed(exchange, chosen.backend, relay)
+            tail = relay.flush()
+            if tail:
+                yield tail
+            if relay.done:
+                clean = True
+            else:
+                yield _stream_error("The backend ended the stream early.", relay)
+        except UpstreamBroken:
+            yield _stream_error("The backend's stream broke off.", relay)
+        finally:
+            if clean:
+                upstream.release()
+            else:
+                upstream.close()
+            usage = relay.usage
+            if usage is None:
+                prompt = exchange.prompt_tokens()
+                encoding = tokens.encoding_for(relay.model or exchange.deployment)
+                completion = relay.delivered_completion_tokens(encoding)
+                usage = TokenUsage(prompt, completion, prompt + completion, reported=False)
+            ttft = None if first_at is None else (first_at - exchange.started) * 1000
+            self._books.settle(exchange, Served(chosen.backend, 200, usage, relay.model, chosen.attempts, ttft))
+
+    async def _remember_streamed(self, exchange: Exchange, backend: Backend, relay: responses.ResponsesRelay) -> None:
+        if relay.created is not None:
+            await self._pinning.remember(relay.created, backend, exchange.consumer.id, exchange.deployment, relay.usage)
+
+
+def _stream_error(message: str, relay: SseRelay | responses.ResponsesRelay) -> bytes:
+    if isinstance(relay, responses.ResponsesRelay):
+        return relay.interrupted(message)
+    body = error_body(message, "server_error", "stream_interrupted")
+    return b"data: " + body + b"\n\n"
+
+
+def _created(raw: bytes) -> responses.Created | None:
+    try:
+        return responses.created_from_object(orjson.loads(raw))
+    except orjson.JSONDecodeError:
+        return None
