@@ -350,12 +350,11 @@ def test_alerts_cover_throttling_breakers_5xx_and_store_fallbacks() -> None:
 
 
 def test_ptu_utilisation_alerts_exist_only_with_ptu_backends() -> None:
-    assert not of_type(deployed("main"), "Microsoft.Insights/metricAlerts")
-    regions = [{
-        "id": "uksouth-ptu", "location": "uksouth", "priority": 1, "weight": 1,
-        "deployments": [{"name": "gpt-5.4", "model": "gpt-5.4", "modelVersion": "2026-03-05",
-                         "sku": "GlobalProvisionedManaged", "capacity": 15}],
-    }]
+    plain = deployed("main")
+    assert not of_type(plain, "Microsoft.Insights/metricAlerts")
+    first = plain.values["backendRegions"][0]
+    regions = [{**first, "id": "uksouth-ptu", "priority": 1,
+                "deployments": [{**first["deployments"][0], "sku": "GlobalProvisionedManaged", "capacity": 15}]}]
     deployment = deployed("main", provisionedBackendRegions=regions)
     [alert] = of_type(deployment, "Microsoft.Insights/metricAlerts")
     criterion = props(alert)["criteria"]["allOf"][0]
@@ -477,10 +476,14 @@ def test_the_deployed_settings_load_in_every_scenario() -> None:
 def test_backends_follow_the_regions() -> None:
     values = settings_as_deployed("existing-accounts")
     backends = config.parse_backends(values["GATEWAY_BACKENDS"], {})
+    regions = deployed("existing-accounts").values["backendRegions"]
     assert [b.endpoint for b in backends] == [
-        "https://contoso-openai-eastus2.openai.azure.com", "https://contoso-westus3.openai.azure.com"
+        r["existingAccount"].get("endpoint") or f"https://{r['existingAccount']['name']}.openai.azure.com" for r in regions
     ]
-    assert backends[0].deployments == {"gpt-5.4-mini": "gpt-5.4-mini-2026-03-17", "text-embedding-3-small": "text-embedding-3-small"}
+    assert regions[1]["existingAccount"].get("endpoint")  # one region shows an endpoint that is not the name
+    for backend, region in zip(backends, regions, strict=True):
+        assert backend.deployments == {d["name"]: d.get("deploymentName", d["name"]) for d in region["deployments"]}
+    assert any("deploymentName" in d for r in regions for d in r["deployments"])
 
 
 def names_read_by_the_code() -> set[str]:

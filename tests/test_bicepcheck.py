@@ -8,11 +8,12 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tools.bicepcheck import armtypes, checks, models, names, refresh_types, syntax
-from tools.bicepcheck.deployment import load_template
+from tools.bicepcheck.deployment import load_template, params_values
 from tools.bicepcheck.evaluate import Context
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -304,32 +305,56 @@ def test_the_model_check_reports_the_findings_of_the_issue() -> None:
     assert any("Deprecated" in p for p in models.check_deployment("gpt-4o-mini", "2024-07-18", "GlobalStandard", "uksouth"))
     assert any("Legacy" in p for p in models.check_deployment("gpt-4o", "2024-11-20", "GlobalStandard", "uksouth"))
     # A region the snapshot knows nothing about, and a model it does not list.
+    current = minimal_deployments()[0]
     assert any("no GlobalStandard facts for eastus" in p
-               for p in models.check_deployment("gpt-5.4-mini", "2026-03-17", "GlobalStandard", "eastus"))
+               for p in models.check_deployment(current["model"], current["modelVersion"], "GlobalStandard", "eastus"))
     assert any("not in the model snapshot" in p for p in models.check_deployment("gpt-9", "1", "GlobalStandard", "uksouth"))
     assert models.check_region_skus("x", ["GlobalStandard", "ProvisionedManaged"])
 
 
-@pytest.mark.parametrize(
-    ("old", "new", "expected"),
-    [
-        ("        sku: 'GlobalStandard'\n        capacity: 50", "        sku: 'Standard'\n        capacity: 50",
-         "not offered as Standard in swedencentral"),
-        ("        modelVersion: '2026-03-17'", "        modelVersion: '2024-07-18'", "not in the model snapshot"),
-        ("        model: 'gpt-5.4-mini'\n        modelVersion: '2026-03-17'",
-         "        model: 'gpt-4o-mini'\n        modelVersion: '2024-07-18'", "Deprecated"),
-        ("    location: 'swedencentral'", "    location: 'eastus'", "no GlobalStandard facts for eastus"),
-    ],
-)
-def test_every_deployment_of_a_parameters_file_is_checked(copy: Path, old: str, new: str, expected: str) -> None:
-    edit(copy / "minimal.bicepparam", old, new)
-    found = problems_of(copy / "minimal.bicepparam")
-    assert any(expected in p for p in found), found
+def minimal_deployments() -> list[dict[str, Any]]:
+    """The minimal scenario's model deployments, as its parameters file gives them (so no version is written here)."""
+    _, values, _ = params_values(scenario("minimal").resolve(), Context())
+    deployments: list[dict[str, Any]] = values["backendRegions"][0]["deployments"]
+    return deployments
+
+
+def deprecated_model() -> tuple[str, str]:
+    """A model version the snapshot lists as Deprecated (one of the issue's old defaults)."""
+    key = next(k for k, v in models.snapshot().lifecycle.items() if v["lifecycle"] == "Deprecated")
+    model, version = key.split("@")
+    return model, version
+
+
+def test_every_deployment_of_a_parameters_file_is_checked(copy: Path) -> None:
+    region = scenario("minimal").read_text(encoding="utf-8")
+    location = re.search(r"location: '([^']+)'", region).group(1)  # type: ignore[union-attr]
+    first, last = minimal_deployments()[0], minimal_deployments()[-1]
+    block = f"        model: '{first['model']}'\n        modelVersion: '{first['modelVersion']}'"
+    offered_standard = {r for regions in models.snapshot().availability["Standard"].values() for r in regions}
+    cases = [
+        # A SKU the region does not offer for the model (regional Standard, as the issue found).
+        (f"        sku: '{last['sku']}'\n        capacity: {last['capacity']}",
+         f"        sku: 'Standard'\n        capacity: {last['capacity']}",
+         "in " + location if location in offered_standard else "no Standard facts"),
+        # A version that does not exist.
+        (f"        modelVersion: '{first['modelVersion']}'", "        modelVersion: '1999-01-01'", "not in the model snapshot"),
+        # A deprecated model.
+        (block, "        model: '{}'\n        modelVersion: '{}'".format(*deprecated_model()), "Deprecated"),
+        # A region the snapshot has no facts for.
+        (f"    location: '{location}'", "    location: 'eastus'", "facts for eastus"),
+    ]
+    for old, new, expected in cases:
+        shutil.copy(scenario("minimal"), copy / "minimal.bicepparam")
+        edit(copy / "minimal.bicepparam", old, new)
+        found = problems_of(copy / "minimal.bicepparam")
+        assert any(expected in p for p in found), (old, found)
 
 
 def test_a_retirement_within_the_runway_is_reported(tmp_path: Path) -> None:
     raw = json.loads(models.SNAPSHOT.read_text(encoding="utf-8"))
-    key = "gpt-5.4-mini@2026-03-17"
+    current = minimal_deployments()[0]
+    key = f"{current['model']}@{current['modelVersion']}"
     soon = models.snapshot().date.toordinal() + models.MIN_RUNWAY_DAYS - 1
     from datetime import date
 
@@ -337,7 +362,7 @@ def test_a_retirement_within_the_runway_is_reported(tmp_path: Path) -> None:
     path = tmp_path / "snapshot.json"
     path.write_text(json.dumps(raw), encoding="utf-8")
     facts = models.snapshot(path)
-    assert any("retires" in p for p in models.check_deployment("gpt-5.4-mini", "2026-03-17", "GlobalStandard", "uksouth", facts))
+    assert any("retires" in p for p in models.check_deployment(current["model"], current["modelVersion"], current["sku"], "uksouth", facts))
 
 
 def test_the_commented_ptu_example_passes_the_checks_once_uncommented(copy: Path) -> None:
