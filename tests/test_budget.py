@@ -89,7 +89,7 @@ def test_instances_share_spend_through_the_store_within_the_refresh_interval() -
     clock.advance(5)
     error = refused(two.check(c))
     assert error.code == "budget_exceeded"
-    assert {(r.instance, r.micros) for r in store.rows.values()} == {("i1", 1_200_000)}
+    assert {(r.instance, r.nanos) for r in store.rows.values()} == {("i1", 1_200_000_000)}
 
 
 def test_the_period_resets_the_spend() -> None:
@@ -131,7 +131,7 @@ def test_a_failed_save_is_carried_by_the_next_one_and_a_failed_read_fails_open()
     b.spend(record())
     store.down = False
     asyncio.run(b.flush())
-    assert [r.micros for r in store.rows.values()] == [1_200_000]  # cumulative: nothing lost
+    assert [r.nanos for r in store.rows.values()] == [1_200_000_000]  # cumulative: nothing lost
     assert b.failures == 2
 
 
@@ -145,4 +145,4 @@ def test_the_budget_is_checked_before_the_limiter_and_spend_follows_telemetry() 
     telemetry.request_done(record())
     assert refused(limiter.admit(c, "gpt-4o", 0)).code == "budget_exceeded"
     asyncio.run(limiter.close())  # closing flushes the spend
-    assert [r.micros for r in store.rows.values()] == [1_200_000]
+    assert [r.nanos for r in store.rows.values()] == [1_200_000_000]

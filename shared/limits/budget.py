@@ -27,7 +27,9 @@ from shared.telemetry.prices import PriceTable
 
 log = logging.getLogger(__name__)
 
-MICROS = 1_000_000  # spend is summed in millionths of the currency unit: integers add exactly
+# Spend is summed in billionths of the currency unit: integers add exactly, and rounding each answer to a billionth
+# cannot add up to anything a bill shows (in millionths, the half-unit rounding of each answer did, measurably).
+NANOS = 1_000_000_000
 FLUSH_INTERVAL_S = 5.0  # at most; a shorter refresh interval saves as often as it reads
 
 
@@ -42,7 +44,7 @@ class SpendRow:
     consumer: str
     period: str  # "2026-12" for a monthly budget
     instance: str
-    micros: int
+    nanos: int
 
 
 class MemoryBudgetStore:
@@ -61,7 +63,7 @@ class MemoryBudgetStore:
 
 @dataclass(slots=True)
 class _Account:
-    own: int = 0  # this instance's spend in the period, in micros
+    own: int = 0  # this instance's spend in the period, in nanos
     others: int = 0  # the other instances' spend at the last read
     read_at: float = float("-inf")
 
@@ -101,8 +103,8 @@ class BudgetBook:
             account = self._accounts[key] = _Account()
         if self._clock.monotonic() - account.read_at >= self.refresh_s:
             await self._refresh(key, account)
-        if account.own + account.others >= round(budget * MICROS):
-            spent = (account.own + account.others) / MICROS
+        if account.own + account.others >= round(budget * NANOS):
+            spent = (account.own + account.others) / NANOS
             raise BudgetExceeded(period=period, spent=spent, budget=budget, currency=self.prices.currency)
 
     async def _refresh(self, key: tuple[str, str], account: _Account) -> None:
@@ -113,7 +115,7 @@ class BudgetBook:
             log.warning("could not read budget spend (%s)", type(exc).__name__)
             account.read_at = self._clock.monotonic()
             return
-        account.others = sum(r.micros for r in rows if r.instance != self.instance)
+        account.others = sum(r.nanos for r in rows if r.instance != self.instance)
         account.read_at = self._clock.monotonic()
 
     def spend(self, record: RequestRecord) -> None:
@@ -121,14 +123,14 @@ class BudgetBook:
         period = self._periods.get(record.consumer_id)
         if period is None:
             return
-        micros = round(self.prices.cost(record.deployment, record.ptu, record.usage) * MICROS)
-        if micros <= 0:
+        nanos = round(self.prices.cost(record.deployment, record.ptu, record.usage) * NANOS)
+        if nanos <= 0:
             return
         key = self._key(record.consumer_id, period)
         account = self._accounts.get(key)
         if account is None:
             account = self._accounts[key] = _Account()
-        account.own += micros
+        account.own += nanos
         self._dirty.add(key)
         if self._background and (self._task is None or self._task.done()):
             try:
@@ -138,7 +140,7 @@ class BudgetBook:
 
     def spent(self, consumer_id: str, period: str = "monthly") -> float:
         account = self._accounts.get(self._key(consumer_id, period))
-        return 0.0 if account is None else (account.own + account.others) / MICROS
+        return 0.0 if account is None else (account.own + account.others) / NANOS
 
     async def flush(self) -> None:
         if not self._dirty:

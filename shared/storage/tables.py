@@ -408,7 +408,7 @@ class TableBudgetStore:
                     "RowKey": row.instance,
                     "consumer": row.consumer,
                     "period": row.period,
-                    "micros": row.micros,
+                    "nanos": row.nanos,
                 }
             )
         for entities in by_partition.values():
@@ -422,4 +422,4 @@ class TableBudgetStore:
             "budgets",
             lambda t: collect(t.query_entities("PartitionKey eq @p", parameters={"p": f"{consumer}|{period}"})),
         )
-        return [SpendRow(e["consumer"], e["period"], e["RowKey"], int(e["micros"])) for e in entities]
+        return [SpendRow(e["consumer"], e["period"], e["RowKey"], int(e["nanos"])) for e in entities]

@@ -20,6 +20,7 @@ from shared.edge.consumers import Consumer, ConsumerDirectory, Limits, hash_key,
 from shared.edge.messages import GatewayRequest
 from shared.flow.credentials import BackendAuth
 from shared.flow.gateway import Gateway, Services
+from shared.limits.budget import BudgetBook, BudgetedLimiter, MemoryBudgetStore, SpendingTelemetry
 from shared.limits.ledger import Ledger
 from shared.limits.limiter import TokenLimiter
 from shared.routing.router import Router
@@ -67,6 +68,7 @@ class GatewayHarness:
         self.clock = FakeClock()
         self.upstream = ScriptedUpstream()
         self.telemetry = RecordingTelemetry()
+        self.budget_store = MemoryBudgetStore()
         self.consumer_store = MemoryConsumerStore()
         self.ledgers = MemoryLedgerStore()
         self.breakers = MemoryBreakerStore()
@@ -80,6 +82,11 @@ class GatewayHarness:
         )
         self.router = Router(settings.backends, self.clock, self.telemetry, self.breakers, settings.breaker_sync_s)
         self.usage = UsageRecorder(self.usage_store, self.clock, instance_id="harness", background=False)
+        # Budgets wired as shared/app.py wires them: checked before the limiter, charged from what telemetry receives.
+        self.budgets = BudgetBook(
+            self.budget_store, self.clock, settings.prices, "harness", refresh_s=settings.budget_refresh_s,
+            background=False,
+        )
         self.services = Services(
             settings=settings,
             clock=self.clock,
@@ -87,8 +94,8 @@ class GatewayHarness:
             router=self.router,
             upstream=self.upstream,
             auth=BackendAuth(settings.backends, self.clock, _no_identity),
-            limiter=self.limiter,
-            telemetry=self.telemetry,
+            limiter=BudgetedLimiter(self.limiter, self.budgets),
+            telemetry=SpendingTelemetry(self.telemetry, self.budgets),
             usage=self.usage,
             responses=self.response_store,
         )
@@ -108,14 +115,15 @@ class GatewayHarness:
     def consumer(
         self, consumer_id: str = "app", *, tpm: int = 0, deployment_tpm: Mapping[str, int] | None = None,
         quota: int = 0, quota_period: str | None = None, deployments: Sequence[str] | None = None,
-        priority: str = "normal", enabled: bool = True,
+        priority: str = "normal", enabled: bool = True, budget: float = 0.0, budget_period: str | None = None,
     ) -> str:
         """Create a consumer and return its key."""
         key = new_key()
         self.consumer_store.consumers[consumer_id] = Consumer(
             id=consumer_id, name=consumer_id, key_hash=hash_key(key), key_prefix=key_prefix(key), enabled=enabled,
             deployments=frozenset(deployments) if deployments is not None else None,
-            limits=Limits(tpm, dict(deployment_tpm or {}), quota, quota_period), priority=priority,
+            limits=Limits(tpm, dict(deployment_tpm or {}), quota, quota_period, budget, budget_period),
+            priority=priority,
         )
         return key
 
