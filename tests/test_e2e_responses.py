@@ -202,3 +202,53 @@ def test_a_consumer_touches_only_its_own_responses(fresh_sims: Stack) -> None:
         stranger.responses.cancel(made.id)
     assert owner.responses.cancel(made.id).status == "cancelled"
     assert owner.responses.retrieve(made.id).status == "cancelled"
+
+
+def test_limits_and_quotas_hold_for_responses_with_max_output_tokens_in_the_estimate(fresh_sims: Stack) -> None:
+    e2e = fresh_sims
+    small = clients(e2e.url, e2e.create_consumer(unique("resp-small"), tpm=100))["v1"]
+    with pytest.raises(openai.RateLimitError) as caught:
+        small.responses.create(model="gpt-4o", input="hi", max_output_tokens=500)  # estimate + 500 > the whole limit
+    assert caught.value.code == "tokens_exceed_limit"
+    assert small.responses.create(model="gpt-4o", input="hi", max_output_tokens=16).usage is not None
+    quota = clients(e2e.url, e2e.create_consumer(unique("resp-quota"), quota=200, quota_period="daily"))["v1"]
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        for _ in range(20):
+            quota.responses.create(model="gpt-4o", input="Spend my quota.", max_output_tokens=16)
+    assert refused.value.code == "quota_exceeded"
+
+
+def test_usage_rows_and_exported_metrics_carry_the_operation(
+    fresh_sims: Stack, gateway_factory: Callable[..., stack.Child]
+) -> None:
+    from shared.telemetry import events as names
+    from tools.capture import Capture
+
+    e2e = fresh_sims
+    capture = Capture()
+    try:
+        gateway = gateway_factory(extra={
+            "APPLICATIONINSIGHTS_CONNECTION_STRING": capture.connection_string, "OTEL_METRIC_EXPORT_INTERVAL": "500",
+        })
+        consumer = unique("resp-metered")
+        key = e2e.create_consumer(consumer, tpm=1_000_000)
+        client = clients(gateway.url, key)
+        whole = client["azure"].responses.create(model="gpt-4o-mini", input="Count me.", max_output_tokens=7)
+        events = list(client["v1"].responses.create(model="gpt-4o-mini", input="Count me too.", stream=True))
+        client["v1"].responses.retrieve(whole.id)
+        streamed = events[-1].response.usage  # type: ignore[union-attr]
+        assert whole.usage is not None and streamed is not None
+        total = whole.usage.total_tokens + streamed.total_tokens
+        wait_for(lambda: sum(row.total for row in e2e.usage_rows(consumer)) == total)
+        rows = e2e.usage_rows(consumer)
+        assert sum(r.prompt for r in rows) == whole.usage.input_tokens + streamed.input_tokens
+        assert sum(r.requests for r in rows) == 2  # a follow-up spends no tokens and is no usage row
+        wait_for(lambda: capture.total(names.TOTAL_TOKENS, **{names.SUBSCRIPTION_ID: consumer}) >= total)
+        points = [p for p in capture.metrics(names.TOTAL_TOKENS) if p[3].get(names.SUBSCRIPTION_ID) == consumer]
+        assert {(p[names.API_ID], p[names.OPERATION_ID]) for *_, p in points} == {
+            ("azure-openai", "Responses_Create"), ("openai-v1", "Responses_Create")}
+        assert capture.total(names.TOTAL_TOKENS, **{names.SUBSCRIPTION_ID: consumer}) == total
+        wait_for(lambda: capture.total(names.GATEWAY_REQUESTS, **{names.SUBSCRIPTION_ID: consumer,
+                                                                  names.OPERATION_ID: "Responses_Get"}) == 1)
+    finally:
+        capture.stop()
