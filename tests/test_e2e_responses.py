@@ -252,3 +252,34 @@ def test_usage_rows_and_exported_metrics_carry_the_operation(
                                                                   names.OPERATION_ID: "Responses_Get"}) == 1)
     finally:
         capture.stop()
+
+
+def test_a_background_response_is_settled_exactly_once_when_it_is_read_finished(
+    fresh_sims: Stack, gateway_factory: Callable[..., stack.Child]
+) -> None:
+    e2e = fresh_sims
+    consumer = unique("resp-bg")
+    key = e2e.create_consumer(consumer, tpm=1_000_000)
+    body: dict[str, Any] = {"model": "gpt-4o", "input": "Work on this in the background.", "background": True,
+                            "metadata": {"sim_background_s": "1"}}
+    raw = clients(e2e.url, key)["v1"].responses.with_raw_response.create(**body)
+    queued = raw.parse()
+    assert queued.status == "queued" and queued.usage is None
+    assert raw.headers["x-gateway-tokens-consumed"] == str(count_input(body, ENC))  # the estimate holds the limits
+    assert e2e.charged(consumer) == count_input(body, ENC)
+    other = gateway_factory()
+
+    def finished() -> bool:
+        return clients(e2e.url, key)["v1"].responses.retrieve(queued.id).status == "completed"
+
+    wait_for(finished)
+    # The first finished read settled it; more reads, from both instances at once, settle nothing again.
+    async def read_twice() -> list[Any]:
+        readers = [openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0) for url in (e2e.url, other.url)]
+        return list(await asyncio.gather(*(r.responses.retrieve(queued.id) for r in readers)))
+
+    done = asyncio.run(read_twice())[0]
+    assert done.usage is not None and done.usage.output_tokens == 40
+    assert e2e.charged(consumer) == done.usage.total_tokens
+    wait_for(lambda: sum(r.total for r in e2e.usage_rows(consumer)) == done.usage.total_tokens)  # type: ignore[union-attr]
+    assert sum(r.requests for r in e2e.usage_rows(consumer)) == 1

@@ -48,7 +48,7 @@ async def test_put_get_replace_forget(store: ResponseStore) -> None:
     assert await store.get("resp_1", NOW) is None
     await store.put(first)
     assert await store.get("resp_1", NOW) == first
-    richer = record("resp_1", context_tokens=1234, background=True)
+    richer = record("resp_1", context_tokens=1234, unsettled=True, charged=77)
     await store.put(richer)
     assert await store.get("resp_1", NOW) == richer
     await store.forget("resp_1")
@@ -89,3 +89,14 @@ async def test_an_unreachable_table_is_store_unavailable() -> None:
     memory.unavailable = True
     with pytest.raises(StoreUnavailable):
         await memory.put(record("resp_1"))
+
+
+@pytest.mark.asyncio
+async def test_settlement_is_claimed_exactly_once(store: ResponseStore) -> None:
+    await store.put(record("resp_bg", unsettled=True, charged=50))
+    await store.put(record("resp_fg"))
+    claims = await asyncio.gather(*(store.settle("resp_bg") for _ in range(8)))
+    assert claims.count(True) == 1
+    settled = await store.get("resp_bg", NOW)
+    assert settled is not None and not settled.unsettled and settled.charged == 50
+    assert not await store.settle("resp_fg") and not await store.settle("resp_missing")

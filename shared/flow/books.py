@@ -7,13 +7,16 @@ by construction, and a stream the client abandons (its relay cancelled) is still
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from shared.clock import Clock
 from shared.config import Backend
 from shared.edge.consumers import Consumer
 from shared.edge.messages import GatewayRequest
 from shared.flow.exchange import Exchange, LostAttempt, Served
-from shared.flow.translate import Route
+from shared.flow.translate import Operation, Route
 from shared.flow.usage import TokenUsage, combined
+from shared.limits.contract import Ticket
 from shared.telemetry.events import RequestRecord, Telemetry, Trace
 from shared.telemetry.usage_rows import UsageRecorder
 
@@ -37,6 +40,28 @@ class Books:
                               served.ttft_ms)
         self._telemetry.request_done(record, exchange.trace)
         return spent
+
+    def hold(self, exchange: Exchange, served: Served, held: int) -> int:
+        """A background response answered `queued`, without usage: its estimate (`held`) holds the consumer's limit
+        until a follow-up reads it finished (`settle_later`); the rows and metrics wait for the backend's figures (the
+        request itself is counted now). Returns the tokens charged."""
+        lost = self._lost(exchange)
+        spent = held + (lost.total if lost is not None else 0)
+        exchange.ticket.settle(spent)
+        self._usage.record(exchange.consumer.id, exchange.deployment, lost)
+        self._emit_lost(exchange)
+        record = self._record(exchange, served.backend, served.status, None, served.model, served.attempts, served.ttft_ms)
+        self._telemetry.request_done(record, exchange.trace)
+        return spent
+
+    def settle_later(self, ticket: Ticket | None, held: int, usage: TokenUsage, record: RequestRecord) -> None:
+        """The backend's usage of a background response, learnt from a follow-up: the limiter is charged what the
+        estimate held back (`ticket`: None when the consumer cannot be admitted now; the estimate then stands), the
+        rows and token metrics get the backend's figures under the create operation, its request counted already."""
+        if ticket is not None:
+            ticket.settle(usage.total - held)
+        self._usage.record(record.consumer_id, record.deployment, usage, requests=0)
+        self._telemetry.tokens_spent(replace(record, operation=Operation.RESPONSES.operation_id, usage=usage))
 
     def unanswered(self, exchange: Exchange) -> None:
         """No backend answered: only the attempts whose body broke off were billed by their backends. (The request

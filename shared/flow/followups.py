@@ -7,12 +7,17 @@ request goes to that one backend or is refused with a retryable 503, and the ans
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
+import orjson
+
 from shared.config import Backend
 from shared.edge.consumers import Consumer
+from shared.edge.errors import GatewayError
 from shared.edge.messages import GatewayRequest, GatewayResponse
 from shared.flow import responses
 from shared.flow.translate import (
@@ -24,14 +29,19 @@ from shared.flow.translate import (
     request_headers,
 )
 from shared.flow.upstream import Answer, UpstreamBroken, UpstreamError
-from shared.outcomes import DeploymentNotAllowed, FailureKind
+from shared.flow.usage import usage_from_object
+from shared.limits.contract import Ticket
+from shared.outcomes import DeploymentNotAllowed, FailureKind, Refusal
 from shared.routing.pinning import Holder, Pinning
 from shared.telemetry.events import RequestRecord, Trace
 
 if TYPE_CHECKING:
+    from shared.flow.books import Books
     from shared.flow.exchange import Services
 
+log = logging.getLogger(__name__)
 JSON = "application/json"
+_FINISHED = frozenset({"completed", "incomplete", "failed", "cancelled"})
 _METHODS = {
     Operation.RESPONSE_GET: "GET",
     Operation.RESPONSE_DELETE: "DELETE",
@@ -43,9 +53,10 @@ _QUERY = frozenset({"include", "include[]", "stream", "starting_after", "after",
 
 
 class FollowUps:
-    def __init__(self, services: Services, pinning: Pinning) -> None:
+    def __init__(self, services: Services, pinning: Pinning, books: Books) -> None:
         self.s = services
         self.pinning = pinning
+        self.books = books
 
     async def handle(
         self, request: GatewayRequest, route: Route, consumer: Consumer, started: float, trace: Trace
@@ -72,8 +83,31 @@ class FollowUps:
             raise self.pinning.unavailable(holder, deployment, "its answer broke off") from None
         if (route.operation is Operation.RESPONSE_DELETE and upstream.status == 200) or upstream.status == 404:
             await self.pinning.forget(route.response_id)  # the backend no longer has it
+        elif upstream.status == 200 and holder.record.unsettled:
+            await self._settle(holder, consumer, body, record)
         self.s.telemetry.request_done(record, trace)
         return GatewayResponse(upstream.status, headers, body)
+
+    async def _settle(self, holder: Holder, consumer: Consumer, body: bytes, record: RequestRecord) -> None:
+        """A background response read after it finished: charge what it really cost, less the estimate charged when it
+        was created, exactly once (whichever instance claims the settlement); its tokens go to the books now."""
+        try:
+            response = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return
+        usage = usage_from_object(response)
+        if usage is None or not isinstance(response, dict) or response.get("status") not in _FINISHED:
+            return
+        if not await self.pinning.settle(holder.record.response_id):
+            return
+        ticket: Ticket | None = None
+        try:
+            ticket = await self.s.limiter.admit(consumer, holder.record.deployment, 0)
+        except (Refusal, GatewayError):
+            log.warning("background response %s settled without its limiter correction", holder.record.response_id)
+        model = response.get("model")
+        self.books.settle_later(ticket, holder.record.charged, usage,
+                                replace(record, model=model if isinstance(model, str) else ""))
 
     async def _send(
         self, request: GatewayRequest, route: Route, holder: Holder, api_version: str | None, trace: Trace

@@ -47,7 +47,7 @@ class Gateway:
         # Imported here: the follow-up flow is built on the exchange's services.
         from shared.flow.followups import FollowUps
 
-        self._follow_ups = FollowUps(services, self.pinning)
+        self._follow_ups = FollowUps(services, self.pinning, self.books)
 
     async def handle(self, request: GatewayRequest) -> GatewayResponse:
         started = self.s.clock.monotonic()

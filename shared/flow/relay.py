@@ -64,6 +64,15 @@ class Relay:
                 return GatewayResponse(error.status, {"content-type": JSON, **error.headers}, error.body())
         if status == 200 and exchange.route.operation is Operation.RESPONSES:
             created = _created(raw)
+            if created is not None and created.background and usage is not None and not usage.reported:
+                # Queued in the background, without usage yet: the estimate holds the consumer's limit until a
+                # follow-up reads the finished response and settles it (shared/flow/followups.py).
+                held = usage.total
+                await self._pinning.remember(created, chosen.backend, exchange.consumer.id, exchange.deployment, None, held)
+                spent = self._books.hold(exchange, Served(chosen.backend, status, None, model, chosen.attempts), held)
+                headers["x-gateway-tokens-consumed"] = str(spent)
+                headers.update(exchange.ticket.headers)
+                return GatewayResponse(status, headers, raw)
             if created is not None:
                 await self._pinning.remember(created, chosen.backend, exchange.consumer.id, exchange.deployment, usage)
         spent = self._books.settle(exchange, Served(chosen.backend, status, usage, model, chosen.attempts))

@@ -39,7 +39,10 @@ class StoredResponse:
     # What continuing this response adds to the next input (its own input and output), for admission's estimate;
     # 0 while unknown (a background response still running).
     context_tokens: int = 0
-    background: bool = False
+    # A background response is answered "queued", without usage: `charged` (the estimate) holds the consumer's limits
+    # until a follow-up reads the finished response and its usage is settled, once, by whichever instance reads it.
+    unsettled: bool = False
+    charged: int = 0
 
     def expired(self, now: float) -> bool:
         return now >= self.expires
@@ -121,14 +124,15 @@ class Pinning:
         return 1
 
     async def remember(
-        self, created: Created, backend: Backend, consumer_id: str, deployment: str, usage: TokenUsage | None
+        self, created: Created, backend: Backend, consumer_id: str, deployment: str, usage: TokenUsage | None,
+        charged_until_settled: int | None = None,
     ) -> None:
         """Record where a new stored response lives (written before the client can learn its id)."""
         if not created.store:
             return
         record = StoredResponse(
             created.response_id, backend.id, consumer_id, deployment, self._clock.now() + self._retention_s,
-            context_tokens(usage), created.background,
+            context_tokens(usage), charged_until_settled is not None, charged_until_settled or 0,
         )
         for _ in range(_WRITE_TRIES):
             try:
@@ -138,6 +142,13 @@ class Pinning:
                 continue
         self.unrecorded += 1
         log.warning("could not record where response %s is stored; its follow-ups will be refused", created.response_id)
+
+    async def settle(self, response_id: str) -> bool:
+        """Claim the settlement of an unsettled background response; True for exactly one caller, on any instance."""
+        try:
+            return await self._store.settle(response_id)
+        except StoreUnavailable:
+            return False  # a later read settles it
 
     async def forget(self, response_id: str) -> None:
         try:

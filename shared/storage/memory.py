@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from shared.limits.ledger import Ledger
@@ -153,6 +154,14 @@ class MemoryResponseStore(_Switch):
             del self.records[response_id]
             return None
         return record
+
+    async def settle(self, response_id: str) -> bool:
+        self._check()
+        record = self.records.get(response_id)
+        if record is None or not record.unsettled:
+            return False
+        self.records[response_id] = replace(record, unsettled=False)
+        return True
 
     async def forget(self, response_id: str) -> None:
         self._check()

@@ -77,6 +77,10 @@ class ResponseStore(Protocol):
         """The record, or None when there is none or it has expired (an expired row is deleted, lazily)."""
         ...
 
+    async def settle(self, response_id: str) -> bool:
+        """Mark an unsettled record settled; True only for the one caller that changed it (a conditional write)."""
+        ...
+
     async def forget(self, response_id: str) -> None:
         """Drop the record (the response was deleted); nothing to drop is fine."""
         ...

@@ -14,8 +14,8 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
 from shared.routing.pinning import StoredResponse
-from shared.storage.protocols import StoreUnavailable
-from shared.storage.tables import Tables
+from shared.storage.protocols import Conflict, StoreUnavailable
+from shared.storage.tables import MatchConditions, Tables, entity_etag
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,8 @@ def _to_entity(record: StoredResponse) -> dict[str, Any]:
         "deployment": record.deployment,
         "expires": float(record.expires),
         "context_tokens": int(record.context_tokens),
-        "background": bool(record.background),
+        "unsettled": bool(record.unsettled),
+        "charged": int(record.charged),
     }
 
 
@@ -44,7 +45,8 @@ def _from_entity(entity: dict[str, Any]) -> StoredResponse:
         deployment=str(entity.get("deployment", "")),
         expires=float(entity["expires"]),
         context_tokens=int(entity.get("context_tokens", 0) or 0),
-        background=bool(entity.get("background", False)),
+        unsettled=bool(entity.get("unsettled", False)),
+        charged=int(entity.get("charged", 0) or 0),
     )
 
 
@@ -73,6 +75,22 @@ class TableResponseStore:
             self._clean_up(response_id)
             return None
         return record
+
+    async def settle(self, response_id: str) -> bool:
+        try:
+            entity = await self._tables.call(TABLE, lambda t: t.get_entity(response_id, _RK))
+        except ResourceNotFoundError:
+            return False
+        if not entity.get("unsettled"):
+            return False
+        changed = {**dict(entity), "unsettled": False}
+        etag = entity_etag(entity)
+        try:
+            await self._tables.call(TABLE, lambda t: t.update_entity(
+                changed, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified))
+        except Conflict:
+            return False  # another instance settled it first
+        return True
 
     async def forget(self, response_id: str) -> None:
         try:

@@ -52,12 +52,12 @@ class UsageRow:
     cached: int = 0
     reasoning: int = 0
 
-    def plus(self, usage: TokenUsage | None) -> UsageRow:
+    def plus(self, usage: TokenUsage | None, requests: int = 1) -> UsageRow:
         if usage is None:
-            return replace(self, requests=self.requests + 1)
+            return replace(self, requests=self.requests + requests)
         return replace(
             self,
-            requests=self.requests + 1,
+            requests=self.requests + requests,
             prompt=self.prompt + usage.prompt,
             completion=self.completion + usage.completion,
             total=self.total + usage.total,
@@ -83,11 +83,12 @@ class UsageRecorder:
         self.saved = 0
         self.failures = 0
 
-    def record(self, consumer_id: str, deployment: str, usage: TokenUsage | None) -> None:
+    def record(self, consumer_id: str, deployment: str, usage: TokenUsage | None, requests: int = 1) -> None:
+        """Add a request's usage; `requests=0` adds tokens settled later for a request already counted."""
         hour = hour_key(self._clock.now())
         key = (consumer_id, hour, deployment)
         row = self._rows.get(key) or UsageRow(consumer_id, hour, deployment, self.instance)
-        self._rows[key] = row.plus(usage)
+        self._rows[key] = row.plus(usage, requests)
         self._dirty.add(key)
         if self._background and (self._task is None or self._task.done()):
             try:
