@@ -140,6 +140,12 @@ param limitFailMode string = 'open'
 @description('GATEWAY_ID, the gateway\'s name in metrics; empty for the Function App name.')
 param gatewayId string = ''
 
+@description('Entra ID callers: the tenant ids whose tokens the gateway accepts (GATEWAY_ENTRA_TENANT_IDS); empty with entraAudiences empty for keys only. README.md, Entra ID callers.')
+param entraTenantIds string[] = []
+
+@description('Entra ID callers: the audiences accepted, usually the gateway app registration\'s application id URI and application id, for example [\'api://<app-id>\', \'<app-id>\'] (GATEWAY_ENTRA_AUDIENCES).')
+param entraAudiences string[] = []
+
 @description('More app settings for the gateway, for example { GATEWAY_MAX_ATTEMPTS: \'3\' } (README.md, Settings); they cannot replace the ones this template sets.')
 param extraAppSettings object = {}
 
@@ -362,6 +368,8 @@ module functionApp 'modules/functionapp.bicep' = {
     alwaysReadyInstances: alwaysReadyInstances
     httpPerInstanceConcurrency: httpPerInstanceConcurrency
     limitFailMode: limitFailMode
+    entraTenantIds: entraTenantIds
+    entraAudiences: entraAudiences
     gatewayId: empty(gatewayId) ? appName : gatewayId
     extraAppSettings: extraAppSettings
     subnetId: enablePrivateNetworking ? resourceId('Microsoft.Network/virtualNetworks/subnets', vnetName, 'app') : ''

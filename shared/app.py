@@ -15,6 +15,8 @@ from starlette.responses import Response
 from shared.clock import Clock, SystemClock
 from shared.config import Settings, load_settings
 from shared.edge.consumers import ConsumerDirectory
+from shared.edge.entra import build_validator
+from shared.edge.identity import Identifier
 from shared.edge.errors import GatewayError
 from shared.edge.http import error_response, read_body, to_gateway_request, to_response
 from shared.flow import tokens
@@ -57,10 +59,12 @@ def build_services(settings: Settings, clock: Clock | None = None) -> tuple[Serv
         instance_count=settings.instance_count,
         instance_id=instance,
     )
+    consumers = ConsumerDirectory(TableConsumerStore(tables), clock, settings.consumer_refresh_s)
     services = Services(
         settings=settings,
         clock=clock,
-        consumers=ConsumerDirectory(TableConsumerStore(tables), clock, settings.consumer_refresh_s),
+        consumers=consumers,
+        identity=Identifier(consumers, telemetry, build_validator(settings.entra, clock), settings.accept_keys),
         router=Router(settings.backends, clock, telemetry, TableBreakerStore(tables), settings.breaker_sync_s),
         upstream=AiohttpUpstream(settings.backends),
         auth=BackendAuth(settings.backends, clock, default_credential_factory(settings.managed_identity_client_id)),
@@ -122,7 +126,7 @@ class Edge:
         if services is None or self._closed:
             return
         self._closed = True
-        for closer in (services.limiter, services.usage, services.router, services.upstream, services.responses):
+        for closer in (services.limiter, services.usage, services.router, services.upstream, services.responses, services.identity):
             close = getattr(closer, "close", None)
             if close is not None:
                 try:

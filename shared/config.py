@@ -81,6 +81,21 @@ class Backend:
 
 
 @dataclass(frozen=True)
+class EntraSettings:
+    """Entra ID callers: which tenants and audiences the gateway accepts tokens from."""
+
+    tenants: tuple[str, ...]
+    audiences: tuple[str, ...]
+    authority: str = "https://login.microsoftonline.com"
+    required_roles: tuple[str, ...] = ()
+    required_scopes: tuple[str, ...] = ()
+    user_id_claim: str | None = None
+    clock_skew_s: float = 120.0
+    keys_min_refresh_s: float = 30.0
+    keys_max_age_s: float = 12 * 3600.0
+
+
+@dataclass(frozen=True)
 class Settings:
     backends: tuple[Backend, ...]
     table_connection_string: str | None = field(default=None, repr=False)
@@ -114,6 +129,8 @@ class Settings:
     gc_tuning: bool = True
     gateway_id: str = "gateway"
     lease_lifetime_s: float = 2.0
+    entra: EntraSettings | None = None  # None: Entra ID callers are not accepted
+    accept_keys: bool = True
 
     def deployments(self) -> frozenset[str]:
         return frozenset(d for b in self.backends for d in b.deployments)
@@ -466,4 +483,42 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         gc_tuning=_boolean(env, "GATEWAY_GC_TUNING", True),
         gateway_id=gateway_id,
         lease_lifetime_s=_number(env, "GATEWAY_LEASE_LIFETIME_S", 2.0, minimum=0.1, maximum=30),
+        entra=_entra(env),
+        accept_keys=_boolean(env, "GATEWAY_ACCEPT_KEYS", True),
+    )
+
+
+_GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    raw = _get(env, name)
+    return tuple(part.strip() for part in raw.split(",") if part.strip()) if raw else ()
+
+
+def _entra(env: Mapping[str, str]) -> EntraSettings | None:
+    tenants = _list(env, "GATEWAY_ENTRA_TENANT_IDS")
+    audiences = _list(env, "GATEWAY_ENTRA_AUDIENCES")
+    if not tenants and not audiences:
+        return None
+    if not tenants or not audiences:
+        raise ConfigError("GATEWAY_ENTRA_TENANT_IDS and GATEWAY_ENTRA_AUDIENCES: set both to accept Entra ID callers")
+    for tenant in tenants:
+        if not _GUID_RE.fullmatch(tenant):
+            raise ConfigError(f"GATEWAY_ENTRA_TENANT_IDS: expected tenant ids (GUIDs), got {tenant!r}")
+    authority = (_get(env, "GATEWAY_ENTRA_AUTHORITY") or "https://login.microsoftonline.com").rstrip("/")
+    if not re.fullmatch(r"https://[^/\s?#]+|http://(127\.0\.0\.1|localhost)(:[0-9]+)?", authority):
+        raise ConfigError(f"GATEWAY_ENTRA_AUTHORITY: expected an https URL without a path, got {authority!r}")
+    user_claim = _get(env, "GATEWAY_ENTRA_USER_ID_CLAIM")
+    if user_claim is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", user_claim):
+        raise ConfigError(f"GATEWAY_ENTRA_USER_ID_CLAIM: not a claim name: {user_claim!r}")
+    return EntraSettings(
+        tenants=tuple(t.lower() for t in tenants),
+        audiences=audiences,
+        authority=authority,
+        required_roles=_list(env, "GATEWAY_ENTRA_REQUIRED_ROLES"),
+        required_scopes=_list(env, "GATEWAY_ENTRA_REQUIRED_SCOPES"),
+        user_id_claim=user_claim,
+        clock_skew_s=_number(env, "GATEWAY_ENTRA_CLOCK_SKEW_S", 120.0, minimum=0, maximum=600),
+        keys_min_refresh_s=_number(env, "GATEWAY_ENTRA_KEYS_MIN_REFRESH_S", 30.0, minimum=0.1, maximum=86400),
     )

@@ -36,6 +36,14 @@ class InvalidKey(Refusal):
 
 
 @dataclass(eq=False)
+class InvalidToken(Refusal):
+    """An Entra ID access token that admits no one. `reason` goes to logs and metrics; `message` to the client."""
+
+    reason: str
+    message: str = "The access token is not valid."
+
+
+@dataclass(eq=False)
 class ConsumerDisabled(Refusal):
     consumer_id: str
 

@@ -76,6 +76,14 @@ LEFT_AT_DEFAULT = {
     "GATEWAY_PRICES",
     "GATEWAY_PRICES_FILE",
     "GATEWAY_BUDGET_REFRESH_S",
+    # Entra ID callers: the tenants and audiences are template parameters; these have documented defaults.
+    "GATEWAY_ENTRA_AUTHORITY",
+    "GATEWAY_ENTRA_REQUIRED_ROLES",
+    "GATEWAY_ENTRA_REQUIRED_SCOPES",
+    "GATEWAY_ENTRA_USER_ID_CLAIM",
+    "GATEWAY_ENTRA_CLOCK_SKEW_S",
+    "GATEWAY_ENTRA_KEYS_MIN_REFRESH_S",
+    "GATEWAY_ACCEPT_KEYS",
     # Removed: refused at start-up when true, so nobody believes content is recorded (it never is).
     "GATEWAY_RECORD_CONTENT",
 }

@@ -53,6 +53,12 @@ param limitFailMode string
 
 param gatewayId string
 
+@description('Tenant ids whose Entra ID access tokens are accepted; empty: keys only.')
+param entraTenantIds string[] = []
+
+@description('Audiences accepted in Entra ID access tokens (the gateway app registration).')
+param entraAudiences string[] = []
+
 @description('More app settings (tuning such as GATEWAY_MAX_ATTEMPTS); they cannot replace the ones set here.')
 param extraAppSettings object = {}
 
@@ -186,6 +192,8 @@ resource appSettings 'Microsoft.Web/sites/config@2024-11-01' = {
     GATEWAY_INSTANCE_COUNT: string(maximumInstanceCount)
     GATEWAY_LIMIT_FAIL_MODE: limitFailMode
     GATEWAY_ID: gatewayId
+    GATEWAY_ENTRA_TENANT_IDS: join(entraTenantIds, ',')
+    GATEWAY_ENTRA_AUDIENCES: join(entraAudiences, ',')
   })
 }
 

@@ -3,6 +3,8 @@
     python -m shared.admin consumers create NAME [--tpm N] [--deployment-tpm DEPLOYMENT=N ...]
                                                  [--quota N --quota-period daily] [--deployments a,b | --all-deployments]
                                                  [--priority high|normal|low] [--id ID]
+                                                 [--entra-app-id ID ...] [--entra-object-id ID ...]
+                                                 [--entra-role ROLE ...] [--entra-group ID ...] [--no-key]
     python -m shared.admin consumers create-many FILE [--keys-out KEYS]   (JSON Lines, one consumer a line; see below)
     python -m shared.admin consumers list | show ID | rotate ID [--grace-seconds S] | disable ID | enable ID | delete ID
     python -m shared.admin consumers set ID [--tpm N] [--deployment-tpm D=N ...] [--quota N --quota-period P] ...
@@ -46,6 +48,7 @@ from shared.edge.consumers import (
     rotated,
     validate_consumer_id,
 )
+from shared.edge.entra import mapping_key
 from shared.storage.tables import Conflict, TableConsumerStore, Tables
 from shared.text import table
 
@@ -95,6 +98,24 @@ def _deployments(args: argparse.Namespace, base: frozenset[str] | None) -> froze
     return base
 
 
+_GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_ENTRA_OPTIONS = (("entra_app_id", "app"), ("entra_object_id", "oid"), ("entra_role", "role"), ("entra_group", "group"))
+
+
+def _entra(args: argparse.Namespace, base: frozenset[str]) -> frozenset[str]:
+    """The Entra ID mappings after this command: the given ones added, or all replaced after --clear-entra."""
+    keys = set() if getattr(args, "clear_entra", False) else set(base)
+    for option, kind in _ENTRA_OPTIONS:
+        for value in getattr(args, option, None) or ():
+            if kind != "role" and not _GUID.fullmatch(value.strip()):
+                raise SystemExit(f"--{option.replace('_', '-')}: expected a GUID, got {value!r}")
+            try:
+                keys.add(mapping_key(kind, value))
+            except ValueError as error:
+                raise SystemExit(f"--{option.replace('_', '-')}: {error}") from None
+    return frozenset(keys)
+
+
 def describe(consumer: Consumer) -> dict[str, Any]:
     limits = consumer.limits
     return {
@@ -110,6 +131,7 @@ def describe(consumer: Consumer) -> dict[str, Any]:
         "quota_period": limits.quota_period,
         "budget": limits.budget,
         "budget_period": (limits.budget_period or "monthly") if limits.budget else None,
+        "entra": sorted(consumer.entra),
     }
 
 
@@ -208,23 +230,29 @@ class Admin:
 
     async def create(self, args: argparse.Namespace) -> int:
         consumer_id = validate_consumer_id(args.id or _slug(args.name))
-        key = new_key()
+        entra = _entra(args, frozenset())
+        if args.no_key and not entra:
+            raise SystemExit("--no-key: give the consumer an Entra ID mapping (--entra-app-id, ...) or a key")
+        key = None if args.no_key else new_key()
         consumer = Consumer(
             id=consumer_id,
             name=args.name,
-            key_hash=hash_key(key),
-            key_prefix=key_prefix(key),
+            key_hash=hash_key(key) if key else "",
+            key_prefix=key_prefix(key) if key else "",
             deployments=_deployments(args, None),
             limits=_limits(args, Limits()),
             priority=args.priority or "normal",
+            entra=entra,
         )
+        await self._check_mappings_free(consumer)
         try:
             await self.store.create(consumer)
         except Conflict:
             self.print(f"a consumer with id {consumer_id!r} exists already")
             return 1
-        self.print(json.dumps({**describe(consumer), "key": key}, indent=2))
-        self.print("Store this key now: it is shown once and cannot be recovered.")
+        self.print(json.dumps({**describe(consumer), **({"key": key} if key else {})}, indent=2))
+        if key:
+            self.print("Store this key now: it is shown once and cannot be recovered.")
         return 0
 
     async def create_many(self, args: argparse.Namespace) -> int:
@@ -250,6 +278,15 @@ class Admin:
         print(f"created {len(made)} consumers in {time.monotonic() - started:.2f} s"
               + (f"; keys in {args.keys_out} (shown once)" if args.keys_out else ""), file=sys.stderr)
         return 0
+
+    async def _check_mappings_free(self, consumer: Consumer) -> None:
+        """One Entra ID mapping, one consumer: the gateway admits none of the consumers that share one."""
+        if not consumer.entra:
+            return
+        for other in await self.store.list_consumers():
+            shared = other.entra & consumer.entra
+            if other.id != consumer.id and shared:
+                raise SystemExit(f"{', '.join(sorted(shared))}: already mapped to consumer {other.id!r}")
 
     async def _existing(self, consumer_id: str) -> Consumer:
         consumer = await self.store.get(consumer_id)
@@ -297,8 +334,10 @@ class Admin:
             limits=_limits(args, consumer.limits),
             deployments=_deployments(args, consumer.deployments),
             priority=args.priority or consumer.priority,
+            entra=_entra(args, consumer.entra),
             version=consumer.version + 1,
         )
+        await self._check_mappings_free(changed)
         await self.store.put(changed)
         self.print(json.dumps(describe(changed), indent=2))
         return 0
@@ -320,6 +359,11 @@ def _limit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deployments", help="comma-separated deployments this consumer may use")
     parser.add_argument("--all-deployments", action="store_true", help="allow every deployment")
     parser.add_argument("--priority", choices=PRIORITIES)
+    entra = "maps Entra ID callers to this consumer (repeatable): "
+    parser.add_argument("--entra-app-id", action="append", metavar="ID", help=entra + "the application (client) id")
+    parser.add_argument("--entra-object-id", action="append", metavar="ID", help=entra + "the object id (oid)")
+    parser.add_argument("--entra-role", action="append", metavar="ROLE", help=entra + "an app role in the token")
+    parser.add_argument("--entra-group", action="append", metavar="ID", help=entra + "a group id in the token")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -331,6 +375,7 @@ def parser() -> argparse.ArgumentParser:
     create = consumers.add_parser("create")
     create.add_argument("name")
     create.add_argument("--id")
+    create.add_argument("--no-key", action="store_true", help="no gateway key: Entra ID callers only")
     _limit_arguments(create)
     many = consumers.add_parser("create-many", help="create the consumers of a JSON Lines file at once")
     many.add_argument("file", help='one JSON object a line (see the module help); "-" for standard input')
@@ -345,6 +390,7 @@ def parser() -> argparse.ArgumentParser:
     update = consumers.add_parser("set")
     update.add_argument("id")
     update.add_argument("--name")
+    update.add_argument("--clear-entra", action="store_true", help="replace the Entra ID mappings with those given")
     _limit_arguments(update)
 
     usage = commands.add_parser("usage", help="tokens per consumer and deployment for a period")

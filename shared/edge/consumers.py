@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from shared.clock import Clock
 from shared.outcomes import AuthStoreUnavailable, ConsumerDisabled, InvalidKey, KeyProblem
+from shared.edge.entra import Principal, PrincipalIndex
 
 # The store's contract and its in-memory twin live with the other stores; imported here for existing callers.
 from shared.storage.memory import MemoryConsumerStore as MemoryConsumerStore
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "gw-"
 RELOAD_RETRY_S = 2.0
+PRINCIPAL_RELOAD_S = 1.0  # at most one reload a second for verified tokens that map to no cached consumer
 QUOTA_PERIODS = ("hourly", "daily", "weekly", "monthly", "yearly")
 PRIORITIES = ("high", "normal", "low")
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -54,6 +56,7 @@ class Consumer:
     previous_key_hash: str | None = None
     previous_key_expires: float = 0.0
     version: int = 0
+    entra: frozenset[str] = frozenset()  # Entra ID mapping keys: "app:<id>", "oid:<id>", "role:<name>", "group:<id>"
 
     def may_use(self, deployment: str) -> bool:
         return self.deployments is None or deployment in self.deployments
@@ -112,6 +115,8 @@ class ConsumerDirectory:
         self._by_hash: dict[str, Consumer] = {}
         self._by_id: dict[str, Consumer] = {}
         self._unknown: set[str] = set()
+        self._principals = PrincipalIndex(())
+        self._principal_reload_at = float("-inf")
         self._loaded_at = float("-inf")
         self._reloading: asyncio.Task[None] | None = None
         self.reload_failures = 0
@@ -125,6 +130,7 @@ class ConsumerDirectory:
         self._by_hash = by_hash
         self._by_id = {c.id: c for c in consumers}
         self._unknown = set()
+        self._principals = PrincipalIndex((c.id, key) for c in consumers for key in c.entra)
 
     async def reload(self) -> None:
         try:
@@ -189,6 +195,22 @@ class ConsumerDirectory:
         if not consumer.enabled:
             raise ConsumerDisabled(consumer.id)
         return consumer
+
+
+    async def for_principal(self, principal: Principal) -> Consumer | None:
+        """The consumer an Entra ID principal is mapped to. A mapping added seconds ago is found by reloading the
+        directory, at most once a second, so tokens that map to nothing cannot turn into a store call each."""
+        if self._loaded_at == float("-inf"):
+            await self.reload()
+        else:
+            self._reload_if_due()
+        consumer_id = self._principals.resolve(principal)
+        now = self._clock.monotonic()
+        if consumer_id is None and now - max(self._loaded_at, self._principal_reload_at) >= PRINCIPAL_RELOAD_S:
+            self._principal_reload_at = now
+            await self.reload()
+            consumer_id = self._principals.resolve(principal)
+        return None if consumer_id is None else self._by_id.get(consumer_id)
 
 
 def rotated(consumer: Consumer, key: str, grace_s: float, now: float) -> Consumer:

@@ -21,6 +21,7 @@ from shared.outcomes import (
     DeploymentNotFound,
     FailureKind,
     InvalidKey,
+    InvalidToken,
     KeyProblem,
     LimiterUnavailable,
     MalformedAnswer,
@@ -100,6 +101,11 @@ def render(refusal: Refusal) -> GatewayError:
             return refusal
         case InvalidKey(problem=problem):
             return unauthorized(_KEY_MESSAGES[problem])
+        case InvalidToken(message=message):
+            return GatewayError(
+                401, message, type="authentication_error", code="invalid_token",
+                headers={"www-authenticate": 'Bearer error="invalid_token"'},
+            )
         case ConsumerDisabled():
             return GatewayError(401, "This consumer is disabled.", type="authentication_error", code="consumer_disabled")
         case AuthStoreUnavailable(retry_after_s=seconds):

@@ -16,9 +16,12 @@ class Admission:
         self._user_id_header = settings.user_id_header
         self._limiter = limiter
 
-    async def admit(self, request: GatewayRequest, checked: Checked, started: float, trace: Trace) -> Exchange:
+    async def admit(
+        self, request: GatewayRequest, checked: Checked, started: float, trace: Trace, user_id: str | None = None
+    ) -> Exchange:
         """Reserve the request's largest possible cost, or raise the limiter's refusal (RateLimited, QuotaExhausted,
-        NeverAdmissible, ...). The prompt is counted only for a consumer with limits."""
+        NeverAdmissible, ...). The prompt is counted only for a consumer with limits. `user_id` is the caller's from
+        its token, when the settings take it from a claim; else the User ID header's."""
         deployment = checked.shape.deployment
         prompt_estimate: int | None = None
         reserve = 0
@@ -35,7 +38,7 @@ class Admission:
             checked=checked,
             started=started,
             trace=trace,
-            user_id=request.headers.get(self._user_id_header, "")[:128],
+            user_id=user_id if user_id is not None else request.headers.get(self._user_id_header, "")[:128],
             ticket=ticket,
             reserve=reserve,
             prompt_estimate=prompt_estimate,

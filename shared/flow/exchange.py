@@ -13,6 +13,7 @@ from typing import Any
 
 from shared.clock import Clock
 from shared.config import Backend, Settings
+from shared.edge.identity import Identifier
 from shared.edge.consumers import Consumer, ConsumerDirectory
 from shared.edge.messages import GatewayRequest
 from shared.flow import responses, tokens
@@ -34,6 +35,7 @@ class Services:
     settings: Settings
     clock: Clock
     consumers: ConsumerDirectory
+    identity: Identifier
     router: Router
     upstream: UpstreamClient
     auth: BackendAuth

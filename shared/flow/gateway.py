@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import orjson
 
-from shared.edge.consumers import Consumer, key_from_headers
+from shared.edge.consumers import Consumer
 from shared.edge.errors import render, throttle_reason
 from shared.edge.messages import GatewayRequest, GatewayResponse
 from shared.flow.admission import Admission
@@ -60,7 +60,8 @@ class Gateway:
             if route.operation is Operation.HEALTH:
                 return self._health()
             trace = self.s.telemetry.begin(request.method, route.template)
-            consumer = await self.s.consumers.authenticate(key_from_headers(request.headers, request.repeated))
+            caller = await self.s.identity.identify(request.headers, request.repeated)
+            consumer = caller.consumer
             if route.operation is Operation.MODELS:
                 return self._models(consumer)
             if route.operation in FOLLOW_UPS:
@@ -68,7 +69,7 @@ class Gateway:
             parsed = self.checks.parse(request, route)
             deployment = parsed.shape.deployment
             checked = await self.checks.allow(parsed, consumer)
-            exchange = await self.admission.admit(request, checked, started, trace)
+            exchange = await self.admission.admit(request, checked, started, trace, caller.user_id)
             try:
                 chosen = await self.failover.dispatch(exchange)
             except BaseException:

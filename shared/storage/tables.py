@@ -139,6 +139,7 @@ def consumer_to_entity(consumer: Consumer) -> dict[str, Any]:
         "previous_key_hash": consumer.previous_key_hash or "",
         "previous_key_expires": float(consumer.previous_key_expires),
         "version": consumer.version,
+        "entra": json.dumps(sorted(consumer.entra)),
     }
 
 
@@ -164,6 +165,7 @@ def consumer_from_entity(entity: dict[str, Any]) -> Consumer:
         previous_key_hash=entity.get("previous_key_hash") or None,
         previous_key_expires=float(entity.get("previous_key_expires", 0.0) or 0.0),
         version=int(entity.get("version", 0) or 0),
+        entra=frozenset(json.loads(entity.get("entra") or "[]")),
     )
 
 

@@ -21,6 +21,7 @@ REQUEST_DURATION = "Request Duration"
 TIME_TO_FIRST_TOKEN = "Time To First Token"
 STORE_FALLBACKS = "Limiter Store Fallbacks"
 COST = "Cost"  # in the price table's currency (GATEWAY_PRICES); pay-as-you-go answers only, PTU adds 0
+AUTH_FAILURES = "Authentication Failures"
 
 # Dimension names.
 SUBSCRIPTION_ID = "Subscription ID"
@@ -100,6 +101,10 @@ class Telemetry(Protocol):
 
     def store_fallback(self, reason: str) -> None: ...
 
+    def auth_refused(self, reason: str) -> None:
+        """A credential was refused; `reason` is one of a fixed set, never client input."""
+        ...
+
 
 class _NullAttempt:
     def end(self, status: int | None, error: str | None = None) -> None:
@@ -138,4 +143,7 @@ class NullTelemetry:
         pass
 
     def store_fallback(self, reason: str) -> None:
+        pass
+
+    def auth_refused(self, reason: str) -> None:
         pass

@@ -43,6 +43,7 @@ INSTRUMENTS = {
     names.FAILOVERS: "gateway.failovers",
     names.BREAKER_TRANSITIONS: "gateway.breaker.transitions",
     names.STORE_FALLBACKS: "gateway.limiter.store_fallbacks",
+    names.AUTH_FAILURES: "gateway.auth.failures",
     names.REQUEST_DURATION: "gateway.request.duration",
     names.TIME_TO_FIRST_TOKEN: "gateway.time_to_first_token",
     names.COST: "gateway.cost",
@@ -272,6 +273,7 @@ class OtelTelemetry:
         self._failovers = meter.create_counter(i[names.FAILOVERS], unit="{request}")
         self._transitions = meter.create_counter(i[names.BREAKER_TRANSITIONS], unit="{transition}")
         self._fallbacks = meter.create_counter(i[names.STORE_FALLBACKS], unit="{event}")
+        self._auth_failures = meter.create_counter(i[names.AUTH_FAILURES], unit="{request}")
         self._duration = meter.create_histogram(i[names.REQUEST_DURATION], unit="ms")
         self._ttft = meter.create_histogram(i[names.TIME_TO_FIRST_TOKEN], unit="ms")
 
@@ -355,6 +357,9 @@ class OtelTelemetry:
 
     def store_fallback(self, reason: str) -> None:
         self._fallbacks.add(1, {names.REASON: reason})
+
+    def auth_refused(self, reason: str) -> None:
+        self._auth_failures.add(1, {names.REASON: reason})
 
 
 def _whole(value: float) -> int | float:
