@@ -497,7 +497,10 @@ def test_backends_follow_the_regions() -> None:
 def names_read_by_the_code() -> set[str]:
     samples = settings_as_deployed("main")
     runs = [samples, {"GATEWAY_BACKENDS": samples["GATEWAY_BACKENDS"]},
-            {"GATEWAY_BACKENDS": samples["GATEWAY_BACKENDS"], "AzureWebJobsStorage__accountName": "st"}]
+            {"GATEWAY_BACKENDS": samples["GATEWAY_BACKENDS"], "AzureWebJobsStorage__accountName": "st"},
+            # with Entra ID callers on (entraTenantIds / entraAudiences given), which reads their tuning settings
+            {**samples, "GATEWAY_ENTRA_TENANT_IDS": "72f988bf-86f1-41af-91ab-2d7cd011db47",
+             "GATEWAY_ENTRA_AUDIENCES": "api://3f1c1b9e-5a4e-4c43-9a43-1c2f5b0c7d11"}]
     read: set[str] = set()
     for values in runs:
         env = RecordingEnv(values)
