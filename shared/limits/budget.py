@@ -222,3 +222,6 @@ class SpendingTelemetry:
 
     def store_fallback(self, reason: str) -> None:
         self._inner.store_fallback(reason)
+
+    def auth_refused(self, reason: str) -> None:
+        self._inner.auth_refused(reason)
