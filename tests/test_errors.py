@@ -18,6 +18,7 @@ from shared.outcomes import (
     DeploymentNotFound,
     FailureKind,
     InvalidKey,
+    InvalidToken,
     KeyProblem,
     LimiterUnavailable,
     MalformedAnswer,
@@ -37,6 +38,8 @@ RESETS_AT = 1_700_006_400.0  # 2023-11-15T00:00:00Z
         (InvalidKey(KeyProblem.MISSING), 401, "authentication_error", "invalid_api_key", {"www-authenticate": "Bearer"}),
         (InvalidKey(KeyProblem.UNKNOWN), 401, "authentication_error", "invalid_api_key", {"www-authenticate": "Bearer"}),
         (ConsumerDisabled("app"), 401, "authentication_error", "consumer_disabled", {}),
+        (InvalidToken("expired", "The access token has expired."), 401, "authentication_error", "invalid_token",
+         {"www-authenticate": 'Bearer error="invalid_token"'}),
         (AuthStoreUnavailable(), 503, "server_error", "auth_store_unavailable", {"retry-after": "1"}),
         (DeploymentNotFound("gpt-9"), 404, "invalid_request_error", "DeploymentNotFound", {}),
         (DeploymentNotAllowed("gpt-4o"), 403, "permission_error", "deployment_not_allowed", {}),
@@ -84,7 +87,7 @@ def test_a_gateway_error_is_already_its_own_answer() -> None:
 def test_every_refusal_kind_has_a_rendering() -> None:
     kinds = {cls for cls in Refusal.__subclasses__() if cls is not GatewayError}
     samples = {
-        InvalidKey(KeyProblem.MISSING), ConsumerDisabled("a"), AuthStoreUnavailable(), DeploymentNotFound("d"),
+        InvalidKey(KeyProblem.MISSING), InvalidToken("bad_signature"), ConsumerDisabled("a"), AuthStoreUnavailable(), DeploymentNotFound("d"),
         DeploymentNotAllowed("d"), RateLimited(1, 1), NeverAdmissible(2, 1), QuotaExhausted(1, "daily", RESETS_AT, 1),
         LimiterUnavailable(), BudgetExceeded("monthly", 1, 1, "EUR"), BackendsBusy(1), NoBackend(1), BackendsFailed(FailureKind.TIMEOUT), BackendAuthFailed(),
         MalformedAnswer(),
