@@ -64,8 +64,9 @@ class Authority:
                 return self.jwks()
         return None
 
-    def claims(self, version: int = 2, tenant: str = TENANT, lifetime_s: float = 3600, **extra: Any) -> dict[str, Any]:
-        now = int(time.time())
+    def claims(self, version: int = 2, tenant: str = TENANT, lifetime_s: float = 3600, issued_at: float | None = None,
+               **extra: Any) -> dict[str, Any]:
+        now = int(time.time() if issued_at is None else issued_at)
         claims: dict[str, Any] = {
             "aud": AUDIENCE,
             "iss": f"https://login.microsoftonline.com/{tenant}/v2.0" if version == 2 else f"https://sts.windows.net/{tenant}/",

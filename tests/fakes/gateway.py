@@ -17,6 +17,8 @@ from shared.app import Edge
 from shared.clock import FakeClock
 from shared.config import Settings, load_settings
 from shared.edge.consumers import Consumer, ConsumerDirectory, Limits, hash_key, key_prefix, new_key
+from shared.edge.entra import build_validator
+from shared.edge.identity import Identifier
 from shared.edge.messages import GatewayRequest
 from shared.flow.credentials import BackendAuth
 from shared.flow.gateway import Gateway, Services
@@ -87,10 +89,12 @@ class GatewayHarness:
             self.budget_store, self.clock, settings.prices, "harness", refresh_s=settings.budget_refresh_s,
             background=False,
         )
+        directory = ConsumerDirectory(self.consumer_store, self.clock, settings.consumer_refresh_s)
         self.services = Services(
             settings=settings,
             clock=self.clock,
-            consumers=ConsumerDirectory(self.consumer_store, self.clock, settings.consumer_refresh_s),
+            consumers=directory,
+            identity=Identifier(directory, self.telemetry, build_validator(settings.entra, self.clock), settings.accept_keys),
             router=self.router,
             upstream=self.upstream,
             auth=BackendAuth(settings.backends, self.clock, _no_identity),

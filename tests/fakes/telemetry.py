@@ -43,6 +43,7 @@ class RecordingTelemetry:
         self.failovers: list[tuple[str, str, str]] = []
         self.transitions: list[tuple[str, str]] = []
         self.fallbacks: list[str] = []
+        self.auth_failures: list[str] = []
 
     def begin(self, method: str, route: str) -> Trace:
         trace = RecordedTrace(f"{method} {route}")
@@ -68,6 +69,9 @@ class RecordingTelemetry:
 
     def store_fallback(self, reason: str) -> None:
         self.fallbacks.append(reason)
+
+    def auth_refused(self, reason: str) -> None:
+        self.auth_failures.append(reason)
 
     def tokens_emitted(self) -> int:
         """Total Tokens as the metrics saw them: every request's answer plus every broken attempt's cost."""
