@@ -25,6 +25,7 @@ import aiohttp
 @dataclass
 class Result:
     latencies: list[float] = field(default_factory=list)
+    by_label: dict[str, list[float]] = field(default_factory=dict)  # latencies of 200s per key label (--keys)
     first_bytes: list[float] = field(default_factory=list)
     statuses: Counter[str] = field(default_factory=Counter)
     chunks: int = 0
@@ -44,6 +45,9 @@ class Result:
             "rps": round(ok / elapsed, 1),
             "latency_ms": percentiles(self.latencies),
         }
+        if self.by_label:
+            out["latency_ms_by_label"] = {label: percentiles(values) for label, values in self.by_label.items()}
+            out["ok_by_label"] = {label: len(values) for label, values in self.by_label.items()}
         if self.first_bytes:
             out["ttfb_ms"] = percentiles(self.first_bytes)
             out["chunks"] = self.chunks
@@ -88,7 +92,9 @@ async def run(
             nonlocal sent
             target = urls[index % len(urls)]
             # Many consumers: client i is consumer i (its own key); with rotate its requests go round the gateways.
-            own = {**headers, "api-key": keys[index % len(keys)]} if keys else headers
+            label, _, key = keys[index % len(keys)].rpartition("\t") if keys else ("", "", "")
+            own = {**headers, "api-key": key} if keys else headers
+            labelled = result.by_label.setdefault(label, []) if label else None
             turn = index
             if interval:
                 await asyncio.sleep(interval * index / concurrency)  # staggered, so a paced load is not a train of bursts
@@ -132,6 +138,8 @@ async def run(
                     result.statuses[status] += 1
                     if status == "200":
                         result.latencies.append(end - begin)
+                        if labelled is not None:
+                            labelled.append(end - begin)
                     if record:
                         result.records.append((wall, status, consumed, backend, attempts, end - begin, code))
                 if interval:
@@ -161,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--body", required=True)
     parser.add_argument("--header", action="append", default=[])
     parser.add_argument("--record", help="one JSON line per request: [start, status, tokens, backend, attempts, seconds]")
-    parser.add_argument("--keys", help="a file of API keys, one a line: client i sends key i (many consumers)")
+    parser.add_argument("--keys", help="a file of API keys, one a line (LABEL<tab>KEY for latency per label): client i "
+                        "sends key i (many consumers)")
     parser.add_argument("--rotate", action="store_true", help="each client's requests go round the URLs in turn")
     args = parser.parse_args(argv)
     if not all(u.startswith(("http://127.0.0.1", "http://localhost")) for u in args.url):
