@@ -90,7 +90,7 @@ def table_figures(tables: dict[str, int], requests: int) -> dict[str, Any]:
 
 
 def run_shape(bench: Bench, regions: list[stack.Region], control: int, folder: Path, consumers: int, gateways: int,
-              warmup: float, seconds: float, burst_minutes: float = 0.0) -> dict[str, Any]:
+              warmup: float, seconds: float, burst_minutes: float = 0.0, interval: float = INTERVAL_S) -> dict[str, Any]:
     tag = f"{consumers}x{gateways}{'b' if burst_minutes else ''}-{int(time.time()) % 100000}"
     unlimited = max(10, consumers // 10)
     limited_specs = [{"name": f"quiet {tag} {n}", "tokens_per_minute": QUIET_TPM} for n in range(consumers)]
@@ -116,7 +116,7 @@ def run_shape(bench: Bench, regions: list[stack.Region], control: int, folder: P
     mixed += [f"unlimited\t{key}" for key in free_keys]
     (folder / f"mixed-{tag}.keys").write_text("\n".join(mixed) + "\n")
     loads = {
-        "quiet": start_load(urls, body, len(mixed), seconds, rate=len(mixed) / INTERVAL_S, warmup=warmup,
+        "quiet": start_load(urls, body, len(mixed), seconds, rate=len(mixed) / interval, warmup=warmup,
                             keys=str(folder / f"mixed-{tag}.keys"), rotate=True),
     }
     record = str(folder / f"burst-{tag}.jsonl")
@@ -141,6 +141,7 @@ def run_shape(bench: Bench, regions: list[stack.Region], control: int, folder: P
     figures: dict[str, Any] = {
         "consumers": consumers,
         "gateways": gateways,
+        "interval_s": interval,
         "unlimited_consumers": unlimited,
         "create_consumers_s": create_wall,
         "create_consumers_store_s": create_store,
@@ -197,7 +198,10 @@ async def limiter_cost(consumers: int, rounds: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="100x1,100x4,1000x1,1000x4", help="consumers x gateways, comma-separated")
+    parser.add_argument("--shapes", default="100x1,100x4,1000x1,1000x4",
+                        help="consumers x gateways[@seconds between a consumer's requests, default 2], comma-separated")
+    parser.add_argument("--burst-interval", type=float, default=INTERVAL_S,
+                        help="seconds between a quiet consumer's requests in the burst shape")
     parser.add_argument("--warmup", type=float, default=60.0)
     parser.add_argument("--seconds", type=float, default=180.0)
     parser.add_argument("--burst-minutes", type=float, default=4.0, help="0: no burst shape")
@@ -218,12 +222,15 @@ def main(argv: list[str] | None = None) -> int:
         for region in regions:
             bench.start_simulator(region, latency_ms=50, token_latency_ms=5)
         for shape in args.shapes.split(","):
-            consumers, gateways = (int(x) for x in shape.split("x"))
-            figures = run_shape(bench, regions, control, folder, consumers, gateways, args.warmup, args.seconds)
+            size, _, every = shape.partition("@")
+            consumers, gateways = (int(x) for x in size.split("x"))
+            figures = run_shape(bench, regions, control, folder, consumers, gateways, args.warmup, args.seconds,
+                                interval=float(every or INTERVAL_S))
             results["shapes"].append(figures)
             print(json.dumps({k: v for k, v in figures.items() if k != "table_requests"}), flush=True)
         if args.burst_minutes:
-            figures = run_shape(bench, regions, control, folder, 1000, 4, args.warmup, 0, args.burst_minutes)
+            figures = run_shape(bench, regions, control, folder, 1000, 4, args.warmup, 0, args.burst_minutes,
+                                interval=args.burst_interval)
             results["burst"] = figures
             print(json.dumps({k: v for k, v in figures.items() if k != "table_requests"}), flush=True)
     save("quiet", results)
@@ -240,20 +247,21 @@ def markdown(results: dict[str, Any]) -> str:
         f"`.venv/bin/python -m bench.quiet {argv}` — {results['date']}, {results['machine']}; the machine's 2 cores were "
         "shared with other work (other sessions' tests and benchmarks) during the run.",
         "Azurite behind the counting proxy, two 50 ms simulated regions, 1 or 4 gateway processes. Each consumer is limited "
-        f"to {QUIET_TPM:,} tokens/minute and sends one request every {INTERVAL_S:g} s (about 7.5% of its limit), its "
+        f"to {QUIET_TPM:,} tokens/minute and sends one request every {INTERVAL_S:g} s (about 7.5% of its limit; the "
+        "interval is in the table where the machine could not carry that rate), its "
         "requests going round the gateways; unlimited consumers (a tenth as many, at least 10) at the same rate give the "
         f"latency without the limiter (one load generator for both, interleaved). Warm-up {results['warmup']:g} s, then "
         f"every Table request counted over {results['seconds']:g} s. `GATEWAY_STORE_TIMEOUT_S={STORE_TIMEOUT_S}`: on this "
         "shared machine Azurite stalls for seconds at times, and with the default 1 s a stall becomes store fallbacks.",
         "",
-        "| consumers x gateways | requests/s | Table round trips per request (target <= 0.3) | ledger / usage / breakers / consumers | "
+        "| consumers x gateways | s between a consumer's requests | requests/s | Table round trips per request (target <= 0.3) | ledger / usage / breakers / consumers | "
         "p50 limited / unlimited ms | added p50 ms (target <= 0.2) | creating the consumers (s) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for f in results["shapes"]:
         t = f["by_table_per_request"]
         lines.append(
-            f"| {f['consumers']} x {f['gateways']} | {f['rps']} | {f['table_round_trips_per_request']} | "
+            f"| {f['consumers']} x {f['gateways']} | {f['interval_s']:g} | {f['rps']} | {f['table_round_trips_per_request']} | "
             f"{t['ledger']} / {t['usage']} / {t['breakers']} / {t['consumers']} | {f['limited_p50_ms']} / "
             f"{f['unlimited_p50_ms']} | {f['added_p50_ms']} | {f['create_consumers_s']} (store {f['create_consumers_store_s']}) |"
         )
@@ -272,7 +280,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             "",
             f"One consumer limited to {b['limit_tpm']:,} tokens/minute asks twice that from {BURST_CLIENTS} clients over 4 "
-            f"gateways while the 1,000 quiet consumers run beside it ({burst['rps']} requests/s in all):",
+            f"gateways while the 1,000 quiet consumers (one request every {burst['interval_s']:g} s each) run beside it "
+            f"({burst['rps']} requests/s in all; p50 limited / unlimited {burst['limited_p50_ms']} / "
+            f"{burst['unlimited_p50_ms']} ms):",
             "",
             "| | target | figure |",
             "|---|---|---|",
