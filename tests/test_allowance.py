@@ -187,3 +187,26 @@ def test_an_allowance_never_holds_much_of_a_quota_that_is_running_out() -> None:
     ledger = Ledger(quota_key="2023-11-14", quota_used=990_000)
     assert allowance(ledger, T0, {S: 0}, Quota(1_000_000, "daily"), 31.0, 0.125, 300, 4, 2.0) is None
     assert allowance(Ledger(), T0, {S: 0}, Quota(1_000_000, "daily"), 31.0, 0.125, 300, 4, 2.0) is not None
+
+
+async def test_an_allowance_stops_at_once_when_the_admin_lowers_the_limit() -> None:
+    clock = FakeClock(start=T0)
+    store = MemoryLedgerStore()
+    lim = instances(store, clock, 1)[0]
+    before = consumer("shrinking", 100_000)
+    for _ in range(60):  # one request every 2 s: the consumer is quiet, far from its limit
+        clock.advance(2)
+        (await lim.admit(before, D, 300)).settle(300)
+        await lim.tick()
+    lease = lim._budgets["shrinking"].held.current
+    assert lease is not None and lease.allowance and lease.available[S] > 2_000
+    # The admin lowers the limit below what the last minute used (30 requests x 300 tokens).
+    after = consumer("shrinking", 2_000)
+    clock.advance(2)
+    try:
+        await lim.admit(after, D, 300)
+        raise AssertionError("admitted from an allowance sized for the old limit")
+    except GatewayError as error:
+        assert error.status == 429
+    ledger, _ = await store.read("shrinking")
+    assert not ledger.leases  # the allowance was released, its unused tokens with it

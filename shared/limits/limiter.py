@@ -77,10 +77,13 @@ class Budget:
     last_sync_mono: float = 0.0
 
     def note(self, scopes: Scopes, reserve: int, mono: float) -> None:
+        changed = False
         for scope, limit in scopes.limits.items():
-            if self.limits.get(scope) != limit:
+            before = self.limits.get(scope)
+            if before != limit:
                 self.blocks.lift(scope)  # the admin changed the limit: what was full may not be any more
                 self.pace.saturated_until = 0.0
+                changed = changed or before is not None
             self.limits[scope] = limit
             self.scope_used_mono[scope] = mono
         for scope in [s for s, t in self.scope_used_mono.items() if mono - t > WINDOW_MS / 1000]:
@@ -89,7 +92,13 @@ class Budget:
         if self.quota != scopes.quota:
             self.blocks.lift(CONSUMER_SCOPE)
             self.pace.saturated_until = 0.0
+            changed = True
         self.quota = scopes.quota
+        lease = self.held.current
+        if changed and lease is not None and lease.allowance:
+            # An allowance was sized for the old limit and may last minutes: it admits nothing more, and the next
+            # write releases it and claims under the new limit.
+            lease.expires_s = 0.0
         self.pace.note_request(reserve)
 
     def syncing(self) -> bool:
