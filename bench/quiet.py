@@ -124,7 +124,7 @@ def run_shape(bench: Bench, regions: list[stack.Region], control: int, folder: P
     if burst_minutes:
         probe = chat_body(model="gpt-4o")
         answer = httpx.post(urls[0], content=probe, headers={"api-key": burst_key, "content-type": "application/json"},
-                            timeout=30)
+                            timeout=120)
         per_request = int(answer.headers["x-gateway-tokens-consumed"])
         demand = 2 * BURST_TPM / 60 / per_request
         loads["burst"] = start_load(urls, body, BURST_CLIENTS, seconds, headers={"api-key": burst_key}, rate=demand,
@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                                 interval=float(every or INTERVAL_S))
             results["shapes"].append(figures)
             print(json.dumps({k: v for k, v in figures.items() if k != "table_requests"}), flush=True)
+            save("quiet", results)  # kept if a later shape fails
         if args.burst_minutes:
             figures = run_shape(bench, regions, control, folder, 1000, 4, args.warmup, 0, args.burst_minutes,
                                 interval=args.burst_interval)

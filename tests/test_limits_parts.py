@@ -126,3 +126,40 @@ def test_fallback_admits_this_instances_share_then_429s_with_the_true_wait() -> 
         fallback.admit(scopes, 50, T0, instances=4)
     assert render(caught.value).status == 429 and int(render(caught.value).headers["retry-after-ms"]) > 59_000
 
+
+
+class CountingDown(MemoryLedgerStore):
+    """Switched off, and counting every attempt to use it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts = 0
+        self.unavailable = True
+
+    async def read(self, consumer_id: str) -> tuple[Ledger, str | None]:
+        self.attempts += 1
+        return await super().read(consumer_id)
+
+    async def write(self, consumer_id: str, ledger: Ledger, etag: str | None) -> str:
+        self.attempts += 1
+        return await super().write(consumer_id, ledger, etag)
+
+
+async def test_a_store_outage_is_probed_once_per_retry_interval_not_once_per_consumer() -> None:
+    from shared.edge.consumers import Consumer, Limits
+    from shared.limits.limiter import TokenLimiter
+    from shared.telemetry.events import NullTelemetry
+
+    clock = FakeClock(start=T0)
+    store = CountingDown()
+    limiter = TokenLimiter(store, clock, NullTelemetry(), background=False, store_retry_s=1.0)
+    people = [Consumer(f"c{n}", f"c{n}", f"h{n}", "gw-x", limits=Limits(tokens_per_minute=10_000)) for n in range(200)]
+    for person in people:  # every consumer admitted from the local fallback window, within one retry interval
+        (await limiter.admit(person, "gpt-4o", 100)).settle(100)
+        await limiter.tick()
+    assert store.attempts == 1 and limiter.fallback_admissions == 200
+    clock.advance(1.5)
+    store.unavailable = False
+    await limiter.tick()  # back: what the fallback admitted is written
+    ledger, _ = await store.read("c7")
+    assert sum(ledger.windows[S].values()) == 100

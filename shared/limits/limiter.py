@@ -58,6 +58,9 @@ __all__ = ["LimitTicket", "Scopes", "TokenLimiter", "scopes_for"]
 CLOSING_GRACE_S = 2.0  # release a trimmed lease by then even if no renewal has come
 PENDING_GRACE_S = 1.0  # write pending usage by then even if no renewal has come
 MAX_CLAIMS_PER_REQUEST = 8  # a bound on the slow path; with claims sized for every waiter, one or two suffice
+# Ledger writes in flight per instance. Thousands of consumers renewing at once (after a store outage, at start) would
+# otherwise all wait on the store together and time out together.
+MAX_CONCURRENT_SYNCS = 32
 
 
 @dataclass(eq=False)
@@ -174,6 +177,10 @@ class TokenLimiter:
         self.contended = 0
         self.fallback_admissions = 0
         self.allowances = 0
+        # The store failed for one consumer: it is down for all of them. Until this time no consumer of this instance
+        # tries it (each would wait for its own timeout, and retry, together), and admissions use the fallback.
+        self._store_down_until = 0.0
+        self._writes: asyncio.Semaphore | None = None
 
     # ---- the request path ----------------------------------------------------------------------------------------
 
@@ -203,7 +210,7 @@ class TokenLimiter:
         try:
             for _ in range(MAX_CLAIMS_PER_REQUEST):
                 now = self._clock.now()
-                if budget.fallback.active(now):
+                if budget.fallback.active(now) or self._store_down_until > now:
                     return self._admit_degraded(budget, scopes, reserve)
                 blocked = budget.blocks.refusal(scopes, now)
                 if blocked is not None:
@@ -331,6 +338,9 @@ class TokenLimiter:
         self, budget: Budget, need: int, need_scopes: tuple[str, ...], claim_new: bool, flush_only: bool = False
     ) -> None:
         now = self._clock.now()
+        if self._store_down_until > now:
+            budget.fallback.degraded_until = max(budget.fallback.degraded_until, self._store_down_until)
+            return
         mono = self._clock.monotonic()
         pace = budget.pace
         pace.observe(mono)
@@ -362,8 +372,11 @@ class TokenLimiter:
             # Refused and nothing to report: no write.
             return not (grant is not None and not grant.tokens and not out.anything)
 
+        if self._writes is None:
+            self._writes = asyncio.Semaphore(MAX_CONCURRENT_SYNCS)
         try:
-            ledger, now = await budget.copy.commit(self._store, budget.consumer_id, self._clock, change)
+            async with self._writes:
+                ledger, now = await budget.copy.commit(self._store, budget.consumer_id, self._clock, change)
         except (StoreUnavailable, Contended) as exc:
             budget.held.restore(out, mono)
             if isinstance(exc, Contended):
@@ -371,9 +384,13 @@ class TokenLimiter:
                 # (which would admit beyond the shared limit): the waiting requests try again or are told to retry.
                 self.contended += 1
                 return
-            if budget.fallback.failed(self._clock.now(), self._store_retry_s):
-                log.warning("limiter store unavailable for consumer %s (%s); %s", budget.consumer_id, exc,
-                            "failing closed" if self._fail_closed else "using the local fallback window")
+            failed_at = self._clock.now()
+            if self._store_down_until <= failed_at:
+                log.warning("limiter store unavailable (%s, consumer %s); %s for %.1f s", exc, budget.consumer_id,
+                            "failing closed" if self._fail_closed else "using the local fallback window",
+                            self._store_retry_s)
+            self._store_down_until = failed_at + self._store_retry_s
+            if budget.fallback.failed(failed_at, self._store_retry_s):
                 self._telemetry.store_fallback("closed" if self._fail_closed else "open")
             return
 
@@ -448,7 +465,7 @@ class TokenLimiter:
                         and not held.pending and held.closing is None):
                     del self._budgets[consumer_id]
                 continue
-            if budget.fallback.active(now):
+            if budget.fallback.active(now) or self._store_down_until > now:
                 continue
             syncs.append(self._sync_in_background(budget, 0, (), claim_new=not idle, flush_only=not renew))
         if syncs:
