@@ -1,0 +1,106 @@
+"""The Responses API in-process: the official SDK against the real edge and gateway, a scripted upstream, in-memory
+stores and a fake clock. Pinned follow-ups, the state the gateway keeps, and background responses in the books."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from shared.flow.responses import count_input
+from shared.flow.tokens import encoding_for
+from tests.fakes.gateway import GatewayHarness, gateway_request
+from tests.fakes.upstream import Reply, error_reply, json_reply
+from tools.simulator.responses_api import _finished, _response, stream_events
+
+ENC = encoding_for("gpt-4o")
+
+
+def response_body(response_id: str, status: str = "completed", usage: dict[str, int] | None = None, **extra: Any) -> bytes:
+    return orjson.dumps({
+        "id": response_id, "object": "response", "model": "gpt-4o-2024-11-20", "status": status, "store": True,
+        "output": [], "usage": None if usage is None else {
+            "input_tokens": usage["input"], "output_tokens": usage["output"],
+            "total_tokens": usage["input"] + usage["output"], "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0}},
+        **extra,
+    })
+
+
+async def test_a_continuation_goes_only_to_the_holder_and_is_estimated_with_its_context(harness: GatewayHarness) -> None:
+    key = harness.consumer("app", tpm=1_000_000)
+    client = harness.openai(key)
+    harness.upstream.script("uksouth-ptu", error_reply(503))  # made in a secondary region
+    for secondary in ("swedencentral", "francecentral"):
+        harness.upstream.script(secondary, json_reply(response_body("resp_first", usage={"input": 10, "output": 5})))
+    made = await client.responses.with_raw_response.create(model="gpt-4o", input="Remember this.")
+    holder = made.headers["x-gateway-backend"]
+    first = made.parse()
+    harness.clock.advance(60)  # the PTU region is back: a fresh request would go there
+    body: dict[str, Any] = {"model": "gpt-4o", "input": "And then?", "previous_response_id": first.id,
+                            "max_output_tokens": 20}
+    harness.upstream.script(holder, json_reply(response_body("resp_next", usage={"input": 500, "output": 20})))
+    before = len(harness.upstream.sent)
+    raw = await client.responses.with_raw_response.create(**body)
+    assert raw.headers["x-gateway-backend"] == holder and [s.backend_id for s in harness.upstream.sent[before:]] == [holder]
+    record = harness.response_store.records[first.id]
+    assert record.backend_id == holder and record.consumer_id == "app"
+    assert harness.response_store.records["resp_next"].context_tokens == 520
+    # The holder refuses now: answered 503 by the gateway, nothing sent anywhere else.
+    harness.upstream.script(holder, error_reply(429, {"retry-after": "7"}))
+    before = len(harness.upstream.sent)
+    refused = await harness.post("/v1/responses", key, body)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "response_backend_unavailable"
+    assert int(refused.headers["retry-after"]) >= 7
+    assert [s.backend_id for s in harness.upstream.sent[before:]] == [holder]
+    before = len(harness.upstream.sent)
+    again = await harness.post("/v1/responses", key, body)  # its breaker is open: not even tried
+    assert again.status_code == 503 and "circuit breaker" in again.json()["error"]["message"]
+    assert len(harness.upstream.sent) == before
+
+
+async def test_a_background_response_is_held_at_its_estimate_and_settled_once_from_the_finished_read(
+    harness: GatewayHarness,
+) -> None:
+    key = harness.consumer("app", tpm=1_000_000)
+    client = harness.openai(key)
+    body: dict[str, Any] = {"model": "gpt-4o", "input": "Think about it in the background.", "background": True}
+    estimate = count_input(body, ENC)
+    harness.upstream.script("uksouth-ptu", json_reply(response_body("resp_bg", status="queued", background=True)))
+    raw = await client.responses.with_raw_response.create(**body)
+    assert raw.headers["x-gateway-tokens-consumed"] == str(estimate)
+    assert harness.telemetry.tokens_emitted() == 0  # no figures yet: the metrics wait for the backend's
+    assert harness.response_store.records["resp_bg"].unsettled
+    harness.upstream.script("uksouth-ptu", json_reply(response_body("resp_bg", status="in_progress", background=True)))
+    assert (await client.responses.retrieve("resp_bg")).status == "in_progress"
+    assert harness.response_store.records["resp_bg"].unsettled  # nothing to settle from yet
+    finished = response_body("resp_bg", usage={"input": estimate + 3, "output": 90}, background=True)
+    harness.upstream.script("uksouth-ptu", json_reply(finished), json_reply(finished))
+    await client.responses.retrieve("resp_bg")
+    await client.responses.retrieve("resp_bg")  # read twice: settled once
+    total = estimate + 3 + 90
+    assert await harness.charged("app") == total
+    rows = await harness.usage_rows("app")
+    assert sum(r.total for r in rows) == total and sum(r.requests for r in rows) == 1
+    assert harness.telemetry.tokens_emitted() == total
+    assert not harness.response_store.records["resp_bg"].unsettled
+
+
+async def test_the_location_is_recorded_before_a_stream_reaches_the_client(harness: GatewayHarness) -> None:
+    key = harness.consumer("app")
+    response = _response({"model": "gpt-4o", "input": "Stream."}, "gpt-4o-2024-11-20", "completed")
+    words = tuple(f" w{i}" for i in range(6))
+    events = tuple(stream_events(response, words, _finished(response, words, 9, False)))
+    harness.upstream.script("uksouth-ptu", Reply(200, {"content-type": "text/event-stream"}, pieces=events))
+    # Driven chunk by chunk (an HTTP client in front would buffer): the id is recorded before the chunk that carries
+    # it is handed on, and recorded again with the usage once the stream is done.
+    gateway = await harness.gateway()
+    answer = await gateway.handle(gateway_request("POST", "/v1/responses", key, {"model": "gpt-4o", "input": "Stream.",
+                                                                                  "stream": True}))
+    assert answer.stream is not None
+    first = await anext(answer.stream)
+    assert b"response.created" in first and response["id"].encode() in first
+    assert harness.response_store.records[response["id"]].context_tokens == 0
+    rest = b"".join([chunk async for chunk in answer.stream])
+    assert b"response.completed" in rest
+    assert harness.response_store.records[response["id"]].context_tokens == 15
