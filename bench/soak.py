@@ -36,10 +36,10 @@ import httpx
 
 from bench.harness import ROOT, bench_stack, finish_load, machine, save, stamp, start_load
 from bench.procs import open_fds, rss_mb
-from shared.telemetry import events as names
-from shared.telemetry.usage_rows import summarize
+from shared.admin.usage_report import summarize
 from shared.config import load_settings
 from shared.storage.tables import Tables, TableUsageStore
+from shared.telemetry import events as names
 from tools import stack
 from tools.capture import Capture
 

@@ -75,10 +75,6 @@ class Backend:
     def serves(self, deployment: str) -> bool:
         return deployment in self.deployments
 
-    @property
-    def host(self) -> str:
-        return self.endpoint.split("://", 1)[-1].split("/", 1)[0]
-
 
 @dataclass(frozen=True)
 class EntraSettings:

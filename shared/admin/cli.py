@@ -407,7 +407,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     tables = Tables.from_settings(settings, timeout_s=max(settings.store_timeout_s, 10.0))
     try:
         if args.command == "usage":
-            from shared.telemetry.usage_rows import report
+            from shared.admin.usage_report import report
 
             return await report(tables, args, sys.stdout)
         admin = Admin(TableConsumerStore(tables))

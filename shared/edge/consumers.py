@@ -113,7 +113,6 @@ class ConsumerDirectory:
         self._clock = clock
         self._refresh_s = refresh_s
         self._by_hash: dict[str, Consumer] = {}
-        self._by_id: dict[str, Consumer] = {}
         self._unknown: set[str] = set()
         self._principals = PrincipalIndex(())
         self._principal_reload_at = float("-inf")
@@ -128,7 +127,6 @@ class ConsumerDirectory:
             if consumer.previous_key_hash:
                 by_hash[consumer.previous_key_hash] = consumer
         self._by_hash = by_hash
-        self._by_id = {c.id: c for c in consumers}
         self._unknown = set()
         self._principals = PrincipalIndex((c.id, key) for c in consumers for key in c.entra)
 
@@ -153,12 +151,6 @@ class ConsumerDirectory:
         ):
             self._reloading = asyncio.get_running_loop().create_task(self.reload())
 
-    def get(self, consumer_id: str) -> Consumer | None:
-        return self._by_id.get(consumer_id)
-
-    def all(self) -> list[Consumer]:
-        return list(self._by_id.values())
-
     async def authenticate(self, key: str) -> Consumer:
         if self._loaded_at == float("-inf"):
             await self.reload()
@@ -179,7 +171,6 @@ class ConsumerDirectory:
                 self._unknown.add(digest)
             else:
                 self._by_hash[digest] = consumer
-                self._by_id[consumer.id] = consumer
         if consumer is None:
             raise InvalidKey(KeyProblem.UNKNOWN)
         if consumer.key_hash != digest:

@@ -90,9 +90,6 @@ class Breaker:
         self._failures: deque[float] = deque()
         self._probe_since: float | None = None
 
-    def is_failure(self, status: int) -> bool:
-        return status in self.rule.statuses
-
     def trip_length(self, status: int | None, headers: Mapping[str, str], now: float) -> float:
         asked = retry_after_s(headers, now) if self.rule.accept_retry_after else None
         length = asked if asked is not None and asked > 0 else self.rule.trip_s

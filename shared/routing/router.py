@@ -88,7 +88,6 @@ class Router:
         self._remaining: dict[tuple[str, str], tuple[int, float]] = {}
         self._sync_task: asyncio.Task[None] | None = None
         self._pending_writes: set[asyncio.Task[None]] = set()
-        self.sync_failures = 0
 
     # ---- order -----------------------------------------------------------------------------------------------------
 
@@ -216,7 +215,6 @@ class Router:
         try:
             records = await self._store.load()
         except Exception as exc:
-            self.sync_failures += 1
             log.warning("could not read shared breaker state (%s)", type(exc).__name__)
             return
         now = self._clock.now()

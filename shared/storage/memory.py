@@ -76,7 +76,6 @@ class MemoryLedgerStore(_Switch):
         self.ledgers: dict[str, tuple[dict[str, object], str]] = {}
         self.reads = 0
         self.writes = 0
-        self.conflicts = 0
         self._version = 0
 
     async def read(self, consumer_id: str) -> tuple[Ledger, str | None]:
@@ -92,7 +91,6 @@ class MemoryLedgerStore(_Switch):
         self.writes += 1
         stored = self.ledgers.get(consumer_id)
         if (stored[1] if stored else None) != etag:
-            self.conflicts += 1
             raise Conflict("etag mismatch")
         self._version += 1
         new_etag = f"v{self._version}"

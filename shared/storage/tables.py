@@ -24,6 +24,7 @@ from azure.data.tables.aio import TableClient, TableServiceClient
 from shared.config import Settings
 from shared.edge.consumers import Consumer, Limits
 from shared.storage.protocols import Conflict, StoreUnavailable
+from shared.telemetry.usage_rows import UsageRow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,7 +42,6 @@ class Tables:
         self._clients: dict[str, TableClient] = {}
         self._ready: set[str] = set()
         self.calls = 0
-        self.failures = 0
 
     @classmethod
     def from_settings(cls, settings: Settings, timeout_s: float | None = None) -> Tables:
@@ -87,7 +87,6 @@ class Tables:
             except TableTransactionError as exc:
                 if exc.status_code == 409 or getattr(exc, "error_code", None) == "EntityAlreadyExists":
                     raise Conflict(f"operation {exc.index} of the batch: {getattr(exc, 'error_code', None)}") from None
-                self.failures += 1
                 raise StoreUnavailable(f"{self.name(table)}: {type(exc).__name__}") from None
             except ResourceNotFoundError as exc:
                 if getattr(exc, "error_code", None) == "TableNotFound" and attempt == 1:
@@ -95,7 +94,6 @@ class Tables:
                     continue
                 raise
             except (TimeoutError, AzureError, OSError) as exc:
-                self.failures += 1
                 raise StoreUnavailable(f"{self.name(table)}: {type(exc).__name__}") from None
         raise AssertionError("unreachable")
 
@@ -309,8 +307,6 @@ class TableUsageStore:
                 await self._tables.call("usage", lambda t, ops=operations: t.submit_transaction(ops))  # type: ignore[misc]
 
     async def query(self, consumer: str | None, start_hour: str, end_hour: str) -> list[Any]:
-        from shared.telemetry.usage_rows import UsageRow
-
         # "hour|instance" keys of the hours in [start, end) sort between the two hour strings.
         parameters = {"start": start_hour, "end": end_hour}
         query = "PartitionKey ge @start and PartitionKey lt @end"

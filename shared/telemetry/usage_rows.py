@@ -17,17 +17,12 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from datetime import UTC
-from typing import Any, TextIO
 
 from shared.clock import Clock
 from shared.flow.usage import TokenUsage
-from shared.limits.ledger import period_bounds
 from shared.storage.memory import MemoryUsageStore as MemoryUsageStore
 from shared.storage.protocols import UsageStore
-from shared.text import table
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +75,6 @@ class UsageRecorder:
         self._written: dict[tuple[str, str, str], float] = {}  # monotonic time of the row's last write
         self._background = background
         self._task: asyncio.Task[None] | None = None
-        self.saved = 0
         self.failures = 0
 
     def record(self, consumer_id: str, deployment: str, usage: TokenUsage | None, requests: int = 1) -> None:
@@ -116,7 +110,6 @@ class UsageRecorder:
             self.failures += 1
             log.warning("could not save usage rows (%s); will retry", type(exc).__name__)
             return
-        self.saved += len(keys)
         for key in keys:
             self._written[key] = mono
         current = hour_key(self._clock.now())
@@ -133,66 +126,3 @@ class UsageRecorder:
         if self._task is not None:
             self._task.cancel()
         await self.flush(everything=True)
-
-
-@dataclass(frozen=True)
-class UsageTotal:
-    consumer: str
-    deployment: str
-    requests: int
-    prompt: int
-    completion: int
-    total: int
-    cached: int
-
-
-def summarize(rows: Iterable[UsageRow]) -> list[UsageTotal]:
-    sums: dict[tuple[str, str], list[int]] = {}
-    for row in rows:
-        acc = sums.setdefault((row.consumer, row.deployment), [0, 0, 0, 0, 0])
-        acc[0] += row.requests
-        acc[1] += row.prompt
-        acc[2] += row.completion
-        acc[3] += row.total
-        acc[4] += row.cached
-    return [UsageTotal(c, d, *v) for (c, d), v in sorted(sums.items())]
-
-
-def period_hours(period: str, at_s: float) -> tuple[str, str, str]:
-    """(label, first hour, first hour after) of the period containing `at_s`."""
-    key, start, end = period_bounds(period, at_s)
-    return key, hour_key(start), hour_key(end)
-
-
-def format_report(label: str, totals: list[UsageTotal]) -> str:
-    columns = ["consumer", "deployment", "requests", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens"]
-    rows: list[list[object]] = [[t.consumer, t.deployment, t.requests, t.prompt, t.completion, t.total, t.cached] for t in totals]
-    by_consumer: dict[str, list[int]] = {}
-    for t in totals:
-        acc = by_consumer.setdefault(t.consumer, [0, 0, 0, 0, 0])
-        for i, v in enumerate((t.requests, t.prompt, t.completion, t.total, t.cached)):
-            acc[i] += v
-    if len(totals) > 1:
-        rows += [[consumer, "(all)", *acc] for consumer, acc in by_consumer.items()]
-    body = table(columns, rows, numeric=columns[2:]) if rows else "(no usage recorded)"
-    return f"usage for {label} (UTC)\n{body}"
-
-
-async def report(tables: Any, args: Any, out: TextIO) -> int:
-    """The admin command's usage report: tokens per consumer and deployment for one period, from Table Storage."""
-    import json
-    from datetime import datetime
-
-    from shared.storage.tables import TableUsageStore
-
-    at = time.time()
-    if args.at:
-        parsed = datetime.fromisoformat(args.at.replace("Z", "+00:00"))
-        at = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
-    label, first, after = period_hours(args.period, at)
-    totals = summarize(await TableUsageStore(tables).query(args.consumer, first, after))
-    if args.json:
-        print(json.dumps({"period": label, "usage": [t.__dict__ for t in totals]}, indent=2), file=out)
-    else:
-        print(format_report(f"{args.period} period {label}", totals), file=out)
-    return 0
