@@ -69,7 +69,7 @@ def test_async_clients_stream_and_not(e2e: Stack, key: str) -> None:
 
 def test_streaming_chunks_arrive_as_the_backend_produces_them(e2e: Stack, key: str, fresh_sims: Stack) -> None:
     for sim in e2e.simulators:
-        sim.control("POST", "latency", {"latency_ms": 5, "token_latency_ms": 40})
+        sim.control("POST", "latency", {"latency_ms": 5, "token_latency_ms": 150})
     try:
         arrivals: list[float] = []
         with httpx.stream(
@@ -82,9 +82,10 @@ def test_streaming_chunks_arrive_as_the_backend_produces_them(e2e: Stack, key: s
                     arrivals.append(time.monotonic())
         gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
         assert len(arrivals) == 10
-        # Each token was produced 40 ms after the previous one; buffering would deliver them together.
-        assert arrivals[-1] - arrivals[0] >= 9 * 0.040 * 0.75
-        assert sum(1 for g in gaps if g >= 0.020) >= 7
+        # Each token was produced 150 ms after the previous one; buffering would deliver them together. The margins
+        # are wide on purpose: on a loaded machine a chunk can be late, but buffering would take 1.35 s away.
+        assert arrivals[-1] - arrivals[0] >= 9 * 0.150 * 0.5
+        assert sum(1 for g in gaps if g >= 0.050) >= 5
     finally:
         for sim in e2e.simulators:
             sim.control("POST", "latency", {"latency_ms": 5, "token_latency_ms": 2})
