@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from shared.clock import Clock
-from shared.outcomes import AuthStoreUnavailable, ConsumerDisabled, InvalidKey, KeyProblem
 from shared.edge.entra import Principal, PrincipalIndex
+from shared.outcomes import AuthStoreUnavailable, ConsumerDisabled, InvalidKey, KeyProblem
 
 # The store's contract and its in-memory twin live with the other stores; imported here for existing callers.
 from shared.storage.memory import MemoryConsumerStore as MemoryConsumerStore
@@ -113,6 +113,7 @@ class ConsumerDirectory:
         self._clock = clock
         self._refresh_s = refresh_s
         self._by_hash: dict[str, Consumer] = {}
+        self._by_id: dict[str, Consumer] = {}  # for Entra principals, mapped to consumer ids
         self._unknown: set[str] = set()
         self._principals = PrincipalIndex(())
         self._principal_reload_at = float("-inf")
@@ -127,6 +128,7 @@ class ConsumerDirectory:
             if consumer.previous_key_hash:
                 by_hash[consumer.previous_key_hash] = consumer
         self._by_hash = by_hash
+        self._by_id = {c.id: c for c in consumers}
         self._unknown = set()
         self._principals = PrincipalIndex((c.id, key) for c in consumers for key in c.entra)
 
@@ -171,6 +173,7 @@ class ConsumerDirectory:
                 self._unknown.add(digest)
             else:
                 self._by_hash[digest] = consumer
+                self._by_id[consumer.id] = consumer
         if consumer is None:
             raise InvalidKey(KeyProblem.UNKNOWN)
         if consumer.key_hash != digest:

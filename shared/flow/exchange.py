@@ -13,8 +13,8 @@ from typing import Any
 
 from shared.clock import Clock
 from shared.config import Backend, Settings
-from shared.edge.identity import Identifier
 from shared.edge.consumers import Consumer, ConsumerDirectory
+from shared.edge.identity import Identifier
 from shared.edge.messages import GatewayRequest
 from shared.flow import responses, tokens
 from shared.flow.credentials import BackendAuth
