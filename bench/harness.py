@@ -66,10 +66,9 @@ class Bench:
         env.pop("GATEWAY_BACKENDS")
         return env
 
-    def consumer(self, consumer_id: str, priority: str = "normal", **limits: Any) -> str:
+    def consumer(self, consumer_id: str, **limits: Any) -> str:
         key = new_key()
-        consumer = Consumer(consumer_id, consumer_id, hash_key(key), key_prefix(key), limits=Limits(**limits),
-                            priority=priority)
+        consumer = Consumer(consumer_id, consumer_id, hash_key(key), key_prefix(key), limits=Limits(**limits))
 
         async def put() -> None:
             tables = Tables.from_settings(load_settings(self.env(), require_backends=False), timeout_s=10)
