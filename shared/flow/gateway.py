@@ -36,7 +36,7 @@ class Gateway:
         self.s = services
         self._deployments = services.settings.deployments()
         self.pinning = Pinning(services.responses, services.settings.backends, services.router, services.clock)
-        self.books = Books(services.clock, services.usage, services.telemetry, services.router)
+        self.books = Books(services.clock, services.usage, services.telemetry)
         self.checks = Checks(self._deployments, self.pinning)
         self.admission = Admission(services.settings, services.limiter)
         self.failover = Failover(
