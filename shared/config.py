@@ -127,6 +127,8 @@ class Settings:
     lease_lifetime_s: float = 2.0
     entra: EntraSettings | None = None  # None: Entra ID callers are not accepted
     accept_keys: bool = True
+    stream_settle_s: float = 5.0  # a limited consumer's stream is charged what it delivered this often
+    abandoned_drain_s: float = 2.0  # how long an abandoned stream is read on, unseen, for the backend's usage
 
     def deployments(self) -> frozenset[str]:
         return frozenset(d for b in self.backends for d in b.deployments)
@@ -479,6 +481,8 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         gc_tuning=_boolean(env, "GATEWAY_GC_TUNING", True),
         gateway_id=gateway_id,
         lease_lifetime_s=_number(env, "GATEWAY_LEASE_LIFETIME_S", 2.0, minimum=0.1, maximum=30),
+        stream_settle_s=_number(env, "GATEWAY_STREAM_SETTLE_S", 5.0, minimum=0.5, maximum=60),
+        abandoned_drain_s=_number(env, "GATEWAY_ABANDONED_STREAM_DRAIN_S", 2.0, minimum=0, maximum=60),
         entra=_entra(env),
         accept_keys=_boolean(env, "GATEWAY_ACCEPT_KEYS", True),
     )

@@ -3,14 +3,15 @@ refuse the gateway's credential, and Retry-After that is never shorter than what
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 import openai
 import pytest
 
+from shared.flow.tokens import count_chat_prompt, encoding_for
 from tests.conftest import unique
-from tests.e2e import Stack
+from tests.e2e import Stack, wait_for
 from tools import stack
 
 pytestmark = pytest.mark.e2e
@@ -154,3 +155,97 @@ def test_retry_after_is_never_shorter_than_what_the_regions_said(
     assert refused.value.code == "backends_busy"
     assert int(headers["retry-after"]) == 3
     assert 2_000 < int(headers["retry-after-ms"]) <= 2_500
+
+
+# ---- streams and older clients --------------------------------------------------------------------------------------
+
+
+def azure_client(url: str, key: str, api_version: str) -> openai.AzureOpenAI:
+    return openai.AzureOpenAI(azure_endpoint=url, api_key=key, api_version=api_version, max_retries=0)
+
+
+def rows_total(e2e: Stack, consumer: str) -> tuple[int, int]:
+    rows = e2e.usage_rows(consumer)
+    return sum(r.total for r in rows), sum(r.counted for r in rows)
+
+
+def test_a_client_pinned_to_an_old_api_version_can_stream_and_is_charged_what_it_was_served(fresh_sims: Stack) -> None:
+    e2e = fresh_sims
+    consumer = unique("old-version")
+    key = e2e.create_consumer(consumer, tpm=100_000)
+    stream = azure_client(e2e.url, key, "2024-06-01").chat.completions.create(
+        model=MINI, messages=MESSAGES, stream=True, max_tokens=20
+    )
+    words = [chunk.choices[0].delta.content for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+    assert len(words) == 20
+    sent = [r for sim in e2e.simulators for r in sim.requests() if r["body"] and r["body"].get("stream")]
+    assert sent and all("stream_options" not in r["body"] for r in sent)
+    prompt = count_chat_prompt({"messages": MESSAGES}, encoding_for("gpt-4o-mini"))
+    # No backend reported this stream's usage: the gateway counted it, and the books say so.
+    wait_for(lambda: rows_total(e2e, consumer) == (prompt + 20, prompt + 20), timeout_s=20)
+
+
+def test_a_client_that_asked_for_usage_gets_it_when_the_backend_sends_none(fresh_sims: Stack) -> None:
+    e2e = fresh_sims
+    consumer = unique("synth-usage")
+    key = e2e.create_consumer(consumer, tpm=100_000)
+    for sim in e2e.simulators:
+        sim.fault("no-usage", count=-1, deployment=MINI)
+    stream = client(e2e.url, key).chat.completions.create(
+        model=MINI, messages=MESSAGES, stream=True, max_tokens=15, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    prompt = count_chat_prompt({"messages": MESSAGES}, encoding_for("gpt-4o-mini"))
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (prompt, 15)
+    wait_for(lambda: rows_total(e2e, consumer) == (prompt + 15, prompt + 15), timeout_s=20)
+
+
+@pytest.fixture(scope="module")
+def long_region() -> Iterator[stack.Region]:
+    """A region whose generations run long when no max_tokens is set: 3,000 tokens at 2 ms each."""
+    region = stack.Region(unique("long"), "westus", stack.free_port(), completion_tokens=3_000)
+    sim = stack.start_simulator(region, latency_ms=5, token_latency_ms=2)
+    yield region
+    sim.stop()
+
+
+def test_an_abandoned_stream_is_charged_what_the_backend_reports_after_a_short_drain(
+    e2e: Stack, gateway_factory: Callable[..., stack.Child], long_region: stack.Region
+) -> None:
+    gateway = gateway_factory(regions=[long_region])
+    consumer = unique("abandoned")
+    key = e2e.create_consumer(consumer, tpm=1_000_000)
+    body = {"model": MINI, "messages": MESSAGES, "stream": True, "max_tokens": 400}
+    with httpx.Client(timeout=30) as http, http.stream(
+        "POST", gateway.url + "/v1/chat/completions", json=body, headers={"api-key": key}
+    ) as response:
+        seen = 0
+        for line in response.iter_lines():
+            seen += line.startswith("data: ")
+            if seen >= 5:
+                break  # the client leaves ~0.8 s before the backend would finish
+    prompt = count_chat_prompt({"messages": MESSAGES}, encoding_for("gpt-4o-mini"))
+    # The gateway read the rest unseen, so the backend's own figure (all 400 generated) is what was charged.
+    wait_for(lambda: rows_total(e2e, consumer) == (prompt + 400, 0), timeout_s=20)
+
+
+def test_a_long_stream_is_charged_while_it_runs(
+    e2e: Stack, gateway_factory: Callable[..., stack.Child], long_region: stack.Region
+) -> None:
+    gateway = gateway_factory({"GATEWAY_STREAM_SETTLE_S": "0.5"}, regions=[long_region])
+    key = e2e.create_consumer(unique("long-stream"), tpm=2_000)
+    c = client(gateway.url, key)
+    stream = c.chat.completions.create(model=MINI, messages=MESSAGES, stream=True)  # reserved at ~1,050
+    received = 0
+    refused: openai.APIStatusError | None = None
+    for chunk in stream:
+        received += bool(chunk.choices and chunk.choices[0].delta.content)
+        if received == 2_600:
+            # More than the whole minute has been delivered already: the window knows it while the stream runs.
+            try:
+                c.chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=5)
+            except openai.APIStatusError as error:
+                refused = error
+    assert received == 3_000
+    assert refused is not None and refused.status_code == 429 and refused.code == "rate_limit_exceeded"

@@ -563,3 +563,50 @@ def test_cli_serves_several_regions_and_stops_on_sigterm(tmp_path: Path) -> None
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# ---- older api-versions, n choices, streams without usage (issue 13) ----------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("version", "accepted"), [("2024-06-01", False), ("2024-02-01", False),
+                                                   ("2024-08-01-preview", False), ("2024-09-01-preview", True),
+                                                   ("2024-10-21", True), ("preview", True)])
+async def test_stream_options_are_refused_on_api_versions_before_2024_09_01(
+    sim: Running, http: aiohttp.ClientSession, version: str, accepted: bool
+) -> None:
+    url = f"{sim.url}/openai/deployments/gpt-4o/chat/completions?api-version={version}"
+    body = {"messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}}
+    async with http.post(url, json=body, headers={"api-key": KEY}) as response:
+        if accepted:
+            assert response.status == 200
+            await response.read()
+            return
+        assert response.status == 400
+        assert (await response.json())["error"]["message"] == "Unrecognized request argument supplied: stream_options"
+    # Without the field, an old version streams (and, never asked, reports no usage).
+    events = await sse(http, url, {"messages": MESSAGES, "stream": True})
+    assert events[-1][1] == b"[DONE]" and all(b'"usage":{' not in data for _, data in events)
+
+
+@pytest.mark.asyncio
+async def test_n_choices_are_generated_and_billed(sim: Running, http: aiohttp.ClientSession) -> None:
+    url = f"{sim.url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+    async with http.post(url, json={"messages": MESSAGES, "n": 3}, headers={"api-key": KEY}) as response:
+        whole = await response.json()
+    assert [c["index"] for c in whole["choices"]] == [0, 1, 2]
+    assert whole["usage"]["completion_tokens"] == 36
+    events = await sse(http, url, {"messages": MESSAGES, "n": 3, "stream": True, "stream_options": {"include_usage": True}})
+    chunks = [orjson.loads(data) for _, data in events[:-1]]
+    indexes = {c["choices"][0]["index"] for c in chunks if c["choices"] and c["choices"][0].get("delta", {}).get("content")}
+    assert indexes == {0, 1, 2} and chunks[-1]["usage"]["completion_tokens"] == 36
+
+
+@pytest.mark.asyncio
+async def test_a_no_usage_fault_streams_without_the_usage_chunk_it_was_asked_for(
+    sim: Running, http: aiohttp.ClientSession
+) -> None:
+    await control(http, sim, "POST", "faults", {"kind": "no-usage"})
+    url = f"{sim.url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+    events = await sse(http, url, {"messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}})
+    assert events[-1][1] == b"[DONE]" and all(b'"usage":{' not in data for _, data in events)

@@ -165,3 +165,18 @@ def test_client_headers_are_filtered() -> None:
         "x-forwarded-for": "1.2.3.4", "user-agent": "OpenAI/Python", "x-ms-client-request-id": "abc", "content-type": "text/plain",
     })
     assert sent == {"user-agent": "OpenAI/Python", "x-ms-client-request-id": "abc", "content-type": "application/json", "accept-encoding": "identity"}
+
+
+@pytest.mark.parametrize(
+    ("version", "asked"),
+    [("2024-06-01", False), ("2024-02-01", False), ("2024-08-01-preview", False), ("2024-09-01-preview", True),
+     ("2024-10-21", True), ("2025-04-01-preview", True), ("preview", True), (None, True)],
+)
+def test_usage_is_asked_of_streams_only_where_the_api_version_accepts_it(version: str | None, asked: bool) -> None:
+    route = match_route("POST", "/openai/deployments/gpt-4o/chat/completions")
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    raw = orjson.dumps(body)
+    sent = orjson.loads(backend_body(raw, body, AZURE, "gpt-4o", check_body(route, body), version))
+    assert ("stream_options" in sent) is asked
+    # OpenAI-compatible backends take it on any version.
+    assert "stream_options" in orjson.loads(backend_body(raw, body, COMPATIBLE, "gpt-4o", check_body(route, body), version))

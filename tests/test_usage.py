@@ -56,8 +56,9 @@ def test_relay_counts_what_was_delivered_when_the_stream_breaks() -> None:
     relay.feed(raw)
     assert relay.usage is None and not relay.done
     encoding = get_encoding("o200k_base")
-    # Content, then the tool call's name and argument fragment, in the order they arrived; the torn event is not counted.
-    assert relay.delivered_completion_tokens(encoding) == len(encoding.encode(' one twoget_weather{"city"'))
+    # Content, then the tool call's name and argument fragment, each delta as it arrived; the torn event is not counted.
+    pieces = [" one", " two", "get_weather", '{"city"']
+    assert relay.delivered_completion_tokens(encoding) == sum(len(encoding.encode(p)) for p in pieces)
     assert relay.model == "gpt-4o-2024-11-20"
 
 
@@ -74,3 +75,65 @@ def test_combined_usage_adds_every_count_and_is_reported_only_if_both_were() -> 
     assert combined(None, None) is None
     assert combined(answer, None) == answer and combined(None, broken) == broken
     assert combined(answer, broken) == TokenUsage(200, 20, 220, cached=64, reasoning=5, reported=False)
+
+
+
+def event(delta: dict[str, object], **extra: object) -> bytes:
+    import orjson
+
+    body = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "gpt-4o-2024-11-20",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": None}], **extra}
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def test_relay_memory_stays_bounded_however_long_the_stream() -> None:
+    import tracemalloc
+
+    from shared.flow.usage import PENDING_LIMIT_BYTES
+
+    encoding = get_encoding("o200k_base")
+    piece = event({"content": " word"}) * 50
+    relay = SseRelay(forward_usage_chunk=False, encoding=encoding)
+    tracemalloc.start()
+    try:
+        for _ in range(400):  # ~0.9 MB of events, as n=128 choices send for a short answer
+            relay.feed(piece)
+        current, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert current < 4 * PENDING_LIMIT_BYTES + len(piece)
+    assert relay.delivered_completion_tokens() == 20_000
+
+
+def test_relay_counts_everything_the_backend_bills_as_completion() -> None:
+    import base64
+
+    encoding = get_encoding("o200k_base")
+    relay = SseRelay(forward_usage_chunk=False, encoding=encoding)
+    relay.feed(event({"reasoning_content": "let me think"}))
+    relay.feed(event({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": '{"a":1}'}}]}))
+    relay.feed(event({"function_call": {"name": "g", "arguments": "{}"}}))
+    relay.feed(event({"audio": {"transcript": "hello there", "data": base64.b64encode(b"\0" * 999).decode()}}))
+    relay.feed(event({"refusal": "no"}))
+    expected = sum(len(encoding.encode(t)) for t in ["let me think", "f", '{"a":1}', "g", "{}", "hello there", "no"])
+    assert relay.delivered_completion_tokens() == expected + 10  # 999 bytes of audio: 10 audio tokens at most
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_a_client_that_asked_for_usage_gets_it_when_the_backend_sends_none(asked: bool) -> None:
+    import orjson
+
+    encoding = get_encoding("o200k_base")
+    relay = SseRelay(forward_usage_chunk=asked, encoding=encoding, prompt_tokens=lambda: 12)
+    out = relay.feed(event({"role": "assistant", "content": ""}) + event({"content": " Hello"}) + event({"content": " world"}))
+    out += relay.feed(event({}, system_fingerprint="fp_1") + b"data: [DONE]\n\n")
+    events = [e for e in out.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    if not asked:
+        assert b'"usage"' not in out and not relay.synthesized
+        return
+    chunk = orjson.loads(events[-2][6:])
+    assert chunk["choices"] == [] and chunk["id"] == "chatcmpl-1" and chunk["model"] == "gpt-4o-2024-11-20"
+    assert chunk["usage"] == {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}
+    assert chunk["system_fingerprint"] == "fp_1"
+    assert relay.synthesized and relay.usage == TokenUsage(12, 2, 14, reported=False)

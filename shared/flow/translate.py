@@ -262,12 +262,28 @@ def backend_url(backend: Backend, route: Route, deployment: str, api_version: st
     return api.url(backend, route.operation.path, deployment, api_version)
 
 
+# Azure OpenAI api-versions before this one refuse `stream_options` (400 "Unrecognized request argument supplied").
+STREAM_USAGE_SINCE = "2024-09-01"
+_DATED_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}")
+
+
+def streams_report_usage(backend: Backend, api_version: str | None) -> bool:
+    """Whether the backend accepts `stream_options` (and so can be asked for the usage of a stream)."""
+    if backend.api == "openai":
+        return True
+    version = api_version or backend.api_version or DEFAULT_API_VERSION
+    if not _DATED_VERSION.match(version):
+        return True  # "preview", "v1", "latest": the current API
+    return version[:10] >= STREAM_USAGE_SINCE
+
+
 def backend_body(
-    raw: bytes, body: Mapping[str, Any], backend: Backend, deployment: str, shape: CallShape
+    raw: bytes, body: Mapping[str, Any], backend: Backend, deployment: str, shape: CallShape,
+    api_version: str | None = None,
 ) -> bytes:
     """The body to send: the client's bytes unless the model name or stream options must change."""
     changes: dict[str, Any] = {}
-    if shape.stream and not shape.client_wants_usage:
+    if shape.stream and not shape.client_wants_usage and streams_report_usage(backend, api_version):
         options = dict(body.get("stream_options") or {})
         options["include_usage"] = True
         changes["stream_options"] = options

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import tiktoken
 
-from shared.flow.tokens import count_text
+from shared.flow.tokens import count_text, get_encoding
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,21 +100,43 @@ def _event_data(event: bytes) -> bytes | None:
     return b"\n".join(data) if data else None
 
 
+# Events not yet counted are kept up to this size, then counted and dropped: a stream's memory stays bounded by this
+# plus the current event however long it runs (n=128 kept every event: ~220 MB for one request), and a stream shorter
+# than this whose backend reports usage is never parsed at all.
+PENDING_LIMIT_BYTES = 64 * 1024
+# Output audio is billed by duration; as for input audio, no common encoding carries a token's worth (0.1 s) in fewer
+# than about 100 bytes.
+AUDIO_BYTES_PER_TOKEN = 100
+
+
 class SseRelay:
     """Passes an OpenAI SSE stream through event by event, picking out the usage chunk.
 
-    The gateway always asks the backend for usage; a client that did not ask for it must not see the extra chunk.
-    Events are kept (as references, not parsed) so that, if the stream breaks before usage arrives, the tokens that
-    did reach the client can be counted.
+    The gateway asks the backend for usage where the api-version allows it; a client that did not ask for it must not
+    see the extra chunk. A client that asked for it gets one even when the backend sends none (older api-versions,
+    some OpenAI-compatible servers): computed by the gateway, and marked so in the books (`reported=False`).
+    What was delivered is counted as it goes (content, refusals, reasoning, tool-call names and arguments, audio), so
+    a stream can be charged while it runs and when it breaks off, with memory bounded by PENDING_LIMIT_BYTES.
     """
 
-    def __init__(self, forward_usage_chunk: bool) -> None:
+    def __init__(
+        self,
+        forward_usage_chunk: bool,
+        encoding: tiktoken.Encoding | None = None,
+        prompt_tokens: Callable[[], int] | None = None,
+    ) -> None:
         self._forward_usage = forward_usage_chunk
+        self._encoding = encoding
+        self._prompt_tokens = prompt_tokens
         self._rest = b""
-        self._events: list[bytes] = []
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._counted = 0
+        self._last_event = b""
         self.usage: TokenUsage | None = None
         self.model: str | None = None
         self.done = False
+        self.synthesized = False
         self.events_forwarded = 0
 
     def feed(self, data: bytes) -> bytes:
@@ -133,8 +155,15 @@ class SseRelay:
                 continue
             if event.startswith(b"data: [DONE]"):
                 self.done = True
+                if self.usage is None and self._forward_usage:
+                    # The client asked for usage and the backend sent none: the gateway's own count, before [DONE].
+                    out.append(self._usage_chunk())
             else:
-                self._events.append(event)
+                self._pending.append(event)
+                self._pending_bytes += len(event)
+                self._last_event = event
+                if self._pending_bytes > PENDING_LIMIT_BYTES:
+                    self._count_pending()
             out.append(event)
         self.events_forwarded += len(out)
         return b"".join(out)
@@ -161,12 +190,24 @@ class SseRelay:
         if isinstance(model, str) and model:
             self.model = model
         choices = obj.get("choices")
+        if choices:
+            self._count_event(obj)  # usage on every chunk (some servers): the chunk's own text is delivered too
         return not choices
 
-    def delivered_completion_tokens(self, encoding: tiktoken.Encoding) -> int:
-        """Count the completion text (content, refusals, tool-call arguments) forwarded so far."""
-        pieces: list[str] = []
-        for event in self._events:
+    def delivered_completion_tokens(self, encoding: tiktoken.Encoding | None = None) -> int:
+        """Completion tokens forwarded so far (content, refusals, reasoning, tool calls, audio), as the gateway counts."""
+        if encoding is not None and self._encoding is None:
+            self._encoding = encoding
+        self._count_pending()
+        return self._counted
+
+    def counted_usage(self, prompt: int) -> TokenUsage:
+        completion = self.delivered_completion_tokens()
+        return TokenUsage(prompt, completion, prompt + completion, reported=False)
+
+    def _count_pending(self) -> None:
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        for event in pending:
             data = _event_data(event)
             if data is None:
                 continue
@@ -174,24 +215,70 @@ class SseRelay:
                 obj = orjson.loads(data)
             except orjson.JSONDecodeError:
                 continue
-            if not isinstance(obj, dict):
+            if isinstance(obj, dict):
+                self._count_event(obj)
+
+    def _count_event(self, obj: Mapping[str, Any]) -> None:
+        if self.model is None and isinstance(obj.get("model"), str) and obj["model"]:
+            self.model = obj["model"]
+        encoding = self._encoding or get_encoding()
+        self._encoding = encoding
+        for choice in obj.get("choices") or ():
+            if not isinstance(choice, dict):
                 continue
-            if self.model is None and isinstance(obj.get("model"), str) and obj["model"]:
-                self.model = obj["model"]
-            for choice in obj.get("choices") or ():
-                if not isinstance(choice, dict):
-                    continue
-                delta = choice.get("delta")
-                if isinstance(delta, dict):
-                    for key in ("content", "refusal"):
-                        if isinstance(delta.get(key), str):
-                            pieces.append(delta[key])
-                    for call in delta.get("tool_calls") or ():
-                        function = call.get("function") if isinstance(call, dict) else None
-                        if isinstance(function, dict):
-                            for key in ("name", "arguments"):
-                                if isinstance(function.get(key), str):
-                                    pieces.append(function[key])
-                elif isinstance(choice.get("text"), str):
-                    pieces.append(choice["text"])
-        return count_text("".join(pieces), encoding) if pieces else 0
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                self._counted += _delta_tokens(delta, encoding)
+            elif isinstance(choice.get("text"), str):
+                self._counted += count_text(choice["text"], encoding)
+
+    def _usage_chunk(self) -> bytes:
+        prompt = self._prompt_tokens() if self._prompt_tokens is not None else 0
+        usage = self.counted_usage(prompt)
+        self.usage = usage
+        self.synthesized = True
+        last: dict[str, Any] = {}
+        data = _event_data(self._last_event)
+        if data is not None:
+            try:
+                parsed = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, dict):
+                last = parsed
+        chunk = {
+            "id": last.get("id", ""),
+            "object": last.get("object", "chat.completion.chunk"),
+            "created": last.get("created", 0),
+            "model": last.get("model", self.model or ""),
+            "choices": [],
+            "usage": {"prompt_tokens": usage.prompt, "completion_tokens": usage.completion, "total_tokens": usage.total},
+        }
+        if "system_fingerprint" in last:
+            chunk["system_fingerprint"] = last["system_fingerprint"]
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+def _delta_tokens(delta: Mapping[str, Any], encoding: tiktoken.Encoding) -> int:
+    """Tokens of one streamed delta: everything the backend bills as completion, visible or not."""
+    total = 0
+    for key in ("content", "refusal", "reasoning_content", "reasoning"):
+        value = delta.get(key)
+        if isinstance(value, str) and value:
+            total += count_text(value, encoding)
+    calls = list(delta.get("tool_calls") or ())
+    if isinstance(delta.get("function_call"), dict):
+        calls.append({"function": delta["function_call"]})
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            for key in ("name", "arguments"):
+                if isinstance(function.get(key), str) and function[key]:
+                    total += count_text(function[key], encoding)
+    audio = delta.get("audio")
+    if isinstance(audio, dict):
+        if isinstance(audio.get("transcript"), str) and audio["transcript"]:
+            total += count_text(audio["transcript"], encoding)
+        if isinstance(audio.get("data"), str):
+            total += -(-(len(audio["data"]) * 3 // 4) // AUDIO_BYTES_PER_TOKEN)
+    return total

@@ -299,6 +299,7 @@ class TableUsageStore:
                     "total": row.total,
                     "cached": row.cached,
                     "reasoning": row.reasoning,
+                    "counted": row.counted,
                 }
             )
         for entities in by_partition.values():
@@ -324,7 +325,7 @@ class TableUsageStore:
                 consumer=e.get("consumer") or e["PartitionKey"], hour=e["hour"], deployment=e["deployment"],
                 instance=e["instance"], requests=int(e["requests"]), prompt=int(e["prompt"]),
                 completion=int(e["completion"]), total=int(e["total"]), cached=int(e.get("cached", 0)),
-                reasoning=int(e.get("reasoning", 0)),
+                reasoning=int(e.get("reasoning", 0)), counted=int(e.get("counted", 0)),
             )
             for e in entities
         ]

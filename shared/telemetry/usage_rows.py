@@ -46,6 +46,9 @@ class UsageRow:
     total: int = 0
     cached: int = 0
     reasoning: int = 0
+    # Of `total`, the tokens the gateway counted itself because no backend reported them (a stream cut off or
+    # abandoned, a backend that sends no usage): the books say which figures are the service's own.
+    counted: int = 0
 
     def plus(self, usage: TokenUsage | None, requests: int = 1) -> UsageRow:
         if usage is None:
@@ -58,6 +61,7 @@ class UsageRow:
             total=self.total + usage.total,
             cached=self.cached + usage.cached,
             reasoning=self.reasoning + usage.reasoning,
+            counted=self.counted + (0 if usage.reported else usage.total),
         )
 
 

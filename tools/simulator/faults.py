@@ -6,9 +6,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-KINDS = ("500", "503", "reset", "timeout", "slow", "cut", "malformed", "429", "429-huge", "429-bare", "401", "403")
+KINDS = ("500", "503", "reset", "timeout", "slow", "cut", "malformed", "429", "429-huge", "429-bare", "401", "403",
+         "no-usage")
 # These act on a request the region has admitted; when capacity refuses the request they stay queued.
-AFTER_ADMISSION = frozenset({"cut", "slow"})
+AFTER_ADMISSION = frozenset({"cut", "slow", "no-usage"})  # no-usage: a stream that never reports its usage
 DEFAULT_DELAY_S = {"timeout": 30.0, "slow": 5.0, "429": 2.0}
 DEFAULT_AFTER_CHUNKS = 3
 

@@ -64,12 +64,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:29]}"
 
 
-def chat_completion(model: str, text: str, completion: int, finish: str, prompt: int) -> bytes:
+def chat_completion(model: str, text: str, completion: int, finish: str, prompt: int, choices: int = 1) -> bytes:
     return orjson.dumps({
         "choices": [{
-            "content_filter_results": CHOICE_FILTER, "finish_reason": finish, "index": 0, "logprobs": None,
+            "content_filter_results": CHOICE_FILTER, "finish_reason": finish, "index": i, "logprobs": None,
             "message": {"annotations": [], "content": text, "refusal": None, "role": "assistant"},
-        }],
+        } for i in range(choices)],
         "created": int(time.time()),
         "id": new_id("chatcmpl"),
         "model": model,
@@ -80,11 +80,11 @@ def chat_completion(model: str, text: str, completion: int, finish: str, prompt:
     })
 
 
-def text_completion(model: str, text: str, completion: int, finish: str, prompt: int) -> bytes:
+def text_completion(model: str, text: str, completion: int, finish: str, prompt: int, choices: int = 1) -> bytes:
     return orjson.dumps({
         "choices": [{
-            "content_filter_results": CHOICE_FILTER, "finish_reason": finish, "index": 0, "logprobs": None, "text": text,
-        }],
+            "content_filter_results": CHOICE_FILTER, "finish_reason": finish, "index": i, "logprobs": None, "text": text,
+        } for i in range(choices)],
         "created": int(time.time()),
         "id": new_id("cmpl"),
         "model": model,
@@ -148,6 +148,7 @@ class ChunkWriter:
             choice = {"content_filter_results": CHUNK_FILTER, "finish_reason": None, "index": 0, "logprobs": None, "text": _WORD}
         prefix, suffix = self._event(choice).split(orjson.dumps(_WORD)[1:-1])
         self._prefix, self._suffix = prefix, suffix
+        self._suffixes: dict[int, bytes] = {}
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -174,13 +175,20 @@ class ChunkWriter:
             })
         return events
 
-    def word(self, word: str) -> bytes:
-        return self._prefix + word.encode() + self._suffix
+    def word(self, word: str, index: int = 0) -> bytes:
+        if index == 0:
+            return self._prefix + word.encode() + self._suffix
+        suffix = self._suffixes.get(index)
+        if suffix is None:
+            suffix = self._suffixes[index] = self._suffix.replace(b'"index":0', b'"index":%d' % index, 1)
+        return self._prefix + word.encode() + suffix
 
-    def finish(self, reason: str) -> bytes:
+    def finish(self, reason: str, choices: int = 1) -> bytes:
         if self.chat:
-            return self._event({"content_filter_results": {}, "delta": {}, "finish_reason": reason, "index": 0, "logprobs": None})
-        return self._event({"content_filter_results": {}, "finish_reason": reason, "index": 0, "logprobs": None, "text": ""})
+            return b"".join(self._event({"content_filter_results": {}, "delta": {}, "finish_reason": reason, "index": i,
+                                         "logprobs": None}) for i in range(choices))
+        return b"".join(self._event({"content_filter_results": {}, "finish_reason": reason, "index": i, "logprobs": None,
+                                     "text": ""}) for i in range(choices))
 
     def usage(self, prompt: int, completion: int) -> bytes:
         return event(self._chunk([], usage=usage(prompt, completion)))

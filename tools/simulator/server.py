@@ -138,6 +138,21 @@ def validate(op: Operation, body: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def stream_options_supported(api_version: str) -> bool:
+    dated = len(api_version) >= 10 and api_version[:4].isdigit() and api_version[4] == "-"
+    return not dated or api_version[:10] >= "2024-09-01"
+
+
+def requested_choices(body: Mapping[str, Any]) -> int:
+    """How many completions the request generates (n, or best_of candidates), each billed."""
+    choices = 1
+    for key in ("n", "best_of"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            choices = max(choices, min(value, 128))
+    return choices
+
+
 def requested_max_tokens(body: Mapping[str, Any]) -> int | None:
     value = body.get("max_completion_tokens")
     if value is None:
@@ -242,6 +257,9 @@ async def serve(region: Region, op: Operation, azure: bool, request: web.Request
     problem = validate(op, body)
     if problem is not None:
         return invalid_request(region, *problem)
+    if azure and "stream_options" in body and not stream_options_supported(request.query.get("api-version", "")):
+        # As Azure OpenAI answers on api-versions before 2024-09-01 (2024-06-01, 2024-02-01 and older previews).
+        return invalid_request(region, "Unrecognized request argument supplied: stream_options", None)
     streaming = body.get("stream") is True and op is not EMBEDDINGS
     fault = region.faults.peek(deployment.name)
     if fault is not None and fault.kind not in AFTER_ADMISSION:
@@ -251,11 +269,12 @@ async def serve(region: Region, op: Operation, azure: bool, request: web.Request
     prompt = op.count_prompt(body, region.encodings[deployment.name])
     limit = requested_max_tokens(body)
     default = region.config.completion_for(deployment)
+    choices = 1 if op is EMBEDDINGS else requested_choices(body)
     if op is EMBEDDINGS:
         completion, charge = 0, prompt
     else:
         completion = min(limit, default) if limit is not None else default
-        charge = prompt + (limit if limit is not None else default)
+        charge = prompt + choices * (limit if limit is not None else default)
     window = region.windows[deployment.name]
     verdict = window.admit(charge)
     if not verdict.admitted:
@@ -301,10 +320,13 @@ async def serve(region: Region, op: Operation, azure: bool, request: web.Request
     if streaming:
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        report_usage = not (fault is not None and fault.kind == "no-usage")
         writer = ChunkWriter(model, op is CHAT, include_usage)
-        return await stream(region, request, headers, writer, words, finish, prompt, cut_after, deployment.name, finished)
+        return await stream(region, request, headers, writer, words, finish, prompt, cut_after, deployment.name,
+                            finished, choices, report_usage)
     build = chat_completion if op is CHAT else text_completion
-    payload = build(model, "".join(words), completion, finish, prompt)
+    completion *= choices
+    payload = build(model, "".join(words), completion, finish, prompt, choices)
     if cut_after is not None:  # headers and half the body, then the connection drops
         response = web.StreamResponse(headers={**headers, "content-type": JSON})
         response.content_length = len(payload)
@@ -323,6 +345,7 @@ async def serve(region: Region, op: Operation, azure: bool, request: web.Request
 async def stream(
     region: Region, request: web.Request, headers: dict[str, str], writer: ChunkWriter, words: tuple[str, ...],
     finish: str, prompt: int, cut_after: int | None, deployment: str, finished: Callable[[int], None],
+    choices: int = 1, report_usage: bool = True,
 ) -> web.StreamResponse:
     headers["content-type"] = SSE
     headers["cache-control"] = "no-cache"
@@ -340,14 +363,17 @@ async def stream(
                 wait = started + (index + 1) * delay - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
-            await response.write(writer.word(word))
-            sent = index + 1
+            if choices == 1:
+                await response.write(writer.word(word))
+            else:  # every choice generates its next token at the same pace
+                await response.write(b"".join(writer.word(word, i) for i in range(choices)))
+            sent = (index + 1) * choices
         if cut_after is not None:  # no finish, no usage, no [DONE]
             region.stats.cut(prompt, sent, streamed=True)
             drop(request)
             return response
-        tail = writer.finish(finish)
-        if writer.include_usage:
+        tail = writer.finish(finish, choices)
+        if writer.include_usage and report_usage:
             tail += writer.usage(prompt, sent)
         await response.write(tail + DONE)
     except ConnectionError:
@@ -355,7 +381,7 @@ async def stream(
         return response
     finally:
         finished(prompt + sent)  # however the stream ended (even cancelled), it used what it generated
-    if writer.include_usage:
+    if writer.include_usage and report_usage:
         region.stats.reported(deployment, prompt, sent)
     else:
         region.stats.served_unreported(prompt, sent)
