@@ -51,6 +51,10 @@ class BreakerRule:
     trip_s: float = 10.0
     accept_retry_after: bool = True
     max_trip_s: float = 300.0
+    # A request that outruns the read timeout may be the caller's doing (a huge generation), not the backend's: timeouts
+    # trip the breaker only as a rate, this many within the interval from at least `timeout_callers` consumers.
+    timeout_failures: int = 3
+    timeout_callers: int = 2
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,8 @@ class Settings:
     lease_lifetime_s: float = 2.0
     entra: EntraSettings | None = None  # None: Entra ID callers are not accepted
     accept_keys: bool = True
+    output_cap: bool = False  # the gateway's default for consumers whose record does not say (see Limits.output_cap)
+    timeout_replays: int = 1  # a request that timed out is sent to at most this many other backends
     stream_settle_s: float = 5.0  # a limited consumer's stream is charged what it delivered this often
     abandoned_drain_s: float = 2.0  # how long an abandoned stream is read on, unseen, for the backend's usage
 
@@ -243,7 +249,10 @@ _BACKEND_FIELDS = frozenset(
         "api_key_setting", "api_version", "timeout_s", "connect_timeout_s", "reserve_tokens", "breaker",
     }
 )
-_BREAKER_FIELDS = frozenset({"statuses", "failures", "interval_s", "trip_s", "accept_retry_after", "max_trip_s"})
+_BREAKER_FIELDS = frozenset(
+    {"statuses", "failures", "interval_s", "trip_s", "accept_retry_after", "max_trip_s", "timeout_failures",
+     "timeout_callers"}
+)
 
 
 def _parse_deployments(f: _Fields) -> dict[str, str]:
@@ -280,6 +289,8 @@ def _parse_breaker(f: _Fields) -> BreakerRule:
         trip_s=b.number("trip_s", 10.0, 0.1, 86400),
         accept_retry_after=b.flag("accept_retry_after", True),
         max_trip_s=b.number("max_trip_s", 300.0, 0.1, 86400),
+        timeout_failures=b.integer("timeout_failures", 3, 1, 1000),
+        timeout_callers=b.integer("timeout_callers", 2, 1, 1000),
     )
     return rule
 
@@ -481,6 +492,8 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         gc_tuning=_boolean(env, "GATEWAY_GC_TUNING", True),
         gateway_id=gateway_id,
         lease_lifetime_s=_number(env, "GATEWAY_LEASE_LIFETIME_S", 2.0, minimum=0.1, maximum=30),
+        output_cap=_boolean(env, "GATEWAY_OUTPUT_CAP", False),
+        timeout_replays=_integer(env, "GATEWAY_TIMEOUT_REPLAYS", 1, minimum=0, maximum=30),
         stream_settle_s=_number(env, "GATEWAY_STREAM_SETTLE_S", 5.0, minimum=0.5, maximum=60),
         abandoned_drain_s=_number(env, "GATEWAY_ABANDONED_STREAM_DRAIN_S", 2.0, minimum=0, maximum=60),
         entra=_entra(env),

@@ -84,3 +84,28 @@ def test_adopting_shared_state_only_when_newer() -> None:
     closed = breaker.adopt(CLOSED, 0, NOW + 2, "", NOW + 2.5)  # another instance's probe succeeded
     assert closed is not None and closed.state == CLOSED and breaker.usable(NOW + 3)
     assert breaker.adopt(OPEN, NOW + 30, NOW, "429", NOW + 4) is None  # the old trip does not come back
+
+
+def test_timeouts_from_one_caller_never_trip_the_breaker() -> None:
+    breaker = Breaker(BreakerRule(failures=1, timeout_failures=3, timeout_callers=2))
+    for i in range(20):
+        assert breaker.on_timeout(NOW + i, "one-caller", 10.0) is None
+    assert breaker.state == CLOSED
+
+
+def test_timeouts_trip_as_a_rate_across_callers_within_the_interval() -> None:
+    breaker = Breaker(BreakerRule(interval_s=60, timeout_failures=3, timeout_callers=2))
+    assert breaker.on_timeout(NOW, "a", 10.0) is None
+    assert breaker.on_timeout(NOW + 1, "a", 10.0) is None
+    # Out of the interval before the third: no trip.
+    assert breaker.on_timeout(NOW + 100, "b", 10.0) is None
+    assert breaker.on_timeout(NOW + 101, "a", 10.0) is None
+    transition = breaker.on_timeout(NOW + 102, "c", 10.0)
+    assert transition is not None and transition.state == OPEN and transition.reason == "timeout"
+
+
+def test_a_half_open_probe_that_times_out_re_trips() -> None:
+    breaker = Breaker(BreakerRule(timeout_failures=3, timeout_callers=2))
+    breaker.trip(NOW, "500", 5.0)
+    assert breaker.acquire(NOW + 6)[0] and breaker.state == HALF_OPEN
+    assert breaker.on_timeout(NOW + 7, "a", 5.0) is not None and breaker.state == OPEN

@@ -249,3 +249,77 @@ def test_a_long_stream_is_charged_while_it_runs(
                 refused = error
     assert received == 3_000
     assert refused is not None and refused.status_code == 429 and refused.code == "rate_limit_exceeded"
+
+
+# ---- one caller must not take a region out ---------------------------------------------------------------------------
+
+
+def test_one_callers_timeouts_are_replayed_once_charged_and_take_no_region_out(
+    fresh_sims: Stack, gateway_factory: Callable[..., stack.Child]
+) -> None:
+    e2e = fresh_sims
+    regions = own_regions(e2e, timeout_s=1.0)
+    gateway = gateway_factory(regions=regions)
+    consumer = unique("slow-caller")
+    key = e2e.create_consumer(consumer, tpm=100_000)
+    for sim in e2e.simulators:
+        sim.fault("timeout", count=-1, deployment=MINI, delay_s=2.5)
+    c = client(gateway.url, key)
+    for _ in range(2):
+        with pytest.raises(openai.APIStatusError) as failed:
+            c.chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=50)
+        assert failed.value.status_code == 504 and failed.value.code == "backend_timeout"
+    # Each request reached two backends (itself and one replay), never all three.
+    assert backend_requests(e2e) == 4
+    health = httpx.get(gateway.url + "/health").json()
+    assert all(b["deployments"][MINI]["state"] == "closed" for b in health["backends"]), health
+    for sim in e2e.simulators:
+        sim.control("DELETE", "faults")
+    # What each request was charged (its prompt and the 50 it may still be generating) is not refunded.
+    prompt = count_chat_prompt({"messages": MESSAGES}, encoding_for("gpt-4o-mini"))
+    assert e2e.charged(consumer) == 2 * (prompt + 50)
+
+
+# ---- the opt-in output cap ------------------------------------------------------------------------------------------
+
+
+def last_body(region: stack.Region) -> dict[str, object]:
+    seen = httpx.get(f"http://127.0.0.1:{region.port}/_sim/requests?limit=1", timeout=10).json()
+    body: dict[str, object] = seen[-1]["body"]
+    return body
+
+
+def test_the_output_cap_bounds_every_request_by_its_reservation(
+    e2e: Stack, gateway_factory: Callable[..., stack.Child], long_region: stack.Region
+) -> None:
+    gateway = gateway_factory({"GATEWAY_OUTPUT_CAP": "true"}, regions=[long_region])
+    consumer = unique("capped")
+    c = client(gateway.url, e2e.create_consumer(consumer, tpm=10_000))
+    # No cap asked: the gateway's reservation default (1,024) is sent as the cap, and the answer stays inside it.
+    raw = c.chat.completions.with_raw_response.create(model=MINI, messages=MESSAGES)
+    answer = raw.parse()
+    assert answer.usage is not None and answer.usage.completion_tokens == 1024
+    assert answer.choices[0].finish_reason == "length"
+    assert last_body(long_region)["max_completion_tokens"] == 1024 and "max_tokens" not in last_body(long_region)
+    # More asked than the key has in a minute: lowered to what fits, in the field the client used, instead of refused.
+    prompt = count_chat_prompt({"messages": MESSAGES}, encoding_for("gpt-4o-mini"))
+    c = client(gateway.url, e2e.create_consumer(unique("capped-n"), tpm=10_000))
+    c.chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=50_000, n=2)
+    assert last_body(long_region)["max_tokens"] == (10_000 - prompt) // 2
+    # A consumer set to opt out is not capped: its long generation runs to the backend's own end.
+    free = unique("uncapped")
+    key = e2e.create_consumer(free, tpm=100_000)
+    e2e.update_consumer(free, limits={"output_cap": False})
+    wait_for(lambda: (client(gateway.url, key).chat.completions.create(model=MINI, messages=MESSAGES).usage
+                      .completion_tokens == 3_000), timeout_s=10)  # type: ignore[union-attr]
+    assert "max_completion_tokens" not in last_body(long_region)
+
+
+def test_without_the_output_cap_a_request_asking_more_than_the_minute_is_refused(
+    e2e: Stack, gateway_factory: Callable[..., stack.Child], long_region: stack.Region
+) -> None:
+    gateway = gateway_factory(regions=[long_region])
+    c = client(gateway.url, e2e.create_consumer(unique("not-capped"), tpm=10_000))
+    with pytest.raises(openai.RateLimitError) as refused:
+        c.chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=50_000)
+    assert refused.value.code == "tokens_exceed_limit"

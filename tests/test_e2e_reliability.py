@@ -155,8 +155,10 @@ def test_client_disconnect_mid_stream_closes_the_backend_stream_and_charges_what
     e2e, _, gateway = single
     consumer = unique("leaver")
     key = e2e.create_consumer(consumer, tpm=100_000)
+    # Slow enough that the gateway's drain of the abandoned stream (GATEWAY_ABANDONED_STREAM_DRAIN_S, 2 s) ends before
+    # the backend does: then the stream is closed and what the backend sent is counted and charged.
     for sim in e2e.simulators:
-        sim.control("POST", "latency", {"latency_ms": 5, "token_latency_ms": 30})
+        sim.control("POST", "latency", {"latency_ms": 5, "token_latency_ms": 100})
     words = 0
     with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers={"api-key": key},
                       json={"model": MINI, "messages": MESSAGES, "stream": True}, timeout=30) as response:

@@ -180,3 +180,25 @@ def test_usage_is_asked_of_streams_only_where_the_api_version_accepts_it(version
     assert ("stream_options" in sent) is asked
     # OpenAI-compatible backends take it on any version.
     assert "stream_options" in orjson.loads(backend_body(raw, body, COMPATIBLE, "gpt-4o", check_body(route, body), version))
+
+
+@pytest.mark.parametrize(
+    ("backend", "version", "body_extra", "field"),
+    [
+        (AZURE, "2024-10-21", {}, "max_completion_tokens"),
+        (AZURE, "2024-06-01", {}, "max_tokens"),
+        (AZURE, "2024-10-21", {"max_tokens": 99_999}, "max_tokens"),
+        (COMPATIBLE, None, {}, "max_tokens"),
+    ],
+)
+def test_an_output_cap_set_by_the_gateway_goes_where_the_backend_reads_it(
+    backend: Backend, version: str | None, body_extra: dict[str, Any], field: str
+) -> None:
+    from dataclasses import replace
+
+    route = match_route("POST", "/openai/deployments/gpt-4o/chat/completions")
+    body = {"messages": [{"role": "user", "content": "hi"}], **body_extra}
+    shape = replace(check_body(route, body), max_tokens=700, capped=True)
+    sent = orjson.loads(backend_body(orjson.dumps(body), body, backend, "gpt-4o", shape, version))
+    assert sent[field] == 700
+    assert len({"max_tokens", "max_completion_tokens"} & set(sent)) == 1

@@ -87,6 +87,8 @@ def _limits(args: argparse.Namespace, base: Limits) -> Limits:
         quota_period=quota_period if quota else None,
         budget=budget,
         budget_period=budget_period if budget else None,
+        output_cap=base.output_cap if getattr(args, "output_cap", None) is None else
+        {"on": True, "off": False, "default": None}[args.output_cap],
     )
 
 
@@ -132,6 +134,7 @@ def describe(consumer: Consumer) -> dict[str, Any]:
         "budget": limits.budget,
         "budget_period": (limits.budget_period or "monthly") if limits.budget else None,
         "entra": sorted(consumer.entra),
+        "output_cap": "default" if limits.output_cap is None else ("on" if limits.output_cap else "off"),
     }
 
 
@@ -356,6 +359,8 @@ def _limit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quota-period", choices=QUOTA_PERIODS)
     parser.add_argument("--budget", type=float, help="spend per budget period in the price table's currency (0: none)")
     parser.add_argument("--budget-period", choices=QUOTA_PERIODS, help="default monthly")
+    parser.add_argument("--output-cap", choices=("on", "off", "default"),
+                        help="set the output cap on requests that ask none or more than the key's minute (default: the gateway's setting)")
     parser.add_argument("--deployments", help="comma-separated deployments this consumer may use")
     parser.add_argument("--all-deployments", action="store_true", help="allow every deployment")
     parser.add_argument("--priority", choices=PRIORITIES)

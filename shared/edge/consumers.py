@@ -41,6 +41,9 @@ class Limits:
     quota_period: str | None = None
     budget: float = 0.0  # in the price table's currency per budget period; 0: no budget
     budget_period: str | None = None  # one of QUOTA_PERIODS; None: monthly
+    # The gateway sets the output cap itself when a request asks none, or more than this consumer may have in a
+    # minute: True/False for this consumer, None for the gateway's default (GATEWAY_OUTPUT_CAP).
+    output_cap: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -169,6 +169,7 @@ class CallShape:
     max_tokens: int | None
     model_in_body: bool = False  # the backend reads the deployment from the body's model on every API (Responses)
     choices: int = 1  # completions generated per request (n, best_of): each may run to max_tokens
+    capped: bool = False  # the gateway set max_tokens itself (output cap): it is written into the body sent
 
 
 # The service's own bound on n (and best_of): a larger value is refused there, so it is refused here before admission.
@@ -277,6 +278,17 @@ def streams_report_usage(backend: Backend, api_version: str | None) -> bool:
     return version[:10] >= STREAM_USAGE_SINCE
 
 
+def _cap_field(body: Mapping[str, Any], backend: Backend, api_version: str | None) -> str:
+    """Where the output cap goes: the field the client used; else `max_completion_tokens` where the api-version has it
+    (reasoning models accept nothing else), `max_tokens` before it and on OpenAI-compatible servers."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        if name in body:
+            return name
+    if backend.api == "openai" or "prompt" in body:  # legacy completions know only max_tokens
+        return "max_tokens"
+    return "max_completion_tokens" if streams_report_usage(backend, api_version) else "max_tokens"
+
+
 def backend_body(
     raw: bytes, body: Mapping[str, Any], backend: Backend, deployment: str, shape: CallShape,
     api_version: str | None = None,
@@ -287,6 +299,8 @@ def backend_body(
         options = dict(body.get("stream_options") or {})
         options["include_usage"] = True
         changes["stream_options"] = options
+    if shape.capped and shape.max_tokens is not None:
+        changes[_cap_field(body, backend, api_version)] = shape.max_tokens
     upstream_name = backend.deployments[deployment]
     if (api_of(backend).model_in_body or shape.model_in_body) and body.get("model") != upstream_name:
         changes["model"] = upstream_name

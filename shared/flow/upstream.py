@@ -130,6 +130,9 @@ class AiohttpUpstream:
                 method, url, data=body if body or method == "POST" else None, headers=headers,
                 timeout=self._timeouts[backend.id], allow_redirects=False,
             )
+        except aiohttp.ConnectionTimeoutError:
+            # Not reached at all: the backend's (or the network's) fault, like a refused connection.
+            raise UpstreamError(FailureKind.CONNECTION, backend.id, "no connection in time") from None
         except TimeoutError:
             raise UpstreamError(FailureKind.TIMEOUT, backend.id, "no response in time") from None
         except (aiohttp.ClientError, OSError) as exc:

@@ -26,6 +26,11 @@ class Ticket(Protocol):
 class Limiter(Protocol):
     def needs_estimate(self, consumer: Consumer, deployment: str) -> bool: ...
 
+    def precheck(self, consumer: Consumer, deployment: str) -> None:
+        """Raise the refusal this instance already knows the consumer would get (its window is full, its quota used
+        up), so that a request is refused before any expensive work; no I/O."""
+        ...
+
     async def admit(self, consumer: Consumer, deployment: str, reserve: int) -> Ticket:
         """Reserve `reserve` tokens for the consumer, or raise a Refusal (RateLimited, QuotaExhausted, ...)."""
         ...
@@ -48,6 +53,9 @@ class UnlimitedTicket:
 class NoLimits:
     def needs_estimate(self, consumer: Consumer, deployment: str) -> bool:
         return False
+
+    def precheck(self, consumer: Consumer, deployment: str) -> None:
+        pass
 
     async def admit(self, consumer: Consumer, deployment: str, reserve: int) -> Ticket:
         return UnlimitedTicket()

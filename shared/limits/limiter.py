@@ -187,6 +187,16 @@ class TokenLimiter:
     def needs_estimate(self, consumer: Consumer, deployment: str) -> bool:
         return is_limited(consumer, deployment)
 
+    def precheck(self, consumer: Consumer, deployment: str) -> None:
+        budget = self._budgets.get(consumer.id)
+        if budget is None:
+            return
+        scopes = scopes_for(consumer, deployment)
+        now = self._clock.now()
+        blocked = budget.blocks.refusal(scopes, now)
+        if blocked is not None and not budget.fallback.active(now):
+            raise refusals.refused(scopes, blocked[1], blocked[0], now)
+
     async def admit(self, consumer: Consumer, deployment: str, reserve: int) -> LimitTicket | UnlimitedTicket:
         """Reserve `reserve` tokens for the consumer, or raise: 429 over its rate, 403 over its quota."""
         scopes = scopes_for(consumer, deployment)

@@ -88,6 +88,7 @@ class Breaker:
         self.reason = ""
         self.changed_at = 0.0
         self._failures: deque[float] = deque()
+        self._timeouts: deque[tuple[float, str]] = deque()  # (when, caller) of recent timed-out requests
         self._probe_since: float | None = None
 
     def trip_length(self, status: int | None, headers: Mapping[str, str], now: float) -> float:
@@ -122,6 +123,7 @@ class Breaker:
 
     def on_success(self, now: float) -> Transition | None:
         self._failures.clear()
+        self._timeouts.clear()
         if self.state != CLOSED:
             self.state = CLOSED
             self.open_until = 0.0
@@ -147,6 +149,23 @@ class Breaker:
             return self._trip(now, reason, trip_s)
         return None
 
+    def on_timeout(self, now: float, caller: str, trip_s: float) -> Transition | None:
+        """A request ran past the read timeout. One caller's long generations must not take a backend out, so
+        timeouts trip it only as a rate: `timeout_failures` within the interval, from `timeout_callers` callers.
+        A half-open probe that times out still re-trips: the backend has not shown it is back."""
+        if self.state == HALF_OPEN:
+            return self._trip(now, "timeout", trip_s)
+        if self.state == OPEN:
+            return None
+        self._timeouts.append((now, caller))
+        horizon = now - self.rule.interval_s
+        while self._timeouts and self._timeouts[0][0] < horizon:
+            self._timeouts.popleft()
+        callers = {c for _, c in self._timeouts}
+        if len(self._timeouts) >= self.rule.timeout_failures and len(callers) >= self.rule.timeout_callers:
+            return self._trip(now, "timeout", trip_s)
+        return None
+
     def trip(self, now: float, reason: str, trip_s: float) -> Transition | None:
         """Take the backend out at once, whatever the failure count (a refused credential fails every request)."""
         if self.state == OPEN and self.open_until >= now + trip_s:
@@ -159,6 +178,7 @@ class Breaker:
         self.reason = reason
         self.changed_at = now
         self._failures.clear()
+        self._timeouts.clear()
         self._probe_since = None
         return Transition(OPEN, self.open_until, reason)
 

@@ -161,6 +161,14 @@ class Router:
         if transition is not None:
             self._transitioned(backend, deployment, transition)
 
+    def record_timeout(self, backend: Backend, deployment: str, caller: str) -> None:
+        """A request outran the backend's read timeout; see Breaker.on_timeout."""
+        now = self._clock.now()
+        breaker = self._breakers[(backend.id, deployment)]
+        transition = breaker.on_timeout(now, caller, min(breaker.rule.trip_s, breaker.rule.max_trip_s))
+        if transition is not None:
+            self._transitioned(backend, deployment, transition)
+
     def record_error(self, backend: Backend, deployment: str, kind: FailureKind) -> None:
         """An attempt that got no whole answer (timeout, connection error, broken body): trip for the rule's time."""
         now = self._clock.now()

@@ -1,0 +1,109 @@
+"""The cost of counting a prompt: large prompts are counted off the event loop, and a consumer already over its limit
+is refused before anything is counted. An in-process gateway on in-memory stores; the backend is never reached."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+import pytest_asyncio
+
+from shared.clock import SystemClock
+from shared.config import Backend, Settings
+from shared.edge.consumers import Consumer, ConsumerDirectory, Limits, hash_key
+from shared.edge.messages import GatewayRequest
+from shared.flow import tokens
+from shared.flow.credentials import BackendAuth
+from shared.flow.gateway import COUNT_ON_LOOP_BYTES, Gateway, Services
+from shared.flow.upstream import Upstream
+from shared.limits.limiter import TokenLimiter
+from shared.routing.router import Router
+from shared.storage.memory import MemoryConsumerStore, MemoryLedgerStore, MemoryUsageStore
+from shared.telemetry.events import NullTelemetry
+from shared.telemetry.usage_rows import UsageRecorder
+
+KEY = "gw-counting-test-key"
+BACKEND = Backend(id="nowhere", endpoint="http://127.0.0.1:9", region="test", deployments={"gpt-4o": "gpt-4o"},
+                  auth="none")
+
+
+@pytest_asyncio.fixture
+async def gateway() -> AsyncIterator[tuple[Gateway, TokenLimiter]]:
+    clock = SystemClock()
+    store = MemoryConsumerStore()
+    await store.put(Consumer(id="big", name="big", key_hash=hash_key(KEY), key_prefix=KEY[:9],
+                             limits=Limits(tokens_per_minute=10_000_000)))
+    settings = Settings(backends=(BACKEND,), max_attempts=1)
+    limiter = TokenLimiter(MemoryLedgerStore(), clock, NullTelemetry(), background=False)
+    upstream = Upstream(settings.backends)
+    services = Services(
+        settings=settings, clock=clock, consumers=ConsumerDirectory(store, clock, 60.0),
+        router=Router(settings.backends, clock, NullTelemetry()), upstream=upstream,
+        auth=BackendAuth(settings.backends, clock), limiter=limiter, telemetry=NullTelemetry(),
+        usage=UsageRecorder(MemoryUsageStore(), clock, background=False),
+    )
+    yield Gateway(services), limiter
+    await upstream.close()
+
+
+def request(prompt: str) -> GatewayRequest:
+    body = orjson.dumps({"messages": [{"role": "user", "content": prompt}], "max_tokens": 10})
+    return GatewayRequest("POST", "/openai/deployments/gpt-4o/chat/completions", {"api-version": "2024-10-21"},
+                          {"api-key": KEY, "content-type": "application/json"}, body, "127.0.0.1")
+
+
+async def test_a_large_prompt_is_counted_while_the_event_loop_keeps_running(
+    gateway: tuple[Gateway, TokenLimiter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    beats = 0
+    during: list[int] = []
+    real = tokens.count_chat_prompt
+
+    def counting(body: Any, encoding: Any) -> int:
+        start = beats
+        result = real(body, encoding)
+        during.append(beats - start)
+        return result
+
+    monkeypatch.setattr(tokens, "count_chat_prompt", counting)
+
+    async def heartbeat() -> None:
+        nonlocal beats
+        while True:
+            await asyncio.sleep(0)
+            beats += 1
+
+    ticking = asyncio.get_running_loop().create_task(heartbeat())
+    try:
+        prompt = " ".join(f"word{i}" for i in range(400_000))  # ~2.7 MB, hundreds of milliseconds of counting
+        assert len(prompt) > COUNT_ON_LOOP_BYTES
+        await gateway[0].handle(request(prompt))
+        small = await gateway[0].handle(request("hello"))
+    finally:
+        ticking.cancel()
+    assert small.status in (502, 503)  # counted and admitted; the backend is nowhere
+    big, tiny = during
+    assert big > 10  # the loop ran many times while the large prompt was counted
+    assert tiny == 0  # a small prompt is counted in place (no thread hop)
+
+
+async def test_a_consumer_already_over_its_limit_is_refused_before_its_prompt_is_counted(
+    gateway: tuple[Gateway, TokenLimiter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw, limiter = gateway
+    consumer = await gw.s.consumers.authenticate(KEY)
+    for _ in range(10):  # fill the minute
+        (await limiter.admit(consumer, "gpt-4o", 1_000_000)).settle(1_000_000)
+    counted: list[int] = []
+    monkeypatch.setattr(tokens, "count_chat_prompt", lambda body, enc: counted.append(1) or 1)
+    # The window is full: the first refusal is learnt from the ledger...
+    first = await gw.handle(request("x" * 100))
+    assert first.status == 429
+    counted.clear()
+    # ...after which a large prompt is refused from what this instance knows, without counting it.
+    refused = await gw.handle(request("y " * COUNT_ON_LOOP_BYTES))
+    assert refused.status == 429 and orjson.loads(refused.body)["error"]["code"] == "rate_limit_exceeded"
+    assert counted == []
