@@ -27,7 +27,8 @@ PROMPT = 30
 CHOICES = 4
 DEFAULT_CAP = 1_024  # the gateway's reservation per choice when a request asks none
 GENERATED = 8_000  # what the backend generates per choice when nothing caps it: 64 s at 125 tokens/s
-SECONDS_PER_TOKEN = 0.008
+# Every generation runs past a minute: a capped one (1,024 tokens) at 60 ms a token, an uncapped one at 8 ms.
+SECONDS_PER_TOKEN = {True: 0.06, False: 0.008}
 INSTANCES = 4
 STEP_S = 0.5
 SETTLE_EVERY_S = 5.0
@@ -73,7 +74,7 @@ async def run(cap: bool, seconds: float = 400.0) -> tuple[int, int]:
         clock.advance(STEP_S)
         t += STEP_S
         for stream in list(streams):
-            due = min(stream.tokens, int((clock.now() - stream.started) / SECONDS_PER_TOKEN))
+            due = min(stream.tokens, int((clock.now() - stream.started) / SECONDS_PER_TOKEN[cap]))
             if due > stream.delivered:
                 served.append((clock.now(), CHOICES * (due - stream.delivered)))
                 stream.delivered = due
