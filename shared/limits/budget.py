@@ -176,6 +176,9 @@ class BudgetedLimiter:
     def needs_estimate(self, consumer: Consumer, deployment: str) -> bool:
         return self._inner.needs_estimate(consumer, deployment)
 
+    def precheck(self, consumer: Consumer, deployment: str) -> None:
+        self._inner.precheck(consumer, deployment)
+
     async def admit(self, consumer: Consumer, deployment: str, reserve: int) -> Ticket:
         await self.book.check(consumer)
         return await self._inner.admit(consumer, deployment, reserve)
