@@ -13,6 +13,9 @@ COMPLETION_TOKENS = "Completion Tokens"
 TOTAL_TOKENS = "Total Tokens"
 CACHED_TOKENS = "Cached Tokens"
 REASONING_TOKENS = "Reasoning Tokens"
+# Of Total Tokens, those the gateway counted itself because the backend reported none (a stream cut or abandoned, an
+# api-version or server without streamed usage): the rest are the service's own figures.
+COUNTED_TOKENS = "Counted Tokens"
 GATEWAY_REQUESTS = "Gateway Requests"
 THROTTLED_REQUESTS = "Throttled Requests"
 FAILOVERS = "Failovers"

@@ -38,6 +38,7 @@ INSTRUMENTS = {
     names.TOTAL_TOKENS: "gateway.tokens.total",
     names.CACHED_TOKENS: "gateway.tokens.cached",
     names.REASONING_TOKENS: "gateway.tokens.reasoning",
+    names.COUNTED_TOKENS: "gateway.tokens.counted",
     names.GATEWAY_REQUESTS: "gateway.requests",
     names.THROTTLED_REQUESTS: "gateway.requests.throttled",
     names.FAILOVERS: "gateway.failovers",
@@ -209,6 +210,7 @@ TOKEN_FIELDS = (
     (names.TOTAL_TOKENS, 2),
     (names.CACHED_TOKENS, 3),
     (names.REASONING_TOKENS, 4),
+    (names.COUNTED_TOKENS, 5),
 )
 REQUEST_DIMENSIONS = (
     names.SUBSCRIPTION_ID, names.API_ID, names.OPERATION_ID, names.BACKEND_ID, names.LOCATION, names.DEPLOYMENT,
@@ -340,7 +342,8 @@ class OtelTelemetry:
         if usage is not None:
             self.tokens.add(
                 tuple(value(record) for value in self._dimension_values),
-                (usage.prompt, usage.completion, usage.total, usage.cached, usage.reasoning),
+                (usage.prompt, usage.completion, usage.total, usage.cached, usage.reasoning,
+                 0 if usage.reported else usage.total),
             )
             cost = self._prices.cost(record.deployment, record.ptu, usage)
             if cost:
