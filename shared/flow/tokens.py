@@ -140,7 +140,7 @@ _counts: dict[tuple[str, int, int], int] = {}
 # Long texts are encoded in pieces: tiktoken's BPE slows down sharply on long runs without a pre-tokenizer split (one
 # 8 MiB "word" took seconds), and a piece at a time lets other threads (the event loop) take the GIL in between.
 # Pieces end at whitespace where there is some, so the sum matches a whole count to within a token per piece.
-CHUNK_CHARS = 4096
+CHUNK_CHARS = 2048
 
 
 def count_text(text: str, encoding: tiktoken.Encoding) -> int:
