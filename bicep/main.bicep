@@ -45,6 +45,12 @@ type breakerRule = {
 
   @description('Longest time the breaker stays open.')
   max_trip_s: int?
+
+  @description('Read timeouts within interval_s that open the breaker (a rate, so one caller cannot trip it).')
+  timeout_failures: int?
+
+  @description('Distinct consumers those timeouts must come from.')
+  timeout_callers: int?
 }
 
 type backendRegion = {
