@@ -32,7 +32,7 @@ from shared.edge.messages import GatewayRequest
 from shared.flow import tokens
 from shared.flow.credentials import BackendAuth
 from shared.flow.gateway import Gateway, Services
-from shared.flow.upstream import Upstream
+from shared.flow.upstream import AiohttpUpstream
 from shared.flow.usage import SseRelay
 from shared.limits.limiter import TokenLimiter
 from shared.routing.router import Router
@@ -55,7 +55,7 @@ async def build() -> tuple[Gateway, dict[str, str]]:
     settings = Settings(backends=(BACKEND,), max_attempts=1)
     services = Services(
         settings=settings, clock=clock, consumers=ConsumerDirectory(store, clock, 3600.0),
-        router=Router(settings.backends, clock, NullTelemetry()), upstream=Upstream(settings.backends),
+        router=Router(settings.backends, clock, NullTelemetry()), upstream=AiohttpUpstream(settings.backends),
         auth=BackendAuth(settings.backends, clock),
         limiter=TokenLimiter(MemoryLedgerStore(), clock, NullTelemetry()), telemetry=NullTelemetry(),
         usage=UsageRecorder(MemoryUsageStore(), clock, background=False),

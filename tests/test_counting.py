@@ -18,7 +18,7 @@ from shared.edge.messages import GatewayRequest
 from shared.flow import tokens
 from shared.flow.credentials import BackendAuth
 from shared.flow.gateway import COUNT_ON_LOOP_BYTES, Gateway, Services
-from shared.flow.upstream import Upstream
+from shared.flow.upstream import AiohttpUpstream
 from shared.limits.limiter import TokenLimiter
 from shared.routing.router import Router
 from shared.storage.memory import MemoryConsumerStore, MemoryLedgerStore, MemoryUsageStore
@@ -38,7 +38,7 @@ async def gateway() -> AsyncIterator[tuple[Gateway, TokenLimiter]]:
                              limits=Limits(tokens_per_minute=10_000_000)))
     settings = Settings(backends=(BACKEND,), max_attempts=1)
     limiter = TokenLimiter(MemoryLedgerStore(), clock, NullTelemetry(), background=False)
-    upstream = Upstream(settings.backends)
+    upstream = AiohttpUpstream(settings.backends)
     services = Services(
         settings=settings, clock=clock, consumers=ConsumerDirectory(store, clock, 60.0),
         router=Router(settings.backends, clock, NullTelemetry()), upstream=upstream,
@@ -98,7 +98,12 @@ async def test_a_consumer_already_over_its_limit_is_refused_before_its_prompt_is
     for _ in range(10):  # fill the minute
         (await limiter.admit(consumer, "gpt-4o", 1_000_000)).settle(1_000_000)
     counted: list[int] = []
-    monkeypatch.setattr(tokens, "count_chat_prompt", lambda body, enc: counted.append(1) or 1)
+
+    def count(body: Any, encoding: Any) -> int:
+        counted.append(1)
+        return 1
+
+    monkeypatch.setattr(tokens, "count_chat_prompt", count)
     # The window is full: the first refusal is learnt from the ledger...
     first = await gw.handle(request("x" * 100))
     assert first.status == 429
