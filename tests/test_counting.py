@@ -26,6 +26,7 @@ from shared.telemetry.events import NullTelemetry
 from shared.telemetry.usage_rows import UsageRecorder
 
 KEY = "gw-counting-test-key"
+SMALL_KEY = "gw-counting-small-key"
 BACKEND = Backend(id="nowhere", endpoint="http://127.0.0.1:9", region="test", deployments={"gpt-4o": "gpt-4o"},
                   auth="none")
 
@@ -36,6 +37,8 @@ async def gateway() -> AsyncIterator[tuple[Gateway, TokenLimiter]]:
     store = MemoryConsumerStore()
     await store.put(Consumer(id="big", name="big", key_hash=hash_key(KEY), key_prefix=KEY[:9],
                              limits=Limits(tokens_per_minute=10_000_000)))
+    await store.put(Consumer(id="small", name="small", key_hash=hash_key(SMALL_KEY), key_prefix=SMALL_KEY[:9],
+                             limits=Limits(tokens_per_minute=10_000)))
     settings = Settings(backends=(BACKEND,), max_attempts=1)
     limiter = TokenLimiter(MemoryLedgerStore(), clock, NullTelemetry(), background=False)
     upstream = AiohttpUpstream(settings.backends)
@@ -112,3 +115,37 @@ async def test_a_consumer_already_over_its_limit_is_refused_before_its_prompt_is
     refused = await gw.handle(request("y " * COUNT_ON_LOOP_BYTES))
     assert refused.status == 429 and orjson.loads(refused.body)["error"]["code"] == "rate_limit_exceeded"
     assert counted == []
+
+
+async def test_a_prompt_larger_than_the_whole_minute_is_refused_from_its_size_without_counting(
+    gateway: tuple[Gateway, TokenLimiter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw, _ = gateway
+    counted: list[int] = []
+
+    def count(body: Any, encoding: Any) -> int:
+        counted.append(1)
+        return 1
+
+    monkeypatch.setattr(tokens, "count_chat_prompt", count)
+    prompt = "x" * (2 * 1024 * 1024)  # at least 16,384 tokens, whatever it says
+    refused = await gw.handle(GatewayRequest(
+        "POST", "/openai/deployments/gpt-4o/chat/completions", {"api-version": "2024-10-21"},
+        {"api-key": SMALL_KEY, "content-type": "application/json"},
+        orjson.dumps({"messages": [{"role": "user", "content": prompt}], "max_tokens": 10}), "127.0.0.1",
+    ))
+    assert refused.status == 429 and orjson.loads(refused.body)["error"]["code"] == "tokens_exceed_limit"
+    assert counted == []
+
+
+def test_the_lower_bound_never_exceeds_the_count() -> None:
+    import random
+
+    encoding = tokens.get_encoding()
+    rng = random.Random(3)
+    alphabet = "ab é中😀 \n.,:{}0123456789"
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 3_000)))
+        body = {"messages": [{"role": "user", "content": text}]}
+        assert tokens.prompt_lower_bound(body) <= len(encoding.encode(text, disallowed_special=()))
+    assert tokens.prompt_lower_bound({"messages": [{"role": "user", "content": "a" * 128 * 1000}]}) == 1000

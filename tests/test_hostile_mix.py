@@ -17,6 +17,7 @@ import pytest
 from shared.clock import FakeClock
 from shared.edge.consumers import Consumer, Limits
 from shared.edge.errors import GatewayError
+from shared.outcomes import Refusal
 from shared.limits.contract import Ticket
 from shared.limits.limiter import TokenLimiter
 from shared.storage.memory import MemoryLedgerStore
@@ -66,7 +67,7 @@ async def run(cap: bool, seconds: float = 400.0) -> tuple[int, int]:
         for limiter in rng.sample(instances, len(instances)):
             try:
                 ticket = await limiter.admit(c, "gpt-4o", reserve)
-            except GatewayError:
+            except (GatewayError, Refusal):
                 continue
             streams.append(Stream(ticket, clock.now(), per_choice, last_settle=clock.now()))
             served.append((clock.now(), PROMPT))

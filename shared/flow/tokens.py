@@ -78,6 +78,9 @@ def _build(name: str) -> tiktoken.Encoding:
         spec = constructor()
     finally:
         openai_public.load_tiktoken_bpe = original
+    longest = max(map(len, spec["mergeable_ranks"]))
+    if longest > MAX_TOKEN_BYTES:
+        raise EncodingUnavailable(f"{name} has a {longest}-byte token; prompt_lower_bound assumes {MAX_TOKEN_BYTES}")
     encoding = tiktoken.Encoding(
         name=spec["name"],
         pat_str=spec["pat_str"],
@@ -186,6 +189,33 @@ def count_off_loop(count: Callable[[], int]) -> int:
         return count()
     finally:
         _off_loop.active = False
+
+
+# The longest token of o200k_base and cl100k_base is 128 bytes (checked when an encoding is built), and a character is
+# at least one byte: a text of n characters is at least n / 128 tokens, whatever it holds. A bound that costs nothing
+# but len(), used to refuse a request too large for its consumer's whole minute before counting it.
+MAX_TOKEN_BYTES = 128
+
+
+def prompt_lower_bound(body: Mapping[str, Any]) -> int:
+    """At least this many prompt tokens: the characters of the messages' text (or the prompt, or the input) / 128."""
+    chars = 0
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                    chars += len(part["text"])
+    for key in ("prompt", "input"):
+        value = body.get(key)
+        if isinstance(value, str):
+            chars += len(value)
+        elif isinstance(value, list):
+            chars += sum(len(v) for v in value if isinstance(v, str))
+    return chars // MAX_TOKEN_BYTES
 
 
 def preload(models: Iterable[str] = ()) -> None:

@@ -176,8 +176,8 @@ class BudgetedLimiter:
     def needs_estimate(self, consumer: Consumer, deployment: str) -> bool:
         return self._inner.needs_estimate(consumer, deployment)
 
-    def precheck(self, consumer: Consumer, deployment: str) -> None:
-        self._inner.precheck(consumer, deployment)
+    def precheck(self, consumer: Consumer, deployment: str, at_least: int = 0) -> None:
+        self._inner.precheck(consumer, deployment, at_least)
 
     async def admit(self, consumer: Consumer, deployment: str, reserve: int) -> Ticket:
         await self.book.check(consumer)

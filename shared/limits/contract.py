@@ -26,9 +26,10 @@ class Ticket(Protocol):
 class Limiter(Protocol):
     def needs_estimate(self, consumer: Consumer, deployment: str) -> bool: ...
 
-    def precheck(self, consumer: Consumer, deployment: str) -> None:
+    def precheck(self, consumer: Consumer, deployment: str, at_least: int = 0) -> None:
         """Raise the refusal this instance already knows the consumer would get (its window is full, its quota used
-        up), so that a request is refused before any expensive work; no I/O."""
+        up, or the request needs at least `at_least` tokens, more than its whole minute), so that a request is refused
+        before any expensive work; no I/O."""
         ...
 
     async def admit(self, consumer: Consumer, deployment: str, reserve: int) -> Ticket:
@@ -54,7 +55,7 @@ class NoLimits:
     def needs_estimate(self, consumer: Consumer, deployment: str) -> bool:
         return False
 
-    def precheck(self, consumer: Consumer, deployment: str) -> None:
+    def precheck(self, consumer: Consumer, deployment: str, at_least: int = 0) -> None:
         pass
 
     async def admit(self, consumer: Consumer, deployment: str, reserve: int) -> Ticket:

@@ -187,11 +187,14 @@ class TokenLimiter:
     def needs_estimate(self, consumer: Consumer, deployment: str) -> bool:
         return is_limited(consumer, deployment)
 
-    def precheck(self, consumer: Consumer, deployment: str) -> None:
+    def precheck(self, consumer: Consumer, deployment: str, at_least: int = 0) -> None:
+        scopes = scopes_for(consumer, deployment)
+        for limit in scopes.limits.values():
+            if 0 < limit < at_least:
+                raise refusals.too_large(at_least, limit)
         budget = self._budgets.get(consumer.id)
         if budget is None:
             return
-        scopes = scopes_for(consumer, deployment)
         now = self._clock.now()
         blocked = budget.blocks.refusal(scopes, now)
         if blocked is not None and not budget.fallback.active(now):
