@@ -17,7 +17,8 @@ from shared.edge.consumers import Consumer, ConsumerDirectory, Limits, hash_key
 from shared.edge.messages import GatewayRequest
 from shared.flow import tokens
 from shared.flow.credentials import BackendAuth
-from shared.flow.gateway import COUNT_ON_LOOP_BYTES, Gateway, Services
+from shared.flow.gateway import Gateway, Services
+from shared.flow.offload import ON_LOOP_BYTES as COUNT_ON_LOOP_BYTES
 from shared.flow.upstream import AiohttpUpstream
 from shared.limits.limiter import TokenLimiter
 from shared.routing.router import Router

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from functools import partial
+
 from shared.config import Settings
+from shared.edge.consumers import Consumer
 from shared.edge.messages import GatewayRequest
+from shared.flow import offload, tokens
 from shared.flow.exchange import Checked, Exchange, count_prompt
-from shared.flow.translate import Operation
+from shared.flow.translate import CallShape, Operation
 from shared.limits.contract import Limiter
 from shared.telemetry.events import Trace
 
@@ -13,6 +18,7 @@ from shared.telemetry.events import Trace
 class Admission:
     def __init__(self, settings: Settings, limiter: Limiter) -> None:
         self._default_max_tokens = settings.default_max_tokens
+        self._output_cap = settings.output_cap
         self._user_id_header = settings.user_id_header
         self._limiter = limiter
 
@@ -26,7 +32,10 @@ class Admission:
         prompt_estimate: int | None = None
         reserve = 0
         if self._limiter.needs_estimate(checked.consumer, deployment):
-            prompt_estimate = count_prompt(checked)
+            prompt_estimate = await self._estimate(request, checked)
+            capped = self._capped(checked.route.operation, checked.consumer, checked.shape, prompt_estimate)
+            if capped is not checked.shape:
+                checked = replace(checked, shape=capped)
             # Every choice the backend generates (n, best_of) may run to the cap, and is billed.
             completion = 0 if checked.route.operation is Operation.EMBEDDINGS else checked.shape.choices * (
                 checked.shape.max_tokens or self._default_max_tokens
@@ -43,3 +52,33 @@ class Admission:
             reserve=reserve,
             prompt_estimate=prompt_estimate,
         )
+
+    async def _estimate(self, request: GatewayRequest, checked: Checked) -> int:
+        """The prompt's tokens for admission. Counting costs about a second per 4 MiB of text: a large body is first
+        checked against what this instance already knows and against a free lower bound of its size (a consumer over
+        its limit, or a prompt larger than its whole minute, is refused before anything is counted), then counted in
+        the one worker thread, off the event loop, so other requests keep moving."""
+        if len(request.body) <= offload.ON_LOOP_BYTES:
+            return count_prompt(checked)
+        self._limiter.precheck(checked.consumer, checked.shape.deployment, tokens.prompt_lower_bound(checked.body))
+        return await offload.count(partial(count_prompt, checked))
+
+    def _capped(self, operation: Operation, consumer: Consumer, shape: CallShape, prompt: int) -> CallShape:
+        """With the output cap on (for the consumer, or by default), a request that asks no cap, or more than the
+        consumer may have in a minute, is sent with one the gateway sets: then no request can outrun its
+        reservation (the trade-off: such a request is answered shorter, finish_reason "length", instead of refused
+        or let run)."""
+        enabled = consumer.limits.output_cap
+        if enabled is None:
+            enabled = self._output_cap
+        if not enabled or operation not in (Operation.CHAT, Operation.COMPLETIONS):
+            return shape
+        limits = [consumer.limits.tokens_per_minute, consumer.limits.deployment_tokens_per_minute.get(shape.deployment, 0)]
+        minute = min((limit for limit in limits if limit > 0), default=0)
+        most = (minute - prompt) // shape.choices if minute > 0 else None
+        cap = shape.max_tokens or self._default_max_tokens
+        if most is not None and cap > most >= 1:
+            cap = most
+        if cap == shape.max_tokens:
+            return shape
+        return replace(shape, max_tokens=cap, capped=True)

@@ -9,6 +9,7 @@ A new kind is a new class here and a name in config.ApiStyle; nothing else branc
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 from urllib.parse import quote
 
@@ -16,6 +17,8 @@ from shared.config import Backend
 from shared.flow.usage import TokenUsage, usage_from_body
 
 DEFAULT_API_VERSION = "2024-10-21"
+STREAM_USAGE_SINCE = "2024-09-01"
+_DATED_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}")
 
 
 class BackendApi(Protocol):
@@ -38,6 +41,14 @@ class BackendApi(Protocol):
 
     def usage(self, raw: bytes) -> tuple[TokenUsage | None, str | None]:
         """The usage and model of a whole answer."""
+        ...
+
+    def accepts_stream_options(self, backend: Backend, api_version: str | None) -> bool:
+        """Whether `stream_options` (and so the usage of a stream) may be asked of this backend."""
+        ...
+
+    def output_cap_field(self, backend: Backend, api_version: str | None) -> str:
+        """The field an output cap the gateway sets goes in, when the client named none."""
         ...
 
 
@@ -65,6 +76,17 @@ class AzureOpenAI:
     def usage(self, raw: bytes) -> tuple[TokenUsage | None, str | None]:
         return usage_from_body(raw)
 
+    def accepts_stream_options(self, backend: Backend, api_version: str | None) -> bool:
+        # Api-versions before 2024-09-01 refuse the field (400 "Unrecognized request argument supplied").
+        version = api_version or backend.api_version or DEFAULT_API_VERSION
+        if not _DATED_VERSION.match(version):
+            return True  # "preview", "v1", "latest": the current API
+        return version[:10] >= STREAM_USAGE_SINCE
+
+    def output_cap_field(self, backend: Backend, api_version: str | None) -> str:
+        # Reasoning models accept only max_completion_tokens, which came with the same api-versions.
+        return "max_completion_tokens" if self.accepts_stream_options(backend, api_version) else "max_tokens"
+
 
 class OpenAICompatible:
     model_in_body = True
@@ -80,6 +102,12 @@ class OpenAICompatible:
 
     def usage(self, raw: bytes) -> tuple[TokenUsage | None, str | None]:
         return usage_from_body(raw)
+
+    def accepts_stream_options(self, backend: Backend, api_version: str | None) -> bool:
+        return True
+
+    def output_cap_field(self, backend: Backend, api_version: str | None) -> str:
+        return "max_tokens"  # what every OpenAI-compatible server reads
 
 
 APIS: dict[str, BackendApi] = {"azure": AzureOpenAI(), "openai": OpenAICompatible()}

@@ -67,7 +67,10 @@ class Books:
         """No backend answered: only the attempts whose body broke off were billed by their backends. (The request
         itself is counted by `refused` when its refusal is rendered.)"""
         lost = self._lost(exchange)
-        exchange.ticket.settle(lost.total if lost is not None else 0)
+        spent = lost.total if lost is not None else 0
+        # A request that timed out may still be generating (and billed) up to its cap: what it was charged for (its
+        # reservation) is not refunded.
+        exchange.ticket.settle(max(exchange.reserve, spent) if exchange.timeouts else spent)
         if lost is not None:
             self._usage.record(exchange.consumer.id, exchange.deployment, lost)
         self._emit_lost(exchange)
@@ -103,7 +106,7 @@ class Books:
             self._telemetry.tokens_spent(self._lost_record(exchange, attempt))
 
     def _lost_record(self, exchange: Exchange, attempt: LostAttempt) -> RequestRecord:
-        record = self._record(exchange, attempt.backend, 502, attempt.usage, None, attempt.number)
+        record = self._record(exchange, attempt.backend, attempt.status, attempt.usage, None, attempt.number)
         record.duration_ms = attempt.duration_ms
         return record
 

@@ -59,12 +59,14 @@ class Checked:
 
 @dataclass(frozen=True, slots=True)
 class LostAttempt:
-    """An attempt whose body broke off before failover: its backend billed the prompt it read."""
+    """An attempt that got no whole answer after its backend read the request (its body broke off, or it ran past the
+    read timeout): its backend billed the prompt it read."""
 
     backend: Backend
     usage: TokenUsage
     number: int
     duration_ms: float
+    status: int = 502  # 504 for an attempt that ran past the read timeout
 
 
 @dataclass(slots=True)
@@ -81,6 +83,7 @@ class Exchange:
     prompt_estimate: int | None = None
     lost: list[LostAttempt] = field(default_factory=list)
     asked: dict[str, float] = field(default_factory=dict)  # backend id -> when it said (Retry-After) it would serve
+    timeouts: int = 0  # attempts that ran past the read timeout
 
     @property
     def route(self) -> Route:

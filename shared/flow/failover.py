@@ -37,6 +37,7 @@ class Failover:
         telemetry: Telemetry, pinning: Pinning,
     ) -> None:
         self._max_attempts = settings.max_attempts
+        self._timeout_replays = settings.timeout_replays
         self._clock = clock
         self._router = router
         self._upstream = upstream
@@ -62,6 +63,8 @@ class Failover:
             backend = next(acquired, None)  # claimed only when it is about to be tried
             if backend is None:
                 break
+            if exchange.timeouts > self._timeout_replays:
+                break  # each replay of a request that outruns the timeout may be billed again, and time out again
             if previous is not None:
                 self._telemetry.failover(previous.id, backend.id, failures[-1].reason)
             try:
@@ -90,14 +93,22 @@ class Failover:
         deployment = exchange.deployment
         checked = exchange.checked
         url = backend_url(backend, checked.route, deployment, checked.api_version)
-        body = backend_body(exchange.request.body, checked.body, backend, deployment, checked.shape)
+        body = backend_body(exchange.request.body, checked.body, backend, deployment, checked.shape, checked.api_version)
         send_headers = {**headers, **(await self._auth.headers(backend))}
         span = exchange.trace.attempt(backend.id, backend.region, url.split("?", 1)[0], number)
         try:
             answer = await self._upstream.send(backend, url, send_headers, body)
         except UpstreamError as exc:
             span.end(None, exc.kind.value)
-            router.record_error(backend, deployment, exc.kind)
+            if exc.kind is FailureKind.TIMEOUT:
+                # The backend read the request and may still be generating (and billing) it: the prompt is charged,
+                # and the breaker counts it only as one of a rate across callers.
+                router.record_timeout(backend, deployment, exchange.consumer.id)
+                exchange.timeouts += 1
+                duration_ms = (self._clock.monotonic() - exchange.started) * 1000
+                exchange.lost.append(LostAttempt(backend, exchange.prompt_only(), number, duration_ms, 504))
+            else:
+                router.record_error(backend, deployment, exc.kind)
             raise _Failed(AttemptFailure(exc.kind)) from None
         span.end(answer.status)
         if answer.status in (401, 403):

@@ -43,7 +43,7 @@ class Gateway:
             services.settings, services.clock, services.router, services.upstream, services.auth, services.telemetry,
             self.pinning,
         )
-        self.relay = Relay(services.clock, self.books, self.pinning)
+        self.relay = Relay(services.clock, self.books, self.pinning, services.settings)
         # Imported here: the follow-up flow is built on the exchange's services.
         from shared.flow.followups import FollowUps
 
@@ -66,7 +66,7 @@ class Gateway:
                 return self._models(consumer)
             if route.operation in FOLLOW_UPS:
                 return await self._follow_ups.handle(request, route, consumer, started, trace)
-            parsed = self.checks.parse(request, route)
+            parsed = await self.checks.parse(request, route)
             deployment = parsed.shape.deployment
             checked = await self.checks.allow(parsed, consumer)
             exchange = await self.admission.admit(request, checked, started, trace, caller.user_id)

@@ -1,18 +1,20 @@
 """Relay: the chosen backend's answer to the client, whole or as a stream, and what it cost to the books.
 
-A stream is relayed chunk by chunk as the backend produces it; whatever ends it (its end, a break, the client leaving
-and the relay being cancelled) it is settled once, in `finally`, with the usage the backend reported or, failing that,
-the prompt and the completion tokens that reached the client.
+A stream is relayed chunk by chunk as the backend produces it, and charged as it goes (every GATEWAY_STREAM_SETTLE_S);
+whatever ends it (its end, a break, the client leaving and the relay being cancelled) it is settled once, in
+`finally`, with the usage the backend reported (read on for a short while when the client left) or, failing that, the
+prompt and the completion tokens the backend sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import orjson
 
 from shared.clock import Clock
-from shared.config import Backend
+from shared.config import Backend, Settings
 from shared.edge.errors import error_body, render
 from shared.edge.messages import GatewayResponse
 from shared.flow import responses, tokens
@@ -30,10 +32,12 @@ SSE = "text/event-stream"
 
 
 class Relay:
-    def __init__(self, clock: Clock, books: Books, pinning: Pinning) -> None:
+    def __init__(self, clock: Clock, books: Books, pinning: Pinning, settings: Settings) -> None:
         self._clock = clock
         self._books = books
         self._pinning = pinning
+        self._settle_every = settings.stream_settle_s
+        self._drain_s = settings.abandoned_drain_s
 
     async def answer(self, exchange: Exchange, chosen: Chosen) -> GatewayResponse:
         if exchange.shape.stream and chosen.answer.status == 200:
@@ -89,16 +93,27 @@ class Relay:
     async def _events(self, exchange: Exchange, chosen: Chosen) -> AsyncIterator[bytes]:
         upstream: Answer = chosen.answer
         relay: SseRelay | responses.ResponsesRelay
+        encoding = tokens.encoding_for(exchange.deployment)
         relay = (
             responses.ResponsesRelay() if exchange.route.operation is Operation.RESPONSES
-            else SseRelay(forward_usage_chunk=exchange.shape.client_wants_usage)
+            else SseRelay(
+                forward_usage_chunk=exchange.shape.client_wants_usage, encoding=encoding,
+                prompt_tokens=exchange.prompt_tokens,
+            )
         )
         first_at: float | None = None
         clean = False
+        abandoned = False
         context_recorded = False
+        # A limited consumer's stream is charged as it goes: what it delivered so far, every few seconds.
+        next_settle = self._clock.monotonic() + self._settle_every if exchange.prompt_estimate is not None else None
         try:
             while chunk := await upstream.next_chunk():
                 out = relay.feed(chunk)
+                if next_settle is not None and self._clock.monotonic() >= next_settle:
+                    delivered = relay.delivered_completion_tokens(encoding)
+                    exchange.ticket.progress(exchange.prompt_tokens() + delivered)
+                    next_settle = self._clock.monotonic() + self._settle_every
                 if out:
                     if first_at is None:
                         first_at = self._clock.monotonic()
@@ -121,7 +136,13 @@ class Relay:
                 yield _stream_error("The backend ended the stream early.", relay)
         except UpstreamBroken:
             yield _stream_error("The backend's stream broke off.", relay)
+        except (asyncio.CancelledError, GeneratorExit):
+            abandoned = True  # the client left
+            raise
         finally:
+            if abandoned and relay.usage is None and not relay.done:
+                # What the backend reports is the true cost (hidden reasoning included): wait a little for it.
+                clean = await self._drain(upstream, relay)
             if clean:
                 upstream.release()
             else:
@@ -134,6 +155,19 @@ class Relay:
                 usage = TokenUsage(prompt, completion, prompt + completion, reported=False)
             ttft = None if first_at is None else (first_at - exchange.started) * 1000
             self._books.settle(exchange, Served(chosen.backend, 200, usage, relay.model, chosen.attempts, ttft))
+
+    async def _drain(self, upstream: Answer, relay: SseRelay | responses.ResponsesRelay) -> bool:
+        """Read the rest of an abandoned stream, unseen, for at most GATEWAY_ABANDONED_STREAM_DRAIN_S, so that its
+        usage chunk (the backend's own figure) can be charged; True if the stream ended within it."""
+        if self._drain_s <= 0:
+            return False
+        try:
+            async with asyncio.timeout(self._drain_s):
+                while not relay.done and (chunk := await upstream.next_chunk()):
+                    relay.feed(chunk)
+                return relay.done
+        except (TimeoutError, UpstreamBroken):
+            return False
 
     async def _remember_streamed(self, exchange: Exchange, backend: Backend, relay: responses.ResponsesRelay) -> None:
         if relay.created is not None:

@@ -263,30 +263,20 @@ def backend_url(backend: Backend, route: Route, deployment: str, api_version: st
     return api.url(backend, route.operation.path, deployment, api_version)
 
 
-# Azure OpenAI api-versions before this one refuse `stream_options` (400 "Unrecognized request argument supplied").
-STREAM_USAGE_SINCE = "2024-09-01"
-_DATED_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}")
-
-
 def streams_report_usage(backend: Backend, api_version: str | None) -> bool:
     """Whether the backend accepts `stream_options` (and so can be asked for the usage of a stream)."""
-    if backend.api == "openai":
-        return True
-    version = api_version or backend.api_version or DEFAULT_API_VERSION
-    if not _DATED_VERSION.match(version):
-        return True  # "preview", "v1", "latest": the current API
-    return version[:10] >= STREAM_USAGE_SINCE
+    return api_of(backend).accepts_stream_options(backend, api_version)
 
 
 def _cap_field(body: Mapping[str, Any], backend: Backend, api_version: str | None) -> str:
-    """Where the output cap goes: the field the client used; else `max_completion_tokens` where the api-version has it
-    (reasoning models accept nothing else), `max_tokens` before it and on OpenAI-compatible servers."""
+    """Where the output cap goes: the field the client used; else the backend API's own choice (legacy completions
+    know only max_tokens)."""
     for name in ("max_completion_tokens", "max_tokens"):
         if name in body:
             return name
-    if backend.api == "openai" or "prompt" in body:  # legacy completions know only max_tokens
+    if "prompt" in body:
         return "max_tokens"
-    return "max_completion_tokens" if streams_report_usage(backend, api_version) else "max_tokens"
+    return api_of(backend).output_cap_field(backend, api_version)
 
 
 def backend_body(
