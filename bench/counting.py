@@ -184,9 +184,13 @@ The real Gateway in-process on in-memory stores, the backend unreachable: the re
 | relay memory for an n=128 stream of {r['stream_mb']} MB | {r['held_peak_kb']} KiB at most | bounded by the current event (+ 64 KiB not yet counted) |
 
 Large bodies (over 64 KiB) are parsed and counted in one worker thread, the prompt in 2,048-character pieces that hand
-the GIL back to the event loop after each; a consumer already refused by this instance is refused before its prompt is
-counted. What remains on the loop is one C call at a time (orjson parsing the body holds the GIL throughout).
-Counting itself still costs about a second of CPU per 4 MiB of text.
+the GIL back to the event loop after each; a consumer already refused by this instance, or a prompt whose free lower
+bound (its characters / 128, the longest token's bytes) exceeds the consumer's whole minute, is refused before it is
+counted. What remains on the loop is one C call at a time: orjson parsing a body, or `str.count` over it, holds the
+GIL throughout (the worst stall beside the 20 above). Counting itself still costs about a second of CPU per 4 MiB of
+text. Before these changes the issue measured 31 s of blocked loop for 20 x 4 MiB prompts and ~3 s for one 8 MiB
+word; with the body still parsed on the loop, an earlier run of this bench stalled 406 ms (the 20 bodies parsed back
+to back in one loop iteration), which is why large bodies are parsed off the loop too.
 """)
 
 
