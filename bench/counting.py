@@ -28,6 +28,8 @@ from bench.harness import machine, save, stamp, update_doc
 from shared.clock import SystemClock
 from shared.config import Backend, Settings
 from shared.edge.consumers import Consumer, ConsumerDirectory, Limits, hash_key
+from shared.edge.entra import build_validator
+from shared.edge.identity import Identifier
 from shared.edge.messages import GatewayRequest
 from shared.flow import tokens
 from shared.flow.credentials import BackendAuth
@@ -53,8 +55,10 @@ async def build() -> tuple[Gateway, dict[str, str]]:
         await store.put(Consumer(id=name, name=name, key_hash=hash_key(key), key_prefix=key[:9],
                                  limits=Limits(tokens_per_minute=1_000_000_000)))
     settings = Settings(backends=(BACKEND,), max_attempts=1)
+    directory = ConsumerDirectory(store, clock, 3600.0)
     services = Services(
-        settings=settings, clock=clock, consumers=ConsumerDirectory(store, clock, 3600.0),
+        settings=settings, clock=clock, consumers=directory,
+        identity=Identifier(directory, NullTelemetry(), build_validator(settings.entra, clock), settings.accept_keys),
         router=Router(settings.backends, clock, NullTelemetry()), upstream=AiohttpUpstream(settings.backends),
         auth=BackendAuth(settings.backends, clock),
         limiter=TokenLimiter(MemoryLedgerStore(), clock, NullTelemetry()), telemetry=NullTelemetry(),

@@ -14,6 +14,8 @@ import pytest_asyncio
 from shared.clock import SystemClock
 from shared.config import Backend, Settings
 from shared.edge.consumers import Consumer, ConsumerDirectory, Limits, hash_key
+from shared.edge.entra import build_validator
+from shared.edge.identity import Identifier
 from shared.edge.messages import GatewayRequest
 from shared.flow import tokens
 from shared.flow.credentials import BackendAuth
@@ -43,8 +45,11 @@ async def gateway() -> AsyncIterator[tuple[Gateway, TokenLimiter]]:
     settings = Settings(backends=(BACKEND,), max_attempts=1)
     limiter = TokenLimiter(MemoryLedgerStore(), clock, NullTelemetry(), background=False)
     upstream = AiohttpUpstream(settings.backends)
+    directory = ConsumerDirectory(store, clock, 60.0)
+    telemetry = NullTelemetry()
     services = Services(
-        settings=settings, clock=clock, consumers=ConsumerDirectory(store, clock, 60.0),
+        settings=settings, clock=clock, consumers=directory,
+        identity=Identifier(directory, telemetry, build_validator(settings.entra, clock), settings.accept_keys),
         router=Router(settings.backends, clock, NullTelemetry()), upstream=upstream,
         auth=BackendAuth(settings.backends, clock), limiter=limiter, telemetry=NullTelemetry(),
         usage=UsageRecorder(MemoryUsageStore(), clock, background=False),

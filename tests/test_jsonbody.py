@@ -69,7 +69,8 @@ def test_colons_in_text_and_the_same_key_in_different_objects_are_fine(raw: byte
 
 keys = st.text(alphabet=st.sampled_from('ab:"\\\u00e9'), min_size=0, max_size=3)
 values = st.recursive(
-    st.none() | st.integers() | st.text(alphabet=st.sampled_from('ab:"\\ \u00e9'), max_size=6),
+    # Integers within 64 bits: beyond them orjson reads a float where json reads an int (not what is tested here).
+    st.none() | st.integers(-(2**63), 2**63 - 1) | st.text(alphabet=st.sampled_from('ab:"\\ \u00e9'), max_size=6),
     lambda inner: st.lists(inner, max_size=3) | st.lists(st.tuples(keys, inner), max_size=4),
     max_leaves=12,
 )
