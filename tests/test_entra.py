@@ -23,8 +23,8 @@ from shared.edge.entra import (
     mapping_key,
 )
 from shared.edge.errors import render
-from shared.outcomes import InvalidToken
 from shared.edge.identity import Identifier
+from shared.outcomes import InvalidToken
 from shared.telemetry.events import NullTelemetry
 from tools.entra import (
     AUDIENCE,
