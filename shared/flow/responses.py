@@ -289,14 +289,8 @@ def _event_type(event: bytes) -> bytes | None:
     for line in event.split(b"\n"):
         if line.startswith(b"event:"):
             return line[6:].strip()
-    data = _event_data(event)
-    if data is None:
-        return None
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    kind = obj.get("type") if isinstance(obj, dict) else None
+    obj = _event_object(event)
+    kind = obj.get("type") if obj is not None else None
     return kind.encode() if isinstance(kind, str) else None
 
 
