@@ -212,6 +212,29 @@ def test_a_cut_stream_counts_what_was_delivered() -> None:
     assert relay.delivered_completion_tokens(ENC) == count_text("".join(f" w{i}" for i in range(9)), ENC)
 
 
+def test_relay_memory_stays_bounded_however_long_the_stream() -> None:
+    """Deltas are counted and let go past PENDING_LIMIT_BYTES: a long Responses stream holds no more than that plus
+    the current event, and what it delivered is still counted whole."""
+    import tracemalloc
+
+    from shared.flow.sse import PENDING_LIMIT_BYTES
+
+    delta = b"event: response.output_text.delta\ndata: " + orjson.dumps(
+        {"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0, "content_index": 0,
+         "delta": " word"}) + b"\n\n"
+    piece = delta * 50
+    relay = ResponsesRelay(ENC)
+    tracemalloc.start()
+    try:
+        for _ in range(200):  # ~1.5 MB of delta events
+            relay.feed(piece)
+        current, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert current < 4 * PENDING_LIMIT_BYTES + len(piece)
+    assert relay.delivered_completion_tokens() == 10_000
+
+
 def test_events_without_event_lines_and_with_crlf() -> None:
     raw, _ = recorded_stream(3)
     data_only = b"".join(line + b"\n" for line in raw.split(b"\n") if not line.startswith(b"event:")).replace(b"\n\n\n", b"\n\n")

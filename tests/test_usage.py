@@ -89,7 +89,7 @@ def event(delta: dict[str, object], **extra: object) -> bytes:
 def test_relay_memory_stays_bounded_however_long_the_stream() -> None:
     import tracemalloc
 
-    from shared.flow.usage import PENDING_LIMIT_BYTES
+    from shared.flow.sse import PENDING_LIMIT_BYTES
 
     encoding = get_encoding("o200k_base")
     piece = event({"content": " word"}) * 50

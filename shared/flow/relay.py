@@ -95,7 +95,7 @@ class Relay:
         relay: SseRelay | responses.ResponsesRelay
         encoding = tokens.encoding_for(exchange.deployment)
         relay = (
-            responses.ResponsesRelay() if exchange.route.operation is Operation.RESPONSES
+            responses.ResponsesRelay(encoding) if exchange.route.operation is Operation.RESPONSES
             else SseRelay(
                 forward_usage_chunk=exchange.shape.client_wants_usage, encoding=encoding,
                 prompt_tokens=exchange.prompt_tokens,

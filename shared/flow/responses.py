@@ -17,6 +17,7 @@ import tiktoken
 
 from shared.config import Backend
 from shared.edge.errors import bad_request
+from shared.flow import sse
 from shared.flow.backend_api import api_of
 from shared.flow.tokens import (
     IMAGE_HIGH_DEFAULT,
@@ -25,6 +26,7 @@ from shared.flow.tokens import (
     TOKENS_PER_MESSAGE,
     count_text,
     count_tools,
+    get_encoding,
 )
 from shared.flow.usage import TokenUsage, usage_from_object
 
@@ -270,39 +272,14 @@ def context_tokens(usage: TokenUsage | None) -> int:
     return 0 if usage is None else usage.prompt + usage.completion
 
 
-def _split_events(buffer: bytes) -> tuple[list[bytes], bytes]:
-    events: list[bytes] = []
-    start = 0
-    while (end := buffer.find(b"\n\n", start)) >= 0:
-        events.append(buffer[start : end + 2])
-        start = end + 2
-    return events, buffer[start:]
-
-
-def _event_data(event: bytes) -> bytes | None:
-    data = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
-    return b"\n".join(data) if data else None
-
-
 def _event_type(event: bytes) -> bytes | None:
     """The event's type from its `event:` line (Azure and OpenAI send one), else from the data's `type`."""
     for line in event.split(b"\n"):
         if line.startswith(b"event:"):
             return line[6:].strip()
-    obj = _event_object(event)
+    obj = sse.event_object(event)
     kind = obj.get("type") if obj is not None else None
     return kind.encode() if isinstance(kind, str) else None
-
-
-def _event_object(event: bytes) -> dict[str, Any] | None:
-    data = _event_data(event)
-    if data is None:
-        return None
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 class ResponsesRelay:
@@ -310,13 +287,17 @@ class ResponsesRelay:
 
     Only `response.created` (the id, to record where the response is stored) and the terminal event (usage) are parsed;
     delta events are kept as bytes so that, if the stream breaks before its end, the output that did reach the client
-    can be counted. The stream has no `[DONE]`: it ends with `response.completed`, `response.incomplete` or
+    can be counted; past sse.PENDING_LIMIT_BYTES they are counted and let go, so a stream's memory stays bounded by that
+    plus the current event however long it runs. The stream has no `[DONE]`: it ends with `response.completed`, `response.incomplete` or
     `response.failed`.
     """
 
-    def __init__(self) -> None:
-        self._rest = b""
+    def __init__(self, encoding: tiktoken.Encoding | None = None) -> None:
+        self._encoding = encoding
+        self._framer = sse.Framer()
         self._deltas: list[bytes] = []
+        self._deltas_bytes = 0
+        self._counted = 0
         self.usage: TokenUsage | None = None
         self.model: str | None = None
         self.created: Created | None = None
@@ -327,14 +308,14 @@ class ResponsesRelay:
 
     def feed(self, data: bytes) -> bytes:
         """Bytes to send on to the client for this piece of the backend's stream (whole events only)."""
-        buffer = self._rest + data if self._rest else data
-        if b"\r\n" in buffer:
-            buffer = buffer.replace(b"\r\n", b"\n")
-        events, self._rest = _split_events(buffer)
+        events = self._framer.feed(data)
         for event in events:
             kind = _event_type(event)
             if kind in _DELTA_EVENTS:
                 self._deltas.append(event)
+                self._deltas_bytes += len(event)
+                if self._deltas_bytes > sse.PENDING_LIMIT_BYTES:
+                    self._count_deltas()
             elif kind == b"response.created":
                 self._take_created(event)
             elif kind in TERMINAL_EVENTS:
@@ -344,11 +325,10 @@ class ResponsesRelay:
 
     def flush(self) -> bytes:
         """Whatever incomplete event is left when the backend closes the stream."""
-        rest, self._rest = self._rest, b""
-        return rest
+        return self._framer.flush()
 
     def _take_created(self, event: bytes) -> None:
-        obj = _event_object(event)
+        obj = sse.event_object(event)
         created = created_from_object(obj.get("response")) if obj is not None else None
         if created is not None:
             self.created = created
@@ -356,7 +336,7 @@ class ResponsesRelay:
             self.model = self.model or created.model
 
     def _take_terminal(self, event: bytes) -> None:
-        obj = _event_object(event)
+        obj = sse.event_object(event)
         response = obj.get("response") if obj is not None else None
         if not isinstance(response, Mapping):
             return
@@ -368,14 +348,25 @@ class ResponsesRelay:
         if isinstance(model, str) and model:
             self.model = model
 
-    def delivered_completion_tokens(self, encoding: tiktoken.Encoding) -> int:
+    def delivered_completion_tokens(self, encoding: tiktoken.Encoding | None = None) -> int:
         """Count the output (text, refusals, tool-call arguments, reasoning text) forwarded so far."""
+        if encoding is not None and self._encoding is None:
+            self._encoding = encoding
+        self._count_deltas()
+        return self._counted
+
+    def _count_deltas(self) -> None:
+        # The deltas of one batch are counted as one text: a word split across two deltas is one token, as the backend
+        # counted it (batches end only every PENDING_LIMIT_BYTES, so a boundary costs at most a token per 64 KiB).
+        deltas, self._deltas, self._deltas_bytes = self._deltas, [], 0
         pieces: list[str] = []
-        for event in self._deltas:
-            obj = _event_object(event)
+        for event in deltas:
+            obj = sse.event_object(event)
             if obj is not None and isinstance(obj.get("delta"), str):
                 pieces.append(obj["delta"])
-        return count_text("".join(pieces), encoding) if pieces else 0
+        if pieces:
+            self._encoding = self._encoding or get_encoding()
+            self._counted += count_text("".join(pieces), self._encoding)
 
     def interrupted(self, message: str) -> bytes:
         """The event that tells the client the stream ended early. Typed as a Responses `error` event, and with an

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import tiktoken
 
+from shared.flow import sse
 from shared.flow.tokens import count_text, get_encoding
 
 
@@ -82,28 +83,6 @@ def usage_from_body(raw: bytes) -> tuple[TokenUsage | None, str | None]:
     return usage_from_object(obj), model if isinstance(model, str) else None
 
 
-def _split_events(buffer: bytes) -> tuple[list[bytes], bytes]:
-    """Complete SSE events (each with its terminating blank line) and the incomplete rest."""
-    events: list[bytes] = []
-    start = 0
-    while True:
-        end = buffer.find(b"\n\n", start)
-        if end < 0:
-            break
-        events.append(buffer[start : end + 2])
-        start = end + 2
-    return events, buffer[start:]
-
-
-def _event_data(event: bytes) -> bytes | None:
-    data = [line[5:].lstrip(b" ") for line in event.replace(b"\r\n", b"\n").split(b"\n") if line.startswith(b"data:")]
-    return b"\n".join(data) if data else None
-
-
-# Events not yet counted are kept up to this size, then counted and dropped: a stream's memory stays bounded by this
-# plus the current event however long it runs (n=128 kept every event: ~220 MB for one request), and a stream shorter
-# than this whose backend reports usage is never parsed at all.
-PENDING_LIMIT_BYTES = 64 * 1024
 # Output audio is billed by duration; as for input audio, no common encoding carries a token's worth (0.1 s) in fewer
 # than about 100 bytes.
 AUDIO_BYTES_PER_TOKEN = 100
@@ -116,7 +95,7 @@ class SseRelay:
     see the extra chunk. A client that asked for it gets one even when the backend sends none (older api-versions,
     some OpenAI-compatible servers): computed by the gateway, and marked so in the books (`reported=False`).
     What was delivered is counted as it goes (content, refusals, reasoning, tool-call names and arguments, audio), so
-    a stream can be charged while it runs and when it breaks off, with memory bounded by PENDING_LIMIT_BYTES.
+    a stream can be charged while it runs and when it breaks off, with memory bounded by sse.PENDING_LIMIT_BYTES.
     """
 
     def __init__(
@@ -128,7 +107,7 @@ class SseRelay:
         self._forward_usage = forward_usage_chunk
         self._encoding = encoding
         self._prompt_tokens = prompt_tokens
-        self._rest = b""
+        self._framer = sse.Framer()
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._counted = 0
@@ -141,10 +120,7 @@ class SseRelay:
 
     def feed(self, data: bytes) -> bytes:
         """Bytes to send on to the client for this piece of the backend's stream."""
-        buffer = self._rest + data if self._rest else data
-        if b"\r\n" in buffer:
-            buffer = buffer.replace(b"\r\n", b"\n")
-        events, self._rest = _split_events(buffer)
+        events = self._framer.feed(data)
         if not events:
             return b""
         out: list[bytes] = []
@@ -162,7 +138,7 @@ class SseRelay:
                 self._pending.append(event)
                 self._pending_bytes += len(event)
                 self._last_event = event
-                if self._pending_bytes > PENDING_LIMIT_BYTES:
+                if self._pending_bytes > sse.PENDING_LIMIT_BYTES:
                     self._count_pending()
             out.append(event)
         self.events_forwarded += len(out)
@@ -170,17 +146,12 @@ class SseRelay:
 
     def flush(self) -> bytes:
         """Whatever incomplete event is left when the backend closes the stream."""
-        rest, self._rest = self._rest, b""
-        return rest
+        return self._framer.flush()
 
     def _take_usage(self, event: bytes) -> bool:
         """Record the usage of a usage-bearing chunk; True when the chunk carries nothing else (empty choices)."""
-        data = _event_data(event)
-        if data is None:
-            return False
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
+        obj = sse.event_object(event)
+        if obj is None:
             return False
         usage = usage_from_object(obj)
         if usage is None:
@@ -208,14 +179,8 @@ class SseRelay:
     def _count_pending(self) -> None:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         for event in pending:
-            data = _event_data(event)
-            if data is None:
-                continue
-            try:
-                obj = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
+            obj = sse.event_object(event)
+            if obj is not None:
                 self._count_event(obj)
 
     def _count_event(self, obj: Mapping[str, Any]) -> None:
@@ -237,15 +202,7 @@ class SseRelay:
         usage = self.counted_usage(prompt)
         self.usage = usage
         self.synthesized = True
-        last: dict[str, Any] = {}
-        data = _event_data(self._last_event)
-        if data is not None:
-            try:
-                parsed = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                parsed = None
-            if isinstance(parsed, dict):
-                last = parsed
+        last = sse.event_object(self._last_event) or {}
         chunk = {
             "id": last.get("id", ""),
             "object": last.get("object", "chat.completion.chunk"),
