@@ -174,3 +174,34 @@ class BackendAuthFailed(Refusal):
 @dataclass(eq=False)
 class MalformedAnswer(Refusal):
     """The backend said 200 with a body that is not JSON."""
+
+
+# ---- stored responses (the Responses API) ----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class ResponseNotFound(Refusal):
+    """An id this consumer may not continue: unknown, expired, another consumer's, or held by a region no longer
+    configured. One answer for all of them, so that ids cannot be probed. `previous`: it was named as
+    `previous_response_id` in a body (400, as the service answers) rather than in the path (404)."""
+
+    response_id: str
+    previous: bool
+
+
+@dataclass(eq=False)
+class ResponseStateUnavailable(Refusal):
+    """Where a response is stored could not be looked up (the store is away): not a verdict on the id."""
+
+    retry_after_s: int = 1
+
+
+@dataclass(eq=False)
+class ResponseBackendUnavailable(Refusal):
+    """The one backend holding a stored response cannot serve it now, and no other region can continue it."""
+
+    response_id: str
+    region: str
+    backend_id: str
+    reason: str
+    wait_s: int

@@ -27,6 +27,9 @@ from shared.outcomes import (
     QuotaExhausted,
     RateLimited,
     Refusal,
+    ResponseBackendUnavailable,
+    ResponseNotFound,
+    ResponseStateUnavailable,
 )
 
 RESETS_AT = 1_700_006_400.0  # 2023-11-15T00:00:00Z
@@ -90,7 +93,8 @@ def test_every_refusal_kind_has_a_rendering() -> None:
         InvalidKey(KeyProblem.MISSING), InvalidToken("bad_signature"), ConsumerDisabled("a"), AuthStoreUnavailable(), DeploymentNotFound("d"),
         DeploymentNotAllowed("d"), RateLimited(1, 1), NeverAdmissible(2, 1), QuotaExhausted(1, "daily", RESETS_AT, 1),
         LimiterUnavailable(), BudgetExceeded("monthly", 1, 1, "EUR"), BackendsBusy(1), NoBackend(1), BackendsFailed(FailureKind.TIMEOUT), BackendAuthFailed(),
-        MalformedAnswer(),
+        MalformedAnswer(), ResponseNotFound("resp_1", True), ResponseStateUnavailable(),
+        ResponseBackendUnavailable("resp_1", "uksouth", "uksouth-ptu", "its circuit breaker is open", 8),
     }
     assert {type(s) for s in samples} == kinds  # a new refusal gets a sample here, and so a rendering
     for sample in samples:

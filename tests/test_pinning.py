@@ -7,10 +7,11 @@ import pytest
 
 from shared.clock import FakeClock
 from shared.config import Backend, BreakerRule
-from shared.edge.errors import GatewayError
+from shared.edge.errors import GatewayError, render
 from shared.flow.responses import Created
 from shared.flow.translate import AZURE_API, FOLLOW_UPS, OPENAI_API, Operation, match_route
 from shared.flow.usage import TokenUsage
+from shared.outcomes import ResponseBackendUnavailable, ResponseNotFound, ResponseStateUnavailable
 from shared.routing.pinning import RETENTION_S, Pinning
 from shared.routing.router import Router
 from shared.storage.memory import MemoryResponseStore
@@ -38,9 +39,9 @@ async def test_the_creator_finds_the_holder_until_the_retention_ends() -> None:
     clock.advance(RETENTION_S - 1)
     assert (await pinning.holder("resp_1", "team-a", previous=False)).backend is SWEDEN
     clock.advance(1)
-    with pytest.raises(GatewayError) as caught:
+    with pytest.raises(ResponseNotFound) as caught:
         await pinning.holder("resp_1", "team-a", previous=False)
-    assert caught.value.status == 404 and store.records == {}  # the expired record was dropped as it was read
+    assert render(caught.value).status == 404 and store.records == {}  # the expired record was dropped as it was read
 
 
 @pytest.mark.asyncio
@@ -50,9 +51,9 @@ async def test_another_consumer_gets_exactly_the_unknown_answer() -> None:
     for previous, status in ((True, 400), (False, 404)):
         answers = []
         for response_id, consumer in (("resp_1", "team-b"), ("resp_2", "team-a")):
-            with pytest.raises(GatewayError) as caught:
+            with pytest.raises(ResponseNotFound) as caught:
                 await pinning.holder(response_id, consumer, previous=previous)
-            error = caught.value
+            error = render(caught.value)
             answers.append((error.status, error.code, error.param, error.message.replace(response_id, "ID")))
         assert answers[0] == answers[1] and answers[0][0] == status
 
@@ -64,9 +65,9 @@ async def test_unstored_responses_are_not_recorded_and_removed_backends_are_unkn
     assert store.records == {}
     await pinning.remember(Created("resp_m", None, True, True), SWEDEN, "team-a", "mini", None)
     shrunk = Pinning(store, (PTU,), Router((PTU,), FakeClock(), NullTelemetry()), FakeClock())
-    with pytest.raises(GatewayError) as caught:
+    with pytest.raises(ResponseNotFound) as caught:
         await shrunk.holder("resp_m", "team-a", previous=False)
-    assert caught.value.status == 404
+    assert render(caught.value).status == 404
 
 
 @pytest.mark.asyncio
@@ -76,9 +77,9 @@ async def test_an_open_breaker_refuses_with_a_retryable_503_naming_region_and_re
     holder = await pinning.holder("resp_1", "team-a", previous=False)
     pinning.claim(holder, D)  # healthy: goes through
     router.record_failure(PTU, D, 429, {"retry-after-ms": "7500"})
-    with pytest.raises(GatewayError) as caught:
+    with pytest.raises(ResponseBackendUnavailable) as caught:
         pinning.claim(holder, D)
-    error = caught.value
+    error = render(caught.value)
     assert error.status == 503 and error.code == "response_backend_unavailable"
     assert error.headers["retry-after"] == "8" and "uksouth" in error.message and "circuit breaker" in error.message
     clock.advance(7.5)
@@ -89,10 +90,11 @@ async def test_an_open_breaker_refuses_with_a_retryable_503_naming_region_and_re
 async def test_store_failures() -> None:
     pinning, store, _, _ = setup()
     store.unavailable = True
-    with pytest.raises(GatewayError) as caught:
+    with pytest.raises(ResponseStateUnavailable) as caught:
         await pinning.holder("resp_1", "team-a", previous=True)
-    assert caught.value.status == 503 and caught.value.code == "response_state_unavailable"
-    assert caught.value.headers["retry-after"] == "1"
+    error = render(caught.value)
+    assert error.status == 503 and error.code == "response_state_unavailable"
+    assert error.headers["retry-after"] == "1"
     await pinning.remember(Created("resp_1", None, True, False), PTU, "team-a", D, None)  # logged, not raised
     assert pinning.unrecorded == 1
     await pinning.forget("resp_1")  # logged, not raised

@@ -30,6 +30,9 @@ from shared.outcomes import (
     QuotaExhausted,
     RateLimited,
     Refusal,
+    ResponseBackendUnavailable,
+    ResponseNotFound,
+    ResponseStateUnavailable,
 )
 
 
@@ -184,6 +187,29 @@ def render(refusal: Refusal) -> GatewayError:
         case MalformedAnswer():
             return GatewayError(
                 502, "The backend returned a malformed response.", type="server_error", code="backend_malformed_response"
+            )
+        case ResponseNotFound(response_id=response_id, previous=True):
+            return bad_request(
+                f"Previous response with id '{response_id}' not found.", param="previous_response_id",
+                code="previous_response_not_found",
+            )
+        case ResponseNotFound(response_id=response_id):
+            return not_found(f"Response with id '{response_id}' not found.", code="response_not_found")
+        case ResponseStateUnavailable(retry_after_s=seconds):
+            return GatewayError(
+                503, "The gateway cannot look up where this response is stored right now; retry shortly.",
+                type="server_error", code="response_state_unavailable",
+                headers={"retry-after": str(seconds), "retry-after-ms": str(seconds * 1000)},
+            )
+        case ResponseBackendUnavailable(
+            response_id=response_id, region=region, backend_id=backend_id, reason=reason, wait_s=seconds
+        ):
+            return GatewayError(
+                503,
+                f"Response '{response_id}' is stored in region {region} (backend {backend_id}), which cannot serve it "
+                f"now ({reason}); no other region can continue it. Retry after {seconds} s.",
+                type="server_error", code="response_backend_unavailable",
+                headers={"retry-after": str(seconds), "retry-after-ms": str(seconds * 1000)},
             )
     raise TypeError(f"no rendering for {type(refusal).__name__}")
 

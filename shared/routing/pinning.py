@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from shared.clock import Clock
 from shared.config import Backend
-from shared.edge.errors import GatewayError, bad_request, not_found
 from shared.flow.responses import Created, context_tokens
 from shared.flow.usage import TokenUsage
+from shared.outcomes import ResponseBackendUnavailable, ResponseNotFound, ResponseStateUnavailable
 from shared.routing.router import Router
 from shared.storage.protocols import ResponseStore, StoreUnavailable
 
@@ -54,17 +54,6 @@ class Holder:
     backend: Backend
 
 
-def unknown_response(response_id: str, previous: bool) -> GatewayError:
-    """The answer for an id the consumer may not see: unknown, expired, or another consumer's (indistinguishable)."""
-    if previous:
-        return bad_request(
-            f"Previous response with id '{response_id}' not found.",
-            param="previous_response_id",
-            code="previous_response_not_found",
-        )
-    return not_found(f"Response with id '{response_id}' not found.", code="response_not_found")
-
-
 class Pinning:
     def __init__(
         self, store: ResponseStore, backends: tuple[Backend, ...], router: Router, clock: Clock,
@@ -82,19 +71,13 @@ class Pinning:
         try:
             record = await self._store.get(response_id, self._clock.now())
         except StoreUnavailable:
-            raise GatewayError(
-                503,
-                "The gateway cannot look up where this response is stored right now; retry shortly.",
-                type="server_error",
-                code="response_state_unavailable",
-                headers={"retry-after": "1", "retry-after-ms": "1000"},
-            ) from None
+            raise ResponseStateUnavailable() from None
         if record is None or record.consumer_id != consumer_id:
-            raise unknown_response(response_id, previous)
+            raise ResponseNotFound(response_id, previous)
         backend = self._backends.get(record.backend_id)
         if backend is None or not backend.serves(record.deployment):
             # The region that holds it is no longer configured: nothing can reach the response any more.
-            raise unknown_response(response_id, previous)
+            raise ResponseNotFound(response_id, previous)
         return Holder(record, backend)
 
     def claim(self, holder: Holder, deployment: str) -> None:
@@ -102,17 +85,11 @@ class Pinning:
         if not self._router.acquire(holder.backend, deployment):
             raise self.unavailable(holder, deployment, "its circuit breaker is open")
 
-    def unavailable(self, holder: Holder, deployment: str, reason: str) -> GatewayError:
-        """The answer when the only backend that can serve a follow-up cannot serve it now."""
-        wait_s = self._recovers_in(holder.backend, deployment)
+    def unavailable(self, holder: Holder, deployment: str, reason: str) -> ResponseBackendUnavailable:
+        """The refusal when the only backend that can serve a follow-up cannot serve it now."""
         backend = holder.backend
-        return GatewayError(
-            503,
-            f"Response '{holder.record.response_id}' is stored in region {backend.region} (backend {backend.id}), "
-            f"which cannot serve it now ({reason}); no other region can continue it. Retry after {wait_s} s.",
-            type="server_error",
-            code="response_backend_unavailable",
-            headers={"retry-after": str(wait_s), "retry-after-ms": str(wait_s * 1000)},
+        return ResponseBackendUnavailable(
+            holder.record.response_id, backend.region, backend.id, reason, self._recovers_in(backend, deployment)
         )
 
     def _recovers_in(self, backend: Backend, deployment: str) -> int:
