@@ -67,6 +67,7 @@ async def list_faults(request: web.Request) -> web.Response:
 async def clear_faults(request: web.Request) -> web.Response:
     region = _region(request)
     region.faults.clear()
+    region.release_held()
     return _reply(_faults(region))
 
 
@@ -107,7 +108,8 @@ def _latency(region: Region) -> dict[str, Any]:
 
 
 async def get_stats(request: web.Request) -> web.Response:
-    return _reply(_region(request).stats.as_json())
+    region = _region(request)
+    return _reply({**region.stats.as_json(), "held_streams": region.held_streams})
 
 
 async def get_requests(request: web.Request) -> web.Response:

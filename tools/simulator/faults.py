@@ -7,9 +7,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 KINDS = ("500", "503", "reset", "timeout", "slow", "cut", "malformed", "429", "429-huge", "429-bare", "401", "403",
-         "no-usage")
+         "no-usage", "hold")
 # These act on a request the region has admitted; when capacity refuses the request they stay queued.
-AFTER_ADMISSION = frozenset({"cut", "slow", "no-usage"})  # no-usage: a stream that never reports its usage
+# no-usage: a stream that never reports its usage; hold: a stream that stops after `after_chunks` content chunks until
+# the faults are cleared (what a client received by then, it received before the backend produced the rest).
+AFTER_ADMISSION = frozenset({"cut", "slow", "no-usage", "hold"})
 DEFAULT_DELAY_S = {"timeout": 30.0, "slow": 5.0, "429": 2.0}
 DEFAULT_AFTER_CHUNKS = 3
 

@@ -317,13 +317,14 @@ async def serve(region: Region, op: Operation, azure: bool, request: web.Request
     words = completion_words(completion, prompt)
     finish = "length" if limit is not None and limit <= default else "stop"
     cut_after = fault.after_chunks if fault is not None and fault.kind == "cut" else None
+    hold_after = fault.after_chunks if fault is not None and fault.kind == "hold" else None
     if streaming:
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         report_usage = not (fault is not None and fault.kind == "no-usage")
         writer = ChunkWriter(model, op is CHAT, include_usage)
         return await stream(region, request, headers, writer, words, finish, prompt, cut_after, deployment.name,
-                            finished, choices, report_usage)
+                            finished, choices, report_usage, hold_after)
     build = chat_completion if op is CHAT else text_completion
     completion *= choices
     payload = build(model, "".join(words), completion, finish, prompt, choices)
@@ -345,7 +346,7 @@ async def serve(region: Region, op: Operation, azure: bool, request: web.Request
 async def stream(
     region: Region, request: web.Request, headers: dict[str, str], writer: ChunkWriter, words: tuple[str, ...],
     finish: str, prompt: int, cut_after: int | None, deployment: str, finished: Callable[[int], None],
-    choices: int = 1, report_usage: bool = True,
+    choices: int = 1, report_usage: bool = True, hold_after: int | None = None,
 ) -> web.StreamResponse:
     headers["content-type"] = SSE
     headers["cache-control"] = "no-cache"
@@ -358,6 +359,9 @@ async def stream(
         delay = region.token_latency_ms / 1000
         started = loop.time()
         for index, word in enumerate(words if cut_after is None else words[:cut_after]):
+            if index == hold_after:
+                await region.held()
+                started = loop.time() - index * delay  # the pace goes on from here, not in a catch-up burst
             if delay > 0:
                 # Paced against the start, not the previous write, so many concurrent streams keep their rate.
                 wait = started + (index + 1) * delay - loop.time()

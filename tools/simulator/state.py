@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -25,6 +26,8 @@ class Region:
         self.encodings: dict[str, tiktoken.Encoding] = {d.name: tokens.encoding_for(d.model_name) for d in config.deployments}
         self.windows: dict[str, Admission] = {d.name: capacity_for(d, clock) for d in config.deployments}
         self.faults = FaultPlan()
+        self.held_streams = 0  # streams waiting, mid-way, for their `hold` fault to be cleared
+        self._release = asyncio.Event()
         self.stats = Stats()
         self.recent: deque[dict[str, Any]] = deque(maxlen=config.recent_requests)
         self.latency_ms = config.latency_ms
@@ -37,10 +40,23 @@ class Region:
             "body": body,
         })
 
+    async def held(self) -> None:
+        """A `hold` fault's stream waits here until the faults are cleared."""
+        self.held_streams += 1
+        try:
+            await self._release.wait()
+        finally:
+            self.held_streams -= 1
+
+    def release_held(self) -> None:
+        self._release.set()
+        self._release = asyncio.Event()
+
     def reset(self) -> None:
         """Back to the state at start: configured capacity and latency; no faults, stats or recorded requests."""
         self.stats = Stats()
         self.faults.clear()
+        self.release_held()
         self.recent.clear()
         for name, window in self.windows.items():
             window.clear()
