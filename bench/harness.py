@@ -50,6 +50,23 @@ class Bench:
         self.children.append(child)
         return child
 
+    def start_counted_store(self) -> int:
+        """Azurite behind the counting TCP proxy, which everything started after this talks to; returns the proxy's
+        control port (stack.proxy_control reads its counts of Table requests)."""
+        azurite = self.start_azurite()
+        proxy, control = stack.start_tcpproxy(azurite.port, self.log_dir)
+        self.children.append(proxy)
+        self.table_port = proxy.port
+        return control
+
+    def start_unlimited_regions(self, latency_ms: float = 50, token_latency_ms: float = 5) -> list[stack.Region]:
+        """Two simulated regions with capacity no benchmark reaches: what is measured is the gateway, not them."""
+        regions = [stack.Region(f"sim{i}", region, stack.free_port(), chat_tpm=10**9, embeddings_tpm=10**9)
+                   for i, region in enumerate(("swedencentral", "francecentral"))]
+        for region in regions:
+            self.start_simulator(region, latency_ms=latency_ms, token_latency_ms=token_latency_ms)
+        return regions
+
     def start_simulator(self, region: stack.Region, latency_ms: float, token_latency_ms: float) -> stack.Child:
         child = stack.start_simulator(region, latency_ms, token_latency_ms, self.log_dir)
         self.children.append(child)

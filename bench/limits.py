@@ -109,14 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.minutes * 60 + 5
     results: dict[str, Any] = {"machine": machine(), "date": stamp(), "minutes": args.minutes, "runs": []}
     with bench_stack() as bench:
-        azurite = bench.start_azurite()
-        proxy, control = stack.start_tcpproxy(azurite.port, bench.log_dir)
-        bench.children.append(proxy)
-        bench.table_port = proxy.port  # everything talks to Azurite through the counting proxy
-        regions = [stack.Region(f"sim{i}", region, stack.free_port(), chat_tpm=10**9, embeddings_tpm=10**9)
-                   for i, region in enumerate(("swedencentral", "francecentral"))]
-        for region in regions:
-            bench.start_simulator(region, latency_ms=50, token_latency_ms=5)
+        control = bench.start_counted_store()
+        regions = bench.start_unlimited_regions()
         gateways = [bench.start_gateway(regions, {"GATEWAY_INSTANCE_COUNT": str(GATEWAYS)}, name=f"gateway{i}")
                     for i in range(GATEWAYS)]
         for max_tokens in (True, False):

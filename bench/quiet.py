@@ -213,14 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(results["in_process"]), flush=True)
     with bench_stack() as bench, tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        azurite = bench.start_azurite()
-        proxy, control = stack.start_tcpproxy(azurite.port, bench.log_dir)
-        bench.children.append(proxy)
-        bench.table_port = proxy.port  # everything talks to Azurite through the counting proxy
-        regions = [stack.Region(f"sim{i}", region, stack.free_port(), chat_tpm=10**9, embeddings_tpm=10**9)
-                   for i, region in enumerate(("swedencentral", "francecentral"))]
-        for region in regions:
-            bench.start_simulator(region, latency_ms=50, token_latency_ms=5)
+        control = bench.start_counted_store()
+        regions = bench.start_unlimited_regions()
         for shape in args.shapes.split(","):
             size, _, every = shape.partition("@")
             consumers, gateways = (int(x) for x in size.split("x"))
