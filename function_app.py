@@ -39,3 +39,9 @@ async def openai_v1(req: Request) -> Response:
 @app.route(route="health", methods=["GET", "HEAD"])
 async def health(req: Request) -> Response:
     return await edge.handle(req)
+
+
+# Anonymous at the host like the rest: the gateway checks its own admin key here (SECURITY.md says why).
+@app.route(route="health/details", methods=["GET", "HEAD"])
+async def health_details(req: Request) -> Response:
+    return await edge.handle(req)

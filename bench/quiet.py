@@ -93,12 +93,12 @@ def run_shape(bench: Bench, regions: list[stack.Region], control: int, folder: P
               warmup: float, seconds: float, burst_minutes: float = 0.0, interval: float = INTERVAL_S) -> dict[str, Any]:
     tag = f"{consumers}x{gateways}{'b' if burst_minutes else ''}-{int(time.time()) % 100000}"
     unlimited = max(10, consumers // 10)
-    limited_specs = [{"name": f"quiet {tag} {n}", "tokens_per_minute": QUIET_TPM} for n in range(consumers)]
+    limited_specs = [{"name": f"quiet {tag} {n}", "tokens_per_minute": QUIET_TPM, "deployments": "*"} for n in range(consumers)]
     _, create_wall, create_store = create(bench, folder, f"quiet-{tag}", limited_specs)
-    create(bench, folder, f"free-{tag}", [{"name": f"free {tag} {n}"} for n in range(unlimited)])
+    create(bench, folder, f"free-{tag}", [{"name": f"free {tag} {n}", "deployments": "*"} for n in range(unlimited)])
     burst_key = ""
     if burst_minutes:
-        burst_key = create(bench, folder, f"burst-{tag}", [{"name": f"burst {tag}", "tokens_per_minute": BURST_TPM}])[0][0]
+        burst_key = create(bench, folder, f"burst-{tag}", [{"name": f"burst {tag}", "tokens_per_minute": BURST_TPM, "deployments": "*"}])[0][0]
         seconds = burst_minutes * 60 + 5
     children = start_gateways(bench, regions, gateways, tag)
     urls = [f"{g.url}/v1/chat/completions" for g in children]

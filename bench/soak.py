@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 threading.Thread(target=barrage, args=(url, keys["soak-steady"], rng, bad), daemon=True).start()
                 next_barrage += 30
             if health_log is not None:
-                health = httpx.get(f"{url}/health", timeout=10).json()
+                health = httpx.get(f"{url}/health/details", headers=stack.ADMIN_HEADERS, timeout=10).json()
                 health_log.write(json.dumps([time.time(), health]) + "\n")
             time.sleep(0.5)
         for log_file in (fault_log, health_log):

@@ -16,9 +16,8 @@ from shared.clock import Clock, SystemClock
 from shared.config import Settings, load_settings
 from shared.edge.consumers import ConsumerDirectory
 from shared.edge.entra import build_validator
-from shared.edge.errors import GatewayError
-from shared.edge.http import error_response, read_body, to_gateway_request, to_response
 from shared.edge.identity import Identifier
+from shared.edge.http import read_body, to_gateway_request, to_response
 from shared.flow import tokens
 from shared.flow.credentials import BackendAuth, default_credential_factory
 from shared.flow.gateway import Gateway, Services
@@ -59,7 +58,15 @@ def build_services(settings: Settings, clock: Clock | None = None) -> tuple[Serv
         instance_count=settings.instance_count,
         instance_id=instance,
     )
-    consumers = ConsumerDirectory(TableConsumerStore(tables), clock, settings.consumer_refresh_s)
+    consumers = ConsumerDirectory(
+        TableConsumerStore(tables),
+        clock,
+        settings.consumer_refresh_s,
+        max_stale_s=settings.consumer_max_stale_s,
+        fail_closed=settings.auth_fail_mode == "closed",
+        lookups_per_s=settings.unknown_key_lookups_per_s,
+        failures_per_minute=settings.auth_failures_per_minute,
+    )
     services = Services(
         settings=settings,
         clock=clock,
@@ -139,8 +146,11 @@ class Edge:
 
     async def handle(self, request: Request) -> Response:
         gateway = await self.gateway()
-        try:
-            body = await read_body(request, self.settings.max_body_bytes)
-        except GatewayError as error:
-            return error_response(error)
-        return to_response(await gateway.handle(to_gateway_request(request, body)))
+        settings = self.settings
+
+        async def body() -> bytes:
+            return await read_body(request, settings.max_body_bytes)
+
+        return to_response(await gateway.handle(to_gateway_request(
+            request, read_body=body, hops=settings.forwarded_hops, proxies=settings.trusted_proxies
+        )))

@@ -6,6 +6,7 @@ setting (and, for backends, the index and field) instead of at the first request
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Mapping
@@ -33,8 +34,13 @@ DEFAULT_METRIC_DIMENSIONS = (
 ALL_METRIC_DIMENSIONS = DEFAULT_METRIC_DIMENSIONS + ("Gateway ID", "Stream")
 MAX_METRIC_DIMENSIONS = 10
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_DEPLOYMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# Every name check matches the whole string (fullmatch): `$` alone would let a trailing newline through.
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+API_VERSION = re.compile(r"[0-9A-Za-z.-]{1,40}")
+TOKEN_SCOPE = re.compile(r"(https|api)://[^\s?#/]+(/[^\s?#]*)?/\.default")
+# Azure OpenAI's scope; Azure AI Foundry project endpoints need their own (https://ai.azure.com/.default).
+AZURE_OPENAI_SCOPE = "https://cognitiveservices.azure.com/.default"
 
 
 class ConfigError(ValueError):
@@ -75,6 +81,8 @@ class Backend:
     connect_timeout_s: float = 5.0
     reserve_tokens: int = 0
     breaker: BreakerRule = BreakerRule()
+    token_scope: str | None = None  # the Entra ID scope of this backend's tokens (auth "identity" only)
+    allow_insecure_http: bool = False  # a credential over plain http:// only when the backend says so explicitly
 
     def serves(self, deployment: str) -> bool:
         return deployment in self.deployments
@@ -135,6 +143,15 @@ class Settings:
     timeout_replays: int = 1  # a request that timed out is sent to at most this many other backends
     stream_settle_s: float = 5.0  # a limited consumer's stream is charged what it delivered this often
     abandoned_drain_s: float = 2.0  # how long an abandoned stream is read on, unseen, for the backend's usage
+    consumer_max_stale_s: float = 300.0
+    auth_fail_mode: FailMode = "closed"
+    unknown_key_lookups_per_s: float = 2.0
+    auth_failures_per_minute: int = 20
+    reveal_deployments: bool = False
+    admin_key_sha256: str | None = field(default=None, repr=False)
+    api_versions: frozenset[str] | None = None  # None: any well-formed api-version
+    forwarded_hops: int = 0
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     def deployments(self) -> frozenset[str]:
         return frozenset(d for b in self.backends for d in b.deployments)
@@ -247,6 +264,7 @@ _BACKEND_FIELDS = frozenset(
     {
         "id", "endpoint", "region", "deployments", "priority", "weight", "ptu", "api", "auth", "api_key",
         "api_key_setting", "api_version", "timeout_s", "connect_timeout_s", "reserve_tokens", "breaker",
+        "token_scope", "allow_insecure_http",
     }
 )
 _BREAKER_FIELDS = frozenset(
@@ -263,9 +281,9 @@ def _parse_deployments(f: _Fields) -> dict[str, str]:
         raise f.fail("deployments", "expected a non-empty list of names or an object {public name: backend name}")
     mapping: dict[str, str] = {}
     for public, upstream in raw.items():
-        if not isinstance(public, str) or not _DEPLOYMENT_RE.match(public):
+        if not isinstance(public, str) or not DEPLOYMENT_NAME.fullmatch(public):
             raise f.fail("deployments", f"bad deployment name {public!r}")
-        if not isinstance(upstream, str) or not _DEPLOYMENT_RE.match(upstream):
+        if not isinstance(upstream, str) or not DEPLOYMENT_NAME.fullmatch(upstream):
             raise f.fail(f"deployments.{public}", f"bad backend deployment name {upstream!r}")
         mapping[public] = upstream
     return mapping
@@ -304,10 +322,10 @@ def parse_backend(raw: Any, index: int, env: Mapping[str, str]) -> Backend:
     if unknown:
         raise f.fail(sorted(unknown)[0], "unknown field")
     backend_id = f.text("id")
-    if not _ID_RE.match(backend_id):
+    if not _ID_RE.fullmatch(backend_id):
         raise f.fail("id", "use letters, digits, '.', '_' or '-' (at most 64)")
     endpoint = f.text("endpoint").rstrip("/")
-    if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", endpoint):
+    if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", endpoint):
         raise f.fail("endpoint", "expected an http(s) URL without query")
     api = f.text("api", "azure")
     if api not in ("azure", "openai"):
@@ -328,9 +346,25 @@ def parse_backend(raw: Any, index: int, env: Mapping[str, str]) -> Backend:
         else:
             raise f.fail("api_key_setting", "auth 'key' needs api_key_setting (the app setting holding the key)")
     api_version = raw.get("api_version")
-    if api_version is not None and (not isinstance(api_version, str) or not re.match(r"^[0-9A-Za-z.-]{1,40}$", api_version)):
+    if api_version is not None and (not isinstance(api_version, str) or not API_VERSION.fullmatch(api_version)):
         raise f.fail("api_version", f"bad api-version {api_version!r}")
     weight = f.integer("weight", 1, 0, 1000)
+    token_scope: str | None = None
+    if auth == "identity":
+        # A token is sent only where a scope was configured for it: Azure OpenAI's by default for Azure backends, and
+        # nothing implicit for OpenAI-compatible ones (often third parties that must never see an Entra token).
+        default_scope = AZURE_OPENAI_SCOPE if api == "azure" else None
+        token_scope = f.text("token_scope", default_scope) if (default_scope or "token_scope" in raw) else None
+        if token_scope is None:
+            raise f.fail("token_scope", "auth 'identity' on an OpenAI-compatible backend needs token_scope (e.g. https://ai.azure.com/.default)")
+        if not TOKEN_SCOPE.fullmatch(token_scope):
+            raise f.fail("token_scope", f"expected a scope like https://cognitiveservices.azure.com/.default, got {token_scope!r}")
+    elif "token_scope" in raw:
+        raise f.fail("token_scope", "only backends with auth 'identity' get a token")
+    allow_insecure_http = f.flag("allow_insecure_http", False)
+    if endpoint.startswith("http://") and auth != "none" and not allow_insecure_http:
+        raise f.fail("endpoint", "http:// would send the backend's key or token in clear text; use https:// "
+                                 "(or set allow_insecure_http: true for a backend on a trusted local network)")
     return Backend(
         id=backend_id,
         endpoint=endpoint,
@@ -348,6 +382,8 @@ def parse_backend(raw: Any, index: int, env: Mapping[str, str]) -> Backend:
         connect_timeout_s=f.number("connect_timeout_s", 5.0, 0.05, 120),
         reserve_tokens=f.integer("reserve_tokens", 0, 0, 10**9),
         breaker=_parse_breaker(f),
+        token_scope=token_scope,
+        allow_insecure_http=allow_insecure_http,
     )
 
 
@@ -403,6 +439,50 @@ def _prices(env: Mapping[str, str]) -> PriceTable:
         raise ConfigError(str(exc)) from None
 
 
+def _api_versions(env: Mapping[str, str]) -> frozenset[str] | None:
+    raw = _get(env, "GATEWAY_API_VERSIONS")
+    if raw is None:
+        return None
+    versions = frozenset(v.strip() for v in raw.split(",") if v.strip())
+    for version in versions:
+        if not API_VERSION.fullmatch(version):
+            raise ConfigError(f"GATEWAY_API_VERSIONS: bad api-version {version!r}")
+    if not versions:
+        raise ConfigError("GATEWAY_API_VERSIONS: no api-version given")
+    return versions
+
+
+def _trusted_proxies(env: Mapping[str, str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    raw = _get(env, "GATEWAY_TRUSTED_PROXIES")
+    if raw is None:
+        return ()
+    networks = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ConfigError(f"GATEWAY_TRUSTED_PROXIES: not an address or network: {part!r}") from None
+    return tuple(networks)
+
+
+def _admin_key_hash(env: Mapping[str, str]) -> str | None:
+    raw = _get(env, "GATEWAY_ADMIN_KEY_SHA256")
+    if raw is None:
+        return None
+    if not re.fullmatch(r"[0-9a-f]{64}", raw.lower()):
+        raise ConfigError("GATEWAY_ADMIN_KEY_SHA256: expected the SHA-256 of the admin key, 64 hex digits")
+    return raw.lower()
+
+
+def _fail_mode(env: Mapping[str, str], name: str, default: str) -> str:
+    mode = (_get(env, name) or default).lower()
+    if mode not in ("open", "closed"):
+        raise ConfigError(f"{name}: expected 'open' or 'closed', got {mode!r}")
+    return mode
+
+
 def local_environment(settings_file: str | None = "local.settings.json") -> dict[str, str]:
     """The process environment over local.settings.json's `Values`, as `func start` presents them to the app."""
     import os
@@ -431,16 +511,14 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
             )
     if connection is None and endpoint is None:
         raise ConfigError("GATEWAY_TABLE_CONNECTION_STRING or GATEWAY_TABLE_ENDPOINT: one must be set")
-    if endpoint is not None and not re.match(r"^https?://[^\s?#]+$", endpoint):
+    if endpoint is not None and not re.fullmatch(r"https?://[^\s?#]+", endpoint):
         raise ConfigError(f"GATEWAY_TABLE_ENDPOINT: expected an http(s) URL, got {endpoint!r}")
     prefix = _get(env, "GATEWAY_TABLE_PREFIX") or "gateway"
-    if not re.match(r"^[A-Za-z][A-Za-z0-9]{0,29}$", prefix):
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,29}", prefix):
         raise ConfigError("GATEWAY_TABLE_PREFIX: letters and digits, starting with a letter, at most 30")
-    fail_mode = (_get(env, "GATEWAY_LIMIT_FAIL_MODE") or "open").lower()
-    if fail_mode not in ("open", "closed"):
-        raise ConfigError(f"GATEWAY_LIMIT_FAIL_MODE: expected 'open' or 'closed', got {fail_mode!r}")
+    fail_mode = _fail_mode(env, "GATEWAY_LIMIT_FAIL_MODE", "open")
     user_header = (_get(env, "GATEWAY_USER_ID_HEADER") or "x-user-id").lower()
-    if not re.match(r"^[a-z0-9-]{1,64}$", user_header):
+    if not re.fullmatch(r"[a-z0-9-]{1,64}", user_header):
         raise ConfigError(f"GATEWAY_USER_ID_HEADER: not a header name: {user_header!r}")
     gateway_id = _get(env, "GATEWAY_ID") or _get(env, "WEBSITE_SITE_NAME") or "gateway"
     if _boolean(env, "GATEWAY_RECORD_CONTENT", False):
@@ -498,6 +576,17 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         abandoned_drain_s=_number(env, "GATEWAY_ABANDONED_STREAM_DRAIN_S", 2.0, minimum=0, maximum=60),
         entra=_entra(env),
         accept_keys=_boolean(env, "GATEWAY_ACCEPT_KEYS", True),
+        consumer_max_stale_s=_number(env, "GATEWAY_CONSUMER_MAX_STALE_S", 300.0, minimum=1, maximum=86400),
+        auth_fail_mode=_fail_mode(env, "GATEWAY_AUTH_FAIL_MODE", "closed"),  # type: ignore[arg-type]
+        unknown_key_lookups_per_s=_number(env, "GATEWAY_UNKNOWN_KEY_LOOKUPS_PER_S", 2.0, minimum=0, maximum=100),
+        auth_failures_per_minute=_integer(env, "GATEWAY_AUTH_FAILURES_PER_MINUTE", 20, minimum=1, maximum=100_000),
+        reveal_deployments=_boolean(env, "GATEWAY_REVEAL_DEPLOYMENTS", False),
+        admin_key_sha256=_admin_key_hash(env),
+        api_versions=_api_versions(env),
+        # On Azure the platform's front end appends the caller's address to X-Forwarded-For: one hop to trust there.
+        forwarded_hops=_integer(env, "GATEWAY_FORWARDED_HOPS", 1 if _get(env, "WEBSITE_SITE_NAME") else 0,
+                                minimum=0, maximum=10),
+        trusted_proxies=_trusted_proxies(env),
     )
 
 

@@ -27,12 +27,14 @@ class KeyProblem(Enum):
     REPEATED = "repeated"  # a credential header sent more than once
     NOT_BEARER = "not_bearer"  # an Authorization header that is not 'Bearer <key>'
     CONFLICTING = "conflicting"  # api-key and Authorization carry different keys
-    UNKNOWN = "unknown"  # no consumer has this key (or its grace period is over)
+    UNKNOWN = "unknown"  # no consumer has this key
+    EXPIRED = "expired"  # a rotated consumer's previous key, past its grace period
 
 
 @dataclass(eq=False)
 class InvalidKey(Refusal):
     problem: KeyProblem
+    consumer_id: str = ""  # known for an expired key: for logs and metrics, never for the answer
 
 
 @dataclass(eq=False)
@@ -46,6 +48,13 @@ class InvalidToken(Refusal):
 @dataclass(eq=False)
 class ConsumerDisabled(Refusal):
     consumer_id: str
+
+
+@dataclass(eq=False)
+class AuthThrottled(Refusal):
+    """Too many failed authentications from the client's address: no key is looked up for `retry_after_s`."""
+
+    retry_after_s: int
 
 
 @dataclass(eq=False)

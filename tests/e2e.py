@@ -89,6 +89,8 @@ class Stack:
         quota_period: str | None = None,
         deployments: Sequence[str] | None = None,
         priority: str = "normal",
+        capabilities: Sequence[str] = (),
+        enabled: bool = True,
     ) -> str:
         key = new_key()
         consumer = Consumer(
@@ -99,6 +101,8 @@ class Stack:
             deployments=frozenset(deployments) if deployments is not None else None,
             limits=Limits(tpm, dict(deployment_tpm or {}), quota, quota_period),
             priority=priority,
+            capabilities=frozenset(capabilities),
+            enabled=enabled,
         )
 
         async def put(tables: Tables) -> None:
@@ -206,8 +210,11 @@ def test_regions() -> list[stack.Region]:
 
 def gateway_env(table_port: int, regions: Sequence[stack.Region], extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = stack.gateway_env(stack.backends_setting(regions), table_port)
-    # Usage rows every second (not every minute): the tests read them back.
-    env.update({"GATEWAY_CONSUMER_REFRESH_S": "0.5", "GATEWAY_MAX_BODY_BYTES": "262144", "GATEWAY_USAGE_FLUSH_S": "1"})
+    # Usage rows every second (not every minute): the tests read them back. Every test shares 127.0.0.1 and creates
+    # keys it uses at once: the spray defences get their own tests (tests/test_e2e_security.py) with the defaults; here
+    # they must not turn one test's 401s into another's 429s.
+    env.update({"GATEWAY_CONSUMER_REFRESH_S": "0.5", "GATEWAY_MAX_BODY_BYTES": "262144", "GATEWAY_USAGE_FLUSH_S": "1",
+                "GATEWAY_AUTH_FAILURES_PER_MINUTE": "100000", "GATEWAY_UNKNOWN_KEY_LOOKUPS_PER_S": "100"})
     env.update(extra or {})
     return env
 

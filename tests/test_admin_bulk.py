@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_a_bad_file_names_every_bad_line_and_creates_nothing() -> None:
     lines = [
-        '{"name": "Team A", "tokens_per_minute": 1000}',
+        '{"name": "Team A", "tokens_per_minute": 1000, "deployments": "*"}',
         "not json",
         '{"name": "Team B", "tpm": 5}',  # unknown field
         '{"name": "Team C", "tokens_per_minute": -1}',
@@ -32,15 +32,17 @@ def test_a_bad_file_names_every_bad_line_and_creates_nothing() -> None:
         '{"name": "x", "id": "Bad Id!"}',
         '{"name": "x", "priority": "urgent"}',
         "[1, 2]",
+        '{"name": "Team F"}',  # no deployments: access is never implied
+        '{"name": "Team G", "deployments": ["gpt-4o\\n"]}',
         "",
     ]
     with pytest.raises(SystemExit) as caught:
         read_specs(lines)
     message = str(caught.value)
     assert message.startswith("nothing created")
-    for number in (2, 3, 4, 5, 6, 7, 8, 9, 10):
+    for number in (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12):
         assert f"line {number}:" in message
-    assert "line 1:" not in message and "line 11:" not in message
+    assert "line 1:" not in message and "line 13:" not in message
 
 
 def test_a_line_makes_a_consumer_with_its_own_key_and_limits() -> None:
@@ -52,7 +54,7 @@ def test_a_line_makes_a_consumer_with_its_own_key_and_limits() -> None:
     assert consumer.limits.tokens_per_minute == 1000 and consumer.limits.deployment_tokens_per_minute == {"gpt-4o": 300}
     assert consumer.limits.quota_period == "monthly" and consumer.deployments == frozenset({"gpt-4o"})
     assert consumer.priority == "high"
-    other, other_key = consumer_from_spec({"name": "Team A"})
+    other, other_key = consumer_from_spec({"name": "Team A", "deployments": "*"})
     assert other_key != key and other.limits.tokens_per_minute == 0 and other.deployments is None
 
 
@@ -66,7 +68,7 @@ def admin(e2e: Stack, *args: str) -> subprocess.CompletedProcess[str]:
 def test_three_hundred_consumers_from_a_file_call_the_gateway_with_their_keys(e2e: Stack, tmp_path: Path) -> None:
     tag = unique("bulk")
     spec = tmp_path / "consumers.jsonl"
-    spec.write_text("".join(json.dumps({"name": f"{tag} {n}", "tokens_per_minute": 1000 + n}) + "\n" for n in range(300)))
+    spec.write_text("".join(json.dumps({"name": f"{tag} {n}", "tokens_per_minute": 1000 + n, "deployments": "*"}) + "\n" for n in range(300)))
     keys = tmp_path / "keys.jsonl"
     done = admin(e2e, "create-many", str(spec), "--keys-out", str(keys))
     assert done.returncode == 0, done.stderr
@@ -84,7 +86,7 @@ def test_three_hundred_consumers_from_a_file_call_the_gateway_with_their_keys(e2
     again = admin(e2e, "create-many", str(spec), "--keys-out", str(tmp_path / "other.jsonl"))
     assert again.returncode != 0 and "exist already" in again.stderr
     assert not (tmp_path / "other.jsonl").exists()
-    spec.write_text(json.dumps({"name": f"{tag} extra"}) + "\n")
+    spec.write_text(json.dumps({"name": f"{tag} extra", "deployments": "*"}) + "\n")
     clobber = admin(e2e, "create-many", str(spec), "--keys-out", str(keys))
     assert clobber.returncode != 0 and "never written over" in clobber.stderr
     assert len(keys.read_text().splitlines()) == 300

@@ -90,6 +90,17 @@ LEFT_AT_DEFAULT = {
     "GATEWAY_ACCEPT_KEYS",
     # Removed: refused at start-up when true, so nobody believes content is recorded (it never is).
     "GATEWAY_RECORD_CONTENT",
+    # Edge security (SECURITY.md): the defaults are the safe ones; the admin key hash is set after deployment, by the
+    # operator who generated the key; GATEWAY_FORWARDED_HOPS defaults to 1 on the platform (WEBSITE_SITE_NAME).
+    "GATEWAY_CONSUMER_MAX_STALE_S",
+    "GATEWAY_AUTH_FAIL_MODE",
+    "GATEWAY_UNKNOWN_KEY_LOOKUPS_PER_S",
+    "GATEWAY_AUTH_FAILURES_PER_MINUTE",
+    "GATEWAY_REVEAL_DEPLOYMENTS",
+    "GATEWAY_ADMIN_KEY_SHA256",
+    "GATEWAY_API_VERSIONS",
+    "GATEWAY_FORWARDED_HOPS",
+    "GATEWAY_TRUSTED_PROXIES",
 }
 
 

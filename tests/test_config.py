@@ -81,3 +81,71 @@ def test_table_storage_falls_back_to_the_functions_host_storage() -> None:
 
 def test_status_rule() -> None:
     assert parse_status_rule("429, 500-502", "x") == frozenset({429, 500, 501, 502})
+
+
+HTTP_KEYED = {**BACKEND, "endpoint": "http://10.0.0.5:8000"}
+
+
+@pytest.mark.parametrize(
+    ("backend", "message"),
+    [
+        (HTTP_KEYED, "GATEWAY_BACKENDS[0].endpoint: http:// would send"),
+        ({**HTTP_KEYED, "auth": "identity", "api_key_setting": None}, "GATEWAY_BACKENDS[0].endpoint: http:// would send"),
+        ({**BACKEND, "api": "openai", "auth": "identity"}, "GATEWAY_BACKENDS[0].token_scope: auth 'identity'"),
+        ({**BACKEND, "auth": "identity", "token_scope": "https://evil.example/"}, "GATEWAY_BACKENDS[0].token_scope: expected"),
+        ({**BACKEND, "token_scope": "https://ai.azure.com/.default"}, "GATEWAY_BACKENDS[0].token_scope: only backends"),
+        ({**BACKEND, "deployments": ["gpt-4o\n"]}, "GATEWAY_BACKENDS[0].deployments"),
+        ({**BACKEND, "api_version": "2024-10-21\n"}, "GATEWAY_BACKENDS[0].api_version"),
+        ({**BACKEND, "allow_insecure_http": "yes"}, "GATEWAY_BACKENDS[0].allow_insecure_http"),
+    ],
+)
+def test_backends_that_would_leak_credentials_or_carry_bad_names_are_refused(backend: dict[str, Any], message: str) -> None:
+    backend = {k: v for k, v in backend.items() if v is not None}
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_settings(env(backend))
+
+
+def test_plain_http_is_accepted_without_credentials_or_when_the_backend_says_so() -> None:
+    none = load_settings(env({**HTTP_KEYED, "auth": "none"})).backends[0]
+    allowed = load_settings(env({**HTTP_KEYED, "allow_insecure_http": True})).backends[0]
+    assert none.endpoint.startswith("http://") and allowed.allow_insecure_http
+
+
+def test_token_scopes_per_backend() -> None:
+    azure = {**BACKEND, "auth": "identity"}
+    foundry = {**azure, "id": "foundry", "token_scope": "https://ai.azure.com/.default"}
+    compatible = {**azure, "id": "oss", "api": "openai", "token_scope": "api://11111111-2222-3333-4444-555555555555/.default"}
+    keyed = {**BACKEND, "id": "keyed"}
+    scopes = {b.id: b.token_scope for b in load_settings(env(azure, foundry, compatible, keyed)).backends}
+    assert scopes == {
+        "uk": "https://cognitiveservices.azure.com/.default",
+        "foundry": "https://ai.azure.com/.default",
+        "oss": "api://11111111-2222-3333-4444-555555555555/.default",
+        "keyed": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"GATEWAY_AUTH_FAIL_MODE": "sometimes"}, "GATEWAY_AUTH_FAIL_MODE"),
+        ({"GATEWAY_CONSUMER_MAX_STALE_S": "0"}, "GATEWAY_CONSUMER_MAX_STALE_S"),
+        ({"GATEWAY_UNKNOWN_KEY_LOOKUPS_PER_S": "-1"}, "GATEWAY_UNKNOWN_KEY_LOOKUPS_PER_S"),
+        ({"GATEWAY_ADMIN_KEY_SHA256": "secret"}, "GATEWAY_ADMIN_KEY_SHA256"),
+        ({"GATEWAY_API_VERSIONS": "2024-10-21,../x"}, "GATEWAY_API_VERSIONS"),
+        ({"GATEWAY_TRUSTED_PROXIES": "10.0.0.0/8,example.com"}, "GATEWAY_TRUSTED_PROXIES"),
+    ],
+)
+def test_bad_security_settings_fail_naming_the_setting(change: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings({**env(BACKEND), **change})
+
+
+def test_security_defaults() -> None:
+    settings = load_settings(env(BACKEND))
+    assert settings.auth_fail_mode == "closed" and settings.consumer_max_stale_s == 300
+    assert settings.unknown_key_lookups_per_s == 2 and settings.auth_failures_per_minute == 20
+    assert not settings.reveal_deployments and settings.admin_key_sha256 is None and settings.api_versions is None
+    assert settings.forwarded_hops == 0 and settings.trusted_proxies == ()
+    on_azure = load_settings({**env(BACKEND), "WEBSITE_SITE_NAME": "func-aigw"})
+    assert on_azure.forwarded_hops == 1  # the platform's front end appends the caller's address

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 import pytest
@@ -16,7 +17,7 @@ from shared.edge.consumers import (
     rotated,
 )
 from shared.edge.errors import render
-from shared.outcomes import Refusal
+from shared.outcomes import AuthStoreUnavailable, ConsumerDisabled, Refusal
 
 
 def make(store: MemoryConsumerStore, consumer_id: str = "team-a", **changes: object) -> str:
@@ -100,9 +101,11 @@ async def test_disabled_consumers_and_changes_apply_after_the_refresh_interval()
     clock.advance(2.5)
     await directory.authenticate(key)  # starts the reload in the background
     await directory.reload()
-    with pytest.raises(Refusal) as caught:
+    with pytest.raises(ConsumerDisabled) as caught:
         await directory.authenticate(key)
-    assert render(caught.value).code == "consumer_disabled"
+    assert caught.value.consumer_id == "team-a"
+    error = render(caught.value)  # answered exactly as a made-up key
+    assert (error.status, error.code, error.message) == (401, "invalid_api_key", "The API key is not valid.")
 
 
 async def test_rotation_with_and_without_grace() -> None:
@@ -135,3 +138,69 @@ async def test_store_trouble_keeps_serving_the_cached_consumers() -> None:
     directory = ConsumerDirectory(store, FakeClock(), refresh_s=1)
     assert (await directory.authenticate(key)).id == "team-a"  # found by the single lookup
     assert directory.reload_failures >= 1
+
+
+async def test_a_spray_of_unknown_keys_costs_at_most_the_lookup_budget() -> None:
+    store = MemoryConsumerStore()
+    clock = FakeClock()
+    directory = ConsumerDirectory(store, clock, refresh_s=5, lookups_per_s=2, failures_per_minute=10**6)
+    await directory.reload()
+    base = store.calls
+    for second in range(30):
+        for i in range(1000):
+            with pytest.raises(Refusal):
+                await directory.authenticate(f"gw-bogus-{second}-{i}", client=f"10.0.{i // 250}.{i % 250}")
+        clock.advance(1.0)
+        directory._reload_if_due()  # the regular reload, as a request would start it
+        await asyncio.sleep(0)
+    reloads = 30 // 5 + 1
+    assert store.calls - base <= 2 * 30 + 2 + reloads  # budget x seconds + the initial burst + reloads
+    assert len(directory.unknown) <= 2 * 30 + 2
+
+
+async def test_a_key_created_during_a_spray_works_at_the_next_lookup_the_budget_allows() -> None:
+    store = MemoryConsumerStore()
+    clock = FakeClock()
+    directory = ConsumerDirectory(store, clock, refresh_s=60, lookups_per_s=2, failures_per_minute=10**6)
+    await directory.reload()
+    for i in range(50):
+        with pytest.raises(Refusal):
+            await directory.authenticate(f"gw-bogus-{i}")
+    key = make(store, "fresh")
+    with pytest.raises(Refusal):
+        await directory.authenticate(key)  # the budget is spent: not looked up (and not remembered as unknown)
+    clock.advance(0.5)
+    assert (await directory.authenticate(key)).id == "fresh"
+
+
+async def test_past_the_maximum_staleness_a_closed_directory_refuses_every_key() -> None:
+    class Switchable(MemoryConsumerStore):
+        down = False
+
+        async def list_consumers(self) -> list[Consumer]:
+            if self.down:
+                raise RuntimeError("store down")
+            return await super().list_consumers()
+
+    for fail_closed in (True, False):
+        store = Switchable()
+        clock = FakeClock()
+        key = make(store)
+        directory = ConsumerDirectory(store, clock, refresh_s=5, max_stale_s=60, fail_closed=fail_closed)
+        assert (await directory.authenticate(key)).id == "team-a"
+        store.down = True
+        for _ in range(11):
+            clock.advance(5)
+            await directory.reload()
+        assert (await directory.authenticate(key)).id == "team-a"  # 55 s stale: still served
+        clock.advance(10)
+        await directory.reload()
+        if fail_closed:
+            with pytest.raises(Refusal) as caught:
+                await directory.authenticate(key)
+            assert isinstance(caught.value, AuthStoreUnavailable) and render(caught.value).status == 503
+        else:
+            assert (await directory.authenticate(key)).id == "team-a"
+        store.down = False
+        await directory.reload()
+        assert (await directory.authenticate(key)).id == "team-a"

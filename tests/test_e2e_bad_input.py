@@ -6,6 +6,7 @@ own code never answers 5xx, its worker keeps serving, and no backend receives an
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 
@@ -74,6 +75,42 @@ def test_hostile_deployment_names_in_the_path_and_in_model(e2e: Stack, http: htt
         check(response)
     check(http.post(f"/v1/{operation}", json={**body, "model": name}, headers={"api-key": key}))
     backends_saw_only_configured_things(e2e)
+
+
+# Header values an HTTP client can send: printable latin-1.
+header_text = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=255, blacklist_categories=("Cc",)), max_size=200)
+
+
+@EXAMPLES
+@given(key=header_text, bearer=st.booleans(), forwarded=st.one_of(st.none(), header_text,
+       st.lists(st.ip_addresses().map(str), min_size=1, max_size=5).map(", ".join)))
+def test_hostile_keys_and_forwarding_headers_are_refused_without_echo(
+    e2e: Stack, http: httpx.Client, key: str, bearer: bool, forwarded: str | None
+) -> None:
+    key = key.strip(" \xa0")
+    headers: dict[str, bytes] = {}
+    if key:  # h11 refuses to send an empty or space-padded value; the bytes go as latin-1, as a hostile client's would
+        headers["authorization" if bearer else "api-key"] = (f"Bearer {key}" if bearer else key).encode("latin-1")
+    if forwarded is not None and forwarded.strip(" \xa0"):
+        headers["x-forwarded-for"] = forwarded.strip(" \xa0").encode("latin-1")
+    for path in ("/v1/chat/completions", "/openai/deployments/made-up/chat/completions", "/health/details"):
+        response = http.request("GET" if path == "/health/details" else "POST", path, headers=headers,
+                                json={"model": "gpt-4o", "messages": [{"role": "user"}]})
+        check(response)
+        assert response.status_code in (401, 429), (path, response.status_code)
+        if len(key) >= 12:
+            assert key not in response.text
+
+
+@EXAMPLES
+@given(value=json_values.filter(lambda v: "Infinity" not in json.dumps(v)), spelling=st.sampled_from(["data_sources", "dataSources"]))
+def test_data_sources_of_any_shape_are_refused_without_the_capability(
+    e2e: Stack, http: httpx.Client, key: str, value: object, spelling: str
+) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, spelling: value}
+    response = http.post("/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21", json=body, headers={"api-key": key})
+    check(response)
+    assert response.status_code == 403 and response.json()["error"]["code"] == "capability_not_allowed"
 
 
 def raw_request(e2e: Stack, lines: list[str], body: bytes = b"") -> tuple[int, bytes]:

@@ -114,7 +114,7 @@ def test_a_backend_refusing_the_gateways_credential_is_taken_out_and_failed_over
         assert raw.headers["x-gateway-backend"] != regions[0].id
     # Out after its first refusal: later requests went straight to the others.
     assert ptu.stats()["by_status"].get(status) == 1
-    health = httpx.get(gateway.url + "/health").json()
+    health = httpx.get(gateway.url + "/health/details", headers=stack.ADMIN_HEADERS).json()
     first = next(b for b in health["backends"] if b["id"] == regions[0].id)
     assert first["deployments"][MINI]["state"] == "open" and first["deployments"][MINI]["reason"] == status
     assert first["deployments"][MINI]["recovers_in_s"] > 50

@@ -45,7 +45,7 @@ def requests_with(sim: Simulator, response_id: str) -> list[dict[str, Any]]:
 
 def recovered(e2e: Stack, url: str, backend_id: str) -> Callable[[], bool]:
     def check() -> bool:
-        health = httpx.get(url + "/health", timeout=10).json()
+        health = httpx.get(url + "/health/details", headers=stack.ADMIN_HEADERS, timeout=10).json()
         entry = next(b for b in health["backends"] if b["id"] == backend_id)
         return all(d["state"] != "open" for d in entry["deployments"].values())
 

@@ -107,7 +107,7 @@ def test_a_whole_answer_that_breaks_off_fails_over_and_the_broken_attempts_promp
     # Charged: what the answer used, plus the prompt the broken attempt was billed for; the header says the same.
     assert int(raw.headers["x-gateway-tokens-consumed"]) == completion.usage.total_tokens + prompt
     assert e2e.charged(consumer) == completion.usage.total_tokens + prompt
-    health = httpx.get(gateway.url + "/health").json()
+    health = httpx.get(gateway.url + "/health/details", headers=stack.ADMIN_HEADERS).json()
     ptu = next(b for b in health["backends"] if b["id"].endswith("uksouth-ptu"))
     assert ptu["deployments"][MINI]["state"] == "open"  # a backend whose answers break off is taken out
 
@@ -127,7 +127,7 @@ def test_a_breaker_trip_seen_by_one_gateway_is_honoured_by_another(
     for _ in range(5):
         assert served_by(client(second.url, key)) != "uksouth-ptu"
     assert e2e.simulators[0].stats()["requests"] == before  # the second gateway never tried the tripped PTU
-    health = httpx.get(second.url + "/health").json()
+    health = httpx.get(second.url + "/health/details", headers=stack.ADMIN_HEADERS).json()
     ptu = next(b for b in health["backends"] if b["id"].endswith("uksouth-ptu"))
     assert ptu["deployments"][MINI]["state"] == "open" and 25 <= ptu["deployments"][MINI]["recovers_in_s"] <= 30
 

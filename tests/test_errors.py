@@ -9,6 +9,7 @@ from shared.edge.errors import GatewayError, render, throttle_reason
 from shared.outcomes import (
     AttemptFailure,
     AuthStoreUnavailable,
+    AuthThrottled,
     BackendAuthFailed,
     BackendsBusy,
     BackendsFailed,
@@ -40,7 +41,9 @@ RESETS_AT = 1_700_006_400.0  # 2023-11-15T00:00:00Z
     [
         (InvalidKey(KeyProblem.MISSING), 401, "authentication_error", "invalid_api_key", {"www-authenticate": "Bearer"}),
         (InvalidKey(KeyProblem.UNKNOWN), 401, "authentication_error", "invalid_api_key", {"www-authenticate": "Bearer"}),
-        (ConsumerDisabled("app"), 401, "authentication_error", "consumer_disabled", {}),
+        (ConsumerDisabled("app"), 401, "authentication_error", "invalid_api_key", {"www-authenticate": "Bearer"}),
+        (InvalidKey(KeyProblem.EXPIRED, "app"), 401, "authentication_error", "invalid_api_key", {"www-authenticate": "Bearer"}),
+        (AuthThrottled(37), 429, "authentication_error", "too_many_failed_authentications", {"retry-after": "37"}),
         (InvalidToken("expired", "The access token has expired."), 401, "authentication_error", "invalid_token",
          {"www-authenticate": 'Bearer error="invalid_token"'}),
         (AuthStoreUnavailable(), 503, "server_error", "auth_store_unavailable", {"retry-after": "1"}),
@@ -77,9 +80,14 @@ def test_each_refusal_renders_as_an_openai_error(
     assert {k: error.headers[k] for k in headers} == headers
 
 
-def test_every_key_problem_has_its_own_message() -> None:
-    messages = {render(InvalidKey(problem)).message for problem in KeyProblem}
-    assert len(messages) == len(KeyProblem)
+def test_every_key_problem_a_client_can_fix_has_its_own_message_and_refused_keys_share_one() -> None:
+    # Missing, repeated, malformed or conflicting headers: the client's own mistake, said plainly. A key that exists
+    # but is refused (expired after rotation, or its consumer disabled) reads exactly as a made-up one.
+    fixable = [p for p in KeyProblem if p not in (KeyProblem.UNKNOWN, KeyProblem.EXPIRED)]
+    messages = {render(InvalidKey(problem)).message for problem in fixable}
+    assert len(messages) == len(fixable)
+    refused = [render(r) for r in (InvalidKey(KeyProblem.UNKNOWN), InvalidKey(KeyProblem.EXPIRED, "a"), ConsumerDisabled("a"))]
+    assert len({(e.status, e.body(), tuple(sorted(e.headers.items()))) for e in refused}) == 1
 
 
 def test_a_gateway_error_is_already_its_own_answer() -> None:
@@ -90,7 +98,7 @@ def test_a_gateway_error_is_already_its_own_answer() -> None:
 def test_every_refusal_kind_has_a_rendering() -> None:
     kinds = {cls for cls in Refusal.__subclasses__() if cls is not GatewayError}
     samples = {
-        InvalidKey(KeyProblem.MISSING), InvalidToken("bad_signature"), ConsumerDisabled("a"), AuthStoreUnavailable(), DeploymentNotFound("d"),
+        InvalidKey(KeyProblem.MISSING), InvalidToken("bad_signature"), ConsumerDisabled("a"), AuthThrottled(1), AuthStoreUnavailable(), DeploymentNotFound("d"),
         DeploymentNotAllowed("d"), RateLimited(1, 1), NeverAdmissible(2, 1), QuotaExhausted(1, "daily", RESETS_AT, 1),
         LimiterUnavailable(), BudgetExceeded("monthly", 1, 1, "EUR"), BackendsBusy(1), NoBackend(1), BackendsFailed(FailureKind.TIMEOUT), BackendAuthFailed(),
         MalformedAnswer(), ResponseNotFound("resp_1", True), ResponseStateUnavailable(),

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.fakes.gateway import GatewayHarness
+from tests.fakes.gateway import ADMIN_HEADERS, GatewayHarness
 from tests.fakes.upstream import PROMPT_TOKENS, json_reply
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something about the weather."}]
@@ -130,7 +130,7 @@ async def test_models_lists_only_what_the_key_may_use(harness: GatewayHarness) -
 
 
 async def test_health_shows_backends_without_secrets(harness: GatewayHarness) -> None:
-    response = await harness.http.get("/health")
+    response = await harness.http.get("/health/details", headers=ADMIN_HEADERS)
     health = response.json()
     assert response.status_code == 200 and health["status"] == "ok"
     assert {b["id"] for b in health["backends"]} == {"uksouth-ptu", "swedencentral", "francecentral"}

@@ -9,7 +9,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from shared.flow.tokens import count_chat_prompt, encoding_for
 from shared.outcomes import FailureKind
-from tests.fakes.gateway import GatewayHarness, backend, three_regions
+from tests.fakes.gateway import ADMIN_HEADERS, GatewayHarness, backend, three_regions
 from tests.fakes.upstream import Fail, Reply, chat_body, error_reply, json_reply
 
 MINI = "gpt-4o-mini"
@@ -53,7 +53,7 @@ async def test_a_failing_primary_fails_over_invisibly_and_is_probed_again_once_i
          failure.kind.value if isinstance(failure, Fail) else None),
         (response.headers["x-gateway-backend"], 2, 200, None),
     ]
-    health = (await harness.http.get("/health")).json()
+    health = (await harness.http.get("/health/details", headers=ADMIN_HEADERS)).json()
     assert state(health, "uksouth-ptu")["state"] == "open"
     assert state(health, "uksouth-ptu")["recovers_in_s"] == pytest.approx(trip_s)
 
@@ -124,7 +124,7 @@ async def test_a_429_asking_for_a_day_trips_for_the_capped_time() -> None:
         response = await harness.post(CHAT, harness.consumer(), BODY)
         assert response.status_code == 429 and response.json()["error"]["code"] == "backends_busy"
         assert response.headers["retry-after"] == "300"
-        assert state((await harness.http.get("/health")).json(), "only")["state"] == "open"
+        assert state((await harness.http.get("/health/details", headers=ADMIN_HEADERS)).json(), "only")["state"] == "open"
     finally:
         await harness.close()
 

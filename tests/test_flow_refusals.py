@@ -38,7 +38,12 @@ async def test_no_key_a_wrong_key_and_a_disabled_consumer_are_401(harness: Gatew
     assert missing.headers["www-authenticate"] == "Bearer"
     assert_openai_error(await harness.post(CHAT, "gw-not-a-real-key", body), 401, "invalid_api_key")
     disabled = harness.consumer("off", enabled=False)
-    assert_openai_error(await harness.post(CHAT, disabled, body), 401, "consumer_disabled")
+    # A disabled consumer's key is answered exactly as a made-up one; the reason is in logs and the metric's consumer.
+    refused = await harness.post(CHAT, disabled, body)
+    made_up = await harness.post(CHAT, "gw-not-a-real-key", body)
+    assert_openai_error(refused, 401, "invalid_api_key")
+    assert (refused.content, refused.headers["www-authenticate"]) == (made_up.content, made_up.headers["www-authenticate"])
+    assert harness.telemetry.requests[-2].consumer_id == "off"
     assert harness.upstream.sent == []
     with pytest.raises(openai.AuthenticationError):
         await harness.openai("gw-not-a-real-key").chat.completions.create(model="gpt-4o", messages=MESSAGES)
@@ -64,13 +69,30 @@ async def test_duplicated_and_conflicting_credentials_are_401(
     assert harness.upstream.sent == []
 
 
-async def test_a_deployment_the_key_may_not_use_is_403_and_counted(harness: GatewayHarness) -> None:
+async def test_a_deployment_the_key_may_not_use_looks_like_one_that_does_not_exist_and_is_counted(
+    harness: GatewayHarness,
+) -> None:
     key = harness.consumer("limited", deployments=["text-embedding-3-small"])
-    with pytest.raises(openai.PermissionDeniedError) as forbidden:
+    with pytest.raises(openai.NotFoundError) as hidden:
         await harness.openai(key).chat.completions.create(model="gpt-4o", messages=MESSAGES)
-    assert forbidden.value.code == "deployment_not_allowed"
-    record = harness.telemetry.requests[-1]
-    assert (record.status, record.consumer_id, record.deployment) == (403, "limited", "gpt-4o")
+    with pytest.raises(openai.NotFoundError) as missing:
+        await harness.openai(key).chat.completions.create(model="gpt-4p", messages=MESSAGES)
+    assert hidden.value.code == missing.value.code == "DeploymentNotFound"
+    assert str(hidden.value.message).replace("gpt-4o", "X") == str(missing.value.message).replace("gpt-4p", "X")
+    record = harness.telemetry.requests[-2]
+    assert (record.status, record.consumer_id, record.deployment) == (404, "limited", "gpt-4o")
+    assert harness.telemetry.requests[-1].deployment == ""  # a made-up name is no metric dimension
+
+
+async def test_revealing_deployments_keeps_the_distinct_403() -> None:
+    harness = GatewayHarness(env={"GATEWAY_REVEAL_DEPLOYMENTS": "true"})
+    try:
+        key = harness.consumer("limited", deployments=["text-embedding-3-small"])
+        with pytest.raises(openai.PermissionDeniedError) as forbidden:
+            await harness.openai(key).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        assert forbidden.value.code == "deployment_not_allowed"
+    finally:
+        await harness.close()
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,9 @@ def test_local_host_serves_exactly_the_registered_functions(function_app: Any) -
         for name, route, methods, _ in registrations(functions)
     }
     assert served == expected
-    assert {name for name, *_ in registrations(functions)} == {"azure_openai", "azure_openai_v1", "azure_openai_preview", "openai_v1", "health"}
+    assert {name for name, *_ in registrations(functions)} == {
+        "azure_openai", "azure_openai_v1", "azure_openai_preview", "openai_v1", "health", "health_details"
+    }
     # Every gateway function is anonymous at the host: consumers authenticate with their own keys in the gateway.
     assert {level for *_, level in registrations(functions)} == {"ANONYMOUS"}
 

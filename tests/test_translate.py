@@ -202,3 +202,22 @@ def test_an_output_cap_set_by_the_gateway_goes_where_the_backend_reads_it(
     sent = orjson.loads(backend_body(orjson.dumps(body), body, backend, "gpt-4o", shape, version))
     assert sent[field] == 700
     assert len({"max_tokens", "max_completion_tokens"} & set(sent)) == 1
+
+
+@pytest.mark.parametrize("version", ["2024-10-21\n", "2024-10-21\r\n", "\n2024-10-21"])
+def test_a_trailing_or_leading_newline_is_not_a_valid_api_version(version: str) -> None:
+    with pytest.raises(GatewayError):
+        check_api_version({"api-version": version})
+
+
+@pytest.mark.parametrize("path", ["/openai/deployments/gpt-4o%0A/chat/completions", "/openai/deployments/gpt-4o%0D%0A/embeddings"])
+def test_a_deployment_name_with_a_newline_is_404(path: str) -> None:
+    with pytest.raises(GatewayError) as caught:
+        match_route("POST", path)
+    assert caught.value.status == 404
+
+
+def test_a_model_with_a_trailing_newline_is_404() -> None:
+    with pytest.raises(GatewayError) as caught:
+        check_body(match_route("POST", "/v1/chat/completions"), {"model": "gpt-4o\n", "messages": [{"role": "user"}]})
+    assert caught.value.status == 404

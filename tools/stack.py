@@ -6,6 +6,7 @@ listens on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -24,6 +25,9 @@ PYTHON = sys.executable
 LOOPBACK = "127.0.0.1"
 DEVSTORE_CONNECTION = "UseDevelopmentStorage=true"
 SIM_API_KEY = "sim-backend-key"
+# The gateway admin key of local stacks (tests, benchmarks): reads /health/details. Gateways get only its SHA-256.
+ADMIN_KEY = "gw-admin-local-stack-only-not-for-deployment"
+ADMIN_HEADERS = {"api-key": ADMIN_KEY}
 
 
 def free_port() -> int:
@@ -153,6 +157,7 @@ class Region:
             "deployments": ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"],
             "auth": "key",
             "api_key_setting": "SIM_API_KEY",
+            "allow_insecure_http": True,  # simulated regions on loopback; a real backend is https://
         }
         if self.reserve_tokens:
             backend["reserve_tokens"] = self.reserve_tokens
@@ -213,6 +218,7 @@ def gateway_env(backends_json: str, table_port: int, extra: Mapping[str, str] | 
         "GATEWAY_BACKENDS": backends_json,
         "SIM_API_KEY": SIM_API_KEY,
         "GATEWAY_TABLE_CONNECTION_STRING": table_connection_string(table_port),
+        "GATEWAY_ADMIN_KEY_SHA256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(),
         "PYTHON_ENABLE_INIT_INDEXING": "1",
         "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true",
         "APPLICATIONINSIGHTS_SDKSTATS_DISABLED": "true",

@@ -7,6 +7,7 @@
                                                  [--entra-role ROLE ...] [--entra-group ID ...] [--no-key]
     python -m shared.admin consumers create-many FILE [--keys-out KEYS]   (JSON Lines, one consumer a line; see below)
     python -m shared.admin consumers list | show ID | rotate ID [--grace-seconds S] | disable ID | enable ID | delete ID
+    python -m shared.admin consumers reindex
     python -m shared.admin consumers set ID [--tpm N] [--deployment-tpm D=N ...] [--quota N --quota-period P] ...
     python -m shared.admin usage [--period daily|hourly|monthly|...] [--at ISO-DATE] [--consumer ID]
     python -m shared.admin query list | run NAME --resource-id ID [--timespan P1D]
@@ -36,8 +37,9 @@ from dataclasses import replace
 from typing import Any
 
 from shared.clock import SystemClock
-from shared.config import ConfigError, Settings, load_settings, local_environment
+from shared.config import DEPLOYMENT_NAME, ConfigError, Settings, load_settings, local_environment
 from shared.edge.consumers import (
+    CAPABILITIES,
     PRIORITIES,
     QUOTA_PERIODS,
     Consumer,
@@ -58,16 +60,50 @@ def _slug(name: str) -> str:
     return slug or "consumer"
 
 
+def _whole(text: str) -> int:
+    """A whole number >= 0 for argparse: "-5" or "1e3" is an error, never "unlimited"."""
+    if not re.fullmatch(r"[0-9]{1,12}", text.strip()):
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 <= value <= 30 * 86400:
+        raise argparse.ArgumentTypeError("expected between 0 and 2592000 seconds (30 days)")
+    return value
+
+
+def _deployment(name: str, option: str) -> str:
+    if not DEPLOYMENT_NAME.fullmatch(name):
+        raise SystemExit(f"{option}: not a deployment name: {name!r}")
+    return name
+
+
 def _deployment_tpm(items: Sequence[str] | None) -> dict[str, int] | None:
     if items is None:
         return None
     result: dict[str, int] = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or not value.isdigit():
-            raise SystemExit(f"--deployment-tpm: expected DEPLOYMENT=N, got {item!r}")
-        result[name] = int(value)
+        if not sep or not re.fullmatch(r"[0-9]{1,12}", value):
+            raise SystemExit(f"--deployment-tpm: expected DEPLOYMENT=N with N >= 0, got {item!r}")
+        result[_deployment(name, "--deployment-tpm")] = int(value)
     return result
+
+
+def _capabilities(args: argparse.Namespace, base: frozenset[str]) -> frozenset[str]:
+    raw = getattr(args, "capabilities", None)
+    if raw is None:
+        return base
+    names = frozenset(c.strip() for c in raw.split(",") if c.strip())
+    unknown = names - CAPABILITIES
+    if unknown:
+        raise SystemExit(f"--capabilities: unknown {', '.join(sorted(unknown))}; known: {', '.join(sorted(CAPABILITIES))}")
+    return names
 
 
 def _limits(args: argparse.Namespace, base: Limits) -> Limits:
@@ -96,7 +132,10 @@ def _deployments(args: argparse.Namespace, base: frozenset[str] | None) -> froze
     if getattr(args, "all_deployments", False):
         return None
     if args.deployments is not None:
-        return frozenset(d.strip() for d in args.deployments.split(",") if d.strip())
+        names = frozenset(_deployment(d.strip(), "--deployments") for d in args.deployments.split(",") if d.strip())
+        if not names:
+            raise SystemExit("--deployments: name at least one deployment (or use --all-deployments)")
+        return names
     return base
 
 
@@ -135,6 +174,7 @@ def describe(consumer: Consumer) -> dict[str, Any]:
         "budget_period": (limits.budget_period or "monthly") if limits.budget else None,
         "entra": sorted(consumer.entra),
         "output_cap": "default" if limits.output_cap is None else ("on" if limits.output_cap else "off"),
+        "capabilities": sorted(consumer.capabilities),
     }
 
 
@@ -161,16 +201,21 @@ def consumer_from_spec(spec: Any) -> tuple[Consumer, str]:
         raise ValueError("name is required")
     per_deployment = spec.get("deployment_tokens_per_minute", {})
     if not isinstance(per_deployment, dict) or not all(
-        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in per_deployment.items()
+        isinstance(k, str) and DEPLOYMENT_NAME.fullmatch(k) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        for k, v in per_deployment.items()
     ):
         raise ValueError("deployment_tokens_per_minute must map deployments to whole numbers >= 0")
     quota = _count(spec, "quota")
     period = spec.get("quota_period")
     if (quota or period is not None) and period not in QUOTA_PERIODS:
         raise ValueError(f"quota needs quota_period, one of {', '.join(QUOTA_PERIODS)}")
-    deployments = spec.get("deployments", "*")
-    if deployments != "*" and not (isinstance(deployments, list) and all(isinstance(d, str) and d for d in deployments)):
-        raise ValueError('deployments must be a list of names or "*"')
+    # Access is never implied: a line says which deployments ("*" for all), like consumers create.
+    deployments = spec.get("deployments")
+    if deployments != "*" and not (
+        isinstance(deployments, list) and deployments
+        and all(isinstance(d, str) and DEPLOYMENT_NAME.fullmatch(d) for d in deployments)
+    ):
+        raise ValueError('deployments is required: a non-empty list of deployment names, or "*" for all')
     priority = spec.get("priority", "normal")
     if priority not in PRIORITIES:
         raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}")
@@ -233,6 +278,9 @@ class Admin:
 
     async def create(self, args: argparse.Namespace) -> int:
         consumer_id = validate_consumer_id(args.id or _slug(args.name))
+        if args.deployments is None and not args.all_deployments:
+            # Access is never implied: which deployments a consumer may use is always said.
+            raise SystemExit("say which deployments the consumer may use: --deployments a,b or --all-deployments")
         entra = _entra(args, frozenset())
         if args.no_key and not entra:
             raise SystemExit("--no-key: give the consumer an Entra ID mapping (--entra-app-id, ...) or a key")
@@ -246,6 +294,7 @@ class Admin:
             limits=_limits(args, Limits()),
             priority=args.priority or "normal",
             entra=entra,
+            capabilities=_capabilities(args, frozenset()),
         )
         await self._check_mappings_free(consumer)
         try:
@@ -338,11 +387,20 @@ class Admin:
             deployments=_deployments(args, consumer.deployments),
             priority=args.priority or consumer.priority,
             entra=_entra(args, consumer.entra),
+            capabilities=_capabilities(args, consumer.capabilities),
             version=consumer.version + 1,
         )
         await self._check_mappings_free(changed)
         await self.store.put(changed)
         self.print(json.dumps(describe(changed), indent=2))
+        return 0
+
+    async def reindex(self, args: argparse.Namespace) -> int:
+        """Write the key-hash index rows of every consumer (for consumers created before the index existed)."""
+        consumers = await self.store.list_consumers()
+        for consumer in consumers:
+            await self.store.put(consumer)
+        self.print(f"{len(consumers)} consumers indexed")
         return 0
 
     async def delete(self, args: argparse.Namespace) -> int:
@@ -353,9 +411,9 @@ class Admin:
 
 
 def _limit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tpm", type=int, help="tokens per minute (0: unlimited)")
+    parser.add_argument("--tpm", type=_whole, help="tokens per minute (0: unlimited)")
     parser.add_argument("--deployment-tpm", action="append", metavar="DEPLOYMENT=N", help="per-deployment tokens per minute")
-    parser.add_argument("--quota", type=int, help="token quota per period (0: none)")
+    parser.add_argument("--quota", type=_whole, help="token quota per period (0: none)")
     parser.add_argument("--quota-period", choices=QUOTA_PERIODS)
     parser.add_argument("--budget", type=float, help="spend per budget period in the price table's currency (0: none)")
     parser.add_argument("--budget-period", choices=QUOTA_PERIODS, help="default monthly")
@@ -369,6 +427,7 @@ def _limit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--entra-object-id", action="append", metavar="ID", help=entra + "the object id (oid)")
     parser.add_argument("--entra-role", action="append", metavar="ROLE", help=entra + "an app role in the token")
     parser.add_argument("--entra-group", action="append", metavar="ID", help=entra + "a group id in the token")
+    parser.add_argument("--capabilities", help=f"comma-separated request features to allow ({', '.join(sorted(CAPABILITIES))}); '' for none")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -389,9 +448,10 @@ def parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true")
     for action in ("show", "disable", "enable", "delete"):
         consumers.add_parser(action).add_argument("id")
+    consumers.add_parser("reindex", help="write the key-hash index rows of every consumer")
     rotate = consumers.add_parser("rotate")
     rotate.add_argument("id")
-    rotate.add_argument("--grace-seconds", type=float, default=0.0, help="how long the old key keeps working")
+    rotate.add_argument("--grace-seconds", type=_seconds, default=0.0, help="how long the old key keeps working (at most 30 days)")
     update = consumers.add_parser("set")
     update.add_argument("id")
     update.add_argument("--name")
@@ -433,6 +493,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             return await admin.update(args)
         if action == "delete":
             return await admin.delete(args)
+        if action == "reindex":
+            return await admin.reindex(args)
         raise SystemExit(f"unknown action {action}")
     finally:
         await tables.close()

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import re
 import secrets
 from collections.abc import Mapping
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field, replace
 
 from shared.clock import Clock
 from shared.edge.entra import Principal, PrincipalIndex
-from shared.outcomes import AuthStoreUnavailable, ConsumerDisabled, InvalidKey, KeyProblem
+from shared.edge.keyguard import FailureThrottle, LookupBudget, UnknownKeys
+from shared.outcomes import AuthStoreUnavailable, AuthThrottled, ConsumerDisabled, InvalidKey, KeyProblem, Refusal
 
 # The store's contract and its in-memory twin live with the other stores; imported here for existing callers.
 from shared.storage.memory import MemoryConsumerStore as MemoryConsumerStore
@@ -30,7 +32,10 @@ RELOAD_RETRY_S = 2.0
 PRINCIPAL_RELOAD_S = 1.0  # at most one reload a second for verified tokens that map to no cached consumer
 QUOTA_PERIODS = ("hourly", "daily", "weekly", "monthly", "yearly")
 PRIORITIES = ("high", "normal", "low")
-_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# Request features a consumer gets only when its record names them. "data_sources" (Azure "On Your Data") makes the
+# backend call data stores the caller names, with the backend's identity.
+CAPABILITIES = frozenset({"data_sources"})
+_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # fullmatch: `$` would accept a trailing newline
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,13 +65,14 @@ class Consumer:
     previous_key_expires: float = 0.0
     version: int = 0
     entra: frozenset[str] = frozenset()  # Entra ID mapping keys: "app:<id>", "oid:<id>", "role:<name>", "group:<id>"
+    capabilities: frozenset[str] = frozenset()  # request features beyond the basics, e.g. "data_sources"
 
     def may_use(self, deployment: str) -> bool:
         return self.deployments is None or deployment in self.deployments
 
 
 def validate_consumer_id(consumer_id: str) -> str:
-    if not _ID_RE.match(consumer_id):
+    if not _ID_RE.fullmatch(consumer_id):
         raise ValueError("consumer id: lower-case letters, digits and '-', at most 63, starting with a letter or digit")
     return consumer_id
 
@@ -107,21 +113,43 @@ def key_from_headers(headers: Mapping[str, str], repeated: frozenset[str]) -> st
 class ConsumerDirectory:
     """Every consumer, cached in memory and reloaded in the background, so authentication costs no I/O.
 
-    A key not in the cache (a consumer created seconds ago) is looked up once in the store; unknown keys are remembered
-    as unknown until the next reload, so a client spraying bad keys cannot turn each request into a store call.
+    A key not in the cache (a consumer created since the last reload) is looked up by a point read on its hash, within
+    a per-instance budget of `lookups_per_s`; the store's "unknown" is remembered (bounded), and an address whose
+    authentications keep failing is throttled before any lookup. A spray of made-up keys therefore costs the store at
+    most `lookups_per_s` reads a second per instance, plus the regular reload.
+
+    The cached copy is trusted for at most `max_stale_s` after the last successful reload: past that, with fail mode
+    "closed", every key is refused with 503 until the store answers again (revocations cannot be missed for longer).
     """
 
-    def __init__(self, store: ConsumerStore, clock: Clock, refresh_s: float) -> None:
+    def __init__(
+        self,
+        store: ConsumerStore,
+        clock: Clock,
+        refresh_s: float,
+        *,
+        max_stale_s: float = 300.0,
+        fail_closed: bool = True,
+        lookups_per_s: float = 2.0,
+        failures_per_minute: int = 20,
+    ) -> None:
         self._store = store
         self._clock = clock
         self._refresh_s = refresh_s
+        self._max_stale_s = max_stale_s
+        self._fail_closed = fail_closed
         self._by_hash: dict[str, Consumer] = {}
         self._by_id: dict[str, Consumer] = {}  # for Entra principals, mapped to consumer ids
-        self._unknown: set[str] = set()
+        # A digest the store did not know stays unknown until a reload brings it: a 256-bit key is not guessed.
+        self.unknown = UnknownKeys(clock, ttl_s=max(refresh_s * 4, 60.0))
+        self.budget = LookupBudget(lookups_per_s, clock)
+        self.throttle = FailureThrottle(failures_per_minute, clock)
         self._principals = PrincipalIndex(())
         self._principal_reload_at = float("-inf")
         self._loaded_at = float("-inf")
+        self._fresh_at = clock.monotonic()  # the last successful reload (or the start)
         self._reloading: asyncio.Task[None] | None = None
+        self._stale_logged = False
         self.reload_failures = 0
 
     def _index(self, consumers: list[Consumer]) -> None:
@@ -130,9 +158,9 @@ class ConsumerDirectory:
             by_hash[consumer.key_hash] = consumer
             if consumer.previous_key_hash:
                 by_hash[consumer.previous_key_hash] = consumer
+            self.unknown.discard(consumer.key_hash)
         self._by_hash = by_hash
         self._by_id = {c.id: c for c in consumers}
-        self._unknown = set()
         self._principals = PrincipalIndex((c.id, key) for c in consumers for key in c.entra)
 
     async def reload(self) -> None:
@@ -148,7 +176,8 @@ class ConsumerDirectory:
             return
         self.reload_failures = 0
         self._index(consumers)
-        self._loaded_at = self._clock.monotonic()
+        self._loaded_at = self._fresh_at = self._clock.monotonic()
+        self._stale_logged = False
 
     def _reload_if_due(self) -> None:
         if self._clock.monotonic() - self._loaded_at >= self._refresh_s and (
@@ -156,29 +185,48 @@ class ConsumerDirectory:
         ):
             self._reloading = asyncio.get_running_loop().create_task(self.reload())
 
-    async def authenticate(self, key: str) -> Consumer:
+    def _check_fresh(self) -> None:
+        age = self._clock.monotonic() - self._fresh_at
+        if age <= self._max_stale_s:
+            return
+        if not self._stale_logged:
+            self._stale_logged = True
+            log.error("consumers not reloaded for more than %gs; %s", self._max_stale_s,
+                      "refusing every key until the store answers" if self._fail_closed else "still serving the cached copy")
+        if self._fail_closed:
+            raise AuthStoreUnavailable()
+
+    def refuse(self, client: str, refusal: Refusal) -> Refusal:
+        """Count a failed authentication against the client's address and log why; every such refusal is rendered as
+        the same 401, so only logs and metrics tell a disabled consumer from a made-up key."""
+        self.throttle.failed(client)
+        match refusal:
+            case ConsumerDisabled(consumer_id=consumer_id):
+                log.info("authentication refused: consumer disabled (consumer %s)", consumer_id)
+            case InvalidKey(problem=problem, consumer_id=consumer_id) if consumer_id:
+                log.info("authentication refused: %s key (consumer %s)", problem.value, consumer_id)
+            case InvalidKey(problem=problem):
+                log.info("authentication refused: %s key", problem.value)
+        return refusal
+
+    def check_throttle(self, client: str) -> None:
+        retry = self.throttle.retry_after(client)
+        if retry is not None:
+            raise AuthThrottled(max(1, math.ceil(retry)))
+
+    async def authenticate(self, key: str, client: str = "") -> Consumer:
         if self._loaded_at == float("-inf"):
             await self.reload()
         else:
             self._reload_if_due()
+        self._check_fresh()
         digest = hash_key(key)
         consumer = self._by_hash.get(digest)
-        if consumer is None and digest not in self._unknown:
-            try:
-                consumer = await self._store.find_by_key_hash(digest)
-            except Exception as exc:
-                # Not a verdict on the key: it is not remembered as unknown, and the client may retry.
-                log.warning("consumer lookup failed (%s)", type(exc).__name__)
-                raise AuthStoreUnavailable() from None
-            if consumer is None:
-                if len(self._unknown) > 100_000:
-                    self._unknown.clear()
-                self._unknown.add(digest)
-            else:
-                self._by_hash[digest] = consumer
-                self._by_id[consumer.id] = consumer
         if consumer is None:
-            raise InvalidKey(KeyProblem.UNKNOWN)
+            self.check_throttle(client)
+            consumer = await self._lookup(digest)
+            if consumer is None:
+                raise self.refuse(client, InvalidKey(KeyProblem.UNKNOWN))
         if consumer.key_hash != digest:
             # The previous key of a rotated consumer, valid only during its grace period.
             if not (
@@ -186,11 +234,29 @@ class ConsumerDirectory:
                 and hmac.compare_digest(consumer.previous_key_hash, digest)
                 and self._clock.now() < consumer.previous_key_expires
             ):
-                raise InvalidKey(KeyProblem.UNKNOWN)
+                raise self.refuse(client, InvalidKey(KeyProblem.EXPIRED, consumer.id))
         elif not hmac.compare_digest(consumer.key_hash, digest):
-            raise InvalidKey(KeyProblem.UNKNOWN)
+            raise self.refuse(client, InvalidKey(KeyProblem.UNKNOWN))
         if not consumer.enabled:
-            raise ConsumerDisabled(consumer.id)
+            raise self.refuse(client, ConsumerDisabled(consumer.id))
+        return consumer
+
+    async def _lookup(self, digest: str) -> Consumer | None:
+        """One point read for a key the cache does not know, if the budget allows; None for unknown (or not looked up:
+        a key created seconds ago then works at the next lookup the budget allows, or the next reload)."""
+        if digest in self.unknown or not self.budget.take():
+            return None
+        try:
+            consumer = await self._store.find_by_key_hash(digest)
+        except Exception as exc:
+            # Not a verdict on the key: it is not remembered as unknown, and the client may retry.
+            log.warning("consumer lookup failed (%s)", type(exc).__name__)
+            raise AuthStoreUnavailable() from None
+        if consumer is None:
+            self.unknown.add(digest)
+            return None
+        self._by_hash[digest] = consumer
+        self._by_id[consumer.id] = consumer
         return consumer
 
 

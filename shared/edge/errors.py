@@ -12,6 +12,7 @@ import orjson
 
 from shared.outcomes import (
     AuthStoreUnavailable,
+    AuthThrottled,
     BackendAuthFailed,
     BackendsBusy,
     BackendsFailed,
@@ -90,6 +91,7 @@ _KEY_MESSAGES = {
     KeyProblem.NOT_BEARER: "The Authorization header must be 'Bearer <key>'.",
     KeyProblem.CONFLICTING: "The api-key and Authorization headers carry different keys; send exactly one key.",
     KeyProblem.UNKNOWN: "The API key is not valid.",
+    KeyProblem.EXPIRED: "The API key is not valid.",  # as for a made-up key: an answer never confirms a key existed
 }
 
 
@@ -110,7 +112,15 @@ def render(refusal: Refusal) -> GatewayError:
                 headers={"www-authenticate": 'Bearer error="invalid_token"'},
             )
         case ConsumerDisabled():
-            return GatewayError(401, "This consumer is disabled.", type="authentication_error", code="consumer_disabled")
+            # Answered exactly as a made-up key, so the answer never confirms that a key is valid (the reason is in
+            # the logs and in the request metric's consumer id).
+            return unauthorized(_KEY_MESSAGES[KeyProblem.UNKNOWN])
+        case AuthThrottled(retry_after_s=seconds):
+            return GatewayError(
+                429, "Too many failed authentications from this address; try again later.",
+                type="authentication_error", code="too_many_failed_authentications",
+                headers={"retry-after": str(seconds)},
+            )
         case AuthStoreUnavailable(retry_after_s=seconds):
             return GatewayError(
                 503, "The gateway cannot check keys right now; try again shortly.", type="server_error",

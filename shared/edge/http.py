@@ -7,7 +7,8 @@ Starlette's, which are the same classes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import ipaddress
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.requests import Request
@@ -16,18 +17,57 @@ from starlette.responses import Response
 from shared.edge.errors import GatewayError
 from shared.edge.messages import GatewayRequest, GatewayResponse
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-def client_ip(request: Request) -> str:
-    # Azure's front end appends the address it saw to X-Forwarded-For; the last entry is the one a client cannot forge.
-    forwarded = request.headers.get("x-forwarded-for")
-    if forwarded:
-        last = forwarded.split(",")[-1].strip()
-        if last.startswith("["):
-            return last[1:].split("]", 1)[0]
-        if last.count(":") == 1:
-            return last.split(":", 1)[0]
-        return last
-    return request.client.host if request.client else ""
+
+def _address(entry: str) -> str | None:
+    """An X-Forwarded-For entry as a bare address ("1.2.3.4:5678" and "[::1]:80" carry ports), or None if it is not one."""
+    entry = entry.strip()
+    if entry.startswith("["):
+        entry = entry[1:].split("]", 1)[0]
+    elif entry.count(":") == 1:
+        entry = entry.split(":", 1)[0]
+    try:
+        return str(ipaddress.ip_address(entry))
+    except ValueError:
+        return None
+
+
+def _trusted(address: str, proxies: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in proxies)
+
+
+def client_address(peer: str, forwarded: str | None, hops: int, proxies: tuple[Network, ...]) -> str:
+    """The caller's address, believing X-Forwarded-For only as far as trusted hops wrote it.
+
+    Each proxy appends the address it saw, so entries are trustworthy only from the right: the `hops` rightmost ones were
+    written by the platform's own front ends (Azure Functions/App Service: one, the caller's address with its port),
+    and past those, entries written by configured proxies (`proxies`, e.g. an Application Gateway subnet) are skipped.
+    Anything further left was written by the client and is never believed.
+    """
+    entries = [e for e in forwarded.split(",")] if forwarded else []
+    if hops > 0:
+        if len(entries) < hops:
+            return peer
+        index = len(entries) - hops
+    else:
+        if not entries or not _trusted(peer, proxies):
+            return peer
+        index = len(entries) - 1
+    address = _address(entries[index])
+    while address is not None and index > 0 and _trusted(address, proxies):
+        index -= 1
+        address = _address(entries[index])
+    return address if address is not None else peer
+
+
+def client_ip(request: Request, hops: int = 0, proxies: tuple[Network, ...] = ()) -> str:
+    peer = request.client.host if request.client else ""
+    return client_address(peer, request.headers.get("x-forwarded-for"), hops, proxies)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -52,7 +92,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def to_gateway_request(request: Request, body: bytes) -> GatewayRequest:
+def to_gateway_request(
+    request: Request,
+    body: bytes = b"",
+    *,
+    read_body: Callable[[], Awaitable[bytes]] | None = None,
+    hops: int = 0,
+    proxies: tuple[Network, ...] = (),
+) -> GatewayRequest:
     headers: dict[str, str] = {}
     repeated: set[str] = set()
     for raw_name, raw_value in request.headers.raw:
@@ -72,8 +119,9 @@ def to_gateway_request(request: Request, body: bytes) -> GatewayRequest:
         query=dict(request.query_params),
         headers=headers,
         body=body,
-        client_ip=client_ip(request),
+        client_ip=client_ip(request, hops, proxies),
         repeated=frozenset(repeated),
+        read_body=read_body,
     )
 
 

@@ -30,14 +30,14 @@ class Identifier:
         self._validator = validator
         self._accept_keys = accept_keys
 
-    async def identify(self, headers: Mapping[str, str], repeated: frozenset[str]) -> Caller:
+    async def identify(self, headers: Mapping[str, str], repeated: frozenset[str], client: str = "") -> Caller:
         credential = key_from_headers(headers, repeated)
         if looks_like_jwt(credential):
             return await self._token(credential)
         if not self._accept_keys:
             self._telemetry.auth_refused("keys_disabled")
             raise InvalidToken("keys_disabled", "This gateway accepts Entra ID access tokens only.")
-        return Caller(await self._directory.authenticate(credential))
+        return Caller(await self._directory.authenticate(credential, client))
 
     async def _token(self, token: str) -> Caller:
         if self._validator is None:

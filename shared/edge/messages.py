@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 
@@ -16,6 +16,8 @@ class GatewayRequest:
     body: bytes
     client_ip: str
     repeated: frozenset[str] = frozenset()
+    # The edge hands over the body unread: the flow reads it only once the key (from the headers) has been accepted.
+    read_body: Callable[[], Awaitable[bytes]] | None = None
 
 
 @dataclass(slots=True)

@@ -11,7 +11,6 @@ from dataclasses import replace
 
 from shared.clock import Clock
 from shared.config import Backend
-from shared.edge.consumers import Consumer
 from shared.edge.messages import GatewayRequest
 from shared.flow.exchange import Exchange, LostAttempt, Served
 from shared.flow.translate import Operation, Route
@@ -76,18 +75,19 @@ class Books:
         self._emit_lost(exchange)
 
     def refused(
-        self, request: GatewayRequest, route: Route, consumer: Consumer | None, deployment: str | None, status: int,
+        self, request: GatewayRequest, route: Route, consumer_id: str, client_ip: str, deployment: str, status: int,
         started: float, trace: Trace,
     ) -> None:
-        """A request the gateway answered itself: counted, with no tokens."""
+        """A request the gateway answered itself: counted, with no tokens, under the dimensions the caller vouches for
+        (the gateway passes none that an unauthenticated client chose)."""
         self._telemetry.request_done(
             RequestRecord(
-                consumer_id=consumer.id if consumer else "",
-                client_ip=request.client_ip,
+                consumer_id=consumer_id,
+                client_ip=client_ip,
                 api=route.api,
                 operation=route.operation.operation_id,
                 user_id="",
-                deployment=deployment or route.deployment or "",
+                deployment=deployment,
                 status=status,
                 duration_ms=(self._clock.monotonic() - started) * 1000,
             ),

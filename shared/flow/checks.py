@@ -12,7 +12,15 @@ from shared.edge.errors import GatewayError, bad_request
 from shared.edge.messages import GatewayRequest
 from shared.flow import offload
 from shared.flow.exchange import Checked
-from shared.flow.translate import CallShape, Operation, Route, check_api_version, check_body, parse_body
+from shared.flow.translate import (
+    CallShape,
+    Operation,
+    Route,
+    check_api_version,
+    check_body,
+    check_capabilities,
+    parse_body,
+)
 from shared.outcomes import DeploymentNotAllowed, DeploymentNotFound
 from shared.routing.pinning import Holder, Pinning
 
@@ -28,13 +36,18 @@ class Parsed:
 
 
 class Checks:
-    def __init__(self, deployments: frozenset[str], pinning: Pinning) -> None:
+    def __init__(
+        self, deployments: frozenset[str], pinning: Pinning, *, reveal_deployments: bool = False,
+        api_versions: frozenset[str] | None = None,
+    ) -> None:
         self._deployments = deployments
         self._pinning = pinning
+        self._reveal = reveal_deployments
+        self._api_versions = api_versions
 
     async def parse(self, request: GatewayRequest, route: Route) -> Parsed:
         """400 for a bad api-version or body, 415 for a body that is not JSON."""
-        api_version = check_api_version(request.query)
+        api_version = check_api_version(request.query, self._api_versions)
         content_type = request.headers.get("content-type", "application/json").split(";", 1)[0].strip().lower()
         if content_type != "application/json":
             raise GatewayError(415, "Send the request body as application/json.", code="unsupported_media_type")
@@ -49,10 +62,12 @@ class Checks:
         """An unknown deployment, one the key may not use, or a continuation of a response the consumer may not see
         is refused here."""
         deployment = parsed.shape.deployment
-        if deployment not in self._deployments:
+        if deployment not in self._deployments or (not consumer.may_use(deployment) and not self._reveal):
+            # A deployment this key may not use answers as one that does not exist, so keys cannot list names.
             raise DeploymentNotFound(deployment)
         if not consumer.may_use(deployment):
             raise DeploymentNotAllowed(deployment)
+        check_capabilities(parsed.body, consumer.capabilities)
         pinned = await self._pin(parsed, consumer)
         return Checked(parsed.route, consumer, parsed.body, parsed.shape, parsed.api_version, pinned)
 

@@ -8,12 +8,12 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from shared.clock import Clock
-from shared.config import Backend
+from shared.config import AZURE_OPENAI_SCOPE, Backend
 from shared.flow.backend_api import api_of
 
 log = logging.getLogger(__name__)
 
-COGNITIVE_SCOPE = "https://cognitiveservices.azure.com/.default"
+COGNITIVE_SCOPE = AZURE_OPENAI_SCOPE
 # Refresh this long before expiry, in the background; a request only waits for a token when none is valid at all.
 REFRESH_MARGIN_S = 300.0
 
@@ -26,6 +26,7 @@ class CachedToken:
     """One scope's token, fetched once and refreshed ahead of expiry by a single task."""
 
     def __init__(self, credential: TokenCredential, scope: str, clock: Clock) -> None:
+        self.scope = scope
         self._credential = credential
         self._scope = scope
         self._clock = clock
@@ -55,14 +56,19 @@ class CachedToken:
         try:
             access = await self._credential.get_token(self._scope)
         except Exception:
-            log.exception("could not obtain an Entra ID token for the backends")
+            log.exception("could not obtain an Entra ID token for scope %s", self._scope)
             return
         self._token = access.token
         self._expires_on = float(access.expires_on)
 
 
 class BackendAuth:
-    """Headers that authenticate the gateway to each backend. The consumer's key is never among them."""
+    """Headers that authenticate the gateway to each backend. The consumer's key is never among them.
+
+    Each identity backend gets a token for its own scope (`token_scope`), one cached token per scope: a token meant for
+    Azure OpenAI never reaches an Azure AI Foundry endpoint or a third-party server, and a backend configured without
+    identity auth gets no token at all.
+    """
 
     def __init__(
         self,
@@ -71,26 +77,38 @@ class BackendAuth:
         credential_factory: Callable[[], TokenCredential] | None = None,
     ) -> None:
         self._static: dict[str, Mapping[str, str]] = {}
-        self._token: CachedToken | None = None
-        self._identity_backends: dict[str, Backend] = {}
+        self._tokens: dict[str, CachedToken] = {}  # backend id -> its scope's token
+        by_scope: dict[str, CachedToken] = {}
+        credential: TokenCredential | None = None
         for backend in backends:
             if backend.auth == "key" and backend.api_key:
                 self._static[backend.id] = api_of(backend).key_headers(backend.api_key)
             elif backend.auth == "identity":
-                self._identity_backends[backend.id] = backend
+                if backend.token_scope is None:
+                    raise ValueError(f"backend {backend.id} uses identity auth but has no token scope")
+                if credential is None:
+                    if credential_factory is None:
+                        raise ValueError("a backend uses identity auth but no credential factory was given")
+                    credential = credential_factory()
+                token = by_scope.get(backend.token_scope)
+                if token is None:
+                    token = by_scope[backend.token_scope] = CachedToken(credential, backend.token_scope, clock)
+                self._tokens[backend.id] = token
             else:
                 self._static[backend.id] = {}
-        if self._identity_backends:
-            if credential_factory is None:
-                raise ValueError("a backend uses identity auth but no credential factory was given")
-            self._token = CachedToken(credential_factory(), COGNITIVE_SCOPE, clock)
+
+    def scope_of(self, backend: Backend) -> str | None:
+        token = self._tokens.get(backend.id)
+        return token.scope if token is not None else None
 
     async def headers(self, backend: Backend) -> Mapping[str, str]:
         static = self._static.get(backend.id)
         if static is not None:
             return static
-        assert self._token is not None
-        return {"authorization": f"Bearer {await self._token.get()}"}
+        token = self._tokens.get(backend.id)
+        if token is None:
+            return {}  # not configured for a credential: it gets none
+        return {"authorization": f"Bearer {await token.get()}"}
 
 
 def default_credential_factory(client_id: str | None) -> Callable[[], TokenCredential]:

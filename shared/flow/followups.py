@@ -62,7 +62,7 @@ class FollowUps:
         self, request: GatewayRequest, route: Route, consumer: Consumer, started: float, trace: Trace
     ) -> GatewayResponse:
         assert route.response_id is not None
-        api_version = check_api_version(request.query)
+        api_version = check_api_version(request.query, self.s.settings.api_versions)
         holder = await self.pinning.holder(route.response_id, consumer.id, previous=False)
         deployment = holder.record.deployment
         if not consumer.may_use(deployment):

@@ -14,9 +14,12 @@ Nothing here touches a framework or a socket: the edge hands over a GatewayReque
 
 from __future__ import annotations
 
+import hmac
+from dataclasses import replace
+
 import orjson
 
-from shared.edge.consumers import Consumer
+from shared.edge.consumers import Consumer, hash_key, key_from_headers
 from shared.edge.errors import render, throttle_reason
 from shared.edge.messages import GatewayRequest, GatewayResponse
 from shared.flow.admission import Admission
@@ -26,7 +29,7 @@ from shared.flow.exchange import Services as Services
 from shared.flow.failover import Failover
 from shared.flow.relay import JSON, Relay
 from shared.flow.translate import FOLLOW_UPS, Operation, Route, match_route
-from shared.outcomes import Refusal
+from shared.outcomes import ConsumerDisabled, InvalidKey, KeyProblem, Refusal
 from shared.routing.pinning import Pinning
 from shared.telemetry.events import NULL_TRACE, Trace
 
@@ -37,7 +40,10 @@ class Gateway:
         self._deployments = services.settings.deployments()
         self.pinning = Pinning(services.responses, services.settings.backends, services.router, services.clock)
         self.books = Books(services.clock, services.usage, services.telemetry)
-        self.checks = Checks(self._deployments, self.pinning)
+        self.checks = Checks(
+            self._deployments, self.pinning, reveal_deployments=services.settings.reveal_deployments,
+            api_versions=services.settings.api_versions,
+        )
         self.admission = Admission(services.settings, services.limiter)
         self.failover = Failover(
             services.settings, services.clock, services.router, services.upstream, services.auth, services.telemetry,
@@ -58,12 +64,18 @@ class Gateway:
         try:
             route = match_route(request.method, request.raw_path)
             if route.operation is Operation.HEALTH:
-                return self._health()
+                return self._health(details=False)
+            if route.operation is Operation.HEALTH_DETAILS:
+                self._check_admin_key(request)
+                return self._health(details=True)
             trace = self.s.telemetry.begin(request.method, route.template)
-            caller = await self.s.identity.identify(request.headers, request.repeated)
+            caller = await self.s.identity.identify(request.headers, request.repeated, request.client_ip)
             consumer = caller.consumer
             if route.operation is Operation.MODELS:
                 return self._models(consumer)
+            if request.read_body is not None:
+                # Read only now: an unauthenticated client never makes the gateway take in a body.
+                request = replace(request, body=await request.read_body(), read_body=None)
             if route.operation in FOLLOW_UPS:
                 return await self._follow_ups.handle(request, route, consumer, started, trace)
             parsed = await self.checks.parse(request, route)
@@ -85,17 +97,50 @@ class Gateway:
     ) -> GatewayResponse:
         """On-error: the refusal rendered once, counted once (and as a throttle when it is one)."""
         error = render(refusal)
-        if route is not None:
+        if route is not None and route.operation not in (Operation.HEALTH, Operation.HEALTH_DETAILS):
             reason = throttle_reason(refusal)
             if reason is not None and consumer is not None:
                 self.s.telemetry.throttled(consumer.id, deployment or route.deployment or "", reason)
-            self.books.refused(request, route, consumer, deployment, error.status, started, trace)
+            # A refusal before authentication carries nothing the client chose (its address, a made-up deployment
+            # name): metric series stay bounded by what the operator configured, whatever unauthenticated clients send.
+            named = deployment or route.deployment or ""
+            self.books.refused(
+                request, route, consumer.id if consumer else _refused_consumer(refusal),
+                request.client_ip if consumer else "", named if named in self._deployments else "",
+                error.status, started, trace,
+            )
         return GatewayResponse(error.status, {"content-type": JSON, **error.headers}, error.body())
+
+    def _check_admin_key(self, request: GatewayRequest) -> None:
+        """The health details need the gateway admin key (its SHA-256 is the setting GATEWAY_ADMIN_KEY_SHA256); failures
+        count against the client's address like any failed authentication."""
+        directory = self.s.consumers
+        directory.check_throttle(request.client_ip)
+        key = key_from_headers(request.headers, request.repeated)
+        expected = self.s.settings.admin_key_sha256
+        if expected is None or not hmac.compare_digest(hash_key(key), expected):
+            raise directory.refuse(request.client_ip, InvalidKey(KeyProblem.UNKNOWN))
 
     def _models(self, consumer: Consumer) -> GatewayResponse:
         names = sorted(d for d in self._deployments if consumer.may_use(d))
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "gateway"} for name in names]
         return GatewayResponse(200, {"content-type": JSON}, orjson.dumps({"object": "list", "data": data}))
 
-    def _health(self) -> GatewayResponse:
-        return GatewayResponse(200, {"content-type": JSON}, orjson.dumps(self.s.router.health()))
+    def _health(self, details: bool) -> GatewayResponse:
+        """Public: only whether the gateway can serve. The details (backends, regions, breaker reasons and recovery
+        times) need the admin key."""
+        health = self.s.router.health()
+        serving = health["status"] != "degraded"
+        status = 200 if serving else 503
+        if details:
+            return GatewayResponse(status, {"content-type": JSON}, orjson.dumps(health))
+        return GatewayResponse(status, {"content-type": JSON}, orjson.dumps({"status": "ok" if serving else "unavailable"}))
+
+
+def _refused_consumer(refusal: Refusal) -> str:
+    """The consumer a refused key belongs to (disabled, or a rotated key past its grace), for the request metric: the
+    reason of a refusal the client is told nothing about. Consumer ids are the operator's, so the series stay bounded."""
+    match refusal:
+        case ConsumerDisabled(consumer_id=consumer_id) | InvalidKey(consumer_id=consumer_id):
+            return consumer_id
+    return ""

@@ -32,7 +32,7 @@ from shared.flow.usage import TokenUsage, usage_from_object
 
 # Response ids travel in URL paths and become Table Storage keys: letters, digits, '_' and '-' only (Azure's look like
 # resp_68af4030592c81938ec0a5fbab4a3e9f05438e46b5f69a3b).
-RESPONSE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,199}$")
+RESPONSE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,199}")  # fullmatch: `$` would accept a trailing newline
 
 # A file the model reads by reference (file_id or file_url) has a size the gateway cannot see; admission assumes this
 # many tokens for it and the backend's usage settles the difference.
@@ -105,7 +105,7 @@ def _check_input(value: Any) -> None:
 def check_create(body: Mapping[str, Any]) -> CreateShape:
     """Validate the fields of a Responses create body that the gateway relies on; the rest is the backend's business."""
     previous = body.get("previous_response_id")
-    if previous is not None and (not isinstance(previous, str) or not RESPONSE_ID_RE.match(previous)):
+    if previous is not None and (not isinstance(previous, str) or not RESPONSE_ID_RE.fullmatch(previous)):
         raise bad_request(
             "'previous_response_id' must be a response id.", param="previous_response_id", code="invalid_value"
         )
@@ -256,7 +256,7 @@ def created_from_object(obj: Any) -> Created | None:
     if not isinstance(obj, Mapping) or obj.get("object", "response") != "response":
         return None
     response_id = obj.get("id")
-    if not isinstance(response_id, str) or not RESPONSE_ID_RE.match(response_id):
+    if not isinstance(response_id, str) or not RESPONSE_ID_RE.fullmatch(response_id):
         return None
     model = obj.get("model")
     return Created(

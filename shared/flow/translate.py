@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -11,7 +10,7 @@ from urllib.parse import unquote
 
 import orjson
 
-from shared.config import Backend
+from shared.config import API_VERSION, DEPLOYMENT_NAME, Backend
 from shared.edge.errors import GatewayError, bad_request, not_found
 from shared.flow import responses
 from shared.flow.backend_api import api_of
@@ -30,6 +29,7 @@ class Operation(Enum):
     RESPONSE_DELETE = ("", "Responses_Delete", None)
     RESPONSE_INPUT_ITEMS = ("/input_items", "Responses_ListInputItems", None)
     RESPONSE_CANCEL = ("/cancel", "Responses_Cancel", None)
+    HEALTH_DETAILS = ("health/details", "Health_Details", None)
 
     def __init__(self, path: str, operation_id: str, required: str | None) -> None:
         self.path = path
@@ -51,8 +51,6 @@ _FOLLOW_UP_PATHS: dict[str, dict[str, Operation]] = {
     "input_items": {"GET": Operation.RESPONSE_INPUT_ITEMS},
     "cancel": {"POST": Operation.RESPONSE_CANCEL},
 }
-_DEPLOYMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-_API_VERSION_RE = re.compile(r"^[0-9A-Za-z.-]{1,40}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +62,8 @@ class Route:
 
     @property
     def template(self) -> str:
-        if self.operation is Operation.HEALTH:
-            return "/health"
+        if self.operation in (Operation.HEALTH, Operation.HEALTH_DETAILS):
+            return "/" + self.operation.path
         if self.operation in FOLLOW_UPS:
             prefix = "/openai" if self.api == AZURE_API else "/v1"
             return f"{prefix}/responses/{{response_id}}{self.operation.path}"
@@ -77,7 +75,7 @@ class Route:
 
 
 def _method_check(method: str, op: Operation) -> None:
-    allowed = "GET" if op in (Operation.MODELS, Operation.HEALTH) else "POST"
+    allowed = "GET" if op in (Operation.MODELS, Operation.HEALTH, Operation.HEALTH_DETAILS) else "POST"
     if method != allowed and not (allowed == "GET" and method == "HEAD"):
         raise GatewayError(
             405,
@@ -97,7 +95,7 @@ def _responses_route(method: str, api: str, rest: list[str]) -> Route | None:
     if by_method is None:
         return None
     response_id = unquote(rest[1])
-    if not responses.RESPONSE_ID_RE.match(response_id):
+    if not responses.RESPONSE_ID_RE.fullmatch(response_id):
         raise not_found(f"Response with id '{response_id[:64]}' not found.", code="response_not_found")
     operation = by_method.get(method)
     if operation is None:
@@ -117,11 +115,13 @@ def match_route(method: str, raw_path: str) -> Route:
     route: Route | None = None
     if parts == ["health"]:
         route = Route(AZURE_API, Operation.HEALTH, None)
+    elif parts == ["health", "details"]:
+        route = Route(AZURE_API, Operation.HEALTH_DETAILS, None)
     elif len(parts) >= 4 and parts[0] == "openai" and parts[1] == "deployments":
         op = _OPERATIONS.get("/".join(parts[3:]))
         if op is not None:
             deployment = unquote(parts[2])
-            if not _DEPLOYMENT_RE.match(deployment):
+            if not DEPLOYMENT_NAME.fullmatch(deployment):
                 raise not_found("The deployment name is not valid.", code="DeploymentNotFound")
             route = Route(AZURE_API, op, deployment)
     elif parts[:2] == ["openai", "responses"]:
@@ -146,13 +146,29 @@ def match_route(method: str, raw_path: str) -> Route:
     return route
 
 
-def check_api_version(query: Mapping[str, str]) -> str | None:
+def check_api_version(query: Mapping[str, str], allowed: frozenset[str] | None = None) -> str | None:
+    """The client's api-version: well-formed, and one of `allowed` when the operator named them."""
     value = query.get("api-version")
     if value is None:
         return None
-    if not _API_VERSION_RE.match(value):
+    if not API_VERSION.fullmatch(value) or (allowed is not None and value not in allowed):
         raise bad_request("The api-version query parameter is not valid.", param="api-version", code="invalid_api_version")
     return value
+
+
+# Body fields that make a backend act beyond answering (Azure "On Your Data" calls the data stores the caller names,
+# with the backend's identity): refused unless the consumer's record grants the capability. The old camel-case
+# spelling is the same feature.
+GATED_FIELDS = {"data_sources": "data_sources", "dataSources": "data_sources"}
+
+
+def check_capabilities(body: Mapping[str, Any], granted: frozenset[str]) -> None:
+    for name, capability in GATED_FIELDS.items():
+        if name in body and capability not in granted:
+            raise GatewayError(
+                403, f"The '{name}' field is not enabled for this key.", type="permission_error",
+                code="capability_not_allowed", param=name,
+            )
 
 
 def _is_int(value: Any) -> bool:
@@ -204,7 +220,7 @@ def check_body(route: Route, body: Mapping[str, Any]) -> CallShape:
         model = body.get("model")
         if model is None:
             raise bad_request("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
-        if not isinstance(model, str) or not _DEPLOYMENT_RE.match(model):
+        if not isinstance(model, str) or not DEPLOYMENT_NAME.fullmatch(model):
             raise not_found("The model (deployment) name is not valid.", code="DeploymentNotFound")
         deployment = model
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -18,11 +20,11 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
-from azure.data.tables import TableTransactionError, UpdateMode
+from azure.data.tables import EntityProperty, TableTransactionError, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
 
-from shared.config import Settings
-from shared.edge.consumers import Consumer, Limits
+from shared.config import DEPLOYMENT_NAME, Settings
+from shared.edge.consumers import CAPABILITIES, PRIORITIES, QUOTA_PERIODS, Consumer, Limits
 from shared.storage.protocols import Conflict, StoreUnavailable
 from shared.telemetry.usage_rows import UsageRow
 
@@ -115,6 +117,8 @@ def entity_etag(entity: Any) -> str | None:
 # ---- consumers -----------------------------------------------------------------------------------------------------
 
 _CONSUMER_PK = "consumer"
+_INDEX_PK = "keyhash"
+_CONSUMER_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
 def consumer_to_entity(consumer: Consumer) -> dict[str, Any]:
@@ -139,37 +143,150 @@ def consumer_to_entity(consumer: Consumer) -> dict[str, Any]:
         "previous_key_expires": float(consumer.previous_key_expires),
         "version": consumer.version,
         "entra": json.dumps(sorted(consumer.entra)),
+        "capabilities": json.dumps(sorted(consumer.capabilities)),
     }
 
 
+class BadConsumerRecord(ValueError):
+    """A consumer row that does not parse strictly; that consumer is refused (never given wider access)."""
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _count(entity: dict[str, Any], name: str) -> int:
+    value = entity.get(name)
+    if isinstance(value, EntityProperty):
+        value = value.value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadConsumerRecord(f"{name}: expected a whole number >= 0, got {value!r}")
+    return value
+
+
+def _names(raw: Any, name: str) -> list[Any]:
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        value = None
+    if not isinstance(value, list):
+        raise BadConsumerRecord(f"{name}: expected a JSON array")
+    return value
+
+
+def _output_cap(entity: dict[str, Any]) -> bool | None:
+    value = entity.get("output_cap") or ""
+    if value not in ("", "on", "off"):
+        raise BadConsumerRecord(f"output_cap: expected on, off or nothing, got {value!r}")
+    return {"on": True, "off": False}.get(value)
+
+
 def consumer_from_entity(entity: dict[str, Any]) -> Consumer:
-    deployments_raw = entity.get("deployments", "*")
-    deployments = None if deployments_raw in ("*", "", None) else frozenset(json.loads(deployments_raw))
+    """Parse a consumer row strictly: every field typed as the admin command writes it, nothing defaulted to more
+    access. `enabled` must be a boolean ("false" as text is not), the deployment list must be there ("*" for all)."""
+    consumer_id = entity.get("RowKey")
+    if not isinstance(consumer_id, str) or not _CONSUMER_ID.fullmatch(consumer_id):
+        raise BadConsumerRecord(f"RowKey: not a consumer id: {consumer_id!r}")
+    enabled = entity.get("enabled")
+    if not isinstance(enabled, bool):
+        raise BadConsumerRecord(f"enabled: expected a boolean, got {enabled!r}")
+    entra = _names(entity.get("entra") or "[]", "entra")
+    if not all(isinstance(e, str) and re.fullmatch(r"(app|oid|role|group):[^\s]{1,256}", e) for e in entra):
+        raise BadConsumerRecord("entra: expected mapping keys like app:<id>, oid:<id>, role:<name>, group:<id>")
+    key_hash = entity.get("key_hash")
+    # A consumer without a key (Entra ID callers only) has an empty hash, which no key can ever produce.
+    if not isinstance(key_hash, str) or not (_HEX64.fullmatch(key_hash) or (key_hash == "" and entra)):
+        raise BadConsumerRecord("key_hash: expected 64 hex digits (empty only for a consumer with an Entra ID mapping)")
+    previous = entity.get("previous_key_hash") or None
+    if previous is not None and (not isinstance(previous, str) or not _HEX64.fullmatch(previous)):
+        raise BadConsumerRecord("previous_key_hash: expected 64 hex digits or nothing")
+    expires = entity.get("previous_key_expires", 0.0)
+    if isinstance(expires, bool) or not isinstance(expires, (int, float)):
+        raise BadConsumerRecord(f"previous_key_expires: expected a number, got {expires!r}")
+    deployments_raw = entity.get("deployments")
+    deployments: frozenset[str] | None
+    if deployments_raw == "*":
+        deployments = None
+    else:
+        names = _names(deployments_raw, "deployments")
+        if not all(isinstance(n, str) and DEPLOYMENT_NAME.fullmatch(n) for n in names):
+            raise BadConsumerRecord("deployments: expected deployment names")
+        deployments = frozenset(names)
+    try:
+        per_deployment = json.loads(entity.get("deployment_tpm") or "{}")
+    except ValueError:
+        per_deployment = None
+    if not isinstance(per_deployment, dict) or not all(
+        isinstance(k, str) and DEPLOYMENT_NAME.fullmatch(k) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        for k, v in per_deployment.items()
+    ):
+        raise BadConsumerRecord("deployment_tpm: expected a JSON object {deployment: whole number >= 0}")
+    quota = _count(entity, "quota")
+    quota_period = entity.get("quota_period") or None
+    if quota_period is not None and quota_period not in QUOTA_PERIODS:
+        raise BadConsumerRecord(f"quota_period: expected one of {', '.join(QUOTA_PERIODS)}, got {quota_period!r}")
+    if quota and quota_period is None:
+        raise BadConsumerRecord("quota: a quota needs a quota_period")
+    budget = entity.get("budget", 0.0)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < float("inf"):
+        raise BadConsumerRecord(f"budget: expected an amount >= 0, got {budget!r}")
+    budget_period = entity.get("budget_period") or None
+    if budget_period is not None and budget_period not in QUOTA_PERIODS:
+        raise BadConsumerRecord(f"budget_period: expected one of {', '.join(QUOTA_PERIODS)}, got {budget_period!r}")
+    priority = entity.get("priority")
+    if priority not in PRIORITIES:
+        raise BadConsumerRecord(f"priority: expected one of {', '.join(PRIORITIES)}, got {priority!r}")
+    capabilities = _names(entity.get("capabilities") or "[]", "capabilities")
+    if not all(c in CAPABILITIES for c in capabilities):
+        raise BadConsumerRecord(f"capabilities: known ones are {', '.join(sorted(CAPABILITIES))}")
+    name = entity.get("name", consumer_id)
     return Consumer(
-        id=entity["RowKey"],
-        name=entity.get("name", entity["RowKey"]),
-        key_hash=entity["key_hash"],
-        key_prefix=entity.get("key_prefix", ""),
-        enabled=bool(entity.get("enabled", True)),
+        id=consumer_id,
+        name=name if isinstance(name, str) else consumer_id,
+        key_hash=key_hash,
+        key_prefix=str(entity.get("key_prefix") or ""),
+        enabled=enabled,
         deployments=deployments,
         limits=Limits(
-            tokens_per_minute=int(entity.get("tpm", 0) or 0),
-            deployment_tokens_per_minute={k: int(v) for k, v in json.loads(entity.get("deployment_tpm") or "{}").items()},
-            quota=int(entity.get("quota", 0) or 0),
-            quota_period=entity.get("quota_period") or None,
-            budget=float(entity.get("budget", 0.0) or 0.0),
-            budget_period=entity.get("budget_period") or None,
-            output_cap={"on": True, "off": False}.get(str(entity.get("output_cap") or "")),
+            tokens_per_minute=_count(entity, "tpm"),
+            deployment_tokens_per_minute=per_deployment,
+            quota=quota,
+            quota_period=quota_period,
+            budget=budget,
+            budget_period=budget_period,
+            output_cap=_output_cap(entity),
         ),
-        priority=entity.get("priority") or "normal",
-        previous_key_hash=entity.get("previous_key_hash") or None,
-        previous_key_expires=float(entity.get("previous_key_expires", 0.0) or 0.0),
-        version=int(entity.get("version", 0) or 0),
-        entra=frozenset(json.loads(entity.get("entra") or "[]")),
+        priority=priority,
+        previous_key_hash=previous,
+        previous_key_expires=float(expires),
+        version=_count(entity, "version"),
+        capabilities=frozenset(capabilities),
+        entra=frozenset(entra),
     )
 
 
+def _parsed(entity: dict[str, Any]) -> Consumer | None:
+    try:
+        return consumer_from_entity(entity)
+    except BadConsumerRecord as problem:
+        log.error("consumer record %r refused: %s", entity.get("RowKey"), problem)
+        return None
+
+
+def _index_partition(key_hash: str) -> str:
+    # One partition: point reads (the row key is the hash) need no spreading at a few lookups a second per instance,
+    # and bulk creation writes the index in batches of 100 (a batch holds one partition).
+    return _INDEX_PK
+
+
+def _index_rows(consumer: Consumer) -> list[dict[str, Any]]:
+    hashes = [h for h in (consumer.key_hash, consumer.previous_key_hash) if h]
+    return [{"PartitionKey": _index_partition(h), "RowKey": h, "consumer_id": consumer.id} for h in hashes]
+
+
 class TableConsumerStore:
+    """Consumer rows in partition "consumer", plus one index row per key hash (partition "keyhash", row = hash)
+    so that a key the gateway has not cached yet costs one point read, not a scan of the consumers."""
+
     def __init__(self, tables: Tables) -> None:
         self._tables = tables
 
@@ -177,31 +294,63 @@ class TableConsumerStore:
         entities = await self._tables.call(
             "consumers", lambda t: collect(t.query_entities(f"PartitionKey eq '{_CONSUMER_PK}'")), self._tables.timeout_s * 5
         )
-        return [consumer_from_entity(e) for e in entities]
+        return [c for c in map(_parsed, entities) if c is not None]
 
     async def get(self, consumer_id: str) -> Consumer | None:
         try:
             entity = await self._tables.call("consumers", lambda t: t.get_entity(_CONSUMER_PK, consumer_id))
         except ResourceNotFoundError:
             return None
-        return consumer_from_entity(dict(entity))
+        return _parsed(dict(entity))
 
     async def find_by_key_hash(self, key_hash: str) -> Consumer | None:
-        # The SDK substitutes @names split on spaces, so parentheses need spaces around them.
-        query = "PartitionKey eq @pk and ( key_hash eq @h or previous_key_hash eq @h )"
-        entities = await self._tables.call(
-            "consumers",
-            lambda t: collect(t.query_entities(query, parameters={"pk": _CONSUMER_PK, "h": key_hash})),
-        )
-        return consumer_from_entity(entities[0]) if entities else None
+        if not _HEX64.fullmatch(key_hash):
+            return None
+        try:
+            row = await self._tables.call("consumers", lambda t: t.get_entity(_index_partition(key_hash), key_hash))
+        except ResourceNotFoundError:
+            return None
+        consumer_id = row.get("consumer_id")
+        if not isinstance(consumer_id, str) or not _CONSUMER_ID.fullmatch(consumer_id):
+            return None
+        consumer = await self.get(consumer_id)
+        # The index may lag a rotation or deletion: only the consumer row decides.
+        if consumer is None or key_hash not in (consumer.key_hash, consumer.previous_key_hash):
+            return None
+        return consumer
+
+    async def _write_index(self, consumer: Consumer) -> None:
+        for row in _index_rows(consumer):
+            await self._tables.call("consumers", lambda t, r=row: t.upsert_entity(r, mode=UpdateMode.REPLACE))  # type: ignore[misc]
+
+    async def _drop_index(self, hashes: set[str]) -> None:
+        for key_hash in hashes:
+            try:
+                await self._tables.call("consumers", lambda t, h=key_hash: t.delete_entity(_index_partition(h), h))  # type: ignore[misc]
+            except ResourceNotFoundError:
+                pass
 
     async def put(self, consumer: Consumer) -> None:
+        """Write the consumer with its index rows; index rows of keys it no longer has are removed afterwards (a lookup
+        through a stale index row finds the consumer row without that hash and refuses)."""
+        try:
+            entity_before = await self._tables.call("consumers", lambda t: t.get_entity(_CONSUMER_PK, consumer.id))
+            before = {str(entity_before.get("key_hash") or ""), str(entity_before.get("previous_key_hash") or "")}
+        except ResourceNotFoundError:
+            before = set()
+        await self._write_index(consumer)
         entity = consumer_to_entity(consumer)
         await self._tables.call("consumers", lambda t: t.upsert_entity(entity, mode=UpdateMode.REPLACE))
+        await self._drop_index({h for h in before if h} - {consumer.key_hash, consumer.previous_key_hash or ""})
 
     async def create(self, consumer: Consumer) -> None:
+        await self._write_index(consumer)
         entity = consumer_to_entity(consumer)
-        await self._tables.call("consumers", lambda t: t.create_entity(entity))
+        try:
+            await self._tables.call("consumers", lambda t: t.create_entity(entity))
+        except Conflict:
+            await self._drop_index({row["RowKey"] for row in _index_rows(consumer)})
+            raise
 
     async def create_many(self, consumers: list[Consumer], parallel: int = 4) -> None:
         """Create many consumers in batches of 100 (one round trip each; all share one partition), a few at a time.
@@ -209,18 +358,34 @@ class TableConsumerStore:
         entities = [consumer_to_entity(c) for c in consumers]
         gate = asyncio.Semaphore(parallel)
 
-        async def batch(chunk: list[dict[str, Any]]) -> None:
-            operations = [("create", e) for e in chunk]
+        async def batch(chunk: list[dict[str, Any]], kind: str) -> None:
+            operations: list[Any] = [(kind, e) for e in chunk]
             async with gate:
                 await self._tables.call("consumers", lambda t: t.submit_transaction(operations))
 
-        await asyncio.gather(*(batch(entities[i : i + 100]) for i in range(0, len(entities), 100)))
+        # The key-hash index rows first (a batch holds one partition: grouped by the hash's partition), so that every
+        # consumer is findable by one point read as soon as its row exists; a lookup through an index row whose
+        # consumer row was never created finds nothing.
+        by_partition: dict[str, list[dict[str, Any]]] = {}
+        seen: set[str] = set()
+        for consumer in consumers:
+            for row in _index_rows(consumer):
+                if row["RowKey"] in seen:
+                    raise ValueError(f"two consumers share a key ({consumer.key_prefix}...): every consumer needs its own")
+                seen.add(row["RowKey"])
+                by_partition.setdefault(row["PartitionKey"], []).append(row)
+        await asyncio.gather(*(
+            batch(rows[i : i + 100], "upsert") for rows in by_partition.values() for i in range(0, len(rows), 100)
+        ))
+        await asyncio.gather(*(batch(entities[i : i + 100], "create") for i in range(0, len(entities), 100)))
 
     async def delete(self, consumer_id: str) -> bool:
-        existing = await self.get(consumer_id)
-        if existing is None:
+        try:
+            entity = await self._tables.call("consumers", lambda t: t.get_entity(_CONSUMER_PK, consumer_id))
+        except ResourceNotFoundError:
             return False
         await self._tables.call("consumers", lambda t: t.delete_entity(_CONSUMER_PK, consumer_id))
+        await self._drop_index({h for h in (entity.get("key_hash"), entity.get("previous_key_hash")) if isinstance(h, str) and h})
         return True
 
 

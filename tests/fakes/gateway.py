@@ -38,6 +38,8 @@ from tests.fakes.telemetry import RecordingTelemetry
 from tests.fakes.upstream import ScriptedUpstream
 
 BASE_URL = "http://gateway.test"
+ADMIN_KEY = "gw-admin-harness-only"  # reads /health/details; the harness's gateway gets its SHA-256
+ADMIN_HEADERS = {"api-key": ADMIN_KEY}
 API_VERSION = "2024-10-21"
 DEPLOYMENTS = {"gpt-4o": "gpt-4o", "gpt-4o-mini": "gpt-4o-mini", "text-embedding-3-small": "text-embedding-3-small"}
 
@@ -65,6 +67,7 @@ class GatewayHarness:
             "GATEWAY_BACKENDS": json.dumps(list(backends or three_regions())),
             "GATEWAY_MAX_BODY_BYTES": "262144",
             "GATEWAY_GC_TUNING": "false",
+            "GATEWAY_ADMIN_KEY_SHA256": hash_key(ADMIN_KEY),
             **(env or {}),
         })
         self.clock = FakeClock()
@@ -89,7 +92,11 @@ class GatewayHarness:
             self.budget_store, self.clock, settings.prices, "harness", refresh_s=settings.budget_refresh_s,
             background=False,
         )
-        directory = ConsumerDirectory(self.consumer_store, self.clock, settings.consumer_refresh_s)
+        directory = ConsumerDirectory(
+            self.consumer_store, self.clock, settings.consumer_refresh_s, max_stale_s=settings.consumer_max_stale_s,
+            fail_closed=settings.auth_fail_mode == "closed", lookups_per_s=settings.unknown_key_lookups_per_s,
+            failures_per_minute=settings.auth_failures_per_minute,
+        )
         self.services = Services(
             settings=settings,
             clock=self.clock,
@@ -119,7 +126,7 @@ class GatewayHarness:
     def consumer(
         self, consumer_id: str = "app", *, tpm: int = 0, deployment_tpm: Mapping[str, int] | None = None,
         quota: int = 0, quota_period: str | None = None, deployments: Sequence[str] | None = None,
-        priority: str = "normal", enabled: bool = True, budget: float = 0.0, budget_period: str | None = None,
+        priority: str = "normal", enabled: bool = True, budget: float = 0.0, budget_period: str | None = None, capabilities: Sequence[str] = (),
     ) -> str:
         """Create a consumer and return its key."""
         key = new_key()
@@ -128,6 +135,7 @@ class GatewayHarness:
             deployments=frozenset(deployments) if deployments is not None else None,
             limits=Limits(tpm, dict(deployment_tpm or {}), quota, quota_period, budget, budget_period),
             priority=priority,
+            capabilities=frozenset(capabilities),
         )
         return key
 
