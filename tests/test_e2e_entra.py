@@ -99,7 +99,7 @@ def test_limits_and_allowed_deployments_apply_to_token_callers(
     e2e.update_consumer(consumer, entra=frozenset({f"oid:{oid}"}))
     client = openai.AzureOpenAI(azure_endpoint=gateway.url, azure_ad_token_provider=lambda: authority.token(oid=oid),
                                 api_version=API_VERSION, max_retries=0)
-    with pytest.raises(openai.PermissionDeniedError):
+    with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=2)
     with pytest.raises(openai.RateLimitError) as limited:
         for _ in range(20):
