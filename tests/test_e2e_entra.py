@@ -176,14 +176,14 @@ def test_the_admin_command_maps_callers_and_refuses_a_mapping_two_consumers_woul
 
     first, second = unique("mapped"), unique("other")
     app = "7e7e7e7e-1234-4abc-8def-0123456789ab"
-    created = admin("create", first, "--id", first, "--entra-app-id", app.upper(), "--no-key", "--tpm", "1000")
+    created = admin("create", first, "--id", first, "--entra-app-id", app.upper(), "--no-key", "--tpm", "1000", "--all-deployments")
     assert created.returncode == 0, created.stderr
     record = json.loads(created.stdout.split("\n}\n", 1)[0] + "\n}")
     assert record["entra"] == [f"app:{app}"] and "key" not in record
-    clash = admin("create", second, "--id", second, "--entra-app-id", app)
+    clash = admin("create", second, "--id", second, "--entra-app-id", app, "--all-deployments")
     assert clash.returncode != 0 and "already mapped" in clash.stderr
-    assert admin("create", second, "--id", second, "--no-key").returncode != 0  # neither a key nor a mapping
-    assert admin("create", second, "--id", second, "--entra-object-id", "not-a-guid").returncode != 0
+    assert admin("create", second, "--id", second, "--no-key", "--all-deployments").returncode != 0  # neither a key nor a mapping
+    assert admin("create", second, "--id", second, "--entra-object-id", "not-a-guid", "--all-deployments").returncode != 0
     updated = admin("set", first, "--entra-role", "Reports.Writer")
     assert updated.returncode == 0, updated.stderr
     assert json.loads(updated.stdout)["entra"] == [f"app:{app}", "role:Reports.Writer"]
