@@ -16,8 +16,8 @@ from shared.clock import Clock, SystemClock
 from shared.config import Settings, load_settings
 from shared.edge.consumers import ConsumerDirectory
 from shared.edge.entra import build_validator
-from shared.edge.identity import Identifier
 from shared.edge.http import read_body, to_gateway_request, to_response
+from shared.edge.identity import Identifier
 from shared.flow import tokens
 from shared.flow.credentials import BackendAuth, default_credential_factory
 from shared.flow.gateway import Gateway, Services
