@@ -271,7 +271,7 @@ def test_one_callers_timeouts_are_replayed_once_charged_and_take_no_region_out(
         assert failed.value.status_code == 504 and failed.value.code == "backend_timeout"
     # Each request reached two backends (itself and one replay), never all three.
     assert backend_requests(e2e) == 4
-    health = httpx.get(gateway.url + "/health").json()
+    health = httpx.get(gateway.url + "/health/details", headers=stack.ADMIN_HEADERS).json()
     assert all(b["deployments"][MINI]["state"] == "closed" for b in health["backends"]), health
     for sim in e2e.simulators:
         sim.control("DELETE", "faults")

@@ -74,7 +74,7 @@ async def test_a_timeout_fails_over_invisibly_but_one_callers_timeouts_leave_the
         harness.upstream.script("uksouth-ptu", Fail(FailureKind.TIMEOUT))
         response = await harness.post(CHAT, key, BODY)
         assert response.status_code == 200 and response.headers["x-gateway-attempts"] == "2"
-        health = (await harness.http.get("/health")).json()
+        health = (await harness.http.get("/health/details", headers=ADMIN_HEADERS)).json()
         if key is keys[0]:
             assert state(health, "uksouth-ptu")["state"] == "closed"
     assert state(health, "uksouth-ptu")["state"] == "open"
