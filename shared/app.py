@@ -62,6 +62,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> tuple[Serv
         TableConsumerStore(tables),
         clock,
         settings.consumer_refresh_s,
+        check_s=settings.consumer_check_s,
         max_stale_s=settings.consumer_max_stale_s,
         fail_closed=settings.auth_fail_mode == "closed",
         lookups_per_s=settings.unknown_key_lookups_per_s,

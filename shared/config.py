@@ -116,7 +116,8 @@ class Settings:
     store_timeout_s: float = 1.0
     limit_fail_mode: FailMode = "open"
     instance_count: int = 1
-    consumer_refresh_s: float = 5.0
+    consumer_refresh_s: float = 60.0  # the full reload; changes through the admin command are seen every check
+    consumer_check_s: float = 1.0
     breaker_sync_s: float = 0.5
     usage_flush_s: float = 60.0
     max_attempts: int = 0
@@ -545,7 +546,8 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         store_timeout_s=_number(env, "GATEWAY_STORE_TIMEOUT_S", 1.0, minimum=0.01, maximum=30),
         limit_fail_mode=fail_mode,  # type: ignore[arg-type]
         instance_count=_integer(env, "GATEWAY_INSTANCE_COUNT", 1, minimum=1, maximum=1000),
-        consumer_refresh_s=_number(env, "GATEWAY_CONSUMER_REFRESH_S", 5.0, minimum=0.1, maximum=3600),
+        consumer_refresh_s=_number(env, "GATEWAY_CONSUMER_REFRESH_S", 60.0, minimum=0.1, maximum=3600),
+        consumer_check_s=_number(env, "GATEWAY_CONSUMER_CHECK_S", 1.0, minimum=0.1, maximum=60),
         breaker_sync_s=_number(env, "GATEWAY_BREAKER_SYNC_S", 0.5, minimum=0.05, maximum=60),
         usage_flush_s=_number(env, "GATEWAY_USAGE_FLUSH_S", 60.0, minimum=0.5, maximum=3600),
         max_attempts=_integer(env, "GATEWAY_MAX_ATTEMPTS", 0, minimum=0, maximum=30),

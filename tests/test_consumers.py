@@ -153,8 +153,8 @@ async def test_a_spray_of_unknown_keys_costs_at_most_the_lookup_budget() -> None
         clock.advance(1.0)
         directory._reload_if_due()  # the regular reload, as a request would start it
         await asyncio.sleep(0)
-    reloads = 30 // 5 + 1
-    assert store.calls - base <= 2 * 30 + 2 + reloads  # budget x seconds + the initial burst + reloads
+    checks, reloads = 30, 30 // 5 + 1  # a marker read a second; a full reload (marker + list) every 5 s
+    assert store.calls - base <= 2 * 30 + 2 + checks + 2 * reloads  # budget x seconds + the initial burst + those
     assert len(directory.unknown) <= 2 * 30 + 2
 
 
@@ -171,6 +171,69 @@ async def test_a_key_created_during_a_spray_works_at_the_next_lookup_the_budget_
         await directory.authenticate(key)  # the budget is spent: not looked up (and not remembered as unknown)
     clock.advance(0.5)
     assert (await directory.authenticate(key)).id == "fresh"
+
+
+async def test_a_key_created_during_a_spray_that_takes_every_lookup_works_within_a_check() -> None:
+    """The spray spends the lookup budget as fast as it refills; the new key is still seen at the next change-marker
+    check (one point read a second), long before the full reload."""
+    store = MemoryConsumerStore()
+    clock = FakeClock()
+    directory = ConsumerDirectory(store, clock, refresh_s=60, check_s=1.0, lookups_per_s=2, failures_per_minute=10**6)
+    await directory.reload()
+    key = new_key()
+    await store.create(Consumer(id="fresh", name="fresh", key_hash=hash_key(key), key_prefix=key_prefix(key)))
+    served_at = None
+    for tick in range(30):  # 3 s in steps of 0.1 s, 20 bogus keys each step: the budget never has a lookup left
+        for i in range(20):
+            with pytest.raises(Refusal):
+                await directory.authenticate(f"gw-bogus-{tick}-{i}")
+        try:
+            await directory.authenticate(key)
+            served_at = tick * 0.1
+            break
+        except Refusal:
+            pass
+        clock.advance(0.1)
+        await asyncio.sleep(0)  # the check the requests started runs
+        await asyncio.sleep(0)
+    assert served_at is not None and served_at <= 1.2, served_at
+    assert directory.reloads == 2  # the first load and the one the marker asked for: not one per request
+
+
+async def test_nothing_changed_costs_one_marker_read_a_check_and_no_listing() -> None:
+    store = MemoryConsumerStore()
+    clock = FakeClock()
+    key = make(store)
+    directory = ConsumerDirectory(store, clock, refresh_s=60, check_s=1.0)
+    assert (await directory.authenticate(key)).id == "team-a"
+    base, reloads = store.calls, directory.reloads
+    for _ in range(30):
+        clock.advance(1.0)
+        await directory.authenticate(key)
+        await asyncio.sleep(0)
+    assert directory.reloads == reloads and store.calls - base == 30
+    store.consumers["team-a"] = replace(store.consumers["team-a"], enabled=False)  # edited behind the marker's back
+    await directory.authenticate(key)  # still served: only the full reload sees edits made outside the store's API
+    clock.advance(31)
+    directory._reload_if_due()
+    await asyncio.sleep(0)
+    with pytest.raises(Refusal):
+        await directory.authenticate(key)
+
+
+async def test_a_consumer_disabled_through_the_store_is_refused_within_a_check() -> None:
+    store = MemoryConsumerStore()
+    clock = FakeClock()
+    key = make(store)
+    directory = ConsumerDirectory(store, clock, refresh_s=60, check_s=1.0)
+    assert (await directory.authenticate(key)).id == "team-a"
+    await store.put(replace(store.consumers["team-a"], enabled=False))
+    clock.advance(1.0)
+    await directory.authenticate(key)  # starts the check; this request is still served from the cache
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    with pytest.raises(Refusal):
+        await directory.authenticate(key)
 
 
 async def test_past_the_maximum_staleness_a_closed_directory_refuses_every_key() -> None:

@@ -137,6 +137,34 @@ async def test_consumer_create_refuses_a_taken_id_and_lookup_by_key_hash_finds_c
 # ---- usage rows -----------------------------------------------------------------------------------------------------
 
 
+async def test_every_consumer_write_changes_the_marker_and_reads_do_not(stores: Stores) -> None:
+    from dataclasses import replace
+
+    store: Any = stores.consumers
+    seen = [await store.change_marker()]
+
+    async def changed() -> bool:
+        marker = await store.change_marker()
+        fresh = marker not in seen
+        seen.append(marker)
+        return fresh
+
+    await store.create(consumer("m-1", key="gw-m1"))
+    assert await changed()
+    await store.list_consumers()
+    await store.get("m-1")
+    await store.find_by_key_hash(hash_key("gw-m1"))
+    assert not await changed()
+    await store.put(replace(consumer("m-1", key="gw-m1"), enabled=False))
+    assert await changed()
+    await store.create_many([consumer("m-2", key="gw-m2"), consumer("m-3", key="gw-m3")])
+    assert await changed()
+    assert await store.delete("m-2")
+    assert await changed()
+    assert not await store.delete("m-2")  # nothing deleted, nothing to see
+    assert not await changed()
+
+
 async def test_usage_rows_are_replaced_cumulatively_and_queried_by_hour_and_consumer(stores: Stores) -> None:
     first = UsageRow("alpha", "2026-12-01T05", "gpt-4o", "i1", requests=1, prompt=10, completion=5, total=15)
     await stores.usage.save([first, UsageRow("beta", "2026-12-01T05", "gpt-4o", "i1", requests=2, total=7)])
@@ -210,7 +238,7 @@ async def test_many_consumers_are_created_at_once_and_an_existing_id_is_a_confli
     assert await store.get("fresh-1") is None  # a batch is all or nothing
 
 
-async def test_creating_a_thousand_consumers_takes_twenty_round_trips(azurite: stack.Child) -> None:
+async def test_creating_a_thousand_consumers_takes_twenty_one_round_trips(azurite: stack.Child) -> None:
     service = TableServiceClient.from_connection_string(stack.table_connection_string(azurite.port), retry_total=0)
     tables = Tables(service, f"bulk{next(_prefixes)}", timeout_s=10)
     try:
@@ -218,7 +246,8 @@ async def test_creating_a_thousand_consumers_takes_twenty_round_trips(azurite: s
         await tables.ensure("consumers")
         before = tables.calls
         await store.create_many([consumer(f"c-{n}", key=f"gw-{n}") for n in range(1000)])
-        assert tables.calls - before == 20  # 10 batches of key-hash index rows, 10 of consumer rows
+        # 10 batches of key-hash index rows, 10 of consumer rows, and the change marker the gateways read.
+        assert tables.calls - before == 21
         assert len(await store.list_consumers()) == 1000
     finally:
         await tables.close()

@@ -19,7 +19,8 @@ are then created a hundred per round trip, and their keys written once, as JSON 
 never overwritten) or to standard output.
 
 It talks to the same Table Storage as the gateway (settings from the environment, then local.settings.json). A new or
-rotated key is printed once and never stored; gateways pick up changes within GATEWAY_CONSUMER_REFRESH_S seconds.
+rotated key is printed once and never stored; every write replaces the consumers' change marker, which gateways read
+every GATEWAY_CONSUMER_CHECK_S (1 s), so they pick up changes within about a second.
 """
 
 from __future__ import annotations

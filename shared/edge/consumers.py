@@ -111,7 +111,12 @@ def key_from_headers(headers: Mapping[str, str], repeated: frozenset[str]) -> st
 
 
 class ConsumerDirectory:
-    """Every consumer, cached in memory and reloaded in the background, so authentication costs no I/O.
+    """Every consumer, cached in memory and kept current in the background, so authentication costs no I/O.
+
+    Every `check_s` the directory reads the store's change marker (one point read; every write through the admin
+    command replaces it) and reloads the consumers only when it changed: a consumer created, disabled, rotated or
+    deleted is seen within about `check_s`, spray or not. A full reload every `refresh_s` whatever the marker says
+    catches rows edited by other means.
 
     A key not in the cache (a consumer created since the last reload) is looked up by a point read on its hash, within
     a per-instance budget of `lookups_per_s`; the store's "unknown" is remembered (bounded), and an address whose
@@ -128,6 +133,7 @@ class ConsumerDirectory:
         clock: Clock,
         refresh_s: float,
         *,
+        check_s: float = 1.0,
         max_stale_s: float = 300.0,
         fail_closed: bool = True,
         lookups_per_s: float = 2.0,
@@ -136,6 +142,7 @@ class ConsumerDirectory:
         self._store = store
         self._clock = clock
         self._refresh_s = refresh_s
+        self._check_s = min(check_s, refresh_s)
         self._max_stale_s = max_stale_s
         self._fail_closed = fail_closed
         self._by_hash: dict[str, Consumer] = {}
@@ -147,10 +154,13 @@ class ConsumerDirectory:
         self._principals = PrincipalIndex(())
         self._principal_reload_at = float("-inf")
         self._loaded_at = float("-inf")
-        self._fresh_at = clock.monotonic()  # the last successful reload (or the start)
+        self._checked_at = float("-inf")
+        self._marker: str | None = None  # the change marker as of the last reload
+        self._fresh_at = clock.monotonic()  # the last time the store confirmed the cache (or the start)
         self._reloading: asyncio.Task[None] | None = None
         self._stale_logged = False
         self.reload_failures = 0
+        self.reloads = 0
 
     def _index(self, consumers: list[Consumer]) -> None:
         by_hash: dict[str, Consumer] = {}
@@ -165,6 +175,8 @@ class ConsumerDirectory:
 
     async def reload(self) -> None:
         try:
+            # The marker first: a write that lands while the list is read changes it again, and the next check reloads.
+            marker = await self._store.change_marker()
             consumers = await self._store.list_consumers()
         except Exception as exc:  # the store's own errors are already mapped; keep serving the cached copy
             self.reload_failures += 1
@@ -173,17 +185,41 @@ class ConsumerDirectory:
                             type(exc).__name__, self.reload_failures)
             # Try again in a little while, not on every request while the store is away.
             self._loaded_at = self._clock.monotonic() - self._refresh_s + min(self._refresh_s, RELOAD_RETRY_S)
+            self._checked_at = self._clock.monotonic() - self._check_s + min(self._check_s, RELOAD_RETRY_S)
             return
         self.reload_failures = 0
+        self.reloads += 1
+        self._marker = marker
         self._index(consumers)
-        self._loaded_at = self._fresh_at = self._clock.monotonic()
+        self._loaded_at = self._checked_at = self._fresh_at = self._clock.monotonic()
         self._stale_logged = False
 
+    async def check(self) -> None:
+        """One point read of the change marker; a reload only when the admin command has written since the last."""
+        self._checked_at = self._clock.monotonic()
+        try:
+            marker = await self._store.change_marker()
+        except Exception as exc:  # as for a reload: keep serving the cached copy, within max_stale_s
+            self.reload_failures += 1
+            if self.reload_failures == 1 or self.reload_failures % 20 == 0:
+                log.warning("could not check consumers for changes (%s, %d times); serving the cached copy",
+                            type(exc).__name__, self.reload_failures)
+            return
+        if marker != self._marker:
+            await self.reload()
+        else:
+            self.reload_failures = 0
+            self._fresh_at = self._clock.monotonic()
+            self._stale_logged = False
+
     def _reload_if_due(self) -> None:
-        if self._clock.monotonic() - self._loaded_at >= self._refresh_s and (
-            self._reloading is None or self._reloading.done()
-        ):
+        if self._reloading is not None and not self._reloading.done():
+            return
+        now = self._clock.monotonic()
+        if now - self._loaded_at >= self._refresh_s:
             self._reloading = asyncio.get_running_loop().create_task(self.reload())
+        elif now - self._checked_at >= self._check_s:
+            self._reloading = asyncio.get_running_loop().create_task(self.check())
 
     def _check_fresh(self) -> None:
         age = self._clock.monotonic() - self._fresh_at

@@ -28,6 +28,12 @@ class MemoryConsumerStore(_Switch):
     def __init__(self) -> None:
         self.consumers: dict[str, Consumer] = {}
         self.calls = 0
+        self.writes = 0  # the change marker: every write through the store bumps it
+
+    async def change_marker(self) -> str | None:
+        self._check()
+        self.calls += 1
+        return str(self.writes) if self.writes else None
 
     async def list_consumers(self) -> list[Consumer]:
         self._check()
@@ -50,12 +56,14 @@ class MemoryConsumerStore(_Switch):
     async def put(self, consumer: Consumer) -> None:
         self._check()
         self.consumers[consumer.id] = consumer
+        self.writes += 1
 
     async def create(self, consumer: Consumer) -> None:
         self._check()
         if consumer.id in self.consumers:
             raise Conflict("consumer exists")
         self.consumers[consumer.id] = consumer
+        self.writes += 1
 
     async def create_many(self, consumers: list[Consumer]) -> None:
         self._check()
@@ -65,10 +73,13 @@ class MemoryConsumerStore(_Switch):
                 raise Conflict("consumer exists")
             for c in chunk:
                 self.consumers[c.id] = c
+            self.writes += 1
 
     async def delete(self, consumer_id: str) -> bool:
         self._check()
-        return self.consumers.pop(consumer_id, None) is not None
+        deleted = self.consumers.pop(consumer_id, None) is not None
+        self.writes += deleted
+        return deleted
 
 
 class MemoryLedgerStore(_Switch):

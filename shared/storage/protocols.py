@@ -23,6 +23,10 @@ class Conflict(Exception):
 
 
 class ConsumerStore(Protocol):
+    async def change_marker(self) -> str | None:
+        """A value that changes whenever a consumer is written through this store (None before the first write)."""
+        ...
+
     async def list_consumers(self) -> list[Consumer]: ...
 
     async def get(self, consumer_id: str) -> Consumer | None: ...

@@ -117,6 +117,10 @@ def entity_etag(entity: Any) -> str | None:
 
 _CONSUMER_PK = "consumer"
 _INDEX_PK = "keyhash"
+# One row that every write through TableConsumerStore replaces: gateways read it (one point read a second) and reload
+# the consumers only when its ETag has changed, so a consumer created, disabled or rotated is seen within about a
+# second without every instance listing every consumer that often.
+_MARKER_PK, _MARKER_RK = "marker", "consumers"
 _CONSUMER_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
@@ -289,6 +293,19 @@ class TableConsumerStore:
     def __init__(self, tables: Tables) -> None:
         self._tables = tables
 
+    async def change_marker(self) -> str | None:
+        """The change marker's ETag (every write through this store replaces the row); None before the first write."""
+        try:
+            entity = await self._tables.call("consumers", lambda t: t.get_entity(_MARKER_PK, _MARKER_RK))
+        except ResourceNotFoundError:
+            return None
+        return entity_etag(entity)
+
+    async def _mark_changed(self) -> None:
+        # Last writer wins: any new ETag tells the gateways to reload, whatever the row holds.
+        row = {"PartitionKey": _MARKER_PK, "RowKey": _MARKER_RK}
+        await self._tables.call("consumers", lambda t: t.upsert_entity(row, mode=UpdateMode.REPLACE))
+
     async def list_consumers(self) -> list[Consumer]:
         entities = await self._tables.call(
             "consumers", lambda t: collect(t.query_entities(f"PartitionKey eq '{_CONSUMER_PK}'")), self._tables.timeout_s * 5
@@ -341,6 +358,7 @@ class TableConsumerStore:
         entity = consumer_to_entity(consumer)
         await self._tables.call("consumers", lambda t: t.upsert_entity(entity, mode=UpdateMode.REPLACE))
         await self._drop_index({h for h in before if h} - {consumer.key_hash, consumer.previous_key_hash or ""})
+        await self._mark_changed()
 
     async def create(self, consumer: Consumer) -> None:
         await self._write_index(consumer)
@@ -350,6 +368,7 @@ class TableConsumerStore:
         except Conflict:
             await self._drop_index({row["RowKey"] for row in _index_rows(consumer)})
             raise
+        await self._mark_changed()
 
     async def create_many(self, consumers: list[Consumer], parallel: int = 4) -> None:
         """Create many consumers in batches of 100 (one round trip each; all share one partition), a few at a time.
@@ -376,7 +395,10 @@ class TableConsumerStore:
         await asyncio.gather(*(
             batch(rows[i : i + 100], "upsert") for rows in by_partition.values() for i in range(0, len(rows), 100)
         ))
-        await asyncio.gather(*(batch(entities[i : i + 100], "create") for i in range(0, len(entities), 100)))
+        try:
+            await asyncio.gather(*(batch(entities[i : i + 100], "create") for i in range(0, len(entities), 100)))
+        finally:
+            await self._mark_changed()  # batches that went through before a conflict are consumers too
 
     async def delete(self, consumer_id: str) -> bool:
         try:
@@ -385,6 +407,7 @@ class TableConsumerStore:
             return False
         await self._tables.call("consumers", lambda t: t.delete_entity(_CONSUMER_PK, consumer_id))
         await self._drop_index({h for h in (entity.get("key_hash"), entity.get("previous_key_hash")) if isinstance(h, str) and h})
+        await self._mark_changed()
         return True
 
 

@@ -93,7 +93,8 @@ class GatewayHarness:
             background=False,
         )
         directory = ConsumerDirectory(
-            self.consumer_store, self.clock, settings.consumer_refresh_s, max_stale_s=settings.consumer_max_stale_s,
+            self.consumer_store, self.clock, settings.consumer_refresh_s, check_s=settings.consumer_check_s,
+            max_stale_s=settings.consumer_max_stale_s,
             fail_closed=settings.auth_fail_mode == "closed", lookups_per_s=settings.unknown_key_lookups_per_s,
             failures_per_minute=settings.auth_failures_per_minute,
         )
