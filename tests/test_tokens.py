@@ -205,9 +205,37 @@ def test_long_texts_are_counted_in_pieces_close_to_a_whole_count() -> None:
     assert len(encoding.encode(word)) <= tokens.count_text(word, encoding) <= len(encoding.encode(word)) * 1.01
 
 
-def test_the_count_cache_keeps_no_prompt_text() -> None:
+def test_the_count_cache_keeps_no_prompt_text_and_stays_bounded() -> None:
     encoding = tokens.get_encoding()
     tokens._counts.clear()
     text = "secret prompt " * 100
     tokens.count_text(text, encoding)
-    assert all(not isinstance(part, str) or part in tokens.SUPPORTED_ENCODINGS for key in tokens._counts for part in key)
+    for i in range(tokens._CACHE_MAX_ENTRIES + 100):
+        tokens.count_text(f"{i} distinct prompt text, long enough to be cached by the counter ....", encoding)
+    assert len(tokens._counts) == tokens._CACHE_MAX_ENTRIES  # the oldest went first
+    assert (encoding.name, tokens.text_digest(text)) not in tokens._counts
+    for name, digest in tokens._counts:  # an encoding name and a 16-byte digest: never the text
+        assert name in tokens.SUPPORTED_ENCODINGS and isinstance(digest, bytes) and len(digest) == 16
+
+
+def test_texts_whose_python_hashes_collide_never_share_a_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    encoding = tokens.get_encoding()
+    tokens._counts.clear()
+    # Every hash() the counting module takes now collides, as two texts of a caller's choosing could under a key of
+    # (length, hash): the second text must still get its own count, not the first one's.
+    monkeypatch.setattr(tokens, "hash", lambda _value: 0, raising=False)
+    letters, words = "a" * 100, " a" * 50
+    assert len(letters) == len(words) and len(encoding.encode(letters)) != len(encoding.encode(words))
+    assert tokens.count_text(letters, encoding) == len(encoding.encode(letters))
+    assert tokens.count_text(words, encoding) == len(encoding.encode(words))
+    assert tokens.count_text(letters, encoding) == len(encoding.encode(letters))
+
+
+def test_a_text_with_lone_surrogates_is_counted_and_keyed_apart_from_its_replacement() -> None:
+    encoding = tokens.get_encoding()
+    tokens._counts.clear()
+    padding = " word" * 20
+    lone, replaced = "\ud800" + padding, "?" + padding
+    assert tokens.text_digest(lone) != tokens.text_digest(replaced)
+    assert tokens.count_text(lone, encoding) >= 20
+    assert tokens.count_text(replaced, encoding) == len(encoding.encode(replaced))

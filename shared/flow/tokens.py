@@ -134,12 +134,23 @@ def encoding_for(model: str | None) -> tiktoken.Encoding:
 
 
 # Counts of recent longer strings: system prompts, tool schemas and few-shot examples repeat across requests, and
-# encoding them is most of what admission costs. Keyed by the string's length and hash, never the string itself: a
-# cache of whole prompts would hold every large prompt a hostile caller sends (Python's str hash is keyed per process,
-# so a caller cannot craft a collision; one would only mis-estimate, and the backend's usage is what gets charged).
+# encoding them is most of what admission costs. Keyed by a 128-bit BLAKE2b digest of the text, never the text itself:
+# a cache of whole prompts would hold every large prompt a hostile caller sends. A key of Python's hash() and the length
+# (as before) can collide, and two texts would then share a count; a 128-bit digest does not in practice. It costs a
+# few percent of the count it saves (docs/benchmarks.md), and for large texts it runs where the count does, off the loop.
 _CACHE_MIN_CHARS = 64
-_CACHE_MAX_ENTRIES = 4096
-_counts: dict[tuple[str, int, int], int] = {}
+_CACHE_MAX_ENTRIES = 4096  # ~0.5 MB at most: a 16-byte digest and an int per entry
+_DIGEST_BYTES = 16
+_counts: dict[tuple[str, bytes], int] = {}
+_counts_lock = threading.Lock()  # the worker thread and the event loop both count
+
+
+def text_digest(text: str) -> bytes:
+    """The cache key of a text. "surrogatepass": a lone surrogate encodes instead of raising, and distinct strings keep
+    distinct bytes ("replace" would turn every surrogate into "?", and two texts into one key)."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=_DIGEST_BYTES).digest()
+
+
 # Long texts are encoded in pieces: tiktoken's BPE slows down sharply on long runs without a pre-tokenizer split (one
 # 8 MiB "word" took seconds), and a piece at a time lets other threads (the event loop) take the GIL in between.
 # Pieces end at whitespace where there is some, so the sum matches a whole count to within a token per piece.
@@ -150,13 +161,14 @@ def count_text(text: str, encoding: tiktoken.Encoding) -> int:
     if len(text) < _CACHE_MIN_CHARS:
         # disallowed_special=() : user text that happens to contain "<|endoftext|>" is counted, not rejected.
         return len(encoding.encode(text, disallowed_special=()))
-    key = (encoding.name, len(text), hash(text))
+    key = (encoding.name, text_digest(text))
     count = _counts.get(key)
     if count is None:
         count = _encode_count(text, encoding)
-        if len(_counts) >= _CACHE_MAX_ENTRIES:
-            _counts.clear()
-        _counts[key] = count
+        with _counts_lock:
+            if len(_counts) >= _CACHE_MAX_ENTRIES:
+                del _counts[next(iter(_counts))]  # the oldest: a burst of distinct texts no longer empties the cache
+            _counts[key] = count
     return count
 
 
