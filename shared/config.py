@@ -153,6 +153,7 @@ class Settings:
     api_versions: frozenset[str] | None = None  # None: any well-formed api-version
     forwarded_hops: int = 0
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    admit_on_bound: bool = True  # a large prompt with room to spare is admitted on its upper bound, uncounted
 
     def deployments(self) -> frozenset[str]:
         return frozenset(d for b in self.backends for d in b.deployments)
@@ -576,6 +577,7 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         timeout_replays=_integer(env, "GATEWAY_TIMEOUT_REPLAYS", 1, minimum=0, maximum=30),
         stream_settle_s=_number(env, "GATEWAY_STREAM_SETTLE_S", 5.0, minimum=0.5, maximum=60),
         abandoned_drain_s=_number(env, "GATEWAY_ABANDONED_STREAM_DRAIN_S", 2.0, minimum=0, maximum=60),
+        admit_on_bound=_boolean(env, "GATEWAY_ADMIT_ON_BOUND", True),
         entra=_entra(env),
         accept_keys=_boolean(env, "GATEWAY_ACCEPT_KEYS", True),
         consumer_max_stale_s=_number(env, "GATEWAY_CONSUMER_MAX_STALE_S", 300.0, minimum=1, maximum=86400),

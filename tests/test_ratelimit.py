@@ -143,6 +143,20 @@ async def test_headers_report_the_consumers_own_remaining_tokens() -> None:
     assert int(ticket.headers["x-ratelimit-remaining-quota-tokens"]) == 4900
 
 
+async def test_room_is_what_the_remaining_headers_say_and_none_without_limits() -> None:
+    lim = limiter(MemoryLedgerStore(), FakeClock())
+    assert lim.room(consumer(tpm=0), DEPLOYMENT) is None
+    c = consumer(tpm=1000, quota=5000, period="daily", per_deployment=800)
+    assert lim.room(c, DEPLOYMENT) == 800  # nothing known yet: the tightest scope, whole
+    ticket = await lim.admit(c, DEPLOYMENT, 100)
+    assert lim.room(c, DEPLOYMENT) == 700 == int(ticket.headers["x-ratelimit-remaining-tokens"])
+    assert lim.room(c, "gpt-4o-mini") == 900  # the deployment's own limit does not apply there
+    other = limiter(MemoryLedgerStore(), FakeClock())
+    quota_only = consumer(tpm=0, quota=300, period="daily")
+    (await other.admit(quota_only, DEPLOYMENT, 100)).settle(100)
+    assert other.room(quota_only, DEPLOYMENT) == 200
+
+
 async def test_store_outage_fails_open_to_this_instances_share_and_reconciles_later() -> None:
     clock = FakeClock()
     store = MemoryLedgerStore()

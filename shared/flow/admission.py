@@ -9,16 +9,22 @@ from shared.config import Settings
 from shared.edge.consumers import Consumer
 from shared.edge.messages import GatewayRequest
 from shared.flow import offload, tokens
-from shared.flow.exchange import Checked, Exchange, count_prompt
+from shared.flow.exchange import Checked, Exchange, count_prompt, prompt_bound
 from shared.flow.translate import CallShape, Operation
 from shared.limits.contract import Limiter
 from shared.telemetry.events import Trace
+
+# A large prompt is admitted on its upper bound, uncounted, only when the bound and the output fit this many times in
+# what the consumer has left: the bound holds up to ~4x the prompt's tokens (English text is ~4 bytes a token) until
+# the backend's usage settles it, and it must not crowd out the consumer's other requests meanwhile.
+BOUND_ROOM_FACTOR = 2
 
 
 class Admission:
     def __init__(self, settings: Settings, limiter: Limiter) -> None:
         self._default_max_tokens = settings.default_max_tokens
         self._output_cap = settings.output_cap
+        self._admit_on_bound = settings.admit_on_bound
         self._user_id_header = settings.user_id_header
         self._limiter = limiter
 
@@ -26,21 +32,18 @@ class Admission:
         self, request: GatewayRequest, checked: Checked, started: float, trace: Trace, user_id: str | None = None
     ) -> Exchange:
         """Reserve the request's largest possible cost, or raise the limiter's refusal (RateLimited, QuotaExhausted,
-        NeverAdmissible, ...). The prompt is counted only for a consumer with limits. `user_id` is the caller's from
+        NeverAdmissible, ...). The prompt is estimated only for a consumer with limits. `user_id` is the caller's from
         its token, when the settings take it from a claim; else the User ID header's."""
         deployment = checked.shape.deployment
-        prompt_estimate: int | None = None
+        prompt: int | None = None
+        counted = True
         reserve = 0
         if self._limiter.needs_estimate(checked.consumer, deployment):
-            prompt_estimate = await self._estimate(request, checked)
-            capped = self._capped(checked.route.operation, checked.consumer, checked.shape, prompt_estimate)
+            prompt, counted = await self._estimate(request, checked)
+            capped = self._capped(checked.route.operation, checked.consumer, checked.shape, prompt)
             if capped is not checked.shape:
                 checked = replace(checked, shape=capped)
-            # Every choice the backend generates (n, best_of) may run to the cap, and is billed.
-            completion = 0 if checked.route.operation is Operation.EMBEDDINGS else checked.shape.choices * (
-                checked.shape.max_tokens or self._default_max_tokens
-            )
-            reserve = prompt_estimate + completion
+            reserve = prompt + self._completion(checked)
         ticket = await self._limiter.admit(checked.consumer, deployment, reserve)
         return Exchange(
             request=request,
@@ -50,18 +53,36 @@ class Admission:
             user_id=user_id if user_id is not None else request.headers.get(self._user_id_header, "")[:128],
             ticket=ticket,
             reserve=reserve,
-            prompt_estimate=prompt_estimate,
+            prompt_estimate=prompt if counted else None,
+            prompt_bound=None if counted else prompt,
         )
 
-    async def _estimate(self, request: GatewayRequest, checked: Checked) -> int:
-        """The prompt's tokens for admission. Counting costs about a second per 4 MiB of text: a large body is first
-        checked against what this instance already knows and against a free lower bound of its size (a consumer over
-        its limit, or a prompt larger than its whole minute, is refused before anything is counted), then counted in
-        the one worker thread, off the event loop, so other requests keep moving."""
+    def _completion(self, checked: Checked) -> int:
+        """Every choice the backend generates (n, best_of) may run to the cap, and is billed."""
+        if checked.route.operation is Operation.EMBEDDINGS:
+            return 0
+        return checked.shape.choices * (checked.shape.max_tokens or self._default_max_tokens)
+
+    async def _estimate(self, request: GatewayRequest, checked: Checked) -> tuple[int, bool]:
+        """The prompt's tokens for admission, and whether they were counted (else bounded from above).
+
+        A body up to offload.ON_LOOP_BYTES is counted in place (a few milliseconds at most). Counting costs about a
+        second per 4 MiB of text, so a larger one is first checked against what this instance already knows and
+        against a free lower bound of its size (a consumer over its limit, or a prompt larger than its whole minute,
+        is refused before anything is counted); then, when its upper bound (its UTF-8 bytes, see prompt_bound) and
+        the output fit BOUND_ROOM_FACTOR times in what the consumer has left, it is admitted on that bound and counted
+        only if the books come to need the figure (Exchange.counted_prompt); otherwise it is counted now, in the one
+        worker thread, off the event loop, so other requests keep moving."""
         if len(request.body) <= offload.ON_LOOP_BYTES:
-            return count_prompt(checked)
-        self._limiter.precheck(checked.consumer, checked.shape.deployment, tokens.prompt_lower_bound(checked.body))
-        return await offload.count(partial(count_prompt, checked))
+            return count_prompt(checked), True
+        consumer, deployment = checked.consumer, checked.shape.deployment
+        self._limiter.precheck(consumer, deployment, tokens.prompt_lower_bound(checked.body))
+        if self._admit_on_bound:
+            bound = prompt_bound(checked)
+            room = self._limiter.room(consumer, deployment)
+            if room is None or (bound + self._completion(checked)) * BOUND_ROOM_FACTOR <= room:
+                return bound, False
+        return await offload.count(partial(count_prompt, checked)), True
 
     def _capped(self, operation: Operation, consumer: Consumer, shape: CallShape, prompt: int) -> CallShape:
         """With the output cap on (for the consumer, or by default), a request that asks no cap, or more than the

@@ -9,6 +9,7 @@ Services are what the phases share: built once per worker (shared/app.py), never
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from shared.clock import Clock
@@ -16,7 +17,7 @@ from shared.config import Backend, Settings
 from shared.edge.consumers import Consumer, ConsumerDirectory
 from shared.edge.identity import Identifier
 from shared.edge.messages import GatewayRequest
-from shared.flow import responses, tokens
+from shared.flow import offload, responses, tokens
 from shared.flow.credentials import BackendAuth
 from shared.flow.translate import CallShape, Operation, Route
 from shared.flow.upstream import Answer, UpstreamClient
@@ -80,7 +81,8 @@ class Exchange:
     user_id: str
     ticket: Ticket
     reserve: int
-    prompt_estimate: int | None = None
+    prompt_estimate: int | None = None  # the prompt as counted: at admission, or when first needed
+    prompt_bound: int | None = None  # admitted on this upper bound of the prompt instead, uncounted (shared/flow/admission.py)
     lost: list[LostAttempt] = field(default_factory=list)
     asked: dict[str, float] = field(default_factory=dict)  # backend id -> when it said (Retry-After) it would serve
     timeouts: int = 0  # attempts that ran past the read timeout
@@ -101,15 +103,51 @@ class Exchange:
     def deployment(self) -> str:
         return self.checked.shape.deployment
 
+    @property
+    def limited(self) -> bool:
+        """Admission reserved the prompt (counted or bounded) against the consumer's limits."""
+        return self.prompt_estimate is not None or self.prompt_bound is not None
+
     def prompt_tokens(self) -> int:
-        """The prompt as the gateway counts it (counted once, at admission or when first needed)."""
-        if self.prompt_estimate is None:
-            self.prompt_estimate = count_prompt(self.checked)
+        """The prompt as the gateway counts it, counted in place if it was not yet: for callers that cannot wait, once
+        `counted_prompt` has run or where the body is small."""
+        if self.prompt_estimate is not None:
+            return self.prompt_estimate
+        return self._counted(count_prompt(self.checked))
+
+    async def counted_prompt(self) -> int:
+        """The prompt as the gateway counts it (counted once, at admission or when first needed: off the event loop
+        for a large body)."""
+        if self.prompt_estimate is not None:
+            return self.prompt_estimate
+        if len(self.request.body) <= offload.ON_LOOP_BYTES:
+            return self._counted(count_prompt(self.checked))
+        return self._counted(await offload.count(partial(count_prompt, self.checked)))
+
+    def _counted(self, count: int) -> int:
+        if self.prompt_estimate is None:  # else counted meanwhile by another caller
+            self.prompt_estimate = count
+            if self.prompt_bound is not None:
+                # From now on the reservation is the count's, not the bound's (what a timed-out request keeps).
+                self.reserve += count - self.prompt_bound
         return self.prompt_estimate
 
-    def prompt_only(self) -> TokenUsage:
+    def prompt_spent(self) -> int:
+        """Prompt tokens surely spent, for charges made while a request runs (never refunded): the count, or, before
+        it, the prompt's free lower bound."""
+        if self.prompt_estimate is not None:
+            return self.prompt_estimate
+        return tokens.prompt_lower_bound(self.checked.body)
+
+    def prompt_ceiling(self) -> int:
+        """The count, or else the prompt's upper bound: what to charge when the count cannot be waited for."""
+        if self.prompt_estimate is not None:
+            return self.prompt_estimate
+        return self.prompt_bound if self.prompt_bound is not None else prompt_bound(self.checked)
+
+    async def prompt_only(self) -> TokenUsage:
         """What a backend bills for a request it read but never answered whole: the prompt."""
-        prompt = self.prompt_tokens()
+        prompt = await self.counted_prompt()
         return TokenUsage(prompt, 0, prompt, reported=False)
 
 
@@ -134,8 +172,9 @@ class Served:
     ttft_ms: float | None = None
 
 
-def count_prompt(checked: Checked) -> int:
-    encoding = tokens.encoding_for(checked.shape.deployment)
+def count_prompt(checked: Checked, measure: tokens.Measure | None = None) -> int:
+    """The prompt's tokens as the gateway counts them (with `measure`: measured by it instead, see prompt_bound)."""
+    encoding = measure if measure is not None else tokens.encoding_for(checked.shape.deployment)
     operation, body = checked.route.operation, checked.body
     if operation is Operation.RESPONSES:
         context = checked.pinned.record.context_tokens if checked.pinned is not None else 0
@@ -145,3 +184,9 @@ def count_prompt(checked: Checked) -> int:
     if operation is Operation.COMPLETIONS:
         return tokens.count_completion_prompt(body, encoding)
     return tokens.count_embedding_input(body, encoding)
+
+
+def prompt_bound(checked: Checked) -> int:
+    """At least the prompt's count, at the cost of reading it: the count's own walk (framing, names, tools, images,
+    files, audio, token-id lists) with each text's UTF-8 bytes in place of its tokens (tokens.Utf8Bytes)."""
+    return count_prompt(checked, tokens.UTF8_BYTES)

@@ -106,7 +106,7 @@ class Failover:
                 router.record_timeout(backend, deployment, exchange.consumer.id)
                 exchange.timeouts += 1
                 duration_ms = (self._clock.monotonic() - exchange.started) * 1000
-                exchange.lost.append(LostAttempt(backend, exchange.prompt_only(), number, duration_ms, 504))
+                exchange.lost.append(LostAttempt(backend, await exchange.prompt_only(), number, duration_ms, 504))
             else:
                 router.record_error(backend, deployment, exc.kind)
             raise _Failed(AttemptFailure(exc.kind)) from None
@@ -131,7 +131,7 @@ class Failover:
                 await answer.read()
             except UpstreamBroken:
                 duration_ms = (self._clock.monotonic() - exchange.started) * 1000
-                exchange.lost.append(LostAttempt(backend, exchange.prompt_only(), number, duration_ms))
+                exchange.lost.append(LostAttempt(backend, await exchange.prompt_only(), number, duration_ms))
                 router.record_error(backend, deployment, FailureKind.BROKEN)
                 raise _Failed(AttemptFailure(FailureKind.BROKEN)) from None
         router.record_success(backend, deployment, answer.headers)

@@ -59,7 +59,7 @@ class Relay:
         usage, model = api_of(chosen.backend).usage(raw) if status == 200 else (None, None)
         if status == 200 and usage is None:
             # A 200 whose body cannot be read: the backend may still have billed the prompt; charge what we can count.
-            usage = exchange.prompt_only()
+            usage = await exchange.prompt_only()
             try:
                 orjson.loads(raw)
             except orjson.JSONDecodeError:
@@ -106,13 +106,15 @@ class Relay:
         abandoned = False
         context_recorded = False
         # A limited consumer's stream is charged as it goes: what it delivered so far, every few seconds.
-        next_settle = self._clock.monotonic() + self._settle_every if exchange.prompt_estimate is not None else None
+        next_settle = self._clock.monotonic() + self._settle_every if exchange.limited else None
         try:
             while chunk := await upstream.next_chunk():
+                if exchange.prompt_estimate is None and isinstance(relay, SseRelay) and relay.would_count_usage(chunk):
+                    await exchange.counted_prompt()  # the usage chunk the gateway is about to write needs it
                 out = relay.feed(chunk)
                 if next_settle is not None and self._clock.monotonic() >= next_settle:
                     delivered = relay.delivered_completion_tokens(encoding)
-                    exchange.ticket.progress(exchange.prompt_tokens() + delivered)
+                    exchange.ticket.progress(exchange.prompt_spent() + delivered)
                     next_settle = self._clock.monotonic() + self._settle_every
                 if out:
                     if first_at is None:
@@ -148,13 +150,21 @@ class Relay:
             else:
                 upstream.close()
             usage = relay.usage
+            cancelled: asyncio.CancelledError | None = None
             if usage is None:
-                prompt = exchange.prompt_tokens()
+                try:
+                    prompt = await exchange.counted_prompt()
+                except asyncio.CancelledError as again:
+                    # Cancelled again while a large prompt was counted off the loop: its upper bound is charged
+                    # rather than nothing, and the cancellation goes on once the books are settled.
+                    prompt, cancelled = exchange.prompt_ceiling(), again
                 encoding = tokens.encoding_for(relay.model or exchange.deployment)
                 completion = relay.delivered_completion_tokens(encoding)
                 usage = TokenUsage(prompt, completion, prompt + completion, reported=False)
             ttft = None if first_at is None else (first_at - exchange.started) * 1000
             self._books.settle(exchange, Served(chosen.backend, 200, usage, relay.model, chosen.attempts, ttft))
+            if cancelled is not None:
+                raise cancelled
 
     async def _drain(self, upstream: Answer, relay: SseRelay | responses.ResponsesRelay) -> bool:
         """Read the rest of an abandoned stream, unseen, for at most GATEWAY_ABANDONED_STREAM_DRAIN_S, so that its

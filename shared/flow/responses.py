@@ -24,6 +24,7 @@ from shared.flow.tokens import (
     IMAGE_LOW,
     REPLY_PRIMING,
     TOKENS_PER_MESSAGE,
+    Measure,
     count_text,
     count_tools,
     get_encoding,
@@ -158,7 +159,7 @@ def _inline_file_tokens(data: str) -> int:
     return math.ceil(len(payload.rstrip("=")) * 3 // 4 / BYTES_PER_FILE_TOKEN)
 
 
-def _part_tokens(part: Mapping[str, Any], enc: tiktoken.Encoding) -> int:
+def _part_tokens(part: Mapping[str, Any], enc: Measure) -> int:
     kind = part.get("type")
     if kind == "input_image":
         return IMAGE_LOW if part.get("detail") == "low" else IMAGE_HIGH_DEFAULT
@@ -175,7 +176,7 @@ def _part_tokens(part: Mapping[str, Any], enc: tiktoken.Encoding) -> int:
     return 0
 
 
-def _content_tokens(content: Any, enc: tiktoken.Encoding) -> int:
+def _content_tokens(content: Any, enc: Measure) -> int:
     if isinstance(content, str):
         return count_text(content, enc)
     if isinstance(content, list):
@@ -183,7 +184,7 @@ def _content_tokens(content: Any, enc: tiktoken.Encoding) -> int:
     return 0
 
 
-def _item_tokens(item: Mapping[str, Any], enc: tiktoken.Encoding) -> int:
+def _item_tokens(item: Mapping[str, Any], enc: Measure) -> int:
     kind = item.get("type")
     if kind in (None, "message"):
         return TOKENS_PER_MESSAGE + count_text(str(item.get("role", "")), enc) + _content_tokens(item.get("content"), enc)
@@ -213,7 +214,7 @@ def _response_tools(tools: Any) -> list[Any]:
     return converted
 
 
-def count_input(body: Mapping[str, Any], enc: tiktoken.Encoding, context_tokens: int = 0) -> int:
+def count_input(body: Mapping[str, Any], enc: Measure, context_tokens: int = 0) -> int:
     """Input tokens of a Responses create body, estimated for admission: instructions, the input (a string, or items
     with text, images and files), tool definitions, plus `context_tokens` that continuing a stored response adds
     (its own input and output, which the backend prepends). The backend's usage is what gets charged in the end."""

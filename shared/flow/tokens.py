@@ -18,7 +18,7 @@ import importlib.resources
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeAlias
 
 import orjson
 import tiktoken
@@ -157,7 +157,29 @@ def text_digest(text: str) -> bytes:
 CHUNK_CHARS = 2048
 
 
-def count_text(text: str, encoding: tiktoken.Encoding) -> int:
+class Utf8Bytes:
+    """Stands in for an encoding where an upper bound of the tokens is wanted, not a count: a text's UTF-8 bytes.
+
+    Every token of o200k_base and cl100k_base covers at least one byte of the text (special-token text is encoded as
+    ordinary text here), so a text's bytes are never fewer than its tokens, whatever it holds. Measured through the
+    counter's own code (the same framing, images, files and audio), a prompt's bytes bound its count from above; for
+    ASCII the measure is free (CPython knows a string is ASCII without reading it), otherwise one encode in C."""
+
+    name = "utf8-bytes"
+
+
+UTF8_BYTES = Utf8Bytes()
+Measure: TypeAlias = tiktoken.Encoding | Utf8Bytes
+
+
+def utf8_length(text: str) -> int:
+    """The text's UTF-8 bytes; a lone surrogate as 3 (tiktoken encodes it as U+FFFD, also 3 bytes)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def count_text(text: str, encoding: Measure) -> int:
+    if isinstance(encoding, Utf8Bytes):
+        return utf8_length(text)
     if len(text) < _CACHE_MIN_CHARS:
         # disallowed_special=() : user text that happens to contain "<|endoftext|>" is counted, not rejected.
         return len(encoding.encode(text, disallowed_special=()))
@@ -236,7 +258,7 @@ def preload(models: Iterable[str] = ()) -> None:
         get_encoding(name)
 
 
-def _content_tokens(content: Any, enc: tiktoken.Encoding) -> int:
+def _content_tokens(content: Any, enc: Measure) -> int:
     if content is None:
         return 0
     if isinstance(content, str):
@@ -287,7 +309,7 @@ def _audio_tokens(audio: Any) -> int:
     return -(-_base64_bytes(audio["data"]) // per_token)
 
 
-def _file_tokens(file: Any, enc: tiktoken.Encoding) -> int:
+def _file_tokens(file: Any, enc: Measure) -> int:
     if not isinstance(file, Mapping):
         return 0
     total = count_text(str(file.get("filename", "")), enc) if file.get("filename") else 0
@@ -297,7 +319,7 @@ def _file_tokens(file: Any, enc: tiktoken.Encoding) -> int:
     return total + FILE_MIN_TOKENS
 
 
-def _tool_calls_tokens(calls: Any, enc: tiktoken.Encoding) -> int:
+def _tool_calls_tokens(calls: Any, enc: Measure) -> int:
     if not isinstance(calls, list):
         return 0
     total = 0
@@ -311,7 +333,7 @@ def _tool_calls_tokens(calls: Any, enc: tiktoken.Encoding) -> int:
     return total
 
 
-def _function_definition_tokens(function: Mapping[str, Any], enc: tiktoken.Encoding) -> int:
+def _function_definition_tokens(function: Mapping[str, Any], enc: Measure) -> int:
     # The models see tool definitions rendered as a TypeScript-like namespace. These constants follow OpenAI's
     # published counting guide for o200k/cl100k models: a per-function frame, per-property keys, enum items.
     func_init, prop_init, prop_key, enum_init, enum_item, func_end = 7, 3, 3, -3, 3, 12
@@ -356,7 +378,7 @@ def _compact_json(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
-def count_tools(tools: Any, enc: tiktoken.Encoding) -> int:
+def count_tools(tools: Any, enc: Measure) -> int:
     if not isinstance(tools, list) or not tools:
         return 0
     total = 0
@@ -371,7 +393,7 @@ def count_tools(tools: Any, enc: tiktoken.Encoding) -> int:
     return total
 
 
-def count_messages(messages: Iterable[Any], enc: tiktoken.Encoding) -> int:
+def count_messages(messages: Iterable[Any], enc: Measure) -> int:
     total = REPLY_PRIMING
     for message in messages:
         if not isinstance(message, Mapping):
@@ -391,7 +413,7 @@ def count_messages(messages: Iterable[Any], enc: tiktoken.Encoding) -> int:
     return total
 
 
-def count_chat_prompt(body: Mapping[str, Any], enc: tiktoken.Encoding) -> int:
+def count_chat_prompt(body: Mapping[str, Any], enc: Measure) -> int:
     """Prompt tokens of a chat completions request: messages, plus tool (or legacy function) definitions."""
     messages = body.get("messages")
     total = count_messages(messages if isinstance(messages, list) else [], enc)
@@ -412,7 +434,7 @@ def count_chat_prompt(body: Mapping[str, Any], enc: tiktoken.Encoding) -> int:
     return total
 
 
-def _inputs_tokens(value: Any, enc: tiktoken.Encoding) -> int:
+def _inputs_tokens(value: Any, enc: Measure) -> int:
     """A prompt or embeddings input: a string, a list of strings, a list of token ids, or a list of such lists."""
     if value is None:
         return 0
@@ -425,10 +447,10 @@ def _inputs_tokens(value: Any, enc: tiktoken.Encoding) -> int:
     return 0
 
 
-def count_completion_prompt(body: Mapping[str, Any], enc: tiktoken.Encoding) -> int:
+def count_completion_prompt(body: Mapping[str, Any], enc: Measure) -> int:
     suffix = body.get("suffix")
     return _inputs_tokens(body.get("prompt"), enc) + (count_text(suffix, enc) if isinstance(suffix, str) else 0)
 
 
-def count_embedding_input(body: Mapping[str, Any], enc: tiktoken.Encoding) -> int:
+def count_embedding_input(body: Mapping[str, Any], enc: Measure) -> int:
     return _inputs_tokens(body.get("input"), enc)

@@ -179,6 +179,9 @@ class BudgetedLimiter:
     def precheck(self, consumer: Consumer, deployment: str, at_least: int = 0) -> None:
         self._inner.precheck(consumer, deployment, at_least)
 
+    def room(self, consumer: Consumer, deployment: str) -> int | None:
+        return self._inner.room(consumer, deployment)
+
     async def admit(self, consumer: Consumer, deployment: str, reserve: int) -> Ticket:
         await self.book.check(consumer)
         return await self._inner.admit(consumer, deployment, reserve)

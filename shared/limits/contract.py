@@ -32,6 +32,11 @@ class Limiter(Protocol):
         before any expensive work; no I/O."""
         ...
 
+    def room(self, consumer: Consumer, deployment: str) -> int | None:
+        """The tokens the consumer may still be admitted, as this instance knows without I/O (what its
+        x-ratelimit-remaining headers would say, the tightest of its scopes and its quota); None without limits."""
+        ...
+
     async def admit(self, consumer: Consumer, deployment: str, reserve: int) -> Ticket:
         """Reserve `reserve` tokens for the consumer, or raise a Refusal (RateLimited, QuotaExhausted, ...)."""
         ...
@@ -57,6 +62,9 @@ class NoLimits:
 
     def precheck(self, consumer: Consumer, deployment: str, at_least: int = 0) -> None:
         pass
+
+    def room(self, consumer: Consumer, deployment: str) -> int | None:
+        return None
 
     async def admit(self, consumer: Consumer, deployment: str, reserve: int) -> Ticket:
         return UnlimitedTicket()

@@ -200,6 +200,12 @@ class TokenLimiter:
         if blocked is not None and not budget.fallback.active(now):
             raise refusals.refused(scopes, blocked[1], blocked[0], now)
 
+    def room(self, consumer: Consumer, deployment: str) -> int | None:
+        scopes = scopes_for(consumer, deployment)
+        tokens, quota = self._remaining(self._budgets.get(consumer.id), scopes)
+        left = [pair[1] for pair in (tokens, quota) if pair is not None]
+        return min(left) if left else None
+
     async def admit(self, consumer: Consumer, deployment: str, reserve: int) -> LimitTicket | UnlimitedTicket:
         """Reserve `reserve` tokens for the consumer, or raise: 429 over its rate, 403 over its quota."""
         scopes = scopes_for(consumer, deployment)
@@ -308,8 +314,21 @@ class TokenLimiter:
 
     def _headers(self, budget: Budget, scopes: Scopes) -> dict[str, str]:
         headers: dict[str, str] = {}
-        lease = budget.held.current
-        occupancy = budget.copy.occupancy
+        tokens, quota = self._remaining(budget, scopes)
+        if tokens is not None:
+            headers["x-ratelimit-limit-tokens"] = str(tokens[0])
+            headers["x-ratelimit-remaining-tokens"] = str(tokens[1])
+        if quota is not None:
+            headers["x-ratelimit-limit-quota-tokens"] = str(quota[0])
+            headers["x-ratelimit-remaining-quota-tokens"] = str(quota[1])
+        return headers
+
+    @staticmethod
+    def _remaining(budget: Budget | None, scopes: Scopes) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        """(limit, remaining) of the tightest per-minute scope and of the quota, as this instance sees them now: the
+        ledger's last copy and its own lease (a consumer it has not seen lately: all of it, for the ledger to judge)."""
+        lease = budget.held.current if budget is not None else None
+        occupancy = budget.copy.occupancy if budget is not None else {}
         tightest: tuple[int, int] | None = None
         for scope, limit in scopes.limits.items():
             if limit <= 0:
@@ -319,14 +338,14 @@ class TokenLimiter:
             if tightest is None or remaining < tightest[1]:
                 tightest = (limit, remaining)
         if tightest is not None:
-            headers["x-ratelimit-limit-tokens"] = str(tightest[0])
-            headers["x-ratelimit-remaining-tokens"] = str(min(tightest[0], tightest[1]))
+            tightest = (tightest[0], min(tightest))
+        quota: tuple[int, int] | None = None
         if scopes.quota is not None:
             own = lease.quota_hold() if lease is not None else 0
-            remaining = max(0, scopes.quota.limit - budget.copy.quota_used + own)
-            headers["x-ratelimit-limit-quota-tokens"] = str(scopes.quota.limit)
-            headers["x-ratelimit-remaining-quota-tokens"] = str(min(scopes.quota.limit, remaining))
-        return headers
+            used = budget.copy.quota_used if budget is not None else 0
+            remaining = max(0, scopes.quota.limit - used + own)
+            quota = (scopes.quota.limit, min(scopes.quota.limit, remaining))
+        return tightest, quota
 
     # ---- talking to the shared ledger ----------------------------------------------------------------------------
 
