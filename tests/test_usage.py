@@ -137,3 +137,14 @@ def test_a_client_that_asked_for_usage_gets_it_when_the_backend_sends_none(asked
     assert chunk["usage"] == {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}
     assert chunk["system_fingerprint"] == "fp_1"
     assert relay.synthesized and relay.usage == TokenUsage(12, 2, 14, reported=False)
+
+
+@pytest.mark.parametrize("cut", [0, 3, 7, 9, 11])
+def test_the_relay_says_before_feeding_a_piece_that_it_would_count_usage_even_when_done_is_split(cut: int) -> None:
+    asked, not_asked = SseRelay(forward_usage_chunk=True), SseRelay(forward_usage_chunk=False)
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    end = b"data: [DONE]\n\n"
+    for relay in (asked, not_asked):
+        assert not relay.would_count_usage(event)
+        relay.feed(event + end[:cut])
+    assert asked.would_count_usage(end[cut:]) and not not_asked.would_count_usage(end[cut:])

@@ -42,6 +42,10 @@ class Framer:
         events, self._rest = split_events(buffer)
         return events
 
+    def may_hold(self, data: bytes, marker: bytes) -> bool:
+        """`marker` is in this piece, or begins in the incomplete event before it."""
+        return marker in (self._rest[-len(marker):] + data if self._rest else data)
+
     def flush(self) -> bytes:
         """Whatever incomplete event is left when the stream closes."""
         rest, self._rest = self._rest, b""

@@ -146,7 +146,7 @@ class SseRelay:
 
     def would_count_usage(self, data: bytes) -> bool:
         """Feeding `data` may end the stream with a usage chunk of the gateway's own (which asks for the prompt)."""
-        return self._forward_usage and self.usage is None and b"[DONE]" in self._rest[-8:] + data
+        return self._forward_usage and self.usage is None and self._framer.may_hold(data, b"[DONE]")
 
     def flush(self) -> bytes:
         """Whatever incomplete event is left when the backend closes the stream."""
