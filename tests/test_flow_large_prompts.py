@@ -16,8 +16,9 @@ import tiktoken
 from openai.types.chat import ChatCompletionMessageParam
 
 from shared.flow import tokens
+from shared.outcomes import FailureKind
 from tests.fakes.gateway import GatewayHarness, backend
-from tests.fakes.upstream import PROMPT_TOKENS, Reply, sse_events
+from tests.fakes.upstream import PROMPT_TOKENS, Fail, Reply, sse_events
 
 # 4 MiB of ASCII words: " word" is one token, so the prompt is ~840,000 tokens and its upper bound 4,194,304.
 PROMPT_TEXT = ("word " * (4 * 1024 * 1024 // 5 + 1))[: 4 * 1024 * 1024]
@@ -144,3 +145,34 @@ async def test_a_stream_whose_backend_sends_no_usage_gets_a_counted_prompt_in_th
     assert sum(r.counted for r in rows) == EXACT + 4  # and the books say the gateway counted it
     if tpm:
         assert await harness.charged("streamer") == EXACT + 4
+
+
+async def test_a_timed_out_attempt_charges_the_counted_prompt_and_keeps_the_counts_reservation_not_the_bounds(
+    harness: GatewayHarness, encoded: Encoded
+) -> None:
+    key = harness.consumer("slow", tpm=100_000_000)
+    harness.upstream.script("swedencentral", Fail(FailureKind.TIMEOUT))
+    with pytest.raises(openai.APIStatusError) as failed:
+        await harness.openai(key).chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=7)
+    assert failed.value.status_code == 504
+    assert encoded.threads(1_000) == {"token-count_0"}  # the prompt the backend read, counted off the loop
+    # Not refunded: the reservation, which became the count's (prompt + output cap) once the prompt was counted.
+    assert await harness.charged("slow") == EXACT + 7
+    rows = await harness.usage_rows("slow")
+    assert sum(r.prompt for r in rows) == EXACT
+
+
+async def test_a_timed_out_attempt_answered_elsewhere_is_charged_its_counted_prompt_and_the_answer(
+    encoded: Encoded,
+) -> None:
+    harness = GatewayHarness([backend("swedencentral", "swedencentral", 1), backend("francecentral", "francecentral", 2)],
+                             env={"GATEWAY_MAX_BODY_BYTES": str(8 * 1024 * 1024)})
+    try:
+        key = harness.consumer("slow", tpm=100_000_000)
+        harness.upstream.script("swedencentral", Fail(FailureKind.TIMEOUT))
+        completion = await harness.openai(key).chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=7)
+        assert completion.usage is not None and completion.usage.prompt_tokens == PROMPT_TOKENS
+        assert [s.backend_id for s in harness.upstream.sent] == ["swedencentral", "francecentral"]
+        assert await harness.charged("slow") == EXACT + PROMPT_TOKENS + 7
+    finally:
+        await harness.close()
