@@ -16,9 +16,10 @@ import tiktoken
 from openai.types.chat import ChatCompletionMessageParam
 
 from shared.flow import tokens
+from shared.limits.limiter import LimitTicket
 from shared.outcomes import FailureKind
-from tests.fakes.gateway import GatewayHarness, backend
-from tests.fakes.upstream import PROMPT_TOKENS, Fail, Reply, sse_events
+from tests.fakes.gateway import GatewayHarness, backend, gateway_request
+from tests.fakes.upstream import PROMPT_TOKENS, Fail, Reply, sse_events, stream_reply
 
 # 4 MiB of ASCII words: " word" is one token, so the prompt is ~840,000 tokens and its upper bound 4,194,304.
 PROMPT_TEXT = ("word " * (4 * 1024 * 1024 // 5 + 1))[: 4 * 1024 * 1024]
@@ -174,5 +175,37 @@ async def test_a_timed_out_attempt_answered_elsewhere_is_charged_its_counted_pro
         assert completion.usage is not None and completion.usage.prompt_tokens == PROMPT_TOKENS
         assert [s.backend_id for s in harness.upstream.sent] == ["swedencentral", "francecentral"]
         assert await harness.charged("slow") == EXACT + PROMPT_TOKENS + 7
+    finally:
+        await harness.close()
+
+
+async def test_a_stream_admitted_on_its_bound_is_charged_as_it_goes_at_the_prompts_lower_bound_then_the_backends_usage(
+    encoded: Encoded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    harness = GatewayHarness(ONE_REGION, env={"GATEWAY_MAX_BODY_BYTES": str(8 * 1024 * 1024),
+                                              "GATEWAY_STREAM_SETTLE_S": "1"})
+    progress: list[int] = []
+    real = LimitTicket.progress
+
+    def recorded(self: LimitTicket, tokens_so_far: int) -> None:
+        progress.append(tokens_so_far)
+        real(self, tokens_so_far)
+
+    monkeypatch.setattr(LimitTicket, "progress", recorded)
+    try:
+        key = harness.consumer("streamer", tpm=100_000_000)
+        harness.upstream.script("swedencentral", stream_reply(6, prompt=EXACT))  # a real backend's figure
+        gateway = await harness.gateway()
+        body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 6, "stream": True}
+        response = await gateway.handle(gateway_request("POST", "/v1/chat/completions", key, body))
+        assert response.status == 200 and response.stream is not None
+        async for _ in response.stream:
+            harness.clock.advance(2)  # past the settle interval between every two pieces
+        lower = tokens.prompt_lower_bound(BODY)
+        # Charged while it ran: the prompt's free lower bound plus what was delivered, never the bound (charges made
+        # while a stream runs are not refunded) and no count (the backend's usage came at the end).
+        assert progress and all(lower <= charged <= lower + 6 for charged in progress)
+        assert encoded.chars < 1_000
+        assert await harness.charged("streamer") == EXACT + 6
     finally:
         await harness.close()
