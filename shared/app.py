@@ -25,11 +25,13 @@ from shared.flow.upstream import AiohttpUpstream
 from shared.lifecycle import on_sigterm
 from shared.limits.budget import BudgetBook, BudgetedLimiter, SpendingTelemetry
 from shared.limits.limiter import TokenLimiter
+from shared.routing.provisioned import ProvisionedCapacity
 from shared.routing.router import Router
 from shared.storage.responses import TableResponseStore
 from shared.storage.tables import (
     TableBreakerStore,
     TableBudgetStore,
+    TableCapacityStore,
     TableConsumerStore,
     TableLedgerStore,
     Tables,
@@ -73,7 +75,10 @@ def build_services(settings: Settings, clock: Clock | None = None) -> tuple[Serv
         clock=clock,
         consumers=consumers,
         identity=Identifier(consumers, telemetry, build_validator(settings.entra, clock), settings.accept_keys),
-        router=Router(settings.backends, clock, telemetry, TableBreakerStore(tables), settings.breaker_sync_s),
+        router=Router(
+            settings.backends, clock, telemetry, TableBreakerStore(tables), settings.breaker_sync_s,
+            ProvisionedCapacity(settings.backends, clock, TableCapacityStore(tables), instance, settings.breaker_sync_s),
+        ),
         upstream=AiohttpUpstream(settings.backends),
         auth=BackendAuth(settings.backends, clock, default_credential_factory(settings.managed_identity_client_id)),
         limiter=BudgetedLimiter(limiter, book),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -15,10 +16,18 @@ from azure.data.tables.aio import TableServiceClient
 
 from shared.edge.consumers import Consumer, Limits, hash_key
 from shared.limits.ledger import Ledger, Quota, claim
+from shared.routing.capacity import CapacityReport
 from shared.routing.router import BreakerRecord
 from shared.storage import memory
-from shared.storage.protocols import BreakerStore, Conflict, ConsumerStore, LedgerStore, UsageStore
-from shared.storage.tables import TableBreakerStore, TableConsumerStore, TableLedgerStore, Tables, TableUsageStore
+from shared.storage.protocols import BreakerStore, CapacityStore, Conflict, ConsumerStore, LedgerStore, UsageStore
+from shared.storage.tables import (
+    TableBreakerStore,
+    TableCapacityStore,
+    TableConsumerStore,
+    TableLedgerStore,
+    Tables,
+    TableUsageStore,
+)
 from shared.telemetry.usage_rows import UsageRow
 from tools import stack
 
@@ -31,19 +40,21 @@ class Stores:
     ledger: LedgerStore
     breakers: BreakerStore
     usage: UsageStore
+    capacity: CapacityStore
 
 
 @pytest.fixture(params=["memory", "azurite"])
 async def stores(request: pytest.FixtureRequest) -> AsyncIterator[Stores]:
     if request.param == "memory":
         yield Stores(memory.MemoryConsumerStore(), memory.MemoryLedgerStore(), memory.MemoryBreakerStore(),
-                     memory.MemoryUsageStore())
+                     memory.MemoryUsageStore(), memory.MemoryCapacityStore())
         return
     azurite = request.getfixturevalue("azurite")
     service = TableServiceClient.from_connection_string(stack.table_connection_string(azurite.port), retry_total=0)
     tables = Tables(service, f"contract{next(_prefixes)}x{id(request) % 10_000}", timeout_s=10)
     try:
-        yield Stores(TableConsumerStore(tables), TableLedgerStore(tables), TableBreakerStore(tables), TableUsageStore(tables))
+        yield Stores(TableConsumerStore(tables), TableLedgerStore(tables), TableBreakerStore(tables), TableUsageStore(tables),
+                     TableCapacityStore(tables))
     finally:
         await tables.close()
 
@@ -111,6 +122,28 @@ async def test_breaker_records_load_in_one_call_and_an_older_transition_never_wi
     loaded = {(r.backend_id, r.deployment): r for r in await stores.breakers.load()}
     assert loaded[("sweden", "gpt-4o")].state == "open"
     assert loaded[("france", "gpt-4o")].state == "closed" and loaded[("france", "gpt-4o")].since == 150.0
+
+
+# ---- PTU capacity reports ---------------------------------------------------------------------------------------------
+
+
+async def test_capacity_reports_are_one_per_instance_replaced_on_publish_and_read_back_to_the_millisecond(
+    stores: Stores,
+) -> None:
+    now = time.time()
+    charges = tuple((now - 30 + i * 0.25, 230.0 if i % 3 else -230.0) for i in range(120))
+    first = CapacityReport("ptu", "gpt-4o", "i1", now, charges, (now - 20.123, now - 1.5), 345.6, None)
+    await stores.capacity.publish(first)
+    await stores.capacity.publish(CapacityReport("ptu", "gpt-4o", "i2", now, (), (), 0.0, 500.0))
+    later = CapacityReport("ptu", "gpt-4o", "i1", now + 0.5, charges[1:], first.ready, 300.0, 498.5)
+    await stores.capacity.publish(later)
+    loaded = {r.instance: r for r in await stores.capacity.load()}
+    assert set(loaded) == {"i1", "i2"}
+    i1 = loaded["i1"]
+    assert i1.at == later.at and i1.demand == 300.0 and i1.rate == 498.5 and len(i1.charges) == 119
+    assert all(abs(a[0] - b[0]) < 0.001 and a[1] == b[1] for a, b in zip(i1.charges, later.charges, strict=True))
+    assert [round(t, 3) for t in i1.ready] == [round(t, 3) for t in first.ready]
+    assert loaded["i2"].rate == 500.0 and loaded["i2"].charges == ()
 
 
 # ---- consumers ------------------------------------------------------------------------------------------------------

@@ -144,6 +144,7 @@ class Region:
     reserve_tokens: int = 0
     timeout_s: float | None = None
     completion_tokens: int = 40  # what the simulated region generates when a request sets no max_tokens
+    ptu_burst_s: float | None = None  # a PTU region: seconds of its rate that are 100 % utilisation (None: 60)
     breaker: Mapping[str, Any] = field(default_factory=dict)
 
     def backend(self) -> dict[str, Any]:
@@ -182,6 +183,8 @@ def backends_setting(regions: Sequence[Region]) -> str:
 def simulator_argv(region: Region, latency_ms: float, token_latency_ms: float) -> list[str]:
     # A PTU region's chat deployments are provisioned (utilisation, a leaky bucket); embeddings stay pay-as-you-go.
     chat = f"completion={region.completion_tokens}" + (",ptu=1" if region.ptu else "")
+    if region.ptu and region.ptu_burst_s is not None:
+        chat += f",burst={region.ptu_burst_s:g}"
     return [
         PYTHON, "-m", "tools.simulator", "--host", LOOPBACK, "--port", str(region.port), "--region", region.region,
         "--api-key", SIM_API_KEY, "--latency-ms", str(latency_ms), "--token-latency-ms", str(token_latency_ms),

@@ -8,6 +8,7 @@ by construction, and a stream the client abandons (its relay cancelled) is still
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Protocol
 
 from shared.clock import Clock
 from shared.config import Backend
@@ -20,11 +21,17 @@ from shared.telemetry.events import RequestRecord, Telemetry, Trace
 from shared.telemetry.usage_rows import UsageRecorder
 
 
+class Capacity(Protocol):
+    def settled(self, backend: Backend, deployment: str, tokens: int) -> None:
+        """A call the backend answered has ended and used `tokens` (a PTU's learnt capacity is corrected with it)."""
+
+
 class Books:
-    def __init__(self, clock: Clock, usage: UsageRecorder, telemetry: Telemetry) -> None:
+    def __init__(self, clock: Clock, usage: UsageRecorder, telemetry: Telemetry, capacity: Capacity | None = None) -> None:
         self._clock = clock
         self._usage = usage
         self._telemetry = telemetry
+        self._capacity = capacity
 
     def settle(self, exchange: Exchange, served: Served) -> int:
         """An answer reached the client (whole, cut, or abandoned): charge the answer's usage plus every attempt whose
@@ -33,6 +40,8 @@ class Books:
         charged = combined(served.usage, self._lost(exchange))
         spent = charged.total if charged is not None else 0
         exchange.ticket.settle(spent)
+        if self._capacity is not None:
+            self._capacity.settled(served.backend, exchange.deployment, served.usage.total if served.usage else 0)
         self._usage.record(exchange.consumer.id, exchange.deployment, charged)
         self._emit_lost(exchange)
         record = self._record(exchange, served.backend, served.status, served.usage, served.model, served.attempts,

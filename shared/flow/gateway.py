@@ -39,7 +39,7 @@ class Gateway:
         self.s = services
         self._deployments = services.settings.deployments()
         self.pinning = Pinning(services.responses, services.settings.backends, services.router, services.clock)
-        self.books = Books(services.clock, services.usage, services.telemetry)
+        self.books = Books(services.clock, services.usage, services.telemetry, services.router)
         self.checks = Checks(
             self._deployments, self.pinning, reveal_deployments=services.settings.reveal_deployments,
             api_versions=services.settings.api_versions,

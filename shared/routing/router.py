@@ -3,8 +3,10 @@
 Priority groups first (lowest number first); inside a group, smooth weighted round robin (an exact split over any run
 of requests); backends whose breaker is open are left out; a backend whose last reported remaining capacity is below
 what this request needs, or (for consumers below high priority) below the reserve it keeps for high-priority ones, is
-moved behind the others rather than tried first. Breaker trips are shared through a store: every instance writes its
-transitions and reads everyone's every `sync_s` seconds, so a trip seen by one is honoured by all within a second.
+moved behind the others rather than tried first; so is a PTU backend whose learnt capacity this instance's share of is
+used up (shared/routing/capacity.py): the overflow goes to the next priority without asking the PTU. Breaker trips
+are shared through a store: every instance writes its transitions and reads everyone's every `sync_s` seconds, so a
+trip seen by one is honoured by all within a second.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any
 from shared.clock import Clock
 from shared.config import Backend
 from shared.outcomes import AttemptFailure, BackendAuthFailed, BackendsBusy, BackendsFailed, FailureKind, NoBackend
-from shared.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Transition
+from shared.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Transition, retry_after_s
+from shared.routing.provisioned import ProvisionedCapacity
 from shared.storage.memory import MemoryBreakerStore as MemoryBreakerStore
 from shared.storage.protocols import BreakerStore
 from shared.telemetry.events import Telemetry
@@ -71,8 +74,11 @@ class Router:
         telemetry: Telemetry,
         store: BreakerStore | None = None,
         sync_s: float = 0.5,
+        capacity: ProvisionedCapacity | None = None,
     ) -> None:
         self._backends = backends
+        # PTU backends pace to a learnt capacity (in memory only when no shared store is given).
+        self.capacity = capacity if capacity is not None else ProvisionedCapacity(backends, clock)
         self._clock = clock
         self._telemetry = telemetry
         self._store = store
@@ -101,6 +107,12 @@ class Router:
         for group in self._groups.get(deployment, ()):
             usable = [b for b in group.backends if self._breakers[(b.id, deployment)].usable(now)]
             for backend in group.order(usable):
+                if backend.ptu:
+                    # A PTU sends no remaining-capacity figures: its learnt model (with the reserve) decides.
+                    model = self.capacity.model(backend.id, deployment)
+                    paced = model is not None and not model.admits(need_tokens, priority == "high", mono)
+                    (later if paced else first).append(backend)
+                    continue
                 remaining = self._fresh_remaining(backend, deployment, mono)
                 short = remaining is not None and need_tokens > 0 and remaining < need_tokens
                 reserved = (
@@ -123,6 +135,10 @@ class Router:
         allowed, transition = self._breakers[(backend.id, deployment)].acquire(self._clock.now())
         if transition is not None:
             self._transitioned(backend, deployment, transition)
+        if allowed and backend.ptu:
+            model = self.capacity.model(backend.id, deployment)
+            if model is not None:
+                model.sent(0, self._clock.now(), self._clock.monotonic())
         return allowed
 
     # ---- outcomes --------------------------------------------------------------------------------------------------
@@ -143,6 +159,11 @@ class Router:
         breaker = self._breakers[(backend.id, deployment)]
         if status == 429:
             self._remaining[(backend.id, deployment)] = (0, self._clock.monotonic())
+        model = self.capacity.model(backend.id, deployment) if backend.ptu else None
+        if model is not None:
+            # Only a 429 that says when is a statement about utilisation; a bare one teaches nothing.
+            wait = retry_after_s(headers, now) if status == 429 and "retry-after-ms" in headers else None
+            model.refused(model.call_cost(0), wait, now, self._clock.monotonic())
         transition = breaker.on_failure(now, str(status), breaker.trip_length(status, headers, now))
         if transition is not None:
             self._transitioned(backend, deployment, transition)
@@ -172,10 +193,19 @@ class Router:
     def record_error(self, backend: Backend, deployment: str, kind: FailureKind) -> None:
         """An attempt that got no whole answer (timeout, connection error, broken body): trip for the rule's time."""
         now = self._clock.now()
+        model = self.capacity.model(backend.id, deployment) if backend.ptu else None
+        if model is not None and kind is FailureKind.CONNECTION:  # never reached the PTU; a timeout or broken body may
+            model.returned(model.call_cost(0), now, self._clock.monotonic())
         breaker = self._breakers[(backend.id, deployment)]
         transition = breaker.on_failure(now, kind.value, min(breaker.rule.trip_s, breaker.rule.max_trip_s))
         if transition is not None:
             self._transitioned(backend, deployment, transition)
+
+    def settled(self, backend: Backend, deployment: str, tokens: int) -> None:
+        """A call this backend answered has ended and used `tokens` (for a PTU: corrects what it was charged)."""
+        model = self.capacity.model(backend.id, deployment) if backend.ptu else None
+        if model is not None:
+            model.settled(model.call_cost(0), tokens, self._clock.now(), self._clock.monotonic())
 
     def _transitioned(self, backend: Backend, deployment: str, transition: Transition, shared: bool = True) -> None:
         self._telemetry.breaker_transition(backend.id, backend.region, transition.state)
@@ -204,6 +234,7 @@ class Router:
     # ---- shared state ----------------------------------------------------------------------------------------------
 
     def _start_sync(self) -> None:
+        self.capacity.start()
         if self._store is None or (self._sync_task is not None and not self._sync_task.done()):
             return
         try:
@@ -237,6 +268,7 @@ class Router:
                 self._transitioned(backend, record.deployment, transition, shared=False)
 
     async def close(self) -> None:
+        await self.capacity.close()
         if self._sync_task is not None:
             self._sync_task.cancel()
         if self._pending_writes:
@@ -281,6 +313,7 @@ class Router:
         return NoBackend(wait_ms)
 
     def health(self) -> dict[str, Any]:
+        self._start_sync()  # a health probe is often an instance's first call: start taking in the shared state
         now = self._clock.now()
         backends = []
         for backend in self._backends:
@@ -291,6 +324,9 @@ class Router:
                 if state == OPEN and now >= breaker.open_until:
                     state = HALF_OPEN  # the next request will probe it
                 entry: dict[str, Any] = {"state": state}
+                learnt = self.capacity.health(backend.id, deployment)
+                if learnt is not None:
+                    entry["capacity"] = learnt
                 if breaker.state == OPEN and breaker.open_until > now:
                     entry["reason"] = breaker.reason
                     entry["recovers_at"] = _iso(breaker.open_until)

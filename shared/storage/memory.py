@@ -11,6 +11,7 @@ from shared.storage.protocols import Conflict, StoreUnavailable
 
 if TYPE_CHECKING:
     from shared.edge.consumers import Consumer
+    from shared.routing.capacity import CapacityReport
     from shared.routing.pinning import StoredResponse
     from shared.routing.router import BreakerRecord
     from shared.telemetry.usage_rows import UsageRow
@@ -127,6 +128,23 @@ class MemoryBreakerStore(_Switch):
         current = self.records.get(key)
         if current is None or current.since < record.since:  # as the table store: an older transition never wins
             self.records[key] = record
+
+
+class MemoryCapacityStore(_Switch):
+    def __init__(self) -> None:
+        self.reports: dict[tuple[str, str, str], CapacityReport] = {}
+        self.publishes = 0
+        self.loads = 0
+
+    async def publish(self, report: CapacityReport) -> None:
+        self._check()
+        self.publishes += 1
+        self.reports[(report.backend_id, report.deployment, report.instance)] = report
+
+    async def load(self) -> list[CapacityReport]:
+        self._check()
+        self.loads += 1
+        return list(self.reports.values())
 
 
 class MemoryUsageStore(_Switch):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:  # the records are defined beside the logic that uses them; only their names are needed here
     from shared.edge.consumers import Consumer
     from shared.limits.ledger import Ledger
+    from shared.routing.capacity import CapacityReport
     from shared.routing.pinning import StoredResponse
     from shared.routing.router import BreakerRecord
     from shared.telemetry.usage_rows import UsageRow
@@ -57,6 +58,16 @@ class BreakerStore(Protocol):
 
     async def save(self, record: BreakerRecord) -> None:
         """Share a transition unless a newer one (by `since`) is shared already."""
+        ...
+
+
+class CapacityStore(Protocol):
+    async def publish(self, report: CapacityReport) -> None:
+        """Replace this instance's report for its backend and deployment (each instance owns its own rows)."""
+        ...
+
+    async def load(self) -> list[CapacityReport]:
+        """Every instance's reports, in one round trip."""
         ...
 
 

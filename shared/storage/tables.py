@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -34,7 +35,7 @@ T = TypeVar("T")
 class Tables:
     """The gateway's tables, each created on first use, with every call under `timeout_s`."""
 
-    NAMES = ("consumers", "ledger", "breakers", "usage", "budgets")
+    NAMES = ("consumers", "ledger", "breakers", "usage", "budgets", "capacity")
 
     def __init__(self, service: TableServiceClient, prefix: str, timeout_s: float) -> None:
         self._service = service
@@ -573,6 +574,72 @@ class TableBreakerStore:
             except Conflict:
                 continue  # another instance wrote in between: compare with what it wrote
         log.info("breaker state of %s not shared: kept losing to concurrent writes", record.backend_id)
+
+
+# ---- shared PTU capacity ------------------------------------------------------------------------------------------
+
+_CAPACITY_PK = "capacity"
+
+
+class TableCapacityStore:
+    """One row per instance, backend and deployment, replaced on every sync; all rows read in one query. Rows of
+    instances gone for a while are ignored by the readers (their `at` is old) and deleted by whoever sees them."""
+
+    STALE_S = 600.0
+
+    def __init__(self, tables: Tables, clock: Callable[[], float] | None = None) -> None:
+        self._tables = tables
+        self._clock = clock or time.time
+
+    async def publish(self, report: Any) -> None:
+        t0 = report.charges[0][0] if report.charges else report.at
+        entity = {
+            "PartitionKey": _CAPACITY_PK,
+            "RowKey": f"{report.backend_id}|{report.deployment}|{report.instance}",
+            "backend": report.backend_id,
+            "deployment": report.deployment,
+            "instance": report.instance,
+            "at": float(report.at),
+            "t0": float(t0),
+            # Milliseconds after t0 and tokens, compact: a busy instance's minute stays well under a property's 64 KiB.
+            "charges": json.dumps([[round((t - t0) * 1000), round(n, 1)] for t, n in report.charges], separators=(",", ":")),
+            "ready": json.dumps([round(t, 3) for t in report.ready]),
+            "demand": float(report.demand),
+            "rate": float(report.rate) if report.rate is not None else -1.0,
+        }
+        await self._tables.call("capacity", lambda t: t.upsert_entity(entity, mode=UpdateMode.REPLACE))
+
+    async def load(self) -> list[Any]:
+        from shared.routing.capacity import CapacityReport
+
+        entities = await self._tables.call(
+            "capacity", lambda t: collect(t.query_entities(f"PartitionKey eq '{_CAPACITY_PK}'"))
+        )
+        reports = []
+        now = self._clock()
+        for e in entities:
+            try:
+                t0 = float(e["t0"])
+                report = CapacityReport(
+                    e["backend"], e["deployment"], e["instance"], float(e["at"]),
+                    tuple((t0 + ms / 1000, float(n)) for ms, n in json.loads(e["charges"])),
+                    tuple(float(t) for t in json.loads(e["ready"])),
+                    float(e["demand"]), float(e["rate"]) if float(e["rate"]) > 0 else None,
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("ignored a malformed capacity row (%s)", type(exc).__name__)
+                continue
+            if now - report.at > self.STALE_S:
+                await self._forget(e)
+                continue
+            reports.append(report)
+        return reports
+
+    async def _forget(self, entity: dict[str, Any]) -> None:
+        try:
+            await self._tables.call("capacity", lambda t: t.delete_entity(_CAPACITY_PK, entity["RowKey"]))
+        except (StoreUnavailable, ResourceNotFoundError):
+            pass
 
 
 def _replace_if_unchanged(entity: dict[str, Any], etag: str | None) -> Callable[[TableClient], Awaitable[Any]]:

@@ -93,9 +93,12 @@ def parse_deployment(text: str) -> DeploymentConfig:
         if field_name is None or not sep:
             raise ValueError(f"bad deployment option {option!r} in {text!r}; keys: {', '.join(_DEPLOYMENT_KEYS)}")
         try:
-            values[field_name] = value.strip() if field_name == "model" else int(value)
+            if field_name == "model":
+                values[field_name] = value.strip()
+            else:
+                values[field_name] = float(value) if field_name == "burst_s" else int(value)
         except ValueError:
-            raise ValueError(f"{key} must be an integer in {text!r}") from None
+            raise ValueError(f"{key} must be a number in {text!r}") from None
         if field_name == "ptu":
             if values["ptu"] not in (0, 1):
                 raise ValueError(f"ptu must be 0 or 1 in {text!r}")

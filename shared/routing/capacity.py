@@ -1,0 +1,304 @@
+"""What a provisioned (PTU) deployment can take, learnt from what it says, and the pace one instance sends it at.
+
+A PTU admits a call while its utilisation is not above 100 %, adds the call's tokens, corrects them to what the call
+used when it ends, and drains continuously at its provisioned rate; above 100 % it answers 429 at once with
+`retry-after-ms`, the time until utilisation is back at 100 % (Microsoft Learn, "What is provisioned throughput?").
+So every such 429 names an instant, `ready` = its time + retry-after, at which utilisation is exactly 100 %. Between
+two of them utilisation went from 100 % to 100 %, so the deployment drained exactly what was added in between:
+
+    rate = tokens added in [ready_1, ready_2) / (ready_2 - ready_1)
+
+however bursty the traffic was, as long as the deployment stayed busy in between (it drains only while it holds
+something). Every instance shares what it added (a timed list of charges, refunds and corrections) and the instants it
+was told; each computes the same rate from the union.
+
+Each instance then paces what it sends to the PTU with a token bucket refilled at its share of that rate, a few per
+cent above it (so that added capacity shows itself, and more when no 429 has come for a while), and sends what the
+bucket refuses to the next priority without asking the PTU first. Consumers below `high` priority leave a reserve in
+the bucket, so high-priority calls keep their share when the PTU is full. When the instance's own recent demand is
+below its share (the overflow has ended), the bucket lets a call through from any non-negative balance, so traffic
+is back on the PTU at once rather than after the deficit the overflow left has refilled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+HORIZON_S = 60.0  # how far back charges and instants are kept (and shared)
+RECENT_S = 30.0  # the span the rate is learnt over reaches back this far
+MAX_GAP_S = 45.0  # two lone instants further apart may have an idle deployment between them: they say nothing
+MIN_SPAN_S = 0.2  # instants closer than this say too little
+INSTANT_MARGIN_S = 0.05  # a named instant is late by the answer's trip and the rounding: charges sent this close count
+PROBE = 0.02  # the pace is this much above the learnt rate, so that the PTU says now and then that it is full
+PROBE_AFTER_S = 30.0  # overflowing, paced, and no 429 this long (several times the usual interval): the rate may be
+PROBE_EVERY_S = 2.0  # low, so raise it by a step this often, the step doubling from the first to the largest
+PROBE_STEP = (0.02, 0.08)
+BURST_S = 1.0  # what an idle instance may send at once, in seconds of its share
+DEMAND_TAU_S = 2.0  # smoothing of the demand each instance reports (for shares)
+QUIET_TAU_S = 0.4  # smoothing of the local demand that says whether this instance is overflowing right now
+MAX_EVENTS = 4000  # charges kept per instance (a report stays well within a Table property)
+
+
+@dataclass(frozen=True)
+class CapacityReport:
+    """What one instance shares about one PTU backend and deployment."""
+
+    backend_id: str
+    deployment: str
+    instance: str
+    at: float  # wall clock when published; its charges are complete up to about then
+    charges: tuple[tuple[float, float], ...]  # (wall time, tokens): admissions (+), 429 refunds (-), corrections (+/-)
+    ready: tuple[float, ...]  # instants the PTU named as 100 % (wall time)
+    demand: float  # tokens/s this instance offered the PTU lately
+    rate: float | None  # tokens/s this instance believes the PTU drains (for a newcomer before the first run)
+
+
+def tokens_between(charges: Iterable[tuple[float, float]], start: float, end: float) -> float:
+    return sum(tokens for at, tokens in charges if start <= at < end)
+
+
+def learnt_rate(charges: Sequence[tuple[float, float]], ready: Iterable[float], known_until: float) -> float | None:
+    """The drain rate (tokens/s) between the latest instants, or None when they say nothing yet.
+
+    Only instants up to `known_until` count: every instance's charges must be known up to the instant used. The span
+    reaches back `RECENT_S` (or to the instant before, if that is all there is), so a capacity that changed shows
+    within seconds, but never across a gap long enough for the deployment to have idled."""
+    instants = sorted(t for t in set(ready) if t <= known_until)
+    if len(instants) < 2:
+        return None
+    last = instants[-1]
+    start = len(instants) - 2
+    while start > 0 and instants[start - 1] >= last - RECENT_S:
+        start -= 1
+    first = instants[start]
+    if last - first < MIN_SPAN_S or last - first > MAX_GAP_S and start == len(instants) - 2:
+        return None
+    # The instants are when the answer arrived plus the wait, rounded up to the millisecond: a little later than the
+    # PTU's own instant. A call sent just before one was admitted just after it: count what was sent from a little
+    # before each instant (a call refused there is charged and refunded at once, so it adds nothing).
+    added = tokens_between(charges, first - INSTANT_MARGIN_S, last - INSTANT_MARGIN_S)
+    return added / (last - first) if added > 0 else None
+
+
+def share_of(total: float, mine: float, others: Iterable[float]) -> float:
+    """This instance's part of `total` tokens/s: what the others do not use, or, when all of them want more than
+    there is, a part in proportion to what it wants (so uneven load balancing does not leave capacity unused)."""
+    others_sum = sum(others)
+    wanted = mine + others_sum
+    if wanted <= 0:
+        return total
+    return max(total * mine / wanted, total - others_sum)
+
+
+@dataclass
+class Pacer:
+    """A token bucket refilled at `rate` tokens/s; monotonic time."""
+
+    rate: float
+    cap: float
+    tokens: float
+    at: float
+
+    def refill(self, now: float) -> None:
+        if now > self.at:
+            self.tokens = min(self.cap, self.tokens + (now - self.at) * self.rate)
+            self.at = now
+
+    def allows(self, cost: float, reserve: float, quiet: bool, now: float) -> bool:
+        """Whether a call of `cost` may go now, leaving `reserve` for others; `quiet`: the instance is not overflowing,
+        so one call may go from any balance at or above the reserve (its cost is owed and refills later)."""
+        self.refill(now)
+        return self.tokens >= reserve + (0.0 if quiet else cost) - 1e-9
+
+    def take(self, tokens: float, now: float) -> None:
+        self.refill(now)
+        self.tokens -= tokens
+
+    def resize(self, rate: float, cap: float, now: float) -> None:
+        self.refill(now)
+        self.rate, self.cap = rate, cap
+        self.tokens = min(self.tokens, cap)
+
+
+@dataclass
+class PtuModel:
+    """One instance's view of one PTU backend and deployment."""
+
+    backend_id: str
+    deployment: str
+    instance: str
+    reserve_tokens: int = 0  # kept, across all instances, for high-priority consumers
+    charges: deque[tuple[float, float]] = field(default_factory=deque)
+    ready: deque[float] = field(default_factory=deque)
+    rate: float | None = None  # learnt drain rate, tokens/s (None: never throttled, nothing to pace)
+    cost: float = 0.0  # tokens a call uses, smoothed
+    pacer: Pacer | None = None
+    share: float | None = None
+    diverted: int = 0  # calls sent elsewhere without asking the PTU
+    _demand: float = 0.0
+    _demand_at: float = 0.0
+    _quiet: float = 0.0
+    _quiet_at: float = 0.0
+    _others: dict[str, CapacityReport] = field(default_factory=dict)
+    _probe_step: float = PROBE_STEP[0]
+    _probed_at: float = -math.inf
+    _learnt_from: float | None = None  # the instant the rate was last learnt up to
+    _first_wait: float = 0.0
+
+    # ---- per call (monotonic `mono`, wall `now`) ------------------------------------------------------------------
+
+    def call_cost(self, need_tokens: int) -> float:
+        return self.cost if self.cost > 0 else float(max(need_tokens, 1))
+
+    def admits(self, need_tokens: int, high: bool, mono: float) -> bool:
+        """Whether this call should go to the PTU first; counts it as demand either way."""
+        cost = self.call_cost(need_tokens)
+        quiet = self._decayed_quiet(mono) <= (self.share if self.share is not None else math.inf)
+        self._offer(cost, mono)
+        if self.pacer is None:
+            return True
+        reserve = 0.0 if high else self._my_reserve()
+        if self.pacer.allows(cost, reserve, quiet, mono):
+            return True
+        self.diverted += 1
+        return False
+
+    def sent(self, need_tokens: int, now: float, mono: float) -> float:
+        """The call goes to the PTU: charge it; returns the charge (refunded on a 429)."""
+        cost = self.call_cost(need_tokens)
+        self._charge(now, cost)
+        if self.pacer is not None:
+            self.pacer.take(cost, mono)
+        return cost
+
+    def refused(self, charged: float, retry_after_s: float | None, now: float, mono: float) -> None:
+        """The PTU answered 429: nothing was added; it named the instant it is back at 100 %."""
+        self._charge(now, -charged)
+        if self.pacer is not None:
+            self.pacer.take(-charged, mono)
+            # Over 100 %: whatever this instance had saved is not headroom the PTU has; start again from nothing.
+            self.pacer.tokens = min(self.pacer.tokens, 0.0)
+        if retry_after_s is not None:
+            self.ready.append(now + retry_after_s)
+            if self.rate is None and retry_after_s > 0:
+                self._first_wait = retry_after_s
+            self._probe_step = PROBE_STEP[0]
+            self._learn(now, mono)  # at once: a lone instance must not wait for the next sync to start pacing
+
+    def returned(self, charged: float, now: float, mono: float) -> None:
+        """The call failed without an answer the PTU charged (a connection error): give the charge back."""
+        self._charge(now, -charged)
+        if self.pacer is not None:
+            self.pacer.take(-charged, mono)
+
+    def settled(self, charged: float, used: int, now: float, mono: float) -> None:
+        """The call ended and used `used` tokens: correct the charge, as the PTU corrects its utilisation."""
+        delta = used - charged
+        if delta:
+            self._charge(now, delta)
+            if self.pacer is not None:
+                self.pacer.take(delta, mono)
+        self.cost = used if self.cost <= 0 else 0.9 * self.cost + 0.1 * used
+
+    # ---- shared state ---------------------------------------------------------------------------------------------
+
+    def report(self, now: float, mono: float) -> CapacityReport:
+        self._trim(now)
+        return CapacityReport(
+            self.backend_id, self.deployment, self.instance, now, tuple(self.charges), tuple(self.ready),
+            self._decayed_demand(mono), self.rate,
+        )
+
+    def merge(self, reports: Iterable[CapacityReport], now: float, mono: float) -> None:
+        """Take in the other instances' reports (fresh ones only) and recompute the rate, the share and the pace."""
+        self._others = {
+            r.instance: r for r in reports
+            if r.instance != self.instance and r.backend_id == self.backend_id and r.deployment == self.deployment
+            and now - r.at <= HORIZON_S / 4
+        }
+        self._learn(now, mono)
+
+    def _learn(self, now: float, mono: float) -> None:
+        self._trim(now)
+        charges = list(self.charges)
+        ready = list(self.ready)
+        known_until = now
+        for other in self._others.values():
+            charges.extend(other.charges)
+            ready.extend(other.ready)
+            known_until = min(known_until, other.at)
+        latest_known = max((t for t in ready if t <= known_until), default=None)
+        if latest_known is not None and latest_known != self._learnt_from:
+            learnt = learnt_rate(charges, ready, known_until)
+            if learnt is not None:  # what the PTU said since the last time: the rate is what it is
+                self.rate = learnt
+                self._learnt_from = latest_known
+                self._probe_step = PROBE_STEP[0]
+        if self.rate is None:
+            # Until everyone has reported past this instance's 429s, its own charges give a first rate; it can only
+            # be low (others' admissions are missing), and the next round with everyone's corrects it.
+            local = learnt_rate(self.charges, self.ready, now)
+            adopted = [o.rate for o in self._others.values() if o.rate]
+            if local is not None:
+                self.rate = local
+            elif adopted:
+                self.rate = max(adopted)  # a newcomer starts from what the others learnt
+            elif self._first_wait:
+                # One 429 and nothing else: the call that took the PTU over 100 % took it over by at most its own
+                # size, so the PTU drains about a call per wait. A first pace, until two instants say better.
+                self.rate = self.call_cost(0) / self._first_wait
+            else:
+                return
+        demand = self._decayed_demand(mono)
+        others = [o.demand for o in self._others.values()]
+        quiet_since = max(max(ready, default=-math.inf), self._probed_at)
+        if now - quiet_since >= PROBE_AFTER_S and demand + sum(others) > self.rate * (1 + PROBE):
+            # Overflowing and paced, and the PTU has not refused anything for a while: it may take more than we think.
+            self.rate *= 1 + self._probe_step
+            self._probe_step = min(PROBE_STEP[1], self._probe_step * 2)
+            self._probed_at = now - PROBE_AFTER_S + PROBE_EVERY_S
+        total = self.rate * (1 + PROBE)
+        share = share_of(total, demand, others)
+        self.share = share
+        reserve = self._my_reserve()
+        # Room for the reserve, one call, and a second of share: refill is never clipped while a call waits for it.
+        cap = reserve + self.call_cost(0) + share * BURST_S
+        if self.pacer is None:
+            self.pacer = Pacer(share, cap, 0.0, mono)  # the PTU just said it is full: nothing saved yet
+        else:
+            self.pacer.resize(share, cap, mono)
+
+    # ---- bookkeeping ----------------------------------------------------------------------------------------------
+
+    def _my_reserve(self) -> float:
+        if not self.reserve_tokens:
+            return 0.0
+        return self.reserve_tokens / (1 + sum(1 for o in self._others.values() if o.demand > 0))
+
+    def _charge(self, now: float, tokens: float) -> None:
+        self.charges.append((now, tokens))
+        if len(self.charges) > MAX_EVENTS:
+            self.charges.popleft()
+
+    def _trim(self, now: float) -> None:
+        horizon = now - HORIZON_S
+        while self.charges and self.charges[0][0] < horizon:
+            self.charges.popleft()
+        if self.ready and min(self.ready) < horizon:
+            self.ready = deque(t for t in self.ready if t >= horizon)
+
+    def _offer(self, cost: float, mono: float) -> None:
+        self._demand = self._decayed_demand(mono) + cost / DEMAND_TAU_S
+        self._demand_at = mono
+        self._quiet = self._decayed_quiet(mono) + cost / QUIET_TAU_S
+        self._quiet_at = mono
+
+    def _decayed_demand(self, mono: float) -> float:
+        return self._demand * math.exp(-max(0.0, mono - self._demand_at) / DEMAND_TAU_S)
+
+    def _decayed_quiet(self, mono: float) -> float:
+        return self._quiet * math.exp(-max(0.0, mono - self._quiet_at) / QUIET_TAU_S)
+

@@ -1,0 +1,226 @@
+"""The learnt PTU capacity and the pace to it: the pure parts, then whole fleets of routers driven by a fake clock
+against the simulator's provisioned deployment (a leaky bucket), sharing through the in-memory store. Nothing sleeps."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pytest
+
+from shared.clock import FakeClock
+from shared.config import Backend, BreakerRule
+from shared.routing.capacity import Pacer, PtuModel, learnt_rate, share_of
+from shared.routing.provisioned import ProvisionedCapacity
+from shared.routing.router import Router
+from shared.storage.memory import MemoryBreakerStore, MemoryCapacityStore
+from shared.telemetry.events import NullTelemetry
+from tools.simulator.capacity import LeakyBucket
+
+D = "gpt-4o"
+
+
+# ---- the rate, from the instants a PTU names ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sizes", [(230,), (37, 1900, 400), (5000, 12)])
+def test_the_rate_is_exact_between_two_instants_however_bursty_the_traffic(sizes: tuple[int, ...]) -> None:
+    clock = FakeClock()
+    ptu = LeakyBucket(30_000, clock.monotonic, burst_s=60)  # 500 tokens/s
+    charges: list[tuple[float, float]] = []
+    ready: list[float] = []
+    for step in range(20_000):  # ~200 s of calls every 7 to 13 ms, in bursts and lulls
+        if (step // 700) % 3 != 2:
+            size = sizes[step % len(sizes)]
+            verdict = ptu.admit(size)
+            if verdict.admitted:
+                charges.append((clock.now(), size))
+            else:
+                ready.append(clock.now() + verdict.retry_after_s)
+        clock.advance(0.01 + 0.003 * math.sin(step))
+    assert len(ready) > 10
+    assert learnt_rate(charges, ready, clock.now()) == pytest.approx(500, rel=0.01)
+
+
+def test_only_instants_everyone_has_reported_up_to_count_and_a_long_gap_starts_a_new_run() -> None:
+    charges = [(t, 100.0) for t in (10.0, 11.0, 12.0, 13.0)]
+    assert learnt_rate(charges, [9.5, 12.5], known_until=20) == pytest.approx(300 / 3)
+    assert learnt_rate(charges, [9.5, 12.5], known_until=12) is None  # 12.5 is beyond what all instances reported
+    assert learnt_rate(charges, [9.5, 9.6], known_until=20) is None  # nothing added in between: no statement
+    # 60 s without a 429: the deployment may have idled; only the run after the gap counts.
+    late = charges + [(80.0, 50.0), (81.0, 50.0)]
+    assert learnt_rate(late, [9.5, 12.5, 79.9, 81.9], known_until=90) == pytest.approx(100 / 2)
+
+
+def test_shares_give_unused_capacity_to_whoever_wants_it_and_split_in_proportion_when_all_want_more() -> None:
+    assert share_of(1000, 100, [200, 100]) == 700  # the others use 300 of 1000
+    assert share_of(1000, 3000, [1000]) == pytest.approx(750)  # all want more: in proportion to demand
+    assert share_of(1000, 0, []) == 1000
+
+
+def test_the_pacer_keeps_the_reserve_for_high_priority_and_lets_one_call_through_when_quiet() -> None:
+    pacer = Pacer(rate=100, cap=1500, tokens=1200, at=0.0)
+    assert pacer.allows(200, reserve=1000, quiet=False, now=0.0)
+    pacer.take(200, 0.0)
+    assert not pacer.allows(200, reserve=1000, quiet=False, now=0.0)  # would dig into the reserve
+    assert pacer.allows(200, reserve=0, quiet=False, now=0.0)  # high priority may
+    pacer.take(1000, 0.0)  # now at 0
+    assert not pacer.allows(200, reserve=0, quiet=False, now=0.0)
+    assert pacer.allows(200, reserve=0, quiet=True, now=0.0)  # not overflowing: owes it, refills later
+    pacer.take(200, 0.0)
+    assert not pacer.allows(200, reserve=0, quiet=True, now=1.99)  # still owing
+    assert pacer.allows(200, reserve=0, quiet=True, now=2.0)
+
+
+def test_a_model_that_was_never_throttled_does_not_pace() -> None:
+    model = PtuModel("ptu", D, "i1")
+    assert all(model.admits(500, False, float(t)) for t in range(100))
+    assert model.pacer is None and model.rate is None
+
+
+# ---- fleets of routers against a simulated PTU -------------------------------------------------------------------
+
+
+def backends(reserve: int = 0) -> tuple[Backend, ...]:
+    rule = BreakerRule(trip_s=10)
+    return (
+        Backend("ptu", "https://ptu.example", "uksouth", {D: D}, priority=1, ptu=True, reserve_tokens=reserve, breaker=rule),
+        Backend("sweden", "https://se.example", "swedencentral", {D: D}, priority=2, breaker=rule),
+    )
+
+
+@dataclass
+class Fleet:
+    """`n` gateway instances (routers sharing breakers and capacity through in-memory stores) in front of one
+    simulated PTU, with a fake clock: every call takes `latency_s`, 429s take nothing."""
+
+    n: int = 4
+    tpm: int = 30_000
+    reserve: int = 0
+    latency_s: float = 0.05
+    clock: FakeClock = field(default_factory=FakeClock)
+
+    def __post_init__(self) -> None:
+        self.ptu = LeakyBucket(self.tpm, self.clock.monotonic, burst_s=60)
+        breakers, capacity = MemoryBreakerStore(), MemoryCapacityStore()
+        self.backends = backends(self.reserve)
+        self.routers = [
+            Router(self.backends, self.clock, NullTelemetry(), breakers,
+                   capacity=ProvisionedCapacity(self.backends, self.clock, capacity, f"i{i}"))
+            for i in range(self.n)
+        ]
+        self.pending: list[tuple[float, Router, int]] = []  # (ends at, router, tokens): calls the PTU is serving
+        self.ptu_tokens: Counter[int] = Counter()  # second -> tokens the PTU admitted
+        self.served: list[tuple[float, str, str]] = []  # (time, backend, priority)
+        self.ptu_429 = 0
+        self.attempts_after_ptu_429 = 0
+        self.requests = 0
+        self.next_sync = 0.0
+
+    async def run(self, seconds: float, rate: float, tokens: int = 230, high_rate: float = 0.0) -> None:
+        """Calls at `rate` per second (round robin over the instances), plus `high_rate` high-priority ones."""
+        end = self.clock.monotonic() + seconds
+        step = 0.01
+        owed = owed_high = 0.0
+        turn = 0
+        while self.clock.monotonic() < end:
+            await self._sync_due()
+            self._finish_due()
+            owed += rate * step
+            owed_high += high_rate * step
+            while owed >= 1:
+                owed -= 1
+                self._call(self.routers[turn % self.n], tokens, "normal")
+                turn += 1
+            while owed_high >= 1:
+                owed_high -= 1
+                self._call(self.routers[turn % self.n], tokens, "high")
+                turn += 1
+            self.clock.advance(step)
+
+    def _call(self, router: Router, tokens: int, priority: str) -> None:
+        self.requests += 1
+        for backend in router.candidates(D, 0, priority):
+            if not router.acquire(backend, D):
+                continue
+            if backend.id == "ptu":
+                verdict = self.ptu.admit(tokens)
+                if not verdict.admitted:
+                    self.ptu_429 += 1
+                    router.record_failure(backend, D, 429, {"retry-after-ms": str(math.ceil(verdict.retry_after_s * 1000))})
+                    continue
+                self.ptu_tokens[int(self.clock.monotonic() - 1000)] += tokens
+                self.pending.append((self.clock.monotonic() + self.latency_s, router, tokens))
+            router.record_success(backend, D, {})
+            if backend.id != "ptu":
+                router.settled(backend, D, tokens)
+            self.served.append((self.clock.monotonic(), backend.id, priority))
+            return
+        raise AssertionError("no backend served the call")
+
+    def _finish_due(self) -> None:
+        now = self.clock.monotonic()
+        for item in [p for p in self.pending if p[0] <= now]:
+            self.pending.remove(item)
+            self.ptu.settle(item[2], item[2])
+            item[1].settled(self.backends[0], D, item[2])
+
+    async def _sync_due(self) -> None:
+        if self.clock.monotonic() >= self.next_sync:
+            self.next_sync = self.clock.monotonic() + 0.5
+            for router in self.routers:
+                await router.capacity.sync()
+                await router.sync()
+
+    def utilisation(self, first_s: int, last_s: int, tpm: int | None = None) -> float:
+        """PTU tokens admitted in [first_s, last_s) over its capacity in that time."""
+        admitted = sum(self.ptu_tokens[s] for s in range(first_s, last_s))
+        return admitted / ((tpm or self.tpm) / 60 * (last_s - first_s))
+
+
+async def test_a_fleet_keeps_the_ptu_full_sends_the_overflow_on_and_comes_back_at_once() -> None:
+    fleet = Fleet()
+    await fleet.run(30, rate=1.5)  # light: the PTU (2.2 calls/s) takes everything
+    assert {b for _, b, _ in fleet.served} == {"ptu"}
+    requests_before = fleet.requests
+    await fleet.run(180, rate=12)  # heavy: five times what the PTU takes
+    # The bucket's 100 % (a minute of capacity) absorbs the first seconds; from then on, minute by minute:
+    for minute in range(3):
+        start = 30 + 60 * minute
+        assert fleet.utilisation(start, start + 60) >= 0.95, minute
+    assert fleet.utilisation(90, 210) <= 1.02  # and not more: the PTU itself caps it
+    heavy = fleet.requests - requests_before
+    assert fleet.ptu_429 <= 0.02 * heavy, (fleet.ptu_429, heavy)
+    # Once learnt, the overflow goes on without asking the PTU: most calls never met a 429.
+    assert sum(1 for t, b, _ in fleet.served if t > 1000 + 60 and b == "sweden") > 0.9 * 9 * 120
+    ended = fleet.clock.monotonic()
+    await fleet.run(20, rate=1.5)
+    late = [b for t, b, _ in fleet.served if t >= ended + 1.0]
+    assert late and set(late) == {"ptu"}  # everything back on the PTU within a second of the overflow ending
+
+
+async def test_capacity_added_while_paced_is_found_by_probing() -> None:
+    fleet = Fleet()
+    await fleet.run(60, rate=12)
+    learnt = fleet.routers[0].capacity.model("ptu", D)
+    assert learnt is not None and learnt.rate == pytest.approx(500, rel=0.05)  # (a probe step may be on it)
+    fleet.ptu.resize(60_000, None)  # twice the PTUs: no 429 says so, the PTU just takes what it is sent
+    before = (fleet.requests, fleet.ptu_429)
+    await fleet.run(90, rate=12)
+    # Quiet for PROBE_AFTER_S, then the pace rises step by step until the PTU says it is full, and is learnt again.
+    assert fleet.utilisation(120, 150, tpm=60_000) >= 0.95
+    assert learnt.rate == pytest.approx(1000, rel=0.02)
+    assert fleet.ptu_429 - before[1] <= 0.02 * (fleet.requests - before[0])
+
+
+async def test_high_priority_keeps_its_share_when_the_ptu_is_full() -> None:
+    fleet = Fleet(reserve=3000)
+    await fleet.run(120, rate=12, high_rate=1.0)  # high wants less than half the PTU; normal wants far more
+    after = [(b, p) for t, b, p in fleet.served if t > 1000 + 40]
+    high = [b for b, p in after if p == "high"]
+    normal = [b for b, p in after if p == "normal"]
+    # All but the calls that met the PTU's (shared) breaker in the instants after a 429 it sent.
+    assert high.count("ptu") >= 0.95 * len(high)
+    assert 0.08 * len(normal) <= normal.count("ptu") <= 0.12 * len(normal)  # the rest of the PTU: (2.2 - 1) / 12
+    assert fleet.utilisation(60, 120) >= 0.95

@@ -1,0 +1,148 @@
+"""A PTU kept full end to end: gateway processes on Azurite in front of a simulated provisioned deployment (a leaky
+bucket with a small capacity) and the session's pay-as-you-go regions, driven with the official openai SDK.
+
+Behaviour, not timing: once the PTU has said (with 429s) how much it takes, the overflow goes to the next priority
+without asking it, no client sees a 429, a second gateway process knows the capacity without ever having been refused,
+and light traffic after the overflow is all on the PTU again. Speed goals are in bench/failover.py."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import unique
+from tests.e2e import Simulator, Stack
+from tools import stack
+
+pytestmark = pytest.mark.e2e
+MINI = "gpt-4o-mini"
+MESSAGES = [{"role": "user", "content": "Write a haiku about failover."}]
+PTU_TPM = 6000  # 100 tokens/s; a call here is ~33 tokens: about 3 calls a second
+
+
+@pytest.fixture
+def ptu(e2e: Stack, log_dir: Path) -> Iterator[Simulator]:
+    region = stack.Region(unique("ptu"), "uksouth", stack.free_port(), priority=1, ptu=True, chat_tpm=PTU_TPM,
+                          ptu_burst_s=2)
+    sim = Simulator(stack.start_simulator(region, latency_ms=5, token_latency_ms=1, log_dir=log_dir), region)
+    yield sim
+    sim.child.stop()
+
+
+def regions(e2e: Stack, ptu: Simulator) -> list[stack.Region]:
+    tag = unique("k")
+    sweden, france = (sim.region for sim in e2e.simulators[1:])
+    return [
+        stack.Region(f"{tag}-ptu", "uksouth", ptu.region.port, priority=1, ptu=True),
+        stack.Region(f"{tag}-sweden", sweden.region, sweden.port, priority=2),
+        stack.Region(f"{tag}-france", france.region, france.port, priority=2),
+    ]
+
+
+def call(url: str, key: str) -> tuple[int, str, int]:
+    """(status, backend id, attempts) of one chat call."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+    try:
+        raw = client.chat.completions.with_raw_response.create(model=MINI, messages=MESSAGES, max_tokens=20)  # type: ignore[arg-type]
+        raw.parse()
+        return raw.status_code, raw.headers["x-gateway-backend"], int(raw.headers["x-gateway-attempts"])
+    except openai.APIStatusError as error:
+        return error.status_code, "", 0
+    finally:
+        client.close()
+
+
+def burst(url: str, key: str, count: int, threads: int = 4) -> list[tuple[int, str, int]]:
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda _: call(url, key), range(count)))
+
+
+def learnt(url: str, backend_id: str) -> dict[str, Any] | None:
+    health = httpx.get(url + "/health", timeout=10).json()
+    entry = next(b for b in health["backends"] if b["id"] == backend_id)["deployments"][MINI]
+    capacity: dict[str, Any] | None = entry.get("capacity")
+    return capacity
+
+
+def saturate(url: str, key: str, backend_id: str) -> list[tuple[int, str, int]]:
+    """Overflow the PTU until the gateway says it has learnt its capacity (at most a bounded number of calls)."""
+    results: list[tuple[int, str, int]] = []
+    for _ in range(8):  # the model is learnt from the first few 429s
+        results += burst(url, key, 24)
+        if learnt(url, backend_id) is not None:
+            break
+    return results
+
+
+def ptu_429s(sim: Simulator) -> int:
+    return int(sim.stats()["by_status"].get("429", 0))
+
+
+def test_once_learnt_the_overflow_goes_on_without_asking_the_ptu_and_no_client_sees_a_429(
+    e2e: Stack, ptu: Simulator, gateway_factory: Callable[..., stack.Child]
+) -> None:
+    routes = regions(e2e, ptu)
+    gateway = gateway_factory(regions=routes)
+    key = e2e.create_consumer(unique("app"))
+    learning = saturate(gateway.url, key, routes[0].id)
+    assert ptu_429s(ptu) >= 1 and {status for status, _, _ in learning} == {200}
+
+    before = ptu_429s(ptu)
+    results = burst(gateway.url, key, 120)
+    assert {status for status, _, _ in results} == {200}  # every region but the PTU has room: no client 429
+    served = Counter(backend.rsplit("-", 1)[-1] for _, backend, _ in results)
+    assert served["ptu"] >= 1 and served["sweden"] + served["france"] >= 60
+    elsewhere = [attempts for _, backend, attempts in results if not backend.endswith("-ptu")]
+    # Sent elsewhere at once: the PTU was not asked (and refused) first.
+    assert sum(1 for a in elsewhere if a == 1) >= 0.9 * len(elsewhere)
+    assert ptu_429s(ptu) - before <= 3
+    capacity = learnt(gateway.url, routes[0].id)
+    assert capacity is not None and 0.5 * PTU_TPM <= capacity["learnt_tokens_per_minute"] <= 2 * PTU_TPM
+
+
+def test_the_learnt_capacity_is_shared_with_a_gateway_process_the_ptu_never_refused(
+    e2e: Stack, ptu: Simulator, gateway_factory: Callable[..., stack.Child]
+) -> None:
+    routes = regions(e2e, ptu)
+    first, second = gateway_factory(regions=routes), gateway_factory(regions=routes)
+    key = e2e.create_consumer(unique("app"))
+    saturate(first.url, key, routes[0].id)
+    taught = learnt(first.url, routes[0].id)
+    deadline = time.monotonic() + 15
+    while (shared := learnt(second.url, routes[0].id)) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    # The second process has sent nothing yet: what it knows came through Table Storage.
+    assert shared is not None and taught is not None
+    assert shared["learnt_tokens_per_minute"] == pytest.approx(taught["learnt_tokens_per_minute"], rel=0.3)
+
+    time.sleep(2.5)  # the PTU drains to below 100 % (it holds 2 s of its rate)
+    before = ptu_429s(ptu)
+    results = burst(second.url, key, 80)
+    assert {status for status, _, _ in results} == {200}
+    elsewhere = [attempts for _, backend, attempts in results if not backend.endswith("-ptu")]
+    assert len(elsewhere) >= 40 and sum(1 for a in elsewhere if a == 1) >= 0.9 * len(elsewhere)
+    assert ptu_429s(ptu) - before <= 3
+
+
+def test_after_the_overflow_light_traffic_is_all_on_the_ptu_again(
+    e2e: Stack, ptu: Simulator, gateway_factory: Callable[..., stack.Child]
+) -> None:
+    routes = regions(e2e, ptu)
+    gateway = gateway_factory(regions=routes)
+    key = e2e.create_consumer(unique("app"))
+    saturate(gateway.url, key, routes[0].id)
+    burst(gateway.url, key, 60)  # overflowing, paced
+    time.sleep(2.5)  # the overflow is over and the PTU is below 100 % again
+    light = []
+    for _ in range(6):  # one call a second: a third of what the PTU takes
+        light.append(call(gateway.url, key))
+        time.sleep(1.0)
+    assert [(status, backend.endswith("-ptu")) for status, backend, _ in light] == [(200, True)] * 6
