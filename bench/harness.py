@@ -83,11 +83,12 @@ class Bench:
         env.pop("GATEWAY_BACKENDS")
         return env
 
-    def consumer(self, consumer_id: str, table_port: int | None = None, **limits: Any) -> str:
+    def consumer(self, consumer_id: str, table_port: int | None = None, priority: str = "normal", **limits: Any) -> str:
         """Create a consumer as the admin command does; `table_port` to reach the store other than through
         `table_port` (e.g. past a counting proxy)."""
         key = new_key()
-        consumer = Consumer(consumer_id, consumer_id, hash_key(key), key_prefix(key), limits=Limits(**limits))
+        consumer = Consumer(consumer_id, consumer_id, hash_key(key), key_prefix(key), limits=Limits(**limits),
+                            priority=priority)
         env = self.env()
         if table_port is not None:
             env["GATEWAY_TABLE_CONNECTION_STRING"] = stack.table_connection_string(table_port)

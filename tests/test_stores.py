@@ -284,3 +284,14 @@ async def test_creating_a_thousand_consumers_takes_twenty_one_round_trips(azurit
         assert len(await store.list_consumers()) == 1000
     finally:
         await tables.close()
+
+
+async def test_a_busy_instances_charges_are_summed_into_wider_buckets_until_they_fit_one_property(stores: Stores) -> None:
+    now = time.time()
+    charges = tuple((now - 59 + i * 0.0125, 1234.5) for i in range(4000))  # 4000 charges in 50 s
+    await stores.capacity.publish(CapacityReport("ptu", "gpt-4o", "busy", now, charges, (), 0.0, None))
+    (loaded,) = [r for r in await stores.capacity.load() if r.instance == "busy"]
+    assert sum(n for _, n in loaded.charges) == pytest.approx(4000 * 1234.5)
+    # Still placed in time to within the buckets: the first and second halves keep their tokens.
+    middle = now - 59 + 2000 * 0.0125
+    assert sum(n for t, n in loaded.charges if t < middle - 0.1) == pytest.approx(sum(n for t, n in charges if t < middle - 0.1), rel=0.01)

@@ -246,7 +246,7 @@ class PtuModel:
                 self.rate = local
             elif adopted:
                 self.rate = max(adopted)  # a newcomer starts from what the others learnt
-            elif self._first_wait:
+            elif self._first_wait and self.cost > 0:
                 # One 429 and nothing else: the call that took the PTU over 100 % took it over by at most its own
                 # size, so the PTU drains about a call per wait. A first pace, until two instants say better.
                 self.rate = self.call_cost(0) / self._first_wait

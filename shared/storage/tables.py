@@ -579,6 +579,23 @@ class TableBreakerStore:
 # ---- shared PTU capacity ------------------------------------------------------------------------------------------
 
 _CAPACITY_PK = "capacity"
+_PROPERTY_CHARS = 30_000  # a string property holds 64 KiB of UTF-16: 32K characters, with room to spare
+
+
+def _compact_charges(charges: Any, t0: float) -> str:
+    """[[milliseconds after t0, tokens], ...] as JSON. A busy instance's minute can hold thousands of charges: then
+    neighbours are summed into ever wider time buckets (1, 2, 4 ... ms) until the text fits one Table property; what
+    is learnt from them only needs them to the nearest few milliseconds."""
+    width = 1
+    while True:
+        buckets: dict[int, float] = {}
+        for t, n in charges:
+            key = int(round((t - t0) * 1000)) // width * width
+            buckets[key] = buckets.get(key, 0.0) + n
+        text = json.dumps([[ms, round(n, 1)] for ms, n in sorted(buckets.items()) if n], separators=(",", ":"))
+        if len(text) <= _PROPERTY_CHARS:
+            return text
+        width *= 2
 
 
 class TableCapacityStore:
@@ -601,9 +618,8 @@ class TableCapacityStore:
             "instance": report.instance,
             "at": float(report.at),
             "t0": float(t0),
-            # Milliseconds after t0 and tokens, compact: a busy instance's minute stays well under a property's 64 KiB.
-            "charges": json.dumps([[round((t - t0) * 1000), round(n, 1)] for t, n in report.charges], separators=(",", ":")),
-            "ready": json.dumps([round(t, 3) for t in report.ready]),
+            "charges": _compact_charges(report.charges, t0),
+            "ready": json.dumps(sorted({round(t, 3) for t in report.ready})),
             "demand": float(report.demand),
             "rate": float(report.rate) if report.rate is not None else -1.0,
         }
