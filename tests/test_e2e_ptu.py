@@ -116,12 +116,17 @@ def test_the_learnt_capacity_is_shared_with_a_gateway_process_the_ptu_never_refu
     key = e2e.create_consumer(unique("app"))
     saturate(first.url, key, routes[0].id)
     taught = learnt(first.url, routes[0].id)
+    assert taught is not None
+
+    def agree() -> bool:
+        shared = learnt(second.url, routes[0].id)
+        return shared is not None and abs(shared["learnt_tokens_per_minute"] / taught["learnt_tokens_per_minute"] - 1) < 0.2
+
+    # The second process has sent nothing yet: what it comes to know comes through Table Storage (bounded wait).
     deadline = time.monotonic() + 15
-    while (shared := learnt(second.url, routes[0].id)) is None and time.monotonic() < deadline:
+    while not agree() and time.monotonic() < deadline:
         time.sleep(0.2)
-    # The second process has sent nothing yet: what it knows came through Table Storage.
-    assert shared is not None and taught is not None
-    assert shared["learnt_tokens_per_minute"] == pytest.approx(taught["learnt_tokens_per_minute"], rel=0.3)
+    assert agree()
 
     time.sleep(2.5)  # the PTU drains to below 100 % (it holds 2 s of its rate)
     before = ptu_429s(ptu)

@@ -231,7 +231,8 @@ class PtuModel:
             ready.extend(other.ready)
             known_until = min(known_until, other.at)
         latest_known = max((t for t in ready if t <= known_until), default=None)
-        if latest_known is not None and latest_known != self._learnt_from:
+        # Only a newer instant is news: when old ones leave the horizon, what is left says less than what was learnt.
+        if latest_known is not None and (self._learnt_from is None or latest_known > self._learnt_from):
             learnt = learnt_rate(charges, ready, known_until)
             if learnt is not None:  # what the PTU said since the last time: the rate is what it is
                 self.rate = learnt
