@@ -11,7 +11,7 @@ import pytest
 
 from shared.clock import FakeClock
 from shared.config import Backend, BreakerRule
-from shared.routing.capacity import Pacer, PtuModel, learnt_rate, share_of
+from shared.routing.capacity import FRESH_S, Pacer, PtuModel, learnt_rate, share_of, utilisation_wait
 from shared.routing.provisioned import ProvisionedCapacity
 from shared.routing.router import Router
 from shared.storage.memory import MemoryBreakerStore, MemoryCapacityStore
@@ -75,8 +75,77 @@ def test_the_pacer_keeps_the_reserve_for_high_priority_and_lets_one_call_through
 
 def test_a_model_that_was_never_throttled_does_not_pace() -> None:
     model = PtuModel("ptu", D, "i1")
-    assert all(model.admits(500, False, float(t)) for t in range(100))
+    assert all(model.admits(500, False, float(t), float(t)) for t in range(100))
     assert model.pacer is None and model.rate is None
+
+
+# What a PTU's own 429 looks like (tools/simulator/server.py, provisioned_429) and what other 429s look like.
+PTU_429 = {"retry-after": "1", "retry-after-ms": "420"}
+QUOTA_429 = {"retry-after": "2", "retry-after-ms": "2000", "x-ratelimit-remaining-tokens": "0",
+             "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-tokens": "2s"}  # the simulator's "429" fault
+
+
+@pytest.mark.parametrize(
+    ("headers", "wait"),
+    [
+        (PTU_429, 0.42),
+        ({"retry-after-ms": "1"}, 0.001),
+        ({"retry-after-ms": "60000"}, 60.0),
+        (QUOTA_429, None),  # a per-minute quota's 429 (pay-as-you-go), or an injected fault shaped as one
+        ({"retry-after-ms": "500", "x-ratelimit-limit-tokens": "30000"}, None),
+        ({"retry-after": "86400", "retry-after-ms": "86400000"}, None),  # a day: a policy, not a bucket draining
+        ({"retry-after": "3"}, None),  # no retry-after-ms: no instant to the millisecond
+        ({}, None),  # bare
+        ({"retry-after-ms": "0"}, None),
+        ({"retry-after-ms": "-5"}, None),
+        ({"retry-after-ms": "nan"}, None),
+        ({"retry-after-ms": "inf"}, None),
+        ({"retry-after-ms": "soon"}, None),
+    ],
+)
+def test_only_a_429_shaped_as_a_provisioned_deployments_is_a_statement_about_utilisation(
+    headers: dict[str, str], wait: float | None
+) -> None:
+    assert utilisation_wait(headers) == (pytest.approx(wait) if wait is not None else None)
+
+
+def test_429s_that_say_nothing_about_utilisation_never_move_a_call_off_the_ptu() -> None:
+    """The failure that reverted the first version: an e2e test's injected 429s (a quota's shape) were learnt as a
+    tiny capacity, and calls the idle PTU would have served went elsewhere."""
+    clock = FakeClock()
+    ptu, sweden = backends()
+    router = Router((ptu, sweden), clock, NullTelemetry())
+    model = router.capacity.model("ptu", D)
+    assert model is not None
+    for _ in range(10):  # the model knows what a call costs
+        assert router.acquire(ptu, D)
+        router.settled(ptu, D, 300)
+    for headers, trip_s in [(QUOTA_429, 2.5)] * 5 + [({"retry-after-ms": "86400000"}, 301.0), ({}, 11.0)]:
+        assert router.candidates(D, 300, "normal")[0] is ptu
+        assert router.acquire(ptu, D)
+        router.record_failure(ptu, D, 429, headers)
+        clock.advance(trip_s)  # the breaker's trip (as long as the 429 asked, within its bounds) is over
+    for _ in range(500):  # then a heavy burst: 50 calls a second
+        assert [b.id for b in router.candidates(D, 300, "normal")] == ["ptu", "sweden"]
+        assert router.acquire(ptu, D)
+        router.record_success(ptu, D, {})
+        router.settled(ptu, D, 300)
+        clock.advance(0.02)
+    assert model.rate is None and model.pacer is None and model.diverted == 0 and not model.ready
+
+
+def test_a_follow_up_that_reads_a_stored_response_is_not_charged_to_the_ptu() -> None:
+    clock = FakeClock()
+    ptu, sweden = backends()
+    router = Router((ptu, sweden), clock, NullTelemetry())
+    model = router.capacity.model("ptu", D)
+    assert model is not None
+    assert router.acquire(ptu, D, generates=False)
+    router.record_failure(ptu, D, 429, PTU_429, generates=False)
+    assert not model.charges and not model.ready and model.rate is None
+    clock.advance(1.0)  # the breaker honoured the 429's 420 ms
+    assert router.acquire(ptu, D)  # a generation is
+    assert len(model.charges) == 1
 
 
 # ---- fleets of routers against a simulated PTU -------------------------------------------------------------------
@@ -224,3 +293,38 @@ async def test_high_priority_keeps_its_share_when_the_ptu_is_full() -> None:
     assert high.count("ptu") >= 0.95 * len(high)
     assert 0.08 * len(normal) <= normal.count("ptu") <= 0.12 * len(normal)  # the rest of the PTU: (2.2 - 1) / 12
     assert fleet.utilisation(60, 120) >= 0.95
+
+
+async def test_a_rate_no_429_confirms_is_probed_upward_and_forgotten_a_minute_after_the_last() -> None:
+    fleet = Fleet()
+    await fleet.run(60, rate=12)  # learnt: 500 tokens/s, most calls paced elsewhere
+    model = fleet.routers[0].capacity.model("ptu", D)
+    assert model is not None and model.rate == pytest.approx(500, rel=0.05)
+    last_429 = fleet.clock.monotonic()
+    fleet.ptu.resize(3_000_000, None)  # now it takes everything: it never refuses again, so nothing confirms the pace
+    await fleet.run(FRESH_S + 15, rate=12)
+    assert fleet.ptu_429 > 0 and fleet.clock.monotonic() - last_429 > FRESH_S
+    rates = [r.capacity.model("ptu", D) for r in fleet.routers]
+    assert all(m is not None and m.rate is None and m.pacer is None for m in rates)  # forgotten on every instance
+    # Bounded: from a minute after the last 429 (plus one sync) every call is served by the PTU.
+    late = [b for t, b, _ in fleet.served if t >= last_429 + FRESH_S + 1.0]
+    assert late and set(late) == {"ptu"}
+    # And before that the silence was probed: the pace had risen above what was learnt.
+    early = [b for t, b, _ in fleet.served if last_429 + 40 <= t < last_429 + 55]
+    assert early.count("ptu") > 1.5 * 0.1 * len(early)  # more than 1.5 x the 2.2 of 12 calls a second
+
+
+async def test_one_429_shaped_as_a_ptus_from_an_idle_ptu_paces_it_for_at_most_a_minute() -> None:
+    """A 429 the gateway cannot tell from a PTU's (a proxy's, an injected 429-ptu) on a PTU that takes everything:
+    believed only until it is a minute old."""
+    fleet = Fleet(tpm=3_000_000)
+    await fleet.run(5, rate=12)
+    router = fleet.routers[0]
+    assert router.acquire(fleet.backends[0], D)
+    router.record_failure(fleet.backends[0], D, 429, {"retry-after-ms": "2000"})
+    start = fleet.clock.monotonic()
+    await fleet.run(FRESH_S + 10, rate=12)
+    assert fleet.ptu_429 == 0
+    late = [b for t, b, _ in fleet.served if t >= start + 2.0 + FRESH_S + 0.5]  # a minute after the instant it named
+    assert late and set(late) == {"ptu"}
+    assert "sweden" in [b for t, b, _ in fleet.served if t < start + FRESH_S]  # (believed until then)

@@ -3,7 +3,9 @@ bucket with a small capacity) and the session's pay-as-you-go regions, driven wi
 
 Behaviour, not timing: once the PTU has said (with 429s) how much it takes, the overflow goes to the next priority
 without asking it, no client sees a 429, a second gateway process knows the capacity without ever having been refused,
-and light traffic after the overflow is all on the PTU again. Speed goals are in bench/failover.py."""
+and light traffic after the overflow is all on the PTU again; 429s that are not the PTU's statement about its
+utilisation (a quota's, a bare one, one asking for a day) teach nothing, so an idle PTU keeps every call. Speed goals
+are in bench/failover.py."""
 
 from __future__ import annotations
 
@@ -37,11 +39,20 @@ def ptu(e2e: Stack, log_dir: Path) -> Iterator[Simulator]:
     sim.child.stop()
 
 
-def regions(e2e: Stack, ptu: Simulator) -> list[stack.Region]:
+@pytest.fixture
+def roomy_ptu(e2e: Stack, log_dir: Path) -> Iterator[Simulator]:
+    """A provisioned deployment that takes far more than these tests send: it never refuses a call by itself."""
+    region = stack.Region(unique("roomy"), "uksouth", stack.free_port(), priority=1, ptu=True, chat_tpm=10_000_000)
+    sim = Simulator(stack.start_simulator(region, latency_ms=5, token_latency_ms=1, log_dir=log_dir), region)
+    yield sim
+    sim.child.stop()
+
+
+def regions(e2e: Stack, ptu: Simulator, **breaker: float) -> list[stack.Region]:
     tag = unique("k")
     sweden, france = (sim.region for sim in e2e.simulators[1:])
     return [
-        stack.Region(f"{tag}-ptu", "uksouth", ptu.region.port, priority=1, ptu=True),
+        stack.Region(f"{tag}-ptu", "uksouth", ptu.region.port, priority=1, ptu=True, breaker=breaker),
         stack.Region(f"{tag}-sweden", sweden.region, sweden.port, priority=2),
         stack.Region(f"{tag}-france", france.region, france.port, priority=2),
     ]
@@ -151,3 +162,27 @@ def test_after_the_overflow_light_traffic_is_all_on_the_ptu_again(
         light.append(call(gateway.url, key))
         time.sleep(1.0)
     assert [(status, backend.endswith("-ptu")) for status, backend, _ in light] == [(200, True)] * 6
+
+
+def test_429s_that_say_nothing_about_utilisation_leave_every_call_on_an_idle_ptu(
+    e2e: Stack, roomy_ptu: Simulator, gateway_factory: Callable[..., stack.Child]
+) -> None:
+    """What reverted the first version: an injected quota-shaped 429 was learnt as a tiny capacity, and calls the idle
+    PTU would have served went elsewhere for as long as the gateway ran."""
+    routes = regions(e2e, roomy_ptu, trip_s=0.2, max_trip_s=0.5)  # the breaker's own trips end at once
+    gateway = gateway_factory(regions=routes)
+    key = e2e.create_consumer(unique("app"))
+    assert {backend for _, backend, _ in burst(gateway.url, key, 4, threads=1)} == {routes[0].id}  # a call's cost
+    # Quota-shaped 429s (x-ratelimit-* figures, 2 s), one asking for a day, a bare one: each is met by one call.
+    roomy_ptu.fault("429", count=4, delay_s=2)
+    roomy_ptu.fault("429-huge")
+    roomy_ptu.fault("429-bare")
+    met = []
+    for _ in range(6):
+        met.append(call(gateway.url, key))
+        time.sleep(0.6)  # the breaker's trip is over: the next call meets the next 429
+    assert [(status, attempts) for status, _, attempts in met] == [(200, 2)] * 6 and ptu_429s(roomy_ptu) == 6
+    assert learnt(gateway.url, routes[0].id) is None
+    results = burst(gateway.url, key, 80, threads=8)  # far faster than anything those 429s could have taught
+    assert [(status, backend, attempts) for status, backend, attempts in results] == [(200, routes[0].id, 1)] * 80
+    assert learnt(gateway.url, routes[0].id) is None

@@ -413,6 +413,7 @@ async def test_a_provisioned_deployment_admits_by_utilisation_and_says_when_it_i
         ("500", openai.InternalServerError, None),
         ("503", openai.InternalServerError, "1"),
         ("429", openai.RateLimitError, "2"),
+        ("429-ptu", openai.RateLimitError, "1"),
         ("429-huge", openai.RateLimitError, "86400"),
         ("429-bare", openai.RateLimitError, None),
         ("reset", openai.APIConnectionError, None),
@@ -430,6 +431,8 @@ async def test_fault_kinds(sim: Running, sdk: Clients, http: aiohttp.ClientSessi
             assert not any(h.startswith(("retry-after", "x-ratelimit")) for h in headers)
         if kind == "429-huge":
             assert headers["retry-after-ms"] == "86400000"
+        if kind == "429-ptu":  # exactly what a full provisioned deployment sends: the two waits and no quota figures
+            assert headers["retry-after-ms"] == "50" and not any(h.startswith("x-ratelimit") for h in headers)
     await sdk.azure().chat.completions.create(model="gpt-4o", messages=MESSAGES)  # one-shot: the next is served
     stats = await control(http, sim, "GET", "stats")
     expected = {"reset": "reset", "503": "503", "500": "500"}.get(kind, "429")

@@ -67,7 +67,7 @@ class FollowUps:
         deployment = holder.record.deployment
         if not consumer.may_use(deployment):
             raise DeploymentNotAllowed(deployment)
-        self.pinning.claim(holder, deployment)
+        self.pinning.claim(holder, deployment, generates=False)  # a read, a delete, a cancel: no PTU throughput
         upstream = await self._send(request, route, holder, api_version, trace)
         record = self._record(request, route, consumer, holder.backend, deployment, upstream.status, started)
         headers = {k: v for k, v in upstream.headers.items() if k in FORWARDED_RESPONSE_HEADERS}
@@ -79,7 +79,7 @@ class FollowUps:
         try:
             body = await upstream.read()
         except UpstreamBroken:
-            self.s.router.record_error(holder.backend, deployment, FailureKind.BROKEN)
+            self.s.router.record_error(holder.backend, deployment, FailureKind.BROKEN, generates=False)
             raise self.pinning.unavailable(holder, deployment, "its answer broke off") from None
         if (route.operation is Operation.RESPONSE_DELETE and upstream.status == 200) or upstream.status == 404:
             await self.pinning.forget(route.response_id)  # the backend no longer has it
@@ -127,11 +127,11 @@ class FollowUps:
             upstream = await self.s.upstream.send(backend, url, headers, body, method=method)
         except UpstreamError as exc:
             span.end(None, exc.kind.value)
-            self.s.router.record_error(backend, deployment, exc.kind)
+            self.s.router.record_error(backend, deployment, exc.kind, generates=False)
             raise self.pinning.unavailable(holder, deployment, f"{exc.kind.value} error") from None
         span.end(upstream.status)
         if self.s.router.is_failure(backend, upstream.status):
-            self.s.router.record_failure(backend, deployment, upstream.status, upstream.headers)
+            self.s.router.record_failure(backend, deployment, upstream.status, upstream.headers, generates=False)
             upstream.release()
             raise self.pinning.unavailable(holder, deployment, f"it answered {upstream.status}")
         self.s.router.record_success(backend, deployment, upstream.headers)

@@ -18,13 +18,19 @@ bucket refuses to the next priority without asking the PTU first. Consumers belo
 the bucket, so high-priority calls keep their share when the PTU is full. When the instance's own recent demand is
 below its share (the overflow has ended), the bucket lets a call through from any non-negative balance, so traffic
 is back on the PTU at once rather than after the deficit the overflow left has refilled.
+
+What is learnt lives only as long as its evidence. Only a 429 shaped as a provisioned deployment's (see
+`utilisation_wait`) names an instant; any other 429 (a quota, a policy, a fault) says nothing about utilisation and
+teaches nothing. A pace that no new 429 confirms is probed upward once the silence is longer than the pace itself
+explains, and a minute after the newest 429 anyone was told the model forgets the rate altogether: a PTU that has not
+refused anything for that long is sent everything, whatever was learnt before, so an idle PTU is never starved.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 HORIZON_S = 60.0  # how far back charges and instants are kept (and shared)
@@ -32,10 +38,12 @@ RECENT_S = 30.0  # the span the rate is learnt over reaches back this far
 MAX_GAP_S = 45.0  # two lone instants further apart may have an idle deployment between them: they say nothing
 MIN_SPAN_S = 0.2  # instants closer than this say too little
 INSTANT_MARGIN_S = 0.05  # a named instant is late by the answer's trip and the rounding: charges sent this close count
+FRESH_S = 60.0  # a rate no 429 has confirmed for this long is forgotten: the PTU is sent everything again
+MAX_WAIT_S = 60.0  # a 429 asking for longer is a quota or a policy, not a leaky bucket draining one call's overshoot
 PROBE = 0.02  # the pace is this much above the learnt rate, so that the PTU says now and then that it is full
-PROBE_AFTER_S = 30.0  # overflowing, paced, and no 429 this long (several times the usual interval): the rate may be
-PROBE_EVERY_S = 2.0  # low, so raise it by a step this often, the step doubling from the first to the largest
-PROBE_STEP = (0.02, 0.08)
+PROBE_AFTER_S = (5.0, 30.0)  # overflowing, paced, and no 429 for twice the interval the probe margin explains (within
+PROBE_EVERY_S = 2.0  # these bounds): the rate may be low, so raise it by a step this often, the step doubling from the
+PROBE_STEP = (0.02, 0.08)  # first to the largest
 BURST_S = 1.0  # what an idle instance may send at once, in seconds of its share
 DEMAND_TAU_S = 2.0  # smoothing of the demand each instance reports (for shares)
 QUIET_TAU_S = 0.4  # smoothing of the local demand that says whether this instance is overflowing right now
@@ -54,6 +62,34 @@ class CapacityReport:
     ready: tuple[float, ...]  # instants the PTU named as 100 % (wall time)
     demand: float  # tokens/s this instance offered the PTU lately
     rate: float | None  # tokens/s this instance believes the PTU drains (for a newcomer before the first run)
+
+
+# What a pay-as-you-go deployment's 429 carries and a provisioned deployment's never does (it documents only the
+# retry-after pair): a 429 with these is about a per-minute quota, not about utilisation.
+QUOTA_HEADERS = (
+    "x-ratelimit-remaining-tokens", "x-ratelimit-remaining-requests", "x-ratelimit-limit-tokens",
+    "x-ratelimit-limit-requests", "x-ratelimit-reset-tokens", "x-ratelimit-reset-requests",
+)
+
+
+def utilisation_wait(headers: Mapping[str, str]) -> float | None:
+    """The wait (seconds) a provisioned deployment's 429 names, or None when the 429 is no statement about its
+    utilisation.
+
+    Azure documents a PTU's 429 as immediate, with `retry-after-ms` (and `retry-after`): the time until utilisation is
+    back at 100 %, which is at most one call's overshoot drained at the provisioned rate. A 429 without `retry-after-ms`,
+    with a per-minute quota's `x-ratelimit-*` figures, or asking for more than `MAX_WAIT_S` is something else (a quota,
+    a policy, a proxy, an injected fault); learning a capacity from it would pace traffic away from an idle PTU."""
+    value = headers.get("retry-after-ms")
+    if value is None or any(name in headers for name in QUOTA_HEADERS):
+        return None
+    try:
+        ms = float(value)
+    except ValueError:
+        return None
+    if not math.isfinite(ms) or ms <= 0 or ms > MAX_WAIT_S * 1000:
+        return None
+    return ms / 1000
 
 
 def tokens_between(charges: Iterable[tuple[float, float]], start: float, end: float) -> float:
@@ -147,18 +183,31 @@ class PtuModel:
     _probed_at: float = -math.inf
     _learnt_from: float | None = None  # the instant the rate was last learnt up to
     _first_wait: float = 0.0
+    _need: float = 0.0  # what the latest call may take (prompt + max tokens), an upper bound on a 429's overshoot
+    _evidence: float = -math.inf  # the newest instant any instance was told (wall time): what keeps the rate alive
+    _run_from: float = -math.inf  # when the rate was last forgotten: instants before then are not paired with later ones
 
     # ---- per call (monotonic `mono`, wall `now`) ------------------------------------------------------------------
+
+    @property
+    def evidence_at(self) -> float:
+        """The newest instant (wall time) any instance was told the PTU would be back at 100 %."""
+        return self._evidence
 
     def call_cost(self, need_tokens: int) -> float:
         return self.cost if self.cost > 0 else float(max(need_tokens, 1))
 
-    def admits(self, need_tokens: int, high: bool, mono: float) -> bool:
-        """Whether this call should go to the PTU first; counts it as demand either way."""
+    def admits(self, need_tokens: int, high: bool, now: float, mono: float) -> bool:
+        """Whether this call should go to the PTU first; counts it as demand either way. Never False unless a 429
+        with the PTU's utilisation semantics came within `FRESH_S`."""
         cost = self.call_cost(need_tokens)
+        self._need = float(need_tokens)
         quiet = self._decayed_quiet(mono) <= (self.share if self.share is not None else math.inf)
         self._offer(cost, mono)
         if self.pacer is None:
+            return True
+        if now - self._evidence > FRESH_S:
+            self._forget(now)  # at once, not at the next sync: the evidence is gone
             return True
         reserve = 0.0 if high else self._my_reserve()
         if self.pacer.allows(cost, reserve, quiet, mono):
@@ -175,13 +224,15 @@ class PtuModel:
         return cost
 
     def refused(self, charged: float, retry_after_s: float | None, now: float, mono: float) -> None:
-        """The PTU answered 429: nothing was added; it named the instant it is back at 100 %."""
+        """The PTU answered 429: nothing was added. With `retry_after_s` (see `utilisation_wait`) it named the
+        instant it is back at 100 %; without, the 429 says nothing about utilisation and only the charge goes back."""
         self._charge(now, -charged)
         if self.pacer is not None:
             self.pacer.take(-charged, mono)
-            # Over 100 %: whatever this instance had saved is not headroom the PTU has; start again from nothing.
-            self.pacer.tokens = min(self.pacer.tokens, 0.0)
         if retry_after_s is not None:
+            if self.pacer is not None:
+                # Over 100 %: whatever this instance had saved is not headroom the PTU has; start again from nothing.
+                self.pacer.tokens = min(self.pacer.tokens, 0.0)
             self.ready.append(now + retry_after_s)
             if self.rate is None and retry_after_s > 0:
                 self._first_wait = retry_after_s
@@ -230,6 +281,13 @@ class PtuModel:
             charges.extend(other.charges)
             ready.extend(other.ready)
             known_until = min(known_until, other.at)
+        self._evidence = max(ready, default=-math.inf)
+        if now - self._evidence > FRESH_S:
+            self._forget(now)  # nobody has been told anything lately: whatever was learnt has no evidence left
+            return
+        # Instants from before the rate was forgotten are not paired with newer ones: in the silence between them the
+        # PTU may have idled (drained less than its rate), and a rate learnt across it would be too low.
+        ready = [t for t in ready if t > self._run_from]
         latest_known = max((t for t in ready if t <= known_until), default=None)
         # Only a newer instant is news: when old ones leave the horizon, what is left says less than what was learnt.
         if latest_known is not None and (self._learnt_from is None or latest_known > self._learnt_from):
@@ -241,7 +299,7 @@ class PtuModel:
         if self.rate is None:
             # Until everyone has reported past this instance's 429s, its own charges give a first rate; it can only
             # be low (others' admissions are missing), and the next round with everyone's corrects it.
-            local = learnt_rate(self.charges, self.ready, now)
+            local = learnt_rate(self.charges, [t for t in self.ready if t > self._run_from], now)
             adopted = [o.rate for o in self._others.values() if o.rate]
             if local is not None:
                 self.rate = local
@@ -249,18 +307,24 @@ class PtuModel:
                 self.rate = max(adopted)  # a newcomer starts from what the others learnt
             elif self._first_wait and self.cost > 0:
                 # One 429 and nothing else: the call that took the PTU over 100 % took it over by at most its own
-                # size, so the PTU drains about a call per wait. A first pace, until two instants say better.
-                self.rate = self.call_cost(0) / self._first_wait
+                # charge, so the PTU drains at least a call's cost per wait; the call's prompt and max tokens (what the
+                # PTU charges on admission) bound the overshoot from above, so this first pace errs high, and the
+                # 429s it brings are the instants that say better.
+                self.rate = max(self.call_cost(0), self._need) / self._first_wait
             else:
                 return
         demand = self._decayed_demand(mono)
         others = [o.demand for o in self._others.values()]
-        quiet_since = max(max(ready, default=-math.inf), self._probed_at)
-        if now - quiet_since >= PROBE_AFTER_S and demand + sum(others) > self.rate * (1 + PROBE):
+        quiet_since = max(self._evidence, self._probed_at)
+        # Paced PROBE above the rate, a full PTU refuses a call about every cost / (PROBE * rate) seconds; twice that
+        # without a 429 (within bounds) is a silence the pace does not explain.
+        explained = 2 * self.call_cost(0) / (PROBE * self.rate)
+        probe_after = min(PROBE_AFTER_S[1], max(PROBE_AFTER_S[0], explained))
+        if now - quiet_since >= probe_after and demand + sum(others) > self.rate * (1 + PROBE):
             # Overflowing and paced, and the PTU has not refused anything for a while: it may take more than we think.
             self.rate *= 1 + self._probe_step
             self._probe_step = min(PROBE_STEP[1], self._probe_step * 2)
-            self._probed_at = now - PROBE_AFTER_S + PROBE_EVERY_S
+            self._probed_at = now - probe_after + PROBE_EVERY_S
         total = self.rate * (1 + PROBE)
         share = share_of(total, demand, others)
         self.share = share
@@ -271,6 +335,14 @@ class PtuModel:
             self.pacer = Pacer(share, cap, 0.0, mono)  # the PTU just said it is full: nothing saved yet
         else:
             self.pacer.resize(share, cap, mono)
+
+    def _forget(self, now: float) -> None:
+        if self.rate is not None:
+            self._run_from = now
+        self.rate = self.share = self.pacer = None
+        self._first_wait = 0.0
+        self._probe_step = PROBE_STEP[0]
+        self._probed_at = -math.inf
 
     # ---- bookkeeping ----------------------------------------------------------------------------------------------
 

@@ -80,9 +80,10 @@ class Pinning:
             raise ResponseNotFound(response_id, previous)
         return Holder(record, backend)
 
-    def claim(self, holder: Holder, deployment: str) -> None:
-        """Refuse (503, retryable) unless the holder may be sent to now; a half-open breaker lets one probe through."""
-        if not self._router.acquire(holder.backend, deployment):
+    def claim(self, holder: Holder, deployment: str, generates: bool = True) -> None:
+        """Refuse (503, retryable) unless the holder may be sent to now; a half-open breaker lets one probe through.
+        `generates`: a continuation (charged to a PTU's model), not a read of what is stored."""
+        if not self._router.acquire(holder.backend, deployment, generates):
             raise self.unavailable(holder, deployment, "its circuit breaker is open")
 
     def unavailable(self, holder: Holder, deployment: str, reason: str) -> ResponseBackendUnavailable:

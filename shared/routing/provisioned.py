@@ -45,6 +45,8 @@ class ProvisionedCapacity:
             "learnt_tokens_per_minute": round(model.rate * 60),
             "instance_share_tokens_per_minute": round((model.share or 0.0) * 60),
             "diverted": model.diverted,
+            # Forgotten (and the PTU sent everything) once this passes a minute with no newer 429.
+            "last_429_age_s": round(max(0.0, self._clock.now() - model.evidence_at), 1),
         }
 
     def start(self) -> None:

@@ -22,7 +22,8 @@ from typing import Any
 from shared.clock import Clock
 from shared.config import Backend
 from shared.outcomes import AttemptFailure, BackendAuthFailed, BackendsBusy, BackendsFailed, FailureKind, NoBackend
-from shared.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Transition, retry_after_s
+from shared.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Transition
+from shared.routing.capacity import utilisation_wait
 from shared.routing.provisioned import ProvisionedCapacity
 from shared.storage.memory import MemoryBreakerStore as MemoryBreakerStore
 from shared.storage.protocols import BreakerStore
@@ -110,7 +111,7 @@ class Router:
                 if backend.ptu:
                     # A PTU sends no remaining-capacity figures: its learnt model (with the reserve) decides.
                     model = self.capacity.model(backend.id, deployment)
-                    paced = model is not None and not model.admits(need_tokens, priority == "high", mono)
+                    paced = model is not None and not model.admits(need_tokens, priority == "high", now, mono)
                     (later if paced else first).append(backend)
                     continue
                 remaining = self._fresh_remaining(backend, deployment, mono)
@@ -130,12 +131,13 @@ class Router:
             return None
         return seen[0]
 
-    def acquire(self, backend: Backend, deployment: str) -> bool:
-        """Claim the right to send to `backend` now (a half-open breaker lets one probe through)."""
+    def acquire(self, backend: Backend, deployment: str, generates: bool = True) -> bool:
+        """Claim the right to send to `backend` now (a half-open breaker lets one probe through). A call that
+        `generates` is charged to a PTU's model; one that reads a stored response (a follow-up) uses no throughput."""
         allowed, transition = self._breakers[(backend.id, deployment)].acquire(self._clock.now())
         if transition is not None:
             self._transitioned(backend, deployment, transition)
-        if allowed and backend.ptu:
+        if allowed and generates and backend.ptu:
             model = self.capacity.model(backend.id, deployment)
             if model is not None:
                 model.sent(0, self._clock.now(), self._clock.monotonic())
@@ -154,15 +156,18 @@ class Router:
         if transition is not None:
             self._transitioned(backend, deployment, transition)
 
-    def record_failure(self, backend: Backend, deployment: str, status: int, headers: Mapping[str, str]) -> None:
+    def record_failure(
+        self, backend: Backend, deployment: str, status: int, headers: Mapping[str, str], generates: bool = True
+    ) -> None:
         now = self._clock.now()
         breaker = self._breakers[(backend.id, deployment)]
         if status == 429:
             self._remaining[(backend.id, deployment)] = (0, self._clock.monotonic())
-        model = self.capacity.model(backend.id, deployment) if backend.ptu else None
+        model = self.capacity.model(backend.id, deployment) if backend.ptu and generates else None
         if model is not None:
-            # Only a 429 that says when is a statement about utilisation; a bare one teaches nothing.
-            wait = retry_after_s(headers, now) if status == 429 and "retry-after-ms" in headers else None
+            # Only a 429 shaped as a provisioned deployment's is a statement about utilisation (utilisation_wait);
+            # any other (a quota's, a bare one, an injected fault) only gives the charge back.
+            wait = utilisation_wait(headers) if status == 429 else None
             model.refused(model.call_cost(0), wait, now, self._clock.monotonic())
         transition = breaker.on_failure(now, str(status), breaker.trip_length(status, headers, now))
         if transition is not None:
@@ -190,10 +195,10 @@ class Router:
         if transition is not None:
             self._transitioned(backend, deployment, transition)
 
-    def record_error(self, backend: Backend, deployment: str, kind: FailureKind) -> None:
+    def record_error(self, backend: Backend, deployment: str, kind: FailureKind, generates: bool = True) -> None:
         """An attempt that got no whole answer (timeout, connection error, broken body): trip for the rule's time."""
         now = self._clock.now()
-        model = self.capacity.model(backend.id, deployment) if backend.ptu else None
+        model = self.capacity.model(backend.id, deployment) if backend.ptu and generates else None
         if model is not None and kind is FailureKind.CONNECTION:  # never reached the PTU; a timeout or broken body may
             model.returned(model.call_cost(0), now, self._clock.monotonic())
         breaker = self._breakers[(backend.id, deployment)]
@@ -313,7 +318,11 @@ class Router:
         return NoBackend(wait_ms)
 
     def health(self) -> dict[str, Any]:
-        self._start_sync()  # a health probe is often an instance's first call: start taking in the shared state
+        # A newcomer polled only by health probes still takes in what the others learnt of the PTUs. The breaker
+        # sync starts with the first request, as it always has: started here, a probe answered "closed" before the
+        # first read, and the trips adopted right after sent the next requests elsewhere (a client that waited for
+        # "recovered" was routed as if it had not).
+        self.capacity.start()
         now = self._clock.now()
         backends = []
         for backend in self._backends:

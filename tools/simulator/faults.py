@@ -6,13 +6,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-KINDS = ("500", "503", "reset", "timeout", "slow", "cut", "malformed", "429", "429-huge", "429-bare", "401", "403",
-         "no-usage", "hold")
+KINDS = ("500", "503", "reset", "timeout", "slow", "cut", "malformed", "429", "429-ptu", "429-huge", "429-bare", "401",
+         "403", "no-usage", "hold")
 # These act on a request the region has admitted; when capacity refuses the request they stay queued.
 # no-usage: a stream that never reports its usage; hold: a stream that stops after `after_chunks` content chunks until
 # the faults are cleared (what a client received by then, it received before the backend produced the rest).
 AFTER_ADMISSION = frozenset({"cut", "slow", "no-usage", "hold"})
-DEFAULT_DELAY_S = {"timeout": 30.0, "slow": 5.0, "429": 2.0}
+DEFAULT_DELAY_S = {"timeout": 30.0, "slow": 5.0, "429": 2.0, "429-ptu": 0.05}
 DEFAULT_AFTER_CHUNKS = 3
 
 
@@ -22,7 +22,7 @@ class Fault:
     count: int = 1  # -1: until cleared
     deployment: str | None = None  # None: any deployment
     after_chunks: int = DEFAULT_AFTER_CHUNKS  # cut: content chunks delivered before the connection drops
-    delay_s: float | None = None  # timeout, slow: seconds before headers; 429: the Retry-After
+    delay_s: float | None = None  # timeout, slow: seconds before headers; 429, 429-ptu: the Retry-After
 
     @property
     def delay(self) -> float:

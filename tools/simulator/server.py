@@ -165,15 +165,7 @@ def throttled(region: Region, request: web.Request, op: Operation, verdict: Verd
     seconds = max(1, math.ceil(verdict.retry_after_s))
     wait_ms = str(max(1, math.ceil(verdict.retry_after_s * 1000)))
     if provisioned:
-        # Microsoft documents only these two for a provisioned deployment's 429: the time until utilisation is back
-        # under 100 %, in milliseconds and in seconds. It sends no x-ratelimit-* figures.
-        return azure_error(
-            region, 429, "429",
-            f"Requests to the {op.azure_name} Operation under Azure OpenAI API version "
-            f"{request.query.get('api-version', 'v1')} have exceeded the provisioned throughput of this deployment. "
-            f"Please retry after {wait_ms} milliseconds.",
-            {"retry-after": str(seconds), "retry-after-ms": wait_ms},
-        )
+        return provisioned_429(region, request, op.azure_name, verdict.retry_after_s)
     what = "token rate limit" if verdict.limited_by == "tokens" else "call rate limit"
     headers = {
         "retry-after": str(seconds),
@@ -191,6 +183,19 @@ def throttled(region: Region, request: web.Request, op: Operation, verdict: Verd
         f"Please retry after {seconds} seconds. Please go here: https://aka.ms/oai/quotaincrease if you would like to "
         "further increase the default rate limit.",
         headers,
+    )
+
+
+def provisioned_429(region: Region, request: web.Request, operation: str, retry_after_s: float) -> web.Response:
+    """A provisioned deployment's 429. Microsoft documents only these two headers for it: the time until utilisation
+    is back under 100 %, in milliseconds and in seconds. It sends no x-ratelimit-* figures."""
+    wait_ms = str(max(1, math.ceil(retry_after_s * 1000)))
+    return azure_error(
+        region, 429, "429",
+        f"Requests to the {operation} Operation under Azure OpenAI API version "
+        f"{request.query.get('api-version', 'v1')} have exceeded the provisioned throughput of this deployment. "
+        f"Please retry after {wait_ms} milliseconds.",
+        {"retry-after": str(max(1, math.ceil(retry_after_s))), "retry-after-ms": wait_ms},
     )
 
 
@@ -231,6 +236,8 @@ async def inject(region: Region, request: web.Request, fault: Fault, streaming: 
             "x-ratelimit-remaining-requests": "0",
             "x-ratelimit-reset-tokens": f"{max(1, math.ceil(fault.delay))}s",
         })
+    if kind == "429-ptu":  # shaped as a provisioned deployment's, though its utilisation is not what sent it
+        return provisioned_429(region, request, "ChatCompletions_Create", fault.delay)
     if kind == "429-huge":
         return azure_error(region, 429, "429", "Rate limit is exceeded. Try again in 86400 seconds.",
                            {"retry-after": "86400", "retry-after-ms": "86400000"})
