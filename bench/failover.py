@@ -123,17 +123,22 @@ def pacing_overhead(bench: Any, seconds: float = 5.0, rounds: int = 5) -> dict[s
     url = f"{paced.url}/v1/chat/completions"
     for _ in range(3):  # what a call costs
         httpx.post(url, content=body, headers={"api-key": key}, timeout=10)
-    # Two 429s asking for 1 ms: the paced gateway learns a (large) rate, so its pacer runs on every request from then on.
-    httpx.post(f"{sim}/_sim/faults", json={"kind": "429", "count": 2, "delay_s": 0.001})
-    for _ in range(4):
-        httpx.post(url, content=body, headers={"api-key": key}, timeout=10)
-        time.sleep(0.05)
-    health = httpx.get(f"{paced.url}/health").json()
-    assert "capacity" in health["backends"][0]["deployments"]["gpt-4o"], "the paced gateway learnt nothing"
+
+    def teach() -> None:
+        # Two 429s shaped as a PTU's, asking for 1 ms: the paced gateway learns a (large) rate, so its pacer runs on
+        # every request; taught again before each paced run, as a rate no 429 confirms is forgotten after a minute.
+        httpx.post(f"{sim}/_sim/faults", json={"kind": "429-ptu", "count": 2, "delay_s": 0.001})
+        for _ in range(4):
+            httpx.post(url, content=body, headers={"api-key": key}, timeout=10)
+            time.sleep(0.05)
+        health = httpx.get(f"{paced.url}/health").json()
+        assert "capacity" in health["backends"][0]["deployments"]["gpt-4o"], "the paced gateway learnt nothing"
+
     added, noise = [], []
     runs: dict[str, list[float]] = {"plain": [], "paced": []}
     for _ in range(rounds):
         p50 = {}
+        teach()
         for name, gateway in (("plain", plain), ("paced", paced), ("plain again", plain)):
             result = load(f"{gateway.url}/v1/chat/completions", body, 1, seconds, headers={"api-key": key}, engine="python")
             p50[name] = result["latency_ms"]["p50"]
