@@ -131,7 +131,7 @@ def pacing_overhead(bench: Any, seconds: float = 5.0, rounds: int = 5) -> dict[s
         for _ in range(4):
             httpx.post(url, content=body, headers={"api-key": key}, timeout=10)
             time.sleep(0.05)
-        health = httpx.get(f"{paced.url}/health").json()
+        health = httpx.get(f"{paced.url}/health/details", headers=stack.ADMIN_HEADERS).json()
         assert "capacity" in health["backends"][0]["deployments"]["gpt-4o"], "the paced gateway learnt nothing"
 
     added, noise = [], []

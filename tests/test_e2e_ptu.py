@@ -77,7 +77,7 @@ def burst(url: str, key: str, count: int, threads: int = 4) -> list[tuple[int, s
 
 
 def learnt(url: str, backend_id: str) -> dict[str, Any] | None:
-    health = httpx.get(url + "/health", timeout=10).json()
+    health = httpx.get(url + "/health/details", headers=stack.ADMIN_HEADERS, timeout=10).json()
     entry = next(b for b in health["backends"] if b["id"] == backend_id)["deployments"][MINI]
     capacity: dict[str, Any] | None = entry.get("capacity")
     return capacity
