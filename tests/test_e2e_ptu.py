@@ -84,11 +84,13 @@ def learnt(url: str, backend_id: str) -> dict[str, Any] | None:
 
 
 def saturate(url: str, key: str, backend_id: str) -> list[tuple[int, str, int]]:
-    """Overflow the PTU until the gateway says it has learnt its capacity (at most a bounded number of calls)."""
+    """Overflow the PTU until the gateway says it has learnt its capacity (at most a bounded number of calls). At
+    least three bursts: the first 429 gives only a first rate (which errs high), and instants a fraction of a second
+    apart hold too few calls to say better."""
     results: list[tuple[int, str, int]] = []
-    for _ in range(8):  # the model is learnt from the first few 429s
+    for count in range(8):
         results += burst(url, key, 24)
-        if learnt(url, backend_id) is not None:
+        if count >= 2 and learnt(url, backend_id) is not None:
             break
     return results
 

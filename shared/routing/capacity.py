@@ -36,7 +36,10 @@ from dataclasses import dataclass, field
 HORIZON_S = 60.0  # how far back charges and instants are kept (and shared)
 RECENT_S = 30.0  # the span the rate is learnt over reaches back this far
 MAX_GAP_S = 45.0  # two lone instants further apart may have an idle deployment between them: they say nothing
-MIN_SPAN_S = 0.2  # instants closer than this say too little
+# Instants closer than this say too little: each is late by its answer's trip and the gateway's own delays (tens of
+# milliseconds under load), and one call more or less at an end of a fraction of a second is a large error (rates
+# learnt from 0.3 s spans in tests/test_e2e_ptu.py were 2 to 3 times the PTU's).
+MIN_SPAN_S = 1.0
 INSTANT_MARGIN_S = 0.05  # a named instant is late by the answer's trip and the rounding: charges sent this close count
 FRESH_S = 60.0  # a rate no 429 has confirmed for this long is forgotten: the PTU is sent everything again
 MAX_WAIT_S = 60.0  # a 429 asking for longer is a quota or a policy, not a leaky bucket draining one call's overshoot
