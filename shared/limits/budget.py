@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from shared.background import keep_running
 from shared.clock import Clock
 from shared.edge.consumers import Consumer
 from shared.limits.contract import Limiter, Ticket
@@ -132,11 +133,8 @@ class BudgetBook:
             account = self._accounts[key] = _Account()
         account.own += nanos
         self._dirty.add(key)
-        if self._background and (self._task is None or self._task.done()):
-            try:
-                self._task = asyncio.get_running_loop().create_task(self._flush_forever())
-            except RuntimeError:
-                pass
+        if self._background:
+            self._task = keep_running(self._task, self._flush_forever)
 
     def spent(self, consumer_id: str, period: str = "monthly") -> float:
         account = self._accounts.get(self._key(consumer_id, period))

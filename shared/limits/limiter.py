@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from shared.background import keep_running
 from shared.clock import Clock
 from shared.edge.consumers import Consumer
 from shared.limits import refusals
@@ -458,11 +459,8 @@ class TokenLimiter:
     # ---- background upkeep ---------------------------------------------------------------------------------------
 
     def _start_ticker(self) -> None:
-        if self._background and (self._ticker is None or self._ticker.done()):
-            try:
-                self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
-            except RuntimeError:
-                self._ticker = None
+        if self._background:
+            self._ticker = keep_running(self._ticker, self._tick_forever)
 
     async def _tick_forever(self) -> None:
         while True:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 from typing import Any
 
+from shared.background import keep_running
 from shared.clock import Clock
 from shared.config import Backend
 from shared.routing.capacity import CapacityReport, PtuModel
@@ -51,12 +52,8 @@ class ProvisionedCapacity:
 
     def start(self) -> None:
         """Start sharing (from the first request, inside the running loop)."""
-        if self._store is None or not self._models or (self._task is not None and not self._task.done()):
-            return
-        try:
-            self._task = asyncio.get_running_loop().create_task(self._forever())
-        except RuntimeError:
-            pass
+        if self._store is not None and self._models:
+            self._task = keep_running(self._task, self._forever)
 
     async def _forever(self) -> None:
         while True:

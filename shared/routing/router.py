@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from shared.background import keep_running
 from shared.clock import Clock
 from shared.config import Backend
 from shared.outcomes import AttemptFailure, BackendAuthFailed, BackendsBusy, BackendsFailed, FailureKind, NoBackend
@@ -240,12 +241,8 @@ class Router:
 
     def _start_sync(self) -> None:
         self.capacity.start()
-        if self._store is None or (self._sync_task is not None and not self._sync_task.done()):
-            return
-        try:
-            self._sync_task = asyncio.get_running_loop().create_task(self._sync_forever())
-        except RuntimeError:
-            pass
+        if self._store is not None:
+            self._sync_task = keep_running(self._sync_task, self._sync_forever)
 
     async def _sync_forever(self) -> None:
         while True:

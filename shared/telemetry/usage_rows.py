@@ -19,6 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 
+from shared.background import keep_running
 from shared.clock import Clock
 from shared.flow.usage import TokenUsage
 from shared.storage.memory import MemoryUsageStore as MemoryUsageStore
@@ -88,11 +89,8 @@ class UsageRecorder:
         row = self._rows.get(key) or UsageRow(consumer_id, hour, deployment, self.instance)
         self._rows[key] = row.plus(usage, requests)
         self._dirty.add(key)
-        if self._background and (self._task is None or self._task.done()):
-            try:
-                self._task = asyncio.get_running_loop().create_task(self._flush_forever())
-            except RuntimeError:
-                pass
+        if self._background:
+            self._task = keep_running(self._task, self._flush_forever)
 
     def totals(self) -> dict[str, int]:
         return {"requests": sum(r.requests for r in self._rows.values()), "total": sum(r.total for r in self._rows.values())}
