@@ -92,3 +92,30 @@ def test_the_function_app_never_imports_the_admin_commands() -> None:
             todo.extend(edges.get(module, ()))
     assert "shared.app" in reached and "shared.flow.gateway" in reached
     assert not {m for m in reached if m.startswith("shared.admin")}
+
+
+def test_a_gateway_that_accepts_keys_only_never_loads_the_jwt_library() -> None:
+    """PyJWT with cryptography is ~9 MB of a worker's memory: loaded only where Entra ID callers are configured."""
+    import os
+    import subprocess
+    import sys
+
+    from tools import stack
+
+    script = (
+        "import sys, asyncio, function_app\n"
+        "asyncio.run(function_app.edge.gateway())  # everything the first request builds, without sending anything\n"
+        "print('jwt' in sys.modules, 'cryptography' in sys.modules)\n"
+    )
+    env = {
+        **os.environ,
+        "GATEWAY_BACKENDS": stack.backends_setting([stack.Region("sim", "uksouth", stack.free_port())]),
+        "SIM_API_KEY": "not-used",
+        "GATEWAY_TABLE_CONNECTION_STRING": stack.table_connection_string(stack.free_port()),
+    }
+    for name in ("GATEWAY_ENTRA_TENANTS", "GATEWAY_ENTRA_AUDIENCES"):
+        env.pop(name, None)
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent.parent, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "False"]

@@ -17,8 +17,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import jwt
-
 from shared.clock import Clock
 from shared.config import EntraSettings
 
@@ -139,6 +137,8 @@ class SigningKeys:
             if not isinstance(jwks_uri, str) or not isinstance(issuer, str):
                 raise ValueError("OpenID metadata without jwks_uri or issuer")
             jwks = await self._fetcher.get_json(jwks_uri)
+            import jwt  # loaded only where Entra ID callers are configured (PyJWT with cryptography: ~9 MB)
+
             keys = {}
             for jwk in jwks.get("keys", []):
                 if not isinstance(jwk, dict) or jwk.get("kty") != "RSA" or jwk.get("use", "sig") != "sig":
@@ -196,6 +196,8 @@ class TokenValidator:
         await self._keys.close()
 
     async def _verify(self, token: str) -> Principal:
+        import jwt  # see SigningKeys: not loaded by a gateway that accepts keys only
+
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
