@@ -11,6 +11,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 
+async def repeat(work: Callable[[], Coroutine[Any, Any, None]], every_s: float) -> None:
+    """`work()`, then again every `every_s`, for as long as the task runs."""
+    while True:
+        await work()
+        await asyncio.sleep(every_s)
+
+
 def keep_running(
     task: asyncio.Task[None] | None, work: Callable[[], Coroutine[Any, Any, None]]
 ) -> asyncio.Task[None] | None:

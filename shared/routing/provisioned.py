@@ -11,7 +11,7 @@ import asyncio
 import logging
 from typing import Any
 
-from shared.background import keep_running
+from shared.background import keep_running, repeat
 from shared.clock import Clock
 from shared.config import Backend
 from shared.routing.capacity import CapacityReport, PtuModel
@@ -53,12 +53,7 @@ class ProvisionedCapacity:
     def start(self) -> None:
         """Start sharing (from the first request, inside the running loop)."""
         if self._store is not None and self._models:
-            self._task = keep_running(self._task, self._forever)
-
-    async def _forever(self) -> None:
-        while True:
-            await self.sync()
-            await asyncio.sleep(self._sync_s)
+            self._task = keep_running(self._task, lambda: repeat(self.sync, self._sync_s))
 
     async def sync(self) -> None:
         """Publish this instance's reports, then take in everyone's."""

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shared.background import keep_running
+from shared.background import keep_running, repeat
 from shared.clock import Clock
 from shared.config import Backend
 from shared.outcomes import AttemptFailure, BackendAuthFailed, BackendsBusy, BackendsFailed, FailureKind, NoBackend
@@ -242,12 +242,7 @@ class Router:
     def _start_sync(self) -> None:
         self.capacity.start()
         if self._store is not None:
-            self._sync_task = keep_running(self._sync_task, self._sync_forever)
-
-    async def _sync_forever(self) -> None:
-        while True:
-            await self.sync()
-            await asyncio.sleep(self._sync_s)
+            self._sync_task = keep_running(self._sync_task, lambda: repeat(self.sync, self._sync_s))
 
     async def sync(self) -> None:
         """Adopt the trips (and recoveries) other instances recorded."""
