@@ -1,0 +1,1 @@
+"""The exact-match response cache: its key, its rules, its entries and its layers (docs/cache.md)."""
