@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from shared.catalog import FAMILIES, Catalog, DeploymentSpec
 from shared.telemetry.prices import PriceError, PriceTable, parse_prices
 
 AuthKind = Literal["key", "identity", "none"]
@@ -154,6 +155,7 @@ class Settings:
     forwarded_hops: int = 0
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     admit_on_bound: bool = True  # a large prompt with room to spare is admitted on its upper bound, uncounted
+    catalog: Catalog = field(default_factory=Catalog)  # fallbacks, windows, families, aliases (GATEWAY_DEPLOYMENTS, _ALIASES)
 
     def deployments(self) -> frozenset[str]:
         return frozenset(d for b in self.backends for d in b.deployments)
@@ -407,6 +409,90 @@ def parse_backends(text: str | None, env: Mapping[str, str]) -> tuple[Backend, .
     return backends
 
 
+_SPEC_FIELDS = frozenset({"fallback", "context_window", "max_output_tokens", "family"})
+
+
+def _names(raw: Any, where: str, served: frozenset[str]) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where}: expected a non-empty list of deployment names")
+    for name in raw:
+        if not isinstance(name, str) or name not in served:
+            raise ConfigError(f"{where}: {name!r} is not a deployment any backend serves")
+    if len(set(raw)) != len(raw):
+        raise ConfigError(f"{where}: a deployment is named twice")
+    return tuple(raw)
+
+
+def _json_object(env: Mapping[str, str], name: str) -> dict[str, Any]:
+    text = _get(env, name)
+    if text is None:
+        return {}
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{name}: invalid JSON ({exc.msg} at position {exc.pos})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a JSON object")
+    return raw
+
+
+def parse_catalog(env: Mapping[str, str], backends: tuple[Backend, ...]) -> Catalog:
+    """GATEWAY_DEPLOYMENTS and GATEWAY_ALIASES, checked against what the backends serve: every name served, no cycle
+    of fallbacks, no alias shadowing a deployment."""
+    served = frozenset(d for b in backends for d in b.deployments)
+    specs: dict[str, DeploymentSpec] = {}
+    for deployment, raw in _json_object(env, "GATEWAY_DEPLOYMENTS").items():
+        where = f"GATEWAY_DEPLOYMENTS.{deployment}"
+        if deployment not in served:
+            raise ConfigError(f"{where}: not a deployment any backend serves")
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected an object")
+        f = _Fields(raw, where)
+        unknown = set(raw) - _SPEC_FIELDS
+        if unknown:
+            raise f.fail(sorted(unknown)[0], "unknown field")
+        fallback = _names(raw["fallback"], f"{where}.fallback", served) if "fallback" in raw else ()
+        if deployment in fallback:
+            raise f.fail("fallback", "a deployment cannot fall back to itself")
+        family = f.text("family", "chat")
+        if family not in FAMILIES:
+            raise f.fail("family", f"expected one of {', '.join(FAMILIES)}, got {family!r}")
+        specs[deployment] = DeploymentSpec(
+            fallback=fallback,
+            context_window=f.integer("context_window", 0, 1, 10**8) if "context_window" in raw else None,
+            max_output_tokens=f.integer("max_output_tokens", 0, 1, 10**8) if "max_output_tokens" in raw else None,
+            family=family,
+        )
+    _refuse_cycles(specs)
+    aliases: dict[str, tuple[str, ...]] = {}
+    for alias, raw in _json_object(env, "GATEWAY_ALIASES").items():
+        where = f"GATEWAY_ALIASES.{alias}"
+        if not DEPLOYMENT_NAME.fullmatch(alias):
+            raise ConfigError(f"{where}: bad alias name")
+        if alias in served:
+            raise ConfigError(f"{where}: a deployment has this name; an alias must not hide it")
+        aliases[alias] = _names(raw, where, served)
+    return Catalog(specs, aliases)
+
+
+def _refuse_cycles(specs: Mapping[str, DeploymentSpec]) -> None:
+    done: set[str] = set()
+
+    def visit(deployment: str, path: list[str]) -> None:
+        if deployment in path:
+            cycle = " -> ".join([*path[path.index(deployment):], deployment])
+            raise ConfigError(f"GATEWAY_DEPLOYMENTS: the fallbacks form a cycle ({cycle})")
+        if deployment in done:
+            return
+        spec = specs.get(deployment)
+        for nxt in spec.fallback if spec is not None else ():
+            visit(nxt, [*path, deployment])
+        done.add(deployment)
+
+    for deployment in sorted(specs):
+        visit(deployment, [])
+
+
 def _dimensions(env: Mapping[str, str]) -> tuple[str, ...]:
     raw = _get(env, "GATEWAY_METRIC_DIMENSIONS")
     if raw is None:
@@ -533,10 +619,10 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
     hash_key = _get(env, "GATEWAY_USER_ID_HASH_KEY")
     if user_mode == "hashed" and (hash_key is None or len(hash_key) < 16):
         raise ConfigError("GATEWAY_USER_ID_HASH_KEY: GATEWAY_USER_ID=hashed needs a secret of at least 16 characters")
+    backends = parse_backends(_get(env, "GATEWAY_BACKENDS"), env) if require_backends or _get(env, "GATEWAY_BACKENDS") else ()
     return Settings(
-        backends=parse_backends(_get(env, "GATEWAY_BACKENDS"), env)
-        if require_backends or _get(env, "GATEWAY_BACKENDS")
-        else (),
+        backends=backends,
+        catalog=parse_catalog(env, backends),
         table_connection_string=connection,
         table_endpoint=endpoint if connection is None else None,
         table_prefix=prefix,

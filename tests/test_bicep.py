@@ -66,6 +66,9 @@ LEFT_AT_DEFAULT = {
     "GATEWAY_ABANDONED_STREAM_DRAIN_S",
     "GATEWAY_TIMEOUT_REPLAYS",
     "GATEWAY_ADMIT_ON_BOUND",
+    # Fallback chains, context windows and aliases: none by default (README.md, Fallback across models).
+    "GATEWAY_DEPLOYMENTS",
+    "GATEWAY_ALIASES",
     "GATEWAY_METRIC_NAMESPACE",
     "GATEWAY_METRIC_DIMENSIONS",
     "GATEWAY_TRACE_SAMPLING",
