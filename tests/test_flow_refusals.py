@@ -79,6 +79,9 @@ async def test_a_deployment_the_key_may_not_use_looks_like_one_that_does_not_exi
         await harness.openai(key).chat.completions.create(model="gpt-4p", messages=MESSAGES)
     assert hidden.value.code == missing.value.code == "DeploymentNotFound"
     assert str(hidden.value.message).replace("gpt-4o", "X") == str(missing.value.message).replace("gpt-4p", "X")
+    # Worded so it is true in both cases, and points at the list this key may use.
+    assert "does not exist or this key may not use it" in str(hidden.value.message)
+    assert "/v1/models" in str(hidden.value.message)
     record = harness.telemetry.requests[-2]
     assert (record.status, record.consumer_id, record.deployment) == (404, "limited", "gpt-4o")
     assert harness.telemetry.requests[-1].deployment == ""  # a made-up name is no metric dimension

@@ -127,7 +127,12 @@ def render(refusal: Refusal) -> GatewayError:
                 code="auth_store_unavailable", headers={"retry-after": str(seconds)},
             )
         case DeploymentNotFound(name=name):
-            return not_found(f"The deployment '{name}' does not exist.", code="DeploymentNotFound")
+            # True whichever it is (unknown, or hidden from this key), and says where to look: never which.
+            return not_found(
+                f"The deployment '{name}' does not exist or this key may not use it; "
+                "GET /v1/models lists the deployments this key may use.",
+                code="DeploymentNotFound",
+            )
         case DeploymentNotAllowed(name=name):
             return forbidden(f"This key may not use the deployment '{name}'.", code="deployment_not_allowed")
         case RateLimited(limit=limit, wait_ms=wait_ms, remaining=remaining):
