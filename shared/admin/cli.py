@@ -1,8 +1,8 @@
 """The admin command: consumers, their keys and limits, usage reports, and App Insights queries.
 
-    python -m shared.admin consumers create NAME [--tpm N] [--deployment-tpm DEPLOYMENT=N ...]
+    python -m shared.admin [--json] consumers create NAME [--tpm N] [--deployment-tpm DEPLOYMENT=N ...]
                                                  [--quota N --quota-period daily] [--deployments a,b | --all-deployments]
-                                                 [--priority high|normal|low] [--id ID]
+                                                 [--priority high|normal] [--id ID] [--force]
                                                  [--entra-app-id ID ...] [--entra-object-id ID ...]
                                                  [--entra-role ROLE ...] [--entra-group ID ...] [--no-key]
     python -m shared.admin consumers create-many FILE [--keys-out KEYS]   (JSON Lines, one consumer a line; see below)
@@ -21,6 +21,11 @@ never overwritten) or to standard output.
 It talks to the same Table Storage as the gateway (settings from the environment, then local.settings.json). A new or
 rotated key is printed once and never stored; every write replaces the consumers' change marker, which gateways read
 every GATEWAY_CONSUMER_CHECK_S (1 s), so they pick up changes within about a second.
+
+Standard output carries only the result; notes go to standard error. With --json (before the command) the result is
+one JSON document (create-many: JSON Lines, one key a line), and a failure is {"error": {"message", "code"}} there
+too. A failure is one line and a non-zero exit: 1 refused, 2 bad input or settings, 3 Table Storage unreachable
+(Azurite not running), 4 not signed in or no role on the storage account (shared/admin/failures.py).
 """
 
 from __future__ import annotations
@@ -37,12 +42,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from shared.admin.failures import explain
 from shared.clock import SystemClock
-from shared.config import DEPLOYMENT_NAME, ConfigError, Settings, load_settings, local_environment
+from shared.config import DEPLOYMENT_NAME, Settings, load_settings, local_environment
 from shared.edge.consumers import (
     CAPABILITIES,
     PRIORITIES,
     QUOTA_PERIODS,
+    RETIRED_PRIORITIES,
     Consumer,
     Limits,
     hash_key,
@@ -218,6 +225,8 @@ def consumer_from_spec(spec: Any) -> tuple[Consumer, str]:
     ):
         raise ValueError('deployments is required: a non-empty list of deployment names, or "*" for all')
     priority = spec.get("priority", "normal")
+    if priority in RETIRED_PRIORITIES:
+        raise ValueError(f"priority {priority!r} is retired (it routed exactly as normal): use normal")
     if priority not in PRIORITIES:
         raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}")
     key = new_key()
@@ -269,13 +278,50 @@ def _read_lines(path: str) -> list[str]:
         return handle.read().splitlines()
 
 
+PRIORITY_HELP = (
+    "high: may use the headroom a PTU backend keeps back (its reserve_tokens) and is paced last on it, so it keeps "
+    "its share when the PTU is full; normal (the default): everyone else, sent onward to pay-as-you-go backends "
+    "first when the PTU nears its reserve"
+)
+
+
 class Admin:
-    def __init__(self, store: TableConsumerStore, out: Any = None) -> None:
+    def __init__(self, store: TableConsumerStore, out: Any = None, *, err: Any = None, json_mode: bool = False,
+                 served: frozenset[str] | None = None, force: bool = False) -> None:
         self.store = store
         self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.json_mode = json_mode
+        self.served = served  # the deployments the configured backends serve (None: no backends configured here)
+        self.force = force
 
     def print(self, text: str) -> None:
         print(text, file=self.out)
+
+    def note(self, text: str) -> None:
+        """A word for the person at the terminal: standard error, so standard output stays the result alone."""
+        print(text, file=self.err)
+
+    def result(self, data: Any, text: str | None = None) -> None:
+        """The command's result: `text` for people, JSON with --json (or when there is no text form)."""
+        self.print(json.dumps(data, indent=2) if self.json_mode or text is None else text)
+
+    def check_served(self, deployments: frozenset[str] | None, force: bool = False) -> None:
+        """A consumer allowed only names no backend serves gets 404 on every call: say so before saving it."""
+        if deployments is None:
+            return
+        if self.served is None:
+            self.note("note: GATEWAY_BACKENDS is not set here, so the deployment names were not checked")
+            return
+        unknown = sorted(deployments - self.served)
+        if not unknown:
+            return
+        served = ", ".join(sorted(self.served)) or "none"
+        message = (f"no configured backend serves {', '.join(unknown)} (GATEWAY_BACKENDS serves: {served}); "
+                   "calls to it would get 404 DeploymentNotFound")
+        if not (force or self.force):
+            raise SystemExit(f"{message}. Use a served name, or --force to save it anyway")
+        self.note(f"warning: {message}")
 
     async def create(self, args: argparse.Namespace) -> int:
         consumer_id = validate_consumer_id(args.id or _slug(args.name))
@@ -297,19 +343,21 @@ class Admin:
             entra=entra,
             capabilities=_capabilities(args, frozenset()),
         )
+        self.check_served(consumer.deployments, getattr(args, "force", False))
         await self._check_mappings_free(consumer)
         try:
             await self.store.create(consumer)
         except Conflict:
-            self.print(f"a consumer with id {consumer_id!r} exists already")
-            return 1
-        self.print(json.dumps({**describe(consumer), **({"key": key} if key else {})}, indent=2))
+            raise SystemExit(f"a consumer with id {consumer_id!r} exists already") from None
+        self.result({**describe(consumer), **({"key": key} if key else {})})
         if key:
-            self.print("Store this key now: it is shown once and cannot be recovered.")
+            self.note("Store this key now: it is shown once and cannot be recovered.")
         return 0
 
     async def create_many(self, args: argparse.Namespace) -> int:
         made = read_specs(await asyncio.to_thread(_read_lines, args.file))
+        for consumer, _ in made:
+            self.check_served(consumer.deployments, getattr(args, "force", False))
         taken = {c.id for c in await self.store.list_consumers()} & {c.id for c, _ in made}
         if taken:
             raise SystemExit(f"nothing created: these ids exist already: {', '.join(sorted(taken)[:20])}")
@@ -328,8 +376,8 @@ class Admin:
         with out if args.keys_out else contextlib.nullcontext(out):
             for consumer, key in made:
                 print(json.dumps({"id": consumer.id, "key_prefix": consumer.key_prefix, "key": key}), file=out)
-        print(f"created {len(made)} consumers in {time.monotonic() - started:.2f} s"
-              + (f"; keys in {args.keys_out} (shown once)" if args.keys_out else ""), file=sys.stderr)
+        self.note(f"created {len(made)} consumers in {time.monotonic() - started:.2f} s"
+                  + (f"; keys in {args.keys_out} (shown once)" if args.keys_out else ""))
         return 0
 
     async def _check_mappings_free(self, consumer: Consumer) -> None:
@@ -349,7 +397,7 @@ class Admin:
 
     async def list(self, args: argparse.Namespace) -> int:
         consumers = sorted(await self.store.list_consumers(), key=lambda c: c.id)
-        if args.json:
+        if self.json_mode or args.json:
             self.print(json.dumps([describe(c) for c in consumers], indent=2))
         else:
             rows = [describe(c) for c in consumers]
@@ -367,20 +415,22 @@ class Admin:
         consumer = await self._existing(args.id)
         key = new_key()
         await self.store.put(rotated(consumer, key, args.grace_seconds, SystemClock().now()))
-        self.print(json.dumps({"id": consumer.id, "key_prefix": key_prefix(key), "key": key}, indent=2))
+        self.result({"id": consumer.id, "key_prefix": key_prefix(key), "key": key})
         if args.grace_seconds:
-            self.print(f"The previous key keeps working for {args.grace_seconds:g} seconds.")
-        self.print("Store this key now: it is shown once and cannot be recovered.")
+            self.note(f"The previous key keeps working for {args.grace_seconds:g} seconds.")
+        self.note("Store this key now: it is shown once and cannot be recovered.")
         return 0
 
     async def set_enabled(self, consumer_id: str, enabled: bool) -> int:
         consumer = await self._existing(consumer_id)
         await self.store.put(replace(consumer, enabled=enabled, version=consumer.version + 1))
-        self.print(f"{consumer_id}: {'enabled' if enabled else 'disabled'}")
+        self.result({"id": consumer_id, "enabled": enabled}, f"{consumer_id}: {'enabled' if enabled else 'disabled'}")
         return 0
 
     async def update(self, args: argparse.Namespace) -> int:
         consumer = await self._existing(args.id)
+        if args.deployments is not None:
+            self.check_served(_deployments(args, consumer.deployments), getattr(args, "force", False))
         changed = replace(
             consumer,
             name=args.name or consumer.name,
@@ -393,7 +443,7 @@ class Admin:
         )
         await self._check_mappings_free(changed)
         await self.store.put(changed)
-        self.print(json.dumps(describe(changed), indent=2))
+        self.result(describe(changed))
         return 0
 
     async def reindex(self, args: argparse.Namespace) -> int:
@@ -401,13 +451,13 @@ class Admin:
         consumers = await self.store.list_consumers()
         for consumer in consumers:
             await self.store.put(consumer)
-        self.print(f"{len(consumers)} consumers indexed")
+        self.result({"indexed": len(consumers)}, f"{len(consumers)} consumers indexed")
         return 0
 
     async def delete(self, args: argparse.Namespace) -> int:
         if not await self.store.delete(args.id):
             raise SystemExit(f"no consumer with id {args.id!r}")
-        self.print(f"{args.id}: deleted")
+        self.result({"id": args.id, "deleted": True}, f"{args.id}: deleted")
         return 0
 
 
@@ -420,9 +470,11 @@ def _limit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-period", choices=QUOTA_PERIODS, help="default monthly")
     parser.add_argument("--output-cap", choices=("on", "off", "default"),
                         help="set the output cap on requests that ask none or more than the key's minute (default: the gateway's setting)")
-    parser.add_argument("--deployments", help="comma-separated deployments this consumer may use")
+    parser.add_argument("--deployments", help="comma-separated deployments this consumer may use (names the "
+                        "configured backends serve: others are refused unless --force)")
     parser.add_argument("--all-deployments", action="store_true", help="allow every deployment")
-    parser.add_argument("--priority", choices=PRIORITIES)
+    parser.add_argument("--force", action="store_true", help="save --deployments names no configured backend serves")
+    parser.add_argument("--priority", choices=PRIORITIES, help=PRIORITY_HELP)
     entra = "maps Entra ID callers to this consumer (repeatable): "
     parser.add_argument("--entra-app-id", action="append", metavar="ID", help=entra + "the application (client) id")
     parser.add_argument("--entra-object-id", action="append", metavar="ID", help=entra + "the object id (oid)")
@@ -432,8 +484,12 @@ def _limit_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="python -m shared.admin", description="Manage the gateway's consumers.")
+    root = argparse.ArgumentParser(prog="python -m shared.admin", description="Manage the gateway's consumers.",
+                                   epilog="exit codes: 0 done, 1 refused, 2 bad input or settings, 3 Table Storage "
+                                   "unreachable (Azurite not running?), 4 not signed in or no role")
     root.add_argument("--settings", default="local.settings.json", help="local settings file read after the environment")
+    root.add_argument("--json", dest="json_output", action="store_true",
+                      help="print only JSON on standard output (results and failures), for scripts")
     commands = root.add_subparsers(dest="command", required=True)
 
     consumers = commands.add_parser("consumers", help="create, list, rotate, disable consumers").add_subparsers(dest="action", required=True)
@@ -445,6 +501,7 @@ def parser() -> argparse.ArgumentParser:
     many = consumers.add_parser("create-many", help="create the consumers of a JSON Lines file at once")
     many.add_argument("file", help='one JSON object a line (see the module help); "-" for standard input')
     many.add_argument("--keys-out", help="write the new keys here (a new file, mode 0600) instead of standard output")
+    many.add_argument("--force", action="store_true", help="create consumers allowed deployments no backend serves")
     listing = consumers.add_parser("list")
     listing.add_argument("--json", action="store_true")
     for action in ("show", "disable", "enable", "delete"):
@@ -475,8 +532,10 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         if args.command == "usage":
             from shared.admin.usage_report import report
 
+            args.json = args.json or args.json_output
             return await report(tables, args, sys.stdout)
-        admin = Admin(TableConsumerStore(tables))
+        served = settings.deployments() if settings.backends else None
+        admin = Admin(TableConsumerStore(tables), json_mode=args.json_output, served=served)
         action = args.action
         if action == "create":
             return await admin.create(args)
@@ -508,16 +567,19 @@ def main(argv: list[str] | None = None) -> int:
 
         return query_main(argv[1:])
     args = parser().parse_args(argv)
+    json_mode = bool(args.json_output or getattr(args, "json", False))
+    settings: Settings | None = None
     try:
         settings = load_settings(local_environment(args.settings), require_backends=False)
-    except ConfigError as error:
-        print(f"configuration error: {error}", file=sys.stderr)
-        return 2
-    try:
         return asyncio.run(run(args, settings))
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (Exception, SystemExit) as error:
+        failure = explain(error, settings)
+        if failure is None:
+            raise
+        print(failure.message, file=sys.stderr)
+        if json_mode:
+            print(json.dumps({"error": {"message": failure.message, "code": failure.code}}))
+        return failure.exit_code
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ KEY_PREFIX = "gw-"
 RELOAD_RETRY_S = 2.0
 PRINCIPAL_RELOAD_S = 1.0  # at most one reload a second for verified tokens that map to no cached consumer
 QUOTA_PERIODS = ("hourly", "daily", "weekly", "monthly", "yearly")
-PRIORITIES = ("high", "normal", "low")
+# `low` was offered once and routed exactly as `normal`: it is gone from the command, and a stored `low` reads as normal.
+PRIORITIES = ("high", "normal")
+RETIRED_PRIORITIES = {"low": "normal"}
 # Request features a consumer gets only when its record names them. "data_sources" (Azure "On Your Data") makes the
 # backend call data stores the caller names, with the backend's identity.
 CAPABILITIES = frozenset({"data_sources"})

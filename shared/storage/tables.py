@@ -24,7 +24,7 @@ from azure.data.tables import EntityProperty, TableTransactionError, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
 
 from shared.config import DEPLOYMENT_NAME, Settings
-from shared.edge.consumers import CAPABILITIES, PRIORITIES, QUOTA_PERIODS, Consumer, Limits
+from shared.edge.consumers import CAPABILITIES, PRIORITIES, QUOTA_PERIODS, RETIRED_PRIORITIES, Consumer, Limits
 from shared.storage.protocols import Conflict, StoreUnavailable
 from shared.telemetry.usage_rows import UsageRow
 
@@ -237,6 +237,7 @@ def consumer_from_entity(entity: dict[str, Any]) -> Consumer:
     if budget_period is not None and budget_period not in QUOTA_PERIODS:
         raise BadConsumerRecord(f"budget_period: expected one of {', '.join(QUOTA_PERIODS)}, got {budget_period!r}")
     priority = entity.get("priority")
+    priority = RETIRED_PRIORITIES.get(priority, priority) if isinstance(priority, str) else priority
     if priority not in PRIORITIES:
         raise BadConsumerRecord(f"priority: expected one of {', '.join(PRIORITIES)}, got {priority!r}")
     capabilities = _names(entity.get("capabilities") or "[]", "capabilities")
