@@ -189,3 +189,9 @@ def test_the_admin_command_maps_callers_and_refuses_a_mapping_two_consumers_woul
     assert json.loads(updated.stdout)["entra"] == [f"app:{app}", "role:Reports.Writer"]
     replaced = admin("set", first, "--clear-entra", "--entra-group", "0a0a0a0a-0b0b-4c0c-8d0d-0e0e0e0e0e0e")
     assert json.loads(replaced.stdout)["entra"] == ["group:0a0a0a0a-0b0b-4c0c-8d0d-0e0e0e0e0e0e"]
+    # A mapping for another allowed tenant names it; without --entra-tenant a mapping is the first tenant's only.
+    partner = "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"
+    tenanted = admin("set", first, "--entra-tenant", partner.upper(), "--entra-app-id", app)
+    assert tenanted.returncode == 0, tenanted.stderr
+    assert json.loads(tenanted.stdout)["entra"] == [f"app:{app}@{partner}", "group:0a0a0a0a-0b0b-4c0c-8d0d-0e0e0e0e0e0e"]
+    assert admin("set", first, "--entra-tenant", "contoso.onmicrosoft.com", "--entra-app-id", app).returncode != 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import replace
@@ -24,7 +25,7 @@ from shared.edge.entra import (
 )
 from shared.edge.errors import render
 from shared.edge.identity import Identifier
-from shared.outcomes import InvalidToken
+from shared.outcomes import AuthStoreUnavailable, AuthThrottled, InvalidToken
 from shared.telemetry.events import NullTelemetry
 from tools.entra import (
     AUDIENCE,
@@ -38,6 +39,7 @@ from tools.entra import (
     new_rsa_key,
 )
 
+OTHER_OID = "9e8d7c6b-5a49-4837-a625-140f3e2d1c0b"
 SETTINGS = EntraSettings(tenants=(TENANT,), audiences=(AUDIENCE, GATEWAY_APP), clock_skew_s=60)
 
 
@@ -248,7 +250,7 @@ async def test_a_refused_token_is_remembered_for_a_while(authority: Authority, m
 def principal(authority: Authority, **claims: Any) -> Any:
     from shared.edge.entra import Principal
 
-    return Principal(tenant=TENANT, app_id=CALLER_APP, object_id=CALLER_OID, roles=(), groups=(), expires=0, **claims)
+    return Principal(tenant=TENANT, app_id=CALLER_APP, object_id=CALLER_OID, roles=(), groups=(), expires=0, home=True, **claims)
 
 
 def test_the_most_specific_mapping_wins(authority: Authority) -> None:
@@ -353,19 +355,114 @@ async def test_keys_can_be_turned_off(authority: Authority) -> None:
     assert render(caught.value).status == 401 and telemetry.reasons == ["keys_disabled"]
 
 
-async def test_a_mapping_added_seconds_ago_is_found_with_at_most_one_reload_a_second(authority: Authority) -> None:
-    ident, telemetry, store, clock = await identifier(authority, consumer("other", "gw-x"))
-    header = {"authorization": f"Bearer {authority.token()}"}
-    with pytest.raises(InvalidToken):
-        await ident.identify(header, frozenset())
+async def test_a_token_that_maps_to_no_consumer_forces_no_reload_and_is_throttled_like_a_made_up_key(authority: Authority) -> None:
+    ident, telemetry, store, clock = await identifier(authority, consumer("known", entra=frozenset({f"oid:{OTHER_OID}"})))
+    stray = {"authorization": f"Bearer {authority.token()}"}
+    mapped = {"authorization": f"Bearer {authority.token(oid=OTHER_OID)}"}
+    assert (await ident.identify(mapped, frozenset(), "10.0.0.9")).consumer.id == "known"
     calls = store.calls
-    for _ in range(100):  # a burst of tokens that map to nothing: no store call each
-        with pytest.raises(InvalidToken):
-            await ident.identify(header, frozenset())
+    answers = []
+    for _ in range(100):  # a burst of verified tokens that map to nothing, from one address: no store call each
+        with pytest.raises((InvalidToken, AuthThrottled)) as caught:
+            await ident.identify(stray, frozenset(), "10.0.0.9")
+        answers.append(render(caught.value).status)
     assert store.calls == calls
+    assert answers == [401] * 20 + [429] * 80  # GATEWAY_AUTH_FAILURES_PER_MINUTE (20) as for keys
+    assert render(caught.value).headers["retry-after"] == "60"
+    # The same address's mapped token keeps working (a shared NAT is not locked out), and other addresses are not held.
+    assert (await ident.identify(mapped, frozenset(), "10.0.0.9")).consumer.id == "known"
+    with pytest.raises(InvalidToken):
+        await ident.identify(stray, frozenset(), "10.0.0.10")
+    # A mapping added through the admin command is seen at the next marker check, not by a reload the token forced.
     await store.put(consumer("new-app", entra=frozenset({f"app:{CALLER_APP}"})))
     clock.advance(1.0)
-    assert (await ident.identify(header, frozenset())).consumer.id == "new-app"
+    with pytest.raises(InvalidToken):
+        await ident.identify(stray, frozenset(), "10.0.0.11")  # starts the marker check in the background
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert (await ident.identify(stray, frozenset(), "10.0.0.11")).consumer.id == "new-app"
+    assert store.calls - calls <= 3  # one marker read and the reload it asked for
+
+
+@pytest.mark.parametrize("fail_closed", [True, False])
+async def test_an_entra_caller_is_held_to_the_consumer_caches_maximum_staleness(authority: Authority, fail_closed: bool) -> None:
+    validator, _, clock = make(authority)
+    store = MemoryConsumerStore()
+    await store.put(consumer("c", entra=frozenset({f"app:{CALLER_APP}"})))
+    directory = ConsumerDirectory(store, clock, refresh_s=60.0, max_stale_s=300.0, fail_closed=fail_closed)
+    ident = Identifier(directory, NullTelemetry(), validator, True)
+    header = {"authorization": f"Bearer {authority.token()}"}
+    assert (await ident.identify(header, frozenset())).consumer.id == "c"
+    # Disabled while Table Storage is away: the cached copy serves within the staleness bound, never past it.
+    await store.put(consumer("c", enabled=False, entra=frozenset({f"app:{CALLER_APP}"})))
+    store.unavailable = True
+    for _ in range(30):
+        clock.advance(10.0)
+        await ident.identify(header, frozenset())
+        await asyncio.sleep(0)
+    clock.advance(10.1)
+    if fail_closed:
+        with pytest.raises(AuthStoreUnavailable) as caught:
+            await ident.identify(header, frozenset())
+        assert render(caught.value).status == 503
+    else:
+        assert (await ident.identify(header, frozenset())).consumer.id == "c"
+    store.unavailable = False
+    await directory.reload()
+    with pytest.raises(InvalidToken) as refused_now:
+        await ident.identify(header, frozenset())
+    assert refused_now.value.reason == "consumer_disabled"
+
+
+async def test_a_second_allowed_tenants_app_with_the_same_id_is_another_caller(authority: Authority) -> None:
+    settings = replace(SETTINGS, tenants=(TENANT, OTHER_TENANT))
+    clock = FakeClock(start=time.time())
+    validator = TokenValidator(settings, SigningKeys(settings, MemoryFetcher(authority), clock), clock)
+    store = MemoryConsumerStore()
+    await store.put(consumer("home", entra=frozenset({f"app:{CALLER_APP}"})))  # no tenant: the first allowed one
+    await store.put(consumer("partner", entra=frozenset({mapping_key("app", CALLER_APP, OTHER_TENANT.upper())})))
+    ident = Identifier(ConsumerDirectory(store, clock, 5.0), NullTelemetry(), validator, True)
+
+    async def caller(tenant: str, **claims: Any) -> str:
+        token = authority.token(tenant=tenant, **claims)
+        try:
+            return (await ident.identify({"authorization": f"Bearer {token}"}, frozenset())).consumer.id
+        except InvalidToken as refusal:
+            return refusal.reason
+
+    assert await caller(TENANT) == "home"
+    assert await caller(OTHER_TENANT) == "partner"
+    # The same object id, role or group in the other tenant is another principal too.
+    await store.put(consumer("home", entra=frozenset({f"oid:{OTHER_OID}", "role:Gateway.Call", f"group:{CALLER_APP}"})))
+    await store.put(consumer("partner", entra=frozenset()))
+    await ident._directory.reload()
+    assert await caller(TENANT, oid=OTHER_OID) == "home"
+    assert await caller(TENANT, roles=["Gateway.Call"]) == "home"
+    for claims in ({"oid": OTHER_OID}, {"roles": ["Gateway.Call"]}, {"groups": [CALLER_APP]}):
+        assert await caller(OTHER_TENANT, **claims) == "no_consumer", claims
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"nonce": "n-0S6_WzA2Mj"},  # an OpenID Connect sign-in
+        {"at_hash": "77QmUPtjPfzWtF2AnpK9RQ"},
+        {"c_hash": "LDktKdoQak3Pk0cnXxCltA"},
+        {"azp": None},  # names no client: every access token does (azp in v2, appid in v1)
+        {"azp": None, "roles": ["Gateway.Call"]},  # an ID token may carry the user's app roles
+    ],
+)
+async def test_an_id_token_is_refused_as_an_access_token(authority: Authority, claims: dict[str, Any]) -> None:
+    validator, _, _ = make(authority)
+    assert await refused(validator, authority.token(aud=GATEWAY_APP, **claims)) == "not_access_token"
+    assert await refused(validator, authority.token(version=1, aud=GATEWAY_APP, appid=None, **{
+        k: v for k, v in claims.items() if k != "azp"})) == "not_access_token"
+
+
+def test_a_mapping_can_name_its_tenant() -> None:
+    assert mapping_key("app", CALLER_APP, OTHER_TENANT.upper()) == f"app:{CALLER_APP}@{OTHER_TENANT}"
+    with pytest.raises(ValueError):
+        mapping_key("app", CALLER_APP, "contoso.onmicrosoft.com")
 
 
 # ---- settings -----------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
                                                  [--quota N --quota-period daily] [--deployments a,b | --all-deployments]
                                                  [--priority high|normal] [--id ID] [--force]
                                                  [--entra-app-id ID ...] [--entra-object-id ID ...]
-                                                 [--entra-role ROLE ...] [--entra-group ID ...] [--no-key]
+                                                 [--entra-role ROLE ...] [--entra-group ID ...] [--entra-tenant TENANT_ID] [--no-key]
     python -m shared.admin consumers create-many FILE [--keys-out KEYS]   (JSON Lines, one consumer a line; see below)
     python -m shared.admin consumers list | show ID | rotate ID [--grace-seconds S] | disable ID | enable ID | delete ID
     python -m shared.admin consumers reindex
@@ -154,12 +154,15 @@ _ENTRA_OPTIONS = (("entra_app_id", "app"), ("entra_object_id", "oid"), ("entra_r
 def _entra(args: argparse.Namespace, base: frozenset[str]) -> frozenset[str]:
     """The Entra ID mappings after this command: the given ones added, or all replaced after --clear-entra."""
     keys = set() if getattr(args, "clear_entra", False) else set(base)
+    tenant = getattr(args, "entra_tenant", None)
+    if tenant is not None and not _GUID.fullmatch(tenant.strip()):
+        raise SystemExit(f"--entra-tenant: expected a tenant id (a GUID), got {tenant!r}")
     for option, kind in _ENTRA_OPTIONS:
         for value in getattr(args, option, None) or ():
             if kind != "role" and not _GUID.fullmatch(value.strip()):
                 raise SystemExit(f"--{option.replace('_', '-')}: expected a GUID, got {value!r}")
             try:
-                keys.add(mapping_key(kind, value))
+                keys.add(mapping_key(kind, value, tenant))
             except ValueError as error:
                 raise SystemExit(f"--{option.replace('_', '-')}: {error}") from None
     return frozenset(keys)
@@ -480,6 +483,8 @@ def _limit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--entra-object-id", action="append", metavar="ID", help=entra + "the object id (oid)")
     parser.add_argument("--entra-role", action="append", metavar="ROLE", help=entra + "an app role in the token")
     parser.add_argument("--entra-group", action="append", metavar="ID", help=entra + "a group id in the token")
+    parser.add_argument("--entra-tenant", metavar="TENANT_ID",
+                        help="the tenant of the Entra ID mappings given (default: the first of GATEWAY_ENTRA_TENANT_IDS)")
     parser.add_argument("--capabilities", help=f"comma-separated request features to allow ({', '.join(sorted(CAPABILITIES))}); '' for none")
 
 

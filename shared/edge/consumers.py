@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "gw-"
 RELOAD_RETRY_S = 2.0
-PRINCIPAL_RELOAD_S = 1.0  # at most one reload a second for verified tokens that map to no cached consumer
 QUOTA_PERIODS = ("hourly", "daily", "weekly", "monthly", "yearly")
 # `low` was offered once and routed exactly as `normal`: it is gone from the command, and a stored `low` reads as normal.
 PRIORITIES = ("high", "normal")
@@ -154,7 +153,6 @@ class ConsumerDirectory:
         self.budget = LookupBudget(lookups_per_s, clock)
         self.throttle = FailureThrottle(failures_per_minute, clock)
         self._principals = PrincipalIndex(())
-        self._principal_reload_at = float("-inf")
         self._loaded_at = float("-inf")
         self._checked_at = float("-inf")
         self._marker: str | None = None  # the change marker as of the last reload
@@ -299,18 +297,15 @@ class ConsumerDirectory:
 
 
     async def for_principal(self, principal: Principal) -> Consumer | None:
-        """The consumer an Entra ID principal is mapped to. A mapping added seconds ago is found by reloading the
-        directory, at most once a second, so tokens that map to nothing cannot turn into a store call each."""
+        """The consumer an Entra ID principal is mapped to, trusting the cache for at most `max_stale_s` as for keys.
+        It never forces a reload: a mapping added through the admin command is seen at the next marker check, so
+        tokens that map to nothing cannot turn into store reads."""
         if self._loaded_at == float("-inf"):
             await self.reload()
         else:
             self._reload_if_due()
+        self._check_fresh()
         consumer_id = self._principals.resolve(principal)
-        now = self._clock.monotonic()
-        if consumer_id is None and now - max(self._loaded_at, self._principal_reload_at) >= PRINCIPAL_RELOAD_S:
-            self._principal_reload_at = now
-            await self.reload()
-            consumer_id = self._principals.resolve(principal)
         return None if consumer_id is None else self._by_id.get(consumer_id)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ NEGATIVE_TTL_S = 60.0
 MAX_NEGATIVE = 10_000
 # Refusals that the same token can never outgrow; others (not yet valid, unknown key) may pass later.
 _FINAL_REASONS = frozenset({"malformed", "alg_not_allowed", "wrong_tenant", "wrong_issuer", "wrong_audience",
-                            "bad_signature", "missing_claim", "expired", "missing_role"})
+                            "bad_signature", "missing_claim", "expired", "missing_role", "not_access_token"})
+# Claims only an ID token carries (OpenID Connect's nonce and hashes of the code or access token it came with).
+_ID_TOKEN_CLAIMS = ("nonce", "at_hash", "c_hash")
 
 
 class TokenRefused(Exception):
@@ -51,31 +54,49 @@ class Principal:
     groups: tuple[str, ...]
     expires: float
     user_id: str = ""
+    home: bool = False  # the token is from the first allowed tenant, where mappings that name no tenant apply
 
     def identifiers(self) -> list[tuple[str, ...]]:
-        """Consumer mapping keys, most specific first: the object, the application, then its roles and groups."""
+        """Consumer mapping keys, most specific first: the object, the application, then its roles and groups.
+
+        Every key names the token's tenant (`app:<id>@<tenant>`): the same application id, role name or group id in
+        another allowed tenant is another caller. A mapping that names no tenant means the home tenant."""
         tiers: list[tuple[str, ...]] = []
         if self.object_id:
-            tiers.append((f"oid:{self.object_id}",))
+            tiers.append(self._keys("oid", (self.object_id,)))
         if self.app_id:
-            tiers.append((f"app:{self.app_id}",))
-        claims = tuple(f"role:{r}" for r in self.roles) + tuple(f"group:{g}" for g in self.groups)
+            tiers.append(self._keys("app", (self.app_id,)))
+        claims = self._keys("role", self.roles) + self._keys("group", self.groups)
         if claims:
             tiers.append(claims)
         return tiers
+
+    def _keys(self, kind: str, values: tuple[str, ...]) -> tuple[str, ...]:
+        keys = tuple(f"{kind}:{v}@{self.tenant}" for v in values)
+        return keys + tuple(f"{kind}:{v}" for v in values) if self.home else keys
 
 
 MAPPING_KINDS = ("oid", "app", "role", "group")
 
 
-def mapping_key(kind: str, value: str) -> str:
-    """`app`, `oid`, `role` or `group` and its value, as stored on a consumer; ids are compared lower-case."""
+_TENANT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def mapping_key(kind: str, value: str, tenant: str | None = None) -> str:
+    """`app`, `oid`, `role` or `group` and its value, as stored on a consumer; ids are compared lower-case. With a
+    tenant (`app:<id>@<tenant>`) the mapping admits tokens of that tenant only; without, of the home tenant only."""
     if kind not in MAPPING_KINDS:
         raise ValueError(f"unknown Entra mapping kind {kind!r}; expected one of {', '.join(MAPPING_KINDS)}")
     value = value.strip()
     if not value or len(value) > 256 or any(c.isspace() or ord(c) < 32 for c in value):
         raise ValueError(f"bad Entra {kind} value {value!r}")
-    return f"{kind}:{value.lower() if kind in ('oid', 'app', 'group') else value}"
+    key = f"{kind}:{value.lower() if kind in ('oid', 'app', 'group') else value}"
+    if tenant is None:
+        return key
+    tenant = tenant.strip().lower()
+    if not _TENANT.fullmatch(tenant):
+        raise ValueError(f"bad Entra tenant id {tenant!r}; expected a GUID")
+    return f"{key}@{tenant}"
 
 
 class JsonFetcher(Protocol):
@@ -165,6 +186,7 @@ class TokenValidator:
         self._valid: OrderedDict[bytes, Principal] = OrderedDict()
         self._refused: OrderedDict[bytes, tuple[float, TokenRefused]] = OrderedDict()
         self._tenants = frozenset(t.lower() for t in settings.tenants)
+        self._home = settings.tenants[0].lower() if settings.tenants else ""
 
     async def validate(self, token: str) -> Principal:
         digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
@@ -241,6 +263,10 @@ class TokenValidator:
         except jwt.PyJWTError:
             raise TokenRefused("malformed") from None
         self._check_times(claims)
+        if any(name in claims for name in _ID_TOKEN_CLAIMS) or not (claims.get("azp") or claims.get("appid")):
+            # An ID token proves a sign-in to the app named in its `aud`; it authorises nothing. Every access token
+            # names the client that asked for it (`azp` in v2, `appid` in v1); an ID token names none.
+            raise TokenRefused("not_access_token", "An ID token is not an access token: ask for a token for the gateway's API.")
         return self._principal(tenant, claims)
 
     def _check_times(self, claims: Mapping[str, Any]) -> None:
@@ -264,7 +290,7 @@ class TokenValidator:
             set(required_roles) & set(roles) or set(required_scopes) & set(scopes)
         ):
             raise TokenRefused("missing_role", "The access token does not carry a role or scope this gateway requires.")
-        app_id = claims.get("azp") or claims.get("appid") or ""
+        app_id = claims.get("azp") or claims.get("appid")
         user_claim = self._settings.user_id_claim
         return Principal(
             tenant=tenant,
@@ -274,6 +300,7 @@ class TokenValidator:
             groups=tuple(g.lower() for g in _strings(claims.get("groups"))),
             expires=float(claims["exp"]),
             user_id=str(claims.get(user_claim, ""))[:128] if user_claim else "",
+            home=tenant == self._home,
         )
 
 

@@ -33,13 +33,13 @@ class Identifier:
     async def identify(self, headers: Mapping[str, str], repeated: frozenset[str], client: str = "") -> Caller:
         credential = key_from_headers(headers, repeated)
         if looks_like_jwt(credential):
-            return await self._token(credential)
+            return await self._token(credential, client)
         if not self._accept_keys:
             self._telemetry.auth_refused("keys_disabled")
             raise InvalidToken("keys_disabled", "This gateway accepts Entra ID access tokens only.")
         return Caller(await self._directory.authenticate(credential, client))
 
-    async def _token(self, token: str) -> Caller:
+    async def _token(self, token: str, client: str) -> Caller:
         if self._validator is None:
             self._telemetry.auth_refused("entra_disabled")
             raise InvalidToken("entra_disabled", "This gateway does not accept Entra ID access tokens; send a gateway key.")
@@ -49,15 +49,22 @@ class Identifier:
             # The reason, never the token: a log line must not hand anyone a credential.
             log.info("access token refused: %s", refusal.reason)
             self._telemetry.auth_refused(refusal.reason)
-            raise InvalidToken(refusal.reason, refusal.message) from None
+            raise self._refused(client, InvalidToken(refusal.reason, refusal.message)) from None
         consumer = await self._directory.for_principal(principal)
         if consumer is None or not consumer.enabled:
             reason = "no_consumer" if consumer is None else "consumer_disabled"
             log.info("access token for app %s (object %s, tenant %s) refused: %s",
                      principal.app_id, principal.object_id, principal.tenant, reason)
             self._telemetry.auth_refused(reason)
-            raise InvalidToken(reason)
+            raise self._refused(client, InvalidToken(reason))
         return Caller(consumer, principal.user_id or None)
+
+    def _refused(self, client: str, refusal: InvalidToken) -> Exception:
+        """A token that admits no one counts against its address like a made-up key: past the address's budget of
+        failures the answer is 429 (a token that maps to a consumer keeps working from the same address). Checking a
+        token costs no store read, only the signature check and the bounded key fetches, so it needs no lookup budget."""
+        self._directory.check_throttle(client)
+        return self._directory.refuse(client, refusal)
 
     async def close(self) -> None:
         if self._validator is not None:

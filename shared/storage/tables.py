@@ -194,7 +194,7 @@ def consumer_from_entity(entity: dict[str, Any]) -> Consumer:
     if not isinstance(enabled, bool):
         raise BadConsumerRecord(f"enabled: expected a boolean, got {enabled!r}")
     entra = _names(entity.get("entra") or "[]", "entra")
-    if not all(isinstance(e, str) and re.fullmatch(r"(app|oid|role|group):[^\s]{1,256}", e) for e in entra):
+    if not all(isinstance(e, str) and re.fullmatch(r"(app|oid|role|group):[^\s]{1,300}", e) for e in entra):
         raise BadConsumerRecord("entra: expected mapping keys like app:<id>, oid:<id>, role:<name>, group:<id>")
     key_hash = entity.get("key_hash")
     # A consumer without a key (Entra ID callers only) has an empty hash, which no key can ever produce.
