@@ -33,9 +33,20 @@ QUOTA_PERIODS = ("hourly", "daily", "weekly", "monthly", "yearly")
 # `low` was offered once and routed exactly as `normal`: it is gone from the command, and a stored `low` reads as normal.
 PRIORITIES = ("high", "normal")
 RETIRED_PRIORITIES = {"low": "normal"}
-# Request features a consumer gets only when its record names them. "data_sources" (Azure "On Your Data") makes the
-# backend call data stores the caller names, with the backend's identity.
-CAPABILITIES = frozenset({"data_sources"})
+# Request features a consumer gets only when its record names them (shared/flow/gates.py checks each request): each
+# makes a backend act for the caller with the backend's identity, or spend beyond tokens.
+DATA_SOURCES = "data_sources"  # Azure "On Your Data": the backend calls the data stores the caller names
+WEB_SEARCH = "web_search"  # the web-search tool and chat's web_search_options: billed per call
+FILE_SEARCH = "file_search"  # searches the vector stores the caller names, in the backend's resource: billed per call
+CODE_INTERPRETER = "code_interpreter"  # runs code in a container: billed per container
+IMAGE_GENERATION = "image_generation"  # calls an image model: billed per image
+COMPUTER_USE = "computer_use"  # the computer-use tool, its calls and their screenshots
+MCP = "mcp"  # the backend calls an MCP server at a URL the caller chooses, with headers the caller chooses
+FILES = "files"  # content that references files (file_id, file_url): files in the backend's resource, or fetched
+PROMPTS = "prompts"  # Responses `prompt`: a prompt template stored in the backend's resource
+CAPABILITIES = frozenset(
+    {DATA_SOURCES, WEB_SEARCH, FILE_SEARCH, CODE_INTERPRETER, IMAGE_GENERATION, COMPUTER_USE, MCP, FILES, PROMPTS}
+)
 _ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # fullmatch: `$` would accept a trailing newline
 
 

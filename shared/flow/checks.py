@@ -12,13 +12,13 @@ from shared.edge.errors import GatewayError, bad_request
 from shared.edge.messages import GatewayRequest
 from shared.flow import offload
 from shared.flow.exchange import Checked
+from shared.flow.gates import check_capabilities
 from shared.flow.translate import (
     CallShape,
     Operation,
     Route,
     check_api_version,
     check_body,
-    check_capabilities,
     parse_body,
 )
 from shared.outcomes import DeploymentNotAllowed, DeploymentNotFound
@@ -33,6 +33,7 @@ class Parsed:
     body: dict[str, Any]
     shape: CallShape
     api_version: str | None
+    size: int = 0  # of the body, in bytes
 
 
 class Checks:
@@ -56,7 +57,7 @@ class Checks:
         else:  # parsing and checking 8 MiB takes tens of milliseconds: not on the event loop
             body = await offload.run(partial(parse_body, request.body))
         shape = check_body(route, body)
-        return Parsed(Route(route.api, route.operation, shape.deployment), body, shape, api_version)
+        return Parsed(Route(route.api, route.operation, shape.deployment), body, shape, api_version, len(request.body))
 
     async def allow(self, parsed: Parsed, consumer: Consumer) -> Checked:
         """An unknown deployment, one the key may not use, or a continuation of a response the consumer may not see
@@ -67,7 +68,10 @@ class Checks:
             raise DeploymentNotFound(deployment)
         if not consumer.may_use(deployment):
             raise DeploymentNotAllowed(deployment)
-        check_capabilities(parsed.body, consumer.capabilities)
+        if parsed.size <= offload.ON_LOOP_BYTES:
+            check_capabilities(parsed.body, consumer.capabilities)
+        else:  # the walk visits every node of the body: for a large one, not on the event loop
+            await offload.run(partial(check_capabilities, parsed.body, consumer.capabilities))
         pinned = await self._pin(parsed, consumer)
         return Checked(parsed.route, consumer, parsed.body, parsed.shape, parsed.api_version, pinned)
 

@@ -156,21 +156,6 @@ def check_api_version(query: Mapping[str, str], allowed: frozenset[str] | None =
     return value
 
 
-# Body fields that make a backend act beyond answering (Azure "On Your Data" calls the data stores the caller names,
-# with the backend's identity): refused unless the consumer's record grants the capability. The old camel-case
-# spelling is the same feature.
-GATED_FIELDS = {"data_sources": "data_sources", "dataSources": "data_sources"}
-
-
-def check_capabilities(body: Mapping[str, Any], granted: frozenset[str]) -> None:
-    for name, capability in GATED_FIELDS.items():
-        if name in body and capability not in granted:
-            raise GatewayError(
-                403, f"The '{name}' field is not enabled for this key.", type="permission_error",
-                code="capability_not_allowed", param=name,
-            )
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
