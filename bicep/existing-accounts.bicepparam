@@ -6,13 +6,16 @@ using './main.bicep'
 
 param environmentName = readEnvironmentVariable('AZURE_ENV_NAME', 'aigw')
 
-// The admin who runs `python -m shared.admin` (Storage Table Data Contributor, Monitoring Reader). azd always sets
-// AZURE_PRINCIPAL_ID and AZURE_PRINCIPAL_TYPE (User, or ServicePrincipal when azd is signed in as one) to whoever
-// runs it, so by default the deployer becomes the admin. GATEWAY_ADMIN_PRINCIPAL_ID names someone else (with
-// GATEWAY_ADMIN_PRINCIPAL_TYPE: User, Group or ServicePrincipal; default Group), or 'none' for no admin.
+// The admin who runs `python -m shared.admin` (Storage Table Data Contributor, Monitoring Reader). azd passes
+// AZURE_PRINCIPAL_ID (whoever runs it) but not its type; azure.yaml's preprovision hook (tools/azd_principal.py) sets
+// AZURE_PRINCIPAL_TYPE (User, or ServicePrincipal when azd is signed in as one), so by default the deployer becomes
+// the admin. With no type known, no admin: a wrong type would fail the deployment (UnmatchedPrincipalType).
+// GATEWAY_ADMIN_PRINCIPAL_ID names someone else (with GATEWAY_ADMIN_PRINCIPAL_TYPE: User, Group or
+// ServicePrincipal; default Group), or 'none' for no admin.
 var adminOverride = readEnvironmentVariable('GATEWAY_ADMIN_PRINCIPAL_ID', '')
-param adminPrincipalId = adminOverride == 'none' ? '' : (empty(adminOverride) ? readEnvironmentVariable('AZURE_PRINCIPAL_ID', '') : adminOverride)
-param adminPrincipalType = empty(adminOverride) ? readEnvironmentVariable('AZURE_PRINCIPAL_TYPE', 'User') : readEnvironmentVariable('GATEWAY_ADMIN_PRINCIPAL_TYPE', 'Group')
+var deployerType = readEnvironmentVariable('AZURE_PRINCIPAL_TYPE', '')
+param adminPrincipalId = adminOverride == 'none' ? '' : (empty(adminOverride) ? (empty(deployerType) ? '' : readEnvironmentVariable('AZURE_PRINCIPAL_ID', '')) : adminOverride)
+param adminPrincipalType = empty(adminOverride) ? (empty(deployerType) ? 'User' : deployerType) : readEnvironmentVariable('GATEWAY_ADMIN_PRINCIPAL_TYPE', 'Group')
 
 param backendRegions = [
   {

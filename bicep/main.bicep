@@ -173,7 +173,7 @@ param adminPrincipalType string = 'User'
 ])
 param storageSkuName string = 'Standard_LRS'
 
-@description('Zone redundancy where the region has availability zones: the Flex Consumption plan spreads instances over zones and storage becomes Standard_ZRS.')
+@description('Zone redundancy where the region has availability zones: the Flex Consumption plan spreads instances over zones and storage becomes Standard_ZRS. Flex Consumption requires at least two always-ready instances with it (alwaysReadyInstances, billed while idle).')
 param zoneRedundant bool = false
 
 @description('Private networking: virtual network integration for the Function App with all its outbound traffic routed through the network, private endpoints for storage and every Azure OpenAI account, public access off for storage and for new Azure OpenAI accounts.')
@@ -239,13 +239,15 @@ var regions = concat(provisionedBackendRegions, backendRegions)
 
 // Where each backend's account lives: created here (named from the backend id, ending in the unique suffix so the
 // name ends in a letter or digit whatever the id) or given.
-var accounts = [for region in regions: {
+// Every backend of provisionedBackendRegions is a PTU backend (paced, and alerted on its utilisation), an existing
+// account's too, whose deployments carry no SKU here; a PTU deployment listed in backendRegions is one as well.
+var accounts = [for (region, i) in regions: {
   create: region.?existingAccount == null
   name: region.?existingAccount.?name ?? 'oai-${toLower(replace(replace(region.id, '_', '-'), '.', '-'))}-${resourceToken}'
   subscriptionId: region.?existingAccount.?subscriptionId ?? subscription().subscriptionId
   resourceGroup: region.?existingAccount.?resourceGroup ?? resourceGroup().name
   manualApproval: region.?existingAccount != null && (region.?existingAccount.?privateEndpointApproval ?? 'manual') == 'manual'
-  provisioned: length(filter(region.deployments, d => contains(d.?sku ?? '', 'Provisioned'))) > 0
+  provisioned: i < length(provisionedBackendRegions) || length(filter(region.deployments, d => contains(d.?sku ?? '', 'Provisioned'))) > 0
   region: region
 }]
 var newAccounts = filter(accounts, account => account.create)

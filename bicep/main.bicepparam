@@ -1,7 +1,9 @@
 // The default: three regions, pay-as-you-go only (billed per token; nothing is billed for the model deployments
 // while idle). uksouth serves at priority 1; swedencentral and francecentral at priority 2 take the overflow when
 // uksouth is throttled or failing. Models, versions and SKUs are current ones offered in these regions according to
-// bicep/azure-openai-models.json (dated; tests/test_bicep.py checks every deployment here against it). Check your
+// bicep/azure-openai-models.json (dated; tests/test_bicep.py checks every deployment here against it), and none needs
+// a registration: gpt-5.4-mini and text-embedding-3-small deploy on any subscription with quota (gpt-5.4 and other
+// limited-access models only on subscriptions Microsoft approved: https://aka.ms/oai/gpt5access). Check your
 // quota before deploying (docs/deploy.md). Other scenarios: minimal.bicepparam, existing-accounts.bicepparam,
 // private.bicepparam; what each costs at rest: docs/deploy.md#what-it-costs-at-rest.
 using './main.bicep'
@@ -9,13 +11,16 @@ using './main.bicep'
 // azd sets AZURE_ENV_NAME; with az deployment group create, export it or keep the default.
 param environmentName = readEnvironmentVariable('AZURE_ENV_NAME', 'aigw')
 
-// The admin who runs `python -m shared.admin` (Storage Table Data Contributor, Monitoring Reader). azd always sets
-// AZURE_PRINCIPAL_ID and AZURE_PRINCIPAL_TYPE (User, or ServicePrincipal when azd is signed in as one) to whoever
-// runs it, so by default the deployer becomes the admin. GATEWAY_ADMIN_PRINCIPAL_ID names someone else (with
-// GATEWAY_ADMIN_PRINCIPAL_TYPE: User, Group or ServicePrincipal; default Group), or 'none' for no admin.
+// The admin who runs `python -m shared.admin` (Storage Table Data Contributor, Monitoring Reader). azd passes
+// AZURE_PRINCIPAL_ID (whoever runs it) but not its type; azure.yaml's preprovision hook (tools/azd_principal.py) sets
+// AZURE_PRINCIPAL_TYPE (User, or ServicePrincipal when azd is signed in as one), so by default the deployer becomes
+// the admin. With no type known, no admin: a wrong type would fail the deployment (UnmatchedPrincipalType).
+// GATEWAY_ADMIN_PRINCIPAL_ID names someone else (with GATEWAY_ADMIN_PRINCIPAL_TYPE: User, Group or
+// ServicePrincipal; default Group), or 'none' for no admin.
 var adminOverride = readEnvironmentVariable('GATEWAY_ADMIN_PRINCIPAL_ID', '')
-param adminPrincipalId = adminOverride == 'none' ? '' : (empty(adminOverride) ? readEnvironmentVariable('AZURE_PRINCIPAL_ID', '') : adminOverride)
-param adminPrincipalType = empty(adminOverride) ? readEnvironmentVariable('AZURE_PRINCIPAL_TYPE', 'User') : readEnvironmentVariable('GATEWAY_ADMIN_PRINCIPAL_TYPE', 'Group')
+var deployerType = readEnvironmentVariable('AZURE_PRINCIPAL_TYPE', '')
+param adminPrincipalId = adminOverride == 'none' ? '' : (empty(adminOverride) ? (empty(deployerType) ? '' : readEnvironmentVariable('AZURE_PRINCIPAL_ID', '')) : adminOverride)
+param adminPrincipalType = empty(adminOverride) ? (empty(deployerType) ? 'User' : deployerType) : readEnvironmentVariable('GATEWAY_ADMIN_PRINCIPAL_TYPE', 'Group')
 
 param backendRegions = [
   {
@@ -25,13 +30,6 @@ param backendRegions = [
     weight: 1
     // GlobalStandard: billed per token, processed in any Azure region; capacity in thousands of tokens per minute.
     deployments: [
-      {
-        name: 'gpt-5.4'
-        model: 'gpt-5.4'
-        modelVersion: '2026-03-05'
-        sku: 'GlobalStandard'
-        capacity: 100
-      }
       {
         name: 'gpt-5.4-mini'
         model: 'gpt-5.4-mini'
@@ -54,15 +52,8 @@ param backendRegions = [
     priority: 2
     weight: 1
     // DataZoneStandard: processed within the EU data zone. gpt-5.4-mini is not offered as DataZoneStandard here
-    // (bicep/azure-openai-models.json), so that one deployment is GlobalStandard.
+    // (bicep/azure-openai-models.json), so that deployment is GlobalStandard.
     deployments: [
-      {
-        name: 'gpt-5.4'
-        model: 'gpt-5.4'
-        modelVersion: '2026-03-05'
-        sku: 'DataZoneStandard'
-        capacity: 100
-      }
       {
         name: 'gpt-5.4-mini'
         model: 'gpt-5.4-mini'
@@ -86,13 +77,6 @@ param backendRegions = [
     weight: 1
     deployments: [
       {
-        name: 'gpt-5.4'
-        model: 'gpt-5.4'
-        modelVersion: '2026-03-05'
-        sku: 'DataZoneStandard'
-        capacity: 100
-      }
-      {
         name: 'gpt-5.4-mini'
         model: 'gpt-5.4-mini'
         modelVersion: '2026-03-17'
@@ -113,7 +97,10 @@ param backendRegions = [
 // Provisioned throughput (PTU) is opt-in: PTUs are billed by the hour whether used or not (a 15-PTU global
 // deployment runs to thousands of US dollars a month at list price, docs/deploy.md) and PTU quota is not granted by
 // default. With quota (or a reservation) in hand, replace the empty list with, for example, this backend, which
-// then serves first (priority 1, the pay-as-you-go regions above taking its overflow at priority 2):
+// then serves first (priority 1, the pay-as-you-go regions above taking its overflow at priority 2). gpt-5.4 needs a
+// registration (no model that needs none is offered as GlobalProvisionedManaged and current in the snapshot); the
+// comment line in it tells `python -m tools.bicepcheck` your subscription is approved. An existing account's PTU
+// deployments go here too (existingAccount and the deployment names only): they are then paced and alerted on.
 //
 // param provisionedBackendRegions = [
 //   {
@@ -124,6 +111,7 @@ param backendRegions = [
 //     // Tokens of the reported remaining capacity kept for high-priority consumers.
 //     reserveTokens: 20000
 //     deployments: [
+//       // bicepcheck: registered gpt-5.4
 //       {
 //         name: 'gpt-5.4'
 //         model: 'gpt-5.4'

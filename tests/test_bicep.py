@@ -165,6 +165,8 @@ def test_default_models_are_current_and_read_from_the_snapshot() -> None:
             model = deployment.body["properties"]["model"]
             life = facts.lifecycle[f"{model['name']}@{model['version']}"]
             assert life["lifecycle"] == "GA", (name, model)
+            # A default must deploy on a subscription Microsoft has not approved for limited-access models.
+            assert model["name"] not in facts.limited_access, (name, model)
 
 
 def test_the_minimal_scenario_scales_to_zero_and_is_public() -> None:
@@ -192,18 +194,30 @@ def admin_grants(deployment: Deployment) -> list[dict[str, Any]]:
             if props(r)["principalId"] != Unknown and not is_unknown(props(r)["principalId"])]
 
 
+def azd_bicepparam_environment(dotenv: Mapping[str, str], signed_in: str) -> dict[str, str]:
+    """What azd gives `bicep build-params` (Azure/azure-dev, pkg/infra/provisioning/bicep/bicep_provider.go,
+    compileBicep, read at ae35809): the azd environment's .env values, plus AZURE_PRINCIPAL_ID of whoever is signed in
+    unless .env has one. Never AZURE_PRINCIPAL_TYPE: only `azd env set` (the preprovision hook) puts it in .env."""
+    return {**dotenv, "AZURE_PRINCIPAL_ID": dotenv.get("AZURE_PRINCIPAL_ID", signed_in)}
+
+
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
         ({}, None),  # az deployment without AZURE_PRINCIPAL_ID: no admin
-        ({"AZURE_PRINCIPAL_ID": DEPLOYER, "AZURE_PRINCIPAL_TYPE": "User"}, (DEPLOYER, "User")),  # azd, a person
-        ({"AZURE_PRINCIPAL_ID": DEPLOYER, "AZURE_PRINCIPAL_TYPE": "ServicePrincipal"}, (DEPLOYER, "ServicePrincipal")),
-        ({"AZURE_PRINCIPAL_ID": DEPLOYER}, (DEPLOYER, "User")),  # older azd: no type
-        ({"AZURE_PRINCIPAL_ID": DEPLOYER, "AZURE_PRINCIPAL_TYPE": "ServicePrincipal",
-          "GATEWAY_ADMIN_PRINCIPAL_ID": "99999999-0000-0000-0000-000000000000"},
-         ("99999999-0000-0000-0000-000000000000", "Group")),  # a group as admin
-        ({"AZURE_PRINCIPAL_ID": DEPLOYER, "GATEWAY_ADMIN_PRINCIPAL_ID": "none"}, None),  # no admin under azd
+        # azd without the hook's answer: an id and no type (what azd passes a .bicepparam file): no admin, because
+        # a guessed type fails the deployment with UnmatchedPrincipalType when it is wrong (a service principal).
+        (azd_bicepparam_environment({"AZURE_ENV_NAME": "aigw"}, DEPLOYER), None),
+        # azd after the preprovision hook's `azd env set AZURE_PRINCIPAL_TYPE ...`
+        (azd_bicepparam_environment({"AZURE_PRINCIPAL_TYPE": "User"}, DEPLOYER), (DEPLOYER, "User")),
+        (azd_bicepparam_environment({"AZURE_PRINCIPAL_TYPE": "ServicePrincipal"}, DEPLOYER),
+         (DEPLOYER, "ServicePrincipal")),
+        (azd_bicepparam_environment({"AZURE_PRINCIPAL_TYPE": "ServicePrincipal",
+                                     "GATEWAY_ADMIN_PRINCIPAL_ID": "99999999-0000-0000-0000-000000000000"}, DEPLOYER),
+         ("99999999-0000-0000-0000-000000000000", "Group")),  # a group as admin, whoever deploys
+        (azd_bicepparam_environment({"GATEWAY_ADMIN_PRINCIPAL_ID": "none", "AZURE_PRINCIPAL_TYPE": "User"}, DEPLOYER),
+         None),  # no admin under azd
     ],
 )
 def test_the_admin_principal_and_its_type_follow_azd(
@@ -224,6 +238,9 @@ def test_azure_yaml_provisions_bicep_and_deploys_the_function_app() -> None:
     assert "infra:\n  provider: bicep\n  path: bicep\n  module: main" in block
     assert "services:\n  gateway:\n    project: .\n    language: python\n    host: function" in block
     assert "AZURE_PRINCIPAL_TYPE" in text  # says where the admin's type comes from
+    # The preprovision hook that supplies the type azd leaves out, on both shells azd runs hooks with.
+    assert "hooks:\n  preprovision:\n    posix:\n      shell: sh\n      run: python3 -m tools.azd_principal" in block
+    assert "    windows:\n      shell: pwsh\n      run: python -m tools.azd_principal" in block
 
 
 # ---- private networking ----------------------------------------------------------------------------------------------
@@ -393,16 +410,35 @@ def test_ptu_utilisation_alerts_exist_only_with_ptu_backends() -> None:
     assert [b["ptu"] for b in backends] == [True, False, False, False]
 
 
+def test_an_existing_ptu_account_is_paced_and_alerted() -> None:
+    """An existing account's deployments carry no SKU here: being listed as provisioned is what makes it a PTU."""
+    plain = deployed("existing-accounts")
+    first = plain.values["backendRegions"][0]
+    ptu = {**first, "id": "eastus2-ptu", "priority": 1,
+           "existingAccount": {**first["existingAccount"], "name": "contoso-openai-ptu"}}
+    deployment = deployed("existing-accounts", provisionedBackendRegions=[ptu])
+    backends = json.loads(props(one(deployment, "Microsoft.Web/sites/config"))["GATEWAY_BACKENDS"])
+    assert [(b["id"], b["ptu"]) for b in backends] == [("eastus2-ptu", True), ("eastus2", False), ("westus3", False)]
+    [alert] = of_type(deployment, "Microsoft.Insights/metricAlerts")
+    assert props(alert)["scopes"] == [
+        "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-openai/providers/"
+        "Microsoft.CognitiveServices/accounts/contoso-openai-ptu"
+    ]
+
+
 # ---- zone redundancy -------------------------------------------------------------------------------------------------
 
 
-def test_zone_redundancy_is_optional() -> None:
+def test_zone_redundancy_is_optional_and_keeps_two_instances_ready() -> None:
     plain = deployed("main")
     assert props(one(plain, "Microsoft.Web/serverfarms"))["zoneRedundant"] is False
     zoned = deployed("private")
     assert zoned.values["zoneRedundant"] is True
     assert props(one(zoned, "Microsoft.Web/serverfarms"))["zoneRedundant"] is True
     assert one(zoned, "Microsoft.Storage/storageAccounts").body["sku"]["name"] == "Standard_ZRS"
+    # Flex Consumption requires at least two always-ready instances with zone redundancy.
+    ready = props(one(zoned, "Microsoft.Web/sites"))["functionAppConfig"]["scaleAndConcurrency"]["alwaysReady"]
+    assert ready and all(group["instanceCount"] >= 2 for group in ready)
 
 
 # ---- the Function App and its settings -------------------------------------------------------------------------------
@@ -562,7 +598,7 @@ def test_instance_count_is_the_plans_maximum() -> None:
 
 
 def test_role_assignments_are_exactly_the_documented_grants() -> None:
-    deployment = deployed("main", {"AZURE_PRINCIPAL_ID": DEPLOYER})
+    deployment = deployed("main", {"AZURE_PRINCIPAL_ID": DEPLOYER, "AZURE_PRINCIPAL_TYPE": "User"})
     by_id = {f"/subscriptions/00000000-0000-0000-0000-000000000000/providers/Microsoft.Authorization/roleDefinitions/{g}": n
              for n, g in DOCUMENTED_ROLES.items()}
     grants = set()

@@ -118,7 +118,8 @@ def test_every_resource_declaration_is_checked_by_some_scenario(copy: Path) -> N
     every declaration, so every resource body meets the type check somewhere."""
     with_ptu_example(copy / "main.bicepparam")
     edit(copy / "main.bicepparam", "param limitFailMode", "param alertEmail = 'ops@example.com'\nparam limitFailMode")
-    deployer = Context(environment={"AZURE_PRINCIPAL_ID": "22222222-3333-4444-5555-666666666666"})
+    deployer = Context(environment={"AZURE_PRINCIPAL_ID": "22222222-3333-4444-5555-666666666666",
+                                    "AZURE_PRINCIPAL_TYPE": "User"})
     reports = [checks.check(copy / p.name, deployer) for p in SCENARIOS]
     assert all(r.problems == [] for r in reports), [r.problems for r in reports]
     seen = {(r.file.name, r.symbol) for report in reports for r in report.deployment.all_resources()}
@@ -394,3 +395,34 @@ def test_decorators_on_type_fields_are_checked(copy: Path) -> None:
 def test_combinations_that_lock_everyone_out_are_reported(copy: Path, extra: str, expected: str) -> None:
     edit(copy / "minimal.bicepparam", "param alwaysReadyInstances = 0", f"param alwaysReadyInstances = 0\n{extra}")
     assert any(expected in p for p in problems_of(copy / "minimal.bicepparam"))
+
+
+def test_a_registration_only_model_is_reported_unless_the_file_says_it_is_approved(copy: Path) -> None:
+    first = minimal_deployments()[0]
+    limited = "gpt-5.4"
+    assert limited in models.snapshot().limited_access and "gpt-5.4-mini" not in models.snapshot().limited_access
+    version = next(k for k in models.snapshot().lifecycle if k.startswith(limited + "@")).split("@")[1]
+    edit(copy / "minimal.bicepparam", f"        model: '{first['model']}'\n        modelVersion: '{first['modelVersion']}'",
+         f"        model: '{limited}'\n        modelVersion: '{version}'")
+    found = problems_of(copy / "minimal.bicepparam")
+    assert [p for p in found if "needs registration" in p and "aka.ms/oai/gpt5access" in p], found
+    # Approved: one comment line in the parameters file; a commented-out one does not count.
+    text = (copy / "minimal.bicepparam").read_text(encoding="utf-8")
+    (copy / "minimal.bicepparam").write_text(text + f"// // bicepcheck: registered {limited}\n", encoding="utf-8")
+    assert any("needs registration" in p for p in problems_of(copy / "minimal.bicepparam"))
+    (copy / "minimal.bicepparam").write_text(text + f"// bicepcheck: registered {limited}\n", encoding="utf-8")
+    assert not [p for p in problems_of(copy / "minimal.bicepparam") if "registration" in p]
+
+
+def test_zone_redundancy_with_fewer_than_two_ready_instances_is_reported(copy: Path) -> None:
+    edit(copy / "private.bicepparam", "param alwaysReadyInstances = 2", "param alwaysReadyInstances = 1")
+    assert any("zoneRedundant with alwaysReadyInstances 1" in p for p in problems_of(copy / "private.bicepparam"))
+    edit(copy / "minimal.bicepparam", "param alwaysReadyInstances = 0", "param alwaysReadyInstances = 0\nparam zoneRedundant = true")
+    assert any("zoneRedundant with alwaysReadyInstances 0" in p for p in problems_of(copy / "minimal.bicepparam"))
+
+
+def test_a_provisioned_backend_with_pay_as_you_go_deployments_is_reported(copy: Path) -> None:
+    with_ptu_example(copy / "main.bicepparam")
+    edit(copy / "main.bicepparam", "\n        sku: 'GlobalProvisionedManaged'", "\n        sku: 'GlobalStandard'")
+    found = problems_of(copy / "main.bicepparam")
+    assert any("provisioned backend uksouth-ptu creates pay-as-you-go deployments (GlobalStandard)" in p for p in found), found

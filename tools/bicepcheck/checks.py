@@ -111,7 +111,14 @@ def name_problems(deployment: Deployment) -> list[str]:
     return found
 
 
-def model_problems(deployment: Deployment) -> list[str]:
+def registered_models(params_file: Path) -> frozenset[str]:
+    """Limited-access models a parameters file says its subscription is approved for: `// bicepcheck: registered m`."""
+    text = params_file.read_text(encoding="utf-8")
+    found = re.findall(r"^\s*// bicepcheck: registered ([A-Za-z0-9._-]+)\s*$", text, re.M)
+    return frozenset(found)
+
+
+def model_problems(deployment: Deployment, registered: frozenset[str] = frozenset()) -> list[str]:
     found: list[str] = []
     for d in deployment.all_deployments():
         accounts = [r for r in d.resources if r.type == "Microsoft.CognitiveServices/accounts" and not r.existing]
@@ -127,13 +134,22 @@ def model_problems(deployment: Deployment) -> list[str]:
             if any(not isinstance(v, str) for v in values):
                 found.append(f"{r.file.name}:{r.line}: model deployment {r.name}: cannot tell {values}")
                 continue
-            for message in models.check_deployment(*values):  # type: ignore[arg-type]
+            for message in models.check_deployment(*values, registered=registered):  # type: ignore[arg-type]
                 found.append(f"{r.file.name}:{r.line}: deployment {r.name} in {region}: {message}")
     regions: Any = deployment.values.get("backendRegions", [])
     for region in regions if isinstance(regions, list) else []:
         if isinstance(region, dict) and region.get("existingAccount") is None:
             skus = [d.get("sku") for d in region.get("deployments", []) if isinstance(d, dict)]
             found.extend(models.check_region_skus(str(region.get("id")), [s for s in skus if isinstance(s, str)]))
+    provisioned: Any = deployment.values.get("provisionedBackendRegions", [])
+    for region in provisioned if isinstance(provisioned, list) else []:
+        if isinstance(region, dict) and region.get("existingAccount") is None:
+            unpaced = {str(d.get("sku")) for d in region.get("deployments", []) if isinstance(d, dict)}
+            unpaced -= models.PROVISIONED_SKUS
+            if unpaced:
+                found.append(f"provisioned backend {region.get('id')} creates pay-as-you-go deployments "
+                             f"({', '.join(sorted(unpaced))}); it would be "
+                             "paced as a PTU: move them to backendRegions")
     return found
 
 
@@ -145,6 +161,10 @@ def combination_problems(values: dict[str, Any]) -> list[str]:
                      "have public access off and no private endpoint, so no one could call it")
     if values.get("appInboundAccess") == "restricted" and not values.get("appAllowedIpRanges"):
         found.append("appInboundAccess 'restricted' with no appAllowedIpRanges refuses every caller")
+    ready = values.get("alwaysReadyInstances", 1)
+    if values.get("zoneRedundant") and isinstance(ready, int) and ready < 2:
+        found.append(f"zoneRedundant with alwaysReadyInstances {ready}: a zone-redundant Flex Consumption app needs at "
+                     "least two always-ready instances (Flex Consumption's requirement for zone redundancy)")
     return found
 
 
@@ -155,7 +175,7 @@ def check(params_file: Path, ctx: Context | None = None) -> Report:
     for resource in deployment.all_resources():
         report.problems.extend(type_problems(resource))
     report.problems.extend(name_problems(deployment))
-    report.problems.extend(model_problems(deployment))
+    report.problems.extend(model_problems(deployment, registered_models(params_file)))
     return report
 
 

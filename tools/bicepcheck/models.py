@@ -1,6 +1,7 @@
 """Model deployments checked against a dated snapshot of Azure OpenAI facts (bicep/azure-openai-models.json): the
 model version must be generally available (not Legacy, Deprecated or Retired) and not retire within
-`MIN_RUNWAY_DAYS` of the snapshot, and the deployment's SKU must offer that model version in the account's region.
+`MIN_RUNWAY_DAYS` of the snapshot, the deployment's SKU must offer that model version in the account's region, and the
+model must need no registration (limited access) unless the parameters file says the subscription has it.
 """
 
 from __future__ import annotations
@@ -26,18 +27,27 @@ class Snapshot:
     lifecycle: dict[str, dict[str, str]]
     availability: dict[str, dict[str, list[str]]]
     sources: dict[str, Any]
+    limited_access: dict[str, str]
 
 
 @cache
 def snapshot(path: Path = SNAPSHOT) -> Snapshot:
     raw = json.loads(path.read_text(encoding="utf-8"))
-    return Snapshot(date.fromisoformat(raw["snapshot_date"]), raw["lifecycle"], raw["availability"], raw["sources"])
+    return Snapshot(date.fromisoformat(raw["snapshot_date"]), raw["lifecycle"], raw["availability"], raw["sources"],
+                    raw["limited_access"])
 
 
-def check_deployment(model: str, version: str, sku: str, region: str, facts: Snapshot | None = None) -> list[str]:
+def check_deployment(model: str, version: str, sku: str, region: str, facts: Snapshot | None = None,
+                     registered: frozenset[str] = frozenset()) -> list[str]:
+    """`registered`: the limited-access models the parameters file says its subscription is approved for."""
     facts = facts or snapshot()
     key = f"{model}@{version}"
     problems: list[str] = []
+    access = facts.limited_access.get(model)
+    if access is not None and model not in registered:
+        problems.append(f"{model} needs {access} ({facts.sources['access']['form']}): a subscription not approved for "
+                        f"it gets no deployment; choose a model that needs none, or, once approved, say so with a "
+                        f"line '// bicepcheck: registered {model}' in the parameters file")
     life = facts.lifecycle.get(key)
     if life is None:
         problems.append(f"{key}: not in the model snapshot's retirement schedule (unknown or retired)")
