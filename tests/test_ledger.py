@@ -198,3 +198,71 @@ def test_usage_of_an_ended_quota_period_is_carried_into_the_current_one() -> Non
     assert ledger.quota_key > old_key and ledger.quota_used == 0
     report(ledger, "a:1", {S: {bucket_expiry(int((hour + 3601) * 1000)): 900}}, None, old_key, 900, 100, 0, hour + 3601)
     assert ledger.quota_used == 800
+
+
+# ---- debt: an overrun is carried until it is paid (issue 24) ---------------------------------------------------------
+
+
+def test_tokens_above_the_limit_stay_in_the_window_until_the_debt_is_paid() -> None:
+    ledger = Ledger()
+    now_ms = int(T0 * 1000)
+    claim(ledger, "a:1", {S: 1}, {S: 1}, {S: 10_000}, None, T0, 2000)  # records the scope's limit
+    e = bucket_expiry(now_ms)
+    report(ledger, "a:1", {S: {e: 95_000}}, None, None, 0, 0, 0, T0)  # ten requests ran far past their reservations
+    # It leaves the window at the limit's pace: 10,000 a minute, not all 60 s later.
+    assert ledger.occupancy(S, e - 1) == 95_000
+    assert ledger.occupancy(S, e) == 85_000
+    assert ledger.occupancy(S, e + 7 * 60_000) == 15_000
+    assert ledger.occupancy(S, e + 8 * 60_000) == 5_000
+    assert ledger.occupancy(S, e + 9 * 60_000) == 0
+    # The scope stays closed until its occupancy falls back under the limit; the wait says so.
+    assert ledger.wait_ms(S, 1_000, 10_000, now_ms) == e + 8 * 60_000 - now_ms
+    refused = claim(ledger, "b:1", {S: 1_000}, {S: 1_000}, {S: 10_000}, None, T0 + 300, 2000)
+    assert refused.tokens == {} and refused.refused[S].wait_ms == e + 8 * 60_000 - int((T0 + 300) * 1000)
+    granted = claim(ledger, "c:1", {S: 1_000}, {S: 5_000}, {S: 10_000}, None, (e + 8 * 60_000) / 1000, 2000)
+    assert granted.tokens == {S: 5_000}
+
+
+def test_the_debt_is_the_same_however_often_the_ledger_is_written_and_read_back() -> None:
+    now_ms = int(T0 * 1000)
+    e = bucket_expiry(now_ms)
+    seen: list[list[int]] = []
+    for step_ms in (500, 7_000, 61_000, 300_000):
+        ledger = Ledger(limits={S: 1_000})
+        report(ledger, None, {S: {e: 3_600, e + 20_000: 700}}, None, None, 0, 0, 0, T0)
+        profile = []
+        for at in range(now_ms, e + 6 * 60_000, step_ms):
+            ledger = Ledger.from_entity(ledger.to_entity())
+            ledger.prune(at)  # every write prunes (and rolls) first
+        for at in range(e + 6 * 60_000, e + 8 * 60_000, 30_000):
+            profile.append(ledger.occupancy(S, at))
+        seen.append(profile)
+    assert all(p == seen[0] for p in seen)
+    # 4,300 tokens against a 1,000 limit leave at 1,000 a minute: the last 300 of them 4 min 20 s after the first bucket.
+    fresh = Ledger(limits={S: 1_000}, windows={S: {e: 3_600, e + 20_000: 700}})
+    fresh.prune(now_ms)
+    for minute in range(5):
+        left = [fresh.occupancy(S, at) for at in range(e + minute * 60_000 - 60_000, e + minute * 60_000, 500)]
+        assert left[0] - left[-1] <= 1_000
+    assert fresh.occupancy(S, e + 4 * 60_000) == 300
+    assert fresh.occupancy(S, e + 4 * 60_000 + 20_000) == 0
+
+
+def test_without_a_known_limit_or_under_it_nothing_is_carried() -> None:
+    now_ms = int(T0 * 1000)
+    e = bucket_expiry(now_ms)
+    for ledger in (Ledger(windows={S: {e: 5_000}}), Ledger(limits={S: 10_000}, windows={S: {e: 5_000, e + 1_000: 5_000}})):
+        before = ledger.copy()
+        ledger.prune(now_ms)
+        assert ledger.windows == before.windows
+
+
+def test_a_huge_debt_is_carried_in_bounded_steps_and_space() -> None:
+    now_ms = int(T0 * 1000)
+    e = bucket_expiry(now_ms)
+    ledger = Ledger(limits={S: 1}, windows={S: {e: 10**12}})
+    ledger.prune(now_ms)
+    assert len(ledger.windows[S]) <= 241 and sum(ledger.windows[S].values()) == 10**12
+    later = now_ms + 3_600_000
+    ledger.prune(later)  # an hour later it is still owed, laid out again from then
+    assert ledger.occupancy(S, later) == 10**12 - 60 and len(ledger.windows[S]) <= 241

@@ -9,12 +9,19 @@ tokens claimed at t0 with lifetime L occupies X until t0 + L + 60 s, the latest 
 window. When the instance closes the lease it replaces that hold with what it really admitted, bucketed by admission
 time, and the unused rest becomes free again. So at every instant the occupancy is an upper bound of the tokens
 admitted in the last 60 seconds: the limit holds in *every* 60-second span, across every instance.
+
+A request can use more than it reserved (no output cap). That excess is **debt**, carried until it is paid: no 60 s of
+the window may release more than the scope's limit, so what a bucket holds beyond that stays a minute longer, and so on
+(`carry`). A scope over its limit therefore stays closed until its occupancy falls back under the limit, and it frees
+at most its limit a minute: the excess is never forgiven 60 s later. The ledger keeps each limited scope's limit (as the
+last `claim` applied it) to carry the window by.
 """
 
 from __future__ import annotations
 
 import calendar
 import time
+from bisect import insort
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -23,6 +30,9 @@ import orjson
 WINDOW_MS = 60_000
 BUCKET_MS = 500
 CONSUMER_SCOPE = "*"
+# Debt is laid out a minute's limit per bucket up to this far ahead (the entity holds at most 240 buckets of it).
+DEBT_HORIZON_MS = 4 * 3_600_000
+MAX_CARRY_STEPS = 10_000
 
 
 def deployment_scope(deployment: str) -> str:
@@ -41,16 +51,56 @@ class Lease:
     quota_tokens: int = 0
 
 
+def carry(window: Mapping[int, int], limit: int, now_ms: int) -> dict[int, int]:
+    """The window's buckets still in it at `now_ms`, with debt carried: tokens in the window from `e - 60 s` to `e`
+    never exceed `limit`, what a bucket holds beyond that moves to a bucket 60 s later (and so on), so a scope in debt
+    frees at most `limit` tokens a minute. A window that already keeps this is returned unchanged. Debt more than
+    DEBT_HORIZON_MS ahead stays in one bucket there (the entity's size is bounded); it is spread again by later writes.
+    Without a limit (0) nothing is carried."""
+    live = {e: t for e, t in window.items() if e > now_ms and t > 0}
+    if limit <= 0 or sum(live.values()) <= limit:
+        return live
+    horizon = now_ms + DEBT_HORIZON_MS
+    due = sorted(live)
+    kept: dict[int, int] = {}
+    recent: list[int] = []  # expiries kept, oldest first, to sum the window ending at each bucket
+    in_window = 0
+    seen = 0
+    for _ in range(MAX_CARRY_STEPS):
+        if seen == len(due):
+            break
+        expiry = due[seen]
+        seen += 1
+        tokens = live.pop(expiry)
+        while recent and recent[0] <= expiry - WINDOW_MS:
+            in_window -= kept[recent.pop(0)]
+        keep = tokens if expiry + WINDOW_MS > horizon else max(0, min(tokens, limit - in_window))
+        if keep:
+            kept[expiry] = keep
+            recent.append(expiry)
+            in_window += keep
+        if tokens > keep:
+            later = expiry + WINDOW_MS
+            if later not in live:
+                # Kept in order: `later` is after every expiry taken so far.
+                insort(due, later, lo=seen)
+            live[later] = live.get(later, 0) + tokens - keep
+    for expiry in due[seen:]:  # steps exhausted (a bound never met in practice): the rest stays where it is
+        kept[expiry] = kept.get(expiry, 0) + live.pop(expiry)
+    return kept
+
+
 @dataclass
 class Ledger:
     windows: dict[str, dict[int, int]] = field(default_factory=dict)  # scope -> {expiry ms: tokens}
     leases: dict[str, Lease] = field(default_factory=dict)
     quota_key: str = ""
     quota_used: int = 0
+    limits: dict[str, int] = field(default_factory=dict)  # scope -> tokens per minute, as the last claim applied
 
     def prune(self, now_ms: int) -> None:
         for scope in list(self.windows):
-            entries = {e: t for e, t in self.windows[scope].items() if e > now_ms and t > 0}
+            entries = carry(self.windows[scope], self.limits.get(scope, 0), now_ms)
             if entries:
                 self.windows[scope] = entries
             else:
@@ -62,16 +112,16 @@ class Ledger:
         return held + sum(lease.tokens.get(scope, 0) for lease in self.leases.values() if lease.expires_ms > now_ms)
 
     def wait_ms(self, scope: str, need: int, limit: int, now_ms: int) -> int | None:
-        """How long until `need` more tokens fit under `limit` in `scope`; None if they never can."""
+        """How long until `need` more tokens fit under `limit` in `scope`; None if they never can. Debt is paid first
+        (see `carry`): a bucket frees only what it holds once the window is back under the limit."""
         if need > limit:
             return None
         occupancy = self.occupancy(scope, now_ms)
         if occupancy + need <= limit:
             return 0
         releases: dict[int, int] = {}
-        for e, t in self.windows.get(scope, {}).items():
-            if e > now_ms:
-                releases[e] = releases.get(e, 0) + t
+        for e, t in carry(self.windows.get(scope, {}), self.limits.get(scope, 0), now_ms).items():
+            releases[e] = releases.get(e, 0) + t
         for lease in self.leases.values():
             held = lease.tokens.get(scope, 0)
             if held and lease.expires_ms > now_ms:
@@ -94,7 +144,9 @@ class Ledger:
                     window[expiry] = value
                 else:
                     window.pop(expiry, None)
-            if not window:
+            if window:
+                self.windows[scope] = carry(window, self.limits.get(scope, 0), now_ms)
+            if not self.windows[scope]:
                 del self.windows[scope]
 
     def to_entity(self) -> dict[str, object]:
@@ -105,6 +157,7 @@ class Ledger:
             ).decode(),
             "quota_key": self.quota_key,
             "quota_used": self.quota_used,
+            "limits": orjson.dumps(self.limits).decode(),
         }
 
     @classmethod
@@ -116,6 +169,7 @@ class Ledger:
             leases={k: Lease(dict(v[0]), int(v[1]), int(v[2])) for k, v in leases_raw.items()},
             quota_key=str(entity.get("quota_key") or ""),
             quota_used=int(entity.get("quota_used") or 0),  # type: ignore[call-overload]
+            limits={s: int(t) for s, t in orjson.loads(str(entity.get("limits") or "{}")).items()},
         )
 
     def copy(self) -> Ledger:
@@ -124,6 +178,7 @@ class Ledger:
             leases={k: Lease(dict(v.tokens), v.expires_ms, v.quota_tokens) for k, v in self.leases.items()},
             quota_key=self.quota_key,
             quota_used=self.quota_used,
+            limits=dict(self.limits),
         )
 
 
@@ -236,6 +291,11 @@ def claim(
     bounded by the quota left in the current period.
     """
     now_ms = int(now_s * 1000)
+    for scope, limit in limits.items():
+        if limit > 0:
+            ledger.limits[scope] = limit
+        else:
+            ledger.limits.pop(scope, None)
     ledger.prune(now_ms)
     granted: dict[str, int] = {}
     refused: dict[str, Refusal] = {}
