@@ -14,9 +14,9 @@ from shared.admin import cli
 from shared.admin.cli import Admin, parser
 from shared.admin.failures import BAD_INPUT, NOT_AUTHORIZED, REFUSED, UNREACHABLE, explain
 from shared.config import load_settings
-from shared.edge.consumers import Consumer
+from shared.edge.consumers import Consumer, hash_key
 from shared.storage.memory import MemoryConsumerStore
-from shared.storage.protocols import StoreUnavailable
+from shared.storage.protocols import Conflict, StoreUnavailable
 from shared.storage.tables import consumer_from_entity, consumer_to_entity
 from tools import stack
 
@@ -167,3 +167,17 @@ def test_priority_is_explained_and_low_is_gone_but_a_stored_low_still_reads() ->
     entity = consumer_to_entity(Consumer(id="old", name="Old", key_hash="0" * 64, key_prefix="gw-abcdef"))
     entity["priority"] = "low"
     assert consumer_from_entity(entity).priority == "normal"
+
+
+async def test_a_record_that_keeps_changing_under_a_command_is_not_overwritten_and_the_command_says_so() -> None:
+    admin, _, _, store = _admin(json_mode=False)
+    await store.create(Consumer(id="busy", name="busy", key_hash=hash_key("gw-busy"), key_prefix="gw-busy"))
+
+    async def always_beaten(consumer: Consumer, if_match: str | None = None) -> None:
+        raise Conflict("another writer came first")
+
+    store.put = always_beaten  # type: ignore[method-assign]
+    with pytest.raises(SystemExit, match="changed by other writers 5 times"):
+        await admin.set_enabled("busy", False)
+    stored = await store.get("busy")
+    assert stored is not None and stored.enabled

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -165,6 +166,78 @@ async def test_consumer_create_refuses_a_taken_id_and_lookup_by_key_hash_finds_c
     assert await store.delete("alpha") is True
     assert await store.delete("alpha") is False
     assert await store.get("alpha") is None
+
+
+async def test_a_consumer_write_on_a_stale_etag_is_a_conflict_and_changes_nothing(stores: Stores) -> None:
+    store: Any = stores.consumers
+    await store.create(consumer("beta", key="gw-beta"))
+    found = await store.get_versioned("beta")
+    assert found is not None
+    current, etag = found
+    await store.put(replace(current, enabled=False, version=1), if_match=etag)  # the first writer on this version
+    with pytest.raises(Conflict):
+        await store.put(replace(current, limits=Limits(tokens_per_minute=5), version=1), if_match=etag)
+    stored = await store.get("beta")
+    assert stored is not None and stored.enabled is False and stored.limits.tokens_per_minute == 1000
+    newer = await store.get_versioned("beta")
+    assert newer is not None and newer[1] != etag
+    await store.delete("beta")
+    with pytest.raises(Conflict):  # deleted meanwhile: the write does not bring it back
+        await store.put(replace(current, version=2), if_match=newer[1])
+    assert await store.get("beta") is None and await store.get_versioned("beta") is None
+
+
+class _BothReadFirst:
+    """The race, every time: both commands read the record before either writes it."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self._barrier = asyncio.Barrier(2)
+        self._held = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def _read(self, method: str, consumer_id: str) -> Any:
+        found = await getattr(self._store, method)(consumer_id)
+        if self._held < 2:
+            self._held += 1
+            await self._barrier.wait()
+        return found
+
+    async def get(self, consumer_id: str) -> Any:
+        return await self._read("get", consumer_id)
+
+    async def get_versioned(self, consumer_id: str) -> Any:
+        return await self._read("get_versioned", consumer_id)
+
+
+@pytest.mark.parametrize("other", ["disable", "rotate"])
+async def test_concurrent_admin_writes_never_undo_each_other(stores: Stores, other: str) -> None:
+    import io
+
+    from shared.admin.cli import Admin, parser
+
+    store: Any = stores.consumers
+    await store.create(consumer("gamma", key="gw-gamma"))
+    admin = Admin(_BothReadFirst(store), io.StringIO(), err=io.StringIO(), json_mode=True)
+    out = io.StringIO()
+    second = Admin(_BothReadFirst(store), out, err=io.StringIO(), json_mode=True)
+    second.store = admin.store  # one race: both commands share the barrier
+    commands = {
+        "disable": second.set_enabled("gamma", False),
+        "rotate": second.rotate(parser().parse_args(["consumers", "rotate", "gamma"])),
+    }
+    await asyncio.gather(admin.update(parser().parse_args(["consumers", "set", "gamma", "--tpm", "5"])), commands[other])
+    stored = await store.get("gamma")
+    assert stored is not None and stored.limits.tokens_per_minute == 5  # the set
+    if other == "disable":
+        assert stored.enabled is False
+    else:
+        key = json.loads(out.getvalue())["key"]
+        assert stored.key_hash == hash_key(key) and await store.find_by_key_hash(hash_key(key)) == stored
+        assert await store.find_by_key_hash(hash_key("gw-gamma")) is None  # no grace asked: the old key is gone
+    assert stored.version == 2  # two changes, each made on the other's result
 
 
 # ---- usage rows -----------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -288,6 +288,9 @@ PRIORITY_HELP = (
 )
 
 
+WRITE_TRIES = 5  # a consumer record changed by this many other writes while one command runs: give up, say so
+
+
 class Admin:
     def __init__(self, store: TableConsumerStore, out: Any = None, *, err: Any = None, json_mode: bool = False,
                  served: frozenset[str] | None = None, force: bool = False) -> None:
@@ -414,10 +417,29 @@ class Admin:
         self.print(json.dumps(describe(await self._existing(args.id)), indent=2))
         return 0
 
+    async def _change(self, consumer_id: str, change: Callable[[Consumer], Consumer]) -> Consumer:
+        """Read, change and write one consumer on the version read (If-Match on its ETag): a write that came in between
+        (another admin's `set`, `rotate`, `disable`) is never undone; the change is made again on the newer record."""
+        for _ in range(WRITE_TRIES):
+            found = await self.store.get_versioned(consumer_id)
+            if found is None:
+                raise SystemExit(f"no consumer with id {consumer_id!r}")
+            consumer, etag = found
+            changed = change(consumer)
+            if changed.entra != consumer.entra:
+                await self._check_mappings_free(changed)
+            try:
+                await self.store.put(changed, if_match=etag)
+            except Conflict:
+                continue
+            return changed
+        raise SystemExit(f"{consumer_id}: changed by other writers {WRITE_TRIES} times while this command ran; "
+                         "nothing written by it. Run it again")
+
     async def rotate(self, args: argparse.Namespace) -> int:
-        consumer = await self._existing(args.id)
         key = new_key()
-        await self.store.put(rotated(consumer, key, args.grace_seconds, SystemClock().now()))
+        now = SystemClock().now()
+        consumer = await self._change(args.id, lambda c: rotated(c, key, args.grace_seconds, now))
         self.result({"id": consumer.id, "key_prefix": key_prefix(key), "key": key})
         if args.grace_seconds:
             self.note(f"The previous key keeps working for {args.grace_seconds:g} seconds.")
@@ -425,35 +447,34 @@ class Admin:
         return 0
 
     async def set_enabled(self, consumer_id: str, enabled: bool) -> int:
-        consumer = await self._existing(consumer_id)
-        await self.store.put(replace(consumer, enabled=enabled, version=consumer.version + 1))
+        await self._change(consumer_id, lambda c: replace(c, enabled=enabled, version=c.version + 1))
         self.result({"id": consumer_id, "enabled": enabled}, f"{consumer_id}: {'enabled' if enabled else 'disabled'}")
         return 0
 
     async def update(self, args: argparse.Namespace) -> int:
-        consumer = await self._existing(args.id)
         if args.deployments is not None:
-            self.check_served(_deployments(args, consumer.deployments), getattr(args, "force", False))
-        changed = replace(
-            consumer,
-            name=args.name or consumer.name,
-            limits=_limits(args, consumer.limits),
-            deployments=_deployments(args, consumer.deployments),
-            priority=args.priority or consumer.priority,
-            entra=_entra(args, consumer.entra),
-            capabilities=_capabilities(args, consumer.capabilities),
-            version=consumer.version + 1,
-        )
-        await self._check_mappings_free(changed)
-        await self.store.put(changed)
-        self.result(describe(changed))
+            self.check_served(_deployments(args, None), getattr(args, "force", False))
+
+        def change(consumer: Consumer) -> Consumer:
+            return replace(
+                consumer,
+                name=args.name or consumer.name,
+                limits=_limits(args, consumer.limits),
+                deployments=_deployments(args, consumer.deployments),
+                priority=args.priority or consumer.priority,
+                entra=_entra(args, consumer.entra),
+                capabilities=_capabilities(args, consumer.capabilities),
+                version=consumer.version + 1,
+            )
+
+        self.result(describe(await self._change(args.id, change)))
         return 0
 
     async def reindex(self, args: argparse.Namespace) -> int:
         """Write the key-hash index rows of every consumer (for consumers created before the index existed)."""
         consumers = await self.store.list_consumers()
         for consumer in consumers:
-            await self.store.put(consumer)
+            await self._change(consumer.id, lambda c: c)  # on the version read: a reindex never undoes a change
         self.result({"indexed": len(consumers)}, f"{len(consumers)} consumers indexed")
         return 0
 

@@ -30,6 +30,7 @@ class MemoryConsumerStore(_Switch):
         self.consumers: dict[str, Consumer] = {}
         self.calls = 0
         self.writes = 0  # the change marker: every write through the store bumps it
+        self.etags: dict[str, str] = {}
 
     async def change_marker(self) -> str | None:
         self._check()
@@ -54,17 +55,28 @@ class MemoryConsumerStore(_Switch):
                 return consumer
         return None
 
-    async def put(self, consumer: Consumer) -> None:
+    async def get_versioned(self, consumer_id: str) -> tuple[Consumer, str] | None:
         self._check()
+        self.calls += 1
+        consumer = self.consumers.get(consumer_id)
+        return None if consumer is None else (consumer, self.etags[consumer_id])
+
+    async def put(self, consumer: Consumer, if_match: str | None = None) -> None:
+        self._check()
+        if if_match is not None and self.etags.get(consumer.id) != if_match:
+            raise Conflict("etag mismatch" if consumer.id in self.consumers else "consumer deleted")
+        self._store(consumer)
+
+    def _store(self, consumer: Consumer) -> None:
         self.consumers[consumer.id] = consumer
         self.writes += 1
+        self.etags[consumer.id] = f"c{self.writes}"
 
     async def create(self, consumer: Consumer) -> None:
         self._check()
         if consumer.id in self.consumers:
             raise Conflict("consumer exists")
-        self.consumers[consumer.id] = consumer
-        self.writes += 1
+        self._store(consumer)
 
     async def create_many(self, consumers: list[Consumer]) -> None:
         self._check()
@@ -74,11 +86,13 @@ class MemoryConsumerStore(_Switch):
                 raise Conflict("consumer exists")
             for c in chunk:
                 self.consumers[c.id] = c
+                self.etags[c.id] = f"c{self.writes + 1}-{c.id}"
             self.writes += 1
 
     async def delete(self, consumer_id: str) -> bool:
         self._check()
         deleted = self.consumers.pop(consumer_id, None) is not None
+        self.etags.pop(consumer_id, None)
         self.writes += deleted
         return deleted
 

@@ -321,6 +321,14 @@ class TableConsumerStore:
             return None
         return _parsed(dict(entity))
 
+    async def get_versioned(self, consumer_id: str) -> tuple[Consumer, str] | None:
+        try:
+            entity = await self._tables.call("consumers", lambda t: t.get_entity(_CONSUMER_PK, consumer_id))
+        except ResourceNotFoundError:
+            return None
+        consumer, etag = _parsed(dict(entity)), entity_etag(entity)
+        return None if consumer is None or etag is None else (consumer, etag)
+
     async def find_by_key_hash(self, key_hash: str) -> Consumer | None:
         if not _HEX64.fullmatch(key_hash):
             return None
@@ -348,9 +356,11 @@ class TableConsumerStore:
             except ResourceNotFoundError:
                 pass
 
-    async def put(self, consumer: Consumer) -> None:
+    async def put(self, consumer: Consumer, if_match: str | None = None) -> None:
         """Write the consumer with its index rows; index rows of keys it no longer has are removed afterwards (a lookup
-        through a stale index row finds the consumer row without that hash and refuses)."""
+        through a stale index row finds the consumer row without that hash and refuses). With `if_match` (an ETag from
+        get_versioned) only over that version: Conflict when another write, or a deletion, came in between (an index
+        row written for a key the consumer row never got finds nothing)."""
         try:
             entity_before = await self._tables.call("consumers", lambda t: t.get_entity(_CONSUMER_PK, consumer.id))
             before = {str(entity_before.get("key_hash") or ""), str(entity_before.get("previous_key_hash") or "")}
@@ -358,7 +368,14 @@ class TableConsumerStore:
             before = set()
         await self._write_index(consumer)
         entity = consumer_to_entity(consumer)
-        await self._tables.call("consumers", lambda t: t.upsert_entity(entity, mode=UpdateMode.REPLACE))
+        if if_match is None:
+            await self._tables.call("consumers", lambda t: t.upsert_entity(entity, mode=UpdateMode.REPLACE))
+        else:
+            try:
+                await self._tables.call("consumers", lambda t: t.update_entity(
+                    entity, mode=UpdateMode.REPLACE, etag=if_match, match_condition=MatchConditions.IfNotModified))
+            except ResourceNotFoundError:
+                raise Conflict("the consumer was deleted meanwhile") from None
         await self._drop_index({h for h in before if h} - {consumer.key_hash, consumer.previous_key_hash or ""})
         await self._mark_changed()
 
