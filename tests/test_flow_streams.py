@@ -88,3 +88,56 @@ async def test_a_client_leaving_mid_stream_closes_the_backend_stream_and_is_char
     assert await harness.charged("leaver") == PROMPT + 3
     assert sum(r.total for r in await harness.usage_rows("leaver")) == PROMPT + 3
     assert harness.telemetry.requests[-1].status == 200
+
+
+def usage_of(raw: bytes) -> dict[str, int] | None:
+    found = [orjson.loads(line[6:]) for line in data_lines(raw) if line.startswith('data: {"') and '"usage":{' in line]
+    return found[-1]["usage"] if found else None
+
+
+@pytest.mark.parametrize(("ending", "ends_well"), [
+    (b"[DONE]", True),  # Microsoft's aoai-api-simulator: no field name, no blank line
+    (b"data:[DONE]", True),
+    (b"data: [DONE]\n", True),
+    (b"[DONE]\n\n", True),
+    (b"", False),  # the backend closes the connection after its last chunk
+    (b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","choices":[{"index":0,"delt', False),  # mid-event
+])
+async def test_a_usage_chunk_asked_for_comes_however_the_backend_ends_its_stream(
+    harness: GatewayHarness, ending: bytes, ends_well: bool,
+) -> None:
+    key = harness.consumer("asker", tpm=100_000)
+    events = sse_events(4, with_usage=False)[:-1]  # the role chunk, 4 words, the finish chunk; no [DONE]
+    harness.upstream.script("uksouth-ptu", Reply(200, {"content-type": "text/event-stream"},
+                                                 pieces=(*events, ending) if ending else events))
+    body = {**STREAM, "stream_options": {"include_usage": True}}
+    response = await harness.post("/v1/chat/completions", key, body)
+    lines = data_lines(response.content)
+    assert usage_of(response.content) == {"prompt_tokens": PROMPT, "completion_tokens": 4, "total_tokens": PROMPT + 4}
+    if ends_well:
+        assert lines[-1] == "data: [DONE]" and lines[-2].startswith('data: {"id"') and '"usage":{' in lines[-2]
+    else:
+        assert '"stream_interrupted"' in lines[-1] and '"usage":{' in lines[-2]
+    assert await harness.charged("asker") == PROMPT + 4
+
+
+async def test_a_usage_chunk_asked_for_comes_before_the_error_of_a_broken_stream(harness: GatewayHarness) -> None:
+    key = harness.consumer("asker", tpm=100_000)
+    harness.upstream.script("uksouth-ptu", Reply(200, {"content-type": "text/event-stream"},
+                                                 pieces=sse_events(40, with_usage=False), breaks_after=4))
+    chunks = []
+    with pytest.raises(openai.APIError):
+        async for chunk in await harness.openai(key).chat.completions.create(  # type: ignore[call-overload]
+            **STREAM, stream_options={"include_usage": True}):
+            chunks.append(chunk)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+    assert chunks[-1].usage.prompt_tokens == PROMPT and await harness.charged("asker") == PROMPT + 3
+
+
+async def test_the_sdk_reads_a_stream_ended_by_a_bare_done_to_its_usage(harness: GatewayHarness) -> None:
+    key = harness.consumer("asker", tpm=100_000)
+    events = sse_events(3, with_usage=False)[:-1]
+    harness.upstream.script("uksouth-ptu", Reply(200, {"content-type": "text/event-stream"}, pieces=(*events, b"[DONE]")))
+    chunks = [c async for c in await harness.openai(key).chat.completions.create(  # type: ignore[call-overload]
+        **STREAM, stream_options={"include_usage": True})]
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == PROMPT + 3

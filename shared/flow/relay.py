@@ -129,6 +129,7 @@ class Relay:
                     if isinstance(relay, responses.ResponsesRelay) and relay.done and not context_recorded:
                         context_recorded = True  # again with the usage: the context a continuation adds
                         await self._remember_streamed(exchange, chosen.backend, relay)
+            await self._count_for_usage(exchange, relay)
             tail = relay.flush()
             if tail:
                 yield tail
@@ -137,6 +138,7 @@ class Relay:
             else:
                 yield _stream_error("The backend ended the stream early.", relay)
         except UpstreamBroken:
+            await self._count_for_usage(exchange, relay)
             yield _stream_error("The backend's stream broke off.", relay)
         except (asyncio.CancelledError, GeneratorExit):
             abandoned = True  # the client left
@@ -166,6 +168,12 @@ class Relay:
             if cancelled is not None:
                 raise cancelled
 
+    @staticmethod
+    async def _count_for_usage(exchange: Exchange, relay: SseRelay | responses.ResponsesRelay) -> None:
+        """The prompt counted (off the loop if large) before a usage chunk of the gateway's own is written."""
+        if exchange.prompt_estimate is None and isinstance(relay, SseRelay) and relay.owes_usage:
+            await exchange.counted_prompt()
+
     async def _drain(self, upstream: Answer, relay: SseRelay | responses.ResponsesRelay) -> bool:
         """Read the rest of an abandoned stream, unseen, for at most GATEWAY_ABANDONED_STREAM_DRAIN_S, so that its
         usage chunk (the backend's own figure) can be charged; True if the stream ended within it."""
@@ -188,7 +196,8 @@ def _stream_error(message: str, relay: SseRelay | responses.ResponsesRelay) -> b
     if isinstance(relay, responses.ResponsesRelay):
         return relay.interrupted(message)
     body = error_body(message, "server_error", "stream_interrupted")
-    return b"data: " + body + b"\n\n"
+    # The usage chunk the client asked for comes before the error (the SDK raises on the error event).
+    return relay.missing_usage() + b"data: " + body + b"\n\n"
 
 
 def _created(raw: bytes) -> responses.Created | None:

@@ -129,11 +129,12 @@ class SseRelay:
                 if self._forward_usage:
                     out.append(event)
                 continue
-            if event.startswith(b"data: [DONE]"):
+            if b"[DONE]" in event and _is_end(event):
                 self.done = True
-                if self.usage is None and self._forward_usage:
-                    # The client asked for usage and the backend sent none: the gateway's own count, before [DONE].
+                # The client asked for usage and the backend sent none: the gateway's own count, before [DONE].
+                if self.owes_usage:
                     out.append(self._usage_chunk())
+                event = END  # as the SDKs expect it, whatever spelling the backend used (`data:[DONE]`, a bare `[DONE]`)
             else:
                 self._pending.append(event)
                 self._pending_bytes += len(event)
@@ -146,11 +147,26 @@ class SseRelay:
 
     def would_count_usage(self, data: bytes) -> bool:
         """Feeding `data` may end the stream with a usage chunk of the gateway's own (which asks for the prompt)."""
-        return self._forward_usage and self.usage is None and self._framer.may_hold(data, b"[DONE]")
+        return self.owes_usage and self._framer.may_hold(data, b"[DONE]")
+
+    @property
+    def owes_usage(self) -> bool:
+        """The client asked for the usage chunk and none has been sent yet."""
+        return self._forward_usage and self.usage is None
+
+    def missing_usage(self) -> bytes:
+        """The usage chunk the client asked for, counted by the gateway, if the backend sent none (b"" otherwise):
+        sent before the stream's end, whatever ends it (its `[DONE]`, the backend closing without one, a break)."""
+        return self._usage_chunk() if self.owes_usage else b""
 
     def flush(self) -> bytes:
-        """Whatever incomplete event is left when the backend closes the stream."""
-        return self._framer.flush()
+        """What is left to send when the backend closes the stream: a last event that lacks only its blank line (some
+        servers end with a bare `[DONE]`), completed; a cut-off one is dropped (half a JSON object would break the
+        client's parser, and the error event after it)."""
+        rest = self._framer.flush().rstrip(b"\n")
+        if not rest or not (_is_end(rest) or sse.event_object(rest) is not None):
+            return b""
+        return self.feed(rest + b"\n\n")
 
     def _take_usage(self, event: bytes) -> bool:
         """Record the usage of a usage-bearing chunk; True when the chunk carries nothing else (empty choices)."""
@@ -218,6 +234,14 @@ class SseRelay:
         if "system_fingerprint" in last:
             chunk["system_fingerprint"] = last["system_fingerprint"]
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+END = b"data: [DONE]\n\n"
+
+
+def _is_end(event: bytes) -> bool:
+    """`data: [DONE]`, `data:[DONE]`, or `[DONE]` alone (no field name, as Microsoft's aoai-api-simulator sends it)."""
+    return sse.event_data(event) == b"[DONE]" or event.strip() == b"[DONE]"
 
 
 def _delta_tokens(delta: Mapping[str, Any], encoding: tiktoken.Encoding) -> int:
