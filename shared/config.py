@@ -154,6 +154,11 @@ class Settings:
     api_versions: frozenset[str] | None = None  # None: any well-formed api-version
     forwarded_hops: int = 0
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # The response cache (docs/cache.md): entries in Blob Storage in the tables' account, a bounded layer in memory.
+    blob_endpoint: str | None = None  # with an identity; a connection string names its own
+    cache_memory_bytes: int = 64 * 1024 * 1024
+    cache_max_entry_bytes: int = 1024 * 1024
+    cache_seed: bool = False  # a `seed` makes a request with a temperature cacheable
     admit_on_bound: bool = True  # a large prompt with room to spare is admitted on its upper bound, uncounted
     catalog: Catalog = field(default_factory=Catalog)  # fallbacks, windows, families, aliases (GATEWAY_DEPLOYMENTS, _ALIASES)
 
@@ -677,7 +682,23 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         forwarded_hops=_integer(env, "GATEWAY_FORWARDED_HOPS", 1 if _get(env, "WEBSITE_SITE_NAME") else 0,
                                 minimum=0, maximum=10),
         trusted_proxies=_trusted_proxies(env),
+        blob_endpoint=_blob_endpoint(env, endpoint if connection is None else None),
+        cache_memory_bytes=_integer(env, "GATEWAY_CACHE_MEMORY_MB", 64, minimum=0, maximum=16_384) * 1024 * 1024,
+        cache_max_entry_bytes=_integer(env, "GATEWAY_CACHE_MAX_ENTRY_BYTES", 1024 * 1024, minimum=1024,
+                                       maximum=64 * 1024 * 1024),
+        cache_seed=_boolean(env, "GATEWAY_CACHE_SEED", False),
     )
+
+
+def _blob_endpoint(env: Mapping[str, str], table_endpoint: str | None) -> str | None:
+    """Where the cache's blobs are when the gateway signs in with an identity: the setting, the host's blob URI, or the
+    tables' account with .blob. for .table. (None with a connection string: it names its own)."""
+    endpoint = _get(env, "GATEWAY_BLOB_ENDPOINT") or _get(env, "AzureWebJobsStorage__blobServiceUri")
+    if endpoint is None and table_endpoint is not None and ".table." in table_endpoint:
+        endpoint = table_endpoint.replace(".table.", ".blob.", 1)
+    if endpoint is not None and not re.fullmatch(r"https?://[^\s?#]+", endpoint):
+        raise ConfigError(f"GATEWAY_BLOB_ENDPOINT: expected an http(s) URL, got {endpoint!r}")
+    return endpoint
 
 
 _GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")

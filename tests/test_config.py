@@ -149,3 +149,21 @@ def test_security_defaults() -> None:
     assert settings.forwarded_hops == 0 and settings.trusted_proxies == ()
     on_azure = load_settings({**env(BACKEND), "WEBSITE_SITE_NAME": "func-aigw"})
     assert on_azure.forwarded_hops == 1  # the platform's front end appends the caller's address
+
+
+def test_the_cache_blob_endpoint_follows_the_tables_account_or_its_setting() -> None:
+    from shared.config import ConfigError, load_settings
+
+    base: dict[str, str] = {}
+    identity = load_settings({**base, "GATEWAY_TABLE_ENDPOINT": "https://acct.table.core.windows.net"},
+                             require_backends=False)
+    assert identity.blob_endpoint == "https://acct.blob.core.windows.net"
+    named = load_settings({**base, "GATEWAY_TABLE_ENDPOINT": "https://acct.table.core.windows.net",
+                           "GATEWAY_BLOB_ENDPOINT": "https://other.blob.core.windows.net"}, require_backends=False)
+    assert named.blob_endpoint == "https://other.blob.core.windows.net"
+    keyed = load_settings({**base, "GATEWAY_TABLE_CONNECTION_STRING": "UseDevelopmentStorage=true"},
+                          require_backends=False)
+    assert keyed.blob_endpoint is None and keyed.cache_memory_bytes == 64 * 1024 * 1024
+    with pytest.raises(ConfigError, match="GATEWAY_BLOB_ENDPOINT"):
+        load_settings({**base, "GATEWAY_TABLE_ENDPOINT": "https://a.table.core.windows.net",
+                       "GATEWAY_BLOB_ENDPOINT": "ftp://x"}, require_backends=False)

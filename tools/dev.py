@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if env.get("GATEWAY_TABLE_CONNECTION_STRING", "").startswith("UseDevelopmentStorage") and not _listening(10002):
             children.append(stack.start_azurite(10002))
-            print("azurite (tables) on http://127.0.0.1:10002")
+            print("azurite (tables) on http://127.0.0.1:10002, (blobs: the response cache) on http://127.0.0.1:10000")
         if not args.no_simulators and _uses_embedded_backends(env):
             for region in stack.EMBEDDED_REGIONS:
                 if not _listening(region.port):

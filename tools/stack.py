@@ -1,4 +1,4 @@
-"""Starting the local stack as child processes: Azurite (tables), simulated regions, gateway processes.
+"""Starting the local stack as child processes: Azurite (tables and blobs), simulated regions, gateway processes.
 
 Used by the dev runner, the end-to-end tests and the benchmarks, so all three start things the same way. Everything
 listens on 127.0.0.1 only.
@@ -100,32 +100,51 @@ def _spawn(name: str, argv: Sequence[str], port: int, env: Mapping[str, str] | N
 
 
 def azurite_binary() -> Path:
-    binary = ROOT / "node_modules" / ".bin" / "azurite-table"
+    binary = ROOT / "node_modules" / ".bin" / "azurite"
     if not binary.exists():
         raise RuntimeError("Azurite is not installed: run `npm install` in the project (scripts/bootstrap does)")
     return binary
 
 
-def start_azurite(port: int = 10002, log_dir: Path | None = None, name: str = "azurite", location: Path | None = None) -> Child:
-    """Azurite's table service; in memory, or persisted under `location` (so it can be stopped and started again)."""
+# Table port -> Blob port of the Azurites this process started, so a connection string built from the table port
+# (every caller knows only that one) names both services.
+_blob_ports: dict[int, int] = {}
+
+
+def start_azurite(
+    port: int = 10002, log_dir: Path | None = None, name: str = "azurite", location: Path | None = None,
+    blob_port: int | None = None,
+) -> Child:
+    """Azurite's Table and Blob services (the tables, and the response cache's entries), in one process; in memory,
+    or persisted under `location` (so it can be stopped and started again). Its Queue service, which the gateway does
+    not use, listens too (Azurite starts all three): on a free port."""
     storage = ["--location", str(location)] if location else ["--inMemoryPersistence"]
+    blob_port = blob_port or (10000 if port == 10002 else free_port())
+    queue_port = 10001 if port == 10002 else free_port()
     argv = [
-        str(azurite_binary()), "--tableHost", LOOPBACK, "--tablePort", str(port), *storage,
+        str(azurite_binary()), "--tableHost", LOOPBACK, "--tablePort", str(port), "--blobHost", LOOPBACK,
+        "--blobPort", str(blob_port), "--queueHost", LOOPBACK, "--queuePort", str(queue_port), *storage,
         "--disableTelemetry", "--silent", "--skipApiVersionCheck",
     ]
     child = _spawn(name, argv, port, None, log_dir or _logs(), 30)
+    wait_port(blob_port, 30, child.process)
     child.stop_signal = signal.SIGINT  # Azurite saves its data on SIGINT, not on SIGTERM
+    _blob_ports[port] = blob_port
     return child
 
 
-def table_connection_string(port: int) -> str:
-    if port == 10002:
+def table_connection_string(port: int, blob_port: int | None = None) -> str:
+    """The development account on this Azurite: its Table endpoint, and its Blob endpoint when known (an address
+    that only forwards the Table service, such as a counting proxy, has none: the cache then keeps entries in memory)."""
+    blob_port = blob_port or _blob_ports.get(port)
+    if port == 10002 and blob_port in (None, 10000):
         return DEVSTORE_CONNECTION
     # Azurite's well-known development account and key (public, documented; not a secret).
     key = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+    blob = f"BlobEndpoint=http://{LOOPBACK}:{blob_port}/devstoreaccount1;" if blob_port else ""
     return (
         f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={key};"
-        f"TableEndpoint=http://{LOOPBACK}:{port}/devstoreaccount1;"
+        f"TableEndpoint=http://{LOOPBACK}:{port}/devstoreaccount1;{blob}"
     )
 
 

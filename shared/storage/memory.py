@@ -207,3 +207,20 @@ class MemoryResponseStore(_Switch):
     async def forget(self, response_id: str) -> None:
         self._check()
         self.records.pop(response_id, None)
+
+
+class MemoryAnswerStore(_Switch):
+    def __init__(self) -> None:
+        self.entries: dict[str, bytes] = {}
+        self.reads = 0
+        self.writes = 0
+
+    async def get(self, key: str) -> bytes | None:
+        self._check()
+        self.reads += 1
+        return self.entries.get(key)
+
+    async def put(self, key: str, data: bytes) -> None:
+        self._check()
+        self.writes += 1
+        self.entries[key] = data

@@ -105,3 +105,17 @@ class ResponseStore(Protocol):
     async def forget(self, response_id: str) -> None:
         """Drop the record (the response was deleted); nothing to drop is fine."""
         ...
+
+
+class AnswerStore(Protocol):
+    """Where the response cache keeps its entries (key: 64 hex digits -> the entry's bytes), shared by every instance.
+    Expiry is the reader's business (each entry carries its time); what is never read again is deleted by the
+    storage account's lifecycle rule."""
+
+    async def get(self, key: str) -> bytes | None:
+        """The entry's bytes, or None when there is none."""
+        ...
+
+    async def put(self, key: str, data: bytes) -> None:
+        """Store (or replace) an entry."""
+        ...

@@ -1,0 +1,103 @@
+"""Azure Blob Storage for the response cache: one container in the tables' account, one blob per entry (named by its
+key), every call bounded by a timeout and its errors mapped once, as the tables' are."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
+from azure.storage.blob.aio import BlobServiceClient, ContainerClient
+
+from shared.config import Settings
+from shared.storage.protocols import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+WRITE_TIMEOUT_FACTOR = 5  # writes are off the request path: they may take longer than a read
+
+
+def container_name(table_prefix: str) -> str:
+    """Container names are lower case (3-63 letters, digits, hyphens); the table prefix is letters and digits."""
+    return f"{table_prefix.lower()}-cache"
+
+
+def names_blob_service(connection_string: str) -> bool:
+    """Whether a connection string reaches the account's Blob service: a development-storage shortcut, one that names a
+    Blob endpoint, or one that names no endpoint at all (the account's are derived). One naming only a Table endpoint
+    does not: the SDK would derive an address on the public cloud for an account that is not there."""
+    if "UseDevelopmentStorage=true" in connection_string or "BlobEndpoint=" in connection_string:
+        return True
+    return "TableEndpoint=" not in connection_string
+
+
+class BlobAnswerStore:
+    def __init__(self, service: BlobServiceClient, container: str, timeout_s: float) -> None:
+        self._service = service
+        self._container: ContainerClient = service.get_container_client(container)
+        self.timeout_s = timeout_s
+        self._ready = False
+        self.reads = 0
+        self.writes = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BlobAnswerStore | None:
+        """None where the settings reach no Blob service (the cache then keeps its entries in memory only)."""
+        options: dict[str, Any] = {"retry_total": 0, "connection_timeout": settings.store_timeout_s}
+        container = container_name(settings.table_prefix)
+        connection = settings.table_connection_string
+        if connection:
+            if not names_blob_service(connection):
+                log.warning("the storage connection string names no Blob endpoint: cache entries stay in memory")
+                return None
+            return cls(BlobServiceClient.from_connection_string(connection, **options), container, settings.store_timeout_s)
+        if settings.blob_endpoint is None:
+            return None
+        from azure.identity.aio import DefaultAzureCredential
+
+        credential = DefaultAzureCredential(managed_identity_client_id=settings.managed_identity_client_id)
+        return cls(BlobServiceClient(settings.blob_endpoint, credential=credential, **options), container,
+                   settings.store_timeout_s)
+
+    async def _ensure(self) -> None:
+        if self._ready:
+            return
+        try:
+            await asyncio.wait_for(self._container.create_container(), self.timeout_s * WRITE_TIMEOUT_FACTOR)
+        except ResourceExistsError:
+            pass
+        except (TimeoutError, AzureError, OSError) as exc:
+            raise StoreUnavailable(f"container {self._container.container_name}: {type(exc).__name__}") from None
+        self._ready = True
+
+    async def get(self, key: str) -> bytes | None:
+        self.reads += 1
+
+        async def read() -> bytes:
+            downloader = await self._container.download_blob(key)
+            return await downloader.readall()
+
+        try:
+            return await asyncio.wait_for(read(), self.timeout_s)
+        except ResourceNotFoundError:
+            return None  # no such blob, or no container yet (the first write creates it)
+        except (TimeoutError, AzureError, OSError) as exc:
+            raise StoreUnavailable(f"blob read: {type(exc).__name__}") from None
+
+    async def put(self, key: str, data: bytes) -> None:
+        await self._ensure()
+        self.writes += 1
+        try:
+            await asyncio.wait_for(
+                self._container.upload_blob(key, data, overwrite=True), self.timeout_s * WRITE_TIMEOUT_FACTOR
+            )
+        except ResourceNotFoundError:
+            self._ready = False  # the container went away (an emulator restarted): created again next time
+            raise StoreUnavailable("blob write: container not found") from None
+        except (TimeoutError, AzureError, OSError) as exc:
+            raise StoreUnavailable(f"blob write: {type(exc).__name__}") from None
+
+    async def close(self) -> None:
+        await self._container.close()
+        await self._service.close()
