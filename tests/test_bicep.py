@@ -65,6 +65,12 @@ LEFT_AT_DEFAULT = {
     "GATEWAY_STREAM_SETTLE_S",
     "GATEWAY_ABANDONED_STREAM_DRAIN_S",
     "GATEWAY_TIMEOUT_REPLAYS",
+    # The response cache: the host's blob URI is consulted only without GATEWAY_BLOB_ENDPOINT (set); sizes and the
+    # seed rule at their documented defaults.
+    "AzureWebJobsStorage__blobServiceUri",
+    "GATEWAY_CACHE_MEMORY_MB",
+    "GATEWAY_CACHE_MAX_ENTRY_BYTES",
+    "GATEWAY_CACHE_SEED",
     "GATEWAY_ADMIT_ON_BOUND",
     # Fallback chains, context windows and aliases: none by default (README.md, Fallback across models).
     "GATEWAY_DEPLOYMENTS",
@@ -515,6 +521,7 @@ RUNTIME_SAMPLES = {  # what Azure fills in for the values only known at deployme
     "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": f"Authorization=AAD;ClientId={CLIENT_ID}",
     "AZURE_CLIENT_ID": CLIENT_ID,
     "GATEWAY_TABLE_ENDPOINT": "https://staigwexample.table.core.windows.net/",
+    "GATEWAY_BLOB_ENDPOINT": "https://staigwexample.blob.core.windows.net/",
 }
 
 

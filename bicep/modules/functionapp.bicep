@@ -189,6 +189,7 @@ resource appSettings 'Microsoft.Web/sites/config@2024-11-01' = {
     PYTHON_ENABLE_INIT_INDEXING: '1'
     GATEWAY_BACKENDS: string(backends)
     GATEWAY_TABLE_ENDPOINT: storage.properties.primaryEndpoints.table
+    GATEWAY_BLOB_ENDPOINT: storage.properties.primaryEndpoints.blob
     GATEWAY_INSTANCE_COUNT: string(maximumInstanceCount)
     GATEWAY_LIMIT_FAIL_MODE: limitFailMode
     GATEWAY_ID: gatewayId

@@ -1,5 +1,6 @@
 // One storage account for the Functions host (AzureWebJobsStorage), the Flex Consumption deployment container and
-// the gateway's tables (consumers, ledger, breakers, usage; the app creates them at start-up). Shared keys are off:
+// the gateway's tables (consumers, ledger, breakers, usage; the app creates them at start-up) and the response cache's
+// blobs. Shared keys are off:
 // every client, the admin CLI included, authenticates with Microsoft Entra ID.
 
 param name string
@@ -59,6 +60,49 @@ resource deploymentContainer 'Microsoft.Storage/storageAccounts/blobServices/con
   name: deploymentContainerName
   properties: {
     publicAccess: 'None'
+  }
+}
+
+// The response cache's entries (docs/cache.md): the gateway reads each with its own TTL (at most a day); what is never
+// read again is deleted here, two days after its last write.
+resource cacheContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+  parent: blobService
+  name: 'gateway-cache'
+  properties: {
+    publicAccess: 'None'
+  }
+}
+
+resource cacheLifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@2023-05-01' = {
+  parent: storage
+  name: 'default'
+  properties: {
+    policy: {
+      rules: [
+        {
+          name: 'response-cache-expiry'
+          enabled: true
+          type: 'Lifecycle'
+          definition: {
+            filters: {
+              blobTypes: [
+                'blockBlob'
+              ]
+              prefixMatch: [
+                '${cacheContainer.name}/'
+              ]
+            }
+            actions: {
+              baseBlob: {
+                delete: {
+                  daysAfterModificationGreaterThan: 2
+                }
+              }
+            }
+          }
+        }
+      ]
+    }
   }
 }
 
