@@ -291,9 +291,10 @@ def test_one_log_record_per_request_with_tokens_source_attempts_latency_and_cost
     assert first["microsoft.custom_event.name"] == "GatewayLlmLog"
     assert first["microsoft.custom_measurements"] == {
         "Prompt Tokens": 100, "Completion Tokens": 20, "Cached Tokens": 64, "Reasoning Tokens": 5, "Total Tokens": 120,
-        "Attempts": 2, "Duration Ms": 12.5, "Time To First Token Ms": 3.0,
+        "Attempts": 2, "Fallback Step": 0, "Duration Ms": 12.5, "Time To First Token Ms": 3.0,
         "Cost": pytest.approx((36 * 2.5 + 64 * 1.25 + 20 * 10) / 1e6),
     }
+    assert first["Requested Deployment"] == "gpt-4o"
     assert {k: first[k] for k in ("Subscription ID", "Deployment", "Model", "Backend ID", "Location", "Status Code",
                                   "Usage Source", "Client IP", "User ID", "Currency", "PTU")} == {
         "Subscription ID": "team-a", "Deployment": "gpt-4o", "Model": "gpt-4o-2024-11-20", "Backend ID": "uk-ptu",
@@ -359,3 +360,16 @@ def test_an_attempt_whose_body_broke_off_gets_its_own_record_so_log_totals_equal
     assert sum(r["microsoft.custom_measurements"]["Cost"] for r in (lost, answered)) == pytest.approx(
         sum(v for v, _ in metrics[names.COST]))
     assert sum(v for v, _ in metrics[names.GATEWAY_REQUESTS]) == 1
+
+
+def test_a_fallback_is_logged_with_the_name_asked_and_its_step_and_counted_by_deployments() -> None:
+    sink, reader, _ = telemetry(GATEWAY_PRICES=PRICES)
+    sink.model_fallback("gpt-4.1", "gpt-4o", "BackendsBusy")
+    sink.request_done(record(ptu=False, requested="chat", step=1))
+    (logged,) = log_records()
+    assert logged["Deployment"] == "gpt-4o" and logged["Requested Deployment"] == "chat"
+    assert logged["microsoft.custom_measurements"]["Fallback Step"] == 1
+    assert logged["microsoft.custom_measurements"]["Cost"] > 0  # priced as the deployment that served
+    assert collect(reader)[names.MODEL_FALLBACKS] == [
+        (1, {"From Deployment": "gpt-4.1", "To Deployment": "gpt-4o", "Reason": "BackendsBusy"})
+    ]

@@ -78,6 +78,7 @@ class Consumer:
     version: int = 0
     entra: frozenset[str] = frozenset()  # Entra ID mapping keys: "app:<id>", "oid:<id>", "role:<name>", "group:<id>"
     capabilities: frozenset[str] = frozenset()  # request features beyond the basics, e.g. "data_sources"
+    fallback: bool = True  # False: never served by another deployment than the one asked for (GATEWAY_DEPLOYMENTS)
 
     def may_use(self, deployment: str) -> bool:
         return self.deployments is None or deployment in self.deployments

@@ -11,7 +11,7 @@ from shared.edge.messages import GatewayRequest
 from shared.flow import offload, tokens
 from shared.flow.exchange import Checked, Exchange, count_prompt, prompt_bound
 from shared.flow.translate import CallShape, Operation
-from shared.limits.contract import Limiter
+from shared.limits.contract import Limiter, Ticket
 from shared.telemetry.events import Trace
 
 # A large prompt is admitted on its upper bound, uncounted, only when the bound and the output fit this many times in
@@ -56,6 +56,27 @@ class Admission:
             prompt_estimate=prompt if counted else None,
             prompt_bound=None if counted else prompt,
         )
+
+    async def readmit(self, exchange: Exchange, checked: Checked) -> tuple[Ticket, int, Checked]:
+        """Reserve the request anew for the deployment it falls back to (`checked`), once its reservation at the one it
+        leaves was settled: the same prompt (counted, or the same bound) and output, against the target's scopes. Raises
+        the limiter's refusal when the consumer cannot be admitted there. See docs/architecture.md, "Fallback and the
+        books"."""
+        reserve = 0
+        deployment = checked.shape.deployment
+        if self._limiter.needs_estimate(checked.consumer, deployment):
+            if exchange.prompt_estimate is not None:
+                prompt = exchange.prompt_estimate
+            elif exchange.prompt_bound is not None:
+                prompt = exchange.prompt_bound
+            else:
+                prompt = await exchange.counted_prompt()
+            capped = self._capped(checked.route.operation, checked.consumer, checked.shape, prompt)
+            if capped is not checked.shape:
+                checked = replace(checked, shape=capped)
+            reserve = prompt + self._completion(checked)
+        ticket = await self._limiter.admit(checked.consumer, deployment, reserve)
+        return ticket, reserve, checked
 
     def _completion(self, checked: Checked) -> int:
         """Every choice the backend generates (n, best_of) may run to the cap, and is billed."""

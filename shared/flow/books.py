@@ -78,10 +78,17 @@ class Books:
         spent = lost.total if lost is not None else 0
         # A request that timed out may still be generating (and billed) up to its cap: what it was charged for (its
         # reservation) is not refunded.
-        exchange.ticket.settle(max(exchange.reserve, spent) if exchange.timeouts else spent)
+        timed_out = exchange.timeouts > exchange.timeouts_before
+        exchange.ticket.settle(max(exchange.reserve, spent) if timed_out else spent)
         if lost is not None:
             self._usage.record(exchange.consumer.id, exchange.deployment, lost)
         self._emit_lost(exchange)
+
+    def moved(self, exchange: Exchange) -> None:
+        """The request leaves its deployment for the next of its chain (shared/flow/failover.py): its reservation there
+        is settled as for an unanswered request, and the attempts whose bodies broke off there are charged, recorded
+        and emitted under that deployment, which spent them."""
+        self.unanswered(exchange)
 
     def refused(
         self, request: GatewayRequest, route: Route, consumer_id: str, client_ip: str, deployment: str, status: int,
@@ -140,4 +147,6 @@ class Books:
             usage=usage,
             ttft_ms=ttft_ms,
             attempts=attempts,
+            requested=exchange.checked.requested,
+            step=exchange.step,
         )

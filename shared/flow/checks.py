@@ -3,10 +3,11 @@ inbound section). Everything here refuses with a typed refusal or a request-shap
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
+from shared.catalog import Catalog
 from shared.edge.consumers import Consumer
 from shared.edge.errors import GatewayError, bad_request
 from shared.edge.messages import GatewayRequest
@@ -39,9 +40,10 @@ class Parsed:
 class Checks:
     def __init__(
         self, deployments: frozenset[str], pinning: Pinning, *, reveal_deployments: bool = False,
-        api_versions: frozenset[str] | None = None,
+        api_versions: frozenset[str] | None = None, catalog: Catalog | None = None,
     ) -> None:
         self._deployments = deployments
+        self._catalog = catalog if catalog is not None else Catalog()
         self._pinning = pinning
         self._reveal = reveal_deployments
         self._api_versions = api_versions
@@ -60,20 +62,40 @@ class Checks:
         return Parsed(Route(route.api, route.operation, shape.deployment), body, shape, api_version, len(request.body))
 
     async def allow(self, parsed: Parsed, consumer: Consumer) -> Checked:
-        """An unknown deployment, one the key may not use, or a continuation of a response the consumer may not see
-        is refused here."""
-        deployment = parsed.shape.deployment
-        if deployment not in self._deployments or (not consumer.may_use(deployment) and not self._reveal):
-            # A deployment this key may not use answers as one that does not exist, so keys cannot list names.
-            raise DeploymentNotFound(deployment)
-        if not consumer.may_use(deployment):
-            raise DeploymentNotAllowed(deployment)
+        """An unknown deployment (or alias), one the key may not use, or a continuation of a response the consumer may
+        not see is refused here. An alias is resolved to its first entry the consumer may use; the chain holds the
+        rest, and the fallbacks the consumer may use."""
+        requested = parsed.shape.deployment
+        chain = self.chain(requested, consumer)
+        if not chain:
+            if requested not in self._deployments and requested not in self._catalog.aliases or not self._reveal:
+                # A deployment this key may not use answers as one that does not exist, so keys cannot list names.
+                raise DeploymentNotFound(requested)
+            raise DeploymentNotAllowed(requested)
         if parsed.size <= offload.ON_LOOP_BYTES:
             check_capabilities(parsed.body, consumer.capabilities)
         else:  # the walk visits every node of the body: for a large one, not on the event loop
             await offload.run(partial(check_capabilities, parsed.body, consumer.capabilities))
+        shape = parsed.shape if chain[0] == requested else replace(parsed.shape, deployment=chain[0])
+        parsed = replace(parsed, shape=shape)
         pinned = await self._pin(parsed, consumer)
-        return Checked(parsed.route, consumer, parsed.body, parsed.shape, parsed.api_version, pinned)
+        if pinned is not None or parsed.route.operation is Operation.EMBEDDINGS:
+            # A continuation lives where it was stored; embeddings of another model are vectors in another space.
+            chain = chain[:1]
+        fall_back = consumer.fallback
+        if not fall_back and requested not in self._catalog.aliases:
+            chain = chain[:1]
+        return Checked(
+            parsed.route, consumer, parsed.body, shape, parsed.api_version, pinned, chain, fall_back, requested
+        )
+
+    def chain(self, name: str, consumer: Consumer) -> tuple[str, ...]:
+        """The deployments a request for `name` may be served by, for this consumer: empty if none."""
+        if name not in self._deployments and name not in self._catalog.aliases:
+            return ()
+        if name in self._deployments and not consumer.may_use(name):
+            return ()
+        return tuple(d for d in self._catalog.chain(name) if consumer.may_use(d))
 
     async def _pin(self, parsed: Parsed, consumer: Consumer) -> Holder | None:
         """The backend holding the response this request continues, if it continues one."""

@@ -56,6 +56,14 @@ class Checked:
     shape: CallShape
     api_version: str | None
     pinned: Holder | None = None  # continues a stored response: only the backend holding it may answer
+    # The deployments that may serve it, in order (shape.deployment first): the requested one (or an alias's entries)
+    # and the fallbacks this consumer may use. `fall_back`: it may move on after an attempt failed (else only an
+    # alias's entries that could not be tried are passed over).
+    chain: tuple[str, ...] = ()
+    fall_back: bool = True
+    requested: str = ""  # the name the client used: a deployment or an alias
+    original: dict[str, Any] | None = None  # the client's body, when `body` was translated for the deployment's family
+    raw: bytes | None = None  # then `body`'s bytes (else the client's are sent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +94,19 @@ class Exchange:
     lost: list[LostAttempt] = field(default_factory=list)
     asked: dict[str, float] = field(default_factory=dict)  # backend id -> when it said (Retry-After) it would serve
     timeouts: int = 0  # attempts that ran past the read timeout
+    timeouts_before: int = 0  # of which before the current deployment of the chain
+    step: int = 0  # the place in the chain of the deployment being tried (0: the requested one)
+
+    def moved(self, checked: Checked, ticket: Ticket, reserve: int, step: int) -> None:
+        """Now for another deployment of the chain, reserved anew against it (shared/flow/failover.py): what the
+        attempts at the previous one lost was settled there, and their Retry-After is about that deployment."""
+        self.checked = checked
+        self.ticket = ticket
+        self.reserve = reserve
+        self.step = step
+        self.lost = []
+        self.asked = {}
+        self.timeouts_before = self.timeouts
 
     @property
     def route(self) -> Route:

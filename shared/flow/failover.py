@@ -5,19 +5,34 @@ A plain loop over the candidates, not tenacity: the attempt number picks the bac
 the stop is the number of candidates, and a request that runs out of candidates needs its own answer (why they all
 failed); tenacity's stop/wait/retry objects would only restate those four lines, and its bookkeeping was measurable on
 the first attempt that nearly every request is. The breakers, not this loop, remember which backends are unhealthy.
+
+Across models, the same loop walks the request's chain of deployments (shared/flow/checks.py): it moves to the next
+only when every region of the current one was throttled, open or failed for this request (never on an answer, a 4xx
+included: a content filter's or a too-long prompt's refusal is the answer), before any byte reached the client, and
+skips a deployment whose context window cannot hold the prompt plus the requested output. A move translates the body
+for the target's family (shared/flow/family.py) and moves the reservation to the target's scope (Admission.readmit;
+docs/architecture.md says why the books stay exact).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import orjson
 
 from shared.clock import Clock
 from shared.config import Backend, Settings
+from shared.edge.errors import bad_request
+from shared.flow.admission import Admission
+from shared.flow.books import Books
 from shared.flow.credentials import BackendAuth
-from shared.flow.exchange import Chosen, Exchange, LostAttempt
+from shared.flow.exchange import Checked, Chosen, Exchange, LostAttempt
+from shared.flow.family import for_family
 from shared.flow.translate import backend_body, backend_url, request_headers
 from shared.flow.upstream import Answer, UpstreamBroken, UpstreamClient, UpstreamError
-from shared.outcomes import AttemptFailure, FailureKind
+from shared.limits.contract import UnlimitedTicket
+from shared.outcomes import AttemptFailure, BackendsBusy, FailureKind, Refusal
 from shared.routing.breaker import retry_after_s
 from shared.routing.pinning import Holder, Pinning
 from shared.routing.router import Router
@@ -31,11 +46,24 @@ class _Failed(Exception):
         self.failure = failure
 
 
+@dataclass(frozen=True, slots=True)
+class _Exhausted:
+    """How one deployment's regions ended for the request: the refusal they make, whether an attempt was made, and
+    whether every region was tried or passed over (else a limit on attempts or timeout replays stopped the loop)."""
+
+    refusal: Refusal
+    attempted: bool
+    every_region: bool
+
+
 class Failover:
     def __init__(
         self, settings: Settings, clock: Clock, router: Router, upstream: UpstreamClient, auth: BackendAuth,
-        telemetry: Telemetry, pinning: Pinning,
+        telemetry: Telemetry, pinning: Pinning, admission: Admission | None = None, books: Books | None = None,
     ) -> None:
+        self._catalog = settings.catalog
+        self._admission = admission
+        self._books = books
         self._max_attempts = settings.max_attempts
         self._timeout_replays = settings.timeout_replays
         self._clock = clock
@@ -47,11 +75,81 @@ class Failover:
 
     async def dispatch(self, exchange: Exchange) -> Chosen:
         """Send to the best candidate that answers: on 429, 5xx, 401/403, a timeout, a connection error or a whole
-        answer that breaks off, try the next candidate at once with the same body. Raises the router's refusal
-        (BackendsBusy, NoBackend, BackendsFailed, ...) when none answers."""
+        answer that breaks off, try the next candidate at once with the same body; when every region of the
+        deployment failed the request, the next deployment of its chain. Raises the router's refusal (BackendsBusy,
+        NoBackend, BackendsFailed, ...) when none answers."""
         pinned = exchange.checked.pinned
         if pinned is not None:
             return await self._dispatch_pinned(exchange, pinned)
+        chain = exchange.checked.chain or (exchange.deployment,)
+        ended: list[_Exhausted] = []
+        skipped: Refusal | None = None
+        for step, deployment in enumerate(chain):
+            if deployment != exchange.deployment or (step == 0 and exchange.checked.requested not in ("", deployment)):
+                attempted = any(e.attempted for e in ended)
+                if attempted and not exchange.checked.fall_back or ended and not ended[-1].every_region:
+                    break
+                if not await self._fits(exchange, deployment):
+                    continue
+                if deployment == exchange.deployment:  # an alias's first entry: reserved for already
+                    exchange.checked = self._translated(exchange.checked, deployment)
+                else:
+                    refused = await self._move(exchange, deployment, step, ended[-1].refusal if ended else None)
+                    if refused is not None:
+                        skipped = skipped or refused
+                        continue
+            chosen_or_end = await self._dispatch_one(exchange)
+            if isinstance(chosen_or_end, Chosen):
+                return chosen_or_end
+            ended.append(chosen_or_end)
+        if not ended:
+            if skipped is not None:
+                raise skipped
+            raise bad_request(
+                f"The prompt and the requested output fit no deployment of '{exchange.checked.requested}'.",
+                code="context_length_exceeded",
+            )
+        if all(isinstance(e.refusal, BackendsBusy) for e in ended):
+            # A client that waits this long finds some deployment of its chain ready.
+            raise BackendsBusy(min(e.refusal.wait_ms for e in ended if isinstance(e.refusal, BackendsBusy)))
+        raise ended[0].refusal
+
+    async def _fits(self, exchange: Exchange, deployment: str) -> bool:
+        """Whether the deployment can hold the prompt plus the requested output (counted only where a window is set)."""
+        spec = self._catalog.spec(deployment)
+        if spec.context_window is None and spec.max_output_tokens is None:
+            return True
+        prompt = await exchange.counted_prompt()
+        return self._catalog.fits(deployment, prompt, exchange.shape.max_tokens or 0)
+
+    async def _move(self, exchange: Exchange, deployment: str, step: int, why: Refusal | None) -> Refusal | None:
+        """Settle the reservation at the current deployment, reserve at `deployment`, and send the body as its family
+        takes it. Returns the limiter's refusal when the consumer cannot be admitted there (the request then holds
+        no reservation: nothing more to settle)."""
+        assert self._admission is not None and self._books is not None
+        target = self._translated(exchange.checked, deployment)
+        previous = exchange.deployment
+        self._books.moved(exchange)
+        try:
+            ticket, reserve, target = await self._admission.readmit(exchange, target)
+        except Refusal as refusal:
+            exchange.moved(target, UnlimitedTicket(), 0, step)
+            return refusal
+        exchange.moved(target, ticket, reserve, step)
+        self._telemetry.model_fallback(previous, deployment, _reason(why))
+        return None
+
+    def _translated(self, checked: Checked, deployment: str) -> Checked:
+        """The request for `deployment`: the client's body as that deployment's family takes it."""
+        client = checked.original if checked.original is not None else checked.body
+        body = for_family(client, checked.route.operation, self._catalog.spec(deployment).family)
+        shape = checked.shape if checked.shape.deployment == deployment else replace(checked.shape, deployment=deployment)
+        if body is client:
+            return replace(checked, body=client, shape=shape, original=None, raw=None)
+        return replace(checked, body=dict(body), shape=shape, original=client, raw=orjson.dumps(body))
+
+    async def _dispatch_one(self, exchange: Exchange) -> Chosen | _Exhausted:
+        """Every region of the exchange's current deployment, best first, until one answers."""
         deployment = exchange.deployment
         candidates = self._router.candidates(deployment, exchange.reserve, exchange.consumer.priority)
         limit = min(self._max_attempts or len(candidates), len(candidates))
@@ -59,11 +157,13 @@ class Failover:
         failures: list[AttemptFailure] = []
         previous: Backend | None = None
         acquired = self._acquired(candidates, deployment)
+        every_region = True
         for number in range(1, limit + 1):
             backend = next(acquired, None)  # claimed only when it is about to be tried
             if backend is None:
                 break
             if exchange.timeouts > self._timeout_replays:
+                every_region = False
                 break  # each replay of a request that outruns the timeout may be billed again, and time out again
             if previous is not None:
                 self._telemetry.failover(previous.id, backend.id, failures[-1].reason)
@@ -72,7 +172,10 @@ class Failover:
             except _Failed as failed:
                 failures.append(failed.failure)
                 previous = backend
-        raise self._router.exhausted(deployment, failures, exchange.asked)
+        else:
+            every_region = limit == len(candidates)
+        refusal = self._router.exhausted(deployment, failures, exchange.asked)
+        return _Exhausted(refusal, bool(failures), every_region)
 
     def _acquired(self, candidates: list[Backend], deployment: str) -> Iterator[Backend]:
         """The candidates in order that may be tried now (a half-open breaker lets one probe through: claiming it is
@@ -93,7 +196,8 @@ class Failover:
         deployment = exchange.deployment
         checked = exchange.checked
         url = backend_url(backend, checked.route, deployment, checked.api_version)
-        body = backend_body(exchange.request.body, checked.body, backend, deployment, checked.shape, checked.api_version)
+        raw = checked.raw if checked.raw is not None else exchange.request.body
+        body = backend_body(raw, checked.body, backend, deployment, checked.shape, checked.api_version)
         send_headers = {**headers, **(await self._auth.headers(backend))}
         span = exchange.trace.attempt(backend.id, backend.region, url.split("?", 1)[0], number)
         try:
@@ -136,6 +240,13 @@ class Failover:
                 raise _Failed(AttemptFailure(FailureKind.BROKEN)) from None
         router.record_success(backend, deployment, answer.headers)
         return answer
+
+
+def _reason(refusal: Refusal | None) -> str:
+    """Why the previous deployment could not serve, for the fallback metric."""
+    if refusal is None:
+        return "skipped"
+    return type(refusal).__name__
 
 
 def _in_words(failure: AttemptFailure) -> str:

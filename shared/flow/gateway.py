@@ -42,12 +42,12 @@ class Gateway:
         self.books = Books(services.clock, services.usage, services.telemetry, services.router)
         self.checks = Checks(
             self._deployments, self.pinning, reveal_deployments=services.settings.reveal_deployments,
-            api_versions=services.settings.api_versions,
+            api_versions=services.settings.api_versions, catalog=services.settings.catalog,
         )
         self.admission = Admission(services.settings, services.limiter)
         self.failover = Failover(
             services.settings, services.clock, services.router, services.upstream, services.auth, services.telemetry,
-            self.pinning,
+            self.pinning, self.admission, self.books,
         )
         self.relay = Relay(services.clock, self.books, self.pinning, services.settings)
         # Imported here: the follow-up flow is built on the exchange's services.
@@ -122,7 +122,9 @@ class Gateway:
             raise directory.refuse(request.client_ip, InvalidKey(KeyProblem.UNKNOWN))
 
     def _models(self, consumer: Consumer) -> GatewayResponse:
+        """The deployments this consumer may use, and the aliases with at least one of them."""
         names = sorted(d for d in self._deployments if consumer.may_use(d))
+        names += sorted(a for a in self.s.settings.catalog.aliases if self.checks.chain(a, consumer))
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "gateway"} for name in names]
         return GatewayResponse(200, {"content-type": JSON}, orjson.dumps({"object": "list", "data": data}))
 

@@ -47,6 +47,7 @@ class Relay:
     def _headers(self, exchange: Exchange, chosen: Chosen) -> dict[str, str]:
         headers = {k: v for k, v in chosen.answer.headers.items() if k in FORWARDED_RESPONSE_HEADERS}
         headers["x-gateway-backend"] = chosen.backend.id
+        headers["x-gateway-deployment"] = exchange.deployment
         headers["x-gateway-attempts"] = str(chosen.attempts)
         headers.setdefault("x-ms-region", chosen.backend.region)
         headers.update(exchange.ticket.headers)

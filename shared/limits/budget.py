@@ -221,6 +221,9 @@ class SpendingTelemetry:
     def failover(self, from_backend: str, to_backend: str, reason: str) -> None:
         self._inner.failover(from_backend, to_backend, reason)
 
+    def model_fallback(self, from_deployment: str, to_deployment: str, reason: str) -> None:
+        self._inner.model_fallback(from_deployment, to_deployment, reason)
+
     def breaker_transition(self, backend_id: str, region: str, state: str) -> None:
         self._inner.breaker_transition(backend_id, region, state)
 

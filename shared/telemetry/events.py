@@ -19,6 +19,7 @@ COUNTED_TOKENS = "Counted Tokens"
 GATEWAY_REQUESTS = "Gateway Requests"
 THROTTLED_REQUESTS = "Throttled Requests"
 FAILOVERS = "Failovers"
+MODEL_FALLBACKS = "Model Fallbacks"  # a request moved to the next deployment of its chain (GATEWAY_DEPLOYMENTS)
 BREAKER_TRANSITIONS = "Breaker Transitions"
 REQUEST_DURATION = "Request Duration"
 TIME_TO_FIRST_TOKEN = "Time To First Token"
@@ -42,6 +43,9 @@ STATUS_CODE = "Status Code"
 PTU = "PTU"
 REASON = "Reason"
 FROM_BACKEND = "From Backend"
+FROM_DEPLOYMENT = "From Deployment"
+TO_DEPLOYMENT = "To Deployment"
+REQUESTED_DEPLOYMENT = "Requested Deployment"  # per-request log: the name the client used (a deployment or an alias)
 TO_BACKEND = "To Backend"
 STATE = "State"
 # Per-request log fields beyond the dimension names above.
@@ -70,6 +74,8 @@ class RequestRecord:
     usage: TokenUsage | None = None
     ttft_ms: float | None = None
     attempts: int = 0
+    requested: str = ""  # the deployment or alias the client named ("": the deployment that served)
+    step: int = 0  # the served deployment's place in the request's chain: 0 unless it fell back
 
 
 class Attempt(Protocol):
@@ -99,6 +105,8 @@ class Telemetry(Protocol):
     def throttled(self, consumer_id: str, deployment: str, reason: str) -> None: ...
 
     def failover(self, from_backend: str, to_backend: str, reason: str) -> None: ...
+
+    def model_fallback(self, from_deployment: str, to_deployment: str, reason: str) -> None: ...
 
     def breaker_transition(self, backend_id: str, region: str, state: str) -> None: ...
 
@@ -140,6 +148,9 @@ class NullTelemetry:
         pass
 
     def failover(self, from_backend: str, to_backend: str, reason: str) -> None:
+        pass
+
+    def model_fallback(self, from_deployment: str, to_deployment: str, reason: str) -> None:
         pass
 
     def breaker_transition(self, backend_id: str, region: str, state: str) -> None:

@@ -42,6 +42,7 @@ INSTRUMENTS = {
     names.GATEWAY_REQUESTS: "gateway.requests",
     names.THROTTLED_REQUESTS: "gateway.requests.throttled",
     names.FAILOVERS: "gateway.failovers",
+    names.MODEL_FALLBACKS: "gateway.model_fallbacks",
     names.BREAKER_TRANSITIONS: "gateway.breaker.transitions",
     names.STORE_FALLBACKS: "gateway.limiter.store_fallbacks",
     names.AUTH_FAILURES: "gateway.auth.failures",
@@ -273,6 +274,7 @@ class OtelTelemetry:
         meter.create_observable_gauge("gateway.internal.collect", callbacks=[self._collect])
         self._throttled = meter.create_counter(i[names.THROTTLED_REQUESTS], unit="{request}")
         self._failovers = meter.create_counter(i[names.FAILOVERS], unit="{request}")
+        self._model_fallbacks = meter.create_counter(i[names.MODEL_FALLBACKS], unit="{request}")
         self._transitions = meter.create_counter(i[names.BREAKER_TRANSITIONS], unit="{transition}")
         self._fallbacks = meter.create_counter(i[names.STORE_FALLBACKS], unit="{event}")
         self._auth_failures = meter.create_counter(i[names.AUTH_FAILURES], unit="{request}")
@@ -354,6 +356,11 @@ class OtelTelemetry:
 
     def failover(self, from_backend: str, to_backend: str, reason: str) -> None:
         self._failovers.add(1, {names.FROM_BACKEND: from_backend, names.TO_BACKEND: to_backend, names.REASON: reason})
+
+    def model_fallback(self, from_deployment: str, to_deployment: str, reason: str) -> None:
+        self._model_fallbacks.add(
+            1, {names.FROM_DEPLOYMENT: from_deployment, names.TO_DEPLOYMENT: to_deployment, names.REASON: reason}
+        )
 
     def breaker_transition(self, backend_id: str, region: str, state: str) -> None:
         self._transitions.add(1, {names.BACKEND_ID: backend_id, names.LOCATION: region, names.STATE: state})

@@ -30,6 +30,7 @@ CACHED = "Cached Tokens"
 REASONING = "Reasoning Tokens"
 TOTAL = "Total Tokens"
 ATTEMPTS = "Attempts"
+FALLBACK_STEP = "Fallback Step"  # the serving deployment's place in the request's chain: 0 unless it fell back
 DURATION = "Duration Ms"
 TTFT = "Time To First Token Ms"
 COST = "Cost"
@@ -54,6 +55,7 @@ class RequestLog:
         usage = record.usage
         measurements: dict[str, float] = {
             ATTEMPTS: record.attempts,
+            FALLBACK_STEP: record.step,
             DURATION: round(record.duration_ms, 3),
             COST: self.prices.cost(record.deployment, record.ptu, usage),
         }
@@ -71,6 +73,7 @@ class RequestLog:
             MEASUREMENTS: json.dumps(measurements, separators=(",", ":")),
             names.SUBSCRIPTION_ID: _text(record.consumer_id),
             names.DEPLOYMENT: _text(record.deployment),
+            names.REQUESTED_DEPLOYMENT: _text(record.requested or record.deployment),
             names.MODEL: _text(record.model),
             names.BACKEND_ID: _text(record.backend_id),
             names.LOCATION: _text(record.region),

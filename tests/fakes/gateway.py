@@ -128,6 +128,7 @@ class GatewayHarness:
         self, consumer_id: str = "app", *, tpm: int = 0, deployment_tpm: Mapping[str, int] | None = None,
         quota: int = 0, quota_period: str | None = None, deployments: Sequence[str] | None = None,
         priority: str = "normal", enabled: bool = True, budget: float = 0.0, budget_period: str | None = None, capabilities: Sequence[str] = (),
+        fallback: bool = True,
     ) -> str:
         """Create a consumer and return its key."""
         key = new_key()
@@ -137,6 +138,7 @@ class GatewayHarness:
             limits=Limits(tpm, dict(deployment_tpm or {}), quota, quota_period, budget, budget_period),
             priority=priority,
             capabilities=frozenset(capabilities),
+            fallback=fallback,
         )
         return key
 
@@ -164,13 +166,14 @@ class GatewayHarness:
         await self.limiter.close()
         await self.usage.flush()
 
-    async def charged(self, consumer_id: str) -> int:
-        """Tokens in the consumer's shared window once every lease is returned: what it was charged."""
+    async def charged(self, consumer_id: str, scope: str = "*") -> int:
+        """Tokens in the consumer's shared window (or one of its scopes) once every lease is returned: what it was
+        charged."""
         await self.settle()
         stored = self.ledgers.ledgers.get(consumer_id)
         if stored is None:
             return 0
-        return int(sum(Ledger.from_entity(stored[0]).windows.get("*", {}).values()))
+        return int(sum(Ledger.from_entity(stored[0]).windows.get(scope, {}).values()))
 
     async def usage_rows(self, consumer_id: str) -> list[UsageRow]:
         await self.usage.flush()

@@ -41,6 +41,7 @@ class RecordingTelemetry:
         self.spent: list[RequestRecord] = []
         self.throttles: list[tuple[str, str, str]] = []
         self.failovers: list[tuple[str, str, str]] = []
+        self.model_fallbacks: list[tuple[str, str, str]] = []
         self.transitions: list[tuple[str, str]] = []
         self.fallbacks: list[str] = []
         self.auth_failures: list[str] = []
@@ -63,6 +64,9 @@ class RecordingTelemetry:
 
     def failover(self, from_backend: str, to_backend: str, reason: str) -> None:
         self.failovers.append((from_backend, to_backend, reason))
+
+    def model_fallback(self, from_deployment: str, to_deployment: str, reason: str) -> None:
+        self.model_fallbacks.append((from_deployment, to_deployment, reason))
 
     def breaker_transition(self, backend_id: str, region: str, state: str) -> None:
         self.transitions.append((backend_id, state))
