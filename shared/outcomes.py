@@ -199,6 +199,14 @@ class ResponseNotFound(Refusal):
 
 
 @dataclass(eq=False)
+class ResponseReadsThrottled(Refusal):
+    """This consumer made this instance read stored responses' records faster than it may (no admission charges a
+    read): 429 until its bucket refills."""
+
+    retry_after_s: int
+
+
+@dataclass(eq=False)
 class ResponseStateUnavailable(Refusal):
     """Where a response is stored could not be looked up (the store is away): not a verdict on the id."""
 

@@ -30,6 +30,7 @@ from shared.outcomes import (
     Refusal,
     ResponseBackendUnavailable,
     ResponseNotFound,
+    ResponseReadsThrottled,
     ResponseStateUnavailable,
 )
 
@@ -44,6 +45,7 @@ RESETS_AT = 1_700_006_400.0  # 2023-11-15T00:00:00Z
         (ConsumerDisabled("app"), 401, "authentication_error", "invalid_api_key", {"www-authenticate": "Bearer"}),
         (InvalidKey(KeyProblem.EXPIRED, "app"), 401, "authentication_error", "invalid_api_key", {"www-authenticate": "Bearer"}),
         (AuthThrottled(37), 429, "authentication_error", "too_many_failed_authentications", {"retry-after": "37"}),
+        (ResponseReadsThrottled(2), 429, "rate_limit_error", "rate_limit_exceeded", {"retry-after": "2"}),
         (InvalidToken("expired", "The access token has expired."), 401, "authentication_error", "invalid_token",
          {"www-authenticate": 'Bearer error="invalid_token"'}),
         (AuthStoreUnavailable(), 503, "server_error", "auth_store_unavailable", {"retry-after": "1"}),
@@ -101,7 +103,7 @@ def test_every_refusal_kind_has_a_rendering() -> None:
         InvalidKey(KeyProblem.MISSING), InvalidToken("bad_signature"), ConsumerDisabled("a"), AuthThrottled(1), AuthStoreUnavailable(), DeploymentNotFound("d"),
         DeploymentNotAllowed("d"), RateLimited(1, 1), NeverAdmissible(2, 1), QuotaExhausted(1, "daily", RESETS_AT, 1),
         LimiterUnavailable(), BudgetExceeded("monthly", 1, 1, "EUR"), BackendsBusy(1), NoBackend(1), BackendsFailed(FailureKind.TIMEOUT), BackendAuthFailed(),
-        MalformedAnswer(), ResponseNotFound("resp_1", True), ResponseStateUnavailable(),
+        MalformedAnswer(), ResponseNotFound("resp_1", True), ResponseStateUnavailable(), ResponseReadsThrottled(1),
         ResponseBackendUnavailable("resp_1", "uksouth", "uksouth-ptu", "its circuit breaker is open", 8),
     }
     assert {type(s) for s in samples} == kinds  # a new refusal gets a sample here, and so a rendering

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 
 from shared.flow.responses import count_input
 from shared.flow.tokens import encoding_for
@@ -104,3 +105,41 @@ async def test_the_location_is_recorded_before_a_stream_reaches_the_client(harne
     rest = b"".join([chunk async for chunk in answer.stream])
     assert b"response.completed" in rest
     assert harness.response_store.records[response["id"]].context_tokens == 15
+
+
+async def test_a_flood_of_stored_response_reads_costs_a_bounded_number_of_table_reads(harness: GatewayHarness) -> None:
+    """No admission charges a follow-up or a continuation's look-up, so each consumer has a read rate per instance
+    (GATEWAY_RESPONSE_READS_PER_S, burst twice that): past it, 429 before the responses table is read."""
+    import openai
+
+    key, other = harness.consumer("app"), harness.consumer("other")
+    client = harness.openai(key)
+    rate = harness.settings.response_reads_per_s
+    answers: list[int] = []
+    before = harness.response_store.reads
+    for i in range(300):  # GETs, DELETEs, cancels and continuations of ids, in one instant: every kind reads the table
+        match i % 4:
+            case 0:
+                answer = await harness.http.get(f"/v1/responses/resp_{i}", headers={"api-key": key})
+            case 1:
+                answer = await harness.http.delete(f"/v1/responses/resp_{i}", headers={"api-key": key})
+            case 2:
+                answer = await harness.post(f"/v1/responses/resp_{i}/cancel", key, {})
+            case _:
+                answer = await harness.post("/v1/responses", key, {"model": "gpt-4o", "input": "Go on.",
+                                                                   "previous_response_id": f"resp_{i}"})
+        answers.append(answer.status_code)
+        if answer.status_code == 429:
+            error = answer.json()["error"]
+            assert error["code"] == "rate_limit_exceeded" and error["type"] == "rate_limit_error"
+            assert int(answer.headers["retry-after"]) >= 1
+    reads = harness.response_store.reads - before
+    assert reads == 2 * rate and answers.count(429) == 300 - reads  # the burst read, the rest refused unread
+    assert set(answers) == {400, 404, 429} and harness.upstream.sent == []  # 400: previous response not found
+    with pytest.raises(openai.RateLimitError):  # the SDK sees an OpenAI rate limit (and would retry after the wait)
+        await client.responses.retrieve("resp_more")
+    # Another consumer is not held by this one's flood; this one reads again as its bucket refills.
+    assert (await harness.http.get("/v1/responses/resp_x", headers={"api-key": other})).status_code == 404
+    harness.clock.advance(1.0)
+    refilled = [(await harness.http.get(f"/v1/responses/r{i}", headers={"api-key": key})).status_code for i in range(40)]
+    assert refilled.count(404) == rate and refilled.count(429) == 40 - rate

@@ -33,6 +33,7 @@ from shared.outcomes import (
     Refusal,
     ResponseBackendUnavailable,
     ResponseNotFound,
+    ResponseReadsThrottled,
     ResponseStateUnavailable,
 )
 
@@ -178,6 +179,12 @@ def render(refusal: Refusal) -> GatewayError:
             return GatewayError(
                 503, "The rate limiter's store is unavailable; try again shortly.", type="server_error",
                 code="limiter_unavailable", headers={"retry-after": str(seconds)},
+            )
+        case ResponseReadsThrottled(retry_after_s=seconds):
+            return GatewayError(
+                429, f"Too many reads of stored responses with this key; retry after {seconds} seconds.",
+                type="rate_limit_error", code="rate_limit_exceeded",
+                headers={"retry-after": str(seconds), "retry-after-ms": str(seconds * 1000)},
             )
         case BackendsBusy(wait_ms=wait_ms):
             return GatewayError(

@@ -29,6 +29,7 @@ from shared.flow.exchange import Services as Services
 from shared.flow.failover import Failover
 from shared.flow.relay import JSON, Relay
 from shared.flow.translate import FOLLOW_UPS, Operation, Route, match_route
+from shared.limits.local_rate import PerKeyRate
 from shared.outcomes import ConsumerDisabled, InvalidKey, KeyProblem, Refusal
 from shared.routing.pinning import Pinning
 from shared.telemetry.events import NULL_TRACE, Trace
@@ -38,7 +39,10 @@ class Gateway:
     def __init__(self, services: Services) -> None:
         self.s = services
         self._deployments = services.settings.deployments()
-        self.pinning = Pinning(services.responses, services.settings.backends, services.router, services.clock)
+        self.pinning = Pinning(
+            services.responses, services.settings.backends, services.router, services.clock,
+            reads=PerKeyRate(services.settings.response_reads_per_s, services.clock),
+        )
         self.books = Books(services.clock, services.usage, services.telemetry, services.router)
         self.checks = Checks(
             self._deployments, self.pinning, reveal_deployments=services.settings.reveal_deployments,

@@ -18,7 +18,13 @@ from shared.clock import Clock
 from shared.config import Backend
 from shared.flow.responses import Created, context_tokens
 from shared.flow.usage import TokenUsage
-from shared.outcomes import ResponseBackendUnavailable, ResponseNotFound, ResponseStateUnavailable
+from shared.limits.local_rate import PerKeyRate
+from shared.outcomes import (
+    ResponseBackendUnavailable,
+    ResponseNotFound,
+    ResponseReadsThrottled,
+    ResponseStateUnavailable,
+)
 from shared.routing.router import Router
 from shared.storage.protocols import ResponseStore, StoreUnavailable
 
@@ -57,9 +63,10 @@ class Holder:
 class Pinning:
     def __init__(
         self, store: ResponseStore, backends: tuple[Backend, ...], router: Router, clock: Clock,
-        retention_s: float = RETENTION_S,
+        retention_s: float = RETENTION_S, reads: PerKeyRate | None = None,
     ) -> None:
         self._store = store
+        self._reads = reads  # per consumer: no admission charges a read, so this is what bounds a flood of them
         self._backends = {b.id: b for b in backends}
         self._router = router
         self._clock = clock
@@ -67,7 +74,12 @@ class Pinning:
         self.unrecorded = 0  # responses whose location could not be written (their follow-ups will be refused)
 
     async def holder(self, response_id: str, consumer_id: str, *, previous: bool) -> Holder:
-        """Where `response_id` lives, if `consumer_id` created it; else the not-found answer."""
+        """Where `response_id` lives, if `consumer_id` created it; else the not-found answer. Each costs one read of
+        the responses table, so a consumer past its read rate on this instance is refused (429) before the read."""
+        if self._reads is not None:
+            wait = self._reads.take(consumer_id)
+            if wait is not None:
+                raise ResponseReadsThrottled(wait)
         try:
             record = await self._store.get(response_id, self._clock.now())
         except StoreUnavailable:

@@ -183,6 +183,7 @@ class MemoryUsageStore(_Switch):
 class MemoryResponseStore(_Switch):
     def __init__(self) -> None:
         self.records: dict[str, StoredResponse] = {}
+        self.reads = 0
 
     async def put(self, record: StoredResponse) -> None:
         self._check()
@@ -190,6 +191,7 @@ class MemoryResponseStore(_Switch):
 
     async def get(self, response_id: str, now: float) -> StoredResponse | None:
         self._check()
+        self.reads += 1
         record = self.records.get(response_id)
         if record is not None and record.expired(now):
             del self.records[response_id]
