@@ -38,6 +38,8 @@ from shared.storage.tables import (
     TableUsageStore,
 )
 from shared.telemetry import otel
+from shared.telemetry.console import ConsoleTelemetry
+from shared.telemetry.events import Telemetry
 from shared.telemetry.usage_rows import UsageRecorder
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,9 @@ def build_services(settings: Settings, clock: Clock | None = None) -> tuple[Serv
     book = BudgetBook(
         TableBudgetStore(tables), clock, settings.prices, instance, refresh_s=settings.budget_refresh_s
     )
-    telemetry = SpendingTelemetry(otel.configure(settings), book)
+    telemetry: Telemetry = SpendingTelemetry(otel.configure(settings), book)
+    if settings.console_log:
+        telemetry = ConsoleTelemetry(telemetry, settings.prices)
     limiter = TokenLimiter(
         TableLedgerStore(tables),
         clock,

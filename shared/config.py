@@ -128,6 +128,7 @@ class Settings:
     prices: PriceTable = field(default_factory=PriceTable)
     request_log: bool = True
     request_log_sampling: float = 1.0
+    console_log: bool = False  # one line per request on standard output (scripts/run turns it on)
     budget_refresh_s: float = 5.0
     client_ip_mode: str = "truncated"  # truncated (/24, /48) | raw | omit
     user_id_mode: str = "capped"  # capped (validated, <= 64) | hashed (keyed) | raw | omit
@@ -650,6 +651,7 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         prices=_prices(env),
         request_log=_boolean(env, "GATEWAY_REQUEST_LOG", True),
         request_log_sampling=_number(env, "GATEWAY_REQUEST_LOG_SAMPLING", 1.0, minimum=0.0001, maximum=1.0),
+        console_log=_boolean(env, "GATEWAY_CONSOLE_LOG", False),
         budget_refresh_s=_number(env, "GATEWAY_BUDGET_REFRESH_S", 5.0, minimum=0.1, maximum=3600),
         client_ip_mode=ip_mode,
         user_id_mode=user_mode,

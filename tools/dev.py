@@ -1,28 +1,37 @@
 """Run the gateway locally on its embedded default: Azurite, three simulated regions, a demo consumer.
 
-    python -m tools.dev [--port 7071] [--no-simulators]
+    python -m tools.dev [--port 7071] [--no-simulators] [--fresh] [--quiet]
 
 Settings come from the environment, then local.settings.json (created from local.settings.example.json when absent).
 When GATEWAY_BACKENDS names real backends, no simulators start. The gateway is served by `func start` when Azure
 Functions Core Tools are installed, otherwise by tools.localhost, which serves the same registrations.
+
+Local state (consumers, keys, limits, usage, spend) is kept by Azurite in .run/azurite (git-ignored), so a restart
+keeps it; --fresh wipes it first. A gateway admin key (it reads /health/details) is generated for each run and
+printed beside the demo key, unless GATEWAY_ADMIN_KEY_SHA256 is set. Each request is printed as one line
+(GATEWAY_CONSOLE_LOG) unless --quiet.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from shared.config import load_settings, local_environment
 from tools import stack
 
 ROOT = stack.ROOT
+STATE = ROOT / ".run" / "azurite"  # Azurite's tables for scripts/run: kept across restarts, git-ignored
 
 
 def _listening(port: int) -> bool:
@@ -60,10 +69,33 @@ async def _demo_consumer(env: dict[str, str]) -> tuple[str, str] | None:
         await tables.close()
 
 
+def prepare_state(location: Path, fresh: bool) -> str:
+    """The folder Azurite keeps the local tables in; emptied first with --fresh. Returns what to tell the user."""
+    if fresh and location.exists():
+        shutil.rmtree(location)
+        location.mkdir(parents=True)
+        return f"local state wiped (--fresh): {location.relative_to(ROOT) if location.is_relative_to(ROOT) else location}"
+    existed = location.exists() and any(location.iterdir())
+    location.mkdir(parents=True, exist_ok=True)
+    where = location.relative_to(ROOT) if location.is_relative_to(ROOT) else location
+    return f"local state kept in {where} ({'from earlier runs' if existed else 'new'}; `scripts/run --fresh` wipes it)"
+
+
+def admin_key(env: dict[str, str]) -> str | None:
+    """A gateway admin key for this run, its SHA-256 put in `env`; None when the settings name one already."""
+    if env.get("GATEWAY_ADMIN_KEY_SHA256", "").strip():
+        return None
+    key = "gw-admin-" + secrets.token_urlsafe(32)
+    env["GATEWAY_ADMIN_KEY_SHA256"] = hashlib.sha256(key.encode()).hexdigest()
+    return key
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=7071)
     parser.add_argument("--no-simulators", action="store_true")
+    parser.add_argument("--fresh", action="store_true", help="wipe the local state (.run/azurite) before starting")
+    parser.add_argument("--quiet", action="store_true", help="no line per request")
     args = parser.parse_args(argv)
 
     settings_file = ROOT / "local.settings.json"
@@ -72,12 +104,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"created {settings_file.name} from local.settings.example.json")
     env = local_environment(str(settings_file))
     load_settings(env)  # fail now, with the name of the bad setting, rather than in the gateway process
+    if not args.quiet:
+        env["GATEWAY_CONSOLE_LOG"] = "true"
+    admin = admin_key(env)
 
     children: list[stack.Child] = []
     try:
-        if env.get("GATEWAY_TABLE_CONNECTION_STRING", "").startswith("UseDevelopmentStorage") and not _listening(10002):
-            children.append(stack.start_azurite(10002))
-            print("azurite (tables) on http://127.0.0.1:10002, (blobs: the response cache) on http://127.0.0.1:10000")
+        if env.get("GATEWAY_TABLE_CONNECTION_STRING", "").startswith("UseDevelopmentStorage"):
+            if _listening(10002):
+                print("azurite: one is listening on 10002 already; using it (its state is its own"
+                      + ("; --fresh did not wipe it)" if args.fresh else ")"))
+            else:
+                print(prepare_state(STATE, args.fresh))
+                children.append(stack.start_azurite(10002, location=STATE))
+                print("azurite (tables) on http://127.0.0.1:10002, (blobs: the response cache) on http://127.0.0.1:10000")
         if not args.no_simulators and _uses_embedded_backends(env):
             for region in stack.EMBEDDED_REGIONS:
                 if not _listening(region.port):
@@ -90,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             consumer_id, key = created
             print(f"\ndemo consumer '{consumer_id}' (100,000 tokens/minute), key (shown once):\n\n    {key}\n")
         else:
-            print("\ndemo consumer exists already; `python -m shared.admin consumers rotate demo` prints a new key\n")
+            print("\ndemo consumer exists already (its key was printed when it was created); "
+                  "`.venv/bin/python -m shared.admin consumers rotate demo` prints a new one\n")
+        if admin:
+            print(f"gateway admin key for this run (reads /health/details):\n\n    {admin}\n\n"
+                  f"    curl -H 'api-key: {admin}' {url}/health/details\n")
         print(f"OpenAI(base_url='{url}/v1', api_key=KEY)  or  AzureOpenAI(azure_endpoint='{url}', api_key=KEY, api_version='2024-10-21')")
 
         if shutil.which("func"):

@@ -92,7 +92,7 @@ class Books:
 
     def refused(
         self, request: GatewayRequest, route: Route, consumer_id: str, client_ip: str, deployment: str, status: int,
-        started: float, trace: Trace,
+        started: float, trace: Trace, reason: str = "",
     ) -> None:
         """A request the gateway answered itself: counted, with no tokens, under the dimensions the caller vouches for
         (the gateway passes none that an unauthenticated client chose)."""
@@ -106,6 +106,7 @@ class Books:
                 deployment=deployment,
                 status=status,
                 duration_ms=(self._clock.monotonic() - started) * 1000,
+                reason=reason,
             ),
             trace,
         )

@@ -111,7 +111,7 @@ class Gateway:
             self.books.refused(
                 request, route, consumer.id if consumer else _refused_consumer(refusal),
                 request.client_ip if consumer else "", named if named in self._deployments else "",
-                error.status, started, trace,
+                error.status, started, trace, error.code or "",
             )
         return GatewayResponse(error.status, {"content-type": JSON, **error.headers}, error.body())
 
