@@ -72,6 +72,8 @@ LEFT_AT_DEFAULT = {
     "GATEWAY_CACHE_MAX_ENTRY_BYTES",
     "GATEWAY_CACHE_SEED",
     "GATEWAY_ADMIT_ON_BOUND",
+    # One line per request on the console: for scripts/run; Azure has the per-request log.
+    "GATEWAY_CONSOLE_LOG",
     # Fallback chains, context windows and aliases: none by default (README.md, Fallback across models).
     "GATEWAY_DEPLOYMENTS",
     "GATEWAY_ALIASES",
