@@ -14,13 +14,15 @@ from azure.data.tables import UpdateMode
 
 from shared.admin.cli import Admin, parser
 from shared.config import load_settings
-from shared.edge.consumers import Consumer, hash_key, key_prefix, new_key, rotated
+from shared.edge.consumers import Consumer, Limits, Team, UserLimits, hash_key, key_prefix, new_key, rotated
 from shared.storage.tables import (
     BadConsumerRecord,
     TableConsumerStore,
     Tables,
     consumer_from_entity,
     consumer_to_entity,
+    team_from_entity,
+    team_to_entity,
 )
 from tests.conftest import unique
 from tools import stack
@@ -50,6 +52,54 @@ def consumer(consumer_id: str = "team-a", **changes: Any) -> tuple[Consumer, str
 def test_a_record_round_trips() -> None:
     c, _ = consumer(capabilities=frozenset({"data_sources"}))
     assert consumer_from_entity(consumer_to_entity(c)) == c
+    c, _ = consumer(team="search", users=UserLimits(300, 5000, "daily", ("header",), True))
+    assert consumer_from_entity(consumer_to_entity(c)) == c
+    team = Team("search", "Search", Limits(1000, {}, 5000, "daily", 20.0, "monthly"), frozenset({"gpt-4o"}), "high", 3)
+    assert team_from_entity(team_to_entity(team)) == team
+
+
+def test_a_row_written_before_teams_and_end_users_reads_as_neither() -> None:
+    c, _ = consumer()
+    entity = consumer_to_entity(c)
+    for name in ("team", "user_tpm", "user_quota", "user_quota_period", "user_sources", "user_required"):
+        del entity[name]
+    assert consumer_from_entity(entity) == c
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"team": "Search Team"}, "team"),
+        ({"user_tpm": -1}, "user_tpm"),
+        ({"user_quota": 5}, "user_quota"),
+        ({"user_sources": "cookie"}, "user_sources"),
+        ({"user_sources": ""}, "user_sources"),
+        ({"user_required": "yes"}, "user_required"),
+    ],
+)
+def test_bad_team_and_end_user_fields_are_refused(change: dict[str, Any], problem: str) -> None:
+    with pytest.raises(BadConsumerRecord, match=problem):
+        consumer_from_entity({**consumer_to_entity(consumer()[0]), **change})
+
+
+async def test_teams_are_stored_beside_the_consumers_and_a_bad_row_is_left_out(
+    tables: Tables, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = TableConsumerStore(tables)
+    team = Team("search", "Search", Limits(tokens_per_minute=1000), None, "normal")
+    marker = await store.change_marker()
+    await store.create_team(team)
+    assert await store.change_marker() != marker
+    with pytest.raises(Exception, match="Conflict|Exists"):
+        await store.create_team(team)
+    await store.put_team(Team("bad", "Bad"))
+    await tables.call("consumers", lambda t: t.upsert_entity({**team_to_entity(Team("bad", "Bad")), "priority": "top"},
+                                                              mode=UpdateMode.REPLACE))
+    assert await store.list_teams() == [team]
+    assert "team record 'bad' refused: priority" in caplog.text
+    assert await store.list_consumers() == []  # teams are not consumers
+    assert await store.delete_team("search") and not await store.delete_team("search")
+    assert await store.get_team("search") is None
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,9 @@
     python -m shared.admin consumers list | show ID | rotate ID [--grace-seconds S] | disable ID | enable ID | delete ID
     python -m shared.admin consumers reindex
     python -m shared.admin consumers set ID [--tpm N] [--deployment-tpm D=N ...] [--quota N --quota-period P] ...
+    python -m shared.admin consumers create|set ... [--team ID] [--user-tpm N] [--user-quota N --user-quota-period P]
+                                                 [--user-sources entra,field,header] [--user-required yes|no]
+    python -m shared.admin teams create|set|list|show|delete ...   (see shared/admin/teams.py)
     python -m shared.admin usage [--period daily|hourly|monthly|...] [--at ISO-DATE] [--consumer ID]
     python -m shared.admin query list | run NAME --resource-id ID [--timespan P1D]
 
@@ -43,6 +46,8 @@ from dataclasses import replace
 from typing import Any
 
 from shared.admin.failures import explain
+from shared.admin.teams import TeamAdmin
+from shared.admin.teams import add_parser as add_teams_parser
 from shared.clock import SystemClock
 from shared.config import DEPLOYMENT_NAME, Settings, load_settings, local_environment
 from shared.edge.consumers import (
@@ -50,8 +55,10 @@ from shared.edge.consumers import (
     PRIORITIES,
     QUOTA_PERIODS,
     RETIRED_PRIORITIES,
+    USER_SOURCES,
     Consumer,
     Limits,
+    UserLimits,
     hash_key,
     key_prefix,
     new_key,
@@ -168,8 +175,28 @@ def _entra(args: argparse.Namespace, base: frozenset[str]) -> frozenset[str]:
     return frozenset(keys)
 
 
+def _users(args: argparse.Namespace, base: UserLimits) -> UserLimits:
+    tpm = args.user_tpm if getattr(args, "user_tpm", None) is not None else base.tokens_per_minute
+    quota = args.user_quota if getattr(args, "user_quota", None) is not None else base.quota
+    period = args.user_quota_period if getattr(args, "user_quota_period", None) is not None else base.quota_period
+    if quota and period not in QUOTA_PERIODS:
+        raise SystemExit(f"--user-quota needs --user-quota-period, one of {', '.join(QUOTA_PERIODS)}")
+    sources = base.sources
+    raw = getattr(args, "user_sources", None)
+    if raw is not None:
+        sources = tuple(dict.fromkeys(x.strip() for x in raw.split(",") if x.strip()))
+        unknown = [x for x in sources if x not in USER_SOURCES]
+        if unknown or not sources:
+            raise SystemExit(f"--user-sources: some of {', '.join(USER_SOURCES)}, comma-separated")
+    required = base.required
+    if getattr(args, "user_required", None) is not None:
+        required = args.user_required == "yes"
+    return UserLimits(tpm, quota, period if quota else None, sources, required)
+
+
 def describe(consumer: Consumer) -> dict[str, Any]:
     limits = consumer.limits
+    users = consumer.users
     return {
         "id": consumer.id,
         "name": consumer.name,
@@ -186,6 +213,9 @@ def describe(consumer: Consumer) -> dict[str, Any]:
         "entra": sorted(consumer.entra),
         "output_cap": "default" if limits.output_cap is None else ("on" if limits.output_cap else "off"),
         "capabilities": sorted(consumer.capabilities),
+        "team": consumer.team,
+        "users": {"tokens_per_minute": users.tokens_per_minute, "quota": users.quota, "quota_period": users.quota_period,
+                  "sources": list(users.sources), "required": users.required},
     }
 
 
@@ -348,6 +378,8 @@ class Admin:
             priority=args.priority or "normal",
             entra=entra,
             capabilities=_capabilities(args, frozenset()),
+            team=await self._team(args, None),
+            users=_users(args, UserLimits()),
         )
         self.check_served(consumer.deployments, getattr(args, "force", False))
         await self._check_mappings_free(consumer)
@@ -394,6 +426,17 @@ class Admin:
             shared = other.entra & consumer.entra
             if other.id != consumer.id and shared:
                 raise SystemExit(f"{', '.join(sorted(shared))}: already mapped to consumer {other.id!r}")
+
+    async def _team(self, args: argparse.Namespace, base: str | None) -> str | None:
+        """The team after this command: --team ID (which must exist), --team '' for none, else unchanged."""
+        team = getattr(args, "team", None)
+        if team is None:
+            return base
+        if not team:
+            return None
+        if await self.store.get_team(team) is None:
+            raise SystemExit(f"--team: no team with id {team!r} (teams create NAME first)")
+        return str(team)
 
     async def _existing(self, consumer_id: str) -> Consumer:
         consumer = await self.store.get(consumer_id)
@@ -454,6 +497,7 @@ class Admin:
     async def update(self, args: argparse.Namespace) -> int:
         if args.deployments is not None:
             self.check_served(_deployments(args, None), getattr(args, "force", False))
+        new_team = await self._team(args, None)
 
         def change(consumer: Consumer) -> Consumer:
             return replace(
@@ -464,6 +508,8 @@ class Admin:
                 priority=args.priority or consumer.priority,
                 entra=_entra(args, consumer.entra),
                 capabilities=_capabilities(args, consumer.capabilities),
+                team=consumer.team if getattr(args, "team", None) is None else new_team,
+                users=_users(args, consumer.users),
                 version=consumer.version + 1,
             )
 
@@ -507,6 +553,13 @@ def _limit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--entra-tenant", metavar="TENANT_ID",
                         help="the tenant of the Entra ID mappings given (default: the first of GATEWAY_ENTRA_TENANT_IDS)")
     parser.add_argument("--capabilities", help=f"comma-separated request features to allow ({', '.join(sorted(CAPABILITIES))}); '' for none")
+    parser.add_argument("--team", metavar="ID", help="the team this consumer belongs to ('' for none)")
+    parser.add_argument("--user-tpm", type=_whole, help="tokens per minute for each end user of this consumer (0: none)")
+    parser.add_argument("--user-quota", type=_whole, help="token quota per period for each end user (0: none)")
+    parser.add_argument("--user-quota-period", choices=QUOTA_PERIODS)
+    parser.add_argument("--user-sources", metavar="LIST",
+                        help=f"where the end user is named, in order: some of {','.join(USER_SOURCES)}")
+    parser.add_argument("--user-required", choices=("yes", "no"), help="refuse (400) a request that names no end user")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -542,6 +595,8 @@ def parser() -> argparse.ArgumentParser:
     update.add_argument("--clear-entra", action="store_true", help="replace the Entra ID mappings with those given")
     _limit_arguments(update)
 
+    add_teams_parser(commands, _whole)
+
     usage = commands.add_parser("usage", help="tokens per consumer and deployment for a period")
     usage.add_argument("--period", default="daily", choices=QUOTA_PERIODS)
     usage.add_argument("--at", help="a time inside the period (ISO 8601, UTC); default now")
@@ -562,6 +617,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             return await report(tables, args, sys.stdout)
         served = settings.deployments() if settings.backends else None
         admin = Admin(TableConsumerStore(tables), json_mode=args.json_output, served=served)
+        if args.command == "teams":
+            return await TeamAdmin(admin.store, admin.out, _deployments, json_mode=admin.json_mode).run(args)
         action = args.action
         if action == "create":
             return await admin.create(args)

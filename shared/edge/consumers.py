@@ -63,6 +63,44 @@ class Limits:
     output_cap: bool | None = None
 
 
+# Where a consumer's end users are identified, in this order: the Entra caller's object id when the caller is a
+# person, the request body's `user` field, the `x-gateway-user` header.
+USER_SOURCES = ("entra", "field", "header")
+
+
+@dataclass(frozen=True, slots=True)
+class UserLimits:
+    """What each end user of one consumer may have (0: no limit); which sources name the end user, and whether a
+    request must name one."""
+
+    tokens_per_minute: int = 0
+    quota: int = 0
+    quota_period: str | None = None
+    sources: tuple[str, ...] = USER_SOURCES
+    required: bool = False
+
+    @property
+    def limited(self) -> bool:
+        return self.tokens_per_minute > 0 or (self.quota > 0 and self.quota_period is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class Team:
+    """Consumers that share limits: tokens per minute, a quota and a budget per period, the deployments they may use
+    and a priority. A member's own settings only narrow these (its limits apply in addition)."""
+
+    id: str
+    name: str
+    limits: Limits = Limits()
+    deployments: frozenset[str] | None = None  # None: every deployment
+    priority: str = "normal"
+    version: int = 0
+
+
+def narrower_priority(a: str, b: str) -> str:
+    return a if PRIORITIES.index(a) >= PRIORITIES.index(b) else b
+
+
 @dataclass(frozen=True, slots=True)
 class Consumer:
     id: str
@@ -79,9 +117,29 @@ class Consumer:
     entra: frozenset[str] = frozenset()  # Entra ID mapping keys: "app:<id>", "oid:<id>", "role:<name>", "group:<id>"
     capabilities: frozenset[str] = frozenset()  # request features beyond the basics, e.g. "data_sources"
     fallback: bool = True  # False: never served by another deployment than the one asked for (GATEWAY_DEPLOYMENTS)
+    team: str | None = None  # the team's id
+    users: UserLimits = UserLimits()
+    # The team's record as the directory resolved it (not stored with the consumer); `deployments` and `priority` of a
+    # resolved consumer are already narrowed to the team's.
+    team_record: Team | None = field(default=None, compare=False)
 
     def may_use(self, deployment: str) -> bool:
         return self.deployments is None or deployment in self.deployments
+
+
+def with_team(consumer: Consumer, teams: Mapping[str, Team]) -> Consumer:
+    """The consumer as the request path sees it: its team's record attached, its deployments intersected with the
+    team's, its priority the lower of the two. A consumer whose team is missing may use nothing (never more)."""
+    if consumer.team is None:
+        return consumer
+    team = teams.get(consumer.team)
+    if team is None:
+        return replace(consumer, deployments=frozenset(), team_record=None)
+    deployments = consumer.deployments
+    if team.deployments is not None:
+        deployments = team.deployments if deployments is None else deployments & team.deployments
+    return replace(consumer, deployments=deployments, priority=narrower_priority(consumer.priority, team.priority),
+                   team_record=team)
 
 
 def validate_consumer_id(consumer_id: str) -> str:
@@ -160,6 +218,7 @@ class ConsumerDirectory:
         self._fail_closed = fail_closed
         self._by_hash: dict[str, Consumer] = {}
         self._by_id: dict[str, Consumer] = {}  # for Entra principals, mapped to consumer ids
+        self._teams: dict[str, Team] = {}
         # A digest the store did not know stays unknown until a reload brings it: a 256-bit key is not guessed.
         self.unknown = UnknownKeys(clock, ttl_s=max(refresh_s * 4, 60.0))
         self.budget = LookupBudget(lookups_per_s, clock)
@@ -174,7 +233,9 @@ class ConsumerDirectory:
         self.reload_failures = 0
         self.reloads = 0
 
-    def _index(self, consumers: list[Consumer]) -> None:
+    def _index(self, consumers: list[Consumer], teams: list[Team]) -> None:
+        self._teams = {t.id: t for t in teams}
+        consumers = [with_team(c, self._teams) for c in consumers]
         by_hash: dict[str, Consumer] = {}
         for consumer in consumers:
             by_hash[consumer.key_hash] = consumer
@@ -190,6 +251,7 @@ class ConsumerDirectory:
             # The marker first: a write that lands while the list is read changes it again, and the next check reloads.
             marker = await self._store.change_marker()
             consumers = await self._store.list_consumers()
+            teams = await self._store.list_teams()
         except Exception as exc:  # the store's own errors are already mapped; keep serving the cached copy
             self.reload_failures += 1
             if self.reload_failures == 1 or self.reload_failures % 20 == 0:
@@ -202,7 +264,7 @@ class ConsumerDirectory:
         self.reload_failures = 0
         self.reloads += 1
         self._marker = marker
-        self._index(consumers)
+        self._index(consumers, teams)
         self._loaded_at = self._checked_at = self._fresh_at = self._clock.monotonic()
         self._stale_logged = False
 
@@ -303,6 +365,7 @@ class ConsumerDirectory:
         if consumer is None:
             self.unknown.add(digest)
             return None
+        consumer = with_team(consumer, self._teams)
         self._by_hash[digest] = consumer
         self._by_id[consumer.id] = consumer
         return consumer

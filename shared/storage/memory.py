@@ -10,7 +10,7 @@ from shared.limits.ledger import Ledger
 from shared.storage.protocols import Conflict, StoreUnavailable
 
 if TYPE_CHECKING:
-    from shared.edge.consumers import Consumer
+    from shared.edge.consumers import Consumer, Team
     from shared.routing.capacity import CapacityReport
     from shared.routing.pinning import StoredResponse
     from shared.routing.router import BreakerRecord
@@ -28,6 +28,7 @@ class _Switch:
 class MemoryConsumerStore(_Switch):
     def __init__(self) -> None:
         self.consumers: dict[str, Consumer] = {}
+        self.teams: dict[str, Team] = {}
         self.calls = 0
         self.writes = 0  # the change marker: every write through the store bumps it
         self.etags: dict[str, str] = {}
@@ -93,6 +94,34 @@ class MemoryConsumerStore(_Switch):
         self._check()
         deleted = self.consumers.pop(consumer_id, None) is not None
         self.etags.pop(consumer_id, None)
+        self.writes += deleted
+        return deleted
+
+    async def list_teams(self) -> list[Team]:
+        self._check()
+        self.calls += 1
+        return list(self.teams.values())
+
+    async def get_team(self, team_id: str) -> Team | None:
+        self._check()
+        self.calls += 1
+        return self.teams.get(team_id)
+
+    async def put_team(self, team: Team) -> None:
+        self._check()
+        self.teams[team.id] = team
+        self.writes += 1
+
+    async def create_team(self, team: Team) -> None:
+        self._check()
+        if team.id in self.teams:
+            raise Conflict("team exists")
+        self.teams[team.id] = team
+        self.writes += 1
+
+    async def delete_team(self, team_id: str) -> bool:
+        self._check()
+        deleted = self.teams.pop(team_id, None) is not None
         self.writes += deleted
         return deleted
 

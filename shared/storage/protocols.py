@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # the records are defined beside the logic that uses them; only their names are needed here
-    from shared.edge.consumers import Consumer
+    from shared.edge.consumers import Consumer, Team
     from shared.limits.ledger import Ledger
     from shared.routing.capacity import CapacityReport
     from shared.routing.pinning import StoredResponse
@@ -43,6 +43,18 @@ class ConsumerStore(Protocol):
         ...
 
     async def delete(self, consumer_id: str) -> bool: ...
+
+    async def list_teams(self) -> list[Team]: ...
+
+    async def get_team(self, team_id: str) -> Team | None: ...
+
+    async def put_team(self, team: Team) -> None: ...
+
+    async def create_team(self, team: Team) -> None:
+        """Conflict when a team with that id exists."""
+        ...
+
+    async def delete_team(self, team_id: str) -> bool: ...
 
 
 class LedgerStore(Protocol):

@@ -24,7 +24,17 @@ from azure.data.tables import EntityProperty, TableTransactionError, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
 
 from shared.config import DEPLOYMENT_NAME, Settings
-from shared.edge.consumers import CAPABILITIES, PRIORITIES, QUOTA_PERIODS, RETIRED_PRIORITIES, Consumer, Limits
+from shared.edge.consumers import (
+    CAPABILITIES,
+    PRIORITIES,
+    QUOTA_PERIODS,
+    RETIRED_PRIORITIES,
+    USER_SOURCES,
+    Consumer,
+    Limits,
+    Team,
+    UserLimits,
+)
 from shared.storage.protocols import Conflict, StoreUnavailable
 from shared.telemetry.usage_rows import UsageRow
 
@@ -148,6 +158,12 @@ def consumer_to_entity(consumer: Consumer) -> dict[str, Any]:
         "version": consumer.version,
         "entra": json.dumps(sorted(consumer.entra)),
         "capabilities": json.dumps(sorted(consumer.capabilities)),
+        "team": consumer.team or "",
+        "user_tpm": consumer.users.tokens_per_minute,
+        "user_quota": consumer.users.quota,
+        "user_quota_period": consumer.users.quota_period or "",
+        "user_sources": ",".join(consumer.users.sources),
+        "user_required": consumer.users.required,
     }
 
 
@@ -243,6 +259,9 @@ def consumer_from_entity(entity: dict[str, Any]) -> Consumer:
     capabilities = _names(entity.get("capabilities") or "[]", "capabilities")
     if not all(c in CAPABILITIES for c in capabilities):
         raise BadConsumerRecord(f"capabilities: known ones are {', '.join(sorted(CAPABILITIES))}")
+    team = entity.get("team") or None
+    if team is not None and (not isinstance(team, str) or not _CONSUMER_ID.fullmatch(team)):
+        raise BadConsumerRecord(f"team: not a team id: {team!r}")
     name = entity.get("name", consumer_id)
     return Consumer(
         id=consumer_id,
@@ -266,6 +285,87 @@ def consumer_from_entity(entity: dict[str, Any]) -> Consumer:
         version=_count(entity, "version"),
         capabilities=frozenset(capabilities),
         entra=frozenset(entra),
+        team=team,
+        users=_user_limits(entity),
+    )
+
+
+def _user_limits(entity: dict[str, Any]) -> UserLimits:
+    """The end-user settings; a row written before they existed has none (every default)."""
+    if "user_tpm" not in entity:
+        return UserLimits()
+    quota = _count(entity, "user_quota")
+    period = entity.get("user_quota_period") or None
+    if period is not None and period not in QUOTA_PERIODS:
+        raise BadConsumerRecord(f"user_quota_period: expected one of {', '.join(QUOTA_PERIODS)}, got {period!r}")
+    if quota and period is None:
+        raise BadConsumerRecord("user_quota: a quota needs a user_quota_period")
+    raw = entity.get("user_sources")
+    sources = tuple(s for s in raw.split(",") if s) if isinstance(raw, str) else None
+    if not sources or not all(s in USER_SOURCES for s in sources) or len(set(sources)) != len(sources):
+        raise BadConsumerRecord(f"user_sources: expected some of {', '.join(USER_SOURCES)}, comma-separated")
+    required = entity.get("user_required", False)
+    if not isinstance(required, bool):
+        raise BadConsumerRecord(f"user_required: expected a boolean, got {required!r}")
+    return UserLimits(_count(entity, "user_tpm"), quota, period, sources, required)
+
+
+_TEAM_PK = "team"
+
+
+def team_to_entity(team: Team) -> dict[str, Any]:
+    limits = team.limits
+    return {
+        "PartitionKey": _TEAM_PK,
+        "RowKey": team.id,
+        "name": team.name,
+        "deployments": "*" if team.deployments is None else json.dumps(sorted(team.deployments)),
+        "tpm": limits.tokens_per_minute,
+        "quota": limits.quota,
+        "quota_period": limits.quota_period or "",
+        "budget": float(limits.budget),
+        "budget_period": limits.budget_period or "",
+        "priority": team.priority,
+        "version": team.version,
+    }
+
+
+def team_from_entity(entity: dict[str, Any]) -> Team:
+    """Parse a team row as strictly as a consumer's: a row that does not parse leaves its members with nothing."""
+    team_id = entity.get("RowKey")
+    if not isinstance(team_id, str) or not _CONSUMER_ID.fullmatch(team_id):
+        raise BadConsumerRecord(f"RowKey: not a team id: {team_id!r}")
+    deployments_raw = entity.get("deployments")
+    deployments: frozenset[str] | None = None
+    if deployments_raw != "*":
+        names = _names(deployments_raw, "deployments")
+        if not all(isinstance(n, str) and DEPLOYMENT_NAME.fullmatch(n) for n in names):
+            raise BadConsumerRecord("deployments: expected deployment names")
+        deployments = frozenset(names)
+    quota = _count(entity, "quota")
+    quota_period = entity.get("quota_period") or None
+    if quota_period is not None and quota_period not in QUOTA_PERIODS:
+        raise BadConsumerRecord(f"quota_period: expected one of {', '.join(QUOTA_PERIODS)}, got {quota_period!r}")
+    if quota and quota_period is None:
+        raise BadConsumerRecord("quota: a quota needs a quota_period")
+    budget = entity.get("budget", 0.0)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < float("inf"):
+        raise BadConsumerRecord(f"budget: expected an amount >= 0, got {budget!r}")
+    budget_period = entity.get("budget_period") or None
+    if budget_period is not None and budget_period not in QUOTA_PERIODS:
+        raise BadConsumerRecord(f"budget_period: expected one of {', '.join(QUOTA_PERIODS)}, got {budget_period!r}")
+    priority = entity.get("priority")
+    if priority not in PRIORITIES:
+        raise BadConsumerRecord(f"priority: expected one of {', '.join(PRIORITIES)}, got {priority!r}")
+    name = entity.get("name", team_id)
+    return Team(
+        id=team_id,
+        name=name if isinstance(name, str) else team_id,
+        limits=Limits(tokens_per_minute=_count(entity, "tpm"), quota=quota, quota_period=quota_period,
+                      budget=float(budget), budget_period=budget_period),
+        deployments=deployments,
+        priority=priority,
+        version=_count(entity, "version"),
     )
 
 
@@ -418,6 +518,44 @@ class TableConsumerStore:
             await asyncio.gather(*(batch(entities[i : i + 100], "create") for i in range(0, len(entities), 100)))
         finally:
             await self._mark_changed()  # batches that went through before a conflict are consumers too
+
+    async def list_teams(self) -> list[Team]:
+        entities = await self._tables.call(
+            "consumers", lambda t: collect(t.query_entities(f"PartitionKey eq '{_TEAM_PK}'")), self._tables.timeout_s * 5
+        )
+        teams: list[Team] = []
+        for entity in entities:
+            try:
+                teams.append(team_from_entity(entity))
+            except BadConsumerRecord as problem:
+                log.error("team record %r refused: %s", entity.get("RowKey"), problem)
+        return teams
+
+    async def get_team(self, team_id: str) -> Team | None:
+        if not _CONSUMER_ID.fullmatch(team_id):
+            return None
+        try:
+            entity = await self._tables.call("consumers", lambda t: t.get_entity(_TEAM_PK, team_id))
+        except ResourceNotFoundError:
+            return None
+        return team_from_entity(dict(entity))
+
+    async def put_team(self, team: Team) -> None:
+        entity = team_to_entity(team)
+        await self._tables.call("consumers", lambda t: t.upsert_entity(entity, mode=UpdateMode.REPLACE))
+        await self._mark_changed()
+
+    async def create_team(self, team: Team) -> None:
+        entity = team_to_entity(team)
+        await self._tables.call("consumers", lambda t: t.create_entity(entity))
+        await self._mark_changed()
+
+    async def delete_team(self, team_id: str) -> bool:
+        if await self.get_team(team_id) is None:
+            return False
+        await self._tables.call("consumers", lambda t: t.delete_entity(_TEAM_PK, team_id))
+        await self._mark_changed()
+        return True
 
     async def delete(self, consumer_id: str) -> bool:
         try:
