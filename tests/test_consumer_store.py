@@ -98,6 +98,11 @@ async def test_teams_are_stored_beside_the_consumers_and_a_bad_row_is_left_out(
     assert await store.list_teams() == [team]
     assert "team record 'bad' refused: priority" in caplog.text
     assert await store.list_consumers() == []  # teams are not consumers
+    member, _ = consumer("member", team="search")
+    await store.put(member)
+    calls = tables.calls
+    assert await store.list_all() == ([member], [team])
+    assert tables.calls - calls == 1
     assert await store.delete_team("search") and not await store.delete_team("search")
     assert await store.get_team("search") is None
 

@@ -250,8 +250,7 @@ class ConsumerDirectory:
         try:
             # The marker first: a write that lands while the list is read changes it again, and the next check reloads.
             marker = await self._store.change_marker()
-            consumers = await self._store.list_consumers()
-            teams = await self._store.list_teams()
+            consumers, teams = await self._store.list_all()
         except Exception as exc:  # the store's own errors are already mapped; keep serving the cached copy
             self.reload_failures += 1
             if self.reload_failures == 1 or self.reload_failures % 20 == 0:

@@ -102,6 +102,9 @@ class MemoryConsumerStore(_Switch):
         self.calls += 1
         return list(self.teams.values())
 
+    async def list_all(self) -> tuple[list[Consumer], list[Team]]:
+        return await self.list_consumers(), list(self.teams.values())  # one call, as the Table store's one query
+
     async def get_team(self, team_id: str) -> Team | None:
         self._check()
         self.calls += 1

@@ -313,6 +313,16 @@ def _user_limits(entity: dict[str, Any]) -> UserLimits:
 _TEAM_PK = "team"
 
 
+def _parsed_teams(entities: list[dict[str, Any]]) -> list[Team]:
+    teams: list[Team] = []
+    for entity in entities:
+        try:
+            teams.append(team_from_entity(entity))
+        except BadConsumerRecord as problem:
+            log.error("team record %r refused: %s", entity.get("RowKey"), problem)
+    return teams
+
+
 def team_to_entity(team: Team) -> dict[str, Any]:
     limits = team.limits
     return {
@@ -523,13 +533,14 @@ class TableConsumerStore:
         entities = await self._tables.call(
             "consumers", lambda t: collect(t.query_entities(f"PartitionKey eq '{_TEAM_PK}'")), self._tables.timeout_s * 5
         )
-        teams: list[Team] = []
-        for entity in entities:
-            try:
-                teams.append(team_from_entity(entity))
-            except BadConsumerRecord as problem:
-                log.error("team record %r refused: %s", entity.get("RowKey"), problem)
-        return teams
+        return _parsed_teams(entities)
+
+    async def list_all(self) -> tuple[list[Consumer], list[Team]]:
+        query = f"PartitionKey eq '{_CONSUMER_PK}' or PartitionKey eq '{_TEAM_PK}'"
+        entities = await self._tables.call("consumers", lambda t: collect(t.query_entities(query)),
+                                           self._tables.timeout_s * 5)
+        consumers = [c for c in map(_parsed, (e for e in entities if e.get("PartitionKey") == _CONSUMER_PK)) if c]
+        return consumers, _parsed_teams([e for e in entities if e.get("PartitionKey") == _TEAM_PK])
 
     async def get_team(self, team_id: str) -> Team | None:
         if not _CONSUMER_ID.fullmatch(team_id):
