@@ -87,6 +87,7 @@ class RateLimited(Refusal):
     limit: int
     wait_ms: float
     remaining: int = 0
+    need: int = 0  # what the refused request reserves (its prompt and output cap), when known
 
 
 @dataclass(eq=False)

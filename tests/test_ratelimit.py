@@ -407,3 +407,57 @@ async def test_requests_that_outrun_their_reservation_cannot_sustain_more_than_t
     # worth of reservations, each outrunning it).
     assert total <= 10_000 * minutes + 10 * 9_532
     assert total >= 10_000 * (minutes - 1)  # and the consumer is not shut out once the debt is paid
+
+
+# ---- near the limit: finished requests' reservations do not refuse (issue 24) ------------------------------------
+
+
+async def test_a_finished_requests_reservation_neither_refuses_nor_counts_as_used() -> None:
+    """The issue's sequence: 1,500 TPM, a call every 0.2 s reserving 1,032 (no max_tokens) and using 48, each done in
+    0.15 s. Every call that fits beside what was really used is admitted; the first that does not is told the real use
+    and the real wait."""
+    clock = FakeClock()
+    lim = limiter(MemoryLedgerStore(), clock)
+    c = consumer(tpm=1500)
+    used = 0
+    first_at = clock.now()
+    for call in range(1, 11):
+        ticket = await lim.admit(c, DEPLOYMENT, 1_032)
+        assert ticket.headers["x-ratelimit-remaining-tokens"] == str(1500 - used - 1_032), call
+        clock.advance(0.15)
+        ticket.settle(48)
+        used += 48
+        assert ticket.headers["x-ratelimit-remaining-tokens"] == str(1500 - used), call
+        assert lim.room(c, DEPLOYMENT) == 1500 - used
+        clock.advance(0.05)
+        await lim.tick()
+    assert used == 480
+    with pytest.raises(RateLimited) as refused:
+        await lim.admit(c, DEPLOYMENT, 1_032)
+    error = render(refused.value)
+    assert error.headers["x-ratelimit-remaining-tokens"] == "1020"
+    assert "1020 of its 1500 tokens per minute left" in error.message and "1032" in error.message
+    # 12 more tokens are needed: the first call's 48 leave the window a minute after it (rounded up to the bucket).
+    wait_s = int(error.headers["retry-after-ms"]) / 1000
+    assert first_at + 60 <= clock.now() + wait_s <= first_at + 61
+    clock.advance(wait_s)
+    await lim.tick()
+    (await lim.admit(c, DEPLOYMENT, 1_032)).settle(48)
+
+
+async def test_a_refusal_learnt_before_requests_ended_is_checked_again_by_one_write() -> None:
+    clock = FakeClock()
+    store = MemoryLedgerStore()
+    lim = limiter(store, clock)
+    c = consumer(tpm=1500)
+    running = [await lim.admit(c, DEPLOYMENT, 700), await lim.admit(c, DEPLOYMENT, 700)]
+    with pytest.raises(RateLimited):
+        await lim.admit(c, DEPLOYMENT, 700)  # both still running: a true refusal, remembered
+    writes = lim.syncs
+    with pytest.raises(RateLimited):
+        await lim.admit(c, DEPLOYMENT, 700)
+    assert lim.syncs == writes  # repeated from memory, no write
+    for ticket in running:
+        ticket.settle(50)
+    (await lim.admit(c, DEPLOYMENT, 700)).settle(50)  # the refunds reach the ledger with the next write
+    assert lim.syncs == writes + 1

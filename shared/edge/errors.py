@@ -136,11 +136,13 @@ def render(refusal: Refusal) -> GatewayError:
             )
         case DeploymentNotAllowed(name=name):
             return forbidden(f"This key may not use the deployment '{name}'.", code="deployment_not_allowed")
-        case RateLimited(limit=limit, wait_ms=wait_ms, remaining=remaining):
+        case RateLimited(limit=limit, wait_ms=wait_ms, remaining=remaining, need=need):
             wait_ms = max(1.0, wait_ms)
             seconds = max(1, math.ceil(wait_ms / 1000))
+            used = f"has {remaining} of its {limit} tokens per minute left" if remaining else f"has used its {limit} tokens per minute"
+            wanted = f" and this request reserves up to {need} (its prompt and output cap)" if need > remaining else ""
             return GatewayError(
-                429, f"This key has used its {limit} tokens per minute; retry after {seconds} seconds.",
+                429, f"This key {used}{wanted}; retry after {seconds} seconds.",
                 type="rate_limit_error", code="rate_limit_exceeded",
                 headers={
                     "retry-after": str(seconds),

@@ -104,6 +104,13 @@ class Holdings:
     closing_since: float = 0.0
     pending_since: float = 0.0
 
+    def unwritten(self, scope: str) -> int:
+        """Tokens the next write adds to `scope`'s occupancy (negative: frees): pending corrections, less what the
+        closing lease still holds."""
+        closing = self.closing
+        held = max(0, closing.available.get(scope, 0)) if closing is not None and not closing.released else 0
+        return sum(self.pending.get(scope, {}).values()) - held
+
     def to_pending(self, usage: Usage, mono: float) -> None:
         if usage and not self.pending:
             self.pending_since = mono

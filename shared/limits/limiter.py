@@ -79,6 +79,9 @@ class Budget:
     fallback: Fallback = field(default_factory=Fallback)
     sync_task: asyncio.Task[None] | None = None
     last_sync_mono: float = 0.0
+    # A request ended below its reservation since the last write: the ledger (and any refusal learnt from it) still
+    # counts tokens this instance is about to free, so a refusal is checked by a write, not repeated from memory.
+    refunded: bool = False
 
     def note(self, scopes: Scopes, reserve: int, mono: float) -> None:
         changed = False
@@ -198,8 +201,8 @@ class TokenLimiter:
             return
         now = self._clock.now()
         blocked = budget.blocks.refusal(scopes, now)
-        if blocked is not None and not budget.fallback.active(now):
-            raise refusals.refused(scopes, blocked[1], blocked[0], now)
+        if blocked is not None and not budget.fallback.active(now) and not self._may_fit(budget, scopes, at_least):
+            raise self._refused(budget, scopes, blocked[1], blocked[0], now, at_least)
 
     def room(self, consumer: Consumer, deployment: str) -> int | None:
         scopes = scopes_for(consumer, deployment)
@@ -232,12 +235,16 @@ class TokenLimiter:
                 now = self._clock.now()
                 if budget.fallback.active(now) or self._store_down_until > now:
                     return self._admit_degraded(budget, scopes, reserve)
+                # What this instance knows is full is refused without a write, unless requests ended below their
+                # reservations since and the tokens they free would let this one in: then the write decides.
+                may_fit = self._may_fit(budget, scopes, reserve)
                 blocked = budget.blocks.refusal(scopes, now)
-                if blocked is not None:
-                    raise refusals.refused(scopes, blocked[1], blocked[0], now)
+                if blocked is not None and not may_fit:
+                    raise self._refused(budget, scopes, blocked[1], blocked[0], now, reserve)
                 saturated = self._saturated_until(budget, scopes, reserve, now)
-                if saturated is not None:
-                    raise refusals.refused(scopes, Refusal(budget.pace.saturated_scope, None), saturated, now)
+                if saturated is not None and not may_fit:
+                    raise self._refused(budget, scopes, Refusal(budget.pace.saturated_scope, None), saturated, now,
+                                        reserve)
                 await self._sync(budget, reserve, scopes.names)
                 ticket = self._admit_from_lease(budget, scopes, reserve)
                 if ticket is not None:
@@ -250,7 +257,21 @@ class TokenLimiter:
         blocked = budget.blocks.refusal(scopes, now)
         refusal = blocked[1] if blocked else Refusal(CONSUMER_SCOPE, 1000)
         return_at = blocked[0] if blocked else now + 1
-        raise refusals.refused(scopes, refusal, return_at, now)
+        raise self._refused(budget, scopes, refusal, return_at, now, reserve)
+
+    def _may_fit(self, budget: Budget, scopes: Scopes, need: int) -> bool:
+        """Whether tokens freed since the last write (requests that ended below their reservations) may make room for
+        `need`: a refusal known from that write is then checked by the next one (never twice for the same refunds)."""
+        if not budget.refunded:
+            return False
+        tokens, _ = self._remaining(budget, scopes)
+        return tokens is not None and tokens[1] >= need
+
+    def _refused(
+        self, budget: Budget, scopes: Scopes, refusal: Refusal, until: float, now: float, need: int
+    ) -> Exception:
+        tokens, _ = self._remaining(budget, scopes)
+        return refusals.refused(scopes, refusal, until, now, need, tokens[1] if tokens is not None else 0)
 
     def _saturated_until(self, budget: Budget, scopes: Scopes, reserve: int, now: float) -> float | None:
         """While the window is full claims are spaced out, but the answer is the true time until this request fits,
@@ -312,6 +333,8 @@ class TokenLimiter:
             if ticket._lease is None:
                 budget.fallback.settle(ticket._scopes, expiry, delta)
         budget.pace.corrected(sum(changes.values()))
+        if sum(changes.values()) < 0:
+            budget.refunded = True
 
     def _headers(self, budget: Budget, scopes: Scopes) -> dict[str, str]:
         headers: dict[str, str] = {}
@@ -335,7 +358,10 @@ class TokenLimiter:
             if limit <= 0:
                 continue
             own = lease.available.get(scope, 0) if lease is not None else 0
-            remaining = max(0, limit - occupancy.get(scope, 0) + max(0, own))
+            # What this instance frees or adds at its next write: a trimmed lease's rest (finished requests' unused
+            # reservations included) and corrections not written yet.
+            unwritten = budget.held.unwritten(scope) if budget is not None else 0
+            remaining = max(0, limit - occupancy.get(scope, 0) + max(0, own) - unwritten)
             if tightest is None or remaining < tightest[1]:
                 tightest = (limit, remaining)
         if tightest is not None:
@@ -380,6 +406,7 @@ class TokenLimiter:
         claim_new = claim_new and bool(budget.limits) and not flush_only
         # Detach what this write reports (a flush leaves the current lease alone); if the write fails it is put back.
         out = budget.held.detach(not flush_only, claim_new, now, pace.typical)
+        refunded, budget.refunded = budget.refunded, False
         lease_id = f"{self._instance}:{self._lease_seq + 1}"
         quota = budget.quota
         plans: list[tuple[dict[str, int], Grant | None, Allowance | None]] = [({}, None, None)]
@@ -412,6 +439,7 @@ class TokenLimiter:
                 ledger, now = await budget.copy.commit(self._store, budget.consumer_id, self._clock, change)
         except (StoreUnavailable, Contended) as exc:
             budget.held.restore(out, mono)
+            budget.refunded = budget.refunded or refunded
             if isinstance(exc, Contended):
                 # The store answers; others simply wrote first every time. Not a reason to fall back to local limits
                 # (which would admit beyond the shared limit): the waiting requests try again or are told to retry.

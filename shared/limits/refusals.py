@@ -15,15 +15,18 @@ def rate_limited(limit: int, wait_ms: float, remaining: int = 0) -> RateLimited:
     return RateLimited(limit=limit, wait_ms=wait_ms, remaining=remaining)
 
 
-def refused(scopes: Scopes, refusal: Refusal, until: float, now: float) -> QuotaExhausted | RateLimited:
-    """The ledger's refusal of a scope: out of quota (until the period resets) or over a rate (until `until`)."""
+def refused(
+    scopes: Scopes, refusal: Refusal, until: float, now: float, need: int = 0, remaining: int = 0
+) -> QuotaExhausted | RateLimited:
+    """The ledger's refusal of a scope: out of quota (until the period resets) or over a rate (until `until`; the
+    request reserves `need`, and `remaining` tokens are free now)."""
     if refusal.quota_exhausted and scopes.quota is not None:
         return QuotaExhausted(
             limit=scopes.quota.limit, period=scopes.quota.period, resets_at_s=refusal.quota_reset_s,
             resets_in_s=refusal.quota_reset_s - now,
         )
     limit = scopes.limits.get(refusal.scope, 0) or max(scopes.limits.values(), default=0)
-    return rate_limited(limit, max(0.0, (until - now) * 1000))
+    return RateLimited(limit=limit, wait_ms=max(0.0, (until - now) * 1000), remaining=min(remaining, limit), need=need)
 
 
 def store_unavailable() -> LimiterUnavailable:
