@@ -198,8 +198,10 @@ async def test_limits_changed_by_the_admin_apply_to_the_next_request() -> None:
     [
         # ~1.5 admitted requests a second: capacity frees a request at a time, so claims are frequent.
         (20_000, (0, 3), 3.0),
-        # ~35 admitted requests a second, demand twice that: a claim serves many requests.
-        (600_000, (2, 5), 0.2),
+        # ~35 admitted requests a second, demand twice that: a claim serves many requests. (0.16 before a remembered
+        # refusal was checked with a write whenever the instance's own lease rest and refunds would fit the request:
+        # ~25% more writes at saturation, ~1% more of the limit admitted; issue 24.)
+        (600_000, (2, 5), 0.22),
     ],
 )
 async def test_many_instances_never_admit_more_than_the_limit_in_any_minute(

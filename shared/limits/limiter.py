@@ -260,12 +260,19 @@ class TokenLimiter:
         raise self._refused(budget, scopes, refusal, return_at, now, reserve)
 
     def _may_fit(self, budget: Budget, scopes: Scopes, need: int) -> bool:
-        """Whether tokens freed since the last write (requests that ended below their reservations) may make room for
-        `need`: a refusal known from that write is then checked by the next one (never twice for the same refunds)."""
+        """Whether tokens this instance frees at its next write (its lease's rest, with what requests that ended below
+        their reservations gave back) would make room for `need`: a refusal known from the last write is then checked
+        by the next one (never twice for the same refunds). Room others free is learnt at the usual pace."""
         if not budget.refunded:
             return False
-        tokens, _ = self._remaining(budget, scopes)
-        return tokens is not None and tokens[1] >= need
+        held = budget.held
+        lease = held.current
+        for scope, limit in scopes.limits.items():
+            if limit > 0:
+                own = max(0, lease.available.get(scope, 0)) if lease is not None else 0
+                if own - held.unwritten(scope) < need:
+                    return False
+        return True
 
     def _refused(
         self, budget: Budget, scopes: Scopes, refusal: Refusal, until: float, now: float, need: int
