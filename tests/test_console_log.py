@@ -10,7 +10,7 @@ import pytest
 
 from shared.flow.usage import TokenUsage
 from shared.telemetry.console import ConsoleTelemetry, format_line
-from shared.telemetry.events import NullTelemetry, RequestRecord
+from shared.telemetry.events import NullTelemetry, RequestRecord, Telemetry
 from shared.telemetry.prices import parse_prices
 from tests.fakes.gateway import GatewayHarness, backend
 
@@ -85,3 +85,28 @@ def test_the_console_writes_one_line_per_request_and_a_closed_console_fails_noth
         raise OSError("console closed")
 
     ConsoleTelemetry(NullTelemetry(), PRICES, closed).request_done(record)
+
+
+def test_every_telemetry_method_reaches_the_inner_sink() -> None:
+    calls: list[str] = []
+
+    class Recording(NullTelemetry):
+        def __getattribute__(self, name: str) -> object:
+            if not name.startswith("_"):
+                calls.append(name)
+            return object.__getattribute__(self, name)
+
+    console = ConsoleTelemetry(Recording(), PRICES, lambda _: None)
+    methods = [m for m in dir(Telemetry) if not m.startswith("_")]
+    for name in methods:
+        calls.clear()
+        arguments = {"begin": ("GET", "/x"), "request_done": (RequestRecord("a", "", "a", "o", "", "d", 200, 1.0),),
+                     "tokens_spent": (RequestRecord("a", "", "a", "o", "", "d", 200, 1.0),)}
+        getattr(console, name)(*arguments.get(name, ("a", "b", "c")[: _arity(name)]))
+        assert name in calls, name
+
+
+def _arity(name: str) -> int:
+    import inspect
+
+    return len(inspect.signature(getattr(Telemetry, name)).parameters) - 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from shared.telemetry.events import RequestRecord, Telemetry, Trace
 from shared.telemetry.prices import PriceTable
@@ -62,6 +63,10 @@ class ConsoleTelemetry:
         self._write = write or _stdout
         self._now = now
 
+    def __getattr__(self, name: str) -> Any:
+        # A Telemetry method added later reaches the inner sink unchanged, rather than failing a request here.
+        return getattr(self._inner, name)
+
     def begin(self, method: str, route: str) -> Trace:
         return self._inner.begin(method, route)
 
@@ -80,6 +85,9 @@ class ConsoleTelemetry:
 
     def failover(self, from_backend: str, to_backend: str, reason: str) -> None:
         self._inner.failover(from_backend, to_backend, reason)
+
+    def model_fallback(self, from_deployment: str, to_deployment: str, reason: str) -> None:
+        self._inner.model_fallback(from_deployment, to_deployment, reason)
 
     def breaker_transition(self, backend_id: str, region: str, state: str) -> None:
         self._inner.breaker_transition(backend_id, region, state)
