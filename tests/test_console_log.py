@@ -73,6 +73,14 @@ def test_fields_are_cut_to_their_columns_and_never_break_the_line() -> None:
     assert "EUR" not in line  # an unpriced deployment shows no cost rather than a false 0
 
 
+def test_a_fallback_shows_its_step_and_the_name_asked() -> None:
+    record = RequestRecord(consumer_id="c", client_ip="", api="a", operation="o", user_id="", deployment="gpt-4o",
+                           status=200, duration_ms=1.0, backend_id="b", attempts=1, requested="chat\n" * 30, step=2)
+    line = format_line(record, PRICES, NOON)
+    assert "fallback 2 from chat?" in line and "\n" not in line
+    assert "fallback" not in format_line(RequestRecord("c", "", "a", "o", "", "gpt-4o", 200, 1.0), PRICES, NOON)
+
+
 def test_the_console_writes_one_line_per_request_and_a_closed_console_fails_nothing() -> None:
     lines: list[str] = []
     record = RequestRecord("a", "", "api", "op", "", "gpt-4o", 200, 5.0)

@@ -56,6 +56,14 @@ def test_a_record_round_trips() -> None:
     assert consumer_from_entity(consumer_to_entity(c)) == c
     team = Team("search", "Search", Limits(1000, {}, 5000, "daily", 20.0, "monthly"), frozenset({"gpt-4o"}), "high", 3)
     assert team_from_entity(team_to_entity(team)) == team
+    strict, _ = consumer(fallback=False)
+    assert consumer_from_entity(consumer_to_entity(strict)).fallback is False
+
+
+def test_a_record_from_before_fallbacks_falls_back_as_the_gateway_does() -> None:
+    entity = consumer_to_entity(consumer()[0])
+    del entity["fallback"]
+    assert consumer_from_entity(entity).fallback is True
 
 
 def test_a_row_written_before_teams_and_end_users_reads_as_neither() -> None:
@@ -128,6 +136,8 @@ async def test_teams_are_stored_beside_the_consumers_and_a_bad_row_is_left_out(
         ({"priority": "urgent"}, "priority"),
         ({"key_hash": "abc"}, "key_hash"),
         ({"capabilities": '["everything"]'}, "capabilities"),
+        ({"fallback": "never"}, "fallback"),
+        ({"fallback": False}, "fallback"),
         ({"RowKey": "Team A\n"}, "RowKey"),
     ],
 )

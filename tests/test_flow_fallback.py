@@ -5,15 +5,18 @@ included) is never routed around; the books, metrics and log follow the deployme
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from typing import Any
 
 import openai
 import pytest
 
+from shared.admin.cli import Admin, parser
 from shared.flow.tokens import count_chat_prompt, encoding_for
 from shared.limits.ledger import deployment_scope
 from shared.outcomes import FailureKind
+from shared.storage.memory import MemoryConsumerStore
 from tests.fakes.gateway import ADMIN_HEADERS, GatewayHarness
 from tests.fakes.upstream import Fail, Reply, chat_body, error_reply, json_reply
 
@@ -341,3 +344,19 @@ async def test_many_concurrent_fallbacks_keep_the_books_exact(fb: GatewayHarness
     assert await fb.charged("app") == sum(served)
     for deployment, total in by_deployment.items():
         assert await fb.charged("app", deployment_scope(deployment)) == total
+
+
+async def test_the_admin_cli_turns_a_consumers_fallback_off_and_on_again() -> None:
+    store = MemoryConsumerStore()
+    admin = Admin(store, io.StringIO())  # type: ignore[arg-type]
+    assert await admin.create(parser().parse_args(["consumers", "create", "strict", "--all-deployments",
+                                                   "--fallback", "off"])) == 0
+    assert (await store.get("strict")).fallback is False  # type: ignore[union-attr]
+    await admin.update(parser().parse_args(["consumers", "set", "strict", "--tpm", "5"]))
+    assert (await store.get("strict")).fallback is False  # type: ignore[union-attr]  # untouched unless named
+    await admin.update(parser().parse_args(["consumers", "set", "strict", "--fallback", "on"]))
+    assert (await store.get("strict")).fallback is True  # type: ignore[union-attr]
+    assert await admin.create(parser().parse_args(["consumers", "create", "plain", "--all-deployments"])) == 0
+    assert (await store.get("plain")).fallback is True  # type: ignore[union-attr]
+    with pytest.raises(SystemExit):
+        parser().parse_args(["consumers", "set", "plain", "--fallback", "never"])

@@ -216,6 +216,7 @@ def describe(consumer: Consumer) -> dict[str, Any]:
         "team": consumer.team,
         "users": {"tokens_per_minute": users.tokens_per_minute, "quota": users.quota, "quota_period": users.quota_period,
                   "sources": list(users.sources), "required": users.required},
+        "fallback": "on" if consumer.fallback else "off",
     }
 
 
@@ -380,6 +381,7 @@ class Admin:
             capabilities=_capabilities(args, frozenset()),
             team=await self._team(args, None),
             users=_users(args, UserLimits()),
+            fallback=getattr(args, "fallback", None) != "off",
         )
         self.check_served(consumer.deployments, getattr(args, "force", False))
         await self._check_mappings_free(consumer)
@@ -510,6 +512,7 @@ class Admin:
                 capabilities=_capabilities(args, consumer.capabilities),
                 team=consumer.team if getattr(args, "team", None) is None else new_team,
                 users=_users(args, consumer.users),
+                fallback=consumer.fallback if getattr(args, "fallback", None) is None else args.fallback == "on",
                 version=consumer.version + 1,
             )
 
@@ -560,6 +563,9 @@ def _limit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--user-sources", metavar="LIST",
                         help=f"where the end user is named, in order: some of {','.join(USER_SOURCES)}")
     parser.add_argument("--user-required", choices=("yes", "no"), help="refuse (400) a request that names no end user")
+    parser.add_argument("--fallback", choices=("on", "off"),
+                        help="off: never served by another deployment than the one asked for (GATEWAY_DEPLOYMENTS "
+                        "fallbacks); throttling answers 429 with the true Retry-After (default on)")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -164,6 +164,7 @@ def consumer_to_entity(consumer: Consumer) -> dict[str, Any]:
         "user_quota_period": consumer.users.quota_period or "",
         "user_sources": ",".join(consumer.users.sources),
         "user_required": consumer.users.required,
+        "fallback": "on" if consumer.fallback else "off",
     }
 
 
@@ -198,6 +199,15 @@ def _output_cap(entity: dict[str, Any]) -> bool | None:
     if value not in ("", "on", "off"):
         raise BadConsumerRecord(f"output_cap: expected on, off or nothing, got {value!r}")
     return {"on": True, "off": False}.get(value)
+
+
+def _fallback(entity: dict[str, Any]) -> bool:
+    value = entity.get("fallback")
+    if value is None or value == "":
+        value = "on"  # rows written before fallbacks existed: the gateway's behaviour then
+    if value not in ("on", "off"):
+        raise BadConsumerRecord(f"fallback: expected on, off or nothing, got {value!r}")
+    return value == "on"
 
 
 def consumer_from_entity(entity: dict[str, Any]) -> Consumer:
@@ -287,6 +297,7 @@ def consumer_from_entity(entity: dict[str, Any]) -> Consumer:
         entra=frozenset(entra),
         team=team,
         users=_user_limits(entity),
+        fallback=_fallback(entity),
     )
 
 

@@ -50,6 +50,8 @@ def format_line(record: RequestRecord, prices: PriceTable, now_s: float) -> str:
     line = "  ".join(columns)
     if record.reason:
         line += f"  {_cut(record.reason, 40)}"
+    if record.step:  # the name asked passed the checks: a configured deployment or alias
+        line += f"  fallback {record.step} from {_cut(record.requested, 40)}"
     return line.rstrip()
 
 
