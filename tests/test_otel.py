@@ -373,3 +373,17 @@ def test_a_fallback_is_logged_with_the_name_asked_and_its_step_and_counted_by_de
     assert collect(reader)[names.MODEL_FALLBACKS] == [
         (1, {"From Deployment": "gpt-4.1", "To Deployment": "gpt-4o", "Reason": "BackendsBusy"})
     ]
+
+
+def test_tool_calls_are_a_metric_by_tool_and_a_cost_and_in_the_request_log() -> None:
+    prices = '{"deployments": {}, "tools": {"web_search": 0.01}}'
+    sink, reader, _ = telemetry(GATEWAY_PRICES=prices, GATEWAY_REQUEST_LOG="true")
+    usage = TokenUsage(10, 5, 15, tools=(("mcp", 1), ("web_search", 3)))
+    sink.request_done(record(usage=usage))  # on a PTU: the tokens cost nothing at the margin, the searches do
+    metrics = collect(reader)
+    calls = {d[names.TOOL]: v for v, d in metrics[names.TOOL_CALLS]}
+    assert calls == {"web_search": 3, "mcp": 1}
+    assert all(d[names.SUBSCRIPTION_ID] == "team-a" and d[names.DEPLOYMENT] == "gpt-4o" for _, d in metrics[names.TOOL_CALLS])
+    assert sum(v for v, _ in metrics[names.COST]) == pytest.approx(0.03)
+    measurements = log_records()[-1]["microsoft.custom_measurements"]
+    assert measurements["Tool Calls web_search"] == 3 and measurements["Cost"] == pytest.approx(0.03)

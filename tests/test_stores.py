@@ -274,7 +274,7 @@ async def test_every_consumer_write_changes_the_marker_and_reads_do_not(stores: 
 async def test_usage_rows_are_replaced_cumulatively_and_queried_by_hour_and_consumer(stores: Stores) -> None:
     first = UsageRow("alpha", "2026-12-01T05", "gpt-4o", "i1", requests=1, prompt=10, completion=5, total=15)
     await stores.usage.save([first, UsageRow("beta", "2026-12-01T05", "gpt-4o", "i1", requests=2, total=7)])
-    later = replace(first, requests=3, prompt=30, completion=15, total=45)
+    later = replace(first, requests=3, prompt=30, completion=15, total=45, tools=(("mcp", 1), ("web_search", 4)))
     await stores.usage.save([later, UsageRow("alpha", "2026-12-01T07", "gpt-4o", "i1", requests=1, total=1)])
     rows = await stores.usage.query("alpha", "2026-12-01T05", "2026-12-01T06")
     assert rows == [later]

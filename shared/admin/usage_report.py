@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Any, TextIO
 
@@ -24,10 +24,12 @@ class UsageTotal:
     completion: int
     total: int
     cached: int
+    tool_calls: dict[str, int] = field(default_factory=dict)  # built-in tool calls, by tool
 
 
 def summarize(rows: Iterable[UsageRow]) -> list[UsageTotal]:
     sums: dict[tuple[str, str], list[int]] = {}
+    tools: dict[tuple[str, str], dict[str, int]] = {}
     for row in rows:
         acc = sums.setdefault((row.consumer, row.deployment), [0, 0, 0, 0, 0])
         acc[0] += row.requests
@@ -35,7 +37,10 @@ def summarize(rows: Iterable[UsageRow]) -> list[UsageTotal]:
         acc[2] += row.completion
         acc[3] += row.total
         acc[4] += row.cached
-    return [UsageTotal(c, d, *v) for (c, d), v in sorted(sums.items())]
+        calls = tools.setdefault((row.consumer, row.deployment), {})
+        for name, n in row.tools:
+            calls[name] = calls.get(name, 0) + n
+    return [UsageTotal(c, d, *v, tool_calls=tools[(c, d)]) for (c, d), v in sorted(sums.items())]
 
 
 def period_hours(period: str, at_s: float) -> tuple[str, str, str]:
@@ -47,14 +52,19 @@ def period_hours(period: str, at_s: float) -> tuple[str, str, str]:
 def format_report(label: str, totals: list[UsageTotal]) -> str:
     columns = ["consumer", "deployment", "requests", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens"]
     rows: list[list[object]] = [[t.consumer, t.deployment, t.requests, t.prompt, t.completion, t.total, t.cached] for t in totals]
+    if any(t.tool_calls for t in totals):
+        columns.append("tool_calls")
+        for row, t in zip(rows, totals, strict=True):
+            row.append(" ".join(f"{name}={n}" for name, n in sorted(t.tool_calls.items())))
     by_consumer: dict[str, list[int]] = {}
     for t in totals:
         acc = by_consumer.setdefault(t.consumer, [0, 0, 0, 0, 0])
         for i, v in enumerate((t.requests, t.prompt, t.completion, t.total, t.cached)):
             acc[i] += v
     if len(totals) > 1:
-        rows += [[consumer, "(all)", *acc] for consumer, acc in by_consumer.items()]
-    body = table(columns, rows, numeric=columns[2:]) if rows else "(no usage recorded)"
+        extra = [""] if "tool_calls" in columns else []
+        rows += [[consumer, "(all)", *acc, *extra] for consumer, acc in by_consumer.items()]
+    body = table(columns, rows, numeric=columns[2:7]) if rows else "(no usage recorded)"
     return f"usage for {label} (UTC)\n{body}"
 
 

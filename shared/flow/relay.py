@@ -163,7 +163,8 @@ class Relay:
                     prompt, cancelled = exchange.prompt_ceiling(), again
                 encoding = tokens.encoding_for(relay.model or exchange.deployment)
                 completion = relay.delivered_completion_tokens(encoding)
-                usage = TokenUsage(prompt, completion, prompt + completion, reported=False)
+                tools = relay.tools.counts() if isinstance(relay, responses.ResponsesRelay) else ()
+                usage = TokenUsage(prompt, completion, prompt + completion, reported=False, tools=tools)
             ttft = None if first_at is None else (first_at - exchange.started) * 1000
             self._books.settle(exchange, Served(chosen.backend, 200, usage, relay.model, chosen.attempts, ttft))
             if cancelled is not None:

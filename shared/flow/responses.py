@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -29,7 +29,7 @@ from shared.flow.tokens import (
     count_tools,
     get_encoding,
 )
-from shared.flow.usage import TokenUsage, usage_from_object
+from shared.flow.usage import TokenUsage, ToolCalls, usage_from_object
 
 # Response ids travel in URL paths and become Table Storage keys: letters, digits, '_' and '-' only (Azure's look like
 # resp_68af4030592c81938ec0a5fbab4a3e9f05438e46b5f69a3b).
@@ -43,6 +43,9 @@ FILE_REFERENCE_TOKENS = 2_000
 BYTES_PER_FILE_TOKEN = 4
 
 TERMINAL_EVENTS = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
+# A built-in tool call is billed once it runs: seen when its item is added, so a stream cut before its end still
+# reports it.
+_ITEM_EVENTS = frozenset({b"response.output_item.added", b"response.output_item.done"})
 _DELTA_EVENTS = frozenset({
     b"response.output_text.delta", b"response.refusal.delta", b"response.function_call_arguments.delta",
     b"response.reasoning_text.delta", b"response.reasoning_summary_text.delta",
@@ -306,6 +309,7 @@ class ResponsesRelay:
         self.done = False
         self.status: str | None = None
         self.events_forwarded = 0
+        self.tools = ToolCalls()
 
     def feed(self, data: bytes) -> bytes:
         """Bytes to send on to the client for this piece of the backend's stream (whole events only)."""
@@ -321,6 +325,10 @@ class ResponsesRelay:
                 self._take_created(event)
             elif kind in TERMINAL_EVENTS:
                 self._take_terminal(event)
+            elif kind in _ITEM_EVENTS and b"_call" in event:
+                obj = sse.event_object(event)
+                if obj is not None:
+                    self.tools.add(obj.get("item"))
         self.events_forwarded += len(events)
         return b"".join(events)
 
@@ -344,7 +352,11 @@ class ResponsesRelay:
         self.done = True
         status = response.get("status")
         self.status = status if isinstance(status, str) else None
-        self.usage = usage_from_object(response)
+        usage = usage_from_object(response)
+        output = response.get("output")
+        for item in output if isinstance(output, list) else ():
+            self.tools.add(item)
+        self.usage = None if usage is None else replace(usage, tools=self.tools.counts())
         model = response.get("model")
         if isinstance(model, str) and model:
             self.model = model

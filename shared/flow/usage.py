@@ -22,6 +22,8 @@ class TokenUsage:
     reasoning: int = 0
     # False when the backend never reported usage and the figures were counted by the gateway (a cut stream).
     reported: bool = True
+    # Built-in tool calls the service bills per call (or per container, per image), by tool: (("web_search", 2),).
+    tools: tuple[tuple[str, int], ...] = ()
 
 
 def combined(first: TokenUsage | None, second: TokenUsage | None) -> TokenUsage | None:
@@ -35,7 +37,75 @@ def combined(first: TokenUsage | None, second: TokenUsage | None) -> TokenUsage 
         first.cached + second.cached,
         first.reasoning + second.reasoning,
         first.reported and second.reported,
+        add_tools(first.tools, second.tools),
     )
+
+
+# Output items of the built-in tools, by the name the price table, the usage rows and the metrics use (the capability
+# that lets the tool through, shared/flow/gates.py). Each item is one billed call; code interpreter is billed per
+# container, so its calls are counted once per container they ran in.
+TOOL_ITEMS = {
+    "web_search_call": "web_search",
+    "file_search_call": "file_search",
+    "code_interpreter_call": "code_interpreter",
+    "image_generation_call": "image_generation",
+    "computer_call": "computer_use",
+    "mcp_call": "mcp",
+}
+TOOLS = frozenset(TOOL_ITEMS.values())
+
+
+def add_tools(first: tuple[tuple[str, int], ...], second: tuple[tuple[str, int], ...]) -> tuple[tuple[str, int], ...]:
+    if not first or not second:
+        return first or second
+    counts = dict(first)
+    for name, calls in second:
+        counts[name] = counts.get(name, 0) + calls
+    return tuple(sorted(counts.items()))
+
+
+class ToolCalls:
+    """Counts the built-in tool calls among output items, each item once (a stream shows an item when it is added and
+    again when it is done)."""
+
+    __slots__ = ("_seen", "_containers", "_counts")
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._containers: set[str] = set()
+        self._counts: dict[str, int] = {}
+
+    def add(self, item: Any) -> None:
+        if not isinstance(item, Mapping):
+            return
+        tool = TOOL_ITEMS.get(item.get("type"))  # type: ignore[arg-type]
+        if tool is None:
+            return
+        item_id = item.get("id")
+        if isinstance(item_id, str):
+            if item_id in self._seen:
+                return
+            self._seen.add(item_id)
+        if tool == "code_interpreter":
+            container = item.get("container_id")
+            key = container if isinstance(container, str) else f"item:{item_id}"
+            if key in self._containers:
+                return
+            self._containers.add(key)
+        self._counts[tool] = self._counts.get(tool, 0) + 1
+
+    def counts(self) -> tuple[tuple[str, int], ...]:
+        return tuple(sorted(self._counts.items()))
+
+
+def tool_calls(output: Any) -> tuple[tuple[str, int], ...]:
+    """The built-in tool calls of a Responses object's `output`."""
+    if not isinstance(output, list):
+        return ()
+    calls = ToolCalls()
+    for item in output:
+        calls.add(item)
+    return calls.counts()
 
 
 def _int(value: Any) -> int:
@@ -50,7 +120,7 @@ def usage_from_object(obj: Any) -> TokenUsage | None:
     if not isinstance(usage, Mapping):
         return None
     if "input_tokens" in usage or "output_tokens" in usage:
-        return _responses_usage(usage)
+        return _responses_usage(usage, tool_calls(obj.get("output")))
     prompt = _int(usage.get("prompt_tokens"))
     completion = _int(usage.get("completion_tokens"))
     total = _int(usage.get("total_tokens")) or prompt + completion
@@ -61,7 +131,7 @@ def usage_from_object(obj: Any) -> TokenUsage | None:
     return TokenUsage(prompt, completion, total, cached, reasoning)
 
 
-def _responses_usage(usage: Mapping[str, Any]) -> TokenUsage:
+def _responses_usage(usage: Mapping[str, Any], tools: tuple[tuple[str, int], ...] = ()) -> TokenUsage:
     """The Responses API names the same figures input/output tokens."""
     prompt = _int(usage.get("input_tokens"))
     completion = _int(usage.get("output_tokens"))
@@ -70,7 +140,7 @@ def _responses_usage(usage: Mapping[str, Any]) -> TokenUsage:
     output_details = usage.get("output_tokens_details")
     cached = _int(input_details.get("cached_tokens")) if isinstance(input_details, Mapping) else 0
     reasoning = _int(output_details.get("reasoning_tokens")) if isinstance(output_details, Mapping) else 0
-    return TokenUsage(prompt, completion, total, cached, reasoning)
+    return TokenUsage(prompt, completion, total, cached, reasoning, tools=tools)
 
 
 def usage_from_body(raw: bytes) -> tuple[TokenUsage | None, str | None]:

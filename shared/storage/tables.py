@@ -668,6 +668,7 @@ class TableUsageStore:
                     "cached": row.cached,
                     "reasoning": row.reasoning,
                     "counted": row.counted,
+                    "tools": json.dumps(dict(row.tools), separators=(",", ":")),
                 }
             )
         for entities in by_partition.values():
@@ -694,9 +695,21 @@ class TableUsageStore:
                 instance=e["instance"], requests=int(e["requests"]), prompt=int(e["prompt"]),
                 completion=int(e["completion"]), total=int(e["total"]), cached=int(e.get("cached", 0)),
                 reasoning=int(e.get("reasoning", 0)), counted=int(e.get("counted", 0)),
+                tools=_tool_counts(e.get("tools")),
             )
             for e in entities
         ]
+
+
+def _tool_counts(value: Any) -> tuple[tuple[str, int], ...]:
+    """The `tools` column of a usage row ({"web_search": 3}); rows written before it existed have none."""
+    try:
+        counts = json.loads(value) if isinstance(value, str) else {}
+    except json.JSONDecodeError:
+        return ()
+    if not isinstance(counts, dict):
+        return ()
+    return tuple(sorted((str(k), int(v)) for k, v in counts.items() if isinstance(v, int) and not isinstance(v, bool)))
 
 
 # ---- shared breaker state ------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ TIME_TO_FIRST_TOKEN = "Time To First Token"
 STORE_FALLBACKS = "Limiter Store Fallbacks"
 COST = "Cost"  # in the price table's currency (GATEWAY_PRICES); pay-as-you-go answers only, PTU adds 0
 AUTH_FAILURES = "Authentication Failures"
+TOOL_CALLS = "Tool Calls"  # built-in tool calls the service bills per call (per container, per image), by Tool
 
 # Dimension names.
 SUBSCRIPTION_ID = "Subscription ID"
@@ -48,6 +49,7 @@ TO_DEPLOYMENT = "To Deployment"
 REQUESTED_DEPLOYMENT = "Requested Deployment"  # per-request log: the name the client used (a deployment or an alias)
 TO_BACKEND = "To Backend"
 STATE = "State"
+TOOL = "Tool"  # web_search | file_search | code_interpreter | image_generation | computer_use | mcp
 # Per-request log fields beyond the dimension names above.
 USAGE_SOURCE = "Usage Source"  # reported (by the backend) | counted (by the gateway) | none
 CURRENCY = "Currency"

@@ -49,6 +49,7 @@ INSTRUMENTS = {
     names.REQUEST_DURATION: "gateway.request.duration",
     names.TIME_TO_FIRST_TOKEN: "gateway.time_to_first_token",
     names.COST: "gateway.cost",
+    names.TOOL_CALLS: "gateway.tool_calls",
 }
 
 
@@ -278,6 +279,7 @@ class OtelTelemetry:
         self._transitions = meter.create_counter(i[names.BREAKER_TRANSITIONS], unit="{transition}")
         self._fallbacks = meter.create_counter(i[names.STORE_FALLBACKS], unit="{event}")
         self._auth_failures = meter.create_counter(i[names.AUTH_FAILURES], unit="{request}")
+        self._tool_calls = meter.create_counter(i[names.TOOL_CALLS], unit="{call}")
         self._duration = meter.create_histogram(i[names.REQUEST_DURATION], unit="ms")
         self._ttft = meter.create_histogram(i[names.TIME_TO_FIRST_TOKEN], unit="ms")
 
@@ -350,6 +352,9 @@ class OtelTelemetry:
             cost = self._prices.cost(record.deployment, record.ptu, usage)
             if cost:
                 self.costs.add((record.consumer_id, record.deployment, record.backend_id), (cost,))
+            for tool, calls in usage.tools:  # rare: counted directly, bounded by consumers x deployments x 6 tools
+                self._tool_calls.add(calls, {names.SUBSCRIPTION_ID: record.consumer_id,
+                                             names.DEPLOYMENT: record.deployment, names.TOOL: tool})
 
     def throttled(self, consumer_id: str, deployment: str, reason: str) -> None:
         self._throttled.add(1, {names.SUBSCRIPTION_ID: consumer_id, names.DEPLOYMENT: deployment, names.REASON: reason})

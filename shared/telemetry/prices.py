@@ -4,12 +4,17 @@ Prices come from the `GATEWAY_PRICES` setting (JSON) or the file `GATEWAY_PRICES
 
     {"currency": "USD",
      "deployments": {"gpt-4o": {"input": 2.50, "cached_input": 1.25, "output": 10.00}},
-     "ptu_hourly": {"uksouth-ptu": 2.00}}
+     "ptu_hourly": {"uksouth-ptu": 2.00},
+     "tools": {"web_search": 0.01, "file_search": 0.0025, "code_interpreter": 0.03}}
 
 A request answered by a provisioned (PTU) backend costs nothing at the margin: its capacity is paid by the hour
 whether used or not, so its cost is 0 here and the hourly figure (`ptu_hourly`, per backend) is shared out by the
 chargeback query in proportion to the tokens each consumer had served by that backend. Reasoning tokens are part of
 the completion tokens and billed as output; cached prompt tokens are billed at the cached-input price.
+
+`tools` prices the built-in tools per call (per container for code interpreter, per image for image generation), in
+the same currency, whatever the backend: a PTU covers tokens, not tool calls. A tool left out costs 0 (its calls are
+still counted in the usage rows and the Tool Calls metric).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from shared.flow.usage import TokenUsage
+from shared.flow.usage import TOOLS, TokenUsage
 
 PER = 1_000_000
 _CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
@@ -42,18 +47,21 @@ class PriceTable:
     currency: str = "USD"
     deployments: Mapping[str, Price] = field(default_factory=dict)
     ptu_hourly: Mapping[str, float] = field(default_factory=dict)
+    tools: Mapping[str, float] = field(default_factory=dict)  # per call
 
     def cost(self, deployment: str, ptu: bool, usage: TokenUsage | None) -> float:
-        """The marginal cost of one answer, in the table's currency (0 for PTU backends and unpriced deployments)."""
-        if usage is None or ptu:
+        """The marginal cost of one answer, in the table's currency: its tokens (0 on PTU backends and unpriced
+        deployments) and its built-in tool calls."""
+        if usage is None:
             return 0.0
+        calls = sum(self.tools.get(name, 0.0) * n for name, n in usage.tools) if usage.tools else 0.0
         price = self.deployments.get(deployment)
-        if price is None:
-            return 0.0
+        if price is None or ptu:
+            return calls
         cached = min(usage.cached, usage.prompt)
         return (
             (usage.prompt - cached) * price.input + cached * price.cached_input + usage.completion * price.output
-        ) / PER
+        ) / PER + calls
 
     def priced(self, deployment: str) -> bool:
         return deployment in self.deployments
@@ -72,7 +80,7 @@ def parse_prices(text: str, where: str = "GATEWAY_PRICES") -> PriceTable:
         raise PriceError(f"{where}: invalid JSON ({exc.msg} at position {exc.pos})") from None
     if not isinstance(raw, dict):
         raise PriceError(f"{where}: expected an object with currency, deployments, ptu_hourly")
-    unknown = set(raw) - {"currency", "deployments", "ptu_hourly"}
+    unknown = set(raw) - {"currency", "deployments", "ptu_hourly", "tools"}
     if unknown:
         raise PriceError(f"{where}.{sorted(unknown)[0]}: unknown field")
     currency = raw.get("currency", "USD")
@@ -95,8 +103,15 @@ def parse_prices(text: str, where: str = "GATEWAY_PRICES") -> PriceTable:
     hourly = raw.get("ptu_hourly", {})
     if not isinstance(hourly, dict):
         raise PriceError(f"{where}.ptu_hourly: expected an object {{backend id: price per hour}}")
+    tools = raw.get("tools", {})
+    if not isinstance(tools, dict):
+        raise PriceError(f"{where}.tools: expected an object {{tool: price per call}}")
+    for name in tools:
+        if name not in TOOLS:
+            raise PriceError(f"{where}.tools.{name}: unknown tool; known: {', '.join(sorted(TOOLS))}")
     return PriceTable(
         currency,
         deployments,
         {str(k): _amount(v, f"{where}.ptu_hourly.{k}") for k, v in hourly.items()},
+        {str(k): _amount(v, f"{where}.tools.{k}") for k, v in tools.items()},
     )

@@ -64,6 +64,8 @@ class RequestLog:
                 PROMPT: usage.prompt, COMPLETION: usage.completion, CACHED: usage.cached,
                 REASONING: usage.reasoning, TOTAL: usage.total,
             })
+            for tool, calls in usage.tools:
+                measurements[f"{names.TOOL_CALLS} {tool}"] = calls
         if record.ttft_ms is not None:
             measurements[TTFT] = round(record.ttft_ms, 3)
         if self.sampling < 1.0:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 from shared.background import keep_running
 from shared.clock import Clock
-from shared.flow.usage import TokenUsage
+from shared.flow.usage import TokenUsage, add_tools
 from shared.storage.memory import MemoryUsageStore as MemoryUsageStore
 from shared.storage.protocols import UsageStore
 
@@ -50,6 +50,8 @@ class UsageRow:
     # Of `total`, the tokens the gateway counted itself because no backend reported them (a stream cut off or
     # abandoned, a backend that sends no usage): the books say which figures are the service's own.
     counted: int = 0
+    # Built-in tool calls, by tool: (("web_search", 3),)
+    tools: tuple[tuple[str, int], ...] = ()
 
     def plus(self, usage: TokenUsage | None, requests: int = 1) -> UsageRow:
         if usage is None:
@@ -63,6 +65,7 @@ class UsageRow:
             cached=self.cached + usage.cached,
             reasoning=self.reasoning + usage.reasoning,
             counted=self.counted + (0 if usage.reported else usage.total),
+            tools=add_tools(self.tools, usage.tools),
         )
 
 
