@@ -40,7 +40,7 @@ def summarize(rows: Iterable[UsageRow]) -> list[UsageTotal]:
         calls = tools.setdefault((row.consumer, row.deployment), {})
         for name, n in row.tools:
             calls[name] = calls.get(name, 0) + n
-    return [UsageTotal(c, d, *v, tool_calls=tools[(c, d)]) for (c, d), v in sorted(sums.items())]
+    return [UsageTotal(c, d, v[0], v[1], v[2], v[3], v[4], tools[(c, d)]) for (c, d), v in sorted(sums.items())]
 
 
 def period_hours(period: str, at_s: float) -> tuple[str, str, str]:
