@@ -3,13 +3,15 @@ the breakers remember, and what every attempt is charged. Time moves on the fake
 
 from __future__ import annotations
 
+import asyncio
+
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from shared.flow.tokens import count_chat_prompt, encoding_for
 from shared.outcomes import FailureKind
-from tests.fakes.gateway import ADMIN_HEADERS, GatewayHarness, backend, three_regions
+from tests.fakes.gateway import ADMIN_HEADERS, GatewayHarness, backend, gateway_request, three_regions
 from tests.fakes.upstream import Fail, Reply, chat_body, error_reply, json_reply
 
 MINI = "gpt-4o-mini"
@@ -225,3 +227,38 @@ async def test_ptu_first_then_an_even_split_over_equal_secondaries(harness: Gate
     assert set(served) == set(SECONDARIES)
     assert served.count("swedencentral") == served.count("francecentral") == 10
     assert len(harness.upstream.to("uksouth-ptu")) == 1  # its breaker honoured Retry-After: one wasted round trip
+
+
+@pytest.mark.parametrize("after_a_timeout", [False, True])
+async def test_a_request_cancelled_once_sent_is_charged_its_reservation_like_a_timeout(
+    harness: GatewayHarness, after_a_timeout: bool
+) -> None:
+    """The client left (or the host cancelled the call) while the backend was generating: the backend bills it, up to
+    its cap, so its reservation is not refunded (issue 24: it was, in full)."""
+    key = harness.consumer("leaver", tpm=100_000)
+    body = {**BODY, "max_tokens": 300}
+    if after_a_timeout:
+        harness.upstream.script("uksouth-ptu", Fail(FailureKind.TIMEOUT))  # first a timeout, then the stall elsewhere
+        for region in SECONDARIES:
+            harness.upstream.script(region, json_reply(chat_body(), stalls_after=0))
+    else:
+        harness.upstream.script("uksouth-ptu", json_reply(chat_body(), stalls_after=0))
+    gateway = await harness.gateway()
+    call = asyncio.create_task(gateway.handle(gateway_request("POST", CHAT, key, body)))
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert harness.upstream.sent and not call.done()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert await harness.charged("leaver") == PROMPT + 300
+
+
+async def test_a_request_cancelled_before_it_was_sent_is_not_charged(harness: GatewayHarness) -> None:
+    key = harness.consumer("early-leaver", tpm=100_000)
+    gateway = await harness.gateway()
+    call = asyncio.create_task(gateway.handle(gateway_request("POST", CHAT, key, BODY)))
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert not harness.upstream.sent and await harness.charged("early-leaver") == 0

@@ -76,10 +76,10 @@ class Books:
         itself is counted by `refused` when its refusal is rendered.)"""
         lost = self._lost(exchange)
         spent = lost.total if lost is not None else 0
-        # A request that timed out may still be generating (and billed) up to its cap: what it was charged for (its
-        # reservation) is not refunded.
-        timed_out = exchange.timeouts > exchange.timeouts_before
-        exchange.ticket.settle(max(exchange.reserve, spent) if timed_out else spent)
+        # A request that timed out, or was cancelled while a backend had it, may still be generating (and billed) up
+        # to its cap: what it was charged for (its reservation) is not refunded.
+        sent = exchange.timeouts > exchange.timeouts_before or exchange.awaiting_backend
+        exchange.ticket.settle(max(exchange.reserve, spent) if sent else spent)
         if lost is not None:
             self._usage.record(exchange.consumer.id, exchange.deployment, lost)
         self._emit_lost(exchange)

@@ -94,6 +94,7 @@ class Exchange:
     lost: list[LostAttempt] = field(default_factory=list)
     asked: dict[str, float] = field(default_factory=dict)  # backend id -> when it said (Retry-After) it would serve
     timeouts: int = 0  # attempts that ran past the read timeout
+    awaiting_backend: bool = False  # an attempt is sent and not answered (left set when the call is cancelled then)
     timeouts_before: int = 0  # of which before the current deployment of the chain
     step: int = 0  # the place in the chain of the deployment being tried (0: the requested one)
 

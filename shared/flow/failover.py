@@ -16,6 +16,8 @@ docs/architecture.md says why the books stay exact).
 
 from __future__ import annotations
 
+import asyncio
+
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -192,6 +194,19 @@ class Failover:
         return Chosen(holder.backend, answer, 1)
 
     async def _attempt(self, exchange: Exchange, backend: Backend, headers: dict[str, str], number: int) -> Answer:
+        """One attempt. Cancelled while the backend has the request (the client left, the host ended the call), it
+        leaves `exchange.awaiting_backend` set: the backend may generate and bill it to its cap, like a timeout."""
+        try:
+            answer = await self._attempt_once(exchange, backend, headers, number)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            exchange.awaiting_backend = False
+            raise
+        exchange.awaiting_backend = False
+        return answer
+
+    async def _attempt_once(self, exchange: Exchange, backend: Backend, headers: dict[str, str], number: int) -> Answer:
         router = self._router
         deployment = exchange.deployment
         checked = exchange.checked
@@ -200,6 +215,7 @@ class Failover:
         body = backend_body(raw, checked.body, backend, deployment, checked.shape, checked.api_version)
         send_headers = {**headers, **(await self._auth.headers(backend))}
         span = exchange.trace.attempt(backend.id, backend.region, url.split("?", 1)[0], number)
+        exchange.awaiting_backend = True
         try:
             answer = await self._upstream.send(backend, url, send_headers, body)
         except UpstreamError as exc:

@@ -84,6 +84,8 @@ class FakeAnswer:
         if self.reply.breaks_after is not None:
             self.released = True
             raise UpstreamBroken("scripted")
+        if self.reply.stalls_after is not None:
+            await asyncio.Future()  # a backend still generating: only the caller's cancellation ends the wait
         self._body = b"".join(self._parts)
         self.released = True
         return self._body
