@@ -17,7 +17,6 @@ docs/architecture.md says why the books stay exact).
 from __future__ import annotations
 
 import asyncio
-
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
