@@ -88,6 +88,7 @@ class RateLimited(Refusal):
     wait_ms: float
     remaining: int = 0
     need: int = 0  # what the refused request reserves (its prompt and output cap), when known
+    level: str = ""  # which level refused: team, consumer, deployment or user ("": consumer)
 
 
 @dataclass(eq=False)
@@ -96,6 +97,7 @@ class NeverAdmissible(Refusal):
 
     need: int
     limit: int
+    level: str = ""
 
 
 @dataclass(eq=False)
@@ -104,6 +106,7 @@ class QuotaExhausted(Refusal):
     period: str
     resets_at_s: float  # epoch seconds
     resets_in_s: float
+    level: str = ""
 
 
 @dataclass(eq=False)
@@ -114,6 +117,7 @@ class BudgetExceeded(Refusal):
     spent: float
     budget: float
     currency: str
+    level: str = ""
 
 
 @dataclass(eq=False)

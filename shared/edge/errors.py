@@ -100,6 +100,15 @@ def _retry_headers(wait_ms: float) -> dict[str, str]:
     return {"retry-after": str(max(1, math.ceil(wait_ms / 1000))), "retry-after-ms": str(int(wait_ms))}
 
 
+# Who a limit belongs to, as a refusal names it.
+_WHOSE = {"team": "This key's team", "user": "This end user", "deployment": "This key, for this deployment,"}
+_WHOSE_QUOTA = {"team": "This key's team's", "user": "This end user's"}
+
+
+def _scope(level: str) -> dict[str, str]:
+    return {"x-gateway-limit-scope": level or "consumer"}
+
+
 def render(refusal: Refusal) -> GatewayError:
     """The answer to a refusal: its status, OpenAI error fields and headers."""
     match refusal:
@@ -136,15 +145,16 @@ def render(refusal: Refusal) -> GatewayError:
             )
         case DeploymentNotAllowed(name=name):
             return forbidden(f"This key may not use the deployment '{name}'.", code="deployment_not_allowed")
-        case RateLimited(limit=limit, wait_ms=wait_ms, remaining=remaining, need=need):
+        case RateLimited(limit=limit, wait_ms=wait_ms, remaining=remaining, need=need, level=level):
             wait_ms = max(1.0, wait_ms)
             seconds = max(1, math.ceil(wait_ms / 1000))
             used = f"has {remaining} of its {limit} tokens per minute left" if remaining else f"has used its {limit} tokens per minute"
             wanted = f" and this request reserves up to {need} (its prompt and output cap)" if need > remaining else ""
             return GatewayError(
-                429, f"This key {used}{wanted}; retry after {seconds} seconds.",
+                429, f"{_WHOSE.get(level, 'This key')} {used}{wanted}; retry after {seconds} seconds.",
                 type="rate_limit_error", code="rate_limit_exceeded",
                 headers={
+                    **_scope(level),
                     "retry-after": str(seconds),
                     "retry-after-ms": str(int(math.ceil(wait_ms))),
                     "x-ratelimit-limit-tokens": str(limit),
@@ -152,30 +162,34 @@ def render(refusal: Refusal) -> GatewayError:
                     "x-ratelimit-remaining-tokens": str(remaining),
                 },
             )
-        case NeverAdmissible(need=need, limit=limit):
+        case NeverAdmissible(need=need, limit=limit, level=level):
+            whose = {"team": "this key's team", "user": "each end user of this key"}.get(level, "this key")
             return GatewayError(
                 429,
-                f"This request needs up to {need} tokens, more than the {limit} tokens per minute this key may "
+                f"This request needs up to {need} tokens, more than the {limit} tokens per minute {whose} may "
                 "use; it can never be admitted. Lower max_tokens or shorten the prompt.",
                 type="rate_limit_error", code="tokens_exceed_limit",
-                headers={"x-should-retry": "false", "x-ratelimit-limit-tokens": str(limit)},
+                headers={"x-should-retry": "false", "x-ratelimit-limit-tokens": str(limit), **_scope(level)},
             )
-        case QuotaExhausted(limit=limit, period=period, resets_at_s=resets_at, resets_in_s=resets_in):
+        case QuotaExhausted(limit=limit, period=period, resets_at_s=resets_at, resets_in_s=resets_in, level=level):
             reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(resets_at))
+            whose = _WHOSE_QUOTA.get(level, "The")
             return GatewayError(
-                403, f"The token quota of {limit} per {period} period is used up; it resets at {reset}.",
+                403, f"{whose} token quota of {limit} per {period} period is used up; it resets at {reset}.",
                 type="insufficient_quota", code="quota_exceeded",
                 headers={
+                    **_scope(level),
                     "x-ratelimit-limit-quota-tokens": str(limit),
                     "x-ratelimit-remaining-quota-tokens": "0",
                     "x-ratelimit-reset-quota-tokens": f"{max(1, math.ceil(resets_in))}s",
                     "x-gateway-quota-resets-at": reset,
                 },
             )
-        case BudgetExceeded(period=period, spent=spent, budget=budget, currency=currency):
+        case BudgetExceeded(period=period, spent=spent, budget=budget, currency=currency, level=level):
+            whose = "This key's team has" if level == "team" else "This key has"
             return GatewayError(
-                403, f"This key has spent its {period} budget ({spent:.2f} of {budget:.2f} {currency}).",
-                type="insufficient_quota", code="budget_exceeded",
+                403, f"{whose} spent its {period} budget ({spent:.2f} of {budget:.2f} {currency}).",
+                type="insufficient_quota", code="budget_exceeded", headers=_scope(level),
             )
         case LimiterUnavailable(retry_after_s=seconds):
             return GatewayError(

@@ -150,4 +150,5 @@ class Books:
             attempts=attempts,
             requested=exchange.checked.requested,
             step=exchange.step,
+            team=exchange.consumer.team or "",
         )

@@ -170,6 +170,7 @@ class FollowUps:
             backend_id=backend.id,
             region=backend.region,
             ptu=backend.ptu,
+            team=consumer.team or "",
         )
 
 

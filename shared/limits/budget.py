@@ -69,6 +69,10 @@ class _Account:
     read_at: float = float("-inf")
 
 
+def team_account(team_id: str) -> str:
+    return f"team|{team_id}"  # beside consumer ids (which have no '|') in the same spend rows
+
+
 class BudgetBook:
     def __init__(
         self, store: BudgetStore, clock: Clock, prices: PriceTable, instance: str, *,
@@ -91,14 +95,20 @@ class BudgetBook:
         return consumer_id, period_bounds(period, self._clock.now())[0]
 
     async def check(self, consumer: Consumer) -> None:
-        """Refuse a consumer whose spend in the period has reached its budget."""
-        budget = consumer.limits.budget
+        """Refuse a consumer whose spend in the period has reached its budget, or whose team's has reached the team's
+        (403 naming the level)."""
+        await self._check(consumer.id, consumer.limits.budget, consumer.limits.budget_period, "consumer")
+        team = consumer.team_record
+        if team is not None:
+            await self._check(team_account(team.id), team.limits.budget, team.limits.budget_period, "team")
+
+    async def _check(self, account_id: str, budget: float, budget_period: str | None, level: str) -> None:
         if budget <= 0:
-            self._periods.pop(consumer.id, None)
+            self._periods.pop(account_id, None)
             return
-        period = consumer.limits.budget_period or "monthly"
-        self._periods[consumer.id] = period
-        key = self._key(consumer.id, period)
+        period = budget_period or "monthly"
+        self._periods[account_id] = period
+        key = self._key(account_id, period)
         account = self._accounts.get(key)
         if account is None:
             account = self._accounts[key] = _Account()
@@ -106,7 +116,7 @@ class BudgetBook:
             await self._refresh(key, account)
         if account.own + account.others >= round(budget * NANOS):
             spent = (account.own + account.others) / NANOS
-            raise BudgetExceeded(period=period, spent=spent, budget=budget, currency=self.prices.currency)
+            raise BudgetExceeded(period=period, spent=spent, budget=budget, currency=self.prices.currency, level=level)
 
     async def _refresh(self, key: tuple[str, str], account: _Account) -> None:
         try:
@@ -120,14 +130,19 @@ class BudgetBook:
         account.read_at = self._clock.monotonic()
 
     def spend(self, record: RequestRecord) -> None:
-        """Charge an answer's cost to its consumer (synchronous: also runs when the client went away)."""
-        period = self._periods.get(record.consumer_id)
-        if period is None:
+        """Charge an answer's cost to its consumer and its team (synchronous: also runs when the client went away)."""
+        accounts = [(a, p) for a in (record.consumer_id, team_account(record.team) if record.team else "")
+                    if a and (p := self._periods.get(a)) is not None]
+        if not accounts:
             return
         nanos = round(self.prices.cost(record.deployment, record.ptu, record.usage) * NANOS)
         if nanos <= 0:
             return
-        key = self._key(record.consumer_id, period)
+        for account_id, period in accounts:
+            self._charge(account_id, period, nanos)
+
+    def _charge(self, account_id: str, period: str, nanos: int) -> None:
+        key = self._key(account_id, period)
         account = self._accounts.get(key)
         if account is None:
             account = self._accounts[key] = _Account()
@@ -171,18 +186,18 @@ class BudgetedLimiter:
         self._inner = inner
         self.book = book
 
-    def needs_estimate(self, consumer: Consumer, deployment: str) -> bool:
-        return self._inner.needs_estimate(consumer, deployment)
+    def needs_estimate(self, consumer: Consumer, deployment: str, user: str | None = None) -> bool:
+        return self._inner.needs_estimate(consumer, deployment, user)
 
-    def precheck(self, consumer: Consumer, deployment: str, at_least: int = 0) -> None:
-        self._inner.precheck(consumer, deployment, at_least)
+    def precheck(self, consumer: Consumer, deployment: str, at_least: int = 0, user: str | None = None) -> None:
+        self._inner.precheck(consumer, deployment, at_least, user)
 
-    def room(self, consumer: Consumer, deployment: str) -> int | None:
-        return self._inner.room(consumer, deployment)
+    def room(self, consumer: Consumer, deployment: str, user: str | None = None) -> int | None:
+        return self._inner.room(consumer, deployment, user)
 
-    async def admit(self, consumer: Consumer, deployment: str, reserve: int) -> Ticket:
+    async def admit(self, consumer: Consumer, deployment: str, reserve: int, user: str | None = None) -> Ticket:
         await self.book.check(consumer)
-        return await self._inner.admit(consumer, deployment, reserve)
+        return await self._inner.admit(consumer, deployment, reserve, user)
 
     async def close(self) -> None:
         close: Callable[[], object] | None = getattr(self._inner, "close", None)

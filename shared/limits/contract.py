@@ -24,21 +24,22 @@ class Ticket(Protocol):
 
 
 class Limiter(Protocol):
-    def needs_estimate(self, consumer: Consumer, deployment: str) -> bool: ...
+    def needs_estimate(self, consumer: Consumer, deployment: str, user: str | None = None) -> bool: ...
 
-    def precheck(self, consumer: Consumer, deployment: str, at_least: int = 0) -> None:
+    def precheck(self, consumer: Consumer, deployment: str, at_least: int = 0, user: str | None = None) -> None:
         """Raise the refusal this instance already knows the consumer would get (its window is full, its quota used
         up, or the request needs at least `at_least` tokens, more than its whole minute), so that a request is refused
         before any expensive work; no I/O."""
         ...
 
-    def room(self, consumer: Consumer, deployment: str) -> int | None:
+    def room(self, consumer: Consumer, deployment: str, user: str | None = None) -> int | None:
         """The tokens the consumer may still be admitted, as this instance knows without I/O (what its
         x-ratelimit-remaining headers would say, the tightest of its scopes and its quota); None without limits."""
         ...
 
-    async def admit(self, consumer: Consumer, deployment: str, reserve: int) -> Ticket:
-        """Reserve `reserve` tokens for the consumer, or raise a Refusal (RateLimited, QuotaExhausted, ...)."""
+    async def admit(self, consumer: Consumer, deployment: str, reserve: int, user: str | None = None) -> Ticket:
+        """Reserve `reserve` tokens at every level of the request (its end user `user`, the consumer, its team), or
+        raise a Refusal (RateLimited, QuotaExhausted, ...) naming the level that refused."""
         ...
 
 
@@ -57,14 +58,14 @@ class UnlimitedTicket:
 
 
 class NoLimits:
-    def needs_estimate(self, consumer: Consumer, deployment: str) -> bool:
+    def needs_estimate(self, consumer: Consumer, deployment: str, user: str | None = None) -> bool:
         return False
 
-    def precheck(self, consumer: Consumer, deployment: str, at_least: int = 0) -> None:
+    def precheck(self, consumer: Consumer, deployment: str, at_least: int = 0, user: str | None = None) -> None:
         pass
 
-    def room(self, consumer: Consumer, deployment: str) -> int | None:
+    def room(self, consumer: Consumer, deployment: str, user: str | None = None) -> int | None:
         return None
 
-    async def admit(self, consumer: Consumer, deployment: str, reserve: int) -> Ticket:
+    async def admit(self, consumer: Consumer, deployment: str, reserve: int, user: str | None = None) -> Ticket:
         return UnlimitedTicket()

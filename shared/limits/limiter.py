@@ -29,7 +29,7 @@ from shared.edge.consumers import Consumer
 from shared.limits import refusals
 from shared.limits.allowance import RENEW_AHEAD_S, Allowance, allowance, holders
 from shared.limits.blocks import Blocks
-from shared.limits.contract import UnlimitedTicket
+from shared.limits.contract import Ticket, UnlimitedTicket
 from shared.limits.fallback import Fallback
 from shared.limits.leases import Holdings, LeaseState
 from shared.limits.ledger import (
@@ -47,14 +47,15 @@ from shared.limits.ledger import (
 )
 from shared.limits.ledger_copy import Contended, LedgerCopy
 from shared.limits.pacing import Pacing
-from shared.limits.scopes import Scopes, is_limited, scopes_for
+from shared.limits.scopes import CONSUMER, Level, Scopes, is_limited, level_name, levels_for, scopes_for
+from shared.outcomes import NeverAdmissible, QuotaExhausted, RateLimited
 from shared.storage.memory import MemoryLedgerStore as MemoryLedgerStore  # the store's twin, for existing callers
 from shared.storage.protocols import LedgerStore, StoreUnavailable
 from shared.telemetry.events import Telemetry
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LimitTicket", "Scopes", "TokenLimiter", "scopes_for"]
+__all__ = ["LimitTicket", "Scopes", "Tickets", "TokenLimiter", "level_name", "scopes_for"]
 
 CLOSING_GRACE_S = 2.0  # release a trimmed lease by then even if no renewal has come
 PENDING_GRACE_S = 1.0  # write pending usage by then even if no renewal has come
@@ -66,9 +67,10 @@ MAX_CONCURRENT_SYNCS = 32
 
 @dataclass(eq=False)
 class Budget:
-    """One consumer's limiting state on this instance."""
+    """One ledger's limiting state on this instance: a consumer's, a team's or an end user's."""
 
-    consumer_id: str
+    consumer_id: str  # the ledger's key (partition): a consumer id, team|<id> or user|<consumer>|<user>
+    kind: str = CONSUMER
     limits: dict[str, int] = field(default_factory=dict)  # every scope this instance limits for the consumer
     quota: Quota | None = None
     scope_used_mono: dict[str, float] = field(default_factory=dict)
@@ -102,9 +104,9 @@ class Budget:
             changed = True
         self.quota = scopes.quota
         lease = self.held.current
-        if changed and lease is not None and lease.allowance:
-            # An allowance was sized for the old limit and may last minutes: it admits nothing more, and the next
-            # write releases it and claims under the new limit.
+        if changed and lease is not None:
+            # A lease (an allowance may last minutes) was claimed under the old limit: it admits nothing more, and the
+            # next write releases it and claims under the new one, so a lowered limit holds from the next request.
             lease.expires_s = 0.0
         self.pace.note_request(reserve)
 
@@ -145,6 +147,38 @@ class LimitTicket:
 
 
 UNLIMITED = UnlimitedTicket()
+
+
+class Tickets:
+    """A request admitted at several levels: one ticket per level, settled together; the headers are the tightest
+    level's."""
+
+    __slots__ = ("_tickets",)
+
+    def __init__(self, tickets: list[LimitTicket]) -> None:
+        self._tickets = tickets
+
+    @property
+    def headers(self) -> dict[str, str]:
+        tightest: dict[str, str] = {}
+        for ticket in self._tickets:
+            headers = ticket.headers
+            for field_, limit_field in (("x-ratelimit-remaining-tokens", "x-ratelimit-limit-tokens"),
+                                        ("x-ratelimit-remaining-quota-tokens", "x-ratelimit-limit-quota-tokens")):
+                if field_ in headers and (field_ not in tightest or int(headers[field_]) < int(tightest[field_])):
+                    tightest[field_], tightest[limit_field] = headers[field_], headers[limit_field]
+        return tightest
+
+    def progress(self, tokens_so_far: int) -> None:
+        for ticket in self._tickets:
+            ticket.progress(tokens_so_far)
+
+    def settle(self, actual_tokens: int) -> None:
+        for ticket in self._tickets:
+            ticket.settle(actual_tokens)
+
+
+_: type[Ticket] = Tickets  # the contract the request flow relies on
 
 
 class TokenLimiter:
@@ -188,39 +222,60 @@ class TokenLimiter:
 
     # ---- the request path ----------------------------------------------------------------------------------------
 
-    def needs_estimate(self, consumer: Consumer, deployment: str) -> bool:
-        return is_limited(consumer, deployment)
+    def needs_estimate(self, consumer: Consumer, deployment: str, user: str | None = None) -> bool:
+        return is_limited(consumer, deployment, user)
 
-    def precheck(self, consumer: Consumer, deployment: str, at_least: int = 0) -> None:
-        scopes = scopes_for(consumer, deployment)
-        for limit in scopes.limits.values():
-            if 0 < limit < at_least:
-                raise refusals.too_large(at_least, limit)
-        budget = self._budgets.get(consumer.id)
-        if budget is None:
-            return
+    def precheck(self, consumer: Consumer, deployment: str, at_least: int = 0, user: str | None = None) -> None:
         now = self._clock.now()
-        blocked = budget.blocks.refusal(scopes, now)
-        if blocked is not None and not budget.fallback.active(now) and not self._may_fit(budget, scopes, at_least):
-            raise self._refused(budget, scopes, blocked[1], blocked[0], now, at_least)
+        for level in levels_for(consumer, deployment, user):
+            for scope, limit in level.scopes.limits.items():
+                if 0 < limit < at_least:
+                    raise refusals.too_large(at_least, limit, level.kind, scope)
+            budget = self._budgets.get(level.key)
+            if budget is None:
+                continue
+            blocked = budget.blocks.refusal(level.scopes, now)
+            if (blocked is not None and not budget.fallback.active(now)
+                    and not self._may_fit(budget, level.scopes, at_least)):
+                raise self._refused(budget, level.scopes, blocked[1], blocked[0], now, at_least)
 
-    def room(self, consumer: Consumer, deployment: str) -> int | None:
-        scopes = scopes_for(consumer, deployment)
-        tokens, quota = self._remaining(self._budgets.get(consumer.id), scopes)
-        left = [pair[1] for pair in (tokens, quota) if pair is not None]
+    def room(self, consumer: Consumer, deployment: str, user: str | None = None) -> int | None:
+        left: list[int] = []
+        for level in levels_for(consumer, deployment, user):
+            tokens, quota = self._remaining(self._budgets.get(level.key), level.scopes)
+            left += [pair[1] for pair in (tokens, quota) if pair is not None]
         return min(left) if left else None
 
-    async def admit(self, consumer: Consumer, deployment: str, reserve: int) -> LimitTicket | UnlimitedTicket:
-        """Reserve `reserve` tokens for the consumer, or raise: 429 over its rate, 403 over its quota."""
-        scopes = scopes_for(consumer, deployment)
-        if not scopes.limits:
+    async def admit(
+        self, consumer: Consumer, deployment: str, reserve: int, user: str | None = None
+    ) -> LimitTicket | Tickets | UnlimitedTicket:
+        """Reserve `reserve` tokens at every level the request belongs to (its end user, the consumer, its team), or
+        raise the refusal of the first level without room (429 over a rate, 403 over a quota), naming the level.
+        Admission is all or nothing: what the levels before the refusing one had taken is released at once."""
+        levels = levels_for(consumer, deployment, user)
+        if not levels:
             return UNLIMITED
-        for limit in scopes.limits.values():
-            if 0 < limit < reserve:
-                raise refusals.too_large(reserve, limit)
-        budget = self._budgets.get(consumer.id)
+        for level in levels:
+            for scope, limit in level.scopes.limits.items():
+                if 0 < limit < reserve:
+                    raise refusals.too_large(reserve, limit, level.kind, scope)
+        taken: list[LimitTicket] = []
+        try:
+            for level in levels:
+                taken.append(await self._admit_level(level, reserve))
+        except BaseException as refusal:
+            for ticket in taken:
+                ticket.settle(0)  # released: its hold goes back to this instance's lease, nothing leaks
+            if isinstance(refusal, (RateLimited, QuotaExhausted, NeverAdmissible)) and not refusal.level:
+                refusal.level = levels[len(taken)].kind  # refused by the local fallback window
+            raise
+        return taken[0] if len(taken) == 1 else Tickets(taken)
+
+    async def _admit_level(self, level: Level, reserve: int) -> LimitTicket:
+        scopes = level.scopes
+        budget = self._budgets.get(level.key)
         if budget is None:
-            budget = self._budgets[consumer.id] = Budget(consumer.id)
+            budget = self._budgets[level.key] = Budget(level.key, level.kind)
             self._start_ticker()
         budget.note(scopes, reserve, self._clock.monotonic())
         ticket = self._admit_from_lease(budget, scopes, reserve)
@@ -278,7 +333,7 @@ class TokenLimiter:
         self, budget: Budget, scopes: Scopes, refusal: Refusal, until: float, now: float, need: int
     ) -> Exception:
         tokens, _ = self._remaining(budget, scopes)
-        return refusals.refused(scopes, refusal, until, now, need, tokens[1] if tokens is not None else 0)
+        return refusals.refused(scopes, refusal, until, now, need, tokens[1] if tokens is not None else 0, budget.kind)
 
     def _saturated_until(self, budget: Budget, scopes: Scopes, reserve: int, now: float) -> float | None:
         """While the window is full claims are spaced out, but the answer is the true time until this request fits,

@@ -1,4 +1,5 @@
-"""What limits one request: the consumer's tokens per minute, its per-deployment limit, and its period quota."""
+"""What limits one request: the levels it belongs to (its consumer's team, the consumer with its per-deployment limit,
+the end user), each with its tokens per minute and period quota, each kept in a ledger entity of its own."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from dataclasses import dataclass
 
 from shared.edge.consumers import Consumer
 from shared.limits.ledger import CONSUMER_SCOPE, Quota, deployment_scope
+
+TEAM, CONSUMER, USER = "team", "consumer", "user"
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,15 @@ class Scopes:
         return tuple(self.limits)
 
 
+@dataclass(frozen=True)
+class Level:
+    """One ledger a request is admitted against: `kind` (team, consumer or user), `key` its ledger's partition."""
+
+    kind: str
+    key: str
+    scopes: Scopes
+
+
 def scopes_for(consumer: Consumer, deployment: str) -> Scopes:
     limits = consumer.limits
     scoped: dict[str, int] = {}
@@ -32,10 +44,47 @@ def scopes_for(consumer: Consumer, deployment: str) -> Scopes:
     return Scopes(scoped, quota)
 
 
-def is_limited(consumer: Consumer, deployment: str) -> bool:
-    limits = consumer.limits
-    return bool(
-        limits.tokens_per_minute > 0
-        or (limits.quota > 0 and limits.quota_period)
-        or limits.deployment_tokens_per_minute.get(deployment, 0) > 0
-    )
+def _own(tokens_per_minute: int, quota: int, period: str | None) -> Scopes | None:
+    scoped_quota = Quota(quota, period) if quota > 0 and period else None
+    if tokens_per_minute <= 0 and scoped_quota is None:
+        return None
+    return Scopes({CONSUMER_SCOPE: max(0, tokens_per_minute)}, scoped_quota)
+
+
+def team_key(team_id: str) -> str:
+    return f"team|{team_id}"  # consumer ids have no '|': a team's ledger never meets a consumer's
+
+
+def user_key(consumer_id: str, user: str) -> str:
+    return f"user|{consumer_id}|{user}"
+
+
+def levels_for(consumer: Consumer, deployment: str, user: str | None = None) -> list[Level]:
+    """Every level with a limit that this request belongs to, narrowest first (the end user, the consumer, its team):
+    the narrowest is the likeliest to refuse, and a refusal releases what the levels before it had taken."""
+    levels: list[Level] = []
+    users = consumer.users
+    if user is not None and users.limited:
+        own = _own(users.tokens_per_minute, users.quota, users.quota_period)
+        if own is not None:
+            levels.append(Level(USER, user_key(consumer.id, user), own))
+    scopes = scopes_for(consumer, deployment)
+    if scopes.limits:
+        levels.append(Level(CONSUMER, consumer.id, scopes))
+    team = consumer.team_record
+    if team is not None:
+        own = _own(team.limits.tokens_per_minute, team.limits.quota, team.limits.quota_period)
+        if own is not None:
+            levels.append(Level(TEAM, team_key(team.id), own))
+    return levels
+
+
+def level_name(kind: str, scope: str) -> str:
+    """The level a refusal names: team, consumer, deployment (a consumer's per-deployment limit) or user."""
+    if kind == CONSUMER and scope != CONSUMER_SCOPE:
+        return "deployment"
+    return kind
+
+
+def is_limited(consumer: Consumer, deployment: str, user: str | None = None) -> bool:
+    return bool(levels_for(consumer, deployment, user))

@@ -79,6 +79,7 @@ class RequestRecord:
     requested: str = ""  # the deployment or alias the client named ("": the deployment that served)
     step: int = 0  # the served deployment's place in the request's chain: 0 unless it fell back
     reason: str = ""  # a refusal's error code, when the gateway answered itself (a fixed word, never client input)
+    team: str = ""  # the consumer's team ("": none)
 
 
 class Attempt(Protocol):

@@ -16,7 +16,16 @@ from starlette.requests import Request
 from shared.app import Edge
 from shared.clock import FakeClock
 from shared.config import Settings, load_settings
-from shared.edge.consumers import Consumer, ConsumerDirectory, Limits, hash_key, key_prefix, new_key
+from shared.edge.consumers import (
+    Consumer,
+    ConsumerDirectory,
+    Limits,
+    Team,
+    UserLimits,
+    hash_key,
+    key_prefix,
+    new_key,
+)
 from shared.edge.entra import build_validator
 from shared.edge.identity import Identifier
 from shared.edge.messages import GatewayRequest
@@ -128,7 +137,7 @@ class GatewayHarness:
         self, consumer_id: str = "app", *, tpm: int = 0, deployment_tpm: Mapping[str, int] | None = None,
         quota: int = 0, quota_period: str | None = None, deployments: Sequence[str] | None = None,
         priority: str = "normal", enabled: bool = True, budget: float = 0.0, budget_period: str | None = None, capabilities: Sequence[str] = (),
-        fallback: bool = True,
+        fallback: bool = True, team: str | None = None, users: UserLimits | None = None,
     ) -> str:
         """Create a consumer and return its key."""
         key = new_key()
@@ -139,8 +148,17 @@ class GatewayHarness:
             priority=priority,
             capabilities=frozenset(capabilities),
             fallback=fallback,
+            team=team,
+            users=users or UserLimits(),
         )
         return key
+
+    def team(self, team_id: str, *, tpm: int = 0, quota: int = 0, quota_period: str | None = None, budget: float = 0.0,
+             deployments: Sequence[str] | None = None, priority: str = "normal") -> None:
+        self.consumer_store.teams[team_id] = Team(
+            team_id, team_id, Limits(tpm, {}, quota, quota_period, budget, None),
+            frozenset(deployments) if deployments is not None else None, priority,
+        )
 
     # ---- clients ---------------------------------------------------------------------------------------------------
 

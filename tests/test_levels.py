@@ -1,0 +1,201 @@
+"""Every level a request belongs to (its end user, the consumer and its per-deployment limit, the consumer's team) is
+a scope of the same distributed sliding window: a request is admitted only if every level has room, a refusal names
+the level and its true wait, and nothing taken at one level leaks when another refuses. Several limiter instances
+share one in-memory ledger store, on a fake clock."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from shared.clock import FakeClock
+from shared.edge.consumers import Consumer, Limits, Team, UserLimits
+from shared.edge.errors import render
+from shared.limits.ledger import CONSUMER_SCOPE, Ledger
+from shared.limits.limiter import TokenLimiter
+from shared.limits.scopes import team_key
+from shared.outcomes import QuotaExhausted, RateLimited, Refusal
+from shared.storage.memory import MemoryLedgerStore
+from shared.telemetry.events import NullTelemetry
+
+DEPLOYMENT = "gpt-4o"
+
+
+def team(tpm: int = 1000, quota: int = 0, team_id: str = "search") -> Team:
+    return Team(team_id, team_id, Limits(tokens_per_minute=tpm, quota=quota, quota_period="daily" if quota else None))
+
+
+def member(consumer_id: str, tpm: int = 0, of: Team | None = None, users: UserLimits = UserLimits(),
+           per_deployment: int = 0) -> Consumer:
+    return Consumer(
+        consumer_id, consumer_id, "h", "gw-x",
+        limits=Limits(tokens_per_minute=tpm,
+                      deployment_tokens_per_minute={DEPLOYMENT: per_deployment} if per_deployment else {}),
+        team=of.id if of else None, team_record=of, users=users,
+    )
+
+
+def limiters(store: MemoryLedgerStore, clock: FakeClock, count: int) -> list[TokenLimiter]:
+    return [TokenLimiter(store, clock, NullTelemetry(), background=False, instance_id=f"i{n}") for n in range(count)]
+
+
+async def charged(store: MemoryLedgerStore, key: str, clock: FakeClock) -> int:
+    ledger, _ = await store.read(key)
+    return Ledger.occupancy(ledger, CONSUMER_SCOPE, int(clock.now() * 1000))
+
+
+async def test_two_consumers_of_a_team_together_stop_at_the_teams_limit_and_the_refusal_names_the_team() -> None:
+    store, clock = MemoryLedgerStore(), FakeClock()
+    shared = team(tpm=1000)
+    a, b = member("a", tpm=800, of=shared), member("b", tpm=800, of=shared)
+    lim = limiters(store, clock, 1)[0]
+    admitted = 0
+    refusal: Refusal | None = None
+    for n in range(30):
+        try:
+            ticket = await lim.admit(a if n % 2 else b, DEPLOYMENT, 100)
+        except Refusal as caught:
+            refusal = caught
+            break
+        ticket.settle(100)
+        admitted += 100
+    assert admitted == 1000  # each alone could have had 800
+    assert isinstance(refusal, RateLimited) and refusal.level == "team" and refusal.limit == 1000
+    error = render(refusal)
+    assert error.status == 429 and error.headers["x-gateway-limit-scope"] == "team"
+    assert 60_000 <= int(error.headers["retry-after-ms"]) <= 61_000  # the team's true wait
+    assert "team" in error.message
+
+
+async def test_a_refusal_at_one_level_releases_what_the_others_had_taken() -> None:
+    store, clock = MemoryLedgerStore(), FakeClock()
+    shared = team(tpm=1000)
+    a, b = member("a", tpm=5000, of=shared), member("b", tpm=5000, of=shared)
+    lim = limiters(store, clock, 1)[0]
+    ticket = await lim.admit(b, DEPLOYMENT, 1000)  # the team is full
+    ticket.settle(1000)
+    for _ in range(5):
+        with pytest.raises(RateLimited) as caught:
+            await lim.admit(a, DEPLOYMENT, 400)
+        assert caught.value.level == "team"
+    await lim.close()
+    assert await charged(store, "a", clock) == 0  # a's five refused requests left nothing in a's window
+    assert await charged(store, team_key("search"), clock) == 1000
+    assert lim.room(a, DEPLOYMENT) == 0
+
+
+async def test_the_consumers_own_limit_still_holds_inside_its_team_and_a_deployment_limit_is_named() -> None:
+    store, clock = MemoryLedgerStore(), FakeClock()
+    lim = limiters(store, clock, 1)[0]
+    c = member("a", tpm=300, of=team(tpm=10_000))
+    for _ in range(3):
+        (await lim.admit(c, DEPLOYMENT, 100)).settle(100)
+    with pytest.raises(RateLimited) as caught:
+        await lim.admit(c, DEPLOYMENT, 100)
+    assert caught.value.level == "consumer" and render(caught.value).headers["x-gateway-limit-scope"] == "consumer"
+    d = member("d", tpm=10_000, per_deployment=200, of=team(tpm=10_000))
+    for _ in range(2):
+        (await lim.admit(d, DEPLOYMENT, 100)).settle(100)
+    with pytest.raises(RateLimited) as caught:
+        await lim.admit(d, DEPLOYMENT, 100)
+    assert caught.value.level == "deployment"
+
+
+async def test_a_teams_quota_answers_403_naming_the_team() -> None:
+    store, clock = MemoryLedgerStore(), FakeClock()
+    lim = limiters(store, clock, 1)[0]
+    c = member("a", of=team(tpm=0, quota=500))
+    for _ in range(5):
+        (await lim.admit(c, DEPLOYMENT, 100)).settle(100)
+    with pytest.raises(QuotaExhausted) as caught:
+        await lim.admit(c, DEPLOYMENT, 100)
+    error = render(caught.value)
+    assert error.status == 403 and error.code == "quota_exceeded"
+    assert error.headers["x-gateway-limit-scope"] == "team" and "team" in error.message
+
+
+async def test_a_request_larger_than_the_teams_minute_is_never_admissible_and_says_so() -> None:
+    lim = limiters(MemoryLedgerStore(), FakeClock(), 1)[0]
+    with pytest.raises(Refusal) as caught:
+        await lim.admit(member("a", of=team(tpm=500)), DEPLOYMENT, 600)
+    error = render(caught.value)
+    assert error.code == "tokens_exceed_limit" and error.headers["x-gateway-limit-scope"] == "team"
+
+
+def windows_hold(admissions: list[tuple[float, str, int]], limit_at: dict[str, list[tuple[float, int]]]) -> None:
+    """For every admission at t to a scope, what that scope admitted in the 60 s up to t is within its limit at t."""
+    by_scope: dict[str, list[tuple[float, int]]] = {}
+    for at, scope, tokens in admissions:
+        by_scope.setdefault(scope, []).append((at, tokens))
+    for scope, events in by_scope.items():
+        events.sort()
+        for at, _ in events:
+            limit = next(lim for since, lim in reversed(limit_at[scope]) if since <= at)
+            in_window = sum(t for when, t in events if at - 60 < when <= at)
+            assert in_window <= limit, (scope, at, in_window, limit)
+
+
+async def test_moving_a_consumer_between_teams_and_lowering_a_team_limit_in_flight_never_exceeds_any_scope() -> None:
+    """Four instances, three consumers, two teams; requests in flight across the changes (settled seconds later); a
+    team's limit lowered at 100 s, one consumer moved from team A to team B at 160 s. Every admission is checked against
+    the limit in force at its time for each scope it counted in."""
+    rng = random.Random(27)
+    store, clock = MemoryLedgerStore(), FakeClock()
+    instances = limiters(store, clock, 4)
+    team_a, team_b = team(tpm=3000, team_id="alpha"), team(tpm=2000, team_id="beta")
+    consumers = {"c1": member("c1", tpm=2000, of=team_a), "c2": member("c2", tpm=2000, of=team_a),
+                 "c3": member("c3", tpm=1500, of=team_b)}
+    limits: dict[str, list[tuple[float, int]]] = {
+        "team:alpha": [(0.0, 3000)], "team:beta": [(0.0, 2000)],
+        **{f"consumer:{c}": [(0.0, consumers[c].limits.tokens_per_minute)] for c in consumers},
+    }
+    start = clock.now()
+    admissions: list[tuple[float, str, int]] = []
+    in_flight: list[tuple[float, object, int]] = []
+    served = {"alpha": 0, "beta": 0}
+    while clock.now() - start < 300:
+        elapsed = clock.now() - start
+        if elapsed >= 100 and limits["team:alpha"][-1][1] == 3000:
+            team_a = replace(team_a, limits=Limits(tokens_per_minute=1200))
+            limits["team:alpha"].append((clock.now(), 1200))
+            consumers = {k: replace(c, team_record=team_a) if c.team == "alpha" else c for k, c in consumers.items()}
+        if elapsed >= 160 and consumers["c2"].team == "alpha":
+            consumers["c2"] = replace(consumers["c2"], team="beta", team_record=team_b)
+        name = rng.choice(sorted(consumers))
+        c = consumers[name]
+        reserve = rng.choice((50, 100, 150))
+        try:
+            ticket = await rng.choice(instances).admit(c, DEPLOYMENT, reserve)
+        except Refusal:
+            pass
+        else:
+            assert c.team is not None
+            admissions += [(clock.now(), f"team:{c.team}", reserve), (clock.now(), f"consumer:{name}", reserve)]
+            served[c.team] += reserve
+            in_flight.append((clock.now() + rng.uniform(0.5, 8), ticket, reserve))
+        clock.advance(rng.uniform(0.01, 0.2))
+        for due, t, used in [f for f in in_flight if f[0] <= clock.now()]:
+            t.settle(used)  # type: ignore[attr-defined]  # what was reserved: a refund would make room the check ignores
+            in_flight.remove((due, t, used))
+        if rng.random() < 0.05:
+            for lim in instances:
+                await lim.tick()
+    windows_hold(admissions, limits)
+    assert served["alpha"] > 0 and served["beta"] > 0
+
+
+async def test_a_lowered_team_limit_holds_from_the_next_request_even_on_a_lease_claimed_under_the_old_one() -> None:
+    store, clock = MemoryLedgerStore(), FakeClock()
+    lim = limiters(store, clock, 1)[0]
+    generous = team(tpm=10_000)
+    c = member("a", of=generous)
+    for _ in range(3):
+        (await lim.admit(c, DEPLOYMENT, 100)).settle(100)  # the lease now holds more than the next request needs
+    lowered = replace(c, team_record=replace(generous, limits=Limits(tokens_per_minute=350)))
+    with pytest.raises(RateLimited) as caught:
+        await lim.admit(lowered, DEPLOYMENT, 100)
+    assert caught.value.level == "team"
+    await lim.close()
+    assert await charged(store, team_key("search"), clock) == 300
