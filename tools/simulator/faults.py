@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 KINDS = ("500", "503", "reset", "timeout", "slow", "cut", "malformed", "429", "429-ptu", "429-huge", "429-bare", "401",
-         "403", "no-usage", "hold")
+         "403", "no-usage", "hold", "content-filter")
 # These act on a request the region has admitted; when capacity refuses the request they stay queued.
 # no-usage: a stream that never reports its usage; hold: a stream that stops after `after_chunks` content chunks until
 # the faults are cleared (what a client received by then, it received before the backend produced the rest).

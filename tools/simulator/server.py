@@ -76,6 +76,19 @@ def base_headers(region: Region) -> dict[str, str]:
     return {"x-ms-region": region.config.region, "apim-request-id": request_id, "x-request-id": request_id}
 
 
+_FILTERED = {"filtered": True, "severity": "high"}
+_CLEAN = {"filtered": False, "severity": "safe"}
+CONTENT_FILTER_BODY = orjson.dumps({"error": {
+    "message": "The response was filtered due to the prompt triggering Azure OpenAI's content management policy. Please "
+               "modify your prompt and retry. To learn more about our content filtering policies please read our "
+               "documentation: https://go.microsoft.com/fwlink/?linkid=2198766",
+    "type": None, "param": "prompt", "code": "content_filter", "status": 400,
+    "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": {
+        "hate": _CLEAN, "jailbreak": {"filtered": False, "detected": False}, "self_harm": _CLEAN, "sexual": _CLEAN,
+        "violence": _FILTERED}},
+}})
+
+
 def azure_error(region: Region, status: int, code: str, message: str, extra: Mapping[str, str] | None = None) -> web.Response:
     headers = base_headers(region)
     if extra:
@@ -217,6 +230,8 @@ async def inject(region: Region, request: web.Request, fault: Fault, streaming: 
         return azure_error(region, 403, "PermissionDenied",
                            "The principal lacks the required data action "
                            "'Microsoft.CognitiveServices/accounts/OpenAI/deployments/chat/completions/action'.")
+    if kind == "content-filter":  # the prompt tripped the content filter: Azure's 400, an answer, not a failure
+        return web.Response(status=400, body=CONTENT_FILTER_BODY, content_type=JSON, headers=base_headers(region))
     if kind == "timeout":
         await asyncio.sleep(fault.delay)
         return azure_error(region, 504, "Timeout", "The operation was timeout.")
