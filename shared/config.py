@@ -324,8 +324,8 @@ def _parse_breaker(f: _Fields) -> BreakerRule:
     return rule
 
 
-def parse_backend(raw: Any, index: int, env: Mapping[str, str]) -> Backend:
-    where = f"GATEWAY_BACKENDS[{index}]"
+def parse_backend(raw: Any, index: int, env: Mapping[str, str], setting: str = "GATEWAY_BACKENDS") -> Backend:
+    where = f"{setting}[{index}]"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected an object")
     f = _Fields(raw, where)
@@ -398,20 +398,23 @@ def parse_backend(raw: Any, index: int, env: Mapping[str, str]) -> Backend:
     )
 
 
-def parse_backends(text: str | None, env: Mapping[str, str]) -> tuple[Backend, ...]:
+def parse_backends(text: str | None, env: Mapping[str, str], setting: str = "GATEWAY_BACKENDS") -> tuple[Backend, ...]:
     if text is None:
-        raise ConfigError("GATEWAY_BACKENDS: not set; expected a JSON array of backends (see README)")
+        raise ConfigError(
+            "GATEWAY_BACKENDS: not set; expected a JSON array of backends, or GATEWAY_BACKENDS_FILE naming a file that "
+            "holds one (see README)"
+        )
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"GATEWAY_BACKENDS: invalid JSON ({exc.msg} at position {exc.pos})") from None
+        raise ConfigError(f"{setting}: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     if not isinstance(raw, list) or not raw:
-        raise ConfigError("GATEWAY_BACKENDS: expected a non-empty JSON array")
-    backends = tuple(parse_backend(item, i, env) for i, item in enumerate(raw))
+        raise ConfigError(f"{setting}: expected a non-empty JSON array")
+    backends = tuple(parse_backend(item, i, env, setting) for i, item in enumerate(raw))
     seen: set[str] = set()
     for i, backend in enumerate(backends):
         if backend.id in seen:
-            raise ConfigError(f"GATEWAY_BACKENDS[{i}].id: duplicate id {backend.id!r}")
+            raise ConfigError(f"{setting}[{i}].id: duplicate id {backend.id!r}")
         seen.add(backend.id)
     return backends
 
@@ -534,6 +537,23 @@ def _prices(env: Mapping[str, str]) -> PriceTable:
         raise ConfigError(str(exc)) from None
 
 
+def backends_text(env: Mapping[str, str]) -> tuple[str | None, str]:
+    """The backends' JSON and the setting it came from: GATEWAY_BACKENDS, or the file GATEWAY_BACKENDS_FILE names (so a
+    real list need not be JSON escaped inside a JSON settings file)."""
+    text = _get(env, "GATEWAY_BACKENDS")
+    path = _get(env, "GATEWAY_BACKENDS_FILE")
+    if text is not None and path is not None:
+        raise ConfigError("GATEWAY_BACKENDS and GATEWAY_BACKENDS_FILE: set one, not both")
+    if path is None:
+        return text, "GATEWAY_BACKENDS"
+    where = f"GATEWAY_BACKENDS_FILE ({path})"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read(), where
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read ({exc.strerror})") from None
+
+
 def _api_versions(env: Mapping[str, str]) -> frozenset[str] | None:
     raw = _get(env, "GATEWAY_API_VERSIONS")
     if raw is None:
@@ -626,7 +646,8 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
     hash_key = _get(env, "GATEWAY_USER_ID_HASH_KEY")
     if user_mode == "hashed" and (hash_key is None or len(hash_key) < 16):
         raise ConfigError("GATEWAY_USER_ID_HASH_KEY: GATEWAY_USER_ID=hashed needs a secret of at least 16 characters")
-    backends = parse_backends(_get(env, "GATEWAY_BACKENDS"), env) if require_backends or _get(env, "GATEWAY_BACKENDS") else ()
+    text, setting = backends_text(env)
+    backends = parse_backends(text, env, setting) if require_backends or text is not None else ()
     return Settings(
         backends=backends,
         catalog=parse_catalog(env, backends),

@@ -74,6 +74,8 @@ LEFT_AT_DEFAULT = {
     "GATEWAY_ADMIT_ON_BOUND",
     # One line per request on the console: for scripts/run; Azure has the per-request log.
     "GATEWAY_CONSOLE_LOG",
+    # The template sets GATEWAY_BACKENDS itself; a file is for hand-written settings.
+    "GATEWAY_BACKENDS_FILE",
     # Fallback chains, context windows and aliases: none by default (README.md, Fallback across models).
     "GATEWAY_DEPLOYMENTS",
     "GATEWAY_ALIASES",

@@ -67,6 +67,25 @@ def test_prices_from_a_file(tmp_path: Any) -> None:
     assert settings.prices.currency == "EUR" and settings.prices.deployments["gpt-4o"].output == 10
 
 
+def test_backends_from_a_file_unescaped_with_errors_naming_the_file(tmp_path: Any) -> None:
+    path = tmp_path / "backends.json"
+    path.write_text(json.dumps([BACKEND, {**BACKEND, "id": "se", "region": "swedencentral"}], indent=2))
+    base = {k: v for k, v in env(BACKEND).items() if k != "GATEWAY_BACKENDS"}
+    settings = load_settings({**base, "GATEWAY_BACKENDS_FILE": str(path)})
+    assert [b.id for b in settings.backends] == ["uk", "se"] and settings.backends[0].api_key == "secret"
+    assert settings.backends == load_settings({**base, "GATEWAY_BACKENDS": path.read_text()}).backends
+    path.write_text(json.dumps([{**BACKEND, "weight": -1}]))
+    with pytest.raises(ConfigError, match=r"GATEWAY_BACKENDS_FILE \(.*backends.json\)\[0\].weight"):
+        load_settings({**base, "GATEWAY_BACKENDS_FILE": str(path)})
+    path.write_text("[\n  {\"id\": \"uk\",\n  }\n]")
+    with pytest.raises(ConfigError, match="invalid JSON .* at line 3"):
+        load_settings({**base, "GATEWAY_BACKENDS_FILE": str(path)})
+    with pytest.raises(ConfigError, match="set one, not both"):
+        load_settings({**env(BACKEND), "GATEWAY_BACKENDS_FILE": str(path)})
+    with pytest.raises(ConfigError, match="GATEWAY_BACKENDS_FILE .*missing.json.*: cannot read"):
+        load_settings({**base, "GATEWAY_BACKENDS_FILE": str(tmp_path / "missing.json")})
+
+
 def test_backends_are_required_unless_only_storage_is() -> None:
     with pytest.raises(ConfigError, match="GATEWAY_BACKENDS: not set"):
         load_settings({"GATEWAY_TABLE_CONNECTION_STRING": "UseDevelopmentStorage=true"})

@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shared.config import load_settings, local_environment
+from shared.config import ConfigError, backends_text, load_settings, local_environment
 from tools import stack
 
 ROOT = stack.ROOT
@@ -42,10 +42,10 @@ def _listening(port: int) -> bool:
 
 def _uses_embedded_backends(env: dict[str, str]) -> bool:
     try:
-        configured = json.loads(env.get("GATEWAY_BACKENDS", "[]"))
-    except json.JSONDecodeError:
+        configured: object = json.loads(backends_text(env)[0] or "[]")
+    except (json.JSONDecodeError, ConfigError):
         return False
-    return configured == json.loads(stack.backends_setting(stack.EMBEDDED_REGIONS))
+    return bool(configured == json.loads(stack.backends_setting(stack.EMBEDDED_REGIONS)))
 
 
 async def _demo_consumer(env: dict[str, str]) -> tuple[str, str] | None:
