@@ -149,6 +149,7 @@ class Settings:
     consumer_max_stale_s: float = 300.0
     auth_fail_mode: FailMode = "closed"
     unknown_key_lookups_per_s: float = 2.0
+    body_memory_mb: int = 512  # per worker: memory that large request bodies (over 64 KiB) may take at once, estimated
     response_reads_per_s: float = 20.0  # per consumer per instance: follow-ups and continuations of stored responses
     auth_failures_per_minute: int = 20
     reveal_deployments: bool = False
@@ -699,6 +700,7 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         auth_fail_mode=_fail_mode(env, "GATEWAY_AUTH_FAIL_MODE", "closed"),  # type: ignore[arg-type]
         unknown_key_lookups_per_s=_number(env, "GATEWAY_UNKNOWN_KEY_LOOKUPS_PER_S", 2.0, minimum=0, maximum=100),
         auth_failures_per_minute=_integer(env, "GATEWAY_AUTH_FAILURES_PER_MINUTE", 20, minimum=1, maximum=100_000),
+        body_memory_mb=_integer(env, "GATEWAY_BODY_MEMORY_MB", 512, minimum=16, maximum=65_536),
         response_reads_per_s=_number(env, "GATEWAY_RESPONSE_READS_PER_S", 20.0, minimum=0.1, maximum=100_000),
         reveal_deployments=_boolean(env, "GATEWAY_REVEAL_DEPLOYMENTS", False),
         admin_key_sha256=_admin_key_hash(env),

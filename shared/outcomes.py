@@ -204,6 +204,13 @@ class ResponseNotFound(Refusal):
 
 
 @dataclass(eq=False)
+class BodiesBusy(Refusal):
+    """This worker's budget of memory for large request bodies stayed spent while the request waited for a share."""
+
+    retry_after_s: int
+
+
+@dataclass(eq=False)
 class ResponseReadsThrottled(Refusal):
     """This consumer made this instance read stored responses' records faster than it may (no admission charges a
     read): 429 until its bucket refills."""

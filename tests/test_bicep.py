@@ -52,6 +52,7 @@ LEFT_AT_DEFAULT = {
     "GATEWAY_TABLE_PREFIX",
     # Tuning and telemetry options with documented defaults (README.md, Settings); set them with extraAppSettings.
     "GATEWAY_MAX_BODY_BYTES",
+    "GATEWAY_BODY_MEMORY_MB",
     "GATEWAY_DEFAULT_MAX_TOKENS",
     "GATEWAY_USER_ID_HEADER",
     "GATEWAY_STORE_TIMEOUT_S",

@@ -10,6 +10,7 @@ from shared.outcomes import (
     AttemptFailure,
     AuthStoreUnavailable,
     AuthThrottled,
+    BodiesBusy,
     BackendAuthFailed,
     BackendsBusy,
     BackendsFailed,
@@ -46,6 +47,7 @@ RESETS_AT = 1_700_006_400.0  # 2023-11-15T00:00:00Z
         (InvalidKey(KeyProblem.EXPIRED, "app"), 401, "authentication_error", "invalid_api_key", {"www-authenticate": "Bearer"}),
         (AuthThrottled(37), 429, "authentication_error", "too_many_failed_authentications", {"retry-after": "37"}),
         (ResponseReadsThrottled(2), 429, "rate_limit_error", "rate_limit_exceeded", {"retry-after": "2"}),
+        (BodiesBusy(5), 503, "server_error", "server_busy", {"retry-after": "5"}),
         (InvalidToken("expired", "The access token has expired."), 401, "authentication_error", "invalid_token",
          {"www-authenticate": 'Bearer error="invalid_token"'}),
         (AuthStoreUnavailable(), 503, "server_error", "auth_store_unavailable", {"retry-after": "1"}),
@@ -103,7 +105,7 @@ def test_every_refusal_kind_has_a_rendering() -> None:
         InvalidKey(KeyProblem.MISSING), InvalidToken("bad_signature"), ConsumerDisabled("a"), AuthThrottled(1), AuthStoreUnavailable(), DeploymentNotFound("d"),
         DeploymentNotAllowed("d"), RateLimited(1, 1), NeverAdmissible(2, 1), QuotaExhausted(1, "daily", RESETS_AT, 1),
         LimiterUnavailable(), BudgetExceeded("monthly", 1, 1, "EUR"), BackendsBusy(1), NoBackend(1), BackendsFailed(FailureKind.TIMEOUT), BackendAuthFailed(),
-        MalformedAnswer(), ResponseNotFound("resp_1", True), ResponseStateUnavailable(), ResponseReadsThrottled(1),
+        MalformedAnswer(), ResponseNotFound("resp_1", True), ResponseStateUnavailable(), ResponseReadsThrottled(1), BodiesBusy(1),
         ResponseBackendUnavailable("resp_1", "uksouth", "uksouth-ptu", "its circuit breaker is open", 8),
     }
     assert {type(s) for s in samples} == kinds  # a new refusal gets a sample here, and so a rendering

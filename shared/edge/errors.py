@@ -16,6 +16,7 @@ from shared.outcomes import (
     BackendAuthFailed,
     BackendsBusy,
     BackendsFailed,
+    BodiesBusy,
     BudgetExceeded,
     ConsumerDisabled,
     DeploymentNotAllowed,
@@ -195,6 +196,11 @@ def render(refusal: Refusal) -> GatewayError:
             return GatewayError(
                 503, "The rate limiter's store is unavailable; try again shortly.", type="server_error",
                 code="limiter_unavailable", headers={"retry-after": str(seconds)},
+            )
+        case BodiesBusy(retry_after_s=seconds):
+            return GatewayError(
+                503, "The gateway is busy with other large requests; retry after the time given.", type="server_error",
+                code="server_busy", headers={"retry-after": str(seconds), "retry-after-ms": str(seconds * 1000)},
             )
         case ResponseReadsThrottled(retry_after_s=seconds):
             return GatewayError(

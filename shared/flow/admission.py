@@ -37,9 +37,10 @@ class Admission:
         deployment = checked.shape.deployment
         prompt: int | None = None
         counted = True
+        floor: int | None = None
         reserve = 0
         if self._limiter.needs_estimate(checked.consumer, deployment):
-            prompt, counted = await self._estimate(request, checked)
+            prompt, counted, floor = await self._estimate(request, checked)
             capped = self._capped(checked.route.operation, checked.consumer, checked.shape, prompt)
             if capped is not checked.shape:
                 checked = replace(checked, shape=capped)
@@ -55,6 +56,7 @@ class Admission:
             reserve=reserve,
             prompt_estimate=prompt if counted else None,
             prompt_bound=None if counted else prompt,
+            prompt_floor=floor,
         )
 
     async def readmit(self, exchange: Exchange, checked: Checked) -> tuple[Ticket, int, Checked]:
@@ -84,26 +86,29 @@ class Admission:
             return 0
         return checked.shape.choices * (checked.shape.max_tokens or self._default_max_tokens)
 
-    async def _estimate(self, request: GatewayRequest, checked: Checked) -> tuple[int, bool]:
-        """The prompt's tokens for admission, and whether they were counted (else bounded from above).
+    async def _estimate(self, request: GatewayRequest, checked: Checked) -> tuple[int, bool, int | None]:
+        """The prompt's tokens for admission, whether they were counted (else bounded from above), and for a large
+        body its free lower bound (kept for the charges made while it streams, Exchange.prompt_spent).
 
         A body up to offload.ON_LOOP_BYTES is counted in place (a few milliseconds at most). Counting costs about a
         second per 4 MiB of text, so a larger one is first checked against what this instance already knows and
-        against a free lower bound of its size (a consumer over its limit, or a prompt larger than its whole minute,
-        is refused before anything is counted); then, when its upper bound (its UTF-8 bytes, see prompt_bound) and
+        against a lower bound of its size (a consumer over its limit, or a prompt larger than its whole minute, is
+        refused before anything is counted); then, when its upper bound (its UTF-8 bytes, see prompt_bound) and
         the output fit BOUND_ROOM_FACTOR times in what the consumer has left, it is admitted on that bound and counted
-        only if the books come to need the figure (Exchange.counted_prompt); otherwise it is counted now, in the one
-        worker thread, off the event loop, so other requests keep moving."""
+        only if the books come to need the figure (Exchange.counted_prompt); otherwise it is counted now. Every walk
+        of a large body (the bounds visit each message and part: over a second for 200,000 small messages) runs in
+        the one worker thread, off the event loop, so other requests keep moving."""
         if len(request.body) <= offload.ON_LOOP_BYTES:
-            return count_prompt(checked), True
+            return count_prompt(checked), True, None
         consumer, deployment = checked.consumer, checked.shape.deployment
-        self._limiter.precheck(consumer, deployment, tokens.prompt_lower_bound(checked.body))
+        floor = await offload.run(partial(tokens.prompt_lower_bound, checked.body))
+        self._limiter.precheck(consumer, deployment, floor)
         if self._admit_on_bound:
-            bound = prompt_bound(checked)
+            bound = await offload.run(partial(prompt_bound, checked))
             room = self._limiter.room(consumer, deployment)
             if room is None or (bound + self._completion(checked)) * BOUND_ROOM_FACTOR <= room:
-                return bound, False
-        return await offload.count(partial(count_prompt, checked)), True
+                return bound, False, floor
+        return await offload.count(partial(count_prompt, checked)), True, floor
 
     def _capped(self, operation: Operation, consumer: Consumer, shape: CallShape, prompt: int) -> CallShape:
         """With the output cap on (for the consumer, or by default), a request that asks no cap, or more than the

@@ -37,6 +37,11 @@ class Parsed:
     size: int = 0  # of the body, in bytes
 
 
+def _parsed_and_checked(route: Route, raw: bytes) -> tuple[dict[str, Any], CallShape]:
+    body = parse_body(raw)
+    return body, check_body(route, body)
+
+
 class Checks:
     def __init__(
         self, deployments: frozenset[str], pinning: Pinning, *, reveal_deployments: bool = False,
@@ -55,10 +60,9 @@ class Checks:
         if content_type != "application/json":
             raise GatewayError(415, "Send the request body as application/json.", code="unsupported_media_type")
         if len(request.body) <= offload.ON_LOOP_BYTES:
-            body = parse_body(request.body)
-        else:  # parsing and checking 8 MiB takes tens of milliseconds: not on the event loop
-            body = await offload.run(partial(parse_body, request.body))
-        shape = check_body(route, body)
+            body, shape = _parsed_and_checked(route, request.body)
+        else:  # parsing and checking 8 MiB takes tens of milliseconds (a walk of every message): not on the event loop
+            body, shape = await offload.run(partial(_parsed_and_checked, route, request.body))
         return Parsed(Route(route.api, route.operation, shape.deployment), body, shape, api_version, len(request.body))
 
     async def allow(self, parsed: Parsed, consumer: Consumer) -> Checked:

@@ -91,6 +91,7 @@ class Exchange:
     reserve: int
     prompt_estimate: int | None = None  # the prompt as counted: at admission, or when first needed
     prompt_bound: int | None = None  # admitted on this upper bound of the prompt instead, uncounted (shared/flow/admission.py)
+    prompt_floor: int | None = None  # a large body's lower bound, walked off the event loop at admission
     lost: list[LostAttempt] = field(default_factory=list)
     asked: dict[str, float] = field(default_factory=dict)  # backend id -> when it said (Retry-After) it would serve
     timeouts: int = 0  # attempts that ran past the read timeout
@@ -159,6 +160,8 @@ class Exchange:
         it, the prompt's free lower bound."""
         if self.prompt_estimate is not None:
             return self.prompt_estimate
+        if self.prompt_floor is not None:
+            return self.prompt_floor
         return tokens.prompt_lower_bound(self.checked.body)
 
     def prompt_ceiling(self) -> int:

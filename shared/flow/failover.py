@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 
 import orjson
 
 from shared.clock import Clock
 from shared.config import Backend, Settings
 from shared.edge.errors import bad_request
+from shared.flow import offload
 from shared.flow.admission import Admission
 from shared.flow.books import Books
 from shared.flow.credentials import BackendAuth
@@ -93,7 +95,7 @@ class Failover:
                 if not await self._fits(exchange, deployment):
                     continue
                 if deployment == exchange.deployment:  # an alias's first entry: reserved for already
-                    exchange.checked = self._translated(exchange.checked, deployment)
+                    exchange.checked = await self._translated(exchange, deployment)
                 else:
                     refused = await self._move(exchange, deployment, step, ended[-1].refusal if ended else None)
                     if refused is not None:
@@ -128,7 +130,7 @@ class Failover:
         takes it. Returns the limiter's refusal when the consumer cannot be admitted there (the request then holds
         no reservation: nothing more to settle)."""
         assert self._admission is not None and self._books is not None
-        target = self._translated(exchange.checked, deployment)
+        target = await self._translated(exchange, deployment)
         previous = exchange.deployment
         self._books.moved(exchange)
         try:
@@ -140,8 +142,14 @@ class Failover:
         self._telemetry.model_fallback(previous, deployment, _reason(why))
         return None
 
-    def _translated(self, checked: Checked, deployment: str) -> Checked:
-        """The request for `deployment`: the client's body as that deployment's family takes it."""
+    async def _translated(self, exchange: Exchange, deployment: str) -> Checked:
+        """The request for `deployment`: the client's body as that deployment's family takes it (a large one
+        translated and serialised off the event loop)."""
+        if len(exchange.request.body) <= offload.ON_LOOP_BYTES:
+            return self._translate(exchange.checked, deployment)
+        return await offload.run(partial(self._translate, exchange.checked, deployment))
+
+    def _translate(self, checked: Checked, deployment: str) -> Checked:
         client = checked.original if checked.original is not None else checked.body
         body = for_family(client, checked.route.operation, self._catalog.spec(deployment).family)
         shape = checked.shape if checked.shape.deployment == deployment else replace(checked.shape, deployment=deployment)
@@ -211,7 +219,11 @@ class Failover:
         checked = exchange.checked
         url = backend_url(backend, checked.route, deployment, checked.api_version)
         raw = checked.raw if checked.raw is not None else exchange.request.body
-        body = backend_body(raw, checked.body, backend, deployment, checked.shape, checked.api_version)
+        if len(raw) <= offload.ON_LOOP_BYTES:
+            body = backend_body(raw, checked.body, backend, deployment, checked.shape, checked.api_version)
+        else:  # re-serialising a large body (a changed model name, stream options or cap) takes milliseconds
+            body = await offload.run(
+                partial(backend_body, raw, checked.body, backend, deployment, checked.shape, checked.api_version))
         send_headers = {**headers, **(await self._auth.headers(backend))}
         span = exchange.trace.attempt(backend.id, backend.region, url.split("?", 1)[0], number)
         exchange.awaiting_backend = True

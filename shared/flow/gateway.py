@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import replace
+from functools import partial
 
 import orjson
 
 from shared.edge.consumers import Consumer, hash_key, key_from_headers
 from shared.edge.errors import render, throttle_reason
 from shared.edge.messages import GatewayRequest, GatewayResponse
+from shared.flow import bodies, offload
 from shared.flow.admission import Admission
+from shared.flow.bodies import BodyBudget, Held
 from shared.flow.books import Books
 from shared.flow.checks import Checks
 from shared.flow.exchange import Services as Services
@@ -43,6 +46,7 @@ class Gateway:
             services.responses, services.settings.backends, services.router, services.clock,
             reads=PerKeyRate(services.settings.response_reads_per_s, services.clock),
         )
+        self.bodies = BodyBudget(max(services.settings.body_memory_mb << 20, services.settings.max_body_bytes))
         self.books = Books(services.clock, services.usage, services.telemetry, services.router)
         self.checks = Checks(
             self._deployments, self.pinning, reveal_deployments=services.settings.reveal_deployments,
@@ -60,6 +64,18 @@ class Gateway:
         self._follow_ups = FollowUps(services, self.pinning, self.books)
 
     async def handle(self, request: GatewayRequest) -> GatewayResponse:
+        held = Held(self.bodies)
+        try:
+            response = await self._handle(request, held)
+        except BaseException:
+            held.give_back()
+            raise
+        if held.weight and response.stream is not None:
+            return replace(response, stream=held.until_done(response.stream))
+        held.give_back()
+        return response
+
+    async def _handle(self, request: GatewayRequest, held: Held) -> GatewayResponse:
         started = self.s.clock.monotonic()
         route: Route | None = None
         consumer: Consumer | None = None
@@ -82,6 +98,9 @@ class Gateway:
                 request = replace(request, body=await request.read_body(), read_body=None)
             if route.operation in FOLLOW_UPS:
                 return await self._follow_ups.handle(request, route, consumer, started, trace)
+            if len(request.body) > offload.ON_LOOP_BYTES:
+                # Its parse may take many times its size: within this worker's budget for large bodies, held to the end.
+                held.weight = await self.bodies.take(await offload.run(partial(bodies.estimate, request.body)))
             parsed = await self.checks.parse(request, route)
             deployment = parsed.shape.deployment
             checked = await self.checks.allow(parsed, consumer)
