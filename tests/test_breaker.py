@@ -109,3 +109,30 @@ def test_a_half_open_probe_that_times_out_re_trips() -> None:
     breaker.trip(NOW, "500", 5.0)
     assert breaker.acquire(NOW + 6)[0] and breaker.state == HALF_OPEN
     assert breaker.on_timeout(NOW + 7, "a", 5.0) is not None and breaker.state == OPEN
+
+
+def test_a_last_resort_is_a_backend_out_on_the_gateways_judgement_only() -> None:
+    breaker = Breaker(BreakerRule(trip_s=2, max_trip_s=20))
+    assert not breaker.last_resort(0.0)  # closed: an ordinary candidate
+    breaker.on_failure(0.0, "500", 2.0)
+    assert breaker.last_resort(1.0)  # a trip the gateway chose: the backend might serve
+    breaker.begin(2.5)  # the trip is over and a probe is out: nothing else may go, except as a last resort
+    assert breaker.state == HALF_OPEN and not breaker.usable(2.6) and breaker.last_resort(2.6)
+    breaker.on_failure(3.0, "429", 20.0)
+    breaker.asked(3.0, 23.0)  # the backend asked for 20 s (a Retry-After): no last resort until then
+    assert not breaker.last_resort(10.0) and not breaker.last_resort(22.9)
+    assert breaker.usable(23.0)
+    breaker.on_success(23.1)
+    assert breaker.asked_until == 0.0
+    # A probe or a last resort that fails again: no last resort until the trip it brings is over.
+    breaker.on_failure(23.2, "500", 2.0)
+    assert breaker.last_resort(23.5)  # one failure from closed: still only a guess
+    breaker.on_failure(23.6, "500", 2.0)  # a last resort that failed as well
+    assert not breaker.last_resort(24.0) and breaker.open_until == 25.6
+    assert breaker.last_resort(25.6) is False and breaker.usable(25.6)  # its trip is over: an ordinary probe again
+    breaker.begin(25.7)
+    breaker.on_timeout(27.7, "caller", 2.0)  # the probe timed out
+    assert breaker.state == OPEN and not breaker.last_resort(28.0)
+    refused = Breaker(BreakerRule())
+    refused.trip(0.0, "401", 60.0)  # the gateway's credential refused: every request would fail
+    assert not refused.last_resort(1.0)

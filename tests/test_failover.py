@@ -15,9 +15,9 @@ def count_acquires(router: Router) -> list[str]:
     claimed: list[str] = []
     acquire = router.acquire
 
-    def spy(backend: Any, deployment: str) -> bool:
+    def spy(backend: Any, deployment: str, **options: Any) -> bool:
         claimed.append(backend.id)
-        return acquire(backend, deployment)
+        return acquire(backend, deployment, **options)
 
     router.acquire = spy  # type: ignore[method-assign]
     return claimed

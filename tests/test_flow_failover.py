@@ -119,6 +119,52 @@ async def test_every_backend_throttled_gives_429_with_the_soonest_recovery(harne
     assert len(harness.upstream.sent) == sent
 
 
+async def test_with_every_region_out_one_out_on_the_gateways_judgement_serves_rather_than_a_503(
+    harness: GatewayHarness,
+) -> None:
+    """The soak's bursts of 503 (issue 24): the PTU asked for a day (a 429 with a day's Retry-After) while both
+    secondaries were out too, one for a bare 429 (no wait named: the gateway chose the trip), one for a 500. Every
+    breaker was open, so every request for the next seconds was refused at once, though both secondaries could serve."""
+    key = harness.consumer("app", tpm=1_000_000)
+    harness.upstream.script("uksouth-ptu", error_reply(429, {"retry-after": "86400"}))
+    harness.upstream.script("swedencentral", error_reply(429))
+    harness.upstream.script("francecentral", error_reply(500))
+    first = await harness.post(CHAT, key, BODY)
+    assert first.status_code == 503  # this request was refused by every region itself
+    health = (await harness.http.get("/health/details", headers=ADMIN_HEADERS)).json()
+    assert {state(health, b)["state"] for b in ("uksouth-ptu", *SECONDARIES)} == {"open"}
+    sent = len(harness.upstream.sent)
+
+    harness.clock.advance(0.5)
+    response = await harness.post(CHAT, key, BODY)
+    assert response.status_code == 200 and response.headers["x-gateway-backend"] in SECONDARIES
+    tried = [s.backend_id for s in harness.upstream.sent[sent:]]
+    assert tried == [response.headers["x-gateway-backend"]]  # the PTU asked for a wait: it is left be
+    health = (await harness.http.get("/health/details", headers=ADMIN_HEADERS)).json()
+    assert state(health, response.headers["x-gateway-backend"])["state"] == "closed"  # it served: back in rotation
+    assert state(health, "uksouth-ptu")["state"] == "open"
+
+
+async def test_a_last_resort_that_fails_again_stays_out_and_the_request_ends_as_before(harness: GatewayHarness) -> None:
+    key = harness.consumer("app", tpm=1_000_000)
+    harness.upstream.script("uksouth-ptu", error_reply(429, {"retry-after": "30"}))
+    harness.upstream.script("swedencentral", error_reply(503, {"retry-after": "30"}))
+    harness.upstream.script("francecentral", error_reply(500), error_reply(500))
+    assert (await harness.post(CHAT, key, BODY)).status_code == 503
+    sent = len(harness.upstream.sent)
+    response = await harness.post(CHAT, key, BODY)
+    # Only francecentral was out on the gateway's judgement: tried once more, it failed again, and the request gets
+    # the answer it would have had; the regions that asked for 30 s were not contacted.
+    assert response.status_code == 503 and [s.backend_id for s in harness.upstream.sent[sent:]] == ["francecentral"]
+    # Failed again while out: no last resort until its trip (10 s) is over, so a region that is really down is not
+    # sent every request; the next ones are refused at once, as before.
+    harness.clock.advance(1.0)
+    refused = await harness.post(CHAT, key, BODY)
+    assert refused.status_code == 503 and len(harness.upstream.sent) == sent + 1
+    harness.clock.advance(9.0)  # its trip is over: an ordinary half-open probe, which the default answer passes
+    assert (await harness.post(CHAT, key, BODY)).headers["x-gateway-backend"] == "francecentral"
+
+
 async def test_a_429_asking_for_a_day_trips_for_the_capped_time() -> None:
     harness = GatewayHarness(one_region(breaker={"trip_s": 0.2, "max_trip_s": 300}))
     try:

@@ -161,11 +161,16 @@ class Failover:
         """Every region of the exchange's current deployment, best first, until one answers."""
         deployment = exchange.deployment
         candidates = self._router.candidates(deployment, exchange.reserve, exchange.consumer.priority)
+        last_resort = not candidates
+        if last_resort:
+            # Every region is out of rotation. Those out only on the gateway's own judgement (a trip it chose, a
+            # probe still out) may serve: try them rather than answer 503; a region that asked for a wait is left be.
+            candidates = self._router.last_resort(deployment)
         limit = min(self._max_attempts or len(candidates), len(candidates))
         headers = request_headers(exchange.request.headers)
         failures: list[AttemptFailure] = []
         previous: Backend | None = None
-        acquired = self._acquired(candidates, deployment)
+        acquired = self._acquired(candidates, deployment, last_resort)
         every_region = True
         for number in range(1, limit + 1):
             backend = next(acquired, None)  # claimed only when it is about to be tried
@@ -186,10 +191,10 @@ class Failover:
         refusal = self._router.exhausted(deployment, failures, exchange.asked)
         return _Exhausted(refusal, bool(failures), every_region)
 
-    def _acquired(self, candidates: list[Backend], deployment: str) -> Iterator[Backend]:
+    def _acquired(self, candidates: list[Backend], deployment: str, last_resort: bool = False) -> Iterator[Backend]:
         """The candidates in order that may be tried now (a half-open breaker lets one probe through: claiming it is
         acquiring it, so the generator is advanced only for an attempt that will be made)."""
-        return (backend for backend in candidates if self._router.acquire(backend, deployment))
+        return (backend for backend in candidates if self._router.acquire(backend, deployment, last_resort=last_resort))
 
     async def _dispatch_pinned(self, exchange: Exchange, holder: Holder) -> Chosen:
         """One attempt, at the backend that holds the continued response: no other region could answer it."""

@@ -90,6 +90,23 @@ class Breaker:
         self._failures: deque[float] = deque()
         self._timeouts: deque[tuple[float, str]] = deque()  # (when, caller) of recent timed-out requests
         self._probe_since: float | None = None
+        # Until when the backend itself asked to be left alone (its Retry-After, capped): a trip of the gateway's own
+        # judgement (a 5xx, a connection error, timeouts, a 429 that named no wait) has none.
+        self.asked_until = 0.0
+        # A backend that failed again while out (a probe, a last resort) is no last resort until its trip is over.
+        self._failed_again_until = 0.0
+
+    def asked(self, now: float, until: float) -> None:
+        """The backend said (Retry-After) it will not serve before `until`."""
+        self.asked_until = max(self.asked_until, until)
+
+    def last_resort(self, now: float) -> bool:
+        """Out of rotation, but only on the gateway's judgement (a trip it chose, or a half-open probe still out): when
+        no other backend may be sent to, one request more is better spent here than refused. A backend that asked
+        for a wait, or refused the gateway's credential (it fails every request), is no last resort."""
+        if self.usable(now) or self.asked_until > now or self._failed_again_until > now:
+            return False
+        return self.reason not in ("401", "403")
 
     def trip_length(self, status: int | None, headers: Mapping[str, str], now: float) -> float:
         asked = retry_after_s(headers, now) if self.rule.accept_retry_after else None
@@ -124,6 +141,8 @@ class Breaker:
     def on_success(self, now: float) -> Transition | None:
         self._failures.clear()
         self._timeouts.clear()
+        self.asked_until = 0.0
+        self._failed_again_until = 0.0
         if self.state != CLOSED:
             self.state = CLOSED
             self.open_until = 0.0
@@ -135,11 +154,12 @@ class Breaker:
     def on_failure(self, now: float, reason: str, trip_s: float) -> Transition | None:
         """Record a failure; trips (or re-trips a failed probe) when the rule says so."""
         if self.state == HALF_OPEN:
-            return self._trip(now, reason, trip_s)
+            return self._again(self._trip(now, reason, trip_s))
         if self.state == OPEN:
-            # A request sent before the trip came back failing: extend if the backend asked for longer.
+            # A request sent before the trip (or as a last resort) came back failing: extend if it asks for longer.
             if now + trip_s > self.open_until:
                 self.open_until = now + trip_s
+            self._failed_again_until = self.open_until
             return None
         self._failures.append(now)
         horizon = now - self.rule.interval_s
@@ -154,8 +174,9 @@ class Breaker:
         timeouts trip it only as a rate: `timeout_failures` within the interval, from `timeout_callers` callers.
         A half-open probe that times out still re-trips: the backend has not shown it is back."""
         if self.state == HALF_OPEN:
-            return self._trip(now, "timeout", trip_s)
+            return self._again(self._trip(now, "timeout", trip_s))
         if self.state == OPEN:
+            self._failed_again_until = max(self._failed_again_until, now + trip_s)
             return None
         self._timeouts.append((now, caller))
         horizon = now - self.rule.interval_s
@@ -171,6 +192,10 @@ class Breaker:
         if self.state == OPEN and self.open_until >= now + trip_s:
             return None
         return self._trip(now, reason, trip_s)
+
+    def _again(self, transition: Transition) -> Transition:
+        self._failed_again_until = transition.until
+        return transition
 
     def _trip(self, now: float, reason: str, trip_s: float) -> Transition:
         self.state = OPEN

@@ -23,7 +23,7 @@ from shared.background import keep_running, repeat
 from shared.clock import Clock
 from shared.config import Backend
 from shared.outcomes import AttemptFailure, BackendAuthFailed, BackendsBusy, BackendsFailed, FailureKind, NoBackend
-from shared.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Transition
+from shared.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Transition, retry_after_s
 from shared.routing.capacity import utilisation_wait
 from shared.routing.provisioned import ProvisionedCapacity
 from shared.storage.memory import MemoryBreakerStore as MemoryBreakerStore
@@ -126,18 +126,35 @@ class Router:
                 (later if short or reserved else first).append(backend)
         return first + later
 
+    def last_resort(self, deployment: str) -> list[Backend]:
+        """When `candidates` is empty: the backends out of rotation on the gateway's own judgement only (see
+        Breaker.last_resort), soonest back first. A trip is a guess that a backend would fail; with every region out,
+        sending to one of these may serve the request, where refusing it (503) certainly does not."""
+        now = self._clock.now()
+        found = [
+            (b.priority, self._breakers[(b.id, deployment)].open_until, b.id, b)
+            for group in self._groups.get(deployment, ()) for b in group.backends
+            if self._breakers[(b.id, deployment)].last_resort(now)
+        ]
+        return [b for *_, b in sorted(found, key=lambda f: f[:3])]
+
     def _fresh_remaining(self, backend: Backend, deployment: str, mono: float) -> int | None:
         seen = self._remaining.get((backend.id, deployment))
         if seen is None or mono - seen[1] > CAPACITY_FRESH_S:
             return None
         return seen[0]
 
-    def acquire(self, backend: Backend, deployment: str, generates: bool = True) -> bool:
-        """Claim the right to send to `backend` now (a half-open breaker lets one probe through). A call that
-        `generates` is charged to a PTU's model; one that reads a stored response (a follow-up) uses no throughput."""
-        allowed, transition = self._breakers[(backend.id, deployment)].acquire(self._clock.now())
-        if transition is not None:
-            self._transitioned(backend, deployment, transition)
+    def acquire(self, backend: Backend, deployment: str, generates: bool = True, last_resort: bool = False) -> bool:
+        """Claim the right to send to `backend` now (a half-open breaker lets one probe through; a `last_resort`
+        backend, see `last_resort`, is sent to as it is, its breaker left as it was until the outcome is recorded).
+        A call that `generates` is charged to a PTU's model; one that reads a stored response uses no throughput."""
+        breaker = self._breakers[(backend.id, deployment)]
+        if last_resort:
+            allowed = breaker.last_resort(self._clock.now())
+        else:
+            allowed, transition = breaker.acquire(self._clock.now())
+            if transition is not None:
+                self._transitioned(backend, deployment, transition)
         if allowed and generates and backend.ptu:
             model = self.capacity.model(backend.id, deployment)
             if model is not None:
@@ -170,7 +187,10 @@ class Router:
             # any other (a quota's, a bare one, an injected fault) only gives the charge back.
             wait = utilisation_wait(headers) if status == 429 else None
             model.refused(model.call_cost(0), wait, now, self._clock.monotonic())
-        transition = breaker.on_failure(now, str(status), breaker.trip_length(status, headers, now))
+        trip_s = breaker.trip_length(status, headers, now)
+        if breaker.rule.accept_retry_after and retry_after_s(headers, now):
+            breaker.asked(now, now + trip_s)  # the backend's own word, capped as the trip is
+        transition = breaker.on_failure(now, str(status), trip_s)
         if transition is not None:
             self._transitioned(backend, deployment, transition)
 
