@@ -10,8 +10,10 @@ hostile requests is sent. Every 10 s the gateway's RSS and open file descriptors
 - RSS growth after warm-up (target < 5 %), file-descriptor growth (target none), errors of the gateway's own making
   (5xx that are not a backend's fault passed on as designed; target 0);
 - tokens charged to consumers (usage rows in Table Storage) = tokens emitted as metrics (captured App Insights
-  export) = tokens the backends served (reported usage, plus the prompt and delivered tokens of streams cut mid-way),
-  exactly;
+  export) = tokens the backends served (reported usage, plus the prompt and delivered tokens of streams cut mid-way)
+  + the charges with no backend usage behind them, named one by one (`UNBILLED`: attempts that ran past the read
+  timeout, requests cancelled once sent), exactly; and those named charges = the prompts the regions read and never
+  answered (the simulator's `unanswered`);
 - a table of the faults and bad inputs, with their outcomes. Figures go to docs/reliability.md with --write.
 
 With --keep DIR, the per-request records (JSON lines: start, status, tokens, backend, attempts, seconds, error code),
@@ -40,10 +42,15 @@ from shared.admin.usage_report import summarize
 from shared.config import load_settings
 from shared.storage.tables import Tables, TableUsageStore
 from shared.telemetry import events as names
+from shared.telemetry.request_log import EVENT_NAME
 from tools import stack
 from tools.capture import Capture
 
 FAULTS = ("500", "503", "reset", "429", "429-bare", "429-huge", "timeout", "cut")
+# Charges with no backend usage behind them, by the status the token metrics carry: the backend read the prompt and
+# may bill it (a timed-out attempt may still be generating), but answered nothing the regions count as served.
+UNBILLED = {"504": "attempts that ran past the read timeout (prompt charged)",
+            "499": "requests the client cancelled once sent (charged like a timeout)"}
 PROMPT = "Summarise the state of the world in a few words. " * 6
 
 
@@ -95,6 +102,54 @@ async def charged(env: dict[str, str], consumers: list[str]) -> dict[str, int]:
             "total": sum(t.total for t in totals), "requests": sum(t.requests for t in totals)}
 
 
+def unbilled_charges(capture: Capture, consumers: set[str]) -> dict[str, dict[str, int]]:
+    """The charges of UNBILLED's kinds, from the per-request log (the token metrics carry no status): every record
+    with that status, the attempts that timed out (`lost attempt`) and the requests cancelled once sent."""
+    found = {status: {"Prompt Tokens": 0, "Total Tokens": 0, "records": 0} for status in UNBILLED}
+    for item in capture.items("EventData"):
+        data = item["data"]["baseData"]
+        props, measured = data.get("properties", {}), data.get("measurements", {})
+        status = props.get(names.STATUS_CODE)
+        if data.get("name") != EVENT_NAME or props.get(names.SUBSCRIPTION_ID) not in consumers or status not in found:
+            continue
+        found[status]["Prompt Tokens"] += int(measured.get("Prompt Tokens", 0))
+        found[status]["Total Tokens"] += int(measured.get("Total Tokens", 0))
+        found[status]["records"] += 1
+    return found
+
+
+def load_lines(path: Path) -> list[Any]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def explain_bursts(
+    unavailable: list[tuple[float, str]], health: list[Any], faults: list[Any], started: float, gap_s: float = 1.0,
+) -> list[dict[str, Any]]:
+    """503 answers grouped into bursts (no more than `gap_s` apart), each with its cause: what /health said of every
+    region just before it began (state, and the reason of an open breaker) and the faults injected in the 60 s before."""
+    table: list[dict[str, Any]] = []
+    for at, load in sorted(unavailable):
+        if table and at - table[-1]["last"] <= gap_s:
+            table[-1]["last"] = at
+            table[-1]["answers"] += 1
+            table[-1]["loads"][load] = table[-1]["loads"].get(load, 0) + 1
+        else:
+            table.append({"first": at, "last": at, "answers": 1, "loads": {load: 1}})
+    for burst in table:
+        before = [h for t, h in health if t <= burst["first"]]
+        states: dict[str, str] = {}
+        for entry in (before[-1]["backends"] if before else []):
+            out = [f"{name} {state['state']}" + (f" ({state['reason']})" if state.get("reason") else "")
+                   for name, state in sorted(entry["deployments"].items()) if state["state"] != "closed"]
+            states[entry["id"]] = ", ".join(out) or "closed"
+        burst["regions_before"] = states
+        burst["faults_before"] = [f"{kind} on {region} at {t - started:.1f} s" for t, kind, region in faults
+                                  if burst["first"] - 60 <= t <= burst["first"]]
+        burst["at_s"] = round(burst.pop("first") - started, 1)
+        burst["duration_s"] = round(burst.pop("last") - started - burst["at_s"], 1)
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=20.0)
@@ -133,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep is not None:
             args.keep.mkdir(parents=True, exist_ok=True)
             records = args.keep
-        fault_log = (records / "faults.jsonl").open("w") if args.keep is not None else None
-        health_log = (records / "health.jsonl").open("w") if args.keep is not None else None
+        # Kept for every run (in the temporary folder without --keep): each burst of 503s is explained from them.
+        fault_log = (records / "faults.jsonl").open("w")
+        health_log = (records / "health.jsonl").open("w")
         loads = [
             start_load(f"{url}/v1/chat/completions", chat, 16, seconds, headers={"api-key": keys["soak-steady"]},
                        rate=30, warmup=0, record=str(records / "chat.jsonl")),
@@ -151,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         faults: Counter[str] = Counter()
         bad: Counter[tuple[str, str]] = Counter()
         started = time.monotonic()
+        started_wall = time.time()
         next_fault, next_barrage, next_sample = started + 20, started + 30, started
         while time.monotonic() - started < seconds:
             now = time.monotonic()
@@ -165,25 +222,23 @@ def main(argv: list[str] | None = None) -> int:
                     spec["delay_s"] = 5
                 httpx.post(f"{sim.url}/_sim/faults", json=spec, timeout=10)
                 faults[kind] += 3
-                if fault_log is not None:
-                    fault_log.write(json.dumps([time.time(), kind, regions[sims.index(sim)].id]) + "\n")
+                fault_log.write(json.dumps([time.time(), kind, regions[sims.index(sim)].id]) + "\n")
                 next_fault += 20
             if now >= next_barrage:
                 threading.Thread(target=barrage, args=(url, keys["soak-steady"], rng, bad), daemon=True).start()
                 next_barrage += 30
-            if health_log is not None:
-                health = httpx.get(f"{url}/health/details", headers=stack.ADMIN_HEADERS, timeout=10).json()
-                health_log.write(json.dumps([time.time(), health]) + "\n")
+            health = httpx.get(f"{url}/health/details", headers=stack.ADMIN_HEADERS, timeout=10).json()
+            health_log.write(json.dumps([time.time(), health]) + "\n")
             time.sleep(0.5)
-        for log_file in (fault_log, health_log):
-            if log_file is not None:
-                log_file.close()
+        fault_log.close()
+        health_log.close()
         outputs = [finish_load(process, 300) for process in loads]
         for sim in sims:  # the last faults may not have been used; clear them before the books are closed
             httpx.delete(f"{sim.url}/_sim/faults", timeout=10)
         time.sleep(12)  # usage rows (every 5 s) and metric exports (every 5 s) catch up
         statuses: Counter[str] = Counter()
         codes: Counter[str] = Counter()
+        unavailable: list[tuple[float, str]] = []
         for file in records.iterdir():
             if file.name in ("faults.jsonl", "health.jsonl"):
                 continue
@@ -192,11 +247,17 @@ def main(argv: list[str] | None = None) -> int:
                 statuses[row[1]] += 1
                 if row[1] != "200":
                     codes[f"{row[1]} {row[6]}"] += 1
+                if row[1] == "503":
+                    unavailable.append((row[0], file.stem))
+        burst_table = explain_bursts(unavailable, load_lines(records / "health.jsonl"),
+                                     load_lines(records / "faults.jsonl"), started_wall)
         stats = [httpx.get(f"{s.url}/_sim/stats", timeout=10).json() for s in sims]
         served = {k: sum(s["billed"][k] for s in stats) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        unanswered = {k: sum(s["unanswered"][k] for s in stats) for k in ("prompt_tokens", "total_tokens", "requests")}
         books = asyncio.run(charged(bench.env(), list(keys)))
         emitted = {name: sum(capture.total(name, **{names.SUBSCRIPTION_ID: c}) for c in keys)
                    for name in (names.PROMPT_TOKENS, names.COMPLETION_TOKENS, names.TOTAL_TOKENS)}
+        unbilled = unbilled_charges(capture, set(keys))
         log_text = gateway.log()
     capture.stop()
 
@@ -211,21 +272,39 @@ def main(argv: list[str] | None = None) -> int:
                    "growth_percent": round(rss_growth, 2)},
         "fds": {"after_warmup": warm[0][2], "end": warm[-1][2], "max": max(s[2] for s in samples)},
         "own_errors": own_errors,
-        "tokens": {"charged": books, "emitted": emitted, "served_by_backends": served},
+        "tokens": {"charged": books, "emitted": emitted, "served_by_backends": served, "unbilled": unbilled,
+                   "unanswered_by_backends": unanswered},
         "faults": dict(faults),
+        "bursts_503": burst_table,
         "bad_inputs": {f"{label} -> {status}": n for (label, status), n in sorted(bad.items())},
         "samples": samples,
         "load": [{k: o.get(k) for k in ("requests", "rps", "statuses")} for o in outputs],
     })
+    named = {k: sum(u[name] for u in unbilled.values()) for k, name in
+             (("total", names.TOTAL_TOKENS), ("prompt", names.PROMPT_TOKENS))}
     results["books_balance"] = (
-        books["total"] == emitted[names.TOTAL_TOKENS] == served["total_tokens"]
-        and books["prompt"] == emitted[names.PROMPT_TOKENS] == served["prompt_tokens"]
+        books["total"] == emitted[names.TOTAL_TOKENS] == served["total_tokens"] + named["total"]
+        and books["prompt"] == emitted[names.PROMPT_TOKENS] == served["prompt_tokens"] + named["prompt"]
     )
+    # The named charges, against what the regions say they read and never answered: the same prompts, counted twice
+    # independently (the gateway's tokenizer, the simulator's).
+    results["unbilled_match"] = named["total"] == named["prompt"] == unanswered["prompt_tokens"]
     print(json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=2))
     save("soak", results)
     if args.write:
-        (ROOT / "docs" / "reliability.md").write_text(markdown(results))
+        write_report(ROOT / "docs" / "reliability.md", markdown(results))
     return 0 if results["books_balance"] and own_errors == 0 else 1
+
+
+def write_report(path: Path, report: str) -> None:
+    """Replace the soak's part of the page (up to the end of its last section), keeping the sections after it."""
+    kept = ""
+    if path.exists():
+        old = path.read_text(encoding="utf-8")
+        last = old.find("\n## In the test suite")
+        following = old.find("\n## ", last + 1) if last >= 0 else -1
+        kept = old[following:] if following >= 0 else ""
+    path.write_text(report + kept, encoding="utf-8")
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -252,7 +331,21 @@ def markdown(r: dict[str, Any]) -> str:
         f"| tokens charged to consumers (usage rows) | = emitted = served | {tokens['charged']['total']} |",
         f"| tokens emitted as metrics (`Total Tokens`) | | {int(tokens['emitted']['Total Tokens'])} |",
         f"| tokens the backends served (reported + cut streams' prompt and delivered) | | {tokens['served_by_backends']['total_tokens']} |",
-        f"| books balance exactly (total and prompt) | yes | {'yes' if r['books_balance'] else 'NO'} |",
+        *(f"| + charged with no backend usage: {UNBILLED[status]} | | {u['Total Tokens']} |"
+          for status, u in sorted(tokens["unbilled"].items())),
+        f"| books balance exactly (total and prompt): charged = emitted = served + the named charges | yes | "
+        f"{'yes' if r['books_balance'] else 'NO'} |",
+        f"| the named charges = the prompts the regions read and never answered | yes | "
+        f"{'yes' if r['unbilled_match'] else 'NO'} ({tokens['unanswered_by_backends']['prompt_tokens']} in "
+        f"{tokens['unanswered_by_backends']['requests']} requests) |",
+        "",
+        "The books name every charge no backend's usage stands behind. An attempt that runs past the backend's read "
+        "timeout (the `timeout` fault holds a request 5 s against a 2 s timeout) is charged its prompt: the backend "
+        "read it and may still be generating and billing it, and the consumer's reservation is not refunded either "
+        "(README, timeouts). A request the client cancels once it has been sent is charged the same way, for the same "
+        "reason. The regions bill neither (nothing was answered), so the simulated regions count such prompts apart, as "
+        "read and unanswered; the table checks the named charges against that count, and charged = emitted = served "
+        "+ named, to the token.",
         "",
         "Other statuses are the designed answers: `429 rate_limit_exceeded` and `403 quota_exceeded` for the consumers over their rate and quota; `429 backends_busy` when every region serving the deployment was throttling; `503 service_unavailable` when every region serving it was out at once for mixed reasons (answered at once, with `Retry-After` until the soonest recovery, no backend contacted); `502`/`504` when a fault hit the last backend left for a request; 4xx for hostile input. The 503s come in bursts of a few seconds: an injected fault waits in the simulator until its region gets traffic, so when the PTU throttles `gpt-4o` and its overflow reaches the secondaries, the faults queued on both of them fire together and take all three regions out. Run with `--keep DIR` to see when and why each happened.",
         "",
@@ -273,6 +366,17 @@ def markdown(r: dict[str, Any]) -> str:
     }
     for kind, count in sorted(r["faults"].items()):
         lines.append(f"| {kind} | {count} | {outcome.get(kind, '')} |")
+    lines += ["", "## Bursts of 503 during the soak, with their cause", ""]
+    if not r["bursts_503"]:
+        lines.append("None: no answer of 503.")
+    else:
+        lines += ["| at (s) | answers | lasted (s) | loads | regions just before (breakers not closed) | faults in the 60 s before |",
+                  "|---|---|---|---|---|---|"]
+        for b in r["bursts_503"]:
+            regions = "; ".join(f"{k}: {v}" for k, v in b["regions_before"].items())
+            loads = ", ".join(f"{k} {v}" for k, v in sorted(b["loads"].items()))
+            lines.append(f"| {b['at_s']} | {b['answers']} | {b['duration_s']} | {loads} | {regions} | "
+                         f"{'; '.join(b['faults_before'])} |")
     lines += ["", "## Hostile input sent during the soak", "", "| input → status | count |", "|---|---|"]
     for label, count in r["bad_inputs"].items():
         lines.append(f"| {label} | {count} |")

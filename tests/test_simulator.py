@@ -475,7 +475,12 @@ async def test_cut_streams_drop_without_done_and_count_what_was_delivered(sim: R
 async def test_timeout_and_slow(sim: Running, sdk: Clients, http: aiohttp.ClientSession) -> None:
     await control(http, sim, "POST", "faults", {"kind": "timeout", "delay_s": 2})
     with pytest.raises(openai.APITimeoutError):
-        await sdk.azure().with_options(timeout=0.3).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        await sdk.azure().with_options(timeout=0.3, max_retries=0).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    # The prompt was read and nothing was answered: kept apart from what was billed (bench/soak.py's books).
+    stats = await control(http, sim, "GET", "stats")
+    prompt = count_chat_prompt({"messages": MESSAGES}, encoding_for("gpt-4o"))
+    assert stats["unanswered"] == {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt, "requests": 1}
+    assert stats["billed"]["total_tokens"] == 0
     await control(http, sim, "POST", "faults", {"kind": "slow", "delay_s": 0.3})
     started = time.monotonic()
     result = await sdk.azure().chat.completions.create(model="gpt-4o", messages=MESSAGES)

@@ -286,6 +286,8 @@ async def serve(region: Region, op: Operation, azure: bool, request: web.Request
     fault = region.faults.peek(deployment.name)
     if fault is not None and fault.kind not in AFTER_ADMISSION:
         region.faults.use(fault)
+        if fault.kind == "timeout":  # read, then held past any caller's patience: answered with nothing billed
+            region.stats.unanswered_prompt(op.count_prompt(body, region.encodings[deployment.name]))
         return await inject(region, request, fault, streaming)
 
     prompt = op.count_prompt(body, region.encodings[deployment.name])
@@ -320,6 +322,7 @@ async def serve(region: Region, op: Operation, azure: bool, request: web.Request
             await asyncio.sleep(delay_ms / 1000)
         except asyncio.CancelledError:  # the caller went away before the answer: the prompt was still read
             finished(prompt)
+            region.stats.unanswered_prompt(prompt)
             raise
     headers = base_headers(region)
     if not deployment.ptu:

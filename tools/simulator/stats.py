@@ -26,6 +26,9 @@ class Stats:
     delivered_in_cut: int = 0
     streams_abandoned: int = 0  # the caller went away mid-stream
     unreported: Counter[str] = field(default_factory=Counter)  # prompt + delivered tokens of answers cut or abandoned
+    # Prompts read and never answered (a timeout fault held them past the caller's patience; a caller that left before
+    # the answer): nothing billed, while a gateway that timed out charges the prompt. Kept apart from `billed`.
+    unanswered: Counter[str] = field(default_factory=Counter)
     throttled: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=5000))  # (unix time, retry-after s)
     # Provisioned deployments: (unix time a call finished, deployment, tokens it used), what utilisation is made of.
     provisioned: deque[tuple[float, str, int]] = field(default_factory=lambda: deque(maxlen=100_000))
@@ -54,6 +57,10 @@ class Stats:
         _add(self.unreported, prompt, delivered)
         _add(self.billed, prompt, delivered)
 
+    def unanswered_prompt(self, prompt: int) -> None:
+        _add(self.unanswered, prompt, 0)
+        self.unanswered["requests"] += 1
+
     def as_json(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
@@ -65,6 +72,7 @@ class Stats:
             "streams_abandoned": self.streams_abandoned,
             "unreported": {**_BLANK, **self.unreported},
             "billed": {**_BLANK, **self.billed},
+            "unanswered": {**_BLANK, "requests": 0, **self.unanswered},
             "throttled": [[round(t, 3), round(r, 3)] for t, r in self.throttled],
             "provisioned": [[round(t, 3), d, n] for t, d, n in self.provisioned],
         }
