@@ -211,6 +211,15 @@ class BodiesBusy(Refusal):
 
 
 @dataclass(eq=False)
+class ItemNotFound(Refusal):
+    """An item of an earlier response named in a create body (`item_reference`, a reasoning item by id) that this
+    consumer may not read: unknown, expired, another consumer's. One answer for all of them (404, as the service
+    answers an unknown item), so that item ids cannot be probed."""
+
+    item_id: str
+
+
+@dataclass(eq=False)
 class ResponseReadsThrottled(Refusal):
     """This consumer made this instance read stored responses' records faster than it may (no admission charges a
     read): 429 until its bucket refills."""

@@ -190,7 +190,10 @@ def test_relay_passes_every_byte_through_and_reads_created_and_usage(size: int) 
     assert out == raw
     assert relay.done and relay.status == "completed"
     assert relay.usage == TokenUsage(17, 9, 26)
-    assert relay.created == responses.Created(response["id"], "gpt-4o-2024-11-20", True, False)
+    # Its output's items are known once it is done: a stored response's items may be referenced later.
+    items = tuple(item["id"] for item in orjson.loads(raw.split(b"event: response.completed\ndata: ")[1].split(b"\n")[0])[
+        "response"]["output"])
+    assert items and relay.created == responses.Created(response["id"], "gpt-4o-2024-11-20", True, False, items)
     assert relay.created_pending and relay.model == "gpt-4o-2024-11-20"
     assert relay.events_forwarded == raw.count(b"\n\n")
 

@@ -24,6 +24,7 @@ from shared.outcomes import (
     FailureKind,
     InvalidKey,
     InvalidToken,
+    ItemNotFound,
     KeyProblem,
     LimiterUnavailable,
     MalformedAnswer,
@@ -239,6 +240,8 @@ def render(refusal: Refusal) -> GatewayError:
             )
         case ResponseNotFound(response_id=response_id):
             return not_found(f"Response with id '{response_id}' not found.", code="response_not_found")
+        case ItemNotFound(item_id=item_id):
+            return GatewayError(404, f"Item with id '{item_id[:64]}' not found.", param="input", code="item_not_found")
         case ResponseStateUnavailable(retry_after_s=seconds):
             return GatewayError(
                 503, "The gateway cannot look up where this response is stored right now; retry shortly.",

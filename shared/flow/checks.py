@@ -11,7 +11,7 @@ from shared.catalog import Catalog
 from shared.edge.consumers import Consumer
 from shared.edge.errors import GatewayError, bad_request
 from shared.edge.messages import GatewayRequest
-from shared.flow import offload
+from shared.flow import offload, responses
 from shared.flow.exchange import Checked
 from shared.flow.gates import check_capabilities
 from shared.flow.translate import (
@@ -22,7 +22,7 @@ from shared.flow.translate import (
     check_body,
     parse_body,
 )
-from shared.outcomes import DeploymentNotAllowed, DeploymentNotFound
+from shared.outcomes import DeploymentNotAllowed, DeploymentNotFound, ItemNotFound
 from shared.routing.pinning import Holder, Pinning
 
 
@@ -102,11 +102,35 @@ class Checks:
         return tuple(d for d in self._catalog.chain(name) if consumer.may_use(d))
 
     async def _pin(self, parsed: Parsed, consumer: Consumer) -> Holder | None:
-        """The backend holding the response this request continues, if it continues one."""
-        previous = parsed.body.get("previous_response_id") if parsed.route.operation is Operation.RESPONSES else None
-        if not isinstance(previous, str):
+        """The backend holding what this request continues, if it continues anything: the previous response, the
+        stored items it names (each must be this consumer's: another's answers as an unknown one), the encrypted
+        reasoning it passes back. All must be held by one backend."""
+        if parsed.route.operation is not Operation.RESPONSES:
             return None
-        holder = await self._pinning.holder(previous, consumer.id, previous=True)
+        previous = parsed.body.get("previous_response_id")
+        holders: list[Holder] = []
+        if isinstance(previous, str):
+            holders.append(await self._pinning.holder(previous, consumer.id, previous=True))
+        named = responses.references(parsed.body)
+        for item_id in named.stored:
+            found = await self._pinning.item_holder(item_id, consumer.id)
+            if found is None:
+                raise ItemNotFound(item_id)
+            holders.append(found)
+        if named.encrypted is not None and not holders:
+            # Encrypted reasoning names no stored state: unknown (made elsewhere, or before the gateway recorded such
+            # items), the request is routed as any other.
+            encrypted = await self._pinning.item_holder(named.encrypted, consumer.id)
+            if encrypted is not None:
+                holders.append(encrypted)
+        if not holders:
+            return None
+        holder = holders[0]
+        if any(h.backend.id != holder.backend.id for h in holders[1:]):
+            raise bad_request(
+                "The items this request continues are stored in different regions; one request can only continue "
+                "what one region holds.", param="input", code="items_in_different_regions",
+            )
         if not holder.backend.serves(parsed.shape.deployment):
             raise bad_request(
                 f"The deployment '{parsed.shape.deployment}' is not available in the region that stores the previous "

@@ -126,10 +126,12 @@ class Relay:
                         relay.created_pending = False
                         context_recorded = relay.done
                         await self._remember_streamed(exchange, chosen.backend, relay)
-                    yield out
                     if isinstance(relay, responses.ResponsesRelay) and relay.done and not context_recorded:
-                        context_recorded = True  # again with the usage: the context a continuation adds
+                        # Again with the usage (the context a continuation adds) and the output's items, before the
+                        # client sees the end: a request naming those items may follow at once, on any instance.
+                        context_recorded = True
                         await self._remember_streamed(exchange, chosen.backend, relay)
+                    yield out
             await self._count_for_usage(exchange, relay)
             tail = relay.flush()
             if tail:

@@ -253,6 +253,32 @@ class Created:
     model: str | None
     store: bool
     background: bool
+    # Output items a later request may name and that live only where this response was made: every item of a stored
+    # response (an `item_reference` reads it there), and the encrypted reasoning of an unstored one (only the resource
+    # that encrypted it can read it).
+    items: tuple[str, ...] = ()
+
+
+# At most this many output items of one response are recorded (each is a row): a longer output's later items cannot be
+# referenced through the gateway.
+MAX_RECORDED_ITEMS = 32
+
+
+def _pinned_items(output: Any, store: bool) -> tuple[str, ...]:
+    if not isinstance(output, list):
+        return ()
+    found: list[str] = []
+    for item in output:
+        if not isinstance(item, Mapping):
+            continue
+        item_id = item.get("id")
+        if not isinstance(item_id, str) or not RESPONSE_ID_RE.fullmatch(item_id):
+            continue
+        if store or (item.get("type") == "reasoning" and item.get("encrypted_content")):
+            found.append(item_id)
+            if len(found) == MAX_RECORDED_ITEMS:
+                break
+    return tuple(found)
 
 
 def created_from_object(obj: Any) -> Created | None:
@@ -263,12 +289,65 @@ def created_from_object(obj: Any) -> Created | None:
     if not isinstance(response_id, str) or not RESPONSE_ID_RE.fullmatch(response_id):
         return None
     model = obj.get("model")
+    store = obj.get("store") is not False
     return Created(
         response_id,
         model if isinstance(model, str) and model else None,
-        obj.get("store") is not False,
+        store,
         obj.get("background") is True,
+        _pinned_items(obj.get("output"), store),
     )
+
+
+# A request may name at most this many stored items (each is a read of the responses table).
+MAX_REFERENCES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class References:
+    """The items of earlier responses a create body names: `stored` must be this consumer's (an `item_reference`, or a
+    reasoning item the service would look up by id), `encrypted` is the id of the last encrypted reasoning item (it
+    can only be read where it was made)."""
+
+    stored: tuple[str, ...] = ()
+    encrypted: str | None = None
+
+
+def _lenient(obj: Mapping[str, Any], name: str) -> Any:
+    """A member as a lenient deserializer reads it (case, '_' and '-' ignored): the gates read names that way too."""
+    for key, value in obj.items():
+        if isinstance(key, str) and key.lower().replace("_", "").replace("-", "") == name:
+            return value
+    return None
+
+
+def references(body: Mapping[str, Any]) -> References:
+    """The earlier items a Responses create body names, in its `input` (400 past MAX_REFERENCES)."""
+    items = body.get("input")
+    if not isinstance(items, list):
+        return References()
+    stored: list[str] = []
+    encrypted: str | None = None
+    for item in items:
+        if not isinstance(item, Mapping):
+            continue
+        kind = _lenient(item, "type")
+        kind = kind.lower().replace("_", "").replace("-", "") if isinstance(kind, str) else ""
+        item_id = _lenient(item, "id")
+        if kind == "itemreference":
+            stored.append(item_id if isinstance(item_id, str) else "")
+        elif kind == "reasoning" and isinstance(item_id, str):
+            if _lenient(item, "encryptedcontent"):
+                encrypted = item_id
+            else:
+                stored.append(item_id)  # no content of its own: the service reads it from storage by its id
+    distinct = tuple(dict.fromkeys(stored))
+    if len(distinct) > MAX_REFERENCES:
+        raise bad_request(
+            f"At most {MAX_REFERENCES} stored items may be referenced in one request through this gateway.",
+            param="input", code="too_many_item_references",
+        )
+    return References(distinct, encrypted)
 
 
 def context_tokens(usage: TokenUsage | None) -> int:
@@ -352,6 +431,11 @@ class ResponsesRelay:
         self.done = True
         status = response.get("status")
         self.status = status if isinstance(status, str) else None
+        finished = created_from_object(response)
+        if finished is not None and finished.items and self.created is not None:
+            self.created = replace(self.created, items=finished.items)
+        elif finished is not None and self.created is None:
+            self.created, self.created_pending = finished, True
         usage = usage_from_object(response)
         output = response.get("output")
         for item in output if isinstance(output, list) else ():

@@ -10,13 +10,14 @@ unknown id gets.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from dataclasses import dataclass
 
 from shared.clock import Clock
 from shared.config import Backend
-from shared.flow.responses import Created, context_tokens
+from shared.flow.responses import RESPONSE_ID_RE, Created, context_tokens
 from shared.flow.usage import TokenUsage
 from shared.limits.local_rate import PerKeyRate
 from shared.outcomes import (
@@ -29,6 +30,15 @@ from shared.routing.router import Router
 from shared.storage.protocols import ResponseStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
+
+# Items of earlier responses are recorded beside the responses, under this prefix (not a character a response id can
+# hold, so no item row can be read as a response).
+ITEM_PREFIX = "item:"
+
+
+def item_key(item_id: str) -> str:
+    return ITEM_PREFIX + item_id
+
 
 # Azure OpenAI keeps stored responses for 30 days.
 RETENTION_S = 30 * 24 * 3600.0
@@ -102,7 +112,8 @@ class Pinning:
         """The refusal when the only backend that can serve a follow-up cannot serve it now."""
         backend = holder.backend
         return ResponseBackendUnavailable(
-            holder.record.response_id, backend.region, backend.id, reason, self._recovers_in(backend, deployment)
+            holder.record.response_id.removeprefix(ITEM_PREFIX), backend.region, backend.id, reason,
+            self._recovers_in(backend, deployment),
         )
 
     def _recovers_in(self, backend: Backend, deployment: str) -> int:
@@ -117,21 +128,40 @@ class Pinning:
         self, created: Created, backend: Backend, consumer_id: str, deployment: str, usage: TokenUsage | None,
         charged_until_settled: int | None = None,
     ) -> None:
-        """Record where a new stored response lives (written before the client can learn its id)."""
-        if not created.store:
-            return
-        record = StoredResponse(
-            created.response_id, backend.id, consumer_id, deployment, self._clock.now() + self._retention_s,
-            context_tokens(usage), charged_until_settled is not None, charged_until_settled or 0,
-        )
+        """Record where a new stored response lives (written before the client can learn its id), and where its items
+        live (every output item of a stored response, the encrypted reasoning of an unstored one)."""
+        expires = self._clock.now() + self._retention_s
+        writes = [self._put(StoredResponse(item_key(item), backend.id, consumer_id, deployment, expires))
+                  for item in created.items]
+        if created.store:
+            writes.append(self._put(StoredResponse(
+                created.response_id, backend.id, consumer_id, deployment, expires,
+                context_tokens(usage), charged_until_settled is not None, charged_until_settled or 0,
+            )))
+        for written, key in zip(await asyncio.gather(*writes), [*map(item_key, created.items), created.response_id],
+                                strict=False):
+            if not written:
+                self.unrecorded += 1
+                log.warning("could not record where %s is stored; requests naming it will be refused", key)
+
+    async def _put(self, record: StoredResponse) -> bool:
         for _ in range(_WRITE_TRIES):
             try:
                 await self._store.put(record)
-                return
+                return True
             except StoreUnavailable:
                 continue
-        self.unrecorded += 1
-        log.warning("could not record where response %s is stored; its follow-ups will be refused", created.response_id)
+        return False
+
+    async def item_holder(self, item_id: str, consumer_id: str) -> Holder | None:
+        """Where an item of an earlier response lives, if `consumer_id` made it; None when unknown, expired, another
+        consumer's or held by a region no longer configured (the caller answers all of these alike)."""
+        if not RESPONSE_ID_RE.fullmatch(item_id):
+            return None
+        try:
+            return await self.holder(item_key(item_id), consumer_id, previous=False)
+        except ResponseNotFound:
+            return None
 
     async def settle(self, response_id: str) -> bool:
         """Claim the settlement of an unsettled background response; True for exactly one caller, on any instance."""
