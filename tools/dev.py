@@ -90,13 +90,17 @@ def admin_key(env: dict[str, str]) -> str | None:
     return key
 
 
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="scripts/run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    root.add_argument("--port", type=int, default=7071)
+    root.add_argument("--no-simulators", action="store_true")
+    root.add_argument("--fresh", action="store_true", help="wipe the local state (.run/azurite) before starting")
+    root.add_argument("--quiet", action="store_true", help="no line per request")
+    return root
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", type=int, default=7071)
-    parser.add_argument("--no-simulators", action="store_true")
-    parser.add_argument("--fresh", action="store_true", help="wipe the local state (.run/azurite) before starting")
-    parser.add_argument("--quiet", action="store_true", help="no line per request")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
 
     settings_file = ROOT / "local.settings.json"
     if not settings_file.exists():
