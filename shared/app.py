@@ -63,6 +63,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> tuple[Serv
         fail_closed=settings.limit_fail_mode == "closed",
         instance_count=settings.instance_count,
         instance_id=instance,
+        end_users_max=settings.end_users_max,
     )
     consumers = ConsumerDirectory(
         TableConsumerStore(tables),

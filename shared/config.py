@@ -140,6 +140,7 @@ class Settings:
     gc_tuning: bool = True
     gateway_id: str = "gateway"
     lease_lifetime_s: float = 2.0
+    end_users_max: int = 20_000  # end users with limiting state on one instance at once
     entra: EntraSettings | None = None  # None: Entra ID callers are not accepted
     accept_keys: bool = True
     output_cap: bool = False  # the gateway's default for consumers whose record does not say (see Limits.output_cap)
@@ -689,6 +690,7 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         gc_tuning=_boolean(env, "GATEWAY_GC_TUNING", True),
         gateway_id=gateway_id,
         lease_lifetime_s=_number(env, "GATEWAY_LEASE_LIFETIME_S", 2.0, minimum=0.1, maximum=30),
+        end_users_max=_integer(env, "GATEWAY_END_USERS_MAX", 20_000, minimum=1, maximum=1_000_000),
         output_cap=_boolean(env, "GATEWAY_OUTPUT_CAP", False),
         timeout_replays=_integer(env, "GATEWAY_TIMEOUT_REPLAYS", 1, minimum=0, maximum=30),
         stream_settle_s=_number(env, "GATEWAY_STREAM_SETTLE_S", 5.0, minimum=0.5, maximum=60),

@@ -77,6 +77,15 @@ class DeploymentNotAllowed(Refusal):
     name: str
 
 
+@dataclass(eq=False)
+class EndUserRefused(Refusal):
+    """The request names no end user where its consumer requires one (`missing`), or one that is too long or not
+    printable text; `sources` are where the consumer looks for one."""
+
+    missing: bool
+    sources: tuple[str, ...]
+
+
 # ---- the consumer's own limits -------------------------------------------------------------------------------------
 
 

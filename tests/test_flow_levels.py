@@ -11,6 +11,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from shared.edge.consumers import UserLimits
 from tests.fakes.gateway import GatewayHarness, backend
 
 CHAT = "/v1/chat/completions"
@@ -87,3 +88,57 @@ async def test_a_teams_budget_is_spent_by_all_its_members_and_refuses_each_with_
     for key in (first, second):
         with pytest.raises(openai.PermissionDeniedError):
             await priced.openai(key).chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
+
+
+# ---- end users -------------------------------------------------------------------------------------------------------
+
+
+def chat(user: str | None = None) -> dict[str, object]:
+    return {**BODY, **({"user": user} if user is not None else {})}
+
+
+async def test_one_end_user_at_its_limit_is_refused_while_another_is_served_and_the_consumers_limit_still_holds(
+    harness: GatewayHarness,
+) -> None:
+    key = harness.consumer("chat-app", tpm=700, users=UserLimits(tokens_per_minute=250))
+    alice = [await harness.post(CHAT, key, chat("alice@example.com")) for _ in range(8)]
+    assert [a.status_code for a in alice][:2] == [200, 200] and alice[-1].status_code == 429
+    assert scope_of(alice[-1]) == "user" and "end user" in alice[-1].json()["error"]["message"]
+    assert 1 <= int(alice[-1].headers["retry-after"]) <= 61
+    assert (await harness.post(CHAT, key, chat("bob@example.com"))).status_code == 200  # bob has his own minute
+    # More end users: each within its own allowance, together stopped by the consumer's 700.
+    statuses = [(await harness.post(CHAT, key, chat(f"user-{n}"))).status_code for n in range(14)]
+    refused = [s for s in statuses if s != 200]
+    assert refused and set(refused) == {429}
+    last = await harness.post(CHAT, key, chat("someone-new"))
+    assert last.status_code == 429 and scope_of(last) == "consumer"
+    assert await harness.charged("chat-app") <= 700
+    # Table Storage holds no end-user id: the end users' ledgers are keyed by a hash.
+    assert not any("alice" in k or "bob" in k or "user-" in k.split("|")[-1] for k in harness.ledgers.ledgers)
+    assert sum(k.startswith("user|chat-app|") for k in harness.ledgers.ledgers) >= 3
+
+
+async def test_the_end_user_comes_from_the_consumers_sources_in_order_and_may_be_required(
+    harness: GatewayHarness,
+) -> None:
+    key = harness.consumer("strict", users=UserLimits(tokens_per_minute=120, sources=("header",), required=True))
+    missing = await harness.post(CHAT, key, chat("alice"))  # the body's user does not count for this consumer
+    assert missing.status_code == 400 and missing.json()["error"]["code"] == "user_required"
+    assert harness.upstream.sent == []
+    too_long = await harness.post(CHAT, key, chat(), headers={"x-gateway-user": "x" * 129})
+    assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "invalid_user"
+    carol = [await harness.post(CHAT, key, chat(), headers={"x-gateway-user": "carol"}) for _ in range(8)]
+    assert carol[0].status_code == 200
+    assert carol[-1].status_code == 429 and scope_of(carol[-1]) == "user"
+    assert (await harness.post(CHAT, key, chat(), headers={"x-gateway-user": "dave"})).status_code == 200
+
+
+async def test_embeddings_and_the_responses_api_name_their_end_user_by_the_user_field(harness: GatewayHarness) -> None:
+    key = harness.consumer("emb", users=UserLimits(tokens_per_minute=100_000, required=True))
+    response = await harness.post("/v1/embeddings", key, {"model": "text-embedding-3-small", "input": "hi", "user": "u1"})
+    assert response.status_code == 200
+    response = await harness.post("/v1/embeddings", key, {"model": "text-embedding-3-small", "input": "hi"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "user_required"
+    response = await harness.post("/v1/responses", key, {"model": "gpt-4o", "input": "hi", "user": "u1",
+                                                         "max_output_tokens": 20})
+    assert response.status_code == 200

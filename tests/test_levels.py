@@ -15,7 +15,7 @@ from shared.edge.consumers import Consumer, Limits, Team, UserLimits
 from shared.edge.errors import render
 from shared.limits.ledger import CONSUMER_SCOPE, Ledger
 from shared.limits.limiter import TokenLimiter
-from shared.limits.scopes import team_key
+from shared.limits.scopes import team_key, user_key
 from shared.outcomes import QuotaExhausted, RateLimited, Refusal
 from shared.storage.memory import MemoryLedgerStore
 from shared.telemetry.events import NullTelemetry
@@ -199,3 +199,62 @@ async def test_a_lowered_team_limit_holds_from_the_next_request_even_on_a_lease_
     assert caught.value.level == "team"
     await lim.close()
     assert await charged(store, team_key("search"), clock) == 300
+
+
+# ---- end users -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sources", "person", "body", "headers", "expected"),
+    [
+        (("entra", "field", "header"), "oid-1", {"user": "u"}, {"x-gateway-user": "h"}, "oid-1"),
+        (("entra", "field", "header"), None, {"user": "u"}, {"x-gateway-user": "h"}, "u"),
+        (("entra", "field", "header"), None, {}, {"x-gateway-user": "h"}, "h"),
+        (("header", "field"), None, {"user": "u"}, {"x-gateway-user": "h"}, "h"),
+        (("field",), "oid-1", {}, {"x-gateway-user": "h"}, None),
+        (("field",), None, {"user": ""}, {}, None),
+    ],
+)
+def test_the_end_user_is_the_first_source_that_names_one(
+    sources: tuple[str, ...], person: str | None, body: dict[str, object], headers: dict[str, str], expected: str | None
+) -> None:
+    from shared.flow.end_users import end_user
+
+    assert end_user(UserLimits(100, sources=sources), person, body, headers) == expected
+
+
+@pytest.mark.parametrize("value", ["x" * 129, "a\nb", "\x00", 42, ["u"], {"id": "u"}])
+def test_an_end_user_that_is_not_a_short_printable_id_is_refused(value: object) -> None:
+    from shared.flow.end_users import end_user
+    from shared.outcomes import EndUserRefused
+
+    with pytest.raises(EndUserRefused) as caught:
+        end_user(UserLimits(100), None, {"user": value}, {})
+    assert render(caught.value).status == 400 and not caught.value.missing
+
+
+def test_an_end_users_ledger_is_keyed_by_a_keyed_hash_of_consumer_and_id() -> None:
+    from shared.flow.end_users import ledger_id
+
+    one = ledger_id("app", "alice@example.com", b"k" * 16)
+    assert len(one) == 32 and "alice" not in one
+    assert one == ledger_id("app", "alice@example.com", b"k" * 16)
+    assert one != ledger_id("other", "alice@example.com", b"k" * 16)  # another consumer's alice is another person
+    assert one != ledger_id("app", "alice@example.com", b"j" * 16)
+
+
+async def test_end_users_on_an_instance_are_bounded_and_forgotten_when_idle() -> None:
+    store, clock = MemoryLedgerStore(), FakeClock()
+    lim = TokenLimiter(store, clock, NullTelemetry(), background=False, end_users_max=3)
+    c = member("app", users=UserLimits(tokens_per_minute=1000))
+    for n in range(3):
+        (await lim.admit(c, DEPLOYMENT, 10, user=f"u{n}")).settle(10)
+    with pytest.raises(RateLimited) as caught:
+        await lim.admit(c, DEPLOYMENT, 10, user="u3")
+    assert caught.value.level == "user" and render(caught.value).headers["retry-after"] == "60"
+    (await lim.admit(c, DEPLOYMENT, 10, user="u1")).settle(10)  # one already held is served
+    for _ in range(80):  # a minute and more without requests: the idle ones are forgotten
+        clock.advance(1)
+        await lim.tick()
+    (await lim.admit(c, DEPLOYMENT, 10, user="u3")).settle(10)
+    assert await charged(store, user_key("app", "u0"), clock) == 0  # left the window

@@ -54,7 +54,9 @@ class Principal:
     groups: tuple[str, ...]
     expires: float
     user_id: str = ""
-    home: bool = False  # the token is from the first allowed tenant, where mappings that name no tenant apply
+    home: bool = False
+    # A person signed in (a delegated token: it carries scopes, or idtyp "user"), not an application on its own.
+    person: bool = False  # the token is from the first allowed tenant, where mappings that name no tenant apply
 
     def identifiers(self) -> list[tuple[str, ...]]:
         """Consumer mapping keys, most specific first: the object, the application, then its roles and groups.
@@ -301,6 +303,7 @@ class TokenValidator:
             expires=float(claims["exp"]),
             user_id=str(claims.get(user_claim, ""))[:128] if user_claim else "",
             home=tenant == self._home,
+            person=bool(scopes) or claims.get("idtyp") == "user",
         )
 
 

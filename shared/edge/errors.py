@@ -21,6 +21,7 @@ from shared.outcomes import (
     ConsumerDisabled,
     DeploymentNotAllowed,
     DeploymentNotFound,
+    EndUserRefused,
     FailureKind,
     InvalidKey,
     InvalidToken,
@@ -107,6 +108,12 @@ _WHOSE = {"team": "This key's team", "user": "This end user", "deployment": "Thi
 _WHOSE_QUOTA = {"team": "This key's team's", "user": "This end user's"}
 
 
+def _END_USER_SOURCES(sources: tuple[str, ...]) -> str:  # noqa: N802 - reads as a phrase where it is used
+    names = {"entra": "the signed-in person of an Entra ID token", "field": "the body's `user` field",
+             "header": "the x-gateway-user header"}
+    return ", else ".join(names[s] for s in sources if s in names)
+
+
 def _scope(level: str) -> dict[str, str]:
     return {"x-gateway-limit-scope": level or "consumer"}
 
@@ -144,6 +151,16 @@ def render(refusal: Refusal) -> GatewayError:
                 f"The deployment '{name}' does not exist or this key may not use it; "
                 "GET /v1/models lists the deployments this key may use.",
                 code="DeploymentNotFound",
+            )
+        case EndUserRefused(missing=True, sources=sources):
+            return bad_request(
+                "This key requires an end user for every request: " + _END_USER_SOURCES(sources) + ".",
+                param="user", code="user_required",
+            )
+        case EndUserRefused(sources=sources):
+            return bad_request(
+                "The end user must be printable text of at least 1 and at most 128 characters (from "
+                + _END_USER_SOURCES(sources) + ").", param="user", code="invalid_user",
             )
         case DeploymentNotAllowed(name=name):
             return forbidden(f"This key may not use the deployment '{name}'.", code="deployment_not_allowed")

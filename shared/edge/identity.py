@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 class Caller:
     consumer: Consumer
     user_id: str | None = None  # from the token's configured claim; None: the User ID header applies
+    person: str | None = None  # the object id of the person an Entra ID token speaks for (not an application's)
 
 
 class Identifier:
@@ -57,7 +58,8 @@ class Identifier:
                      principal.app_id, principal.object_id, principal.tenant, reason)
             self._telemetry.auth_refused(reason)
             raise self._refused(client, InvalidToken(reason))
-        return Caller(consumer, principal.user_id or None)
+        return Caller(consumer, principal.user_id or None,
+                      principal.object_id if principal.person and principal.object_id else None)
 
     def _refused(self, client: str, refusal: InvalidToken) -> Exception:
         """A token that admits no one counts against its address like a made-up key: past the address's budget of

@@ -9,6 +9,7 @@ from shared.config import Settings
 from shared.edge.consumers import Consumer
 from shared.edge.messages import GatewayRequest
 from shared.flow import offload, tokens
+from shared.flow.end_users import end_user, ledger_id
 from shared.flow.exchange import Checked, Exchange, count_prompt, prompt_bound
 from shared.flow.translate import CallShape, Operation
 from shared.limits.contract import Limiter, Ticket
@@ -26,26 +27,39 @@ class Admission:
         self._output_cap = settings.output_cap
         self._admit_on_bound = settings.admit_on_bound
         self._user_id_header = settings.user_id_header
+        self._user_key = (settings.user_id_hash_key or "").encode()
         self._limiter = limiter
 
     async def admit(
-        self, request: GatewayRequest, checked: Checked, started: float, trace: Trace, user_id: str | None = None
+        self, request: GatewayRequest, checked: Checked, started: float, trace: Trace, user_id: str | None = None,
+        person: str | None = None,
     ) -> Exchange:
-        """Reserve the request's largest possible cost, or raise the limiter's refusal (RateLimited, QuotaExhausted,
-        NeverAdmissible, ...). The prompt is estimated only for a consumer with limits. `user_id` is the caller's from
-        its token, when the settings take it from a claim; else the User ID header's."""
+        """Reserve the request's largest possible cost at every level it belongs to, or raise the limiter's refusal
+        (RateLimited, QuotaExhausted, NeverAdmissible, ...). The prompt is estimated only for a consumer with limits.
+        `user_id` is the caller's from its token, when the settings take it from a claim; else the User ID header's.
+        `person`: the object id of the person an Entra ID token speaks for. Where the consumer limits its end users,
+        the end user (end_users.py) is admitted against its own level and is the request's user id in metrics."""
+        consumer = checked.consumer
         deployment = checked.shape.deployment
+        user = None
+        named = None
+        if consumer.users.limited or consumer.users.required:
+            named = end_user(consumer.users, person, checked.body, request.headers)
+            if named is not None:
+                user = ledger_id(consumer.id, named, self._user_key)
         prompt: int | None = None
         counted = True
         floor: int | None = None
         reserve = 0
-        if self._limiter.needs_estimate(checked.consumer, deployment):
-            prompt, counted, floor = await self._estimate(request, checked)
-            capped = self._capped(checked.route.operation, checked.consumer, checked.shape, prompt)
+        if self._limiter.needs_estimate(consumer, deployment, user):
+            prompt, counted, floor = await self._estimate(request, checked, user)
+            capped = self._capped(checked.route.operation, consumer, checked.shape, prompt)
             if capped is not checked.shape:
                 checked = replace(checked, shape=capped)
             reserve = prompt + self._completion(checked)
-        ticket = await self._limiter.admit(checked.consumer, deployment, reserve)
+        ticket = await self._limiter.admit(consumer, deployment, reserve, user)
+        if named is not None:
+            user_id = named
         return Exchange(
             request=request,
             checked=checked,
@@ -57,6 +71,7 @@ class Admission:
             prompt_estimate=prompt if counted else None,
             prompt_bound=None if counted else prompt,
             prompt_floor=floor,
+            end_user=user,
         )
 
     async def readmit(self, exchange: Exchange, checked: Checked) -> tuple[Ticket, int, Checked]:
@@ -66,7 +81,7 @@ class Admission:
         books"."""
         reserve = 0
         deployment = checked.shape.deployment
-        if self._limiter.needs_estimate(checked.consumer, deployment):
+        if self._limiter.needs_estimate(checked.consumer, deployment, exchange.end_user):
             if exchange.prompt_estimate is not None:
                 prompt = exchange.prompt_estimate
             elif exchange.prompt_bound is not None:
@@ -77,7 +92,7 @@ class Admission:
             if capped is not checked.shape:
                 checked = replace(checked, shape=capped)
             reserve = prompt + self._completion(checked)
-        ticket = await self._limiter.admit(checked.consumer, deployment, reserve)
+        ticket = await self._limiter.admit(checked.consumer, deployment, reserve, exchange.end_user)
         return ticket, reserve, checked
 
     def _completion(self, checked: Checked) -> int:
@@ -86,7 +101,9 @@ class Admission:
             return 0
         return checked.shape.choices * (checked.shape.max_tokens or self._default_max_tokens)
 
-    async def _estimate(self, request: GatewayRequest, checked: Checked) -> tuple[int, bool, int | None]:
+    async def _estimate(
+        self, request: GatewayRequest, checked: Checked, user: str | None
+    ) -> tuple[int, bool, int | None]:
         """The prompt's tokens for admission, whether they were counted (else bounded from above), and for a large
         body its free lower bound (kept for the charges made while it streams, Exchange.prompt_spent).
 
@@ -102,10 +119,10 @@ class Admission:
             return count_prompt(checked), True, None
         consumer, deployment = checked.consumer, checked.shape.deployment
         floor = await offload.run(partial(tokens.prompt_lower_bound, checked.body))
-        self._limiter.precheck(consumer, deployment, floor)
+        self._limiter.precheck(consumer, deployment, floor, user)
         if self._admit_on_bound:
             bound = await offload.run(partial(prompt_bound, checked))
-            room = self._limiter.room(consumer, deployment)
+            room = self._limiter.room(consumer, deployment, user)
             if room is None or (bound + self._completion(checked)) * BOUND_ROOM_FACTOR <= room:
                 return bound, False, floor
         return await offload.count(partial(count_prompt, checked)), True, floor

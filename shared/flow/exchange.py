@@ -90,6 +90,7 @@ class Exchange:
     ticket: Ticket
     reserve: int
     prompt_estimate: int | None = None  # the prompt as counted: at admission, or when first needed
+    end_user: str | None = None  # the end user's ledger id (shared/flow/end_users.py), when its consumer limits them
     prompt_bound: int | None = None  # admitted on this upper bound of the prompt instead, uncounted (shared/flow/admission.py)
     prompt_floor: int | None = None  # a large body's lower bound, walked off the event loop at admission
     lost: list[LostAttempt] = field(default_factory=list)

@@ -104,7 +104,7 @@ class Gateway:
             parsed = await self.checks.parse(request, route)
             deployment = parsed.shape.deployment
             checked = await self.checks.allow(parsed, consumer)
-            exchange = await self.admission.admit(request, checked, started, trace, caller.user_id)
+            exchange = await self.admission.admit(request, checked, started, trace, caller.user_id, caller.person)
             try:
                 chosen = await self.failover.dispatch(exchange)
             except BaseException:

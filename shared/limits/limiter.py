@@ -47,7 +47,7 @@ from shared.limits.ledger import (
 )
 from shared.limits.ledger_copy import Contended, LedgerCopy
 from shared.limits.pacing import Pacing
-from shared.limits.scopes import CONSUMER, Level, Scopes, is_limited, level_name, levels_for, scopes_for
+from shared.limits.scopes import CONSUMER, USER, Level, Scopes, is_limited, level_name, levels_for, scopes_for
 from shared.outcomes import NeverAdmissible, QuotaExhausted, RateLimited
 from shared.storage.memory import MemoryLedgerStore as MemoryLedgerStore  # the store's twin, for existing callers
 from shared.storage.protocols import LedgerStore, StoreUnavailable
@@ -197,6 +197,7 @@ class TokenLimiter:
         max_lease_fraction: float = 0.1,
         store_retry_s: float = 1.0,
         background: bool = True,
+        end_users_max: int = 20_000,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -208,6 +209,8 @@ class TokenLimiter:
         self._max_fraction = max_lease_fraction
         self._store_retry_s = store_retry_s
         self._budgets: dict[str, Budget] = {}
+        self._end_users_max = end_users_max
+        self._end_users = 0  # budgets of end users held here: bounded, an end user is a client's word
         self._lease_seq = 0
         self._ticker: asyncio.Task[None] | None = None
         self._background = background
@@ -275,6 +278,12 @@ class TokenLimiter:
         scopes = level.scopes
         budget = self._budgets.get(level.key)
         if budget is None:
+            if level.kind == USER:
+                if self._end_users >= self._end_users_max:
+                    # End users are named by clients: their number on an instance is bounded. A new one waits until
+                    # idle ones are forgotten (a minute without requests).
+                    raise refusals.rate_limited(max(level.scopes.limits.values(), default=0), WINDOW_MS)
+                self._end_users += 1
             budget = self._budgets[level.key] = Budget(level.key, level.kind)
             self._start_ticker()
         budget.note(scopes, reserve, self._clock.monotonic())
@@ -386,7 +395,10 @@ class TokenLimiter:
             return
         # A request can outlive its consumer's state here (forgotten after a minute without admissions): its usage
         # goes to the consumer's current state, registered again if need be, so it is written, never dropped.
-        budget = self._budgets.setdefault(ticket._budget.consumer_id, ticket._budget)
+        budget = self._budgets.get(ticket._budget.consumer_id)
+        if budget is None:
+            budget = self._budgets[ticket._budget.consumer_id] = ticket._budget
+            self._end_users += budget.kind == USER
         if budget is not ticket._budget:
             ticket._budget, ticket._lease = budget, None
         mono = self._clock.monotonic()
@@ -584,6 +596,7 @@ class TokenLimiter:
                 if (lease is None and idle and mono - budget.pace.last_admit_mono > WINDOW_MS / 1000
                         and not held.pending and held.closing is None):
                     del self._budgets[consumer_id]
+                    self._end_users -= budget.kind == USER
                 continue
             if budget.fallback.active(now) or self._store_down_until > now:
                 continue
