@@ -19,7 +19,7 @@ from shared.outcomes import BodiesBusy
 
 STRUCT_BYTES = 128  # measured at most ~100 bytes per JSON value (a dict with its keys, a str, an int); room to spare
 FIXED_BYTES = 4096  # the outermost objects' own headers
-WAIT_S = 10.0
+WAIT_S = 30.0
 
 
 def estimate(raw: bytes) -> int:
