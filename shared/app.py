@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from starlette.requests import Request
 from starlette.responses import Response
 
+from shared.cache.layer import AnswerCache
 from shared.clock import Clock, SystemClock
 from shared.config import Settings, load_settings
 from shared.edge.consumers import ConsumerDirectory
@@ -27,6 +28,7 @@ from shared.limits.budget import BudgetBook, BudgetedLimiter, SpendingTelemetry
 from shared.limits.limiter import TokenLimiter
 from shared.routing.provisioned import ProvisionedCapacity
 from shared.routing.router import Router
+from shared.storage.blobs import BlobAnswerStore
 from shared.storage.responses import TableResponseStore
 from shared.storage.tables import (
     TableBreakerStore,
@@ -90,6 +92,10 @@ def build_services(settings: Settings, clock: Clock | None = None) -> tuple[Serv
         telemetry=telemetry,
         usage=UsageRecorder(TableUsageStore(tables), clock, instance_id=instance, flush_s=settings.usage_flush_s),
         responses=TableResponseStore(tables),
+        cache=AnswerCache(
+            BlobAnswerStore.from_settings(settings), clock, memory_bytes=settings.cache_memory_bytes,
+            max_entry_bytes=settings.cache_max_entry_bytes,
+        ),
     )
     return services, tables
 
@@ -144,7 +150,8 @@ class Edge:
         if services is None or self._closed:
             return
         self._closed = True
-        for closer in (services.limiter, services.usage, services.router, services.upstream, services.responses, services.identity):
+        for closer in (services.limiter, services.usage, services.router, services.upstream, services.responses, services.identity,
+                       services.cache):
             close = getattr(closer, "close", None)
             if close is not None:
                 try:

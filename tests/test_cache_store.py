@@ -36,7 +36,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[AnswerStore]:
     azurite = request.getfixturevalue("azurite")
     connection = stack.table_connection_string(azurite.port)
     assert "BlobEndpoint=" in connection or connection == stack.DEVSTORE_CONNECTION
-    blobs = BlobAnswerStore(BlobServiceClient.from_connection_string(connection, retry_total=0),
+    blobs = BlobAnswerStore(lambda: BlobServiceClient.from_connection_string(connection, retry_total=0),
                             f"contract{next(_containers)}x{id(request) % 10_000}", timeout_s=10)
     try:
         yield blobs
@@ -68,7 +68,7 @@ async def test_many_entries_written_at_once_all_read_back(store: AnswerStore) ->
 async def test_a_blob_service_that_does_not_answer_is_unavailable() -> None:
     port = stack.free_port()  # nothing listens there
     connection = stack.table_connection_string(stack.free_port(), blob_port=port)
-    blobs = BlobAnswerStore(BlobServiceClient.from_connection_string(connection, retry_total=0), "x-cache", 0.5)
+    blobs = BlobAnswerStore(lambda: BlobServiceClient.from_connection_string(connection, retry_total=0), "x-cache", 0.5)
     try:
         with pytest.raises(StoreUnavailable):
             await blobs.get("0" * 64)

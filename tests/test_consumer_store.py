@@ -13,6 +13,7 @@ import pytest
 from azure.data.tables import UpdateMode
 
 from shared.admin.cli import Admin, parser
+from shared.cache.policy import CachePolicy
 from shared.config import load_settings
 from shared.edge.consumers import Consumer, Limits, Team, UserLimits, hash_key, key_prefix, new_key, rotated
 from shared.storage.tables import (
@@ -52,18 +53,29 @@ def consumer(consumer_id: str = "team-a", **changes: Any) -> tuple[Consumer, str
 def test_a_record_round_trips() -> None:
     c, _ = consumer(capabilities=frozenset({"data_sources"}))
     assert consumer_from_entity(consumer_to_entity(c)) == c
+    cached, _ = consumer(cache=CachePolicy(enabled=True, ttl_s=120, scope="gateway", tools=True))
+    assert consumer_from_entity(consumer_to_entity(cached)) == cached
     c, _ = consumer(team="search", users=UserLimits(300, 5000, "daily", ("header",), True))
     assert consumer_from_entity(consumer_to_entity(c)) == c
     team = Team("search", "Search", Limits(1000, {}, 5000, "daily", 20.0, "monthly"), frozenset({"gpt-4o"}), "high", 3)
     assert team_from_entity(team_to_entity(team)) == team
     strict, _ = consumer(fallback=False)
     assert consumer_from_entity(consumer_to_entity(strict)).fallback is False
+    cached_team = Team("cached", "Cached", cache=CachePolicy(enabled=True, ttl_s=60, scope="team"))
+    assert team_from_entity(team_to_entity(cached_team)) == cached_team
 
 
 def test_a_record_from_before_fallbacks_falls_back_as_the_gateway_does() -> None:
     entity = consumer_to_entity(consumer()[0])
     del entity["fallback"]
     assert consumer_from_entity(entity).fallback is True
+
+
+def test_a_record_written_before_the_cache_has_it_off() -> None:
+    entity = consumer_to_entity(consumer()[0])
+    for name in ("cache", "cache_ttl_s", "cache_scope", "cache_tools"):
+        del entity[name]
+    assert consumer_from_entity(entity).cache == CachePolicy()
 
 
 def test_a_row_written_before_teams_and_end_users_reads_as_neither() -> None:
@@ -139,6 +151,12 @@ async def test_teams_are_stored_beside_the_consumers_and_a_bad_row_is_left_out(
         ({"fallback": "never"}, "fallback"),
         ({"fallback": False}, "fallback"),
         ({"RowKey": "Team A\n"}, "RowKey"),
+        ({"cache": "yes"}, "cache"),
+        ({"cache": "on", "cache_ttl_s": 0}, "cache_ttl_s"),
+        ({"cache": "on", "cache_ttl_s": 86_401}, "cache_ttl_s"),
+        ({"cache": "on", "cache_ttl_s": "60"}, "cache_ttl_s"),
+        ({"cache": "on", "cache_scope": "everyone"}, "cache_scope"),
+        ({"cache": "on", "cache_tools": "true"}, "cache_tools"),
     ],
 )
 def test_a_bad_record_is_refused_never_widened(change: dict[str, Any], problem: str) -> None:

@@ -387,3 +387,25 @@ def test_tool_calls_are_a_metric_by_tool_and_a_cost_and_in_the_request_log() -> 
     assert sum(v for v, _ in metrics[names.COST]) == pytest.approx(0.03)
     measurements = log_records()[-1]["microsoft.custom_measurements"]
     assert measurements["Tool Calls web_search"] == 3 and measurements["Cost"] == pytest.approx(0.03)
+def test_a_cache_hit_is_logged_and_counted_as_cached_with_the_tokens_it_saved_and_its_own_price() -> None:
+    prices = '{"deployments": {"gpt-4o": {"input": 2.5, "output": 10, "cache_hit": 0.5}}}'
+    sink, reader, _ = telemetry(GATEWAY_PRICES=prices)
+    hit = record(usage=None, saved=TokenUsage(100, 20, 120), cache="hit", backend_id="", region="", ptu=False,
+                 ttft_ms=None, attempts=0)
+    sink.request_done(hit)
+    sink.cache_used(hit)
+    miss = record(ptu=False, cache="miss")
+    sink.request_done(miss)
+    sink.cache_used(miss)
+    sink.request_done(record(ptu=False))  # a consumer without the cache
+    logged, missed, plain = log_records()
+    assert logged["Cache"] == "hit" and missed["Cache"] == "miss" and plain["Cache"] == "off"
+    assert logged["microsoft.custom_measurements"]["Tokens Saved"] == 120
+    assert logged["microsoft.custom_measurements"]["Cost"] == pytest.approx(120 * 0.5 / 1e6)
+    assert "Total Tokens" not in logged["microsoft.custom_measurements"]
+    metrics = collect(reader)
+    assert sorted((v, d["Cache"]) for v, d in metrics[names.CACHE_REQUESTS]) == [(1, "hit"), (1, "miss")]
+    assert metrics[names.TOKENS_SAVED] == [(120, {"Subscription ID": "team-a", "Deployment": "gpt-4o"})]
+    assert sum(v for v, _ in metrics[names.COST]) == pytest.approx(
+        sum(r["microsoft.custom_measurements"]["Cost"] for r in log_records()))
+    assert sum(v for v, _ in metrics[names.TOTAL_TOKENS]) == 240  # the hit emitted no tokens

@@ -126,6 +126,10 @@ class AnswerCache:
         if old is not None:
             self.memory_used -= old.size
 
+    def clear_memory(self) -> None:
+        self._memory.clear()
+        self.memory_used = 0
+
     @property
     def entries(self) -> int:
         return len(self._memory)

@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from shared.cache.policy import OFF, CachePolicy
 from shared.clock import Clock
 from shared.edge.entra import Principal, PrincipalIndex
 from shared.edge.keyguard import FailureThrottle, LookupBudget, UnknownKeys
@@ -95,6 +96,7 @@ class Team:
     deployments: frozenset[str] | None = None  # None: every deployment
     priority: str = "normal"
     version: int = 0
+    cache: CachePolicy = OFF  # the response cache for every member whose own record does not turn it on
 
 
 def narrower_priority(a: str, b: str) -> str:
@@ -122,9 +124,17 @@ class Consumer:
     # The team's record as the directory resolved it (not stored with the consumer); `deployments` and `priority` of a
     # resolved consumer are already narrowed to the team's.
     team_record: Team | None = field(default=None, compare=False)
+    cache: CachePolicy = OFF  # the response cache (docs/cache.md): off unless the admin command turns it on
 
     def may_use(self, deployment: str) -> bool:
         return self.deployments is None or deployment in self.deployments
+
+    @property
+    def cache_policy(self) -> CachePolicy:
+        """The response cache for this consumer: its own policy when it turns the cache on, else its team's."""
+        if self.cache.enabled or self.team_record is None:
+            return self.cache
+        return self.team_record.cache
 
 
 def with_team(consumer: Consumer, teams: Mapping[str, Team]) -> Consumer:

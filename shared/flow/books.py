@@ -47,7 +47,16 @@ class Books:
         record = self._record(exchange, served.backend, served.status, served.usage, served.model, served.attempts,
                               served.ttft_ms)
         self._telemetry.request_done(record, exchange.trace)
+        if record.cache:
+            self._telemetry.cache_used(record)
         return spent
+
+    def hit(self, record: RequestRecord, trace: Trace) -> None:
+        """An answer the response cache served: no backend tokens (nothing charged to the limiter), the request and
+        the tokens it saved in the usage rows, the request log and the metrics."""
+        self._usage.record(record.consumer_id, record.deployment, None, saved=record.saved)
+        self._telemetry.request_done(record, trace)
+        self._telemetry.cache_used(record)
 
     def hold(self, exchange: Exchange, served: Served, held: int) -> int:
         """A background response answered `queued`, without usage: its estimate (`held`) holds the consumer's limit
@@ -151,4 +160,5 @@ class Books:
             requested=exchange.checked.requested,
             step=exchange.step,
             team=exchange.consumer.team or "",
+            cache=exchange.cache.state if exchange.cache is not None else "",
         )

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from shared.cache.layer import AnswerCache
+from shared.cache.lookup import Lookup
 from shared.clock import Clock
 from shared.config import Backend, Settings
 from shared.edge.consumers import Consumer, ConsumerDirectory
@@ -44,6 +46,7 @@ class Services:
     telemetry: Telemetry
     usage: UsageRecorder
     responses: ResponseStore = field(default_factory=MemoryResponseStore)  # where stored responses live
+    cache: AnswerCache | None = None  # the response cache's layers (None: no consumer can use it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +113,7 @@ class Exchange:
         self.lost = []
         self.asked = {}
         self.timeouts_before = self.timeouts
+    cache: Lookup | None = None  # what the response cache said (None: not in play for this consumer)
 
     @property
     def route(self) -> Route:

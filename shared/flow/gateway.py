@@ -27,6 +27,7 @@ from shared.flow import bodies, offload
 from shared.flow.admission import Admission
 from shared.flow.bodies import BodyBudget, Held
 from shared.flow.books import Books
+from shared.flow.cache import ResponseCache, hit_user_id
 from shared.flow.checks import Checks
 from shared.flow.exchange import Services as Services
 from shared.flow.failover import Failover
@@ -57,7 +58,9 @@ class Gateway:
             services.settings, services.clock, services.router, services.upstream, services.auth, services.telemetry,
             self.pinning, self.admission, self.books,
         )
-        self.relay = Relay(services.clock, self.books, self.pinning, services.settings)
+        self.cache = ResponseCache(services.cache, services.clock, self.books,
+                                   seed_deterministic=services.settings.cache_seed)
+        self.relay = Relay(services.clock, self.books, self.pinning, services.settings, self.cache)
         # Imported here: the follow-up flow is built on the exchange's services.
         from shared.flow.followups import FollowUps
 
@@ -104,7 +107,12 @@ class Gateway:
             parsed = await self.checks.parse(request, route)
             deployment = parsed.shape.deployment
             checked = await self.checks.allow(parsed, consumer)
+            lookup = await self.cache.look_up(request, checked)
+            if lookup is not None and lookup.answer is not None:
+                user_id = hit_user_id(request, checked, caller.user_id, caller.person, self.s.settings.user_id_header)
+                return self.cache.answer(lookup, request, checked, started, trace, user_id)
             exchange = await self.admission.admit(request, checked, started, trace, caller.user_id, caller.person)
+            exchange.cache = lookup
             try:
                 chosen = await self.failover.dispatch(exchange)
             except BaseException:

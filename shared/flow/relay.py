@@ -20,6 +20,7 @@ from shared.edge.messages import GatewayResponse
 from shared.flow import responses, tokens
 from shared.flow.backend_api import api_of
 from shared.flow.books import Books
+from shared.flow.cache import ResponseCache, cache_headers
 from shared.flow.exchange import Chosen, Exchange, Served
 from shared.flow.translate import FORWARDED_RESPONSE_HEADERS, Operation
 from shared.flow.upstream import Answer, UpstreamBroken
@@ -32,7 +33,10 @@ SSE = "text/event-stream"
 
 
 class Relay:
-    def __init__(self, clock: Clock, books: Books, pinning: Pinning, settings: Settings) -> None:
+    def __init__(
+        self, clock: Clock, books: Books, pinning: Pinning, settings: Settings, cache: ResponseCache | None = None
+    ) -> None:
+        self._cache = cache
         self._clock = clock
         self._books = books
         self._pinning = pinning
@@ -51,6 +55,7 @@ class Relay:
         headers["x-gateway-attempts"] = str(chosen.attempts)
         headers.setdefault("x-ms-region", chosen.backend.region)
         headers.update(exchange.ticket.headers)
+        headers.update(cache_headers(exchange.cache))
         return headers
 
     async def _whole(self, exchange: Exchange, chosen: Chosen) -> GatewayResponse:
@@ -83,6 +88,8 @@ class Relay:
         spent = self._books.settle(exchange, Served(chosen.backend, status, usage, model, chosen.attempts))
         headers["x-gateway-tokens-consumed"] = str(spent)
         headers.update(exchange.ticket.headers)
+        if status == 200 and self._cache is not None:
+            self._cache.keep(exchange, raw, usage, model)
         return GatewayResponse(status, headers, raw)
 
     def _stream(self, exchange: Exchange, chosen: Chosen) -> GatewayResponse:
@@ -102,6 +109,7 @@ class Relay:
                 prompt_tokens=exchange.prompt_tokens,
             )
         )
+        assembler = self._cache.assembler(exchange) if self._cache is not None else None
         first_at: float | None = None
         clean = False
         abandoned = False
@@ -112,6 +120,8 @@ class Relay:
             while chunk := await upstream.next_chunk():
                 if exchange.prompt_estimate is None and isinstance(relay, SseRelay) and relay.would_count_usage(chunk):
                     await exchange.counted_prompt()  # the usage chunk the gateway is about to write needs it
+                if assembler is not None:
+                    assembler.feed(chunk)
                 out = relay.feed(chunk)
                 if next_settle is not None and self._clock.monotonic() >= next_settle:
                     delivered = relay.delivered_completion_tokens(encoding)
@@ -169,6 +179,8 @@ class Relay:
                 usage = TokenUsage(prompt, completion, prompt + completion, reported=False, tools=tools)
             ttft = None if first_at is None else (first_at - exchange.started) * 1000
             self._books.settle(exchange, Served(chosen.backend, 200, usage, relay.model, chosen.attempts, ttft))
+            if clean and assembler is not None and self._cache is not None and (whole := assembler.answer()):
+                self._cache.keep(exchange, whole, relay.usage, relay.model)
             if cancelled is not None:
                 raise cancelled
 

@@ -135,7 +135,7 @@ class BudgetBook:
                     if a and (p := self._periods.get(a)) is not None]
         if not accounts:
             return
-        nanos = round(self.prices.cost(record.deployment, record.ptu, record.usage) * NANOS)
+        nanos = round(self.prices.cost(record.deployment, record.ptu, record.usage, record.saved) * NANOS)
         if nanos <= 0:
             return
         for account_id, period in accounts:
@@ -247,3 +247,6 @@ class SpendingTelemetry:
 
     def auth_refused(self, reason: str) -> None:
         self._inner.auth_refused(reason)
+
+    def cache_used(self, record: RequestRecord) -> None:
+        self._inner.cache_used(record)

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
-from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 
 from shared.config import Settings
 from shared.storage.protocols import StoreUnavailable
+
+if TYPE_CHECKING:  # the Blob SDK loads cryptography (~9 MB a worker): only once a consumer with the cache calls
+    from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +36,23 @@ def names_blob_service(connection_string: str) -> bool:
 
 
 class BlobAnswerStore:
-    def __init__(self, service: BlobServiceClient, container: str, timeout_s: float) -> None:
-        self._service = service
-        self._container: ContainerClient = service.get_container_client(container)
+    def __init__(self, connect: Callable[[], BlobServiceClient], container: str, timeout_s: float) -> None:
+        self._connect = connect
+        self._container_name = container
+        self._service: BlobServiceClient | None = None
+        self._client: ContainerClient | None = None
         self.timeout_s = timeout_s
         self._ready = False
         self.reads = 0
         self.writes = 0
+
+    @property
+    def _container(self) -> ContainerClient:
+        """The client, made at the first call (not when the worker starts: most gateways may never need it)."""
+        if self._client is None:
+            self._service = self._connect()
+            self._client = self._service.get_container_client(self._container_name)
+        return self._client
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BlobAnswerStore | None:
@@ -51,14 +64,25 @@ class BlobAnswerStore:
             if not names_blob_service(connection):
                 log.warning("the storage connection string names no Blob endpoint: cache entries stay in memory")
                 return None
-            return cls(BlobServiceClient.from_connection_string(connection, **options), container, settings.store_timeout_s)
-        if settings.blob_endpoint is None:
-            return None
-        from azure.identity.aio import DefaultAzureCredential
 
-        credential = DefaultAzureCredential(managed_identity_client_id=settings.managed_identity_client_id)
-        return cls(BlobServiceClient(settings.blob_endpoint, credential=credential, **options), container,
-                   settings.store_timeout_s)
+            def by_key() -> BlobServiceClient:
+                from azure.storage.blob.aio import BlobServiceClient
+
+                return BlobServiceClient.from_connection_string(connection, **options)
+
+            return cls(by_key, container, settings.store_timeout_s)
+        endpoint = settings.blob_endpoint
+        if endpoint is None:
+            return None
+
+        def by_identity() -> BlobServiceClient:
+            from azure.identity.aio import DefaultAzureCredential
+            from azure.storage.blob.aio import BlobServiceClient
+
+            credential = DefaultAzureCredential(managed_identity_client_id=settings.managed_identity_client_id)
+            return BlobServiceClient(endpoint, credential=credential, **options)
+
+        return cls(by_identity, container, settings.store_timeout_s)
 
     async def _ensure(self) -> None:
         if self._ready:
@@ -68,7 +92,7 @@ class BlobAnswerStore:
         except ResourceExistsError:
             pass
         except (TimeoutError, AzureError, OSError) as exc:
-            raise StoreUnavailable(f"container {self._container.container_name}: {type(exc).__name__}") from None
+            raise StoreUnavailable(f"container {self._container_name}: {type(exc).__name__}") from None
         self._ready = True
 
     async def get(self, key: str) -> bytes | None:
@@ -99,5 +123,7 @@ class BlobAnswerStore:
             raise StoreUnavailable(f"blob write: {type(exc).__name__}") from None
 
     async def close(self) -> None:
-        await self._container.close()
-        await self._service.close()
+        if self._client is not None:
+            await self._client.close()
+        if self._service is not None:
+            await self._service.close()

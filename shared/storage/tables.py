@@ -23,6 +23,7 @@ from azure.core.exceptions import (
 from azure.data.tables import EntityProperty, TableTransactionError, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
 
+from shared.cache.policy import MAX_TTL_S, SCOPES, CachePolicy
 from shared.config import DEPLOYMENT_NAME, Settings
 from shared.edge.consumers import (
     CAPABILITIES,
@@ -165,7 +166,32 @@ def consumer_to_entity(consumer: Consumer) -> dict[str, Any]:
         "user_sources": ",".join(consumer.users.sources),
         "user_required": consumer.users.required,
         "fallback": "on" if consumer.fallback else "off",
+        **_cache_fields(consumer.cache),
     }
+
+
+def _cache_fields(policy: CachePolicy) -> dict[str, Any]:
+    return {"cache": "on" if policy.enabled else "", "cache_ttl_s": policy.ttl_s, "cache_scope": policy.scope,
+            "cache_tools": policy.tools}
+
+
+def _cache_policy(entity: dict[str, Any]) -> CachePolicy:
+    """A row written before the cache existed has none of these: the cache is off for it."""
+    enabled = entity.get("cache") or ""
+    if enabled not in ("", "on"):
+        raise BadConsumerRecord(f"cache: expected on or nothing, got {enabled!r}")
+    if "cache_ttl_s" not in entity:
+        return CachePolicy()
+    ttl = _count(entity, "cache_ttl_s")
+    if not 1 <= ttl <= MAX_TTL_S:
+        raise BadConsumerRecord(f"cache_ttl_s: expected 1 to {MAX_TTL_S} seconds, got {ttl}")
+    scope = entity.get("cache_scope") or "consumer"
+    if scope not in SCOPES:
+        raise BadConsumerRecord(f"cache_scope: expected one of {', '.join(SCOPES)}, got {scope!r}")
+    tools = entity.get("cache_tools", False)
+    if not isinstance(tools, bool):
+        raise BadConsumerRecord(f"cache_tools: expected a boolean, got {tools!r}")
+    return CachePolicy(enabled == "on", ttl, scope, tools)
 
 
 class BadConsumerRecord(ValueError):
@@ -298,6 +324,7 @@ def consumer_from_entity(entity: dict[str, Any]) -> Consumer:
         team=team,
         users=_user_limits(entity),
         fallback=_fallback(entity),
+        cache=_cache_policy(entity),
     )
 
 
@@ -348,6 +375,7 @@ def team_to_entity(team: Team) -> dict[str, Any]:
         "budget_period": limits.budget_period or "",
         "priority": team.priority,
         "version": team.version,
+        **_cache_fields(team.cache),
     }
 
 
@@ -387,6 +415,7 @@ def team_from_entity(entity: dict[str, Any]) -> Team:
         deployments=deployments,
         priority=priority,
         version=_count(entity, "version"),
+        cache=_cache_policy(entity),
     )
 
 
@@ -669,6 +698,8 @@ class TableUsageStore:
                     "reasoning": row.reasoning,
                     "counted": row.counted,
                     "tools": json.dumps(dict(row.tools), separators=(",", ":")),
+                    "cache_hits": row.cache_hits,
+                    "saved": row.saved,
                 }
             )
         for entities in by_partition.values():
@@ -696,6 +727,7 @@ class TableUsageStore:
                 completion=int(e["completion"]), total=int(e["total"]), cached=int(e.get("cached", 0)),
                 reasoning=int(e.get("reasoning", 0)), counted=int(e.get("counted", 0)),
                 tools=_tool_counts(e.get("tools")),
+                cache_hits=int(e.get("cache_hits", 0)), saved=int(e.get("saved", 0)),
             )
             for e in entities
         ]

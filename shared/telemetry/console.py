@@ -30,7 +30,9 @@ def format_line(record: RequestRecord, prices: PriceTable, now_s: float) -> str:
     the refusal's reason when the gateway answered itself."""
     usage = record.usage
     tries = f"{record.attempts} {'try' if record.attempts == 1 else 'tries'}"
-    if usage is not None:
+    if record.saved is not None:
+        tokens = f"cache hit, {record.saved.total} tok saved"
+    elif usage is not None:
         source = "" if usage.reported else " counted"
         tokens = f"{usage.total} tok ({usage.prompt}+{usage.completion}){source}"
     else:
@@ -87,10 +89,6 @@ class ConsoleTelemetry:
 
     def failover(self, from_backend: str, to_backend: str, reason: str) -> None:
         self._inner.failover(from_backend, to_backend, reason)
-
-    def model_fallback(self, from_deployment: str, to_deployment: str, reason: str) -> None:
-        self._inner.model_fallback(from_deployment, to_deployment, reason)
-
     def breaker_transition(self, backend_id: str, region: str, state: str) -> None:
         self._inner.breaker_transition(backend_id, region, state)
 
@@ -99,6 +97,12 @@ class ConsoleTelemetry:
 
     def auth_refused(self, reason: str) -> None:
         self._inner.auth_refused(reason)
+
+    def cache_used(self, record: RequestRecord) -> None:
+        self._inner.cache_used(record)
+
+    def model_fallback(self, from_deployment: str, to_deployment: str, reason: str) -> None:
+        self._inner.model_fallback(from_deployment, to_deployment, reason)
 
 
 def _stdout(line: str) -> None:

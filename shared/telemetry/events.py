@@ -27,6 +27,8 @@ STORE_FALLBACKS = "Limiter Store Fallbacks"
 COST = "Cost"  # in the price table's currency (GATEWAY_PRICES); pay-as-you-go answers only, PTU adds 0
 AUTH_FAILURES = "Authentication Failures"
 TOOL_CALLS = "Tool Calls"  # built-in tool calls the service bills per call (per container, per image), by Tool
+CACHE_REQUESTS = "Cache Requests"  # requests of consumers with the response cache on, by Cache (hit | miss | bypass)
+TOKENS_SAVED = "Tokens Saved"  # what the backend billed for the answers that cache hits served again
 
 # Dimension names.
 SUBSCRIPTION_ID = "Subscription ID"
@@ -53,6 +55,7 @@ TOOL = "Tool"  # web_search | file_search | code_interpreter | image_generation 
 # Per-request log fields beyond the dimension names above.
 USAGE_SOURCE = "Usage Source"  # reported (by the backend) | counted (by the gateway) | none
 CURRENCY = "Currency"
+CACHE = "Cache"  # hit | miss | bypass | off
 RECORD_KIND = "Kind"  # request | lost attempt (an attempt whose body broke off before failover; its tokens were charged)
 
 
@@ -80,6 +83,8 @@ class RequestRecord:
     step: int = 0  # the served deployment's place in the request's chain: 0 unless it fell back
     reason: str = ""  # a refusal's error code, when the gateway answered itself (a fixed word, never client input)
     team: str = ""  # the consumer's team ("": none)
+    cache: str = ""  # hit | miss | bypass; "" where the consumer has the response cache off
+    saved: TokenUsage | None = None  # a cache hit: the tokens the stored answer cost the backend (usage is None)
 
 
 class Attempt(Protocol):
@@ -118,6 +123,11 @@ class Telemetry(Protocol):
 
     def auth_refused(self, reason: str) -> None:
         """A credential was refused; `reason` is one of a fixed set, never client input."""
+        ...
+
+    def cache_used(self, record: RequestRecord) -> None:
+        """A request of a consumer with the response cache on (record.cache): counted by outcome, and a hit's saved
+        tokens. Called beside request_done, which counts the request itself."""
         ...
 
 
@@ -164,4 +174,7 @@ class NullTelemetry:
         pass
 
     def auth_refused(self, reason: str) -> None:
+        pass
+
+    def cache_used(self, record: RequestRecord) -> None:
         pass

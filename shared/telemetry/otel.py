@@ -50,6 +50,8 @@ INSTRUMENTS = {
     names.TIME_TO_FIRST_TOKEN: "gateway.time_to_first_token",
     names.COST: "gateway.cost",
     names.TOOL_CALLS: "gateway.tool_calls",
+    names.CACHE_REQUESTS: "gateway.cache.requests",
+    names.TOKENS_SAVED: "gateway.cache.tokens_saved",
 }
 
 
@@ -280,6 +282,8 @@ class OtelTelemetry:
         self._fallbacks = meter.create_counter(i[names.STORE_FALLBACKS], unit="{event}")
         self._auth_failures = meter.create_counter(i[names.AUTH_FAILURES], unit="{request}")
         self._tool_calls = meter.create_counter(i[names.TOOL_CALLS], unit="{call}")
+        self._cache_requests = meter.create_counter(i[names.CACHE_REQUESTS], unit="{request}")
+        self._tokens_saved = meter.create_counter(i[names.TOKENS_SAVED], unit="{token}")
         self._duration = meter.create_histogram(i[names.REQUEST_DURATION], unit="ms")
         self._ttft = meter.create_histogram(i[names.TIME_TO_FIRST_TOKEN], unit="ms")
 
@@ -375,6 +379,18 @@ class OtelTelemetry:
 
     def auth_refused(self, reason: str) -> None:
         self._auth_failures.add(1, {names.REASON: reason})
+
+    def cache_used(self, record: RequestRecord) -> None:
+        dimensions = {names.SUBSCRIPTION_ID: record.consumer_id, names.DEPLOYMENT: record.deployment,
+                      names.CACHE: record.cache}
+        self._cache_requests.add(1, dimensions)
+        if record.saved is not None and record.saved.total:
+            self._tokens_saved.add(record.saved.total, {names.SUBSCRIPTION_ID: record.consumer_id,
+                                                        names.DEPLOYMENT: record.deployment})
+        if record.cache == "hit":
+            cost = self._prices.cost(record.deployment, record.ptu, None, record.saved)
+            if cost:
+                self.costs.add((record.consumer_id, record.deployment, record.backend_id), (cost,))
 
 
 def _whole(value: float) -> int | float:

@@ -3,7 +3,7 @@
 Prices come from the `GATEWAY_PRICES` setting (JSON) or the file `GATEWAY_PRICES_FILE` names, in one currency:
 
     {"currency": "USD",
-     "deployments": {"gpt-4o": {"input": 2.50, "cached_input": 1.25, "output": 10.00}},
+     "deployments": {"gpt-4o": {"input": 2.50, "cached_input": 1.25, "output": 10.00, "cache_hit": 0}},
      "ptu_hourly": {"uksouth-ptu": 2.00},
      "tools": {"web_search": 0.01, "file_search": 0.0025, "code_interpreter": 0.03}}
 
@@ -40,6 +40,7 @@ class Price:
     input: float
     cached_input: float
     output: float
+    cache_hit: float = 0.0  # per million tokens a response-cache hit saved (0: hits are free)
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,13 @@ class PriceTable:
     ptu_hourly: Mapping[str, float] = field(default_factory=dict)
     tools: Mapping[str, float] = field(default_factory=dict)  # per call
 
-    def cost(self, deployment: str, ptu: bool, usage: TokenUsage | None) -> float:
+    def cost(self, deployment: str, ptu: bool, usage: TokenUsage | None, saved: TokenUsage | None = None) -> float:
         """The marginal cost of one answer, in the table's currency: its tokens (0 on PTU backends and unpriced
-        deployments) and its built-in tool calls."""
+        deployments) and its built-in tool calls; an answer served by the response cache (`saved`: what it cost the
+        backend once) at the deployment's cache_hit price."""
+        if saved is not None:
+            price = self.deployments.get(deployment)
+            return 0.0 if price is None else saved.total * price.cache_hit / PER
         if usage is None:
             return 0.0
         calls = sum(self.tools.get(name, 0.0) * n for name, n in usage.tools) if usage.tools else 0.0
@@ -92,13 +97,14 @@ def parse_prices(text: str, where: str = "GATEWAY_PRICES") -> PriceTable:
         raise PriceError(f"{where}.deployments: expected an object")
     for name, entry in entries.items():
         at = f"{where}.deployments.{name}"
-        if not isinstance(entry, dict) or set(entry) - {"input", "cached_input", "output"} or "input" not in entry:
-            raise PriceError(f"{at}: expected {{input, cached_input, output}} per million tokens")
+        if not isinstance(entry, dict) or set(entry) - {"input", "cached_input", "output", "cache_hit"} or "input" not in entry:
+            raise PriceError(f"{at}: expected {{input, cached_input, output, cache_hit}} per million tokens")
         price_in = _amount(entry["input"], f"{at}.input")
         deployments[str(name)] = Price(
             price_in,
             _amount(entry.get("cached_input", price_in), f"{at}.cached_input"),
             _amount(entry.get("output", 0), f"{at}.output"),
+            _amount(entry.get("cache_hit", 0), f"{at}.cache_hit"),
         )
     hourly = raw.get("ptu_hourly", {})
     if not isinstance(hourly, dict):

@@ -34,6 +34,7 @@ FALLBACK_STEP = "Fallback Step"  # the serving deployment's place in the request
 DURATION = "Duration Ms"
 TTFT = "Time To First Token Ms"
 COST = "Cost"
+SAVED = "Tokens Saved"  # a response-cache hit: what the stored answer cost the backend
 WEIGHT = "Sample Weight"
 KIND_REQUEST = "request"
 KIND_LOST_ATTEMPT = "lost attempt"  # a failed-over attempt whose body broke off: its tokens were charged too
@@ -57,8 +58,10 @@ class RequestLog:
             ATTEMPTS: record.attempts,
             FALLBACK_STEP: record.step,
             DURATION: round(record.duration_ms, 3),
-            COST: self.prices.cost(record.deployment, record.ptu, usage),
+            COST: self.prices.cost(record.deployment, record.ptu, usage, record.saved),
         }
+        if record.saved is not None:
+            measurements[SAVED] = record.saved.total
         if usage is not None:
             measurements.update({
                 PROMPT: usage.prompt, COMPLETION: usage.completion, CACHED: usage.cached,
@@ -85,6 +88,7 @@ class RequestLog:
             names.STREAM: "true" if record.stream else "false",
             names.PTU: "true" if record.ptu else "false",
             names.RECORD_KIND: kind,
+            names.CACHE: record.cache or "off",
             names.USAGE_SOURCE: "none" if usage is None else ("reported" if usage.reported else "counted"),
             names.USER_ID: self.privacy.user_id(record.user_id),
             names.CLIENT_IP: self.privacy.client_ip(record.client_ip),

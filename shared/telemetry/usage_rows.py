@@ -52,8 +52,14 @@ class UsageRow:
     counted: int = 0
     # Built-in tool calls, by tool: (("web_search", 3),)
     tools: tuple[tuple[str, int], ...] = ()
+    # Requests the response cache answered (no backend tokens: none of the figures above), and what they saved.
+    cache_hits: int = 0
+    saved: int = 0
 
-    def plus(self, usage: TokenUsage | None, requests: int = 1) -> UsageRow:
+    def plus(self, usage: TokenUsage | None, requests: int = 1, saved: TokenUsage | None = None) -> UsageRow:
+        if saved is not None:
+            return replace(self, requests=self.requests + requests, cache_hits=self.cache_hits + requests,
+                           saved=self.saved + saved.total)
         if usage is None:
             return replace(self, requests=self.requests + requests)
         return replace(
@@ -85,12 +91,14 @@ class UsageRecorder:
         self._task: asyncio.Task[None] | None = None
         self.failures = 0
 
-    def record(self, consumer_id: str, deployment: str, usage: TokenUsage | None, requests: int = 1) -> None:
-        """Add a request's usage; `requests=0` adds tokens settled later for a request already counted."""
+    def record(self, consumer_id: str, deployment: str, usage: TokenUsage | None, requests: int = 1,
+               saved: TokenUsage | None = None) -> None:
+        """Add a request's usage; `requests=0` adds tokens settled later for a request already counted; `saved`: a
+        response-cache hit, which used no backend tokens and saved these."""
         hour = hour_key(self._clock.now())
         key = (consumer_id, hour, deployment)
         row = self._rows.get(key) or UsageRow(consumer_id, hour, deployment, self.instance)
-        self._rows[key] = row.plus(usage, requests)
+        self._rows[key] = row.plus(usage, requests, saved)
         self._dirty.add(key)
         if self._background:
             self._task = keep_running(self._task, self._flush_forever)

@@ -14,6 +14,8 @@ import openai
 from starlette.requests import Request
 
 from shared.app import Edge
+from shared.cache.layer import AnswerCache
+from shared.cache.policy import OFF, CachePolicy
 from shared.clock import FakeClock
 from shared.config import Settings, load_settings
 from shared.edge.consumers import (
@@ -36,6 +38,7 @@ from shared.limits.ledger import Ledger
 from shared.limits.limiter import TokenLimiter
 from shared.routing.router import Router
 from shared.storage.memory import (
+    MemoryAnswerStore,
     MemoryBreakerStore,
     MemoryConsumerStore,
     MemoryLedgerStore,
@@ -88,6 +91,7 @@ class GatewayHarness:
         self.breakers = MemoryBreakerStore()
         self.usage_store = MemoryUsageStore()
         self.response_store = MemoryResponseStore()
+        self.answer_store = MemoryAnswerStore()
         settings = self.settings
         self.limiter = TokenLimiter(
             self.ledgers, self.clock, self.telemetry, lease_lifetime_s=settings.lease_lifetime_s,
@@ -119,6 +123,8 @@ class GatewayHarness:
             telemetry=SpendingTelemetry(self.telemetry, self.budgets),
             usage=self.usage,
             responses=self.response_store,
+            cache=AnswerCache(self.answer_store, self.clock, memory_bytes=settings.cache_memory_bytes,
+                              max_entry_bytes=settings.cache_max_entry_bytes, background=False),
         )
         self.edge = Edge(settings, self.services)
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.asgi), base_url=BASE_URL, timeout=10)
@@ -138,6 +144,7 @@ class GatewayHarness:
         quota: int = 0, quota_period: str | None = None, deployments: Sequence[str] | None = None,
         priority: str = "normal", enabled: bool = True, budget: float = 0.0, budget_period: str | None = None, capabilities: Sequence[str] = (),
         fallback: bool = True, team: str | None = None, users: UserLimits | None = None,
+        cache: CachePolicy = OFF,
     ) -> str:
         """Create a consumer and return its key."""
         key = new_key()
@@ -150,6 +157,7 @@ class GatewayHarness:
             fallback=fallback,
             team=team,
             users=users or UserLimits(),
+            cache=cache,
         )
         return key
 

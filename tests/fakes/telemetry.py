@@ -45,6 +45,7 @@ class RecordingTelemetry:
         self.transitions: list[tuple[str, str]] = []
         self.fallbacks: list[str] = []
         self.auth_failures: list[str] = []
+        self.cache: list[RequestRecord] = []
 
     def begin(self, method: str, route: str) -> Trace:
         trace = RecordedTrace(f"{method} {route}")
@@ -76,6 +77,9 @@ class RecordingTelemetry:
 
     def auth_refused(self, reason: str) -> None:
         self.auth_failures.append(reason)
+
+    def cache_used(self, record: RequestRecord) -> None:
+        self.cache.append(record)
 
     def tokens_emitted(self) -> int:
         """Total Tokens as the metrics saw them: every request's answer plus every broken attempt's cost."""
