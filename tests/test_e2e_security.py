@@ -143,3 +143,51 @@ def test_a_backend_over_plain_http_with_a_key_stops_the_start_up(e2e: Stack, log
     env = gateway_env(e2e.table_port, [], {"GATEWAY_BACKENDS": json.dumps(backends)})
     with pytest.raises(RuntimeError):
         stack.start_gateway(env, log_dir=log_dir, name=unique("gateway-insecure"))
+
+
+def test_a_flood_of_stored_response_reads_costs_the_responses_table_at_most_the_read_rate(e2e: Stack, log_dir: Path) -> None:
+    """GET / DELETE / cancel of response ids and continuations of them, as fast as one consumer can send them: no
+    admission charges these, so GATEWAY_RESPONSE_READS_PER_S (per consumer and instance) is what bounds the reads."""
+    proxy, control = stack.start_tcpproxy(e2e.table_port, log_dir, name=unique("tcpproxy"))
+    env = gateway_env(proxy.port, [s.region for s in e2e.simulators], {"GATEWAY_RESPONSE_READS_PER_S": "5"})
+    local = Stack(table_port=proxy.port, simulators=e2e.simulators, env=env)
+    key, other = local.create_consumer(unique("reader")), local.create_consumer(unique("bystander"))
+    e2e.keys.extend([key, other])
+    gateway = stack.start_gateway(env, log_dir=log_dir, name=unique("gateway-reads"))
+
+    async def flood(count: int) -> list[int]:
+        async with httpx.AsyncClient(base_url=gateway.url, headers={"api-key": key}, timeout=30) as client:
+            async def one(i: int) -> int:
+                rid = f"resp_{unique('x')}"
+                match i % 4:
+                    case 0:
+                        return (await client.get(f"/v1/responses/{rid}")).status_code
+                    case 1:
+                        return (await client.delete(f"/v1/responses/{rid}")).status_code
+                    case 2:
+                        return (await client.post(f"/v1/responses/{rid}/cancel")).status_code
+                    case _:
+                        return (await client.post("/v1/responses", json={
+                            "model": "gpt-4o", "input": "Go on.", "previous_response_id": rid})).status_code
+
+            statuses: list[int] = []
+            for start in range(0, count, 50):  # 50 at a time, bounded in count
+                statuses += await asyncio.gather(*(one(i) for i in range(start, min(count, start + 50))))
+            return statuses
+
+    try:
+        assert _works(gateway.url, key)
+        stack.proxy_control(control, "reset")
+        started = time.monotonic()
+        statuses = asyncio.run(flood(600))
+        elapsed = time.monotonic() - started
+        reads = stack.proxy_control(control, "stats")["requests"].get("gatewayresponses", 0)
+        assert set(statuses) <= {400, 404, 429} and statuses.count(429) >= 600 - (5 * elapsed + 10)
+        # The burst (twice the rate) and the rate for the time the flood took; 600 requests did not make 600 reads.
+        assert reads <= 5 * elapsed + 10, (reads, elapsed)
+        # The limit is the flooding consumer's only.
+        answer = httpx.get(gateway.url + f"/v1/responses/resp_{unique('y')}", headers={"api-key": other}, timeout=10)
+        assert answer.status_code == 404
+    finally:
+        gateway.stop()
+        proxy.stop()
