@@ -257,4 +257,58 @@ async def test_end_users_on_an_instance_are_bounded_and_forgotten_when_idle() ->
         clock.advance(1)
         await lim.tick()
     (await lim.admit(c, DEPLOYMENT, 10, user="u3")).settle(10)
-    assert await charged(store, user_key("app", "u0"), clock) == 0  # left the window
+
+
+async def test_an_end_users_quota_is_a_ledger_of_its_own_and_answers_403_naming_the_user() -> None:
+    store, clock = MemoryLedgerStore(), FakeClock()
+    lim = limiters(store, clock, 1)[0]
+    c = member("app", users=UserLimits(quota=300, quota_period="daily"))
+    for _ in range(3):
+        (await lim.admit(c, DEPLOYMENT, 100, user="h1")).settle(100)
+    with pytest.raises(QuotaExhausted) as caught:
+        await lim.admit(c, DEPLOYMENT, 100, user="h1")
+    assert render(caught.value).headers["x-gateway-limit-scope"] == "user"
+    (await lim.admit(c, DEPLOYMENT, 100, user="h2")).settle(100)  # another end user has its own quota
+    await lim.close()
+    assert (await store.read(user_key("app", "h1")))[0].quota_used == 300
+
+
+async def test_an_end_users_limit_holds_across_instances_joining_and_a_lowered_limit_and_a_busy_one_is_served() -> None:
+    """An end user asking about twice its limit, and nine quiet ones, over instances chosen at random; a third
+    instance joins at 120 s, the end users' limit is lowered at 240 s. In every 60 s up to each admission the end user
+    was admitted within the limit in force; while the limit stands, the busy one gets most of it."""
+    rng = random.Random(2027)
+    store, clock = MemoryLedgerStore(), FakeClock()
+    instances = limiters(store, clock, 3)
+    users = UserLimits(tokens_per_minute=3000)
+    c = member("app", tpm=1_000_000, users=users)
+    limits: dict[str, list[tuple[float, int]]] = {f"user:{u}": [(0.0, 3000)] for u in ["busy", *map(str, range(9))]}
+    admissions: list[tuple[float, str, int]] = []
+    busy_served: dict[int, int] = {}
+    start = clock.now()
+    refused_scopes: set[str] = set()
+    while clock.now() - start < 360:
+        elapsed = clock.now() - start
+        if elapsed >= 240 and c.users.tokens_per_minute == 3000:
+            c = replace(c, users=replace(users, tokens_per_minute=1200))
+            for series in limits.values():
+                series.append((clock.now(), 1200))
+        live = instances if elapsed >= 120 else instances[:2]
+        user = "busy" if rng.random() < 0.6 else str(rng.randrange(9))
+        try:
+            ticket = await rng.choice(live).admit(c, DEPLOYMENT, 100, user=user)
+        except RateLimited as refusal:
+            refused_scopes.add(refusal.level)
+        else:
+            ticket.settle(100)
+            admissions.append((clock.now(), f"user:{user}", 100))
+            if user == "busy":
+                busy_served[int(elapsed // 60)] = busy_served.get(int(elapsed // 60), 0) + 100
+        clock.advance(rng.uniform(0.05, 0.15))  # about 6,000 tokens a minute asked by the busy one
+        if rng.random() < 0.2:
+            for lim in live:
+                await lim.tick()
+    windows_hold(admissions, limits)
+    assert refused_scopes == {"user"}
+    assert all(busy_served[m] >= 0.8 * 3000 for m in (1, 3))  # two instances, then three sharing the limit
+    assert busy_served[5] >= 0.8 * 1200

@@ -97,6 +97,8 @@ class Ledger:
     quota_key: str = ""
     quota_used: int = 0
     limits: dict[str, int] = field(default_factory=dict)  # scope -> tokens per minute, as the last claim applied
+    # End users' shares (user_shares.py): instance -> [tokens any one end user may be admitted there in 60 s, until ms]
+    user_shares: dict[str, list[int]] = field(default_factory=dict)
 
     def prune(self, now_ms: int) -> None:
         for scope in list(self.windows):
@@ -158,6 +160,7 @@ class Ledger:
             "quota_key": self.quota_key,
             "quota_used": self.quota_used,
             "limits": orjson.dumps(self.limits).decode(),
+            "user_shares": orjson.dumps(self.user_shares).decode(),
         }
 
     @classmethod
@@ -170,6 +173,7 @@ class Ledger:
             quota_key=str(entity.get("quota_key") or ""),
             quota_used=int(entity.get("quota_used") or 0),  # type: ignore[call-overload]
             limits={s: int(t) for s, t in orjson.loads(str(entity.get("limits") or "{}")).items()},
+            user_shares={i: [int(v[0]), int(v[1])] for i, v in orjson.loads(str(entity.get("user_shares") or "{}")).items()},
         )
 
     def copy(self) -> Ledger:
@@ -179,6 +183,7 @@ class Ledger:
             quota_key=self.quota_key,
             quota_used=self.quota_used,
             limits=dict(self.limits),
+            user_shares={i: list(v) for i, v in self.user_shares.items()},
         )
 
 

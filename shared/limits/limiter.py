@@ -48,6 +48,7 @@ from shared.limits.ledger import (
 from shared.limits.ledger_copy import Contended, LedgerCopy
 from shared.limits.pacing import Pacing
 from shared.limits.scopes import CONSUMER, USER, Level, Scopes, is_limited, level_name, levels_for, scopes_for
+from shared.limits.user_shares import UserWindows, declare, declaring
 from shared.outcomes import NeverAdmissible, QuotaExhausted, RateLimited
 from shared.storage.memory import MemoryLedgerStore as MemoryLedgerStore  # the store's twin, for existing callers
 from shared.storage.protocols import LedgerStore, StoreUnavailable
@@ -71,6 +72,9 @@ class Budget:
 
     consumer_id: str  # the ledger's key (partition): a consumer id, team|<id> or user|<consumer>|<user>
     kind: str = CONSUMER
+    user_tpm: int = 0  # each end user's tokens per minute (a consumer's ledger), and this instance's share of it
+    user_share: int = 0
+    users: UserWindows = field(default_factory=UserWindows)
     limits: dict[str, int] = field(default_factory=dict)  # every scope this instance limits for the consumer
     quota: Quota | None = None
     scope_used_mono: dict[str, float] = field(default_factory=dict)
@@ -85,7 +89,7 @@ class Budget:
     # counts tokens this instance is about to free, so a refusal is checked by a write, not repeated from memory.
     refunded: bool = False
 
-    def note(self, scopes: Scopes, reserve: int, mono: float) -> None:
+    def note(self, scopes: Scopes, reserve: int, mono: float, user_tpm: int = 0) -> None:
         changed = False
         for scope, limit in scopes.limits.items():
             before = self.limits.get(scope)
@@ -103,6 +107,10 @@ class Budget:
             self.pace.saturated_until = 0.0
             changed = True
         self.quota = scopes.quota
+        if user_tpm and user_tpm != self.user_tpm:
+            changed = changed or self.user_tpm > 0
+            self.user_share = min(self.user_share, user_tpm)
+            self.user_tpm = user_tpm
         lease = self.held.current
         if changed and lease is not None:
             # A lease (an allowance may last minutes) was claimed under the old limit: it admits nothing more, and the
@@ -115,12 +123,13 @@ class Budget:
 
 
 class LimitTicket:
-    __slots__ = ("_limiter", "_budget", "_lease", "_limits", "_scopes", "_holding", "_quota_key", "_settled")
+    __slots__ = ("_limiter", "_budget", "_lease", "_limits", "_scopes", "_holding", "_quota_key", "_settled", "_user")
 
     def __init__(
         self, limiter: TokenLimiter, budget: Budget, lease: LeaseState | None, limits: Scopes,
-        expiry: int, reserved: int, quota_key: str | None,
+        expiry: int, reserved: int, quota_key: str | None, user: str | None = None,
     ) -> None:
+        self._user = user
         self._limiter = limiter
         self._budget = budget
         self._lease = lease
@@ -286,8 +295,11 @@ class TokenLimiter:
                 self._end_users += 1
             budget = self._budgets[level.key] = Budget(level.key, level.kind)
             self._start_ticker()
-        budget.note(scopes, reserve, self._clock.monotonic())
-        ticket = self._admit_from_lease(budget, scopes, reserve)
+        budget.note(scopes, reserve, self._clock.monotonic(), level.user_tpm)
+        user = level.user
+        if user is not None and user not in budget.users and len(budget.users) >= self._end_users_max:
+            raise self._user_refused(budget, WINDOW_MS)  # end users are a client's word: bounded per instance
+        ticket = self._admit_from_lease(budget, scopes, reserve, user)
         if ticket is not None:
             return ticket
         # Slow path: this instance needs (more of) a lease. Requests that arrive together wait for the same write, and
@@ -298,7 +310,7 @@ class TokenLimiter:
             for _ in range(MAX_CLAIMS_PER_REQUEST):
                 now = self._clock.now()
                 if budget.fallback.active(now) or self._store_down_until > now:
-                    return self._admit_degraded(budget, scopes, reserve)
+                    return self._admit_degraded(budget, scopes, reserve, user)
                 # What this instance knows is full is refused without a write, unless requests ended below their
                 # reservations since and the tokens they free would let this one in: then the write decides.
                 may_fit = self._may_fit(budget, scopes, reserve)
@@ -310,14 +322,14 @@ class TokenLimiter:
                     raise self._refused(budget, scopes, Refusal(budget.pace.saturated_scope, None), saturated, now,
                                         reserve)
                 await self._sync(budget, reserve, scopes.names)
-                ticket = self._admit_from_lease(budget, scopes, reserve)
+                ticket = self._admit_from_lease(budget, scopes, reserve, user, after_sync=True)
                 if ticket is not None:
                     return ticket
         finally:
             budget.pace.waiting -= 1
         now = self._clock.now()
         if budget.fallback.active(now):
-            return self._admit_degraded(budget, scopes, reserve)
+            return self._admit_degraded(budget, scopes, reserve, user)
         blocked = budget.blocks.refusal(scopes, now)
         refusal = blocked[1] if blocked else Refusal(CONSUMER_SCOPE, 1000)
         return_at = blocked[0] if blocked else now + 1
@@ -359,25 +371,50 @@ class TokenLimiter:
                 until = max(until, now + wait_ms / 1000)
         return until
 
-    def _admit_from_lease(self, budget: Budget, scopes: Scopes, reserve: int) -> LimitTicket | None:
+    def _admit_from_lease(
+        self, budget: Budget, scopes: Scopes, reserve: int, user: str | None = None, after_sync: bool = False
+    ) -> LimitTicket | None:
         lease = budget.held.current
         if lease is None:
             return None
         now = self._clock.now()
-        expiry = bucket_expiry(int(now * 1000))
+        now_ms = int(now * 1000)
+        if user is not None and now < lease.expires_s:
+            wait_ms = budget.users.wait_ms(user, reserve, budget.user_share, now_ms)
+            if wait_ms is None:
+                if not after_sync:
+                    return None  # this instance's share is too small for it: the next write asks for more
+                raise self._user_refused(budget, 1000)  # other instances hold the end users' limit for now
+            if wait_ms > 0:
+                raise self._user_refused(budget, wait_ms)
+        expiry = bucket_expiry(now_ms)
         if not lease.take(scopes.names, reserve, expiry, now):
             return None
+        if user is not None:
+            budget.users.charge(user, expiry, reserve)
         budget.pace.admitted(reserve, self._clock.monotonic())
         if not budget.syncing() and budget.pace.needs_renewal(lease, now):
             self._sync_in_background(budget)
-        return LimitTicket(self, budget, lease, scopes, expiry, reserve, lease.quota_key)
+        return LimitTicket(self, budget, lease, scopes, expiry, reserve, lease.quota_key, user)
 
-    def _admit_degraded(self, budget: Budget, scopes: Scopes, reserve: int) -> LimitTicket:
+    @staticmethod
+    def _user_refused(budget: Budget, wait_ms: float) -> RateLimited:
+        refused = refusals.rate_limited(budget.user_tpm, wait_ms)
+        refused.level = USER
+        return refused
+
+    def _admit_degraded(self, budget: Budget, scopes: Scopes, reserve: int, user: str | None = None) -> LimitTicket:
         """The store is unreachable: fail closed (503), or admit against this instance's share of the limit."""
         if self._fail_closed:
             raise refusals.store_unavailable()
         now = self._clock.now()
+        if user is not None:
+            wait_ms = budget.users.wait_ms(user, reserve, max(1, budget.user_tpm // self._instances), int(now * 1000))
+            if wait_ms != 0:
+                raise self._user_refused(budget, wait_ms if wait_ms is not None else WINDOW_MS)
         expiry = budget.fallback.admit(scopes, reserve, now, self._instances)
+        if user is not None:
+            budget.users.charge(user, expiry, reserve)
         mono = self._clock.monotonic()
         held = budget.held
         held.to_pending({scope: {expiry: reserve} for scope in scopes.limits}, mono)
@@ -385,7 +422,7 @@ class TokenLimiter:
             held.pending_quota_key = quota_period(scopes.quota.period, now)[0]
         budget.pace.last_admit_mono = mono
         self.fallback_admissions += 1
-        return LimitTicket(self, budget, None, scopes, expiry, reserve, held.pending_quota_key)
+        return LimitTicket(self, budget, None, scopes, expiry, reserve, held.pending_quota_key, user)
 
     def _charge(self, ticket: LimitTicket, total: int, final: bool) -> None:
         """What a request is known to have used by now goes into the window *now* (see Holding): an overrun learnt
@@ -403,6 +440,8 @@ class TokenLimiter:
             ticket._budget, ticket._lease = budget, None
         mono = self._clock.monotonic()
         for expiry, delta in changes.items():
+            if ticket._user is not None:
+                budget.users.charge(ticket._user, expiry, delta)
             budget.held.settle(ticket._lease, ticket._scopes, expiry, delta, ticket._quota_key, mono)
             if ticket._lease is None:
                 budget.fallback.settle(ticket._scopes, expiry, delta)
@@ -485,11 +524,20 @@ class TokenLimiter:
         quota = budget.quota
         plans: list[tuple[dict[str, int], Grant | None, Allowance | None]] = [({}, None, None)]
 
+        shares = [budget.user_share]
+        releasing = not claim_new and not flush_only and budget.held.current is None and out.old is not None
+
         def change(ledger: Ledger, at: float) -> bool:
             begin_period(ledger, quota, at)
             out.report(ledger, at)
             if not claim_new:
                 plans[0] = ({}, None, None)
+                if releasing and budget.user_tpm > 0:
+                    # No lease, no admissions: the declaration need only cover what its end users still hold here.
+                    at_ms = int(at * 1000)
+                    declare(ledger, self._instance, 0, budget.users.peak(at_ms), budget.user_tpm, at_ms + WINDOW_MS,
+                            at_ms)
+                    shares[0] = budget.user_share = 0
                 return True
             needs, wants = pace.wants(budget.limits, quota, budget.blocks, need, need_scopes, at, self._lifetime_s,
                                       self._max_fraction)
@@ -503,6 +551,16 @@ class TokenLimiter:
                 lifetime_s = plan.lifetime_s
             grant = claim(ledger, lease_id, needs, wants, budget.limits, quota, at, int(lifetime_s * 1000)) if wants else None
             plans[0] = (wants, grant, plan)
+            if budget.user_tpm > 0 and grant is not None and grant.tokens:
+                # The end users' share rides on the claim (user_shares.py): the limit split among the instances
+                # declaring, at least two typical requests while room remains, never below what one holds here.
+                at_ms = int(at * 1000)
+                count = max(self._instances, len(declaring(ledger, at_ms) | {self._instance}))
+                want = max(budget.user_tpm // count, int(2 * pace.typical))
+                shares[0] = declare(ledger, self._instance, want, budget.users.peak(at_ms), budget.user_tpm,
+                                    int((at + lifetime_s) * 1000) + WINDOW_MS, at_ms)
+                # Until the write is stored, admissions here keep under the smaller of the old share and the new.
+                budget.user_share = min(budget.user_share, shares[0])
             # Refused and nothing to report: no write.
             return not (grant is not None and not grant.tokens and not out.anything)
 
@@ -555,6 +613,7 @@ class TokenLimiter:
                 )
                 if plan is not None:
                     self.allowances += 1
+                budget.user_share = shares[0]
         others = holders(ledger, int(now * 1000), self._instance) > 1
         budget.copy.observe(ledger, lambda: list(budget.limits), now, others)
 

@@ -30,6 +30,8 @@ class Level:
     kind: str
     key: str
     scopes: Scopes
+    user: str | None = None  # the end user, on the consumer's level: admitted under this instance's share of ...
+    user_tpm: int = 0  # ... each end user's tokens per minute (user_shares.py)
 
 
 def scopes_for(consumer: Consumer, deployment: str) -> Scopes:
@@ -64,13 +66,17 @@ def levels_for(consumer: Consumer, deployment: str, user: str | None = None) -> 
     the narrowest is the likeliest to refuse, and a refusal releases what the levels before it had taken."""
     levels: list[Level] = []
     users = consumer.users
-    if user is not None and users.limited:
-        own = _own(users.tokens_per_minute, users.quota, users.quota_period)
+    user_tpm = users.tokens_per_minute if user is not None else 0
+    if user is not None:
+        # An end user's quota is a ledger of its own; its tokens per minute ride on the consumer's (user_shares.py).
+        own = _own(0, users.quota, users.quota_period)
         if own is not None:
             levels.append(Level(USER, user_key(consumer.id, user), own))
     scopes = scopes_for(consumer, deployment)
+    if user_tpm > 0 and not scopes.limits:
+        scopes = Scopes({CONSUMER_SCOPE: 0}, None)  # tracked, unlimited: its ledger carries the end users' shares
     if scopes.limits:
-        levels.append(Level(CONSUMER, consumer.id, scopes))
+        levels.append(Level(CONSUMER, consumer.id, scopes, user if user_tpm > 0 else None, user_tpm))
     team = consumer.team_record
     if team is not None:
         own = _own(team.limits.tokens_per_minute, team.limits.quota, team.limits.quota_period)
