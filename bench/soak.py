@@ -12,8 +12,9 @@ hostile requests is sent. Every 10 s the gateway's RSS and open file descriptors
 - tokens charged to consumers (usage rows in Table Storage) = tokens emitted as metrics (captured App Insights
   export) = tokens the backends served (reported usage, plus the prompt and delivered tokens of streams cut mid-way)
   + the charges with no backend usage behind them, named one by one (`UNBILLED`: attempts that ran past the read
-  timeout, requests cancelled once sent), exactly; and those named charges = the prompts the regions read and never
-  answered (the simulator's `unanswered`);
+  timeout), exactly; and those named charges = the prompts the regions read and never answered (the simulator's
+  `unanswered`);
+- each burst of 503 answers with its cause (the regions' /health just before it, the faults injected before);
 - a table of the faults and bad inputs, with their outcomes. Figures go to docs/reliability.md with --write.
 
 With --keep DIR, the per-request records (JSON lines: start, status, tokens, backend, attempts, seconds, error code),
@@ -36,7 +37,7 @@ from typing import Any
 
 import httpx
 
-from bench.harness import ROOT, bench_stack, finish_load, machine, save, stamp, start_load
+from bench.harness import ROOT, bench_stack, finish_load, machine, save, stamp, start_load, update_doc
 from bench.procs import open_fds, rss_mb
 from shared.admin.usage_report import summarize
 from shared.config import load_settings
@@ -49,8 +50,9 @@ from tools.capture import Capture
 FAULTS = ("500", "503", "reset", "429", "429-bare", "429-huge", "timeout", "cut")
 # Charges with no backend usage behind them, by the status the token metrics carry: the backend read the prompt and
 # may bill it (a timed-out attempt may still be generating), but answered nothing the regions count as served.
-UNBILLED = {"504": "attempts that ran past the read timeout (prompt charged)",
-            "499": "requests the client cancelled once sent (charged like a timeout)"}
+# A request cancelled while a backend has it keeps its reservation against the consumer's limit, like a timeout, but
+# no usage row or metric: the books hold no tokens for it, so it is not among these.
+UNBILLED = {"504": "attempts that ran past the read timeout (prompt charged)"}
 PROMPT = "Summarise the state of the world in a few words. " * 6
 
 
@@ -104,7 +106,7 @@ async def charged(env: dict[str, str], consumers: list[str]) -> dict[str, int]:
 
 def unbilled_charges(capture: Capture, consumers: set[str]) -> dict[str, dict[str, int]]:
     """The charges of UNBILLED's kinds, from the per-request log (the token metrics carry no status): every record
-    with that status, the attempts that timed out (`lost attempt`) and the requests cancelled once sent."""
+    with that status (a timed-out attempt is a `lost attempt` record of status 504)."""
     found = {status: {"Prompt Tokens": 0, "Total Tokens": 0, "records": 0} for status in UNBILLED}
     for item in capture.items("EventData"):
         data = item["data"]["baseData"]
@@ -293,7 +295,31 @@ def main(argv: list[str] | None = None) -> int:
     save("soak", results)
     if args.write:
         write_report(ROOT / "docs" / "reliability.md", markdown(results))
+        update_doc("soak", summary(results))
     return 0 if results["books_balance"] and own_errors == 0 else 1
+
+
+def summary(r: dict[str, Any]) -> str:
+    """The soak's figures for docs/benchmarks.md."""
+    tokens = r["tokens"]
+    bursts = r["bursts_503"]
+    return "\n".join([
+        "## Soak: faults, 503 bursts and the books",
+        "",
+        f"`.venv/bin/python -m bench.soak --minutes {r['minutes']:g} --write` ({r['date']}, {r['machine']}; the machine "
+        "was shared with other work, so these are no speed figures). The full table: [reliability.md](reliability.md).",
+        "",
+        "| | measured |",
+        "|---|---|",
+        f"| requests | {r['requests']} ({', '.join(f'{k}: {v}' for k, v in sorted(r['statuses'].items()))}) |",
+        f"| answers of 503 | {r['statuses'].get('503', 0)} in {len(bursts)} burst(s)"
+        + "".join(f"; {b['answers']} at {b['at_s']} s over {b['duration_s']} s" for b in bursts) + " |",
+        f"| charged = emitted = served + timed-out attempts' prompts | {tokens['charged']['total']} = "
+        f"{int(tokens['emitted']['Total Tokens'])} = {tokens['served_by_backends']['total_tokens']} + "
+        f"{sum(u['Total Tokens'] for u in tokens['unbilled'].values())}: {'yes' if r['books_balance'] else 'NO'} |",
+        f"| RSS growth after warm-up | {r['rss_mb']['growth_percent']:+.2f} % |",
+        f"| errors of the gateway's own making | {r['own_errors']} |",
+    ])
 
 
 def write_report(path: Path, report: str) -> None:
@@ -341,13 +367,15 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "The books name every charge no backend's usage stands behind. An attempt that runs past the backend's read "
         "timeout (the `timeout` fault holds a request 5 s against a 2 s timeout) is charged its prompt: the backend "
-        "read it and may still be generating and billing it, and the consumer's reservation is not refunded either "
-        "(README, timeouts). A request the client cancels once it has been sent is charged the same way, for the same "
-        "reason. The regions bill neither (nothing was answered), so the simulated regions count such prompts apart, as "
-        "read and unanswered; the table checks the named charges against that count, and charged = emitted = served "
-        "+ named, to the token.",
+        "read it and may still be generating and billing it (and when no other region answers, the consumer's "
+        "reservation is not refunded either; README, timeouts). The regions bill nothing for it (nothing was answered), so the simulated regions count such "
+        "prompts apart, as read and unanswered; the table checks the named charges against that count, and charged = "
+        "emitted = served + named, to the token. A request the client cancels while a backend has it keeps its "
+        "reservation against the consumer's limit for the same reason, but adds nothing to the usage rows or the "
+        "token metrics, so it is no charge in these books. Nothing else is charged without a backend's usage: cut "
+        "streams and broken bodies are billed by the regions for what they sent.",
         "",
-        "Other statuses are the designed answers: `429 rate_limit_exceeded` and `403 quota_exceeded` for the consumers over their rate and quota; `429 backends_busy` when every region serving the deployment was throttling; `503 service_unavailable` when every region serving it was out at once for mixed reasons (answered at once, with `Retry-After` until the soonest recovery, no backend contacted); `502`/`504` when a fault hit the last backend left for a request; 4xx for hostile input. The 503s come in bursts of a few seconds: an injected fault waits in the simulator until its region gets traffic, so when the PTU throttles `gpt-4o` and its overflow reaches the secondaries, the faults queued on both of them fire together and take all three regions out. Run with `--keep DIR` to see when and why each happened.",
+        "Other statuses are the designed answers: `429 rate_limit_exceeded` and `403 quota_exceeded` for the consumers over their rate and quota; `429 backends_busy` when every region serving the deployment was throttling; `503 service_unavailable` when every region serving it was out at once for mixed reasons and none only on the gateway's own judgement (a region that asked for a wait, or failed again while out, is not sent a last resort; README, backends); `502`/`504` when a fault hit the last backend left for a request; 4xx for hostile input. An injected fault waits in the simulator until its region gets traffic, so when the PTU goes out (a 429 asking for a day) and its overflow reaches the secondaries, the faults queued on them fire together. Each burst of 503 is listed below with its cause; `--keep DIR` keeps every request, the faults and /health every 0.5 s.",
         "",
         "## Faults injected during the soak",
         "",
