@@ -110,6 +110,16 @@ class NeverAdmissible(Refusal):
 
 
 @dataclass(eq=False)
+class TooLargeForBackends(Refusal):
+    """Every backend tried refused the request for its size (a 429 that shows room, or asks for more than a minute
+    for a request larger than any it admitted): larger than the deployment's whole tokens per minute there. Sending
+    it on to every region would only open them all; it is answered instead."""
+
+    need: int
+    deployment: str
+
+
+@dataclass(eq=False)
 class QuotaExhausted(Refusal):
     limit: int
     period: str

@@ -161,3 +161,27 @@ def test_a_late_write_of_an_older_breaker_transition_never_replaces_a_newer_shar
     assert after_late == [("open", 1_010.0)]
     assert after_newer == [("closed", 1_020.0)]
     assert after_race == [("open", 1_037.0)]
+
+
+def test_a_request_larger_than_every_regions_minute_opens_no_region_and_is_told_why(
+    fresh_sims: Stack, gateway_factory: Callable[..., stack.Child]
+) -> None:
+    """The simulated regions answer as Azure does a request larger than the whole tokens-per-minute: 429, a Retry-After
+    of a day, the remaining tokens still showing room. Only one region is asked; none is taken out."""
+    e2e = fresh_sims
+    tag = unique("r")
+    _, sweden, france = e2e.simulators
+    for sim in (sweden, france):
+        sim.capacity(MINI, tpm=2_000)
+    gateway = gateway_factory(regions=[
+        stack.Region(f"{tag}-sweden", sweden.region.region, sweden.region.port, priority=1),
+        stack.Region(f"{tag}-france", france.region.region, france.region.port, priority=2),
+    ])
+    c = openai.OpenAI(base_url=gateway.url + "/v1", api_key=e2e.create_consumer(unique("big")), max_retries=2)
+    with pytest.raises(openai.RateLimitError) as raised:
+        c.chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=5_000)  # type: ignore[arg-type]
+    assert raised.value.code == "tokens_exceed_backend_limit"
+    throttled = [sim.stats()["by_status"].get("429", 0) for sim in (sweden, france)]
+    assert throttled == [1, 0]  # asked once, of the first region only, and the SDK did not retry
+    for _ in range(3):  # the first region is still in rotation: it serves the next requests
+        assert served_by(client(gateway.url, e2e.create_consumer(unique("small")))) == "sweden"

@@ -35,6 +35,7 @@ from shared.outcomes import (
     ResponseNotFound,
     ResponseReadsThrottled,
     ResponseStateUnavailable,
+    TooLargeForBackends,
 )
 
 RESETS_AT = 1_700_006_400.0  # 2023-11-15T00:00:00Z
@@ -115,7 +116,7 @@ def test_every_refusal_kind_has_a_rendering() -> None:
         InvalidKey(KeyProblem.MISSING), InvalidToken("bad_signature"), ConsumerDisabled("a"), AuthThrottled(1), AuthStoreUnavailable(), DeploymentNotFound("d"),
         DeploymentNotAllowed("d"), EndUserRefused(True, ("field",)), RateLimited(1, 1), NeverAdmissible(2, 1), QuotaExhausted(1, "daily", RESETS_AT, 1),
         LimiterUnavailable(), BudgetExceeded("monthly", 1, 1, "EUR"), BackendsBusy(1), NoBackend(1), BackendsFailed(FailureKind.TIMEOUT), BackendAuthFailed(),
-        MalformedAnswer(), ResponseNotFound("resp_1", True), ItemNotFound("msg_1"), ResponseStateUnavailable(), ResponseReadsThrottled(1), BodiesBusy(1),
+        MalformedAnswer(), ResponseNotFound("resp_1", True), ItemNotFound("msg_1"), TooLargeForBackends(9, "d"), ResponseStateUnavailable(), ResponseReadsThrottled(1), BodiesBusy(1),
         ResponseBackendUnavailable("resp_1", "uksouth", "uksouth-ptu", "its circuit breaker is open", 8),
     }
     assert {type(s) for s in samples} == kinds  # a new refusal gets a sample here, and so a rendering

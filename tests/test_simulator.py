@@ -320,8 +320,10 @@ async def test_429_carries_the_true_retry_after_and_azures_headers(sim: Running,
     assert "token rate limit" in error["message"] and "Please retry after 30 seconds" in error["message"]
     clock(sim).t += 29.5
     await client.chat.completions.create(model="small", messages=MESSAGES, max_tokens=400)
-    with pytest.raises(openai.RateLimitError):  # larger than the whole capacity
+    with pytest.raises(openai.RateLimitError) as never:  # larger than the whole capacity: a day, and room shown
         await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=100_001)
+    headers = never.value.response.headers
+    assert headers["retry-after"] == "86400" and int(headers["x-ratelimit-remaining-tokens"]) > 0
     stats = await control(http, sim, "GET", "stats")
     assert stats["by_status"] == {"200": 3, "429": 2} and len(stats["throttled"]) == 2
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tools.simulator.capacity import UNLIMITED_REQUESTS, WINDOW_S, LeakyBucket, SlidingWindow
+from tools.simulator.capacity import NEVER_FITS_S, UNLIMITED_REQUESTS, WINDOW_S, LeakyBucket, SlidingWindow
 
 
 class Clock:
@@ -70,7 +70,7 @@ def test_a_refused_request_is_not_charged() -> None:
 def test_a_request_larger_than_the_whole_capacity_is_refused_even_when_idle() -> None:
     limiter, _ = window(1000)
     refused = limiter.admit(1001)
-    assert not refused.admitted and refused.retry_after_s == WINDOW_S and refused.remaining_tokens == 1000
+    assert not refused.admitted and refused.retry_after_s == NEVER_FITS_S and refused.remaining_tokens == 1000
     assert limiter.admit(1000).admitted
 
 

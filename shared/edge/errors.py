@@ -38,6 +38,7 @@ from shared.outcomes import (
     ResponseNotFound,
     ResponseReadsThrottled,
     ResponseStateUnavailable,
+    TooLargeForBackends,
 )
 
 
@@ -189,6 +190,17 @@ def render(refusal: Refusal) -> GatewayError:
                 "use; it can never be admitted. Lower max_tokens or shorten the prompt.",
                 type="rate_limit_error", code="tokens_exceed_limit",
                 headers={"x-should-retry": "false", "x-ratelimit-limit-tokens": str(limit), **_scope(level)},
+            )
+        case TooLargeForBackends(need=need, deployment=deployment):
+            # Azure's own answer to such a request is 429 with a Retry-After of up to a day: the same status, but
+            # told not to retry (the SDKs honour x-should-retry), since no wait makes it fit.
+            return GatewayError(
+                429,
+                f"This request needs up to {need} tokens, more than the deployment '{deployment}' admits in a minute "
+                "in the regions that could serve it; it will not be admitted later either. Lower max_tokens or "
+                "shorten the prompt.",
+                type="rate_limit_error", code="tokens_exceed_backend_limit", param="max_tokens",
+                headers={"x-should-retry": "false"},
             )
         case QuotaExhausted(limit=limit, period=period, resets_at_s=resets_at, resets_in_s=resets_in, level=level):
             reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(resets_at))

@@ -35,7 +35,7 @@ from shared.flow.family import for_family
 from shared.flow.translate import backend_body, backend_url, request_headers
 from shared.flow.upstream import Answer, UpstreamBroken, UpstreamClient, UpstreamError
 from shared.limits.contract import UnlimitedTicket
-from shared.outcomes import AttemptFailure, BackendsBusy, FailureKind, Refusal
+from shared.outcomes import AttemptFailure, BackendsBusy, FailureKind, Refusal, TooLargeForBackends
 from shared.routing.breaker import retry_after_s
 from shared.routing.pinning import Holder, Pinning
 from shared.routing.router import Router
@@ -45,8 +45,9 @@ from shared.telemetry.events import Telemetry
 class _Failed(Exception):
     """An attempt failed before anything reached the client; the next candidate may answer."""
 
-    def __init__(self, failure: AttemptFailure) -> None:
+    def __init__(self, failure: AttemptFailure, too_large: bool = False) -> None:
         self.failure = failure
+        self.too_large = too_large  # refused for the request's size, not the backend's load
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +171,8 @@ class Failover:
         headers = request_headers(exchange.request.headers)
         failures: list[AttemptFailure] = []
         previous: Backend | None = None
-        acquired = self._acquired(candidates, deployment, last_resort)
+        too_large = [False]
+        acquired = self._acquired(candidates, deployment, last_resort, _size(exchange), too_large)
         every_region = True
         for number in range(1, limit + 1):
             backend = next(acquired, None)  # claimed only when it is about to be tried
@@ -186,15 +188,28 @@ class Failover:
             except _Failed as failed:
                 failures.append(failed.failure)
                 previous = backend
+                too_large[0] = too_large[0] or failed.too_large
         else:
             every_region = limit == len(candidates)
+        if too_large[0]:
+            # Refused for its size: a region is tried after that only if it has served a request this large; the
+            # client is told why rather than sent on to open every region (and the chain stops here).
+            return _Exhausted(TooLargeForBackends(_size(exchange), deployment), True, False)
         refusal = self._router.exhausted(deployment, failures, exchange.asked)
         return _Exhausted(refusal, bool(failures), every_region)
 
-    def _acquired(self, candidates: list[Backend], deployment: str, last_resort: bool = False) -> Iterator[Backend]:
+    def _acquired(
+        self, candidates: list[Backend], deployment: str, last_resort: bool = False, tokens: int = 0,
+        too_large: list[bool] | None = None,
+    ) -> Iterator[Backend]:
         """The candidates in order that may be tried now (a half-open breaker lets one probe through: claiming it is
-        acquiring it, so the generator is advanced only for an attempt that will be made)."""
-        return (backend for backend in candidates if self._router.acquire(backend, deployment, last_resort=last_resort))
+        acquiring it, so the generator is advanced only for an attempt that will be made). Once a backend refused the
+        request for its size (`too_large[0]`), only those that have admitted `tokens` before."""
+        for backend in candidates:
+            if too_large is not None and too_large[0] and not self._router.has_admitted(backend, deployment, tokens):
+                continue
+            if self._router.acquire(backend, deployment, last_resort=last_resort):
+                yield backend
 
     async def _dispatch_pinned(self, exchange: Exchange, holder: Holder) -> Chosen:
         """One attempt, at the backend that holds the continued response: no other region could answer it."""
@@ -202,6 +217,8 @@ class Failover:
         try:
             answer = await self._attempt(exchange, holder.backend, request_headers(exchange.request.headers), 1)
         except _Failed as failed:
+            if failed.too_large:
+                raise TooLargeForBackends(_size(exchange), exchange.deployment) from None
             raise self._pinning.unavailable(holder, exchange.deployment, _in_words(failed.failure)) from None
         return Chosen(holder.backend, answer, 1)
 
@@ -252,6 +269,11 @@ class Failover:
             router.record_auth_failure(backend, deployment, answer.status)
             answer.release()
             raise _Failed(AttemptFailure.of_status(answer.status))
+        if answer.status == 429 and router.refused_for_size(backend, deployment, _size(exchange), answer.headers):
+            # No statement about the backend's load: its breaker is left as it was, and its day-long Retry-After
+            # is not the client's wait.
+            answer.release()
+            raise _Failed(AttemptFailure.of_status(429), too_large=True)
         if router.is_failure(backend, answer.status):
             asked = retry_after_s(answer.headers, self._clock.now())
             if asked is not None:
@@ -270,8 +292,16 @@ class Failover:
                 exchange.lost.append(LostAttempt(backend, await exchange.prompt_only(), number, duration_ms))
                 router.record_error(backend, deployment, FailureKind.BROKEN)
                 raise _Failed(AttemptFailure(FailureKind.BROKEN)) from None
-        router.record_success(backend, deployment, answer.headers)
+        router.record_success(backend, deployment, answer.headers, _size(exchange) if answer.status == 200 else 0)
         return answer
+
+
+def _size(exchange: Exchange) -> int:
+    """The request's size as a backend's token limit sees it: the reservation, or (for a consumer without limits,
+    who reserves nothing) the prompt as counted, or its free lower bound, plus the output it asks for."""
+    if exchange.reserve > 0:
+        return exchange.reserve
+    return exchange.prompt_spent() + (exchange.shape.max_tokens or 0) * exchange.shape.choices
 
 
 def _reason(refusal: Refusal | None) -> str:

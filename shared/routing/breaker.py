@@ -41,6 +41,32 @@ def _duration_s(text: str) -> float | None:
     return total if position == len(text) and position > 0 else None
 
 
+# A pay-as-you-go deployment's token window is one minute: a 429 because the window is full says to retry within it.
+WINDOW_S = 60.0
+
+
+def refused_for_size(
+    tokens: int, largest_admitted: int, headers: Mapping[str, str], now_s: float, provisioned: bool = False,
+) -> bool:
+    """Whether a 429 refuses this request for its size, not the backend for its load (so it says nothing of the
+    backend's health). Azure answers a request larger than the deployment's whole tokens-per-minute with 429 and a
+    Retry-After of up to a day, while its remaining-tokens figure still shows room. True when the 429 itself shows
+    room for a request this large (`x-ratelimit-remaining-tokens` >= `tokens`), or when it asks for a wait longer than
+    the one-minute window (a full window frees within it) and either shows some room or the request is larger than
+    any this backend has admitted (`largest_admitted`, 0 when none is known). A provisioned deployment admits by
+    utilisation, not by size: for it (`provisioned`) only the room its 429 shows counts."""
+    if tokens <= 0:
+        return False
+    value = headers.get("x-ratelimit-remaining-tokens")
+    remaining = int(value) if value is not None and value.isdigit() else None
+    if remaining is not None and remaining >= tokens:
+        return True
+    wait = retry_after_s(headers, now_s)
+    if wait is None or wait <= WINDOW_S:
+        return False
+    return (remaining is not None and remaining > 0) or (not provisioned and 0 < largest_admitted < tokens)
+
+
 def retry_after_s(headers: Mapping[str, str], now_s: float) -> float | None:
     """How long the backend asked us to wait: retry-after-ms, Retry-After (seconds or HTTP date), then the
     x-ratelimit-reset-requests / -tokens durations. None when it did not say."""

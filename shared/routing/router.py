@@ -23,7 +23,7 @@ from shared.background import keep_running, repeat
 from shared.clock import Clock
 from shared.config import Backend
 from shared.outcomes import AttemptFailure, BackendAuthFailed, BackendsBusy, BackendsFailed, FailureKind, NoBackend
-from shared.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Transition, retry_after_s
+from shared.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Transition, refused_for_size, retry_after_s
 from shared.routing.capacity import utilisation_wait
 from shared.routing.provisioned import ProvisionedCapacity
 from shared.storage.memory import MemoryBreakerStore as MemoryBreakerStore
@@ -94,6 +94,7 @@ class Router:
             levels = sorted({b.priority for b in serving})
             self._groups[deployment] = [_Group([b for b in serving if b.priority == p]) for p in levels]
         self._remaining: dict[tuple[str, str], tuple[int, float]] = {}
+        self._largest: dict[tuple[str, str], int] = {}  # the largest request (tokens) each backend has admitted
         self._sync_task: asyncio.Task[None] | None = None
         self._pending_writes: set[asyncio.Task[None]] = set()
 
@@ -166,13 +167,31 @@ class Router:
     def is_failure(self, backend: Backend, status: int) -> bool:
         return status in backend.breaker.statuses
 
-    def record_success(self, backend: Backend, deployment: str, headers: Mapping[str, str]) -> None:
+    def record_success(self, backend: Backend, deployment: str, headers: Mapping[str, str], tokens: int = 0) -> None:
+        """A whole answer or a stream's headers: the backend is healthy, and admitted a request of `tokens`."""
         remaining = headers.get("x-ratelimit-remaining-tokens")
         if remaining is not None and remaining.isdigit():
             self._remaining[(backend.id, deployment)] = (int(remaining), self._clock.monotonic())
+        if tokens > self._largest.get((backend.id, deployment), 0):
+            self._largest[(backend.id, deployment)] = tokens
         transition = self._breakers[(backend.id, deployment)].on_success(self._clock.now())
         if transition is not None:
             self._transitioned(backend, deployment, transition)
+
+    def refused_for_size(self, backend: Backend, deployment: str, tokens: int, headers: Mapping[str, str]) -> bool:
+        """A 429 that refuses a request of `tokens` for its size (breaker.refused_for_size): not recorded as a failure,
+        the breaker and the capacity figures stay as they were (the remaining tokens it shows are kept)."""
+        largest = self._largest.get((backend.id, deployment), 0)
+        if not refused_for_size(tokens, largest, headers, self._clock.now(), backend.ptu):
+            return False
+        remaining = headers.get("x-ratelimit-remaining-tokens")
+        if remaining is not None and remaining.isdigit():
+            self._remaining[(backend.id, deployment)] = (int(remaining), self._clock.monotonic())
+        return True
+
+    def has_admitted(self, backend: Backend, deployment: str, tokens: int) -> bool:
+        """This backend has served a request of at least `tokens` (since this instance started)."""
+        return self._largest.get((backend.id, deployment), 0) >= tokens
 
     def record_failure(
         self, backend: Backend, deployment: str, status: int, headers: Mapping[str, str], generates: bool = True

@@ -2,7 +2,9 @@
 
 Pay-as-you-go (Standard): tokens (and optionally requests) per minute over a sliding 60 s window. Azure charges a
 request on admission with its prompt plus its max_tokens (or a default) and answers 429 with the time until the window
-has room for it. A sliding window, unlike a fixed minute, allows no double burst at a minute boundary.
+has room for it. A sliding window, unlike a fixed minute, allows no double burst at a minute boundary. A request
+larger than the whole limit never fits: Azure answers it 429 all the same, with a Retry-After of up to a day
+(NEVER_FITS_S) while its remaining-tokens figure still shows the room the window has.
 
 Provisioned (PTU): utilisation-based admission, "a variation of the leaky bucket algorithm" (Microsoft Learn, "What is
 provisioned throughput?", section "How does the service decide when to send a 429?"): a call is refused with 429 and
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 WINDOW_S = 60.0
+NEVER_FITS_S = 86_400.0  # the Retry-After of a request larger than the whole tokens-per-minute limit
 UNLIMITED_REQUESTS = 1_000_000  # what x-ratelimit-remaining-requests says when no RPM is configured
 
 Clock = Callable[[], float]
@@ -89,7 +92,7 @@ class SlidingWindow:
         over_requests = 0 if self.rpm is None else len(self._entries) + 1 - self.rpm
         if over_tokens > 0 or over_requests > 0:
             if tokens > self.tpm:
-                wait = WINDOW_S  # never fits; Azure still answers 429, not 400
+                wait = NEVER_FITS_S  # never fits; Azure still answers 429 (not 400), asking for up to a day
             else:
                 wait = self._wait_for(max(0, over_tokens), max(0, over_requests), now)
             return Verdict(
