@@ -45,9 +45,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from shared.admin.cache_options import add_cache_arguments, cache_policy, describe_cache
 from shared.admin.failures import explain
 from shared.admin.teams import TeamAdmin
 from shared.admin.teams import add_parser as add_teams_parser
+from shared.cache.policy import CachePolicy
 from shared.clock import SystemClock
 from shared.config import DEPLOYMENT_NAME, Settings, load_settings, local_environment
 from shared.edge.consumers import (
@@ -217,6 +219,7 @@ def describe(consumer: Consumer) -> dict[str, Any]:
         "users": {"tokens_per_minute": users.tokens_per_minute, "quota": users.quota, "quota_period": users.quota_period,
                   "sources": list(users.sources), "required": users.required},
         "fallback": "on" if consumer.fallback else "off",
+        "cache": describe_cache(consumer.cache),
     }
 
 
@@ -382,6 +385,7 @@ class Admin:
             team=await self._team(args, None),
             users=_users(args, UserLimits()),
             fallback=getattr(args, "fallback", None) != "off",
+            cache=cache_policy(args, CachePolicy()),
         )
         self.check_served(consumer.deployments, getattr(args, "force", False))
         await self._check_mappings_free(consumer)
@@ -513,6 +517,7 @@ class Admin:
                 team=consumer.team if getattr(args, "team", None) is None else new_team,
                 users=_users(args, consumer.users),
                 fallback=consumer.fallback if getattr(args, "fallback", None) is None else args.fallback == "on",
+                cache=cache_policy(args, consumer.cache),
                 version=consumer.version + 1,
             )
 
@@ -566,6 +571,7 @@ def _limit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fallback", choices=("on", "off"),
                         help="off: never served by another deployment than the one asked for (GATEWAY_DEPLOYMENTS "
                         "fallbacks); throttling answers 429 with the true Retry-After (default on)")
+    add_cache_arguments(parser, "this consumer")
 
 
 def parser() -> argparse.ArgumentParser:

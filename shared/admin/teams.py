@@ -17,6 +17,8 @@ import re
 from dataclasses import replace
 from typing import Any
 
+from shared.admin.cache_options import add_cache_arguments, cache_policy, describe_cache
+from shared.cache.policy import CachePolicy
 from shared.edge.consumers import PRIORITIES, QUOTA_PERIODS, Limits, Team, validate_consumer_id
 from shared.storage.protocols import Conflict, ConsumerStore
 from shared.text import table
@@ -34,6 +36,7 @@ def describe_team(team: Team, members: list[str] | None = None) -> dict[str, Any
         "quota_period": limits.quota_period,
         "budget": limits.budget,
         "budget_period": (limits.budget_period or "monthly") if limits.budget else None,
+        "cache": describe_cache(team.cache),
     }
     if members is not None:
         described["members"] = members
@@ -92,6 +95,7 @@ class TeamAdmin:
                 limits=_team_limits(args, Limits()),
                 deployments=self._deployments(args, None),
                 priority=args.priority or "normal",
+                cache=cache_policy(args, CachePolicy()),
             )
             try:
                 await self.store.create_team(team)
@@ -108,6 +112,7 @@ class TeamAdmin:
                 limits=_team_limits(args, team.limits),
                 deployments=self._deployments(args, team.deployments),
                 priority=args.priority or team.priority,
+                cache=cache_policy(args, team.cache),
                 version=team.version + 1,
             )
             await self.store.put_team(changed)
@@ -157,6 +162,7 @@ def add_parser(commands: Any, whole: Any) -> None:
         parser.add_argument("--deployments", help="comma-separated deployments the team's consumers may use")
         parser.add_argument("--all-deployments", action="store_true", help="allow every deployment")
         parser.add_argument("--priority", choices=PRIORITIES)
+        add_cache_arguments(parser, "the team's consumers (a member's own --cache on takes precedence)")
 
     create = teams.add_parser("create")
     create.add_argument("name")
