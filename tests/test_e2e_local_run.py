@@ -82,3 +82,38 @@ def test_the_console_prints_a_line_per_request_with_the_refusals_reason(
     assert " tok (" in served and ("EUR " in served or "PTU (hourly)" in served)
     assert refused.split()[1] == "404" and refused.endswith("DeploymentNotFound")
     assert key not in gateway.log() and hashlib.sha256(key.encode()).hexdigest() not in gateway.log()
+
+
+def test_usage_and_show_report_cost_and_freshness_from_the_real_tables(
+    e2e: Stack, gateway_factory: Callable[..., stack.Child]
+) -> None:
+    prices = json.dumps({"currency": "EUR", "deployments": {"gpt-4o": {"input": 2.5, "output": 10}}})
+    consumer = unique("spender")
+    key = e2e.create_consumer(consumer, tpm=100_000, deployments=["gpt-4o"])
+    gateway = gateway_factory(regions=[s.region for s in e2e.simulators if not s.region.ptu],
+                              extra={"GATEWAY_PRICES": prices, "GATEWAY_USAGE_FLUSH_S": "0.5"})
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+    answer = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    assert answer.usage is not None
+    cost = (answer.usage.prompt_tokens * 2.5 + answer.usage.completion_tokens * 10) / 1e6
+
+    def cli(*args: str) -> dict[str, object]:
+        env = {**os.environ, "GATEWAY_TABLE_CONNECTION_STRING": stack.table_connection_string(e2e.table_port),
+               "GATEWAY_PRICES": prices}
+        done = subprocess.run([sys.executable, "-m", "shared.admin", "--settings", "", "--json", *args], cwd=stack.ROOT,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        result: dict[str, object] = json.loads(done.stdout)
+        return result
+
+    def reported() -> bool:
+        usage = cli("usage", "--consumer", consumer)["usage"]
+        return bool(usage) and abs(usage[0]["cost"] - cost) < 1e-9  # type: ignore[index]
+
+    wait_for(reported, 20)
+    report = cli("usage", "--consumer", consumer)
+    assert report["currency"] == "EUR" and report["behind_at_most_s"] == 60.0
+    assert isinstance(report["last_written"], str) and report["last_written"].endswith("Z")
+    shown = cli("consumers", "show", consumer)["spend"]
+    assert shown["amount"] == round(cost, 6) and shown["source"] == "usage rows"  # type: ignore[index]
+    assert shown["last_written"] is not None  # type: ignore[index]

@@ -41,7 +41,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -327,13 +327,15 @@ WRITE_TRIES = 5  # a consumer record changed by this many other writes while one
 
 class Admin:
     def __init__(self, store: TableConsumerStore, out: Any = None, *, err: Any = None, json_mode: bool = False,
-                 served: frozenset[str] | None = None, force: bool = False) -> None:
+                 served: frozenset[str] | None = None, force: bool = False,
+                 spend: Callable[[Consumer], Awaitable[dict[str, Any]]] | None = None) -> None:
         self.store = store
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.json_mode = json_mode
         self.served = served  # the deployments the configured backends serve (None: no backends configured here)
         self.force = force
+        self.spend = spend  # this period's spend and how fresh it is, for `show`
 
     def print(self, text: str) -> None:
         print(text, file=self.out)
@@ -463,7 +465,11 @@ class Admin:
         return 0
 
     async def show(self, args: argparse.Namespace) -> int:
-        self.print(json.dumps(describe(await self._existing(args.id)), indent=2))
+        consumer = await self._existing(args.id)
+        shown = describe(consumer)
+        if self.spend is not None:
+            shown["spend"] = await self.spend(consumer)
+        self.print(json.dumps(shown, indent=2))
         return 0
 
     async def _change(self, consumer_id: str, change: Callable[[Consumer], Consumer]) -> Consumer:
@@ -626,9 +632,15 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             from shared.admin.usage_report import report
 
             args.json = args.json or args.json_output
-            return await report(tables, args, sys.stdout)
+            return await report(tables, args, sys.stdout, settings)
         served = settings.deployments() if settings.backends else None
-        admin = Admin(TableConsumerStore(tables), json_mode=args.json_output, served=served)
+        from shared.admin.spend import spend_summary
+        from shared.storage.tables import TableBudgetStore, TableUsageStore
+
+        async def spend(consumer: Consumer) -> dict[str, Any]:
+            return await spend_summary(consumer, TableBudgetStore(tables), TableUsageStore(tables), settings, time.time())
+
+        admin = Admin(TableConsumerStore(tables), json_mode=args.json_output, served=served, spend=spend)
         if args.command == "teams":
             return await TeamAdmin(admin.store, admin.out, _deployments, json_mode=admin.json_mode).run(args)
         action = args.action

@@ -18,6 +18,7 @@ from shared.flow.translate import Operation, Route
 from shared.flow.usage import TokenUsage, combined
 from shared.limits.contract import Ticket
 from shared.telemetry.events import RequestRecord, Telemetry, Trace
+from shared.telemetry.prices import PriceTable
 from shared.telemetry.usage_rows import UsageRecorder
 
 
@@ -27,11 +28,18 @@ class Capacity(Protocol):
 
 
 class Books:
-    def __init__(self, clock: Clock, usage: UsageRecorder, telemetry: Telemetry, capacity: Capacity | None = None) -> None:
+    def __init__(self, clock: Clock, usage: UsageRecorder, telemetry: Telemetry, capacity: Capacity | None = None,
+                 prices: PriceTable | None = None) -> None:
         self._clock = clock
         self._usage = usage
         self._telemetry = telemetry
         self._capacity = capacity
+        self._prices = prices or PriceTable()
+
+    def _cost(self, exchange: Exchange, served: tuple[Backend, TokenUsage | None] | None = None) -> float:
+        """What the answer and the attempts that broke off cost, each at its own backend (a PTU's: 0 at the margin)."""
+        parts = [(a.backend, a.usage) for a in exchange.lost] + ([served] if served is not None else [])
+        return sum(self._prices.cost(exchange.deployment, backend.ptu, usage) for backend, usage in parts)
 
     def settle(self, exchange: Exchange, served: Served) -> int:
         """An answer reached the client (whole, cut, or abandoned): charge the answer's usage plus every attempt whose
@@ -42,7 +50,8 @@ class Books:
         exchange.ticket.settle(spent)
         if self._capacity is not None:
             self._capacity.settled(served.backend, exchange.deployment, served.usage.total if served.usage else 0)
-        self._usage.record(exchange.consumer.id, exchange.deployment, charged)
+        self._usage.record(exchange.consumer.id, exchange.deployment, charged,
+                           cost=self._cost(exchange, (served.backend, served.usage)))
         self._emit_lost(exchange)
         record = self._record(exchange, served.backend, served.status, served.usage, served.model, served.attempts,
                               served.ttft_ms)
@@ -65,7 +74,7 @@ class Books:
         lost = self._lost(exchange)
         spent = held + (lost.total if lost is not None else 0)
         exchange.ticket.settle(spent)
-        self._usage.record(exchange.consumer.id, exchange.deployment, lost)
+        self._usage.record(exchange.consumer.id, exchange.deployment, lost, cost=self._cost(exchange))
         self._emit_lost(exchange)
         record = self._record(exchange, served.backend, served.status, None, served.model, served.attempts, served.ttft_ms)
         self._telemetry.request_done(record, exchange.trace)
@@ -77,7 +86,8 @@ class Books:
         rows and token metrics get the backend's figures under the create operation, its request counted already."""
         if ticket is not None:
             ticket.settle(usage.total - held)
-        self._usage.record(record.consumer_id, record.deployment, usage, requests=0)
+        self._usage.record(record.consumer_id, record.deployment, usage, requests=0,
+                           cost=self._prices.cost(record.deployment, record.ptu, usage))
         self._telemetry.tokens_spent(replace(record, operation=Operation.RESPONSES.operation_id, usage=usage))
 
     def unanswered(self, exchange: Exchange) -> None:
@@ -90,7 +100,7 @@ class Books:
         sent = exchange.timeouts > exchange.timeouts_before or exchange.awaiting_backend
         exchange.ticket.settle(max(exchange.reserve, spent) if sent else spent)
         if lost is not None:
-            self._usage.record(exchange.consumer.id, exchange.deployment, lost)
+            self._usage.record(exchange.consumer.id, exchange.deployment, lost, cost=self._cost(exchange))
         self._emit_lost(exchange)
 
     def moved(self, exchange: Exchange) -> None:

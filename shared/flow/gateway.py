@@ -48,7 +48,7 @@ class Gateway:
             reads=PerKeyRate(services.settings.response_reads_per_s, services.clock),
         )
         self.bodies = BodyBudget(max(services.settings.body_memory_mb << 20, services.settings.max_body_bytes))
-        self.books = Books(services.clock, services.usage, services.telemetry, services.router)
+        self.books = Books(services.clock, services.usage, services.telemetry, services.router, services.settings.prices)
         self.checks = Checks(
             self._deployments, self.pinning, reveal_deployments=services.settings.reveal_deployments,
             api_versions=services.settings.api_versions, catalog=services.settings.catalog,

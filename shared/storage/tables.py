@@ -700,6 +700,7 @@ class TableUsageStore:
                     "tools": json.dumps(dict(row.tools), separators=(",", ":")),
                     "cache_hits": row.cache_hits,
                     "saved": row.saved,
+                    "cost_nanos": row.cost_nanos,
                 }
             )
         for entities in by_partition.values():
@@ -717,8 +718,8 @@ class TableUsageStore:
             legacy = "PartitionKey eq @consumer and " + legacy
             parameters["consumer"] = consumer
         timeout = self._tables.timeout_s * 10
-        entities = await self._tables.call("usage", lambda t: collect(t.query_entities(query, parameters=parameters)), timeout)
-        old = await self._tables.call("usage", lambda t: collect(t.query_entities(legacy, parameters=parameters)), timeout)
+        entities = await self._tables.call("usage", lambda t: _stamped(t.query_entities(query, parameters=parameters)), timeout)
+        old = await self._tables.call("usage", lambda t: _stamped(t.query_entities(legacy, parameters=parameters)), timeout)
         entities += [e for e in old if "consumer" not in e]
         return [
             UsageRow(
@@ -728,9 +729,23 @@ class TableUsageStore:
                 reasoning=int(e.get("reasoning", 0)), counted=int(e.get("counted", 0)),
                 tools=_tool_counts(e.get("tools")),
                 cache_hits=int(e.get("cache_hits", 0)), saved=int(e.get("saved", 0)),
+                cost_nanos=int(e.get("cost_nanos", 0)), written_s=_written_s(e),
             )
             for e in entities
         ]
+
+
+async def _stamped(paged: Any) -> list[dict[str, Any]]:
+    """Entities as dicts, each with the time Table Storage last wrote it (its Timestamp) under "_written_s"."""
+    rows = []
+    async for entity in paged:
+        stamp: Any = getattr(entity, "metadata", {}).get("timestamp")
+        rows.append({**dict(entity), "_written_s": stamp.timestamp() if hasattr(stamp, "timestamp") else 0.0})
+    return rows
+
+
+def _written_s(entity: dict[str, Any]) -> float:
+    return float(entity.get("_written_s") or 0.0)
 
 
 def _tool_counts(value: Any) -> tuple[tuple[str, int], ...]:

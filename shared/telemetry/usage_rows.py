@@ -17,7 +17,7 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from shared.background import keep_running
 from shared.clock import Clock
@@ -55,16 +55,22 @@ class UsageRow:
     # Requests the response cache answered (no backend tokens: none of the figures above), and what they saved.
     cache_hits: int = 0
     saved: int = 0
+    # What these answers cost at the price table's marginal prices, in billionths of its currency (PTU answers: 0).
+    cost_nanos: int = 0
+    # When the store last wrote this row (epoch seconds; 0 in memory): how fresh a report is.
+    written_s: float = field(default=0.0, compare=False)
 
-    def plus(self, usage: TokenUsage | None, requests: int = 1, saved: TokenUsage | None = None) -> UsageRow:
+    def plus(self, usage: TokenUsage | None, requests: int = 1, saved: TokenUsage | None = None,
+             cost_nanos: int = 0) -> UsageRow:
         if saved is not None:
             return replace(self, requests=self.requests + requests, cache_hits=self.cache_hits + requests,
                            saved=self.saved + saved.total)
         if usage is None:
-            return replace(self, requests=self.requests + requests)
+            return replace(self, requests=self.requests + requests, cost_nanos=self.cost_nanos + cost_nanos)
         return replace(
             self,
             requests=self.requests + requests,
+            cost_nanos=self.cost_nanos + cost_nanos,
             prompt=self.prompt + usage.prompt,
             completion=self.completion + usage.completion,
             total=self.total + usage.total,
@@ -92,13 +98,13 @@ class UsageRecorder:
         self.failures = 0
 
     def record(self, consumer_id: str, deployment: str, usage: TokenUsage | None, requests: int = 1,
-               saved: TokenUsage | None = None) -> None:
-        """Add a request's usage; `requests=0` adds tokens settled later for a request already counted; `saved`: a
-        response-cache hit, which used no backend tokens and saved these."""
+               saved: TokenUsage | None = None, cost: float = 0.0) -> None:
+        """Add a request's usage (and its cost); `requests=0` adds tokens settled later for a request already counted;
+        `saved`: a response-cache hit, which used no backend tokens and saved these."""
         hour = hour_key(self._clock.now())
         key = (consumer_id, hour, deployment)
         row = self._rows.get(key) or UsageRow(consumer_id, hour, deployment, self.instance)
-        self._rows[key] = row.plus(usage, requests, saved)
+        self._rows[key] = row.plus(usage, requests, saved, round(cost * 1_000_000_000))
         self._dirty.add(key)
         if self._background:
             self._task = keep_running(self._task, self._flush_forever)
