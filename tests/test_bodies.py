@@ -185,3 +185,29 @@ async def test_every_walk_of_a_large_body_runs_in_the_worker_thread_not_on_the_e
                          "prompt_bound", "backend_body"}
     assert all(threads == {"token-count_0"} for threads in seen.values()), seen
     assert harness.upstream.sent[-1].json["stream_options"] == {"include_usage": True}
+
+
+async def test_a_large_answer_is_read_for_its_usage_in_the_worker_thread(
+    harness: GatewayHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many embeddings make an answer of megabytes; reading its usage means parsing it whole."""
+    import threading
+
+    from shared.flow import backend_api
+    from tests.fakes.upstream import embeddings_body, json_reply
+
+    threads: list[str] = []
+    original = backend_api.usage_from_body
+
+    def recorded(raw: bytes) -> Any:
+        threads.append(threading.current_thread().name)
+        return original(raw)
+
+    monkeypatch.setattr(backend_api, "usage_from_body", recorded)
+    key = harness.consumer("vectors", tpm=10_000_000)
+    big = embeddings_body(inputs=64, dimensions=1536)
+    assert len(big) > 64 * 1024
+    harness.upstream.script("uksouth-ptu", json_reply(big))
+    answer = await harness.post("/v1/embeddings", key, {"model": "text-embedding-3-small", "input": ["a"] * 64})
+    assert answer.status_code == 200 and len(answer.json()["data"]) == 64
+    assert threads == ["token-count_0"]

@@ -12,6 +12,7 @@ Nothing crosses a scope: the scope is part of the key's digest and is checked ag
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import orjson
@@ -24,6 +25,7 @@ from shared.cache.lookup import BYPASS, HIT, MISS, Lookup
 from shared.clock import Clock
 from shared.edge.errors import bad_request
 from shared.edge.messages import GatewayRequest, GatewayResponse
+from shared.flow import offload
 from shared.flow.books import Books
 from shared.flow.end_users import end_user
 from shared.flow.exchange import Checked, Exchange
@@ -60,7 +62,11 @@ class ResponseCache:
         if verdict.bypass:
             return Lookup(BYPASS, reason=verdict.reason)
         scope = scope_of(policy, checked.consumer.id, checked.consumer.team)
-        key = cache_key(scope, operation.path, checked.shape.deployment, checked.api_version, checked.body)
+        material = (scope, operation.path, checked.shape.deployment, checked.api_version, checked.body)
+        if len(request.body) <= offload.ON_LOOP_BYTES:
+            key = cache_key(*material)
+        else:  # a sorted serialisation and a digest of the whole body: milliseconds for a large one
+            key = await offload.run(partial(cache_key, *material))
         if verdict.serve:
             answer = await self._layer.get(key, scope, policy.ttl_s)
             if answer is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from functools import partial
 
 import orjson
 
@@ -17,7 +18,7 @@ from shared.clock import Clock
 from shared.config import Backend, Settings
 from shared.edge.errors import error_body, render
 from shared.edge.messages import GatewayResponse
-from shared.flow import responses, tokens
+from shared.flow import offload, responses, tokens
 from shared.flow.backend_api import api_of
 from shared.flow.books import Books
 from shared.flow.cache import ResponseCache, cache_headers
@@ -62,7 +63,7 @@ class Relay:
         headers = self._headers(exchange, chosen)
         raw = await chosen.answer.read()  # already read by the attempt
         status = chosen.answer.status
-        usage, model = api_of(chosen.backend).usage(raw) if status == 200 else (None, None)
+        usage, model = await _usage(chosen.backend, raw) if status == 200 else (None, None)
         if status == 200 and usage is None:
             # A 200 whose body cannot be read: the backend may still have billed the prompt; charge what we can count.
             usage = await exchange.prompt_only()
@@ -214,6 +215,14 @@ def _stream_error(message: str, relay: SseRelay | responses.ResponsesRelay) -> b
     body = error_body(message, "server_error", "stream_interrupted")
     # The usage chunk the client asked for comes before the error (the SDK raises on the error event).
     return relay.missing_usage() + b"data: " + body + b"\n\n"
+
+
+async def _usage(backend: Backend, raw: bytes) -> tuple[TokenUsage | None, str | None]:
+    """The answer's usage and model: its parse, for a large answer (many embeddings), in the worker thread."""
+    read = api_of(backend).usage
+    if len(raw) <= offload.ON_LOOP_BYTES:
+        return read(raw)
+    return await offload.run(partial(read, raw))
 
 
 def _created(raw: bytes) -> responses.Created | None:
