@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from shared.config import load_settings
-from shared.edge.consumers import Consumer, Limits, hash_key, key_prefix, new_key
+from shared.edge.consumers import Consumer, Limits, Team, UserLimits, hash_key, key_prefix, new_key
 from shared.storage.tables import TableConsumerStore, TableLedgerStore, Tables, TableUsageStore
 from tools import stack
 
@@ -91,6 +91,8 @@ class Stack:
         priority: str = "normal",
         capabilities: Sequence[str] = (),
         enabled: bool = True,
+        team: str | None = None,
+        users: UserLimits | None = None,
     ) -> str:
         key = new_key()
         consumer = Consumer(
@@ -103,6 +105,8 @@ class Stack:
             priority=priority,
             capabilities=frozenset(capabilities),
             enabled=enabled,
+            team=team,
+            users=users or UserLimits(),
         )
 
         async def put(tables: Tables) -> None:
@@ -111,6 +115,17 @@ class Stack:
         self.run(self._with_tables(put))
         self.keys.append(key)
         return key
+
+    def put_team(self, team_id: str, *, tpm: int = 0, quota: int = 0, quota_period: str | None = None) -> None:
+        async def put(tables: Tables) -> None:
+            await TableConsumerStore(tables).put_team(Team(team_id, team_id, Limits(tpm, {}, quota, quota_period)))
+
+        self.run(self._with_tables(put))
+
+    def window(self, ledger_key: str, timeout_s: float = 15.0) -> int:
+        """Tokens a ledger's window holds once every lease on it is released (a team's: team|<id>)."""
+        wait_for(lambda: not self.ledger(ledger_key).leases, timeout_s)
+        return int(sum(self.ledger(ledger_key).windows.get("*", {}).values()))
 
     def rotate_key(self, consumer_id: str) -> str:
         key = new_key()
