@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.outcomes import FailureKind
 from shared.routing.router import Router
 from tests.fakes.gateway import GatewayHarness, three_regions
-from tests.fakes.upstream import error_reply
+from tests.fakes.upstream import Fail, error_reply
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 
@@ -32,6 +33,22 @@ async def test_a_backend_is_claimed_only_for_an_attempt_that_is_made() -> None:
         response = await harness.post("/v1/chat/completions", harness.consumer(), BODY)
         assert response.status_code == 503
         assert claimed == ["uksouth-ptu"] and len(harness.upstream.sent) == 1
+    finally:
+        await harness.close()
+
+
+async def test_a_request_out_of_timeout_replays_claims_no_further_backend() -> None:
+    # GATEWAY_TIMEOUT_REPLAYS=1: after two timeouts the loop stops; claiming the third backend first would leave a
+    # half-open breaker's probe slot taken by a request never sent (the backend then out for the probe timeout).
+    harness = GatewayHarness(three_regions())
+    try:
+        claimed = count_acquires(harness.router)
+        harness.upstream.script("uksouth-ptu", Fail(FailureKind.TIMEOUT))
+        harness.upstream.script("swedencentral", Fail(FailureKind.TIMEOUT))
+        harness.upstream.script("francecentral", Fail(FailureKind.TIMEOUT))
+        response = await harness.post("/v1/chat/completions", harness.consumer(), BODY)
+        assert response.status_code == 504
+        assert len(harness.upstream.sent) == 2 and claimed == [s.backend_id for s in harness.upstream.sent]
     finally:
         await harness.close()
 

@@ -175,12 +175,14 @@ class Failover:
         acquired = self._acquired(candidates, deployment, last_resort, _size(exchange), too_large)
         every_region = True
         for number in range(1, limit + 1):
+            if exchange.timeouts > self._timeout_replays:
+                # Each replay of a request that outruns the timeout may be billed again, and time out again. Checked
+                # before the next backend is claimed: a half-open one claimed and not tried would stay out.
+                every_region = False
+                break
             backend = next(acquired, None)  # claimed only when it is about to be tried
             if backend is None:
                 break
-            if exchange.timeouts > self._timeout_replays:
-                every_region = False
-                break  # each replay of a request that outruns the timeout may be billed again, and time out again
             if previous is not None:
                 self._telemetry.failover(previous.id, backend.id, failures[-1].reason)
             try:
