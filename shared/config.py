@@ -84,6 +84,9 @@ class Backend:
     breaker: BreakerRule = BreakerRule()
     token_scope: str | None = None  # the Entra ID scope of this backend's tokens (auth "identity" only)
     allow_insecure_http: bool = False  # a credential over plain http:// only when the backend says so explicitly
+    # A PTU's stated capacity per deployment, tokens (prompt + completion) a minute: paced to before any 429 taught it
+    # (ptu_tokens_per_minute, or ptu_units x ptu_tokens_per_unit).
+    ptu_tokens_per_minute: Mapping[str, int] = field(default_factory=dict)
 
     def serves(self, deployment: str) -> bool:
         return deployment in self.deployments
@@ -277,7 +280,7 @@ _BACKEND_FIELDS = frozenset(
     {
         "id", "endpoint", "region", "deployments", "priority", "weight", "ptu", "api", "auth", "api_key",
         "api_key_setting", "api_version", "timeout_s", "connect_timeout_s", "reserve_tokens", "breaker",
-        "token_scope", "allow_insecure_http",
+        "token_scope", "allow_insecure_http", "ptu_tokens_per_minute", "ptu_units", "ptu_tokens_per_unit",
     }
 )
 _BREAKER_FIELDS = frozenset(
@@ -324,6 +327,42 @@ def _parse_breaker(f: _Fields) -> BreakerRule:
         timeout_callers=b.integer("timeout_callers", 2, 1, 1000),
     )
     return rule
+
+
+def _per_deployment(f: _Fields, name: str, deployments: Mapping[str, str]) -> dict[str, int]:
+    """A number for every deployment of the backend, or {deployment: number} for some of them."""
+    raw = f.raw[name]
+    values = {d: raw for d in deployments} if not isinstance(raw, dict) else raw
+    parsed: dict[str, int] = {}
+    for deployment, value in values.items():
+        if deployment not in deployments:
+            raise f.fail(f"{name}.{deployment}", "not a deployment of this backend")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10**9:
+            raise f.fail(name if not isinstance(raw, dict) else f"{name}.{deployment}",
+                         f"expected a whole number between 1 and 1e9, got {value!r}")
+        parsed[deployment] = value
+    return parsed
+
+
+def _stated_capacity(f: _Fields, ptu: bool, deployments: Mapping[str, str]) -> dict[str, int]:
+    """ptu_tokens_per_minute, or ptu_units x ptu_tokens_per_unit: only on a PTU backend, one form or the other."""
+    named = [n for n in ("ptu_tokens_per_minute", "ptu_units", "ptu_tokens_per_unit") if n in f.raw]
+    if not named:
+        return {}
+    if not ptu:
+        raise f.fail(named[0], "only a PTU backend (\"ptu\": true) states its capacity")
+    if "ptu_tokens_per_minute" in f.raw:
+        if len(named) > 1:
+            raise f.fail(named[1], "give ptu_tokens_per_minute or ptu_units with ptu_tokens_per_unit, not both")
+        return _per_deployment(f, "ptu_tokens_per_minute", deployments)
+    if len(named) < 2:
+        missing = "ptu_tokens_per_unit" if named == ["ptu_units"] else "ptu_units"
+        raise f.fail(missing, f"{named[0]} needs {missing} (tokens a minute = units x tokens per unit)")
+    units = _per_deployment(f, "ptu_units", deployments)
+    per_unit = _per_deployment(f, "ptu_tokens_per_unit", deployments)
+    for deployment in units.keys() ^ per_unit.keys():
+        raise f.fail("ptu_units", f"{deployment}: give both ptu_units and ptu_tokens_per_unit")
+    return {d: units[d] * per_unit[d] for d in units}
 
 
 def parse_backend(raw: Any, index: int, env: Mapping[str, str], setting: str = "GATEWAY_BACKENDS") -> Backend:
@@ -378,14 +417,17 @@ def parse_backend(raw: Any, index: int, env: Mapping[str, str], setting: str = "
     if endpoint.startswith("http://") and auth != "none" and not allow_insecure_http:
         raise f.fail("endpoint", "http:// would send the backend's key or token in clear text; use https:// "
                                  "(or set allow_insecure_http: true for a backend on a trusted local network)")
+    deployments = _parse_deployments(f)
+    ptu = f.flag("ptu", False)
     return Backend(
         id=backend_id,
         endpoint=endpoint,
         region=f.text("region"),
-        deployments=_parse_deployments(f),
+        deployments=deployments,
         priority=f.integer("priority", 1, 0, 1000),
         weight=weight,
-        ptu=f.flag("ptu", False),
+        ptu=ptu,
+        ptu_tokens_per_minute=_stated_capacity(f, ptu, deployments),
         api=api,  # type: ignore[arg-type]
         auth=auth,  # type: ignore[arg-type]
         api_key=api_key,

@@ -151,10 +151,11 @@ def test_a_follow_up_that_reads_a_stored_response_is_not_charged_to_the_ptu() ->
 # ---- fleets of routers against a simulated PTU -------------------------------------------------------------------
 
 
-def backends(reserve: int = 0) -> tuple[Backend, ...]:
+def backends(reserve: int = 0, stated: int | None = None) -> tuple[Backend, ...]:
     rule = BreakerRule(trip_s=10)
     return (
-        Backend("ptu", "https://ptu.example", "uksouth", {D: D}, priority=1, ptu=True, reserve_tokens=reserve, breaker=rule),
+        Backend("ptu", "https://ptu.example", "uksouth", {D: D}, priority=1, ptu=True, reserve_tokens=reserve, breaker=rule,
+                ptu_tokens_per_minute={D: stated} if stated else {}),
         Backend("sweden", "https://se.example", "swedencentral", {D: D}, priority=2, breaker=rule),
     )
 
@@ -169,11 +170,13 @@ class Fleet:
     reserve: int = 0
     latency_s: float = 0.05
     clock: FakeClock = field(default_factory=FakeClock)
+    stated: int | None = None  # the PTU's stated capacity (ptu_tokens_per_minute)
+    burst_s: float = 60  # the PTU's 100 %: this many seconds of its rate
 
     def __post_init__(self) -> None:
-        self.ptu = LeakyBucket(self.tpm, self.clock.monotonic, burst_s=60)
+        self.ptu = LeakyBucket(self.tpm, self.clock.monotonic, burst_s=self.burst_s)
         breakers, capacity = MemoryBreakerStore(), MemoryCapacityStore()
-        self.backends = backends(self.reserve)
+        self.backends = backends(self.reserve, self.stated)
         self.routers = [
             Router(self.backends, self.clock, NullTelemetry(), breakers,
                    capacity=ProvisionedCapacity(self.backends, self.clock, capacity, f"i{i}"))
@@ -183,6 +186,7 @@ class Fleet:
         self.ptu_tokens: Counter[int] = Counter()  # second -> tokens the PTU admitted
         self.served: list[tuple[float, str, str]] = []  # (time, backend, priority)
         self.ptu_429 = 0
+        self.throttled_at: list[float] = []
         self.attempts_after_ptu_429 = 0
         self.requests = 0
         self.next_sync = 0.0
@@ -217,6 +221,7 @@ class Fleet:
                 verdict = self.ptu.admit(tokens)
                 if not verdict.admitted:
                     self.ptu_429 += 1
+                    self.throttled_at.append(self.clock.monotonic())
                     router.record_failure(backend, D, 429, {"retry-after-ms": str(math.ceil(verdict.retry_after_s * 1000))})
                     continue
                 self.ptu_tokens[int(self.clock.monotonic() - 1000)] += tokens
@@ -328,3 +333,61 @@ async def test_one_429_shaped_as_a_ptus_from_an_idle_ptu_paces_it_for_at_most_a_
     late = [b for t, b, _ in fleet.served if t >= start + 2.0 + FRESH_S + 0.5]  # a minute after the instant it named
     assert late and set(late) == {"ptu"}
     assert "sweden" in [b for t, b, _ in fleet.served if t < start + FRESH_S]  # (believed until then)
+
+
+# ---- a stated capacity: paced before the first 429 ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("instances", [1, 4])
+async def test_a_stated_capacity_paces_a_cold_burst_with_no_learning_phase(instances: int) -> None:
+    cold = Fleet(n=instances, burst_s=10)
+    await cold.run(60, rate=12)  # five times what the PTU takes, from cold
+    stated = Fleet(n=instances, burst_s=10, stated=30_000)
+    await stated.run(60, rate=12)
+    # Learning costs a run of 429s at the start (two instants at least 1 s apart teach the rate); stated, the pace is
+    # right from the first call, and a 429 comes only when the probe looks for more than was stated.
+    assert cold.ptu_429 >= 5 and stated.ptu_429 <= min(4, cold.ptu_429 / 4), (cold.ptu_429, stated.ptu_429)
+    assert all(t > 1000 + 30 for t in stated.throttled_at)  # none before the probe's first step
+    assert stated.utilisation(5, 60) >= 0.95  # and the PTU is kept full all the same
+    model = stated.routers[0].capacity.model("ptu", D)
+    assert model is not None and model.stated == pytest.approx(500)
+
+
+async def test_a_stated_capacity_above_the_truth_is_corrected_by_the_429s_it_brings() -> None:
+    fleet = Fleet(burst_s=10, stated=60_000)  # twice what the PTU takes
+    await fleet.run(90, rate=12)
+    model = fleet.routers[0].capacity.model("ptu", D)
+    assert model is not None and model.learnt and model.rate == pytest.approx(500, rel=0.08)
+    requests = fleet.requests
+    before = fleet.ptu_429
+    await fleet.run(60, rate=12)
+    assert fleet.ptu_429 - before <= 0.02 * (fleet.requests - requests)
+    assert fleet.utilisation(95, 150) >= 0.95
+
+
+async def test_a_stated_capacity_below_the_truth_is_probed_upward() -> None:
+    fleet = Fleet(burst_s=10, stated=15_000)  # half what the PTU takes: it never refuses at that pace
+    await fleet.run(150, rate=12)
+    assert fleet.utilisation(120, 150) >= 0.95  # the probe found the rest
+
+
+async def test_when_the_evidence_is_gone_the_pace_is_the_stated_capacity_again_not_nothing() -> None:
+    fleet = Fleet(n=1, burst_s=10, stated=30_000, tpm=30_000)
+    model = fleet.routers[0].capacity.model("ptu", D)
+    assert model is not None
+    fleet.ptu.resize(20_000, None)  # fewer PTUs than stated: 429s teach the smaller rate
+    await fleet.run(60, rate=12)
+    assert model.learnt and model.rate == pytest.approx(333, rel=0.1)
+    last = fleet.ptu_429
+    fleet.ptu.resize(3_000_000, None)  # then it takes everything: no 429 again
+    await fleet.run(FRESH_S + 10, rate=12)
+    assert fleet.ptu_429 == last and not model.learnt
+    assert model.pacer is not None and model.rate is not None and model.rate >= 500  # paced (stated, or probed above)
+
+
+def test_health_shows_a_stated_capacity_until_one_is_learnt() -> None:
+    clock = FakeClock()
+    capacity = ProvisionedCapacity(backends(stated=30_000), clock)
+    assert capacity.health("ptu", D) == {"stated_tokens_per_minute": 30_000,
+                                         "instance_share_tokens_per_minute": 30_000, "diverted": 0}
+    assert ProvisionedCapacity(backends(), clock).health("ptu", D) is None

@@ -186,3 +186,43 @@ def test_the_cache_blob_endpoint_follows_the_tables_account_or_its_setting() -> 
     with pytest.raises(ConfigError, match="GATEWAY_BLOB_ENDPOINT"):
         load_settings({**base, "GATEWAY_TABLE_ENDPOINT": "https://a.table.core.windows.net",
                        "GATEWAY_BLOB_ENDPOINT": "ftp://x"}, require_backends=False)
+
+
+PTU = {**BACKEND, "ptu": True, "deployments": ["gpt-4o", "gpt-4o-mini"]}
+
+
+@pytest.mark.parametrize(
+    ("fields", "stated"),
+    [
+        ({"ptu_tokens_per_minute": 30000}, {"gpt-4o": 30000, "gpt-4o-mini": 30000}),
+        ({"ptu_tokens_per_minute": {"gpt-4o": 30000}}, {"gpt-4o": 30000}),
+        ({"ptu_units": 15, "ptu_tokens_per_unit": 2500}, {"gpt-4o": 37500, "gpt-4o-mini": 37500}),
+        ({"ptu_units": {"gpt-4o": 15, "gpt-4o-mini": 25}, "ptu_tokens_per_unit": {"gpt-4o": 2500, "gpt-4o-mini": 37000}},
+         {"gpt-4o": 37500, "gpt-4o-mini": 925000}),
+        ({}, {}),
+    ],
+)
+def test_a_ptu_states_its_capacity(fields: dict[str, Any], stated: dict[str, int]) -> None:
+    (backend,) = load_settings(env({**PTU, **fields})).backends
+    assert dict(backend.ptu_tokens_per_minute) == stated
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"ptu": False, "ptu_tokens_per_minute": 30000}, "ptu_tokens_per_minute: only a PTU backend"),
+        ({"ptu_tokens_per_minute": 0}, "ptu_tokens_per_minute: expected a whole number"),
+        ({"ptu_tokens_per_minute": "30k"}, "ptu_tokens_per_minute: expected a whole number"),
+        ({"ptu_tokens_per_minute": True}, "ptu_tokens_per_minute: expected a whole number"),
+        ({"ptu_tokens_per_minute": {"gpt-5": 1000}}, "ptu_tokens_per_minute.gpt-5: not a deployment of this backend"),
+        ({"ptu_tokens_per_minute": {"gpt-4o": 1.5}}, "ptu_tokens_per_minute.gpt-4o: expected a whole number"),
+        ({"ptu_tokens_per_minute": 1000, "ptu_units": 1}, "not both"),
+        ({"ptu_units": 15}, "ptu_tokens_per_unit: ptu_units needs ptu_tokens_per_unit"),
+        ({"ptu_tokens_per_unit": 2500}, "ptu_units: ptu_tokens_per_unit needs ptu_units"),
+        ({"ptu_units": {"gpt-4o": 1}, "ptu_tokens_per_unit": {"gpt-4o-mini": 2}}, "give both ptu_units and ptu_tokens_per_unit"),
+    ],
+)
+def test_a_bad_stated_capacity_fails_at_start_up(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(env({**PTU, **fields}))
+    assert message in str(raised.value) and "GATEWAY_BACKENDS[0]" in str(raised.value)

@@ -165,6 +165,7 @@ class Region:
     completion_tokens: int = 40  # what the simulated region generates when a request sets no max_tokens
     ptu_burst_s: float | None = None  # a PTU region: seconds of its rate that are 100 % utilisation (None: 60)
     breaker: Mapping[str, Any] = field(default_factory=dict)
+    state_capacity: bool = False  # a PTU region: the gateway is told its chat capacity (ptu_tokens_per_minute)
 
     def backend(self) -> dict[str, Any]:
         backend: dict[str, Any] = {
@@ -185,6 +186,8 @@ class Region:
             backend["timeout_s"] = self.timeout_s
         if self.breaker:
             backend["breaker"] = dict(self.breaker)
+        if self.ptu and self.state_capacity:
+            backend["ptu_tokens_per_minute"] = {"gpt-4o": self.chat_tpm, "gpt-4o-mini": self.chat_tpm}
         return backend
 
 

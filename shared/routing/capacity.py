@@ -24,6 +24,10 @@ What is learnt lives only as long as its evidence. Only a 429 shaped as a provis
 teaches nothing. A pace that no new 429 confirms is probed upward once the silence is longer than the pace itself
 explains, and a minute after the newest 429 anyone was told the model forgets the rate altogether: a PTU that has not
 refused anything for that long is sent everything, whatever was learnt before, so an idle PTU is never starved.
+
+A PTU may also state its capacity (`ptu_tokens_per_minute`, docs/ptu.md): then it is paced to that from its first call,
+with no learning phase; 429s refine it while their evidence is fresh (and the probe raises it while it overflows
+without them), and when the evidence is gone the pace is the stated capacity again, not nothing.
 """
 
 from __future__ import annotations
@@ -170,6 +174,7 @@ class PtuModel:
     deployment: str
     instance: str
     reserve_tokens: int = 0  # kept, across all instances, for high-priority consumers
+    stated: float | None = None  # the capacity the operator stated, tokens/s: the pace before (and after) evidence
     charges: deque[tuple[float, float]] = field(default_factory=deque)
     ready: deque[float] = field(default_factory=deque)
     rate: float | None = None  # learnt drain rate, tokens/s (None: never throttled, nothing to pace)
@@ -189,8 +194,14 @@ class PtuModel:
     _need: float = 0.0  # what the latest call may take (prompt + max tokens), an upper bound on a 429's overshoot
     _evidence: float = -math.inf  # the newest instant any instance was told (wall time): what keeps the rate alive
     _run_from: float = -math.inf  # when the rate was last forgotten: instants before then are not paired with later ones
+    _learnt: bool = False  # the rate comes from 429s (else from the stated capacity)
 
     # ---- per call (monotonic `mono`, wall `now`) ------------------------------------------------------------------
+
+    @property
+    def learnt(self) -> bool:
+        """The rate comes from 429s (else from the stated capacity)."""
+        return self._learnt
 
     @property
     def evidence_at(self) -> float:
@@ -207,11 +218,15 @@ class PtuModel:
         self._need = float(need_tokens)
         quiet = self._decayed_quiet(mono) <= (self.share if self.share is not None else math.inf)
         self._offer(cost, mono)
-        if self.pacer is None:
-            return True
-        if now - self._evidence > FRESH_S:
-            self._forget(now)  # at once, not at the next sync: the evidence is gone
-            return True
+        stale = now - self._evidence > FRESH_S
+        if self.pacer is None or (stale and self._learnt):
+            if self.stated is None:
+                if self.pacer is not None:
+                    self._forget(now)  # at once, not at the next sync: the evidence is gone
+                return True
+            self._learn(now, mono)  # paced to the stated capacity (again)
+            if self.pacer is None:
+                return True
         reserve = 0.0 if high else self._my_reserve()
         if self.pacer.allows(cost, reserve, quiet, mono):
             return True
@@ -240,6 +255,10 @@ class PtuModel:
             if self.rate is None and retry_after_s > 0:
                 self._first_wait = retry_after_s
             self._probe_step = PROBE_STEP[0]
+            if not self._learnt and self.stated is not None and self.rate is not None:
+                # The probe took a stated pace past what the PTU takes: back to the statement until two instants
+                # say what it is (one alone says nothing, and the probed pace would meet a 429 at every trip's end).
+                self.rate = min(self.rate, self.stated)
             self._learn(now, mono)  # at once: a lone instance must not wait for the next sync to start pacing
 
     def returned(self, charged: float, now: float, mono: float) -> None:
@@ -285,8 +304,10 @@ class PtuModel:
             ready.extend(other.ready)
             known_until = min(known_until, other.at)
         self._evidence = max(ready, default=-math.inf)
-        if now - self._evidence > FRESH_S:
+        stale = now - self._evidence > FRESH_S
+        if stale and (self._learnt or self.stated is None):
             self._forget(now)  # nobody has been told anything lately: whatever was learnt has no evidence left
+        if stale and self.stated is None:
             return
         # Instants from before the rate was forgotten are not paired with newer ones: in the silence between them the
         # PTU may have idled (drained less than its rate), and a rate learnt across it would be too low.
@@ -297,23 +318,30 @@ class PtuModel:
             learnt = learnt_rate(charges, ready, known_until)
             if learnt is not None:  # what the PTU said since the last time: the rate is what it is
                 self.rate = learnt
+                self._learnt = True
                 self._learnt_from = latest_known
                 self._probe_step = PROBE_STEP[0]
         if self.rate is None:
             # Until everyone has reported past this instance's 429s, its own charges give a first rate; it can only
             # be low (others' admissions are missing), and the next round with everyone's corrects it.
             local = learnt_rate(self.charges, [t for t in self.ready if t > self._run_from], now)
-            adopted = [o.rate for o in self._others.values() if o.rate]
+            adopted = [o.rate for o in self._others.values() if o.rate] if not stale else []
+            self._learnt = local is not None or bool(adopted)
             if local is not None:
                 self.rate = local
             elif adopted:
                 self.rate = max(adopted)  # a newcomer starts from what the others learnt
+            elif self.stated is not None:
+                self.rate = self.stated  # better than one 429's bound, which errs high
+                # The silence the probe looks for starts now: before this pace, the PTU was not paced at all.
+                self._probed_at = max(self._probed_at, now)
             elif self._first_wait and self.cost > 0:
                 # One 429 and nothing else: the call that took the PTU over 100 % took it over by at most its own
                 # charge, so the PTU drains at least a call's cost per wait; the call's prompt and max tokens (what the
                 # PTU charges on admission) bound the overshoot from above, so this first pace errs high, and the
                 # 429s it brings are the instants that say better.
                 self.rate = max(self.call_cost(0), self._need) / self._first_wait
+                self._learnt = True
             else:
                 return
         demand = self._decayed_demand(mono)
@@ -335,7 +363,9 @@ class PtuModel:
         # Room for the reserve, one call, and a second of share: refill is never clipped while a call waits for it.
         cap = reserve + self.call_cost(0) + share * BURST_S
         if self.pacer is None:
-            self.pacer = Pacer(share, cap, 0.0, mono)  # the PTU just said it is full: nothing saved yet
+            # After a 429 the PTU is full: nothing saved yet. Paced to a stated capacity before any, it is presumed
+            # idle: a second of its share may go at once.
+            self.pacer = Pacer(share, cap, 0.0 if not stale else cap, mono)
         else:
             self.pacer.resize(share, cap, mono)
 
@@ -343,6 +373,7 @@ class PtuModel:
         if self.rate is not None:
             self._run_from = now
         self.rate = self.share = self.pacer = None
+        self._learnt = False
         self._first_wait = 0.0
         self._probe_step = PROBE_STEP[0]
         self._probed_at = -math.inf

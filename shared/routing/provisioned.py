@@ -30,7 +30,8 @@ class ProvisionedCapacity:
         self._sync_s = sync_s
         self.instance = instance
         self._models = {
-            (b.id, d): PtuModel(b.id, d, instance, b.reserve_tokens) for b in backends if b.ptu for d in b.deployments
+            (b.id, d): PtuModel(b.id, d, instance, b.reserve_tokens, stated=_per_second(b.ptu_tokens_per_minute.get(d)))
+            for b in backends if b.ptu for d in b.deployments
         }
         self._task: asyncio.Task[None] | None = None
         self.sync_failures = 0
@@ -40,8 +41,12 @@ class ProvisionedCapacity:
 
     def health(self, backend_id: str, deployment: str) -> dict[str, Any] | None:
         model = self._models.get((backend_id, deployment))
-        if model is None or model.rate is None:
+        if model is None or (model.rate is None and model.stated is None):
             return None
+        if model.rate is None or not model.learnt:
+            stated = model.stated or 0.0
+            return {"stated_tokens_per_minute": round(stated * 60),
+                    "instance_share_tokens_per_minute": round((model.share or stated) * 60), "diverted": model.diverted}
         return {
             "learnt_tokens_per_minute": round(model.rate * 60),
             "instance_share_tokens_per_minute": round((model.share or 0.0) * 60),
@@ -79,3 +84,7 @@ class ProvisionedCapacity:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+
+
+def _per_second(tokens_per_minute: int | None) -> float | None:
+    return tokens_per_minute / 60 if tokens_per_minute else None
