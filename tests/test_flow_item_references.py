@@ -128,3 +128,20 @@ async def test_a_streamed_responses_items_are_recorded_before_its_end_reaches_th
     assert any(b"response.completed" in c for c in chunks)  # it came, and only once the item was recorded
     assert harness.response_store.records["item:rs_secret"].backend_id == "uksouth-ptu"
     assert "item:msg_owned" not in harness.response_store.records  # an unstored message cannot be referenced
+
+
+async def test_a_background_responses_items_can_be_referenced_once_it_was_read_finished(harness: GatewayHarness) -> None:
+    key = harness.consumer("owner")
+    client = harness.openai(key)
+    queued = orjson.loads(made("resp_bg"))
+    queued.update(status="queued", usage=None, background=True)
+    harness.upstream.script("uksouth-ptu", json_reply(orjson.dumps(queued)),
+                            json_reply(orjson.dumps({**orjson.loads(made("resp_bg", MESSAGE)), "background": True})))
+    await client.responses.create(model="gpt-4o", input="later", background=True)
+    reference = {"model": "gpt-4o", "input": [{"type": "item_reference", "id": "msg_owned"}]}
+    assert (await harness.post("/v1/responses", key, reference)).status_code == 404  # not known yet
+    await client.responses.retrieve("resp_bg")  # finished: settled, and its items recorded
+    assert harness.response_store.records["item:msg_owned"].consumer_id == "owner"
+    assert (await harness.post("/v1/responses", key, reference)).status_code == 200
+    other = harness.consumer("other")
+    assert (await harness.post("/v1/responses", other, reference)).status_code == 404

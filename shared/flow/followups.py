@@ -108,6 +108,10 @@ class FollowUps:
         model = response.get("model")
         self.books.settle_later(ticket, holder.record.charged, usage,
                                 replace(record, model=model if isinstance(model, str) else ""))
+        # Its output was not known when it was created: its items can be referenced from now on.
+        finished = responses.created_from_object(response)
+        if finished is not None and finished.items:
+            await self.pinning.remember_items(finished.items, holder.backend, consumer.id, holder.record.deployment)
 
     async def _send(
         self, request: GatewayRequest, route: Route, holder: Holder, api_version: str | None, trace: Trace

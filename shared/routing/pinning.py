@@ -138,9 +138,18 @@ class Pinning:
                 created.response_id, backend.id, consumer_id, deployment, expires,
                 context_tokens(usage), charged_until_settled is not None, charged_until_settled or 0,
             )))
-        for written, key in zip(await asyncio.gather(*writes), [*map(item_key, created.items), created.response_id],
-                                strict=False):
-            if not written:
+        self._count_unwritten(await asyncio.gather(*writes), [*map(item_key, created.items), created.response_id])
+
+    async def remember_items(self, items: tuple[str, ...], backend: Backend, consumer_id: str, deployment: str) -> None:
+        """Record where the output items of a response already recorded live (a background response read finished)."""
+        expires = self._clock.now() + self._retention_s
+        writes = [self._put(StoredResponse(item_key(item), backend.id, consumer_id, deployment, expires))
+                  for item in items]
+        self._count_unwritten(await asyncio.gather(*writes), [item_key(item) for item in items])
+
+    def _count_unwritten(self, written: list[bool], keys: list[str]) -> None:
+        for ok, key in zip(written, keys, strict=False):
+            if not ok:
                 self.unrecorded += 1
                 log.warning("could not record where %s is stored; requests naming it will be refused", key)
 
