@@ -211,3 +211,21 @@ async def test_a_large_answer_is_read_for_its_usage_in_the_worker_thread(
     answer = await harness.post("/v1/embeddings", key, {"model": "text-embedding-3-small", "input": ["a"] * 64})
     assert answer.status_code == 200 and len(answer.json()["data"]) == 64
     assert threads == ["token-count_0"]
+
+
+async def test_a_stream_dropped_before_its_first_chunk_still_gives_its_share_back() -> None:
+    """The client left before the answer started: the framework never iterates the stream, nor closes it."""
+    budget = BodyBudget(100)
+
+    async def chunks() -> Any:
+        yield b"never read"
+
+    held = Held(budget)
+    held.weight = await budget.take(70)
+    stream = held.until_done(chunks())
+    assert budget.used == 70
+    del stream
+    gc.collect()
+    await asyncio.sleep(0)  # given back on the event loop
+    assert budget.used == 0
+    assert await budget.take(100) == 100

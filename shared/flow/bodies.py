@@ -95,14 +95,39 @@ class Held:
             self._budget.give_back(self.weight)
             self.weight = 0
 
-    async def until_done(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    def until_done(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """`chunks`, giving the share back when they end, fail, are closed, or are dropped unread."""
+        return _Releasing(self, chunks)
+
+
+class _Releasing:
+    """An async iterator, not a generator: a generator never started runs no `finally`, so a stream the framework
+    dropped before its first chunk (the client gone before the answer started) would keep its share for good. Dropped,
+    this object gives the share back on the event loop, whichever thread the collector ran in."""
+
+    def __init__(self, held: Held, chunks: AsyncIterator[bytes]) -> None:
+        self._held = held
+        self._chunks = chunks
+        self._loop = asyncio.get_running_loop()
+
+    def __aiter__(self) -> _Releasing:
+        return self
+
+    async def __anext__(self) -> bytes:
         try:
-            async for chunk in chunks:
-                yield chunk
+            return await self._chunks.__anext__()
+        except BaseException:
+            self._held.give_back()
+            raise
+
+    async def aclose(self) -> None:
+        try:
+            aclose = getattr(self._chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
         finally:
-            aclose = getattr(chunks, "aclose", None)
-            try:
-                if aclose is not None:
-                    await aclose()
-            finally:
-                self.give_back()
+            self._held.give_back()
+
+    def __del__(self) -> None:
+        if self._held.weight and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._held.give_back)
