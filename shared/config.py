@@ -31,6 +31,7 @@ DEFAULT_METRIC_DIMENSIONS = (
     "Location",
     "Deployment",
     "Model",
+    "Team",
 )
 ALL_METRIC_DIMENSIONS = DEFAULT_METRIC_DIMENSIONS + ("Gateway ID", "Stream")
 MAX_METRIC_DIMENSIONS = 10

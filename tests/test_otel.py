@@ -33,6 +33,7 @@ def record(**changes: Any) -> RequestRecord:
         consumer_id="team-a", client_ip="10.1.2.3", api="openai-v1", operation="ChatCompletions_Create", user_id="alice",
         deployment="gpt-4o", status=200, duration_ms=12.5, stream=True, backend_id="uk-ptu", region="uksouth", ptu=True,
         model="gpt-4o-2024-11-20", usage=TokenUsage(100, 20, 120, cached=64, reasoning=5), ttft_ms=3.0, attempts=1,
+        team="search",
     )
     base.update(changes)
     return RequestRecord(**base)
@@ -107,6 +108,7 @@ def test_token_metrics_have_apim_names_and_dimensions() -> None:
     assert dimensions == {
         "Subscription ID": "team-a", "Client IP": "10.1.2.0", "API ID": "openai-v1", "Operation ID": "ChatCompletions_Create",
         "User ID": "alice", "Backend ID": "uk-ptu", "Location": "uksouth", "Deployment": "gpt-4o", "Model": "gpt-4o-2024-11-20",
+        "Team": "search",
     }
     requests = metrics[names.GATEWAY_REQUESTS]
     assert sum(v for v, _ in requests) == 2 and requests[0][1][names.PTU] == "true"
@@ -289,6 +291,7 @@ def test_one_log_record_per_request_with_tokens_source_attempts_latency_and_cost
     sink.request_done(record(ptu=False, usage=TokenUsage(10, 5, 15, reported=False), stream=True))
     first, throttled, counted = log_records()
     assert first["microsoft.custom_event.name"] == "GatewayLlmLog"
+    assert first["Team"] == "search"
     assert first["microsoft.custom_measurements"] == {
         "Prompt Tokens": 100, "Completion Tokens": 20, "Cached Tokens": 64, "Reasoning Tokens": 5, "Total Tokens": 120,
         "Attempts": 2, "Fallback Step": 0, "Duration Ms": 12.5, "Time To First Token Ms": 3.0,
@@ -308,7 +311,7 @@ def test_one_log_record_per_request_with_tokens_source_attempts_latency_and_cost
     assert sum(v for v, _ in costs) == pytest.approx(
         sum(r["microsoft.custom_measurements"]["Cost"] for r in log_records())
     )
-    assert costs[0][1] == {"Subscription ID": "team-a", "Deployment": "gpt-4o", "Backend ID": "uk-ptu"}
+    assert costs[0][1] == {"Subscription ID": "team-a", "Deployment": "gpt-4o", "Backend ID": "uk-ptu", "Team": "search"}
 
 
 def test_ptu_answers_log_zero_cost_and_emit_no_cost_points() -> None:

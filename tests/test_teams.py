@@ -138,3 +138,13 @@ async def test_admin_refuses_what_would_leave_a_consumer_in_no_team(argv: list[s
     with pytest.raises(SystemExit, match=message):
         await run(store, *argv)
     assert not store.consumers and not store.teams
+
+
+def test_the_usage_report_sums_per_team_by_each_consumers_team() -> None:
+    from shared.admin.usage_report import UsageTotal, by_team, format_report
+
+    totals = [UsageTotal("a", "gpt-4o", 2, 10, 5, 15, 0, {}, 0.5), UsageTotal("b", "gpt-4o", 1, 4, 1, 5, 0, {}, 0.25),
+              UsageTotal("a", "mini", 1, 1, 1, 2, 0, {}, 0.0), UsageTotal("loner", "gpt-4o", 3, 3, 3, 6, 0, {}, 1.0)]
+    teams = by_team(totals, {"a": "search", "b": "search", "loner": None})
+    assert [(t.consumer, t.requests, t.total, t.cost) for t in teams] == [("(no team)", 3, 6, 1.0), ("search", 4, 22, 0.75)]
+    assert format_report("daily", teams, "EUR", "team").splitlines()[1].split()[0] == "team"

@@ -619,6 +619,7 @@ def parser() -> argparse.ArgumentParser:
     usage.add_argument("--period", default="daily", choices=QUOTA_PERIODS)
     usage.add_argument("--at", help="a time inside the period (ISO 8601, UTC); default now")
     usage.add_argument("--consumer")
+    usage.add_argument("--by-team", action="store_true", help="sum per team (each consumer's current team)")
     usage.add_argument("--json", action="store_true")
 
     commands.add_parser("query", help="run a KQL query against Application Insights", add_help=False)

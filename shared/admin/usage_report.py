@@ -48,6 +48,18 @@ def summarize(rows: Iterable[UsageRow]) -> list[UsageTotal]:
     return [UsageTotal(c, d, v[0], v[1], v[2], v[3], v[4], tools[(c, d)], v[5] / NANOS) for (c, d), v in sorted(sums.items())]
 
 
+def by_team(totals: Iterable[UsageTotal], team_of: dict[str, str | None]) -> list[UsageTotal]:
+    """The totals summed per team (consumer = the team's id, "(no team)" for consumers in none; deployment "(all)"),
+    by each consumer's team now: a consumer moved between teams is billed to its current one."""
+    sums: dict[str, list[float]] = {}
+    for t in totals:
+        acc = sums.setdefault(team_of.get(t.consumer) or "(no team)", [0, 0, 0, 0, 0, 0.0])
+        for i, v in enumerate((t.requests, t.prompt, t.completion, t.total, t.cached, t.cost)):
+            acc[i] += v
+    return [UsageTotal(team, "(all)", int(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4]), {}, v[5])
+            for team, v in sorted(sums.items())]
+
+
 def last_written(rows: Iterable[UsageRow]) -> float | None:
     """When the newest of these rows was written (epoch seconds), if the store said."""
     stamps = [r.written_s for r in rows if r.written_s > 0]
@@ -69,8 +81,8 @@ def period_hours(period: str, at_s: float) -> tuple[str, str, str]:
     return key, hour_key(start), hour_key(end)
 
 
-def format_report(label: str, totals: list[UsageTotal], currency: str | None = None) -> str:
-    columns = ["consumer", "deployment", "requests", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens"]
+def format_report(label: str, totals: list[UsageTotal], currency: str | None = None, first: str = "consumer") -> str:
+    columns = [first, "deployment", "requests", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens"]
     rows: list[list[object]] = [[t.consumer, t.deployment, t.requests, t.prompt, t.completion, t.total, t.cached] for t in totals]
     if currency is not None:
         columns.append(f"cost_{currency}")
@@ -109,6 +121,10 @@ async def report(tables: Any, args: Any, out: TextIO, settings: Settings | None 
     label, first, after = period_hours(args.period, at)
     rows = await TableUsageStore(tables).query(args.consumer, first, after)
     totals = summarize(rows)
+    if getattr(args, "by_team", False):
+        from shared.storage.tables import TableConsumerStore
+
+        totals = by_team(totals, {c.id: c.team for c in await TableConsumerStore(tables).list_consumers()})
     flush_s = settings.usage_flush_s if settings is not None else 60.0
     currency = settings.prices.currency if settings is not None and settings.prices.deployments else None
     written = last_written(rows)
@@ -119,6 +135,7 @@ async def report(tables: Any, args: Any, out: TextIO, settings: Settings | None 
             "behind_at_most_s": flush_s,
         }, indent=2), file=out)
     else:
-        print(format_report(f"{args.period} period {label}", totals, currency), file=out)
+        print(format_report(f"{args.period} period {label}", totals, currency,
+                            "team" if getattr(args, "by_team", False) else "consumer"), file=out)
         print(freshness(written, flush_s, time.time()), file=out)
     return 0

@@ -32,6 +32,7 @@ TOKENS_SAVED = "Tokens Saved"  # what the backend billed for the answers that ca
 
 # Dimension names.
 SUBSCRIPTION_ID = "Subscription ID"
+TEAM = "Team"  # the consumer's team ("" for none): one per consumer, so it adds no series
 CLIENT_IP = "Client IP"
 API_ID = "API ID"
 OPERATION_ID = "Operation ID"

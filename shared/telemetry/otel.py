@@ -71,6 +71,7 @@ _DIMENSIONS: dict[str, Callable[[RequestRecord], str]] = {
     names.DEPLOYMENT: lambda r: r.deployment,
     names.MODEL: lambda r: r.model,
     names.STREAM: lambda r: "true" if r.stream else "false",
+    names.TEAM: lambda r: r.team,
 }
 
 
@@ -218,7 +219,7 @@ TOKEN_FIELDS = (
 )
 REQUEST_DIMENSIONS = (
     names.SUBSCRIPTION_ID, names.API_ID, names.OPERATION_ID, names.BACKEND_ID, names.LOCATION, names.DEPLOYMENT,
-    names.STATUS_CODE, names.PTU,
+    names.STATUS_CODE, names.PTU, names.TEAM,
 )
 # Under series pressure a new combination gives these up first, level by level; the consumer, deployment and backend
 # (bounded by configuration) are always kept.
@@ -226,8 +227,8 @@ COLLAPSE = (
     (names.USER_ID, names.CLIENT_IP),
     (names.MODEL, names.OPERATION_ID, names.API_ID, names.STREAM, names.GATEWAY_ID, names.STATUS_CODE),
 )
-COST_DIMENSIONS = (names.SUBSCRIPTION_ID, names.DEPLOYMENT, names.BACKEND_ID)
-KEEP = (names.SUBSCRIPTION_ID, names.DEPLOYMENT, names.BACKEND_ID, names.LOCATION, names.PTU)
+COST_DIMENSIONS = (names.SUBSCRIPTION_ID, names.DEPLOYMENT, names.BACKEND_ID, names.TEAM)
+KEEP = (names.SUBSCRIPTION_ID, names.DEPLOYMENT, names.BACKEND_ID, names.LOCATION, names.PTU, names.TEAM)
 
 
 class OtelTelemetry:
@@ -306,7 +307,7 @@ class OtelTelemetry:
         status = str(record.status)
         self.requests.add((
             record.consumer_id, record.api, record.operation, record.backend_id, record.region, record.deployment,
-            status, "true" if record.ptu else "false",
+            status, "true" if record.ptu else "false", record.team,
         ), (1,))
         self._duration.record(
             record.duration_ms,
@@ -355,7 +356,7 @@ class OtelTelemetry:
             )
             cost = self._prices.cost(record.deployment, record.ptu, usage)
             if cost:
-                self.costs.add((record.consumer_id, record.deployment, record.backend_id), (cost,))
+                self.costs.add((record.consumer_id, record.deployment, record.backend_id, record.team), (cost,))
             for tool, calls in usage.tools:  # rare: counted directly, bounded by consumers x deployments x 6 tools
                 self._tool_calls.add(calls, {names.SUBSCRIPTION_ID: record.consumer_id,
                                              names.DEPLOYMENT: record.deployment, names.TOOL: tool})
@@ -390,7 +391,7 @@ class OtelTelemetry:
         if record.cache == "hit":
             cost = self._prices.cost(record.deployment, record.ptu, None, record.saved)
             if cost:
-                self.costs.add((record.consumer_id, record.deployment, record.backend_id), (cost,))
+                self.costs.add((record.consumer_id, record.deployment, record.backend_id, record.team), (cost,))
 
 
 def _whole(value: float) -> int | float:

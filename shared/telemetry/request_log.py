@@ -77,6 +77,7 @@ class RequestLog:
             CUSTOM_EVENT: EVENT_NAME,
             MEASUREMENTS: json.dumps(measurements, separators=(",", ":")),
             names.SUBSCRIPTION_ID: _text(record.consumer_id),
+            names.TEAM: _text(record.team),
             names.DEPLOYMENT: _text(record.deployment),
             names.REQUESTED_DEPLOYMENT: _text(record.requested or record.deployment),
             names.MODEL: _text(record.model),
