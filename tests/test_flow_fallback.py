@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from shared.admin.cli import Admin, parser
+from shared.cache.policy import CachePolicy
 from shared.flow.tokens import count_chat_prompt, encoding_for
 from shared.limits.ledger import deployment_scope
 from shared.outcomes import FailureKind
@@ -360,3 +361,23 @@ async def test_the_admin_cli_turns_a_consumers_fallback_off_and_on_again() -> No
     assert (await store.get("plain")).fallback is True  # type: ignore[union-attr]
     with pytest.raises(SystemExit):
         parser().parse_args(["consumers", "set", "plain", "--fallback", "never"])
+
+
+async def test_an_answer_from_a_fallback_is_never_kept_in_the_cache_under_the_deployment_asked_for() -> None:
+    harness = make()
+    try:
+        shared = CachePolicy(enabled=True, scope="gateway")
+        tolerant = harness.consumer("tolerant", cache=shared)
+        strict = harness.consumer("strict", cache=shared, fallback=False)
+        body = {"model": "gpt-4.1", "messages": MESSAGES, "temperature": 0}
+        throttle(harness)
+        first = await harness.post(CHAT, tolerant, body)
+        assert first.headers["x-gateway-deployment"] == "gpt-4o" and first.headers["x-gateway-cache"] == "miss"
+        harness.clock.advance(7)  # gpt-4.1's regions are back
+        second = await harness.post(CHAT, strict, body)
+        assert second.headers["x-gateway-cache"] == "miss" and second.headers["x-gateway-deployment"] == "gpt-4.1"
+        third = await harness.post(CHAT, tolerant, body)  # what gpt-4.1 itself answered is kept, and served
+        assert third.headers["x-gateway-cache"] == "hit"
+        assert third.content == second.content
+    finally:
+        await harness.close()

@@ -108,6 +108,10 @@ class ResponseCache:
             return False
         if exchange.shape.capped:
             return False  # shortened by this consumer's cap of the moment: not the answer to the request as sent
+        if exchange.step:
+            # Served by a fallback (another model): its key names the deployment asked for, whose answer this is not;
+            # kept, it would serve another model to a consumer with fallback off, and for as long as the entry lives.
+            return False
         try:
             parsed: Any = orjson.loads(body)
         except orjson.JSONDecodeError:
