@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from shared.cache.policy import CachePolicy
 from shared.config import load_settings
 from shared.edge.consumers import Consumer, Limits, Team, UserLimits, hash_key, key_prefix, new_key
 from shared.storage.tables import TableConsumerStore, TableLedgerStore, Tables, TableUsageStore
@@ -93,6 +94,7 @@ class Stack:
         enabled: bool = True,
         team: str | None = None,
         users: UserLimits | None = None,
+        cache: CachePolicy | None = None,
     ) -> str:
         key = new_key()
         consumer = Consumer(
@@ -107,6 +109,7 @@ class Stack:
             enabled=enabled,
             team=team,
             users=users or UserLimits(),
+            cache=cache or CachePolicy(),
         )
 
         async def put(tables: Tables) -> None:

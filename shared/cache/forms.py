@@ -51,6 +51,7 @@ class StreamAssembler:
         self._choices: dict[int, dict[str, Any]] = {}
         self._usage: Any = None
         self._prompt_filters: list[Any] = []
+        self._chat = False
         self.broken = False  # something the assembly does not rebuild, or too large: nothing to keep
         self.done = False
 
@@ -74,7 +75,8 @@ class StreamAssembler:
 
     def _take(self, obj: dict[str, Any]) -> None:
         for name in ("id", "object", "created", "model", "system_fingerprint", "service_tier"):
-            if name in obj and obj[name] is not None:
+            # Azure's first event (the prompt filter results) has every one of these empty: not the answer's.
+            if obj.get(name) not in (None, "", 0):
                 self._head.setdefault(name, obj[name])
         if obj.get("usage") is not None:
             self._usage = obj["usage"]
@@ -89,6 +91,8 @@ class StreamAssembler:
             index = choice.get("index", 0)
             into = self._choices.setdefault(index, {"index": index, "text": [], "content": [], "refusal": [],
                                                     "tools": {}, "role": None, "finish_reason": None})
+            if "delta" in choice:
+                self._chat = True
             if choice.get("finish_reason") is not None:
                 into["finish_reason"] = choice["finish_reason"]
             if isinstance(choice.get("text"), str):
@@ -125,7 +129,7 @@ class StreamAssembler:
         """The whole answer as JSON, or None when the stream cannot be kept (broken off, filtered, not rebuilt)."""
         if self.broken or not self.done or self._usage is None or not self._choices:
             return None
-        chat = str(self._head.get("object", "")).startswith("chat.")
+        chat = self._chat
         choices = []
         for index in sorted(self._choices):
             part = self._choices[index]
