@@ -323,3 +323,23 @@ def test_without_the_output_cap_a_request_asking_more_than_the_minute_is_refused
     with pytest.raises(openai.RateLimitError) as refused:
         c.chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=50_000)
     assert refused.value.code == "tokens_exceed_limit"
+
+
+def test_a_client_that_asked_for_usage_gets_it_when_the_backend_ends_with_a_bare_done(fresh_sims: Stack) -> None:
+    """Microsoft's aoai-api-simulator ends a stream with `[DONE]` alone and sends no usage: the client still gets its
+    usage chunk and a clean end."""
+    e2e = fresh_sims
+    consumer = unique("bare-done")
+    key = e2e.create_consumer(consumer, tpm=100_000)
+    for sim in e2e.simulators:
+        sim.fault("bare-done", count=-1, deployment=MINI)
+    chunks = list(client(e2e.url, key).chat.completions.create(
+        model=MINI, messages=MESSAGES, stream=True, max_tokens=12, stream_options={"include_usage": True}
+    ))
+    prompt = count_chat_prompt({"messages": MESSAGES}, encoding_for("gpt-4o-mini"))
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (prompt, 12)
+    raw = httpx.post(f"{e2e.url}/v1/chat/completions", headers={"api-key": key}, timeout=30, json={
+        "model": MINI, "messages": MESSAGES, "stream": True, "max_tokens": 3, "stream_options": {"include_usage": True}})
+    assert raw.text.endswith("data: [DONE]\n\n") and "stream_interrupted" not in raw.text
+    wait_for(lambda: rows_total(e2e, consumer) == (2 * prompt + 15, 2 * prompt + 15), timeout_s=20)

@@ -620,3 +620,15 @@ async def test_a_no_usage_fault_streams_without_the_usage_chunk_it_was_asked_for
     url = f"{sim.url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
     events = await sse(http, url, {"messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}})
     assert events[-1][1] == b"[DONE]" and all(b'"usage":{' not in data for _, data in events)
+
+
+@pytest.mark.asyncio
+async def test_a_bare_done_fault_ends_the_stream_as_the_aoai_api_simulator_does(
+    sim: Running, http: aiohttp.ClientSession
+) -> None:
+    await control(http, sim, "POST", "faults", {"kind": "bare-done"})
+    url = f"{sim.url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+    async with http.post(url, json={"messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}},
+                         headers={"api-key": KEY}) as response:
+        raw = await response.read()
+    assert raw.endswith(b"\n\n[DONE]") and b"data: [DONE]" not in raw and b'"usage":{' not in raw

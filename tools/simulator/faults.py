@@ -7,11 +7,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 KINDS = ("500", "503", "reset", "timeout", "slow", "cut", "malformed", "429", "429-ptu", "429-huge", "429-bare", "401",
-         "403", "no-usage", "hold", "content-filter")
+         "403", "no-usage", "bare-done", "hold", "content-filter")
 # These act on a request the region has admitted; when capacity refuses the request they stay queued.
-# no-usage: a stream that never reports its usage; hold: a stream that stops after `after_chunks` content chunks until
+# no-usage: a stream that never reports its usage; bare-done: nor that, and it ends as Microsoft's aoai-api-simulator
+# ends its streams, with a bare `[DONE]` (no `data:` field, no blank line); hold: a stream that stops after `after_chunks` content chunks until
 # the faults are cleared (what a client received by then, it received before the backend produced the rest).
-AFTER_ADMISSION = frozenset({"cut", "slow", "no-usage", "hold"})
+AFTER_ADMISSION = frozenset({"cut", "slow", "no-usage", "bare-done", "hold"})
 DEFAULT_DELAY_S = {"timeout": 30.0, "slow": 5.0, "429": 2.0, "429-ptu": 0.05}
 DEFAULT_AFTER_CHUNKS = 3
 

@@ -346,10 +346,11 @@ async def serve(region: Region, op: Operation, azure: bool, request: web.Request
     if streaming:
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        report_usage = not (fault is not None and fault.kind == "no-usage")
+        report_usage = not (fault is not None and fault.kind in ("no-usage", "bare-done"))
         writer = ChunkWriter(model, op is CHAT, include_usage)
+        end = BARE_DONE if fault is not None and fault.kind == "bare-done" else DONE
         return await stream(region, request, headers, writer, words, finish, prompt, cut_after, deployment.name,
-                            finished, choices, report_usage, hold_after)
+                            finished, choices, report_usage, hold_after, end)
     build = chat_completion if op is CHAT else text_completion
     completion *= choices
     payload = build(model, "".join(words), completion, finish, prompt, choices)
@@ -368,10 +369,14 @@ async def serve(region: Region, op: Operation, azure: bool, request: web.Request
     return web.Response(body=payload, content_type=JSON, headers=headers)
 
 
+# How Microsoft's aoai-api-simulator ends a chat stream: `[DONE]` alone, without the `data:` field or the blank line.
+BARE_DONE = b"[DONE]"
+
+
 async def stream(
     region: Region, request: web.Request, headers: dict[str, str], writer: ChunkWriter, words: tuple[str, ...],
     finish: str, prompt: int, cut_after: int | None, deployment: str, finished: Callable[[int], None],
-    choices: int = 1, report_usage: bool = True, hold_after: int | None = None,
+    choices: int = 1, report_usage: bool = True, hold_after: int | None = None, end: bytes = b"",
 ) -> web.StreamResponse:
     headers["content-type"] = SSE
     headers["cache-control"] = "no-cache"
@@ -404,7 +409,7 @@ async def stream(
         tail = writer.finish(finish, choices)
         if writer.include_usage and report_usage:
             tail += writer.usage(prompt, sent)
-        await response.write(tail + DONE)
+        await response.write(tail + (end or DONE))
     except ConnectionError:
         region.stats.abandoned(prompt, sent)
         return response
