@@ -150,6 +150,8 @@ class Edge:
         if services is None or self._closed:
             return
         self._closed = True
+        if self._gateway is not None:
+            await self._gateway.holds.close()
         for closer in (services.limiter, services.usage, services.router, services.upstream, services.responses, services.identity,
                        services.cache):
             close = getattr(closer, "close", None)

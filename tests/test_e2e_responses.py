@@ -266,7 +266,9 @@ def test_a_background_response_is_settled_exactly_once_when_it_is_read_finished(
     raw = clients(here.url, key)["v1"].responses.with_raw_response.create(**body)
     queued = raw.parse()
     assert queued.status == "queued" and queued.usage is None
-    assert raw.headers["x-gateway-tokens-consumed"] == str(count_input(body, ENC))  # the estimate holds the limits
+    # The gateway wrote its output cap into the create (the client gave none): the prompt and that cap hold the limits.
+    assert queued.max_output_tokens is not None and queued.max_output_tokens <= 4096
+    assert raw.headers["x-gateway-tokens-consumed"] == str(count_input(body, ENC) + queued.max_output_tokens)
 
     def finished() -> bool:
         return clients(here.url, key)["v1"].responses.retrieve(queued.id).status == "completed"

@@ -10,6 +10,7 @@ import pytest
 
 from shared.flow.responses import count_input
 from shared.flow.tokens import encoding_for
+from shared.outcomes import RateLimited
 from tests.fakes.gateway import GatewayHarness, gateway_request
 from tests.fakes.upstream import Reply, error_reply, json_reply
 from tools.simulator.responses_api import _finished, _response, stream_events
@@ -60,31 +61,124 @@ async def test_a_continuation_goes_only_to_the_holder_and_is_estimated_with_its_
     assert len(harness.upstream.sent) == before
 
 
-async def test_a_background_response_is_held_at_its_estimate_and_settled_once_from_the_finished_read(
+async def test_a_background_response_is_held_at_its_prompt_and_cap_and_settled_once_from_the_finished_read(
     harness: GatewayHarness,
 ) -> None:
     key = harness.consumer("app", tpm=1_000_000)
     client = harness.openai(key)
     body: dict[str, Any] = {"model": "gpt-4o", "input": "Think about it in the background.", "background": True}
     estimate = count_input(body, ENC)
+    cap = harness.settings.default_max_tokens
     harness.upstream.script("uksouth-ptu", json_reply(response_body("resp_bg", status="queued", background=True)))
     raw = await client.responses.with_raw_response.create(**body)
-    assert raw.headers["x-gateway-tokens-consumed"] == str(estimate)
+    # The output cap is written into the create (the client gave none), and the reservation is what is held.
+    assert harness.upstream.sent[-1].json["max_output_tokens"] == cap
+    assert raw.headers["x-gateway-tokens-consumed"] == str(estimate + cap)
     assert harness.telemetry.tokens_emitted() == 0  # no figures yet: the metrics wait for the backend's
     assert harness.response_store.records["resp_bg"].unsettled
+    harness.clock.advance(300)  # minutes of generation: still held, not gone from the window after 60 s
     harness.upstream.script("uksouth-ptu", json_reply(response_body("resp_bg", status="in_progress", background=True)))
     assert (await client.responses.retrieve("resp_bg")).status == "in_progress"
     assert harness.response_store.records["resp_bg"].unsettled  # nothing to settle from yet
+    assert await harness.charged("app") == estimate + cap
     finished = response_body("resp_bg", usage={"input": estimate + 3, "output": 90}, background=True)
     harness.upstream.script("uksouth-ptu", json_reply(finished), json_reply(finished))
     await client.responses.retrieve("resp_bg")
     await client.responses.retrieve("resp_bg")  # read twice: settled once
     total = estimate + 3 + 90
     assert await harness.charged("app") == total
+    await harness.usage.flush(everything=True)
     rows = await harness.usage_rows("app")
     assert sum(r.total for r in rows) == total and sum(r.requests for r in rows) == 1
     assert harness.telemetry.tokens_emitted() == total
     assert not harness.response_store.records["resp_bg"].unsettled
+
+
+async def create_background(harness: GatewayHarness, key: str, response_id: str, **extra: Any) -> int:
+    harness.upstream.script("uksouth-ptu", json_reply(response_body(response_id, status="queued", background=True)))
+    made = await harness.post("/v1/responses", key, {"model": "gpt-4o", "input": "Go.", "background": True, **extra})
+    assert made.status_code == 200, made.text
+    return int(made.headers["x-gateway-tokens-consumed"])
+
+
+def finished_reply(response_id: str, prompt: int, output: int, status: str = "completed") -> Reply:
+    return json_reply(response_body(response_id, status=status, usage={"input": prompt, "output": output},
+                                    background=True))
+
+
+async def test_a_read_made_while_the_consumer_is_over_its_limit_still_settles(harness: GatewayHarness) -> None:
+    key = harness.consumer("busy", tpm=2_000)
+    held = await create_background(harness, key, "resp_busy")
+    while (await harness.post("/v1/chat/completions", key, {"model": "gpt-4o", "max_tokens": 50,
+                                                            "messages": [{"role": "user", "content": "x"}]})).status_code == 200:
+        pass  # the rest of the minute, used up
+    before = await harness.charged("busy")
+    harness.upstream.script("uksouth-ptu", finished_reply("resp_busy", 9, 1_000))
+    assert (await harness.http.get("/v1/responses/resp_busy", headers={"api-key": key})).status_code == 200
+    assert await harness.charged("busy") == before - held + 1_009  # the correction is never dropped
+
+
+async def test_a_replay_with_stream_true_settles_from_its_terminal_event(harness: GatewayHarness) -> None:
+    key = harness.consumer("replayer", tpm=100_000)
+    held = await create_background(harness, key, "resp_replay")
+    response = {**orjson.loads(response_body("resp_replay", background=True)), "usage": None}
+    words = tuple(f" w{i}" for i in range(4))
+    final = {**_finished(response, words, 9, False), "usage": {"input_tokens": 9, "output_tokens": 700,
+                                                               "total_tokens": 709}}
+    events = tuple(stream_events(response, words, final))
+    harness.upstream.script("uksouth-ptu", Reply(200, {"content-type": "text/event-stream"}, pieces=events))
+    replay = await harness.http.get("/v1/responses/resp_replay?stream=true", headers={"api-key": key})
+    assert replay.status_code == 200 and b"response.completed" in replay.content
+    assert not harness.response_store.records["resp_replay"].unsettled
+    assert held > 709 and await harness.charged("replayer") == 709
+
+
+async def test_a_cancel_answered_with_the_usage_settles(harness: GatewayHarness) -> None:
+    key = harness.consumer("canceller", tpm=100_000)
+    await create_background(harness, key, "resp_cancel")
+    harness.upstream.script("uksouth-ptu", finished_reply("resp_cancel", 9, 40, status="cancelled"))
+    assert (await harness.post("/v1/responses/resp_cancel/cancel", key, {})).status_code == 200
+    assert await harness.charged("canceller") == 49
+
+
+async def test_a_background_stream_left_after_its_start_is_held_then_settled_by_the_sweep(
+    harness: GatewayHarness,
+) -> None:
+    """The issue's measurement: a 2,000 TPM key left a background stream after `response.created` and was charged 11
+    tokens for 90,000 generated. Now the reservation is held while it runs, and the sweep reads the response at its
+    backend before the hold ends and charges what it used: the whole of it, as debt."""
+    key = harness.consumer("leaver", tpm=2_000)
+    response = {**orjson.loads(response_body("resp_left", background=True)), "usage": None}
+    events = tuple(stream_events(response, (" a", " b"), _finished(response, (" a", " b"), 9, False)))
+    harness.upstream.script("uksouth-ptu", Reply(200, {"content-type": "text/event-stream"}, pieces=events,
+                                                 stalls_after=1))
+    gateway = await harness.gateway()
+    answer = await gateway.handle(gateway_request("POST", "/v1/responses", key, {
+        "model": "gpt-4o", "input": "Write a very long essay.", "background": True, "stream": True}))
+    assert answer.stream is not None
+    assert b"response.created" in await anext(answer.stream)
+    await answer.stream.aclose()  # the client leaves
+    sent = harness.upstream.sent[-1].json
+    # Capped at what fits in the key's minute: the reservation is the prompt and that cap.
+    assert sent["max_output_tokens"] <= 2_000
+    reserved = await harness.charged("leaver")
+    assert reserved == count_input(sent, ENC) + sent["max_output_tokens"]
+    assert harness.response_store.records["resp_left"].unsettled
+    harness.clock.advance(400)
+    harness.upstream.script("uksouth-ptu", json_reply(response_body("resp_left", status="in_progress", background=True)))
+    await gateway.holds.sweep()  # not due yet: nothing read
+    harness.clock.advance(100)
+    await gateway.holds.sweep()  # due, still running: the hold moves on
+    assert gateway.holds.extended == 1 and await harness.charged("leaver") == reserved
+    harness.clock.advance(600)
+    harness.upstream.script("uksouth-ptu", finished_reply("resp_left", 11, 89_989))
+    await gateway.holds.sweep()
+    assert gateway.holds.settled == 1 and not harness.response_store.records["resp_left"].unsettled
+    assert await harness.charged("leaver") == 90_000
+    # ... and the debt keeps the key closed: 90,000 at 2,000 a minute.
+    with pytest.raises(RateLimited) as refused:
+        await harness.limiter.admit(harness.consumer_store.consumers["leaver"], "gpt-4o", 100)
+    assert refused.value.wait_ms > 40 * 60_000
 
 
 async def test_the_location_is_recorded_before_a_stream_reaches_the_client(harness: GatewayHarness) -> None:
@@ -143,3 +237,16 @@ async def test_a_flood_of_stored_response_reads_costs_a_bounded_number_of_table_
     harness.clock.advance(1.0)
     refilled = [(await harness.http.get(f"/v1/responses/r{i}", headers={"api-key": key})).status_code for i in range(40)]
     assert refilled.count(404) == rate and refilled.count(429) == 40 - rate
+
+
+async def test_a_background_response_is_held_and_settled_at_every_level_it_was_admitted_at(
+    harness: GatewayHarness,
+) -> None:
+    harness.team("research", tpm=50_000)
+    key = harness.consumer("member", tpm=20_000, team="research")
+    held = await create_background(harness, key, "resp_team", max_output_tokens=500)
+    assert await harness.charged("member") == held and await harness.charged("team|research") == held
+    harness.clock.advance(200)
+    harness.upstream.script("uksouth-ptu", finished_reply("resp_team", 9, 321))
+    assert (await harness.http.get("/v1/responses/resp_team", headers={"api-key": key})).status_code == 200
+    assert await harness.charged("member") == 330 and await harness.charged("team|research") == 330

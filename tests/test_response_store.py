@@ -48,7 +48,8 @@ async def test_put_get_replace_forget(store: ResponseStore) -> None:
     assert await store.get("resp_1", NOW) is None
     await store.put(first)
     assert await store.get("resp_1", NOW) == first
-    richer = record("resp_1", context_tokens=1234, unsettled=True, charged=77)
+    richer = record("resp_1", context_tokens=1234, unsettled=True, charged=77, held_until_ms=1_700_000_600_500,
+                    held_places='[["app",["*","d:gpt-4o"],"2026-12"]]')
     await store.put(richer)
     assert await store.get("resp_1", NOW) == richer
     await store.forget("resp_1")
@@ -100,3 +101,15 @@ async def test_settlement_is_claimed_exactly_once(store: ResponseStore) -> None:
     settled = await store.get("resp_bg", NOW)
     assert settled is not None and not settled.unsettled and settled.charged == 50
     assert not await store.settle("resp_fg") and not await store.settle("resp_missing")
+
+
+@pytest.mark.asyncio
+async def test_a_hold_moves_only_while_unsettled_and_only_from_where_the_mover_saw_it(store: ResponseStore) -> None:
+    await store.put(record("resp_held", unsettled=True, charged=50, held_until_ms=1_000, held_places='[["app",["*"],null]]'))
+    moves = await asyncio.gather(*(store.rehold("resp_held", 2_000 + n, 1_000) for n in range(4)))
+    assert moves.count(True) == 1  # four sweepers saw it at 1,000: one moves it
+    moved = await store.get("resp_held", NOW)
+    assert moved is not None and moved.held_until_ms in (2_000, 2_001, 2_002, 2_003) and "app" in moved.held_places
+    assert await store.settle("resp_held")
+    assert not await store.rehold("resp_held", 9_000, moved.held_until_ms)  # settled: a hold no longer moves
+    assert not await store.rehold("resp_missing", 9_000, 0)

@@ -135,7 +135,11 @@ class Admission:
         enabled = consumer.limits.output_cap
         if enabled is None:
             enabled = self._output_cap
-        if not enabled or operation not in (Operation.CHAT, Operation.COMPLETIONS):
+        if operation is Operation.RESPONSES and shape.background:
+            # A background response runs on after its answer and is held at its reservation until its usage is read
+            # (shared/flow/holds.py): without a cap that hold would bound nothing.
+            enabled = True
+        elif not enabled or operation not in (Operation.CHAT, Operation.COMPLETIONS, Operation.RESPONSES):
             return shape
         limits = [consumer.limits.tokens_per_minute, consumer.limits.deployment_tokens_per_minute.get(shape.deployment, 0)]
         minute = min((limit for limit in limits if limit > 0), default=0)

@@ -16,7 +16,7 @@ from shared.edge.messages import GatewayRequest
 from shared.flow.exchange import Exchange, LostAttempt, Served
 from shared.flow.translate import Operation, Route
 from shared.flow.usage import TokenUsage, combined
-from shared.limits.contract import Ticket
+from shared.limits.contract import Held, Limiter
 from shared.telemetry.events import RequestRecord, Telemetry, Trace
 from shared.telemetry.prices import PriceTable
 from shared.telemetry.usage_rows import UsageRecorder
@@ -67,26 +67,26 @@ class Books:
         self._telemetry.request_done(record, trace)
         self._telemetry.cache_used(record)
 
-    def hold(self, exchange: Exchange, served: Served, held: int) -> int:
-        """A background response answered `queued`, without usage: its estimate (`held`) holds the consumer's limit
-        until a follow-up reads it finished (`settle_later`); the rows and metrics wait for the backend's figures (the
-        request itself is counted now). Returns the tokens charged."""
+    def hold(self, exchange: Exchange, served: Served, held: int, until_s: float) -> tuple[int, Held | None]:
+        """A background response answered without its final usage (queued, or a stream left after it started): its
+        reservation (`held`: prompt and output cap) holds the consumer's limits until `until_s` or until its usage is
+        read (`settle_later`, shared/flow/holds.py); the rows and metrics wait for the backend's figures (the request
+        itself is counted now). Returns the tokens charged and where they are held."""
         lost = self._lost(exchange)
-        spent = held + (lost.total if lost is not None else 0)
-        exchange.ticket.settle(spent)
+        spent = lost.total if lost is not None else 0
+        parked = exchange.ticket.hold(held, until_s, spent)
         self._usage.record(exchange.consumer.id, exchange.deployment, lost, cost=self._cost(exchange))
         self._emit_lost(exchange)
         record = self._record(exchange, served.backend, served.status, None, served.model, served.attempts, served.ttft_ms)
         self._telemetry.request_done(record, exchange.trace)
-        return spent
+        return held + spent, parked
 
-    def settle_later(self, ticket: Ticket | None, held: int, usage: TokenUsage, record: RequestRecord) -> None:
-        """The backend's usage of a background response, learnt from a follow-up: the limiter is charged what the
-        estimate held back (`ticket`: None when the consumer cannot be admitted now; the estimate then stands), the
-        rows and token metrics get the backend's figures under the create operation, its request counted already."""
-        if ticket is not None:
-            ticket.settle(usage.total - held)
-        self._usage.record(record.consumer_id, record.deployment, usage, requests=0,
+    def settle_later(self, limiter: Limiter, consumer_id: str, held: Held, usage: TokenUsage, record: RequestRecord) -> None:
+        """The backend's usage of a background response, learnt from a follow-up or the sweep: its hold is given back
+        and its usage charged now, never refused (a consumer over its limit pays its corrections too); the rows and
+        token metrics get the backend's figures under the create operation, its request counted already."""
+        limiter.release(held, usage.total)
+        self._usage.record(consumer_id, record.deployment, usage, requests=0,
                            cost=self._prices.cost(record.deployment, record.ptu, usage))
         self._telemetry.tokens_spent(replace(record, operation=Operation.RESPONSES.operation_id, usage=usage))
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
@@ -17,7 +16,6 @@ import orjson
 
 from shared.config import Backend
 from shared.edge.consumers import Consumer
-from shared.edge.errors import GatewayError
 from shared.edge.messages import GatewayRequest, GatewayResponse
 from shared.flow import responses
 from shared.flow.translate import (
@@ -29,15 +27,14 @@ from shared.flow.translate import (
     request_headers,
 )
 from shared.flow.upstream import Answer, UpstreamBroken, UpstreamError
-from shared.flow.usage import usage_from_object
-from shared.limits.contract import Ticket
-from shared.outcomes import DeploymentNotAllowed, FailureKind, Refusal
+from shared.outcomes import DeploymentNotAllowed, FailureKind
 from shared.routing.pinning import Holder, Pinning
 from shared.telemetry.events import RequestRecord, Trace
 
 if TYPE_CHECKING:
     from shared.flow.books import Books
     from shared.flow.exchange import Services
+    from shared.flow.holds import BackgroundHolds
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
@@ -53,10 +50,11 @@ _QUERY = frozenset({"include", "include[]", "stream", "starting_after", "after",
 
 
 class FollowUps:
-    def __init__(self, services: Services, pinning: Pinning, books: Books) -> None:
+    def __init__(self, services: Services, pinning: Pinning, books: Books, holds: BackgroundHolds) -> None:
         self.s = services
         self.pinning = pinning
         self.books = books
+        self.holds = holds
 
     async def handle(
         self, request: GatewayRequest, route: Route, consumer: Consumer, started: float, trace: Trace
@@ -75,7 +73,7 @@ class FollowUps:
         headers.setdefault("x-ms-region", holder.backend.region)
         if upstream.status == 200 and upstream.headers.get("content-type", "").startswith("text/event-stream"):
             headers["cache-control"] = "no-cache"
-            return GatewayResponse(200, headers, stream=self._replay(upstream, record, trace))
+            return GatewayResponse(200, headers, stream=self._replay(upstream, record, trace, holder))
         try:
             body = await upstream.read()
         except UpstreamBroken:
@@ -84,34 +82,18 @@ class FollowUps:
         if (route.operation is Operation.RESPONSE_DELETE and upstream.status == 200) or upstream.status == 404:
             await self.pinning.forget(route.response_id)  # the backend no longer has it
         elif upstream.status == 200 and holder.record.unsettled:
-            await self._settle(holder, consumer, body, record)
+            await self._settle(holder, body, record)
         self.s.telemetry.request_done(record, trace)
         return GatewayResponse(upstream.status, headers, body)
 
-    async def _settle(self, holder: Holder, consumer: Consumer, body: bytes, record: RequestRecord) -> None:
-        """A background response read after it finished: charge what it really cost, less the estimate charged when it
-        was created, exactly once (whichever instance claims the settlement); its tokens go to the books now."""
+    async def _settle(self, holder: Holder, body: bytes, record: RequestRecord) -> None:
+        """A background response read (or cancelled) after it finished: its hold is given back and its usage charged,
+        exactly once, whichever instance claims the settlement, and whether or not the consumer is over its limit."""
         try:
             response = orjson.loads(body)
         except orjson.JSONDecodeError:
             return
-        usage = usage_from_object(response)
-        if usage is None or not isinstance(response, dict) or response.get("status") not in _FINISHED:
-            return
-        if not await self.pinning.settle(holder.record.response_id):
-            return
-        ticket: Ticket | None = None
-        try:
-            ticket = await self.s.limiter.admit(consumer, holder.record.deployment, 0)
-        except (Refusal, GatewayError):
-            log.warning("background response %s settled without its limiter correction", holder.record.response_id)
-        model = response.get("model")
-        self.books.settle_later(ticket, holder.record.charged, usage,
-                                replace(record, model=model if isinstance(model, str) else ""))
-        # Its output was not known when it was created: its items can be referenced from now on.
-        finished = responses.created_from_object(response)
-        if finished is not None and finished.items:
-            await self.pinning.remember_items(finished.items, holder.backend, consumer.id, holder.record.deployment)
+        await self.holds.settle(holder, response, record)
 
     async def _send(
         self, request: GatewayRequest, route: Route, holder: Holder, api_version: str | None, trace: Trace
@@ -141,11 +123,17 @@ class FollowUps:
         self.s.router.record_success(backend, deployment, upstream.headers)
         return upstream
 
-    async def _replay(self, upstream: Answer, record: RequestRecord, trace: Trace) -> AsyncIterator[bytes]:
-        """A stored response's events, replayed by the backend: passed through as they arrive, nothing charged."""
+    async def _replay(
+        self, upstream: Answer, record: RequestRecord, trace: Trace, holder: Holder
+    ) -> AsyncIterator[bytes]:
+        """A stored response's events, replayed by the backend: passed through as they arrive. Nothing is charged for
+        the replay; a background response still unsettled is settled from its terminal event's usage."""
         clean = False
+        watch = responses.ResponsesRelay() if holder.record.unsettled else None
         try:
             while chunk := await upstream.next_chunk():
+                if watch is not None:
+                    watch.feed(chunk)
                 yield chunk
             clean = True
         except UpstreamBroken:
@@ -156,6 +144,8 @@ class FollowUps:
             else:
                 upstream.close()
             self.s.telemetry.request_done(record, trace)
+            if watch is not None and watch.done and watch.final is not None:
+                await self.holds.settle(holder, watch.final, record)
 
     def _record(
         self, request: GatewayRequest, route: Route, consumer: Consumer, backend: Backend, deployment: str,

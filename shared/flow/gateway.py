@@ -31,6 +31,7 @@ from shared.flow.cache import ResponseCache, hit_user_id
 from shared.flow.checks import Checks
 from shared.flow.exchange import Services as Services
 from shared.flow.failover import Failover
+from shared.flow.holds import BackgroundHolds
 from shared.flow.relay import JSON, Relay
 from shared.flow.translate import FOLLOW_UPS, Operation, Route, match_route
 from shared.limits.local_rate import PerKeyRate
@@ -60,11 +61,12 @@ class Gateway:
         )
         self.cache = ResponseCache(services.cache, services.clock, self.books,
                                    seed_deterministic=services.settings.cache_seed)
-        self.relay = Relay(services.clock, self.books, self.pinning, services.settings, self.cache)
+        self.holds = BackgroundHolds(services, self.pinning, self.books)
+        self.relay = Relay(services.clock, self.books, self.pinning, services.settings, self.holds, self.cache)
         # Imported here: the follow-up flow is built on the exchange's services.
         from shared.flow.followups import FollowUps
 
-        self._follow_ups = FollowUps(services, self.pinning, self.books)
+        self._follow_ups = FollowUps(services, self.pinning, self.books, self.holds)
 
     async def handle(self, request: GatewayRequest) -> GatewayResponse:
         held = Held(self.bodies)

@@ -23,6 +23,7 @@ from shared.flow.backend_api import api_of
 from shared.flow.books import Books
 from shared.flow.cache import ResponseCache, cache_headers
 from shared.flow.exchange import Chosen, Exchange, Served
+from shared.flow.holds import BackgroundHolds, record_fields
 from shared.flow.translate import FORWARDED_RESPONSE_HEADERS, Operation
 from shared.flow.upstream import Answer, UpstreamBroken
 from shared.flow.usage import SseRelay, TokenUsage
@@ -35,12 +36,14 @@ SSE = "text/event-stream"
 
 class Relay:
     def __init__(
-        self, clock: Clock, books: Books, pinning: Pinning, settings: Settings, cache: ResponseCache | None = None
+        self, clock: Clock, books: Books, pinning: Pinning, settings: Settings, holds: BackgroundHolds,
+        cache: ResponseCache | None = None,
     ) -> None:
         self._cache = cache
         self._clock = clock
         self._books = books
         self._pinning = pinning
+        self._holds = holds
         self._settle_every = settings.stream_settle_s
         self._drain_s = settings.abandoned_drain_s
 
@@ -76,11 +79,10 @@ class Relay:
         if status == 200 and exchange.route.operation is Operation.RESPONSES:
             created = _created(raw)
             if created is not None and created.background and usage is not None and not usage.reported:
-                # Queued in the background, without usage yet: the estimate holds the consumer's limit until a
-                # follow-up reads the finished response and settles it (shared/flow/followups.py).
-                held = usage.total
-                await self._pinning.remember(created, chosen.backend, exchange.consumer.id, exchange.deployment, None, held)
-                spent = self._books.hold(exchange, Served(chosen.backend, status, None, model, chosen.attempts), held)
+                # Queued in the background, without usage yet: its reservation holds the consumer's limits until the
+                # finished response is read and settled (shared/flow/holds.py).
+                spent = await self._hold(exchange, chosen, created, Served(chosen.backend, status, None, model,
+                                                                           chosen.attempts))
                 headers["x-gateway-tokens-consumed"] = str(spent)
                 headers.update(exchange.ticket.headers)
                 return GatewayResponse(status, headers, raw)
@@ -167,21 +169,32 @@ class Relay:
                 upstream.close()
             usage = relay.usage
             cancelled: asyncio.CancelledError | None = None
-            if usage is None:
-                try:
-                    prompt = await exchange.counted_prompt()
-                except asyncio.CancelledError as again:
-                    # Cancelled again while a large prompt was counted off the loop: its upper bound is charged
-                    # rather than nothing, and the cancellation goes on once the books are settled.
-                    prompt, cancelled = exchange.prompt_ceiling(), again
-                encoding = tokens.encoding_for(relay.model or exchange.deployment)
-                completion = relay.delivered_completion_tokens(encoding)
-                tools = relay.tools.counts() if isinstance(relay, responses.ResponsesRelay) else ()
-                usage = TokenUsage(prompt, completion, prompt + completion, reported=False, tools=tools)
+            created = relay.created if isinstance(relay, responses.ResponsesRelay) else None
             ttft = None if first_at is None else (first_at - exchange.started) * 1000
-            self._books.settle(exchange, Served(chosen.backend, 200, usage, relay.model, chosen.attempts, ttft))
-            if clean and assembler is not None and self._cache is not None and (whole := assembler.answer()):
-                self._cache.keep(exchange, whole, relay.usage, relay.model)
+            if created is not None and created.background and created.store and not relay.done:
+                # A background response goes on at the backend after its stream ends here: what was delivered is not
+                # its cost. Held at its reservation until it is read finished, like a queued one (the hold is booked
+                # before the record is written, so a second cancellation cannot drop it).
+                try:
+                    await self._hold(exchange, chosen, created,
+                                     Served(chosen.backend, 200, None, relay.model, chosen.attempts, ttft))
+                except asyncio.CancelledError as again:
+                    cancelled = again
+            else:
+                if usage is None:
+                    try:
+                        prompt = await exchange.counted_prompt()
+                    except asyncio.CancelledError as again:
+                        # Cancelled again while a large prompt was counted off the loop: its upper bound is charged
+                        # rather than nothing, and the cancellation goes on once the books are settled.
+                        prompt, cancelled = exchange.prompt_ceiling(), again
+                    encoding = tokens.encoding_for(relay.model or exchange.deployment)
+                    completion = relay.delivered_completion_tokens(encoding)
+                    tools = relay.tools.counts() if isinstance(relay, responses.ResponsesRelay) else ()
+                    usage = TokenUsage(prompt, completion, prompt + completion, reported=False, tools=tools)
+                self._books.settle(exchange, Served(chosen.backend, 200, usage, relay.model, chosen.attempts, ttft))
+                if clean and assembler is not None and self._cache is not None and (whole := assembler.answer()):
+                    self._cache.keep(exchange, whole, relay.usage, relay.model)
             if cancelled is not None:
                 raise cancelled
 
@@ -203,6 +216,16 @@ class Relay:
                 return relay.done
         except (TimeoutError, UpstreamBroken):
             return False
+
+    async def _hold(self, exchange: Exchange, chosen: Chosen, created: responses.Created, served: Served) -> int:
+        """Hold a background response's reservation and record where, before its id reaches the client (or, for a
+        stream left early, before the relay ends); the instance watches it for the sweep."""
+        held = exchange.reserve
+        spent, parked = self._books.hold(exchange, served, held, self._holds.until())
+        await self._pinning.remember(created, chosen.backend, exchange.consumer.id, exchange.deployment, None, held,
+                                     record_fields(parked))
+        self._holds.watch(created.response_id, exchange.consumer.id, parked)
+        return spent
 
     async def _remember_streamed(self, exchange: Exchange, backend: Backend, relay: responses.ResponsesRelay) -> None:
         if relay.created is not None:

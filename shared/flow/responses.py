@@ -386,6 +386,7 @@ class ResponsesRelay:
         self.created: Created | None = None
         self.created_pending = False  # set when response.created passed; the flow records it before forwarding
         self.done = False
+        self.final: Mapping[str, Any] | None = None  # the Response object of the terminal event
         self.status: str | None = None
         self.events_forwarded = 0
         self.tools = ToolCalls()
@@ -429,6 +430,7 @@ class ResponsesRelay:
         if not isinstance(response, Mapping):
             return
         self.done = True
+        self.final = response
         status = response.get("status")
         self.status = status if isinstance(status, str) else None
         finished = created_from_object(response)

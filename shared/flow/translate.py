@@ -171,6 +171,7 @@ class CallShape:
     model_in_body: bool = False  # the backend reads the deployment from the body's model on every API (Responses)
     choices: int = 1  # completions generated per request (n, best_of): each may run to max_tokens
     capped: bool = False  # the gateway set max_tokens itself (output cap): it is written into the body sent
+    background: bool = False  # a Responses create run in the background: always capped, held until its usage is known
 
 
 # The service's own bound on n (and best_of): a larger value is refused there, so it is refused here before admission.
@@ -223,7 +224,8 @@ def check_body(route: Route, body: Mapping[str, Any]) -> CallShape:
 
     if op is Operation.RESPONSES:
         # Streams always end with usage (in response.completed): nothing to ask for.
-        return CallShape(deployment, create.stream, True, create.max_output_tokens, model_in_body=True)
+        return CallShape(deployment, create.stream, True, create.max_output_tokens, model_in_body=True,
+                         background=create.background)
     max_tokens: int | None = None
     for name in ("max_completion_tokens", "max_tokens"):
         value = body.get(name)
@@ -291,7 +293,8 @@ def backend_body(
         options["include_usage"] = True
         changes["stream_options"] = options
     if shape.capped and shape.max_tokens is not None:
-        changes[_cap_field(body, backend, api_version)] = shape.max_tokens
+        field = "max_output_tokens" if shape.model_in_body else _cap_field(body, backend, api_version)
+        changes[field] = shape.max_tokens
     upstream_name = backend.deployments[deployment]
     if (api_of(backend).model_in_body or shape.model_in_body) and body.get("model") != upstream_name:
         changes["model"] = upstream_name

@@ -20,7 +20,7 @@ from typing import Protocol
 from shared.background import keep_running
 from shared.clock import Clock
 from shared.edge.consumers import Consumer
-from shared.limits.contract import Limiter, Ticket
+from shared.limits.contract import Held, Limiter, Ticket
 from shared.limits.ledger import period_bounds
 from shared.outcomes import BudgetExceeded
 from shared.telemetry.events import RequestRecord, Telemetry, Trace
@@ -198,6 +198,12 @@ class BudgetedLimiter:
     async def admit(self, consumer: Consumer, deployment: str, reserve: int, user: str | None = None) -> Ticket:
         await self.book.check(consumer)
         return await self._inner.admit(consumer, deployment, reserve, user)
+
+    def release(self, held: Held, used: int) -> None:
+        self._inner.release(held, used)
+
+    def extend(self, held: Held, until_s: float) -> Held:
+        return self._inner.extend(held, until_s)
 
     async def close(self) -> None:
         close: Callable[[], object] | None = getattr(self._inner, "close", None)

@@ -2,9 +2,43 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
+import orjson
+
 from shared.edge.consumers import Consumer
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where a hold sits in one ledger: its key (a consumer, team|<id>, user|...), scopes and quota period."""
+
+    ledger: str
+    scopes: tuple[str, ...]
+    quota_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """Tokens an answered request still holds in its windows (one place per level it was admitted at) until
+    `expiry_ms`: a background response, held at its prompt and output cap until its usage is known. Any instance can
+    give them back from this value."""
+
+    tokens: int
+    expiry_ms: int
+    places: tuple[Place, ...]
+
+    def encode(self) -> str:
+        return orjson.dumps([[p.ledger, list(p.scopes), p.quota_key] for p in self.places]).decode()
+
+    @classmethod
+    def decode(cls, tokens: int, expiry_ms: int, places: str) -> Held:
+        try:
+            raw = orjson.loads(places or "[]")
+            return cls(tokens, expiry_ms, tuple(Place(str(p[0]), tuple(str(s) for s in p[1]), p[2]) for p in raw))
+        except (orjson.JSONDecodeError, TypeError, IndexError, KeyError):
+            return cls(tokens, expiry_ms, ())
 
 
 class Ticket(Protocol):
@@ -21,6 +55,10 @@ class Ticket(Protocol):
     def progress(self, tokens_so_far: int) -> None: ...
 
     def settle(self, actual_tokens: int) -> None: ...
+
+    def hold(self, tokens: int, until_s: float, spent: int = 0) -> Held | None:
+        """Settle with `spent` now, and keep `tokens` in the window until `until_s` (None: nothing limited)."""
+        ...
 
 
 class Limiter(Protocol):
@@ -42,6 +80,15 @@ class Limiter(Protocol):
         raise a Refusal (RateLimited, QuotaExhausted, ...) naming the level that refused."""
         ...
 
+    def release(self, held: Held, used: int) -> None:
+        """Give back what `held` holds and charge `used` now: the usage of a held request, learnt. Never refused (a
+        consumer over its limit pays the correction like anyone); written with the next ledger write."""
+        ...
+
+    def extend(self, held: Held, until_s: float) -> Held:
+        """Move what `held` holds to `until_s` (a background response still running when its hold nears its end)."""
+        ...
+
 
 class UnlimitedTicket:
     __slots__ = ()
@@ -56,6 +103,9 @@ class UnlimitedTicket:
     def settle(self, actual_tokens: int) -> None:
         pass
 
+    def hold(self, tokens: int, until_s: float, spent: int = 0) -> Held | None:
+        return None
+
 
 class NoLimits:
     def needs_estimate(self, consumer: Consumer, deployment: str, user: str | None = None) -> bool:
@@ -69,3 +119,9 @@ class NoLimits:
 
     async def admit(self, consumer: Consumer, deployment: str, reserve: int, user: str | None = None) -> Ticket:
         return UnlimitedTicket()
+
+    def release(self, held: Held, used: int) -> None:
+        pass
+
+    def extend(self, held: Held, until_s: float) -> Held:
+        return held

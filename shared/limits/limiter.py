@@ -29,10 +29,11 @@ from shared.edge.consumers import Consumer
 from shared.limits import refusals
 from shared.limits.allowance import RENEW_AHEAD_S, Allowance, allowance, holders
 from shared.limits.blocks import Blocks
-from shared.limits.contract import Ticket, UnlimitedTicket
+from shared.limits.contract import Held, Place, Ticket, UnlimitedTicket
 from shared.limits.fallback import Fallback
 from shared.limits.leases import Holdings, LeaseState
 from shared.limits.ledger import (
+    BUCKET_MS,
     CONSUMER_SCOPE,
     WINDOW_MS,
     Grant,
@@ -47,7 +48,7 @@ from shared.limits.ledger import (
 )
 from shared.limits.ledger_copy import Contended, LedgerCopy
 from shared.limits.pacing import Pacing
-from shared.limits.scopes import CONSUMER, USER, Level, Scopes, is_limited, level_name, levels_for, scopes_for
+from shared.limits.scopes import CONSUMER, TEAM, USER, Level, Scopes, is_limited, level_name, levels_for, scopes_for
 from shared.limits.user_shares import UserWindows, declare, declaring
 from shared.outcomes import NeverAdmissible, QuotaExhausted, RateLimited
 from shared.storage.memory import MemoryLedgerStore as MemoryLedgerStore  # the store's twin, for existing callers
@@ -154,8 +155,20 @@ class LimitTicket:
         self._settled = True
         self._limiter._charge(self, actual_tokens, final=True)
 
+    def hold(self, tokens: int, until_s: float, spent: int = 0) -> Held | None:
+        if self._settled:
+            return None
+        self.settle(spent)
+        expiry = hold_expiry(until_s)
+        return Held(tokens, expiry, (self._limiter._hold(self, tokens, expiry),))
+
 
 UNLIMITED = UnlimitedTicket()
+
+
+def hold_expiry(until_s: float) -> int:
+    """The bucket a hold until `until_s` sits in (rounded up: never released early)."""
+    return -(-int(until_s * 1000) // BUCKET_MS) * BUCKET_MS
 
 
 class Tickets:
@@ -185,6 +198,12 @@ class Tickets:
     def settle(self, actual_tokens: int) -> None:
         for ticket in self._tickets:
             ticket.settle(actual_tokens)
+
+    def hold(self, tokens: int, until_s: float, spent: int = 0) -> Held | None:
+        held = [h for h in (t.hold(tokens, until_s, spent) for t in self._tickets) if h is not None]
+        if not held:
+            return None
+        return Held(tokens, held[0].expiry_ms, tuple(p for h in held for p in h.places))
 
 
 _: type[Ticket] = Tickets  # the contract the request flow relies on
@@ -448,6 +467,48 @@ class TokenLimiter:
         budget.pace.corrected(sum(changes.values()))
         if sum(changes.values()) < 0:
             budget.refunded = True
+
+    def _hold(self, ticket: LimitTicket, tokens: int, expiry: int) -> Place:
+        """Book `tokens` into the ticket's scopes at bucket `expiry`: they occupy the window until then."""
+        budget = self._budgets.setdefault(ticket._budget.consumer_id, ticket._budget)
+        lease = ticket._lease if budget is ticket._budget else None
+        budget.held.settle(lease, ticket._scopes, expiry, tokens, ticket._quota_key, self._clock.monotonic())
+        return Place(budget.consumer_id, ticket._scopes, ticket._quota_key)
+
+    def _book(self, place: Place, changes: Mapping[int, int]) -> None:
+        """Corrections outside any ticket, as pending usage: written with the next write (within PENDING_GRACE_S)."""
+        budget = self._budgets.get(place.ledger)
+        if budget is None:
+            kind = TEAM if place.ledger.startswith("team|") else USER if place.ledger.startswith("user|") else CONSUMER
+            budget = self._budgets[place.ledger] = Budget(place.ledger, kind)
+            if kind == USER:
+                self._end_users += 1
+            self._start_ticker()
+        mono = self._clock.monotonic()
+        for expiry, delta in changes.items():
+            if delta:
+                budget.held.settle(None, place.scopes, expiry, delta, place.quota_key, mono)
+        if sum(changes.values()) < 0:
+            budget.refunded = True
+
+    def release(self, held: Held, used: int) -> None:
+        now_bucket = bucket_expiry(int(self._clock.now() * 1000))
+        if held.expiry_ms <= 0:
+            # Held before holds were kept apart (its estimate was charged then, and has left the window): the rest.
+            changes = {now_bucket: used - held.tokens}
+        else:
+            changes = {held.expiry_ms: -held.tokens}
+            changes[now_bucket] = changes.get(now_bucket, 0) + used
+        for place in held.places:
+            self._book(place, changes)
+
+    def extend(self, held: Held, until_s: float) -> Held:
+        expiry = hold_expiry(until_s)
+        if expiry <= held.expiry_ms:
+            return held
+        for place in held.places:
+            self._book(place, {held.expiry_ms: -held.tokens, expiry: held.tokens})
+        return Held(held.tokens, expiry, held.places)
 
     def _headers(self, budget: Budget, scopes: Scopes) -> dict[str, str]:
         headers: dict[str, str] = {}

@@ -59,6 +59,10 @@ class StoredResponse:
     # until a follow-up reads the finished response and its usage is settled, once, by whichever instance reads it.
     unsettled: bool = False
     charged: int = 0
+    # Where `charged` is held (limits.contract.Held): until this bucket (ms; 0 for a record written before holds were
+    # kept), in these places (its encoding: the ledger, scopes and quota period of each level admitted).
+    held_until_ms: int = 0
+    held_places: str = ""
 
     def expired(self, now: float) -> bool:
         return now >= self.expires
@@ -126,17 +130,18 @@ class Pinning:
 
     async def remember(
         self, created: Created, backend: Backend, consumer_id: str, deployment: str, usage: TokenUsage | None,
-        charged_until_settled: int | None = None,
+        charged_until_settled: int | None = None, held: tuple[int, str] = (0, ""),
     ) -> None:
         """Record where a new stored response lives (written before the client can learn its id), and where its items
-        live (every output item of a stored response, the encrypted reasoning of an unstored one)."""
+        live (every output item of a stored response, the encrypted reasoning of an unstored one); `held`: where a
+        background response's hold sits (until ms, places), while it is charged until settled."""
         expires = self._clock.now() + self._retention_s
         writes = [self._put(StoredResponse(item_key(item), backend.id, consumer_id, deployment, expires))
                   for item in created.items]
         if created.store:
             writes.append(self._put(StoredResponse(
                 created.response_id, backend.id, consumer_id, deployment, expires,
-                context_tokens(usage), charged_until_settled is not None, charged_until_settled or 0,
+                context_tokens(usage), charged_until_settled is not None, charged_until_settled or 0, *held,
             )))
         self._count_unwritten(await asyncio.gather(*writes), [*map(item_key, created.items), created.response_id])
 
@@ -178,6 +183,13 @@ class Pinning:
             return await self._store.settle(response_id)
         except StoreUnavailable:
             return False  # a later read settles it
+
+    async def rehold(self, record: StoredResponse, held_until_ms: int) -> bool:
+        """Record that a hold moved; False when the response was settled (or moved) elsewhere meanwhile."""
+        try:
+            return await self._store.rehold(record.response_id, held_until_ms, record.held_until_ms)
+        except StoreUnavailable:
+            return False
 
     async def forget(self, response_id: str) -> None:
         try:

@@ -238,6 +238,14 @@ class MemoryResponseStore(_Switch):
         self.records[response_id] = replace(record, unsettled=False)
         return True
 
+    async def rehold(self, response_id: str, held_until_ms: int, previous_ms: int) -> bool:
+        self._check()
+        record = self.records.get(response_id)
+        if record is None or not record.unsettled or record.held_until_ms != previous_ms:
+            return False
+        self.records[response_id] = replace(record, held_until_ms=held_until_ms)
+        return True
+
     async def forget(self, response_id: str) -> None:
         self._check()
         self.records.pop(response_id, None)

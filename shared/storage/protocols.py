@@ -118,6 +118,11 @@ class ResponseStore(Protocol):
         """Mark an unsettled record settled; True only for the one caller that changed it (a conditional write)."""
         ...
 
+    async def rehold(self, response_id: str, held_until_ms: int, previous_ms: int) -> bool:
+        """Move an unsettled record's hold from `previous_ms` to `held_until_ms`, on a conditional write; False when it
+        was settled, or moved, by another caller meanwhile."""
+        ...
+
     async def forget(self, response_id: str) -> None:
         """Drop the record (the response was deleted); nothing to drop is fine."""
         ...

@@ -34,6 +34,8 @@ def _to_entity(record: StoredResponse) -> dict[str, Any]:
         "context_tokens": int(record.context_tokens),
         "unsettled": bool(record.unsettled),
         "charged": int(record.charged),
+        "held_until": float(record.held_until_ms),  # ms since the epoch: past Int32, exact as a Double
+        "held_places": record.held_places,
     }
 
 
@@ -47,6 +49,8 @@ def _from_entity(entity: dict[str, Any]) -> StoredResponse:
         context_tokens=int(entity.get("context_tokens", 0) or 0),
         unsettled=bool(entity.get("unsettled", False)),
         charged=int(entity.get("charged", 0) or 0),
+        held_until_ms=int(entity.get("held_until", 0) or 0),
+        held_places=str(entity.get("held_places", "") or ""),
     )
 
 
@@ -90,6 +94,22 @@ class TableResponseStore:
                 changed, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified))
         except Conflict:
             return False  # another instance settled it first
+        return True
+
+    async def rehold(self, response_id: str, held_until_ms: int, previous_ms: int) -> bool:
+        try:
+            entity = await self._tables.call(TABLE, lambda t: t.get_entity(response_id, _RK))
+        except ResourceNotFoundError:
+            return False
+        if not entity.get("unsettled") or int(entity.get("held_until", 0) or 0) != previous_ms:
+            return False
+        changed = {**dict(entity), "held_until": float(held_until_ms)}
+        etag = entity_etag(entity)
+        try:
+            await self._tables.call(TABLE, lambda t: t.update_entity(
+                changed, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified))
+        except Conflict:
+            return False
         return True
 
     async def forget(self, response_id: str) -> None:
