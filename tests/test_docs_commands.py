@@ -124,7 +124,7 @@ def _local_backends() -> str:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("page", ["README.md", "docs/deploy.md"])
+@pytest.mark.parametrize("page", ["README.md", "docs/deploy.md", "docs/developing.md"])
 def test_the_admin_commands_of_a_page_run_as_pasted(page: str, azurite: stack.Child, tmp_path: Path) -> None:
     """Each page's consumer and usage commands, in order, on fresh tables: each must succeed. README's against the
     local stack's backends (so --deployments is checked); deploy.md's as an operator runs them (no backends here)."""
@@ -132,7 +132,7 @@ def test_the_admin_commands_of_a_page_run_as_pasted(page: str, azurite: stack.Ch
            "GATEWAY_TABLE_PREFIX": re.sub(r"[^A-Za-z0-9]", "", unique("docs"))[:30], "SIM_API_KEY": stack.SIM_API_KEY,
            "PYTHONPATH": str(ROOT)}
     env.pop("GATEWAY_BACKENDS", None)
-    if page == "README.md":
+    if page in ("README.md", "docs/developing.md"):
         env["GATEWAY_BACKENDS"] = _local_backends()
     # The file a create-many line names, as its comment describes it.
     (tmp_path / "consumers.jsonl").write_text(json.dumps({"name": "Batch one", "deployments": ["gpt-4o"]}) + "\n")
@@ -145,4 +145,4 @@ def test_the_admin_commands_of_a_page_run_as_pasted(page: str, azurite: stack.Ch
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, f"{command.where}\n{done.stderr}"
         ran += 1
-    assert ran >= (10 if page == "README.md" else 3)
+    assert ran >= {"README.md": 10, "docs/deploy.md": 3, "docs/developing.md": 4}[page]

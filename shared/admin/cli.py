@@ -680,6 +680,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(local_environment(args.settings), require_backends=False)
         return asyncio.run(run(args, settings))
+    except BrokenPipeError:  # `... | head` closed standard output: nothing to say, and no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (Exception, SystemExit) as error:
         failure = explain(error, settings)
         if failure is None:
