@@ -19,7 +19,7 @@ from shared.limits.ledger import deployment_scope
 from shared.outcomes import FailureKind
 from shared.storage.memory import MemoryConsumerStore
 from tests.fakes.gateway import ADMIN_HEADERS, GatewayHarness
-from tests.fakes.upstream import Fail, Reply, chat_body, error_reply, json_reply
+from tests.fakes.upstream import Fail, Reply, chat_body, error_reply, json_reply, stream_reply
 
 DEPLOYMENTS = ["gpt-4.1", "gpt-4o", "o3-mini", "text-embedding-3-small", "text-embedding-3-large"]
 REGIONS = ("uksouth", "swedencentral")
@@ -379,5 +379,47 @@ async def test_an_answer_from_a_fallback_is_never_kept_in_the_cache_under_the_de
         third = await harness.post(CHAT, tolerant, body)  # what gpt-4.1 itself answered is kept, and served
         assert third.headers["x-gateway-cache"] == "hit"
         assert third.content == second.content
+    finally:
+        await harness.close()
+
+
+async def test_a_stream_that_breaks_after_its_first_byte_never_falls_back(fb: GatewayHarness) -> None:
+    key = fb.consumer("app", tpm=100_000)
+    fb.upstream.script("uksouth", stream_reply(20, breaks_after=3))
+    response = await fb.post(CHAT, key, {"model": "gpt-4.1", "messages": MESSAGES, "stream": True})
+    assert response.status_code == 200 and response.headers["x-gateway-deployment"] == "gpt-4.1"
+    assert '"error"' in response.text  # the break is told in the stream, as a stream cut without fallback is
+    assert deployments_sent(fb) == [("uksouth", "gpt-4.1")] and fb.telemetry.model_fallbacks == []
+
+
+async def test_a_responses_call_falls_back_translated_for_a_reasoning_model(fb: GatewayHarness) -> None:
+    key = fb.consumer("app", tpm=100_000)
+    throttle(fb)  # gpt-4o's regions: its fallback o3-mini serves
+    usage = {"input_tokens": 9, "output_tokens": 4, "total_tokens": 13, "input_tokens_details": {"cached_tokens": 0},
+             "output_tokens_details": {"reasoning_tokens": 0}}
+    fb.upstream.script("uksouth", json_reply(json.dumps({
+        "id": "resp_o3", "object": "response", "model": "o3-mini-2025-01-31", "status": "completed", "store": False,
+        "output": [], "usage": usage}).encode()))
+    body = {"model": "gpt-4o", "input": "Hello", "temperature": 0.2, "max_output_tokens": 30, "store": False}
+    response = await fb.post("/v1/responses", key, body)
+    assert response.status_code == 200 and response.headers["x-gateway-deployment"] == "o3-mini"
+    assert response.json()["model"] == "o3-mini-2025-01-31"  # the backend's
+    sent = json.loads(fb.upstream.sent[-1].body)
+    assert sent == {"model": "o3-mini", "input": "Hello", "max_output_tokens": 30, "store": False}
+    assert await fb.charged("app") == 13
+
+
+async def test_spend_is_priced_at_the_deployment_that_served() -> None:
+    prices = {"currency": "EUR", "deployments": {"gpt-4.1": {"input": 100, "output": 100},
+                                                 "gpt-4o": {"input": 1, "output": 1}}}
+    harness = make(GATEWAY_PRICES=json.dumps(prices))
+    try:
+        key = harness.consumer("team", budget=10.0)
+        throttle(harness)
+        response = await harness.post(CHAT, key, {"model": "gpt-4.1", "messages": MESSAGES, "max_tokens": 20})
+        assert response.headers["x-gateway-deployment"] == "gpt-4o"
+        served = harness.telemetry.requests[-1].usage
+        assert served is not None
+        assert harness.budgets.spent("team") == pytest.approx(served.total * 1 / 1e6)
     finally:
         await harness.close()
