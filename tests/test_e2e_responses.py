@@ -346,3 +346,45 @@ def test_follow_up_paths_and_methods(fresh_sims: Stack) -> None:
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     assert httpx.get(e2e.url + "/v1/responses/resp_1", timeout=10).status_code == 401  # no key: no lookup at all
     assert all(sim.stats()["requests"] == 0 for sim in e2e.simulators)
+
+
+def test_items_are_read_only_by_their_owner_and_where_they_are_stored_across_instances(
+    fresh_sims: Stack, gateway_factory: Callable[..., stack.Child]
+) -> None:
+    """The simulated regions answer an `item_reference` to an item they do not hold with 404, and refuse encrypted
+    reasoning another region sealed, as the service does. Made in a secondary region and named through another
+    gateway instance, each goes back to its region; another consumer's item is an unknown one."""
+    e2e = fresh_sims
+    key = e2e.create_consumer(unique("items"), tpm=1_000_000)
+    stranger = e2e.create_consumer(unique("stranger"), tpm=1_000_000)
+    other = gateway_factory()
+    ptu = e2e.simulators[0]
+    ptu.fault("503")
+    raw = clients(e2e.url, key)["v1"].responses.with_raw_response.create(model="gpt-4o", input="Remember this.")
+    made, holder = raw.parse(), raw.headers["x-gateway-backend"]
+    assert holder != "uksouth-ptu"
+    message_id = made.output[0].id
+    wait_for(recovered(e2e, other.url, "uksouth-ptu"))
+    reference = {"model": "gpt-4o", "input": [{"type": "item_reference", "id": message_id},
+                                              {"role": "user", "content": "Go on."}]}
+    mine = httpx.post(f"{other.url}/v1/responses", json=reference, timeout=30, headers={"api-key": key})
+    assert mine.status_code == 200 and mine.headers["x-gateway-backend"] == holder
+    theirs = httpx.post(f"{other.url}/v1/responses", json=reference, timeout=30, headers={"api-key": stranger})
+    unknown = httpx.post(f"{other.url}/v1/responses", timeout=30, headers={"api-key": stranger},
+                         json={**reference, "input": [{"type": "item_reference", "id": "msg_" + "0" * 48}]})
+    assert theirs.status_code == unknown.status_code == 404
+    assert theirs.json()["error"]["code"] == unknown.json()["error"]["code"] == "item_not_found"
+    assert requests_with(ptu, message_id) == []  # never sent where it is not held
+
+    # Unstored, with encrypted reasoning: only the region that sealed it can read it back.
+    ptu.fault("503")
+    first = clients(e2e.url, key)["v1"].responses.with_raw_response.create(
+        model="gpt-4o", input="Think.", store=False, include=["reasoning.encrypted_content"])
+    sealed_by = first.headers["x-gateway-backend"]
+    assert sealed_by != "uksouth-ptu"
+    reasoning = next(item for item in first.parse().output if item.type == "reasoning")
+    wait_for(recovered(e2e, other.url, "uksouth-ptu"))
+    follow = clients(other.url, key)["v1"].responses.with_raw_response.create(
+        model="gpt-4o", store=False, include=["reasoning.encrypted_content"],
+        input=[reasoning.model_dump(exclude_none=True), {"role": "user", "content": "And then?"}])  # type: ignore[list-item]
+    assert follow.headers["x-gateway-backend"] == sealed_by and follow.parse().status == "completed"

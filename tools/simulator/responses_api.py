@@ -59,6 +59,33 @@ class Store:
 
     def __init__(self) -> None:
         self.responses: dict[str, Stored] = {}
+        # Encrypted reasoning is sealed with the resource's own key: another region cannot read it.
+        self.seal = uuid.uuid4().hex
+
+    def has_item(self, item_id: str) -> bool:
+        """An input or output item of a stored response (what an `item_reference` may name)."""
+        for stored in self.responses.values():
+            for item in (*stored.items, *(stored.response.get("output") or ())):
+                if isinstance(item, dict) and item.get("id") == item_id:
+                    return True
+        return False
+
+    def sealed(self) -> str:
+        return f"sealed-{self.seal}-{uuid.uuid4().hex}"
+
+    def unreadable(self, body: Mapping[str, Any]) -> tuple[int, str, str | None] | None:
+        """What the service answers for input items this region cannot use: an `item_reference` to no item it stores
+        (404), encrypted reasoning another resource sealed (400)."""
+        items = body.get("input")
+        for item in items if isinstance(items, list) else ():
+            if not isinstance(item, dict):
+                continue
+            if item.get("type") == "item_reference" and not self.has_item(str(item.get("id"))):
+                return 404, f"Item with id '{item.get('id')}' not found.", None
+            sealed = item.get("encrypted_content")
+            if item.get("type") == "reasoning" and isinstance(sealed, str) and not sealed.startswith(f"sealed-{self.seal}-"):
+                return 400, f"The encrypted content for item {item.get('id')} could not be verified.", "invalid_encrypted_content"
+        return None
 
     def get(self, response_id: str) -> Stored | None:
         stored = self.responses.get(response_id)
@@ -234,6 +261,9 @@ async def create(region: Region, store: Store, preview: bool, request: web.Reque
     problem = _check(body)
     if problem is not None:
         return invalid_request(region, *problem)
+    unreadable = store.unreadable(body)
+    if unreadable is not None:
+        return _error(region, unreadable[0], unreadable[1], unreadable[2], "input")
     context = 0
     previous_id = body.get("previous_response_id")
     previous = store.get(previous_id) if isinstance(previous_id, str) else None
@@ -272,6 +302,10 @@ async def create(region: Region, store: Store, preview: bool, request: web.Reque
     background = body.get("background") is True
     response = _response(body, deployment.model_name, "queued" if background and not streaming else "completed")
     final = _finished(response, words, prompt, limit is not None and limit <= default)
+    include = body.get("include")
+    if isinstance(include, list) and "reasoning.encrypted_content" in include:
+        final["output"] = [*final["output"], {"type": "reasoning", "id": _id("rs"), "summary": [],
+                                              "encrypted_content": store.sealed()}]
     stored = Stored(response, _input_items(body.get("input")), deployment.name, words)
     if response["store"]:
         store.responses[response["id"]] = stored
