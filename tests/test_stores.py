@@ -240,6 +240,36 @@ async def test_concurrent_admin_writes_never_undo_each_other(stores: Stores, oth
     assert stored.version == 2  # two changes, each made on the other's result
 
 
+async def test_as_many_concurrent_admin_commands_as_write_tries_all_land(stores: Stores) -> None:
+    """Each lost race means another command won and is done, so WRITE_TRIES commands at once always all land."""
+    import io
+
+    from shared.admin.cli import WRITE_TRIES, Admin, parser
+
+    store: Any = stores.consumers
+    await store.create(consumer("delta", key="gw-delta"))
+    out = io.StringIO()
+    admin = Admin(store, out, err=io.StringIO(), json_mode=True)
+    argv = [["set", "delta", "--tpm", "7"], ["set", "delta", "--quota", "100", "--quota-period", "daily"],
+            ["set", "delta", "--name", "Delta team"], ["rotate", "delta"]]
+    commands = [admin.update(parser().parse_args(["consumers", *a])) if a[0] == "set"
+                else admin.rotate(parser().parse_args(["consumers", *a])) for a in argv]
+    commands.append(admin.set_enabled("delta", False))
+    assert len(commands) == WRITE_TRIES
+    assert await asyncio.gather(*commands) == [0] * WRITE_TRIES
+    stored = await store.get("delta")
+    assert stored is not None and stored.version == WRITE_TRIES
+    assert stored.limits.tokens_per_minute == 7 and stored.limits.quota == 100 and stored.name == "Delta team"
+    assert stored.enabled is False
+    decoder, text, documents = json.JSONDecoder(), out.getvalue(), []
+    while text.strip():
+        document, end = decoder.raw_decode(text.strip())
+        documents.append(document)
+        text = text.strip()[end:]
+    key = next(d["key"] for d in documents if "key" in d)
+    assert stored.key_hash == hash_key(key)
+
+
 # ---- usage rows -----------------------------------------------------------------------------------------------------
 
 
