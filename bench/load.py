@@ -92,8 +92,12 @@ async def run(
             nonlocal sent
             target = urls[index % len(urls)]
             # Many consumers: client i is consumer i (its own key); with rotate its requests go round the gateways.
-            label, _, key = keys[index % len(keys)].rpartition("\t") if keys else ("", "", "")
+            # A line is KEY, LABEL<tab>KEY, or LABEL<tab>KEY<tab>END-USER (sent as x-gateway-user).
+            parts = keys[index % len(keys)].split("\t") if keys else [""]
+            label, key = (parts[0], parts[1]) if len(parts) > 1 else ("", parts[0])
             own = {**headers, "api-key": key} if keys else headers
+            if len(parts) > 2:
+                own = {**own, "x-gateway-user": parts[2]}
             labelled = result.by_label.setdefault(label, []) if label else None
             turn = index
             if interval:

@@ -41,6 +41,9 @@ QUIET_TPM = 100_000
 INTERVAL_S = 2.0
 BURST_TPM = 300_000
 BURST_CLIENTS = 32
+END_USER_TPM = 20_000  # each end user's tokens per minute in the end-users shape
+USERS_INTERVAL_S = 40.0
+TEAM_TPM = 120_000  # the team two bursting consumers share in the end-users shape
 
 
 def create(bench: Bench, folder: Path, name: str, specs: list[dict[str, Any]]) -> tuple[list[str], float, float]:
@@ -162,6 +165,82 @@ def run_shape(bench: Bench, regions: list[stack.Region], control: int, folder: P
     return figures
 
 
+def admin(bench: Bench, folder: Path, *argv: str) -> Any:
+    """Run the admin command (--json) against the bench's store; its JSON result."""
+    empty = folder / "empty-settings.json"
+    empty.write_text('{"Values": {}}')
+    done = subprocess.run([sys.executable, "-m", "shared.admin", "--settings", str(empty), "--json", *argv], cwd=ROOT,
+                          env={**os.environ, **bench.env()}, capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(done.stdout)
+
+
+def run_users(bench: Bench, regions: list[stack.Region], control: int, folder: Path, users: int, gateways: int,
+              warmup: float, seconds: float, interval: float = USERS_INTERVAL_S) -> dict[str, Any]:
+    """Issue 27: `users` end users of one consumer (each limited to END_USER_TPM, one request every `interval` s each,
+    named by x-gateway-user, round the gateways), beside unlimited consumers at the same rate for latency; and at the
+    same time one of those end users asking twice its limit, and two consumers of one team (TEAM_TPM) each asking the
+    team's whole limit. Table round trips per request over everything, added p50, and the accuracy of both limits."""
+    tag = f"u{users}x{gateways}-{int(time.time()) % 100000}"
+    seconds = max(seconds, 185.0)  # two full minutes after the first, for the per-minute figures
+    consumer = admin(bench, folder, "consumers", "create", f"end users {tag}", "--all-deployments",
+                     "--user-tpm", str(END_USER_TPM), "--user-sources", "header", "--user-required", "yes")
+    team = admin(bench, folder, "teams", "create", f"team {tag}", "--all-deployments", "--tpm", str(TEAM_TPM))
+    members = [admin(bench, folder, "consumers", "create", f"member {n} {tag}", "--all-deployments", "--team", team["id"])
+               for n in range(2)]
+    unlimited = max(10, users // 100)
+    create(bench, folder, f"free-{tag}", [{"name": f"free {tag} {n}", "deployments": "*"} for n in range(unlimited)])
+    children = start_gateways(bench, regions, gateways, tag)
+    urls = [f"{g.url}/v1/chat/completions" for g in children]
+    body = chat_body(model="gpt-4o")
+    time.sleep(6)
+    free_keys = (folder / f"free-{tag}.keys").read_text().split()
+    mixed: list[str] = []
+    for n in range(users):
+        mixed.append(f"limited\t{consumer['key']}\tend-user-{n}")
+        if n % (users // unlimited) == 0 and free_keys:
+            mixed.append(f"unlimited\t{free_keys.pop()}")
+    mixed += [f"unlimited\t{key}" for key in free_keys]
+    (folder / f"mixed-{tag}.keys").write_text("\n".join(mixed) + "\n")
+    probe = httpx.post(urls[0], content=body, headers={"api-key": consumer["key"], "x-gateway-user": "probe",
+                                                        "content-type": "application/json"}, timeout=120)
+    per_request = int(probe.headers["x-gateway-tokens-consumed"])
+    (folder / f"busy-{tag}.keys").write_text("".join(f"busy\t{consumer['key']}\tbusy-user\n" for _ in range(8)))
+    records = {name: str(folder / f"{name}-{tag}.jsonl") for name in ("user", "team0", "team1")}
+    loads = {
+        "quiet": start_load(urls, body, len(mixed), seconds, rate=len(mixed) / interval, warmup=warmup,
+                            keys=str(folder / f"mixed-{tag}.keys"), rotate=True),
+        "user": start_load(urls, body, 8, seconds, rate=2 * END_USER_TPM / 60 / per_request, warmup=warmup,
+                           keys=str(folder / f"busy-{tag}.keys"), rotate=True, record=records["user"]),
+        **{f"team{n}": start_load(urls, body, 8, seconds, headers={"api-key": m["key"]}, rate=TEAM_TPM / 60 / per_request,
+                                  warmup=warmup, rotate=True, record=records[f"team{n}"]) for n, m in enumerate(members)},
+    }
+    time.sleep(warmup + 0.7)
+    stack.proxy_control(control, "reset")
+    time.sleep(seconds)
+    tables = stack.proxy_control(control, "stats")["requests"]
+    results = {name: finish_load(process, seconds + warmup + 180) for name, process in loads.items()}
+    stop(bench, children)
+    requests = sum(r["requests"] for r in results.values())
+    quiet = results["quiet"]
+    p50 = {label: figures["p50"] for label, figures in quiet["latency_ms_by_label"].items()}
+
+    def recorded(*names: str) -> list[tuple[Any, ...]]:
+        return [tuple(json.loads(line)) for name in names for line in Path(records[name]).read_text().splitlines()]
+
+    figures: dict[str, Any] = {
+        "end_users": users, "gateways": gateways, "interval_s": interval, "unlimited_consumers": unlimited,
+        "seconds": seconds, "requests": requests, "rps": round(requests / seconds, 1),
+        "quiet_statuses": quiet["statuses"], "ok_by_label": quiet["ok_by_label"],
+        "limited_p50_ms": p50.get("limited"), "unlimited_p50_ms": p50.get("unlimited"),
+        "tokens_per_request": per_request,
+        "busy_end_user": {"limit_tpm": END_USER_TPM, **analyse(recorded("user"), END_USER_TPM, seconds)},
+        "team": {"limit_tpm": TEAM_TPM, **analyse(recorded("team0", "team1"), TEAM_TPM, seconds)},
+        **table_figures(tables, requests),
+    }
+    figures["added_p50_ms"] = round(figures["limited_p50_ms"] - figures["unlimited_p50_ms"], 3)
+    return figures
+
+
 async def limiter_cost(consumers: int, rounds: int) -> dict[str, float]:
     """The limiter's own time per request on the request path, in-process: `consumers` quiet consumers (one request
     every 2 s each, on a fake clock), a ledger store in memory (so a request that waits for a claim counts its
@@ -196,6 +275,55 @@ async def limiter_cost(consumers: int, rounds: int) -> dict[str, float]:
             "mean_us": round(sum(times) / len(times) * 1e6, 2), "syncs_per_request": round(limiter.syncs / (2 * rounds * consumers), 4)}
 
 
+async def end_user_cost(users: int, rounds: int, instances: int = 1) -> dict[str, float]:
+    """Issue 27 in-process: `users` end users of one consumer (and the same requests from a consumer without end-user
+    limits), one request every USERS_INTERVAL_S each on a fake clock, round `instances` limiters sharing a ledger in
+    memory; the limiter's own time per request with and without the end-user level, and ledger round trips per request."""
+    from shared.clock import FakeClock
+    from shared.edge.consumers import Consumer, Limits, UserLimits
+    from shared.limits.limiter import TokenLimiter
+    from shared.storage.memory import MemoryLedgerStore
+    from shared.telemetry.events import NullTelemetry
+
+    clock = FakeClock()
+    store = MemoryLedgerStore()
+    limiters = [TokenLimiter(store, clock, NullTelemetry(), background=False, instance_id=f"i{n}",
+                             instance_count=instances) for n in range(instances)]
+    with_users = Consumer("people", "people", "h", "gw-x", limits=Limits(tokens_per_minute=10_000_000),
+                          users=UserLimits(tokens_per_minute=END_USER_TPM))
+    without = Consumer("plain", "plain", "h", "gw-x", limits=Limits(tokens_per_minute=10_000_000))
+    times: dict[bool, list[float]] = {True: [], False: []}
+    step = USERS_INTERVAL_S / users
+    ticks = 0.0
+    base = 0
+    for round_ in range(2 * rounds):
+        if round_ == rounds:
+            base = store.reads + store.writes
+        for n in range(users):
+            clock.advance(step)
+            ticks += step
+            if ticks >= 0.1:
+                ticks = 0.0
+                for limiter in limiters:
+                    await limiter.tick()
+            limiter = limiters[(n + round_) % instances]
+            for named in (True, False):
+                started = time.perf_counter()
+                if named:
+                    ticket = await limiter.admit(with_users, "gpt-4o", 230, user=f"u{n}")
+                else:
+                    ticket = await limiter.admit(without, "gpt-4o", 230)
+                ticket.settle(215)
+                if round_ >= rounds:
+                    times[named].append(time.perf_counter() - started)
+    for values in times.values():
+        values.sort()
+    p50 = {k: v[len(v) // 2] * 1e6 for k, v in times.items()}
+    return {"users": users, "instances": instances, "p50_us_with_end_users": round(p50[True], 2),
+            "p50_us_without": round(p50[False], 2), "added_p50_us": round(p50[True] - p50[False], 2),
+            "ledger_round_trips_per_request": round((store.reads + store.writes - base) / (2 * rounds * users), 4)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="100x1,100x4,1000x1,1000x4",
@@ -205,17 +333,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=60.0)
     parser.add_argument("--seconds", type=float, default=180.0)
     parser.add_argument("--burst-minutes", type=float, default=4.0, help="0: no burst shape")
+    parser.add_argument("--users", default="", help="end-users shapes (issue 27): END-USERSxGATEWAYS[@seconds between "
+                        "an end user's requests, default 40], comma-separated, e.g. 10000x1")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args(argv)
     results: dict[str, Any] = {"machine": machine(), "date": stamp(), "warmup": args.warmup, "seconds": args.seconds,
                                "argv": argv if argv is not None else sys.argv[1:], "shapes": []}
-    results["in_process"] = {str(n): asyncio.run(limiter_cost(n, 200)) for n in (100, 1000)}
-    print(json.dumps(results["in_process"]), flush=True)
+    if args.shapes:
+        results["in_process"] = {str(n): asyncio.run(limiter_cost(n, 200)) for n in (100, 1000)}
+        print(json.dumps(results["in_process"]), flush=True)
+    if args.users:
+        results["end_users_in_process"] = [asyncio.run(end_user_cost(10_000, 4, n)) for n in (1, 4)]
+        print(json.dumps(results["end_users_in_process"]), flush=True)
     with bench_stack() as bench, tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         control = bench.start_counted_store()
         regions = bench.start_unlimited_regions()
-        for shape in args.shapes.split(","):
+        for shape in filter(None, args.shapes.split(",")):
             size, _, every = shape.partition("@")
             consumers, gateways = (int(x) for x in size.split("x"))
             figures = run_shape(bench, regions, control, folder, consumers, gateways, args.warmup, args.seconds,
@@ -223,6 +357,14 @@ def main(argv: list[str] | None = None) -> int:
             results["shapes"].append(figures)
             print(json.dumps({k: v for k, v in figures.items() if k != "table_requests"}), flush=True)
             save("quiet", results)  # kept if a later shape fails
+        for shape in filter(None, args.users.split(",")):
+            size, _, every = shape.partition("@")
+            users, gateways = (int(x) for x in size.split("x"))
+            figures = run_users(bench, regions, control, folder, users, gateways, args.warmup, args.seconds,
+                                float(every or USERS_INTERVAL_S))
+            results.setdefault("users", []).append(figures)
+            print(json.dumps({k: v for k, v in figures.items() if k != "table_requests"}), flush=True)
+            save("quiet", results)
         if args.burst_minutes:
             figures = run_shape(bench, regions, control, folder, 1000, 4, args.warmup, 0, args.burst_minutes,
                                 interval=args.burst_interval)

@@ -49,7 +49,7 @@ from shared.limits.ledger import (
 from shared.limits.ledger_copy import Contended, LedgerCopy
 from shared.limits.pacing import Pacing
 from shared.limits.scopes import CONSUMER, TEAM, USER, Level, Scopes, is_limited, level_name, levels_for, scopes_for
-from shared.limits.user_shares import UserWindows, declare, declaring
+from shared.limits.user_shares import MAX_SHARE_S, UserWindows, declare, declaring, serving
 from shared.outcomes import NeverAdmissible, QuotaExhausted, RateLimited
 from shared.storage.memory import MemoryLedgerStore as MemoryLedgerStore  # the store's twin, for existing callers
 from shared.storage.protocols import LedgerStore, StoreUnavailable
@@ -610,13 +610,16 @@ class TokenLimiter:
             if plan is not None:
                 wants = {s: max(w, plan.tokens.get(s, 0)) for s, w in wants.items()}
                 lifetime_s = plan.lifetime_s
+                if budget.user_tpm > 0:
+                    # The end users' share is renewed with the lease: a newcomer instance waits at most this long.
+                    lifetime_s = min(lifetime_s, MAX_SHARE_S)
             grant = claim(ledger, lease_id, needs, wants, budget.limits, quota, at, int(lifetime_s * 1000)) if wants else None
             plans[0] = (wants, grant, plan)
             if budget.user_tpm > 0 and grant is not None and grant.tokens:
                 # The end users' share rides on the claim (user_shares.py): the limit split among the instances
                 # declaring, at least two typical requests while room remains, never below what one holds here.
                 at_ms = int(at * 1000)
-                count = max(self._instances, len(declaring(ledger, at_ms) | {self._instance}))
+                count = max(self._instances, len(declaring(ledger, at_ms) | serving(ledger, at_ms) | {self._instance}))
                 want = max(budget.user_tpm // count, int(2 * pace.typical))
                 shares[0] = declare(ledger, self._instance, want, budget.users.peak(at_ms), budget.user_tpm,
                                     int((at + lifetime_s) * 1000) + WINDOW_MS, at_ms)

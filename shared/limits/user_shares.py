@@ -12,10 +12,13 @@ instance admitted one end user is within the declaration it has at t, which is l
 60 s old). At every write the sum of the live declarations is checked against the limit, so the end user's total, summed
 over the instances that admitted it in those 60 s, is within the limit.
 
-What it costs: the limit is split. An instance declares the limit divided by the instances holding leases on the
-consumer (at least two typical requests, while room remains); an end user served by one instance only gets that
-instance's share, and a new instance gets room as the others' next renewals shrink theirs (a busy consumer's leases are
-renewed every ~2 s, an allowance within minutes). Until then it refuses end users with scope `user` and Retry-After 1 s.
+What it costs: the limit is split. An instance declares the limit divided by the instances serving the consumer (those
+declaring or holding a lease on it, at least GATEWAY_INSTANCE_COUNT), at least two typical requests while room
+remains; an end user served by one instance only gets that instance's share, and an instance that starts serving the
+consumer gets room as the others' next renewals shrink theirs (a busy consumer's leases are renewed every ~2 s; a
+consumer with end-user limits renews an allowance at least every MAX_SHARE_S). Until then it refuses end users with
+scope `user` and Retry-After 1 s. With GATEWAY_INSTANCE_COUNT set to the scale-out limit (Bicep does), the shares are
+right from the first claim.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shared.limits.ledger import WINDOW_MS, Ledger
+
+# A consumer with end-user limits renews its lease (an allowance included) at least this often, so an instance that
+# starts serving it gets a share within about this long.
+MAX_SHARE_S = 30.0
 
 
 def declare(ledger: Ledger, instance: str, want: int, floor: int, limit: int, until_ms: int, now_ms: int) -> int:
@@ -41,6 +48,11 @@ def declare(ledger: Ledger, instance: str, want: int, floor: int, limit: int, un
 
 def declaring(ledger: Ledger, now_ms: int) -> set[str]:
     return {i for i, v in ledger.user_shares.items() if v[1] > now_ms}
+
+
+def serving(ledger: Ledger, now_ms: int) -> set[str]:
+    """Instances holding a lease on the consumer: each may need a share of its end users' limit."""
+    return {lease_id.split(":", 1)[0] for lease_id, lease in ledger.leases.items() if lease.expires_ms > now_ms}
 
 
 @dataclass(eq=False)
