@@ -307,10 +307,31 @@ def test_the_model_check_reports_the_findings_of_the_issue() -> None:
     assert any("Legacy" in p for p in models.check_deployment("gpt-4o", "2024-11-20", "GlobalStandard", "uksouth"))
     # A region the snapshot knows nothing about, and a model it does not list.
     current = minimal_deployments()[0]
-    assert any("no GlobalStandard facts for eastus" in p
-               for p in models.check_deployment(current["model"], current["modelVersion"], "GlobalStandard", "eastus"))
+    assert any("no facts for newzealandnorth" in p for p in models.check_deployment(
+        current["model"], current["modelVersion"], "GlobalStandard", "newzealandnorth"))
     assert any("not in the model snapshot" in p for p in models.check_deployment("gpt-9", "1", "GlobalStandard", "uksouth"))
     assert models.check_region_skus("x", ["GlobalStandard", "ProvisionedManaged"])
+
+
+@pytest.mark.parametrize("region", ["eastus2", "westus3", "canadaeast", "brazilsouth", "japaneast", "australiaeast",
+                                    "southindia", "uaenorth", "southafricanorth", "swedencentral"])
+def test_the_snapshot_covers_the_regions_of_every_continent_the_templates_may_name(region: str) -> None:
+    """The templates take any `location`: the snapshot covers every public region Microsoft's availability pages list,
+    so a region outside Europe is checked, not just reported as unknown."""
+    facts = models.snapshot()
+    assert region in facts.regions
+    offered = [p for p in models.check_deployment("gpt-5.4-mini", "2026-03-17", "GlobalStandard", region, facts,
+                                                   frozenset({"gpt-5.4-mini"}))]
+    assert offered == [], offered
+    # A data-zone SKU where the region has no data zone (Asia Pacific, Middle East and Africa) is "not offered".
+    zone = models.check_deployment("gpt-5.4-mini", "2026-03-17", "DataZoneStandard", region, facts)
+    assert all("no facts" not in p for p in zone), zone
+
+
+def test_every_region_of_the_snapshot_is_offered_something() -> None:
+    facts = models.snapshot()
+    offered = {r for by in facts.availability.values() for rs in by.values() for r in rs}
+    assert facts.regions == offered and len(facts.regions) >= 28
 
 
 def minimal_deployments() -> list[dict[str, Any]]:
@@ -343,7 +364,7 @@ def test_every_deployment_of_a_parameters_file_is_checked(copy: Path) -> None:
         # A deprecated model.
         (block, "        model: '{}'\n        modelVersion: '{}'".format(*deprecated_model()), "Deprecated"),
         # A region the snapshot has no facts for.
-        (f"    location: '{location}'", "    location: 'eastus'", "facts for eastus"),
+        (f"    location: '{location}'", "    location: 'newzealandnorth'", "facts for newzealandnorth"),
     ]
     for old, new, expected in cases:
         shutil.copy(scenario("minimal"), copy / "minimal.bicepparam")

@@ -28,13 +28,16 @@ class Snapshot:
     availability: dict[str, dict[str, list[str]]]
     sources: dict[str, Any]
     limited_access: dict[str, str]
+    regions: frozenset[str] = frozenset()  # every region the availability pages list, offered anything or not
 
 
 @cache
 def snapshot(path: Path = SNAPSHOT) -> Snapshot:
     raw = json.loads(path.read_text(encoding="utf-8"))
-    return Snapshot(date.fromisoformat(raw["snapshot_date"]), raw["lifecycle"], raw["availability"], raw["sources"],
-                    raw["limited_access"])
+    availability = raw["availability"]
+    regions = frozenset(raw.get("regions") or {r for by in availability.values() for rs in by.values() for r in rs})
+    return Snapshot(date.fromisoformat(raw["snapshot_date"]), raw["lifecycle"], availability, raw["sources"],
+                    raw["limited_access"], regions)
 
 
 def check_deployment(model: str, version: str, sku: str, region: str, facts: Snapshot | None = None,
@@ -60,8 +63,8 @@ def check_deployment(model: str, version: str, sku: str, region: str, facts: Sna
     by_sku = facts.availability.get(sku)
     if by_sku is None:
         problems.append(f"{key}: SKU {sku} is not in the snapshot")
-    elif region not in {r for regions in by_sku.values() for r in regions}:
-        problems.append(f"{key}: the snapshot has no {sku} facts for {region}; add the region before deploying there")
+    elif region not in (facts.regions or {r for regions in by_sku.values() for r in regions}):
+        problems.append(f"{key}: the snapshot has no facts for {region}; add the region before deploying there")
     elif region not in by_sku.get(key, []):
         offered = sorted(by_sku.get(key, []))
         problems.append(f"{key} is not offered as {sku} in {region} (offered in: {', '.join(offered) or 'none'})")
