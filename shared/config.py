@@ -147,7 +147,9 @@ class Settings:
     end_users_max: int = 20_000  # end users with limiting state on one instance at once
     entra: EntraSettings | None = None  # None: Entra ID callers are not accepted
     accept_keys: bool = True
-    output_cap: bool = False  # the gateway's default for consumers whose record does not say (see Limits.output_cap)
+    # The gateway's default for consumers whose record does not say (see Limits.output_cap): on, off, or reasoning (on
+    # for deployments of reasoning models only, whose hidden reasoning makes an uncapped request's use unforeseeable).
+    output_cap: str = "reasoning"
     timeout_replays: int = 1  # a request that timed out is sent to at most this many other backends
     stream_settle_s: float = 5.0  # a limited consumer's stream is charged what it delivered this often
     abandoned_drain_s: float = 2.0  # how long an abandoned stream is read on, unseen, for the backend's usage
@@ -206,6 +208,17 @@ def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str,
     if value not in allowed:
         raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
     return value
+
+
+def _output_cap(env: Mapping[str, str]) -> str:
+    raw = (_get(env, "GATEWAY_OUTPUT_CAP") or "reasoning").lower()
+    if raw in ("1", "true", "yes", "on"):
+        return "on"
+    if raw in ("0", "false", "no", "off"):
+        return "off"
+    if raw == "reasoning":
+        return raw
+    raise ConfigError(f"GATEWAY_OUTPUT_CAP: expected on, off or reasoning, got {raw!r}")
 
 
 def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -734,7 +747,7 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         gateway_id=gateway_id,
         lease_lifetime_s=_number(env, "GATEWAY_LEASE_LIFETIME_S", 2.0, minimum=0.1, maximum=30),
         end_users_max=_integer(env, "GATEWAY_END_USERS_MAX", 20_000, minimum=1, maximum=1_000_000),
-        output_cap=_boolean(env, "GATEWAY_OUTPUT_CAP", False),
+        output_cap=_output_cap(env),
         timeout_replays=_integer(env, "GATEWAY_TIMEOUT_REPLAYS", 1, minimum=0, maximum=30),
         stream_settle_s=_number(env, "GATEWAY_STREAM_SETTLE_S", 5.0, minimum=0.5, maximum=60),
         abandoned_drain_s=_number(env, "GATEWAY_ABANDONED_STREAM_DRAIN_S", 2.0, minimum=0, maximum=60),

@@ -226,3 +226,14 @@ def test_a_bad_stated_capacity_fails_at_start_up(fields: dict[str, Any], message
     with pytest.raises(ConfigError) as raised:
         load_settings(env({**PTU, **fields}))
     assert message in str(raised.value) and "GATEWAY_BACKENDS[0]" in str(raised.value)
+
+
+@pytest.mark.parametrize(("value", "mode"), [(None, "reasoning"), ("reasoning", "reasoning"), ("true", "on"),
+                                             ("ON", "on"), ("false", "off"), ("off", "off")])
+def test_the_output_cap_is_on_off_or_for_reasoning_models(value: str | None, mode: str) -> None:
+    assert load_settings({**env(BACKEND), **({"GATEWAY_OUTPUT_CAP": value} if value else {})}).output_cap == mode
+
+
+def test_an_unknown_output_cap_mode_is_refused() -> None:
+    with pytest.raises(ConfigError, match="GATEWAY_OUTPUT_CAP: expected on, off or reasoning"):
+        load_settings({**env(BACKEND), "GATEWAY_OUTPUT_CAP": "sometimes"})

@@ -268,3 +268,41 @@ async def test_an_exhausted_quota_is_403_with_its_reset_time(harness: GatewayHar
     assert refused.headers["x-ratelimit-remaining-quota-tokens"] == "0"
     assert refused.headers["x-gateway-quota-resets-at"].endswith("T00:00:00Z")
     assert ("quota", "gpt-4o", "quota") in harness.telemetry.throttles
+
+
+async def test_an_image_is_reserved_at_what_the_deployments_model_bills_for_it(harness: GatewayHarness) -> None:
+    """gpt-4o-mini bills a 1024x1024 image at ~25,500 tokens, gpt-4o at 765 (issue 24): a 20,000 TPM key's request with
+    one image is admitted on gpt-4o and refused as larger than its minute on gpt-4o-mini, before anything is sent."""
+    key = harness.consumer("pictures", tpm=20_000)
+    content = [{"type": "text", "text": "What is in it?"},
+               {"type": "image_url", "image_url": {"url": "https://example.invalid/cat.png"}}]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 10}
+    assert (await harness.post("/v1/chat/completions", key, {**body, "model": "gpt-4o"})).status_code == 200
+    sent = len(harness.upstream.sent)
+    refused = await harness.post("/v1/chat/completions", key, {**body, "model": "gpt-4o-mini"})
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "tokens_exceed_limit"
+    assert len(harness.upstream.sent) == sent
+
+
+@pytest.mark.parametrize(("setting", "reasoning_cap", "chat_cap"), [
+    (None, 25_000, None),  # the default, "reasoning": capped on the reasoning deployment only
+    ("on", 25_000, 1_024),
+    ("off", None, None),
+])
+async def test_the_output_cap_is_on_by_default_for_reasoning_models(
+    setting: str | None, reasoning_cap: int | None, chat_cap: int | None
+) -> None:
+    from tests.fakes.gateway import backend
+
+    region = backend("swedencentral", "swedencentral", 1, deployments={"thinker": "o4-mini", "gpt-4o": "gpt-4o"})
+    harness = GatewayHarness([region], env={"GATEWAY_OUTPUT_CAP": setting} if setting else None)
+    try:
+        key = harness.consumer("app", tpm=100_000)
+        messages = [{"role": "user", "content": "Think."}]
+        for model, expected in (("thinker", reasoning_cap), ("gpt-4o", chat_cap)):
+            answer = await harness.post("/v1/chat/completions", key, {"model": model, "messages": messages})
+            assert answer.status_code == 200
+            sent = harness.upstream.sent[-1].json
+            assert sent.get("max_completion_tokens", sent.get("max_tokens")) == expected, model
+    finally:
+        await harness.close()

@@ -239,3 +239,44 @@ def test_a_text_with_lone_surrogates_is_counted_and_keyed_apart_from_its_replace
     assert tokens.text_digest(lone) != tokens.text_digest(replaced)
     assert tokens.count_text(lone, encoding) >= 20
     assert tokens.count_text(replaced, encoding) == len(encoding.encode(replaced))
+
+
+# ---- images by model family (issue 24) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "high", "low"),
+    [
+        ("gpt-4o", 765, 85),  # tiles: 85 + 170 per 512-px tile, 1024x1024 -> 768x768 -> 4 tiles
+        ("gpt-4o-2024-11-20", 765, 85),
+        ("gpt-4o-mini", 25_501, 2_833),  # the same tiles, billed at 2,833 + 5,667 each
+        ("gpt-4o-mini-2024-07-18", 25_501, 2_833),
+        ("gpt-4.1", 765, 85),
+        ("gpt-4.1-mini", 1_659, 1_659),  # patches: 1,024 of 32 px, x 1.62, whatever the detail
+        ("gpt-4.1-nano", 2_520, 2_520),
+        ("o4-mini", 1_762, 1_762),
+        ("gpt-5", 630, 70),
+        ("gpt-5-mini", 1_659, 1_659),
+        ("o3", 675, 75),
+        ("my-deployment", 765, 85),  # a name that says nothing: the gpt-4o figures
+    ],
+)
+def test_an_image_is_estimated_by_model_family(model: str, high: int, low: int) -> None:
+    from shared.flow.tokens import image_tokens
+
+    assert image_tokens(model, "high") == high == image_tokens(model, "auto")
+    assert image_tokens(model, "low") == low
+
+
+def test_the_image_adjustment_takes_the_costliest_model_a_deployment_is_served_as() -> None:
+    from shared.flow.tokens import image_adjustment
+
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "https://example.invalid/a.png"}},
+        {"type": "image_url", "image_url": {"url": "https://example.invalid/b.png", "detail": "low"}},
+    ]}]}
+    assert image_adjustment(body, ("gpt-4o",)) == 0
+    assert image_adjustment(body, ("vision", "gpt-4o-mini")) == (25_501 - 765) + (2_833 - 85)
+    responses_body = {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}
+    assert image_adjustment(responses_body, ("gpt-4o-mini",)) == 25_501 - 765

@@ -19,6 +19,17 @@ from shared.telemetry.events import Trace
 # what the consumer has left: the bound holds up to ~4x the prompt's tokens (English text is ~4 bytes a token) until
 # the backend's usage settles it, and it must not crowd out the consumer's other requests meanwhile.
 BOUND_ROOM_FACTOR = 2
+# A reasoning model's hidden reasoning counts as output: a cap of GATEWAY_DEFAULT_MAX_TOKENS (1,024) would cut most
+# answers off before they begin. OpenAI's reasoning guide suggests reserving at least 25,000 tokens for reasoning and
+# output; the cap is this or what fits in the consumer's minute, whichever is smaller.
+REASONING_DEFAULT_OUTPUT = 25_000
+_REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5", "codex")
+
+
+def is_reasoning_model(name: str) -> bool:
+    """Whether a model (or deployment) name is of a reasoning family (o-series, gpt-5 but its chat model, codex)."""
+    lowered = name.lower()
+    return lowered.startswith(_REASONING_PREFIXES) and not lowered.startswith("gpt-5-chat")
 
 
 class Admission:
@@ -29,6 +40,16 @@ class Admission:
         self._user_id_header = settings.user_id_header
         self._user_key = (settings.user_id_hash_key or "").encode()
         self._limiter = limiter
+        # The model names each deployment is served as (its own name too): what an image costs depends on them.
+        models: dict[str, set[str]] = {}
+        for backend in settings.backends:
+            for deployment, upstream in backend.deployments.items():
+                models.setdefault(deployment, {deployment}).add(upstream)
+        self._models = {deployment: tuple(sorted(names)) for deployment, names in models.items()}
+        self._reasoning = frozenset(
+            deployment for deployment, names in self._models.items()
+            if settings.catalog.spec(deployment).family == "reasoning" or any(map(is_reasoning_model, names))
+        )
 
     async def admit(
         self, request: GatewayRequest, checked: Checked, started: float, trace: Trace, user_id: str | None = None,
@@ -53,6 +74,8 @@ class Admission:
         reserve = 0
         if self._limiter.needs_estimate(consumer, deployment, user):
             prompt, counted, floor = await self._estimate(request, checked, user)
+            if b"image" in request.body:
+                prompt = max(0, prompt + tokens.image_adjustment(checked.body, self._models.get(deployment, (deployment,))))
             capped = self._capped(checked.route.operation, consumer, checked.shape, prompt)
             if capped is not checked.shape:
                 checked = replace(checked, shape=capped)
@@ -132,9 +155,10 @@ class Admission:
         consumer may have in a minute, is sent with one the gateway sets: then no request can outrun its
         reservation (the trade-off: such a request is answered shorter, finish_reason "length", instead of refused
         or let run)."""
+        reasoning = shape.deployment in self._reasoning
         enabled = consumer.limits.output_cap
         if enabled is None:
-            enabled = self._output_cap
+            enabled = self._output_cap == "on" or (self._output_cap == "reasoning" and reasoning)
         if operation is Operation.RESPONSES and shape.background:
             # A background response runs on after its answer and is held at its reservation until its usage is read
             # (shared/flow/holds.py): without a cap that hold would bound nothing.
@@ -144,7 +168,8 @@ class Admission:
         limits = [consumer.limits.tokens_per_minute, consumer.limits.deployment_tokens_per_minute.get(shape.deployment, 0)]
         minute = min((limit for limit in limits if limit > 0), default=0)
         most = (minute - prompt) // shape.choices if minute > 0 else None
-        cap = shape.max_tokens or self._default_max_tokens
+        default = max(self._default_max_tokens, REASONING_DEFAULT_OUTPUT) if reasoning else self._default_max_tokens
+        cap = shape.max_tokens or default
         if most is not None and cap > most >= 1:
             cap = most
         if cap == shape.max_tokens:

@@ -15,6 +15,7 @@ import base64
 import gzip
 import hashlib
 import importlib.resources
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -37,6 +38,67 @@ REPLY_PRIMING = 3
 # assume a 1024x1024 picture at high detail (4 tiles), which is what "auto" usually picks.
 IMAGE_LOW = 85
 IMAGE_HIGH_DEFAULT = 85 + 170 * 4
+
+# What an image costs differs by model family (OpenAI, "Images and vision", calculating costs). Tile models: a base plus
+# a cost per 512-px tile of the image once scaled to fit 2048 px and then to 768 px on its short side (low detail: the
+# base alone). Patch models: a multiple of the image's 32-px patches (at most 1,536), whatever the detail. Without the
+# image's size, the estimate assumes 1024x1024 at high detail: 4 tiles, or 1,024 patches. gpt-4o-mini bills ~33x the
+# tokens of gpt-4o for the same picture (25,501 for 1024x1024), so that one estimate (765) cannot serve every model.
+_PATCH_MULTIPLIERS = (("gpt-4.1-mini", 1.62), ("gpt-4.1-nano", 2.46), ("gpt-5-mini", 1.62), ("gpt-5-nano", 2.46),
+                      ("o4-mini", 1.72))
+_TILE_COSTS = (("gpt-4o-mini", 2_833, 5_667), ("computer-use-preview", 65, 129), ("gpt-5", 70, 140), ("o1", 75, 150),
+               ("o3", 75, 150))
+_DEFAULT_PATCHES = 1_024
+_DEFAULT_TILES = 4
+
+
+def image_tokens(model: str, detail: str) -> int:
+    """An image's input tokens on `model` (a model or deployment name), for an image of unknown size."""
+    name = model.lower()
+    for prefix, multiplier in _PATCH_MULTIPLIERS:
+        if name.startswith(prefix):
+            return math.ceil(_DEFAULT_PATCHES * multiplier)
+    base, tile = 85, 170
+    for prefix, family_base, family_tile in _TILE_COSTS:
+        if name.startswith(prefix):
+            base, tile = family_base, family_tile
+            break
+    return base if detail == "low" else base + tile * _DEFAULT_TILES
+
+
+def image_details(body: Mapping[str, Any]) -> list[str]:
+    """The detail of every image part of a chat or Responses body (its messages' or input items' content)."""
+    details: list[str] = []
+    items = body.get("messages")
+    if not isinstance(items, list):
+        items = body.get("input")
+    for item in items if isinstance(items, list) else ():
+        content = item.get("content") if isinstance(item, Mapping) else None
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            if not isinstance(part, Mapping):
+                continue
+            kind = part.get("type")
+            if kind == "image_url":
+                url = part.get("image_url")
+                details.append(str(url.get("detail", "auto")) if isinstance(url, Mapping) else "auto")
+            elif kind == "input_image":
+                details.append(str(part.get("detail", "auto")))
+    return details
+
+
+def image_adjustment(body: Mapping[str, Any], models: Iterable[str]) -> int:
+    """What the count's fixed image estimate (IMAGE_LOW / IMAGE_HIGH_DEFAULT) misses for these models (the costliest
+    of them: a deployment may be served by several)."""
+    names = tuple(models)
+    if not names:
+        return 0
+    total = 0
+    for detail in image_details(body):
+        counted = IMAGE_LOW if detail == "low" else IMAGE_HIGH_DEFAULT
+        total += max(image_tokens(name, detail) for name in names) - counted
+    return total
 
 _lock = threading.Lock()
 _encodings: dict[str, tiktoken.Encoding] = {}
