@@ -136,3 +136,16 @@ async def test_a_background_response_read_finished_is_metered_with_its_calls(pri
     rows = await priced.usage_rows("team")
     assert [r.tools for r in rows] == [(("web_search", 1),)]
     assert priced.budgets.spent("team") == pytest.approx(0.01)
+
+
+async def test_a_chat_completion_that_searched_the_web_is_charged_one_search(priced: GatewayHarness) -> None:
+    key = priced.consumer("team", budget=100.0, capabilities=["web_search"])
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "news?"}], "web_search_options": {}}
+    assert (await priced.post("/v1/chat/completions", key, body)).status_code == 200
+    assert (await priced.post("/v1/chat/completions", key, {**body, "web_search_options": None} | {
+        "messages": body["messages"]})).status_code == 200  # present, even null: the backend reads it as asked
+    plain = {k: v for k, v in body.items() if k != "web_search_options"}
+    assert (await priced.post("/v1/chat/completions", key, plain)).status_code == 200
+    assert [r.usage.tools for r in priced.telemetry.requests] == [  # type: ignore[union-attr]
+        (("web_search", 1),), (("web_search", 1),), ()]
+    assert priced.budgets.spent("team") == pytest.approx(0.02)

@@ -14,8 +14,9 @@ from shared.clock import Clock
 from shared.config import Backend
 from shared.edge.messages import GatewayRequest
 from shared.flow.exchange import Exchange, LostAttempt, Served
+from shared.flow.gates import norm
 from shared.flow.translate import Operation, Route
-from shared.flow.usage import TokenUsage, combined
+from shared.flow.usage import TokenUsage, add_tools, combined
 from shared.limits.contract import Held, Limiter
 from shared.telemetry.events import RequestRecord, Telemetry, Trace
 from shared.telemetry.prices import PriceTable
@@ -45,6 +46,7 @@ class Books:
         """An answer reached the client (whole, cut, or abandoned): charge the answer's usage plus every attempt whose
         body broke off before it; emit each under the backend that spent it, and the request once. Returns the tokens
         charged (the x-gateway-tokens-consumed header)."""
+        served = _with_chat_search(exchange, served)
         charged = combined(served.usage, self._lost(exchange))
         spent = charged.total if charged is not None else 0
         exchange.ticket.settle(spent)
@@ -172,3 +174,14 @@ class Books:
             team=exchange.consumer.team or "",
             cache=exchange.cache.state if exchange.cache is not None else "",
         )
+
+
+def _with_chat_search(exchange: Exchange, served: Served) -> Served:
+    """A chat completion asked to search the web (`web_search_options`, gated by the web_search capability) is billed
+    one search call when answered: counted with its tokens, so it reaches the rows, the metrics and the budget."""
+    usage = served.usage
+    if served.status != 200 or usage is None or exchange.route.operation is not Operation.CHAT:
+        return served
+    if not any(isinstance(k, str) and norm(k) == "websearchoptions" for k in exchange.checked.body):
+        return served
+    return replace(served, usage=replace(usage, tools=add_tools(usage.tools, (("web_search", 1),))))
