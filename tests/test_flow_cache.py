@@ -260,3 +260,25 @@ async def test_responses_are_cached_only_without_state(harness: GatewayHarness) 
     assert response.headers["x-gateway-cache"] == "bypass"  # store is true by default: the response lives on
     response = await post(harness, key, {**body, "store": False}, "/v1/responses")
     assert response.headers["x-gateway-cache"] == "miss"
+
+
+async def test_a_hit_is_priced_at_its_own_price_and_reported_as_cached() -> None:
+    from shared.admin.usage_report import format_report, summarize
+
+    prices = '{"currency": "EUR", "deployments": {"text-embedding-3-small": {"input": 1000, "cache_hit": 100}}}'
+    harness = GatewayHarness(env={"GATEWAY_PRICES": prices})
+    try:
+        key = harness.consumer("app", cache=ON)
+        for _ in range(3):
+            await post(harness, key, EMBED)
+        rows = await harness.usage_rows("app")
+        # The miss was served by the PTU region (0 at the margin); each hit costs its 11 saved tokens at 100 / million.
+        assert sum(r.cost_nanos for r in rows) == round(2 * 11 * 100 / 1e6 * 1e9)
+        (total,) = summarize(rows)
+        assert (total.requests, total.total, total.cache_hits, total.saved) == (3, 11, 2, 22)
+        report = format_report("daily", [total, *summarize([]), total], "EUR")
+        lines = report.splitlines()
+        header, first = lines[1], lines[3]
+        assert header.split()[-2:] == ["cache_hits", "tokens_saved"] and first.split()[-2:] == ["2", "22"]
+    finally:
+        await harness.close()

@@ -29,12 +29,18 @@ class UsageTotal:
     cached: int
     tool_calls: dict[str, int] = field(default_factory=dict)  # built-in tool calls, by tool
     cost: float = 0.0  # at the price table's marginal prices (PTU answers: 0)
+    cache_hits: int = 0  # requests the response cache answered (in `requests`; no tokens above)
+    saved: int = 0  # the tokens those hits saved
 
 
 def summarize(rows: Iterable[UsageRow]) -> list[UsageTotal]:
     sums: dict[tuple[str, str], list[int]] = {}
     tools: dict[tuple[str, str], dict[str, int]] = {}
+    cache: dict[tuple[str, str], list[int]] = {}
     for row in rows:
+        hits = cache.setdefault((row.consumer, row.deployment), [0, 0])
+        hits[0] += row.cache_hits
+        hits[1] += row.saved
         acc = sums.setdefault((row.consumer, row.deployment), [0, 0, 0, 0, 0, 0])
         acc[5] += row.cost_nanos
         acc[0] += row.requests
@@ -45,7 +51,8 @@ def summarize(rows: Iterable[UsageRow]) -> list[UsageTotal]:
         calls = tools.setdefault((row.consumer, row.deployment), {})
         for name, n in row.tools:
             calls[name] = calls.get(name, 0) + n
-    return [UsageTotal(c, d, v[0], v[1], v[2], v[3], v[4], tools[(c, d)], v[5] / NANOS) for (c, d), v in sorted(sums.items())]
+    return [UsageTotal(c, d, v[0], v[1], v[2], v[3], v[4], tools[(c, d)], v[5] / NANOS, *cache[(c, d)])
+            for (c, d), v in sorted(sums.items())]
 
 
 def by_team(totals: Iterable[UsageTotal], team_of: dict[str, str | None]) -> list[UsageTotal]:
@@ -92,6 +99,10 @@ def format_report(label: str, totals: list[UsageTotal], currency: str | None = N
         columns.append("tool_calls")
         for row, t in zip(rows, totals, strict=True):
             row.append(" ".join(f"{name}={n}" for name, n in sorted(t.tool_calls.items())))
+    if any(t.cache_hits for t in totals):
+        columns += ["cache_hits", "tokens_saved"]
+        for row, t in zip(rows, totals, strict=True):
+            row += [t.cache_hits, t.saved]
     by_consumer: dict[str, list[int]] = {}
     for t in totals:
         acc = by_consumer.setdefault(t.consumer, [0, 0, 0, 0, 0])
@@ -102,7 +113,8 @@ def format_report(label: str, totals: list[UsageTotal], currency: str | None = N
         costs[t.consumer] = costs.get(t.consumer, 0.0) + t.cost
     if len(totals) > 1:
         rows += [[consumer, "(all)", *acc, *([f"{costs[consumer]:.4f}"] if currency is not None else []),
-                  *([""] if "tool_calls" in columns else [])] for consumer, acc in by_consumer.items()]
+                  *([""] if "tool_calls" in columns else []), *(["", ""] if "cache_hits" in columns else [])]
+                 for consumer, acc in by_consumer.items()]
     numeric = columns[2:7] + ([f"cost_{currency}"] if currency is not None else [])
     body = table(columns, rows, numeric=numeric) if rows else "(no usage recorded)"
     return f"usage for {label} (UTC)\n{body}"

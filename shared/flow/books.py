@@ -65,7 +65,8 @@ class Books:
     def hit(self, record: RequestRecord, trace: Trace) -> None:
         """An answer the response cache served: no backend tokens (nothing charged to the limiter), the request and
         the tokens it saved in the usage rows, the request log and the metrics."""
-        self._usage.record(record.consumer_id, record.deployment, None, saved=record.saved)
+        self._usage.record(record.consumer_id, record.deployment, None, saved=record.saved,
+                           cost=self._prices.cost(record.deployment, record.ptu, None, record.saved))
         self._telemetry.request_done(record, trace)
         self._telemetry.cache_used(record)
 

@@ -64,7 +64,7 @@ class UsageRow:
              cost_nanos: int = 0) -> UsageRow:
         if saved is not None:
             return replace(self, requests=self.requests + requests, cache_hits=self.cache_hits + requests,
-                           saved=self.saved + saved.total)
+                           saved=self.saved + saved.total, cost_nanos=self.cost_nanos + cost_nanos)
         if usage is None:
             return replace(self, requests=self.requests + requests, cost_nanos=self.cost_nanos + cost_nanos)
         return replace(
