@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from shared.catalog import FAMILIES, Catalog, DeploymentSpec
+from shared.safety.policy import PolicyError, SafetyPolicy, parse_policies, valid_name
 from shared.telemetry.prices import PriceError, PriceTable, parse_prices
 
 AuthKind = Literal["key", "identity", "none"]
@@ -109,6 +110,22 @@ class EntraSettings:
 
 
 @dataclass(frozen=True)
+class SafetySettings:
+    """Safety policies (docs/safety.md) and the services they call: Azure AI Content Safety, Azure AI Language."""
+
+    policies: Mapping[str, SafetyPolicy] = field(default_factory=dict)
+    default_policy: str | None = None  # for consumers whose record (and team) names none
+    content_safety_endpoint: str | None = None
+    content_safety_key: str | None = field(default=None, repr=False)  # else the gateway's managed identity
+    language_endpoint: str | None = None
+    language_key: str | None = field(default=None, repr=False)
+    verdict_ttl_s: float = 300.0  # a verdict on a text is reused this long (by the text's digest)
+    timeout_s: float = 5.0
+    audit_memory_bytes: int = 16 * 1024 * 1024  # audit records waiting for Blob Storage, per worker
+    audit_flush_s: float = 5.0
+
+
+@dataclass(frozen=True)
 class Settings:
     backends: tuple[Backend, ...]
     table_connection_string: str | None = field(default=None, repr=False)
@@ -171,6 +188,7 @@ class Settings:
     cache_seed: bool = False  # a `seed` makes a request with a temperature cacheable
     admit_on_bound: bool = True  # a large prompt with room to spare is admitted on its upper bound, uncounted
     catalog: Catalog = field(default_factory=Catalog)  # fallbacks, windows, families, aliases (GATEWAY_DEPLOYMENTS, _ALIASES)
+    safety: SafetySettings = field(default_factory=SafetySettings)
 
     def deployments(self) -> frozenset[str]:
         return frozenset(d for b in self.backends for d in b.deployments)
@@ -772,6 +790,54 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         cache_max_entry_bytes=_integer(env, "GATEWAY_CACHE_MAX_ENTRY_BYTES", 1024 * 1024, minimum=1024,
                                        maximum=64 * 1024 * 1024),
         cache_seed=_boolean(env, "GATEWAY_CACHE_SEED", False),
+        safety=_safety(env),
+    )
+
+
+# http:// only to this machine (the local stand-in); a credential never leaves it unencrypted.
+_SERVICE_URL = re.compile(r"https://[^/\s?#]+/?|http://(127\.0\.0\.1|localhost|\[::1\])(:[0-9]{1,5})?/?")
+
+
+def _service_endpoint(env: Mapping[str, str], name: str) -> str | None:
+    endpoint = _get(env, name)
+    if endpoint is None:
+        return None
+    if not _SERVICE_URL.fullmatch(endpoint):
+        raise ConfigError(f"{name}: expected https://<resource>.cognitiveservices.azure.com (http:// only for "
+                          f"127.0.0.1 or localhost), got {endpoint!r}")
+    return endpoint.rstrip("/")
+
+
+def _safety(env: Mapping[str, str]) -> SafetySettings:
+    raw = _json_object(env, "GATEWAY_SAFETY_POLICIES")
+    try:
+        policies = parse_policies(raw)
+    except PolicyError as problem:
+        raise ConfigError(f"GATEWAY_SAFETY_POLICIES: {problem}") from None
+    default = _get(env, "GATEWAY_SAFETY_DEFAULT_POLICY")
+    if default is not None and (not valid_name(default) or default not in policies):
+        raise ConfigError(f"GATEWAY_SAFETY_DEFAULT_POLICY: {default!r} is not a policy of GATEWAY_SAFETY_POLICIES "
+                          f"({', '.join(sorted(policies)) or 'none defined'})")
+    content_safety = _service_endpoint(env, "GATEWAY_CONTENT_SAFETY_ENDPOINT")
+    language = _service_endpoint(env, "GATEWAY_LANGUAGE_ENDPOINT")
+    for policy in policies.values():
+        if policy.content_safety and content_safety is None:
+            raise ConfigError(f"GATEWAY_CONTENT_SAFETY_ENDPOINT: policy {policy.name!r} checks prompts with Azure AI "
+                              "Content Safety (shield_prompt, categories or blocklists): set the endpoint")
+        if policy.pii.mode != "off" and language is None:
+            raise ConfigError(f"GATEWAY_LANGUAGE_ENDPOINT: policy {policy.name!r} has pii {policy.pii.mode}: set the "
+                              "Azure AI Language endpoint")
+    return SafetySettings(
+        policies=policies,
+        default_policy=default,
+        content_safety_endpoint=content_safety,
+        content_safety_key=_get(env, "GATEWAY_CONTENT_SAFETY_KEY"),
+        language_endpoint=language,
+        language_key=_get(env, "GATEWAY_LANGUAGE_KEY"),
+        verdict_ttl_s=_number(env, "GATEWAY_SAFETY_VERDICT_TTL_S", 300.0, minimum=0, maximum=86_400),
+        timeout_s=_number(env, "GATEWAY_SAFETY_TIMEOUT_S", 5.0, minimum=0.1, maximum=60),
+        audit_memory_bytes=_integer(env, "GATEWAY_AUDIT_MEMORY_MB", 16, minimum=1, maximum=4096) * 1024 * 1024,
+        audit_flush_s=_number(env, "GATEWAY_AUDIT_FLUSH_S", 5.0, minimum=0.1, maximum=600),
     )
 
 

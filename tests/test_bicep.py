@@ -73,6 +73,18 @@ LEFT_AT_DEFAULT = {
     "GATEWAY_CACHE_MEMORY_MB",
     "GATEWAY_CACHE_MAX_ENTRY_BYTES",
     "GATEWAY_CACHE_SEED",
+    # Safety policies: none unless the operator defines them (safetyPolicies parameter sets the JSON); keys are never
+    # in Azure (the managed identity has Cognitive Services User); verdict and audit tuning at their defaults.
+    "GATEWAY_SAFETY_DEFAULT_POLICY",
+    "GATEWAY_CONTENT_SAFETY_KEY",
+    "GATEWAY_LANGUAGE_KEY",
+    "GATEWAY_SAFETY_VERDICT_TTL_S",
+    "GATEWAY_SAFETY_TIMEOUT_S",
+    "GATEWAY_AUDIT_MEMORY_MB",
+    "GATEWAY_AUDIT_FLUSH_S",
+    "GATEWAY_SAFETY_POLICIES",
+    "GATEWAY_CONTENT_SAFETY_ENDPOINT",
+    "GATEWAY_LANGUAGE_ENDPOINT",
     "GATEWAY_ADMIT_ON_BOUND",
     # One line per request on the console: for scripts/run; Azure has the per-request log.
     "GATEWAY_CONSOLE_LOG",

@@ -47,6 +47,7 @@ from typing import Any
 
 from shared.admin.cache_options import add_cache_arguments, cache_policy, describe_cache
 from shared.admin.failures import explain
+from shared.admin.safety_options import add_safety_argument, safety_policy
 from shared.admin.teams import TeamAdmin
 from shared.admin.teams import add_parser as add_teams_parser
 from shared.cache.policy import CachePolicy
@@ -220,6 +221,7 @@ def describe(consumer: Consumer) -> dict[str, Any]:
                   "sources": list(users.sources), "required": users.required},
         "fallback": "on" if consumer.fallback else "off",
         "cache": describe_cache(consumer.cache),
+        "safety_policy": consumer.safety,
     }
 
 
@@ -328,8 +330,10 @@ WRITE_TRIES = 5  # a consumer record changed by this many other writes while one
 class Admin:
     def __init__(self, store: TableConsumerStore, out: Any = None, *, err: Any = None, json_mode: bool = False,
                  served: frozenset[str] | None = None, force: bool = False,
-                 spend: Callable[[Consumer], Awaitable[dict[str, Any]]] | None = None) -> None:
+                 spend: Callable[[Consumer], Awaitable[dict[str, Any]]] | None = None,
+                 policies: frozenset[str] = frozenset()) -> None:
         self.store = store
+        self.policies = policies  # the names of GATEWAY_SAFETY_POLICIES: a consumer may be given only one of these
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.json_mode = json_mode
@@ -388,6 +392,7 @@ class Admin:
             users=_users(args, UserLimits()),
             fallback=getattr(args, "fallback", None) != "off",
             cache=cache_policy(args, CachePolicy()),
+            safety=safety_policy(args, None, self.policies),
         )
         self.check_served(consumer.deployments, getattr(args, "force", False))
         await self._check_mappings_free(consumer)
@@ -510,6 +515,7 @@ class Admin:
         if args.deployments is not None:
             self.check_served(_deployments(args, None), getattr(args, "force", False))
         new_team = await self._team(args, None)
+        safety_policy(args, None, self.policies)  # refused before anything is read or written
 
         def change(consumer: Consumer) -> Consumer:
             return replace(
@@ -524,6 +530,7 @@ class Admin:
                 users=_users(args, consumer.users),
                 fallback=consumer.fallback if getattr(args, "fallback", None) is None else args.fallback == "on",
                 cache=cache_policy(args, consumer.cache),
+                safety=safety_policy(args, consumer.safety, self.policies),
                 version=consumer.version + 1,
             )
 
@@ -578,6 +585,7 @@ def _limit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="off: never served by another deployment than the one asked for (GATEWAY_DEPLOYMENTS "
                         "fallbacks); throttling answers 429 with the true Retry-After (default on)")
     add_cache_arguments(parser, "this consumer")
+    add_safety_argument(parser, "this consumer (default: its team's, else GATEWAY_SAFETY_DEFAULT_POLICY)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -641,9 +649,12 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         async def spend(consumer: Consumer) -> dict[str, Any]:
             return await spend_summary(consumer, TableBudgetStore(tables), TableUsageStore(tables), settings, time.time())
 
-        admin = Admin(TableConsumerStore(tables), json_mode=args.json_output, served=served, spend=spend)
+        policies = frozenset(settings.safety.policies)
+        admin = Admin(TableConsumerStore(tables), json_mode=args.json_output, served=served, spend=spend,
+                      policies=policies)
         if args.command == "teams":
-            return await TeamAdmin(admin.store, admin.out, _deployments, json_mode=admin.json_mode).run(args)
+            return await TeamAdmin(admin.store, admin.out, _deployments, json_mode=admin.json_mode,
+                                   policies=policies).run(args)
         action = args.action
         if action == "create":
             return await admin.create(args)

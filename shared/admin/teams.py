@@ -18,6 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 from shared.admin.cache_options import add_cache_arguments, cache_policy, describe_cache
+from shared.admin.safety_options import add_safety_argument, safety_policy
 from shared.cache.policy import CachePolicy
 from shared.edge.consumers import PRIORITIES, QUOTA_PERIODS, Limits, Team, validate_consumer_id
 from shared.storage.protocols import Conflict, ConsumerStore
@@ -37,6 +38,7 @@ def describe_team(team: Team, members: list[str] | None = None) -> dict[str, Any
         "budget": limits.budget,
         "budget_period": (limits.budget_period or "monthly") if limits.budget else None,
         "cache": describe_cache(team.cache),
+        "safety_policy": team.safety,
     }
     if members is not None:
         described["members"] = members
@@ -66,8 +68,10 @@ def _slug(name: str) -> str:
 
 
 class TeamAdmin:
-    def __init__(self, store: ConsumerStore, out: Any, deployments: Any, json_mode: bool = False) -> None:
+    def __init__(self, store: ConsumerStore, out: Any, deployments: Any, json_mode: bool = False,
+                 policies: frozenset[str] = frozenset()) -> None:
         self.store = store
+        self.policies = policies  # the names of GATEWAY_SAFETY_POLICIES
         self.json_mode = json_mode
         self.out = out
         self._deployments = deployments  # (args, base) -> frozenset | None, the consumers' own rule
@@ -96,6 +100,7 @@ class TeamAdmin:
                 deployments=self._deployments(args, None),
                 priority=args.priority or "normal",
                 cache=cache_policy(args, CachePolicy()),
+                safety=safety_policy(args, None, self.policies),
             )
             try:
                 await self.store.create_team(team)
@@ -113,6 +118,7 @@ class TeamAdmin:
                 deployments=self._deployments(args, team.deployments),
                 priority=args.priority or team.priority,
                 cache=cache_policy(args, team.cache),
+                safety=safety_policy(args, team.safety, self.policies),
                 version=team.version + 1,
             )
             await self.store.put_team(changed)
@@ -163,6 +169,7 @@ def add_parser(commands: Any, whole: Any) -> None:
         parser.add_argument("--all-deployments", action="store_true", help="allow every deployment")
         parser.add_argument("--priority", choices=PRIORITIES)
         add_cache_arguments(parser, "the team's consumers (a member's own --cache on takes precedence)")
+        add_safety_argument(parser, "the team's consumers whose own record names none")
 
     create = teams.add_parser("create")
     create.add_argument("name")

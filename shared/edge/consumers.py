@@ -21,6 +21,7 @@ from shared.clock import Clock
 from shared.edge.entra import Principal, PrincipalIndex
 from shared.edge.keyguard import FailureThrottle, LookupBudget, UnknownKeys
 from shared.outcomes import AuthStoreUnavailable, AuthThrottled, ConsumerDisabled, InvalidKey, KeyProblem, Refusal
+from shared.safety.policy import resolve
 
 # The store's contract and its in-memory twin live with the other stores; imported here for existing callers.
 from shared.storage.memory import MemoryConsumerStore as MemoryConsumerStore
@@ -97,6 +98,7 @@ class Team:
     priority: str = "normal"
     version: int = 0
     cache: CachePolicy = OFF  # the response cache for every member whose own record does not turn it on
+    safety: str | None = None  # the safety policy of members whose own record names none (GATEWAY_SAFETY_POLICIES)
 
 
 def narrower_priority(a: str, b: str) -> str:
@@ -125,6 +127,7 @@ class Consumer:
     # resolved consumer are already narrowed to the team's.
     team_record: Team | None = field(default=None, compare=False)
     cache: CachePolicy = OFF  # the response cache (docs/cache.md): off unless the admin command turns it on
+    safety: str | None = None  # a policy of GATEWAY_SAFETY_POLICIES, or `none` (docs/safety.md)
 
     def may_use(self, deployment: str) -> bool:
         return self.deployments is None or deployment in self.deployments
@@ -135,6 +138,10 @@ class Consumer:
         if self.cache.enabled or self.team_record is None:
             return self.cache
         return self.team_record.cache
+
+    def safety_policy(self, default: str | None) -> str | None:
+        """The name of the safety policy for this consumer: its own, else its team's, else the gateway's default."""
+        return resolve(self.safety, self.team_record.safety if self.team_record else None, default)
 
 
 def with_team(consumer: Consumer, teams: Mapping[str, Team]) -> Consumer:

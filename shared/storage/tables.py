@@ -36,6 +36,7 @@ from shared.edge.consumers import (
     Team,
     UserLimits,
 )
+from shared.safety.policy import NONE, valid_name
 from shared.storage.protocols import Conflict, StoreUnavailable
 from shared.telemetry.usage_rows import UsageRow
 
@@ -167,6 +168,7 @@ def consumer_to_entity(consumer: Consumer) -> dict[str, Any]:
         "user_required": consumer.users.required,
         "fallback": "on" if consumer.fallback else "off",
         **_cache_fields(consumer.cache),
+        "safety": consumer.safety or "",
     }
 
 
@@ -325,7 +327,17 @@ def consumer_from_entity(entity: dict[str, Any]) -> Consumer:
         users=_user_limits(entity),
         fallback=_fallback(entity),
         cache=_cache_policy(entity),
+        safety=_safety(entity),
     )
+
+
+def _safety(entity: dict[str, Any]) -> str | None:
+    """The safety policy's name (a row written before policies existed has none). Whether the name is one of this
+    gateway's policies is checked where it is written and where it is used (an unknown one refuses the request)."""
+    value = entity.get("safety") or None
+    if value is not None and (not isinstance(value, str) or not (valid_name(value) or value == NONE)):
+        raise BadConsumerRecord(f"safety: not a policy name: {value!r}")
+    return value
 
 
 def _user_limits(entity: dict[str, Any]) -> UserLimits:
@@ -376,6 +388,7 @@ def team_to_entity(team: Team) -> dict[str, Any]:
         "priority": team.priority,
         "version": team.version,
         **_cache_fields(team.cache),
+        "safety": team.safety or "",
     }
 
 
@@ -416,6 +429,7 @@ def team_from_entity(entity: dict[str, Any]) -> Team:
         priority=priority,
         version=_count(entity, "version"),
         cache=_cache_policy(entity),
+        safety=_safety(entity),
     )
 
 
