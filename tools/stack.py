@@ -166,6 +166,12 @@ class Region:
     ptu_burst_s: float | None = None  # a PTU region: seconds of its rate that are 100 % utilisation (None: 60)
     breaker: Mapping[str, Any] = field(default_factory=dict)
     state_capacity: bool = False  # a PTU region: the gateway is told its chat capacity (ptu_tokens_per_minute)
+    # Chat deployments beyond gpt-4o and gpt-4o-mini: scripts/run's regions also serve what the templates deploy.
+    extra_chat: tuple[str, ...] = ()
+
+    @property
+    def chat_deployments(self) -> list[str]:
+        return ["gpt-4o", "gpt-4o-mini", *self.extra_chat]
 
     def backend(self) -> dict[str, Any]:
         backend: dict[str, Any] = {
@@ -175,7 +181,7 @@ class Region:
             "priority": self.priority,
             "weight": self.weight,
             "ptu": self.ptu,
-            "deployments": ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"],
+            "deployments": [*self.chat_deployments, "text-embedding-3-small"],
             "auth": "key",
             "api_key_setting": "SIM_API_KEY",
             "allow_insecure_http": True,  # simulated regions on loopback; a real backend is https://
@@ -187,14 +193,18 @@ class Region:
         if self.breaker:
             backend["breaker"] = dict(self.breaker)
         if self.ptu and self.state_capacity:
-            backend["ptu_tokens_per_minute"] = {"gpt-4o": self.chat_tpm, "gpt-4o-mini": self.chat_tpm}
+            backend["ptu_tokens_per_minute"] = {name: self.chat_tpm for name in self.chat_deployments}
         return backend
 
 
+# The deployment names the Bicep templates create (bicep/main.bicepparam): served locally too, so one name works in both.
+TEMPLATE_CHAT = ("gpt-5.4-mini",)
+MODEL_VERSIONS = {"gpt-4o": "gpt-4o-2024-11-20", "gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gpt-5.4-mini": "gpt-5.4-mini-2026-03-17"}
+
 EMBEDDED_REGIONS = (
-    Region("uksouth-ptu", "uksouth", 18101, priority=1, ptu=True, chat_tpm=30_000),
-    Region("swedencentral", "swedencentral", 18102, priority=2, chat_tpm=300_000),
-    Region("francecentral", "francecentral", 18103, priority=2, chat_tpm=300_000),
+    Region("uksouth-ptu", "uksouth", 18101, priority=1, ptu=True, chat_tpm=30_000, extra_chat=TEMPLATE_CHAT),
+    Region("swedencentral", "swedencentral", 18102, priority=2, chat_tpm=300_000, extra_chat=TEMPLATE_CHAT),
+    Region("francecentral", "francecentral", 18103, priority=2, chat_tpm=300_000, extra_chat=TEMPLATE_CHAT),
 )
 
 
@@ -210,8 +220,8 @@ def simulator_argv(region: Region, latency_ms: float, token_latency_ms: float) -
     return [
         PYTHON, "-m", "tools.simulator", "--host", LOOPBACK, "--port", str(region.port), "--region", region.region,
         "--api-key", SIM_API_KEY, "--latency-ms", str(latency_ms), "--token-latency-ms", str(token_latency_ms),
-        "--deployment", f"gpt-4o:tpm={region.chat_tpm},model=gpt-4o-2024-11-20,{chat}",
-        "--deployment", f"gpt-4o-mini:tpm={region.chat_tpm},model=gpt-4o-mini-2024-07-18,{chat}",
+        *[arg for name in region.chat_deployments
+          for arg in ("--deployment", f"{name}:tpm={region.chat_tpm},model={MODEL_VERSIONS[name]},{chat}")],
         "--deployment", f"text-embedding-3-small:tpm={region.embeddings_tpm},model=text-embedding-3-small",
     ]
 
