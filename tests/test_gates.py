@@ -8,6 +8,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shared.admin.cli import Admin, parser
 from shared.edge.consumers import CAPABILITIES
@@ -172,3 +174,36 @@ async def test_the_admin_cli_grants_and_withdraws_each_capability() -> None:
     assert (await store.get(consumer.id)).capabilities == {"web_search", "files"}  # type: ignore[union-attr]
     with pytest.raises(SystemExit, match="unknown web_search_preview"):
         await admin.update(parser().parse_args(["consumers", "set", consumer.id, "--capabilities", "web_search_preview"]))
+
+GATED_TOOLS = {"web_search_preview": "web_search", "file_search": "file_search", "code_interpreter": "code_interpreter",
+               "image_generation": "image_generation", "computer_use_preview": "computer_use", "mcp": "mcp"}
+
+
+@st.composite
+def respelled(draw: st.DrawFn, name: str) -> str:
+    """`name` as a lenient reader would still read it: any casing, '_' and '-' swapped, dropped or doubled."""
+    out = []
+    for ch in name:
+        if ch == "_":
+            out.append(draw(st.sampled_from(["_", "-", "", "__", "_-"])))
+        else:
+            out.append(ch.upper() if draw(st.booleans()) else ch)
+    return "".join(out)
+
+
+@given(data=st.data(), tool=st.sampled_from(sorted(GATED_TOOLS)), depth=st.integers(0, 3))
+def test_any_spelling_of_a_gated_tool_or_field_is_refused_without_its_capability(
+    data: st.DataObject, tool: str, depth: int,
+) -> None:
+    kind = data.draw(respelled(tool))
+    tools_key = data.draw(respelled("tools"))
+    type_key = data.draw(respelled("type"))
+    body: dict[str, Any] = {tools_key: [{"type": "function", "name": "f"}, {type_key: kind}]}
+    assert refused(body) is not None
+    assert refused(body, frozenset({GATED_TOOLS[tool]})) is None
+    # A file reference, nested `depth` lists deep in a message's content, under any spelling of file_id.
+    part: Any = {"type": "input_file", data.draw(respelled("file_id")): "file-1"}
+    for _ in range(depth):
+        part = [part]
+    content = {"input": [{"role": "user", "content": [part]}]}
+    assert refused(content) is not None and refused(content, frozenset({"files"})) is None
