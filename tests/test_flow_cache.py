@@ -282,3 +282,33 @@ async def test_a_hit_is_priced_at_its_own_price_and_reported_as_cached() -> None
         assert header.split()[-2:] == ["cache_hits", "tokens_saved"] and first.split()[-2:] == ["2", "22"]
     finally:
         await harness.close()
+
+
+async def test_many_identical_requests_at_once_all_answer_and_leave_one_entry(harness: GatewayHarness) -> None:
+    import asyncio
+
+    key = harness.consumer("burst", cache=ON)
+    responses = await asyncio.gather(*(post(harness, key, EMBED) for _ in range(50)))
+    assert all(r.status_code == 200 for r in responses)
+    states = [r.headers["x-gateway-cache"] for r in responses]
+    assert set(states) <= {"hit", "miss"} and states.count("miss") == calls(harness)
+    assert len({r.content for r in responses}) == 1
+    cache = harness.services.cache
+    assert cache is not None and cache.entries == 1
+    await cache.flush()
+    assert len(harness.answer_store.entries) == 1 and (await post(harness, key, EMBED)).headers["x-gateway-cache"] == "hit"
+
+
+async def test_without_a_memory_layer_every_hit_is_read_from_the_store() -> None:
+    harness = GatewayHarness(env={"GATEWAY_CACHE_MEMORY_MB": "0"})
+    try:
+        key = harness.consumer("app", cache=ON)
+        await post(harness, key, EMBED)
+        cache = harness.services.cache
+        assert cache is not None and cache.entries == 0
+        await cache.flush()
+        for _ in range(3):
+            assert (await post(harness, key, EMBED)).headers["x-gateway-cache"] == "hit"
+        assert harness.answer_store.reads == 4 and calls(harness) == 1
+    finally:
+        await harness.close()
