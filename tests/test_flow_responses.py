@@ -250,3 +250,38 @@ async def test_a_background_response_is_held_and_settled_at_every_level_it_was_a
     harness.upstream.script("uksouth-ptu", finished_reply("resp_team", 9, 321))
     assert (await harness.http.get("/v1/responses/resp_team", headers={"api-key": key})).status_code == 200
     assert await harness.charged("member") == 330 and await harness.charged("team|research") == 330
+
+
+@pytest.mark.parametrize("gone", ["deleted", "cancelled without usage"])
+async def test_a_held_response_whose_cost_can_never_be_known_is_charged_its_hold_and_let_go(
+    harness: GatewayHarness, gone: str
+) -> None:
+    key = harness.consumer("unknown", tpm=100_000)
+    held = await create_background(harness, key, "resp_gone")
+    gateway = await harness.gateway()
+    harness.clock.advance(500)
+    reply = error_reply(404) if gone == "deleted" else json_reply(response_body("resp_gone", status="cancelled",
+                                                                                background=True))
+    harness.upstream.script("uksouth-ptu", reply)
+    await gateway.holds.sweep()
+    assert gateway.holds.settled == 1 and gateway.holds.extended == 0
+    assert await harness.charged("unknown") == held
+    sent = len(harness.upstream.sent)
+    harness.clock.advance(3_600)
+    await gateway.holds.sweep()  # no longer watched: nothing read again
+    assert len(harness.upstream.sent) == sent
+
+
+async def test_a_held_response_whose_backend_keeps_failing_is_let_go_when_its_hold_ends(harness: GatewayHarness) -> None:
+    key = harness.consumer("patient", tpm=100_000)
+    await create_background(harness, key, "resp_down")
+    gateway = await harness.gateway()
+    harness.clock.advance(500)
+    for _ in range(8):  # the holder answers 500 to every read, then its hold ends
+        harness.upstream.script("uksouth-ptu", error_reply(500))
+        await gateway.holds.sweep()
+        harness.clock.advance(31)
+    reads = len(harness.upstream.sent)
+    harness.clock.advance(600)
+    await gateway.holds.sweep()
+    assert len(harness.upstream.sent) == reads and harness.response_store.records["resp_down"].unsettled

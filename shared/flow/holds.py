@@ -60,10 +60,15 @@ def finished_usage(response: Any) -> TokenUsage | None:
     return usage_from_object(response)
 
 
+def _finished_without_usage(response: Any) -> bool:
+    return isinstance(response, Mapping) and response.get("status") in FINISHED and usage_from_object(response) is None
+
+
 @dataclass
 class _Watch:
     consumer_id: str
-    due_s: float  # when to read it (SWEEP_AHEAD_S before its hold ends)
+    ends_s: float  # when its hold ends
+    due_s: float  # when to read it (SWEEP_AHEAD_S before its hold ends, then again while its backend fails)
 
 
 class BackgroundHolds:
@@ -82,7 +87,8 @@ class BackgroundHolds:
     def watch(self, response_id: str, consumer_id: str, held: Held | None) -> None:
         """Sweep this response before its hold ends (the instance that created it watches it)."""
         if held is not None:
-            self._watched[response_id] = _Watch(consumer_id, held.expiry_ms / 1000 - SWEEP_AHEAD_S)
+            ends = held.expiry_ms / 1000
+            self._watched[response_id] = _Watch(consumer_id, ends, ends - SWEEP_AHEAD_S)
             self._task = keep_running(self._task, self._sweep_forever)
 
     async def _sweep_forever(self) -> None:
@@ -97,11 +103,14 @@ class BackgroundHolds:
         if self._task is not None:
             self._task.cancel()
 
-    async def settle(self, holder: Holder, response: Any, base: RequestRecord) -> bool:
+    async def settle(
+        self, holder: Holder, response: Any, base: RequestRecord, usage: TokenUsage | None = None
+    ) -> bool:
         """Settle the held response from a Response object read at its backend, if it is finished: give back its hold
-        and charge its usage, once (whichever instance claims the record first). True if this call settled it."""
+        and charge its usage (`usage`, when the backend gives none), once, whichever instance claims the record first.
+        True if this call settled it."""
         record = holder.record
-        usage = finished_usage(response)
+        usage = finished_usage(response) or usage
         if usage is None or not record.unsettled:
             return False
         if not await self.pinning.settle(record.response_id):
@@ -125,6 +134,10 @@ class BackgroundHolds:
                 await self._sweep_one(response_id, watch)
             except (Refusal, GatewayError, UpstreamError, UpstreamBroken) as exc:
                 # The holder is out (or the record unreadable): try again at the next sweep, the hold still running.
+                if now >= watch.ends_s:
+                    # Its hold has ended: nothing left to move; a later read (GET, on any instance) charges its usage.
+                    self._watched.pop(response_id, None)
+                    continue
                 log.info("background response %s not swept (%s); trying again", response_id, type(exc).__name__)
                 watch.due_s = now + min(30.0, SWEEP_AHEAD_S / 4)
 
@@ -134,15 +147,19 @@ class BackgroundHolds:
         if not record.unsettled:
             self._watched.pop(response_id, None)
             return
-        response = await self._read(holder)
+        status, response = await self._read(holder)
         base = RequestRecord(
             consumer_id=record.consumer_id, client_ip="", api="", operation="", user_id="",
             deployment=record.deployment, status=200, duration_ms=0.0, backend_id=holder.backend.id,
             region=holder.backend.region, ptu=holder.backend.ptu,
         )
-        if await self.settle(holder, response, base):
+        # Gone from its backend (deleted, expired), or finished without usage figures: nothing will ever tell its cost,
+        # so what it holds (its prompt and cap) is what it is charged, and it is no longer held.
+        unknown = status == 404 or _finished_without_usage(response)
+        charged = TokenUsage(record.charged, 0, record.charged, reported=False) if unknown else None
+        if await self.settle(holder, response, base, charged):
             return
-        if finished_usage(response) is not None:
+        if unknown or finished_usage(response) is not None:
             self._watched.pop(response_id, None)  # settled elsewhere meanwhile
             return
         held = held_of(record)
@@ -156,18 +173,23 @@ class BackgroundHolds:
             return
         moved = self.s.limiter.extend(held, until_ms / 1000)
         self.extended += 1
-        watch.due_s = moved.expiry_ms / 1000 - SWEEP_AHEAD_S
+        watch.ends_s = moved.expiry_ms / 1000
+        watch.due_s = watch.ends_s - SWEEP_AHEAD_S
 
-    async def _read(self, holder: Holder) -> Any:
+    async def _read(self, holder: Holder) -> tuple[int, Any]:
+        """(status, Response object) of the held response at its backend; raises while the backend fails."""
         backend = holder.backend
         url = responses.backend_url(backend, False, None, f"/{holder.record.response_id}")
         headers = {**request_headers({}), **(await self.s.auth.headers(backend))}
         answer = await self.s.upstream.send(backend, url, headers, b"", method="GET")
+        if answer.status == 404:
+            answer.release()
+            return 404, None
         if answer.status != 200:
             answer.release()
             raise UpstreamBroken(f"status {answer.status}")
         body = await answer.read()
         try:
-            return orjson.loads(body)
+            return 200, orjson.loads(body)
         except orjson.JSONDecodeError:
-            return None
+            return 200, None
