@@ -181,3 +181,41 @@ async def test_a_record_that_keeps_changing_under_a_command_is_not_overwritten_a
         await admin.set_enabled("busy", False)
     stored = await store.get("busy")
     assert stored is not None and stored.enabled
+
+
+def test_a_store_that_refuses_the_credential_exits_4_naming_the_role(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The real SDK against a loopback server answering as Table Storage does to an identity without a data role."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Refusing(BaseHTTPRequestHandler):
+        def _refuse(self) -> None:
+            body = json.dumps({"odata.error": {"code": "AuthorizationPermissionMismatch", "message": {
+                "lang": "en-US", "value": "This request is not authorized to perform this operation using this permission."}}})
+            self.send_response(403)
+            self.send_header("content-type", "application/json;odata=minimalmetadata")
+            self.send_header("x-ms-error-code", "AuthorizationPermissionMismatch")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _refuse
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("GATEWAY_TABLE_CONNECTION_STRING", stack.table_connection_string(server.server_address[1]))
+        assert cli.main(["--settings", "", "--json", "consumers", "list"]) == NOT_AUTHORIZED
+    finally:
+        server.shutdown()
+        server.server_close()
+    out, err = capsys.readouterr()
+    assert "Storage Table Data Contributor" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert json.loads(out)["error"]["code"] == "no_role"
+    assert "Eby8vdM02" not in err + out  # the connection string's key is never echoed
