@@ -71,6 +71,16 @@ async def test_a_v2_token_names_its_application_and_object(authority: Authority)
     assert len(fetcher.urls) == 2  # metadata, then its jwks_uri
 
 
+async def test_a_delegated_token_speaks_for_a_person_and_an_app_only_one_for_none(authority: Authority) -> None:
+    """The end-user level takes the object id only of a person (issue 27): a delegated token carries scopes (`scp`) or
+    idtyp 'user'; a token an application got for itself carries neither."""
+    validator, _, _ = make(authority)
+    assert (await validator.validate(authority.token(scp="Gateway.Call"))).person
+    assert (await validator.validate(authority.token(idtyp="user"))).person
+    assert not (await validator.validate(authority.token(roles=["Gateway.Call"]))).person
+    assert not (await validator.validate(authority.token(idtyp="app", roles=["Gateway.Call"]))).person
+
+
 async def test_a_v1_token_from_sts_windows_net_with_appid(authority: Authority) -> None:
     validator, _, _ = make(authority)
     principal = await validator.validate(authority.token(version=1, aud=GATEWAY_APP))

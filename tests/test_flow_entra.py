@@ -60,3 +60,28 @@ async def test_a_refused_token_is_a_401_counted_by_reason(entra_harness: Gateway
     assert caught.value.code == "invalid_token"
     assert harness.telemetry.auth_failures == ["wrong_audience"]
     assert harness.upstream.sent == []
+
+
+async def test_the_signed_in_person_is_the_end_user_and_an_application_alone_is_none(
+    entra_harness: GatewayHarness, authority: Authority
+) -> None:
+    """Issue 27: with end-user limits, a delegated token's person is the end user (before the body's user field); a
+    token an application got for itself names no person, so the body's user field is taken."""
+    from shared.edge.consumers import UserLimits
+
+    harness = entra_harness
+    harness.consumer("chat", users=UserLimits(tokens_per_minute=100_000, required=True))
+    store = harness.consumer_store.consumers
+    store["chat"] = replace(store["chat"], entra=frozenset({f"app:{APP}"}))
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "user": "from-body"}
+    person = authority.token(azp=APP, oid="7e1f0c4b-2d3a-4e5f-8a9b-0c1d2e3f4a5b", scp="Gateway.Call",
+                             issued_at=harness.clock.now())
+    app_only = authority.token(azp=APP, issued_at=harness.clock.now())
+    for token, expected in ((person, "7e1f0c4b-2d3a-4e5f-8a9b-0c1d2e3f4a5b"), (app_only, "from-body")):
+        response = await harness.http.post("/v1/chat/completions", json=body,
+                                           headers={"authorization": f"Bearer {token}"})
+        assert response.status_code == 200
+        assert harness.telemetry.requests[-1].user_id == expected
+    missing = await harness.http.post("/v1/chat/completions", json={**body, "user": None},
+                                      headers={"authorization": f"Bearer {app_only}"})
+    assert missing.status_code == 400 and missing.json()["error"]["code"] == "user_required"
