@@ -20,8 +20,9 @@ from shared.edge.entra import build_validator
 from shared.edge.http import read_body, to_gateway_request, to_response
 from shared.edge.identity import Identifier
 from shared.flow import tokens
-from shared.flow.credentials import BackendAuth, default_credential_factory
+from shared.flow.credentials import BackendAuth, CachedToken, default_credential_factory
 from shared.flow.gateway import Gateway, Services
+from shared.flow.safety import Screening
 from shared.flow.upstream import AiohttpUpstream
 from shared.lifecycle import on_sigterm
 from shared.limits.budget import BudgetBook, BudgetedLimiter, SpendingTelemetry
@@ -97,7 +98,24 @@ def build_services(settings: Settings, clock: Clock | None = None) -> tuple[Serv
             max_entry_bytes=settings.cache_max_entry_bytes,
         ),
     )
+    services.safety = _screening(settings, clock)
     return services, tables
+
+
+def _screening(settings: Settings, clock: Clock) -> Screening | None:
+    """The safety policies' services, where any policy is defined (docs/safety.md)."""
+    from shared.safety import wiring
+
+    safety = settings.safety
+    if not safety.policies:
+        return None
+    token = None
+    if safety.content_safety_key is None or safety.language_key is None:
+        cached = CachedToken(default_credential_factory(settings.managed_identity_client_id)(), wiring.COGNITIVE_SCOPE,
+                             clock)
+        token = cached.get
+    content_safety, language = wiring.build(safety, clock, token)
+    return Screening(safety, content_safety, language)
 
 
 def tune_runtime(enabled: bool) -> None:
@@ -152,8 +170,9 @@ class Edge:
         self._closed = True
         if self._gateway is not None:
             await self._gateway.holds.close()
+        screening = services.safety
         for closer in (services.limiter, services.usage, services.router, services.upstream, services.responses, services.identity,
-                       services.cache):
+                       services.cache, services.audit, *(screening.services() if screening is not None else ())):
             close = getattr(closer, "close", None)
             if close is not None:
                 try:

@@ -262,3 +262,33 @@ class ResponseBackendUnavailable(Refusal):
     backend_id: str
     reason: str
     wait_s: int
+
+
+# ---- safety policies (shared/flow/safety.py) ------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class ContentFiltered(Refusal):
+    """A prompt the consumer's safety policy blocks. `blocked`: the content filter keys that blocked (for metrics and
+    the log); `result`: Azure OpenAI's innererror.content_filter_result. Never sent to a model, never charged."""
+
+    blocked: tuple[str, ...]
+    result: dict[str, object]
+    policy: str = ""
+
+
+@dataclass(eq=False)
+class SafetyUnavailable(Refusal):
+    """The consumer's policy says closed, and a safety service cannot be asked now (its breaker, a failure)."""
+
+    service: str
+    retry_after_s: int
+    policy: str = ""
+
+
+@dataclass(eq=False)
+class SafetyInputTooLarge(Refusal):
+    """More text than a policy checks for one request (shared/safety/texts.py MAX_CHARS)."""
+
+    chars: int
+    limit: int

@@ -5,24 +5,25 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from shared.edge.errors import GatewayError, render, throttle_reason
+from shared.edge.errors import CONTENT_FILTER_MESSAGE, GatewayError, render, throttle_reason
 from shared.outcomes import (
     AttemptFailure,
     AuthStoreUnavailable,
     AuthThrottled,
-    BodiesBusy,
     BackendAuthFailed,
     BackendsBusy,
     BackendsFailed,
+    BodiesBusy,
     BudgetExceeded,
     ConsumerDisabled,
+    ContentFiltered,
     DeploymentNotAllowed,
     DeploymentNotFound,
     EndUserRefused,
     FailureKind,
     InvalidKey,
-    ItemNotFound,
     InvalidToken,
+    ItemNotFound,
     KeyProblem,
     LimiterUnavailable,
     MalformedAnswer,
@@ -35,6 +36,8 @@ from shared.outcomes import (
     ResponseNotFound,
     ResponseReadsThrottled,
     ResponseStateUnavailable,
+    SafetyInputTooLarge,
+    SafetyUnavailable,
     TooLargeForBackends,
 )
 
@@ -83,6 +86,9 @@ RESETS_AT = 1_700_006_400.0  # 2023-11-15T00:00:00Z
         (BackendsFailed(FailureKind.CONNECTION), 502, "server_error", "backend_unreachable", {}),
         (BackendAuthFailed(), 502, "server_error", "backend_auth_failed", {}),
         (MalformedAnswer(), 502, "server_error", "backend_malformed_response", {}),
+        (SafetyUnavailable("content_safety", 10), 503, "server_error", "safety_unavailable",
+         {"retry-after": "10", "retry-after-ms": "10000"}),
+        (SafetyInputTooLarge(300_000, 200_000), 400, "invalid_request_error", "safety_input_too_large", {}),
     ],
 )
 def test_each_refusal_renders_as_an_openai_error(
@@ -110,6 +116,16 @@ def test_a_gateway_error_is_already_its_own_answer() -> None:
     assert render(error) is error
 
 
+def test_a_blocked_prompt_is_azures_content_filter_answer() -> None:
+    result = {"jailbreak": {"filtered": True, "detected": True}}
+    error = render(ContentFiltered(("jailbreak",), result, "strict"))
+    assert (error.status, error.headers) == (400, {"x-gateway-tokens-consumed": "0"})
+    assert orjson.loads(error.body()) == {"error": {
+        "message": CONTENT_FILTER_MESSAGE, "type": None, "param": "prompt", "code": "content_filter", "status": 400,
+        "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": result}}}
+    assert "strict" not in error.body().decode()  # the policy's name is the operator's, not the caller's
+
+
 def test_every_refusal_kind_has_a_rendering() -> None:
     kinds = {cls for cls in Refusal.__subclasses__() if cls is not GatewayError}
     samples = {
@@ -118,6 +134,8 @@ def test_every_refusal_kind_has_a_rendering() -> None:
         LimiterUnavailable(), BudgetExceeded("monthly", 1, 1, "EUR"), BackendsBusy(1), NoBackend(1), BackendsFailed(FailureKind.TIMEOUT), BackendAuthFailed(),
         MalformedAnswer(), ResponseNotFound("resp_1", True), ItemNotFound("msg_1"), TooLargeForBackends(9, "d"), ResponseStateUnavailable(), ResponseReadsThrottled(1), BodiesBusy(1),
         ResponseBackendUnavailable("resp_1", "uksouth", "uksouth-ptu", "its circuit breaker is open", 8),
+        ContentFiltered(("jailbreak",), {"jailbreak": {"filtered": True, "detected": True}}),
+        SafetyUnavailable("content_safety", 10), SafetyInputTooLarge(300_000, 200_000),
     }
     assert {type(s) for s in samples} == kinds  # a new refusal gets a sample here, and so a rendering
     for sample in samples:

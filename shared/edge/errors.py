@@ -19,6 +19,7 @@ from shared.outcomes import (
     BodiesBusy,
     BudgetExceeded,
     ConsumerDisabled,
+    ContentFiltered,
     DeploymentNotAllowed,
     DeploymentNotFound,
     EndUserRefused,
@@ -38,6 +39,8 @@ from shared.outcomes import (
     ResponseNotFound,
     ResponseReadsThrottled,
     ResponseStateUnavailable,
+    SafetyInputTooLarge,
+    SafetyUnavailable,
     TooLargeForBackends,
 )
 
@@ -67,6 +70,30 @@ class GatewayError(Refusal):
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, self.param)
+
+
+# Azure OpenAI's own words for a prompt its content filter refuses; the gateway's refusal is the same answer.
+CONTENT_FILTER_MESSAGE = (
+    "The response was filtered due to the prompt triggering Azure OpenAI's content management policy. Please modify "
+    "your prompt and retry. To learn more about our content filtering policies please read our documentation: "
+    "https://go.microsoft.com/fwlink/?linkid=2198766"
+)
+
+
+class ContentFilterError(GatewayError):
+    """Azure OpenAI's 400 for a filtered prompt: `code: content_filter`, `param: prompt`, and the categories in
+    `innererror.content_filter_result` (the openai SDK raises BadRequestError with `code == "content_filter"`)."""
+
+    def __init__(self, result: Mapping[str, object]) -> None:
+        super().__init__(400, CONTENT_FILTER_MESSAGE, code="content_filter", param="prompt",
+                         headers={"x-gateway-tokens-consumed": "0"})
+        self.result = dict(result)
+
+    def body(self) -> bytes:
+        return orjson.dumps({"error": {
+            "message": self.message, "type": None, "param": "prompt", "code": "content_filter", "status": 400,
+            "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": self.result},
+        }})
 
 
 def error_body(message: str, type: str, code: str | None, param: str | None = None) -> bytes:
@@ -286,6 +313,19 @@ def render(refusal: Refusal) -> GatewayError:
                 f"now ({reason}); no other region can continue it. Retry after {seconds} s.",
                 type="server_error", code="response_backend_unavailable",
                 headers={"retry-after": str(seconds), "retry-after-ms": str(seconds * 1000)},
+            )
+        case ContentFiltered(result=result):
+            return ContentFilterError(result)
+        case SafetyUnavailable(retry_after_s=seconds):
+            return GatewayError(
+                503, "The content safety service this key's policy requires cannot be reached; the request was not "
+                "sent to a model. Retry after the time given.", type="server_error", code="safety_unavailable",
+                headers={"retry-after": str(seconds), "retry-after-ms": str(seconds * 1000)},
+            )
+        case SafetyInputTooLarge(chars=chars, limit=limit):
+            return GatewayError(
+                400, f"The request carries {chars} characters of text; this key's safety policy checks at most "
+                f"{limit} for one request.", code="safety_input_too_large",
             )
     raise TypeError(f"no rendering for {type(refusal).__name__}")
 

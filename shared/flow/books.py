@@ -60,6 +60,8 @@ class Books:
         self._telemetry.request_done(record, exchange.trace)
         if record.cache:
             self._telemetry.cache_used(record)
+        if record.safety:
+            self._telemetry.safety_checked(record)
         return spent
 
     def hit(self, record: RequestRecord, trace: Trace) -> None:
@@ -114,24 +116,26 @@ class Books:
 
     def refused(
         self, request: GatewayRequest, route: Route, consumer_id: str, client_ip: str, deployment: str, status: int,
-        started: float, trace: Trace, reason: str = "",
+        started: float, trace: Trace, reason: str = "", safety: tuple[str, str, str] | None = None,
     ) -> None:
         """A request the gateway answered itself: counted, with no tokens, under the dimensions the caller vouches for
         (the gateway passes none that an unauthenticated client chose)."""
-        self._telemetry.request_done(
-            RequestRecord(
-                consumer_id=consumer_id,
-                client_ip=client_ip,
-                api=route.api,
-                operation=route.operation.operation_id,
-                user_id="",
-                deployment=deployment,
-                status=status,
-                duration_ms=(self._clock.monotonic() - started) * 1000,
-                reason=reason,
-            ),
-            trace,
+        record = RequestRecord(
+            consumer_id=consumer_id,
+            client_ip=client_ip,
+            api=route.api,
+            operation=route.operation.operation_id,
+            user_id="",
+            deployment=deployment,
+            status=status,
+            duration_ms=(self._clock.monotonic() - started) * 1000,
+            reason=reason,
         )
+        if safety is not None:  # (outcome, policy, detail): a refusal of the consumer's safety policy
+            record.safety, record.safety_policy, record.safety_detail = safety
+        self._telemetry.request_done(record, trace)
+        if record.safety:
+            self._telemetry.safety_checked(record)
 
     @staticmethod
     def _lost(exchange: Exchange) -> TokenUsage | None:
@@ -174,6 +178,9 @@ class Books:
             step=exchange.step,
             team=exchange.consumer.team or "",
             cache=exchange.cache.state if exchange.cache is not None else "",
+            safety=exchange.screened.outcome if exchange.screened is not None else "",
+            safety_policy=exchange.screened.policy.name if exchange.screened is not None else "",
+            safety_detail=exchange.screened.detail if exchange.screened is not None else "",
         )
 
 

@@ -47,6 +47,8 @@ class Services:
     usage: UsageRecorder
     responses: ResponseStore = field(default_factory=MemoryResponseStore)  # where stored responses live
     cache: AnswerCache | None = None  # the response cache's layers (None: no consumer can use it)
+    safety: Any = None  # shared/flow/safety.Screening (None: no safety policies are defined)
+    audit: Any = None  # shared/safety/audit.AuditTrail (None: no policy audits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,7 @@ class Exchange:
         self.asked = {}
         self.timeouts_before = self.timeouts
     cache: Lookup | None = None  # what the response cache said (None: not in play for this consumer)
+    screened: Any = None  # what the safety policy did (shared/flow/safety.Screened; None: no policy applies)
 
     @property
     def route(self) -> Route:

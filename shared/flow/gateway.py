@@ -33,9 +33,10 @@ from shared.flow.exchange import Services as Services
 from shared.flow.failover import Failover
 from shared.flow.holds import BackgroundHolds
 from shared.flow.relay import JSON, Relay
+from shared.flow.safety import BLOCKED, UNAVAILABLE, Screening, client_bytes
 from shared.flow.translate import FOLLOW_UPS, Operation, Route, match_route
 from shared.limits.local_rate import PerKeyRate
-from shared.outcomes import ConsumerDisabled, InvalidKey, KeyProblem, Refusal
+from shared.outcomes import ConsumerDisabled, ContentFiltered, InvalidKey, KeyProblem, Refusal, SafetyUnavailable
 from shared.routing.pinning import Pinning
 from shared.telemetry.events import NULL_TRACE, Trace
 
@@ -59,6 +60,7 @@ class Gateway:
             services.settings, services.clock, services.router, services.upstream, services.auth, services.telemetry,
             self.pinning, self.admission, self.books,
         )
+        self.screening: Screening | None = services.safety
         self.cache = ResponseCache(services.cache, services.clock, self.books,
                                    seed_deterministic=services.settings.cache_seed)
         self.holds = BackgroundHolds(services, self.pinning, self.books)
@@ -109,12 +111,19 @@ class Gateway:
             parsed = await self.checks.parse(request, route)
             deployment = parsed.shape.deployment
             checked = await self.checks.allow(parsed, consumer)
+            screened = None
+            if self.screening is not None:
+                checked, screened = await self.screening.screen(checked)
+                if screened is not None and screened.redactions:
+                    # What the model gets from here on, whichever phase sends or translates the body.
+                    request = replace(request, body=client_bytes(checked))
             lookup = await self.cache.look_up(request, checked)
             if lookup is not None and lookup.answer is not None:
                 user_id = hit_user_id(request, checked, caller.user_id, caller.person, self.s.settings.user_id_header)
                 return self.cache.answer(lookup, request, checked, started, trace, user_id)
             exchange = await self.admission.admit(request, checked, started, trace, caller.user_id, caller.person)
             exchange.cache = lookup
+            exchange.screened = screened
             try:
                 chosen = await self.failover.dispatch(exchange)
             except BaseException:
@@ -130,6 +139,7 @@ class Gateway:
     ) -> GatewayResponse:
         """On-error: the refusal rendered once, counted once (and as a throttle when it is one)."""
         error = render(refusal)
+        safety = _safety_refusal(refusal)
         if route is not None and route.operation not in (Operation.HEALTH, Operation.HEALTH_DETAILS):
             reason = throttle_reason(refusal)
             if reason is not None and consumer is not None:
@@ -140,7 +150,7 @@ class Gateway:
             self.books.refused(
                 request, route, consumer.id if consumer else _refused_consumer(refusal),
                 request.client_ip if consumer else "", named if named in self._deployments else "",
-                error.status, started, trace, error.code or "",
+                error.status, started, trace, error.code or "", safety,
             )
         return GatewayResponse(error.status, {"content-type": JSON, **error.headers}, error.body())
 
@@ -170,6 +180,16 @@ class Gateway:
         if details:
             return GatewayResponse(status, {"content-type": JSON}, orjson.dumps(health))
         return GatewayResponse(status, {"content-type": JSON}, orjson.dumps({"status": "ok" if serving else "unavailable"}))
+
+
+def _safety_refusal(refusal: Refusal) -> tuple[str, str, str] | None:
+    """(outcome, policy, detail) of a refusal of a safety policy, for its metric and the per-request log."""
+    match refusal:
+        case ContentFiltered(blocked=blocked, policy=policy):
+            return BLOCKED, policy, ",".join(blocked)
+        case SafetyUnavailable(service=service, policy=policy):
+            return UNAVAILABLE, policy, service
+    return None
 
 
 def _refused_consumer(refusal: Refusal) -> str:

@@ -256,3 +256,9 @@ class SpendingTelemetry:
 
     def cache_used(self, record: RequestRecord) -> None:
         self._inner.cache_used(record)
+
+    def safety_checked(self, record: RequestRecord) -> None:
+        self._inner.safety_checked(record)
+
+    def audit_lost(self, count: int) -> None:
+        self._inner.audit_lost(count)

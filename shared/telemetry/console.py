@@ -101,6 +101,12 @@ class ConsoleTelemetry:
     def cache_used(self, record: RequestRecord) -> None:
         self._inner.cache_used(record)
 
+    def safety_checked(self, record: RequestRecord) -> None:
+        self._inner.safety_checked(record)
+
+    def audit_lost(self, count: int) -> None:
+        self._inner.audit_lost(count)
+
     def model_fallback(self, from_deployment: str, to_deployment: str, reason: str) -> None:
         self._inner.model_fallback(from_deployment, to_deployment, reason)
 

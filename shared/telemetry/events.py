@@ -29,6 +29,10 @@ AUTH_FAILURES = "Authentication Failures"
 TOOL_CALLS = "Tool Calls"  # built-in tool calls the service bills per call (per container, per image), by Tool
 CACHE_REQUESTS = "Cache Requests"  # requests of consumers with the response cache on, by Cache (hit | miss | bypass)
 TOKENS_SAVED = "Tokens Saved"  # what the backend billed for the answers that cache hits served again
+# Requests of consumers with a safety policy (docs/safety.md), by Safety (passed | redacted | blocked | unchecked |
+# unavailable) and Category (what blocked: jailbreak, hate, ..., pii; the service that could not be asked)
+SAFETY_CHECKS = "Safety Checks"
+AUDIT_RECORDS_LOST = "Audit Records Lost"  # audit records that could not be written to Blob Storage (after retries)
 
 # Dimension names.
 SUBSCRIPTION_ID = "Subscription ID"
@@ -57,6 +61,10 @@ TOOL = "Tool"  # web_search | file_search | code_interpreter | image_generation 
 USAGE_SOURCE = "Usage Source"  # reported (by the backend) | counted (by the gateway) | none
 CURRENCY = "Currency"
 CACHE = "Cache"  # hit | miss | bypass | off
+SAFETY = "Safety"  # passed | redacted | blocked | unchecked | unavailable; "off" in the log where no policy applies
+SAFETY_POLICY = "Safety Policy"
+CATEGORY = "Category"
+SAFETY_DETAIL = "Safety Detail"  # per-request log: what blocked, the PII categories masked and how many (never values)
 RECORD_KIND = "Kind"  # request | lost attempt (an attempt whose body broke off before failover; its tokens were charged)
 
 
@@ -86,6 +94,9 @@ class RequestRecord:
     team: str = ""  # the consumer's team ("": none)
     cache: str = ""  # hit | miss | bypass; "" where the consumer has the response cache off
     saved: TokenUsage | None = None  # a cache hit: the tokens the stored answer cost the backend (usage is None)
+    safety: str = ""  # the safety policy's outcome ("": no policy applies)
+    safety_policy: str = ""
+    safety_detail: str = ""  # fixed words and counts: what blocked, or PII categories with their counts
 
 
 class Attempt(Protocol):
@@ -129,6 +140,14 @@ class Telemetry(Protocol):
     def cache_used(self, record: RequestRecord) -> None:
         """A request of a consumer with the response cache on (record.cache): counted by outcome, and a hit's saved
         tokens. Called beside request_done, which counts the request itself."""
+        ...
+
+    def safety_checked(self, record: RequestRecord) -> None:
+        """A request of a consumer with a safety policy (record.safety), beside request_done."""
+        ...
+
+    def audit_lost(self, count: int) -> None:
+        """Audit records given up on (the trail's memory full, or Blob Storage failing past the retries)."""
         ...
 
 
@@ -178,4 +197,10 @@ class NullTelemetry:
         pass
 
     def cache_used(self, record: RequestRecord) -> None:
+        pass
+
+    def safety_checked(self, record: RequestRecord) -> None:
+        pass
+
+    def audit_lost(self, count: int) -> None:
         pass

@@ -52,6 +52,8 @@ INSTRUMENTS = {
     names.TOOL_CALLS: "gateway.tool_calls",
     names.CACHE_REQUESTS: "gateway.cache.requests",
     names.TOKENS_SAVED: "gateway.cache.tokens_saved",
+    names.SAFETY_CHECKS: "gateway.safety.checks",
+    names.AUDIT_RECORDS_LOST: "gateway.audit.records_lost",
 }
 
 
@@ -285,6 +287,8 @@ class OtelTelemetry:
         self._tool_calls = meter.create_counter(i[names.TOOL_CALLS], unit="{call}")
         self._cache_requests = meter.create_counter(i[names.CACHE_REQUESTS], unit="{request}")
         self._tokens_saved = meter.create_counter(i[names.TOKENS_SAVED], unit="{token}")
+        self._safety_checks = meter.create_counter(i[names.SAFETY_CHECKS], unit="{request}")
+        self._audit_lost = meter.create_counter(i[names.AUDIT_RECORDS_LOST], unit="{record}")
         self._duration = meter.create_histogram(i[names.REQUEST_DURATION], unit="ms")
         self._ttft = meter.create_histogram(i[names.TIME_TO_FIRST_TOKEN], unit="ms")
 
@@ -380,6 +384,15 @@ class OtelTelemetry:
 
     def auth_refused(self, reason: str) -> None:
         self._auth_failures.add(1, {names.REASON: reason})
+
+    def safety_checked(self, record: RequestRecord) -> None:
+        category = record.safety_detail if record.safety in ("blocked", "unchecked", "unavailable") else ""
+        self._safety_checks.add(1, {names.SUBSCRIPTION_ID: record.consumer_id, names.TEAM: record.team,
+                                    names.DEPLOYMENT: record.deployment, names.SAFETY_POLICY: record.safety_policy,
+                                    names.SAFETY: record.safety, names.CATEGORY: category})
+
+    def audit_lost(self, count: int) -> None:
+        self._audit_lost.add(count)
 
     def cache_used(self, record: RequestRecord) -> None:
         dimensions = {names.SUBSCRIPTION_ID: record.consumer_id, names.DEPLOYMENT: record.deployment,

@@ -126,6 +126,10 @@ class GatewayHarness:
             cache=AnswerCache(self.answer_store, self.clock, memory_bytes=settings.cache_memory_bytes,
                               max_entry_bytes=settings.cache_max_entry_bytes, background=False),
         )
+        if settings.safety.policies:  # the safety services, as shared/app.py builds them (keys: no identity asked)
+            from shared.app import _screening
+
+            self.services.safety = _screening(settings, self.clock)
         self.edge = Edge(settings, self.services)
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.asgi), base_url=BASE_URL, timeout=10)
 
@@ -144,7 +148,7 @@ class GatewayHarness:
         quota: int = 0, quota_period: str | None = None, deployments: Sequence[str] | None = None,
         priority: str = "normal", enabled: bool = True, budget: float = 0.0, budget_period: str | None = None, capabilities: Sequence[str] = (),
         fallback: bool = True, team: str | None = None, users: UserLimits | None = None,
-        cache: CachePolicy = OFF,
+        cache: CachePolicy = OFF, safety: str | None = None,
     ) -> str:
         """Create a consumer and return its key."""
         key = new_key()
@@ -158,14 +162,15 @@ class GatewayHarness:
             team=team,
             users=users or UserLimits(),
             cache=cache,
+            safety=safety,
         )
         return key
 
     def team(self, team_id: str, *, tpm: int = 0, quota: int = 0, quota_period: str | None = None, budget: float = 0.0,
-             deployments: Sequence[str] | None = None, priority: str = "normal") -> None:
+             deployments: Sequence[str] | None = None, priority: str = "normal", safety: str | None = None) -> None:
         self.consumer_store.teams[team_id] = Team(
             team_id, team_id, Limits(tpm, {}, quota, quota_period, budget, None),
-            frozenset(deployments) if deployments is not None else None, priority,
+            frozenset(deployments) if deployments is not None else None, priority, safety=safety,
         )
 
     # ---- clients ---------------------------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ class RecordingTelemetry:
         self.fallbacks: list[str] = []
         self.auth_failures: list[str] = []
         self.cache: list[RequestRecord] = []
+        self.safety: list[RequestRecord] = []
+        self.audit_losses = 0
 
     def begin(self, method: str, route: str) -> Trace:
         trace = RecordedTrace(f"{method} {route}")
@@ -80,6 +82,12 @@ class RecordingTelemetry:
 
     def cache_used(self, record: RequestRecord) -> None:
         self.cache.append(record)
+
+    def safety_checked(self, record: RequestRecord) -> None:
+        self.safety.append(record)
+
+    def audit_lost(self, count: int) -> None:
+        self.audit_losses += count
 
     def tokens_emitted(self) -> int:
         """Total Tokens as the metrics saw them: every request's answer plus every broken attempt's cost."""
