@@ -8,7 +8,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from shared.routing.breaker import refused_for_size
+from shared.routing.breaker import ROOM, SIZE, refusal_kind
 from tests.fakes.gateway import ADMIN_HEADERS, GatewayHarness, backend
 from tests.fakes.upstream import chat_body, error_reply, json_reply
 
@@ -77,20 +77,42 @@ async def test_a_full_window_still_trips_and_fails_over(paygo: GatewayHarness) -
 
 
 @pytest.mark.parametrize(("tokens", "largest", "headers", "ptu", "expected"), [
-    (200_000, 0, TOO_LARGE, False, True),  # a day's wait with room shown: the request, not the load
-    (500, 0, {"retry-after": "3", "x-ratelimit-remaining-tokens": "900"}, False, True),  # room for it, yet refused
-    (500, 0, {"retry-after": "3", "x-ratelimit-remaining-tokens": "100"}, False, False),  # a full window
-    (500, 0, {"retry-after": "86400"}, False, False),  # nothing known of its size: a health failure, as before
-    (500, 400, {"retry-after": "86400"}, False, True),  # larger than anything it ever served, and a day's wait
-    (500, 400, {"retry-after": "86400"}, True, False),  # a PTU admits by utilisation, not size
-    (500, 400, {"retry-after": "20"}, False, False),  # a wait within the minute: the window, not the size
-    (500, 900, {"retry-after": "86400", "x-ratelimit-remaining-tokens": "0"}, False, False),  # it served larger
-    (500, 0, {}, False, False),  # a bare 429
-    (0, 0, TOO_LARGE, False, False),
-    (500, 0, {"retry-after": "86400", "x-ratelimit-remaining-tokens": "-5"}, False, False),
-    (500, 0, {"retry-after": "86400", "x-ratelimit-remaining-tokens": "1e9"}, False, False),
+    (200_000, 0, TOO_LARGE, False, SIZE),  # a day's wait with room shown: the request, not the load
+    (500, 0, {"retry-after": "3", "x-ratelimit-remaining-tokens": "900"}, False, ROOM),  # room for it, yet refused
+    (500, 0, {"retry-after": "3", "x-ratelimit-remaining-tokens": "100"}, False, None),  # a full window
+    (500, 0, {"retry-after": "86400"}, False, None),  # nothing known of its size: a health failure, as before
+    (500, 400, {"retry-after": "86400"}, False, SIZE),  # larger than anything it ever served, and a day's wait
+    (500, 400, {"retry-after": "86400"}, True, None),  # a PTU admits by utilisation, not size
+    (500, 400, {"retry-after": "20"}, False, None),  # a wait within the minute: the window, not the size
+    (500, 900, {"retry-after": "86400", "x-ratelimit-remaining-tokens": "0"}, False, None),  # it served larger
+    (500, 0, {}, False, None),  # a bare 429
+    (500, 0, {"retry-after": "9", "x-ratelimit-remaining-tokens": "90000", "x-ratelimit-remaining-requests": "0"},
+     False, None),  # room for tokens, no requests left: the requests-per-minute limit, a statement about load
+    (0, 0, TOO_LARGE, False, None),
+    (500, 0, {"retry-after": "86400", "x-ratelimit-remaining-tokens": "-5"}, False, None),
+    (500, 0, {"retry-after": "86400", "x-ratelimit-remaining-tokens": "1e9"}, False, None),
 ])
-def test_which_429s_refuse_the_request_rather_than_the_region(
-    tokens: int, largest: int, headers: dict[str, str], ptu: bool, expected: bool,
+def test_what_a_429_says_about_the_request_and_the_region(
+    tokens: int, largest: int, headers: dict[str, str], ptu: bool, expected: str | None,
 ) -> None:
-    assert refused_for_size(tokens, largest, headers, 1_700_000_000.0, ptu) is expected
+    assert refusal_kind(tokens, largest, headers, 1_700_000_000.0, ptu) == expected
+
+
+async def test_a_429_that_shows_room_for_the_request_opens_no_breaker_but_fails_over(paygo: GatewayHarness) -> None:
+    """The region may count the request larger than the gateway does (a default output length): its 429 says nothing
+    of its health, and the next region may well serve it."""
+    key = paygo.consumer("app")
+    paygo.upstream.script("westeurope", error_reply(429, {"retry-after": "4", "x-ratelimit-remaining-tokens": "9000",
+                                                          "x-ratelimit-remaining-requests": "50"}))
+    answer = await paygo.post(CHAT, key, SMALL)
+    assert answer.status_code == 200 and answer.headers["x-gateway-backend"] == "swedencentral"
+    assert set(states((await paygo.http.get("/health/details", headers=ADMIN_HEADERS)).json()).values()) == {"closed"}
+
+
+async def test_a_requests_per_minute_429_with_tokens_to_spare_still_fails_over(paygo: GatewayHarness) -> None:
+    key = paygo.consumer("app")
+    rpm = {"retry-after": "9", "x-ratelimit-remaining-tokens": "90000", "x-ratelimit-remaining-requests": "0"}
+    paygo.upstream.script("westeurope", error_reply(429, rpm))
+    answer = await paygo.post(CHAT, key, SMALL)
+    assert answer.status_code == 200 and answer.headers["x-gateway-backend"] == "swedencentral"
+    assert states((await paygo.http.get("/health/details", headers=ADMIN_HEADERS)).json())["westeurope"] == "open"

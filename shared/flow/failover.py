@@ -36,7 +36,7 @@ from shared.flow.translate import backend_body, backend_url, request_headers
 from shared.flow.upstream import Answer, UpstreamBroken, UpstreamClient, UpstreamError
 from shared.limits.contract import UnlimitedTicket
 from shared.outcomes import AttemptFailure, BackendsBusy, FailureKind, Refusal, TooLargeForBackends
-from shared.routing.breaker import retry_after_s
+from shared.routing.breaker import SIZE, retry_after_s
 from shared.routing.pinning import Holder, Pinning
 from shared.routing.router import Router
 from shared.telemetry.events import Telemetry
@@ -271,11 +271,12 @@ class Failover:
             router.record_auth_failure(backend, deployment, answer.status)
             answer.release()
             raise _Failed(AttemptFailure.of_status(answer.status))
-        if answer.status == 429 and router.refused_for_size(backend, deployment, _size(exchange), answer.headers):
-            # No statement about the backend's load: its breaker is left as it was, and its day-long Retry-After
-            # is not the client's wait.
+        kind = router.refusal_kind(backend, deployment, _size(exchange), answer.headers) if answer.status == 429 else None
+        if kind is not None:
+            # No statement about the backend's load: its breaker is left as it was. Refused for its size, the request
+            # goes on only to regions that served one as large; the day-long Retry-After is not the client's wait.
             answer.release()
-            raise _Failed(AttemptFailure.of_status(429), too_large=True)
+            raise _Failed(AttemptFailure.of_status(429), too_large=kind == SIZE)
         if router.is_failure(backend, answer.status):
             asked = retry_after_s(answer.headers, self._clock.now())
             if asked is not None:

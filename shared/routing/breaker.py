@@ -45,26 +45,36 @@ def _duration_s(text: str) -> float | None:
 WINDOW_S = 60.0
 
 
-def refused_for_size(
+# What a 429 says (refusal_kind): the backend's load (None), nothing about it (ROOM), or that the request is too large.
+ROOM = "room"
+SIZE = "size"
+
+
+def refusal_kind(
     tokens: int, largest_admitted: int, headers: Mapping[str, str], now_s: float, provisioned: bool = False,
-) -> bool:
-    """Whether a 429 refuses this request for its size, not the backend for its load (so it says nothing of the
-    backend's health). Azure answers a request larger than the deployment's whole tokens-per-minute with 429 and a
-    Retry-After of up to a day, while its remaining-tokens figure still shows room. True when the 429 itself shows
-    room for a request this large (`x-ratelimit-remaining-tokens` >= `tokens`), or when it asks for a wait longer than
-    the one-minute window (a full window frees within it) and either shows some room or the request is larger than
-    any this backend has admitted (`largest_admitted`, 0 when none is known). A provisioned deployment admits by
-    utilisation, not by size: for it (`provisioned`) only the room its 429 shows counts."""
-    if tokens <= 0:
-        return False
+) -> str | None:
+    """What a 429 for a request of `tokens` says. Azure answers a request larger than the deployment's whole
+    tokens-per-minute with 429 and a Retry-After of up to a day, while its remaining-tokens figure still shows room.
+
+    SIZE: it refuses the request for its size, not the backend for its load: it asks for longer than the one-minute
+    window (a full window frees within it) and either shows some room or the request is larger than any this backend
+    has admitted (`largest_admitted`, 0 when none is known; never for a `provisioned` deployment, which admits by
+    utilisation, not size). ROOM: it shows room for a request this large (`x-ratelimit-remaining-tokens` >= `tokens`),
+    so it says nothing of the backend's health, though the backend may count the request larger than the gateway does
+    (a default output length). None: an ordinary 429, and always when it shows no requests left (a requests-per-minute
+    limit is a statement about load)."""
+    if tokens <= 0 or headers.get("x-ratelimit-remaining-requests", "").strip() == "0":
+        return None
     value = headers.get("x-ratelimit-remaining-tokens")
     remaining = int(value) if value is not None and value.isdigit() else None
-    if remaining is not None and remaining >= tokens:
-        return True
     wait = retry_after_s(headers, now_s)
-    if wait is None or wait <= WINDOW_S:
-        return False
-    return (remaining is not None and remaining > 0) or (not provisioned and 0 < largest_admitted < tokens)
+    if wait is not None and wait > WINDOW_S and (
+        (remaining is not None and remaining > 0) or (not provisioned and 0 < largest_admitted < tokens)
+    ):
+        return SIZE
+    if remaining is not None and remaining >= tokens:
+        return ROOM
+    return None
 
 
 def retry_after_s(headers: Mapping[str, str], now_s: float) -> float | None:

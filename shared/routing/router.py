@@ -23,7 +23,7 @@ from shared.background import keep_running, repeat
 from shared.clock import Clock
 from shared.config import Backend
 from shared.outcomes import AttemptFailure, BackendAuthFailed, BackendsBusy, BackendsFailed, FailureKind, NoBackend
-from shared.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Transition, refused_for_size, retry_after_s
+from shared.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Transition, refusal_kind, retry_after_s
 from shared.routing.capacity import utilisation_wait
 from shared.routing.provisioned import ProvisionedCapacity
 from shared.storage.memory import MemoryBreakerStore as MemoryBreakerStore
@@ -178,16 +178,16 @@ class Router:
         if transition is not None:
             self._transitioned(backend, deployment, transition)
 
-    def refused_for_size(self, backend: Backend, deployment: str, tokens: int, headers: Mapping[str, str]) -> bool:
-        """A 429 that refuses a request of `tokens` for its size (breaker.refused_for_size): not recorded as a failure,
-        the breaker and the capacity figures stay as they were (the remaining tokens it shows are kept)."""
+    def refusal_kind(self, backend: Backend, deployment: str, tokens: int, headers: Mapping[str, str]) -> str | None:
+        """What a 429 for a request of `tokens` says (breaker.refusal_kind). ROOM and SIZE are not recorded as failures:
+        the breaker and the capacity figures stay as they were (the remaining tokens the 429 shows are kept)."""
         largest = self._largest.get((backend.id, deployment), 0)
-        if not refused_for_size(tokens, largest, headers, self._clock.now(), backend.ptu):
-            return False
-        remaining = headers.get("x-ratelimit-remaining-tokens")
-        if remaining is not None and remaining.isdigit():
-            self._remaining[(backend.id, deployment)] = (int(remaining), self._clock.monotonic())
-        return True
+        kind = refusal_kind(tokens, largest, headers, self._clock.now(), backend.ptu)
+        if kind is not None:
+            remaining = headers.get("x-ratelimit-remaining-tokens")
+            if remaining is not None and remaining.isdigit():
+                self._remaining[(backend.id, deployment)] = (int(remaining), self._clock.monotonic())
+        return kind
 
     def has_admitted(self, backend: Backend, deployment: str, tokens: int) -> bool:
         """This backend has served a request of at least `tokens` (since this instance started)."""
