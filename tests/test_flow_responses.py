@@ -285,3 +285,24 @@ async def test_a_held_response_whose_backend_keeps_failing_is_let_go_when_its_ho
     harness.clock.advance(600)
     await gateway.holds.sweep()
     assert len(harness.upstream.sent) == reads and harness.response_store.records["resp_down"].unsettled
+
+
+async def test_a_background_stream_charged_as_it_went_is_not_charged_twice_when_settled(harness: GatewayHarness) -> None:
+    key = harness.consumer("streamer", tpm=1_000_000)
+    response = {**orjson.loads(response_body("resp_long", background=True)), "usage": None}
+    words = tuple(f" w{i}" for i in range(40))
+    events = tuple(stream_events(response, words, _finished(response, words, 9, False)))
+    harness.upstream.script("uksouth-ptu", Reply(200, {"content-type": "text/event-stream"}, pieces=events,
+                                                 stalls_after=30))
+    gateway = await harness.gateway()
+    answer = await gateway.handle(gateway_request("POST", "/v1/responses", key, {
+        "model": "gpt-4o", "input": "Go on and on.", "background": True, "stream": True}))
+    assert answer.stream is not None
+    for _ in range(6):  # a few events a while apart: the stream is charged as it goes (GATEWAY_STREAM_SETTLE_S)
+        await anext(answer.stream)
+        harness.clock.advance(harness.settings.stream_settle_s + 1)
+    await answer.stream.aclose()  # the client leaves; the response goes on
+    assert harness.response_store.records["resp_long"].unsettled
+    harness.upstream.script("uksouth-ptu", finished_reply("resp_long", 9, 5_000))
+    assert (await harness.http.get("/v1/responses/resp_long", headers={"api-key": key})).status_code == 200
+    assert await harness.charged("streamer") == 5_009

@@ -28,16 +28,20 @@ class Held:
     tokens: int
     expiry_ms: int
     places: tuple[Place, ...]
+    credit: int = 0  # charged already while it streamed: its usage, when learnt, is charged less this
 
     def encode(self) -> str:
-        return orjson.dumps([[p.ledger, list(p.scopes), p.quota_key] for p in self.places]).decode()
+        places = [[p.ledger, list(p.scopes), p.quota_key] for p in self.places]
+        return orjson.dumps({"places": places, "credit": self.credit}).decode()
 
     @classmethod
-    def decode(cls, tokens: int, expiry_ms: int, places: str) -> Held:
+    def decode(cls, tokens: int, expiry_ms: int, encoded: str) -> Held:
         try:
-            raw = orjson.loads(places or "[]")
-            return cls(tokens, expiry_ms, tuple(Place(str(p[0]), tuple(str(s) for s in p[1]), p[2]) for p in raw))
-        except (orjson.JSONDecodeError, TypeError, IndexError, KeyError):
+            raw = orjson.loads(encoded or "[]")
+            places, credit = (raw.get("places", []), int(raw.get("credit", 0))) if isinstance(raw, dict) else (raw, 0)
+            return cls(tokens, expiry_ms, tuple(Place(str(p[0]), tuple(str(s) for s in p[1]), p[2]) for p in places),
+                       credit)
+        except (orjson.JSONDecodeError, TypeError, ValueError, IndexError, KeyError, AttributeError):
             return cls(tokens, expiry_ms, ())
 
 

@@ -158,9 +158,10 @@ class LimitTicket:
     def hold(self, tokens: int, until_s: float, spent: int = 0) -> Held | None:
         if self._settled:
             return None
+        streamed = self._holding.served  # what progress charged already: its final usage is charged less this
         self.settle(spent)
         expiry = hold_expiry(until_s)
-        return Held(tokens, expiry, (self._limiter._hold(self, tokens, expiry),))
+        return Held(tokens, expiry, (self._limiter._hold(self, tokens, expiry),), streamed)
 
 
 UNLIMITED = UnlimitedTicket()
@@ -203,7 +204,7 @@ class Tickets:
         held = [h for h in (t.hold(tokens, until_s, spent) for t in self._tickets) if h is not None]
         if not held:
             return None
-        return Held(tokens, held[0].expiry_ms, tuple(p for h in held for p in h.places))
+        return Held(tokens, held[0].expiry_ms, tuple(p for h in held for p in h.places), held[0].credit)
 
 
 _: type[Ticket] = Tickets  # the contract the request flow relies on
@@ -498,7 +499,7 @@ class TokenLimiter:
             changes = {now_bucket: used - held.tokens}
         else:
             changes = {held.expiry_ms: -held.tokens}
-            changes[now_bucket] = changes.get(now_bucket, 0) + used
+            changes[now_bucket] = changes.get(now_bucket, 0) + used - held.credit
         for place in held.places:
             self._book(place, changes)
 
@@ -508,7 +509,7 @@ class TokenLimiter:
             return held
         for place in held.places:
             self._book(place, {held.expiry_ms: -held.tokens, expiry: held.tokens})
-        return Held(held.tokens, expiry, held.places)
+        return Held(held.tokens, expiry, held.places, held.credit)
 
     def _headers(self, budget: Budget, scopes: Scopes) -> dict[str, str]:
         headers: dict[str, str] = {}
