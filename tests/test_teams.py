@@ -148,3 +148,23 @@ def test_the_usage_report_sums_per_team_by_each_consumers_team() -> None:
     teams = by_team(totals, {"a": "search", "b": "search", "loner": None})
     assert [(t.consumer, t.requests, t.total, t.cost) for t in teams] == [("(no team)", 3, 6, 1.0), ("search", 4, 22, 0.75)]
     assert format_report("daily", teams, "EUR", "team").splitlines()[1].split()[0] == "team"
+
+
+async def test_teams_set_writes_on_the_version_read_and_never_undoes_a_concurrent_change() -> None:
+    store = MemoryConsumerStore()
+    await run(store, "teams", "create", "Search", "--all-deployments", "--tpm", "1000")
+    real_put = store.put_team
+    raced = [False]
+
+    async def put_after_another(team: Team, if_match: str | None = None) -> None:
+        if not raced[0]:  # another admin's `teams set --quota ...` lands between this command's read and its write
+            raced[0] = True
+            current = store.teams["search"]
+            await real_put(replace(current, limits=replace(current.limits, quota=500, quota_period="daily")))
+        await real_put(team, if_match)
+
+    store.put_team = put_after_another  # type: ignore[method-assign]
+    code, _ = await run(store, "teams", "set", "search", "--tpm", "2000")
+    assert code == 0
+    limits = store.teams["search"].limits
+    assert (limits.tokens_per_minute, limits.quota) == (2000, 500)  # both changes kept

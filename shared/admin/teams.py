@@ -24,6 +24,8 @@ from shared.edge.consumers import PRIORITIES, QUOTA_PERIODS, Limits, Team, valid
 from shared.storage.protocols import Conflict, ConsumerStore
 from shared.text import table
 
+WRITE_TRIES = 5
+
 
 def describe_team(team: Team, members: list[str] | None = None) -> dict[str, Any]:
     limits = team.limits
@@ -110,20 +112,30 @@ class TeamAdmin:
             self.print(json.dumps(describe_team(team, []), indent=2))
             return 0
         if action == "set":
-            team = await self._existing(args.id)
-            changed = replace(
-                team,
-                name=args.name or team.name,
-                limits=_team_limits(args, team.limits),
-                deployments=self._deployments(args, team.deployments),
-                priority=args.priority or team.priority,
-                cache=cache_policy(args, team.cache),
-                safety=safety_policy(args, team.safety, self.policies),
-                version=team.version + 1,
-            )
-            await self.store.put_team(changed)
-            self.print(json.dumps(describe_team(changed, await self._members(team.id)), indent=2))
-            return 0
+            # On the version read (If-Match): a concurrent `teams set` is never undone, the change is made again on it.
+            for _ in range(WRITE_TRIES):
+                found = await self.store.get_team_versioned(args.id)
+                if found is None:
+                    raise SystemExit(f"no team with id {args.id!r}")
+                team, etag = found
+                changed = replace(
+                    team,
+                    name=args.name or team.name,
+                    limits=_team_limits(args, team.limits),
+                    deployments=self._deployments(args, team.deployments),
+                    priority=args.priority or team.priority,
+                    cache=cache_policy(args, team.cache),
+                    safety=safety_policy(args, team.safety, self.policies),
+                    version=team.version + 1,
+                )
+                try:
+                    await self.store.put_team(changed, if_match=etag)
+                except Conflict:
+                    continue
+                self.print(json.dumps(describe_team(changed, await self._members(team.id)), indent=2))
+                return 0
+            raise SystemExit(f"{args.id}: changed by other writers {WRITE_TRIES} times while this command ran; "
+                             "nothing written by it. Run it again")
         if action == "list":
             teams = sorted(await self.store.list_teams(), key=lambda t: t.id)
             consumers = await self.store.list_consumers()

@@ -29,6 +29,7 @@ class MemoryConsumerStore(_Switch):
     def __init__(self) -> None:
         self.consumers: dict[str, Consumer] = {}
         self.teams: dict[str, Team] = {}
+        self.team_etags: dict[str, str] = {}
         self.calls = 0
         self.writes = 0  # the change marker: every write through the store bumps it
         self.etags: dict[str, str] = {}
@@ -110,17 +111,28 @@ class MemoryConsumerStore(_Switch):
         self.calls += 1
         return self.teams.get(team_id)
 
-    async def put_team(self, team: Team) -> None:
+    async def get_team_versioned(self, team_id: str) -> tuple[Team, str] | None:
         self._check()
+        self.calls += 1
+        team = self.teams.get(team_id)
+        return None if team is None else (team, self.team_etags[team_id])
+
+    async def put_team(self, team: Team, if_match: str | None = None) -> None:
+        self._check()
+        if if_match is not None and self.team_etags.get(team.id) != if_match:
+            raise Conflict("etag mismatch" if team.id in self.teams else "team deleted")
+        self._store_team(team)
+
+    def _store_team(self, team: Team) -> None:
         self.teams[team.id] = team
         self.writes += 1
+        self.team_etags[team.id] = f"t{self.writes}"
 
     async def create_team(self, team: Team) -> None:
         self._check()
         if team.id in self.teams:
             raise Conflict("team exists")
-        self.teams[team.id] = team
-        self.writes += 1
+        self._store_team(team)
 
     async def delete_team(self, team_id: str) -> bool:
         self._check()

@@ -52,7 +52,13 @@ class ConsumerStore(Protocol):
 
     async def get_team(self, team_id: str) -> Team | None: ...
 
-    async def put_team(self, team: Team) -> None: ...
+    async def get_team_versioned(self, team_id: str) -> tuple[Team, str] | None:
+        """The team and the ETag of its row (for put_team's if_match)."""
+        ...
+
+    async def put_team(self, team: Team, if_match: str | None = None) -> None:
+        """Write the team; with `if_match`, only over that version (Conflict when another write came in between)."""
+        ...
 
     async def create_team(self, team: Team) -> None:
         """Conflict when a team with that id exists."""

@@ -605,9 +605,26 @@ class TableConsumerStore:
             return None
         return team_from_entity(dict(entity))
 
-    async def put_team(self, team: Team) -> None:
+    async def get_team_versioned(self, team_id: str) -> tuple[Team, str] | None:
+        if not _CONSUMER_ID.fullmatch(team_id):
+            return None
+        try:
+            entity = await self._tables.call("consumers", lambda t: t.get_entity(_TEAM_PK, team_id))
+        except ResourceNotFoundError:
+            return None
+        etag = entity_etag(entity)
+        return None if etag is None else (team_from_entity(dict(entity)), etag)
+
+    async def put_team(self, team: Team, if_match: str | None = None) -> None:
         entity = team_to_entity(team)
-        await self._tables.call("consumers", lambda t: t.upsert_entity(entity, mode=UpdateMode.REPLACE))
+        if if_match is None:
+            await self._tables.call("consumers", lambda t: t.upsert_entity(entity, mode=UpdateMode.REPLACE))
+        else:
+            try:
+                await self._tables.call("consumers", lambda t: t.update_entity(
+                    entity, mode=UpdateMode.REPLACE, etag=if_match, match_condition=MatchConditions.IfNotModified))
+            except ResourceNotFoundError:
+                raise Conflict("the team was deleted meanwhile") from None
         await self._mark_changed()
 
     async def create_team(self, team: Team) -> None:
