@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from shared.cache.layer import AnswerCache
 from shared.clock import Clock, SystemClock
-from shared.config import Settings, load_settings
+from shared.config import ConfigError, Settings, load_settings
 from shared.edge.consumers import ConsumerDirectory
 from shared.edge.entra import build_validator
 from shared.edge.http import read_body, to_gateway_request, to_response
@@ -29,7 +29,8 @@ from shared.limits.budget import BudgetBook, BudgetedLimiter, SpendingTelemetry
 from shared.limits.limiter import TokenLimiter
 from shared.routing.provisioned import ProvisionedCapacity
 from shared.routing.router import Router
-from shared.storage.blobs import BlobAnswerStore
+from shared.safety.audit import AuditTrail
+from shared.storage.blobs import BlobAnswerStore, BlobAuditStore
 from shared.storage.responses import TableResponseStore
 from shared.storage.tables import (
     TableBreakerStore,
@@ -99,7 +100,21 @@ def build_services(settings: Settings, clock: Clock | None = None) -> tuple[Serv
         ),
     )
     services.safety = _screening(settings, clock)
+    services.audit = _audit_trail(settings, clock, instance, telemetry)
     return services, tables
+
+
+def _audit_trail(settings: Settings, clock: Clock, instance: str, telemetry: Telemetry) -> AuditTrail | None:
+    """The audit trail, where a policy audits: append blobs in the tables' storage account (docs/safety.md)."""
+    safety = settings.safety
+    if not any(p.audited for p in safety.policies.values()):
+        return None
+    store = BlobAuditStore.for_audit(settings)
+    if store is None:
+        raise ConfigError("GATEWAY_SAFETY_POLICIES: a policy audits, but the storage settings reach no Blob service "
+                          "(set GATEWAY_BLOB_ENDPOINT, or a connection string that names one)")
+    return AuditTrail(store, clock, instance, memory_bytes=safety.audit_memory_bytes, flush_s=safety.audit_flush_s,
+                      lost=telemetry.audit_lost)
 
 
 def _screening(settings: Settings, clock: Clock) -> Screening | None:

@@ -292,3 +292,11 @@ class SafetyInputTooLarge(Refusal):
 
     chars: int
     limit: int
+
+
+@dataclass(eq=False)
+class AuditUnavailable(Refusal):
+    """The consumer's policy says `audit: required`, and the audit trail cannot take records now."""
+
+    retry_after_s: int
+    policy: str = ""

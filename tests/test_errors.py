@@ -8,6 +8,7 @@ import pytest
 from shared.edge.errors import CONTENT_FILTER_MESSAGE, GatewayError, render, throttle_reason
 from shared.outcomes import (
     AttemptFailure,
+    AuditUnavailable,
     AuthStoreUnavailable,
     AuthThrottled,
     BackendAuthFailed,
@@ -135,7 +136,7 @@ def test_every_refusal_kind_has_a_rendering() -> None:
         MalformedAnswer(), ResponseNotFound("resp_1", True), ItemNotFound("msg_1"), TooLargeForBackends(9, "d"), ResponseStateUnavailable(), ResponseReadsThrottled(1), BodiesBusy(1),
         ResponseBackendUnavailable("resp_1", "uksouth", "uksouth-ptu", "its circuit breaker is open", 8),
         ContentFiltered(("jailbreak",), {"jailbreak": {"filtered": True, "detected": True}}),
-        SafetyUnavailable("content_safety", 10), SafetyInputTooLarge(300_000, 200_000),
+        SafetyUnavailable("content_safety", 10), SafetyInputTooLarge(300_000, 200_000), AuditUnavailable(5),
     }
     assert {type(s) for s in samples} == kinds  # a new refusal gets a sample here, and so a rendering
     for sample in samples:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import orjson
 
 from shared.outcomes import (
+    AuditUnavailable,
     AuthStoreUnavailable,
     AuthThrottled,
     BackendAuthFailed,
@@ -320,6 +321,12 @@ def render(refusal: Refusal) -> GatewayError:
             return GatewayError(
                 503, "The content safety service this key's policy requires cannot be reached; the request was not "
                 "sent to a model. Retry after the time given.", type="server_error", code="safety_unavailable",
+                headers={"retry-after": str(seconds), "retry-after-ms": str(seconds * 1000)},
+            )
+        case AuditUnavailable(retry_after_s=seconds):
+            return GatewayError(
+                503, "The audit trail this key's policy requires cannot take records now; the request was not sent "
+                "to a model. Retry after the time given.", type="server_error", code="audit_unavailable",
                 headers={"retry-after": str(seconds), "retry-after-ms": str(seconds * 1000)},
             )
         case SafetyInputTooLarge(chars=chars, limit=limit):

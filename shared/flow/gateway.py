@@ -25,6 +25,7 @@ from shared.edge.errors import render, throttle_reason
 from shared.edge.messages import GatewayRequest, GatewayResponse
 from shared.flow import bodies, offload
 from shared.flow.admission import Admission
+from shared.flow.audit import Auditing
 from shared.flow.bodies import BodyBudget, Held
 from shared.flow.books import Books
 from shared.flow.cache import ResponseCache, hit_user_id
@@ -64,7 +65,9 @@ class Gateway:
         self.cache = ResponseCache(services.cache, services.clock, self.books,
                                    seed_deterministic=services.settings.cache_seed)
         self.holds = BackgroundHolds(services, self.pinning, self.books)
-        self.relay = Relay(services.clock, self.books, self.pinning, services.settings, self.holds, self.cache)
+        self.auditing = Auditing(services.audit, services.clock)
+        self.relay = Relay(services.clock, self.books, self.pinning, services.settings, self.holds, self.cache,
+                           self.auditing)
         # Imported here: the follow-up flow is built on the exchange's services.
         from shared.flow.followups import FollowUps
 
@@ -117,6 +120,7 @@ class Gateway:
                 if screened is not None and screened.redactions:
                     # What the model gets from here on, whichever phase sends or translates the body.
                     request = replace(request, body=client_bytes(checked))
+                self.auditing.check(screened.policy if screened is not None else None)
             lookup = await self.cache.look_up(request, checked)
             if lookup is not None and lookup.answer is not None:
                 user_id = hit_user_id(request, checked, caller.user_id, caller.person, self.s.settings.user_id_header)

@@ -19,6 +19,7 @@ from shared.config import Backend, Settings
 from shared.edge.errors import error_body, render
 from shared.edge.messages import GatewayResponse
 from shared.flow import offload, responses, tokens
+from shared.flow.audit import Auditing
 from shared.flow.backend_api import api_of
 from shared.flow.books import Books
 from shared.flow.cache import ResponseCache, cache_headers
@@ -37,9 +38,10 @@ SSE = "text/event-stream"
 class Relay:
     def __init__(
         self, clock: Clock, books: Books, pinning: Pinning, settings: Settings, holds: BackgroundHolds,
-        cache: ResponseCache | None = None,
+        cache: ResponseCache | None = None, audit: Auditing | None = None,
     ) -> None:
         self._cache = cache
+        self._audit = audit
         self._clock = clock
         self._books = books
         self._pinning = pinning
@@ -93,6 +95,12 @@ class Relay:
         headers.update(exchange.ticket.headers)
         if status == 200 and self._cache is not None:
             self._cache.keep(exchange, raw, usage, model)
+        if self._audit is not None and self._audit.wanted(exchange):
+            try:
+                parsed = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                parsed = None
+            self._audit.whole(exchange, status, parsed, model)
         return GatewayResponse(status, headers, raw)
 
     def _stream(self, exchange: Exchange, chosen: Chosen) -> GatewayResponse:
@@ -113,6 +121,7 @@ class Relay:
             )
         )
         assembler = self._cache.assembler(exchange) if self._cache is not None else None
+        collector = self._audit.collector(exchange) if self._audit is not None else None
         first_at: float | None = None
         clean = False
         abandoned = False
@@ -125,6 +134,8 @@ class Relay:
                     await exchange.counted_prompt()  # the usage chunk the gateway is about to write needs it
                 if assembler is not None:
                     assembler.feed(chunk)
+                if collector is not None:
+                    collector.feed(chunk)
                 out = relay.feed(chunk)
                 if next_settle is not None and self._clock.monotonic() >= next_settle:
                     delivered = relay.delivered_completion_tokens(encoding)
@@ -195,6 +206,9 @@ class Relay:
                 self._books.settle(exchange, Served(chosen.backend, 200, usage, relay.model, chosen.attempts, ttft))
                 if clean and assembler is not None and self._cache is not None and (whole := assembler.answer()):
                     self._cache.keep(exchange, whole, relay.usage, relay.model)
+            if collector is not None and self._audit is not None:
+                ended = "complete" if relay.done else "abandoned" if abandoned else "broken"
+                self._audit.streamed(exchange, collector, relay.model, ended)
             if cancelled is not None:
                 raise cancelled
 

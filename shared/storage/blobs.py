@@ -26,6 +26,10 @@ def container_name(table_prefix: str) -> str:
     return f"{table_prefix.lower()}-cache"
 
 
+def audit_container_name(table_prefix: str) -> str:
+    return f"{table_prefix.lower()}-audit"
+
+
 def names_blob_service(connection_string: str) -> bool:
     """Whether a connection string reaches the account's Blob service: a development-storage shortcut, one that names a
     Blob endpoint, or one that names no endpoint at all (the account's are derived). One naming only a Table endpoint
@@ -55,10 +59,10 @@ class BlobAnswerStore:
         return self._client
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> BlobAnswerStore | None:
+    def from_settings(cls, settings: Settings, container: str | None = None) -> BlobAnswerStore | None:
         """None where the settings reach no Blob service (the cache then keeps its entries in memory only)."""
         options: dict[str, Any] = {"retry_total": 0, "connection_timeout": settings.store_timeout_s}
-        container = container_name(settings.table_prefix)
+        container = container or container_name(settings.table_prefix)
         connection = settings.table_connection_string
         if connection:
             if not names_blob_service(connection):
@@ -127,3 +131,38 @@ class BlobAnswerStore:
             await self._client.close()
         if self._service is not None:
             await self._service.close()
+
+
+# An append blob takes at most 50,000 blocks of at most 4 MiB each; a block per flush keeps well inside both.
+MAX_BLOCK_BYTES = 4 * 1024 * 1024
+
+
+class BlobAuditStore(BlobAnswerStore):
+    """The audit trail: append blobs in their own container of the same account, by the same connection or identity."""
+
+    @classmethod
+    def for_audit(cls, settings: Settings) -> BlobAuditStore | None:
+        store = cls.from_settings(settings, audit_container_name(settings.table_prefix))
+        return store if isinstance(store, BlobAuditStore) else None
+
+    async def append(self, name: str, data: bytes) -> None:
+        await self._ensure()
+        blob = self._container.get_blob_client(name)
+        timeout = self.timeout_s * WRITE_TIMEOUT_FACTOR
+        self.writes += 1
+        try:
+            for start in range(0, len(data), MAX_BLOCK_BYTES):
+                block = data[start:start + MAX_BLOCK_BYTES]
+                try:
+                    await asyncio.wait_for(blob.append_block(block), timeout)
+                except ResourceNotFoundError:
+                    try:
+                        await asyncio.wait_for(blob.create_append_blob(), timeout)
+                    except ResourceExistsError:
+                        pass  # another writer made it meanwhile
+                    await asyncio.wait_for(blob.append_block(block), timeout)
+        except ResourceNotFoundError:
+            self._ready = False
+            raise StoreUnavailable("audit append: container not found") from None
+        except (TimeoutError, AzureError, OSError) as exc:
+            raise StoreUnavailable(f"audit append: {type(exc).__name__}") from None

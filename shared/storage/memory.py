@@ -278,3 +278,17 @@ class MemoryAnswerStore(_Switch):
         self._check()
         self.writes += 1
         self.entries[key] = data
+
+
+class MemoryAuditStore(_Switch):
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytearray] = {}
+        self.appends = 0
+
+    async def append(self, name: str, data: bytes) -> None:
+        self._check()
+        self.appends += 1
+        self.blobs.setdefault(name, bytearray()).extend(data)
+
+    def lines(self) -> list[bytes]:
+        return [line for blob in self.blobs.values() for line in bytes(blob).splitlines()]

@@ -146,3 +146,12 @@ class AnswerStore(Protocol):
     async def put(self, key: str, data: bytes) -> None:
         """Store (or replace) an entry."""
         ...
+
+
+class AuditStore(Protocol):
+    """Where the audit trail goes (docs/safety.md): JSON Lines appended to one blob per consumer, hour and instance.
+    Retention is the storage account's lifecycle rule."""
+
+    async def append(self, name: str, data: bytes) -> None:
+        """Append whole lines to the blob `name` (created when absent). StoreUnavailable when it could not."""
+        ...

@@ -37,8 +37,10 @@ from shared.limits.budget import BudgetBook, BudgetedLimiter, MemoryBudgetStore,
 from shared.limits.ledger import Ledger
 from shared.limits.limiter import TokenLimiter
 from shared.routing.router import Router
+from shared.safety.audit import AuditTrail
 from shared.storage.memory import (
     MemoryAnswerStore,
+    MemoryAuditStore,
     MemoryBreakerStore,
     MemoryConsumerStore,
     MemoryLedgerStore,
@@ -130,6 +132,11 @@ class GatewayHarness:
             from shared.app import _screening
 
             self.services.safety = _screening(settings, self.clock)
+        self.audit_store = MemoryAuditStore()
+        if any(p.audited for p in settings.safety.policies.values()):
+            self.services.audit = AuditTrail(
+                self.audit_store, self.clock, "harness", memory_bytes=settings.safety.audit_memory_bytes,
+                flush_s=settings.safety.audit_flush_s, lost=self.telemetry.audit_lost, background=False)
         self.edge = Edge(settings, self.services)
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.asgi), base_url=BASE_URL, timeout=10)
 
