@@ -137,6 +137,25 @@ def test_data_sources_reach_a_backend_only_for_consumers_allowed_them(e2e: Stack
     assert sum("search.example" in r for r in sent) == 1
 
 
+@pytest.mark.parametrize(("tool", "capability"), [
+    ({"type": "mcp", "server_label": "x", "server_url": "https://mcp.evil.example/sse"}, "mcp"),
+    ({"type": "Web_Search_Preview"}, "web_search"),
+    ({"type": "file_search", "vector_store_ids": ["vs_evil_example"]}, "file_search"),
+])
+def test_built_in_tools_reach_a_backend_only_for_consumers_allowed_them(
+    e2e: Stack, tool: dict[str, object], capability: str
+) -> None:
+    plain = e2e.create_consumer(unique("plain"))
+    granted = e2e.create_consumer(unique("tools"), capabilities=[capability])
+    body = {"model": "gpt-4o", "input": "hi", "max_output_tokens": 5, "tools": [tool]}
+    refused = httpx.post(f"{e2e.url}/v1/responses", json=body, headers={"api-key": plain}, timeout=30)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "capability_not_allowed"
+    allowed = httpx.post(f"{e2e.url}/v1/responses", json=body, headers={"api-key": granted}, timeout=30)
+    assert allowed.status_code == 200
+    sent = [r["body"] for sim in e2e.simulators for r in sim.requests(50) if isinstance(r.get("body"), dict)]
+    assert sum(tool in (b.get("tools") or []) for b in sent) == 1  # the granted consumer's only
+
+
 def test_a_backend_over_plain_http_with_a_key_stops_the_start_up(e2e: Stack, log_dir: Path) -> None:
     backends = json.loads(stack.backends_setting([e2e.simulators[0].region]))
     del backends[0]["allow_insecure_http"]
