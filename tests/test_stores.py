@@ -224,11 +224,11 @@ async def test_concurrent_admin_writes_never_undo_each_other(stores: Stores, oth
     out = io.StringIO()
     second = Admin(_BothReadFirst(store), out, err=io.StringIO(), json_mode=True)
     second.store = admin.store  # one race: both commands share the barrier
-    commands = {
-        "disable": second.set_enabled("gamma", False),
-        "rotate": second.rotate(parser().parse_args(["consumers", "rotate", "gamma"])),
+    commands = {  # made only when chosen: an unused coroutine would never be awaited
+        "disable": lambda: second.set_enabled("gamma", False),
+        "rotate": lambda: second.rotate(parser().parse_args(["consumers", "rotate", "gamma"])),
     }
-    await asyncio.gather(admin.update(parser().parse_args(["consumers", "set", "gamma", "--tpm", "5"])), commands[other])
+    await asyncio.gather(admin.update(parser().parse_args(["consumers", "set", "gamma", "--tpm", "5"])), commands[other]())
     stored = await store.get("gamma")
     assert stored is not None and stored.limits.tokens_per_minute == 5  # the set
     if other == "disable":
