@@ -1,0 +1,268 @@
+"""A simulated Azure Table Storage account for the scale bench (bench/scale.py), on a simulated clock.
+
+The stores here satisfy the same protocols as shared/storage/memory.py (whose twins hold the rows and apply the
+contract: ETag conditions, 409 on create, a newer breaker transition kept) and add what a real account does at scale:
+
+- each operation takes a latency drawn from a log-normal distribution, and takes effect half-way through it (when the
+  service processes it), so the read-modify-write cycles of concurrent instances interleave as they do over a network
+  and a conditional write loses (412 -> Conflict) exactly when another landed between its read and its write;
+- a partition serves about `partition_rate` entities a second and the account about `account_rate` requests a second
+  (token buckets holding one second of each); an operation past either is answered `503 ServerBusy`, which the
+  gateway sees as StoreUnavailable (shared/storage/tables.py maps every service error so, with no SDK retry);
+- latency grows as a partition or the account nears its target (queueing: x 1 / (1 - utilisation), capped).
+
+Time is the event loop's: `VirtualLoop` is an asyncio loop whose clock jumps to the next timer instead of sleeping,
+so `asyncio.sleep` in the stores, the limiter's ticker and the routers' sync loops all run on simulated time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import selectors
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from shared.storage.memory import MemoryBreakerStore, MemoryCapacityStore, MemoryConsumerStore, MemoryLedgerStore
+from shared.storage.protocols import Conflict, StoreUnavailable
+
+if TYPE_CHECKING:
+    from shared.edge.consumers import Consumer, Team
+    from shared.limits.ledger import Ledger
+    from shared.routing.capacity import CapacityReport
+    from shared.routing.router import BreakerRecord
+
+T = TypeVar("T")
+T0 = 1_700_000_000.0  # the simulated wall clock's start
+
+# Azure's documented scalability targets for Table Storage (standard storage account): see docs/scale.md.
+PARTITION_ENTITIES_PER_S = 2_000.0
+ACCOUNT_REQUESTS_PER_S = 20_000.0
+
+
+class _VirtualSelector(selectors.BaseSelector):
+    """A real selector for the loop's own wake-up pipe, polled without waiting; a wait is a jump of simulated time."""
+
+    def __init__(self) -> None:
+        self._real = selectors.DefaultSelector()
+        self.loop: VirtualLoop | None = None
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._real.register(fileobj, events, data)
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        return self._real.unregister(fileobj)
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._real.modify(fileobj, events, data)
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = self._real.select(0)
+        if not ready and timeout is not None and timeout > 0 and self.loop is not None:
+            self.loop.virtual += timeout
+        return ready
+
+    def close(self) -> None:
+        self._real.close()
+
+    def get_map(self) -> Any:
+        return self._real.get_map()
+
+
+class VirtualLoop(asyncio.SelectorEventLoop):
+    """An event loop on simulated time: nothing ever sleeps, the clock jumps to the next scheduled callback."""
+
+    def __init__(self) -> None:
+        selector = _VirtualSelector()
+        self.virtual = 0.0
+        super().__init__(selector)
+        selector.loop = self
+
+    def time(self) -> float:
+        return self.virtual
+
+
+class SimClock:
+    """The gateway's Clock (shared/clock.py) read from the virtual loop."""
+
+    def __init__(self, loop: VirtualLoop) -> None:
+        self._loop = loop
+
+    def now(self) -> float:
+        return T0 + self._loop.virtual
+
+    def monotonic(self) -> float:
+        return 1000.0 + self._loop.virtual
+
+
+@dataclass
+class _Bucket:
+    rate: float
+    tokens: float
+    at: float = 0.0
+
+    def take(self, n: float, now: float) -> bool:
+        self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens <= 0:  # a large query may take the bucket below zero: what follows waits for it to refill
+            return False
+        self.tokens -= n
+        return True
+
+    def utilisation(self) -> float:
+        return 1.0 - max(0.0, self.tokens) / self.rate
+
+
+@dataclass
+class Counts:
+    """What the account served, by second and partition."""
+
+    ops: int = 0
+    entities: int = 0
+    busy: int = 0  # 503 ServerBusy answers
+    conflicts: int = 0  # 412/409 answers
+    per_second: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    per_partition_second: dict[tuple[str, int], int] = field(default_factory=lambda: defaultdict(int))
+    by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def peak_account_per_s(self, start: int = 0) -> int:
+        return max((n for s, n in self.per_second.items() if s >= start), default=0)
+
+    def peak_partition_per_s(self, start: int = 0) -> tuple[str, int]:
+        best = ("", 0)
+        for (p, s), n in self.per_partition_second.items():
+            if s >= start and n > best[1]:
+                best = (p, n)
+        return best
+
+    def partition_group_peak(self, prefix: str, start: int = 0) -> int:
+        return max((n for (p, s), n in self.per_partition_second.items() if s >= start and p.startswith(prefix)),
+                   default=0)
+
+
+class SimAccount:
+    """One storage account: latency, throttling and counts for every operation of every store on it."""
+
+    def __init__(self, seed: int = 1, *, median_ms: float = 6.0, sigma: float = 0.5, timeout_s: float = 1.0,
+                 partition_rate: float = PARTITION_ENTITIES_PER_S, account_rate: float = ACCOUNT_REQUESTS_PER_S) -> None:
+        self._rng = random.Random(seed)
+        self._mu = math.log(median_ms / 1000)
+        self._sigma = sigma
+        self.timeout_s = timeout_s
+        self.partition_rate = partition_rate
+        self.account = _Bucket(account_rate, account_rate)
+        self._partitions: dict[str, _Bucket] = {}
+        self.counts = Counts()
+        self.keep_latencies = False
+
+    def _latency(self, partition: _Bucket) -> float:
+        base = self._rng.lognormvariate(self._mu, self._sigma)
+        load = max(partition.utilisation(), self.account.utilisation())
+        return base * min(10.0, 1.0 / max(0.1, 1.0 - load))  # queueing near the target, bounded
+
+    async def op(self, kind: str, partition: str, apply: Callable[[], Awaitable[T]], entities: int = 1) -> T:
+        """Run `apply` (the twin's operation) as the service would: after half the latency, unless throttled."""
+        loop = asyncio.get_running_loop()
+        bucket = self._partitions.get(partition)
+        if bucket is None:
+            bucket = self._partitions[partition] = _Bucket(self.partition_rate, self.partition_rate, loop.time())
+        latency = self._latency(bucket)
+        if latency >= self.timeout_s:  # the gateway's store timeout (GATEWAY_STORE_TIMEOUT_S) ends the call first
+            await asyncio.sleep(self.timeout_s)
+            raise StoreUnavailable("timeout")
+        await asyncio.sleep(latency / 2)
+        now = loop.time()
+        second = int(now)
+        c = self.counts
+        c.ops += 1
+        c.by_kind[kind] += 1
+        c.per_second[second] += max(1, math.ceil(entities / 1000))
+        c.per_partition_second[(partition, second)] += max(1, entities)
+        if self.keep_latencies:
+            c.latencies_ms.append(latency * 1000)
+        pages = max(1, math.ceil(entities / 1000))  # a query answers 1,000 entities a page, a request each
+        if not self.account.take(pages, now) or not bucket.take(max(1, entities), now):
+            c.busy += 1
+            await asyncio.sleep(latency / 2)
+            raise StoreUnavailable("503 ServerBusy")
+        c.entities += max(1, entities)
+        try:
+            result = await apply()
+        except Conflict:
+            c.conflicts += 1
+            await asyncio.sleep(latency / 2)
+            raise
+        await asyncio.sleep(latency / 2)
+        return result
+
+
+class SimLedgerStore:
+    """LedgerStore: one entity per ledger, partition = the ledger's key (as tables.py)."""
+
+    def __init__(self, account: SimAccount) -> None:
+        self._a = account
+        self.twin = MemoryLedgerStore()
+
+    async def read(self, consumer_id: str) -> tuple[Ledger, str | None]:
+        return await self._a.op("ledger.read", f"ledger/{consumer_id}", lambda: self.twin.read(consumer_id))
+
+    async def write(self, consumer_id: str, ledger: Ledger, etag: str | None) -> str:
+        return await self._a.op("ledger.write", f"ledger/{consumer_id}",
+                                lambda: self.twin.write(consumer_id, ledger, etag))
+
+
+class SimBreakerStore:
+    """BreakerStore: one partition, one row per backend and deployment; a save is a read and a conditional write."""
+
+    def __init__(self, account: SimAccount) -> None:
+        self._a = account
+        self.twin = MemoryBreakerStore()
+
+    async def load(self) -> list[BreakerRecord]:
+        return await self._a.op("breakers.load", "breakers", self.twin.load, entities=len(self.twin.records))
+
+    async def save(self, record: BreakerRecord) -> None:
+        async def nothing() -> None:
+            return None
+
+        await self._a.op("breakers.read", "breakers", nothing)
+        await self._a.op("breakers.write", "breakers", lambda: self.twin.save(record))
+
+
+class SimCapacityStore:
+    """CapacityStore: one partition, one row per instance, backend and deployment (as tables.py)."""
+
+    def __init__(self, account: SimAccount) -> None:
+        self._a = account
+        self.twin = MemoryCapacityStore()
+
+    async def publish(self, report: CapacityReport) -> None:
+        await self._a.op("capacity.publish", "capacity", lambda: self.twin.publish(report))
+
+    async def load(self) -> list[CapacityReport]:
+        return await self._a.op("capacity.load", "capacity", self.twin.load, entities=len(self.twin.reports))
+
+
+class SimConsumerStore:
+    """The part of ConsumerStore a running gateway reads: the change marker (a point read) and the full listing."""
+
+    def __init__(self, account: SimAccount) -> None:
+        self._a = account
+        self.twin = MemoryConsumerStore()
+
+    async def change_marker(self) -> str | None:
+        return await self._a.op("consumers.marker", "marker", self.twin.change_marker)
+
+    async def list_all(self) -> tuple[list[Consumer], list[Team]]:
+        rows = len(self.twin.consumers) + len(self.twin.teams)
+        return await self._a.op("consumers.list", "consumer", self.twin.list_all, entities=rows)
+
+    async def find_by_key_hash(self, key_hash: str) -> Consumer | None:
+        return await self._a.op("consumers.lookup", "keyhash", lambda: self.twin.find_by_key_hash(key_hash))
+
+    def __getattr__(self, name: str) -> Any:  # the admin's operations: not part of the load, served by the twin
+        return getattr(self.twin, name)
