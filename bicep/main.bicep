@@ -74,6 +74,9 @@ type backendRegion = {
   @description('PTU backends: tokens of the reported remaining capacity kept for high-priority consumers.')
   reserveTokens: int?
 
+  @description('PTU backends: the capacity of each deployment, { name: tokens a minute } by deployment name (GATEWAY_BACKENDS[].ptu_tokens_per_minute, docs/ptu.md): paced to from the first call instead of learnt from the first 429s.')
+  ptuTokensPerMinute: object?
+
   @description('Set to use an existing account instead of creating one.')
   existingAccount: existingAccountRef?
 
@@ -265,6 +268,7 @@ var backends = [for (region, i) in regions: {
   api: 'azure'
   auth: 'identity'
   reserve_tokens: region.?reserveTokens ?? 0
+  ptu_tokens_per_minute: region.?ptuTokensPerMinute ?? {}
   breaker: region.?breaker ?? {}
 }]
 

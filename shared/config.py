@@ -378,7 +378,8 @@ def _per_deployment(f: _Fields, name: str, deployments: Mapping[str, str]) -> di
 
 def _stated_capacity(f: _Fields, ptu: bool, deployments: Mapping[str, str]) -> dict[str, int]:
     """ptu_tokens_per_minute, or ptu_units x ptu_tokens_per_unit: only on a PTU backend, one form or the other."""
-    named = [n for n in ("ptu_tokens_per_minute", "ptu_units", "ptu_tokens_per_unit") if n in f.raw]
+    # An empty object states nothing (what a template writes for a backend it was given no figures for).
+    named = [n for n in ("ptu_tokens_per_minute", "ptu_units", "ptu_tokens_per_unit") if f.raw.get(n, {}) != {}]
     if not named:
         return {}
     if not ptu:

@@ -237,3 +237,8 @@ def test_the_output_cap_is_on_off_or_for_reasoning_models(value: str | None, mod
 def test_an_unknown_output_cap_mode_is_refused() -> None:
     with pytest.raises(ConfigError, match="GATEWAY_OUTPUT_CAP: expected on, off or reasoning"):
         load_settings({**env(BACKEND), "GATEWAY_OUTPUT_CAP": "sometimes"})
+
+
+def test_an_empty_stated_capacity_states_nothing_even_on_a_pay_as_you_go_backend() -> None:
+    (backend,) = load_settings(env({**BACKEND, "ptu_tokens_per_minute": {}})).backends
+    assert dict(backend.ptu_tokens_per_minute) == {}
