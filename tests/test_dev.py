@@ -27,3 +27,18 @@ def test_an_admin_key_is_made_for_the_run_unless_one_is_configured() -> None:
     assert dev.admin_key({}) != key  # a new one each run
     configured = {"GATEWAY_ADMIN_KEY_SHA256": "a" * 64}
     assert dev.admin_key(configured) is None and configured["GATEWAY_ADMIN_KEY_SHA256"] == "a" * 64
+
+
+def test_the_simulators_start_for_settings_that_name_their_addresses_even_from_an_older_example() -> None:
+    import json
+
+    from tools import stack
+
+    current = stack.backends_setting(stack.EMBEDDED_REGIONS)
+    older = json.dumps([{**b, "deployments": ["gpt-4o", "text-embedding-3-small"]} for b in json.loads(current)])
+    assert dev._uses_embedded_backends({"GATEWAY_BACKENDS": current})
+    assert dev._uses_embedded_backends({"GATEWAY_BACKENDS": older})
+    real = json.dumps([{"id": "uk", "endpoint": "https://uk.openai.azure.com", "region": "uksouth", "deployments": ["x"]}])
+    assert not dev._uses_embedded_backends({"GATEWAY_BACKENDS": real})
+    assert not dev._uses_embedded_backends({"GATEWAY_BACKENDS": "not json"})
+    assert not dev._uses_embedded_backends({})
