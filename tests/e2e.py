@@ -95,6 +95,7 @@ class Stack:
         team: str | None = None,
         users: UserLimits | None = None,
         cache: CachePolicy | None = None,
+        safety: str | None = None,
     ) -> str:
         key = new_key()
         consumer = Consumer(
@@ -110,6 +111,7 @@ class Stack:
             team=team,
             users=users or UserLimits(),
             cache=cache or CachePolicy(),
+            safety=safety,
         )
 
         async def put(tables: Tables) -> None:

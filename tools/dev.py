@@ -52,7 +52,8 @@ def _uses_embedded_backends(env: dict[str, str]) -> bool:
             and all(isinstance(b, dict) and b.get("endpoint") in embedded for b in configured))
 
 
-async def _demo_consumer(env: dict[str, str]) -> tuple[str, str] | None:
+async def _demo_consumer(env: dict[str, str], consumer_id: str = "demo", safety: str | None = None
+                         ) -> tuple[str, str] | None:
     from shared.edge.consumers import Consumer, Limits, hash_key, key_prefix, new_key
     from shared.storage.tables import Conflict, TableConsumerStore, Tables
 
@@ -61,8 +62,8 @@ async def _demo_consumer(env: dict[str, str]) -> tuple[str, str] | None:
     try:
         key = new_key()
         consumer = Consumer(
-            id="demo", name="Demo consumer", key_hash=hash_key(key), key_prefix=key_prefix(key),
-            limits=Limits(tokens_per_minute=100_000),
+            id=consumer_id, name="Demo consumer" + (" with a safety policy" if safety else ""), key_hash=hash_key(key),
+            key_prefix=key_prefix(key), limits=Limits(tokens_per_minute=100_000), safety=safety,
         )
         try:
             await TableConsumerStore(tables).create(consumer)
@@ -71,6 +72,11 @@ async def _demo_consumer(env: dict[str, str]) -> tuple[str, str] | None:
         return consumer.id, key
     finally:
         await tables.close()
+
+
+def _get_setting(env: dict[str, str], name: str) -> str:
+    value = env.get(name, "").strip()
+    return "" if value == "{}" else value
 
 
 def prepare_state(location: Path, fresh: bool) -> str:
@@ -131,7 +137,19 @@ def main(argv: list[str] | None = None) -> int:
                 if not _listening(region.port):
                     children.append(stack.start_simulator(region))
                 print(f"simulated region {region.region:<14} {'PTU, priority 1' if region.ptu else 'priority 2':<16} http://127.0.0.1:{region.port}")
+            if not _get_setting(env, "GATEWAY_SAFETY_POLICIES"):
+                # The Content Safety and Language stand-in with a demo policy, for the consumer demo-safe.
+                if not _listening(stack.SAFETY_PORT):
+                    children.append(stack.start_safety())
+                env.update(stack.safety_env())
+                print(f"content safety and PII stand-in  http://127.0.0.1:{stack.SAFETY_PORT} (policy 'demo', "
+                      "docs/safety.md)")
 
+        if env.get("GATEWAY_SAFETY_POLICIES") == stack.DEMO_SAFETY_POLICIES:
+            safe = asyncio.run(_demo_consumer(env, "demo-safe", "demo"))
+            if safe:
+                print(f"\ndemo consumer 'demo-safe' (policy 'demo': Prompt Shields, harm categories, PII masked, "
+                      f"audited), key (shown once):\n\n    {safe[1]}")
         created = asyncio.run(_demo_consumer(env))
         url = f"http://127.0.0.1:{args.port}"
         if created:

@@ -230,6 +230,38 @@ def start_simulator(region: Region, latency_ms: float = 50, token_latency_ms: fl
     return _spawn(f"sim-{region.id}", simulator_argv(region, latency_ms, token_latency_ms), region.port, None, log_dir or _logs(), 30)
 
 
+SAFETY_PORT = 18190  # scripts/run's Content Safety and Language stand-in
+SAFETY_KEY = "local-safety-key"  # the stand-in's key: not a secret (loopback only)
+# scripts/run's demo policy: Prompt Shields, Violence and Hate from medium, the stand-in's demo blocklist, e-mail
+# addresses and phone numbers masked, closed when the service is down, an audit trail in Azurite's Blob service.
+DEMO_SAFETY_POLICIES = json.dumps({"demo": {
+    "categories": {"Violence": 4, "Hate": 4}, "blocklists": ["demo-terms"],
+    "pii": {"mode": "redact", "categories": ["Email", "PhoneNumber"]}, "on_unavailable": "closed", "audit": "on"}})
+
+
+def safety_env(port: int = SAFETY_PORT, policies: str = DEMO_SAFETY_POLICIES) -> dict[str, str]:
+    url = f"http://{LOOPBACK}:{port}"
+    return {"GATEWAY_SAFETY_POLICIES": policies, "GATEWAY_CONTENT_SAFETY_ENDPOINT": url,
+            "GATEWAY_CONTENT_SAFETY_KEY": SAFETY_KEY, "GATEWAY_LANGUAGE_ENDPOINT": url, "GATEWAY_LANGUAGE_KEY": SAFETY_KEY}
+
+
+def start_safety(port: int = SAFETY_PORT, latency_ms: float = 0, log_dir: Path | None = None) -> Child:
+    """The Content Safety and Language stand-in (tools/simulator/safety.py)."""
+    argv = [PYTHON, "-m", "tools.simulator.safety", "--host", LOOPBACK, "--port", str(port), "--key", SAFETY_KEY,
+            "--latency-ms", str(latency_ms)]
+    return _spawn("safety", argv, port, None, log_dir or _logs(), 30)
+
+
+def safety_control(port: int, method: str, path: str, body: Any = None) -> Any:
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"http://{LOOPBACK}:{port}{path}", data=data, method=method,
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
 def start_tcpproxy(target_port: int, log_dir: Path | None = None, name: str = "tcpproxy") -> tuple[Child, int]:
     """A counting, slowable proxy in front of `target_port`; returns it and its control port."""
     listen, control = free_port(), free_port()
