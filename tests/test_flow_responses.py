@@ -3,6 +3,7 @@ stores and a fake clock. Pinned follow-ups, the state the gateway keeps, and bac
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -272,19 +273,90 @@ async def test_a_held_response_whose_cost_can_never_be_known_is_charged_its_hold
     assert len(harness.upstream.sent) == sent
 
 
-async def test_a_held_response_whose_backend_keeps_failing_is_let_go_when_its_hold_ends(harness: GatewayHarness) -> None:
+async def test_a_held_response_whose_backend_fails_past_its_hold_is_read_once_a_claim_and_settled_when_it_answers(
+    harness: GatewayHarness,
+) -> None:
+    """The holder answers 500 to every read until the hold has ended: each failed read leaves the response claimed for
+    CLAIM_S (so a sweep every 31 s reads it at most every other time), and once the backend answers, the sweep still
+    settles its whole usage, as debt, though its hold lapsed."""
     key = harness.consumer("patient", tpm=100_000)
-    await create_background(harness, key, "resp_down")
+    held = await create_background(harness, key, "resp_down")
     gateway = await harness.gateway()
     harness.clock.advance(500)
-    for _ in range(8):  # the holder answers 500 to every read, then its hold ends
-        harness.upstream.script("uksouth-ptu", error_reply(500))
+    before = len(harness.upstream.sent)
+    pending = 0
+    for _ in range(8):  # 500 s .. 717 s: past the hold's end at 600 s; one 500 always waiting for the next read
+        if pending == len(harness.upstream.sent) - before:
+            harness.upstream.script("uksouth-ptu", error_reply(500))
+            pending += 1
         await gateway.holds.sweep()
         harness.clock.advance(31)
-    reads = len(harness.upstream.sent)
+    assert len(harness.upstream.sent) - before == 4  # claimed for 60 s after each failure: every other sweep reads
+    assert harness.response_store.records["resp_down"].unsettled and gateway.holds.settled == 0
     harness.clock.advance(600)
+    await gateway.holds.sweep()  # the last 500 waiting, read long after the hold's end: still tried
+    assert len(harness.upstream.sent) - before == 5 == pending and gateway.holds.settled == 0
+    harness.clock.advance(61)
+    harness.upstream.script("uksouth-ptu", finished_reply("resp_down", 9, 40_000))
     await gateway.holds.sweep()
-    assert len(harness.upstream.sent) == reads and harness.response_store.records["resp_down"].unsettled
+    assert gateway.holds.settled == 1 and not harness.response_store.records["resp_down"].unsettled
+    assert await harness.charged("patient") >= 40_009 > held
+    assert harness.response_store.unsettled == {}
+
+
+async def test_a_background_response_is_settled_by_another_instance_when_its_creator_is_gone(
+    harness: GatewayHarness,
+) -> None:
+    """The instance that created a background response stops; the other instance's sweep finds it in the shared
+    table, moves its hold on while it runs and settles its full usage once, with one query per sweep."""
+    key = harness.consumer("orphan", tpm=2_000)
+    held = await create_background(harness, key, "resp_orphan")
+    await harness.close()  # the creating instance stops (its leases returned, its sweep cancelled)
+    other = GatewayHarness(beside=harness, instance_id="harness-2")
+    try:
+        gateway = await other.gateway()
+        harness.clock.advance(500)
+        harness.upstream.script("uksouth-ptu", json_reply(response_body("resp_orphan", status="in_progress",
+                                                                        background=True)))
+        queries = harness.response_store.queries
+        await gateway.holds.sweep()  # due and still running: the hold moves on, from this instance
+        assert gateway.holds.extended == 1 and await other.charged("orphan") == held
+        harness.clock.advance(400)
+        await gateway.holds.sweep()  # moved: not due again yet, nothing read
+        harness.clock.advance(200)
+        harness.upstream.script("uksouth-ptu", finished_reply("resp_orphan", 9, 89_991))
+        await gateway.holds.sweep()
+        assert harness.response_store.queries - queries == 3  # one query a sweep, whatever it finds
+        assert gateway.holds.settled == 1 and await other.charged("orphan") == 90_000
+        sent = len(harness.upstream.sent)
+        harness.clock.advance(3_600)
+        await gateway.holds.sweep()  # settled: nothing left to read
+        assert len(harness.upstream.sent) == sent and harness.response_store.unsettled == {}
+        assert await other.charged("orphan") == 90_000
+    finally:
+        await other.close()
+
+
+@pytest.mark.parametrize("responses", [1, 40])
+async def test_two_instances_sweeping_at_once_settle_each_response_once(harness: GatewayHarness, responses: int) -> None:
+    keys = {n: harness.consumer(f"c{n}", tpm=1_000_000) for n in range(responses)}
+    for n, key in keys.items():
+        await create_background(harness, key, f"resp_both{n}")
+    other = GatewayHarness(beside=harness, instance_id="harness-2")
+    try:
+        first, second = await harness.gateway(), await other.gateway()
+        harness.clock.advance(500)
+        for n in range(responses):  # enough finished answers for both instances to read every response
+            harness.upstream.script("uksouth-ptu", finished_reply(f"resp_both{n}", 9, 1_000))
+            harness.upstream.script("uksouth-ptu", finished_reply(f"resp_both{n}", 9, 1_000))
+        await asyncio.gather(first.holds.sweep(), second.holds.sweep(), first.holds.sweep(), second.holds.sweep())
+        assert first.holds.settled + second.holds.settled == responses
+        for n in range(responses):
+            assert await harness.charged(f"c{n}") == 1_009  # not 2,018: once
+        assert await other.charged("c0") == 1_009
+        assert harness.response_store.unsettled == {}
+    finally:
+        await other.close()
 
 
 async def test_a_background_stream_charged_as_it_went_is_not_charged_twice_when_settled(harness: GatewayHarness) -> None:

@@ -113,3 +113,45 @@ async def test_a_hold_moves_only_while_unsettled_and_only_from_where_the_mover_s
     assert await store.settle("resp_held")
     assert not await store.rehold("resp_held", 9_000, moved.held_until_ms)  # settled: a hold no longer moves
     assert not await store.rehold("resp_missing", 9_000, 0)
+
+
+@pytest.mark.asyncio
+async def test_unsettled_records_are_listed_for_any_sweeper_claimed_once_and_dropped_when_settled(
+    store: ResponseStore,
+) -> None:
+    """The sweep's partition: an unsettled record with a hold is listed from its put; one query finds those due; a
+    listed record is claimed by exactly one of the sweepers asking at once; a moved hold moves its row; settling,
+    or unindexing, drops it. Records without a hold, settled ones and item rows are never listed."""
+    await store.put(record("resp_soon", unsettled=True, charged=50, held_until_ms=1_000_000))
+    await store.put(record("resp_late", unsettled=True, charged=50, held_until_ms=9_000_000))
+    await store.put(record("resp_done", charged=50, held_until_ms=1_000_000))
+    await store.put(record("resp_old", unsettled=True, charged=50))  # a record from before holds were kept
+    await store.put(record("item:msg_1"))
+    # Eight sweepers at once: the due one goes to exactly one of them.
+    lists = await asyncio.gather(*(store.due(1_000_000, 500_000, 560_000, 100) for _ in range(8)))
+    assert sorted(x for found in lists for x in found) == [("resp_soon", "team-a")]
+    assert await store.due(1_000_000, 559_999, 620_000, 100) == []  # claimed: not offered again yet
+    assert await store.due(1_000_000, 560_000, 620_000, 100) == [("resp_soon", "team-a")]  # the claim lapsed
+    # A moved hold moves its row (and clears the claim).
+    assert await store.rehold("resp_soon", 2_000_000, 1_000_000)
+    assert await store.due(1_999_999, 700_000, 760_000, 100) == []
+    assert await store.due(2_000_000, 700_000, 760_000, 100) == [("resp_soon", "team-a")]
+    assert sorted(await store.due(9_000_000, 800_000, 860_000, 100)) == [("resp_late", "team-a"), ("resp_soon", "team-a")]
+    # Settled: gone from the partition (the record stays, settled).
+    assert await store.settle("resp_soon")
+    assert await store.due(9_999_999, 900_000, 960_000, 100) == [("resp_late", "team-a")]
+    await store.unindex("resp_late")
+    await store.unindex("resp_late")  # twice is fine
+    assert await store.due(9_999_999, 999_999_999, 999_999_999, 100) == []
+    late = await store.get("resp_late", NOW)
+    assert late is not None and late.unsettled  # unindexing touches only the partition
+
+
+@pytest.mark.asyncio
+async def test_one_query_lists_at_most_its_limit(store: ResponseStore) -> None:
+    await asyncio.gather(*(store.put(record(f"resp_{i:03d}", unsettled=True, charged=1, held_until_ms=1_000 + i))
+                           for i in range(30)))
+    first = await store.due(10_000, 0, 60_000, 12)
+    assert len(first) == 12
+    second = await store.due(10_000, 0, 60_000, 100)  # the rest, not the claimed ones
+    assert len(second) == 18 and not set(first) & set(second)

@@ -74,6 +74,7 @@ class Gateway:
         self._follow_ups = FollowUps(services, self.pinning, self.books, self.holds)
 
     async def handle(self, request: GatewayRequest) -> GatewayResponse:
+        self.holds.start()  # every instance sweeps every instance's background responses (shared/flow/holds.py)
         held = Held(self.bodies)
         try:
             response = await self._handle(request, held)

@@ -3,8 +3,11 @@
 A `background` create is answered `queued`, without usage, and generates on at the backend for as long as it takes.
 Its reservation (the prompt and the output cap, which admission writes into the body) is therefore held in the
 consumer's window (limits.contract.Held) until HOLD_S from now, and the response's record says where. Whatever first
-sees the finished response settles it: a GET (plain or `?stream=true`), a cancel, or this module's sweep, which reads
-each response it holds shortly before its hold ends and either settles it or, still running, moves the hold on. A
+sees the finished response settles it: a GET (plain or `?stream=true`), a cancel, or the sweep. Every instance sweeps,
+not only the one that created the response: each SWEEP_EVERY_S it reads, in one query of the responses table's
+`sweep:` partition, the unsettled responses (of any instance) whose hold ends within SWEEP_AHEAD_S, each claimed for it
+alone by a conditional write (CLAIM_S), and reads each at its backend: settles it, or, still running, moves its hold
+on. A hold that ended unswept (every instance was down) is settled all the same when the sweep next finds it. A
 settlement gives the hold back and charges the backend's usage, whoever asks and whether or not the consumer is over
 its limit; the record's conditional write makes it happen once across instances.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -26,7 +29,7 @@ from shared.flow.translate import request_headers
 from shared.flow.upstream import UpstreamBroken, UpstreamError
 from shared.flow.usage import TokenUsage, usage_from_object
 from shared.limits.contract import Held
-from shared.outcomes import Refusal
+from shared.outcomes import Refusal, ResponseNotFound
 from shared.routing.pinning import Holder, Pinning, StoredResponse
 from shared.telemetry.events import RequestRecord
 
@@ -38,7 +41,9 @@ log = logging.getLogger(__name__)
 
 HOLD_S = 600.0  # a hold lasts this long from its last move
 SWEEP_AHEAD_S = 120.0  # a held response is read this long before its hold ends
-SWEEP_EVERY_S = 15.0
+SWEEP_EVERY_S = 30.0  # one query of the sweep partition per instance this often (docs/architecture.md)
+SWEEP_BATCH = 100  # at most this many due responses claimed per sweep (one page of the query)
+CLAIM_S = 60.0  # a response claimed by a sweeper is not offered to another for this long (its read failed: retried then)
 FINISHED = frozenset({"completed", "incomplete", "failed", "cancelled"})
 
 
@@ -64,19 +69,11 @@ def _finished_without_usage(response: Any) -> bool:
     return isinstance(response, Mapping) and response.get("status") in FINISHED and usage_from_object(response) is None
 
 
-@dataclass
-class _Watch:
-    consumer_id: str
-    ends_s: float  # when its hold ends
-    due_s: float  # when to read it (SWEEP_AHEAD_S before its hold ends, then again while its backend fails)
-
-
 class BackgroundHolds:
     def __init__(self, services: Services, pinning: Pinning, books: Books) -> None:
         self.s = services
         self.pinning = pinning
         self.books = books
-        self._watched: dict[str, _Watch] = {}
         self._task: asyncio.Task[None] | None = None
         self.settled = 0
         self.extended = 0
@@ -84,15 +81,12 @@ class BackgroundHolds:
     def until(self) -> float:
         return self.s.clock.now() + HOLD_S
 
-    def watch(self, response_id: str, consumer_id: str, held: Held | None) -> None:
-        """Sweep this response before its hold ends (the instance that created it watches it)."""
-        if held is not None:
-            ends = held.expiry_ms / 1000
-            self._watched[response_id] = _Watch(consumer_id, ends, ends - SWEEP_AHEAD_S)
-            self._task = keep_running(self._task, self._sweep_forever)
+    def start(self) -> None:
+        """Sweep from now on (every instance, from its first request: the records it sweeps are any instance's)."""
+        self._task = keep_running(self._task, self._sweep_forever)
 
     async def _sweep_forever(self) -> None:
-        while self._watched:
+        while True:
             await asyncio.sleep(SWEEP_EVERY_S)
             try:
                 await self.sweep()
@@ -115,7 +109,6 @@ class BackgroundHolds:
             return False
         if not await self.pinning.settle(record.response_id):
             return False
-        self._watched.pop(record.response_id, None)
         model = response.get("model") if isinstance(response, Mapping) else None
         self.books.settle_later(self.s.limiter, record.consumer_id, held_of(record), usage,
                                 replace(base, model=model if isinstance(model, str) else ""))
@@ -127,26 +120,29 @@ class BackgroundHolds:
         return True
 
     async def sweep(self) -> None:
-        """Read every watched response whose hold nears its end: settle it, or move its hold on while it runs."""
+        """One query for the unsettled responses (any instance's) whose hold nears its end, each claimed for this
+        sweeper: settle it, or move its hold on while it runs."""
         now = self.s.clock.now()
-        for response_id, watch in [(r, w) for r, w in self._watched.items() if w.due_s <= now]:
+        now_ms = int(now * 1000)
+        due = await self.pinning.due(now_ms + int(SWEEP_AHEAD_S * 1000), now_ms, now_ms + int(CLAIM_S * 1000),
+                                     SWEEP_BATCH)
+        for response_id, consumer_id in due:
             try:
-                await self._sweep_one(response_id, watch)
+                await self._sweep_one(response_id, consumer_id)
+            except ResponseNotFound:
+                await self.pinning.unindex(response_id)  # deleted, expired, or its region is no longer configured
             except (Refusal, GatewayError, UpstreamError, UpstreamBroken) as exc:
-                # The holder is out (or the record unreadable): try again at the next sweep, the hold still running.
-                if now >= watch.ends_s:
-                    # Its hold has ended: nothing left to move; a later read (GET, on any instance) charges its usage.
-                    self._watched.pop(response_id, None)
-                    continue
+                # The holder is out (or the record unreadable): its claim lapses and a later sweep (any instance's)
+                # tries again (after its hold's end too: it is settled, as debt, once its backend answers).
                 log.info("background response %s not swept (%s); trying again", response_id, type(exc).__name__)
-                watch.due_s = now + min(30.0, SWEEP_AHEAD_S / 4)
 
-    async def _sweep_one(self, response_id: str, watch: _Watch) -> None:
-        holder = await self.pinning.holder(response_id, watch.consumer_id, previous=False)
+    async def _sweep_one(self, response_id: str, consumer_id: str) -> None:
+        holder = await self.pinning.holder(response_id, consumer_id, previous=False)
         record = holder.record
         if not record.unsettled:
-            self._watched.pop(response_id, None)
+            await self.pinning.unindex(response_id)  # settled already; its row was left behind
             return
+        held = held_of(record)
         status, response = await self._read(holder)
         base = RequestRecord(
             consumer_id=record.consumer_id, client_ip="", api="", operation="", user_id="",
@@ -160,21 +156,16 @@ class BackgroundHolds:
         if await self.settle(holder, response, base, charged):
             return
         if unknown or finished_usage(response) is not None:
-            self._watched.pop(response_id, None)  # settled elsewhere meanwhile
-            return
-        held = held_of(record)
+            return  # settled elsewhere meanwhile
         if not held.expiry_ms:
-            self._watched.pop(response_id, None)  # a record from before holds were kept: a read settles it
+            await self.pinning.unindex(response_id)  # a record from before holds were kept: a read settles it
             return
         until_ms = -(-int(self.until() * 1000) // 500) * 500
         # The record first (a conditional write): if another instance settled or moved it meanwhile, nothing moves.
         if not await self.pinning.rehold(record, until_ms):
-            self._watched.pop(response_id, None)
             return
-        moved = self.s.limiter.extend(held, until_ms / 1000)
+        self.s.limiter.extend(held, until_ms / 1000)
         self.extended += 1
-        watch.ends_s = moved.expiry_ms / 1000
-        watch.due_s = watch.ends_s - SWEEP_AHEAD_S
 
     async def _read(self, holder: Holder) -> tuple[int, Any]:
         """(status, Response object) of the held response at its backend; raises while the backend fails."""

@@ -233,12 +233,12 @@ class Relay:
 
     async def _hold(self, exchange: Exchange, chosen: Chosen, created: responses.Created, served: Served) -> int:
         """Hold a background response's reservation and record where, before its id reaches the client (or, for a
-        stream left early, before the relay ends); the instance watches it for the sweep."""
+        stream left early, before the relay ends), where any instance's sweep finds it."""
         held = exchange.reserve
         spent, parked = self._books.hold(exchange, served, held, self._holds.until())
         await self._pinning.remember(created, chosen.backend, exchange.consumer.id, exchange.deployment, None, held,
                                      record_fields(parked))
-        self._holds.watch(created.response_id, exchange.consumer.id, parked)
+        self._holds.start()  # (every instance sweeps from its first request; this one may have had none before)
         return spent
 
     async def _remember_streamed(self, exchange: Exchange, backend: Backend, relay: responses.ResponsesRelay) -> None:

@@ -191,6 +191,20 @@ class Pinning:
         except StoreUnavailable:
             return False
 
+    async def due(self, by_ms: int, now_ms: int, claim_until_ms: int, limit: int) -> list[tuple[str, str]]:
+        """Unsettled responses whose hold ends by `by_ms`, claimed for this sweeper until `claim_until_ms` (one query,
+        any instance's records; storage/protocols.py: ResponseStore.due); none while the table is out."""
+        try:
+            return await self._store.due(by_ms, now_ms, claim_until_ms, limit)
+        except StoreUnavailable:
+            return []
+
+    async def unindex(self, response_id: str) -> None:
+        try:
+            await self._store.unindex(response_id)
+        except StoreUnavailable:
+            pass  # the next sweep that finds it tries again
+
     async def forget(self, response_id: str) -> None:
         try:
             await self._store.forget(response_id)

@@ -227,11 +227,28 @@ class MemoryUsageStore(_Switch):
 class MemoryResponseStore(_Switch):
     def __init__(self) -> None:
         self.records: dict[str, StoredResponse] = {}
+        # The sweep's partition: response id -> (consumer id, hold's end (ms), claimed until (ms)).
+        self.unsettled: dict[str, tuple[str, int, int]] = {}
         self.reads = 0
+        self.queries = 0
 
     async def put(self, record: StoredResponse) -> None:
         self._check()
         self.records[record.response_id] = record
+        if record.unsettled and record.held_until_ms:
+            self.unsettled[record.response_id] = (record.consumer_id, record.held_until_ms, 0)
+
+    async def due(self, by_ms: int, now_ms: int, claim_until_ms: int, limit: int) -> list[tuple[str, str]]:
+        self._check()
+        self.queries += 1
+        found = [(r, row) for r, row in self.unsettled.items() if row[1] <= by_ms and row[2] <= now_ms][:limit]
+        for r, row in found:
+            self.unsettled[r] = (row[0], row[1], claim_until_ms)
+        return [(r, row[0]) for r, row in found]
+
+    async def unindex(self, response_id: str) -> None:
+        self._check()
+        self.unsettled.pop(response_id, None)
 
     async def get(self, response_id: str, now: float) -> StoredResponse | None:
         self._check()
@@ -248,6 +265,7 @@ class MemoryResponseStore(_Switch):
         if record is None or not record.unsettled:
             return False
         self.records[response_id] = replace(record, unsettled=False)
+        self.unsettled.pop(response_id, None)
         return True
 
     async def rehold(self, response_id: str, held_until_ms: int, previous_ms: int) -> bool:
@@ -256,6 +274,7 @@ class MemoryResponseStore(_Switch):
         if record is None or not record.unsettled or record.held_until_ms != previous_ms:
             return False
         self.records[response_id] = replace(record, held_until_ms=held_until_ms)
+        self.unsettled[response_id] = (record.consumer_id, held_until_ms, 0)
         return True
 
     async def forget(self, response_id: str) -> None:

@@ -133,6 +133,17 @@ class ResponseStore(Protocol):
         """Drop the record (the response was deleted); nothing to drop is fine."""
         ...
 
+    async def due(self, by_ms: int, now_ms: int, claim_until_ms: int, limit: int) -> list[tuple[str, str]]:
+        """(response id, consumer id) of at most `limit` unsettled records whose hold ends by `by_ms` and which no
+        sweeper has claimed past `now_ms`, read in one query; each one returned is claimed until `claim_until_ms` by a
+        conditional write, so sweepers running at once get disjoint lists. An unsettled record is listed from its
+        `put` until it is settled (`settle`), its hold's end following `rehold`."""
+        ...
+
+    async def unindex(self, response_id: str) -> None:
+        """Stop listing a record in `due` (it is settled, deleted or expired); nothing to drop is fine."""
+        ...
+
 
 class AnswerStore(Protocol):
     """Where the response cache keeps its entries (key: 64 hex digits -> the entry's bytes), shared by every instance.

@@ -2,6 +2,11 @@
 
 Table Storage has no TTL: each row carries its expiry, an expired row reads as absent, and it is deleted when it is
 next read (lazily; nothing sweeps the table).
+
+An unsettled background response also has a row in one partition of its own (`sweep:`, which no response id or item
+key can be): written when it is recorded, moved with its hold, deleted when it is settled. Every instance's sweep reads
+that partition in one query (the rows due, one page) so that whichever instance is up settles it, not only the one that
+created it; a row left behind (its record settled, deleted or expired) is dropped by the sweep that next finds it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ log = logging.getLogger(__name__)
 
 TABLE = "responses"
 _RK = "r"
+_SWEEP_PK = "sweep:"  # a colon: in no response id (flow.responses.RESPONSE_ID_RE) and after the "item" of item keys
 
 
 def _to_entity(record: StoredResponse) -> dict[str, Any]:
@@ -64,6 +70,46 @@ class TableResponseStore:
     async def put(self, record: StoredResponse) -> None:
         entity = _to_entity(record)
         await self._tables.call(TABLE, lambda t: t.upsert_entity(entity, mode=UpdateMode.REPLACE))
+        if record.unsettled and record.held_until_ms:
+            # After the record: a sweep that finds this row always finds the record (or drops the row).
+            await self._index(record.response_id, record.consumer_id, record.held_until_ms)
+
+    async def _index(self, response_id: str, consumer_id: str, held_until_ms: int) -> None:
+        row = {"PartitionKey": _SWEEP_PK, "RowKey": response_id, "consumer": consumer_id,
+               "held_until": float(held_until_ms), "claimed_until": 0.0}
+        await self._tables.call(TABLE, lambda t: t.upsert_entity(row, mode=UpdateMode.REPLACE))
+
+    async def due(self, by_ms: int, now_ms: int, claim_until_ms: int, limit: int) -> list[tuple[str, str]]:
+        query = "PartitionKey eq @pk and held_until le @by and claimed_until le @now"
+        parameters = {"pk": _SWEEP_PK, "by": float(by_ms), "now": float(now_ms)}
+
+        async def first_page(t: Any) -> list[Any]:
+            pages = t.query_entities(query, parameters=parameters, results_per_page=limit).by_page()
+            async for page in pages:
+                return [entity async for entity in page][:limit]
+            return []
+
+        rows = await self._tables.call(TABLE, first_page)
+        claimed = await asyncio.gather(*(self._claim(row, claim_until_ms) for row in rows))
+        return [(str(row["RowKey"]), str(row.get("consumer", ""))) for row, ok in zip(rows, claimed, strict=True) if ok]
+
+    async def _claim(self, row: Any, claim_until_ms: int) -> bool:
+        changed = {**dict(row), "claimed_until": float(claim_until_ms)}
+        etag = entity_etag(row)
+        try:
+            await self._tables.call(TABLE, lambda t: t.update_entity(
+                changed, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified))
+        except (Conflict, ResourceNotFoundError):
+            return False  # another sweeper claimed it (or settled it) first
+        except StoreUnavailable:
+            return False  # the next sweep tries again
+        return True
+
+    async def unindex(self, response_id: str) -> None:
+        try:
+            await self._tables.call(TABLE, lambda t: t.delete_entity(_SWEEP_PK, response_id))
+        except ResourceNotFoundError:
+            pass
 
     async def get(self, response_id: str, now: float) -> StoredResponse | None:
         try:
@@ -94,6 +140,10 @@ class TableResponseStore:
                 changed, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified))
         except Conflict:
             return False  # another instance settled it first
+        try:
+            await self.unindex(response_id)
+        except StoreUnavailable:
+            pass  # settled all the same: the sweep that next finds the row drops it
         return True
 
     async def rehold(self, response_id: str, held_until_ms: int, previous_ms: int) -> bool:
@@ -110,6 +160,10 @@ class TableResponseStore:
                 changed, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified))
         except Conflict:
             return False
+        try:
+            await self._index(response_id, str(entity.get("consumer", "")), held_until_ms)
+        except StoreUnavailable:
+            pass  # the row keeps its earlier time: the sweep reads the record, sees the hold moved, and moves the row
         return True
 
     async def forget(self, response_id: str) -> None:

@@ -75,7 +75,10 @@ def three_regions(**ptu_options: Any) -> list[dict[str, Any]]:
 
 
 class GatewayHarness:
-    def __init__(self, backends: Sequence[Mapping[str, Any]] | None = None, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, backends: Sequence[Mapping[str, Any]] | None = None, env: Mapping[str, str] | None = None,
+                 *, beside: GatewayHarness | None = None, instance_id: str = "harness") -> None:
+        """`beside`: a second instance of the same deployment: it shares that harness's clock, backends and stores
+        (ledgers, consumers, breakers, usage rows, responses, cache), with its own limiter, router and caches."""
         self.settings: Settings = load_settings({
             "GATEWAY_TABLE_CONNECTION_STRING": "UseDevelopmentStorage=true",  # never contacted: the stores are in memory
             "GATEWAY_BACKENDS": json.dumps(list(backends or three_regions())),
@@ -84,27 +87,27 @@ class GatewayHarness:
             "GATEWAY_ADMIN_KEY_SHA256": hash_key(ADMIN_KEY),
             **(env or {}),
         })
-        self.clock = FakeClock()
-        self.upstream = ScriptedUpstream()
+        self.clock = FakeClock() if beside is None else beside.clock
+        self.upstream = ScriptedUpstream() if beside is None else beside.upstream
         self.telemetry = RecordingTelemetry()
-        self.budget_store = MemoryBudgetStore()
-        self.consumer_store = MemoryConsumerStore()
-        self.ledgers = MemoryLedgerStore()
-        self.breakers = MemoryBreakerStore()
-        self.usage_store = MemoryUsageStore()
-        self.response_store = MemoryResponseStore()
-        self.answer_store = MemoryAnswerStore()
+        self.budget_store = MemoryBudgetStore() if beside is None else beside.budget_store
+        self.consumer_store = MemoryConsumerStore() if beside is None else beside.consumer_store
+        self.ledgers = MemoryLedgerStore() if beside is None else beside.ledgers
+        self.breakers = MemoryBreakerStore() if beside is None else beside.breakers
+        self.usage_store = MemoryUsageStore() if beside is None else beside.usage_store
+        self.response_store = MemoryResponseStore() if beside is None else beside.response_store
+        self.answer_store = MemoryAnswerStore() if beside is None else beside.answer_store
         settings = self.settings
         self.limiter = TokenLimiter(
             self.ledgers, self.clock, self.telemetry, lease_lifetime_s=settings.lease_lifetime_s,
             fail_closed=settings.limit_fail_mode == "closed", instance_count=settings.instance_count,
-            instance_id="harness", background=False,
+            instance_id=instance_id, background=False,
         )
         self.router = Router(settings.backends, self.clock, self.telemetry, self.breakers, settings.breaker_sync_s)
-        self.usage = UsageRecorder(self.usage_store, self.clock, instance_id="harness", background=False)
+        self.usage = UsageRecorder(self.usage_store, self.clock, instance_id=instance_id, background=False)
         # Budgets wired as shared/app.py wires them: checked before the limiter, charged from what telemetry receives.
         self.budgets = BudgetBook(
-            self.budget_store, self.clock, settings.prices, "harness", refresh_s=settings.budget_refresh_s,
+            self.budget_store, self.clock, settings.prices, instance_id, refresh_s=settings.budget_refresh_s,
             background=False,
         )
         directory = ConsumerDirectory(
