@@ -45,3 +45,15 @@ async def health(req: Request) -> Response:
 @app.route(route="health/details", methods=["GET", "HEAD"])
 async def health_details(req: Request) -> Response:
     return await edge.handle(req)
+
+
+# The operator console and its admin API (not /admin: the Functions host reserves that prefix for its own API). The
+# gateway checks the caller itself (the admin key, an Entra ID token with a console role, or Easy Auth's principal).
+@app.route(route="console", methods=ALL_METHODS)
+async def console_page(req: Request) -> Response:
+    return await edge.handle(req)
+
+
+@app.route(route="console/{*path}", methods=ALL_METHODS)
+async def console_paths(req: Request) -> Response:
+    return await edge.handle(req)

@@ -12,9 +12,12 @@ from collections.abc import Mapping
 from starlette.requests import Request
 from starlette.responses import Response
 
+from shared.adminops.operations import AdminOperations
 from shared.cache.layer import AnswerCache
 from shared.clock import Clock, SystemClock
 from shared.config import ConfigError, Settings, load_settings
+from shared.console.api import ConsoleApi, ConsoleDeps
+from shared.console.auth import ConsoleAuth
 from shared.edge.consumers import ConsumerDirectory
 from shared.edge.entra import build_validator
 from shared.edge.http import read_body, to_gateway_request, to_response
@@ -31,32 +34,37 @@ from shared.routing.provisioned import ProvisionedCapacity
 from shared.routing.router import Router
 from shared.safety.audit import AuditTrail
 from shared.storage.blobs import BlobAnswerStore, BlobAuditStore
+from shared.storage.protocols import ChangeLogStore, ConsumerStore, TrafficStore, UsageStore
 from shared.storage.responses import TableResponseStore
 from shared.storage.tables import (
     TableBreakerStore,
     TableBudgetStore,
     TableCapacityStore,
+    TableChangeLogStore,
     TableConsumerStore,
     TableLedgerStore,
     Tables,
+    TableTrafficStore,
     TableUsageStore,
 )
 from shared.telemetry import otel
 from shared.telemetry.console import ConsoleTelemetry
 from shared.telemetry.events import Telemetry
+from shared.telemetry.traffic import TrafficCounter
 from shared.telemetry.usage_rows import UsageRecorder
 
 log = logging.getLogger(__name__)
 
 
-def build_services(settings: Settings, clock: Clock | None = None) -> tuple[Services, Tables]:
+def build_services(settings: Settings, clock: Clock | None = None) -> tuple[Services, Tables, ConsoleDeps]:
     clock = clock or SystemClock()
     tables = Tables.from_settings(settings)
     instance = f"{settings.gateway_id}-{uuid.uuid4().hex[:8]}"
     book = BudgetBook(
         TableBudgetStore(tables), clock, settings.prices, instance, refresh_s=settings.budget_refresh_s
     )
-    telemetry: Telemetry = SpendingTelemetry(otel.configure(settings), book)
+    counter = TrafficCounter(SpendingTelemetry(otel.configure(settings), book), TableTrafficStore(tables), clock, instance)
+    telemetry: Telemetry = counter
     if settings.console_log:
         telemetry = ConsoleTelemetry(telemetry, settings.prices)
     limiter = TokenLimiter(
@@ -101,7 +109,20 @@ def build_services(settings: Settings, clock: Clock | None = None) -> tuple[Serv
     )
     services.safety = _screening(settings, clock)
     services.audit = _audit_trail(settings, clock, instance, telemetry)
-    return services, tables
+    return services, tables, console_deps(services, TableConsumerStore(tables), TableChangeLogStore(tables),
+                                           TableUsageStore(tables), TableTrafficStore(tables), counter)
+
+
+def console_deps(services: Services, store: ConsumerStore, changes: ChangeLogStore, usage: UsageStore, traffic: TrafficStore,
+                 counter: TrafficCounter | None) -> ConsoleDeps:
+    """What the admin API needs: the stores the admin command writes, this worker's router and traffic counts."""
+    settings, clock = services.settings, services.clock
+    return ConsoleDeps(
+        settings=settings, ops=AdminOperations(store, changes, clock),
+        auth=ConsoleAuth(settings.admin_key_sha256, build_validator(settings.entra, clock), services.consumers,
+                         settings.console_easy_auth),
+        router=services.router, usage=usage, traffic=traffic, counter=counter, now=clock.now,
+    )
 
 
 def _audit_trail(settings: Settings, clock: Clock, instance: str, telemetry: Telemetry) -> AuditTrail | None:
@@ -147,9 +168,11 @@ def tune_runtime(enabled: bool) -> None:
 class Edge:
     """What each Function handler delegates to: framework request in, framework response out."""
 
-    def __init__(self, settings: Settings, services: Services | None = None) -> None:
+    def __init__(self, settings: Settings, services: Services | None = None, console: ConsoleDeps | None = None) -> None:
         self.settings = settings
         self._services = services
+        self._console_deps = console
+        self._console: ConsoleApi | None = None
         self._tables: Tables | None = None
         self._gateway: Gateway | None = None
         self._lock = asyncio.Lock()
@@ -170,7 +193,7 @@ class Edge:
             async with self._lock:
                 if self._gateway is None:
                     if self._services is None:
-                        self._services, self._tables = build_services(self.settings)
+                        self._services, self._tables, self._console_deps = build_services(self.settings)
                     self._gateway = Gateway(self._services)
                     # Built on the first request, inside the worker's loop: from now on something is buffered.
                     on_sigterm(self.close)
@@ -186,8 +209,9 @@ class Edge:
         if self._gateway is not None:
             await self._gateway.holds.close()
         screening = services.safety
+        console = self._console_deps
         for closer in (services.limiter, services.usage, services.router, services.upstream, services.responses, services.identity,
-                       services.cache, services.audit, *(screening.services() if screening is not None else ())):
+                       services.cache, services.audit, console.counter if console else None, *(screening.services() if screening is not None else ())):
             close = getattr(closer, "close", None)
             if close is not None:
                 try:
@@ -198,6 +222,14 @@ class Edge:
             await self._tables.close()
         otel.flush()
 
+    async def console(self) -> ConsoleApi:
+        await self.gateway()
+        if self._console is None:
+            if self._console_deps is None:
+                raise RuntimeError("the console was not wired (Edge built without its stores)")
+            self._console = ConsoleApi(self._console_deps)
+        return self._console
+
     async def handle(self, request: Request) -> Response:
         gateway = await self.gateway()
         settings = self.settings
@@ -205,6 +237,7 @@ class Edge:
         async def body() -> bytes:
             return await read_body(request, settings.max_body_bytes)
 
-        return to_response(await gateway.handle(to_gateway_request(
-            request, read_body=body, hops=settings.forwarded_hops, proxies=settings.trusted_proxies
-        )))
+        framed = to_gateway_request(request, read_body=body, hops=settings.forwarded_hops, proxies=settings.trusted_proxies)
+        if framed.raw_path == "/console" or framed.raw_path.startswith("/console/"):
+            return to_response(await (await self.console()).handle(framed))
+        return to_response(await gateway.handle(framed))

@@ -150,6 +150,8 @@ class Settings:
     request_log: bool = True
     request_log_sampling: float = 1.0
     console_log: bool = False  # one line per request on standard output (scripts/run turns it on)
+    # App Service Authentication (Easy Auth) is in front of /console: only then is X-MS-CLIENT-PRINCIPAL believed.
+    console_easy_auth: bool = False
     budget_refresh_s: float = 5.0
     client_ip_mode: str = "truncated"  # truncated (/24, /48) | raw | omit
     user_id_mode: str = "capped"  # capped (validated, <= 64) | hashed (keyed) | raw | omit
@@ -750,6 +752,7 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         request_log=_boolean(env, "GATEWAY_REQUEST_LOG", True),
         request_log_sampling=_number(env, "GATEWAY_REQUEST_LOG_SAMPLING", 1.0, minimum=0.0001, maximum=1.0),
         console_log=_boolean(env, "GATEWAY_CONSOLE_LOG", False),
+        console_easy_auth=_boolean(env, "GATEWAY_CONSOLE_EASY_AUTH", False),
         budget_refresh_s=_number(env, "GATEWAY_BUDGET_REFRESH_S", 5.0, minimum=0.1, maximum=3600),
         client_ip_mode=ip_mode,
         user_id_mode=user_mode,

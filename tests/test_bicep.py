@@ -88,6 +88,9 @@ LEFT_AT_DEFAULT = {
     "GATEWAY_ADMIT_ON_BOUND",
     # One line per request on the console: for scripts/run; Azure has the per-request log.
     "GATEWAY_CONSOLE_LOG",
+    # Believe Easy Auth's principal header: only where Easy Auth is configured in front (off by default; the template
+    # configures no Easy Auth yet, so it must stay off there).
+    "GATEWAY_CONSOLE_EASY_AUTH",
     # The template sets GATEWAY_BACKENDS itself; a file is for hand-written settings.
     "GATEWAY_BACKENDS_FILE",
     # Fallback chains, context windows and aliases: none by default (README.md, Fallback across models).

@@ -1,5 +1,6 @@
 """The package's shape: no import cycles between its modules (imports inside functions count; imports for type
-checking only do not), and the Function App never imports the admin commands."""
+checking only do not), and the Function App never imports the admin commands (only the operations they share with
+the admin API)."""
 
 from __future__ import annotations
 
@@ -91,7 +92,18 @@ def test_the_function_app_never_imports_the_admin_commands() -> None:
             reached.add(module)
             todo.extend(edges.get(module, ()))
     assert "shared.app" in reached and "shared.flow.gateway" in reached
-    assert not {m for m in reached if m.startswith("shared.admin")}
+    # The admin API runs the admin operations (shared.adminops), never the command around them (argparse, printing).
+    assert "shared.adminops.operations" in reached and "shared.console.api" in reached
+    assert not {m for m in reached if m == "shared.admin" or m.startswith("shared.admin.")}
+
+
+def test_the_admin_operations_never_import_the_command_or_the_http_api() -> None:
+    """One implementation of each operation, under both the command and the API: it depends on neither."""
+    edges = graph()
+    for module in (m for m in edges if m.startswith("shared.adminops")):
+        assert not {t for t in edges[module] if t.startswith(("shared.admin.", "shared.console"))}, module
+    assert "shared.adminops.operations" in edges["shared.admin.cli"]
+    assert "shared.adminops.operations" in edges["shared.console.api"]
 
 
 def test_a_gateway_that_accepts_keys_only_never_loads_the_jwt_library() -> None:

@@ -55,8 +55,13 @@ def test_local_host_serves_exactly_the_registered_functions(function_app: Any) -
     }
     assert served == expected
     assert {name for name, *_ in registrations(functions)} == {
-        "azure_openai", "azure_openai_v1", "azure_openai_preview", "openai_v1", "health", "health_details"
+        "azure_openai", "azure_openai_v1", "azure_openai_preview", "openai_v1", "health", "health_details",
+        "console_page", "console_paths",
     }
+    # The Functions host refuses a route (or function name) that starts with "admin" or "runtime" (its own APIs):
+    # no function here may take one, and the local host refuses them as Azure would.
+    for name, route, *_ in registrations(functions):
+        assert not route.lower().startswith(localhost.RESERVED) and not name.lower().startswith(localhost.RESERVED)
     # Every gateway function is anonymous at the host: consumers authenticate with their own keys in the gateway.
     assert {level for *_, level in registrations(functions)} == {"ANONYMOUS"}
 
@@ -94,3 +99,12 @@ def test_function_keys_and_catch_all_order() -> None:
     assert client.get("/api/items/a/b?code=k1").text == "rest:a/b"
     assert client.get("/api/items/a/b", headers={"x-functions-key": "k1"}).text == "rest:a/b"
     assert client.get("/api/items/a/b", headers={"x-functions-key": "wrong"}).status_code == 401
+
+
+def test_the_local_host_refuses_the_routes_the_functions_host_reserves() -> None:
+    import pytest
+
+    for template in ("admin/api/{*rest}", "admin", "runtime/webhooks"):
+        with pytest.raises(ValueError, match="reserves"):
+            localhost.check_route("f", template)
+    localhost.check_route("console_paths", "console/{*path}")

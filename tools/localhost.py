@@ -51,6 +51,16 @@ def route_prefix(host_json: Path) -> str:
     return str(prefix).strip("/")
 
 
+RESERVED = ("admin", "runtime")  # the Functions host's own APIs; it refuses functions whose routes start so
+
+
+def check_route(function: str, template: str) -> None:
+    """The Functions host's start-up check: "The specified route conflicts with one or more built in routes"."""
+    if template.lower().startswith(RESERVED) or function.lower().startswith(RESERVED):
+        raise ValueError(f"{function}: the Functions host reserves routes starting with {' or '.join(RESERVED)} "
+                         f"({template!r}); it would not serve this function in Azure")
+
+
 def host_routes(functions: Any) -> list[HostRoute]:
     """The HTTP functions of `app.get_functions()` (which may be called only once per app)."""
     routes = []
@@ -60,6 +70,7 @@ def host_routes(functions: Any) -> list[HostRoute]:
             continue
         methods = tuple(str(getattr(m, "value", m)).upper() for m in trigger.methods) if trigger.methods else ALL_METHODS
         level = getattr(trigger.auth_level, "name", None) or str(trigger.auth_level or "FUNCTION")
+        check_route(function.get_function_name(), trigger.route or function.get_function_name())
         routes.append(
             HostRoute(
                 function=function.get_function_name(),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from shared.cache.policy import MAX_TTL_S, SCOPES, CachePolicy
 
@@ -29,7 +28,3 @@ def cache_policy(args: argparse.Namespace, base: CachePolicy) -> CachePolicy:
     tools = base.tools if getattr(args, "cache_tools", None) is None else args.cache_tools == "on"
     scope = getattr(args, "cache_scope", None) or base.scope
     return CachePolicy(enabled, ttl, scope, tools)
-
-
-def describe_cache(policy: CachePolicy) -> dict[str, Any]:
-    return {"on": policy.enabled, "ttl_s": policy.ttl_s, "scope": policy.scope, "tools": policy.tools}

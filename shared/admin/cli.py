@@ -45,11 +45,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from shared.admin.cache_options import add_cache_arguments, cache_policy, describe_cache
+from shared.admin.cache_options import add_cache_arguments, cache_policy
 from shared.admin.failures import explain
 from shared.admin.safety_options import add_safety_argument, safety_policy
 from shared.admin.teams import TeamAdmin
 from shared.admin.teams import add_parser as add_teams_parser
+from shared.adminops.describe import describe_consumer
+from shared.adminops.operations import Actor, AdminOperations, CommandOperations
 from shared.cache.policy import CachePolicy
 from shared.clock import SystemClock
 from shared.config import DEPLOYMENT_NAME, Settings, load_settings, local_environment
@@ -65,12 +67,20 @@ from shared.edge.consumers import (
     hash_key,
     key_prefix,
     new_key,
-    rotated,
     validate_consumer_id,
 )
 from shared.edge.entra import mapping_key
-from shared.storage.tables import Conflict, TableConsumerStore, Tables
+from shared.storage.protocols import ChangeLogStore
+from shared.storage.tables import TableChangeLogStore, TableConsumerStore, Tables
 from shared.text import table
+
+
+def _user() -> str:
+    """Who runs the command, for the audit table: the login name, else the user id."""
+    try:
+        return os.getlogin()
+    except OSError:
+        return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
 
 
 def _slug(name: str) -> str:
@@ -197,32 +207,7 @@ def _users(args: argparse.Namespace, base: UserLimits) -> UserLimits:
     return UserLimits(tpm, quota, period if quota else None, sources, required)
 
 
-def describe(consumer: Consumer) -> dict[str, Any]:
-    limits = consumer.limits
-    users = consumer.users
-    return {
-        "id": consumer.id,
-        "name": consumer.name,
-        "key_prefix": consumer.key_prefix,
-        "enabled": consumer.enabled,
-        "priority": consumer.priority,
-        "deployments": "*" if consumer.deployments is None else sorted(consumer.deployments),
-        "tokens_per_minute": limits.tokens_per_minute,
-        "deployment_tokens_per_minute": dict(limits.deployment_tokens_per_minute),
-        "quota": limits.quota,
-        "quota_period": limits.quota_period,
-        "budget": limits.budget,
-        "budget_period": (limits.budget_period or "monthly") if limits.budget else None,
-        "entra": sorted(consumer.entra),
-        "output_cap": "default" if limits.output_cap is None else ("on" if limits.output_cap else "off"),
-        "capabilities": sorted(consumer.capabilities),
-        "team": consumer.team,
-        "users": {"tokens_per_minute": users.tokens_per_minute, "quota": users.quota, "quota_period": users.quota_period,
-                  "sources": list(users.sources), "required": users.required},
-        "fallback": "on" if consumer.fallback else "off",
-        "cache": describe_cache(consumer.cache),
-        "safety_policy": consumer.safety,
-    }
+describe = describe_consumer  # the name the command and its tests have always used
 
 
 _SPEC_FIELDS = frozenset({"name", "id", "tokens_per_minute", "deployment_tokens_per_minute", "quota", "quota_period",
@@ -331,15 +316,22 @@ class Admin:
     def __init__(self, store: TableConsumerStore, out: Any = None, *, err: Any = None, json_mode: bool = False,
                  served: frozenset[str] | None = None, force: bool = False,
                  spend: Callable[[Consumer], Awaitable[dict[str, Any]]] | None = None,
-                 policies: frozenset[str] = frozenset()) -> None:
+                 policies: frozenset[str] = frozenset(), audit: ChangeLogStore | None = None) -> None:
         self.store = store
         self.policies = policies  # the names of GATEWAY_SAFETY_POLICIES: a consumer may be given only one of these
+        self.audit = audit
+        self.actor = Actor(f"cli:{_user()}")
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.json_mode = json_mode
         self.served = served  # the deployments the configured backends serve (None: no backends configured here)
         self.force = force
         self.spend = spend  # this period's spend and how fresh it is, for `show`
+
+    @property
+    def ops(self) -> CommandOperations:
+        """The shared operations on this command's store (a test may swap the store)."""
+        return CommandOperations(AdminOperations(self.store, self.audit, SystemClock()))
 
     def print(self, text: str) -> None:
         print(text, file=self.out)
@@ -395,11 +387,7 @@ class Admin:
             safety=safety_policy(args, None, self.policies),
         )
         self.check_served(consumer.deployments, getattr(args, "force", False))
-        await self._check_mappings_free(consumer)
-        try:
-            await self.store.create(consumer)
-        except Conflict:
-            raise SystemExit(f"a consumer with id {consumer_id!r} exists already") from None
+        await self.ops.create(consumer, self.actor)
         self.result({**describe(consumer), **({"key": key} if key else {})})
         if key:
             self.note("Store this key now: it is shown once and cannot be recovered.")
@@ -420,25 +408,13 @@ class Admin:
             except FileExistsError:
                 raise SystemExit(f"nothing created: {args.keys_out} exists (keys are never written over)") from None
         started = time.monotonic()
-        try:
-            await self.store.create_many([c for c, _ in made])
-        except Conflict:
-            raise SystemExit("nothing created by the batch holding an id created meanwhile; run again without it") from None
+        await self.ops.create_many([c for c, _ in made], self.actor)
         with out if args.keys_out else contextlib.nullcontext(out):
             for consumer, key in made:
                 print(json.dumps({"id": consumer.id, "key_prefix": consumer.key_prefix, "key": key}), file=out)
         self.note(f"created {len(made)} consumers in {time.monotonic() - started:.2f} s"
                   + (f"; keys in {args.keys_out} (shown once)" if args.keys_out else ""))
         return 0
-
-    async def _check_mappings_free(self, consumer: Consumer) -> None:
-        """One Entra ID mapping, one consumer: the gateway admits none of the consumers that share one."""
-        if not consumer.entra:
-            return
-        for other in await self.store.list_consumers():
-            shared = other.entra & consumer.entra
-            if other.id != consumer.id and shared:
-                raise SystemExit(f"{', '.join(sorted(shared))}: already mapped to consumer {other.id!r}")
 
     async def _team(self, args: argparse.Namespace, base: str | None) -> str | None:
         """The team after this command: --team ID (which must exist), --team '' for none, else unchanged."""
@@ -447,8 +423,7 @@ class Admin:
             return base
         if not team:
             return None
-        if await self.store.get_team(team) is None:
-            raise SystemExit(f"--team: no team with id {team!r} (teams create NAME first)")
+        await self.ops.check_team(team)
         return str(team)
 
     async def _existing(self, consumer_id: str) -> Consumer:
@@ -477,29 +452,12 @@ class Admin:
         self.print(json.dumps(shown, indent=2))
         return 0
 
-    async def _change(self, consumer_id: str, change: Callable[[Consumer], Consumer]) -> Consumer:
-        """Read, change and write one consumer on the version read (If-Match on its ETag): a write that came in between
-        (another admin's `set`, `rotate`, `disable`) is never undone; the change is made again on the newer record."""
-        for _ in range(WRITE_TRIES):
-            found = await self.store.get_versioned(consumer_id)
-            if found is None:
-                raise SystemExit(f"no consumer with id {consumer_id!r}")
-            consumer, etag = found
-            changed = change(consumer)
-            if changed.entra != consumer.entra:
-                await self._check_mappings_free(changed)
-            try:
-                await self.store.put(changed, if_match=etag)
-            except Conflict:
-                continue
-            return changed
-        raise SystemExit(f"{consumer_id}: changed by other writers {WRITE_TRIES} times while this command ran; "
-                         "nothing written by it. Run it again")
+    async def _change(self, consumer_id: str, change: Callable[[Consumer], Consumer], action: str = "consumers.set") -> Consumer:
+        changed: Consumer = await self.ops.change(consumer_id, change, self.actor, action)
+        return changed
 
     async def rotate(self, args: argparse.Namespace) -> int:
-        key = new_key()
-        now = SystemClock().now()
-        consumer = await self._change(args.id, lambda c: rotated(c, key, args.grace_seconds, now))
+        consumer, key = await self.ops.rotate(args.id, args.grace_seconds, self.actor)
         self.result({"id": consumer.id, "key_prefix": key_prefix(key), "key": key})
         if args.grace_seconds:
             self.note(f"The previous key keeps working for {args.grace_seconds:g} seconds.")
@@ -507,7 +465,7 @@ class Admin:
         return 0
 
     async def set_enabled(self, consumer_id: str, enabled: bool) -> int:
-        await self._change(consumer_id, lambda c: replace(c, enabled=enabled, version=c.version + 1))
+        await self.ops.set_enabled(consumer_id, enabled, self.actor)
         self.result({"id": consumer_id, "enabled": enabled}, f"{consumer_id}: {'enabled' if enabled else 'disabled'}")
         return 0
 
@@ -541,13 +499,12 @@ class Admin:
         """Write the key-hash index rows of every consumer (for consumers created before the index existed)."""
         consumers = await self.store.list_consumers()
         for consumer in consumers:
-            await self._change(consumer.id, lambda c: c)  # on the version read: a reindex never undoes a change
+            await self._change(consumer.id, lambda c: c, "")  # on the version read: a reindex never undoes a change
         self.result({"indexed": len(consumers)}, f"{len(consumers)} consumers indexed")
         return 0
 
     async def delete(self, args: argparse.Namespace) -> int:
-        if not await self.store.delete(args.id):
-            raise SystemExit(f"no consumer with id {args.id!r}")
+        await self.ops.delete(args.id, self.actor)
         self.result({"id": args.id, "deleted": True}, f"{args.id}: deleted")
         return 0
 
@@ -651,10 +608,10 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 
         policies = frozenset(settings.safety.policies)
         admin = Admin(TableConsumerStore(tables), json_mode=args.json_output, served=served, spend=spend,
-                      policies=policies)
+                      policies=policies, audit=TableChangeLogStore(tables))
         if args.command == "teams":
             return await TeamAdmin(admin.store, admin.out, _deployments, json_mode=admin.json_mode,
-                                   policies=policies).run(args)
+                                   policies=policies, ops=admin.ops, actor=admin.actor).run(args)
         action = args.action
         if action == "create":
             return await admin.create(args)

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
 
+from shared.adminops.operations import OperationError
 from shared.config import ConfigError, Settings
 from shared.storage.protocols import StoreUnavailable
 
@@ -66,6 +67,8 @@ def explain(error: BaseException, settings: Settings | None = None) -> Failure |
         if error.code is None or isinstance(error.code, int):
             return None  # a plain exit (argparse's own, or a command's return code): not ours to reword
         return Failure(str(error.code), REFUSED, "refused")
+    if isinstance(error, OperationError):
+        return Failure(error.message, REFUSED, "refused")
     if isinstance(error, ConfigError):
         return Failure(f"configuration error: {error}", BAD_INPUT, "bad_input")
     if isinstance(error, (StoreUnavailable, ClientAuthenticationError, HttpResponseError)):

@@ -17,34 +17,17 @@ import re
 from dataclasses import replace
 from typing import Any
 
-from shared.admin.cache_options import add_cache_arguments, cache_policy, describe_cache
+from shared.admin.cache_options import add_cache_arguments, cache_policy
 from shared.admin.safety_options import add_safety_argument, safety_policy
+from shared.adminops.describe import describe_team
+from shared.adminops.operations import Actor, AdminOperations, CommandOperations
 from shared.cache.policy import CachePolicy
+from shared.clock import SystemClock
 from shared.edge.consumers import PRIORITIES, QUOTA_PERIODS, Limits, Team, validate_consumer_id
-from shared.storage.protocols import Conflict, ConsumerStore
+from shared.storage.protocols import ConsumerStore
 from shared.text import table
 
 WRITE_TRIES = 5
-
-
-def describe_team(team: Team, members: list[str] | None = None) -> dict[str, Any]:
-    limits = team.limits
-    described: dict[str, Any] = {
-        "id": team.id,
-        "name": team.name,
-        "priority": team.priority,
-        "deployments": "*" if team.deployments is None else sorted(team.deployments),
-        "tokens_per_minute": limits.tokens_per_minute,
-        "quota": limits.quota,
-        "quota_period": limits.quota_period,
-        "budget": limits.budget,
-        "budget_period": (limits.budget_period or "monthly") if limits.budget else None,
-        "cache": describe_cache(team.cache),
-        "safety_policy": team.safety,
-    }
-    if members is not None:
-        described["members"] = members
-    return described
 
 
 def _team_limits(args: argparse.Namespace, base: Limits) -> Limits:
@@ -71,9 +54,12 @@ def _slug(name: str) -> str:
 
 class TeamAdmin:
     def __init__(self, store: ConsumerStore, out: Any, deployments: Any, json_mode: bool = False,
-                 policies: frozenset[str] = frozenset()) -> None:
+                 policies: frozenset[str] = frozenset(), ops: CommandOperations | None = None,
+                 actor: Actor | None = None) -> None:
         self.store = store
         self.policies = policies  # the names of GATEWAY_SAFETY_POLICIES
+        self.ops = ops or CommandOperations(AdminOperations(store, None, SystemClock()))
+        self.actor = actor or Actor("cli")
         self.json_mode = json_mode
         self.out = out
         self._deployments = deployments  # (args, base) -> frozenset | None, the consumers' own rule
@@ -105,37 +91,26 @@ class TeamAdmin:
                 safety=safety_policy(args, None, self.policies),
             )
             try:
-                await self.store.create_team(team)
-            except Conflict:
-                self.print(f"a team with id {team.id!r} exists already")
+                await self.ops.create_team(team, self.actor)
+            except SystemExit as refused:
+                self.print(str(refused.code))
                 return 1
             self.print(json.dumps(describe_team(team, []), indent=2))
             return 0
         if action == "set":
             # On the version read (If-Match): a concurrent `teams set` is never undone, the change is made again on it.
-            for _ in range(WRITE_TRIES):
-                found = await self.store.get_team_versioned(args.id)
-                if found is None:
-                    raise SystemExit(f"no team with id {args.id!r}")
-                team, etag = found
-                changed = replace(
-                    team,
-                    name=args.name or team.name,
-                    limits=_team_limits(args, team.limits),
-                    deployments=self._deployments(args, team.deployments),
-                    priority=args.priority or team.priority,
-                    cache=cache_policy(args, team.cache),
-                    safety=safety_policy(args, team.safety, self.policies),
-                    version=team.version + 1,
-                )
-                try:
-                    await self.store.put_team(changed, if_match=etag)
-                except Conflict:
-                    continue
-                self.print(json.dumps(describe_team(changed, await self._members(team.id)), indent=2))
-                return 0
-            raise SystemExit(f"{args.id}: changed by other writers {WRITE_TRIES} times while this command ran; "
-                             "nothing written by it. Run it again")
+            changed = await self.ops.change_team(args.id, lambda team: replace(
+                team,
+                name=args.name or team.name,
+                limits=_team_limits(args, team.limits),
+                deployments=self._deployments(args, team.deployments),
+                priority=args.priority or team.priority,
+                cache=cache_policy(args, team.cache),
+                safety=safety_policy(args, team.safety, self.policies),
+                version=team.version + 1,
+            ), self.actor)
+            self.print(json.dumps(describe_team(changed, await self._members(args.id)), indent=2))
+            return 0
         if action == "list":
             teams = sorted(await self.store.list_teams(), key=lambda t: t.id)
             consumers = await self.store.list_consumers()
@@ -157,11 +132,7 @@ class TeamAdmin:
             return 0
         if action == "delete":
             await self._existing(args.id)
-            members = await self._members(args.id)
-            if members:
-                raise SystemExit(f"team {args.id!r} has members ({', '.join(members[:20])}): move them first "
-                                 "(consumers set ID --team OTHER, or --team '')")
-            await self.store.delete_team(args.id)
+            await self.ops.delete_team(args.id, self.actor)
             self.print(f"{args.id}: deleted")
             return 0
         raise SystemExit(f"unknown action {action}")

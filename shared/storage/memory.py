@@ -10,10 +10,12 @@ from shared.limits.ledger import Ledger
 from shared.storage.protocols import Conflict, StoreUnavailable
 
 if TYPE_CHECKING:
+    from shared.adminops.records import AuditEntry
     from shared.edge.consumers import Consumer, Team
     from shared.routing.capacity import CapacityReport
     from shared.routing.pinning import StoredResponse
     from shared.routing.router import BreakerRecord
+    from shared.telemetry.traffic import TrafficRow
     from shared.telemetry.usage_rows import UsageRow
 
 
@@ -311,3 +313,39 @@ class MemoryAuditStore(_Switch):
 
     def lines(self) -> list[bytes]:
         return [line for blob in self.blobs.values() for line in bytes(blob).splitlines()]
+
+
+class MemoryChangeLogStore(_Switch):
+    def __init__(self) -> None:
+        self.entries: list[AuditEntry] = []
+
+    async def append(self, entry: AuditEntry) -> None:
+        self._check()
+        self.entries.append(entry)
+
+    async def recent(self, limit: int, since: float) -> list[AuditEntry]:
+        self._check()
+        return sorted((e for e in reversed(self.entries) if e.at >= since), key=lambda e: e.at, reverse=True)[:limit]
+
+
+class MemoryTrafficStore(_Switch):
+    def __init__(self) -> None:
+        self.rows: dict[tuple[int, str], TrafficRow] = {}
+        self.calls = 0
+
+    async def save(self, rows: list[TrafficRow]) -> None:
+        self._check()
+        self.calls += 1
+        for row in rows:
+            self.rows[(row.bucket, row.instance)] = row
+
+    async def read(self, first_bucket: int, last_bucket: int) -> list[TrafficRow]:
+        self._check()
+        self.calls += 1
+        return [r for (b, _), r in sorted(self.rows.items()) if first_bucket <= b <= last_bucket]
+
+    async def forget(self, instance: str, buckets: list[int]) -> None:
+        self._check()
+        self.calls += 1
+        for bucket in buckets:
+            self.rows.pop((bucket, instance), None)

@@ -7,11 +7,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # the records are defined beside the logic that uses them; only their names are needed here
+    from shared.adminops.records import AuditEntry
     from shared.edge.consumers import Consumer, Team
     from shared.limits.ledger import Ledger
     from shared.routing.capacity import CapacityReport
     from shared.routing.pinning import StoredResponse
     from shared.routing.router import BreakerRecord
+    from shared.telemetry.traffic import TrafficRow
     from shared.telemetry.usage_rows import UsageRow
 
 
@@ -43,6 +45,10 @@ class ConsumerStore(Protocol):
         ...
 
     async def delete(self, consumer_id: str) -> bool: ...
+
+    async def create(self, consumer: Consumer) -> None:
+        """Write a new consumer; Conflict when its id exists."""
+        ...
 
     async def list_teams(self) -> list[Team]: ...
 
@@ -165,4 +171,30 @@ class AuditStore(Protocol):
 
     async def append(self, name: str, data: bytes) -> None:
         """Append whole lines to the blob `name` (created when absent). StoreUnavailable when it could not."""
+        ...
+
+
+class ChangeLogStore(Protocol):
+    """The admin changes (who, what, when, before and after): the admin API's /audit."""
+
+    async def append(self, entry: AuditEntry) -> None:
+        """Add one admin change (never overwrites another)."""
+        ...
+
+    async def recent(self, limit: int, since: float) -> list[AuditEntry]:
+        """The newest entries first, at most `limit`, none older than `since` (epoch seconds)."""
+        ...
+
+
+class TrafficStore(Protocol):
+    async def save(self, rows: list[TrafficRow]) -> None:
+        """Write one instance's rows (one per 10-s bucket), replacing that instance's rows of the same buckets."""
+        ...
+
+    async def read(self, first_bucket: int, last_bucket: int) -> list[TrafficRow]:
+        """Every instance's rows of buckets first..last inclusive."""
+        ...
+
+    async def forget(self, instance: str, buckets: list[int]) -> None:
+        """Delete this instance's rows of these buckets (missing ones are fine)."""
         ...

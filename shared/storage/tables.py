@@ -47,7 +47,7 @@ T = TypeVar("T")
 class Tables:
     """The gateway's tables, each created on first use, with every call under `timeout_s`."""
 
-    NAMES = ("consumers", "ledger", "breakers", "usage", "budgets", "capacity")
+    NAMES = ("consumers", "ledger", "breakers", "usage", "budgets", "capacity", "changes", "traffic")
 
     def __init__(self, service: TableServiceClient, prefix: str, timeout_s: float) -> None:
         self._service = service
@@ -963,3 +963,89 @@ class TableBudgetStore:
             lambda t: collect(t.query_entities("PartitionKey eq @p", parameters={"p": f"{consumer}|{period}"})),
         )
         return [SpendRow(e["consumer"], e["period"], e["RowKey"], int(e["nanos"])) for e in entities]
+
+
+_NEWEST_FIRST = 10**13  # row keys count down, so the newest entries come first in a partition
+
+
+class TableChangeLogStore:
+    """One row per admin change, partitioned by month (key "YYYY-MM"), row keys newest first; reads are the current
+    month and the one before, stopping at `limit`."""
+
+    def __init__(self, tables: Tables) -> None:
+        self._tables = tables
+
+    async def append(self, entry: Any) -> None:
+        row = f"{_NEWEST_FIRST - int(entry.at * 1000):013d}-{entry.id}"
+        entity = {
+            "PartitionKey": time.strftime("%Y-%m", time.gmtime(entry.at)), "RowKey": row, "at": float(entry.at),
+            "actor": entry.actor, "role": entry.role, "action": entry.action, "target": entry.target,
+            "before": entry.before, "after": entry.after, "id": entry.id,
+        }
+        await self._tables.call("changes", lambda t: t.create_entity(entity))
+
+    async def recent(self, limit: int, since: float) -> list[Any]:
+        from shared.adminops.records import AuditEntry
+
+        months = sorted({time.strftime("%Y-%m", time.gmtime(t)) for t in (time.time(), max(since, time.time() - 32 * 86400))},
+                        reverse=True)
+        found: list[Any] = []
+        for month in months:
+            query = "PartitionKey eq @m and at ge @since"
+            parameters = {"m": month, "since": float(since)}
+
+            async def read(t: TableClient, q: str = query, p: dict[str, Any] = parameters) -> list[dict[str, Any]]:
+                return await collect(t.query_entities(q, parameters=p, results_per_page=min(limit, 1000)))
+
+            entities = await self._tables.call("changes", read, self._tables.timeout_s * 10)
+            found += [AuditEntry(float(e["at"]), e["actor"], e["role"], e["action"], e["target"], e.get("before", ""),
+                                 e.get("after", ""), e.get("id", "")) for e in entities]
+            if len(found) >= limit:
+                break
+        return sorted(found, key=lambda e: e.at, reverse=True)[:limit]
+
+
+class TableTrafficStore:
+    """One row per instance per 10-s bucket (partition: the bucket, zero-padded, so a time range is a key range; row:
+    the instance), the counts of its backends as JSON. A read of N minutes is one range query over 6N partitions."""
+
+    def __init__(self, tables: Tables) -> None:
+        self._tables = tables
+        self.calls = 0
+
+    async def save(self, rows: list[Any]) -> None:
+        for row in rows:
+            entity = {"PartitionKey": f"{row.bucket:012d}", "RowKey": row.instance, "bucket": int(row.bucket),
+                      "counts": json.dumps({k: list(v) for k, v in row.counts.items()}, separators=(",", ":"))}
+            self.calls += 1
+            async def upsert(t: TableClient, e: dict[str, Any] = entity) -> None:
+                await t.upsert_entity(e, mode=UpdateMode.REPLACE)
+
+            await self._tables.call("traffic", upsert)
+
+    async def read(self, first_bucket: int, last_bucket: int) -> list[Any]:
+        from shared.telemetry.traffic import TrafficRow
+
+        parameters = {"first": f"{first_bucket:012d}", "last": f"{last_bucket:012d}"}
+        self.calls += 1
+        entities = await self._tables.call("traffic", lambda t: collect(t.query_entities(
+            "PartitionKey ge @first and PartitionKey le @last", parameters=parameters)), self._tables.timeout_s * 10)
+        rows = []
+        for e in entities:
+            try:
+                counts = {str(k): tuple(int(x) for x in v) for k, v in json.loads(e["counts"]).items()}
+                rows.append(TrafficRow(int(e["PartitionKey"]), str(e["RowKey"]), counts))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                log.warning("ignored a malformed traffic row")
+        return rows
+
+    async def forget(self, instance: str, buckets: list[int]) -> None:
+        for bucket in buckets:
+            self.calls += 1
+            try:
+                async def delete(t: TableClient, b: int = bucket) -> None:
+                    await t.delete_entity(f"{b:012d}", instance)
+
+                await self._tables.call("traffic", delete)
+            except ResourceNotFoundError:
+                pass

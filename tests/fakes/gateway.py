@@ -13,7 +13,7 @@ import httpx
 import openai
 from starlette.requests import Request
 
-from shared.app import Edge
+from shared.app import Edge, console_deps
 from shared.cache.layer import AnswerCache
 from shared.cache.policy import OFF, CachePolicy
 from shared.clock import FakeClock
@@ -42,11 +42,14 @@ from shared.storage.memory import (
     MemoryAnswerStore,
     MemoryAuditStore,
     MemoryBreakerStore,
+    MemoryChangeLogStore,
     MemoryConsumerStore,
     MemoryLedgerStore,
     MemoryResponseStore,
+    MemoryTrafficStore,
     MemoryUsageStore,
 )
+from shared.telemetry.traffic import TrafficCounter
 from shared.telemetry.usage_rows import UsageRecorder, UsageRow
 from tests.fakes.telemetry import RecordingTelemetry
 from tests.fakes.upstream import ScriptedUpstream
@@ -116,6 +119,10 @@ class GatewayHarness:
             fail_closed=settings.auth_fail_mode == "closed", lookups_per_s=settings.unknown_key_lookups_per_s,
             failures_per_minute=settings.auth_failures_per_minute,
         )
+        self.change_log = MemoryChangeLogStore()
+        self.traffic_store = MemoryTrafficStore()
+        self.traffic = TrafficCounter(SpendingTelemetry(self.telemetry, self.budgets), self.traffic_store, self.clock,
+                                      "harness", background=False)
         self.services = Services(
             settings=settings,
             clock=self.clock,
@@ -125,7 +132,7 @@ class GatewayHarness:
             upstream=self.upstream,
             auth=BackendAuth(settings.backends, self.clock, _no_identity),
             limiter=BudgetedLimiter(self.limiter, self.budgets),
-            telemetry=SpendingTelemetry(self.telemetry, self.budgets),
+            telemetry=self.traffic,
             usage=self.usage,
             responses=self.response_store,
             cache=AnswerCache(self.answer_store, self.clock, memory_bytes=settings.cache_memory_bytes,
@@ -140,7 +147,8 @@ class GatewayHarness:
             self.services.audit = AuditTrail(
                 self.audit_store, self.clock, "harness", memory_bytes=settings.safety.audit_memory_bytes,
                 flush_s=settings.safety.audit_flush_s, lost=self.telemetry.audit_lost, background=False)
-        self.edge = Edge(settings, self.services)
+        self.edge = Edge(settings, self.services, console_deps(
+            self.services, self.consumer_store, self.change_log, self.usage_store, self.traffic_store, self.traffic))
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.asgi), base_url=BASE_URL, timeout=10)
 
     async def asgi(self, scope: Any, receive: Any, send: Any) -> None:
