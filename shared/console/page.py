@@ -21,6 +21,8 @@ HEADERS = {"content-security-policy": CSP, "x-content-type-options": "nosniff", 
 
 @cache
 def _files() -> dict[str, tuple[bytes, str]]:
+    if not STATIC.is_dir():
+        return {}
     return {f"/{p.name}": (p.read_bytes(), TYPES[p.suffix]) for p in STATIC.iterdir() if p.suffix in TYPES}
 
 
