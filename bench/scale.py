@@ -1,0 +1,354 @@
+"""How far it carries (issue 32): N gateway instances' real limiters, breaker and PTU-capacity sharing and consumer-
+marker reads, in one process, on a simulated clock, against a simulated Table Storage account (bench/simtable.py:
+latency, real ETag conflicts, 2,000 entities/s a partition and 20,000 requests/s an account, 503 ServerBusy beyond).
+
+    .venv/bin/python -m bench.scale [--quick] [--seconds 100] [--write]
+
+Shapes:
+- `one`: one consumer asking `rps` requests a second (Poisson, each to a random instance, as the Functions front end
+  spreads them), twice its tokens-per-minute limit, across N instances; each request reserves 300 tokens and uses
+  150-300, settled 0.5-5 s later.
+- `many`: 10,000 consumers at one request a second each (each at ~15% of its limit), across N instances.
+- `trip`: N idle instances sharing state; one sees a backend refuse its credential (a trip) and a PTU's 429: how long
+  until every instance has the trip and the PTU's instant.
+
+Per shape: the most admitted in any 60 s / limit (<= 1), admitted in the minute after the window first filled / limit
+(>= 0.95), storage operations per request, peaks per second on the busiest partition and the account, ETag conflicts
+(and the re-reads they cost), ServerBusy answers and what the limiter did about them (fallback admissions, 503s), and
+the admission latency the store adds (simulated, p50/p99). Every instance's gateway code is the real code; only the
+store and the clock are simulated. Real run time is bounded by the shapes chosen (--quick: the subset in QUICK).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import random
+import time
+from typing import Any
+
+from bench.harness import machine, save, stamp, update_doc
+from bench.simtable import (
+    SimAccount,
+    SimBreakerStore,
+    SimCapacityStore,
+    SimClock,
+    SimConsumerStore,
+    SimLedgerStore,
+    VirtualLoop,
+)
+from shared.config import Backend
+from shared.edge.consumers import Consumer, ConsumerDirectory, Limits, hash_key
+from shared.limits.limiter import TokenLimiter
+from shared.outcomes import Refusal
+from shared.routing.breaker import OPEN
+from shared.routing.provisioned import ProvisionedCapacity
+from shared.routing.router import Router
+from shared.storage.protocols import StoreUnavailable
+from shared.telemetry.events import NullTelemetry
+
+D = "gpt-4o"
+RESERVE = 300
+BACKENDS = (
+    Backend(id="ptu", endpoint="https://ptu.example", region="a", deployments={D: D}, ptu=True),
+    Backend(id="paygo", endpoint="https://paygo.example", region="b", deployments={D: D}, priority=2),
+)
+FULL = [("one", 1000, 16), ("one", 1000, 64), ("one", 1000, 256), ("one", 5000, 16), ("one", 5000, 64),
+        ("one", 5000, 256), ("one", 20000, 16), ("one", 20000, 64), ("one", 20000, 256), ("many", 10000, 64),
+        ("trip", 0, 16), ("trip", 0, 64), ("trip", 0, 256)]
+QUICK = [("trip", 0, 16), ("trip", 0, 64), ("trip", 0, 256), ("one", 1000, 16), ("one", 1000, 256),
+         ("one", 5000, 64), ("one", 20000, 256), ("many", 10000, 64)]
+# Simulated seconds at most per request rate, to bound the real run time (2 shared cores run ~2-15k simulated requests
+# a real second, fewer with many instances): the heaviest shapes show their throttling, not a full minute's accuracy.
+SECONDS_CAP = {1000: 100.0, 5000: 70.0, 10000: 20.0, 20000: 15.0}
+
+
+class Instance:
+    def __init__(self, i: int, n: int, clock: SimClock, stores: dict[str, Any]) -> None:
+        telemetry = NullTelemetry()
+        self.name = f"i{i}"
+        self.limiter = TokenLimiter(stores["ledger"], clock, telemetry, instance_count=n, instance_id=self.name)
+        self.router = Router(BACKENDS, clock, telemetry, stores["breakers"], 0.5,
+                             ProvisionedCapacity(BACKENDS, clock, stores["capacity"], self.name, 0.5))
+        self.directory = ConsumerDirectory(stores["consumers"], clock, 60.0, check_s=1.0)
+
+    async def close(self) -> None:
+        await self.router.close()
+        if self.limiter._ticker is not None:
+            self.limiter._ticker.cancel()
+
+
+def start(loop: VirtualLoop, inst: Instance, rng: random.Random) -> None:
+    """Start an instance's sync loops (as its first request does) at a random moment: instances start apart."""
+    loop.call_later(rng.uniform(0, 1.0), inst.router.candidates, D, RESERVE, "normal")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def worst_60s(admitted: list[tuple[float, int]]) -> int:
+    admitted = sorted(admitted)
+    worst = total = j = 0
+    for t, tokens in admitted:
+        total += tokens
+        while admitted[j][0] <= t - 60:
+            total -= admitted[j][1]
+            j += 1
+        worst = max(worst, total)
+    return worst
+
+
+async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoop, seed: int) -> dict[str, Any]:
+    account = SimAccount(seed)
+    clock = SimClock(loop)
+    stores = {"ledger": SimLedgerStore(account), "breakers": SimBreakerStore(account),
+              "capacity": SimCapacityStore(account), "consumers": SimConsumerStore(account)}
+    rng = random.Random(seed)
+    if shape == "one":
+        per_request = 225  # the mean of 150-300
+        limit = int(rps * per_request * 60 / 2)  # demand is twice the limit
+        consumers = [Consumer(id="busy", name="busy", key_hash=hash_key("k-busy"), key_prefix="gw-x",
+                              limits=Limits(tokens_per_minute=limit))]
+    else:
+        limit = 100_000
+        consumers = [Consumer(id=f"c{k}", name=f"c{k}", key_hash=hash_key(f"k-c{k}"), key_prefix="gw-x",
+                              limits=Limits(tokens_per_minute=limit)) for k in range(rps)]
+    for c in consumers:
+        stores["consumers"].twin._store(c)
+    keys = [f"k-{c.id}" for c in consumers]
+    instances = [Instance(i, n, clock, stores) for i in range(n)]
+    for inst in instances:
+        await inst.directory.reload()
+        start(loop, inst, rng)
+    await asyncio.sleep(1)
+    account.counts.ops = 0
+    base_kind = dict(account.counts.by_kind)
+    admitted: dict[str, list[tuple[float, int]]] = {c.id: [] for c in consumers}
+    latencies: list[float] = []
+    results = {"requests": 0, "admitted": 0, "refused_429": 0, "store_503": 0}
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(inst: Instance, key: str) -> None:
+        started = loop.time()
+        consumer = await inst.directory.authenticate(key)
+        try:
+            ticket = await inst.limiter.admit(consumer, D, RESERVE)
+        except Refusal:
+            results["refused_429"] += 1
+            return
+        except StoreUnavailable:
+            results["store_503"] += 1
+            return
+        latencies.append(loop.time() - started)
+        results["admitted"] += 1
+        used = rng.randint(150, 300)
+        admitted[consumer.id].append((loop.time(), used))
+        loop.call_later(rng.uniform(0.5, 5.0), ticket.settle, used)
+
+    step = 0.01
+    t = 0.0
+    while t < seconds:
+        await asyncio.sleep(step)
+        t += step
+        if shape == "one":
+            count = _poisson(rng, rps * step)
+            picks = [keys[0]] * count
+        else:  # every consumer once a second, out of step with one another
+            lo, hi = int((t - step) * rps) % rps, int(t * rps) % rps
+            picks = keys[lo:hi] if lo <= hi else keys[lo:] + keys[:hi]
+        for key in picks:
+            results["requests"] += 1
+            task = loop.create_task(one(instances[rng.randrange(n)], key))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for inst in instances:
+        await inst.close()
+    c = account.counts
+    kinds = {k: v - base_kind.get(k, 0) for k, v in c.by_kind.items()}
+    ledger_ops = kinds.get("ledger.read", 0) + kinds.get("ledger.write", 0)
+    figures: dict[str, Any] = {
+        "shape": shape, "rps": rps, "instances": n, "seconds": seconds, "limit_tpm": limit, **results,
+        "storage_ops_per_request": round(sum(kinds.values()) / max(1, results["requests"]), 4),
+        "ledger_ops_per_request": round(ledger_ops / max(1, results["requests"]), 4),
+        "ops_by_kind": kinds,
+        "account_peak_per_s": c.peak_account_per_s(2),
+        "account_mean_per_s": round(sum(kinds.values()) / seconds),
+        "busiest_partition": c.peak_partition_per_s(2),
+        "ledger_partition_peak_per_s": c.partition_group_peak("ledger/", 2),
+        "etag_conflicts": c.conflicts,
+        "server_busy_503": c.busy,
+        "limiter_contended": sum(i.limiter.contended for i in instances),
+        "fallback_admissions": sum(i.limiter.fallback_admissions for i in instances),
+        "admission_p50_ms": round(percentile(latencies, 0.5) * 1000, 2),
+        "admission_p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+    }
+    if shape == "one":
+        series = admitted["busy"]
+        figures["max_any_60s_over_limit"] = round(worst_60s(series) / limit, 4)
+        fill = _filled_at(series, limit)
+        if fill is not None and fill + 60 <= seconds:
+            minute = sum(tok for at, tok in series if fill <= at < fill + 60)
+            figures["minute_after_fill_over_limit"] = round(minute / limit, 4)
+            figures["filled_at_s"] = round(fill, 1)
+    else:
+        worst = max((worst_60s(s) for s in admitted.values() if s), default=0)
+        figures["max_any_60s_over_limit"] = round(worst / limit, 4)
+    return figures
+
+
+def _filled_at(series: list[tuple[float, int]], limit: int) -> float | None:
+    total = 0
+    for at, tokens in sorted(series):
+        total += tokens
+        if total >= 0.95 * limit:
+            return at
+    return None
+
+
+def _poisson(rng: random.Random, mean: float) -> int:
+    if mean > 30:
+        return max(0, round(rng.gauss(mean, mean ** 0.5)))
+    count, limit, p = 0, pow(2.718281828459045, -mean), rng.random()
+    while p > limit:
+        count += 1
+        p *= rng.random()
+    return count
+
+
+async def trip(n: int, loop: VirtualLoop, seed: int) -> dict[str, Any]:
+    account = SimAccount(seed)
+    clock = SimClock(loop)
+    stores = {"ledger": SimLedgerStore(account), "breakers": SimBreakerStore(account),
+              "capacity": SimCapacityStore(account), "consumers": SimConsumerStore(account)}
+    instances = [Instance(i, n, clock, stores) for i in range(n)]
+    rng = random.Random(seed)
+    for inst in instances:
+        start(loop, inst, rng)
+    ptu, paygo = BACKENDS
+    for inst in instances:  # every instance has sent to the PTU lately: each publishes its capacity report
+        inst.router.acquire(ptu, D)
+    await asyncio.sleep(5 + rng.random())  # the sync loops out of step, as they are; the trip at any moment
+    base = account.counts.busy
+    first = instances[0].router
+    t0 = loop.time()
+    first.record_auth_failure(paygo, D, 401)  # a trip
+    first.acquire(ptu, D)
+    first.record_failure(ptu, D, 429, {"retry-after-ms": "800", "retry-after": "1"})  # a PTU's utilisation 429
+    trip_all = ptu_all = None
+    while loop.time() - t0 < 60 and (trip_all is None or ptu_all is None):
+        await asyncio.sleep(0.01)
+        if trip_all is None and all(i.router._breakers[(paygo.id, D)].state == OPEN for i in instances):
+            trip_all = loop.time() - t0
+        if ptu_all is None and all(
+            (m := i.router.capacity.model(ptu.id, D)) is not None and m.evidence_at >= clock.now() - 60
+            for i in instances
+        ):
+            ptu_all = loop.time() - t0
+    await asyncio.sleep(10)
+    seconds = loop.time() - t0 + 5
+    for inst in instances:
+        await inst.close()
+    c = account.counts
+    return {
+        "shape": "trip", "instances": n,
+        "trip_reaches_all_s": None if trip_all is None else round(trip_all, 2),
+        "ptu_429_reaches_all_s": None if ptu_all is None else round(ptu_all, 2),
+        "breakers_partition_peak_per_s": c.partition_group_peak("breakers", 0),
+        "capacity_partition_peak_per_s": c.partition_group_peak("capacity", 0),
+        "marker_partition_peak_per_s": c.partition_group_peak("marker", 0),
+        "account_mean_per_s": round(c.ops / seconds),
+        "server_busy_503_after_trip": c.busy - base,
+        "capacity_sync_failures": sum(i.router.capacity.sync_failures for i in instances),
+    }
+
+
+def run_shape(shape: str, rps: int, n: int, seconds: float, seed: int) -> dict[str, Any]:
+    loop = VirtualLoop()
+    started = time.monotonic()
+    try:
+        coro = trip(n, loop, seed) if shape == "trip" else traffic(shape, rps, n, seconds, loop, seed)
+        figures = loop.run_until_complete(coro)
+    finally:
+        for task in asyncio.all_tasks(loop):
+            task.cancel()
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+    figures["real_seconds"] = round(time.monotonic() - started, 1)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the subset of shapes in QUICK")
+    parser.add_argument("--seconds", type=float, default=100.0, help="simulated seconds per traffic shape")
+    parser.add_argument("--only", default="", help="shape:rps:instances,... to run just those")
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args(argv)
+    logging.disable(logging.WARNING)  # every instance logs every trip it adopts
+    shapes = QUICK if args.quick else FULL
+    if args.only:
+        shapes = [(s, int(r), int(n)) for s, r, n in (x.split(":") for x in args.only.split(","))]
+    results: dict[str, Any] = {"machine": machine(), "date": stamp(), "seconds": args.seconds,
+                               "quick": args.quick, "runs": []}
+    for shape, rps, n in shapes:
+        figures = run_shape(shape, rps, n, min(args.seconds, SECONDS_CAP.get(rps, args.seconds)), seed=7)
+        results["runs"].append(figures)
+        print(json.dumps(figures), flush=True)
+    save("scale", results)
+    if args.write:
+        update_doc("scale", markdown(results, args))
+    return 0
+
+
+def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
+    command = "`.venv/bin/python -m bench.scale" + (" --quick" if args.quick else "") + \
+        (f" --seconds {args.seconds:g}" if args.seconds != 100 else "") + " --write`"
+    lines = [
+        "## Scale: 16 to 256 instances against Table Storage's targets (simulated)",
+        "",
+        f"{command} — {results['date']}, {results['machine']} (shared with other work; real seconds per shape in the "
+        "last column). Real gateway code (limiters, leases, allowances, ledger copies, breaker and PTU-capacity "
+        "sharing, consumer-marker checks) of N instances in one process on a simulated clock, against a simulated "
+        "account (bench/simtable.py: log-normal latency, median 6 ms; 2,000 entities/s a partition, 20,000 requests/s "
+        "an account, 503 ServerBusy beyond). One consumer: demand twice its limit. See docs/scale.md for what the "
+        "figures mean.",
+        "",
+        "| shape | req/s | inst | sim s | admitted / 429 / 503 | any 60 s / limit | minute after fill / limit | ops/req "
+        "(ledger) | ledger partition peak/s | account peak/s | ETag conflicts | ServerBusy | fallback admits "
+        "| admit p50 / p99 ms | real s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["runs"]:
+        if r["shape"] == "trip":
+            continue
+        lines.append(
+            f"| {r['shape']} | {r['rps']:,} | {r['instances']} | {r['seconds']:g} | {r['admitted']:,} / {r['refused_429']:,} / "
+            f"{r['store_503']:,} | {r['max_any_60s_over_limit']} | {r.get('minute_after_fill_over_limit', '-')} | "
+            f"{r['storage_ops_per_request']} ({r['ledger_ops_per_request']}) | {r['ledger_partition_peak_per_s']:,} | "
+            f"{r['account_peak_per_s']:,} | {r['etag_conflicts']:,} | {r['server_busy_503']:,} | "
+            f"{r['fallback_admissions']:,} | {r['admission_p50_ms']} / {r['admission_p99_ms']} | {r['real_seconds']} |"
+        )
+    trips = [r for r in results["runs"] if r["shape"] == "trip"]
+    if trips:
+        lines += ["", "| trip shape: instances | trip reaches all (s) | PTU 429 reaches all (s) | breakers partition "
+                  "peak/s | capacity partition peak/s | marker partition peak/s | ServerBusy after | capacity sync "
+                  "failures | real s |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in trips:
+            lines.append(
+                f"| {r['instances']} | {r['trip_reaches_all_s']} | {r['ptu_429_reaches_all_s']} | "
+                f"{r['breakers_partition_peak_per_s']:,} | {r['capacity_partition_peak_per_s']:,} | "
+                f"{r['marker_partition_peak_per_s']:,} | {r['server_busy_503_after_trip']:,} | "
+                f"{r['capacity_sync_failures']:,} | {r['real_seconds']} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,29 @@
+"""bench.scale on small shapes: the real limiters of several instances on the simulated clock and account keep the
+limit in every 60 s, and a trip and a PTU's 429 reach every instance through the shared rows (simulated time)."""
+
+from __future__ import annotations
+
+from bench.scale import run_shape
+
+
+def test_one_busy_consumer_over_eight_instances_is_held_to_its_limit() -> None:
+    figures = run_shape("one", 200, 8, 70.0, seed=3)
+    assert figures["admitted"] > 0 and figures["refused_429"] > 0  # demand is twice the limit
+    assert figures["max_any_60s_over_limit"] <= 1.0
+    assert figures["server_busy_503"] == 0  # far below every target
+    assert figures["fallback_admissions"] == 0
+    assert figures["ledger_ops_per_request"] > 0
+
+
+def test_a_trip_and_a_ptu_429_reach_every_instance_within_a_few_sync_intervals() -> None:
+    figures = run_shape("trip", 0, 8, 0.0, seed=3)
+    assert figures["trip_reaches_all_s"] is not None and figures["trip_reaches_all_s"] <= 1.5
+    assert figures["ptu_429_reaches_all_s"] is not None and figures["ptu_429_reaches_all_s"] <= 1.5
+    assert figures["server_busy_503_after_trip"] == 0
+
+
+def test_past_the_partition_target_the_capacity_rows_are_throttled() -> None:
+    # 64 instances each reading every instance's capacity row twice a second: ~8,000 entities/s on one partition.
+    figures = run_shape("trip", 0, 64, 0.0, seed=3)
+    assert figures["capacity_partition_peak_per_s"] > 2_000
+    assert figures["server_busy_503_after_trip"] > 0
