@@ -131,12 +131,19 @@ async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoo
     base_kind = dict(account.counts.by_kind)
     admitted: dict[str, list[tuple[float, int]]] = {c.id: [] for c in consumers}
     latencies: list[float] = []
-    results = {"requests": 0, "admitted": 0, "refused_429": 0, "store_503": 0}
+    results = {"requests": 0, "admitted": 0, "refused_429": 0, "store_503": 0, "auth_refused": 0}
+    auth_kinds: dict[str, int] = {}
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(inst: Instance, key: str) -> None:
         started = loop.time()
-        consumer = await inst.directory.authenticate(key)
+        try:
+            consumer = await inst.directory.authenticate(key)
+        except Exception as exc:  # what the edge answers: 401 for a key not (yet) known, 503 with the store away
+            name = type(exc).__name__
+            results["auth_refused"] += 1
+            auth_kinds[name] = auth_kinds.get(name, 0) + 1
+            return
         try:
             ticket = await inst.limiter.admit(consumer, D, RESERVE)
         except Refusal:
@@ -186,6 +193,8 @@ async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoo
         "server_busy_503": c.busy,
         "limiter_contended": sum(i.limiter.contended for i in instances),
         "fallback_admissions": sum(i.limiter.fallback_admissions for i in instances),
+        "auth_refusals_by_kind": auth_kinds,
+        "consumer_reload_failures": sum(i.directory.reload_failures for i in instances),
         "admission_p50_ms": round(percentile(latencies, 0.5) * 1000, 2),
         "admission_p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
     }
@@ -330,7 +339,7 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             continue
         lines.append(
             f"| {r['shape']} | {r['rps']:,} | {r['instances']} | {r['seconds']:g} | {r['admitted']:,} / {r['refused_429']:,} / "
-            f"{r['store_503']:,} | {r['max_any_60s_over_limit']} | {r.get('minute_after_fill_over_limit', '-')} | "
+            f"{r['store_503']:,}{' / 401: ' + format(r['auth_refused'], ',') if r.get('auth_refused') else ''} | {r['max_any_60s_over_limit']} | {r.get('minute_after_fill_over_limit', '-')} | "
             f"{r['storage_ops_per_request']} ({r['ledger_ops_per_request']}) | {r['ledger_partition_peak_per_s']:,} | "
             f"{r['account_peak_per_s']:,} | {r['etag_conflicts']:,} | {r['server_busy_503']:,} | "
             f"{r['fallback_admissions']:,} | {r['admission_p50_ms']} / {r['admission_p99_ms']} | {r['real_seconds']} |"
