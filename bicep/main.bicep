@@ -232,6 +232,19 @@ param ptuUtilizationPercentThreshold int = 90
 
 param tags object = {}
 
+@description('Safety policies (docs/safety.md), as GATEWAY_SAFETY_POLICIES: policy name -> properties. With any policy, an Azure AI Content Safety and an Azure AI Language account are used (new, unless named below) and the gateway identity gets Cognitive Services User on each.')
+param safetyPolicies object = {}
+
+@description('An existing Azure AI Content Safety account in this resource group, instead of a new one.')
+param existingContentSafetyName string = ''
+
+@description('An existing Azure AI Language account in this resource group, instead of a new one.')
+param existingLanguageName string = ''
+
+@description('Days an audit blob of the safety policies is kept after its last write (the storage lifecycle rule).')
+@minValue(1)
+param auditRetentionDays int = 90
+
 var resourceToken = toLower(uniqueString(subscription().id, resourceGroup().id, environmentName))
 var allTags = union(tags, { 'azd-env-name': environmentName })
 var appName = 'func-aigw-${resourceToken}'
@@ -303,6 +316,33 @@ module storage 'modules/storage.bicep' = {
     privateNetworking: enablePrivateNetworking
     allowedIpRanges: storageAllowedIpRanges
     logAnalyticsId: monitoring.outputs.logAnalyticsId
+    auditRetentionDays: auditRetentionDays
+  }
+}
+
+var safetyOn = !empty(safetyPolicies)
+
+module contentSafety 'modules/safety.bicep' = if (safetyOn) {
+  name: 'aigw-contentsafety-${resourceToken}'
+  params: {
+    kind: 'ContentSafety'
+    name: empty(existingContentSafetyName) ? 'cs-aigw-${resourceToken}' : existingContentSafetyName
+    existing: !empty(existingContentSafetyName)
+    location: location
+    tags: allTags
+    gatewayPrincipalId: identity.outputs.principalId
+  }
+}
+
+module language 'modules/safety.bicep' = if (safetyOn) {
+  name: 'aigw-language-${resourceToken}'
+  params: {
+    kind: 'TextAnalytics'
+    name: empty(existingLanguageName) ? 'lang-aigw-${resourceToken}' : existingLanguageName
+    existing: !empty(existingLanguageName)
+    location: location
+    tags: allTags
+    gatewayPrincipalId: identity.outputs.principalId
   }
 }
 
@@ -384,6 +424,9 @@ module functionApp 'modules/functionapp.bicep' = {
     entraAudiences: entraAudiences
     gatewayId: empty(gatewayId) ? appName : gatewayId
     extraAppSettings: extraAppSettings
+    safetyPolicies: safetyPolicies
+    contentSafetyEndpoint: safetyOn ? contentSafety.outputs.endpoint : ''
+    languageEndpoint: safetyOn ? language.outputs.endpoint : ''
     subnetId: enablePrivateNetworking ? resourceId('Microsoft.Network/virtualNetworks/subnets', vnetName, 'app') : ''
     inboundAccess: appInboundAccess
     allowedIpRanges: appAllowedIpRanges

@@ -36,6 +36,7 @@ DOCUMENTED_ROLES = {
     "Cognitive Services OpenAI User": "5e0bd9bd-7b93-4f28-af87-19fc36ad61bd",
     "Monitoring Metrics Publisher": "3913510d-42f4-4e42-8a64-420c390055eb",
     "Monitoring Reader": "43d0d8ad-25c7-4714-9337-8ba259a9fe05",
+    "Cognitive Services User": "a97b65f3-24c7-4388-baec-2e87135dc908",
 }
 
 # Settings the code reads that the template deliberately leaves unset, so the code's default applies.
@@ -82,9 +83,6 @@ LEFT_AT_DEFAULT = {
     "GATEWAY_SAFETY_TIMEOUT_S",
     "GATEWAY_AUDIT_MEMORY_MB",
     "GATEWAY_AUDIT_FLUSH_S",
-    "GATEWAY_SAFETY_POLICIES",
-    "GATEWAY_CONTENT_SAFETY_ENDPOINT",
-    "GATEWAY_LANGUAGE_ENDPOINT",
     "GATEWAY_ADMIT_ON_BOUND",
     # One line per request on the console: for scripts/run; Azure has the per-request log.
     "GATEWAY_CONSOLE_LOG",
@@ -649,6 +647,37 @@ def test_role_assignments_are_exactly_the_documented_grants() -> None:
     for path in checks.bicep_files():
         text = path.read_text(encoding="utf-8")
         assert "newGuid(" not in text and "utcNow(" not in text
+
+
+def test_safety_policies_bring_their_services_the_identitys_access_and_the_settings() -> None:
+    assert not of_type(deployed("main"), "Microsoft.CognitiveServices/accounts") or all(
+        r.body["kind"] == "OpenAI" for r in of_type(deployed("main"), "Microsoft.CognitiveServices/accounts"))
+    policies = {"strict": {"categories": {"Violence": 4}, "pii": "redact", "audit": "on"}}
+    deployment = deployed("main", safetyPolicies=policies)
+    accounts = {r.body["kind"]: r for r in of_type(deployment, "Microsoft.CognitiveServices/accounts")}
+    for kind in ("ContentSafety", "TextAnalytics"):
+        assert props(accounts[kind])["disableLocalAuth"] is True
+    user = f"/subscriptions/00000000-0000-0000-0000-000000000000/providers/Microsoft.Authorization/roleDefinitions/" \
+           f"{DOCUMENTED_ROLES['Cognitive Services User']}"
+    grants = [r for r in of_type(deployment, "Microsoft.Authorization/roleAssignments")
+              if props(r)["roleDefinitionId"] == user]
+    assert len(grants) == 2 and all(props(g)["principalType"] == "ServicePrincipal" for g in grants)
+    settings = app_settings(deployment)
+    assert json.loads(settings["GATEWAY_SAFETY_POLICIES"]) == policies
+    assert settings["GATEWAY_CONTENT_SAFETY_ENDPOINT"].endswith(".cognitiveservices.azure.com")
+    assert settings["GATEWAY_LANGUAGE_ENDPOINT"].endswith(".cognitiveservices.azure.com")
+    assert "GATEWAY_CONTENT_SAFETY_KEY" not in settings  # the identity, never a key
+    existing = deployed("main", safetyPolicies=policies, existingContentSafetyName="cs-shared")
+    kinds = [r.body["kind"] for r in of_type(existing, "Microsoft.CognitiveServices/accounts")]
+    assert "ContentSafety" not in kinds and "TextAnalytics" in kinds
+    assert app_settings(existing)["GATEWAY_CONTENT_SAFETY_ENDPOINT"] == "https://cs-shared.cognitiveservices.azure.com"
+
+
+def test_audit_blobs_are_deleted_by_a_lifecycle_rule() -> None:
+    rules = props(one(deployed("main", auditRetentionDays=30), "Microsoft.Storage/storageAccounts/managementPolicies"))
+    [audit] = [r for r in rules["policy"]["rules"] if r["name"] == "audit-retention"]
+    assert audit["definition"]["filters"] == {"blobTypes": ["appendBlob"], "prefixMatch": ["gateway-audit/"]}
+    assert audit["definition"]["actions"]["baseBlob"]["delete"]["daysAfterModificationGreaterThan"] == 30
 
 
 # ---- the package and the documents ---------------------------------------------------------------------------------

@@ -114,10 +114,12 @@ def with_ptu_example(params: Path) -> None:
 
 
 def test_every_resource_declaration_is_checked_by_some_scenario(copy: Path) -> None:
-    """Conditional resources only exist in some scenarios; with the PTU example and an alert address they cover
+    """Conditional resources only exist in some scenarios; with the PTU example, an alert address and a safety policy they cover
     every declaration, so every resource body meets the type check somewhere."""
     with_ptu_example(copy / "main.bicepparam")
     edit(copy / "main.bicepparam", "param limitFailMode", "param alertEmail = 'ops@example.com'\nparam limitFailMode")
+    edit(copy / "main.bicepparam", "param limitFailMode",
+         "param safetyPolicies = {\n  strict: {\n    pii: 'redact'\n  }\n}\nparam limitFailMode")
     deployer = Context(environment={"AZURE_PRINCIPAL_ID": "22222222-3333-4444-5555-666666666666",
                                     "AZURE_PRINCIPAL_TYPE": "User"})
     reports = [checks.check(copy / p.name, deployer) for p in SCENARIOS]

@@ -176,6 +176,15 @@ resource app 'Microsoft.Web/sites@2024-11-01' = {
 // keeps this list and the code in step. Flex Consumption takes the runtime from functionAppConfig, so
 // FUNCTIONS_WORKER_RUNTIME and FUNCTIONS_EXTENSION_VERSION are absent. This resource replaces all app settings on
 // every deployment: add settings through extraAppSettings, not in the portal.
+@description('Safety policies (GATEWAY_SAFETY_POLICIES, docs/safety.md); empty for none.')
+param safetyPolicies object = {}
+
+@description('Azure AI Content Safety endpoint for the safety policies; empty for none.')
+param contentSafetyEndpoint string = ''
+
+@description('Azure AI Language endpoint for the safety policies\' PII detection; empty for none.')
+param languageEndpoint string = ''
+
 resource appSettings 'Microsoft.Web/sites/config@2024-11-01' = {
   parent: app
   name: 'appsettings'
@@ -195,6 +204,9 @@ resource appSettings 'Microsoft.Web/sites/config@2024-11-01' = {
     GATEWAY_ID: gatewayId
     GATEWAY_ENTRA_TENANT_IDS: join(entraTenantIds, ',')
     GATEWAY_ENTRA_AUDIENCES: join(entraAudiences, ',')
+    GATEWAY_SAFETY_POLICIES: string(safetyPolicies)
+    GATEWAY_CONTENT_SAFETY_ENDPOINT: contentSafetyEndpoint
+    GATEWAY_LANGUAGE_ENDPOINT: languageEndpoint
   })
 }
 

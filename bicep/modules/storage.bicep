@@ -25,6 +25,10 @@ param allowedIpRanges array = []
 @description('Log Analytics workspace that receives the account\'s logs and metrics.')
 param logAnalyticsId string
 
+@description('Days an audit blob (docs/safety.md) is kept after its last write.')
+@minValue(1)
+param auditRetentionDays int = 90
+
 var ipRules = map(allowedIpRanges, range => { value: range, action: 'Allow' })
 var privateAcls = { defaultAction: 'Deny', bypass: 'None', ipRules: ipRules }
 var publicAcls = { defaultAction: 'Allow', bypass: 'AzureServices' }
@@ -73,6 +77,16 @@ resource cacheContainer 'Microsoft.Storage/storageAccounts/blobServices/containe
   }
 }
 
+// The audit trail of safety policies that audit (docs/safety.md): append blobs, JSON Lines, per consumer and hour;
+// deleted auditRetentionDays after their last write.
+resource auditContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+  parent: blobService
+  name: 'gateway-audit'
+  properties: {
+    publicAccess: 'None'
+  }
+}
+
 resource cacheLifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@2023-05-01' = {
   parent: storage
   name: 'default'
@@ -96,6 +110,28 @@ resource cacheLifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@20
               baseBlob: {
                 delete: {
                   daysAfterModificationGreaterThan: 2
+                }
+              }
+            }
+          }
+        }
+        {
+          name: 'audit-retention'
+          enabled: true
+          type: 'Lifecycle'
+          definition: {
+            filters: {
+              blobTypes: [
+                'appendBlob'
+              ]
+              prefixMatch: [
+                '${auditContainer.name}/'
+              ]
+            }
+            actions: {
+              baseBlob: {
+                delete: {
+                  daysAfterModificationGreaterThan: auditRetentionDays
                 }
               }
             }
