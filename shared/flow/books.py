@@ -71,6 +71,8 @@ class Books:
                            cost=self._prices.cost(record.deployment, record.ptu, None, record.saved))
         self._telemetry.request_done(record, trace)
         self._telemetry.cache_used(record)
+        if record.safety:
+            self._telemetry.safety_checked(record)
 
     def hold(self, exchange: Exchange, served: Served, held: int, until_s: float) -> tuple[int, Held | None]:
         """A background response answered without its final usage (queued, or a stream left after it started): its

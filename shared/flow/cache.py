@@ -75,6 +75,7 @@ class ResponseCache:
 
     def answer(
         self, lookup: Lookup, request: GatewayRequest, checked: Checked, started: float, trace: Trace, user_id: str,
+        safety: tuple[str, str, str] | None = None,
     ) -> GatewayResponse:
         """A hit, answered as the backend answered it; recorded as cached (no backend tokens, the tokens saved)."""
         answer = lookup.answer
@@ -93,6 +94,8 @@ class ResponseCache:
             status=200, duration_ms=(self._clock.monotonic() - started) * 1000, stream=checked.shape.stream,
             model=answer.model, cache=HIT, saved=answer.usage,
         )
+        if safety is not None:  # (outcome, policy, detail) of the consumer's safety policy: the hit passed it too
+            record.safety, record.safety_policy, record.safety_detail = safety
         self._books.hit(record, trace)
         if stream:
             headers.update({"content-type": SSE, "cache-control": "no-cache"})

@@ -125,7 +125,8 @@ class Gateway:
             lookup = await self.cache.look_up(request, checked)
             if lookup is not None and lookup.answer is not None:
                 user_id = hit_user_id(request, checked, caller.user_id, caller.person, self.s.settings.user_id_header)
-                return self.cache.answer(lookup, request, checked, started, trace, user_id)
+                safety = None if screened is None else (screened.outcome, screened.policy.name, screened.detail)
+                return self.cache.answer(lookup, request, checked, started, trace, user_id, safety)
             exchange = await self.admission.admit(request, checked, started, trace, caller.user_id, caller.person)
             exchange.cache = lookup
             exchange.screened = screened
