@@ -1,0 +1,74 @@
+"""Traffic per backend per 10 s: counted in memory, written once per closed bucket per instance, merged across
+instances; the store's work grows with instances and time, never with requests."""
+
+from __future__ import annotations
+
+from shared.clock import FakeClock
+from shared.flow.usage import TokenUsage
+from shared.storage.memory import MemoryTrafficStore
+from shared.telemetry.events import NullTelemetry, RequestRecord
+from shared.telemetry.traffic import TrafficCounter, merge
+
+
+def done(counter: TrafficCounter, backend: str = "ptu", tokens: int = 15) -> None:
+    counter.request_done(RequestRecord("c", "", "chat", "chat", "", "gpt-4o", 200, 1.0, backend_id=backend, attempts=1,
+                                       usage=TokenUsage(10, tokens - 10, tokens)))
+
+
+async def test_many_instances_and_many_requests_cost_one_write_per_instance_per_bucket() -> None:
+    clock, store = FakeClock(), MemoryTrafficStore()
+    counters = [TrafficCounter(NullTelemetry(), store, clock, f"i{n}", background=False) for n in range(5)]
+    for second in range(60):
+        for n in range(200):
+            done(counters[n % 5], "ptu" if second < 30 else "paygo")
+        clock.advance(1)
+        for counter in counters:
+            await counter.flush()
+    assert store.calls == 5 * 6  # 12,000 requests: one write per instance per 10 s
+    last = int(clock.now() // 10) - 1
+    merged = merge(await store.read(last - 5, last), ["ptu", "paygo"], last - 5, last)
+    by_id = {b["id"]: b for b in merged["backends"]}
+    assert merged["instances"] == 5
+    assert by_id["ptu"]["requests"] == [2000, 2000, 2000, 0, 0, 0]  # the overflow moved, as the picture shows it
+    assert by_id["paygo"]["requests"] == [0, 0, 0, 2000, 2000, 2000]
+    assert sum(by_id["ptu"]["tokens"]) == 6000 * 15
+
+
+async def test_an_idle_instance_writes_nothing_and_a_failed_write_is_retried_whole() -> None:
+    clock, store = FakeClock(), MemoryTrafficStore()
+    counter = TrafficCounter(NullTelemetry(), store, clock, "i", background=False)
+    clock.advance(100)
+    await counter.flush()
+    assert store.calls == 0
+    done(counter)
+    clock.advance(10)
+    store.unavailable = True
+    await counter.flush()
+    store.unavailable = False
+    done(counter)
+    await counter.flush()
+    rows = await store.read(0, 10**9)
+    assert sum(r.counts["ptu"][0] for r in rows) == 1  # the closed bucket kept; the open one not written yet
+    assert [r.counts["ptu"][0] for r in counter.pending()] == [1]
+
+
+async def test_429s_failures_and_failovers_are_counted_on_the_backend_they_happened_on() -> None:
+    clock, store = FakeClock(), MemoryTrafficStore()
+    counter = TrafficCounter(NullTelemetry(), store, clock, "i", background=False)
+    trace = counter.begin("POST", "chat")
+    trace.attempt("ptu", "uksouth", "url", 1).end(429)
+    counter.failover("ptu", "paygo", "throttled")
+    trace.attempt("paygo", "sweden", "url", 2).end(None, "timeout")
+    trace.attempt("paygo", "sweden", "url", 3).end(200)
+    counts = {k: v for k, v in counter.pending()[0].counts.items()}
+    assert counts["ptu"] == (0, 0, 1, 0, 1) and counts["paygo"] == (0, 0, 0, 1, 0)
+
+
+async def test_an_instance_deletes_its_own_rows_after_an_hour() -> None:
+    clock, store = FakeClock(), MemoryTrafficStore()
+    counter = TrafficCounter(NullTelemetry(), store, clock, "i", background=False, keep_s=60)
+    for _ in range(30):
+        done(counter)
+        clock.advance(10)
+        await counter.flush()
+    assert len(store.rows) <= 8  # at most keep_s of buckets, plus the one being written
