@@ -8,7 +8,7 @@ contract: ETag conditions, 409 on create, a newer breaker transition kept) and a
   and a conditional write loses (412 -> Conflict) exactly when another landed between its read and its write;
 - a partition serves about `partition_rate` entities a second and the account about `account_rate` requests a second
   (token buckets holding one second of each); an operation past either is answered `503 ServerBusy`, which the
-  gateway sees as StoreUnavailable (shared/storage/tables.py maps every service error so, with no SDK retry);
+  gateway sees as StoreBusy, a StoreUnavailable (shared/storage/tables.py maps it so, with no SDK retry);
 - latency grows as a partition or the account nears its target (queueing: x 1 / (1 - utilisation), capped).
 
 Time is the event loop's: `VirtualLoop` is an asyncio loop whose clock jumps to the next timer instead of sleeping,
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from shared.storage.memory import MemoryBreakerStore, MemoryCapacityStore, MemoryConsumerStore, MemoryLedgerStore
-from shared.storage.protocols import Conflict, StoreUnavailable
+from shared.storage.protocols import Conflict, StoreBusy, StoreUnavailable
 
 if TYPE_CHECKING:
     from shared.edge.consumers import Consumer, Team
@@ -188,7 +188,7 @@ class SimAccount:
         if not self.account.take(pages, now) or not bucket.take(max(1, entities), now):
             c.busy += 1
             await asyncio.sleep(latency / 2)
-            raise StoreUnavailable("503 ServerBusy")
+            raise StoreBusy("503 ServerBusy")
         c.entities += max(1, entities)
         try:
             result = await apply()

@@ -52,7 +52,7 @@ from shared.limits.scopes import CONSUMER, TEAM, USER, Level, Scopes, is_limited
 from shared.limits.user_shares import MAX_SHARE_S, UserWindows, declare, declaring, serving
 from shared.outcomes import NeverAdmissible, QuotaExhausted, RateLimited
 from shared.storage.memory import MemoryLedgerStore as MemoryLedgerStore  # the store's twin, for existing callers
-from shared.storage.protocols import LedgerStore, StoreUnavailable
+from shared.storage.protocols import LedgerStore, StoreBusy, StoreUnavailable
 from shared.telemetry.events import Telemetry
 
 log = logging.getLogger(__name__)
@@ -245,6 +245,7 @@ class TokenLimiter:
         self._background = background
         self.syncs = 0
         self.contended = 0
+        self.busy = 0  # 503 ServerBusy on a ledger: throttled, not down (no fallback window)
         self.fallback_admissions = 0
         self.allowances = 0
         # The store failed for one consumer: it is down for all of them. Until this time no consumer of this instance
@@ -641,6 +642,12 @@ class TokenLimiter:
                 # The store answers; others simply wrote first every time. Not a reason to fall back to local limits
                 # (which would admit beyond the shared limit): the waiting requests try again or are told to retry.
                 self.contended += 1
+                return
+            if isinstance(exc, StoreBusy):
+                # The store answers but throttles the ledger's partition (503 ServerBusy). Like contention: the leases
+                # already admitted their share, so a fallback window on top would admit beyond the shared limit.
+                # The waiting requests are refused (429 with Retry-After) and the next sync tries again.
+                self.busy += 1
                 return
             failed_at = self._clock.now()
             if self._store_down_until <= failed_at:

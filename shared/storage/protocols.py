@@ -1,4 +1,4 @@
-"""What the gateway asks of its stores, and the two errors every store raises: one contract for the Table Storage
+"""What the gateway asks of its stores, and the errors every store raises: one contract for the Table Storage
 stores (tables.py) and their in-memory twins (memory.py); tests/test_stores.py runs the same cases against both.
 """
 
@@ -19,6 +19,11 @@ if TYPE_CHECKING:  # the records are defined beside the logic that uses them; on
 
 class StoreUnavailable(Exception):
     """The store did not answer in time or failed; callers fall back as their policy says."""
+
+
+class StoreBusy(StoreUnavailable):
+    """The store answers but throttles this partition or account: 503 ServerBusy. Not a reason to take it as down
+    (a limiter falling back to local windows then would admit beyond what its leases already admitted)."""
 
 
 class Conflict(Exception):

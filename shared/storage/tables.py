@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from azure.core import MatchConditions
 from azure.core.exceptions import (
     AzureError,
+    HttpResponseError,
     ResourceExistsError,
     ResourceModifiedError,
     ResourceNotFoundError,
@@ -37,7 +38,7 @@ from shared.edge.consumers import (
     UserLimits,
 )
 from shared.safety.policy import NONE, valid_name
-from shared.storage.protocols import Conflict, StoreUnavailable
+from shared.storage.protocols import Conflict, StoreBusy, StoreUnavailable
 from shared.telemetry.usage_rows import UsageRow
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,8 @@ class Tables:
             except TableTransactionError as exc:
                 if exc.status_code == 409 or getattr(exc, "error_code", None) == "EntityAlreadyExists":
                     raise Conflict(f"operation {exc.index} of the batch: {getattr(exc, 'error_code', None)}") from None
+                if server_busy(exc):
+                    raise StoreBusy(f"{self.name(table)}: 503 ServerBusy") from None
                 raise StoreUnavailable(f"{self.name(table)}: {type(exc).__name__}") from None
             except ResourceNotFoundError as exc:
                 if getattr(exc, "error_code", None) == "TableNotFound" and attempt == 1:
@@ -108,6 +111,8 @@ class Tables:
                     continue
                 raise
             except (TimeoutError, AzureError, OSError) as exc:
+                if server_busy(exc):
+                    raise StoreBusy(f"{self.name(table)}: 503 ServerBusy") from None
                 raise StoreUnavailable(f"{self.name(table)}: {type(exc).__name__}") from None
         raise AssertionError("unreachable")
 
@@ -115,6 +120,17 @@ class Tables:
         for client in self._clients.values():
             await client.close()
         await self._service.close()
+
+
+def server_busy(exc: BaseException) -> bool:
+    """A 503 ServerBusy: the service throttles the partition or the account (azure-data-tables puts the
+    x-ms-error-code header, or the body's code, on the error as `error_code`; azure-core alone does not)."""
+    if not isinstance(exc, HttpResponseError) or exc.status_code != 503:
+        return False
+    code = getattr(exc, "error_code", None)
+    if code is None and exc.response is not None:
+        code = exc.response.headers.get("x-ms-error-code")
+    return str(getattr(code, "value", code)) == "ServerBusy"
 
 
 async def collect(paged: Any) -> list[dict[str, Any]]:
@@ -653,6 +669,7 @@ class TableConsumerStore:
 __all__ = [
     "Conflict",
     "MatchConditions",
+    "StoreBusy",
     "StoreUnavailable",
     "TableConsumerStore",
     "Tables",
