@@ -463,3 +463,62 @@ async def test_a_refusal_learnt_before_requests_ended_is_checked_again_by_one_wr
         ticket.settle(50)
     (await lim.admit(c, DEPLOYMENT, 700)).settle(50)  # the refunds reach the ledger with the next write
     assert lim.syncs == writes + 1
+
+
+# ---- a throttled ledger partition is not a store outage (issue 32) ------------------------------------------------
+
+
+class Throttled(MemoryLedgerStore):
+    """Another instance's view of a shared ledger store: every call raises `error` while it is set."""
+
+    def __init__(self, shared: MemoryLedgerStore) -> None:
+        super().__init__()
+        self.shared = shared
+        self.error: Exception | None = None
+
+    async def read(self, consumer_id: str) -> Any:
+        if self.error is not None:
+            raise self.error
+        return await self.shared.read(consumer_id)
+
+    async def write(self, consumer_id: str, ledger: Any, etag: str | None) -> str:
+        if self.error is not None:
+            raise self.error
+        return await self.shared.write(consumer_id, ledger, etag)
+
+
+async def over_two_instances(error: Exception) -> tuple[int, int, TokenLimiter]:
+    """Instance A admits the whole limit through its lease; then instance B, whose ledger calls fail with `error`,
+    is asked for more in the same minute (fail mode open, the default). Returns what A and B admitted."""
+    clock = FakeClock()
+    shared = MemoryLedgerStore()
+    a = limiter(shared, clock, instance_count=2)
+    view = Throttled(shared)
+    b = limiter(view, clock, instance_count=2)
+    c = consumer(tpm=1000)
+    by_a, _ = await admit_all(a, c, 50, 40)
+    await a.tick()
+    view.error = error
+    by_b, error_b = await admit_all(b, c, 50, 40)
+    assert error_b is not None and error_b.status == 429  # bounded either way; the question is where it stops
+    assert "retry-after" in error_b.headers
+    return by_a, by_b, b
+
+
+async def test_a_throttled_ledger_partition_admits_nothing_beyond_the_shared_ledger() -> None:
+    """503 ServerBusy on the ledger: the leases already admitted the limit, so no fallback window on top of it."""
+    from shared.storage.protocols import StoreBusy
+
+    by_a, by_b, b = await over_two_instances(StoreBusy("503 ServerBusy"))
+    assert by_a == 1000
+    assert by_a + by_b <= 1000, (by_a, by_b)
+    assert b.fallback_admissions == 0 and b.busy > 0
+
+
+async def test_a_store_that_is_down_still_fails_open_to_the_fallback_window() -> None:
+    """Unchanged: any other StoreUnavailable (timeout, 500, connection refused) admits this instance's share."""
+    from shared.storage.protocols import StoreUnavailable
+
+    by_a, by_b, b = await over_two_instances(StoreUnavailable("timeout"))
+    assert by_a == 1000 and by_b == 500  # limit / GATEWAY_INSTANCE_COUNT, on top: the documented open-mode cost
+    assert b.fallback_admissions == 10 and b.busy == 0

@@ -87,6 +87,8 @@ class Tables:
         try:
             await asyncio.wait_for(self._service.create_table_if_not_exists(self.name(table)), self.timeout_s * 5)
         except (TimeoutError, AzureError, OSError) as exc:
+            if server_busy(exc):
+                raise StoreBusy(f"table {self.name(table)}: 503 ServerBusy") from None
             raise StoreUnavailable(f"table {self.name(table)}: {type(exc).__name__}") from None
         self._ready.add(table)
 
@@ -128,8 +130,8 @@ def server_busy(exc: BaseException) -> bool:
     if not isinstance(exc, HttpResponseError) or exc.status_code != 503:
         return False
     code = getattr(exc, "error_code", None)
-    if code is None and exc.response is not None:
-        code = exc.response.headers.get("x-ms-error-code")
+    if code is None:
+        code = getattr(exc.response, "headers", {}).get("x-ms-error-code")
     return str(getattr(code, "value", code)) == "ServerBusy"
 
 
