@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 
 from shared.config import Settings
@@ -157,7 +158,8 @@ class BlobAuditStore(BlobAnswerStore):
                     await asyncio.wait_for(blob.append_block(block), timeout)
                 except ResourceNotFoundError:
                     try:
-                        await asyncio.wait_for(blob.create_append_blob(), timeout)
+                        # Only if absent: a plain create replaces a blob another writer made and appended to meanwhile.
+                        await asyncio.wait_for(blob.create_append_blob(match_condition=MatchConditions.IfMissing), timeout)
                     except ResourceExistsError:
                         pass  # another writer made it meanwhile
                     await asyncio.wait_for(blob.append_block(block), timeout)
