@@ -72,3 +72,18 @@ async def test_an_instance_deletes_its_own_rows_after_an_hour() -> None:
         clock.advance(10)
         await counter.flush()
     assert len(store.rows) <= 8  # at most keep_s of buckets, plus the one being written
+
+
+def test_the_inner_telemetry_gets_its_own_trace_back_so_the_log_record_joins_its_span() -> None:
+    seen: list[object] = []
+
+    class Inner(NullTelemetry):
+        def request_done(self, record: RequestRecord, trace: object = None) -> None:
+            seen.append(trace)
+
+    inner = Inner()
+    counter = TrafficCounter(inner, MemoryTrafficStore(), FakeClock(), "i", background=False)
+    trace = counter.begin("POST", "chat")
+    own = trace.inner  # type: ignore[attr-defined]
+    counter.request_done(RequestRecord("c", "", "chat", "chat", "", "gpt-4o", 200, 1.0), trace)
+    assert seen == [own] and own is not trace  # the wrapper would carry no span context (operation_Id all zeros)

@@ -93,7 +93,8 @@ class TrafficCounter:
         return _CountingTrace(self._inner.begin(method, route), self)
 
     def request_done(self, record: RequestRecord, trace: Trace | None = None) -> None:
-        self._inner.request_done(record, trace)
+        # The inner telemetry gets its own trace back: it joins the request's log record to the span through it.
+        self._inner.request_done(record, trace.inner if isinstance(trace, _CountingTrace) else trace)
         if record.backend_id and record.attempts:
             self._add(record.backend_id, 0)
             if record.usage is not None:
@@ -152,14 +153,14 @@ class TrafficCounter:
 
 class _CountingTrace:
     def __init__(self, inner: Trace, counter: TrafficCounter) -> None:
-        self._inner = inner
+        self.inner = inner
         self._counter = counter
 
     def attempt(self, backend_id: str, region: str, target: str, number: int) -> Attempt:
-        return _CountingAttempt(self._inner.attempt(backend_id, region, target, number), self._counter, backend_id)
+        return _CountingAttempt(self.inner.attempt(backend_id, region, target, number), self._counter, backend_id)
 
     def end(self, record: RequestRecord) -> None:
-        self._inner.end(record)
+        self.inner.end(record)
 
 
 class _CountingAttempt:
