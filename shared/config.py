@@ -231,7 +231,7 @@ def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str,
 
 
 def _output_cap(env: Mapping[str, str]) -> str:
-    raw = (_get(env, "GATEWAY_OUTPUT_CAP") or "reasoning").lower()
+    raw = (_get(env, "GATEWAY_OUTPUT_CAP") or _DEFAULT.output_cap).lower()
     if raw in ("1", "true", "yes", "on"):
         return "on"
     if raw in ("0", "false", "no", "off"):
@@ -690,6 +690,14 @@ def local_environment(settings_file: str | None = "local.settings.json") -> dict
     return values
 
 
+# The defaults, written once (in the dataclasses above): load_settings falls back to these, and tests that build
+# settings by hand get the same ones.
+_DEFAULT = Settings(backends=())
+_SAFETY = SafetySettings()
+_ENTRA = EntraSettings(tenants=(), audiences=())
+_MIB = 1024 * 1024
+
+
 def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> Settings:
     """Parse and validate every gateway setting; raise ConfigError naming the first bad one."""
     connection = _get(env, "GATEWAY_TABLE_CONNECTION_STRING")
@@ -707,21 +715,21 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         raise ConfigError("GATEWAY_TABLE_CONNECTION_STRING or GATEWAY_TABLE_ENDPOINT: one must be set")
     if endpoint is not None and not re.fullmatch(r"https?://[^\s?#]+", endpoint):
         raise ConfigError(f"GATEWAY_TABLE_ENDPOINT: expected an http(s) URL, got {endpoint!r}")
-    prefix = _get(env, "GATEWAY_TABLE_PREFIX") or "gateway"
+    prefix = _get(env, "GATEWAY_TABLE_PREFIX") or _DEFAULT.table_prefix
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,29}", prefix):
         raise ConfigError("GATEWAY_TABLE_PREFIX: letters and digits, starting with a letter, at most 30")
-    fail_mode = _fail_mode(env, "GATEWAY_LIMIT_FAIL_MODE", "open")
-    user_header = (_get(env, "GATEWAY_USER_ID_HEADER") or "x-user-id").lower()
+    fail_mode = _fail_mode(env, "GATEWAY_LIMIT_FAIL_MODE", _DEFAULT.limit_fail_mode)
+    user_header = (_get(env, "GATEWAY_USER_ID_HEADER") or _DEFAULT.user_id_header).lower()
     if not re.fullmatch(r"[a-z0-9-]{1,64}", user_header):
         raise ConfigError(f"GATEWAY_USER_ID_HEADER: not a header name: {user_header!r}")
-    gateway_id = _get(env, "GATEWAY_ID") or _get(env, "WEBSITE_SITE_NAME") or "gateway"
+    gateway_id = _get(env, "GATEWAY_ID") or _get(env, "WEBSITE_SITE_NAME") or _DEFAULT.gateway_id
     if _boolean(env, "GATEWAY_RECORD_CONTENT", False):
         raise ConfigError(
             "GATEWAY_RECORD_CONTENT: removed; prompts and completions are never recorded (the per-request log "
             "records counts, costs and identifiers only)"
         )
-    ip_mode = _choice(env, "GATEWAY_CLIENT_IP", "truncated", ("truncated", "raw", "omit"))
-    user_mode = _choice(env, "GATEWAY_USER_ID", "capped", ("capped", "hashed", "raw", "omit"))
+    ip_mode = _choice(env, "GATEWAY_CLIENT_IP", _DEFAULT.client_ip_mode, ("truncated", "raw", "omit"))
+    user_mode = _choice(env, "GATEWAY_USER_ID", _DEFAULT.user_id_mode, ("capped", "hashed", "raw", "omit"))
     hash_key = _get(env, "GATEWAY_USER_ID_HASH_KEY")
     if user_mode == "hashed" and (hash_key is None or len(hash_key) < 16):
         raise ConfigError("GATEWAY_USER_ID_HASH_KEY: GATEWAY_USER_ID=hashed needs a secret of at least 16 characters")
@@ -734,55 +742,55 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         table_endpoint=endpoint if connection is None else None,
         table_prefix=prefix,
         managed_identity_client_id=_get(env, "AZURE_CLIENT_ID"),
-        max_body_bytes=_integer(env, "GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024, minimum=1024, maximum=100 * 1024 * 1024),
-        default_max_tokens=_integer(env, "GATEWAY_DEFAULT_MAX_TOKENS", 1024, minimum=1, maximum=10**7),
+        max_body_bytes=_integer(env, "GATEWAY_MAX_BODY_BYTES", _DEFAULT.max_body_bytes, minimum=1024, maximum=100 * 1024 * 1024),
+        default_max_tokens=_integer(env, "GATEWAY_DEFAULT_MAX_TOKENS", _DEFAULT.default_max_tokens, minimum=1, maximum=10**7),
         user_id_header=user_header,
-        store_timeout_s=_number(env, "GATEWAY_STORE_TIMEOUT_S", 1.0, minimum=0.01, maximum=30),
+        store_timeout_s=_number(env, "GATEWAY_STORE_TIMEOUT_S", _DEFAULT.store_timeout_s, minimum=0.01, maximum=30),
         limit_fail_mode=fail_mode,  # type: ignore[arg-type]
-        instance_count=_integer(env, "GATEWAY_INSTANCE_COUNT", 1, minimum=1, maximum=1000),
-        consumer_refresh_s=_number(env, "GATEWAY_CONSUMER_REFRESH_S", 60.0, minimum=0.1, maximum=3600),
-        consumer_check_s=_number(env, "GATEWAY_CONSUMER_CHECK_S", 1.0, minimum=0.1, maximum=60),
-        breaker_sync_s=_number(env, "GATEWAY_BREAKER_SYNC_S", 0.5, minimum=0.05, maximum=60),
-        usage_flush_s=_number(env, "GATEWAY_USAGE_FLUSH_S", 60.0, minimum=0.5, maximum=3600),
-        max_attempts=_integer(env, "GATEWAY_MAX_ATTEMPTS", 0, minimum=0, maximum=30),
+        instance_count=_integer(env, "GATEWAY_INSTANCE_COUNT", _DEFAULT.instance_count, minimum=1, maximum=1000),
+        consumer_refresh_s=_number(env, "GATEWAY_CONSUMER_REFRESH_S", _DEFAULT.consumer_refresh_s, minimum=0.1, maximum=3600),
+        consumer_check_s=_number(env, "GATEWAY_CONSUMER_CHECK_S", _DEFAULT.consumer_check_s, minimum=0.1, maximum=60),
+        breaker_sync_s=_number(env, "GATEWAY_BREAKER_SYNC_S", _DEFAULT.breaker_sync_s, minimum=0.05, maximum=60),
+        usage_flush_s=_number(env, "GATEWAY_USAGE_FLUSH_S", _DEFAULT.usage_flush_s, minimum=0.5, maximum=3600),
+        max_attempts=_integer(env, "GATEWAY_MAX_ATTEMPTS", _DEFAULT.max_attempts, minimum=0, maximum=30),
         appinsights_connection_string=_get(env, "APPLICATIONINSIGHTS_CONNECTION_STRING"),
-        metric_namespace=_get(env, "GATEWAY_METRIC_NAMESPACE") or "openai",
+        metric_namespace=_get(env, "GATEWAY_METRIC_NAMESPACE") or _DEFAULT.metric_namespace,
         metric_dimensions=_dimensions(env),
         prices=_prices(env),
-        request_log=_boolean(env, "GATEWAY_REQUEST_LOG", True),
-        request_log_sampling=_number(env, "GATEWAY_REQUEST_LOG_SAMPLING", 1.0, minimum=0.0001, maximum=1.0),
-        console_log=_boolean(env, "GATEWAY_CONSOLE_LOG", False),
-        console_easy_auth=_boolean(env, "GATEWAY_CONSOLE_EASY_AUTH", False),
-        budget_refresh_s=_number(env, "GATEWAY_BUDGET_REFRESH_S", 5.0, minimum=0.1, maximum=3600),
+        request_log=_boolean(env, "GATEWAY_REQUEST_LOG", _DEFAULT.request_log),
+        request_log_sampling=_number(env, "GATEWAY_REQUEST_LOG_SAMPLING", _DEFAULT.request_log_sampling, minimum=0.0001, maximum=1.0),
+        console_log=_boolean(env, "GATEWAY_CONSOLE_LOG", _DEFAULT.console_log),
+        console_easy_auth=_boolean(env, "GATEWAY_CONSOLE_EASY_AUTH", _DEFAULT.console_easy_auth),
+        budget_refresh_s=_number(env, "GATEWAY_BUDGET_REFRESH_S", _DEFAULT.budget_refresh_s, minimum=0.1, maximum=3600),
         client_ip_mode=ip_mode,
         user_id_mode=user_mode,
         user_id_hash_key=hash_key,
-        metric_series_max=_integer(env, "GATEWAY_METRIC_SERIES_MAX", 5000, minimum=10, maximum=1_000_000),
-        metric_series_idle_s=_number(env, "GATEWAY_METRIC_SERIES_IDLE_S", 600.0, minimum=1, maximum=86400),
+        metric_series_max=_integer(env, "GATEWAY_METRIC_SERIES_MAX", _DEFAULT.metric_series_max, minimum=10, maximum=1_000_000),
+        metric_series_idle_s=_number(env, "GATEWAY_METRIC_SERIES_IDLE_S", _DEFAULT.metric_series_idle_s, minimum=1, maximum=86400),
         trace_sampling=(
             _number(env, "GATEWAY_TRACE_SAMPLING", 1.0, minimum=0.0, maximum=1.0)
             if _get(env, "GATEWAY_TRACE_SAMPLING") is not None
             else None
         ),
-        traces_per_second=_number(env, "GATEWAY_TRACES_PER_SECOND", 10.0, minimum=0.0, maximum=100_000),
-        gc_tuning=_boolean(env, "GATEWAY_GC_TUNING", True),
+        traces_per_second=_number(env, "GATEWAY_TRACES_PER_SECOND", _DEFAULT.traces_per_second, minimum=0.0, maximum=100_000),
+        gc_tuning=_boolean(env, "GATEWAY_GC_TUNING", _DEFAULT.gc_tuning),
         gateway_id=gateway_id,
-        lease_lifetime_s=_number(env, "GATEWAY_LEASE_LIFETIME_S", 2.0, minimum=0.1, maximum=30),
-        end_users_max=_integer(env, "GATEWAY_END_USERS_MAX", 20_000, minimum=1, maximum=1_000_000),
+        lease_lifetime_s=_number(env, "GATEWAY_LEASE_LIFETIME_S", _DEFAULT.lease_lifetime_s, minimum=0.1, maximum=30),
+        end_users_max=_integer(env, "GATEWAY_END_USERS_MAX", _DEFAULT.end_users_max, minimum=1, maximum=1_000_000),
         output_cap=_output_cap(env),
-        timeout_replays=_integer(env, "GATEWAY_TIMEOUT_REPLAYS", 1, minimum=0, maximum=30),
-        stream_settle_s=_number(env, "GATEWAY_STREAM_SETTLE_S", 5.0, minimum=0.5, maximum=60),
-        abandoned_drain_s=_number(env, "GATEWAY_ABANDONED_STREAM_DRAIN_S", 2.0, minimum=0, maximum=60),
-        admit_on_bound=_boolean(env, "GATEWAY_ADMIT_ON_BOUND", True),
+        timeout_replays=_integer(env, "GATEWAY_TIMEOUT_REPLAYS", _DEFAULT.timeout_replays, minimum=0, maximum=30),
+        stream_settle_s=_number(env, "GATEWAY_STREAM_SETTLE_S", _DEFAULT.stream_settle_s, minimum=0.5, maximum=60),
+        abandoned_drain_s=_number(env, "GATEWAY_ABANDONED_STREAM_DRAIN_S", _DEFAULT.abandoned_drain_s, minimum=0, maximum=60),
+        admit_on_bound=_boolean(env, "GATEWAY_ADMIT_ON_BOUND", _DEFAULT.admit_on_bound),
         entra=_entra(env),
-        accept_keys=_boolean(env, "GATEWAY_ACCEPT_KEYS", True),
-        consumer_max_stale_s=_number(env, "GATEWAY_CONSUMER_MAX_STALE_S", 300.0, minimum=1, maximum=86400),
-        auth_fail_mode=_fail_mode(env, "GATEWAY_AUTH_FAIL_MODE", "closed"),  # type: ignore[arg-type]
-        unknown_key_lookups_per_s=_number(env, "GATEWAY_UNKNOWN_KEY_LOOKUPS_PER_S", 2.0, minimum=0, maximum=100),
-        auth_failures_per_minute=_integer(env, "GATEWAY_AUTH_FAILURES_PER_MINUTE", 20, minimum=1, maximum=100_000),
-        body_memory_mb=_integer(env, "GATEWAY_BODY_MEMORY_MB", 512, minimum=16, maximum=65_536),
-        response_reads_per_s=_number(env, "GATEWAY_RESPONSE_READS_PER_S", 20.0, minimum=0.1, maximum=100_000),
-        reveal_deployments=_boolean(env, "GATEWAY_REVEAL_DEPLOYMENTS", False),
+        accept_keys=_boolean(env, "GATEWAY_ACCEPT_KEYS", _DEFAULT.accept_keys),
+        consumer_max_stale_s=_number(env, "GATEWAY_CONSUMER_MAX_STALE_S", _DEFAULT.consumer_max_stale_s, minimum=1, maximum=86400),
+        auth_fail_mode=_fail_mode(env, "GATEWAY_AUTH_FAIL_MODE", _DEFAULT.auth_fail_mode),  # type: ignore[arg-type]
+        unknown_key_lookups_per_s=_number(env, "GATEWAY_UNKNOWN_KEY_LOOKUPS_PER_S", _DEFAULT.unknown_key_lookups_per_s, minimum=0, maximum=100),
+        auth_failures_per_minute=_integer(env, "GATEWAY_AUTH_FAILURES_PER_MINUTE", _DEFAULT.auth_failures_per_minute, minimum=1, maximum=100_000),
+        body_memory_mb=_integer(env, "GATEWAY_BODY_MEMORY_MB", _DEFAULT.body_memory_mb, minimum=16, maximum=65_536),
+        response_reads_per_s=_number(env, "GATEWAY_RESPONSE_READS_PER_S", _DEFAULT.response_reads_per_s, minimum=0.1, maximum=100_000),
+        reveal_deployments=_boolean(env, "GATEWAY_REVEAL_DEPLOYMENTS", _DEFAULT.reveal_deployments),
         admin_key_sha256=_admin_key_hash(env),
         api_versions=_api_versions(env),
         # On Azure the platform's front end appends the caller's address to X-Forwarded-For: one hop to trust there.
@@ -790,10 +798,10 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
                                 minimum=0, maximum=10),
         trusted_proxies=_trusted_proxies(env),
         blob_endpoint=_blob_endpoint(env, endpoint if connection is None else None),
-        cache_memory_bytes=_integer(env, "GATEWAY_CACHE_MEMORY_MB", 64, minimum=0, maximum=16_384) * 1024 * 1024,
-        cache_max_entry_bytes=_integer(env, "GATEWAY_CACHE_MAX_ENTRY_BYTES", 1024 * 1024, minimum=1024,
+        cache_memory_bytes=_integer(env, "GATEWAY_CACHE_MEMORY_MB", _DEFAULT.cache_memory_bytes // _MIB, minimum=0, maximum=16_384) * _MIB,
+        cache_max_entry_bytes=_integer(env, "GATEWAY_CACHE_MAX_ENTRY_BYTES", _DEFAULT.cache_max_entry_bytes, minimum=1024,
                                        maximum=64 * 1024 * 1024),
-        cache_seed=_boolean(env, "GATEWAY_CACHE_SEED", False),
+        cache_seed=_boolean(env, "GATEWAY_CACHE_SEED", _DEFAULT.cache_seed),
         safety=_safety(env),
     )
 
@@ -838,10 +846,10 @@ def _safety(env: Mapping[str, str]) -> SafetySettings:
         content_safety_key=_get(env, "GATEWAY_CONTENT_SAFETY_KEY"),
         language_endpoint=language,
         language_key=_get(env, "GATEWAY_LANGUAGE_KEY"),
-        verdict_ttl_s=_number(env, "GATEWAY_SAFETY_VERDICT_TTL_S", 300.0, minimum=0, maximum=86_400),
-        timeout_s=_number(env, "GATEWAY_SAFETY_TIMEOUT_S", 5.0, minimum=0.1, maximum=60),
-        audit_memory_bytes=_integer(env, "GATEWAY_AUDIT_MEMORY_MB", 16, minimum=1, maximum=4096) * 1024 * 1024,
-        audit_flush_s=_number(env, "GATEWAY_AUDIT_FLUSH_S", 5.0, minimum=0.1, maximum=600),
+        verdict_ttl_s=_number(env, "GATEWAY_SAFETY_VERDICT_TTL_S", _SAFETY.verdict_ttl_s, minimum=0, maximum=86_400),
+        timeout_s=_number(env, "GATEWAY_SAFETY_TIMEOUT_S", _SAFETY.timeout_s, minimum=0.1, maximum=60),
+        audit_memory_bytes=_integer(env, "GATEWAY_AUDIT_MEMORY_MB", _SAFETY.audit_memory_bytes // _MIB, minimum=1, maximum=4096) * _MIB,
+        audit_flush_s=_number(env, "GATEWAY_AUDIT_FLUSH_S", _SAFETY.audit_flush_s, minimum=0.1, maximum=600),
     )
 
 
@@ -874,7 +882,7 @@ def _entra(env: Mapping[str, str]) -> EntraSettings | None:
     for tenant in tenants:
         if not _GUID_RE.fullmatch(tenant):
             raise ConfigError(f"GATEWAY_ENTRA_TENANT_IDS: expected tenant ids (GUIDs), got {tenant!r}")
-    authority = (_get(env, "GATEWAY_ENTRA_AUTHORITY") or "https://login.microsoftonline.com").rstrip("/")
+    authority = (_get(env, "GATEWAY_ENTRA_AUTHORITY") or _ENTRA.authority).rstrip("/")
     if not re.fullmatch(r"https://[^/\s?#]+|http://(127\.0\.0\.1|localhost)(:[0-9]+)?", authority):
         raise ConfigError(f"GATEWAY_ENTRA_AUTHORITY: expected an https URL without a path, got {authority!r}")
     user_claim = _get(env, "GATEWAY_ENTRA_USER_ID_CLAIM")
@@ -887,6 +895,6 @@ def _entra(env: Mapping[str, str]) -> EntraSettings | None:
         required_roles=_list(env, "GATEWAY_ENTRA_REQUIRED_ROLES"),
         required_scopes=_list(env, "GATEWAY_ENTRA_REQUIRED_SCOPES"),
         user_id_claim=user_claim,
-        clock_skew_s=_number(env, "GATEWAY_ENTRA_CLOCK_SKEW_S", 120.0, minimum=0, maximum=600),
-        keys_min_refresh_s=_number(env, "GATEWAY_ENTRA_KEYS_MIN_REFRESH_S", 30.0, minimum=0.1, maximum=86400),
+        clock_skew_s=_number(env, "GATEWAY_ENTRA_CLOCK_SKEW_S", _ENTRA.clock_skew_s, minimum=0, maximum=600),
+        keys_min_refresh_s=_number(env, "GATEWAY_ENTRA_KEYS_MIN_REFRESH_S", _ENTRA.keys_min_refresh_s, minimum=0.1, maximum=86400),
     )

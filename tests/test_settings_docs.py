@@ -11,13 +11,18 @@ from typing import Any
 import pytest
 
 from shared.config import load_settings
-from tests.test_bicep import ROOT, app_settings, deployed, names_read_by_the_code
+from tests.test_bicep import ROOT, RecordingEnv, app_settings, deployed, names_read_by_the_code
 
 BASE = {
     "GATEWAY_TABLE_CONNECTION_STRING": "UseDevelopmentStorage=true",
     "GATEWAY_BACKENDS": json.dumps([{"id": "uk", "endpoint": "https://uk.openai.azure.com", "region": "uksouth",
                                      "deployments": ["gpt-4o"], "auth": "none"}]),
 }
+# Settings read only when a feature is on: compared against a base that turns it on (Entra ID callers' tuning).
+BASES = (
+    BASE,
+    {**BASE, "GATEWAY_ENTRA_TENANT_IDS": "72f988bf-86f1-41af-91ab-2d7cd011db47", "GATEWAY_ENTRA_AUDIENCES": "api://gw"},
+)
 # Read by the code, deliberately not in local.settings.example.json: set by the platform or the Functions host.
 NOT_LOCAL = {
     "APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "AzureWebJobsStorage__accountName", "AzureWebJobsStorage__tableServiceUri",
@@ -65,8 +70,20 @@ def example() -> dict[str, str]:
     return values
 
 
+def _base_reading(name: str) -> dict[str, str]:
+    for base in BASES:
+        env = RecordingEnv(base)
+        load_settings(env)
+        if name in env.read:
+            return base
+    raise AssertionError(f"{name} is not read by load_settings under any base: comparing its default proves nothing")
+
+
 def unchanged(name: str, value: str) -> bool:
-    return load_settings(BASE) == load_settings({**BASE, name: value})
+    """Setting `name` to `value` gives exactly the settings leaving it out gives, under a base where it is read (a
+    setting the code never looks at would compare equal whatever its documented default said)."""
+    base = _base_reading(name)
+    return load_settings(base) == load_settings({**base, name: value})
 
 
 def test_the_readme_lists_every_setting_the_code_reads_and_no_other() -> None:
@@ -132,3 +149,34 @@ def test_the_readme_backend_table_lists_every_backend_and_breaker_field() -> Non
     named = set(re.findall(r"`([a-z_]+)`", table))
     assert not _BACKEND_FIELDS - named, "README.md, Backends: list these fields"
     assert not _BREAKER_FIELDS - named, "README.md, Backends: list these breaker fields"
+
+
+# "`GATEWAY_X` (default 2)", "`GATEWAY_X=open`, the default", "`GATEWAY_X` is `reasoning` by default", "`GATEWAY_X`
+# applies: `closed` (default)": the defaults the other pages state in their prose.
+_PROSE_DEFAULT = re.compile(
+    r"`(GATEWAY_[A-Z0-9_]+)`[^.`\n]{0,12}\(default `?([^)\s,;`]+)`?(?: s\b)?([^)]*)\)"
+    r"|`(GATEWAY_[A-Z0-9_]+)=([^`]+)`,? \(?the default"
+    r"|`(GATEWAY_[A-Z0-9_]+)` is `([^`]+)` by default"
+    r"|`(GATEWAY_[A-Z0-9_]+)` applies: `([^`]+)` \(default\)"
+)
+
+
+def _prose_defaults() -> list[tuple[str, str, str]]:
+    found = []
+    for path in [ROOT / "README.md", ROOT / "SECURITY.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for match in _PROSE_DEFAULT.finditer(path.read_text(encoding="utf-8")):
+            if match.group(1):
+                if match.group(3).strip().startswith("when"):  # "(default 1 when ...)": a derived default
+                    continue
+                name, value = match.group(1), match.group(2)
+            else:
+                name, value = [g for g in match.groups()[3:] if g is not None]
+            found.append((path.name, name, value))
+    return found
+
+
+def test_the_defaults_stated_in_the_docs_prose_are_the_codes() -> None:
+    stated = _prose_defaults()
+    assert len(stated) >= 8 and "GATEWAY_UNKNOWN_KEY_LOOKUPS_PER_S" in {name for _, name, _ in stated}
+    wrong = [f"{page}: {name} default {value!r}" for page, name, value in stated if not unchanged(name, value)]
+    assert not wrong, "these pages state a default the code does not have"
