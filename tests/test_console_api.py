@@ -372,7 +372,7 @@ async def test_openapi_describes_every_route_the_api_serves(harness: GatewayHarn
     assert document["openapi"].startswith("3.")
     api = (await harness.gateway(), harness.edge)[1]
     console = await api.console()
-    served = set()
+    served = {("get", "/signin")}  # answered before any credential is asked for
     for method, pattern, _ in console._routes:
         path = pattern.pattern.replace("([a-z0-9][a-z0-9-]{0,62})", "{id}").replace("(disable|enable)", "disable")
         served.add((method.lower(), path))
@@ -380,6 +380,17 @@ async def test_openapi_describes_every_route_the_api_serves(harness: GatewayHarn
             served.add((method.lower(), path.replace("disable", "enable")))
     described = {(m, p) for p, ops in document["paths"].items() for m in ops if m != "parameters"}
     assert described == served
+
+
+async def test_the_sign_in_hint_needs_no_credential_and_says_only_whether_easy_auth_is_in_front() -> None:
+    for setting, expected in (("false", False), ("true", True)):
+        h = GatewayHarness(env={"GATEWAY_CONSOLE_EASY_AUTH": setting})
+        try:
+            answer = await h.http.get(API + "/signin")
+            assert answer.status_code == 200 and answer.json() == {"easy_auth": expected}
+            assert (await h.http.post(API + "/signin")).status_code == 404
+        finally:
+            await h.close()
 
 
 async def test_the_cli_and_the_api_write_through_one_operation(harness: GatewayHarness) -> None:

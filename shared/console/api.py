@@ -145,6 +145,8 @@ class ConsoleApi:
     async def _api(self, request: GatewayRequest, path: str) -> GatewayResponse:
         if path == "/openapi.json" and request.method == "GET":
             return _answer(200, openapi())
+        if path == "/signin" and request.method == "GET":  # how to sign in: no credential needed, nothing secret
+            return _answer(200, {"easy_auth": self.d.settings.console_easy_auth})
         allowed = []
         for method, pattern, handler in self._routes:
             found = pattern.fullmatch(path)

@@ -77,6 +77,8 @@ def openapi() -> dict[str, Any]:
         "servers": [{"url": "/console/api"}],
         "security": [{"bearer": []}],
         "paths": {
+            "/signin": {"get": {**_op("how to sign in: easy_auth is true where App Service Authentication is in "
+                                      "front (the page then needs no key)"), "security": []}},
             "/whoami": {"get": _op("who the credential is, and its role")},
             "/consumers": {"get": _op("every consumer"),
                            "post": _op("create a consumer; its key is in this answer only", body="Consumer",
