@@ -30,46 +30,32 @@ from typing import Any
 import orjson
 
 from bench.harness import machine, save, stamp, update_doc
+from shared import wiring
 from shared.clock import SystemClock
 from shared.config import Backend, Settings
-from shared.edge.consumers import Consumer, ConsumerDirectory, Limits, hash_key
-from shared.edge.entra import build_validator
-from shared.edge.identity import Identifier
+from shared.edge.consumers import Consumer, Limits, hash_key
 from shared.edge.messages import GatewayRequest
 from shared.flow import tokens
-from shared.flow.credentials import BackendAuth
-from shared.flow.gateway import Gateway, Services
-from shared.flow.upstream import AiohttpUpstream
+from shared.flow.gateway import Gateway
 from shared.flow.usage import SseRelay
-from shared.limits.limiter import TokenLimiter
-from shared.routing.router import Router
-from shared.storage.memory import MemoryConsumerStore, MemoryLedgerStore, MemoryUsageStore
 from shared.telemetry.events import NullTelemetry
-from shared.telemetry.usage_rows import UsageRecorder
+from shared.wiring import memory_stores
 
 BACKEND = Backend(id="nowhere", endpoint="http://127.0.0.1:9", region="test", deployments={"gpt-4o": "gpt-4o"}, auth="none")
 
 
 async def build(admit_on_bound: bool = True) -> tuple[Gateway, dict[str, str]]:
     clock = SystemClock()
-    store = MemoryConsumerStore()
+    stores = memory_stores()
     keys = {}
     for name in ("big", "small"):
         key = f"gw-bench-{name}-key"
         keys[name] = key
-        await store.put(Consumer(id=name, name=name, key_hash=hash_key(key), key_prefix=key[:9],
-                                 limits=Limits(tokens_per_minute=1_000_000_000)))
+        await stores.consumers.put(Consumer(id=name, name=name, key_hash=hash_key(key), key_prefix=key[:9],
+                                            limits=Limits(tokens_per_minute=1_000_000_000)))
     settings = Settings(backends=(BACKEND,), max_attempts=1, admit_on_bound=admit_on_bound)
-    directory = ConsumerDirectory(store, clock, 3600.0)
-    services = Services(
-        settings=settings, clock=clock, consumers=directory,
-        identity=Identifier(directory, NullTelemetry(), build_validator(settings.entra, clock), settings.accept_keys),
-        router=Router(settings.backends, clock, NullTelemetry()), upstream=AiohttpUpstream(settings.backends),
-        auth=BackendAuth(settings.backends, clock),
-        limiter=TokenLimiter(MemoryLedgerStore(), clock, NullTelemetry()), telemetry=NullTelemetry(),
-        usage=UsageRecorder(MemoryUsageStore(), clock, background=False),
-    )
-    return Gateway(services), keys
+    built = wiring.build(settings, stores, clock, NullTelemetry(), instance="bench")  # as shared/app.py builds it
+    return Gateway(built.services), keys
 
 
 def request(key: str, prompt: str) -> GatewayRequest:

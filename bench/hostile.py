@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from bench.figures import most_in_any_window
 from bench.harness import bench_stack, machine, save, stamp, update_doc
 from shared.flow.tokens import count_chat_prompt, encoding_for
 from tools import stack
@@ -68,18 +69,6 @@ async def client(url: str, key: str, until: float, served: list[tuple[float, int
                 await asyncio.sleep(0.5)
 
 
-def worst_minute(served: list[tuple[float, int]]) -> int:
-    served = sorted(served)
-    worst = total = start = 0
-    for at, tokens in served:
-        total += tokens
-        while served[start][0] <= at - 60:
-            total -= served[start][1]
-            start += 1
-        worst = max(worst, total)
-    return worst
-
-
 def run(cap: bool, seconds: float) -> dict[str, Any]:
     with bench_stack() as bench:
         bench.start_azurite()
@@ -98,7 +87,7 @@ def run(cap: bool, seconds: float) -> dict[str, Any]:
                                    for g in gateways for _ in range(CLIENTS_PER_GATEWAY)))
 
         asyncio.run(main())
-    worst = worst_minute(served)
+    worst = most_in_any_window(served)
     reserve = prompt + CHOICES * DEFAULT_CAP
     bound = LIMIT + (LIMIT // reserve) * CHOICES * (GENERATED - DEFAULT_CAP)
     return {

@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from bench.figures import most_in_any_window
 from bench.harness import bench_stack, chat_body, finish_load, machine, save, stamp, start_load, update_doc
 from tools import stack
 
@@ -34,14 +35,7 @@ CLIENTS = 32
 def analyse(records: list[tuple[Any, ...]], limit: int, seconds: float) -> dict[str, Any]:
     admitted = sorted((r[0], r[2]) for r in records if r[1] == "200")
     start = min(r[0] for r in records)
-    worst = total = 0
-    j = 0
-    for t, tokens in admitted:
-        total += tokens
-        while admitted[j][0] <= t - 60:
-            total -= admitted[j][1]
-            j += 1
-        worst = max(worst, total)
+    worst = most_in_any_window(admitted)
     minutes = []
     # Full minutes once the window is full: in the first minute the limit is reached in ~30 s and nothing ages out
     # before the minute ends, so it measures the filling, not the steady state the target is about.

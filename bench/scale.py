@@ -27,8 +27,10 @@ import json
 import logging
 import random
 import time
-from typing import Any
+from dataclasses import replace
+from typing import Any, cast
 
+from bench.figures import most_in_any_window, percentile
 from bench.harness import machine, save, stamp, update_doc
 from bench.simtable import (
     SimAccount,
@@ -39,15 +41,14 @@ from bench.simtable import (
     SimLedgerStore,
     VirtualLoop,
 )
-from shared.config import Backend
-from shared.edge.consumers import Consumer, ConsumerDirectory, Limits, hash_key
-from shared.limits.limiter import TokenLimiter
+from shared import wiring
+from shared.config import Backend, Settings
+from shared.edge.consumers import Consumer, Limits, hash_key
 from shared.outcomes import Refusal
 from shared.routing.breaker import OPEN
-from shared.routing.provisioned import ProvisionedCapacity
-from shared.routing.router import Router
 from shared.storage.protocols import StoreUnavailable
 from shared.telemetry.events import NullTelemetry
+from shared.wiring import Stores, memory_stores
 
 D = "gpt-4o"
 RESERVE = 300
@@ -66,13 +67,15 @@ SECONDS_CAP = {1000: 100.0, 5000: 70.0, 10000: 20.0, 20000: 15.0}
 
 
 class Instance:
-    def __init__(self, i: int, n: int, clock: SimClock, stores: dict[str, Any]) -> None:
-        telemetry = NullTelemetry()
+    """One gateway instance, built as shared/app.py builds a worker (shared/wiring.py) over the simulated stores."""
+
+    def __init__(self, i: int, n: int, clock: SimClock, stores: Stores) -> None:
         self.name = f"i{i}"
-        self.limiter = TokenLimiter(stores["ledger"], clock, telemetry, instance_count=n, instance_id=self.name)
-        self.router = Router(BACKENDS, clock, telemetry, stores["breakers"], 0.5,
-                             ProvisionedCapacity(BACKENDS, clock, stores["capacity"], self.name, 0.5))
-        self.directory = ConsumerDirectory(stores["consumers"], clock, 60.0, check_s=1.0)
+        built = wiring.build(Settings(backends=BACKENDS, instance_count=n), stores, clock, NullTelemetry(),
+                             instance=self.name)
+        self.limiter = built.limiter
+        self.router = built.services.router
+        self.directory = built.services.consumers
 
     async def close(self) -> None:
         await self.router.close()
@@ -80,35 +83,21 @@ class Instance:
             self.limiter._ticker.cancel()
 
 
+def sim_stores(account: SimAccount) -> Stores:
+    """The shared state the scale is about on the simulated account; the rest (usage rows, budgets, ...) in memory."""
+    return replace(memory_stores(), ledger=SimLedgerStore(account), breakers=SimBreakerStore(account),
+                   capacity=SimCapacityStore(account), consumers=SimConsumerStore(account))
+
+
 def start(loop: VirtualLoop, inst: Instance, rng: random.Random) -> None:
     """Start an instance's sync loops (as its first request does) at a random moment: instances start apart."""
     loop.call_later(rng.uniform(0, 1.0), inst.router.candidates, D, RESERVE, "normal")
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
-def worst_60s(admitted: list[tuple[float, int]]) -> int:
-    admitted = sorted(admitted)
-    worst = total = j = 0
-    for t, tokens in admitted:
-        total += tokens
-        while admitted[j][0] <= t - 60:
-            total -= admitted[j][1]
-            j += 1
-        worst = max(worst, total)
-    return worst
-
-
 async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoop, seed: int) -> dict[str, Any]:
     account = SimAccount(seed)
     clock = SimClock(loop)
-    stores = {"ledger": SimLedgerStore(account), "breakers": SimBreakerStore(account),
-              "capacity": SimCapacityStore(account), "consumers": SimConsumerStore(account)}
+    stores = sim_stores(account)
     rng = random.Random(seed)
     if shape == "one":
         per_request = 225  # the mean of 150-300
@@ -120,7 +109,7 @@ async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoo
         consumers = [Consumer(id=f"c{k}", name=f"c{k}", key_hash=hash_key(f"k-c{k}"), key_prefix="gw-x",
                               limits=Limits(tokens_per_minute=limit)) for k in range(rps)]
     for c in consumers:
-        stores["consumers"].twin._store(c)
+        cast(SimConsumerStore, stores.consumers).twin._store(c)
     keys = [f"k-{c.id}" for c in consumers]
     instances = [Instance(i, n, clock, stores) for i in range(n)]
     for inst in instances:
@@ -200,14 +189,14 @@ async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoo
     }
     if shape == "one":
         series = admitted["busy"]
-        figures["max_any_60s_over_limit"] = round(worst_60s(series) / limit, 4)
+        figures["max_any_60s_over_limit"] = round(most_in_any_window(series) / limit, 4)
         fill = _filled_at(series, limit)
         if fill is not None and fill + 60 <= seconds:
             minute = sum(tok for at, tok in series if fill <= at < fill + 60)
             figures["minute_after_fill_over_limit"] = round(minute / limit, 4)
             figures["filled_at_s"] = round(fill, 1)
     else:
-        worst = max((worst_60s(s) for s in admitted.values() if s), default=0)
+        worst = max((most_in_any_window(s) for s in admitted.values() if s), default=0)
         figures["max_any_60s_over_limit"] = round(worst / limit, 4)
     return figures
 
@@ -234,8 +223,7 @@ def _poisson(rng: random.Random, mean: float) -> int:
 async def trip(n: int, loop: VirtualLoop, seed: int) -> dict[str, Any]:
     account = SimAccount(seed)
     clock = SimClock(loop)
-    stores = {"ledger": SimLedgerStore(account), "breakers": SimBreakerStore(account),
-              "capacity": SimCapacityStore(account), "consumers": SimConsumerStore(account)}
+    stores = sim_stores(account)
     instances = [Instance(i, n, clock, stores) for i in range(n)]
     rng = random.Random(seed)
     for inst in instances:

@@ -13,20 +13,14 @@ import pytest_asyncio
 
 from shared.clock import SystemClock
 from shared.config import Backend, Settings
-from shared.edge.consumers import Consumer, ConsumerDirectory, Limits, hash_key
-from shared.edge.entra import build_validator
-from shared.edge.identity import Identifier
+from shared.edge.consumers import Consumer, Limits, hash_key
 from shared.edge.messages import GatewayRequest
 from shared.flow import tokens
-from shared.flow.credentials import BackendAuth
-from shared.flow.gateway import Gateway, Services
+from shared.flow.gateway import Gateway
 from shared.flow.offload import ON_LOOP_BYTES as COUNT_ON_LOOP_BYTES
-from shared.flow.upstream import AiohttpUpstream
 from shared.limits.limiter import TokenLimiter
-from shared.routing.router import Router
-from shared.storage.memory import MemoryConsumerStore, MemoryLedgerStore, MemoryUsageStore
 from shared.telemetry.events import NullTelemetry
-from shared.telemetry.usage_rows import UsageRecorder
+from shared.wiring import build, memory_stores
 
 KEY = "gw-counting-test-key"
 SMALL_KEY = "gw-counting-small-key"
@@ -38,7 +32,8 @@ BACKEND = Backend(id="nowhere", endpoint="http://127.0.0.1:9", region="test", de
 @pytest_asyncio.fixture
 async def gateway() -> AsyncIterator[tuple[Gateway, TokenLimiter]]:
     clock = SystemClock()
-    store = MemoryConsumerStore()
+    stores = memory_stores()
+    store = stores.consumers
     await store.put(Consumer(id="big", name="big", key_hash=hash_key(KEY), key_prefix=KEY[:9],
                              limits=Limits(tokens_per_minute=10_000_000)))
     await store.put(Consumer(id="small", name="small", key_hash=hash_key(SMALL_KEY), key_prefix=SMALL_KEY[:9],
@@ -47,19 +42,9 @@ async def gateway() -> AsyncIterator[tuple[Gateway, TokenLimiter]]:
     await store.put(Consumer(id="tight", name="tight", key_hash=hash_key(TIGHT_KEY), key_prefix=TIGHT_KEY[:9],
                              limits=Limits(tokens_per_minute=4_000_000)))
     settings = Settings(backends=(BACKEND,), max_attempts=1)
-    limiter = TokenLimiter(MemoryLedgerStore(), clock, NullTelemetry(), background=False)
-    upstream = AiohttpUpstream(settings.backends)
-    directory = ConsumerDirectory(store, clock, 60.0)
-    telemetry = NullTelemetry()
-    services = Services(
-        settings=settings, clock=clock, consumers=directory,
-        identity=Identifier(directory, telemetry, build_validator(settings.entra, clock), settings.accept_keys),
-        router=Router(settings.backends, clock, NullTelemetry()), upstream=upstream,
-        auth=BackendAuth(settings.backends, clock), limiter=limiter, telemetry=NullTelemetry(),
-        usage=UsageRecorder(MemoryUsageStore(), clock, background=False),
-    )
-    yield Gateway(services), limiter
-    await upstream.close()
+    built = build(settings, stores, clock, NullTelemetry(), background=False)  # as shared/app.py builds a worker
+    yield Gateway(built.services), built.limiter
+    await built.services.upstream.close()
 
 
 def request(prompt: str, key: str = KEY) -> GatewayRequest:

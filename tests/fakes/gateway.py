@@ -7,37 +7,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import replace
+from typing import Any, cast
 
 import httpx
 import openai
 from starlette.requests import Request
 
-from shared.app import Edge, console_deps
-from shared.cache.layer import AnswerCache
+from shared.app import Edge
 from shared.cache.policy import OFF, CachePolicy
 from shared.clock import FakeClock
 from shared.config import Settings, load_settings
-from shared.edge.consumers import (
-    Consumer,
-    ConsumerDirectory,
-    Limits,
-    Team,
-    UserLimits,
-    hash_key,
-    key_prefix,
-    new_key,
-)
-from shared.edge.entra import build_validator
-from shared.edge.identity import Identifier
+from shared.edge.consumers import Consumer, Limits, Team, UserLimits, hash_key, key_prefix, new_key
 from shared.edge.messages import GatewayRequest
-from shared.flow.credentials import BackendAuth
-from shared.flow.gateway import Gateway, Services
-from shared.limits.budget import BudgetBook, BudgetedLimiter, MemoryBudgetStore, SpendingTelemetry
+from shared.flow.gateway import Gateway
+from shared.limits.budget import MemoryBudgetStore
 from shared.limits.ledger import Ledger
-from shared.limits.limiter import TokenLimiter
-from shared.routing.router import Router
-from shared.safety.audit import AuditTrail
 from shared.storage.memory import (
     MemoryAnswerStore,
     MemoryAuditStore,
@@ -49,8 +34,8 @@ from shared.storage.memory import (
     MemoryTrafficStore,
     MemoryUsageStore,
 )
-from shared.telemetry.traffic import TrafficCounter
-from shared.telemetry.usage_rows import UsageRecorder, UsageRow
+from shared.telemetry.usage_rows import UsageRow
+from shared.wiring import Stores, build, memory_stores
 from tests.fakes.telemetry import RecordingTelemetry
 from tests.fakes.upstream import ScriptedUpstream
 
@@ -90,65 +75,35 @@ class GatewayHarness:
             "GATEWAY_ADMIN_KEY_SHA256": hash_key(ADMIN_KEY),
             **(env or {}),
         })
-        self.clock = FakeClock() if beside is None else beside.clock
-        self.upstream = ScriptedUpstream() if beside is None else beside.upstream
+        self.clock: FakeClock = FakeClock() if beside is None else beside.clock
+        self.upstream: ScriptedUpstream = ScriptedUpstream() if beside is None else beside.upstream
         self.telemetry = RecordingTelemetry()
-        self.budget_store = MemoryBudgetStore() if beside is None else beside.budget_store
-        self.consumer_store = MemoryConsumerStore() if beside is None else beside.consumer_store
-        self.ledgers = MemoryLedgerStore() if beside is None else beside.ledgers
-        self.breakers = MemoryBreakerStore() if beside is None else beside.breakers
-        self.usage_store = MemoryUsageStore() if beside is None else beside.usage_store
-        self.response_store = MemoryResponseStore() if beside is None else beside.response_store
-        self.answer_store = MemoryAnswerStore() if beside is None else beside.answer_store
-        settings = self.settings
-        self.limiter = TokenLimiter(
-            self.ledgers, self.clock, self.telemetry, lease_lifetime_s=settings.lease_lifetime_s,
-            fail_closed=settings.limit_fail_mode == "closed", instance_count=settings.instance_count,
-            instance_id=instance_id, background=False,
-        )
-        self.router = Router(settings.backends, self.clock, self.telemetry, self.breakers, settings.breaker_sync_s)
-        self.usage = UsageRecorder(self.usage_store, self.clock, instance_id=instance_id, background=False)
-        # Budgets wired as shared/app.py wires them: checked before the limiter, charged from what telemetry receives.
-        self.budgets = BudgetBook(
-            self.budget_store, self.clock, settings.prices, instance_id, refresh_s=settings.budget_refresh_s,
-            background=False,
-        )
-        directory = ConsumerDirectory(
-            self.consumer_store, self.clock, settings.consumer_refresh_s, check_s=settings.consumer_check_s,
-            max_stale_s=settings.consumer_max_stale_s,
-            fail_closed=settings.auth_fail_mode == "closed", lookups_per_s=settings.unknown_key_lookups_per_s,
-            failures_per_minute=settings.auth_failures_per_minute,
-        )
-        self.change_log = MemoryChangeLogStore()
-        self.traffic_store = MemoryTrafficStore()
-        self.traffic = TrafficCounter(SpendingTelemetry(self.telemetry, self.budgets), self.traffic_store, self.clock,
-                                      "harness", background=False)
-        self.services = Services(
-            settings=settings,
-            clock=self.clock,
-            consumers=directory,
-            identity=Identifier(directory, self.telemetry, build_validator(settings.entra, self.clock), settings.accept_keys),
-            router=self.router,
-            upstream=self.upstream,
-            auth=BackendAuth(settings.backends, self.clock, _no_identity),
-            limiter=BudgetedLimiter(self.limiter, self.budgets),
-            telemetry=self.traffic,
-            usage=self.usage,
-            responses=self.response_store,
-            cache=AnswerCache(self.answer_store, self.clock, memory_bytes=settings.cache_memory_bytes,
-                              max_entry_bytes=settings.cache_max_entry_bytes, background=False),
-        )
-        if settings.safety.policies:  # the safety services, as shared/app.py builds them (keys: no identity asked)
-            from shared.app import _screening
-
-            self.services.safety = _screening(settings, self.clock)
-        self.audit_store = MemoryAuditStore()
-        if any(p.audited for p in settings.safety.policies.values()):
-            self.services.audit = AuditTrail(
-                self.audit_store, self.clock, "harness", memory_bytes=settings.safety.audit_memory_bytes,
-                flush_s=settings.safety.audit_flush_s, lost=self.telemetry.audit_lost, background=False)
-        self.edge = Edge(settings, self.services, console_deps(
-            self.services, self.consumer_store, self.change_log, self.usage_store, self.traffic_store, self.traffic))
+        # A second instance shares the deployment's stores; its console's change log and traffic rows are its own.
+        stores = memory_stores() if beside is None else replace(
+            beside.stores, changes=MemoryChangeLogStore(), traffic=MemoryTrafficStore())
+        # Built as shared/app.py builds a worker (shared/wiring.py), over the in-memory stores; the periodic flushes
+        # and syncs are driven by the tests (settle, flush) instead of background tasks.
+        built = build(self.settings, stores, self.clock, self.telemetry, upstream=self.upstream,
+                      credentials=_NoIdentity, instance=instance_id, background=False)
+        self.built = built
+        self.stores: Stores = stores
+        self.budget_store = cast(MemoryBudgetStore, stores.budgets)
+        self.consumer_store = cast(MemoryConsumerStore, stores.consumers)
+        self.ledgers = cast(MemoryLedgerStore, stores.ledger)
+        self.breakers = cast(MemoryBreakerStore, stores.breakers)
+        self.usage_store = cast(MemoryUsageStore, stores.usage)
+        self.response_store = cast(MemoryResponseStore, stores.responses)
+        self.answer_store = cast(MemoryAnswerStore, stores.answers)
+        self.audit_store = cast(MemoryAuditStore, stores.audit)
+        self.change_log = cast(MemoryChangeLogStore, stores.changes)
+        self.traffic_store = cast(MemoryTrafficStore, stores.traffic)
+        self.services = built.services
+        self.limiter = built.limiter
+        self.router = built.services.router
+        self.usage = built.services.usage
+        self.budgets = built.budgets
+        self.traffic = built.counter
+        self.edge = Edge(self.settings, built)
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.asgi), base_url=BASE_URL, timeout=10)
 
     async def asgi(self, scope: Any, receive: Any, send: Any) -> None:
@@ -233,8 +188,11 @@ class GatewayHarness:
         await self.edge.close()
 
 
-def _no_identity() -> Any:
-    raise AssertionError("the harness's backends use keys; nothing may ask for a managed identity")
+class _NoIdentity:
+    """The managed identity of a harness: its backends and safety services use keys, so no token may be asked for."""
+
+    async def get_token(self, *scopes: str) -> Any:
+        raise AssertionError("the harness's backends use keys; nothing may ask for a managed identity")
 
 
 def gateway_request(
