@@ -1,6 +1,11 @@
 """The gateway side by side with a direct call, a bare Python passthrough and LiteLLM's proxy (issue: performance).
 
     .venv/bin/python -m bench.compare [--seconds 6] [--rounds 2] [--no-litellm] [--write]
+    .venv/bin/python -m bench.compare --hot [--seconds 8] [--rounds 3] [--write]
+
+`--hot`: the hot path's measurement (issue 25), the gateway against the aiohttp passthrough only: a consumer with a
+token limit, App Insights off; non-streaming chat at 64 clients (wrk: CPU per request, p99), streams at 1 and 16
+clients (time to first byte); RSS after start and the first request's latency.
 
 One simulated backend (50 ms; streams of 20 tokens 5 ms apart); every configuration forwards to it:
 - direct: the load generator straight to the backend (the floor);
@@ -179,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload", action="append", choices=("chat", "stream", "embeddings"))
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--hot", action="store_true", help="the hot path's measurement (see above)")
     args = parser.parse_args(argv)
+    if args.hot:
+        return hot(args)
     concurrencies = args.concurrency or [1, 16, 64]
     workloads = args.workload or ["chat", "stream", "embeddings"]
     results: dict[str, Any] = {"machine": machine(), "date": stamp(), "seconds": args.seconds, "rounds": args.rounds,
@@ -248,6 +256,142 @@ def main(argv: list[str] | None = None) -> int:
         plot(results, ROOT / "docs" / "compare.png")
         update_doc("compare", markdown(results))
     return 0
+
+
+HOT_POINTS = (("chat", 64), ("stream", 1), ("stream", 16))
+
+
+def hot(args: argparse.Namespace) -> int:
+    """The gateway against the aiohttp passthrough and a direct call, interleaved in one run (bench --hot)."""
+    points = [(w, c) for w, c in HOT_POINTS if (not args.workload or w in args.workload)
+              and (not args.concurrency or c in args.concurrency)]
+    results: dict[str, Any] = {"machine": machine(), "date": stamp(), "seconds": args.seconds, "rounds": args.rounds,
+                               "points": [], "extras": {}, "load_average": os.getloadavg()[0]}
+    extras = results["extras"]
+    with bench_stack() as bench, tempfile.TemporaryDirectory() as folder:
+        log_dir = Path(folder)
+        bench.start_azurite()
+        region = stack.Region("sim", "uksouth", stack.free_port(), chat_tpm=10**9, embeddings_tpm=10**9)
+        bench.start_simulator(region, latency_ms=50, token_latency_ms=5)
+        backend = f"http://127.0.0.1:{region.port}"
+        # A limited consumer (its limit far above what the load asks): the limiter is on the path, no 429s.
+        key = bench.consumer("bench", tokens_per_minute=2_000_000_000)
+        gateway = bench.start_gateway([region], {"APPLICATIONINSIGHTS_CONNECTION_STRING": ""})
+        pid = gateway.process.pid
+        time.sleep(1.0)  # listening: whatever start-up still does settles
+        extras["gateway_rss_after_start_mb"] = round(tree_rss_mb(pid), 1)
+        extras.update(first_requests(gateway.url + AZURE_PATH.format(deployment="gpt-4o", operation="chat/completions"),
+                                     {"api-key": key}, body("chat", "azure")))
+        extras["gateway_rss_after_first_requests_mb"] = round(tree_rss_mb(pid), 1)
+        passthrough = start_passthrough(bench, backend, "aiohttp", log_dir)
+        time.sleep(1.0)
+        extras["passthrough_rss_after_start_mb"] = round(tree_rss_mb(passthrough.process.pid), 1)
+        configs = [Config("direct", backend, "azure", stack.SIM_API_KEY, None),
+                   Config("passthrough-aiohttp", passthrough.url, "azure", stack.SIM_API_KEY, passthrough.process.pid),
+                   Config("gateway", gateway.url, "azure", key, pid)]
+        for workload, concurrency in points:
+            rounds: dict[str, list[dict[str, Any]]] = {c.name: [] for c in configs}
+            for round_ in range(args.rounds):
+                order = configs if round_ % 2 == 0 else list(reversed(configs))
+                for config in order:
+                    pause_others(configs, config)
+                    rounds[config.name].append(measure(config, workload, concurrency, args.seconds))
+            direct = merge(rounds["direct"], workload)
+            for config in configs:
+                point = merge(rounds[config.name], workload)
+                point.update({"config": config.name, "workload": workload, "concurrency": concurrency})
+                point["added_p50_ms"] = round(point["p50_ms"] - direct["p50_ms"], 3)
+                point["added_p99_ms"] = round(point["p99_ms"] - direct["p99_ms"], 3)
+                point["throughput_vs_direct"] = round(point["rps"] / max(direct["rps"], 1e-9), 3)
+                if workload == "stream":
+                    point["added_ttfb_p50_ms"] = round(point["ttfb_p50_ms"] - direct["ttfb_p50_ms"], 3)
+                results["points"].append(point)
+                print(json.dumps(point), flush=True)
+        for config in configs:
+            if config.pid:
+                extras.setdefault("rss_after_run_mb", {})[config.name] = round(tree_rss_mb(config.pid), 1)
+                for member in tree(config.pid):  # wake everyone before the stack is stopped
+                    try:
+                        os.kill(member, signal.SIGCONT)
+                    except ProcessLookupError:
+                        pass
+        print(json.dumps(extras), flush=True)
+    results["goals"] = hot_goals(results)
+    print(json.dumps(results["goals"], indent=1), flush=True)
+    save("compare_hot", results)
+    if args.write:
+        update_doc("hot", hot_markdown(results))
+    return 0
+
+
+def first_requests(url: str, headers: dict[str, str], payload: bytes, count: int = 20) -> dict[str, float]:
+    """The first request's latency after start against the median of the next ones (one client, sequential): what
+    start-up left for the first request to do (building the services, loading anything lazily)."""
+    times = []
+    with httpx.Client(timeout=30) as client:
+        for _ in range(count + 1):
+            begin = time.perf_counter()
+            response = client.post(url, content=payload, headers={**headers, "content-type": "application/json"})
+            times.append((time.perf_counter() - begin) * 1000)
+            response.raise_for_status()
+    return {"gateway_first_request_ms": round(times[0], 2), "gateway_next_requests_p50_ms": round(statistics.median(times[1:]), 2)}
+
+
+def hot_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's goals, each as (measured, target, met)."""
+    rows = {(p["config"], p["workload"], p["concurrency"]): p for p in results["points"]}
+    goals: list[dict[str, Any]] = []
+    chat_gw, chat_pt = rows.get(("gateway", "chat", 64)), rows.get(("passthrough-aiohttp", "chat", 64))
+    if chat_gw and chat_pt:
+        ratio = round(chat_gw["cpu_ms_per_request"] / chat_pt["cpu_ms_per_request"], 2)
+        goals.append({"goal": "CPU per request (chat, 64 clients) / passthrough's", "target": "<= 1.8 (then 1.5)",
+                      "measured": f"{chat_gw['cpu_ms_per_request']} / {chat_pt['cpu_ms_per_request']} ms = {ratio}",
+                      "met": ratio <= 1.8})
+        extra = round(chat_gw["p99_ms"] - chat_pt["p99_ms"], 2)
+        goals.append({"goal": "p99 (chat, 64 clients) beyond the passthrough's", "target": "<= 3 ms",
+                      "measured": f"{chat_gw['p99_ms']} vs {chat_pt['p99_ms']} ms: {extra:+}", "met": extra <= 3})
+    for clients in (1, 16):
+        gw, pt = rows.get(("gateway", "stream", clients)), rows.get(("passthrough-aiohttp", "stream", clients))
+        if gw and pt:
+            extra = round(gw["ttfb_p50_ms"] - pt["ttfb_p50_ms"], 3)
+            goals.append({"goal": f"stream TTFB p50 beyond the passthrough's, {clients} client(s)", "target": "<= 0.5 ms",
+                          "measured": f"{gw['ttfb_p50_ms']} vs {pt['ttfb_p50_ms']} ms: {extra:+}", "met": extra <= 0.5})
+    extras = results["extras"]
+    rss = extras.get("gateway_rss_after_start_mb")
+    if rss is not None:
+        goals.append({"goal": "RSS after start, keys only", "target": "<= 100 MB", "measured": f"{rss} MB "
+                      f"(after the first requests {extras.get('gateway_rss_after_first_requests_mb')}, after the run "
+                      f"{extras.get('rss_after_run_mb', {}).get('gateway')}; passthrough "
+                      f"{extras.get('passthrough_rss_after_start_mb')})", "met": rss <= 100})
+    return goals
+
+
+def hot_markdown(results: dict[str, Any]) -> str:
+    extras = results["extras"]
+    lines = [
+        "## The hot path: the gateway against the aiohttp passthrough (issue 25)",
+        "",
+        f"`.venv/bin/python -m bench.compare --hot --seconds {results['seconds']:g} --rounds {results['rounds']} --write` — "
+        f"{results['date']}, {results['machine']}; load average {results['load_average']:.2f} at the start.",
+        "One 50 ms simulated backend (streams: 20 tokens 5 ms apart); the gateway with one consumer that has a token "
+        "limit (far above the load: the limiter is on the path, nothing refused), Azurite, App Insights off; the bare "
+        "aiohttp passthrough (bench/passthrough.py) beside it. Configurations interleaved, medians of the rounds; the "
+        "one not measured is stopped (SIGSTOP). wrk (one thread) drives chat, the Python generator streams. CPU per "
+        "request is the process's own (utime + stime from /proc) over the measured requests.",
+        "",
+        "| goal | target | measured | met |",
+        "|---|---|---|---|",
+    ]
+    for goal in results["goals"]:
+        lines.append(f"| {goal['goal']} | {goal['target']} | {goal['measured']} | {'yes' if goal['met'] else '**no**'} |")
+    lines += ["", "| workload | clients | config | req/s | p50 ms | p99 ms | added p99 | TTFB p50 ms | CPU ms/req | errors |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in results["points"]:
+        lines.append(f"| {p['workload']} | {p['concurrency']} | {p['config']} | {p['rps']} | {p['p50_ms']} | {p['p99_ms']} | "
+                     f"{p['added_p99_ms']} | {p.get('ttfb_p50_ms', '')} | {p['cpu_ms_per_request']} | {p['errors']} |")
+    lines += ["", f"First request after start: {extras.get('gateway_first_request_ms')} ms (the next ones' p50 "
+              f"{extras.get('gateway_next_requests_p50_ms')} ms, one client, sequential)."]
+    return "\n".join(lines)
 
 
 def merge(runs: list[dict[str, Any]], workload: str) -> dict[str, Any]:

@@ -1,8 +1,13 @@
-"""Profile the gateway under load with py-spy and print the top functions by own time.
+"""Profile the gateway under load with py-spy: the top functions by own time, and CPU per request by phase.
 
-    .venv/bin/python -m bench.profile [--seconds 10] [--concurrency 64] [--stream] [--extra JSON]
+    .venv/bin/python -m bench.profile [--seconds 10] [--concurrency 64] [--stream] [--tpm N] [--metrics] [--extra JSON]
 
 Needs `py-spy` (pip install py-spy) and permission to read the gateway's memory (root, or ptrace allowed).
+
+Phases: each sample (a stack of a thread on the CPU) goes to the phase of its innermost frame in the gateway's own
+code (PHASES: by file), with whatever library code that frame called; a sample with no frame of the gateway's code is
+the event loop, the HTTP server's protocol and the HTTP client's callbacks, which any Python proxy pays ("outside").
+The shares times the CPU per request measured from /proc over the same load give CPU per request by phase.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from bench.harness import OUT, bench_stack, chat_body, load
+from bench.harness import OUT, bench_stack, chat_body, load, machine, save, stamp
 from tools import stack
 from tools.capture import Capture
 
@@ -35,6 +40,57 @@ def top_frames(raw: Path, limit: int) -> list[tuple[str, float, float]]:
         for frame in set(frames):
             inclusive[frame] += count
     return [(frame, 100 * n / total, 100 * inclusive[frame] / total) for frame, n in own.most_common(limit)]
+
+
+# (phase, path fragments): the first phase one of whose fragments is in a frame's file wins.
+PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("identity", ("shared/edge/consumers.py", "shared/edge/identity.py", "shared/edge/entra.py",
+                  "shared/edge/keyguard.py")),
+    ("check", ("shared/flow/checks.py", "shared/flow/jsonbody.py", "shared/flow/translate.py", "shared/flow/gates.py",
+               "shared/flow/bodies.py", "shared/flow/cache.py", "shared/cache/", "shared/flow/safety.py",
+               "shared/safety/", "shared/catalog.py")),
+    ("admission", ("shared/flow/admission.py", "shared/limits/", "shared/flow/tokens.py", "shared/flow/exchange.py",
+                   "shared/flow/end_users.py")),
+    ("dispatch", ("shared/flow/failover.py", "shared/flow/upstream.py", "shared/routing/", "shared/flow/credentials.py",
+                  "shared/flow/backend_api.py")),
+    ("relay", ("shared/flow/relay.py", "shared/flow/usage.py", "shared/flow/sse.py", "shared/flow/responses.py")),
+    ("books", ("shared/flow/books.py", "shared/telemetry/usage_rows.py", "shared/storage/")),
+    ("telemetry", ("shared/telemetry/", "opentelemetry/", "azure/monitor/")),
+    ("edge", ("shared/", "tools/localhost.py", "function_app.py")),
+)
+# Library code any Python proxy runs (the aiohttp passthrough too): a sample whose innermost frame outside the standard
+# library is one of these is theirs, whichever phase called it. Store calls (Azure SDK) are one row of their own.
+STORE = "store round trips (Azure SDK, any phase)"
+SERVER = "HTTP server (uvicorn, Starlette)"
+CLIENT = "HTTP client (aiohttp)"
+OUTSIDE = "event loop and the rest"
+LIBRARIES = ((SERVER, ("uvicorn/", "starlette/", "httptools/")), (CLIENT, ("aiohttp/", "aiohappyeyeballs/", "yarl/",
+                                                                              "multidict/")))
+STORE_FRAMES = ("core/pipeline/", "tables/aio/", "tables/_", "blob/aio/", "azure/core/", "azure/data/")
+
+
+def phase_of(frames: list[str]) -> str:
+    """The phase of one sample (see PHASES and LIBRARIES)."""
+    if any(fragment in frame for frame in frames for fragment in STORE_FRAMES):
+        return STORE
+    for frame in reversed(frames):
+        for library, fragments in LIBRARIES:
+            if any(fragment in frame for fragment in fragments):
+                return library
+        for phase, fragments in PHASES:
+            if any(fragment in frame for fragment in fragments):
+                return phase
+    return OUTSIDE
+
+
+def phase_shares(raw: Path) -> dict[str, float]:
+    """Fraction of the samples in each phase (py-spy's raw output: "frame;frame;... count" per line)."""
+    counts: Counter[str] = Counter()
+    for line in raw.read_text().splitlines():
+        stack_text, _, count_text = line.rpartition(" ")
+        counts[phase_of(stack_text.split(";"))] += int(count_text)
+    total = sum(counts.values()) or 1
+    return {phase: counts[phase] / total for phase in [p for p, _ in PHASES] + [SERVER, CLIENT, STORE, OUTSIDE]}
 
 
 def py_spy() -> str:
@@ -66,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         gateway = bench.start_gateway([region], extra)
         key = bench.consumer("bench", tokens_per_minute=args.tpm)
         url = f"{gateway.url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+        # Warm: the services are built, the tables created, the connections open before anything is sampled.
+        load(url, chat_body(stream=args.stream), args.concurrency, 3, headers={"api-key": key}, stream=args.stream,
+             warmup=0)
         spy = subprocess.Popen(
             [py_spy(), "record", "--pid", str(gateway.process.pid), "--duration", str(int(args.seconds)), "--rate", "500",
              "--format", "raw", "--output", str(raw), "--nonblocking"],
@@ -82,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'own %':>6} {'incl %':>7}  function")
     for frame, own_pct, incl_pct in top_frames(raw, args.top):
         print(f"{own_pct:6.1f} {incl_pct:7.1f}  {frame[:150]}")
+    cpu = result.get("proxy_cpu_ms_per_request")
+    shares = phase_shares(raw)
+    phases = {phase: {"share": round(share, 4), "cpu_ms_per_request": round(share * cpu, 4) if isinstance(cpu, float) else None}
+              for phase, share in shares.items()}
+    print(f"\n{'phase':<42} {'share %':>8} {'ms/request':>11}")
+    for phase, row in phases.items():
+        print(f"{phase:<42} {100 * row['share']:8.1f} {row['cpu_ms_per_request'] or 0:11.4f}")
+    save("profile", {"date": stamp(), "machine": machine(), "args": vars(args), "load": result, "phases": phases})
     return 0
 
 
