@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -100,29 +101,39 @@ def to_gateway_request(
     hops: int = 0,
     proxies: tuple[Network, ...] = (),
 ) -> GatewayRequest:
+    # Straight from the ASGI scope: Starlette's Headers and QueryParams would each be built (and parsed) on the way.
+    scope = request.scope
     headers: dict[str, str] = {}
     repeated: set[str] = set()
-    for raw_name, raw_value in request.headers.raw:
+    for raw_name, raw_value in scope["headers"]:
         name = raw_name.decode("latin-1").lower()
         if name in headers:
             repeated.add(name)
             continue
         headers[name] = raw_value.decode("latin-1")
-    raw_path = request.scope.get("raw_path")
+    raw_path = scope.get("raw_path")
     path = raw_path.decode("latin-1") if isinstance(raw_path, bytes) else request.url.path
-    root = request.scope.get("root_path", "")
+    root = scope.get("root_path", "")
     if root and path.startswith(root):
         path = path[len(root):]
+    query_string = scope.get("query_string", b"")
+    # As Starlette's QueryParams reads it (blank values kept; a repeated name: its last value).
+    query = dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)) if query_string else {}
+    client = scope.get("client")
+    peer = client[0] if client else ""
     return GatewayRequest(
-        method=request.method,
+        method=scope["method"],
         raw_path=path,
-        query=dict(request.query_params),
+        query=query,
         headers=headers,
         body=body,
-        client_ip=client_ip(request, hops, proxies),
-        repeated=frozenset(repeated),
+        client_ip=client_address(peer, headers.get("x-forwarded-for"), hops, proxies),
+        repeated=frozenset(repeated) if repeated else _NONE_REPEATED,
         read_body=read_body,
     )
+
+
+_NONE_REPEATED: frozenset[str] = frozenset()
 
 
 class EventStreamResponse(Response):

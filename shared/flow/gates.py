@@ -28,9 +28,20 @@ from shared.edge.errors import GatewayError
 TOOL_CAPABILITIES = (WEB_SEARCH, FILE_SEARCH, CODE_INTERPRETER, IMAGE_GENERATION, COMPUTER_USE, MCP)
 
 
+_NORMS: dict[str, str] = {}
+_NORMS_MAX = 4096  # names come from clients: the memo is bounded (cleared when full)
+
+
 def norm(name: str) -> str:
     """A field or type name as a lenient reader sees it."""
-    return name.lower().replace("_", "").replace("-", "")
+    normed = _NORMS.get(name)
+    if normed is None:
+        normed = name.lower().replace("_", "").replace("-", "")
+        if len(name) <= 64:
+            if len(_NORMS) >= _NORMS_MAX:
+                _NORMS.clear()
+            _NORMS[name] = normed
+    return normed
 
 
 # Tool types any consumer may declare: the model only asks, the caller runs them.
@@ -148,25 +159,27 @@ def check_capabilities(body: Mapping[str, Any], granted: frozenset[str]) -> None
 
 def _walk_content(body: Mapping[str, Any], granted: frozenset[str]) -> None:
     """Input items and content parts at any depth (messages, input, tool outputs, prompt variables): their types and
-    the file references they carry. Iterative: the body is depth-bounded already, but a stack needs no recursion."""
-    stack: list[tuple[Any, str]] = [
+    the file references they carry. Iterative: the body is depth-bounded already, but a stack needs no recursion.
+    A node's place in the body (for the refusal's `param`) is kept as (parent, key) and spelt out only on refusal."""
+    stack: list[tuple[Any, Any]] = [
         (value, key) for key, value in body.items()
-        if isinstance(key, str) and norm(key) not in _NOT_CONTENT
+        if isinstance(key, str) and norm(key) not in _NOT_CONTENT and isinstance(value, (list, dict, Mapping))
     ]
     while stack:
         node, where = stack.pop()
-        if isinstance(node, list):
-            stack.extend((value, f"{where}[{i}]") for i, value in enumerate(node))
+        if type(node) is list:
+            stack.extend((value, (where, i)) for i, value in enumerate(node)
+                         if type(value) is dict or isinstance(value, (list, Mapping)))
             continue
-        if not isinstance(node, Mapping):
+        if type(node) is not dict and not isinstance(node, Mapping):
             continue
         tool_call = False
         for kind in _types(node):
             capability = _item_capability(kind)
             if capability == "":
-                raise _refuse(f"The item type '{kind[:64]}' is not known to this gateway.", f"{where}.type")
+                raise _refuse(f"The item type '{kind[:64]}' is not known to this gateway.", f"{_place(where)}.type")
             if capability is not None and capability not in granted:
-                raise _refuse(f"'{kind[:64]}' items are not enabled for this key.", f"{where}.type")
+                raise _refuse(f"'{kind[:64]}' items are not enabled for this key.", f"{_place(where)}.type")
             tool_call = tool_call or capability is not None
         if tool_call:
             continue  # a granted tool's own record (its actions, results, outputs) is the tool's business
@@ -176,8 +189,18 @@ def _walk_content(body: Mapping[str, Any], granted: frozenset[str]) -> None:
             name = norm(key)
             if name in _FILE_KEYS and value is not None and FILES not in granted:
                 raise _refuse(f"References to stored or remote files ('{key}') are not enabled for this key.",
-                              f"{where}.{key}")
+                              f"{_place(where)}.{key}")
             if name in _SKIPPED_KEYS:
                 continue
-            if isinstance(value, (list, Mapping)):
-                stack.append((value, f"{where}.{key}"))
+            if type(value) is dict or type(value) is list or isinstance(value, (list, Mapping)):
+                stack.append((value, (where, key)))
+
+
+def _place(where: Any) -> str:
+    """`messages[2].content[0]` from the chain ((("messages", ), 2), "content"), 0) the walk keeps."""
+    parts: list[str] = []
+    while isinstance(where, tuple):
+        where, step = where
+        parts.append(f"[{step}]" if isinstance(step, int) else f".{step}")
+    parts.append(str(where))
+    return "".join(reversed(parts))

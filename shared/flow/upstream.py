@@ -117,8 +117,11 @@ class AiohttpUpstream:
         session = self._session
         if session is None or session.closed:
             connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
+            # No cookie jar: one backend's cookie must never ride on another consumer's request (and filtering the
+            # jar for every request costs time on the hot path).
             session = self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",)
+                connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",),
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return session
 

@@ -31,8 +31,15 @@ FLUSH_INTERVAL_S = 60.0  # each row at most this often
 FLUSH_TICK_S = 5.0  # how often due rows are looked for
 
 
+_last_hour: tuple[int, str] = (-1, "")
+
+
 def hour_key(now_s: float) -> str:
-    return time.strftime("%Y-%m-%dT%H", time.gmtime(now_s))
+    global _last_hour
+    hour = int(now_s // 3600)
+    if _last_hour[0] != hour:  # formatted once an hour, not per request
+        _last_hour = (hour, time.strftime("%Y-%m-%dT%H", time.gmtime(hour * 3600)))
+    return _last_hour[1]
 
 
 @dataclass(frozen=True)
@@ -67,17 +74,21 @@ class UsageRow:
                            saved=self.saved + saved.total, cost_nanos=self.cost_nanos + cost_nanos)
         if usage is None:
             return replace(self, requests=self.requests + requests, cost_nanos=self.cost_nanos + cost_nanos)
-        return replace(
-            self,
+        # Built directly, not with replace(): once per request, and replace() looks the fields up every time.
+        return UsageRow(
+            self.consumer, self.hour, self.deployment, self.instance,
             requests=self.requests + requests,
-            cost_nanos=self.cost_nanos + cost_nanos,
             prompt=self.prompt + usage.prompt,
             completion=self.completion + usage.completion,
             total=self.total + usage.total,
             cached=self.cached + usage.cached,
             reasoning=self.reasoning + usage.reasoning,
             counted=self.counted + (0 if usage.reported else usage.total),
-            tools=add_tools(self.tools, usage.tools),
+            tools=add_tools(self.tools, usage.tools) if usage.tools else self.tools,
+            cache_hits=self.cache_hits,
+            saved=self.saved,
+            cost_nanos=self.cost_nanos + cost_nanos,
+            written_s=self.written_s,
         )
 
 
