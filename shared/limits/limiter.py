@@ -48,7 +48,7 @@ from shared.limits.ledger import (
 )
 from shared.limits.ledger_copy import Contended, LedgerCopy
 from shared.limits.pacing import Pacing
-from shared.limits.scopes import CONSUMER, TEAM, USER, Level, Scopes, is_limited, level_name, levels_for, scopes_for
+from shared.limits.scopes import CONSUMER, TEAM, USER, Level, Scopes, level_name, levels_for, scopes_for
 from shared.limits.user_shares import MAX_SHARE_S, UserWindows, declare, declaring, serving
 from shared.outcomes import NeverAdmissible, QuotaExhausted, RateLimited
 from shared.storage.memory import MemoryLedgerStore as MemoryLedgerStore  # the store's twin, for existing callers
@@ -65,6 +65,7 @@ MAX_CLAIMS_PER_REQUEST = 8  # a bound on the slow path; with claims sized for ev
 # Ledger writes in flight per instance. Thousands of consumers renewing at once (after a store outage, at start) would
 # otherwise all wait on the store together and time out together.
 MAX_CONCURRENT_SYNCS = 32
+MAX_LEVELS_SEEN = 4096  # consumer records x deployments whose levels are kept (cleared when full)
 
 
 @dataclass(eq=False)
@@ -89,8 +90,16 @@ class Budget:
     # A request ended below its reservation since the last write: the ledger (and any refusal learnt from it) still
     # counts tokens this instance is about to free, so a refusal is checked by a write, not repeated from memory.
     refunded: bool = False
+    noted: Scopes | None = None  # the scopes last noted, and when: the same ones again within a second change nothing
+    noted_mono: float = -1e18
 
     def note(self, scopes: Scopes, reserve: int, mono: float, user_tpm: int = 0) -> None:
+        if scopes is self.noted and mono - self.noted_mono < 1.0 and (not user_tpm or user_tpm == self.user_tpm):
+            # Same limits as a moment ago (the limiter hands out one Scopes per consumer object): only the pace moves.
+            # A scope's last use is then at most a second old, against the minute after which it is forgotten.
+            self.pace.note_request(reserve)
+            return
+        self.noted, self.noted_mono = scopes, mono
         changed = False
         for scope, limit in scopes.limits.items():
             before = self.limits.get(scope)
@@ -252,15 +261,31 @@ class TokenLimiter:
         # tries it (each would wait for its own timeout, and retry, together), and admissions use the fallback.
         self._store_down_until = 0.0
         self._writes: asyncio.Semaphore | None = None
+        self._levels_seen: dict[tuple[int, str], tuple[Consumer, list[Level]]] = {}
 
     # ---- the request path ----------------------------------------------------------------------------------------
 
+    def _levels(self, consumer: Consumer, deployment: str, user: str | None = None) -> list[Level]:
+        """levels_for, worked out once per consumer record and deployment (the directory replaces a consumer's record
+        when it changes, so a changed limit is a new record); end users' levels are not kept."""
+        if user is not None:
+            return levels_for(consumer, deployment, user)
+        key = (id(consumer), deployment)
+        known = self._levels_seen.get(key)
+        if known is not None and known[0] is consumer:  # the record itself is kept: its id cannot be reused meanwhile
+            return known[1]
+        levels = levels_for(consumer, deployment)
+        if len(self._levels_seen) >= MAX_LEVELS_SEEN:
+            self._levels_seen.clear()
+        self._levels_seen[key] = (consumer, levels)
+        return levels
+
     def needs_estimate(self, consumer: Consumer, deployment: str, user: str | None = None) -> bool:
-        return is_limited(consumer, deployment, user)
+        return bool(self._levels(consumer, deployment, user))
 
     def precheck(self, consumer: Consumer, deployment: str, at_least: int = 0, user: str | None = None) -> None:
         now = self._clock.now()
-        for level in levels_for(consumer, deployment, user):
+        for level in self._levels(consumer, deployment, user):
             for scope, limit in level.scopes.limits.items():
                 if 0 < limit < at_least:
                     raise refusals.too_large(at_least, limit, level.kind, scope)
@@ -274,7 +299,7 @@ class TokenLimiter:
 
     def room(self, consumer: Consumer, deployment: str, user: str | None = None) -> int | None:
         left: list[int] = []
-        for level in levels_for(consumer, deployment, user):
+        for level in self._levels(consumer, deployment, user):
             tokens, quota = self._remaining(self._budgets.get(level.key), level.scopes)
             left += [pair[1] for pair in (tokens, quota) if pair is not None]
         return min(left) if left else None
@@ -285,7 +310,7 @@ class TokenLimiter:
         """Reserve `reserve` tokens at every level the request belongs to (its end user, the consumer, its team), or
         raise the refusal of the first level without room (429 over a rate, 403 over a quota), naming the level.
         Admission is all or nothing: what the levels before the refusing one had taken is released at once."""
-        levels = levels_for(consumer, deployment, user)
+        levels = self._levels(consumer, deployment, user)
         if not levels:
             return UNLIMITED
         for level in levels:
