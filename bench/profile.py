@@ -66,6 +66,7 @@ CLIENT = "HTTP client (aiohttp)"
 OUTSIDE = "event loop and the rest"
 LIBRARIES = ((SERVER, ("uvicorn/", "starlette/", "httptools/")), (CLIENT, ("aiohttp/", "aiohappyeyeballs/", "yarl/",
                                                                               "multidict/")))
+IDLE_WAIT = "_worker (concurrent/futures/thread.py:81)"
 STORE_FRAMES = ("core/pipeline/", "tables/aio/", "tables/_", "blob/aio/", "azure/core/", "azure/data/")
 
 
@@ -88,7 +89,10 @@ def phase_shares(raw: Path) -> dict[str, float]:
     counts: Counter[str] = Counter()
     for line in raw.read_text().splitlines():
         stack_text, _, count_text = line.rpartition(" ")
-        counts[phase_of(stack_text.split(";"))] += int(count_text)
+        frames = stack_text.split(";")
+        if IDLE_WAIT in frames[-1]:
+            continue  # a pool thread waiting for work, which py-spy does not always see as idle
+        counts[phase_of(frames)] += int(count_text)
     total = sum(counts.values()) or 1
     return {phase: counts[phase] / total for phase in [p for p, _ in PHASES] + [SERVER, CLIENT, STORE, OUTSIDE]}
 

@@ -81,7 +81,8 @@ class Checks:
         else:  # the walk visits every node of the body: for a large one, not on the event loop
             await offload.run(partial(check_capabilities, parsed.body, consumer.capabilities))
         shape = parsed.shape if chain[0] == requested else replace(parsed.shape, deployment=chain[0])
-        parsed = replace(parsed, shape=shape)
+        if shape is not parsed.shape:
+            parsed = replace(parsed, shape=shape)
         pinned = await self._pin(parsed, consumer)
         if pinned is not None or parsed.route.operation is Operation.EMBEDDINGS:
             # A continuation lives where it was stored; embeddings of another model are vectors in another space.

@@ -106,7 +106,8 @@ class Gateway:
                 return self._models(consumer)
             if request.read_body is not None:
                 # Read only now: an unauthenticated client never makes the gateway take in a body.
-                request = replace(request, body=await request.read_body(), read_body=None)
+                request = GatewayRequest(request.method, request.raw_path, request.query, request.headers,
+                                         await request.read_body(), request.client_ip, request.repeated)
             if route.operation in FOLLOW_UPS:
                 return await self._follow_ups.handle(request, route, consumer, started, trace)
             if len(request.body) > offload.ON_LOOP_BYTES:
