@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+# An end user's id, and the User ID a request is recorded under (header, token claim): at most this many characters.
+MAX_USER_ID_CHARS = 128
+
 
 class Refusal(Exception):
     """A request the gateway answers itself, without a backend's answer."""

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from shared.clock import Clock
 from shared.config import EntraSettings
+from shared.outcomes import MAX_USER_ID_CHARS
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +302,7 @@ class TokenValidator:
             roles=roles,
             groups=tuple(g.lower() for g in _strings(claims.get("groups"))),
             expires=float(claims["exp"]),
-            user_id=str(claims.get(user_claim, ""))[:128] if user_claim else "",
+            user_id=str(claims.get(user_claim, ""))[:MAX_USER_ID_CHARS] if user_claim else "",
             home=tenant == self._home,
             person=bool(scopes) or claims.get("idtyp") == "user",
         )

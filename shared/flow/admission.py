@@ -9,7 +9,7 @@ from shared.config import Settings
 from shared.edge.consumers import Consumer
 from shared.edge.messages import GatewayRequest
 from shared.flow import offload, tokens
-from shared.flow.end_users import end_user, ledger_id
+from shared.flow.end_users import caller_user_id, end_user, ledger_id
 from shared.flow.exchange import Checked, Exchange, count_prompt, prompt_bound
 from shared.flow.translate import CallShape, Operation
 from shared.limits.contract import Limiter, Ticket
@@ -88,7 +88,7 @@ class Admission:
             checked=checked,
             started=started,
             trace=trace,
-            user_id=user_id if user_id is not None else request.headers.get(self._user_id_header, "")[:128],
+            user_id=caller_user_id(user_id, request.headers, self._user_id_header),
             ticket=ticket,
             reserve=reserve,
             prompt_estimate=prompt if counted else None,

@@ -27,7 +27,7 @@ from shared.edge.errors import bad_request
 from shared.edge.messages import GatewayRequest, GatewayResponse
 from shared.flow import offload
 from shared.flow.books import Books
-from shared.flow.end_users import end_user
+from shared.flow.end_users import caller_user_id, end_user
 from shared.flow.exchange import Checked, Exchange
 from shared.flow.translate import Operation
 from shared.flow.usage import TokenUsage
@@ -141,7 +141,7 @@ def hit_user_id(
         named = end_user(users, person, checked.body, request.headers)
         if named is not None:
             return named
-    return user_id if user_id is not None else request.headers.get(header, "")[:128]
+    return caller_user_id(user_id, request.headers, header)
 
 
 def cache_headers(lookup: Lookup | None) -> Mapping[str, str]:

@@ -21,7 +21,7 @@ UserIdMode = Literal["capped", "hashed", "raw", "omit"]
 
 USER_ID_MAX = 64
 INVALID = "(invalid)"
-_USER_ID_RE = re.compile(r"[A-Za-z0-9._@+:/=-]{1,64}")
+_USER_ID_RE = re.compile(rf"[A-Za-z0-9._@+:/=-]{{1,{USER_ID_MAX}}}")
 
 
 @lru_cache(maxsize=4096)
