@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from shared.config import BreakerRule
-from shared.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, retry_after_s
+from shared.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+from shared.waits import retry_after_s
 
 NOW = 1_700_000_000.0
 

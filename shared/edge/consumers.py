@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import math
 import re
 import secrets
 from collections.abc import Mapping
@@ -20,12 +19,20 @@ from shared.cache.policy import OFF, CachePolicy
 from shared.clock import Clock
 from shared.edge.entra import Principal, PrincipalIndex
 from shared.edge.keyguard import FailureThrottle, LookupBudget, UnknownKeys
-from shared.outcomes import AuthStoreUnavailable, AuthThrottled, ConsumerDisabled, InvalidKey, KeyProblem, Refusal
+from shared.outcomes import (
+    AuthStoreUnavailable,
+    AuthThrottled,
+    ConsumerDisabled,
+    InvalidKey,
+    KeyProblem,
+    Refusal,
+)
 from shared.safety.policy import resolve
 
 # The store's contract and its in-memory twin live with the other stores; imported here for existing callers.
 from shared.storage.memory import MemoryConsumerStore as MemoryConsumerStore
 from shared.storage.protocols import ConsumerStore as ConsumerStore
+from shared.waits import whole_seconds
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +345,7 @@ class ConsumerDirectory:
     def check_throttle(self, client: str) -> None:
         retry = self.throttle.retry_after(client)
         if retry is not None:
-            raise AuthThrottled(max(1, math.ceil(retry)))
+            raise AuthThrottled(whole_seconds(retry))
 
     async def authenticate(self, key: str, client: str = "") -> Consumer:
         if self._loaded_at == float("-inf"):

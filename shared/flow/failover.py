@@ -36,10 +36,11 @@ from shared.flow.translate import backend_body, backend_url, request_headers
 from shared.flow.upstream import Answer, UpstreamBroken, UpstreamClient, UpstreamError
 from shared.limits.contract import UnlimitedTicket
 from shared.outcomes import AttemptFailure, BackendsBusy, FailureKind, Refusal, TooLargeForBackends
-from shared.routing.breaker import SIZE, retry_after_s
+from shared.routing.breaker import SIZE
 from shared.routing.pinning import Holder, Pinning
 from shared.routing.router import Router
 from shared.telemetry.events import Telemetry
+from shared.waits import retry_after_s
 
 
 class _Failed(Exception):

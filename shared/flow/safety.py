@@ -9,7 +9,6 @@ the response cache and admission, so a blocked prompt never reaches a model and 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -24,6 +23,7 @@ from shared.safety import texts
 from shared.safety.policy import SafetyPolicy
 from shared.safety.services import CONCURRENT_CALLS, ContentSafety, Language, ServiceFailure
 from shared.safety.verdicts import Analysis, Shield, judge, pii_verdict
+from shared.waits import whole_seconds
 
 _KINDS = {Operation.CHAT: "chat", Operation.RESPONSES: "responses", Operation.COMPLETIONS: "completions",
           Operation.EMBEDDINGS: "embeddings"}
@@ -92,7 +92,7 @@ class Screening:
             if not isinstance(failure, ServiceFailure):
                 raise failure
             if policy.on_unavailable == "closed":
-                raise SafetyUnavailable(service=failure.service, retry_after_s=max(1, math.ceil(failure.retry_after_s)),
+                raise SafetyUnavailable(service=failure.service, retry_after_s=whole_seconds(failure.retry_after_s),
                                         policy=policy.name)
             unchecked.append(failure.service)
         if content.exception() is None:

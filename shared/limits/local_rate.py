@@ -7,10 +7,10 @@ keys are tracked (least recently used evicted), so many consumers cannot grow me
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 
 from shared.clock import Clock
+from shared.waits import whole_seconds
 
 KEYS_CAP = 10_000
 
@@ -39,7 +39,7 @@ class PerKeyRate:
             return None
         self._buckets[key] = (tokens, now)
         self.refused += 1
-        return max(1, math.ceil((1.0 - tokens) / self._rate)) if self._rate > 0 else 60
+        return whole_seconds((1.0 - tokens) / self._rate) if self._rate > 0 else 60
 
     def __len__(self) -> int:
         return len(self._buckets)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from dataclasses import dataclass
 
 from shared.clock import Clock
@@ -28,6 +27,7 @@ from shared.outcomes import (
 )
 from shared.routing.router import Router
 from shared.storage.protocols import ResponseStore, StoreUnavailable
+from shared.waits import whole_seconds
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class Pinning:
             if entry["id"] == backend.id:
                 seconds = entry["deployments"].get(deployment, {}).get("recovers_in_s")
                 if isinstance(seconds, int | float):
-                    return max(1, math.ceil(seconds))
+                    return whole_seconds(seconds)
         return 1
 
     async def remember(

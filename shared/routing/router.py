@@ -23,12 +23,13 @@ from shared.background import keep_running, repeat
 from shared.clock import Clock
 from shared.config import Backend
 from shared.outcomes import AttemptFailure, BackendAuthFailed, BackendsBusy, BackendsFailed, FailureKind, NoBackend
-from shared.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Transition, refusal_kind, retry_after_s
+from shared.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Transition, refusal_kind
 from shared.routing.capacity import utilisation_wait
 from shared.routing.provisioned import ProvisionedCapacity
 from shared.storage.memory import MemoryBreakerStore as MemoryBreakerStore
 from shared.storage.protocols import BreakerStore
 from shared.telemetry.events import Telemetry
+from shared.waits import retry_after_s
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ import orjson
 from shared.clock import Clock
 from shared.safety.texts import LANGUAGE_CHARS, LANGUAGE_DOCUMENTS
 from shared.safety.verdicts import Analysis, Shield
+from shared.waits import retry_after_s
 
 CONTENT_SAFETY_VERSION = "2024-09-01"
 LANGUAGE_VERSION = "2023-04-01"
@@ -127,17 +128,6 @@ class VerdictCache:
         return len(self._items)
 
 
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is not None:
-            try:
-                return max(0.0, float(value) * scale)
-            except ValueError:
-                return None
-    return None
-
-
 class _Service:
     def __init__(self, service: str, endpoint: str, poster: Poster, auth: Auth, clock: Clock, cache: VerdictCache,
                  timeout_s: float) -> None:
@@ -145,6 +135,7 @@ class _Service:
         self._endpoint = endpoint
         self._poster = poster
         self._auth = auth
+        self._clock = clock
         self.breaker = Breaker(service, clock)
         self.cache = cache
         self._timeout_s = timeout_s
@@ -166,7 +157,7 @@ class _Service:
             trip = self.breaker.failure(None)
             raise ServiceFailure(self.service, failure.detail, trip) from None
         if status == 429 or status >= 500:
-            trip = self.breaker.failure(_retry_after(answer_headers))
+            trip = self.breaker.failure(retry_after_s(answer_headers, self._clock.now()))
             raise ServiceFailure(self.service, f"status {status}", trip)
         if status != 200:
             # A refusal of the request itself (401/403: the gateway's credential or role; 400: a body it would not
