@@ -10,9 +10,8 @@ import pytest
 
 from shared.config import Backend
 from shared.edge.errors import GatewayError
-from shared.flow import responses
+from shared.flow import responses, tokens
 from shared.flow.responses import (
-    FILE_REFERENCE_TOKENS,
     ResponsesRelay,
     backend_url,
     check_create,
@@ -20,6 +19,8 @@ from shared.flow.responses import (
     created_from_object,
 )
 from shared.flow.tokens import (
+    FILE_BYTES_PER_TOKEN,
+    FILE_REFERENCE_TOKENS,
     IMAGE_HIGH_DEFAULT,
     IMAGE_LOW,
     REPLY_PRIMING,
@@ -112,7 +113,8 @@ def test_items_with_images_and_files() -> None:
         {"type": "input_file", "filename": "a.pdf", "file_data": f"data:application/pdf;base64,{blob}"},
     ]}]}
     expected = (REPLY_PRIMING + TOKENS_PER_MESSAGE + count_text("user", ENC) + count_text("look", ENC) + IMAGE_LOW
-                + IMAGE_HIGH_DEFAULT + 2 * FILE_REFERENCE_TOKENS + 40_000 // responses.BYTES_PER_FILE_TOKEN)
+                + IMAGE_HIGH_DEFAULT + 2 * FILE_REFERENCE_TOKENS + count_text("a.pdf", ENC)
+                - (-40_000 // FILE_BYTES_PER_TOKEN))
     assert count_input(body, ENC) == expected
 
 
@@ -120,7 +122,43 @@ def test_inline_file_is_estimated_by_size_not_tokenized() -> None:
     # 6 MB of base64 that would tokenize to millions of tokens (and seconds of CPU) is estimated from its length.
     blob = base64.b64encode(bytes(range(256)) * 18_000).decode()
     body = {"input": [{"role": "user", "content": [{"type": "input_file", "file_data": blob}]}]}
-    assert count_input(body, ENC) == REPLY_PRIMING + TOKENS_PER_MESSAGE + 1 + 256 * 18_000 // 4
+    assert count_input(body, ENC) == REPLY_PRIMING + TOKENS_PER_MESSAGE + 1 + 256 * 18_000 // FILE_BYTES_PER_TOKEN
+
+
+@pytest.mark.parametrize("content", [
+    {"file_data": "data:application/pdf;base64," + base64.b64encode(b"\1" * 30_001).decode(), "filename": "a.pdf"},
+    {"file_data": base64.b64encode(b"x").decode()},  # smaller than a page image
+    {"file_id": "file-1"},
+    {"file_id": "file-1", "filename": "quarterly report.pdf"},
+])
+def test_a_file_costs_the_same_in_a_chat_and_a_responses_body(content: dict[str, str]) -> None:
+    chat = {"messages": [{"role": "user", "content": [{"type": "file", "file": content}]}]}
+    items = {"input": [{"role": "user", "content": [{"type": "input_file", **content}]}]}
+    text_only = count_input({"input": [{"role": "user", "content": []}]}, ENC)
+    chat_text_only = tokens.count_chat_prompt({"messages": [{"role": "user", "content": []}]}, ENC)
+    assert count_input(items, ENC) - text_only == tokens.count_chat_prompt(chat, ENC) - chat_text_only > 0
+
+
+@pytest.mark.parametrize(("audio_format", "size"), [("wav", 80_000), ("mp3", 60_001), ("pcm16", 3)])
+def test_input_audio_costs_the_same_in_a_chat_and_a_responses_body(audio_format: str, size: int) -> None:
+    audio = {"format": audio_format, "data": base64.b64encode(b"\0" * size).decode()}
+    part = {"type": "input_audio", "input_audio": audio}
+    chat = tokens.count_chat_prompt({"messages": [{"role": "user", "content": [part]}]}, ENC)
+    chat_empty = tokens.count_chat_prompt({"messages": [{"role": "user", "content": []}]}, ENC)
+    items = count_input({"input": [{"role": "user", "content": [part]}]}, ENC)
+    items_empty = count_input({"input": [{"role": "user", "content": []}]}, ENC)
+    assert items - items_empty == chat - chat_empty > 0
+
+
+@pytest.mark.parametrize("detail", ["low", "high", "auto", None])
+def test_an_image_costs_the_same_in_a_chat_and_a_responses_body(detail: str | None) -> None:
+    url: dict[str, str] = {"url": "https://x/y.png", **({"detail": detail} if detail else {})}
+    chat = tokens.count_chat_prompt({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": url}]}]}, ENC)
+    chat_empty = tokens.count_chat_prompt({"messages": [{"role": "user", "content": []}]}, ENC)
+    image = {"type": "input_image", "image_url": url["url"], **({"detail": detail} if detail else {})}
+    items = count_input({"input": [{"role": "user", "content": [image]}]}, ENC)
+    items_empty = count_input({"input": [{"role": "user", "content": []}]}, ENC)
+    assert items - items_empty == chat - chat_empty == (IMAGE_LOW if detail == "low" else IMAGE_HIGH_DEFAULT)
 
 
 def test_tool_calls_and_outputs_and_unknown_items() -> None:

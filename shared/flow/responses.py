@@ -6,7 +6,6 @@ responses (which region holds which id) lives in shared/storage/responses.py.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -20,27 +19,22 @@ from shared.edge.errors import bad_request
 from shared.flow import sse
 from shared.flow.backend_api import api_of
 from shared.flow.tokens import (
-    IMAGE_HIGH_DEFAULT,
-    IMAGE_LOW,
     REPLY_PRIMING,
     TOKENS_PER_MESSAGE,
     Measure,
+    audio_tokens,
     count_text,
     count_tools,
+    counted_image_tokens,
+    file_tokens,
     get_encoding,
+    image_detail,
 )
 from shared.flow.usage import TokenUsage, ToolCalls, usage_from_object
 
 # Response ids travel in URL paths and become Table Storage keys: letters, digits, '_' and '-' only (Azure's look like
 # resp_68af4030592c81938ec0a5fbab4a3e9f05438e46b5f69a3b).
 RESPONSE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,199}")  # fullmatch: `$` would accept a trailing newline
-
-# A file the model reads by reference (file_id or file_url) has a size the gateway cannot see; admission assumes this
-# many tokens for it and the backend's usage settles the difference.
-FILE_REFERENCE_TOKENS = 2_000
-# Inline file data (base64) is not text the tokenizer should walk (a megabyte of base64 is not a million tokens of
-# prose): it is estimated from its decoded size, a token per this many bytes.
-BYTES_PER_FILE_TOKEN = 4
 
 TERMINAL_EVENTS = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
 # A built-in tool call is billed once it runs: seen when its item is added, so a stream cut before its end still
@@ -156,23 +150,16 @@ def check_create(body: Mapping[str, Any]) -> CreateShape:
 # ---- the pre-flight estimate ----------------------------------------------------------------------------------------
 
 
-def _inline_file_tokens(data: str) -> int:
-    # A data URL or bare base64: three bytes per four characters, less the padding.
-    payload = data.split(",", 1)[1] if data.startswith("data:") and "," in data else data
-    return math.ceil(len(payload.rstrip("=")) * 3 // 4 / BYTES_PER_FILE_TOKEN)
-
-
 def _part_tokens(part: Mapping[str, Any], enc: Measure) -> int:
+    # Images, files and audio are estimated as in a chat body (shared/flow/tokens.py): inline file data is not text
+    # the tokenizer should walk (a megabyte of base64 is not a million tokens of prose).
     kind = part.get("type")
     if kind == "input_image":
-        return IMAGE_LOW if part.get("detail") == "low" else IMAGE_HIGH_DEFAULT
+        return counted_image_tokens(image_detail(part) or "auto")
     if kind == "input_file":
-        data = part.get("file_data")
-        if isinstance(data, str):
-            return _inline_file_tokens(data)
-        return FILE_REFERENCE_TOKENS
+        return file_tokens(part, enc)
     if kind == "input_audio":
-        return 0  # billed by duration, which the gateway cannot know
+        return audio_tokens(part.get("input_audio"))
     for key in ("text", "refusal"):
         if isinstance(part.get(key), str):
             return count_text(part[key], enc)

@@ -36,8 +36,10 @@ TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3
 # Images: a low-detail image costs 85 tokens; a high-detail one 85 + 170 per 512-px tile. Without the image's size we
 # assume a 1024x1024 picture at high detail (4 tiles), which is what "auto" usually picks.
-IMAGE_LOW = 85
-IMAGE_HIGH_DEFAULT = 85 + 170 * 4
+_TILE_BASE, _TILE_COST = 85, 170
+_DEFAULT_TILES = 4
+IMAGE_LOW = _TILE_BASE
+IMAGE_HIGH_DEFAULT = _TILE_BASE + _TILE_COST * _DEFAULT_TILES
 
 # What an image costs differs by model family (OpenAI, "Images and vision", calculating costs). Tile models: a base plus
 # a cost per 512-px tile of the image once scaled to fit 2048 px and then to 768 px on its short side (low detail: the
@@ -49,7 +51,6 @@ _PATCH_MULTIPLIERS = (("gpt-4.1-mini", 1.62), ("gpt-4.1-nano", 2.46), ("gpt-5-mi
 _TILE_COSTS = (("gpt-4o-mini", 2_833, 5_667), ("computer-use-preview", 65, 129), ("gpt-5", 70, 140), ("o1", 75, 150),
                ("o3", 75, 150))
 _DEFAULT_PATCHES = 1_024
-_DEFAULT_TILES = 4
 
 
 def image_tokens(model: str, detail: str) -> int:
@@ -58,12 +59,30 @@ def image_tokens(model: str, detail: str) -> int:
     for prefix, multiplier in _PATCH_MULTIPLIERS:
         if name.startswith(prefix):
             return math.ceil(_DEFAULT_PATCHES * multiplier)
-    base, tile = 85, 170
+    base, tile = _TILE_BASE, _TILE_COST
     for prefix, family_base, family_tile in _TILE_COSTS:
         if name.startswith(prefix):
             base, tile = family_base, family_tile
             break
     return base if detail == "low" else base + tile * _DEFAULT_TILES
+
+
+def counted_image_tokens(detail: str) -> int:
+    """What the count puts in for an image whatever the model (`image_adjustment` adds what a model's family costs
+    more)."""
+    return IMAGE_LOW if detail == "low" else IMAGE_HIGH_DEFAULT
+
+
+def image_detail(part: Mapping[str, Any]) -> str | None:
+    """The detail an image part of a chat (`image_url`) or Responses (`input_image`) body asks for; None for a part
+    that is no image."""
+    kind = part.get("type")
+    if kind == "image_url":
+        url = part.get("image_url")
+        return str(url.get("detail", "auto")) if isinstance(url, Mapping) else "auto"
+    if kind == "input_image":
+        return str(part.get("detail", "auto"))
+    return None
 
 
 def image_details(body: Mapping[str, Any]) -> list[str]:
@@ -77,14 +96,9 @@ def image_details(body: Mapping[str, Any]) -> list[str]:
         if not isinstance(content, list):
             continue
         for part in content:
-            if not isinstance(part, Mapping):
-                continue
-            kind = part.get("type")
-            if kind == "image_url":
-                url = part.get("image_url")
-                details.append(str(url.get("detail", "auto")) if isinstance(url, Mapping) else "auto")
-            elif kind == "input_image":
-                details.append(str(part.get("detail", "auto")))
+            detail = image_detail(part) if isinstance(part, Mapping) else None
+            if detail is not None:
+                details.append(detail)
     return details
 
 
@@ -96,8 +110,7 @@ def image_adjustment(body: Mapping[str, Any], models: Iterable[str]) -> int:
         return 0
     total = 0
     for detail in image_details(body):
-        counted = IMAGE_LOW if detail == "low" else IMAGE_HIGH_DEFAULT
-        total += max(image_tokens(name, detail) for name in names) - counted
+        total += max(image_tokens(name, detail) for name in names) - counted_image_tokens(detail)
     return total
 
 _lock = threading.Lock()
@@ -334,12 +347,11 @@ def _content_tokens(content: Any, enc: Measure) -> int:
             if kind == "text" or "text" in part and isinstance(part.get("text"), str):
                 total += count_text(str(part.get("text", "")), enc)
             elif kind == "image_url":
-                detail = (part.get("image_url") or {}).get("detail", "auto") if isinstance(part.get("image_url"), Mapping) else "auto"
-                total += IMAGE_LOW if detail == "low" else IMAGE_HIGH_DEFAULT
+                total += counted_image_tokens(image_detail(part) or "auto")
             elif kind == "input_audio":
-                total += _audio_tokens(part.get("input_audio"))
+                total += audio_tokens(part.get("input_audio"))
             elif kind == "file":
-                total += _file_tokens(part.get("file"), enc)
+                total += file_tokens(part.get("file"), enc)
             elif kind == "refusal":
                 total += count_text(str(part.get("refusal", "")), enc)
             else:
@@ -349,36 +361,42 @@ def _content_tokens(content: Any, enc: Measure) -> int:
     return count_text(str(content), enc)
 
 
-# Bounds by size for content the gateway cannot count: the backend bills what it extracts from a file (text and page
-# images) or hears in audio. A file is assumed to be no denser than text (about 3 bytes per token, taken from the
-# decoded bytes); audio is billed at about 10 tokens a second, and no common encoding carries a second in fewer than
-# 800 bytes (8 kHz 8-bit PCM for wav) or 100 bytes (8 kbit/s for compressed formats).
+# Bounds by size for content the gateway cannot count, in chat and Responses bodies alike: the backend bills what it
+# extracts from a file (text and page images) or hears in audio. A file is assumed to be no denser than text (about 3
+# bytes per token, taken from the decoded bytes; at least one page image); audio is billed at about 10 tokens a
+# second, and no common encoding carries a second in fewer than 800 bytes (8 kHz 8-bit PCM for wav) or 100 bytes
+# (8 kbit/s for compressed formats, and the audio a model sends back). A file by reference (file_id, file_url) has a
+# size the gateway cannot see: it is assumed to be FILE_REFERENCE_TOKENS, and the backend's usage settles the rest.
 FILE_BYTES_PER_TOKEN = 3
 AUDIO_BYTES_PER_TOKEN = {"wav": 800, "pcm16": 800}
 COMPRESSED_AUDIO_BYTES_PER_TOKEN = 100
-FILE_MIN_TOKENS = 85  # an uploaded file (file_id) of unknown size: at least one page image
+FILE_MIN_TOKENS = 85
+FILE_REFERENCE_TOKENS = 2_000
 
 
-def _base64_bytes(data: str) -> int:
+def base64_bytes(data: str) -> int:
+    """The decoded size of base64 data, bare or in a data URL: three bytes per four characters, less the padding."""
     payload = data.split(",", 1)[1] if data.startswith("data:") and "," in data else data
-    return len(payload) * 3 // 4
+    return len(payload.rstrip("=")) * 3 // 4
 
 
-def _audio_tokens(audio: Any) -> int:
+def audio_tokens(audio: Any) -> int:
+    """An `input_audio` object's tokens, bounded by its size and format."""
     if not isinstance(audio, Mapping) or not isinstance(audio.get("data"), str):
         return 0
     per_token = AUDIO_BYTES_PER_TOKEN.get(str(audio.get("format", "")), COMPRESSED_AUDIO_BYTES_PER_TOKEN)
-    return -(-_base64_bytes(audio["data"]) // per_token)
+    return -(-base64_bytes(audio["data"]) // per_token)
 
 
-def _file_tokens(file: Any, enc: Measure) -> int:
+def file_tokens(file: Any, enc: Measure) -> int:
+    """A file's tokens: its name, and its inline data bounded by size, or a file by reference's assumed size."""
     if not isinstance(file, Mapping):
         return 0
     total = count_text(str(file.get("filename", "")), enc) if file.get("filename") else 0
     data = file.get("file_data")
     if isinstance(data, str):
-        return total + max(FILE_MIN_TOKENS, -(-_base64_bytes(data) // FILE_BYTES_PER_TOKEN))
-    return total + FILE_MIN_TOKENS
+        return total + max(FILE_MIN_TOKENS, -(-base64_bytes(data) // FILE_BYTES_PER_TOKEN))
+    return total + FILE_REFERENCE_TOKENS
 
 
 def _tool_calls_tokens(calls: Any, enc: Measure) -> int:

@@ -10,7 +10,7 @@ import orjson
 import tiktoken
 
 from shared.flow import sse
-from shared.flow.tokens import count_text, get_encoding
+from shared.flow.tokens import COMPRESSED_AUDIO_BYTES_PER_TOKEN, base64_bytes, count_text, get_encoding
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,11 +151,6 @@ def usage_from_body(raw: bytes) -> tuple[TokenUsage | None, str | None]:
         return None, None
     model = obj.get("model") if isinstance(obj, dict) else None
     return usage_from_object(obj), model if isinstance(model, str) else None
-
-
-# Output audio is billed by duration; as for input audio, no common encoding carries a token's worth (0.1 s) in fewer
-# than about 100 bytes.
-AUDIO_BYTES_PER_TOKEN = 100
 
 
 class SseRelay:
@@ -335,5 +330,6 @@ def _delta_tokens(delta: Mapping[str, Any], encoding: tiktoken.Encoding) -> int:
         if isinstance(audio.get("transcript"), str) and audio["transcript"]:
             total += count_text(audio["transcript"], encoding)
         if isinstance(audio.get("data"), str):
-            total += -(-(len(audio["data"]) * 3 // 4) // AUDIO_BYTES_PER_TOKEN)
+            # Billed by duration: bounded as input audio of a compressed format is (shared/flow/tokens.py).
+            total += -(-base64_bytes(audio["data"]) // COMPRESSED_AUDIO_BYTES_PER_TOKEN)
     return total
