@@ -21,7 +21,6 @@ AuthKind = Literal["key", "identity", "none"]
 ApiStyle = Literal["azure", "openai"]
 FailMode = Literal["open", "closed"]
 
-DEFAULT_STATUS_RULE = "429,500-599"
 DEFAULT_METRIC_DIMENSIONS = (
     "Subscription ID",
     "Client IP",
@@ -347,20 +346,20 @@ def _parse_breaker(f: _Fields) -> BreakerRule:
     unknown = set(raw) - _BREAKER_FIELDS
     if unknown:
         raise b.fail(sorted(unknown)[0], "unknown field")
-    statuses = raw.get("statuses", DEFAULT_STATUS_RULE)
-    if not isinstance(statuses, str):
+    statuses = raw.get("statuses")
+    if "statuses" in raw and not isinstance(statuses, str):
         raise b.fail("statuses", 'expected text like "429,500-599"')
-    rule = BreakerRule(
-        statuses=parse_status_rule(statuses, f"{b.where}.statuses"),
-        failures=b.integer("failures", 1, 1, 1000),
-        interval_s=b.number("interval_s", 60.0, 0.1, 3600),
-        trip_s=b.number("trip_s", 10.0, 0.1, 86400),
-        accept_retry_after=b.flag("accept_retry_after", True),
-        max_trip_s=b.number("max_trip_s", 300.0, 0.1, 86400),
-        timeout_failures=b.integer("timeout_failures", 3, 1, 1000),
-        timeout_callers=b.integer("timeout_callers", 2, 1, 1000),
+    default = _BACKEND.breaker
+    return BreakerRule(
+        statuses=parse_status_rule(statuses, f"{b.where}.statuses") if isinstance(statuses, str) else default.statuses,
+        failures=b.integer("failures", default.failures, 1, 1000),
+        interval_s=b.number("interval_s", default.interval_s, 0.1, 3600),
+        trip_s=b.number("trip_s", default.trip_s, 0.1, 86400),
+        accept_retry_after=b.flag("accept_retry_after", default.accept_retry_after),
+        max_trip_s=b.number("max_trip_s", default.max_trip_s, 0.1, 86400),
+        timeout_failures=b.integer("timeout_failures", default.timeout_failures, 1, 1000),
+        timeout_callers=b.integer("timeout_callers", default.timeout_callers, 1, 1000),
     )
-    return rule
 
 
 def _per_deployment(f: _Fields, name: str, deployments: Mapping[str, str]) -> dict[str, int]:
@@ -414,10 +413,10 @@ def parse_backend(raw: Any, index: int, env: Mapping[str, str], setting: str = "
     endpoint = f.text("endpoint").rstrip("/")
     if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", endpoint):
         raise f.fail("endpoint", "expected an http(s) URL without query")
-    api = f.text("api", "azure")
+    api = f.text("api", _BACKEND.api)
     if api not in ("azure", "openai"):
         raise f.fail("api", f"expected 'azure' or 'openai', got {api!r}")
-    auth = f.text("auth", "key")
+    auth = f.text("auth", _BACKEND.auth)
     if auth not in ("key", "identity", "none"):
         raise f.fail("auth", f"expected 'key', 'identity' or 'none', got {auth!r}")
     api_key: str | None = None
@@ -435,7 +434,7 @@ def parse_backend(raw: Any, index: int, env: Mapping[str, str], setting: str = "
     api_version = raw.get("api_version")
     if api_version is not None and (not isinstance(api_version, str) or not API_VERSION.fullmatch(api_version)):
         raise f.fail("api_version", f"bad api-version {api_version!r}")
-    weight = f.integer("weight", 1, 0, 1000)
+    weight = f.integer("weight", _BACKEND.weight, 0, 1000)
     token_scope: str | None = None
     if auth == "identity":
         # A token is sent only where a scope was configured for it: Azure OpenAI's by default for Azure backends, and
@@ -448,18 +447,18 @@ def parse_backend(raw: Any, index: int, env: Mapping[str, str], setting: str = "
             raise f.fail("token_scope", f"expected a scope like https://cognitiveservices.azure.com/.default, got {token_scope!r}")
     elif "token_scope" in raw:
         raise f.fail("token_scope", "only backends with auth 'identity' get a token")
-    allow_insecure_http = f.flag("allow_insecure_http", False)
+    allow_insecure_http = f.flag("allow_insecure_http", _BACKEND.allow_insecure_http)
     if endpoint.startswith("http://") and auth != "none" and not allow_insecure_http:
         raise f.fail("endpoint", "http:// would send the backend's key or token in clear text; use https:// "
                                  "(or set allow_insecure_http: true for a backend on a trusted local network)")
     deployments = _parse_deployments(f)
-    ptu = f.flag("ptu", False)
+    ptu = f.flag("ptu", _BACKEND.ptu)
     return Backend(
         id=backend_id,
         endpoint=endpoint,
         region=f.text("region"),
         deployments=deployments,
-        priority=f.integer("priority", 1, 0, 1000),
+        priority=f.integer("priority", _BACKEND.priority, 0, 1000),
         weight=weight,
         ptu=ptu,
         ptu_tokens_per_minute=_stated_capacity(f, ptu, deployments),
@@ -468,9 +467,9 @@ def parse_backend(raw: Any, index: int, env: Mapping[str, str], setting: str = "
         api_key=api_key,
         api_key_setting=key_setting,
         api_version=api_version,
-        timeout_s=f.number("timeout_s", 120.0, 0.05, 3600),
-        connect_timeout_s=f.number("connect_timeout_s", 5.0, 0.05, 120),
-        reserve_tokens=f.integer("reserve_tokens", 0, 0, 10**9),
+        timeout_s=f.number("timeout_s", _BACKEND.timeout_s, 0.05, 3600),
+        connect_timeout_s=f.number("connect_timeout_s", _BACKEND.connect_timeout_s, 0.05, 120),
+        reserve_tokens=f.integer("reserve_tokens", _BACKEND.reserve_tokens, 0, 10**9),
         breaker=_parse_breaker(f),
         token_scope=token_scope,
         allow_insecure_http=allow_insecure_http,
@@ -690,9 +689,10 @@ def local_environment(settings_file: str | None = "local.settings.json") -> dict
     return values
 
 
-# The defaults, written once (in the dataclasses above): load_settings falls back to these, and tests that build
-# settings by hand get the same ones.
+# The defaults, written once (in the dataclasses above): load_settings and parse_backend fall back to these, and
+# tests that build settings or backends by hand get the same ones.
 _DEFAULT = Settings(backends=())
+_BACKEND = Backend(id="", endpoint="", region="", deployments={})
 _SAFETY = SafetySettings()
 _ENTRA = EntraSettings(tenants=(), audiences=())
 _MIB = 1024 * 1024

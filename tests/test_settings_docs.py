@@ -180,3 +180,28 @@ def test_the_defaults_stated_in_the_docs_prose_are_the_codes() -> None:
     assert len(stated) >= 8 and "GATEWAY_UNKNOWN_KEY_LOOKUPS_PER_S" in {name for _, name, _ in stated}
     wrong = [f"{page}: {name} default {value!r}" for page, name, value in stated if not unchanged(name, value)]
     assert not wrong, "these pages state a default the code does not have"
+
+
+def test_the_readme_backend_table_states_the_codes_defaults() -> None:
+    from shared.config import Backend, BreakerRule, parse_status_rule
+    from shared.flow.backend_api import DEFAULT_API_VERSION
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("\n## Backends"):]
+    rows = {line.split("|")[1].strip(): line.split("|")[2] for line in section.splitlines() if line.startswith("| `")}
+    stated = dict(re.findall(r"`([a-z_]+)`(?: that count as failures)? \(`?([^)`]+)`?\)", rows["`breaker`"]))
+    assert set(stated) == {f for f in BreakerRule.__dataclass_fields__}, "README.md, Backends: a breaker default per field"
+    rule = BreakerRule()
+    for name, text in stated.items():
+        value = getattr(rule, name)
+        if name == "statuses":
+            assert parse_status_rule(text, name) == value, name
+        elif isinstance(value, bool):
+            assert text == str(value).lower(), name
+        else:
+            assert float(text) == value, name
+    backend = Backend(id="b", endpoint="https://b", region="r", deployments={})
+    assert f"`{backend.api}` (default)" in rows["`api`"]
+    assert f"`{backend.auth}` (the default)" in rows["`auth`, `api_key_setting`, `api_key`"]
+    assert rows["`allow_insecure_http`"].strip().startswith(str(backend.allow_insecure_http).lower())
+    assert f"(default `{DEFAULT_API_VERSION}`)" in rows["`api_version`, `timeout_s`, `connect_timeout_s`"]

@@ -64,7 +64,7 @@ async def report(tables: Any, args: Any, out: TextIO, settings: Settings | None 
         from shared.storage.tables import TableConsumerStore
 
         totals = by_team(totals, {c.id: c.team for c in await TableConsumerStore(tables).list_consumers()})
-    flush_s = settings.usage_flush_s if settings is not None else 60.0
+    flush_s = (settings or Settings).usage_flush_s  # the setting, else its default
     currency = settings.prices.currency if settings is not None and settings.prices.deployments else None
     written = last_written(rows)
     if args.json:

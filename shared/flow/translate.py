@@ -39,7 +39,6 @@ class Operation(Enum):
 
 AZURE_API = "azure-openai"
 OPENAI_API = "openai-v1"
-DEFAULT_API_VERSION = "2024-10-21"
 
 _OPERATIONS = {op.path: op for op in (Operation.CHAT, Operation.COMPLETIONS, Operation.EMBEDDINGS, Operation.RESPONSES)}
 FOLLOW_UPS = frozenset(
