@@ -20,6 +20,7 @@ from tools.entra import AUDIENCE, TENANT, Authority, served
 
 API = "/console/api"
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
+PAGE = {"x-requested-with": "gateway-console"}  # what the console page sends with every call
 
 
 @pytest.fixture
@@ -253,7 +254,7 @@ async def test_a_forged_easy_auth_principal_is_ignored_without_the_setting(harne
 async def test_behind_easy_auth_the_reader_reads_and_is_refused_writes() -> None:
     h = GatewayHarness(env={"GATEWAY_CONSOLE_EASY_AUTH": "true"})
     try:
-        reader = {"x-ms-client-principal": principal("Gateway.Reader", name="reader@example.com")}
+        reader = {"x-ms-client-principal": principal("Gateway.Reader", name="reader@example.com"), **PAGE}
         assert (await h.http.get(API + "/consumers", headers=reader)).status_code == 200
         who = (await h.http.get(API + "/whoami", headers=reader)).json()
         assert who == {"name": "easyauth:reader@example.com", "role": "Gateway.Reader", "may_write": False}
@@ -266,10 +267,36 @@ async def test_behind_easy_auth_the_reader_reads_and_is_refused_writes() -> None
         assert (nobody.status_code, error(nobody)["code"]) == (403, "no_role")
         garbage = await h.http.get(API + "/consumers", headers={"x-ms-client-principal": "%%%"})
         assert garbage.status_code == 401
-        admin = {"x-ms-client-principal": principal("Gateway.Admin", name="boss@example.com")}
+        admin = {"x-ms-client-principal": principal("Gateway.Admin", name="boss@example.com"), **PAGE}
         made = await h.http.post(API + "/consumers", headers=admin, json={"name": "x", "deployments": "*"})
         assert made.status_code == 201
         assert h.change_log.entries[-1].actor == "easyauth:boss@example.com"
+    finally:
+        await h.close()
+
+
+async def test_behind_easy_auth_a_change_without_the_pages_header_is_refused_as_cross_site() -> None:
+    """Easy Auth's sign-in rides on a cookie the browser sends with any site's form: a change made with it must carry
+    a header only a script of this origin can add. Reads need none; the admin key (never ambient) needs none."""
+    h = GatewayHarness(env={"GATEWAY_CONSOLE_EASY_AUTH": "true"})
+    try:
+        signed_in = {"x-ms-client-principal": principal("Gateway.Admin", name="boss@example.com")}
+        await h.http.post(API + "/consumers", headers={**ADMIN, **PAGE}, json={"name": "victim", "deployments": "*"})
+        entries = len(h.change_log.entries)
+        for method, path, body in (("POST", "/consumers/victim/disable", None), ("DELETE", "/consumers/victim", None),
+                                   ("POST", "/consumers/victim/rotate", None),
+                                   ("PATCH", "/consumers/victim", {"tokens_per_minute": 1}),
+                                   ("POST", "/consumers", {"name": "y", "deployments": "*"})):
+            for headers in (signed_in, {**signed_in, "x-requested-with": "XMLHttpRequest"}):
+                forged = await h.http.request(method, API + path, headers=headers, json=body)
+                assert (forged.status_code, error(forged)["code"]) == (403, "cross_site"), (method, path)
+        assert h.consumer_store.consumers["victim"].enabled and len(h.change_log.entries) == entries
+        assert list(h.consumer_store.consumers) == ["victim"]
+        assert (await h.http.get(API + "/consumers", headers=signed_in)).status_code == 200
+        by_key = await h.http.post(API + "/consumers/victim/disable", headers=ADMIN)
+        assert by_key.status_code == 200
+        by_page = await h.http.post(API + "/consumers/victim/enable", headers={**signed_in, **PAGE})
+        assert by_page.status_code == 200 and by_page.json()["enabled"] is True
     finally:
         await h.close()
 

@@ -26,7 +26,7 @@ from shared.adminops.documents import consumer_change, new_consumer, new_team, t
 from shared.adminops.operations import Actor, AdminOperations, OperationError, unserved
 from shared.adminops.usage import last_written, period_hours, summarize
 from shared.config import Settings
-from shared.console.auth import ConsoleAuth, describe_actor
+from shared.console.auth import CONSOLE_HEADER, ConsoleAuth, describe_actor
 from shared.console.openapi import openapi
 from shared.console.page import PAGE_PREFIX, page
 from shared.edge.consumers import hash_key, key_prefix, new_key
@@ -155,6 +155,12 @@ class ConsoleApi:
             allowed.append(method)
             if method == request.method:
                 actor = await self.d.auth.actor(request.headers, request.client_ip)
+                if method not in ("GET", "HEAD") and self.d.auth.ambient(request.headers) and (
+                    request.headers.get(CONSOLE_HEADER[0]) != CONSOLE_HEADER[1]
+                ):
+                    raise OperationError(403, "cross_site", f"A change signed in through App Service Authentication "
+                                         f"must carry '{CONSOLE_HEADER[0]}: {CONSOLE_HEADER[1]}' (the console page "
+                                         f"sends it; a page on another site cannot).")
                 if request.read_body is not None:
                     request = await _read(request)
                 return await handler(Call(request, actor, found.groups()))

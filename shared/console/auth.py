@@ -9,8 +9,8 @@ Three ways in, tried in this order:
   Gateway.Admin or Gateway.Reader.
 - The gateway admin key (its SHA-256 is GATEWAY_ADMIN_KEY_SHA256) as `Authorization: Bearer <key>`: an admin.
 
-No cookies are read or set, so a page on another site cannot make a browser act here (no cross-site request forgery);
-no credential is taken from a URL. A failed credential counts against the client's address like a failed key.
+The gateway reads and sets no cookies and takes no credential from a URL. Easy Auth's sign-in does ride on its own
+cookie, so a change made with it must also carry a header no cross-site form can add (CONSOLE_HEADER). A failed credential counts against the client's address like a failed key.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from shared.outcomes import InvalidKey, KeyProblem
 log = logging.getLogger(__name__)
 
 EASY_AUTH_HEADER = "x-ms-client-principal"
+CONSOLE_HEADER = ("x-requested-with", "gateway-console")  # the page sends it; a cross-site form cannot
 MAX_PRINCIPAL_BYTES = 16_384
 ROLES = (ADMIN_ROLE, READER_ROLE)
 
@@ -78,6 +79,12 @@ class ConsoleAuth:
         self._validator = validator
         self._directory = directory
         self._trust_easy_auth = trust_easy_auth
+
+    def ambient(self, headers: Mapping[str, str]) -> bool:
+        """The credential is Easy Auth's, which rides on the browser's sign-in cookie: a page on another site could
+        make the browser send it (cross-site request forgery), so a change must also carry CONSOLE_HEADER, which no
+        other site can add without this origin's consent (the gateway gives none: no CORS)."""
+        return self._trust_easy_auth and EASY_AUTH_HEADER in headers
 
     async def actor(self, headers: Mapping[str, str], client_ip: str) -> Actor:
         """The caller as an Actor with a console role; OperationError 401 (no or bad credential), 403 (no console

@@ -9,7 +9,7 @@ let consumers = [], sortKey = "id", usageRows = [], mayWrite = false, easyAuth =
 function key() { return sessionStorage.getItem("gateway-admin-key"); }
 
 async function api(method, path, body) {
-  const headers = {};
+  const headers = { "x-requested-with": "gateway-console" };  // behind Easy Auth a change needs it (no cross-site forms)
   if (key()) headers.authorization = "Bearer " + key();
   if (body !== undefined) headers["content-type"] = "application/json";
   const response = await fetch(API + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body),
