@@ -155,6 +155,12 @@ param entraTenantIds string[] = []
 @description('Entra ID callers: the audiences accepted, usually the gateway app registration\'s application id URI and application id, for example [\'api://<app-id>\', \'<app-id>\'] (GATEWAY_ENTRA_AUDIENCES).')
 param entraAudiences string[] = []
 
+@description('The operator console\'s sign-in: the application (client) id of the Entra ID app registration that defines the app roles Gateway.Admin and Gateway.Reader. Set, the template turns on App Service Authentication (Easy Auth) with Entra ID in front of /console (the OpenAI paths, /health and the admin API excluded) and GATEWAY_CONSOLE_EASY_AUTH=true; empty, no Easy Auth and the console takes the admin key or an Entra ID token. The registration is made once by an administrator (docs/deploy.md, The console\'s sign-in).')
+param consoleSignInClientId string = ''
+
+@description('The tenant of the console\'s app registration; the deployment\'s tenant by default.')
+param consoleSignInTenantId string = tenant().tenantId
+
 @description('More app settings for the gateway, for example { GATEWAY_MAX_ATTEMPTS: \'3\' } (README.md, Settings); they cannot replace the ones this template sets.')
 param extraAppSettings object = {}
 
@@ -422,6 +428,8 @@ module functionApp 'modules/functionapp.bicep' = {
     limitFailMode: limitFailMode
     entraTenantIds: entraTenantIds
     entraAudiences: entraAudiences
+    consoleSignInClientId: consoleSignInClientId
+    consoleSignInTenantId: consoleSignInTenantId
     gatewayId: empty(gatewayId) ? appName : gatewayId
     extraAppSettings: extraAppSettings
     safetyPolicies: safetyPolicies

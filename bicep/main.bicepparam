@@ -20,6 +20,9 @@ param environmentName = readEnvironmentVariable('AZURE_ENV_NAME', 'aigw')
 var adminOverride = readEnvironmentVariable('GATEWAY_ADMIN_PRINCIPAL_ID', '')
 var deployerType = readEnvironmentVariable('AZURE_PRINCIPAL_TYPE', '')
 param adminPrincipalId = adminOverride == 'none' ? '' : (empty(adminOverride) ? (empty(deployerType) ? '' : readEnvironmentVariable('AZURE_PRINCIPAL_ID', '')) : adminOverride)
+// The console's sign-in with Entra ID (App Service Authentication): the app registration's client id, from
+// `azd env set GATEWAY_CONSOLE_CLIENT_ID <id>`; unset, the console takes the admin key (docs/deploy.md).
+param consoleSignInClientId = readEnvironmentVariable('GATEWAY_CONSOLE_CLIENT_ID', '')
 param adminPrincipalType = empty(adminOverride) ? (empty(deployerType) ? 'User' : deployerType) : readEnvironmentVariable('GATEWAY_ADMIN_PRINCIPAL_TYPE', 'Group')
 
 param backendRegions = [

@@ -86,9 +86,6 @@ LEFT_AT_DEFAULT = {
     "GATEWAY_ADMIT_ON_BOUND",
     # One line per request on the console: for scripts/run; Azure has the per-request log.
     "GATEWAY_CONSOLE_LOG",
-    # Believe Easy Auth's principal header: only where Easy Auth is configured in front (off by default; the template
-    # configures no Easy Auth yet, so it must stay off there).
-    "GATEWAY_CONSOLE_EASY_AUTH",
     # The template sets GATEWAY_BACKENDS itself; a file is for hand-written settings.
     "GATEWAY_BACKENDS_FILE",
     # Fallback chains, context windows and aliases: none by default (README.md, Fallback across models).
@@ -471,7 +468,7 @@ def test_zone_redundancy_is_optional_and_keeps_two_instances_ready() -> None:
 
 
 def app_settings(deployment: Deployment) -> dict[str, Any]:
-    return props(one(deployment, "Microsoft.Web/sites/config"))
+    return props(one(deployment, "Microsoft.Web/sites/config", "appSettings"))
 
 
 def test_function_app_is_flex_consumption_python_311_and_locked_down() -> None:
@@ -612,6 +609,62 @@ def test_every_setting_the_code_reads_is_set_or_left_at_its_default_on_purpose()
 def test_extra_settings_cannot_replace_the_templates() -> None:
     settings = app_settings(deployed("main", extraAppSettings={"GATEWAY_LIMIT_FAIL_MODE": "bogus", "GATEWAY_MAX_ATTEMPTS": "3"}))
     assert settings["GATEWAY_LIMIT_FAIL_MODE"] == "open" and settings["GATEWAY_MAX_ATTEMPTS"] == "3"
+
+
+# ---- the console's sign-in (App Service Authentication) --------------------------------------------------------------
+
+CONSOLE_APP = "7d3f5a2e-1b4c-4d8e-9f60-2a1b3c4d5e6f"
+TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+
+
+def function_routes() -> list[str]:
+    """Every route function_app.py registers, as a path (routePrefix is empty in host.json)."""
+    prefix = json.loads((ROOT / "host.json").read_text())["extensions"]["http"]["routePrefix"]
+    assert prefix == ""
+    return ["/" + m for m in re.findall(r'@app\.route\(route="([^"]+)"', (ROOT / "function_app.py").read_text())]
+
+
+def excluded(path: str, patterns: list[str]) -> bool:
+    """Easy Auth's excludedPaths: an exact path, or a prefix ending in /*."""
+    return any(path == p or (p.endswith("/*") and path.startswith(p[:-1])) for p in patterns)
+
+
+def test_without_a_console_app_registration_there_is_no_easy_auth_and_its_header_is_not_believed() -> None:
+    for name in SCENARIOS:
+        deployment = deployed(name)
+        assert not [r for r in of_type(deployment, "Microsoft.Web/sites/config") if r.name.endswith("authsettingsV2")]
+        assert app_settings(deployment)["GATEWAY_CONSOLE_EASY_AUTH"] == "false"
+        assert not config.load_settings(settings_as_deployed(name)).console_easy_auth
+
+
+def test_the_console_sign_in_is_easy_auth_with_entra_in_front_of_the_page_only() -> None:
+    deployment = deployed("main", consoleSignInClientId=CONSOLE_APP, consoleSignInTenantId=TENANT_ID)
+    auth = [r for r in of_type(deployment, "Microsoft.Web/sites/config") if r.name.endswith("authsettingsV2")]
+    assert len(auth) == 1
+    assert checks.type_problems(auth[0]) == []  # every property as Azure's Microsoft.Web@2024-11-01 types have it
+    body = props(auth[0])
+    assert body["platform"]["enabled"] is True
+    validation = body["globalValidation"]
+    assert validation["requireAuthentication"] is True and validation["unauthenticatedClientAction"] == "RedirectToLoginPage"
+    aad = body["identityProviders"]["azureActiveDirectory"]
+    assert aad["enabled"] is True and aad["registration"]["clientId"] == CONSOLE_APP
+    assert aad["registration"]["openIdIssuer"] == f"https://login.microsoftonline.com/{TENANT_ID}/v2.0"
+    assert "clientSecretSettingName" not in aad["registration"]  # no secret in the template: ID tokens
+    assert body["httpSettings"]["requireHttps"] is True
+    # The sign-in stands in front of the page only: every OpenAI route, /health and the admin API stay as they are
+    # without Easy Auth (keys and tokens decide), and the page is not excluded.
+    patterns = validation["excludedPaths"]
+    for route in function_routes():
+        concrete = re.sub(r"\{\*?[a-z]+\}", "x", route)
+        assert excluded(concrete, patterns) == (not concrete.startswith("/console") or
+                                                concrete.startswith("/console/api/")), route
+    for page in ("/console", "/console/", "/console/static/console.js"):
+        assert not excluded(page, patterns), page
+    for api in ("/console/api/consumers", "/openai/deployments/gpt-4o/chat/completions", "/v1/chat/completions",
+                "/health", "/health/details"):
+        assert excluded(api, patterns), api
+    settings = app_settings(deployment)
+    assert settings["GATEWAY_CONSOLE_EASY_AUTH"] == "true"
 
 
 def test_instance_count_is_the_plans_maximum() -> None:

@@ -59,6 +59,12 @@ param entraTenantIds string[] = []
 @description('Audiences accepted in Entra ID access tokens (the gateway app registration).')
 param entraAudiences string[] = []
 
+@description('The console\'s Entra ID app registration (client id); empty: no App Service Authentication.')
+param consoleSignInClientId string = ''
+
+@description('The tenant of the console\'s app registration.')
+param consoleSignInTenantId string = ''
+
 @description('More app settings (tuning such as GATEWAY_MAX_ATTEMPTS); they cannot replace the ones set here.')
 param extraAppSettings object = {}
 
@@ -204,10 +210,65 @@ resource appSettings 'Microsoft.Web/sites/config@2024-11-01' = {
     GATEWAY_ID: gatewayId
     GATEWAY_ENTRA_TENANT_IDS: join(entraTenantIds, ',')
     GATEWAY_ENTRA_AUDIENCES: join(entraAudiences, ',')
+    GATEWAY_CONSOLE_EASY_AUTH: empty(consoleSignInClientId) ? 'false' : 'true'
     GATEWAY_SAFETY_POLICIES: string(safetyPolicies)
     GATEWAY_CONTENT_SAFETY_ENDPOINT: contentSafetyEndpoint
     GATEWAY_LANGUAGE_ENDPOINT: languageEndpoint
   })
+}
+
+// The console's sign-in (docs/deploy.md): App Service Authentication with Entra ID signs a browser in before /console
+// and hands the gateway the user and their app roles in X-MS-CLIENT-PRINCIPAL (it removes any such header a client
+// sends), which the gateway believes only with GATEWAY_CONSOLE_EASY_AUTH=true, set above with it. Everything else is
+// excluded from the sign-in: the OpenAI paths and /health (consumer keys and Entra tokens decide there, as without Easy
+// Auth), and the admin API, which automation calls with the admin key or an Entra ID token (the page's calls carry
+// the sign-in session, so Easy Auth still names the user on them). No client secret: the browser gets an ID token
+// (the registration allows ID tokens; the administrator turns that on once).
+var consoleOpenIdIssuer = '${environment().authentication.loginEndpoint}${consoleSignInTenantId}/v2.0'
+
+resource consoleSignIn 'Microsoft.Web/sites/config@2024-11-01' = if (!empty(consoleSignInClientId)) {
+  parent: app
+  name: 'authsettingsV2'
+  properties: {
+    platform: {
+      enabled: true
+    }
+    globalValidation: {
+      requireAuthentication: true
+      unauthenticatedClientAction: 'RedirectToLoginPage'
+      redirectToProvider: 'azureactivedirectory'
+      excludedPaths: [
+        '/openai/*'
+        '/v1/*'
+        '/health'
+        '/health/*'
+        '/console/api/*'
+      ]
+    }
+    identityProviders: {
+      azureActiveDirectory: {
+        enabled: true
+        registration: {
+          clientId: consoleSignInClientId
+          openIdIssuer: consoleOpenIdIssuer
+        }
+        validation: {
+          allowedAudiences: [
+            consoleSignInClientId
+            'api://${consoleSignInClientId}'
+          ]
+        }
+      }
+    }
+    login: {
+      tokenStore: {
+        enabled: false
+      }
+    }
+    httpSettings: {
+      requireHttps: true
+    }
+  }
 }
 
 resource ftpPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-11-01' = {

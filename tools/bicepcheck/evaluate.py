@@ -641,6 +641,9 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "environment": lambda _s: {
         "name": "AzureCloud",
         "suffixes": {"storage": "core.windows.net", "acrLoginServer": ".azurecr.io"},
+        # What AzureCloud's environment() holds (Bicep docs, environment function): the Entra ID sign-in endpoint.
+        "authentication": {"loginEndpoint": "https://login.microsoftonline.com/",
+                           "audiences": ["https://management.core.windows.net/", "https://management.azure.com/"]},
     },
     "loadTextContent": _strict(_load_text),
     "readEnvironmentVariable": _strict(_read_env),
