@@ -28,6 +28,7 @@ from shared.clock import Clock
 from shared.edge.consumers import Consumer
 from shared.limits import refusals
 from shared.limits.allowance import RENEW_AHEAD_S, Allowance, allowance, holders
+from shared.limits.backoff import BusyBackoff
 from shared.limits.blocks import Blocks
 from shared.limits.contract import Held, Place, Ticket, UnlimitedTicket
 from shared.limits.fallback import Fallback
@@ -85,6 +86,7 @@ class Budget:
     pace: Pacing = field(default_factory=Pacing)
     blocks: Blocks = field(default_factory=Blocks)
     fallback: Fallback = field(default_factory=Fallback)
+    backoff: BusyBackoff = field(default_factory=BusyBackoff)  # after a ServerBusy on this ledger (backoff.py)
     sync_task: asyncio.Task[None] | None = None
     last_sync_mono: float = 0.0
     # A request ended below its reservation since the last write: the ledger (and any refusal learnt from it) still
@@ -363,6 +365,9 @@ class TokenLimiter:
                 blocked = budget.blocks.refusal(scopes, now)
                 if blocked is not None and not may_fit:
                     raise self._refused(budget, scopes, blocked[1], blocked[0], now, reserve)
+                if budget.backoff.active(now):  # the store throttled this ledger: no write before the pause ends
+                    raise self._refused(budget, scopes, Refusal(CONSUMER_SCOPE, None), budget.backoff.until, now,
+                                        reserve)
                 saturated = self._saturated_until(budget, scopes, reserve, now)
                 if saturated is not None and not may_fit:
                     raise self._refused(budget, scopes, Refusal(budget.pace.saturated_scope, None), saturated, now,
@@ -601,6 +606,8 @@ class TokenLimiter:
         if self._store_down_until > now:
             budget.fallback.degraded_until = max(budget.fallback.degraded_until, self._store_down_until)
             return
+        if budget.backoff.active(now):
+            return
         mono = self._clock.monotonic()
         pace = budget.pace
         pace.observe(mono)
@@ -671,8 +678,10 @@ class TokenLimiter:
             if isinstance(exc, StoreBusy):
                 # The store answers but throttles the ledger's partition (503 ServerBusy). Like contention: the leases
                 # already admitted their share, so a fallback window on top would admit beyond the shared limit.
-                # The waiting requests are refused (429 with Retry-After) and the next sync tries again.
+                # The waiting requests are refused (429 with Retry-After) and, so that the throttled partition is asked
+                # less, this instance leaves the ledger alone for a pause (backoff.py).
                 self.busy += 1
+                budget.backoff.busy(self._clock.now(), exc.retry_after_s)
                 return
             failed_at = self._clock.now()
             if self._store_down_until <= failed_at:
@@ -685,6 +694,7 @@ class TokenLimiter:
             return
 
         self.syncs += 1
+        budget.backoff.cleared()
         budget.fallback.recovered()
         budget.last_sync_mono = mono
         trimmed = budget.held.committed(out, mono)

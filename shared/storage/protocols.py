@@ -23,7 +23,12 @@ class StoreUnavailable(Exception):
 
 class StoreBusy(StoreUnavailable):
     """The store answers but throttles this partition or account: 503 ServerBusy. Not a reason to take it as down
-    (a limiter falling back to local windows then would admit beyond what its leases already admitted)."""
+    (a limiter falling back to local windows then would admit beyond what its leases already admitted).
+    `retry_after_s`: the service's Retry-After, when it sent one."""
+
+    def __init__(self, message: str = "503 ServerBusy", retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Conflict(Exception):

@@ -105,7 +105,7 @@ class Tables:
                 if exc.status_code == 409 or getattr(exc, "error_code", None) == "EntityAlreadyExists":
                     raise Conflict(f"operation {exc.index} of the batch: {getattr(exc, 'error_code', None)}") from None
                 if server_busy(exc):
-                    raise StoreBusy(f"{self.name(table)}: 503 ServerBusy") from None
+                    raise StoreBusy(f"{self.name(table)}: 503 ServerBusy", retry_after(exc)) from None
                 raise StoreUnavailable(f"{self.name(table)}: {type(exc).__name__}") from None
             except ResourceNotFoundError as exc:
                 if getattr(exc, "error_code", None) == "TableNotFound" and attempt == 1:
@@ -114,7 +114,7 @@ class Tables:
                 raise
             except (TimeoutError, AzureError, OSError) as exc:
                 if server_busy(exc):
-                    raise StoreBusy(f"{self.name(table)}: 503 ServerBusy") from None
+                    raise StoreBusy(f"{self.name(table)}: 503 ServerBusy", retry_after(exc)) from None
                 raise StoreUnavailable(f"{self.name(table)}: {type(exc).__name__}") from None
         raise AssertionError("unreachable")
 
@@ -133,6 +133,16 @@ def server_busy(exc: BaseException) -> bool:
     if code is None:
         code = getattr(exc.response, "headers", {}).get("x-ms-error-code")
     return str(getattr(code, "value", code)) == "ServerBusy"
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """The seconds of a 503's Retry-After header, if it has one (Table Storage seldom sends it)."""
+    headers = getattr(getattr(exc, "response", None), "headers", None) or {}
+    try:
+        value = float(headers.get("Retry-After") or headers.get("retry-after") or "")
+    except ValueError:
+        return None
+    return value if value > 0 else None
 
 
 async def collect(paged: Any) -> list[dict[str, Any]]:
