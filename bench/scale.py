@@ -63,6 +63,8 @@ QUICK = [("trip", 0, 16), ("trip", 0, 64), ("trip", 0, 256), ("one", 1000, 16), 
          ("one", 5000, 64), ("one", 20000, 256), ("many", 10000, 64)]
 # Simulated seconds at most per request rate, to bound the real run time (2 shared cores run ~2-15k simulated requests
 # a real second, fewer with many instances): the heaviest shapes show their throttling, not a full minute's accuracy.
+TRIP_WARM_S = 60.0  # simulated seconds before the trip
+TRIP_WAIT_S = 150.0  # how long the trip shape waits for every instance to have it
 SECONDS_CAP = {1000: 100.0, 5000: 70.0, 10000: 20.0, 20000: 15.0}
 
 
@@ -231,7 +233,9 @@ async def trip(n: int, loop: VirtualLoop, seed: int) -> dict[str, Any]:
     ptu, paygo = BACKENDS
     for inst in instances:  # every instance has sent to the PTU lately: each publishes its capacity report
         inst.router.acquire(ptu, D)
-    await asyncio.sleep(5 + rng.random())  # the sync loops out of step, as they are; the trip at any moment
+    # The sync loops out of step, as they are, and past the start (every instance starting in the same second is a
+    # burst of its own, reported apart); the trip at any moment.
+    await asyncio.sleep(TRIP_WARM_S + rng.random())
     base = account.counts.busy
     first = instances[0].router
     t0 = loop.time()
@@ -239,7 +243,8 @@ async def trip(n: int, loop: VirtualLoop, seed: int) -> dict[str, Any]:
     first.acquire(ptu, D)
     first.record_failure(ptu, D, 429, {"retry-after-ms": "800", "retry-after": "1"})  # a PTU's utilisation 429
     trip_all = ptu_all = None
-    while loop.time() - t0 < 60 and (trip_all is None or ptu_all is None):
+    steady_from = int(loop.time()) - 10
+    while loop.time() - t0 < TRIP_WAIT_S and (trip_all is None or ptu_all is None):
         await asyncio.sleep(0.01)
         if trip_all is None and all(i.router._breakers[(paygo.id, D)].state == OPEN for i in instances):
             trip_all = loop.time() - t0
@@ -258,7 +263,8 @@ async def trip(n: int, loop: VirtualLoop, seed: int) -> dict[str, Any]:
         "trip_reaches_all_s": None if trip_all is None else round(trip_all, 2),
         "ptu_429_reaches_all_s": None if ptu_all is None else round(ptu_all, 2),
         "breakers_partition_peak_per_s": c.partition_group_peak("breakers", 0),
-        "capacity_partition_peak_per_s": c.partition_group_peak("capacity", 0),
+        "capacity_partition_peak_per_s": c.partition_group_peak("capacity", steady_from),
+        "capacity_partition_start_peak_per_s": c.partition_group_peak("capacity", 0),
         "marker_partition_peak_per_s": c.partition_group_peak("marker", 0),
         "account_mean_per_s": round(c.ops / seconds),
         "server_busy_503_after_trip": c.busy - base,

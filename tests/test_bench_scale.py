@@ -22,8 +22,10 @@ def test_a_trip_and_a_ptu_429_reach_every_instance_within_a_few_sync_intervals()
     assert figures["server_busy_503_after_trip"] == 0
 
 
-def test_past_the_partition_target_the_capacity_rows_are_throttled() -> None:
-    # 64 instances each reading every instance's capacity row twice a second: ~8,000 entities/s on one partition.
+def test_past_31_instances_the_capacity_rows_stay_under_the_partition_target() -> None:
+    # 64 instances each reading every instance's capacity row every 0.5 s asked ~8,000 entities/s of one partition and
+    # were throttled (issue 32); the interval now grows with the rows read.
     figures = run_shape("trip", 0, 64, 0.0, seed=3)
-    assert figures["capacity_partition_peak_per_s"] > 2_000
-    assert figures["server_busy_503_after_trip"] > 0
+    assert figures["capacity_partition_peak_per_s"] <= 2_000
+    assert figures["server_busy_503_after_trip"] == 0 and figures["capacity_sync_failures"] == 0
+    assert figures["ptu_429_reaches_all_s"] is not None and figures["ptu_429_reaches_all_s"] <= 10

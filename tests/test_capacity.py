@@ -391,3 +391,42 @@ def test_health_shows_a_stated_capacity_until_one_is_learnt() -> None:
     assert capacity.health("ptu", D) == {"stated_tokens_per_minute": 30_000,
                                          "instance_share_tokens_per_minute": 30_000, "diverted": 0}
     assert ProvisionedCapacity(backends(), clock).health("ptu", D) is None
+
+
+# ---- how often the rows are read, as instances grow (issue 32) -----------------------------------------------------
+
+
+async def test_the_sync_interval_grows_with_the_rows_read_so_all_instances_stay_under_the_partition_target() -> None:
+    from shared.routing.capacity import CapacityReport
+    from shared.routing.provisioned import ROWS_PER_S, sync_interval
+
+    clock = FakeClock()
+    for n in (4, 16, 64, 256, 1000):
+        store = MemoryCapacityStore()
+        for i in range(n):  # one row per instance that has sent to the PTU lately
+            await store.publish(CapacityReport("ptu", D, f"i{i}", clock.now(), ((clock.now(), 10.0),), (), 1.0, None))
+        capacity = ProvisionedCapacity(backends(), clock, store, f"i{n}")
+        await capacity.sync()
+        assert capacity.rows == n
+        intervals = [capacity.interval() for _ in range(50)]
+        # n instances each reading n rows every interval: entities a second asked of the partition.
+        assert n * n / min(intervals) <= ROWS_PER_S * (1 + 0.25)
+        assert min(intervals) >= 0.5  # never more often than GATEWAY_BREAKER_SYNC_S
+        assert max(intervals) <= sync_interval(0.5, n) * 1.2 + 1e-9
+    assert sync_interval(0.5, 16) == 0.5  # a few instances: unchanged
+
+
+async def test_a_failed_sync_waits_longer_before_the_next_not_less() -> None:
+    clock = FakeClock()
+    store = MemoryCapacityStore()
+    capacity = ProvisionedCapacity(backends(), clock, store, "i0")
+    await capacity.sync()
+    calm = capacity.interval()
+    store.unavailable = True
+    await capacity.sync()
+    await capacity.sync()
+    assert capacity.sync_failures == 2
+    assert min(capacity.interval() for _ in range(20)) > calm
+    store.unavailable = False
+    await capacity.sync()
+    assert capacity.interval() == calm
