@@ -180,6 +180,19 @@ MAX_CHOICES = 128
 def check_body(route: Route, body: Mapping[str, Any]) -> CallShape:
     """Validate the fields the gateway relies on; everything else is the backend's business."""
     op = route.operation
+    _check_input(op, body)
+    create = responses.check_create(body) if op is Operation.RESPONSES else None
+    deployment = route.deployment if route.deployment is not None else _body_deployment(body)
+    stream, wants_usage = _stream(op, body)
+    if create is not None:
+        # Streams always end with usage (in response.completed): nothing to ask for.
+        return CallShape(deployment, create.stream, True, create.max_output_tokens, model_in_body=True,
+                         background=create.background)
+    return CallShape(deployment, stream, wants_usage, _max_tokens(body), choices=_choices(op, body))
+
+
+def _check_input(op: Operation, body: Mapping[str, Any]) -> None:
+    """The operation's required input is there, and of the shape the gateway counts."""
     required = op.required
     if required is not None and body.get(required) is None:
         raise bad_request(f"Missing required parameter: '{required}'.", param=required, code="missing_required_parameter")
@@ -197,18 +210,20 @@ def check_body(route: Route, body: Mapping[str, Any]) -> CallShape:
         value = body["input"]
         if not isinstance(value, (str, list)) or value == [] or value == "":
             raise bad_request("'input' must be a non-empty string or array.", param="input", code="invalid_type")
-    elif op is Operation.RESPONSES:
-        create = responses.check_create(body)
 
-    deployment = route.deployment
-    if deployment is None:
-        model = body.get("model")
-        if model is None:
-            raise bad_request("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
-        if not isinstance(model, str) or not DEPLOYMENT_NAME.fullmatch(model):
-            raise not_found("The model (deployment) name is not valid.", code="DeploymentNotFound")
-        deployment = model
 
+def _body_deployment(body: Mapping[str, Any]) -> str:
+    """The deployment a body names in `model` (OpenAI-style paths carry none)."""
+    model = body.get("model")
+    if model is None:
+        raise bad_request("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
+    if not isinstance(model, str) or not DEPLOYMENT_NAME.fullmatch(model):
+        raise not_found("The model (deployment) name is not valid.", code="DeploymentNotFound")
+    return model
+
+
+def _stream(op: Operation, body: Mapping[str, Any]) -> tuple[bool, bool]:
+    """Whether the answer streams, and whether the client asked for the stream's usage chunk."""
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -219,12 +234,11 @@ def check_body(route: Route, body: Mapping[str, Any]) -> CallShape:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad_request("'stream_options' must be an object.", param="stream_options", code="invalid_type")
-    wants_usage = bool(options and options.get("include_usage") is True)
+    return stream, bool(options and options.get("include_usage") is True)
 
-    if op is Operation.RESPONSES:
-        # Streams always end with usage (in response.completed): nothing to ask for.
-        return CallShape(deployment, create.stream, True, create.max_output_tokens, model_in_body=True,
-                         background=create.background)
+
+def _max_tokens(body: Mapping[str, Any]) -> int | None:
+    """The client's output cap: max_completion_tokens or max_tokens, a positive integer, never both."""
     max_tokens: int | None = None
     for name in ("max_completion_tokens", "max_tokens"):
         value = body.get(name)
@@ -239,7 +253,7 @@ def check_body(route: Route, body: Mapping[str, Any]) -> CallShape:
                 param="max_tokens", code="invalid_parameter_combination",
             )
         max_tokens = value
-    return CallShape(deployment, stream, wants_usage, max_tokens, choices=_choices(op, body))
+    return max_tokens
 
 
 def _choices(op: Operation, body: Mapping[str, Any]) -> int:
