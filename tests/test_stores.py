@@ -1,6 +1,7 @@
 """One contract for every store, run against the Table Storage stores on Azurite and against their in-memory twins:
-what the limiter, the router, the consumer directory and the usage rows rely on (ETag conditions, 409 on create, an
-older breaker transition never replacing a newer one, cumulative usage rows)."""
+what the limiter, the router, the consumer directory, the usage rows and the console rely on (ETag conditions, 409 on create, an
+older breaker transition never replacing a newer one, cumulative usage rows, the admin changes newest first, traffic
+rows per instance per 10 s)."""
 
 from __future__ import annotations
 
@@ -15,20 +16,33 @@ from typing import Any
 import pytest
 from azure.data.tables.aio import TableServiceClient
 
+from shared.adminops.records import AuditEntry
 from shared.edge.consumers import Consumer, Limits, hash_key
 from shared.limits.ledger import Ledger, Quota, claim
 from shared.routing.capacity import CapacityReport
 from shared.routing.router import BreakerRecord
 from shared.storage import memory
-from shared.storage.protocols import BreakerStore, CapacityStore, Conflict, ConsumerStore, LedgerStore, UsageStore
+from shared.storage.protocols import (
+    BreakerStore,
+    CapacityStore,
+    ChangeLogStore,
+    Conflict,
+    ConsumerStore,
+    LedgerStore,
+    TrafficStore,
+    UsageStore,
+)
 from shared.storage.tables import (
     TableBreakerStore,
     TableCapacityStore,
+    TableChangeLogStore,
     TableConsumerStore,
     TableLedgerStore,
     Tables,
+    TableTrafficStore,
     TableUsageStore,
 )
+from shared.telemetry.traffic import TrafficRow
 from shared.telemetry.usage_rows import UsageRow
 from tools import stack
 
@@ -42,20 +56,23 @@ class Stores:
     breakers: BreakerStore
     usage: UsageStore
     capacity: CapacityStore
+    changes: ChangeLogStore
+    traffic: TrafficStore
 
 
 @pytest.fixture(params=["memory", "azurite"])
 async def stores(request: pytest.FixtureRequest) -> AsyncIterator[Stores]:
     if request.param == "memory":
         yield Stores(memory.MemoryConsumerStore(), memory.MemoryLedgerStore(), memory.MemoryBreakerStore(),
-                     memory.MemoryUsageStore(), memory.MemoryCapacityStore())
+                     memory.MemoryUsageStore(), memory.MemoryCapacityStore(), memory.MemoryChangeLogStore(),
+                     memory.MemoryTrafficStore())
         return
     azurite = request.getfixturevalue("azurite")
     service = TableServiceClient.from_connection_string(stack.table_connection_string(azurite.port), retry_total=0)
     tables = Tables(service, f"contract{next(_prefixes)}x{id(request) % 10_000}", timeout_s=10)
     try:
         yield Stores(TableConsumerStore(tables), TableLedgerStore(tables), TableBreakerStore(tables), TableUsageStore(tables),
-                     TableCapacityStore(tables))
+                     TableCapacityStore(tables), TableChangeLogStore(tables), TableTrafficStore(tables))
     finally:
         await tables.close()
 
@@ -398,3 +415,73 @@ async def test_a_busy_instances_charges_are_summed_into_wider_buckets_until_they
     # Still placed in time to within the buckets: the first and second halves keep their tokens.
     middle = now - 59 + 2000 * 0.0125
     assert sum(n for t, n in loaded.charges if t < middle - 0.1) == pytest.approx(sum(n for t, n in charges if t < middle - 0.1), rel=0.01)
+
+
+# ---- the console's change log and traffic rows -----------------------------------------------------------------------
+
+
+def change(at: float, n: int, action: str = "consumers.set") -> AuditEntry:
+    return AuditEntry(at, "key:admin", "Gateway.Admin", action, f"c{n}", json.dumps({"tokens_per_minute": n}),
+                      json.dumps({"tokens_per_minute": n + 1}), f"id{n:04d}")
+
+
+async def test_changes_come_back_newest_first_within_the_limit_and_the_period(stores: Stores) -> None:
+    now = time.time()
+    entries = [change(now - 3600 * n, n) for n in range(12)]
+    for entry in reversed(entries):
+        await stores.changes.append(entry)
+    assert await stores.changes.recent(5, now - 86400) == entries[:5]
+    assert await stores.changes.recent(100, now - 3600 * 4 - 1) == entries[:5]  # none older than `since`
+    assert await stores.changes.recent(100, now + 1) == []
+
+
+async def test_changes_in_the_same_millisecond_are_all_kept_and_before_after_round_trip(stores: Stores) -> None:
+    now = time.time()
+    made = AuditEntry(now, "easyauth:ops@example.com", "Gateway.Admin", "consumers.create", "new", "",
+                      json.dumps({"name": "n\u00e9w \"quoted\"", "deployments": "*"}), "aaaa")
+    gone = AuditEntry(now, "cli:root", "Gateway.Admin", "consumers.delete", "old", json.dumps({"name": "old"}), "", "bbbb")
+    await stores.changes.append(made)
+    await stores.changes.append(gone)
+    assert sorted(await stores.changes.recent(10, now - 1), key=lambda e: e.id) == [made, gone]
+
+
+async def test_changes_months_back_are_found_when_the_period_reaches_them(stores: Stores) -> None:
+    """The API reads up to 366 days back: an entry three months old is found when asked for 100 days, and the newest
+    still come first (the table keeps one partition per month)."""
+    now = time.time()
+    old, older, recent = change(now - 95 * 86400, 1), change(now - 70 * 86400, 2), change(now - 60, 3)
+    for entry in (old, older, recent):
+        await stores.changes.append(entry)
+    assert await stores.changes.recent(10, now - 100 * 86400) == [recent, older, old]
+    assert await stores.changes.recent(2, now - 100 * 86400) == [recent, older]
+    assert await stores.changes.recent(10, now - 80 * 86400) == [recent, older]
+
+
+async def test_traffic_rows_are_read_by_bucket_range_inclusive_across_instances(stores: Stores) -> None:
+    base = int(time.time() // 10)
+    a = [TrafficRow(base + i, "instance-a", {"ptu": (i, 10 * i, 0, 0, 0), "paygo": (1, 2, 3, 4, 5)}) for i in range(6)]
+    b = [TrafficRow(base + 2, "instance-b", {"ptu": (7, 70, 1, 0, 1)})]
+    await stores.traffic.save(a)
+    await stores.traffic.save(b)
+    read = await stores.traffic.read(base + 2, base + 4)
+    assert sorted(read, key=lambda r: (r.bucket, r.instance)) == [a[2], b[0], a[3], a[4]]
+    assert await stores.traffic.read(base + 100, base + 200) == []
+
+
+async def test_a_traffic_row_saved_again_replaces_that_instances_row_only(stores: Stores) -> None:
+    base = int(time.time() // 10)
+    await stores.traffic.save([TrafficRow(base, "a", {"ptu": (1, 1, 0, 0, 0)}), TrafficRow(base, "b", {"ptu": (2, 2, 0, 0, 0)})])
+    again = TrafficRow(base, "a", {"ptu": (5, 500, 1, 2, 3), "paygo": (10**9, 10**12, 0, 0, 0)})
+    await stores.traffic.save([again])
+    read = sorted(await stores.traffic.read(base, base), key=lambda r: r.instance)
+    assert read == [again, TrafficRow(base, "b", {"ptu": (2, 2, 0, 0, 0)})]
+
+
+async def test_forgetting_deletes_only_that_instances_buckets_and_missing_ones_are_fine(stores: Stores) -> None:
+    base = int(time.time() // 10)
+    await stores.traffic.save([TrafficRow(base + i, "a", {"x": (1, 0, 0, 0, 0)}) for i in range(3)])
+    await stores.traffic.save([TrafficRow(base + i, "b", {"x": (2, 0, 0, 0, 0)}) for i in range(3)])
+    await stores.traffic.forget("a", [base, base + 1, base + 50])
+    left = sorted((r.bucket - base, r.instance) for r in await stores.traffic.read(base, base + 2))
+    assert left == [(0, "b"), (1, "b"), (2, "a"), (2, "b")]
+    await stores.traffic.forget("a", [base, base + 1])  # again: nothing there, no error

@@ -998,8 +998,8 @@ _NEWEST_FIRST = 10**13  # row keys count down, so the newest entries come first 
 
 
 class TableChangeLogStore:
-    """One row per admin change, partitioned by month (key "YYYY-MM"), row keys newest first; reads are the current
-    month and the one before, stopping at `limit`."""
+    """One row per admin change, partitioned by month (key "YYYY-MM"), row keys newest first; a read goes from this
+    month back to the month of `since` (the API asks at most 366 days: 13 partitions), stopping at `limit`."""
 
     def __init__(self, tables: Tables) -> None:
         self._tables = tables
@@ -1016,10 +1016,8 @@ class TableChangeLogStore:
     async def recent(self, limit: int, since: float) -> list[Any]:
         from shared.adminops.records import AuditEntry
 
-        months = sorted({time.strftime("%Y-%m", time.gmtime(t)) for t in (time.time(), max(since, time.time() - 32 * 86400))},
-                        reverse=True)
         found: list[Any] = []
-        for month in months:
+        for month in _months_back(max(time.time(), since), since):
             query = "PartitionKey eq @m and at ge @since"
             parameters = {"m": month, "since": float(since)}
 
@@ -1032,6 +1030,17 @@ class TableChangeLogStore:
             if len(found) >= limit:
                 break
         return sorted(found, key=lambda e: e.at, reverse=True)[:limit]
+
+
+def _months_back(newest: float, oldest: float) -> list[str]:
+    """The "YYYY-MM" of every month from newest's back to oldest's, newest first."""
+    year, month = time.gmtime(newest)[:2]
+    last = time.strftime("%Y-%m", time.gmtime(oldest))
+    months = [f"{year:04d}-{month:02d}"]
+    while months[-1] > last:
+        year, month = (year, month - 1) if month > 1 else (year - 1, 12)
+        months.append(f"{year:04d}-{month:02d}")
+    return months
 
 
 class TableTrafficStore:
