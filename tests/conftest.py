@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import platform
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from tests.e2e import Stack, gateway_env, leaks, start_simulators, test_regions
 from tests.fakes.gateway import GatewayHarness
+from tests.processguard import Guard
 from tools import stack
 
 # Nothing in the tests may leave the machine: Azure Monitor's extras (statsbeat, live metrics, metadata lookups) off.
@@ -22,6 +24,71 @@ _ids = itertools.count(1)
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{next(_ids)}"
+
+
+# The fixtures that start processes: a test using any of them (directly or through another fixture) is marked
+# `process`, so `--quick` leaves it out without each test saying so.
+PROCESS_FIXTURES = frozenset({"azurite", "e2e", "gateway_factory", "fresh_sims"})
+_guard = Guard()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--quick", action="store_true",
+        help="in-process tests only: leaves out tests marked e2e or process, and fails any test that starts a process",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # With pytest-xdist (scripts/test runs two workers) the guard goes on in each worker: the controller must start them.
+    controller = getattr(config.option, "dist", "no") != "no" and not hasattr(config, "workerinput")
+    if config.getoption("--quick") and not controller:
+        # The standard library asks `uname -p` once per interpreter (azure-identity's user agent reads it): asked here,
+        # before the guard, it is cached and no test starts it.
+        platform.processor()
+        _guard.install()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _guard.uninstall()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.process)
+    if not config.getoption("--quick"):
+        return
+    kept: list[pytest.Item] = []
+    left: list[pytest.Item] = []
+    for item in items:
+        outside = item.get_closest_marker("e2e") or item.get_closest_marker("process")
+        (left if outside else kept).append(item)
+    if left:
+        config.hook.pytest_deselected(items=left)
+        items[:] = kept
+
+
+_call_failed = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    if call.when == "call":
+        item.stash[_call_failed] = bool(getattr(report, "failed", False))
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _in_process_only(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Under --quick: a test that asked for a process fails, even if it caught the refusal (once: a test that already
+    failed on the refusal is not reported again)."""
+    _guard.take()
+    yield
+    refused = _guard.take()
+    if refused and not request.node.stash.get(_call_failed, False):
+        pytest.fail(f"--quick runs in-process only, and this test started a process: {refused[0]}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ class Reader:
             return await (await blob.download_blob()).readall()
 
 
-@pytest.fixture(params=["memory", "azurite"])
+@pytest.fixture(params=["memory", pytest.param("azurite", marks=pytest.mark.process)])
 async def reader(request: pytest.FixtureRequest) -> AsyncIterator[Reader]:
     if request.param == "memory":
         yield Reader(MemoryAuditStore(), None, "")

@@ -28,7 +28,7 @@ def answer(key: str = "a" * 64, scope: str = "consumer:app", body: bytes = b'{"d
     return CachedAnswer(scope, key, at, USAGE, "text-embedding-3-small", body)
 
 
-@pytest.fixture(params=["memory", "azurite"])
+@pytest.fixture(params=["memory", pytest.param("azurite", marks=pytest.mark.process)])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[AnswerStore]:
     if request.param == "memory":
         yield MemoryAnswerStore()

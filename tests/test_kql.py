@@ -21,6 +21,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((ROOT / "tests" / "data" / "appinsights" / "schema.json").read_text(encoding="utf-8"))
+# Every check here runs the Kusto language service under node: the full run's, not --quick's.
+pytestmark = pytest.mark.process
+
 WORKBOOK = json.loads((ROOT / "bicep" / "workbook.json").read_text(encoding="utf-8"))
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -106,6 +108,7 @@ def test_the_admin_operations_never_import_the_command_or_the_http_api() -> None
     assert "shared.adminops.operations" in edges["shared.console.api"]
 
 
+@pytest.mark.process
 def test_a_gateway_that_accepts_keys_only_never_loads_the_jwt_library() -> None:
     """PyJWT with cryptography is ~9 MB of a worker's memory: loaded only where Entra ID callers are configured."""
     import os

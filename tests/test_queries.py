@@ -798,6 +798,7 @@ def test_the_admin_command_dispatches_query_here() -> None:
     assert "tokens_per_consumer" in out.getvalue()
 
 
+@pytest.mark.process
 def test_standalone_and_without_azure_monitor_query_loaded() -> None:
     probe = "import sys, shared.admin.queries; assert 'azure.monitor.query' not in sys.modules, 'imported eagerly'"
     subprocess.run([sys.executable, "-c", probe], cwd=ROOT, check=True)

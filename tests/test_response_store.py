@@ -20,7 +20,7 @@ from tools import stack
 NOW = 1_750_000_000.0
 
 
-@pytest_asyncio.fixture(params=["memory", "azurite"])
+@pytest_asyncio.fixture(params=["memory", pytest.param("azurite", marks=pytest.mark.process)])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[ResponseStore]:
     if request.param == "memory":
         yield MemoryResponseStore()

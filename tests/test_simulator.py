@@ -547,6 +547,7 @@ async def test_recorded_requests_latency_and_reset(sim: Running, sdk: Clients, h
 # ---- the CLI ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_cli_serves_several_regions_and_stops_on_sigterm(tmp_path: Path) -> None:
     regions = [
         {"region": name, "port": 0, "api_key": KEY, "latency_ms": 0, "deployments": ["gpt-4o:tpm=1000,model=gpt-4o-2024-11-20"]}

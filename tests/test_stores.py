@@ -60,7 +60,7 @@ class Stores:
     traffic: TrafficStore
 
 
-@pytest.fixture(params=["memory", "azurite"])
+@pytest.fixture(params=["memory", pytest.param("azurite", marks=pytest.mark.process)])
 async def stores(request: pytest.FixtureRequest) -> AsyncIterator[Stores]:
     if request.param == "memory":
         yield Stores(memory.MemoryConsumerStore(), memory.MemoryLedgerStore(), memory.MemoryBreakerStore(),
