@@ -299,8 +299,12 @@ def gateway_env(backends_json: str, table_port: int, extra: Mapping[str, str] | 
 def start_gateway(env: Mapping[str, str], port: int | None = None, log_dir: Path | None = None, name: str = "gateway") -> Child:
     port = port or free_port()
     # An empty settings file keeps a developer's local.settings.json out of test and benchmark runs.
+    # Written whole under another name, then renamed: gateways started at once (test workers) never read it half-written.
     empty = Path(tempfile.gettempdir()) / "gateway-empty-settings.json"
-    empty.write_text('{"Values": {}}')
+    if not empty.exists() or empty.read_text() != '{"Values": {}}':
+        partial = empty.with_name(f"{empty.name}.{os.getpid()}")
+        partial.write_text('{"Values": {}}')
+        os.replace(partial, empty)
     argv = [PYTHON, "-m", "tools.localhost", "--host", LOOPBACK, "--port", str(port), "--settings", str(empty)]
     return _spawn(name, argv, port, env, log_dir or _logs(), 60)
 
