@@ -85,3 +85,42 @@ async def test_the_signed_in_person_is_the_end_user_and_an_application_alone_is_
     missing = await harness.http.post("/v1/chat/completions", json={**body, "user": None},
                                       headers={"authorization": f"Bearer {app_only}"})
     assert missing.status_code == 400 and missing.json()["error"]["code"] == "user_required"
+
+
+async def test_a_token_callers_follow_ups_are_recorded_as_its_create_is(
+    entra_harness: GatewayHarness, authority: Authority
+) -> None:
+    """Issue 25: a follow-up of a stored response (GET, a replay, input_items, cancel, DELETE) goes through the same
+    phases as the create, so its request record names the same caller: the user id from the token's claim, not from a
+    header the token caller never sends."""
+    import orjson
+
+    from tests.fakes.upstream import json_reply
+
+    harness = entra_harness
+    harness.team("finance")
+    harness.consumer("billing", tpm=100_000, team="finance")
+    store = harness.consumer_store.consumers
+    store["billing"] = replace(store["billing"], entra=frozenset({f"app:{APP}"}))
+    # The OpenAI-style client on /openai/v1 sends the token as its bearer (the Azure client's Responses paths too).
+    api = openai.AsyncOpenAI(base_url=BASE_URL + "/openai/v1", api_key=authority.token(azp=APP, issued_at=harness.clock.now()),
+                             max_retries=0, http_client=harness.http)
+    made = orjson.dumps({"id": "resp_entra", "object": "response", "model": "gpt-4o", "status": "completed",
+                         "output": [], "usage": {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5}})
+    harness.upstream.script("uksouth-ptu", json_reply(made), json_reply(made),
+                            json_reply(b'{"object": "list", "data": []}'),
+                            json_reply(b'{"id": "resp_entra", "object": "response", "deleted": true}'))
+    await api.responses.create(model="gpt-4o", input="hi")
+    create = harness.telemetry.requests[-1]
+    assert create.user_id == authority.claims()["oid"]
+    await api.responses.retrieve("resp_entra")
+    await api.responses.input_items.list("resp_entra")
+    await api.responses.delete("resp_entra")
+    follow_ups = harness.telemetry.requests[-3:]
+    assert [r.operation for r in follow_ups] == ["Responses_Get", "Responses_ListInputItems", "Responses_Delete"]
+    for record in follow_ups:
+        assert record.status == 200
+        assert (record.consumer_id, record.user_id, record.team, record.client_ip) == (
+            create.consumer_id, create.user_id, create.team, create.client_ip)
+        assert (record.deployment, record.backend_id, record.region) == (
+            create.deployment, create.backend_id, create.region)
