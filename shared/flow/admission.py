@@ -12,7 +12,7 @@ from shared.flow import offload, tokens
 from shared.flow.end_users import caller_user_id, end_user, ledger_id
 from shared.flow.exchange import Checked, Exchange, count_prompt, prompt_bound
 from shared.flow.translate import CallShape, Operation
-from shared.limits.contract import Limiter, Ticket
+from shared.limits.contract import Limiter, Ticket, UnlimitedTicket
 from shared.telemetry.events import Trace
 
 # A large prompt is admitted on its upper bound, uncounted, only when the bound and the output fit this many times in
@@ -62,12 +62,7 @@ class Admission:
         the end user (end_users.py) is admitted against its own level and is the request's user id in metrics."""
         consumer = checked.consumer
         deployment = checked.shape.deployment
-        user = None
-        named = None
-        if consumer.users.limited or consumer.users.required:
-            named = end_user(consumer.users, person, checked.body, request.headers)
-            if named is not None:
-                user = ledger_id(consumer.id, named, self._user_key)
+        user_id, user = self._caller(request, checked, user_id, person, required=True)
         prompt: int | None = None
         counted = True
         floor: int | None = None
@@ -81,14 +76,12 @@ class Admission:
                 checked = replace(checked, shape=capped)
             reserve = prompt + self._completion(checked)
         ticket = await self._limiter.admit(consumer, deployment, reserve, user)
-        if named is not None:
-            user_id = named
         return Exchange(
             request=request,
             checked=checked,
             started=started,
             trace=trace,
-            user_id=caller_user_id(user_id, request.headers, self._user_id_header),
+            user_id=user_id,
             ticket=ticket,
             reserve=reserve,
             prompt_estimate=prompt if counted else None,
@@ -96,6 +89,31 @@ class Admission:
             prompt_floor=floor,
             end_user=user,
         )
+
+    def unreserved(
+        self, request: GatewayRequest, checked: Checked, started: float, trace: Trace, user_id: str | None = None,
+        person: str | None = None,
+    ) -> Exchange:
+        """A request that spends no tokens (a follow-up of a stored response: a read, a delete, a cancel): nothing is
+        reserved, and its caller is named as `admit` names it (an end user is not required of it)."""
+        user_id_, _ = self._caller(request, checked, user_id, person, required=False)
+        return Exchange(request=request, checked=checked, started=started, trace=trace, user_id=user_id_,
+                        ticket=UnlimitedTicket(), reserve=0)
+
+    def _caller(
+        self, request: GatewayRequest, checked: Checked, user_id: str | None, person: str | None, *, required: bool,
+    ) -> tuple[str, str | None]:
+        """The request's user id in metrics and the end user's ledger id (None: not limited as an end user). The user
+        id is the end user, where the consumer limits them and the request names one; else the caller's from its
+        token, when the settings take it from a claim; else the User ID header's."""
+        consumer = checked.consumer
+        users = consumer.users
+        if users.limited or users.required:
+            named = end_user(users if required else replace(users, required=False), person, checked.body,
+                             request.headers)
+            if named is not None:
+                return named, ledger_id(consumer.id, named, self._user_key)
+        return caller_user_id(user_id, request.headers, self._user_id_header), None
 
     async def readmit(self, exchange: Exchange, checked: Checked) -> tuple[Ticket, int, Checked]:
         """Reserve the request anew for the deployment it falls back to (`checked`), once its reservation at the one it

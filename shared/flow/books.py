@@ -97,6 +97,14 @@ class Books:
                            cost=self._prices.cost(record.deployment, record.ptu, usage))
         self._telemetry.tokens_spent(replace(record, operation=Operation.RESPONSES.operation_id, usage=usage))
 
+    def passed(self, exchange: Exchange, served: Served) -> RequestRecord:
+        """An answer passed through that spent no tokens (a follow-up of a stored response: a read, a replay, a
+        delete, a cancel): counted as the request it is, under the same dimensions as any other; nothing charged or
+        recorded in the usage rows (a background response it finds finished is settled by shared/flow/holds.py)."""
+        record = self._record(exchange, served.backend, served.status, None, served.model, served.attempts)
+        self._telemetry.request_done(record, exchange.trace)
+        return record
+
     def unanswered(self, exchange: Exchange) -> None:
         """No backend answered: only the attempts whose body broke off were billed by their backends. (The request
         itself is counted by `refused` when its refusal is rendered.)"""

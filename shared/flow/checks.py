@@ -65,6 +65,20 @@ class Checks:
             body, shape = await offload.run(partial(_parsed_and_checked, route, request.body))
         return Parsed(Route(route.api, route.operation, shape.deployment), body, shape, api_version, len(request.body))
 
+    async def follow_up(self, request: GatewayRequest, route: Route, consumer: Consumer) -> Checked:
+        """A follow-up of a stored response (GET, DELETE, input_items, cancel): a good api-version, a response this
+        consumer created (else 404, as for one that does not exist), for a deployment it may still use. It has no
+        body to check; it is pinned to the backend holding the response."""
+        assert route.response_id is not None
+        api_version = check_api_version(request.query, self._api_versions)
+        holder = await self._pinning.holder(route.response_id, consumer.id, previous=False)
+        deployment = holder.record.deployment
+        if not consumer.may_use(deployment):
+            raise DeploymentNotAllowed(deployment)
+        replay = route.operation is Operation.RESPONSE_GET and request.query.get("stream") == "true"
+        shape = CallShape(deployment, stream=replay, client_wants_usage=True, max_tokens=None)
+        return Checked(route, consumer, {}, shape, api_version, pinned=holder, requested=deployment)
+
     async def allow(self, parsed: Parsed, consumer: Consumer) -> Checked:
         """An unknown deployment (or alias), one the key may not use, or a continuation of a response the consumer may
         not see is refused here. An alias is resolved to its first entry the consumer may use; the chain holds the

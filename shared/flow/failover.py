@@ -32,7 +32,7 @@ from shared.flow.books import Books
 from shared.flow.credentials import BackendAuth
 from shared.flow.exchange import Checked, Chosen, Exchange, LostAttempt
 from shared.flow.family import for_family
-from shared.flow.translate import backend_body, backend_url, request_headers
+from shared.flow.translate import FOLLOW_UPS, backend_body, backend_method, backend_url, request_headers
 from shared.flow.upstream import Answer, UpstreamBroken, UpstreamClient, UpstreamError
 from shared.limits.contract import UnlimitedTicket
 from shared.outcomes import AttemptFailure, BackendsBusy, FailureKind, Refusal, TooLargeForBackends
@@ -216,7 +216,7 @@ class Failover:
 
     async def _dispatch_pinned(self, exchange: Exchange, holder: Holder) -> Chosen:
         """One attempt, at the backend that holds the continued response: no other region could answer it."""
-        self._pinning.claim(holder, exchange.deployment)
+        self._pinning.claim(holder, exchange.deployment, _generates(exchange))
         try:
             answer = await self._attempt(exchange, holder.backend, request_headers(exchange.request.headers), 1)
         except _Failed as failed:
@@ -242,21 +242,27 @@ class Failover:
         router = self._router
         deployment = exchange.deployment
         checked = exchange.checked
-        url = backend_url(backend, checked.route, deployment, checked.api_version)
+        # A follow-up of a stored response (a read, a delete, a cancel) generates nothing: no PTU throughput, nothing
+        # billed when it fails; it is sent with the client's method and the query parameters it may carry.
+        generates = _generates(exchange)
+        url = backend_url(backend, checked.route, deployment, checked.api_version, exchange.request.query)
+        method = backend_method(checked.route.operation)
         raw = checked.raw if checked.raw is not None else exchange.request.body
-        if len(raw) <= offload.ON_LOOP_BYTES:
+        if not generates:
+            body = raw if method == "POST" else b""
+        elif len(raw) <= offload.ON_LOOP_BYTES:
             body = backend_body(raw, checked.body, backend, deployment, checked.shape, checked.api_version)
         else:  # re-serialising a large body (a changed model name, stream options or cap) takes milliseconds
             body = await offload.run(
                 partial(backend_body, raw, checked.body, backend, deployment, checked.shape, checked.api_version))
         send_headers = {**headers, **(await self._auth.headers(backend))}
         span = exchange.trace.attempt(backend.id, backend.region, url.split("?", 1)[0], number)
-        exchange.awaiting_backend = True
+        exchange.awaiting_backend = generates
         try:
-            answer = await self._upstream.send(backend, url, send_headers, body)
+            answer = await self._upstream.send(backend, url, send_headers, body, method=method)
         except UpstreamError as exc:
             span.end(None, exc.kind.value)
-            if exc.kind is FailureKind.TIMEOUT:
+            if exc.kind is FailureKind.TIMEOUT and generates:
                 # The backend read the request and may still be generating (and billing) it: the prompt is charged,
                 # and the breaker counts it only as one of a rate across callers.
                 router.record_timeout(backend, deployment, exchange.consumer.id)
@@ -264,7 +270,7 @@ class Failover:
                 duration_ms = (self._clock.monotonic() - exchange.started) * 1000
                 exchange.lost.append(LostAttempt(backend, await exchange.prompt_only(), number, duration_ms, 504))
             else:
-                router.record_error(backend, deployment, exc.kind)
+                router.record_error(backend, deployment, exc.kind, generates)
             raise _Failed(AttemptFailure(exc.kind)) from None
         span.end(answer.status)
         if answer.status in (401, 403):
@@ -272,7 +278,8 @@ class Failover:
             router.record_auth_failure(backend, deployment, answer.status)
             answer.release()
             raise _Failed(AttemptFailure.of_status(answer.status))
-        kind = router.refusal_kind(backend, deployment, _size(exchange), answer.headers) if answer.status == 429 else None
+        size = _size(exchange) if generates else 0
+        kind = router.refusal_kind(backend, deployment, size, answer.headers) if answer.status == 429 else None
         if kind is not None:
             # No statement about the backend's load: its breaker is left as it was. Refused for its size, the request
             # goes on only to regions that served one as large; the day-long Retry-After is not the client's wait.
@@ -283,7 +290,7 @@ class Failover:
             if asked is not None:
                 # Capped like the breaker's trip: past that the gateway tries the backend again anyway.
                 exchange.asked[backend.id] = self._clock.now() + min(asked, backend.breaker.max_trip_s)
-            router.record_failure(backend, deployment, answer.status, answer.headers)
+            router.record_failure(backend, deployment, answer.status, answer.headers, generates)
             answer.release()
             raise _Failed(AttemptFailure.of_status(answer.status))
         if not (checked.shape.stream and answer.status == 200):
@@ -292,12 +299,18 @@ class Failover:
             try:
                 await answer.read()
             except UpstreamBroken:
-                duration_ms = (self._clock.monotonic() - exchange.started) * 1000
-                exchange.lost.append(LostAttempt(backend, await exchange.prompt_only(), number, duration_ms))
-                router.record_error(backend, deployment, FailureKind.BROKEN)
+                if generates:
+                    duration_ms = (self._clock.monotonic() - exchange.started) * 1000
+                    exchange.lost.append(LostAttempt(backend, await exchange.prompt_only(), number, duration_ms))
+                router.record_error(backend, deployment, FailureKind.BROKEN, generates)
                 raise _Failed(AttemptFailure(FailureKind.BROKEN)) from None
-        router.record_success(backend, deployment, answer.headers, _size(exchange) if answer.status == 200 else 0)
+        router.record_success(backend, deployment, answer.headers, size if answer.status == 200 else 0)
         return answer
+
+
+def _generates(exchange: Exchange) -> bool:
+    """Whether the request has a model generate (every request but a follow-up of a stored response)."""
+    return exchange.route.operation not in FOLLOW_UPS
 
 
 def _size(exchange: Exchange) -> int:

@@ -32,6 +32,7 @@ from shared.flow.cache import ResponseCache, hit_user_id
 from shared.flow.checks import Checks
 from shared.flow.exchange import Services as Services
 from shared.flow.failover import Failover
+from shared.flow.followups import FollowUps
 from shared.flow.holds import BackgroundHolds
 from shared.flow.relay import JSON, Relay
 from shared.flow.safety import BLOCKED, UNAVAILABLE, Screening, client_bytes
@@ -68,10 +69,7 @@ class Gateway:
         self.auditing = Auditing(services.audit, services.clock)
         self.relay = Relay(services.clock, self.books, self.pinning, services.settings, self.holds, self.cache,
                            self.auditing)
-        # Imported here: the follow-up flow is built on the exchange's services.
-        from shared.flow.followups import FollowUps
-
-        self._follow_ups = FollowUps(services, self.pinning, self.books, self.holds)
+        self.follow_ups = FollowUps(services.router, self.pinning, self.books, self.holds)
 
     async def handle(self, request: GatewayRequest) -> GatewayResponse:
         self.holds.start()  # every instance sweeps every instance's background responses (shared/flow/holds.py)
@@ -109,7 +107,10 @@ class Gateway:
                 request = GatewayRequest(request.method, request.raw_path, request.query, request.headers,
                                          await request.read_body(), request.client_ip, request.repeated)
             if route.operation in FOLLOW_UPS:
-                return await self._follow_ups.handle(request, route, consumer, started, trace)
+                checked = await self.checks.follow_up(request, route, consumer)
+                deployment = checked.shape.deployment
+                exchange = self.admission.unreserved(request, checked, started, trace, caller.user_id, caller.person)
+                return await self.follow_ups.answer(exchange, await self.failover.dispatch(exchange))
             if len(request.body) > offload.ON_LOOP_BYTES:
                 # Its parse may take many times its size: within this worker's budget for large bodies, held to the end.
                 held.weight = await self.bodies.take(await offload.run(partial(bodies.estimate, request.body)))

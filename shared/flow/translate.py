@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlencode
 
 import orjson
 
@@ -50,6 +50,10 @@ _FOLLOW_UP_PATHS: dict[str, dict[str, Operation]] = {
     "input_items": {"GET": Operation.RESPONSE_INPUT_ITEMS},
     "cancel": {"POST": Operation.RESPONSE_CANCEL},
 }
+
+_FOLLOW_UP_METHODS = {op: method for methods in _FOLLOW_UP_PATHS.values() for method, op in methods.items()}
+# Query parameters a follow-up may carry on to the backend (include[], pagination, the replay of a stream).
+_FOLLOW_UP_QUERY = frozenset({"include", "include[]", "stream", "starting_after", "after", "before", "limit", "order"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,11 +276,24 @@ def _choices(op: Operation, body: Mapping[str, Any]) -> int:
     return choices
 
 
-def backend_url(backend: Backend, route: Route, deployment: str, api_version: str | None) -> str:
+def backend_url(
+    backend: Backend, route: Route, deployment: str, api_version: str | None, query: Mapping[str, str] | None = None
+) -> str:
+    """Where the request goes on `backend`; a follow-up of a stored response carries on the query parameters it may
+    (`query`: the client's)."""
     api = api_of(backend)
     if route.operation is Operation.RESPONSES:
         return api.responses_url(backend, route.api == AZURE_API, api_version, "")
+    if route.operation in FOLLOW_UPS:
+        url = api.responses_url(backend, route.api == AZURE_API, api_version, f"/{route.response_id}{route.operation.path}")
+        kept = {k: v for k, v in (query or {}).items() if k in _FOLLOW_UP_QUERY}
+        return url + ("&" if "?" in url else "?") + urlencode(kept) if kept else url
     return api.url(backend, route.operation.path, deployment, api_version)
+
+
+def backend_method(operation: Operation) -> str:
+    """The HTTP method a request is sent to the backend with (the client's, for a follow-up)."""
+    return _FOLLOW_UP_METHODS.get(operation, "POST")
 
 
 def streams_report_usage(backend: Backend, api_version: str | None) -> bool:
