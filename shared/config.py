@@ -416,37 +416,12 @@ def parse_backend(raw: Any, index: int, env: Mapping[str, str], setting: str = "
     api = f.text("api", _BACKEND.api)
     if api not in ("azure", "openai"):
         raise f.fail("api", f"expected 'azure' or 'openai', got {api!r}")
-    auth = f.text("auth", _BACKEND.auth)
-    if auth not in ("key", "identity", "none"):
-        raise f.fail("auth", f"expected 'key', 'identity' or 'none', got {auth!r}")
-    api_key: str | None = None
-    key_setting: str | None = None
-    if auth == "key":
-        if "api_key" in raw:
-            api_key = f.text("api_key")
-        elif "api_key_setting" in raw:
-            key_setting = f.text("api_key_setting")
-            api_key = _get(env, key_setting)
-            if api_key is None:
-                raise f.fail("api_key_setting", f"app setting {key_setting} is not set")
-        else:
-            raise f.fail("api_key_setting", "auth 'key' needs api_key_setting (the app setting holding the key)")
+    auth, api_key, key_setting = _backend_key(f, env)
     api_version = raw.get("api_version")
     if api_version is not None and (not isinstance(api_version, str) or not API_VERSION.fullmatch(api_version)):
         raise f.fail("api_version", f"bad api-version {api_version!r}")
     weight = f.integer("weight", _BACKEND.weight, 0, 1000)
-    token_scope: str | None = None
-    if auth == "identity":
-        # A token is sent only where a scope was configured for it: Azure OpenAI's by default for Azure backends, and
-        # nothing implicit for OpenAI-compatible ones (often third parties that must never see an Entra token).
-        default_scope = AZURE_OPENAI_SCOPE if api == "azure" else None
-        token_scope = f.text("token_scope", default_scope) if (default_scope or "token_scope" in raw) else None
-        if token_scope is None:
-            raise f.fail("token_scope", "auth 'identity' on an OpenAI-compatible backend needs token_scope (e.g. https://ai.azure.com/.default)")
-        if not TOKEN_SCOPE.fullmatch(token_scope):
-            raise f.fail("token_scope", f"expected a scope like https://cognitiveservices.azure.com/.default, got {token_scope!r}")
-    elif "token_scope" in raw:
-        raise f.fail("token_scope", "only backends with auth 'identity' get a token")
+    token_scope = _token_scope(f, auth, api)
     allow_insecure_http = f.flag("allow_insecure_http", _BACKEND.allow_insecure_http)
     if endpoint.startswith("http://") and auth != "none" and not allow_insecure_http:
         raise f.fail("endpoint", "http:// would send the backend's key or token in clear text; use https:// "
@@ -474,6 +449,41 @@ def parse_backend(raw: Any, index: int, env: Mapping[str, str], setting: str = "
         token_scope=token_scope,
         allow_insecure_http=allow_insecure_http,
     )
+
+
+def _backend_key(f: _Fields, env: Mapping[str, str]) -> tuple[str, str | None, str | None]:
+    """(auth, the key, the app setting it came from): a key backend's key, inline or from the setting it names."""
+    auth = f.text("auth", _BACKEND.auth)
+    if auth not in ("key", "identity", "none"):
+        raise f.fail("auth", f"expected 'key', 'identity' or 'none', got {auth!r}")
+    if auth != "key":
+        return auth, None, None
+    if "api_key" in f.raw:
+        return auth, f.text("api_key"), None
+    if "api_key_setting" not in f.raw:
+        raise f.fail("api_key_setting", "auth 'key' needs api_key_setting (the app setting holding the key)")
+    key_setting = f.text("api_key_setting")
+    api_key = _get(env, key_setting)
+    if api_key is None:
+        raise f.fail("api_key_setting", f"app setting {key_setting} is not set")
+    return auth, api_key, key_setting
+
+
+def _token_scope(f: _Fields, auth: str, api: str) -> str | None:
+    """The Entra ID scope an identity backend's tokens are asked for; None for other backends."""
+    if auth != "identity":
+        if "token_scope" in f.raw:
+            raise f.fail("token_scope", "only backends with auth 'identity' get a token")
+        return None
+    # A token is sent only where a scope was configured for it: Azure OpenAI's by default for Azure backends, and
+    # nothing implicit for OpenAI-compatible ones (often third parties that must never see an Entra token).
+    default_scope = AZURE_OPENAI_SCOPE if api == "azure" else None
+    token_scope = f.text("token_scope", default_scope) if (default_scope or "token_scope" in f.raw) else None
+    if token_scope is None:
+        raise f.fail("token_scope", "auth 'identity' on an OpenAI-compatible backend needs token_scope (e.g. https://ai.azure.com/.default)")
+    if not TOKEN_SCOPE.fullmatch(token_scope):
+        raise f.fail("token_scope", f"expected a scope like https://cognitiveservices.azure.com/.default, got {token_scope!r}")
+    return token_scope
 
 
 def parse_backends(text: str | None, env: Mapping[str, str], setting: str = "GATEWAY_BACKENDS") -> tuple[Backend, ...]:
@@ -698,8 +708,8 @@ _ENTRA = EntraSettings(tenants=(), audiences=())
 _MIB = 1024 * 1024
 
 
-def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> Settings:
-    """Parse and validate every gateway setting; raise ConfigError naming the first bad one."""
+def _table_storage(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """(connection string, endpoint) of the tables: the gateway's settings, else the Functions host's storage."""
     connection = _get(env, "GATEWAY_TABLE_CONNECTION_STRING")
     endpoint = _get(env, "GATEWAY_TABLE_ENDPOINT")
     if connection is None and endpoint is None:
@@ -715,6 +725,12 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         raise ConfigError("GATEWAY_TABLE_CONNECTION_STRING or GATEWAY_TABLE_ENDPOINT: one must be set")
     if endpoint is not None and not re.fullmatch(r"https?://[^\s?#]+", endpoint):
         raise ConfigError(f"GATEWAY_TABLE_ENDPOINT: expected an http(s) URL, got {endpoint!r}")
+    return connection, endpoint
+
+
+def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> Settings:
+    """Parse and validate every gateway setting; raise ConfigError naming the first bad one."""
+    connection, endpoint = _table_storage(env)
     prefix = _get(env, "GATEWAY_TABLE_PREFIX") or _DEFAULT.table_prefix
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,29}", prefix):
         raise ConfigError("GATEWAY_TABLE_PREFIX: letters and digits, starting with a letter, at most 30")
