@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator
 from functools import partial
 
 import orjson
+import tiktoken
 
+from shared.cache.forms import StreamAssembler
 from shared.clock import Clock
 from shared.config import Backend, Settings
 from shared.edge.errors import error_body, render
@@ -110,24 +112,15 @@ class Relay:
         return GatewayResponse(200, headers, stream=self._events(exchange, chosen))
 
     async def _events(self, exchange: Exchange, chosen: Chosen) -> AsyncIterator[bytes]:
+        """The stream, chunk by chunk; whatever ends it (its end, a break, the client leaving), settled once."""
         upstream: Answer = chosen.answer
-        relay: SseRelay | responses.ResponsesRelay
         encoding = tokens.encoding_for(exchange.deployment)
-        relay = (
-            responses.ResponsesRelay(encoding) if exchange.route.operation is Operation.RESPONSES
-            else SseRelay(
-                forward_usage_chunk=exchange.shape.client_wants_usage, encoding=encoding,
-                prompt_tokens=exchange.prompt_tokens,
-            )
-        )
+        relay = _relay_for(exchange, encoding)
         assembler = self._cache.assembler(exchange) if self._cache is not None else None
         collector = self._audit.collector(exchange) if self._audit is not None else None
-        first_at: float | None = None
+        progress = _Progress(self._clock, self._settle_every if exchange.limited else None)
         clean = False
         abandoned = False
-        context_recorded = False
-        # A limited consumer's stream is charged as it goes: what it delivered so far, every few seconds.
-        next_settle = self._clock.monotonic() + self._settle_every if exchange.limited else None
         try:
             while chunk := await upstream.next_chunk():
                 if exchange.prompt_estimate is None and isinstance(relay, SseRelay) and relay.would_count_usage(chunk):
@@ -137,24 +130,13 @@ class Relay:
                 if collector is not None:
                     collector.feed(chunk)
                 out = relay.feed(chunk)
-                if next_settle is not None and self._clock.monotonic() >= next_settle:
-                    delivered = relay.delivered_completion_tokens(encoding)
-                    exchange.ticket.progress(exchange.prompt_spent() + delivered)
-                    next_settle = self._clock.monotonic() + self._settle_every
+                if progress.due():
+                    # A limited consumer's stream is charged as it goes: what it delivered so far, every few seconds.
+                    exchange.ticket.progress(exchange.prompt_spent() + relay.delivered_completion_tokens(encoding))
                 if out:
-                    if first_at is None:
-                        first_at = self._clock.monotonic()
-                    if isinstance(relay, responses.ResponsesRelay) and relay.created_pending:
-                        # Where the response lives is recorded before its id reaches the client, so a follow-up
-                        # sent at once, to any instance, finds it.
-                        relay.created_pending = False
-                        context_recorded = relay.done
-                        await self._remember_streamed(exchange, chosen.backend, relay)
-                    if isinstance(relay, responses.ResponsesRelay) and relay.done and not context_recorded:
-                        # Again with the usage (the context a continuation adds) and the output's items, before the
-                        # client sees the end: a request naming those items may follow at once, on any instance.
-                        context_recorded = True
-                        await self._remember_streamed(exchange, chosen.backend, relay)
+                    progress.first_byte()
+                    if isinstance(relay, responses.ResponsesRelay):
+                        await self._record_before_client(exchange, chosen.backend, relay)
                     yield out
             await self._count_for_usage(exchange, relay)
             tail = relay.flush()
@@ -178,39 +160,60 @@ class Relay:
                 upstream.release()
             else:
                 upstream.close()
-            usage = relay.usage
-            cancelled: asyncio.CancelledError | None = None
-            created = relay.created if isinstance(relay, responses.ResponsesRelay) else None
-            ttft = None if first_at is None else (first_at - exchange.started) * 1000
-            if created is not None and created.background and created.store and not relay.done:
-                # A background response goes on at the backend after its stream ends here: what was delivered is not
-                # its cost. Held at its reservation until it is read finished, like a queued one (the hold is booked
-                # before the record is written, so a second cancellation cannot drop it).
-                try:
-                    await self._hold(exchange, chosen, created,
-                                     Served(chosen.backend, 200, None, relay.model, chosen.attempts, ttft))
-                except asyncio.CancelledError as again:
-                    cancelled = again
-            else:
-                if usage is None:
-                    try:
-                        prompt = await exchange.counted_prompt()
-                    except asyncio.CancelledError as again:
-                        # Cancelled again while a large prompt was counted off the loop: its upper bound is charged
-                        # rather than nothing, and the cancellation goes on once the books are settled.
-                        prompt, cancelled = exchange.prompt_ceiling(), again
-                    encoding = tokens.encoding_for(relay.model or exchange.deployment)
-                    completion = relay.delivered_completion_tokens(encoding)
-                    tools = relay.tools.counts() if isinstance(relay, responses.ResponsesRelay) else ()
-                    usage = TokenUsage(prompt, completion, prompt + completion, reported=False, tools=tools)
-                self._books.settle(exchange, Served(chosen.backend, 200, usage, relay.model, chosen.attempts, ttft))
-                if clean and assembler is not None and self._cache is not None and (whole := assembler.answer()):
-                    self._cache.keep(exchange, whole, relay.usage, relay.model)
+            ttft = None if progress.first_at is None else (progress.first_at - exchange.started) * 1000
+            cancelled = await self._settle_stream(exchange, chosen, relay, ttft, clean, assembler)
             if collector is not None and self._audit is not None:
                 ended = "complete" if relay.done else "abandoned" if abandoned else "broken"
                 self._audit.streamed(exchange, collector, relay.model, ended)
             if cancelled is not None:
                 raise cancelled
+
+    async def _record_before_client(self, exchange: Exchange, backend: Backend, relay: responses.ResponsesRelay) -> None:
+        """Where a streamed response lives is recorded before its id reaches the client, so a follow-up sent at once,
+        to any instance, finds it; and again with the usage (the context a continuation adds) and the output's items
+        before the client sees the end: a request naming those items may follow at once, on any instance."""
+        if relay.created_pending:
+            relay.created_pending = False
+            relay.context_recorded = relay.done
+            await self._remember_streamed(exchange, backend, relay)
+        if relay.done and not relay.context_recorded:
+            relay.context_recorded = True
+            await self._remember_streamed(exchange, backend, relay)
+
+    async def _settle_stream(
+        self, exchange: Exchange, chosen: Chosen, relay: SseRelay | responses.ResponsesRelay, ttft: float | None,
+        clean: bool, assembler: StreamAssembler | None,
+    ) -> asyncio.CancelledError | None:
+        """The stream's books, once, however it ended; returns a cancellation that came meanwhile (raised by the
+        caller once everything is settled)."""
+        cancelled: asyncio.CancelledError | None = None
+        created = relay.created if isinstance(relay, responses.ResponsesRelay) else None
+        if created is not None and created.background and created.store and not relay.done:
+            # A background response goes on at the backend after its stream ends here: what was delivered is not
+            # its cost. Held at its reservation until it is read finished, like a queued one (the hold is booked
+            # before the record is written, so a second cancellation cannot drop it).
+            try:
+                await self._hold(exchange, chosen, created, Served(chosen.backend, 200, None, relay.model, chosen.attempts,
+                                                                   ttft))
+            except asyncio.CancelledError as again:
+                cancelled = again
+            return cancelled
+        usage = relay.usage
+        if usage is None:
+            try:
+                prompt = await exchange.counted_prompt()
+            except asyncio.CancelledError as again:
+                # Cancelled again while a large prompt was counted off the loop: its upper bound is charged rather
+                # than nothing, and the cancellation goes on once the books are settled.
+                prompt, cancelled = exchange.prompt_ceiling(), again
+            encoding = tokens.encoding_for(relay.model or exchange.deployment)
+            completion = relay.delivered_completion_tokens(encoding)
+            tools = relay.tools.counts() if isinstance(relay, responses.ResponsesRelay) else ()
+            usage = TokenUsage(prompt, completion, prompt + completion, reported=False, tools=tools)
+        self._books.settle(exchange, Served(chosen.backend, 200, usage, relay.model, chosen.attempts, ttft))
+        if clean and assembler is not None and self._cache is not None and (whole := assembler.answer()):
+            self._cache.keep(exchange, whole, relay.usage, relay.model)
+        return cancelled
 
     @staticmethod
     async def _count_for_usage(exchange: Exchange, relay: SseRelay | responses.ResponsesRelay) -> None:
@@ -244,6 +247,40 @@ class Relay:
     async def _remember_streamed(self, exchange: Exchange, backend: Backend, relay: responses.ResponsesRelay) -> None:
         if relay.created is not None:
             await self._pinning.remember(relay.created, backend, exchange.consumer.id, exchange.deployment, relay.usage)
+
+
+class _Progress:
+    """When a stream's first byte went out, and when its next charge while it runs is due (None: never, an
+    unlimited consumer's stream is charged once, at its end)."""
+
+    __slots__ = ("_clock", "_every", "_next", "first_at")
+
+    def __init__(self, clock: Clock, every_s: float | None) -> None:
+        self._clock = clock
+        self._every = every_s
+        self._next = clock.monotonic() + every_s if every_s is not None else None
+        self.first_at: float | None = None
+
+    def due(self) -> bool:
+        if self._next is None or self._every is None:
+            return False
+        now = self._clock.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + self._every
+        return True
+
+    def first_byte(self) -> None:
+        if self.first_at is None:
+            self.first_at = self._clock.monotonic()
+
+
+def _relay_for(exchange: Exchange, encoding: tiktoken.Encoding) -> SseRelay | responses.ResponsesRelay:
+    """The event parser for the stream's API: it forwards events, picks out the usage and counts what was delivered."""
+    if exchange.route.operation is Operation.RESPONSES:
+        return responses.ResponsesRelay(encoding)
+    return SseRelay(forward_usage_chunk=exchange.shape.client_wants_usage, encoding=encoding,
+                    prompt_tokens=exchange.prompt_tokens)
 
 
 def _stream_error(message: str, relay: SseRelay | responses.ResponsesRelay) -> bytes:

@@ -372,6 +372,7 @@ class ResponsesRelay:
         self.model: str | None = None
         self.created: Created | None = None
         self.created_pending = False  # set when response.created passed; the flow records it before forwarding
+        self.context_recorded = False  # the finished response (usage, items) recorded before its end is forwarded
         self.done = False
         self.final: Mapping[str, Any] | None = None  # the Response object of the terminal event
         self.status: str | None = None
