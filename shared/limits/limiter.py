@@ -32,7 +32,7 @@ from shared.limits.backoff import BusyBackoff
 from shared.limits.blocks import Blocks
 from shared.limits.contract import Held, Place, Ticket, UnlimitedTicket
 from shared.limits.fallback import Fallback
-from shared.limits.leases import Holdings, LeaseState
+from shared.limits.leases import Holdings, LeaseState, Outgoing
 from shared.limits.ledger import (
     BUCKET_MS,
     CONSUMER_SCOPE,
@@ -219,6 +219,80 @@ class Tickets:
 
 
 _: type[Ticket] = Tickets  # the contract the request flow relies on
+
+
+class _Write:
+    """What one write of a consumer's ledger changes, worked out on the ledger as read (`change` may run again on a
+    fresher copy when another instance wrote first): the usage this instance reports, and the lease it claims."""
+
+    def __init__(self, limiter: TokenLimiter, budget: Budget, out: Outgoing, need: int, need_scopes: tuple[str, ...],
+                 claim_new: bool, releasing: bool) -> None:
+        self._limiter = limiter
+        self._budget = budget
+        self.out = out
+        self._need = need
+        self._need_scopes = need_scopes
+        self._claim_new = claim_new
+        self._releasing = releasing
+        self.lease_id = f"{limiter._instance}:{limiter._lease_seq + 1}"
+        self.quota = budget.quota
+        self.wants: dict[str, int] = {}
+        self.grant: Grant | None = None
+        self.plan: Allowance | None = None
+        self.share = budget.user_share  # this instance's share of each end user's limit, as the write declares it
+
+    def change(self, ledger: Ledger, at: float) -> bool:
+        """Apply the write to `ledger`; False when there is nothing to write (refused, and nothing to report)."""
+        budget = self._budget
+        begin_period(ledger, self.quota, at)
+        self.out.report(ledger, at)
+        if not self._claim_new:
+            self.wants, self.grant, self.plan = {}, None, None
+            if self._releasing and budget.user_tpm > 0:
+                # No lease, no admissions: the declaration need only cover what its end users still hold here.
+                at_ms = int(at * 1000)
+                declare(ledger, self._limiter._instance, 0, budget.users.peak(at_ms), budget.user_tpm,
+                        at_ms + WINDOW_MS, at_ms)
+                self.share = budget.user_share = 0
+            return True
+        self._claim(ledger, at)
+        # Refused and nothing to report: no write.
+        return not (self.grant is not None and not self.grant.tokens and not self.out.anything)
+
+    def _claim(self, ledger: Ledger, at: float) -> None:
+        """The lease to claim: what the waiting requests need, what the pace wants, or an allowance that lasts minutes
+        for a consumer far from its limit (allowance.py)."""
+        limiter, budget, pace = self._limiter, self._budget, self._budget.pace
+        needs, wants = pace.wants(budget.limits, self.quota, budget.blocks, self._need, self._need_scopes, at,
+                                  limiter._lifetime_s, limiter._max_fraction)
+        lifetime_s = limiter._lifetime_s
+        instances = max(limiter._instances, holders(ledger, int(at * 1000), limiter._instance))
+        plan = allowance(ledger, at, budget.limits, self.quota, pace.rate, pace.request_rate, pace.typical, instances,
+                         limiter._lifetime_s) if wants else None
+        if plan is not None:
+            wants = {s: max(w, plan.tokens.get(s, 0)) for s, w in wants.items()}
+            lifetime_s = plan.lifetime_s
+            if budget.user_tpm > 0:
+                # The end users' share is renewed with the lease: a newcomer instance waits at most this long.
+                lifetime_s = min(lifetime_s, MAX_SHARE_S)
+        grant = claim(ledger, self.lease_id, needs, wants, budget.limits, self.quota, at, int(lifetime_s * 1000)) \
+            if wants else None
+        self.wants, self.grant, self.plan = wants, grant, plan
+        if budget.user_tpm > 0 and grant is not None and grant.tokens:
+            self._declare_share(ledger, at, lifetime_s)
+
+    def _declare_share(self, ledger: Ledger, at: float, lifetime_s: float) -> None:
+        """The end users' share rides on the claim (user_shares.py): the limit split among the instances declaring, at
+        least two typical requests while room remains, never below what one holds here."""
+        limiter, budget = self._limiter, self._budget
+        at_ms = int(at * 1000)
+        count = max(limiter._instances,
+                    len(declaring(ledger, at_ms) | serving(ledger, at_ms) | {limiter._instance}))
+        want = max(budget.user_tpm // count, int(2 * budget.pace.typical))
+        self.share = declare(ledger, limiter._instance, want, budget.users.peak(at_ms), budget.user_tpm,
+                             int((at + lifetime_s) * 1000) + WINDOW_MS, at_ms)
+        # Until the write is stored, admissions here keep under the smaller of the old share and the new.
+        budget.user_share = min(budget.user_share, self.share)
 
 
 class TokenLimiter:
@@ -602,6 +676,8 @@ class TokenLimiter:
     async def _sync_once(
         self, budget: Budget, need: int, need_scopes: tuple[str, ...], claim_new: bool, flush_only: bool = False
     ) -> None:
+        """One conditional write of the consumer's ledger: report what this instance admitted, and claim (or renew,
+        trim, release) its lease; see _Write for what the write changes, _failed and _written for what follows."""
         now = self._clock.now()
         if self._store_down_until > now:
             budget.fallback.degraded_until = max(budget.fallback.degraded_until, self._store_down_until)
@@ -609,106 +685,69 @@ class TokenLimiter:
         if budget.backoff.active(now):
             return
         mono = self._clock.monotonic()
-        pace = budget.pace
-        pace.observe(mono)
+        budget.pace.observe(mono)
         claim_new = claim_new and bool(budget.limits) and not flush_only
         # Detach what this write reports (a flush leaves the current lease alone); if the write fails it is put back.
-        out = budget.held.detach(not flush_only, claim_new, now, pace.typical)
+        out = budget.held.detach(not flush_only, claim_new, now, budget.pace.typical)
         refunded, budget.refunded = budget.refunded, False
-        lease_id = f"{self._instance}:{self._lease_seq + 1}"
-        quota = budget.quota
-        plans: list[tuple[dict[str, int], Grant | None, Allowance | None]] = [({}, None, None)]
-
-        shares = [budget.user_share]
         releasing = not claim_new and not flush_only and budget.held.current is None and out.old is not None
-
-        def change(ledger: Ledger, at: float) -> bool:
-            begin_period(ledger, quota, at)
-            out.report(ledger, at)
-            if not claim_new:
-                plans[0] = ({}, None, None)
-                if releasing and budget.user_tpm > 0:
-                    # No lease, no admissions: the declaration need only cover what its end users still hold here.
-                    at_ms = int(at * 1000)
-                    declare(ledger, self._instance, 0, budget.users.peak(at_ms), budget.user_tpm, at_ms + WINDOW_MS,
-                            at_ms)
-                    shares[0] = budget.user_share = 0
-                return True
-            needs, wants = pace.wants(budget.limits, quota, budget.blocks, need, need_scopes, at, self._lifetime_s,
-                                      self._max_fraction)
-            lifetime_s = self._lifetime_s
-            # Far from its limit, a consumer gets an allowance: a lease sized to last for minutes (see allowance.py).
-            instances = max(self._instances, holders(ledger, int(at * 1000), self._instance))
-            plan = allowance(ledger, at, budget.limits, quota, pace.rate, pace.request_rate, pace.typical, instances,
-                             self._lifetime_s) if wants else None
-            if plan is not None:
-                wants = {s: max(w, plan.tokens.get(s, 0)) for s, w in wants.items()}
-                lifetime_s = plan.lifetime_s
-                if budget.user_tpm > 0:
-                    # The end users' share is renewed with the lease: a newcomer instance waits at most this long.
-                    lifetime_s = min(lifetime_s, MAX_SHARE_S)
-            grant = claim(ledger, lease_id, needs, wants, budget.limits, quota, at, int(lifetime_s * 1000)) if wants else None
-            plans[0] = (wants, grant, plan)
-            if budget.user_tpm > 0 and grant is not None and grant.tokens:
-                # The end users' share rides on the claim (user_shares.py): the limit split among the instances
-                # declaring, at least two typical requests while room remains, never below what one holds here.
-                at_ms = int(at * 1000)
-                count = max(self._instances, len(declaring(ledger, at_ms) | serving(ledger, at_ms) | {self._instance}))
-                want = max(budget.user_tpm // count, int(2 * pace.typical))
-                shares[0] = declare(ledger, self._instance, want, budget.users.peak(at_ms), budget.user_tpm,
-                                    int((at + lifetime_s) * 1000) + WINDOW_MS, at_ms)
-                # Until the write is stored, admissions here keep under the smaller of the old share and the new.
-                budget.user_share = min(budget.user_share, shares[0])
-            # Refused and nothing to report: no write.
-            return not (grant is not None and not grant.tokens and not out.anything)
-
+        write = _Write(self, budget, out, need, need_scopes, claim_new, releasing)
         if self._writes is None:
             self._writes = asyncio.Semaphore(MAX_CONCURRENT_SYNCS)
         try:
             async with self._writes:
-                ledger, now = await budget.copy.commit(self._store, budget.consumer_id, self._clock, change)
+                ledger, now = await budget.copy.commit(self._store, budget.consumer_id, self._clock, write.change)
         except (StoreUnavailable, Contended) as exc:
             budget.held.restore(out, mono)
             budget.refunded = budget.refunded or refunded
-            if isinstance(exc, Contended):
-                # The store answers; others simply wrote first every time. Not a reason to fall back to local limits
-                # (which would admit beyond the shared limit): the waiting requests try again or are told to retry.
-                self.contended += 1
-                return
-            if isinstance(exc, StoreBusy):
-                # The store answers but throttles the ledger's partition (503 ServerBusy). Like contention: the leases
-                # already admitted their share, so a fallback window on top would admit beyond the shared limit.
-                # The waiting requests are refused (429 with Retry-After) and, so that the throttled partition is asked
-                # less, this instance leaves the ledger alone for a pause (backoff.py).
-                self.busy += 1
-                budget.backoff.busy(self._clock.now(), exc.retry_after_s)
-                return
-            failed_at = self._clock.now()
-            if self._store_down_until <= failed_at:
-                log.warning("limiter store unavailable (%s, consumer %s); %s for %.1f s", exc, budget.consumer_id,
-                            "failing closed" if self._fail_closed else "using the local fallback window",
-                            self._store_retry_s)
-            self._store_down_until = failed_at + self._store_retry_s
-            if budget.fallback.failed(failed_at, self._store_retry_s):
-                self._telemetry.store_fallback("closed" if self._fail_closed else "open")
+            self._failed(budget, exc)
             return
+        self._written(budget, write, ledger, now, mono)
 
+    def _failed(self, budget: Budget, exc: StoreUnavailable | Contended) -> None:
+        """A write that did not happen: contention and throttling are retried; a store that is down is left alone for
+        a while by every consumer of this instance (the fallback window admits meanwhile, or nothing if fail-closed)."""
+        if isinstance(exc, Contended):
+            # The store answers; others simply wrote first every time. Not a reason to fall back to local limits
+            # (which would admit beyond the shared limit): the waiting requests try again or are told to retry.
+            self.contended += 1
+            return
+        if isinstance(exc, StoreBusy):
+            # The store answers but throttles the ledger's partition (503 ServerBusy). Like contention: the leases
+            # already admitted their share, so a fallback window on top would admit beyond the shared limit.
+            # The waiting requests are refused (429 with Retry-After) and, so that the throttled partition is asked
+            # less, this instance leaves the ledger alone for a pause (backoff.py).
+            self.busy += 1
+            budget.backoff.busy(self._clock.now(), exc.retry_after_s)
+            return
+        failed_at = self._clock.now()
+        if self._store_down_until <= failed_at:
+            log.warning("limiter store unavailable (%s, consumer %s); %s for %.1f s", exc, budget.consumer_id,
+                        "failing closed" if self._fail_closed else "using the local fallback window",
+                        self._store_retry_s)
+        self._store_down_until = failed_at + self._store_retry_s
+        if budget.fallback.failed(failed_at, self._store_retry_s):
+            self._telemetry.store_fallback("closed" if self._fail_closed else "open")
+
+    def _written(self, budget: Budget, write: _Write, ledger: Ledger, now: float, mono: float) -> None:
+        """The write was stored: what it granted becomes this instance's lease, what it learnt its copy."""
         self.syncs += 1
         budget.backoff.cleared()
         budget.fallback.recovered()
         budget.last_sync_mono = mono
-        trimmed = budget.held.committed(out, mono)
-        wants, grant, plan = plans[0]
+        trimmed = budget.held.committed(write.out, mono)
+        grant, plan = write.grant, write.plan
         if grant is not None:
             budget.blocks.record(grant, now)
-            pace.claimed(wants, grant, budget.limits, now)
+            budget.pace.claimed(write.wants, grant, budget.limits, now)
             if trimmed:
                 budget.held.current = None  # the new lease (if any) replaces it; it is released by the next write
             if grant.tokens:
                 self._lease_seq += 1
                 lifetime_s = plan.lifetime_s if plan is not None else self._lifetime_s
+                quota = write.quota
                 budget.held.current = LeaseState(
-                    id=lease_id,
+                    id=write.lease_id,
                     available=dict(grant.tokens),
                     expires_s=now + lifetime_s,
                     quota_key=quota_period(quota.period, now)[0] if quota else None,
@@ -720,7 +759,7 @@ class TokenLimiter:
                 )
                 if plan is not None:
                     self.allowances += 1
-                budget.user_share = shares[0]
+                budget.user_share = write.share
         others = holders(ledger, int(now * 1000), self._instance) > 1
         budget.copy.observe(ledger, lambda: list(budget.limits), now, others)
 
