@@ -52,6 +52,7 @@ class Checks:
         self._pinning = pinning
         self._reveal = reveal_deployments
         self._api_versions = api_versions
+        self._chains: dict[str, tuple[str, ...]] = {}
 
     async def parse(self, request: GatewayRequest, route: Route) -> Parsed:
         """400 for a bad api-version or body, 415 for a body that is not JSON."""
@@ -114,7 +115,10 @@ class Checks:
             return ()
         if name in self._deployments and not consumer.may_use(name):
             return ()
-        return tuple(d for d in self._catalog.chain(name) if consumer.may_use(d))
+        chain = self._chains.get(name)
+        if chain is None:  # names here are configured deployments and aliases only: a bounded memo
+            chain = self._chains[name] = self._catalog.chain(name)
+        return tuple(d for d in chain if consumer.may_use(d))
 
     async def _pin(self, parsed: Parsed, consumer: Consumer) -> Holder | None:
         """The backend holding what this request continues, if it continues anything: the previous response, the

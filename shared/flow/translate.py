@@ -109,8 +109,23 @@ def _responses_route(method: str, api: str, rest: list[str]) -> Route | None:
     return Route(api, operation, None, response_id)
 
 
+_ROUTES: dict[tuple[str, str], Route] = {}
+_ROUTES_MAX = 1024  # paths come from clients: the memo of the routes found is bounded (cleared when full)
+
+
 def match_route(method: str, raw_path: str) -> Route:
     """Map a request path to the API and operation it names; 404 for anything else, 405 for a wrong method."""
+    key = (method, raw_path)
+    route = _ROUTES.get(key)
+    if route is None:
+        route = _match_route(method, raw_path)  # raises for a path or method it refuses: those are not kept
+        if len(_ROUTES) >= _ROUTES_MAX:
+            _ROUTES.clear()
+        _ROUTES[key] = route
+    return route
+
+
+def _match_route(method: str, raw_path: str) -> Route:
     path = raw_path.split("?", 1)[0]
     if path.endswith("/") and len(path) > 1:
         path = path[:-1]
@@ -149,13 +164,20 @@ def match_route(method: str, raw_path: str) -> Route:
     return route
 
 
+_API_VERSIONS_SEEN: set[str] = set()  # well-formed ones (bounded: at most 64)
+
+
 def check_api_version(query: Mapping[str, str], allowed: frozenset[str] | None = None) -> str | None:
     """The client's api-version: well-formed, and one of `allowed` when the operator named them."""
     value = query.get("api-version")
     if value is None:
         return None
+    if value in _API_VERSIONS_SEEN and (allowed is None or value in allowed):
+        return value
     if not API_VERSION.fullmatch(value) or (allowed is not None and value not in allowed):
         raise bad_request("The api-version query parameter is not valid.", param="api-version", code="invalid_api_version")
+    if len(_API_VERSIONS_SEEN) < 64:
+        _API_VERSIONS_SEEN.add(value)
     return value
 
 

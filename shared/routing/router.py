@@ -57,6 +57,8 @@ class _Group:
         self.current = {b.id: 0 for b in backends}
 
     def order(self, usable: list[Backend]) -> list[Backend]:
+        if len(usable) == 1:
+            return usable  # alone: its counter would gain its weight and lose it again
         weighted = [b for b in usable if b.weight > 0]
         if not weighted:
             return usable
