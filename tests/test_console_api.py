@@ -15,7 +15,7 @@ import pytest
 
 from shared.edge.consumers import hash_key
 from tests.fakes.gateway import ADMIN_KEY, GatewayHarness
-from tests.fakes.upstream import error_reply
+from tests.fakes.upstream import Reply, Sent, default_reply, error_reply
 from tools.entra import AUDIENCE, TENANT, Authority, served
 
 API = "/console/api"
@@ -377,6 +377,35 @@ async def test_traffic_per_backend_shows_429s_and_the_failover(harness: GatewayH
     assert len(served) == 1 and served[0]["id"] != "uksouth-ptu" and sum(served[0]["tokens"]) > 0
     for minutes in ("0", "61", "x", "-1"):
         assert (await call(harness, "GET", f"/traffic?minutes={minutes}")).status_code == 400
+    assert traffic["deployments"] == []  # no model fell back
+
+
+async def test_traffic_shows_model_fallbacks_per_deployment_over_time() -> None:
+    """gpt-4o's every region answers 429: each request falls back to gpt-4o-mini, and the traffic says so, per
+    deployment, in the bucket it happened in, summed across instances."""
+    chain = {"GATEWAY_DEPLOYMENTS": json.dumps({"gpt-4o": {"fallback": ["gpt-4o-mini"]}})}
+    h = GatewayHarness(env=chain)
+    other = GatewayHarness(env=chain, beside=h, instance_id="other")
+
+    def busy_gpt4o(sent: Sent) -> Reply:
+        return error_reply(429, {"retry-after": "1"}) if "/deployments/gpt-4o/" in sent.url else default_reply(sent)
+
+    h.upstream._default = busy_gpt4o  # both instances share this upstream
+    try:
+        key = h.consumer("fb")
+        ask = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+        for harness in (h, other):
+            answer = await harness.openai(key).chat.completions.with_raw_response.create(**ask)
+            assert answer.headers["x-gateway-deployment"] == "gpt-4o-mini"
+            h.clock.advance(11)
+        await other.traffic.flush()  # the other instance's rows, as it writes them within 10 s
+        h.traffic_store.rows.update(other.traffic_store.rows)  # one table in Azure: both instances write to it
+        traffic = (await call(h, "GET", "/traffic?minutes=1")).json()
+        (gpt4o,) = traffic["deployments"]
+        assert gpt4o["id"] == "gpt-4o" and gpt4o["fallbacks"][-3:] == [1, 1, 0] and sum(gpt4o["fallbacks"]) == 2
+    finally:
+        await other.close()
+        await h.close()
 
 
 async def test_backends_show_breakers_without_secrets(harness: GatewayHarness) -> None:

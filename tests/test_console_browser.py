@@ -14,7 +14,8 @@ import openai
 import pytest
 
 from tests.browser import LiveGateway, chromium, failover, screenshot, sign_in, unavailable
-from tests.fakes.gateway import ADMIN_KEY
+from tests.fakes.gateway import ADMIN_KEY, three_regions
+from tests.fakes.upstream import Reply, Sent, default_reply, error_reply
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")]
 
@@ -92,6 +93,7 @@ def test_the_admin_signs_in_and_sees_the_consumers_with_the_key_kept_in_the_tab_
     assert kept["local"] == {} and ADMIN_KEY not in kept["url"] and tab.context.cookies() == []
     assert ADMIN_KEY not in tab.page.content()  # typed into a password field, then cleared
     tab.page.wait_for_selector("#backends td.state-closed")
+    assert tab.page.locator("#fallbacks").inner_text() == "None in the last 5 minutes."
     assert tab.errors == []
     tab.page.click("#signout")
     assert tab.storage()["session"] == {} and tab.page.locator("#signin").is_visible()
@@ -261,6 +263,60 @@ def test_a_reader_behind_easy_auth_sees_everything_and_can_change_nothing(browse
     finally:
         tab.context.close()
         gateway.stop()
+
+
+def test_model_fallbacks_per_deployment_show_over_time(browser: Any) -> None:
+    """Every region of gpt-4o answers 429: its requests go to gpt-4o-mini (GATEWAY_DEPLOYMENTS), and the page's model
+    fallbacks view draws them on gpt-4o's line."""
+    gateway = LiveGateway(env={"GATEWAY_DEPLOYMENTS": json.dumps({"gpt-4o": {"fallback": ["gpt-4o-mini"]}})})
+    tab = Tab(browser)
+    try:
+        key = create(gateway, "chain-app")
+        gateway.do(lambda: setattr(gateway.harness.upstream, "_default", busy_gpt4o))
+        for round_ in range(3):
+            for _ in range(round_ + 1):
+                answer = client(gateway, key).chat.completions.with_raw_response.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+                assert answer.headers["x-gateway-deployment"] == "gpt-4o-mini"
+            gateway.advance(11)
+        sign_in(tab.page, gateway.url, ADMIN_KEY)
+        row = tab.page.locator('#fallbacks .chart[data-deployment="gpt-4o"]')
+        row.wait_for()
+        assert row.locator(".total strong").inner_text() == "6 fallbacks"
+        points = row.locator("polyline").get_attribute("points")
+        assert points is not None and len({p.split(",")[1] for p in points.split()}) == 4  # 0, 1, 2 and 3 a bucket
+        assert tab.errors == []
+    finally:
+        tab.context.close()
+        gateway.stop()
+
+
+def test_a_ptus_capacity_and_the_share_of_it_the_last_minute_used(browser: Any) -> None:
+    gateway = LiveGateway(backends=three_regions(ptu_tokens_per_minute={"gpt-4o": 6000}))
+    tab = Tab(browser)
+    try:
+        key = create(gateway, "ptu-app")
+        for _ in range(20):
+            assert ask(gateway, key).usage is not None
+        traffic = gateway.client.get("/console/api/traffic?minutes=1", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        used = sum(next(b for b in traffic.json()["backends"] if b["id"] == "uksouth-ptu")["tokens"][-6:])
+        assert used > 0
+        sign_in(tab.page, gateway.url, ADMIN_KEY)
+        cell = tab.page.locator("#backends tr", has_text="uksouth-ptu").filter(has_text="gpt-4o ").first.locator(
+            "td.capacity")
+        tab.page.wait_for_function("() => [...document.querySelectorAll('#backends td.capacity')].some("
+                                   "(td) => td.textContent.includes('used last minute'))")
+        text = cell.inner_text()
+        assert text.startswith("stated 6,000 TPM · ") and f"{round(100 * used / 6000)}% used last minute" in text, text
+        assert "{" not in text  # words, not the API's JSON
+        assert tab.errors == []
+    finally:
+        tab.context.close()
+        gateway.stop()
+
+
+def busy_gpt4o(sent: Sent) -> Reply:
+    return error_reply(429, {"retry-after": "1"}) if "/deployments/gpt-4o/" in sent.url else default_reply(sent)
 
 
 def test_the_failover_picture(browser: Any, tmp_path: Path) -> None:

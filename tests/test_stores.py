@@ -477,6 +477,16 @@ async def test_a_traffic_row_saved_again_replaces_that_instances_row_only(stores
     assert read == [again, TrafficRow(base, "b", {"ptu": (2, 2, 0, 0, 0)})]
 
 
+async def test_traffic_rows_keep_their_model_fallbacks_per_deployment(stores: Stores) -> None:
+    base = int(time.time() // 10)
+    with_fallbacks = TrafficRow(base, "a", {"ptu": (3, 30, 3, 0, 3)}, {"gpt-4.1": 3, "gpt-4o": 1})
+    only_fallbacks = TrafficRow(base + 1, "a", {}, {"gpt-4.1": 2})
+    without = TrafficRow(base, "b", {"ptu": (1, 10, 0, 0, 0)})
+    await stores.traffic.save([with_fallbacks, only_fallbacks, without])
+    read = sorted(await stores.traffic.read(base, base + 1), key=lambda r: (r.bucket, r.instance))
+    assert read == [with_fallbacks, without, only_fallbacks]
+
+
 async def test_forgetting_deletes_only_that_instances_buckets_and_missing_ones_are_fine(stores: Stores) -> None:
     base = int(time.time() // 10)
     await stores.traffic.save([TrafficRow(base + i, "a", {"x": (1, 0, 0, 0, 0)}) for i in range(3)])

@@ -87,3 +87,31 @@ def test_the_inner_telemetry_gets_its_own_trace_back_so_the_log_record_joins_its
     own = trace.inner  # type: ignore[attr-defined]
     counter.request_done(RequestRecord("c", "", "chat", "chat", "", "gpt-4o", 200, 1.0), trace)
     assert seen == [own] and own is not trace  # the wrapper would carry no span context (operation_Id all zeros)
+
+
+async def test_model_fallbacks_are_counted_per_deployment_written_with_their_bucket_and_merged() -> None:
+    clock, store = FakeClock(), MemoryTrafficStore()
+    counters = [TrafficCounter(NullTelemetry(), store, clock, f"i{n}", background=False) for n in range(2)]
+    first = int(clock.now() // 10)
+    for counter in counters:
+        counter.model_fallback("gpt-4.1", "gpt-4o", "throttled")
+    counters[0].model_fallback("gpt-4o", "o3-mini", "open")
+    clock.advance(10)
+    counters[1].model_fallback("gpt-4.1", "gpt-4o", "throttled")  # a bucket with fallbacks only: written too
+    assert counters[1].pending()[-1].fallbacks == {"gpt-4.1": 1} and counters[1].pending()[-1].counts == {}
+    clock.advance(10)
+    for counter in counters:
+        await counter.flush()
+    assert all(not c.pending() for c in counters) and store.calls == 2
+    merged = merge(await store.read(first, first + 2), ["ptu"], first, first + 2)
+    assert merged["deployments"] == [{"id": "gpt-4.1", "fallbacks": [2, 1, 0]}, {"id": "gpt-4o", "fallbacks": [1, 0, 0]}]
+    assert merged["backends"] == [{"id": "ptu", "requests": [0, 0, 0], "tokens": [0, 0, 0], "throttled": [0, 0, 0],
+                                   "failures": [0, 0, 0], "failovers": [0, 0, 0]}]
+    seen: list[tuple[str, str, str]] = []
+
+    class Inner(NullTelemetry):
+        def model_fallback(self, from_deployment: str, to_deployment: str, reason: str) -> None:
+            seen.append((from_deployment, to_deployment, reason))
+
+    TrafficCounter(Inner(), store, clock, "i", background=False).model_fallback("a", "b", "throttled")
+    assert seen == [("a", "b", "throttled")]  # the metric and log still get it

@@ -99,7 +99,7 @@ def openapi() -> dict[str, Any]:
                 _q("period", {"enum": list(QUOTA_PERIODS)}), _q("at", {"type": "string", "format": "date-time"}),
                 _q("consumer", {"type": "string"})])},
             "/traffic": {"get": _op("per backend per 10 s, across instances: requests, tokens, backend 429s, "
-                                    "failures, failovers", params=[_q("minutes", {"type": "integer", "minimum": 1,
+                                    "failures, failovers; per deployment, its model fallbacks", params=[_q("minutes", {"type": "integer", "minimum": 1,
                                                                                   "maximum": 60})])},
             "/backends": {"get": _op("breaker state, recovery time, learnt PTU capacity (no secrets)")},
             "/audit": {"get": _op("admin changes, newest first", params=[

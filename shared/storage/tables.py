@@ -1045,7 +1045,8 @@ def _months_back(newest: float, oldest: float) -> list[str]:
 
 class TableTrafficStore:
     """One row per instance per 10-s bucket (partition: the bucket, zero-padded, so a time range is a key range; row:
-    the instance), the counts of its backends as JSON. A read of N minutes is one range query over 6N partitions."""
+    the instance), the counts of its backends as JSON (and its model fallbacks per deployment, when it had any). A read
+    of N minutes is one range query over 6N partitions."""
 
     def __init__(self, tables: Tables) -> None:
         self._tables = tables
@@ -1055,6 +1056,8 @@ class TableTrafficStore:
         for row in rows:
             entity = {"PartitionKey": f"{row.bucket:012d}", "RowKey": row.instance, "bucket": int(row.bucket),
                       "counts": json.dumps({k: list(v) for k, v in row.counts.items()}, separators=(",", ":"))}
+            if row.fallbacks:
+                entity["fallbacks"] = json.dumps(row.fallbacks, separators=(",", ":"))
             self.calls += 1
             async def upsert(t: TableClient, e: dict[str, Any] = entity) -> None:
                 await t.upsert_entity(e, mode=UpdateMode.REPLACE)
@@ -1072,7 +1075,8 @@ class TableTrafficStore:
         for e in entities:
             try:
                 counts = {str(k): tuple(int(x) for x in v) for k, v in json.loads(e["counts"]).items()}
-                rows.append(TrafficRow(int(e["PartitionKey"]), str(e["RowKey"]), counts))
+                fallbacks = {str(k): int(v) for k, v in json.loads(e.get("fallbacks") or "{}").items()}
+                rows.append(TrafficRow(int(e["PartitionKey"]), str(e["RowKey"]), counts, fallbacks))
             except (KeyError, TypeError, ValueError, AttributeError):
                 log.warning("ignored a malformed traffic row")
         return rows

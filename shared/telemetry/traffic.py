@@ -29,11 +29,13 @@ KEEP_S = 3600.0  # an instance deletes its own rows this old as it goes: a stopp
 
 @dataclass(frozen=True, slots=True)
 class TrafficRow:
-    """One instance's counts in one 10-s bucket (bucket = epoch seconds // 10), per backend."""
+    """One instance's counts in one 10-s bucket (bucket = epoch seconds // 10), per backend, and its model fallbacks
+    per deployment (the deployment no region could serve, whose request the next of its chain took)."""
 
     bucket: int
     instance: str
     counts: dict[str, tuple[int, ...]] = field(default_factory=dict)  # backend -> FIELDS
+    fallbacks: dict[str, int] = field(default_factory=dict)  # deployment -> model fallbacks away from it
 
 
 def merge(rows: Iterable[TrafficRow], backends: Iterable[str], first: int, last: int) -> dict[str, Any]:
@@ -42,10 +44,13 @@ def merge(rows: Iterable[TrafficRow], backends: Iterable[str], first: int, last:
     width = last - first + 1
     series = {name: {f: [0] * width for f in FIELDS} for name in names}
     instances: set[str] = set()
+    fallbacks: dict[str, list[int]] = {}
     for row in rows:
         if not first <= row.bucket <= last:
             continue
         instances.add(row.instance)
+        for deployment, count in row.fallbacks.items():
+            fallbacks.setdefault(deployment, [0] * width)[row.bucket - first] += int(count)
         for backend, values in row.counts.items():
             if backend not in series:
                 series[backend] = {f: [0] * width for f in FIELDS}
@@ -57,6 +62,7 @@ def merge(rows: Iterable[TrafficRow], backends: Iterable[str], first: int, last:
         "buckets": width,
         "instances": len(instances),
         "backends": [{"id": name, **series[name]} for name in series],
+        "deployments": [{"id": name, "fallbacks": fallbacks[name]} for name in sorted(fallbacks)],
     }
 
 
@@ -72,6 +78,7 @@ class TrafficCounter:
         self._background = background
         self._keep_s = keep_s
         self._open: dict[int, dict[str, list[int]]] = {}
+        self._open_fallbacks: dict[int, dict[str, int]] = {}
         self._written: list[int] = []  # buckets this instance wrote, oldest first (to delete after keep_s)
         self._task: asyncio.Task[None] | None = None
         self.writes = 0
@@ -86,8 +93,18 @@ class TrafficCounter:
         bucket = int(self._clock.now() // BUCKET_S)
         counts = self._open.setdefault(bucket, {}).setdefault(backend, [0] * len(FIELDS))
         counts[index] += amount
+        self._started()
+
+    def _started(self) -> None:
         if self._background:
             self._task = keep_running(self._task, self._flush_forever)
+
+    def _buckets(self) -> list[int]:
+        return sorted(set(self._open) | set(self._open_fallbacks))
+
+    def _row(self, bucket: int) -> TrafficRow:
+        return TrafficRow(bucket, self.instance, {k: tuple(v) for k, v in self._open.get(bucket, {}).items()},
+                          dict(self._open_fallbacks.get(bucket, {})))
 
     def begin(self, method: str, route: str) -> Trace:
         return _CountingTrace(self._inner.begin(method, route), self)
@@ -99,6 +116,14 @@ class TrafficCounter:
             self._add(record.backend_id, 0)
             if record.usage is not None:
                 self._add(record.backend_id, 1, record.usage.total)
+
+    def model_fallback(self, from_deployment: str, to_deployment: str, reason: str) -> None:
+        self._inner.model_fallback(from_deployment, to_deployment, reason)
+        if from_deployment:
+            bucket = int(self._clock.now() // BUCKET_S)
+            counts = self._open_fallbacks.setdefault(bucket, {})
+            counts[from_deployment] = counts.get(from_deployment, 0) + 1
+            self._started()
 
     def failover(self, from_backend: str, to_backend: str, reason: str) -> None:
         self._inner.failover(from_backend, to_backend, reason)
@@ -112,15 +137,15 @@ class TrafficCounter:
 
     def pending(self) -> list[TrafficRow]:
         """This instance's counts not yet written (the open bucket too), for the reader on this instance."""
-        return [TrafficRow(b, self.instance, {k: tuple(v) for k, v in c.items()}) for b, c in sorted(self._open.items())]
+        return [self._row(b) for b in self._buckets()]
 
     async def flush(self, everything: bool = False) -> None:
         """Write the closed buckets (each at most once; the open one too with `everything`, at shutdown)."""
         current = int(self._clock.now() // BUCKET_S)
-        due = sorted(b for b in self._open if everything or b < current)
+        due = [b for b in self._buckets() if everything or b < current]
         if not due:
             return
-        rows = [TrafficRow(b, self.instance, {k: tuple(v) for k, v in self._open[b].items()}) for b in due]
+        rows = [self._row(b) for b in due]
         try:
             await self._store.save(rows)
         except Exception as exc:
@@ -129,7 +154,8 @@ class TrafficCounter:
             return
         self.writes += 1
         for b in due:
-            del self._open[b]
+            self._open.pop(b, None)
+            self._open_fallbacks.pop(b, None)
         self._written.extend(due)
         old = [b for b in self._written if (current - b) * BUCKET_S > self._keep_s]
         if old:
@@ -140,7 +166,7 @@ class TrafficCounter:
                 log.warning("could not delete old traffic rows (%s)", type(exc).__name__)
 
     async def _flush_forever(self) -> None:
-        while self._open:
+        while self._open or self._open_fallbacks:
             now = self._clock.now()
             await asyncio.sleep(BUCKET_S - now % BUCKET_S + 0.05)  # just after the bucket closes
             await self.flush()

@@ -184,33 +184,51 @@ function exportCsv() {
 const SVG = "http://www.w3.org/2000/svg";
 function svg(tag, attributes) { const e = document.createElementNS(SVG, tag); for (const k in attributes) e.setAttribute(k, attributes[k]); return e; }
 
+function lineChart(values, peak, index) {
+  // One series as a line over a light area, on a shared scale (`peak`), 10 s a point.
+  const width = 600, height = 64, top = 12, bottom = 8, n = values.length;
+  const x = (i) => (i + 0.5) * width / n, y = (v) => height - bottom - (height - top - bottom) * v / peak;
+  const chart = svg("svg", { viewBox: "0 0 " + width + " " + height, preserveAspectRatio: "none", role: "img" });
+  chart.appendChild(svg("line", { class: "base", x1: 0, x2: width, y1: y(0), y2: y(0) }));
+  const area = "M" + x(0) + "," + y(0) + " " + values.map((v, i) => "L" + x(i) + "," + y(v)).join(" ") + " L" + x(n - 1) + "," + y(0) + " Z";
+  chart.appendChild(svg("path", { class: "area series-" + (index % 6), d: area }));
+  chart.appendChild(svg("polyline", { class: "line series-" + (index % 6), points: values.map((v, i) => x(i) + "," + y(v)).join(" ") }));
+  return { chart, x, height };
+}
+
+function chartRow(kind, id, title, subtitle, chart, headline, detail) {
+  const box = document.createElement("div"); box.className = "chart " + kind; box.dataset[kind === "deployment" ? "deployment" : "backend"] = id;
+  const label = document.createElement("span"); label.className = "label";
+  const name = document.createElement("strong"); name.textContent = title;
+  const where = document.createElement("small"); where.textContent = subtitle;
+  label.append(name, where);
+  const total = document.createElement("span"); total.className = "total";
+  const big = document.createElement("strong"); big.textContent = headline;
+  const small = document.createElement("small"); small.textContent = detail;
+  total.append(big, small);
+  box.append(label, chart, total); return box;
+}
+
 async function loadTraffic() {
   const traffic = await api("GET", "/traffic?minutes=5");
   lastTraffic = traffic;
   const peak = Math.max(1, ...traffic.backends.flatMap((b) => b.requests));
-  const width = 600, height = 64, top = 12, bottom = 8;
   const charts = traffic.backends.map((b, index) => {
-    const box = document.createElement("div"); box.className = "chart " + (b.ptu ? "ptu" : "paygo"); box.dataset.backend = b.id;
-    const label = document.createElement("span"); label.className = "label";
-    const name = document.createElement("strong"); name.textContent = b.id;
-    const where = document.createElement("small"); where.textContent = (b.ptu ? "PTU · " : "pay-as-you-go · ") + b.region;
-    label.append(name, where);
-    const n = b.requests.length, x = (i) => (i + 0.5) * width / n, y = (v) => height - bottom - (height - top - bottom) * v / peak;
-    const chart = svg("svg", { viewBox: "0 0 " + width + " " + height, preserveAspectRatio: "none", role: "img" });
-    chart.appendChild(svg("line", { class: "base", x1: 0, x2: width, y1: y(0), y2: y(0) }));
-    const area = "M" + x(0) + "," + y(0) + " " + b.requests.map((v, i) => "L" + x(i) + "," + y(v)).join(" ") + " L" + x(n - 1) + "," + y(0) + " Z";
-    chart.appendChild(svg("path", { class: "area series-" + (index % 6), d: area }));
-    chart.appendChild(svg("polyline", { class: "line series-" + (index % 6), points: b.requests.map((v, i) => x(i) + "," + y(v)).join(" ") }));
+    const { chart, x, height } = lineChart(b.requests, peak, index);
     b.throttled.forEach((v, i) => { if (v) chart.appendChild(svg("path", { class: "throttle", d: "M" + x(i) + " 1 l5 9 h-10 z" })); });
     b.failovers.forEach((v, i) => { if (v) chart.appendChild(svg("circle", { class: "failover", cx: x(i), cy: height - 4, r: 3.5 })); });
-    const total = document.createElement("span"); total.className = "total";
-    const requests = document.createElement("strong"); requests.textContent = number(sum(b.requests)) + " req";
-    const detail = document.createElement("small");
-    detail.textContent = number(sum(b.tokens)) + " tokens · " + sum(b.throttled) + " × 429 · " + sum(b.failovers) + " failovers";
-    total.append(requests, detail);
-    box.append(label, chart, total); return box;
+    return chartRow(b.ptu ? "ptu" : "paygo", b.id, b.id, (b.ptu ? "PTU · " : "pay-as-you-go · ") + b.region, chart,
+                    number(sum(b.requests)) + " req",
+                    number(sum(b.tokens)) + " tokens · " + sum(b.throttled) + " × 429 · " + sum(b.failovers) + " failovers");
   });
   $("traffic").replaceChildren(...charts);
+  // Model fallbacks: requests no region of a deployment could take, served by the next deployment of its chain.
+  const deployments = traffic.deployments || [];
+  const fallbackPeak = Math.max(1, ...deployments.flatMap((d) => d.fallbacks));
+  const rows = deployments.map((d, index) => chartRow("deployment", d.id, d.id, "fell back to its chain", lineChart(d.fallbacks, fallbackPeak, index + 3).chart,
+                                                      number(sum(d.fallbacks)) + " fallbacks", "in the last 5 minutes"));
+  if (!rows.length) { const none = document.createElement("p"); none.className = "quiet"; none.textContent = "None in the last 5 minutes."; rows.push(none); }
+  $("fallbacks").replaceChildren(...rows);
 }
 
 // ---- backends ---------------------------------------------------------------------------------------------------
