@@ -62,7 +62,7 @@ class Admission:
         the end user (end_users.py) is admitted against its own level and is the request's user id in metrics."""
         consumer = checked.consumer
         deployment = checked.shape.deployment
-        user_id, user = self._caller(request, checked, user_id, person, required=True)
+        user_id, user = self.caller(request, checked, user_id, person, required=True)
         prompt: int | None = None
         counted = True
         floor: int | None = None
@@ -96,16 +96,18 @@ class Admission:
     ) -> Exchange:
         """A request that spends no tokens (a follow-up of a stored response: a read, a delete, a cancel): nothing is
         reserved, and its caller is named as `admit` names it (an end user is not required of it)."""
-        user_id_, _ = self._caller(request, checked, user_id, person, required=False)
+        user_id_, _ = self.caller(request, checked, user_id, person, required=False)
         return Exchange(request=request, checked=checked, started=started, trace=trace, user_id=user_id_,
                         ticket=UnlimitedTicket(), reserve=0)
 
-    def _caller(
-        self, request: GatewayRequest, checked: Checked, user_id: str | None, person: str | None, *, required: bool,
+    def caller(
+        self, request: GatewayRequest, checked: Checked, user_id: str | None, person: str | None, *,
+        required: bool = True,
     ) -> tuple[str, str | None]:
-        """The request's user id in metrics and the end user's ledger id (None: not limited as an end user). The user
-        id is the end user, where the consumer limits them and the request names one; else the caller's from its
-        token, when the settings take it from a claim; else the User ID header's."""
+        """The request's user id in metrics and the end user's ledger id (None: not limited as an end user), named
+        the same way for an admitted request, a cache hit and a follow-up: the end user, where the consumer limits
+        them and the request names one (`required`: refused where the consumer requires one and none is named);
+        else the caller's from its token, when the settings take it from a claim; else the User ID header's."""
         consumer = checked.consumer
         users = consumer.users
         if users.limited or users.required:

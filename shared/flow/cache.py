@@ -27,7 +27,6 @@ from shared.edge.errors import bad_request
 from shared.edge.messages import GatewayRequest, GatewayResponse
 from shared.flow import offload
 from shared.flow.books import Books
-from shared.flow.end_users import caller_user_id, end_user
 from shared.flow.exchange import Checked, Exchange
 from shared.flow.translate import Operation
 from shared.flow.usage import TokenUsage
@@ -129,19 +128,6 @@ class ResponseCache:
         if lookup is None or not lookup.store or self._layer is None or exchange.route.operation not in STREAMABLE:
             return None
         return forms.StreamAssembler(self._layer.max_entry_bytes * 2)
-
-
-def hit_user_id(
-    request: GatewayRequest, checked: Checked, user_id: str | None, person: str | None, header: str
-) -> str:
-    """The User ID of a hit, as admission names it for a miss: the end user where the consumer names its end users
-    (refused, as at admission, where it requires one and none is named), else the caller's."""
-    users = checked.consumer.users
-    if users.limited or users.required:
-        named = end_user(users, person, checked.body, request.headers)
-        if named is not None:
-            return named
-    return caller_user_id(user_id, request.headers, header)
 
 
 def cache_headers(lookup: Lookup | None) -> Mapping[str, str]:

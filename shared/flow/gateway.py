@@ -28,7 +28,7 @@ from shared.flow.admission import Admission
 from shared.flow.audit import Auditing
 from shared.flow.bodies import BodyBudget, Held
 from shared.flow.books import Books
-from shared.flow.cache import ResponseCache, hit_user_id
+from shared.flow.cache import ResponseCache
 from shared.flow.checks import Checks
 from shared.flow.exchange import Services as Services
 from shared.flow.failover import Failover
@@ -126,7 +126,7 @@ class Gateway:
                 self.auditing.check(screened.policy if screened is not None else None)
             lookup = await self.cache.look_up(request, checked)
             if lookup is not None and lookup.answer is not None:
-                user_id = hit_user_id(request, checked, caller.user_id, caller.person, self.s.settings.user_id_header)
+                user_id, _ = self.admission.caller(request, checked, caller.user_id, caller.person)
                 safety = None if screened is None else (screened.outcome, screened.policy.name, screened.detail)
                 return self.cache.answer(lookup, request, checked, started, trace, user_id, safety)
             exchange = await self.admission.admit(request, checked, started, trace, caller.user_id, caller.person)
