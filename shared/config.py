@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from shared.catalog import FAMILIES, Catalog, DeploymentSpec
 from shared.safety.policy import PolicyError, SafetyPolicy, parse_policies, valid_name
@@ -20,6 +20,9 @@ from shared.telemetry.prices import PriceError, PriceTable, parse_prices
 AuthKind = Literal["key", "identity", "none"]
 ApiStyle = Literal["azure", "openai"]
 FailMode = Literal["open", "closed"]
+# What of a caller's address and user id telemetry may carry (shared/telemetry/privacy.py).
+IpMode = Literal["truncated", "raw", "omit"]
+UserIdMode = Literal["capped", "hashed", "raw", "omit"]
 
 DEFAULT_METRIC_DIMENSIONS = (
     "Subscription ID",
@@ -152,8 +155,8 @@ class Settings:
     # App Service Authentication (Easy Auth) is in front of /console: only then is X-MS-CLIENT-PRINCIPAL believed.
     console_easy_auth: bool = False
     budget_refresh_s: float = 5.0
-    client_ip_mode: str = "truncated"  # truncated (/24, /48) | raw | omit
-    user_id_mode: str = "capped"  # capped (validated, <= 64) | hashed (keyed) | raw | omit
+    client_ip_mode: IpMode = "truncated"  # truncated (/24, /48) | raw | omit
+    user_id_mode: UserIdMode = "capped"  # capped (validated, <= 64) | hashed (keyed) | raw | omit
     user_id_hash_key: str | None = field(default=None, repr=False)
     metric_series_max: int = 5000
     metric_series_idle_s: float = 600.0
@@ -744,8 +747,8 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
             "GATEWAY_RECORD_CONTENT: removed; prompts and completions are never recorded (the per-request log "
             "records counts, costs and identifiers only)"
         )
-    ip_mode = _choice(env, "GATEWAY_CLIENT_IP", _DEFAULT.client_ip_mode, ("truncated", "raw", "omit"))
-    user_mode = _choice(env, "GATEWAY_USER_ID", _DEFAULT.user_id_mode, ("capped", "hashed", "raw", "omit"))
+    ip_mode = _choice(env, "GATEWAY_CLIENT_IP", _DEFAULT.client_ip_mode, get_args(IpMode))
+    user_mode = _choice(env, "GATEWAY_USER_ID", _DEFAULT.user_id_mode, get_args(UserIdMode))
     hash_key = _get(env, "GATEWAY_USER_ID_HASH_KEY")
     if user_mode == "hashed" and (hash_key is None or len(hash_key) < 16):
         raise ConfigError("GATEWAY_USER_ID_HASH_KEY: GATEWAY_USER_ID=hashed needs a secret of at least 16 characters")
@@ -778,8 +781,8 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         console_log=_boolean(env, "GATEWAY_CONSOLE_LOG", _DEFAULT.console_log),
         console_easy_auth=_boolean(env, "GATEWAY_CONSOLE_EASY_AUTH", _DEFAULT.console_easy_auth),
         budget_refresh_s=_number(env, "GATEWAY_BUDGET_REFRESH_S", _DEFAULT.budget_refresh_s, minimum=0.1, maximum=3600),
-        client_ip_mode=ip_mode,
-        user_id_mode=user_mode,
+        client_ip_mode=ip_mode,  # type: ignore[arg-type]
+        user_id_mode=user_mode,  # type: ignore[arg-type]
         user_id_hash_key=hash_key,
         metric_series_max=_integer(env, "GATEWAY_METRIC_SERIES_MAX", _DEFAULT.metric_series_max, minimum=10, maximum=1_000_000),
         metric_series_idle_s=_number(env, "GATEWAY_METRIC_SERIES_IDLE_S", _DEFAULT.metric_series_idle_s, minimum=1, maximum=86400),

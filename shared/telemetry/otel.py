@@ -244,8 +244,8 @@ class OtelTelemetry:
         self._prices = settings.prices
         now = now or time.monotonic
         self.privacy = Privacy(
-            settings.client_ip_mode,  # type: ignore[arg-type]
-            settings.user_id_mode,  # type: ignore[arg-type]
+            settings.client_ip_mode,
+            settings.user_id_mode,
             (settings.user_id_hash_key or "").encode(),
         )
         privacy = self.privacy

@@ -14,10 +14,8 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal
 
-IpMode = Literal["truncated", "raw", "omit"]
-UserIdMode = Literal["capped", "hashed", "raw", "omit"]
+from shared.config import IpMode, Settings, UserIdMode
 
 USER_ID_MAX = 64
 INVALID = "(invalid)"
@@ -47,8 +45,8 @@ def capped_user_id(value: str) -> str:
 
 @dataclass(frozen=True)
 class Privacy:
-    ip_mode: IpMode = "truncated"
-    user_id_mode: UserIdMode = "capped"
+    ip_mode: IpMode = Settings.client_ip_mode
+    user_id_mode: UserIdMode = Settings.user_id_mode
     user_id_key: bytes = field(default=b"", repr=False)
 
     def client_ip(self, address: str) -> str:
