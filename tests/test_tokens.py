@@ -280,3 +280,11 @@ def test_the_image_adjustment_takes_the_costliest_model_a_deployment_is_served_a
     assert image_adjustment(body, ("vision", "gpt-4o-mini")) == (25_501 - 765) + (2_833 - 85)
     responses_body = {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}
     assert image_adjustment(responses_body, ("gpt-4o-mini",)) == 25_501 - 765
+
+
+def test_the_readme_states_the_size_bounds_the_estimate_uses() -> None:
+    import pathlib
+
+    readme = " ".join((pathlib.Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8").split())
+    assert f"a file at {tokens.FILE_BYTES_PER_TOKEN} bytes a token" in readme
+    assert f"as {tokens.FILE_REFERENCE_TOKENS:,} tokens" in readme
