@@ -158,6 +158,7 @@ class SimAccount:
         self._partitions: dict[str, _Bucket] = {}
         self.counts = Counts()
         self.keep_latencies = False
+        self.metered = True  # False: operations take effect at once, uncounted and never throttled (a warm start)
 
     def _latency(self, partition: _Bucket) -> float:
         base = self._rng.lognormvariate(self._mu, self._sigma)
@@ -166,6 +167,8 @@ class SimAccount:
 
     async def op(self, kind: str, partition: str, apply: Callable[[], Awaitable[T]], entities: int = 1) -> T:
         """Run `apply` (the twin's operation) as the service would: after half the latency, unless throttled."""
+        if not self.metered:
+            return await apply()
         loop = asyncio.get_running_loop()
         bucket = self._partitions.get(partition)
         if bucket is None:
@@ -258,8 +261,16 @@ class SimConsumerStore:
         return await self._a.op("consumers.marker", "marker", self.twin.change_marker)
 
     async def list_all(self) -> tuple[list[Consumer], list[Team]]:
+        """A query answers 1,000 entities a page, each page a request read one after the other (the SDK follows the
+        continuation); a page refused (ServerBusy) fails the whole listing, as the SDK with no retries does."""
         rows = len(self.twin.consumers) + len(self.twin.teams)
-        return await self._a.op("consumers.list", "consumer", self.twin.list_all, entities=rows)
+
+        async def nothing() -> None:
+            return None
+
+        for _ in range(1000, rows, 1000):  # every page but the last
+            await self._a.op("consumers.list_page", "consumer", nothing, entities=1000)
+        return await self._a.op("consumers.list", "consumer", self.twin.list_all, entities=rows - 1000 * ((rows - 1) // 1000))
 
     async def find_by_key_hash(self, key_hash: str) -> Consumer | None:
         return await self._a.op("consumers.lookup", "keyhash", lambda: self.twin.find_by_key_hash(key_hash))

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import random
 import re
 import secrets
 from collections.abc import Mapping
@@ -37,7 +38,15 @@ from shared.waits import whole_seconds
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "gw-"
-RELOAD_RETRY_S = 2.0
+RELOAD_RETRY_S = 2.0  # the first retry of a failed reload; it doubles (jittered) up to MAX_RELOAD_RETRY_S
+MAX_RELOAD_RETRY_S = 60.0
+# The full listing reads every consumer row, and every instance reads it (issue 32: 10,000 consumers x 64 instances
+# asked more of the partition than its 2,000 entities/s). Each instance's periodic reloads average at most this many
+# rows a second, and a reload after a change (the marker) is spread over rows / MARKER_ROWS_PER_S seconds, at random,
+# so the instances do not read the listing together.
+LIST_ROWS_PER_S = 5.0
+MARKER_ROWS_PER_S = 1_000.0
+RELOAD_JITTER = 0.2
 QUOTA_PERIODS = ("hourly", "daily", "weekly", "monthly", "yearly")
 # `low` was offered once and routed exactly as `normal`: it is gone from the command, and a stored `low` reads as normal.
 PRIORITIES = ("high", "normal")
@@ -210,8 +219,10 @@ class ConsumerDirectory:
 
     Every `check_s` the directory reads the store's change marker (one point read; every write through the admin
     command replaces it) and reloads the consumers only when it changed: a consumer created, disabled, rotated or
-    deleted is seen within about `check_s`, spray or not. A full reload every `refresh_s` whatever the marker says
-    catches rows edited by other means.
+    deleted is seen within about `check_s`, spray or not (with more than a thousand consumers and teams, within
+    `check_s` + rows / MARKER_ROWS_PER_S: the instances' reloads are spread). A full reload every `refresh_s` (or, with
+    many rows, rows / LIST_ROWS_PER_S; jittered) whatever the marker says catches rows edited by other means. A reload
+    that fails is tried again after a pause doubling from RELOAD_RETRY_S, jittered.
 
     A key not in the cache (a consumer created since the last reload) is looked up by a point read on its hash, within
     a per-instance budget of `lookups_per_s`; the store's "unknown" is remembered (bounded), and an address whose
@@ -256,6 +267,9 @@ class ConsumerDirectory:
         self._stale_logged = False
         self.reload_failures = 0
         self.reloads = 0
+        self._rows = 0  # consumers and teams at the last reload
+        self._due_at = float("-inf")  # monotonic: the next full reload
+        self._rng = random.Random()
 
     def _index(self, consumers: list[Consumer], teams: list[Team]) -> None:
         self._teams = {t.id: t for t in teams}
@@ -280,15 +294,25 @@ class ConsumerDirectory:
             if self.reload_failures == 1 or self.reload_failures % 20 == 0:
                 log.warning("could not reload consumers (%s, %d times); serving the cached copy",
                             type(exc).__name__, self.reload_failures)
-            # Try again in a little while, not on every request while the store is away.
-            self._loaded_at = self._clock.monotonic() - self._refresh_s + min(self._refresh_s, RELOAD_RETRY_S)
-            self._checked_at = self._clock.monotonic() - self._check_s + min(self._check_s, RELOAD_RETRY_S)
+            # Try again in a little while, not on every request while the store is away (or throttles the listing),
+            # and later each time: the instances that failed together do not come back together.
+            ceiling = min(MAX_RELOAD_RETRY_S, RELOAD_RETRY_S * 2 ** min(self.reload_failures - 1, 8))
+            pause = min(self._refresh_s, self._rng.uniform(ceiling / 2, ceiling))
+            now = self._clock.monotonic()
+            self._loaded_at = now - self._refresh_s + pause
+            self._due_at = now + pause
+            self._checked_at = now - self._check_s + min(self._check_s, pause)
             return
         self.reload_failures = 0
         self.reloads += 1
         self._marker = marker
         self._index(consumers, teams)
         self._loaded_at = self._checked_at = self._fresh_at = self._clock.monotonic()
+        self._rows = len(consumers) + len(teams)
+        period = max(self._refresh_s, self._rows / LIST_ROWS_PER_S)
+        if period > self._refresh_s:
+            period *= self._rng.uniform(1 - RELOAD_JITTER, 1 + RELOAD_JITTER)
+        self._due_at = self._loaded_at + period
         self._stale_logged = False
 
     async def check(self) -> None:
@@ -303,7 +327,15 @@ class ConsumerDirectory:
                             type(exc).__name__, self.reload_failures)
             return
         if marker != self._marker:
-            await self.reload()
+            spread = self._rows / MARKER_ROWS_PER_S
+            if self.reload_failures and self._clock.monotonic() < self._due_at:
+                pass  # the last reload failed: the next is tried when its pause ends, not at every check
+            elif spread <= 1.0:
+                await self.reload()
+            elif self._due_at > self._clock.monotonic() + spread:
+                # Many rows: this instance reloads at a random moment of the spread, not with every other instance
+                # (once: the checks until then see the same change and leave the moment alone).
+                self._due_at = self._clock.monotonic() + self._rng.uniform(0, spread)
         else:
             self.reload_failures = 0
             self._fresh_at = self._clock.monotonic()
@@ -313,7 +345,7 @@ class ConsumerDirectory:
         if self._reloading is not None and not self._reloading.done():
             return
         now = self._clock.monotonic()
-        if now - self._loaded_at >= self._refresh_s:
+        if now >= self._due_at:
             self._reloading = asyncio.get_running_loop().create_task(self.reload())
         elif now - self._checked_at >= self._check_s:
             self._reloading = asyncio.get_running_loop().create_task(self.check())
@@ -377,7 +409,13 @@ class ConsumerDirectory:
     async def _lookup(self, digest: str) -> Consumer | None:
         """One point read for a key the cache does not know, if the budget allows; None for unknown (or not looked up:
         a key created seconds ago then works at the next lookup the budget allows, or the next reload)."""
-        if digest in self.unknown or not self.budget.take():
+        if digest in self.unknown:
+            return None
+        if not self.budget.take():
+            if self.reloads == 0:
+                # No listing yet (a cold instance whose first reload was throttled): a key it cannot look up now is
+                # not known to be wrong. 503 with Retry-After, never 401 for a key that may be valid.
+                raise AuthStoreUnavailable()
             return None
         try:
             consumer = await self._store.find_by_key_hash(digest)
