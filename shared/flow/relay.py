@@ -56,18 +56,21 @@ class Relay:
             return self._stream(exchange, chosen)
         return await self._whole(exchange, chosen)
 
-    def _headers(self, exchange: Exchange, chosen: Chosen) -> dict[str, str]:
+    def _headers(self, exchange: Exchange, chosen: Chosen, limits: bool = True) -> dict[str, str]:
+        """The answer's headers for the client; `limits`: with the consumer's x-ratelimit-* now (a whole answer adds
+        them once settled instead)."""
         headers = {k: v for k, v in chosen.answer.headers.items() if k in FORWARDED_RESPONSE_HEADERS}
         headers["x-gateway-backend"] = chosen.backend.id
         headers["x-gateway-deployment"] = exchange.deployment
         headers["x-gateway-attempts"] = str(chosen.attempts)
         headers.setdefault("x-ms-region", chosen.backend.region)
-        headers.update(exchange.ticket.headers)
+        if limits:
+            headers.update(exchange.ticket.headers)
         headers.update(cache_headers(exchange.cache))
         return headers
 
     async def _whole(self, exchange: Exchange, chosen: Chosen) -> GatewayResponse:
-        headers = self._headers(exchange, chosen)
+        headers = self._headers(exchange, chosen, limits=False)
         raw = await chosen.answer.read()  # already read by the attempt
         status = chosen.answer.status
         usage, model = await _usage(chosen.backend, raw) if status == 200 else (None, None)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from azure.core import MatchConditions
@@ -45,6 +46,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+
+
+def proxies_in_environment(env: Mapping[str, str] | None = None) -> bool:
+    """Whether the environment names a proxy. Only then does the SDK's aiohttp session read the environment: it does
+    so for every request, in a worker thread (proxy variables, ~/.netrc), which costs more than the store call itself
+    on a worker that has none."""
+    env = os.environ if env is None else env
+    return any(env.get(name) for name in PROXY_VARIABLES)
+
+
 class Tables:
     """The gateway's tables, each created on first use, with every call under `timeout_s`."""
 
@@ -61,7 +73,8 @@ class Tables:
     @classmethod
     def from_settings(cls, settings: Settings, timeout_s: float | None = None) -> Tables:
         # The SDK's own retries would stretch a call far past our timeout; we decide about retrying ourselves.
-        options: dict[str, Any] = {"retry_total": 0, "connection_timeout": settings.store_timeout_s}
+        options: dict[str, Any] = {"retry_total": 0, "connection_timeout": settings.store_timeout_s,
+                                    "use_env_settings": proxies_in_environment()}
         if settings.table_connection_string:
             service = TableServiceClient.from_connection_string(settings.table_connection_string, **options)
         else:
