@@ -212,9 +212,9 @@ def test_the_policy_holds_in_the_browser(gateway: LiveGateway, tab: Tab) -> None
     sign_in(tab.page, gateway.url, ADMIN_KEY)
     tab.page.wait_for_selector("#app:not([hidden])")
     assert tab.errors == []
-    tab.page.evaluate("""() => { const s = document.createElement('script'); s.textContent = 'window.injected = 1';
-                                 document.body.appendChild(s); }""")
-    tab.page.wait_for_timeout(200)
+    with tab.page.expect_console_message(lambda m: "Content Security Policy" in m.text, timeout=10_000):
+        tab.page.evaluate("""() => { const s = document.createElement('script'); s.textContent = 'window.injected = 1';
+                                     document.body.appendChild(s); }""")
     assert tab.page.evaluate("window.injected") is None
     assert any("Content Security Policy" in e for e in tab.errors), tab.errors
 
