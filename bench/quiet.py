@@ -50,8 +50,7 @@ def create(bench: Bench, folder: Path, name: str, specs: list[dict[str, Any]]) -
     """Create consumers with the admin command; return their keys, the command's wall time and its store time."""
     spec_file, keys_file = folder / f"{name}.jsonl", folder / f"{name}-keys.jsonl"
     spec_file.write_text("".join(json.dumps(s) + "\n" for s in specs))
-    empty = folder / "empty-settings.json"
-    empty.write_text('{"Values": {}}')
+    empty = settings_file(folder)
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "shared.admin", "--settings", str(empty), "consumers", "create-many", str(spec_file),
@@ -90,6 +89,23 @@ def table_figures(tables: dict[str, int], requests: int) -> dict[str, Any]:
         "by_table_per_request": {k: round(v / max(1, requests), 4) for k, v in by_kind.items()},
         "table_requests": tables,
     }
+
+
+def measured(control: int, loads: dict[str, subprocess.Popen[str]], warmup: float,
+             seconds: float) -> tuple[dict[str, int], dict[str, Any]]:
+    """After the generators' start-up and warm-up, every Table request counted over `seconds`; each load's result."""
+    time.sleep(warmup + 0.7)
+    stack.proxy_control(control, "reset")
+    time.sleep(seconds)
+    tables: dict[str, int] = stack.proxy_control(control, "stats")["requests"]
+    return tables, {name: finish_load(process, seconds + warmup + 180) for name, process in loads.items()}
+
+
+def settings_file(folder: Path) -> Path:
+    """The admin command's settings file: empty, the store comes from the bench's environment."""
+    empty = folder / "empty-settings.json"
+    empty.write_text('{"Values": {}}')
+    return empty
 
 
 def run_shape(bench: Bench, regions: list[stack.Region], control: int, folder: Path, consumers: int, gateways: int,
@@ -132,11 +148,7 @@ def run_shape(bench: Bench, regions: list[stack.Region], control: int, folder: P
         demand = 2 * BURST_TPM / 60 / per_request
         loads["burst"] = start_load(urls, body, BURST_CLIENTS, seconds, headers={"api-key": burst_key}, rate=demand,
                                     record=record, warmup=warmup, rotate=True)
-    time.sleep(warmup + 0.7)  # the generators' start-up and warm-up
-    stack.proxy_control(control, "reset")
-    time.sleep(seconds)
-    tables = stack.proxy_control(control, "stats")["requests"]
-    results = {name: finish_load(process, seconds + warmup + 180) for name, process in loads.items()}
+    tables, results = measured(control, loads, warmup, seconds)
     stop(bench, children)
     requests = sum(r["requests"] for r in results.values())
     quiet = results["quiet"]
@@ -167,8 +179,7 @@ def run_shape(bench: Bench, regions: list[stack.Region], control: int, folder: P
 
 def admin(bench: Bench, folder: Path, *argv: str) -> Any:
     """Run the admin command (--json) against the bench's store; its JSON result."""
-    empty = folder / "empty-settings.json"
-    empty.write_text('{"Values": {}}')
+    empty = settings_file(folder)
     done = subprocess.run([sys.executable, "-m", "shared.admin", "--settings", str(empty), "--json", *argv], cwd=ROOT,
                           env={**os.environ, **bench.env()}, capture_output=True, text=True, timeout=120, check=True)
     return json.loads(done.stdout)
@@ -214,11 +225,7 @@ def run_users(bench: Bench, regions: list[stack.Region], control: int, folder: P
         **{f"team{n}": start_load(urls, body, 8, seconds, headers={"api-key": m["key"]}, rate=TEAM_TPM / 60 / per_request,
                                   warmup=warmup, rotate=True, record=records[f"team{n}"]) for n, m in enumerate(members)},
     }
-    time.sleep(warmup + 0.7)
-    stack.proxy_control(control, "reset")
-    time.sleep(seconds)
-    tables = stack.proxy_control(control, "stats")["requests"]
-    results = {name: finish_load(process, seconds + warmup + 180) for name, process in loads.items()}
+    tables, results = measured(control, loads, warmup, seconds)
     stop(bench, children)
     requests = sum(r["requests"] for r in results.values())
     quiet = results["quiet"]
