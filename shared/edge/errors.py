@@ -99,6 +99,15 @@ class ContentFilterError(GatewayError):
         }})
 
 
+# Client text an error message repeats (an id, a type name) is cut to this many characters: enough to recognise,
+# never a way to make the gateway echo a large body back.
+ECHO_CHARS = 64
+
+
+def echoed(text: str) -> str:
+    return text[:ECHO_CHARS]
+
+
 def error_body(message: str, type: str, code: str | None, param: str | None = None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
 
@@ -333,7 +342,7 @@ def _stored_responses(refusal: Refusal) -> GatewayError | None:
         case ResponseNotFound(response_id=response_id):
             return not_found(f"Response with id '{response_id}' not found.", code="response_not_found")
         case ItemNotFound(item_id=item_id):
-            return GatewayError(404, f"Item with id '{item_id[:64]}' not found.", param="input", code="item_not_found")
+            return GatewayError(404, f"Item with id '{echoed(item_id)}' not found.", param="input", code="item_not_found")
         case ResponseStateUnavailable(retry_after_s=seconds):
             return _server_error(
                 503, "The gateway cannot look up where this response is stored right now; retry shortly.",

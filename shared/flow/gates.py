@@ -23,7 +23,7 @@ from shared.edge.consumers import (
     PROMPTS,
     WEB_SEARCH,
 )
-from shared.edge.errors import GatewayError
+from shared.edge.errors import GatewayError, echoed
 
 TOOL_CAPABILITIES = (WEB_SEARCH, FILE_SEARCH, CODE_INTERPRETER, IMAGE_GENERATION, COMPUTER_USE, MCP)
 
@@ -151,9 +151,9 @@ def check_capabilities(body: Mapping[str, Any], granted: frozenset[str]) -> None
                 if capability is None:
                     continue
                 if capability == "":
-                    raise _refuse(f"The tool type '{kind[:64]}' is not known to this gateway.", f"{key}[{i}].type")
+                    raise _refuse(f"The tool type '{echoed(kind)}' is not known to this gateway.", f"{key}[{i}].type")
                 if capability not in granted:
-                    raise _refuse(f"The '{kind[:64]}' tool is not enabled for this key.", f"{key}[{i}].type")
+                    raise _refuse(f"The '{echoed(kind)}' tool is not enabled for this key.", f"{key}[{i}].type")
     _walk_content(body, granted)
 
 
@@ -177,9 +177,9 @@ def _walk_content(body: Mapping[str, Any], granted: frozenset[str]) -> None:
         for kind in _types(node):
             capability = _item_capability(kind)
             if capability == "":
-                raise _refuse(f"The item type '{kind[:64]}' is not known to this gateway.", f"{_place(where)}.type")
+                raise _refuse(f"The item type '{echoed(kind)}' is not known to this gateway.", f"{_place(where)}.type")
             if capability is not None and capability not in granted:
-                raise _refuse(f"'{kind[:64]}' items are not enabled for this key.", f"{_place(where)}.type")
+                raise _refuse(f"'{echoed(kind)}' items are not enabled for this key.", f"{_place(where)}.type")
             tool_call = tool_call or capability is not None
         if tool_call:
             continue  # a granted tool's own record (its actions, results, outputs) is the tool's business

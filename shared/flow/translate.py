@@ -11,7 +11,7 @@ from urllib.parse import unquote, urlencode
 import orjson
 
 from shared.config import API_VERSION, DEPLOYMENT_NAME, Backend
-from shared.edge.errors import GatewayError, bad_request, not_found
+from shared.edge.errors import GatewayError, bad_request, echoed, not_found
 from shared.flow import responses
 from shared.flow.backend_api import api_of
 from shared.flow.jsonbody import parse_body as parse_body  # re-exported: the body is parsed with the route
@@ -99,7 +99,7 @@ def _responses_route(method: str, api: str, rest: list[str]) -> Route | None:
         return None
     response_id = unquote(rest[1])
     if not responses.RESPONSE_ID_RE.fullmatch(response_id):
-        raise not_found(f"Response with id '{response_id[:64]}' not found.", code="response_not_found")
+        raise not_found(f"Response with id '{echoed(response_id)}' not found.", code="response_not_found")
     operation = by_method.get(method)
     if operation is None:
         allowed = ", ".join(by_method)
