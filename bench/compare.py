@@ -1,11 +1,12 @@
 """The gateway side by side with a direct call, a bare Python passthrough and LiteLLM's proxy (issue: performance).
 
     .venv/bin/python -m bench.compare [--seconds 6] [--rounds 2] [--no-litellm] [--write]
-    .venv/bin/python -m bench.compare --hot [--seconds 8] [--rounds 3] [--write]
+    .venv/bin/python -m bench.compare --hot [--seconds 8] [--rounds 3] [--baseline DIR] [--write]
 
 `--hot`: the hot path's measurement (issue 25), the gateway against the aiohttp passthrough only: a consumer with a
 token limit, App Insights off; non-streaming chat at 64 clients (wrk: CPU per request, p99), streams at 1 and 16
-clients (time to first byte); RSS after start and the first request's latency.
+clients (time to first byte); RSS after start and the first request's latency. `--baseline DIR`: another checkout of
+the gateway (an earlier commit, e.g. from `git archive`) runs beside it in the same run, as "gateway-baseline".
 
 One simulated backend (50 ms; streams of 20 tokens 5 ms apart); every configuration forwards to it:
 - direct: the load generator straight to the backend (the floor);
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--hot", action="store_true", help="the hot path's measurement (see above)")
+    parser.add_argument("--baseline", type=Path, help="with --hot: a checkout of an earlier gateway to run beside it")
     args = parser.parse_args(argv)
     if args.hot:
         return hot(args)
@@ -266,7 +268,8 @@ def hot(args: argparse.Namespace) -> int:
     points = [(w, c) for w, c in HOT_POINTS if (not args.workload or w in args.workload)
               and (not args.concurrency or c in args.concurrency)]
     results: dict[str, Any] = {"machine": machine(), "date": stamp(), "seconds": args.seconds, "rounds": args.rounds,
-                               "points": [], "extras": {}, "load_average": os.getloadavg()[0]}
+                               "points": [], "extras": {}, "load_average": os.getloadavg()[0],
+                               "baseline": str(args.baseline) if args.baseline else None}
     extras = results["extras"]
     with bench_stack() as bench, tempfile.TemporaryDirectory() as folder:
         log_dir = Path(folder)
@@ -276,19 +279,33 @@ def hot(args: argparse.Namespace) -> int:
         backend = f"http://127.0.0.1:{region.port}"
         # A limited consumer (its limit far above what the load asks): the limiter is on the path, no 429s.
         key = bench.consumer("bench", tokens_per_minute=2_000_000_000)
-        gateway = bench.start_gateway([region], {"APPLICATIONINSIGHTS_CONNECTION_STRING": ""})
+        env = {"APPLICATIONINSIGHTS_CONNECTION_STRING": ""}
+        chat_path = AZURE_PATH.format(deployment="gpt-4o", operation="chat/completions")
+        started = time.monotonic()
+        gateway = bench.start_gateway([region], env)
+        extras["gateway_listening_s"] = round(time.monotonic() - started, 3)
         pid = gateway.process.pid
         time.sleep(1.0)  # listening: whatever start-up still does settles
         extras["gateway_rss_after_start_mb"] = round(tree_rss_mb(pid), 1)
-        extras.update(first_requests(gateway.url + AZURE_PATH.format(deployment="gpt-4o", operation="chat/completions"),
-                                     {"api-key": key}, body("chat", "azure")))
+        extras.update(first_requests(gateway.url + chat_path, {"api-key": key}, body("chat", "azure")))
         extras["gateway_rss_after_first_requests_mb"] = round(tree_rss_mb(pid), 1)
+        baseline: stack.Child | None = None
+        if args.baseline is not None:
+            baseline = start_baseline(bench, args.baseline, stack.gateway_env(stack.backends_setting([region]),
+                                                                              bench.table_port, env), log_dir)
+            time.sleep(1.0)
+            extras["baseline_rss_after_start_mb"] = round(tree_rss_mb(baseline.process.pid), 1)
+            first = first_requests(baseline.url + chat_path, {"api-key": key}, body("chat", "azure"))
+            extras.update({k.replace("gateway_", "baseline_"): v for k, v in first.items()})
+            extras["baseline_commit"] = args.baseline.name
         passthrough = start_passthrough(bench, backend, "aiohttp", log_dir)
         time.sleep(1.0)
         extras["passthrough_rss_after_start_mb"] = round(tree_rss_mb(passthrough.process.pid), 1)
         configs = [Config("direct", backend, "azure", stack.SIM_API_KEY, None),
                    Config("passthrough-aiohttp", passthrough.url, "azure", stack.SIM_API_KEY, passthrough.process.pid),
                    Config("gateway", gateway.url, "azure", key, pid)]
+        if baseline is not None:
+            configs.append(Config("gateway-baseline", baseline.url, "azure", key, baseline.process.pid))
         for workload, concurrency in points:
             rounds: dict[str, list[dict[str, Any]]] = {c.name: [] for c in configs}
             for round_ in range(args.rounds):
@@ -324,6 +341,21 @@ def hot(args: argparse.Namespace) -> int:
     return 0
 
 
+def start_baseline(bench: Bench, root: Path, env: dict[str, str], log_dir: Path) -> stack.Child:
+    """The gateway of another checkout (`root`), started as stack.start_gateway starts ours."""
+    port = stack.free_port()
+    empty = Path(tempfile.gettempdir()) / "gateway-empty-settings.json"
+    empty.write_text('{"Values": {}}')
+    argv = [stack.PYTHON, "-m", "tools.localhost", "--host", stack.LOOPBACK, "--port", str(port), "--settings", str(empty)]
+    with open(log_dir / "baseline.log", "wb") as log:
+        process = subprocess.Popen(argv, cwd=root, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL)
+    child = stack.Child("baseline", process, port, log_dir / "baseline.log")
+    bench.children.append(child)
+    stack.wait_port(port, 60, process)
+    return child
+
+
 def first_requests(url: str, headers: dict[str, str], payload: bytes, count: int = 20) -> dict[str, float]:
     """The first request's latency after start against the median of the next ones (one client, sequential): what
     start-up left for the first request to do (building the services, loading anything lazily)."""
@@ -338,31 +370,60 @@ def first_requests(url: str, headers: dict[str, str], payload: bytes, count: int
 
 
 def hot_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's goals, each as (measured, target, met)."""
+    """The issue's goals, each as (measured, target, met), for the gateway and (in brackets) the baseline if one ran."""
     rows = {(p["config"], p["workload"], p["concurrency"]): p for p in results["points"]}
-    goals: list[dict[str, Any]] = []
-    chat_gw, chat_pt = rows.get(("gateway", "chat", 64)), rows.get(("passthrough-aiohttp", "chat", 64))
-    if chat_gw and chat_pt:
-        ratio = round(chat_gw["cpu_ms_per_request"] / chat_pt["cpu_ms_per_request"], 2)
-        goals.append({"goal": "CPU per request (chat, 64 clients) / passthrough's", "target": "<= 1.8 (then 1.5)",
-                      "measured": f"{chat_gw['cpu_ms_per_request']} / {chat_pt['cpu_ms_per_request']} ms = {ratio}",
-                      "met": ratio <= 1.8})
-        extra = round(chat_gw["p99_ms"] - chat_pt["p99_ms"], 2)
-        goals.append({"goal": "p99 (chat, 64 clients) beyond the passthrough's", "target": "<= 3 ms",
-                      "measured": f"{chat_gw['p99_ms']} vs {chat_pt['p99_ms']} ms: {extra:+}", "met": extra <= 3})
-    for clients in (1, 16):
-        gw, pt = rows.get(("gateway", "stream", clients)), rows.get(("passthrough-aiohttp", "stream", clients))
-        if gw and pt:
-            extra = round(gw["ttfb_p50_ms"] - pt["ttfb_p50_ms"], 3)
-            goals.append({"goal": f"stream TTFB p50 beyond the passthrough's, {clients} client(s)", "target": "<= 0.5 ms",
-                          "measured": f"{gw['ttfb_p50_ms']} vs {pt['ttfb_p50_ms']} ms: {extra:+}", "met": extra <= 0.5})
     extras = results["extras"]
-    rss = extras.get("gateway_rss_after_start_mb")
-    if rss is not None:
-        goals.append({"goal": "RSS after start, keys only", "target": "<= 100 MB", "measured": f"{rss} MB "
-                      f"(after the first requests {extras.get('gateway_rss_after_first_requests_mb')}, after the run "
-                      f"{extras.get('rss_after_run_mb', {}).get('gateway')}; passthrough "
-                      f"{extras.get('passthrough_rss_after_start_mb')})", "met": rss <= 100})
+    names = ["gateway"] + (["gateway-baseline"] if any(p["config"] == "gateway-baseline" for p in results["points"]) else [])
+    goals: list[dict[str, Any]] = []
+
+    def goal(label: str, target: str, measure: Any) -> None:
+        found = [measure(name) for name in names]
+        if found[0] is None:
+            return
+        text, met = found[0]
+        if len(found) > 1 and found[1] is not None:
+            text += f" (baseline: {found[1][0]})"
+        goals.append({"goal": label, "target": target, "measured": text, "met": met})
+
+    def cpu(name: str) -> tuple[str, bool] | None:
+        gw, pt = rows.get((name, "chat", 64)), rows.get(("passthrough-aiohttp", "chat", 64))
+        if not gw or not pt:
+            return None
+        ratio = round(gw["cpu_ms_per_request"] / pt["cpu_ms_per_request"], 2)
+        return f"{gw['cpu_ms_per_request']} / {pt['cpu_ms_per_request']} ms = {ratio}", ratio <= 1.8
+
+    def p99(name: str) -> tuple[str, bool] | None:
+        gw, pt = rows.get((name, "chat", 64)), rows.get(("passthrough-aiohttp", "chat", 64))
+        if not gw or not pt:
+            return None
+        extra = round(gw["p99_ms"] - pt["p99_ms"], 2)
+        return f"{gw['p99_ms']} vs {pt['p99_ms']} ms: {extra:+}", extra <= 3
+
+    def ttfb(clients: int) -> Any:
+        def measure(name: str) -> tuple[str, bool] | None:
+            gw, pt = rows.get((name, "stream", clients)), rows.get(("passthrough-aiohttp", "stream", clients))
+            if not gw or not pt:
+                return None
+            extra = round(gw["ttfb_p50_ms"] - pt["ttfb_p50_ms"], 3)
+            return f"{gw['ttfb_p50_ms']} vs {pt['ttfb_p50_ms']} ms: {extra:+}", extra <= 0.5
+        return measure
+
+    def rss(name: str) -> tuple[str, bool] | None:
+        prefix = "gateway" if name == "gateway" else "baseline"
+        value = extras.get(f"{prefix}_rss_after_start_mb")
+        if value is None:
+            return None
+        return f"{value} MB", value <= 100
+
+    goal("CPU per request (chat, 64 clients) / passthrough's", "<= 1.8 (then 1.5)", cpu)
+    goal("p99 (chat, 64 clients) beyond the passthrough's", "<= 3 ms", p99)
+    for clients in (1, 16):
+        goal(f"stream TTFB p50 beyond the passthrough's, {clients} client(s)", "<= 0.5 ms", ttfb(clients))
+    goal("RSS after start, keys only", "<= 100 MB", rss)
+    if goals and goals[-1]["goal"].startswith("RSS"):
+        goals[-1]["measured"] += (f"; gateway after the first requests {extras.get('gateway_rss_after_first_requests_mb')}, "
+                                  f"after the run {extras.get('rss_after_run_mb', {}).get('gateway')}; passthrough "
+                                  f"{extras.get('passthrough_rss_after_start_mb')}")
     return goals
 
 
@@ -371,7 +432,8 @@ def hot_markdown(results: dict[str, Any]) -> str:
     lines = [
         "## The hot path: the gateway against the aiohttp passthrough (issue 25)",
         "",
-        f"`.venv/bin/python -m bench.compare --hot --seconds {results['seconds']:g} --rounds {results['rounds']} --write` — "
+        f"`.venv/bin/python -m bench.compare --hot --seconds {results['seconds']:g} --rounds {results['rounds']}"
+        f"{' --baseline ' + results['baseline'] if results.get('baseline') else ''} --write` — "
         f"{results['date']}, {results['machine']}; load average {results['load_average']:.2f} at the start.",
         "One 50 ms simulated backend (streams: 20 tokens 5 ms apart); the gateway with one consumer that has a token "
         "limit (far above the load: the limiter is on the path, nothing refused), Azurite, App Insights off; the bare "
@@ -389,8 +451,13 @@ def hot_markdown(results: dict[str, Any]) -> str:
     for p in results["points"]:
         lines.append(f"| {p['workload']} | {p['concurrency']} | {p['config']} | {p['rps']} | {p['p50_ms']} | {p['p99_ms']} | "
                      f"{p['added_p99_ms']} | {p.get('ttfb_p50_ms', '')} | {p['cpu_ms_per_request']} | {p['errors']} |")
-    lines += ["", f"First request after start: {extras.get('gateway_first_request_ms')} ms (the next ones' p50 "
+    lines += ["", f"Listening {extras.get('gateway_listening_s')} s after the process started. First request after "
+              f"start: {extras.get('gateway_first_request_ms')} ms (the next ones' p50 "
               f"{extras.get('gateway_next_requests_p50_ms')} ms, one client, sequential)."]
+    if "baseline_commit" in extras:
+        lines.append(f"Baseline ({extras['baseline_commit']}): RSS after start {extras.get('baseline_rss_after_start_mb')} "
+                     f"MB, first request {extras.get('baseline_first_request_ms')} ms (next ones' p50 "
+                     f"{extras.get('baseline_next_requests_p50_ms')} ms).")
     return "\n".join(lines)
 
 
