@@ -192,9 +192,21 @@ def get_encoding(name: str = DEFAULT_ENCODING) -> tiktoken.Encoding:
     return encoding
 
 
+_ENCODING_NAMES: dict[str, str] = {}  # model or deployment name -> its encoding's (bounded: cleared past 1,024)
+
+
 def encoding_name_for(model: str | None) -> str:
     if not model:
         return DEFAULT_ENCODING
+    name = _ENCODING_NAMES.get(model)
+    if name is None:
+        if len(_ENCODING_NAMES) >= 1024:
+            _ENCODING_NAMES.clear()
+        name = _ENCODING_NAMES[model] = _encoding_name_for(model)
+    return name
+
+
+def _encoding_name_for(model: str) -> str:
     try:
         name = tiktoken.model.encoding_name_for_model(model)
     except KeyError:
