@@ -97,6 +97,27 @@ def phase_shares(raw: Path) -> dict[str, float]:
     return {phase: counts[phase] / total for phase in [p for p, _ in PHASES] + [SERVER, CLIENT, STORE, OUTSIDE]}
 
 
+def phase_table(runs: list[tuple[str, dict[str, object]]]) -> str:
+    """CPU per request by phase (ms, and % of the process's samples) of saved runs, side by side."""
+    lines = ["| phase | " + " | ".join(name for name, _ in runs) + " |", "|---|" + "---|" * len(runs)]
+    phases: list[str] = list(dict.fromkeys(p for _, run in runs for p in run["phases"]))  # type: ignore[attr-defined]
+    for phase in phases:
+        cells = []
+        for _, run in runs:
+            row = run["phases"].get(phase, {})  # type: ignore[attr-defined]
+            cells.append(f"{row.get('cpu_ms_per_request', 0):.3f} ({100 * row.get('share', 0):.1f} %)")
+        lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+    own = [sum(row["cpu_ms_per_request"] for p, row in run["phases"].items()  # type: ignore[attr-defined]
+               if p in {name for name, _ in PHASES}) for _, run in runs]
+    lines.append("| **the gateway's own code** | " + " | ".join(f"**{v:.3f}**" for v in own) + " |")
+    lines.append("| **whole process (from /proc)** | " + " | ".join(
+        f"**{run['load']['proxy_cpu_ms_per_request']}**" for _, run in runs) + " |")  # type: ignore[index]
+    lines.append("| requests/s, p50 / p99 ms | " + " | ".join(
+        f"{run['load']['rps']}, {run['load']['latency_ms']['p50']} / {run['load']['latency_ms']['p99']}"  # type: ignore[index]
+        for _, run in runs) + " |")
+    return "\n".join(lines)
+
+
 def py_spy() -> str:
     """The py-spy installed beside this interpreter (the venv's), else the one on PATH."""
     beside = Path(sys.executable).parent / "py-spy"
@@ -112,7 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--tpm", type=int, default=0, help="give the consumer a token limit (limiter on the path)")
     parser.add_argument("--metrics", action="store_true", help="export metrics and traces to a local capture endpoint")
+    parser.add_argument("--name", default="profile", help="saved as bench/out/NAME.json")
+    parser.add_argument("--table", nargs="+", type=Path, metavar="JSON",
+                        help="print the phases of saved runs side by side (markdown) and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        print(phase_table([(path.stem, json.loads(path.read_text())) for path in args.table]))
+        return 0
     OUT.mkdir(parents=True, exist_ok=True)
     raw = OUT / "profile.collapsed"
     extra = json.loads(args.extra)
@@ -152,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'phase':<42} {'share %':>8} {'ms/request':>11}")
     for phase, row in phases.items():
         print(f"{phase:<42} {100 * row['share']:8.1f} {row['cpu_ms_per_request'] or 0:11.4f}")
-    save("profile", {"date": stamp(), "machine": machine(), "args": vars(args), "load": result, "phases": phases})
+    save(args.name, {"date": stamp(), "machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "table"},
+                     "load": result, "phases": phases})
     return 0
 
 
