@@ -23,9 +23,10 @@ import httpx
 from bench.harness import bench_stack, machine, save, stamp, update_doc
 from bench.load import percentiles
 from bench.procs import rss_mb
-from shared.cache.policy import CachePolicy
 from shared.config import load_settings
-from shared.edge.consumers import Consumer, hash_key, key_prefix, new_key
+from shared.edge.consumers import hash_key, key_prefix, new_key
+from shared.records.cache import CachePolicy
+from shared.records.consumers import Consumer
 from shared.storage.tables import TableConsumerStore, Tables
 from tools import stack
 

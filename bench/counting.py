@@ -33,11 +33,12 @@ from bench.harness import machine, save, stamp, update_doc
 from shared import wiring
 from shared.clock import SystemClock
 from shared.config import Backend, Settings
-from shared.edge.consumers import Consumer, Limits, hash_key
+from shared.edge.consumers import hash_key
 from shared.edge.messages import GatewayRequest
 from shared.flow import tokens
 from shared.flow.gateway import Gateway
 from shared.flow.usage import SseRelay
+from shared.records.consumers import Consumer, Limits
 from shared.telemetry.events import NullTelemetry
 from shared.wiring import memory_stores
 

@@ -18,9 +18,11 @@ import time
 from bench.harness import machine, stamp, update_doc
 from shared.clock import SystemClock
 from shared.config import EntraSettings
-from shared.edge.consumers import Consumer, ConsumerDirectory, MemoryConsumerStore, hash_key
+from shared.edge.consumers import ConsumerDirectory, hash_key
 from shared.edge.entra import SigningKeys, TokenValidator
 from shared.edge.identity import Identifier
+from shared.records.consumers import Consumer
+from shared.storage.memory import MemoryConsumerStore
 from shared.telemetry.events import NullTelemetry
 from tools.entra import AUDIENCE, CALLER_APP, TENANT, Authority, MemoryFetcher
 

@@ -19,7 +19,8 @@ from typing import Any
 
 from bench.procs import cpu_seconds, rss_mb
 from shared.config import load_settings
-from shared.edge.consumers import Consumer, Limits, hash_key, key_prefix, new_key
+from shared.edge.consumers import hash_key, key_prefix, new_key
+from shared.records.consumers import Consumer, Limits
 from shared.storage.tables import TableConsumerStore, Tables
 from tools import stack
 

@@ -16,9 +16,9 @@ import asyncio
 import json
 
 from shared.clock import FakeClock
-from shared.edge.consumers import Consumer, Limits
 from shared.limits.limiter import LimitTicket, TokenLimiter
 from shared.outcomes import RateLimited
+from shared.records.consumers import Consumer, Limits
 from shared.storage.memory import MemoryLedgerStore
 from shared.telemetry.events import NullTelemetry
 

@@ -253,8 +253,8 @@ async def limiter_cost(consumers: int, rounds: int) -> dict[str, float]:
     every 2 s each, on a fake clock), a ledger store in memory (so a request that waits for a claim counts its
     bookkeeping, not a Table round trip); after a warm-up of `rounds` rounds, `rounds` more are measured."""
     from shared.clock import FakeClock
-    from shared.edge.consumers import Consumer, Limits
     from shared.limits.limiter import TokenLimiter
+    from shared.records.consumers import Consumer, Limits
     from shared.storage.memory import MemoryLedgerStore
     from shared.telemetry.events import NullTelemetry
 
@@ -287,8 +287,8 @@ async def end_user_cost(users: int, rounds: int, instances: int = 1) -> dict[str
     limits), one request every USERS_INTERVAL_S each on a fake clock, round `instances` limiters sharing a ledger in
     memory; the limiter's own time per request with and without the end-user level, and ledger round trips per request."""
     from shared.clock import FakeClock
-    from shared.edge.consumers import Consumer, Limits, UserLimits
     from shared.limits.limiter import TokenLimiter
+    from shared.records.consumers import Consumer, Limits, UserLimits
     from shared.storage.memory import MemoryLedgerStore
     from shared.telemetry.events import NullTelemetry
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from bench.harness import machine, save, stamp, update_doc
 from shared.config import load_settings
-from shared.flow.usage import TokenUsage
+from shared.records.usage import TokenUsage
 from shared.telemetry.events import RequestRecord
 from shared.telemetry.otel import OtelTelemetry
 from tools.capture import Capture

@@ -43,8 +43,9 @@ from bench.simtable import (
 )
 from shared import wiring
 from shared.config import Backend, Settings
-from shared.edge.consumers import Consumer, Limits, hash_key
+from shared.edge.consumers import hash_key
 from shared.outcomes import Refusal
+from shared.records.consumers import Consumer, Limits
 from shared.routing.breaker import OPEN
 from shared.storage.protocols import StoreUnavailable
 from shared.telemetry.events import NullTelemetry

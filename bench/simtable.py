@@ -22,7 +22,7 @@ import math
 import random
 import selectors
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -30,10 +30,9 @@ from shared.storage.memory import MemoryBreakerStore, MemoryCapacityStore, Memor
 from shared.storage.protocols import Conflict, StoreBusy, StoreUnavailable
 
 if TYPE_CHECKING:
-    from shared.edge.consumers import Consumer, Team
-    from shared.limits.ledger import Ledger
-    from shared.routing.capacity import CapacityReport
-    from shared.routing.router import BreakerRecord
+    from shared.records.breaker import BreakerRecord
+    from shared.records.capacity import CapacityReport
+    from shared.records.consumers import Consumer, Team
 
 T = TypeVar("T")
 T0 = 1_700_000_000.0  # the simulated wall clock's start
@@ -210,12 +209,12 @@ class SimLedgerStore:
         self._a = account
         self.twin = MemoryLedgerStore()
 
-    async def read(self, consumer_id: str) -> tuple[Ledger, str | None]:
+    async def read(self, consumer_id: str) -> tuple[dict[str, object] | None, str | None]:
         return await self._a.op("ledger.read", f"ledger/{consumer_id}", lambda: self.twin.read(consumer_id))
 
-    async def write(self, consumer_id: str, ledger: Ledger, etag: str | None) -> str:
+    async def write(self, consumer_id: str, row: Mapping[str, object], etag: str | None) -> str:
         return await self._a.op("ledger.write", f"ledger/{consumer_id}",
-                                lambda: self.twin.write(consumer_id, ledger, etag))
+                                lambda: self.twin.write(consumer_id, row, etag))
 
 
 class SimBreakerStore:

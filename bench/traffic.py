@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 
 from shared.clock import FakeClock
-from shared.flow.usage import TokenUsage
+from shared.records.usage import TokenUsage
 from shared.storage.memory import MemoryTrafficStore
 from shared.telemetry.events import NullTelemetry, RequestRecord
 from shared.telemetry.traffic import TrafficCounter

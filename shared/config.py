@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from shared.catalog import FAMILIES, Catalog, DeploymentSpec
-from shared.safety.policy import PolicyError, SafetyPolicy, parse_policies, valid_name
-from shared.telemetry.prices import PriceError, PriceTable, parse_prices
+from shared.records.prices import PriceError, PriceTable, parse_prices
+from shared.records.safety import PolicyError, SafetyPolicy, parse_policies, valid_name
 
 AuthKind = Literal["key", "identity", "none"]
 ApiStyle = Literal["azure", "openai"]

@@ -24,7 +24,7 @@ from shared.flow.credentials import BackendAuth, CachedToken, TokenCredential, d
 from shared.flow.exchange import Services
 from shared.flow.safety import Screening
 from shared.flow.upstream import AiohttpUpstream, UpstreamClient
-from shared.limits.budget import BudgetBook, BudgetedLimiter, BudgetStore, MemoryBudgetStore, SpendingTelemetry
+from shared.limits.budget import BudgetBook, BudgetedLimiter, SpendingTelemetry
 from shared.limits.limiter import TokenLimiter
 from shared.routing.provisioned import ProvisionedCapacity
 from shared.routing.router import Router
@@ -34,6 +34,7 @@ from shared.storage.memory import (
     MemoryAnswerStore,
     MemoryAuditStore,
     MemoryBreakerStore,
+    MemoryBudgetStore,
     MemoryCapacityStore,
     MemoryChangeLogStore,
     MemoryConsumerStore,
@@ -46,6 +47,7 @@ from shared.storage.protocols import (
     AnswerStore,
     AuditStore,
     BreakerStore,
+    BudgetStore,
     CapacityStore,
     ChangeLogStore,
     ConsumerStore,

@@ -12,9 +12,10 @@ from typing import Any
 
 import httpx
 
-from shared.cache.policy import CachePolicy
 from shared.config import load_settings
-from shared.edge.consumers import Consumer, Limits, Team, UserLimits, hash_key, key_prefix, new_key
+from shared.edge.consumers import hash_key, key_prefix, new_key
+from shared.records.cache import CachePolicy
+from shared.records.consumers import Consumer, Limits, Team, UserLimits
 from shared.storage.tables import TableConsumerStore, TableLedgerStore, Tables, TableUsageStore
 from tools import stack
 

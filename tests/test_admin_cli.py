@@ -14,7 +14,8 @@ from shared.admin import cli
 from shared.admin.cli import Admin, parser
 from shared.admin.failures import BAD_INPUT, NOT_AUTHORIZED, REFUSED, UNREACHABLE, explain
 from shared.config import load_settings
-from shared.edge.consumers import Consumer, hash_key
+from shared.edge.consumers import hash_key
+from shared.records.consumers import Consumer
 from shared.storage.memory import MemoryConsumerStore
 from shared.storage.protocols import Conflict, StoreUnavailable
 from shared.storage.tables import consumer_from_entity, consumer_to_entity

@@ -10,11 +10,12 @@ import random
 import pytest
 
 from shared.clock import FakeClock
-from shared.edge.consumers import Consumer, Limits
 from shared.limits.allowance import allowance
 from shared.limits.ledger import CONSUMER_SCOPE, Ledger, Quota, claim
+from shared.limits.ledger_copy import read_ledger
 from shared.limits.limiter import LimitTicket, TokenLimiter
 from shared.outcomes import RateLimited, Refusal
+from shared.records.consumers import Consumer, Limits
 from shared.storage.memory import MemoryLedgerStore
 from shared.telemetry.events import NullTelemetry
 
@@ -207,5 +208,5 @@ async def test_an_allowance_stops_at_once_when_the_admin_lowers_the_limit() -> N
     clock.advance(2)
     with pytest.raises(RateLimited):  # not admitted from an allowance sized for the old limit
         await lim.admit(after, D, 300)
-    ledger, _ = await store.read("shrinking")
+    ledger, _ = await read_ledger(store, "shrinking")
     assert not ledger.leases  # the allowance was released, its unused tokens with it

@@ -8,11 +8,11 @@ from hypothesis import strategies as st
 
 from shared.clock import FakeClock
 from shared.config import Backend
-from shared.edge.consumers import Consumer
 from shared.flow.books import Books
 from shared.flow.exchange import Checked, Exchange, LostAttempt, Served
 from shared.flow.translate import CallShape, Operation, Route
-from shared.flow.usage import TokenUsage
+from shared.records.consumers import Consumer
+from shared.records.usage import TokenUsage
 from shared.storage.memory import MemoryUsageStore
 from shared.telemetry.events import NULL_TRACE
 from shared.telemetry.usage_rows import UsageRecorder

@@ -6,7 +6,8 @@ import asyncio
 
 from shared.clock import FakeClock
 from shared.config import Backend, BreakerRule
-from shared.routing.router import BreakerRecord, Router
+from shared.records.breaker import BreakerRecord
+from shared.routing.router import Router
 from shared.storage.memory import MemoryBreakerStore
 from shared.telemetry.events import NullTelemetry
 

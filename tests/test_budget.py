@@ -8,14 +8,15 @@ from typing import Any
 import pytest
 
 from shared.clock import FakeClock
-from shared.edge.consumers import Consumer, Limits
 from shared.edge.errors import GatewayError, render
-from shared.flow.usage import TokenUsage
-from shared.limits.budget import BudgetBook, BudgetedLimiter, MemoryBudgetStore, SpendingTelemetry
+from shared.limits.budget import BudgetBook, BudgetedLimiter, SpendingTelemetry
 from shared.limits.contract import NoLimits
 from shared.outcomes import BudgetExceeded
+from shared.records.consumers import Consumer, Limits
+from shared.records.prices import Price, PriceTable
+from shared.records.usage import TokenUsage
+from shared.storage.memory import MemoryBudgetStore
 from shared.telemetry.events import NullTelemetry, RequestRecord
-from shared.telemetry.prices import Price, PriceTable
 
 PRICES = PriceTable("USD", {"gpt-4o": Price(2.0, 1.0, 8.0)})
 START = 1_764_547_200.0  # 2025-12-01T00:00:00Z

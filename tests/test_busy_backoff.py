@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from shared.clock import FakeClock
-from shared.edge.consumers import Consumer, Limits
 from shared.limits.backoff import BUSY_BASE_S, BUSY_MAX_S, BusyBackoff
 from shared.limits.limiter import TokenLimiter
 from shared.outcomes import RateLimited
+from shared.records.consumers import Consumer, Limits
 from shared.storage.memory import MemoryLedgerStore
 from shared.storage.protocols import StoreBusy
 from shared.telemetry.events import NullTelemetry

@@ -10,7 +10,7 @@ import pytest
 
 from shared.admin.cli import Admin, _deployments, parser
 from shared.admin.teams import TeamAdmin
-from shared.cache.policy import CachePolicy
+from shared.records.cache import CachePolicy
 from shared.storage.memory import MemoryConsumerStore
 
 

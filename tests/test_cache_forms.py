@@ -7,8 +7,8 @@ from typing import Any
 import orjson
 import pytest
 
-from shared.cache.forms import StreamAssembler, as_events, complete_answer
 from shared.flow import sse
+from shared.flow.answer_forms import StreamAssembler, as_events, complete_answer
 from tests.fakes.upstream import sse_events
 
 

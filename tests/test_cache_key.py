@@ -9,9 +9,9 @@ import pytest
 
 from shared.cache import rules
 from shared.cache.key import cache_key, scope_of
-from shared.cache.policy import CachePolicy
 from shared.edge.errors import GatewayError
 from shared.flow.jsonbody import parse_body
+from shared.records.cache import CachePolicy
 
 ON = CachePolicy(enabled=True)
 

@@ -13,7 +13,7 @@ from azure.storage.blob.aio import BlobServiceClient
 from shared.cache.entry import BadEntry, CachedAnswer, decode, encode
 from shared.cache.layer import AnswerCache
 from shared.clock import FakeClock
-from shared.flow.usage import TokenUsage
+from shared.records.usage import TokenUsage
 from shared.storage.blobs import BlobAnswerStore, container_name, names_blob_service
 from shared.storage.memory import MemoryAnswerStore
 from shared.storage.protocols import AnswerStore, StoreUnavailable

@@ -397,7 +397,7 @@ def test_health_shows_a_stated_capacity_until_one_is_learnt() -> None:
 
 
 async def test_the_sync_interval_grows_with_the_rows_read_so_all_instances_stay_under_the_partition_target() -> None:
-    from shared.routing.capacity import CapacityReport
+    from shared.records.capacity import CapacityReport
     from shared.routing.provisioned import ROWS_PER_S, sync_interval
 
     clock = FakeClock()

@@ -8,10 +8,10 @@ import json
 import openai
 import pytest
 
-from shared.flow.usage import TokenUsage
+from shared.records.prices import parse_prices
+from shared.records.usage import TokenUsage
 from shared.telemetry.console import ConsoleTelemetry, format_line
 from shared.telemetry.events import NullTelemetry, RequestRecord, Telemetry
-from shared.telemetry.prices import parse_prices
 from tests.fakes.gateway import GatewayHarness, backend
 
 PRICES = parse_prices(json.dumps({"currency": "EUR", "deployments": {"gpt-4o": {"input": 2.5, "output": 10}}}))

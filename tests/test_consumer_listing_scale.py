@@ -12,16 +12,9 @@ from dataclasses import replace
 import pytest
 
 from shared.clock import FakeClock
-from shared.edge.consumers import (
-    LIST_ROWS_PER_S,
-    MARKER_ROWS_PER_S,
-    Consumer,
-    ConsumerDirectory,
-    hash_key,
-    key_prefix,
-    new_key,
-)
+from shared.edge.consumers import LIST_ROWS_PER_S, MARKER_ROWS_PER_S, ConsumerDirectory, hash_key, key_prefix, new_key
 from shared.outcomes import AuthStoreUnavailable, ConsumerDisabled, InvalidKey
+from shared.records.consumers import Consumer
 from shared.storage.memory import MemoryConsumerStore
 from shared.storage.protocols import StoreBusy
 

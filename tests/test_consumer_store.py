@@ -13,9 +13,10 @@ import pytest
 from azure.data.tables import UpdateMode
 
 from shared.admin.cli import Admin, parser
-from shared.cache.policy import CachePolicy
 from shared.config import load_settings
-from shared.edge.consumers import Consumer, Limits, Team, UserLimits, hash_key, key_prefix, new_key, rotated
+from shared.edge.consumers import hash_key, key_prefix, new_key, rotated
+from shared.records.cache import CachePolicy
+from shared.records.consumers import Consumer, Limits, Team, UserLimits
 from shared.storage.tables import (
     BadConsumerRecord,
     TableConsumerStore,

@@ -6,18 +6,11 @@ from dataclasses import replace
 import pytest
 
 from shared.clock import FakeClock
-from shared.edge.consumers import (
-    Consumer,
-    ConsumerDirectory,
-    MemoryConsumerStore,
-    hash_key,
-    key_from_headers,
-    key_prefix,
-    new_key,
-    rotated,
-)
+from shared.edge.consumers import ConsumerDirectory, hash_key, key_from_headers, key_prefix, new_key, rotated
 from shared.edge.errors import render
 from shared.outcomes import AuthStoreUnavailable, ConsumerDisabled, Refusal
+from shared.records.consumers import Consumer
+from shared.storage.memory import MemoryConsumerStore
 
 
 def make(store: MemoryConsumerStore, consumer_id: str = "team-a", **changes: object) -> str:

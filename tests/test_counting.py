@@ -13,12 +13,13 @@ import pytest_asyncio
 
 from shared.clock import SystemClock
 from shared.config import Backend, Settings
-from shared.edge.consumers import Consumer, Limits, hash_key
+from shared.edge.consumers import hash_key
 from shared.edge.messages import GatewayRequest
 from shared.flow import tokens
 from shared.flow.gateway import Gateway
 from shared.flow.offload import ON_LOOP_BYTES as COUNT_ON_LOOP_BYTES
 from shared.limits.limiter import TokenLimiter
+from shared.records.consumers import Consumer, Limits
 from shared.telemetry.events import NullTelemetry
 from shared.wiring import build, memory_stores
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import openai
 import pytest
 
-from shared.cache.policy import CachePolicy
+from shared.records.cache import CachePolicy
 from tests.conftest import unique
 from tests.e2e import Stack
 from tools import stack

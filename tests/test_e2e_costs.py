@@ -12,10 +12,10 @@ from typing import Any
 import openai
 import pytest
 
-from shared.limits.budget import SpendRow
+from shared.records.prices import parse_prices
+from shared.records.spend import SpendRow
 from shared.storage.tables import TableBudgetStore, Tables
 from shared.telemetry import events as names
-from shared.telemetry.prices import parse_prices
 from tests.conftest import unique
 from tests.e2e import Stack, wait_for
 from tools import stack

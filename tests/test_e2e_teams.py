@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from shared.edge.consumers import UserLimits
+from shared.records.consumers import UserLimits
 from tests.conftest import unique
 from tests.e2e import Stack, wait_for
 from tools import stack

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from shared.clock import FakeClock
 from shared.config import ConfigError, EntraSettings, load_settings
-from shared.edge.consumers import Consumer, ConsumerDirectory, MemoryConsumerStore, hash_key
+from shared.edge.consumers import ConsumerDirectory, hash_key
 from shared.edge.entra import (
     PrincipalIndex,
     SigningKeys,
@@ -26,6 +26,8 @@ from shared.edge.entra import (
 from shared.edge.errors import render
 from shared.edge.identity import Identifier
 from shared.outcomes import AuthStoreUnavailable, AuthThrottled, InvalidToken
+from shared.records.consumers import Consumer
+from shared.storage.memory import MemoryConsumerStore
 from shared.telemetry.events import NullTelemetry
 from tools.entra import (
     AUDIENCE,

@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 import pytest
 
-from shared.cache.policy import CachePolicy
-from shared.edge.consumers import Team, UserLimits
+from shared.records.cache import CachePolicy
+from shared.records.consumers import Team, UserLimits
 from tests.fakes.gateway import GatewayHarness
 from tests.fakes.upstream import Reply, chat_body, embeddings_body, json_reply, sse_events, stream_reply
 

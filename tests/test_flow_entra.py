@@ -67,7 +67,7 @@ async def test_the_signed_in_person_is_the_end_user_and_an_application_alone_is_
 ) -> None:
     """Issue 27: with end-user limits, a delegated token's person is the end user (before the body's user field); a
     token an application got for itself names no person, so the body's user field is taken."""
-    from shared.edge.consumers import UserLimits
+    from shared.records.consumers import UserLimits
 
     harness = entra_harness
     harness.consumer("chat", users=UserLimits(tokens_per_minute=100_000, required=True))

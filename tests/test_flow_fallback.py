@@ -13,10 +13,10 @@ import openai
 import pytest
 
 from shared.admin.cli import Admin, parser
-from shared.cache.policy import CachePolicy
 from shared.flow.tokens import count_chat_prompt, encoding_for
 from shared.limits.ledger import deployment_scope
 from shared.outcomes import FailureKind
+from shared.records.cache import CachePolicy
 from shared.storage.memory import MemoryConsumerStore
 from tests.fakes.gateway import ADMIN_HEADERS, GatewayHarness
 from tests.fakes.upstream import Fail, Reply, chat_body, error_reply, json_reply, stream_reply

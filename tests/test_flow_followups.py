@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import orjson
 
-from shared.edge.consumers import UserLimits
 from shared.outcomes import FailureKind
+from shared.records.consumers import UserLimits
 from tests.fakes.gateway import GatewayHarness
 from tests.fakes.upstream import Fail, Reply, error_reply, json_reply
 from tools.simulator.responses_api import _finished, stream_events

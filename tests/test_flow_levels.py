@@ -11,7 +11,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from shared.edge.consumers import UserLimits
+from shared.records.consumers import UserLimits
 from tests.fakes.gateway import GatewayHarness, backend
 
 CHAT = "/v1/chat/completions"

@@ -12,8 +12,8 @@ from typing import Any
 import openai
 import pytest
 
-from shared.cache.policy import CachePolicy
-from shared.telemetry.prices import PriceTable
+from shared.records.cache import CachePolicy
+from shared.records.prices import PriceTable
 from shared.telemetry.privacy import Privacy
 from shared.telemetry.request_log import RequestLog
 from tests.fakes.gateway import GatewayHarness

@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shared.admin.cli import Admin, parser
-from shared.edge.consumers import CAPABILITIES
 from shared.edge.errors import GatewayError
 from shared.flow.gates import check_capabilities
+from shared.records.consumers import CAPABILITIES
 from shared.storage.memory import MemoryConsumerStore
 from tests.fakes.gateway import GatewayHarness
 

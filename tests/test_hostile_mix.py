@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import pytest
 
 from shared.clock import FakeClock
-from shared.edge.consumers import Consumer, Limits
 from shared.edge.errors import GatewayError
 from shared.limits.contract import Ticket
 from shared.limits.limiter import TokenLimiter
 from shared.outcomes import Refusal
+from shared.records.consumers import Consumer, Limits
 from shared.storage.memory import MemoryLedgerStore
 from shared.telemetry.events import NullTelemetry
 

@@ -1,6 +1,8 @@
-"""The package's shape: no import cycles between its modules (imports inside functions count; imports for type
-checking only do not), and the Function App never imports the admin commands (only the operations they share with
-the admin API)."""
+"""The package's shape: imports point down through the layers below, no import cycle between modules or between
+packages (imports inside functions and imports for type checking only count too: a cycle hidden behind
+`TYPE_CHECKING` is still two modules that cannot be read, tested or moved apart), and the Function App never imports
+the admin commands (only the operations they share with the admin API). docs/architecture.md says why the layers
+are in this order."""
 
 from __future__ import annotations
 
@@ -23,8 +25,6 @@ def imports(path: Path) -> set[str]:
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
-                continue  # for the type checker only: never imported at run time
             if isinstance(child, ast.Import):
                 found.update(alias.name for alias in child.names)
             elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
@@ -77,8 +77,72 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+# Each part of `shared` and the layer it sits in: a module imports only from its own part and from lower layers.
+LAYERS: dict[str, int] = {
+    # values and records: what the stores hold and what settings name; import nothing of the package's
+    "shared.records": 0, "shared.clock": 0, "shared.text": 0, "shared.outcomes": 0, "shared.catalog": 0,
+    "shared.background": 0, "shared.lifecycle": 0, "shared.waits": 0,
+    "shared.config": 1,  # the settings, parsed into records
+    "shared.storage": 2,  # the store protocols, their Table/Blob implementations and in-memory twins
+    # what the request path keeps beside the stores: metrics and books, the response cache, content safety
+    "shared.telemetry": 3, "shared.cache": 3, "shared.safety": 3,
+    # the request's parts: who calls (keys, Entra, errors rendered once), limits, where it goes
+    "shared.edge": 4, "shared.limits": 4, "shared.routing": 4,
+    "shared.flow": 5,  # the request's phases, in order
+    "shared.adminops": 6,  # the admin operations, shared by the command and the admin API
+    "shared.admin": 7, "shared.console": 7,  # the command; the admin API and its page
+    "shared.wiring": 8,  # the one builder of the services of every part, over Table or in-memory stores
+    "shared.app": 9,  # the worker: the wiring over Table Storage, the HTTP edge, SIGTERM
+    "function_app": 10, "shared": 10,
+}
+
+
+def part(module: str) -> str:
+    """The package a module belongs to (`shared.limits.ledger` -> `shared.limits`), or the top-level module itself."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 else module
+
+
+def parts_graph(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for module, targets in edges.items():
+        found.setdefault(part(module), set()).update(part(t) for t in targets if part(t) != part(module))
+    return found
+
+
 def test_no_module_imports_itself_through_others() -> None:
     assert cycles(graph()) == []
+
+
+def test_no_package_imports_itself_through_others() -> None:
+    assert cycles(parts_graph(graph())) == []
+
+
+def test_every_part_of_the_package_has_a_layer() -> None:
+    assert set(parts_graph(graph())) == set(LAYERS)
+
+
+def test_imports_point_down_the_layers() -> None:
+    upward = sorted(
+        f"{module} -> {target}"
+        for module, targets in graph().items()
+        for target in targets
+        if part(target) != part(module) and LAYERS[part(target)] >= LAYERS[part(module)]
+    )
+    assert upward == []
+
+
+def test_a_type_checking_import_counts(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from shared.flow.exchange import Services\n",
+                     encoding="utf-8")
+    assert {"shared.flow.exchange", "shared.flow.exchange.Services"} <= imports(probe)
+
+
+def test_a_module_is_its_package_part() -> None:
+    assert part("shared.limits.ledger") == "shared.limits" and part("shared.config") == "shared.config"
+    assert parts_graph({"shared.a.x": {"shared.b.y", "shared.a.z"}, "shared.b.y": {"shared.c"}}) == {
+        "shared.a": {"shared.b"}, "shared.b": {"shared.c"}}
 
 
 def test_the_cycle_finder_finds_a_cycle() -> None:

@@ -11,12 +11,13 @@ from dataclasses import replace
 import pytest
 
 from shared.clock import FakeClock
-from shared.edge.consumers import Consumer, Limits, Team, UserLimits
 from shared.edge.errors import render
 from shared.limits.ledger import CONSUMER_SCOPE, Ledger
+from shared.limits.ledger_copy import read_ledger
 from shared.limits.limiter import TokenLimiter
 from shared.limits.scopes import team_key, user_key
 from shared.outcomes import QuotaExhausted, RateLimited, Refusal
+from shared.records.consumers import Consumer, Limits, Team, UserLimits
 from shared.storage.memory import MemoryLedgerStore
 from shared.telemetry.events import NullTelemetry
 
@@ -42,7 +43,7 @@ def limiters(store: MemoryLedgerStore, clock: FakeClock, count: int) -> list[Tok
 
 
 async def charged(store: MemoryLedgerStore, key: str, clock: FakeClock) -> int:
-    ledger, _ = await store.read(key)
+    ledger, _ = await read_ledger(store, key)
     return Ledger.occupancy(ledger, CONSUMER_SCOPE, int(clock.now() * 1000))
 
 
@@ -270,7 +271,7 @@ async def test_an_end_users_quota_is_a_ledger_of_its_own_and_answers_403_naming_
     assert render(caught.value).headers["x-gateway-limit-scope"] == "user"
     (await lim.admit(c, DEPLOYMENT, 100, user="h2")).settle(100)  # another end user has its own quota
     await lim.close()
-    assert (await store.read(user_key("app", "h1")))[0].quota_used == 300
+    assert (await read_ledger(store, user_key("app", "h1")))[0].quota_used == 300
 
 
 async def test_an_end_users_limit_holds_across_instances_joining_and_a_lowered_limit_and_a_busy_one_is_served() -> None:

@@ -10,7 +10,7 @@ from shared.limits.blocks import Blocks
 from shared.limits.fallback import Fallback
 from shared.limits.leases import Holdings, LeaseState
 from shared.limits.ledger import CONSUMER_SCOPE, Grant, Ledger, Refusal
-from shared.limits.ledger_copy import Contended, LedgerCopy
+from shared.limits.ledger_copy import Contended, LedgerCopy, read_ledger
 from shared.limits.pacing import Pacing
 from shared.limits.scopes import Scopes
 from shared.outcomes import Refusal as Refused
@@ -60,7 +60,7 @@ class Flaky(MemoryLedgerStore):
         super().__init__()
         self.left = conflicts
 
-    async def write(self, consumer_id: str, ledger: Ledger, etag: str | None) -> str:
+    async def write(self, consumer_id: str, ledger: dict[str, object], etag: str | None) -> str:
         if self.left:
             self.left -= 1
             self.writes += 1
@@ -136,18 +136,18 @@ class CountingDown(MemoryLedgerStore):
         self.attempts = 0
         self.unavailable = True
 
-    async def read(self, consumer_id: str) -> tuple[Ledger, str | None]:
+    async def read(self, consumer_id: str) -> tuple[dict[str, object] | None, str | None]:
         self.attempts += 1
         return await super().read(consumer_id)
 
-    async def write(self, consumer_id: str, ledger: Ledger, etag: str | None) -> str:
+    async def write(self, consumer_id: str, ledger: dict[str, object], etag: str | None) -> str:
         self.attempts += 1
         return await super().write(consumer_id, ledger, etag)
 
 
 async def test_a_store_outage_is_probed_once_per_retry_interval_not_once_per_consumer() -> None:
-    from shared.edge.consumers import Consumer, Limits
     from shared.limits.limiter import TokenLimiter
+    from shared.records.consumers import Consumer, Limits
     from shared.telemetry.events import NullTelemetry
 
     clock = FakeClock(start=T0)
@@ -161,5 +161,5 @@ async def test_a_store_outage_is_probed_once_per_retry_interval_not_once_per_con
     clock.advance(1.5)
     store.unavailable = False
     await limiter.tick()  # back: what the fallback admitted is written
-    ledger, _ = await store.read("c7")
+    ledger, _ = await read_ledger(store, "c7")
     assert sum(ledger.windows[S].values()) == 100

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from shared.config import ConfigError, load_settings
-from shared.edge.consumers import Limits
+from shared.records.consumers import Limits
 from tests.docs_commands import ROOT
 from tests.fakes.gateway import GatewayHarness
 from tests.test_bicep import deployed, of_type

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from shared.config import Settings, load_settings
-from shared.flow.usage import TokenUsage
+from shared.records.usage import TokenUsage
 from shared.telemetry import events as names
 from shared.telemetry.events import RequestRecord
 from shared.telemetry.otel import OtelTelemetry, views

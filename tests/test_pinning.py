@@ -8,11 +8,11 @@ import pytest
 from shared.clock import FakeClock
 from shared.config import Backend, BreakerRule
 from shared.edge.errors import GatewayError, render
+from shared.flow.pinning import RETENTION_S, Pinning
 from shared.flow.responses import Created
 from shared.flow.translate import AZURE_API, FOLLOW_UPS, OPENAI_API, Operation, match_route
-from shared.flow.usage import TokenUsage
 from shared.outcomes import ResponseBackendUnavailable, ResponseNotFound, ResponseStateUnavailable
-from shared.routing.pinning import RETENTION_S, Pinning
+from shared.records.usage import TokenUsage
 from shared.routing.router import Router
 from shared.storage.memory import MemoryResponseStore
 from shared.telemetry.events import NullTelemetry

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared.flow.usage import TokenUsage
-from shared.telemetry.prices import Price, PriceError, PriceTable, parse_prices
+from shared.records.prices import Price, PriceError, PriceTable, parse_prices
+from shared.records.usage import TokenUsage
 
 TABLE = PriceTable("EUR", {"gpt-4o": Price(2.5, 1.25, 10.0), "emb": Price(0.02, 0.02, 0.0)})
 

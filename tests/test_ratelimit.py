@@ -8,11 +8,12 @@ from typing import Any
 import pytest
 
 from shared.clock import FakeClock
-from shared.edge.consumers import Consumer, Limits
 from shared.edge.errors import GatewayError, render
 from shared.limits.ledger import CONSUMER_SCOPE
+from shared.limits.ledger_copy import read_ledger
 from shared.limits.limiter import LimitTicket, TokenLimiter
 from shared.outcomes import RateLimited, Refusal
+from shared.records.consumers import Consumer, Limits
 from shared.storage.memory import MemoryLedgerStore
 from shared.telemetry.events import NullTelemetry
 
@@ -129,7 +130,7 @@ async def test_quota_is_charged_what_the_backend_reported() -> None:
     clock.advance(10)
     await lim.tick()  # idle: the lease is released
     await lim.tick()
-    ledger, _ = await store.read("team-a")
+    ledger, _ = await read_ledger(store, "team-a")
     assert ledger.quota_used == 5 * 123
     assert ledger.leases == {}
 
@@ -170,7 +171,7 @@ async def test_store_outage_fails_open_to_this_instances_share_and_reconciles_la
     store.unavailable = False
     clock.advance(2)
     await lim.tick()
-    ledger, _ = await store.read("team-a")
+    ledger, _ = await read_ledger(store, "team-a")
     held = sum(lease.quota_tokens for lease in ledger.leases.values())
     assert ledger.quota_used - held == 250  # what was admitted during the outage is charged to the quota
     assert sum(ledger.windows[CONSUMER_SCOPE].values()) == 250  # and counted in the window
@@ -303,7 +304,7 @@ async def test_an_overrun_learnt_after_a_minute_is_charged_to_the_next_minute() 
     clock.advance(70)  # a long generation: its admission bucket has left the window
     ticket.settle(900)
     await settle_and_sync(lim, clock)
-    ledger, _ = await store.read("team-a")
+    ledger, _ = await read_ledger(store, "team-a")
     assert ledger.occupancy(CONSUMER_SCOPE, int(clock.now() * 1000)) == 900
     with pytest.raises(RateLimited):
         await lim.admit(c, DEPLOYMENT, 200)
@@ -330,7 +331,7 @@ async def test_a_stream_settled_as_it_goes_stays_in_the_window_while_it_runs() -
 
     async def occupancy() -> int:
         await settle_and_sync(lim, clock)
-        ledger, _ = await store.read("team-a")
+        ledger, _ = await read_ledger(store, "team-a")
         return ledger.occupancy(CONSUMER_SCOPE, int(clock.now() * 1000))
 
     before = await occupancy()
@@ -350,13 +351,13 @@ async def test_usage_settled_just_after_the_quota_period_resets_is_charged_to_th
     lim = limiter(store, clock)
     c = consumer(tpm=0, quota=100_000, period="hourly")
     ticket = await lim.admit(c, DEPLOYMENT, 100)
-    held, _ = await store.read("team-a")
+    held, _ = await read_ledger(store, "team-a")
     old_hour = held.quota_used  # what the old hour counted: the instance's lease, at least the 100 reserved
     assert old_hour >= 100
     clock.advance(3)  # the hour turns while the request runs
     ticket.settle(5_000)
     await settle_and_sync(lim, clock)
-    ledger, _ = await store.read("team-a")
+    ledger, _ = await read_ledger(store, "team-a")
     # What the old hour did not count is charged to the new hour, never dropped.
     assert ledger.quota_key == time_key(hour_end) and ledger.quota_used == 5_000 - old_hour
 

@@ -9,7 +9,8 @@ import pytest
 import pytest_asyncio
 
 from shared.config import load_settings
-from shared.routing.pinning import RETENTION_S, StoredResponse
+from shared.flow.pinning import RETENTION_S
+from shared.records.responses import StoredResponse
 from shared.storage.memory import MemoryResponseStore
 from shared.storage.protocols import ResponseStore, StoreUnavailable
 from shared.storage.responses import TableResponseStore

@@ -29,7 +29,8 @@ from shared.flow.tokens import (
     count_tools,
     get_encoding,
 )
-from shared.flow.usage import TokenUsage, usage_from_body
+from shared.flow.usage import usage_from_body
+from shared.records.usage import TokenUsage
 from tools.simulator.responses_api import _finished, _response, stream_events
 
 ENC = get_encoding("o200k_base")

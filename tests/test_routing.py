@@ -8,7 +8,8 @@ from shared.clock import FakeClock
 from shared.config import Backend, BreakerRule
 from shared.edge.errors import render
 from shared.outcomes import AttemptFailure, BackendsBusy, FailureKind, NoBackend
-from shared.routing.router import MemoryBreakerStore, Router
+from shared.routing.router import Router
+from shared.storage.memory import MemoryBreakerStore
 from shared.telemetry.events import NullTelemetry
 
 D = "gpt-4o"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from shared.clock import FakeClock
+from shared.records.safety import parse_policy
 from shared.safety import texts
-from shared.safety.policy import parse_policy
 from shared.safety.services import Breaker, ServiceFailure, VerdictCache
 from shared.safety.verdicts import Analysis, Shield, judge, severity_label
 

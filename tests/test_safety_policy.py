@@ -12,8 +12,8 @@ import pytest
 from shared.admin.cli import Admin, _deployments, parser
 from shared.admin.teams import TeamAdmin
 from shared.config import ConfigError, load_settings
-from shared.edge.consumers import Consumer, Team, with_team
-from shared.safety.policy import PiiRule, PolicyError, parse_policies, resolve
+from shared.records.consumers import Consumer, Team, with_team
+from shared.records.safety import PiiRule, PolicyError, parse_policies, resolve
 from shared.storage.memory import MemoryConsumerStore
 from shared.storage.tables import (
     BadConsumerRecord,

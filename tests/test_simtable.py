@@ -79,7 +79,7 @@ def test_a_conditional_write_conflicts_only_when_another_landed_between_its_read
             await asyncio.sleep(delay)
             ledger, etag = await store.read("c")
             try:
-                await store.write("c", Ledger(), etag)
+                await store.write("c", Ledger().to_entity(), etag)
                 return True
             except Conflict:
                 return False
@@ -106,7 +106,7 @@ def test_many_overlapping_writers_lose_in_proportion_to_their_overlap() -> None:
             await asyncio.sleep(delay)
             _, etag = await store.read("c")
             try:
-                await store.write("c", Ledger(), etag)
+                await store.write("c", Ledger().to_entity(), etag)
                 wins += 1
             except Conflict:
                 pass

@@ -10,10 +10,11 @@ from shared.admin.cli import Admin, parser
 from shared.admin.spend import spend_summary
 from shared.admin.usage_report import format_report, freshness, last_written, summarize
 from shared.config import load_settings
-from shared.edge.consumers import Consumer, Limits
-from shared.limits.budget import MemoryBudgetStore, SpendRow
-from shared.storage.memory import MemoryConsumerStore, MemoryUsageStore
-from shared.telemetry.usage_rows import UsageRow, hour_key
+from shared.records.consumers import Consumer, Limits
+from shared.records.spend import SpendRow
+from shared.records.usage import UsageRow
+from shared.storage.memory import MemoryBudgetStore, MemoryConsumerStore, MemoryUsageStore
+from shared.telemetry.usage_rows import hour_key
 from tests.fakes.gateway import GatewayHarness, backend
 
 PRICES = json.dumps({"currency": "EUR", "deployments": {"gpt-4o": {"input": 2.5, "output": 10}}})

@@ -16,11 +16,15 @@ from typing import Any
 import pytest
 from azure.data.tables.aio import TableServiceClient
 
-from shared.adminops.records import AuditEntry
-from shared.edge.consumers import Consumer, Limits, hash_key
+from shared.edge.consumers import hash_key
 from shared.limits.ledger import Ledger, Quota, claim
-from shared.routing.capacity import CapacityReport
-from shared.routing.router import BreakerRecord
+from shared.limits.ledger_copy import read_ledger
+from shared.records.audit import AuditEntry
+from shared.records.breaker import BreakerRecord
+from shared.records.capacity import CapacityReport
+from shared.records.consumers import Consumer, Limits
+from shared.records.traffic import TrafficRow
+from shared.records.usage import UsageRow
 from shared.storage import memory
 from shared.storage.protocols import (
     BreakerStore,
@@ -42,8 +46,6 @@ from shared.storage.tables import (
     TableTrafficStore,
     TableUsageStore,
 )
-from shared.telemetry.traffic import TrafficRow
-from shared.telemetry.usage_rows import UsageRow
 from tools import stack
 
 _prefixes = itertools.count(1)
@@ -86,32 +88,32 @@ def consumer(consumer_id: str, key: str = "k", tpm: int = 1000) -> Consumer:
 
 
 async def test_ledger_starts_empty_and_is_created_only_where_there_is_none(stores: Stores) -> None:
-    ledger, etag = await stores.ledger.read("team-a")
+    ledger, etag = await read_ledger(stores.ledger, "team-a")
     assert etag is None and ledger == Ledger()
     claim(ledger, "i:1", {"*": 1}, {"*": 300}, {"*": 1000}, Quota(5000, "daily"), 1_700_000_000.0, 2000)
-    first = await stores.ledger.write("team-a", ledger, None)
+    first = await stores.ledger.write("team-a", ledger.to_entity(), None)
     with pytest.raises(Conflict):
-        await stores.ledger.write("team-a", ledger, None)  # a second creator lost the race
-    stored, etag = await stores.ledger.read("team-a")
+        await stores.ledger.write("team-a", ledger.to_entity(), None)  # a second creator lost the race
+    stored, etag = await read_ledger(stores.ledger, "team-a")
     assert etag == first and stored == ledger
 
 
 async def test_ledger_write_on_a_stale_etag_is_a_conflict_and_changes_nothing(stores: Stores) -> None:
-    await stores.ledger.write("team-b", Ledger(quota_key="2026-12-01", quota_used=1), None)
-    _, etag = await stores.ledger.read("team-b")
-    newer = await stores.ledger.write("team-b", Ledger(quota_key="2026-12-01", quota_used=2), etag)
+    await stores.ledger.write("team-b", Ledger(quota_key="2026-12-01", quota_used=1).to_entity(), None)
+    _, etag = await read_ledger(stores.ledger, "team-b")
+    newer = await stores.ledger.write("team-b", Ledger(quota_key="2026-12-01", quota_used=2).to_entity(), etag)
     assert newer != etag
     with pytest.raises(Conflict):
-        await stores.ledger.write("team-b", Ledger(quota_key="2026-12-01", quota_used=99), etag)
-    stored, current = await stores.ledger.read("team-b")
+        await stores.ledger.write("team-b", Ledger(quota_key="2026-12-01", quota_used=99).to_entity(), etag)
+    stored, current = await read_ledger(stores.ledger, "team-b")
     assert stored.quota_used == 2 and current == newer
 
 
 async def test_concurrent_writers_on_one_etag_exactly_one_wins(stores: Stores) -> None:
-    await stores.ledger.write("team-c", Ledger(), None)
-    _, etag = await stores.ledger.read("team-c")
+    await stores.ledger.write("team-c", Ledger().to_entity(), None)
+    _, etag = await read_ledger(stores.ledger, "team-c")
     results = await asyncio.gather(
-        *(stores.ledger.write("team-c", Ledger(quota_key="k", quota_used=n), etag) for n in range(1, 6)),
+        *(stores.ledger.write("team-c", Ledger(quota_key="k", quota_used=n).to_entity(), etag) for n in range(1, 6)),
         return_exceptions=True,
     )
     assert sum(1 for r in results if isinstance(r, str)) == 1
@@ -119,10 +121,10 @@ async def test_concurrent_writers_on_one_etag_exactly_one_wins(stores: Stores) -
 
 
 async def test_ledgers_of_consumers_are_independent(stores: Stores) -> None:
-    await stores.ledger.write("team-d", Ledger(quota_used=4), None)
-    await stores.ledger.write("team-e", Ledger(quota_used=5), None)
-    assert (await stores.ledger.read("team-d"))[0].quota_used == 4
-    assert (await stores.ledger.read("team-e"))[0].quota_used == 5
+    await stores.ledger.write("team-d", Ledger(quota_used=4).to_entity(), None)
+    await stores.ledger.write("team-e", Ledger(quota_used=5).to_entity(), None)
+    assert (await read_ledger(stores.ledger, "team-d"))[0].quota_used == 4
+    assert (await read_ledger(stores.ledger, "team-e"))[0].quota_used == 5
 
 
 # ---- breakers -------------------------------------------------------------------------------------------------------

@@ -13,17 +13,9 @@ import pytest
 from shared.admin.cli import Admin, parser
 from shared.admin.teams import TeamAdmin
 from shared.clock import FakeClock
-from shared.edge.consumers import (
-    Consumer,
-    ConsumerDirectory,
-    Limits,
-    MemoryConsumerStore,
-    Team,
-    hash_key,
-    key_prefix,
-    new_key,
-    with_team,
-)
+from shared.edge.consumers import ConsumerDirectory, hash_key, key_prefix, new_key
+from shared.records.consumers import Consumer, Limits, Team, with_team
+from shared.storage.memory import MemoryConsumerStore
 
 
 def member(consumer_id: str = "app", **changes: object) -> tuple[Consumer, str]:
@@ -141,7 +133,8 @@ async def test_admin_refuses_what_would_leave_a_consumer_in_no_team(argv: list[s
 
 
 def test_the_usage_report_sums_per_team_by_each_consumers_team() -> None:
-    from shared.admin.usage_report import UsageTotal, by_team, format_report
+    from shared.admin.usage_report import by_team, format_report
+    from shared.adminops.usage import UsageTotal
 
     totals = [UsageTotal("a", "gpt-4o", 2, 10, 5, 15, 0, {}, 0.5), UsageTotal("b", "gpt-4o", 1, 4, 1, 5, 0, {}, 0.25),
               UsageTotal("a", "mini", 1, 1, 1, 2, 0, {}, 0.0), UsageTotal("loner", "gpt-4o", 3, 3, 3, 6, 0, {}, 1.0)]

@@ -11,9 +11,9 @@ import orjson
 import pytest
 
 from shared.admin.usage_report import format_report, summarize
-from shared.flow.usage import TokenUsage, combined, tool_calls
-from shared.telemetry.prices import PriceError, parse_prices
-from shared.telemetry.usage_rows import UsageRow
+from shared.flow.usage import tool_calls
+from shared.records.prices import PriceError, parse_prices
+from shared.records.usage import TokenUsage, UsageRow, combined
 from tests.fakes.gateway import GatewayHarness
 from tests.fakes.upstream import Reply, json_reply
 

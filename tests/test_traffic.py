@@ -4,7 +4,7 @@ instances; the store's work grows with instances and time, never with requests."
 from __future__ import annotations
 
 from shared.clock import FakeClock
-from shared.flow.usage import TokenUsage
+from shared.records.usage import TokenUsage
 from shared.storage.memory import MemoryTrafficStore
 from shared.telemetry.events import NullTelemetry, RequestRecord
 from shared.telemetry.traffic import TrafficCounter, merge

@@ -7,6 +7,7 @@ import pytest
 
 from shared.config import Backend
 from shared.edge.errors import GatewayError
+from shared.flow.jsonbody import parse_body
 from shared.flow.translate import (
     AZURE_API,
     OPENAI_API,
@@ -16,7 +17,6 @@ from shared.flow.translate import (
     check_api_version,
     check_body,
     match_route,
-    parse_body,
     request_headers,
 )
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from shared.flow.tokens import get_encoding
-from shared.flow.usage import SseRelay, TokenUsage, combined, usage_from_body
+from shared.flow.usage import SseRelay, usage_from_body
+from shared.records.usage import TokenUsage, combined
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from shared.clock import FakeClock
-from shared.flow.usage import TokenUsage
+from shared.records.usage import TokenUsage, UsageRow
 from shared.storage.memory import MemoryUsageStore
-from shared.telemetry.usage_rows import UsageRecorder, UsageRow
+from shared.telemetry.usage_rows import UsageRecorder
 
 T0 = 1_700_000_400.0  # 20 minutes into an hour: the run below stays inside it
 

@@ -54,7 +54,8 @@ def _uses_embedded_backends(env: dict[str, str]) -> bool:
 
 async def _demo_consumer(env: dict[str, str], consumer_id: str = "demo", safety: str | None = None
                          ) -> tuple[str, str] | None:
-    from shared.edge.consumers import Consumer, Limits, hash_key, key_prefix, new_key
+    from shared.edge.consumers import hash_key, key_prefix, new_key
+    from shared.records.consumers import Consumer, Limits
     from shared.storage.tables import Conflict, TableConsumerStore, Tables
 
     settings = load_settings(env, require_backends=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from shared.cache.policy import MAX_TTL_S, SCOPES, CachePolicy
+from shared.records.cache import MAX_TTL_S, SCOPES, CachePolicy
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser, who: str) -> None:

@@ -52,10 +52,12 @@ from shared.admin.teams import TeamAdmin
 from shared.admin.teams import add_parser as add_teams_parser
 from shared.adminops.describe import describe_consumer
 from shared.adminops.operations import Actor, AdminOperations, CommandOperations
-from shared.cache.policy import CachePolicy
 from shared.clock import SystemClock
 from shared.config import DEPLOYMENT_NAME, Settings, load_settings, local_environment
-from shared.edge.consumers import (
+from shared.edge.consumers import hash_key, key_prefix, new_key
+from shared.edge.entra import mapping_key
+from shared.records.cache import CachePolicy
+from shared.records.consumers import (
     CAPABILITIES,
     PRIORITIES,
     QUOTA_PERIODS,
@@ -64,12 +66,8 @@ from shared.edge.consumers import (
     Consumer,
     Limits,
     UserLimits,
-    hash_key,
-    key_prefix,
-    new_key,
     validate_consumer_id,
 )
-from shared.edge.entra import mapping_key
 from shared.storage.protocols import ChangeLogStore
 from shared.storage.tables import TableChangeLogStore, TableConsumerStore, Tables
 from shared.text import table

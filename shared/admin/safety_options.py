@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Collection
 
-from shared.safety.policy import NONE
+from shared.records.safety import NONE
 
 
 def add_safety_argument(parser: argparse.ArgumentParser, who: str) -> None:

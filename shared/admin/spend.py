@@ -11,10 +11,10 @@ import time
 from typing import Any
 
 from shared.config import Settings
-from shared.edge.consumers import Consumer
-from shared.limits.budget import NANOS, BudgetStore
+from shared.limits.budget import NANOS
 from shared.limits.ledger import period_bounds
-from shared.storage.protocols import UsageStore
+from shared.records.consumers import Consumer
+from shared.storage.protocols import BudgetStore, UsageStore
 from shared.telemetry.usage_rows import hour_key
 
 

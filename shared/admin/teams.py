@@ -21,9 +21,9 @@ from shared.admin.cache_options import add_cache_arguments, cache_policy
 from shared.admin.safety_options import add_safety_argument, safety_policy
 from shared.adminops.describe import describe_team
 from shared.adminops.operations import Actor, AdminOperations, CommandOperations
-from shared.cache.policy import CachePolicy
 from shared.clock import SystemClock
-from shared.edge.consumers import PRIORITIES, QUOTA_PERIODS, Limits, Team, validate_consumer_id
+from shared.records.cache import CachePolicy
+from shared.records.consumers import PRIORITIES, QUOTA_PERIODS, Limits, Team, validate_consumer_id
 from shared.storage.protocols import ConsumerStore
 from shared.text import table
 

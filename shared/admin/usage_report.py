@@ -8,8 +8,7 @@ import time
 from datetime import UTC
 from typing import Any, TextIO
 
-from shared.adminops.usage import UsageTotal as UsageTotal
-from shared.adminops.usage import by_team, freshness, last_written, period_hours, summarize
+from shared.adminops.usage import UsageTotal, by_team, freshness, last_written, period_hours, summarize
 from shared.config import Settings
 from shared.storage.tables import TableUsageStore
 from shared.text import table

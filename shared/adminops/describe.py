@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.cache.policy import CachePolicy
-from shared.edge.consumers import Consumer, Team
+from shared.records.cache import CachePolicy
+from shared.records.consumers import Consumer, Team
 
 
 def describe_cache(policy: CachePolicy) -> dict[str, Any]:

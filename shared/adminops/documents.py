@@ -14,9 +14,10 @@ from dataclasses import replace
 from typing import Any
 
 from shared.adminops.operations import OperationError
-from shared.cache.policy import MAX_TTL_S, SCOPES, CachePolicy
 from shared.config import DEPLOYMENT_NAME
-from shared.edge.consumers import (
+from shared.edge.entra import MAPPING_KINDS, mapping_key
+from shared.records.cache import MAX_TTL_S, SCOPES, CachePolicy
+from shared.records.consumers import (
     CAPABILITIES,
     PRIORITIES,
     QUOTA_PERIODS,
@@ -27,8 +28,7 @@ from shared.edge.consumers import (
     UserLimits,
     validate_consumer_id,
 )
-from shared.edge.entra import MAPPING_KINDS, mapping_key
-from shared.safety.policy import NONE
+from shared.records.safety import NONE
 
 MAX_COUNT = 10**12
 MAX_NAME = 200

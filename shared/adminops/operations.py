@@ -16,9 +16,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from shared.adminops.describe import describe_consumer, describe_team
-from shared.adminops.records import AuditEntry
 from shared.clock import Clock
-from shared.edge.consumers import Consumer, Team, new_key, rotated
+from shared.edge.consumers import new_key, rotated
+from shared.records.audit import AuditEntry
+from shared.records.consumers import Consumer, Team
 from shared.storage.protocols import ChangeLogStore, Conflict, ConsumerStore
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from shared.limits.budget import NANOS
 from shared.limits.ledger import period_bounds
-from shared.telemetry.usage_rows import UsageRow, hour_key
+from shared.records.usage import UsageRow
+from shared.telemetry.usage_rows import hour_key
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from shared.flow.usage import TokenUsage
+from shared.records.usage import TokenUsage
 
 FORMAT = 1
 

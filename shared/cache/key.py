@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from shared.cache.policy import CachePolicy
+from shared.records.cache import CachePolicy
 
 KEY_VERSION = "v1"
 EXCLUDED_FIELDS = frozenset({"stream", "stream_options", "user", "safety_identifier", "prompt_cache_key", "model"})

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shared.cache.policy import CachePolicy
+from shared.records.cache import CachePolicy
 
 HEADER = "x-gateway-cache"
 NO_STORE = "no-store"  # the request opts out: not served from the cache, its answer not stored

@@ -6,7 +6,7 @@ from functools import cache
 from typing import Any
 
 from shared.adminops.documents import CACHE_FIELDS, CONSUMER_FIELDS, TEAM_FIELDS, USER_FIELDS
-from shared.edge.consumers import CAPABILITIES, PRIORITIES, QUOTA_PERIODS, USER_SOURCES
+from shared.records.consumers import CAPABILITIES, PRIORITIES, QUOTA_PERIODS, USER_SOURCES
 
 _COUNT = {"type": "integer", "minimum": 0, "maximum": 10**12}
 _PERIOD = {"type": ["string", "null"], "enum": [*QUOTA_PERIODS, None]}

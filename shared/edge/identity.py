@@ -7,9 +7,10 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shared.edge.consumers import Consumer, ConsumerDirectory, key_from_headers
+from shared.edge.consumers import ConsumerDirectory, key_from_headers
 from shared.edge.entra import TokenRefused, TokenValidator, looks_like_jwt
 from shared.outcomes import InvalidToken
+from shared.records.consumers import Consumer
 from shared.telemetry.events import Telemetry
 
 log = logging.getLogger(__name__)

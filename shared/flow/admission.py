@@ -6,13 +6,13 @@ from dataclasses import replace
 from functools import partial
 
 from shared.config import Settings
-from shared.edge.consumers import Consumer
 from shared.edge.messages import GatewayRequest
 from shared.flow import offload, tokens
 from shared.flow.end_users import caller_user_id, end_user, ledger_id
 from shared.flow.exchange import Checked, Exchange, count_prompt, prompt_bound
 from shared.flow.translate import CallShape, Operation
 from shared.limits.contract import Limiter, Ticket, UnlimitedTicket
+from shared.records.consumers import Consumer
 from shared.telemetry.events import Trace
 
 # A large prompt is admitted on its upper bound, uncounted, only when the bound and the output fit this many times in

@@ -14,7 +14,8 @@ from typing import Protocol
 from urllib.parse import quote
 
 from shared.config import Backend
-from shared.flow.usage import TokenUsage, usage_from_body
+from shared.flow.usage import usage_from_body
+from shared.records.usage import TokenUsage
 
 DEFAULT_API_VERSION = "2024-10-21"
 STREAM_USAGE_SINCE = "2024-09-01"

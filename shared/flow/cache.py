@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from shared.cache import forms, rules
+from shared.cache import rules
 from shared.cache.entry import CachedAnswer
 from shared.cache.key import cache_key, scope_of
 from shared.cache.layer import AnswerCache
@@ -25,11 +25,11 @@ from shared.cache.lookup import BYPASS, HIT, MISS, Lookup
 from shared.clock import Clock
 from shared.edge.errors import bad_request
 from shared.edge.messages import GatewayRequest, GatewayResponse
-from shared.flow import offload
+from shared.flow import answer_forms, offload
 from shared.flow.books import Books
 from shared.flow.exchange import Checked, Exchange
 from shared.flow.translate import Operation
-from shared.flow.usage import TokenUsage
+from shared.records.usage import TokenUsage
 from shared.telemetry.events import RequestRecord, Trace
 
 JSON = "application/json"
@@ -98,7 +98,7 @@ class ResponseCache:
         self._books.hit(record, trace)
         if stream:
             headers.update({"content-type": SSE, "cache-control": "no-cache"})
-            return GatewayResponse(200, headers, forms.as_events(answer.body, checked.shape.client_wants_usage))
+            return GatewayResponse(200, headers, answer_forms.as_events(answer.body, checked.shape.client_wants_usage))
         headers["content-type"] = JSON
         return GatewayResponse(200, headers, answer.body)
 
@@ -118,16 +118,16 @@ class ResponseCache:
             parsed: Any = orjson.loads(body)
         except orjson.JSONDecodeError:
             return False
-        if not forms.complete_answer(parsed):
+        if not answer_forms.complete_answer(parsed):
             return False
         return self._layer.put(CachedAnswer(lookup.scope, lookup.key, self._clock.now(), usage, model or "", body))
 
-    def assembler(self, exchange: Exchange) -> forms.StreamAssembler | None:
+    def assembler(self, exchange: Exchange) -> answer_forms.StreamAssembler | None:
         """For a streamed miss whose answer may be kept: builds it whole as it passes (bounded by the size cap)."""
         lookup = exchange.cache
         if lookup is None or not lookup.store or self._layer is None or exchange.route.operation not in STREAMABLE:
             return None
-        return forms.StreamAssembler(self._layer.max_entry_bytes * 2)
+        return answer_forms.StreamAssembler(self._layer.max_entry_bytes * 2)
 
 
 def cache_headers(lookup: Lookup | None) -> Mapping[str, str]:

@@ -8,22 +8,16 @@ from functools import partial
 from typing import Any
 
 from shared.catalog import Catalog
-from shared.edge.consumers import Consumer
 from shared.edge.errors import GatewayError, bad_request
 from shared.edge.messages import GatewayRequest
 from shared.flow import offload, responses
 from shared.flow.exchange import Checked
 from shared.flow.gates import check_capabilities
-from shared.flow.translate import (
-    CallShape,
-    Operation,
-    Route,
-    check_api_version,
-    check_body,
-    parse_body,
-)
+from shared.flow.jsonbody import parse_body
+from shared.flow.pinning import Holder, Pinning
+from shared.flow.translate import CallShape, Operation, Route, check_api_version, check_body
 from shared.outcomes import DeploymentNotAllowed, DeploymentNotFound, ItemNotFound
-from shared.routing.pinning import Holder, Pinning
+from shared.records.consumers import Consumer
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,8 @@ import hmac
 from collections.abc import Mapping
 from typing import Any
 
-from shared.edge.consumers import UserLimits
 from shared.outcomes import MAX_USER_ID_CHARS, EndUserRefused
+from shared.records.consumers import UserLimits
 
 END_USER_HEADER = "x-gateway-user"
 

@@ -16,18 +16,18 @@ from shared.cache.layer import AnswerCache
 from shared.cache.lookup import Lookup
 from shared.clock import Clock
 from shared.config import Backend, Settings
-from shared.edge.consumers import Consumer, ConsumerDirectory
+from shared.edge.consumers import ConsumerDirectory
 from shared.edge.identity import Identifier
 from shared.edge.messages import GatewayRequest
 from shared.flow import offload, responses, tokens
 from shared.flow.credentials import BackendAuth
+from shared.flow.pinning import Holder
 from shared.flow.translate import CallShape, Operation, Route
 from shared.flow.upstream import Answer, UpstreamClient
-from shared.flow.usage import TokenUsage
 from shared.limits.contract import Limiter, Ticket
-from shared.routing.pinning import Holder
+from shared.records.consumers import Consumer
+from shared.records.usage import TokenUsage
 from shared.routing.router import Router
-from shared.storage.memory import MemoryResponseStore
 from shared.storage.protocols import ResponseStore
 from shared.telemetry.events import Telemetry, Trace
 from shared.telemetry.usage_rows import UsageRecorder
@@ -45,7 +45,7 @@ class Services:
     limiter: Limiter
     telemetry: Telemetry
     usage: UsageRecorder
-    responses: ResponseStore = field(default_factory=MemoryResponseStore)  # where stored responses live
+    responses: ResponseStore  # where stored responses live
     cache: AnswerCache | None = None  # the response cache's layers (None: no consumer can use it)
     safety: Any = None  # shared/flow/safety.Screening (None: no safety policies are defined)
     audit: Any = None  # shared/safety/audit.AuditTrail (None: no policy audits)

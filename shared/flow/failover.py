@@ -32,12 +32,12 @@ from shared.flow.books import Books
 from shared.flow.credentials import BackendAuth
 from shared.flow.exchange import Checked, Chosen, Exchange, LostAttempt
 from shared.flow.family import for_family
+from shared.flow.pinning import Holder, Pinning
 from shared.flow.translate import FOLLOW_UPS, backend_body, backend_method, backend_url, request_headers
 from shared.flow.upstream import Answer, UpstreamBroken, UpstreamClient, UpstreamError
 from shared.limits.contract import UnlimitedTicket
 from shared.outcomes import AttemptFailure, BackendsBusy, FailureKind, Refusal, TooLargeForBackends
 from shared.routing.breaker import SIZE
-from shared.routing.pinning import Holder, Pinning
 from shared.routing.router import Router
 from shared.telemetry.events import Telemetry
 from shared.waits import retry_after_s

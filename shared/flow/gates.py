@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from shared.edge.consumers import (
+from shared.edge.errors import GatewayError, echoed
+from shared.records.consumers import (
     CODE_INTERPRETER,
     COMPUTER_USE,
     DATA_SOURCES,
@@ -23,7 +24,6 @@ from shared.edge.consumers import (
     PROMPTS,
     WEB_SEARCH,
 )
-from shared.edge.errors import GatewayError, echoed
 
 TOOL_CAPABILITIES = (WEB_SEARCH, FILE_SEARCH, CODE_INTERPRETER, IMAGE_GENERATION, COMPUTER_USE, MCP)
 

@@ -20,7 +20,7 @@ from functools import partial
 
 import orjson
 
-from shared.edge.consumers import Consumer, hash_key, key_from_headers
+from shared.edge.consumers import hash_key, key_from_headers
 from shared.edge.errors import render, throttle_reason
 from shared.edge.messages import GatewayRequest, GatewayResponse
 from shared.flow import bodies, offload
@@ -30,16 +30,17 @@ from shared.flow.bodies import BodyBudget, Held
 from shared.flow.books import Books
 from shared.flow.cache import ResponseCache
 from shared.flow.checks import Checks
-from shared.flow.exchange import Services as Services
+from shared.flow.exchange import Services
 from shared.flow.failover import Failover
 from shared.flow.followups import FollowUps
 from shared.flow.holds import BackgroundHolds
+from shared.flow.pinning import Pinning
 from shared.flow.relay import JSON, Relay
 from shared.flow.safety import BLOCKED, UNAVAILABLE, Screening, client_bytes
 from shared.flow.translate import FOLLOW_UPS, Operation, Route, match_route
 from shared.limits.local_rate import PerKeyRate
 from shared.outcomes import ConsumerDisabled, ContentFiltered, InvalidKey, KeyProblem, Refusal, SafetyUnavailable
-from shared.routing.pinning import Pinning
+from shared.records.consumers import Consumer
 from shared.telemetry.events import NULL_TRACE, Trace
 
 

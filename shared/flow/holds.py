@@ -25,12 +25,14 @@ import orjson
 from shared.background import keep_running
 from shared.edge.errors import GatewayError
 from shared.flow import responses
+from shared.flow.pinning import Holder, Pinning
 from shared.flow.translate import request_headers
 from shared.flow.upstream import UpstreamBroken, UpstreamError
-from shared.flow.usage import TokenUsage, usage_from_object
+from shared.flow.usage import usage_from_object
 from shared.limits.contract import Held
 from shared.outcomes import Refusal, ResponseNotFound
-from shared.routing.pinning import Holder, Pinning, StoredResponse
+from shared.records.responses import StoredResponse
+from shared.records.usage import TokenUsage
 from shared.telemetry.events import RequestRecord
 
 if TYPE_CHECKING:

@@ -15,23 +15,24 @@ from functools import partial
 import orjson
 import tiktoken
 
-from shared.cache.forms import StreamAssembler
 from shared.clock import Clock
 from shared.config import Backend, Settings
 from shared.edge.errors import error_body, render
 from shared.edge.messages import GatewayResponse
 from shared.flow import offload, responses, tokens
+from shared.flow.answer_forms import StreamAssembler
 from shared.flow.audit import Auditing
 from shared.flow.backend_api import api_of
 from shared.flow.books import Books
 from shared.flow.cache import ResponseCache, cache_headers
 from shared.flow.exchange import Chosen, Exchange, Served
 from shared.flow.holds import BackgroundHolds, record_fields
+from shared.flow.pinning import Pinning
 from shared.flow.translate import FORWARDED_RESPONSE_HEADERS, Operation
 from shared.flow.upstream import Answer, UpstreamBroken
-from shared.flow.usage import SseRelay, TokenUsage
+from shared.flow.usage import SseRelay
 from shared.outcomes import MalformedAnswer
-from shared.routing.pinning import Pinning
+from shared.records.usage import TokenUsage
 
 JSON = "application/json"
 SSE = "text/event-stream"

@@ -30,7 +30,8 @@ from shared.flow.tokens import (
     get_encoding,
     image_detail,
 )
-from shared.flow.usage import TokenUsage, ToolCalls, usage_from_object
+from shared.flow.usage import ToolCalls, usage_from_object
+from shared.records.usage import TokenUsage
 
 # Response ids travel in URL paths and become Table Storage keys: letters, digits, '_' and '-' only (Azure's look like
 # resp_68af4030592c81938ec0a5fbab4a3e9f05438e46b5f69a3b).

@@ -19,8 +19,8 @@ from shared.config import SafetySettings
 from shared.flow.exchange import Checked
 from shared.flow.translate import Operation
 from shared.outcomes import ContentFiltered, SafetyInputTooLarge, SafetyUnavailable
+from shared.records.safety import SafetyPolicy
 from shared.safety import texts
-from shared.safety.policy import SafetyPolicy
 from shared.safety.services import CONCURRENT_CALLS, ContentSafety, Language, ServiceFailure
 from shared.safety.verdicts import Analysis, Shield, judge, pii_verdict
 from shared.waits import whole_seconds

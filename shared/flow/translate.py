@@ -14,7 +14,6 @@ from shared.config import API_VERSION, DEPLOYMENT_NAME, Backend
 from shared.edge.errors import GatewayError, bad_request, echoed, not_found
 from shared.flow import responses
 from shared.flow.backend_api import api_of
-from shared.flow.jsonbody import parse_body as parse_body  # re-exported: the body is parsed with the route
 
 
 class Operation(Enum):

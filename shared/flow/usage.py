@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -11,57 +10,7 @@ import tiktoken
 
 from shared.flow import sse
 from shared.flow.tokens import COMPRESSED_AUDIO_BYTES_PER_TOKEN, base64_bytes, count_text, get_encoding
-
-
-@dataclass(frozen=True, slots=True)
-class TokenUsage:
-    prompt: int
-    completion: int
-    total: int
-    cached: int = 0
-    reasoning: int = 0
-    # False when the backend never reported usage and the figures were counted by the gateway (a cut stream).
-    reported: bool = True
-    # Built-in tool calls the service bills per call (or per container, per image), by tool: (("web_search", 2),).
-    tools: tuple[tuple[str, int], ...] = ()
-
-
-def combined(first: TokenUsage | None, second: TokenUsage | None) -> TokenUsage | None:
-    """The sum of two usages (either may be None); reported only if both were."""
-    if first is None or second is None:
-        return first if second is None else second
-    return TokenUsage(
-        first.prompt + second.prompt,
-        first.completion + second.completion,
-        first.total + second.total,
-        first.cached + second.cached,
-        first.reasoning + second.reasoning,
-        first.reported and second.reported,
-        add_tools(first.tools, second.tools),
-    )
-
-
-# Output items of the built-in tools, by the name the price table, the usage rows and the metrics use (the capability
-# that lets the tool through, shared/flow/gates.py). Each item is one billed call; code interpreter is billed per
-# container, so its calls are counted once per container they ran in.
-TOOL_ITEMS = {
-    "web_search_call": "web_search",
-    "file_search_call": "file_search",
-    "code_interpreter_call": "code_interpreter",
-    "image_generation_call": "image_generation",
-    "computer_call": "computer_use",
-    "mcp_call": "mcp",
-}
-TOOLS = frozenset(TOOL_ITEMS.values())
-
-
-def add_tools(first: tuple[tuple[str, int], ...], second: tuple[tuple[str, int], ...]) -> tuple[tuple[str, int], ...]:
-    if not first or not second:
-        return first or second
-    counts = dict(first)
-    for name, calls in second:
-        counts[name] = counts.get(name, 0) + calls
-    return tuple(sorted(counts.items()))
+from shared.records.usage import TOOL_ITEMS, TokenUsage
 
 
 class ToolCalls:

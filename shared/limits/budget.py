@@ -15,16 +15,17 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from shared.background import keep_running
 from shared.clock import Clock
-from shared.edge.consumers import Consumer
 from shared.limits.contract import Held, Limiter, Ticket
 from shared.limits.ledger import period_bounds
 from shared.outcomes import BudgetExceeded
+from shared.records.consumers import Consumer
+from shared.records.prices import PriceTable
+from shared.records.spend import SpendRow
+from shared.storage.protocols import BudgetStore
 from shared.telemetry.events import RequestRecord, Telemetry, Trace
-from shared.telemetry.prices import PriceTable
 
 log = logging.getLogger(__name__)
 
@@ -32,34 +33,6 @@ log = logging.getLogger(__name__)
 # cannot add up to anything a bill shows (in millionths, the half-unit rounding of each answer did, measurably).
 NANOS = 1_000_000_000
 FLUSH_INTERVAL_S = 5.0  # at most; a shorter refresh interval saves as often as it reads
-
-
-class BudgetStore(Protocol):
-    async def save(self, rows: list[SpendRow]) -> None: ...
-
-    async def read(self, consumer: str, period: str) -> list[SpendRow]: ...
-
-
-@dataclass(frozen=True)
-class SpendRow:
-    consumer: str
-    period: str  # "2026-12" for a monthly budget
-    instance: str
-    nanos: int
-
-
-class MemoryBudgetStore:
-    def __init__(self) -> None:
-        self.rows: dict[tuple[str, str, str], SpendRow] = {}
-        self.reads = 0
-
-    async def save(self, rows: list[SpendRow]) -> None:
-        for row in rows:
-            self.rows[(row.consumer, row.period, row.instance)] = row
-
-    async def read(self, consumer: str, period: str) -> list[SpendRow]:
-        self.reads += 1
-        return [r for (c, p, _), r in self.rows.items() if c == consumer and p == period]
 
 
 @dataclass(slots=True)

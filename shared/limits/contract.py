@@ -7,7 +7,7 @@ from typing import Protocol
 
 import orjson
 
-from shared.edge.consumers import Consumer
+from shared.records.consumers import Consumer
 
 
 @dataclass(frozen=True, slots=True)

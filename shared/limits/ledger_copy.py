@@ -22,6 +22,12 @@ WRITE_ATTEMPTS = 6
 STALE_SHARED_S = 5.0
 
 
+async def read_ledger(store: LedgerStore, consumer_id: str) -> tuple[Ledger, str | None]:
+    """The consumer's ledger and its ETag; an empty ledger and None when there is none yet."""
+    row, etag = await store.read(consumer_id)
+    return (Ledger() if row is None else Ledger.from_entity(row)), etag
+
+
 class Contended(Exception):
     """Every conditional write lost to another instance's."""
 
@@ -52,7 +58,7 @@ class LedgerCopy:
                 fresh = (not self.have or self.hits < 0.5
                          or (self.shared and clock.monotonic() - self.changed_mono > STALE_SHARED_S))
                 if fresh:
-                    self.ledger, self.etag = await store.read(consumer_id)
+                    self.ledger, self.etag = await read_ledger(store, consumer_id)
                     self.have = True
                     self.changed_mono = clock.monotonic()
                 assert self.ledger is not None
@@ -64,7 +70,7 @@ class LedgerCopy:
                     self.have = False
                     continue
                 try:
-                    self.etag = await store.write(consumer_id, ledger, self.etag)
+                    self.etag = await store.write(consumer_id, ledger.to_entity(), self.etag)
                 except Conflict:
                     self.have = False
                     if not fresh:

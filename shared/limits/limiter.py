@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 from shared.background import keep_running
 from shared.clock import Clock
-from shared.edge.consumers import Consumer
 from shared.limits import refusals
 from shared.limits.allowance import RENEW_AHEAD_S, Allowance, allowance, holders
 from shared.limits.backoff import BusyBackoff
@@ -52,7 +51,7 @@ from shared.limits.pacing import Pacing
 from shared.limits.scopes import CONSUMER, TEAM, USER, Level, Scopes, level_name, levels_for, scopes_for
 from shared.limits.user_shares import MAX_SHARE_S, UserWindows, declare, declaring, serving
 from shared.outcomes import NeverAdmissible, QuotaExhausted, RateLimited
-from shared.storage.memory import MemoryLedgerStore as MemoryLedgerStore  # the store's twin, for existing callers
+from shared.records.consumers import Consumer
 from shared.storage.protocols import LedgerStore, StoreBusy, StoreUnavailable
 from shared.telemetry.events import Telemetry
 

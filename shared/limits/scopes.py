@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.edge.consumers import Consumer
 from shared.limits.ledger import CONSUMER_SCOPE, Quota, deployment_scope
+from shared.records.consumers import Consumer
 
 TEAM, CONSUMER, USER = "team", "consumer", "user"
 

@@ -37,6 +37,8 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from shared.records.capacity import CapacityReport
+
 HORIZON_S = 60.0  # how far back charges and instants are kept (and shared)
 RECENT_S = 30.0  # the span the rate is learnt over reaches back this far
 MAX_GAP_S = 45.0  # two lone instants further apart may have an idle deployment between them: they say nothing
@@ -55,20 +57,6 @@ BURST_S = 1.0  # what an idle instance may send at once, in seconds of its share
 DEMAND_TAU_S = 2.0  # smoothing of the demand each instance reports (for shares)
 QUIET_TAU_S = 0.4  # smoothing of the local demand that says whether this instance is overflowing right now
 MAX_EVENTS = 4000  # charges kept per instance (a report stays well within a Table property)
-
-
-@dataclass(frozen=True)
-class CapacityReport:
-    """What one instance shares about one PTU backend and deployment."""
-
-    backend_id: str
-    deployment: str
-    instance: str
-    at: float  # wall clock when published; its charges are complete up to about then
-    charges: tuple[tuple[float, float], ...]  # (wall time, tokens): admissions (+), 429 refunds (-), corrections (+/-)
-    ready: tuple[float, ...]  # instants the PTU named as 100 % (wall time)
-    demand: float  # tokens/s this instance offered the PTU lately
-    rate: float | None  # tokens/s this instance believes the PTU drains (for a newcomer before the first run)
 
 
 # What a pay-as-you-go deployment's 429 carries and a provisioned deployment's never does (it documents only the

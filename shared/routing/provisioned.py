@@ -23,7 +23,8 @@ from typing import Any
 from shared.background import keep_running
 from shared.clock import Clock
 from shared.config import Backend
-from shared.routing.capacity import CapacityReport, PtuModel
+from shared.records.capacity import CapacityReport
+from shared.routing.capacity import PtuModel
 from shared.storage.protocols import CapacityStore
 
 log = logging.getLogger(__name__)

@@ -16,17 +16,16 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from shared.background import keep_running, repeat
 from shared.clock import Clock
 from shared.config import Backend
 from shared.outcomes import AttemptFailure, BackendAuthFailed, BackendsBusy, BackendsFailed, FailureKind, NoBackend
+from shared.records.breaker import BreakerRecord
 from shared.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Transition, refusal_kind
 from shared.routing.capacity import utilisation_wait
 from shared.routing.provisioned import ProvisionedCapacity
-from shared.storage.memory import MemoryBreakerStore as MemoryBreakerStore
 from shared.storage.protocols import BreakerStore
 from shared.telemetry.events import Telemetry
 from shared.waits import retry_after_s
@@ -37,16 +36,6 @@ log = logging.getLogger(__name__)
 CAPACITY_FRESH_S = 2.0
 # A backend that refuses the gateway's credential stays out at least this long (a key or role is not fixed in seconds).
 AUTH_TRIP_S = 60.0
-
-
-@dataclass(frozen=True)
-class BreakerRecord:
-    backend_id: str
-    deployment: str
-    state: str
-    until: float
-    since: float
-    reason: str
 
 
 class _Group:

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.safety.policy import SafetyPolicy
+from shared.records.safety import SafetyPolicy
 
 # Content Safety's category names -> Azure OpenAI's content filter result keys.
 FILTER_KEYS = {"Hate": "hate", "SelfHarm": "self_harm", "Sexual": "sexual", "Violence": "violence"}

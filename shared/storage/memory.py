@@ -3,20 +3,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from shared.limits.ledger import Ledger
 from shared.storage.protocols import Conflict, StoreUnavailable
 
 if TYPE_CHECKING:
-    from shared.adminops.records import AuditEntry
-    from shared.edge.consumers import Consumer, Team
-    from shared.routing.capacity import CapacityReport
-    from shared.routing.pinning import StoredResponse
-    from shared.routing.router import BreakerRecord
-    from shared.telemetry.traffic import TrafficRow
-    from shared.telemetry.usage_rows import UsageRow
+    from shared.records.audit import AuditEntry
+    from shared.records.breaker import BreakerRecord
+    from shared.records.capacity import CapacityReport
+    from shared.records.consumers import Consumer, Team
+    from shared.records.responses import StoredResponse
+    from shared.records.spend import SpendRow
+    from shared.records.traffic import TrafficRow
+    from shared.records.usage import UsageRow
 
 
 class _Switch:
@@ -150,15 +151,15 @@ class MemoryLedgerStore(_Switch):
         self.writes = 0
         self._version = 0
 
-    async def read(self, consumer_id: str) -> tuple[Ledger, str | None]:
+    async def read(self, consumer_id: str) -> tuple[dict[str, object] | None, str | None]:
         self._check()
         self.reads += 1
         stored = self.ledgers.get(consumer_id)
         if stored is None:
-            return Ledger(), None
-        return Ledger.from_entity(stored[0]), stored[1]
+            return None, None
+        return dict(stored[0]), stored[1]
 
-    async def write(self, consumer_id: str, ledger: Ledger, etag: str | None) -> str:
+    async def write(self, consumer_id: str, row: Mapping[str, object], etag: str | None) -> str:
         self._check()
         self.writes += 1
         stored = self.ledgers.get(consumer_id)
@@ -166,8 +167,22 @@ class MemoryLedgerStore(_Switch):
             raise Conflict("etag mismatch")
         self._version += 1
         new_etag = f"v{self._version}"
-        self.ledgers[consumer_id] = (ledger.to_entity(), new_etag)
+        self.ledgers[consumer_id] = (dict(row), new_etag)
         return new_etag
+
+
+class MemoryBudgetStore:
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str, str], SpendRow] = {}
+        self.reads = 0
+
+    async def save(self, rows: list[SpendRow]) -> None:
+        for row in rows:
+            self.rows[(row.consumer, row.period, row.instance)] = row
+
+    async def read(self, consumer: str, period: str) -> list[SpendRow]:
+        self.reads += 1
+        return [r for (c, p, _), r in self.rows.items() if c == consumer and p == period]
 
 
 class MemoryBreakerStore(_Switch):

@@ -4,17 +4,18 @@ stores (tables.py) and their in-memory twins (memory.py); tests/test_stores.py r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # the records are defined beside the logic that uses them; only their names are needed here
-    from shared.adminops.records import AuditEntry
-    from shared.edge.consumers import Consumer, Team
-    from shared.limits.ledger import Ledger
-    from shared.routing.capacity import CapacityReport
-    from shared.routing.pinning import StoredResponse
-    from shared.routing.router import BreakerRecord
-    from shared.telemetry.traffic import TrafficRow
-    from shared.telemetry.usage_rows import UsageRow
+    from shared.records.audit import AuditEntry
+    from shared.records.breaker import BreakerRecord
+    from shared.records.capacity import CapacityReport
+    from shared.records.consumers import Consumer, Team
+    from shared.records.responses import StoredResponse
+    from shared.records.spend import SpendRow
+    from shared.records.traffic import TrafficRow
+    from shared.records.usage import UsageRow
 
 
 class StoreUnavailable(Exception):
@@ -84,14 +85,27 @@ class ConsumerStore(Protocol):
 
 
 class LedgerStore(Protocol):
-    async def read(self, consumer_id: str) -> tuple[Ledger, str | None]:
-        """The consumer's ledger and its ETag; an empty ledger and None when there is none yet."""
+    """A consumer's ledger as one row of properties; what they mean is the ledger's business (shared/limits/ledger.py:
+    Ledger.to_entity and Ledger.from_entity)."""
+
+    async def read(self, consumer_id: str) -> tuple[dict[str, object] | None, str | None]:
+        """The ledger's row and its ETag; (None, None) when there is none yet."""
         ...
 
-    async def write(self, consumer_id: str, ledger: Ledger, etag: str | None) -> str:
-        """Store `ledger` if the stored copy still has `etag` (None: if there is none); return the new ETag.
+    async def write(self, consumer_id: str, row: Mapping[str, object], etag: str | None) -> str:
+        """Store `row` if the stored one still has `etag` (None: if there is none); return the new ETag.
 
         Raises Conflict when another writer got there first, StoreUnavailable when the store does not answer."""
+        ...
+
+
+class BudgetStore(Protocol):
+    async def save(self, rows: list[SpendRow]) -> None:
+        """Upsert this instance's spend rows (each instance owns its own rows)."""
+        ...
+
+    async def read(self, consumer: str, period: str) -> list[SpendRow]:
+        """Every instance's row of one consumer and budget period."""
         ...
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
-from shared.routing.pinning import StoredResponse
+from shared.records.responses import StoredResponse
 from shared.storage.protocols import Conflict, StoreUnavailable
 from shared.storage.tables import MatchConditions, Tables, entity_etag
 

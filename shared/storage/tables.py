@@ -25,9 +25,9 @@ from azure.core.exceptions import (
 from azure.data.tables import EntityProperty, TableTransactionError, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
 
-from shared.cache.policy import MAX_TTL_S, SCOPES, CachePolicy
 from shared.config import DEPLOYMENT_NAME, Settings
-from shared.edge.consumers import (
+from shared.records.cache import MAX_TTL_S, SCOPES, CachePolicy
+from shared.records.consumers import (
     CAPABILITIES,
     PRIORITIES,
     QUOTA_PERIODS,
@@ -38,9 +38,9 @@ from shared.edge.consumers import (
     Team,
     UserLimits,
 )
-from shared.safety.policy import NONE, valid_name
+from shared.records.safety import NONE, valid_name
+from shared.records.usage import UsageRow
 from shared.storage.protocols import Conflict, StoreBusy, StoreUnavailable
-from shared.telemetry.usage_rows import UsageRow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -714,17 +714,15 @@ class TableLedgerStore:
     def __init__(self, tables: Tables) -> None:
         self._tables = tables
 
-    async def read(self, consumer_id: str) -> tuple[Any, str | None]:
-        from shared.limits.ledger import Ledger
-
+    async def read(self, consumer_id: str) -> tuple[dict[str, object] | None, str | None]:
         try:
             entity = await self._tables.call("ledger", lambda t: t.get_entity(consumer_id, _LEDGER_RK))
         except ResourceNotFoundError:
-            return Ledger(), None
-        return Ledger.from_entity(dict(entity)), entity_etag(entity)
+            return None, None
+        return dict(entity), entity_etag(entity)
 
-    async def write(self, consumer_id: str, ledger: Any, etag: str | None) -> str:
-        entity = {"PartitionKey": consumer_id, "RowKey": _LEDGER_RK, **ledger.to_entity()}
+    async def write(self, consumer_id: str, row: Mapping[str, object], etag: str | None) -> str:
+        entity = {**row, "PartitionKey": consumer_id, "RowKey": _LEDGER_RK}
         if etag is None:
             result = await self._tables.call("ledger", lambda t: t.create_entity(entity))
         else:
@@ -845,7 +843,7 @@ class TableBreakerStore:
         self._tables = tables
 
     async def load(self) -> list[Any]:
-        from shared.routing.router import BreakerRecord
+        from shared.records.breaker import BreakerRecord
 
         entities = await self._tables.call(
             "breakers", lambda t: collect(t.query_entities(f"PartitionKey eq '{_BREAKER_PK}'"))
@@ -937,7 +935,7 @@ class TableCapacityStore:
         await self._tables.call("capacity", lambda t: t.upsert_entity(entity, mode=UpdateMode.REPLACE))
 
     async def load(self) -> list[Any]:
-        from shared.routing.capacity import CapacityReport
+        from shared.records.capacity import CapacityReport
 
         entities = await self._tables.call(
             "capacity", lambda t: collect(t.query_entities(f"PartitionKey eq '{_CAPACITY_PK}'"))
@@ -998,7 +996,7 @@ class TableBudgetStore:
             await self._tables.call("budgets", lambda t, ops=operations: t.submit_transaction(ops))  # type: ignore[misc]
 
     async def read(self, consumer: str, period: str) -> list[Any]:
-        from shared.limits.budget import SpendRow
+        from shared.records.spend import SpendRow
 
         entities = await self._tables.call(
             "budgets",
@@ -1027,7 +1025,7 @@ class TableChangeLogStore:
         await self._tables.call("changes", lambda t: t.create_entity(entity))
 
     async def recent(self, limit: int, since: float) -> list[Any]:
-        from shared.adminops.records import AuditEntry
+        from shared.records.audit import AuditEntry
 
         found: list[Any] = []
         for month in _months_back(max(time.time(), since), since):
@@ -1078,7 +1076,7 @@ class TableTrafficStore:
             await self._tables.call("traffic", upsert)
 
     async def read(self, first_bucket: int, last_bucket: int) -> list[Any]:
-        from shared.telemetry.traffic import TrafficRow
+        from shared.records.traffic import TrafficRow
 
         parameters = {"first": f"{first_bucket:012d}", "last": f"{last_bucket:012d}"}
         self.calls += 1

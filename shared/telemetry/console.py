@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from shared.records.prices import PriceTable
 from shared.telemetry.events import RequestRecord, Telemetry, Trace
-from shared.telemetry.prices import PriceTable
 
 
 def _cut(text: str, width: int) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from shared.flow.usage import TokenUsage
+from shared.records.usage import TokenUsage
 
 # Metric names: the token metrics keep API Management's names so existing queries and dashboards carry over.
 PROMPT_TOKENS = "Prompt Tokens"

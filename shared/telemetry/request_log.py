@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from shared.records.prices import PriceTable
 from shared.telemetry import events as names
 from shared.telemetry.events import RequestRecord
-from shared.telemetry.prices import PriceTable
 from shared.telemetry.privacy import Privacy
 
 EVENT_NAME = "GatewayLlmLog"

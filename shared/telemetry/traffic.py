@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shared.background import keep_running
 from shared.clock import Clock
+from shared.records.traffic import TrafficRow
 from shared.telemetry.events import Attempt, RequestRecord, Telemetry, Trace
 
 if TYPE_CHECKING:
@@ -25,17 +25,6 @@ log = logging.getLogger(__name__)
 BUCKET_S = 10
 FIELDS = ("requests", "tokens", "throttled", "failures", "failovers")
 KEEP_S = 3600.0  # an instance deletes its own rows this old as it goes: a stopped one leaves at most an hour
-
-
-@dataclass(frozen=True, slots=True)
-class TrafficRow:
-    """One instance's counts in one 10-s bucket (bucket = epoch seconds // 10), per backend, and its model fallbacks
-    per deployment (the deployment no region could serve, whose request the next of its chain took)."""
-
-    bucket: int
-    instance: str
-    counts: dict[str, tuple[int, ...]] = field(default_factory=dict)  # backend -> FIELDS
-    fallbacks: dict[str, int] = field(default_factory=dict)  # deployment -> model fallbacks away from it
 
 
 def merge(rows: Iterable[TrafficRow], backends: Iterable[str], first: int, last: int) -> dict[str, Any]:

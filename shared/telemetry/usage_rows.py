@@ -17,12 +17,10 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass, field, replace
 
 from shared.background import keep_running
 from shared.clock import Clock
-from shared.flow.usage import TokenUsage, add_tools
-from shared.storage.memory import MemoryUsageStore as MemoryUsageStore
+from shared.records.usage import TokenUsage, UsageRow
 from shared.storage.protocols import UsageStore
 
 log = logging.getLogger(__name__)
@@ -40,56 +38,6 @@ def hour_key(now_s: float) -> str:
     if _last_hour[0] != hour:  # formatted once an hour, not per request
         _last_hour = (hour, time.strftime("%Y-%m-%dT%H", time.gmtime(hour * 3600)))
     return _last_hour[1]
-
-
-@dataclass(frozen=True)
-class UsageRow:
-    consumer: str
-    hour: str  # UTC, "2026-11-26T17"
-    deployment: str
-    instance: str
-    requests: int = 0
-    prompt: int = 0
-    completion: int = 0
-    total: int = 0
-    cached: int = 0
-    reasoning: int = 0
-    # Of `total`, the tokens the gateway counted itself because no backend reported them (a stream cut off or
-    # abandoned, a backend that sends no usage): the books say which figures are the service's own.
-    counted: int = 0
-    # Built-in tool calls, by tool: (("web_search", 3),)
-    tools: tuple[tuple[str, int], ...] = ()
-    # Requests the response cache answered (no backend tokens: none of the figures above), and what they saved.
-    cache_hits: int = 0
-    saved: int = 0
-    # What these answers cost at the price table's marginal prices, in billionths of its currency (PTU answers: 0).
-    cost_nanos: int = 0
-    # When the store last wrote this row (epoch seconds; 0 in memory): how fresh a report is.
-    written_s: float = field(default=0.0, compare=False)
-
-    def plus(self, usage: TokenUsage | None, requests: int = 1, saved: TokenUsage | None = None,
-             cost_nanos: int = 0) -> UsageRow:
-        if saved is not None:
-            return replace(self, requests=self.requests + requests, cache_hits=self.cache_hits + requests,
-                           saved=self.saved + saved.total, cost_nanos=self.cost_nanos + cost_nanos)
-        if usage is None:
-            return replace(self, requests=self.requests + requests, cost_nanos=self.cost_nanos + cost_nanos)
-        # Built directly, not with replace(): once per request, and replace() looks the fields up every time.
-        return UsageRow(
-            self.consumer, self.hour, self.deployment, self.instance,
-            requests=self.requests + requests,
-            prompt=self.prompt + usage.prompt,
-            completion=self.completion + usage.completion,
-            total=self.total + usage.total,
-            cached=self.cached + usage.cached,
-            reasoning=self.reasoning + usage.reasoning,
-            counted=self.counted + (0 if usage.reported else usage.total),
-            tools=add_tools(self.tools, usage.tools) if usage.tools else self.tools,
-            cache_hits=self.cache_hits,
-            saved=self.saved,
-            cost_nanos=self.cost_nanos + cost_nanos,
-            written_s=self.written_s,
-        )
 
 
 class UsageRecorder:

@@ -15,18 +15,20 @@ import openai
 from starlette.requests import Request
 
 from shared.app import Edge
-from shared.cache.policy import OFF, CachePolicy
 from shared.clock import FakeClock
 from shared.config import Settings, load_settings
-from shared.edge.consumers import Consumer, Limits, Team, UserLimits, hash_key, key_prefix, new_key
+from shared.edge.consumers import hash_key, key_prefix, new_key
 from shared.edge.messages import GatewayRequest
 from shared.flow.gateway import Gateway
-from shared.limits.budget import MemoryBudgetStore
 from shared.limits.ledger import Ledger
+from shared.records.cache import OFF, CachePolicy
+from shared.records.consumers import Consumer, Limits, Team, UserLimits
+from shared.records.usage import UsageRow
 from shared.storage.memory import (
     MemoryAnswerStore,
     MemoryAuditStore,
     MemoryBreakerStore,
+    MemoryBudgetStore,
     MemoryChangeLogStore,
     MemoryConsumerStore,
     MemoryLedgerStore,
@@ -34,7 +36,6 @@ from shared.storage.memory import (
     MemoryTrafficStore,
     MemoryUsageStore,
 )
-from shared.telemetry.usage_rows import UsageRow
 from shared.wiring import Stores, build, memory_stores
 from tests.fakes.telemetry import RecordingTelemetry
 from tests.fakes.upstream import ScriptedUpstream

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from shared.clock import Clock
 from shared.config import Backend
 from shared.flow.responses import RESPONSE_ID_RE, Created, context_tokens
-from shared.flow.usage import TokenUsage
 from shared.limits.local_rate import PerKeyRate
 from shared.outcomes import (
     ResponseBackendUnavailable,
@@ -25,6 +24,8 @@ from shared.outcomes import (
     ResponseReadsThrottled,
     ResponseStateUnavailable,
 )
+from shared.records.responses import StoredResponse
+from shared.records.usage import TokenUsage
 from shared.routing.router import Router
 from shared.storage.protocols import ResponseStore, StoreUnavailable
 from shared.waits import whole_seconds
@@ -43,29 +44,6 @@ def item_key(item_id: str) -> str:
 # Azure OpenAI keeps stored responses for 30 days.
 RETENTION_S = 30 * 24 * 3600.0
 _WRITE_TRIES = 3
-
-
-@dataclass(frozen=True, slots=True)
-class StoredResponse:
-    response_id: str
-    backend_id: str
-    consumer_id: str
-    deployment: str
-    expires: float  # unix time
-    # What continuing this response adds to the next input (its own input and output), for admission's estimate;
-    # 0 while unknown (a background response still running).
-    context_tokens: int = 0
-    # A background response is answered "queued", without usage: `charged` (the estimate) holds the consumer's limits
-    # until a follow-up reads the finished response and its usage is settled, once, by whichever instance reads it.
-    unsettled: bool = False
-    charged: int = 0
-    # Where `charged` is held (limits.contract.Held): until this bucket (ms; 0 for a record written before holds were
-    # kept), in these places (its encoding: the ledger, scopes and quota period of each level admitted).
-    held_until_ms: int = 0
-    held_places: str = ""
-
-    def expired(self, now: float) -> bool:
-        return now >= self.expires
 
 
 @dataclass(frozen=True, slots=True)

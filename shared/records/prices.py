@@ -25,7 +25,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from shared.flow.usage import TOOLS, TokenUsage
+from shared.records.usage import TOOLS, TokenUsage
 
 PER = 1_000_000
 _CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
