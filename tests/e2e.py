@@ -14,6 +14,7 @@ import httpx
 
 from shared.config import load_settings
 from shared.edge.consumers import hash_key, key_prefix, new_key
+from shared.limits.ledger_copy import read_ledger
 from shared.records.cache import CachePolicy
 from shared.records.consumers import Consumer, Limits, Team, UserLimits
 from shared.storage.tables import TableConsumerStore, TableLedgerStore, Tables, TableUsageStore
@@ -152,7 +153,7 @@ class Stack:
 
     def ledger(self, consumer_id: str) -> Any:
         async def read(tables: Tables) -> Any:
-            return (await TableLedgerStore(tables).read(consumer_id))[0]
+            return (await read_ledger(TableLedgerStore(tables), consumer_id))[0]
 
         return self.run(self._with_tables(read))
 
