@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 import orjson
 
+from shared.edge.messages import TOKENS_CONSUMED_HEADER
 from shared.outcomes import (
     MAX_USER_ID_CHARS,
     AuditUnavailable,
@@ -89,7 +90,7 @@ class ContentFilterError(GatewayError):
 
     def __init__(self, result: Mapping[str, object]) -> None:
         super().__init__(400, CONTENT_FILTER_MESSAGE, code="content_filter", param="prompt",
-                         headers={"x-gateway-tokens-consumed": "0"})
+                         headers={TOKENS_CONSUMED_HEADER: "0"})
         self.result = dict(result)
 
     def body(self) -> bytes:

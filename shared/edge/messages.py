@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
+# The tokens a request was charged (0 for a refusal before any backend ran, or a cache hit).
+TOKENS_CONSUMED_HEADER = "x-gateway-tokens-consumed"
+
 
 @dataclass(frozen=True, slots=True)
 class GatewayRequest:

@@ -24,7 +24,7 @@ from shared.cache.layer import AnswerCache
 from shared.cache.lookup import BYPASS, HIT, MISS, Lookup
 from shared.clock import Clock
 from shared.edge.errors import bad_request
-from shared.edge.messages import GatewayRequest, GatewayResponse
+from shared.edge.messages import TOKENS_CONSUMED_HEADER, GatewayRequest, GatewayResponse
 from shared.flow import answer_forms, offload
 from shared.flow.books import Books
 from shared.flow.exchange import Checked, Exchange
@@ -82,7 +82,7 @@ class ResponseCache:
         stream = checked.shape.stream and checked.route.operation in STREAMABLE
         headers = {
             rules.HEADER: HIT,
-            "x-gateway-tokens-consumed": "0",
+            TOKENS_CONSUMED_HEADER: "0",
             "age": str(max(0, int(self._clock.now() - answer.stored_at))),
         }
         if answer.model:

@@ -18,7 +18,7 @@ import tiktoken
 from shared.clock import Clock
 from shared.config import Backend, Settings
 from shared.edge.errors import error_body, render
-from shared.edge.messages import GatewayResponse
+from shared.edge.messages import TOKENS_CONSUMED_HEADER, GatewayResponse
 from shared.flow import offload, responses, tokens
 from shared.flow.answer_forms import StreamAssembler
 from shared.flow.audit import Auditing
@@ -91,13 +91,13 @@ class Relay:
                 # finished response is read and settled (shared/flow/holds.py).
                 spent = await self._hold(exchange, chosen, created, Served(chosen.backend, status, None, model,
                                                                            chosen.attempts))
-                headers["x-gateway-tokens-consumed"] = str(spent)
+                headers[TOKENS_CONSUMED_HEADER] = str(spent)
                 headers.update(exchange.ticket.headers)
                 return GatewayResponse(status, headers, raw)
             if created is not None:
                 await self._pinning.remember(created, chosen.backend, exchange.consumer.id, exchange.deployment, usage)
         spent = self._books.settle(exchange, Served(chosen.backend, status, usage, model, chosen.attempts))
-        headers["x-gateway-tokens-consumed"] = str(spent)
+        headers[TOKENS_CONSUMED_HEADER] = str(spent)
         headers.update(exchange.ticket.headers)
         if status == 200 and self._cache is not None:
             self._cache.keep(exchange, raw, usage, model)
