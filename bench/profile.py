@@ -1,6 +1,8 @@
 """Profile the gateway under load with py-spy: the top functions by own time, and CPU per request by phase.
 
     .venv/bin/python -m bench.profile [--seconds 10] [--concurrency 64] [--stream] [--tpm N] [--metrics] [--extra JSON]
+        [--name NAME] [--passthrough]
+    .venv/bin/python -m bench.profile --table bench/out/NAME.json ...   (saved runs' phases side by side)
 
 Needs `py-spy` (pip install py-spy) and permission to read the gateway's memory (root, or ptrace allowed).
 
@@ -66,6 +68,7 @@ CLIENT = "HTTP client (aiohttp)"
 OUTSIDE = "event loop and the rest"
 LIBRARIES = ((SERVER, ("uvicorn/", "starlette/", "httptools/")), (CLIENT, ("aiohttp/", "aiohappyeyeballs/", "yarl/",
                                                                               "multidict/")))
+LOOP = "Runner.run (asyncio/runners.py"
 IDLE_WAIT = "_worker (concurrent/futures/thread.py:81)"
 STORE_FRAMES = ("core/pipeline/", "tables/aio/", "tables/_", "blob/aio/", "azure/core/", "azure/data/")
 
@@ -75,6 +78,8 @@ def phase_of(frames: list[str]) -> str:
     if any(fragment in frame for frame in frames for fragment in STORE_FRAMES):
         return STORE
     for frame in reversed(frames):
+        if LOOP in frame:
+            break  # what lies beyond is how the process started the loop (uvicorn.run among it), not who is working
         for library, fragments in LIBRARIES:
             if any(fragment in frame for fragment in fragments):
                 return library
@@ -134,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tpm", type=int, default=0, help="give the consumer a token limit (limiter on the path)")
     parser.add_argument("--metrics", action="store_true", help="export metrics and traces to a local capture endpoint")
     parser.add_argument("--name", default="profile", help="saved as bench/out/NAME.json")
+    parser.add_argument("--passthrough", action="store_true", help="profile the aiohttp passthrough instead (the floor)")
     parser.add_argument("--table", nargs="+", type=Path, metavar="JSON",
                         help="print the phases of saved runs side by side (markdown) and exit")
     args = parser.parse_args(argv)
@@ -150,8 +156,17 @@ def main(argv: list[str] | None = None) -> int:
         bench.start_azurite()
         region = stack.Region("sim", "uksouth", stack.free_port(), chat_tpm=10**9, embeddings_tpm=10**9)
         bench.start_simulator(region, latency_ms=50, token_latency_ms=5)
-        gateway = bench.start_gateway([region], extra)
-        key = bench.consumer("bench", tokens_per_minute=args.tpm)
+        if args.passthrough:
+            # The floor for comparison: the aiohttp passthrough (bench/passthrough.py) under the same load.
+            port = stack.free_port()
+            argv = [stack.PYTHON, "-m", "bench.passthrough", "--port", str(port), "--backend",
+                    f"http://127.0.0.1:{region.port}", "--client", "aiohttp"]
+            gateway = stack._spawn("passthrough", argv, port, None, bench.log_dir, 30)
+            bench.children.append(gateway)
+            key = stack.SIM_API_KEY
+        else:
+            gateway = bench.start_gateway([region], extra)
+            key = bench.consumer("bench", tokens_per_minute=args.tpm)
         url = f"{gateway.url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
         # Warm: the services are built, the tables created, the connections open before anything is sampled.
         load(url, chat_body(stream=args.stream), args.concurrency, 3, headers={"api-key": key}, stream=args.stream,
