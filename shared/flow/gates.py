@@ -126,9 +126,10 @@ def _members(obj: Mapping[str, Any], name: str) -> Iterator[tuple[str, Any]]:
             yield key, value
 
 
-def _types(obj: Mapping[str, Any]) -> Iterator[str]:
-    for _, value in _members(obj, "type"):
-        yield value if isinstance(value, str) else ""
+def _types(obj: Mapping[str, Any]) -> list[str]:
+    """Every value a lenient reader would take for the object's `type` ("" for one that is not a string)."""
+    return [value if isinstance(value, str) else "" for key, value in obj.items()
+            if isinstance(key, str) and norm(key) == "type"]
 
 
 def check_capabilities(body: Mapping[str, Any], granted: frozenset[str]) -> None:

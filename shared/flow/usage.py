@@ -63,10 +63,10 @@ def _int(value: Any) -> int:
 
 def usage_from_object(obj: Any) -> TokenUsage | None:
     """The `usage` member of a completion, chat completion, embeddings or Responses API object, if it has one."""
-    if not isinstance(obj, Mapping):
+    if type(obj) is not dict and not isinstance(obj, Mapping):
         return None
     usage = obj.get("usage")
-    if not isinstance(usage, Mapping):
+    if type(usage) is not dict and not isinstance(usage, Mapping):
         return None
     if "input_tokens" in usage or "output_tokens" in usage:
         return _responses_usage(usage, tool_calls(obj.get("output")))
