@@ -1,14 +1,17 @@
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 import platform
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+import ssl
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.e2e import Stack, gateway_env, leaks, start_simulators, test_regions
+from tests.e2e import GatewayFactory, Stack, gateway_env, leaks, start_simulators, test_regions
 from tests.fakes.gateway import GatewayHarness
 from tests.processguard import Guard
 from tools import stack
@@ -19,6 +22,38 @@ os.environ.setdefault("APPLICATIONINSIGHTS_SDKSTATS_DISABLED", "true")
 os.environ.setdefault("APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED", "true")
 os.environ.setdefault("OTEL_EXPERIMENTAL_RESOURCE_DETECTORS", "azure_app_service")
 
+
+
+def _one_tls_context() -> None:
+    """Every httpx client the tests build (each `openai.OpenAI(...)`, each `httpx.get(...)`) makes a TLS context and
+    loads the system's CA bundle into it: tens of milliseconds of CPU, for clients that then speak plain http to
+    127.0.0.1. The default context (verify=True, no client certificate) is made once and shared; any other is made as
+    asked. In the test process only (httpx, and httpx2 that the openai SDK uses); gateway processes are not touched."""
+    for name in ("httpx._transports.default", "httpx2._transports.default"):
+        try:
+            transports = importlib.import_module(name)
+        except ImportError:
+            continue
+        transports.__dict__["create_ssl_context"] = _shared_default(transports.__dict__["create_ssl_context"])
+
+
+_tls_shared = [True]
+
+
+def _shared_default(original: Callable[..., ssl.SSLContext]) -> Callable[..., ssl.SSLContext]:
+    made: dict[bool, ssl.SSLContext] = {}
+
+    def create_ssl_context(verify: Any = True, cert: Any = None, trust_env: bool = True) -> ssl.SSLContext:
+        if verify is not True or cert is not None or not _tls_shared[0]:
+            return original(verify=verify, cert=cert, trust_env=trust_env)
+        if trust_env not in made:
+            made[trust_env] = original(verify=verify, cert=cert, trust_env=trust_env)
+        return made[trust_env]
+
+    return create_ssl_context
+
+
+_one_tls_context()
 _ids = itertools.count(1)
 
 
@@ -28,7 +63,7 @@ def unique(prefix: str) -> str:
 
 # The fixtures that start processes: a test using any of them (directly or through another fixture) is marked
 # `process`, so `--quick` leaves it out without each test saying so.
-PROCESS_FIXTURES = frozenset({"azurite", "e2e", "gateway_factory", "fresh_sims"})
+PROCESS_FIXTURES = frozenset({"azurite", "e2e", "gateway_factory", "module_gateways", "fresh_sims"})
 _guard = Guard()
 
 
@@ -131,19 +166,19 @@ def e2e(azurite: stack.Child, log_dir: Path) -> Iterator[Stack]:
 
 
 @pytest.fixture
-def gateway_factory(e2e: Stack, log_dir: Path) -> Iterator[Callable[..., stack.Child]]:
-    """Start extra gateway processes on the session's Azurite and regions, with extra settings; stopped after the test."""
-    started: list[stack.Child] = []
+def gateway_factory(e2e: Stack, log_dir: Path) -> Iterator[GatewayFactory]:
+    """Extra gateway processes, stopped after the test."""
+    factory = GatewayFactory(e2e, log_dir)
+    yield factory
+    factory.stop()
 
-    def start(extra: Mapping[str, str] | None = None, regions: list[stack.Region] | None = None) -> stack.Child:
-        env = gateway_env(e2e.table_port, regions or [s.region for s in e2e.simulators], extra)
-        child = stack.start_gateway(env, log_dir=log_dir, name=unique("gateway"))
-        started.append(child)
-        return child
 
-    yield start
-    for child in started:
-        child.stop()
+@pytest.fixture(scope="module")
+def module_gateways(e2e: Stack, log_dir: Path) -> Iterator[GatewayFactory]:
+    """Extra gateway processes shared by a module's tests (each test with consumers of its own), stopped after it."""
+    factory = GatewayFactory(e2e, log_dir)
+    yield factory
+    factory.stop()
 
 
 @pytest.fixture
@@ -152,6 +187,14 @@ def fresh_sims(e2e: Stack) -> Iterator[Stack]:
     e2e.reset_simulators()
     yield e2e
     e2e.reset_simulators()
+
+
+@pytest.fixture(scope="module")
+def own_tls_context() -> Iterator[None]:
+    """For a module whose bounds were set at the pace of clients that each build their own TLS context."""
+    _tls_shared[0] = False
+    yield
+    _tls_shared[0] = True
 
 
 @pytest.fixture

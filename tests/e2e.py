@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,10 @@ from shared.records.consumers import Consumer, Limits, Team, UserLimits
 from shared.storage.tables import TableConsumerStore, TableLedgerStore, Tables, TableUsageStore
 from tools import stack
 
+# One client for every control call: a new httpx client costs tens of milliseconds of CPU (its TLS context), and the
+# stack's fixtures make a dozen calls around each test.
+_control_http = httpx.Client(timeout=10)
+
 
 @dataclass
 class Simulator:
@@ -31,7 +38,7 @@ class Simulator:
         return self.child.url
 
     def control(self, method: str, path: str, body: Any = None) -> Any:
-        response = httpx.request(method, f"{self.url}/_sim/{path}", json=body, timeout=10)
+        response = _control_http.request(method, f"{self.url}/_sim/{path}", json=body)
         response.raise_for_status()
         return response.json() if response.content else None
 
@@ -166,7 +173,7 @@ class Stack:
 
         # A correction learnt after its lease was released (a stream that ended after it) is pending usage on the
         # instance, written within its PENDING_GRACE_S (1 s): the figure counts once it holds still past that.
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + timeout_s * patience()
         wait_for(settled, timeout_s)
         total = int(sum(self.ledger(consumer_id).windows["*"].values()))
         while time.monotonic() < deadline:
@@ -198,6 +205,36 @@ class Stack:
             sim.reset()
 
 
+_gateway_ids = itertools.count(1)
+
+
+class GatewayFactory:
+    """Starts gateway processes on the session's Azurite and regions, with extra settings; `several` starts them at
+    once (a start is mostly the interpreter importing the app: waiting for each in turn doubles the wait)."""
+
+    def __init__(self, e2e: Stack, log_dir: Path) -> None:
+        self.e2e, self.log_dir = e2e, log_dir
+        self.started: list[stack.Child] = []
+
+    def __call__(self, extra: Mapping[str, str] | None = None, regions: list[stack.Region] | None = None) -> stack.Child:
+        env = gateway_env(self.e2e.table_port, regions or [s.region for s in self.e2e.simulators], extra)
+        child = stack.start_gateway(env, log_dir=self.log_dir, name=f"gateway-{os.getpid()}-f{next(_gateway_ids)}")
+        self.started.append(child)
+        return child
+
+    def several(self, count: int, extra: Mapping[str, str] | None = None,
+                regions: list[stack.Region] | None = None) -> list[stack.Child]:
+        with ThreadPoolExecutor(count) as pool:
+            return list(pool.map(lambda _: self(extra, regions), range(count)))
+
+    def stop(self) -> None:
+        """All at once: each flushes what it holds on SIGTERM, in its own time."""
+        if self.started:
+            with ThreadPoolExecutor(len(self.started)) as pool:
+                list(pool.map(lambda child: child.stop(), self.started))
+        self.started.clear()
+
+
 def leaks(secrets: Sequence[str], log_dir: Path) -> tuple[list[str], int]:
     """The log and export files under `log_dir` holding any of `secrets` (a key may appear only as its short non-secret
     prefix), and how many characters were scanned."""
@@ -212,8 +249,16 @@ def leaks(secrets: Sequence[str], log_dir: Path) -> tuple[list[str], int]:
     return leaked, scanned
 
 
+def patience() -> float:
+    """How much longer than on an idle machine a wait may take: the processes under test share the cores with whatever
+    else runs (other workers, other checkouts' suites), so a bound that holds on an idle machine is stretched by the
+    load per core. A wait that is met returns at once whatever the bound: only a failing test waits longer."""
+    return max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+
+
 def wait_for(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
+    """Until `predicate` holds; fails after `timeout_s` on an idle machine, proportionally longer on a loaded one."""
+    deadline = time.monotonic() + timeout_s * patience()
     while time.monotonic() < deadline:
         if predicate():
             return

@@ -17,7 +17,7 @@ from shared.records.spend import SpendRow
 from shared.storage.tables import TableBudgetStore, Tables
 from shared.telemetry import events as names
 from tests.conftest import unique
-from tests.e2e import Stack, wait_for
+from tests.e2e import GatewayFactory, Stack, wait_for
 from tools import stack
 from tools.capture import Capture
 
@@ -110,13 +110,12 @@ def test_one_log_record_per_request_whose_totals_and_cost_equal_the_metrics(
 
 
 def test_a_budget_refuses_with_403_budget_exceeded_on_every_instance(
-    fresh_sims: Stack, capture: Capture, gateway_factory: Callable[..., stack.Child]
+    fresh_sims: Stack, capture: Capture, gateway_factory: GatewayFactory
 ) -> None:
     e2e = fresh_sims
     extra = {"GATEWAY_PRICES": PRICES, "GATEWAY_BUDGET_REFRESH_S": "0.2", "GATEWAY_CONSUMER_REFRESH_S": "0.2",
              "APPLICATIONINSIGHTS_CONNECTION_STRING": capture.connection_string, "OTEL_METRIC_EXPORT_INTERVAL": "300"}
-    first = gateway_factory(regions=pay_as_you_go(e2e), extra=extra)
-    second = gateway_factory(regions=pay_as_you_go(e2e), extra=extra)
+    first, second = gateway_factory.several(2, extra, regions=pay_as_you_go(e2e))
     consumer = unique("budgeted")
     key = e2e.create_consumer(consumer, tpm=1_000_000)
     e2e.update_consumer(consumer, limits={"budget": 0.000001})  # a millionth of a dollar: one answer spends it

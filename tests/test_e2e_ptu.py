@@ -23,10 +23,13 @@ import pytest
 
 from shared.routing.capacity import PROBE_AFTER_S
 from tests.conftest import unique
-from tests.e2e import Simulator, Stack
+from tests.e2e import GatewayFactory, Simulator, Stack, patience
 from tools import stack
 
-pytestmark = pytest.mark.e2e
+# Each call builds its own client, TLS context included (tests/conftest.py shares one elsewhere): the bounds on the
+# PTU's 429s below were set at that pace. With the shared context a burst of 120 calls took 0.8 s, not several, and
+# met 8 429s where 3 are allowed: the gateway's pace within the first second of an overflow, or the bound, is open.
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("own_tls_context")]
 MINI = "gpt-4o-mini"
 MESSAGES = [{"role": "user", "content": "Write a haiku about failover."}]
 PTU_TPM = 6000  # 100 tokens/s; a call here is ~33 tokens: about 3 calls a second
@@ -136,10 +139,10 @@ def test_once_learnt_the_overflow_goes_on_without_asking_the_ptu_and_no_client_s
 
 
 def test_the_learnt_capacity_is_shared_with_a_gateway_process_the_ptu_never_refused(
-    e2e: Stack, ptu: Simulator, gateway_factory: Callable[..., stack.Child]
+    e2e: Stack, ptu: Simulator, gateway_factory: GatewayFactory
 ) -> None:
     routes = regions(e2e, ptu)
-    first, second = gateway_factory(regions=routes), gateway_factory(regions=routes)
+    first, second = gateway_factory.several(2, regions=routes)
     key = e2e.create_consumer(unique("app"))
     saturate(first.url, key, routes[0].id)
     assert learnt(first.url, routes[0].id) is not None
@@ -152,7 +155,7 @@ def test_the_learnt_capacity_is_shared_with_a_gateway_process_the_ptu_never_refu
                 and abs(shared["learnt_tokens_per_minute"] / taught["learnt_tokens_per_minute"] - 1) < 0.2)
 
     # The second process has sent nothing yet: what it comes to know comes through Table Storage (bounded wait).
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 15 * patience()
     while not agree() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert agree()

@@ -14,7 +14,7 @@ import pytest
 
 from shared.flow.tokens import count_chat_prompt, encoding_for
 from tests.conftest import unique
-from tests.e2e import Stack, gateway_env, wait_for
+from tests.e2e import Stack, gateway_env, patience, wait_for
 from tools import stack
 
 pytestmark = pytest.mark.e2e
@@ -105,8 +105,9 @@ def test_slow_store_bounds_the_request_path_by_the_store_timeout(e2e: Stack, log
             chat(c)
             durations.append(time.monotonic() - started)
             time.sleep(0.4)
-        # Each store call gives up after 0.3 s; a request waits for at most one of them, not for the store.
-        assert max(durations) < 1.2, durations
+        # Each store call gives up after 0.3 s; a request waits for at most one of them, not for the store (3 s). The
+        # bound is an idle machine's, stretched by the load (tests/e2e.py:patience), and never reaches the store's 3 s.
+        assert max(durations) < min(1.2 * patience(), 2.9), durations
     finally:
         stack.proxy_control(control, "latency?ms=0")
         gateway.stop()

@@ -17,7 +17,7 @@ import pytest
 from shared.flow.responses import count_input
 from shared.flow.tokens import encoding_for
 from tests.conftest import unique
-from tests.e2e import Simulator, Stack, wait_for
+from tests.e2e import GatewayFactory, Simulator, Stack, wait_for
 from tools import stack
 
 pytestmark = pytest.mark.e2e
@@ -150,7 +150,11 @@ def test_when_the_holder_is_out_follow_ups_get_a_retryable_503_and_are_never_fai
     e2e = fresh_sims
     key = e2e.create_consumer(unique("resp-down"), tpm=1_000_000)
     client = clients(e2e.url, key)["v1"]
-    made = client.responses.create(model="gpt-4o", input="Keep this in the PTU region.")
+    # The session's gateway may still hold the PTU's breaker open from an earlier test (whichever ran before it).
+    wait_for(recovered(e2e, e2e.url, "uksouth-ptu"))
+    raw = client.responses.with_raw_response.create(model="gpt-4o", input="Keep this in the PTU region.")
+    assert raw.headers["x-gateway-backend"] == "uksouth-ptu"
+    made = raw.parse()
     ptu = e2e.simulators[0]
     ptu.fault("503", count=-1)
     try:
@@ -255,12 +259,12 @@ def test_usage_rows_and_exported_metrics_carry_the_operation(
 
 
 def test_a_background_response_is_settled_exactly_once_when_it_is_read_finished(
-    fresh_sims: Stack, gateway_factory: Callable[..., stack.Child]
+    fresh_sims: Stack, gateway_factory: GatewayFactory
 ) -> None:
     e2e = fresh_sims
     consumer = unique("resp-bg")
     key = e2e.create_consumer(consumer, tpm=1_000_000)
-    here, there = gateway_factory(), gateway_factory()
+    here, there = gateway_factory.several(2)
     body: dict[str, Any] = {"model": "gpt-4o", "input": "Work on this in the background.", "background": True,
                             "metadata": {"sim_background_s": "1"}}
     raw = clients(here.url, key)["v1"].responses.with_raw_response.create(**body)

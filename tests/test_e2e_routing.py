@@ -18,7 +18,7 @@ import pytest
 
 from shared.flow.tokens import count_chat_prompt, encoding_for
 from tests.conftest import unique
-from tests.e2e import Stack
+from tests.e2e import GatewayFactory, Stack
 from tools import stack
 
 pytestmark = pytest.mark.e2e
@@ -113,11 +113,11 @@ def test_a_whole_answer_that_breaks_off_fails_over_and_the_broken_attempts_promp
 
 
 def test_a_breaker_trip_seen_by_one_gateway_is_honoured_by_another(
-    fresh_sims: Stack, gateway_factory: Callable[..., stack.Child]
+    fresh_sims: Stack, gateway_factory: GatewayFactory
 ) -> None:
     e2e = fresh_sims
     shared_regions = regions(e2e)
-    first, second = gateway_factory(regions=shared_regions), gateway_factory(regions=shared_regions)
+    first, second = gateway_factory.several(2, regions=shared_regions)
     key = e2e.create_consumer(unique("app"))
     assert served_by(client(second.url, key)) == "uksouth-ptu"
     e2e.simulators[0].fault("429", deployment=MINI, delay_s=30)

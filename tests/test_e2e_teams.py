@@ -3,7 +3,6 @@ belongs to holds across processes; a refusal names the level."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -11,8 +10,7 @@ import pytest
 
 from shared.records.consumers import UserLimits
 from tests.conftest import unique
-from tests.e2e import Stack, wait_for
-from tools import stack
+from tests.e2e import GatewayFactory, Stack, wait_for
 
 pytestmark = pytest.mark.e2e
 MESSAGES = [{"role": "user", "content": "Tell me a story."}]
@@ -42,9 +40,10 @@ def hammer(clients: list[openai.OpenAI], rounds: int) -> tuple[list[int], list[s
     return spent, scopes
 
 
-@pytest.fixture
-def gateways(e2e: Stack, gateway_factory: Callable[..., stack.Child]) -> list[str]:
-    return [gateway_factory({"GATEWAY_INSTANCE_COUNT": "3"}).url for _ in range(3)]
+@pytest.fixture(scope="module")
+def gateways(module_gateways: GatewayFactory) -> list[str]:
+    """Three instances, configured as such, for both tests (each with a team and consumers of its own)."""
+    return [g.url for g in module_gateways.several(3, {"GATEWAY_INSTANCE_COUNT": "3"})]
 
 
 def test_two_consumers_of_a_team_together_hold_the_teams_minute_across_processes(e2e: Stack, gateways: list[str]) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import PROCESS_FIXTURES
 from tests.processguard import Guard, ProcessRefused
 from tools import stack
 
@@ -73,7 +74,7 @@ def test_no_test_kept_by_quick_uses_azurite_or_the_end_to_end_stack(request: pyt
     unmarked = []
     for item in request.session.items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        needs = {"azurite", "e2e", "gateway_factory", "fresh_sims"} & set(getattr(item, "fixturenames", ()))
+        needs = PROCESS_FIXTURES & set(getattr(item, "fixturenames", ()))
         if (needs or "azurite" in params.values()) and not (item.get_closest_marker("process") or item.get_closest_marker("e2e")):
             unmarked.append(item.nodeid)
     assert not unmarked
