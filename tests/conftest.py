@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import itertools
 import os
 import platform
@@ -82,6 +83,10 @@ def pytest_configure(config: pytest.Config) -> None:
         # before the guard, it is cached and no test starts it.
         platform.processor()
         _guard.install()
+        # ...and reaches nothing beyond 127.0.0.1: the guard the end-to-end tests load into gateway processes, here.
+        spec = importlib.util.spec_from_file_location("netguard", Path(__file__).parent / "netguard" / "sitecustomize.py")
+        assert spec is not None and spec.loader is not None
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -80,3 +81,14 @@ def test_no_test_kept_by_quick_uses_azurite_or_the_end_to_end_stack(request: pyt
     assert not unmarked
     if request.config.getoption("--quick"):
         assert all(not (i.get_closest_marker("process") or i.get_closest_marker("e2e")) for i in request.session.items)
+
+
+def test_under_quick_nothing_beyond_loopback_is_reached(request: pytest.FixtureRequest) -> None:
+    if not request.config.getoption("--quick"):
+        pytest.skip("the network guard is on under --quick only (gateway processes load it in the e2e tests)")
+    with socket.socket() as outward, pytest.raises(ConnectionRefusedError, match="netguard"):
+        outward.connect(("192.0.2.1", 443))  # TEST-NET-1: never reached
+    with pytest.raises(socket.gaierror, match="netguard"):
+        socket.getaddrinfo("example.com", 443)
+    with socket.socket() as loopback:  # loopback stays open to in-process servers
+        loopback.bind(("127.0.0.1", 0))
