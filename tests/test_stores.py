@@ -479,9 +479,10 @@ async def test_a_traffic_row_saved_again_replaces_that_instances_row_only(stores
     assert read == [again, TrafficRow(base, "b", {"ptu": (2, 2, 0, 0, 0)})]
 
 
-async def test_traffic_rows_keep_their_model_fallbacks_per_deployment(stores: Stores) -> None:
+async def test_traffic_rows_keep_their_model_fallbacks_and_tokens_per_deployment(stores: Stores) -> None:
     base = int(time.time() // 10)
-    with_fallbacks = TrafficRow(base, "a", {"ptu": (3, 30, 3, 0, 3)}, {"gpt-4.1": 3, "gpt-4o": 1})
+    with_fallbacks = TrafficRow(base, "a", {"ptu": (3, 30, 3, 0, 3)}, {"gpt-4.1": 3, "gpt-4o": 1},
+                                {"ptu": {"gpt-4o": 20, "text-embedding-3-small": 10}})
     only_fallbacks = TrafficRow(base + 1, "a", {}, {"gpt-4.1": 2})
     without = TrafficRow(base, "b", {"ptu": (1, 10, 0, 0, 0)})
     await stores.traffic.save([with_fallbacks, only_fallbacks, without])

@@ -106,7 +106,7 @@ async def test_model_fallbacks_are_counted_per_deployment_written_with_their_buc
     merged = merge(await store.read(first, first + 2), ["ptu"], first, first + 2)
     assert merged["deployments"] == [{"id": "gpt-4.1", "fallbacks": [2, 1, 0]}, {"id": "gpt-4o", "fallbacks": [1, 0, 0]}]
     assert merged["backends"] == [{"id": "ptu", "requests": [0, 0, 0], "tokens": [0, 0, 0], "throttled": [0, 0, 0],
-                                   "failures": [0, 0, 0], "failovers": [0, 0, 0]}]
+                                   "failures": [0, 0, 0], "failovers": [0, 0, 0], "deployment_tokens": {}}]
     seen: list[tuple[str, str, str]] = []
 
     class Inner(NullTelemetry):
@@ -115,3 +115,26 @@ async def test_model_fallbacks_are_counted_per_deployment_written_with_their_buc
 
     TrafficCounter(Inner(), store, clock, "i", background=False).model_fallback("a", "b", "throttled")
     assert seen == [("a", "b", "throttled")]  # the metric and log still get it
+
+
+async def test_tokens_are_also_kept_per_deployment_of_each_backend_for_its_capacity() -> None:
+    """A PTU's capacity is per deployment; one PTU backend often serves several: its utilisation is the deployment's
+    tokens against the deployment's capacity, not the backend's tokens."""
+    clock, store = FakeClock(), MemoryTrafficStore()
+    counters = [TrafficCounter(NullTelemetry(), store, clock, f"i{n}", background=False) for n in range(2)]
+    first = int(clock.now() // 10)
+    for counter in counters:
+        counter.request_done(RequestRecord("c", "", "chat", "chat", "", "gpt-4o", 200, 1.0, backend_id="ptu",
+                                           attempts=1, usage=TokenUsage(100, 20, 120)))
+        counter.request_done(RequestRecord("c", "", "embeddings", "embeddings", "", "text-embedding-3-small", 200, 1.0,
+                                           backend_id="ptu", attempts=1, usage=TokenUsage(7, 0, 7)))
+    counters[0].request_done(RequestRecord("c", "", "chat", "chat", "", "gpt-4o", 200, 1.0, backend_id="paygo",
+                                           attempts=1, usage=TokenUsage(1, 1, 2)))
+    clock.advance(10)
+    for counter in counters:
+        await counter.flush()
+    merged = merge(await store.read(first, first), ["ptu", "paygo"], first, first)
+    by_id = {b["id"]: b for b in merged["backends"]}
+    assert by_id["ptu"]["tokens"] == [254]
+    assert by_id["ptu"]["deployment_tokens"] == {"gpt-4o": [240], "text-embedding-3-small": [14]}
+    assert by_id["paygo"]["deployment_tokens"] == {"gpt-4o": [2]}

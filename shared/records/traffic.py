@@ -16,3 +16,5 @@ class TrafficRow:
     instance: str
     counts: dict[str, tuple[int, ...]] = field(default_factory=dict)  # backend -> FIELDS
     fallbacks: dict[str, int] = field(default_factory=dict)  # deployment -> model fallbacks away from it
+    # backend -> deployment -> tokens: what a PTU's capacity (stated or learnt per deployment) is compared with
+    deployment_tokens: dict[str, dict[str, int]] = field(default_factory=dict)

@@ -1056,7 +1056,8 @@ def _months_back(newest: float, oldest: float) -> list[str]:
 
 class TableTrafficStore:
     """One row per instance per 10-s bucket (partition: the bucket, zero-padded, so a time range is a key range; row:
-    the instance), the counts of its backends as JSON (and its model fallbacks per deployment, when it had any). A read
+    the instance), the counts of its backends as JSON (and, when it had any, its model fallbacks per deployment and its
+    tokens per backend and deployment). A read
     of N minutes is one range query over 6N partitions."""
 
     def __init__(self, tables: Tables) -> None:
@@ -1069,6 +1070,8 @@ class TableTrafficStore:
                       "counts": json.dumps({k: list(v) for k, v in row.counts.items()}, separators=(",", ":"))}
             if row.fallbacks:
                 entity["fallbacks"] = json.dumps(row.fallbacks, separators=(",", ":"))
+            if row.deployment_tokens:
+                entity["deployment_tokens"] = json.dumps(row.deployment_tokens, separators=(",", ":"))
             self.calls += 1
             async def upsert(t: TableClient, e: dict[str, Any] = entity) -> None:
                 await t.upsert_entity(e, mode=UpdateMode.REPLACE)
@@ -1087,7 +1090,9 @@ class TableTrafficStore:
             try:
                 counts = {str(k): tuple(int(x) for x in v) for k, v in json.loads(e["counts"]).items()}
                 fallbacks = {str(k): int(v) for k, v in json.loads(e.get("fallbacks") or "{}").items()}
-                rows.append(TrafficRow(int(e["PartitionKey"]), str(e["RowKey"]), counts, fallbacks))
+                tokens = {str(b): {str(d): int(n) for d, n in per.items()}
+                          for b, per in json.loads(e.get("deployment_tokens") or "{}").items()}
+                rows.append(TrafficRow(int(e["PartitionKey"]), str(e["RowKey"]), counts, fallbacks, tokens))
             except (KeyError, TypeError, ValueError, AttributeError):
                 log.warning("ignored a malformed traffic row")
         return rows

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shared.background import keep_running
@@ -34,12 +35,16 @@ def merge(rows: Iterable[TrafficRow], backends: Iterable[str], first: int, last:
     series = {name: {f: [0] * width for f in FIELDS} for name in names}
     instances: set[str] = set()
     fallbacks: dict[str, list[int]] = {}
+    tokens: dict[str, dict[str, list[int]]] = {}
     for row in rows:
         if not first <= row.bucket <= last:
             continue
         instances.add(row.instance)
         for deployment, count in row.fallbacks.items():
             fallbacks.setdefault(deployment, [0] * width)[row.bucket - first] += int(count)
+        for backend, per_deployment in row.deployment_tokens.items():
+            for deployment, count in per_deployment.items():
+                tokens.setdefault(backend, {}).setdefault(deployment, [0] * width)[row.bucket - first] += int(count)
         for backend, values in row.counts.items():
             if backend not in series:
                 series[backend] = {f: [0] * width for f in FIELDS}
@@ -50,9 +55,18 @@ def merge(rows: Iterable[TrafficRow], backends: Iterable[str], first: int, last:
         "start": first * BUCKET_S,
         "buckets": width,
         "instances": len(instances),
-        "backends": [{"id": name, **series[name]} for name in series],
+        "backends": [{"id": name, **series[name], "deployment_tokens": tokens.get(name, {})} for name in series],
         "deployments": [{"id": name, "fallbacks": fallbacks[name]} for name in sorted(fallbacks)],
     }
+
+
+@dataclass
+class _Bucket:
+    """One open 10-s bucket of this instance: what TrafficRow holds, still being added to."""
+
+    counts: dict[str, list[int]] = field(default_factory=dict)
+    fallbacks: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class TrafficCounter:
@@ -66,8 +80,7 @@ class TrafficCounter:
         self.instance = instance
         self._background = background
         self._keep_s = keep_s
-        self._open: dict[int, dict[str, list[int]]] = {}
-        self._open_fallbacks: dict[int, dict[str, int]] = {}
+        self._open: dict[int, _Bucket] = {}
         self._written: list[int] = []  # buckets this instance wrote, oldest first (to delete after keep_s)
         self._task: asyncio.Task[None] | None = None
         self.writes = 0
@@ -76,24 +89,23 @@ class TrafficCounter:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
+    def _bucket(self) -> _Bucket:
+        bucket = self._open.get(now := int(self._clock.now() // BUCKET_S))
+        if bucket is None:
+            bucket = self._open[now] = _Bucket()
+            if self._background:
+                self._task = keep_running(self._task, self._flush_forever)
+        return bucket
+
     def _add(self, backend: str, index: int, amount: int = 1) -> None:
         if not backend or amount <= 0:
             return
-        bucket = int(self._clock.now() // BUCKET_S)
-        counts = self._open.setdefault(bucket, {}).setdefault(backend, [0] * len(FIELDS))
-        counts[index] += amount
-        self._started()
-
-    def _started(self) -> None:
-        if self._background:
-            self._task = keep_running(self._task, self._flush_forever)
-
-    def _buckets(self) -> list[int]:
-        return sorted(set(self._open) | set(self._open_fallbacks))
+        self._bucket().counts.setdefault(backend, [0] * len(FIELDS))[index] += amount
 
     def _row(self, bucket: int) -> TrafficRow:
-        return TrafficRow(bucket, self.instance, {k: tuple(v) for k, v in self._open.get(bucket, {}).items()},
-                          dict(self._open_fallbacks.get(bucket, {})))
+        held = self._open[bucket]
+        return TrafficRow(bucket, self.instance, {k: tuple(v) for k, v in held.counts.items()}, dict(held.fallbacks),
+                          {k: dict(v) for k, v in held.tokens.items()})
 
     def begin(self, method: str, route: str) -> Trace:
         return _CountingTrace(self._inner.begin(method, route), self)
@@ -103,16 +115,16 @@ class TrafficCounter:
         self._inner.request_done(record, trace.inner if isinstance(trace, _CountingTrace) else trace)
         if record.backend_id and record.attempts:
             self._add(record.backend_id, 0)
-            if record.usage is not None:
+            if record.usage is not None and record.usage.total > 0:
                 self._add(record.backend_id, 1, record.usage.total)
+                per_deployment = self._bucket().tokens.setdefault(record.backend_id, {})
+                per_deployment[record.deployment] = per_deployment.get(record.deployment, 0) + record.usage.total
 
     def model_fallback(self, from_deployment: str, to_deployment: str, reason: str) -> None:
         self._inner.model_fallback(from_deployment, to_deployment, reason)
         if from_deployment:
-            bucket = int(self._clock.now() // BUCKET_S)
-            counts = self._open_fallbacks.setdefault(bucket, {})
-            counts[from_deployment] = counts.get(from_deployment, 0) + 1
-            self._started()
+            fallbacks = self._bucket().fallbacks
+            fallbacks[from_deployment] = fallbacks.get(from_deployment, 0) + 1
 
     def failover(self, from_backend: str, to_backend: str, reason: str) -> None:
         self._inner.failover(from_backend, to_backend, reason)
@@ -126,12 +138,12 @@ class TrafficCounter:
 
     def pending(self) -> list[TrafficRow]:
         """This instance's counts not yet written (the open bucket too), for the reader on this instance."""
-        return [self._row(b) for b in self._buckets()]
+        return [self._row(b) for b in sorted(self._open)]
 
     async def flush(self, everything: bool = False) -> None:
         """Write the closed buckets (each at most once; the open one too with `everything`, at shutdown)."""
         current = int(self._clock.now() // BUCKET_S)
-        due = [b for b in self._buckets() if everything or b < current]
+        due = sorted(b for b in self._open if everything or b < current)
         if not due:
             return
         rows = [self._row(b) for b in due]
@@ -143,8 +155,7 @@ class TrafficCounter:
             return
         self.writes += 1
         for b in due:
-            self._open.pop(b, None)
-            self._open_fallbacks.pop(b, None)
+            del self._open[b]
         self._written.extend(due)
         old = [b for b in self._written if (current - b) * BUCKET_S > self._keep_s]
         if old:
@@ -155,7 +166,7 @@ class TrafficCounter:
                 log.warning("could not delete old traffic rows (%s)", type(exc).__name__)
 
     async def _flush_forever(self) -> None:
-        while self._open or self._open_fallbacks:
+        while self._open:
             now = self._clock.now()
             await asyncio.sleep(BUCKET_S - now % BUCKET_S + 0.05)  # just after the bucket closes
             await self.flush()

@@ -233,15 +233,17 @@ async function loadTraffic() {
 
 // ---- backends ---------------------------------------------------------------------------------------------------
 
-function capacityText(capacity, backendId) {
-  // PTU utilisation: what this backend took over the last minute against what it is known (or said) to hold.
+function capacityText(capacity, backendId, deployment) {
+  // PTU utilisation: this deployment's tokens on this backend over the last minute (every instance), against what it
+  // is known (learnt) or said (stated) to hold.
   if (!capacity) return "";
   const limit = capacity.learnt_tokens_per_minute || capacity.stated_tokens_per_minute;
   const parts = [];
   if (capacity.learnt_tokens_per_minute) parts.push("learnt " + number(capacity.learnt_tokens_per_minute) + " TPM");
   else if (capacity.stated_tokens_per_minute) parts.push("stated " + number(capacity.stated_tokens_per_minute) + " TPM");
   const series = lastTraffic && lastTraffic.backends.find((b) => b.id === backendId);
-  if (series && limit) parts.push(Math.round(100 * sum(series.tokens.slice(-6)) / limit) + "% used last minute");
+  const used = series && series.deployment_tokens ? series.deployment_tokens[deployment] || [] : [];
+  if (series && limit) parts.push(Math.round(100 * sum(used.slice(-6)) / limit) + "% used last minute");
   if (capacity.instance_share_tokens_per_minute) parts.push("this instance " + number(capacity.instance_share_tokens_per_minute) + " TPM");
   if (capacity.diverted) parts.push(number(capacity.diverted) + " diverted");
   if (capacity.last_429_age_s !== undefined) parts.push("last 429 " + capacity.last_429_age_s + " s ago");
@@ -256,7 +258,7 @@ async function loadBackends() {
     cell(row, b.id); cell(row, b.region); cell(row, b.ptu ? "yes" : "");
     cell(row, name); cell(row, d.state, "state-" + d.state);
     cell(row, d.recovers_in_s ? d.recovers_in_s.toFixed(0) + " s" : "");
-    cell(row, capacityText(d.capacity, b.id), "capacity");
+    cell(row, capacityText(d.capacity, b.id, name), "capacity");
   }
 }
 
