@@ -39,7 +39,7 @@ from shared.flow import tokens
 from shared.flow.gateway import Gateway
 from shared.flow.usage import SseRelay
 from shared.records.consumers import Consumer, Limits
-from shared.telemetry.events import NullTelemetry
+from shared.telemetry.protocol import NullTelemetry
 from shared.wiring import memory_stores
 
 BACKEND = Backend(id="nowhere", endpoint="http://127.0.0.1:9", region="test", deployments={"gpt-4o": "gpt-4o"}, auth="none")

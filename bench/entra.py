@@ -23,7 +23,7 @@ from shared.edge.entra import SigningKeys, TokenValidator
 from shared.edge.identity import Identifier
 from shared.records.consumers import Consumer
 from shared.storage.memory import MemoryConsumerStore
-from shared.telemetry.events import NullTelemetry
+from shared.telemetry.protocol import NullTelemetry
 from tools.entra import AUDIENCE, CALLER_APP, TENANT, Authority, MemoryFetcher
 
 

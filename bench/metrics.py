@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from bench.harness import bench_stack, chat_body, load, machine, save, stamp, update_doc
-from shared.telemetry import events as names
+from shared.telemetry import protocol as names
 from tools import stack
 from tools.capture import Capture
 

@@ -20,7 +20,7 @@ from shared.limits.limiter import LimitTicket, TokenLimiter
 from shared.outcomes import RateLimited
 from shared.records.consumers import Consumer, Limits
 from shared.storage.memory import MemoryLedgerStore
-from shared.telemetry.events import NullTelemetry
+from shared.telemetry.protocol import NullTelemetry
 
 RESERVE = 8 + 1_024
 USED = 9_532

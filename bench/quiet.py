@@ -256,7 +256,7 @@ async def limiter_cost(consumers: int, rounds: int) -> dict[str, float]:
     from shared.limits.limiter import TokenLimiter
     from shared.records.consumers import Consumer, Limits
     from shared.storage.memory import MemoryLedgerStore
-    from shared.telemetry.events import NullTelemetry
+    from shared.telemetry.protocol import NullTelemetry
 
     clock = FakeClock()
     limiter = TokenLimiter(MemoryLedgerStore(), clock, NullTelemetry(), background=False)
@@ -290,7 +290,7 @@ async def end_user_cost(users: int, rounds: int, instances: int = 1) -> dict[str
     from shared.limits.limiter import TokenLimiter
     from shared.records.consumers import Consumer, Limits, UserLimits
     from shared.storage.memory import MemoryLedgerStore
-    from shared.telemetry.events import NullTelemetry
+    from shared.telemetry.protocol import NullTelemetry
 
     clock = FakeClock()
     store = MemoryLedgerStore()

@@ -16,8 +16,8 @@ from typing import Any
 from bench.harness import machine, save, stamp, update_doc
 from shared.config import load_settings
 from shared.records.usage import TokenUsage
-from shared.telemetry.events import RequestRecord
 from shared.telemetry.otel import OtelTelemetry
+from shared.telemetry.protocol import RequestRecord
 from tools.capture import Capture
 
 BACKENDS = '[{"id": "b", "endpoint": "https://b.example", "region": "uksouth", "deployments": ["gpt-4o"], "auth": "none"}]'

@@ -48,7 +48,7 @@ from shared.outcomes import Refusal
 from shared.records.consumers import Consumer, Limits
 from shared.routing.breaker import OPEN
 from shared.storage.protocols import StoreUnavailable
-from shared.telemetry.events import NullTelemetry
+from shared.telemetry.protocol import NullTelemetry
 from shared.wiring import Stores, memory_stores
 
 D = "gpt-4o"

@@ -42,7 +42,7 @@ from bench.procs import open_fds, rss_mb
 from shared.admin.usage_report import summarize
 from shared.config import load_settings
 from shared.storage.tables import Tables, TableUsageStore
-from shared.telemetry import events as names
+from shared.telemetry import protocol as names
 from shared.telemetry.request_log import EVENT_NAME
 from tools import stack
 from tools.capture import Capture

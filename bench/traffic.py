@@ -14,7 +14,7 @@ import asyncio
 from shared.clock import FakeClock
 from shared.records.usage import TokenUsage
 from shared.storage.memory import MemoryTrafficStore
-from shared.telemetry.events import NullTelemetry, RequestRecord
+from shared.telemetry.protocol import NullTelemetry, RequestRecord
 from shared.telemetry.traffic import TrafficCounter
 
 

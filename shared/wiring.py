@@ -69,7 +69,7 @@ from shared.storage.tables import (
     TableUsageStore,
 )
 from shared.telemetry.console import ConsoleTelemetry
-from shared.telemetry.events import Telemetry
+from shared.telemetry.protocol import Telemetry
 from shared.telemetry.traffic import TrafficCounter
 from shared.telemetry.usage_rows import UsageRecorder
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from shared import config
-from shared.telemetry import events as telemetry
+from shared.telemetry import protocol as telemetry
 from tools.bicepcheck import checks, models
 from tools.bicepcheck.deployment import Deployment, ResourceInstance, deploy, load_template, params_values
 from tools.bicepcheck.evaluate import Context, Unknown, is_unknown

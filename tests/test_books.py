@@ -8,13 +8,13 @@ from hypothesis import strategies as st
 
 from shared.clock import FakeClock
 from shared.config import Backend
-from shared.flow.books import Books
 from shared.flow.exchange import Checked, Exchange, LostAttempt, Served
+from shared.flow.settlement import Books
 from shared.flow.translate import CallShape, Operation, Route
 from shared.records.consumers import Consumer
 from shared.records.usage import TokenUsage
 from shared.storage.memory import MemoryUsageStore
-from shared.telemetry.events import NULL_TRACE
+from shared.telemetry.protocol import NULL_TRACE
 from shared.telemetry.usage_rows import UsageRecorder
 from tests.fakes.gateway import gateway_request
 from tests.fakes.telemetry import RecordingTelemetry

@@ -9,7 +9,7 @@ from shared.config import Backend, BreakerRule
 from shared.records.breaker import BreakerRecord
 from shared.routing.router import Router
 from shared.storage.memory import MemoryBreakerStore
-from shared.telemetry.events import NullTelemetry
+from shared.telemetry.protocol import NullTelemetry
 
 DEPLOYMENTS = ("gpt-4o", "gpt-4o-mini", "text-embedding-3-small")
 

@@ -10,13 +10,13 @@ import pytest
 from shared.clock import FakeClock
 from shared.edge.errors import GatewayError, render
 from shared.limits.budget import BudgetBook, BudgetedLimiter, SpendingTelemetry
-from shared.limits.contract import NoLimits
+from shared.limits.tickets import NoLimits
 from shared.outcomes import BudgetExceeded
 from shared.records.consumers import Consumer, Limits
 from shared.records.prices import Price, PriceTable
 from shared.records.usage import TokenUsage
 from shared.storage.memory import MemoryBudgetStore
-from shared.telemetry.events import NullTelemetry, RequestRecord
+from shared.telemetry.protocol import NullTelemetry, RequestRecord
 
 PRICES = PriceTable("USD", {"gpt-4o": Price(2.0, 1.0, 8.0)})
 START = 1_764_547_200.0  # 2025-12-01T00:00:00Z

@@ -17,7 +17,7 @@ from shared.outcomes import RateLimited
 from shared.records.consumers import Consumer, Limits
 from shared.storage.memory import MemoryLedgerStore
 from shared.storage.protocols import StoreBusy
-from shared.telemetry.events import NullTelemetry
+from shared.telemetry.protocol import NullTelemetry
 
 
 def test_the_pause_doubles_with_each_busy_answer_within_its_jitter_and_bound() -> None:

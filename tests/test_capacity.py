@@ -15,7 +15,7 @@ from shared.routing.capacity import FRESH_S, Pacer, PtuModel, learnt_rate, share
 from shared.routing.provisioned import ProvisionedCapacity
 from shared.routing.router import Router
 from shared.storage.memory import MemoryBreakerStore, MemoryCapacityStore
-from shared.telemetry.events import NullTelemetry
+from shared.telemetry.protocol import NullTelemetry
 from tools.simulator.capacity import LeakyBucket
 
 D = "gpt-4o"

@@ -11,7 +11,7 @@ import pytest
 from shared.records.prices import parse_prices
 from shared.records.usage import TokenUsage
 from shared.telemetry.console import ConsoleTelemetry, format_line
-from shared.telemetry.events import NullTelemetry, RequestRecord, Telemetry
+from shared.telemetry.protocol import NullTelemetry, RequestRecord, Telemetry
 from tests.fakes.gateway import GatewayHarness, backend
 
 PRICES = parse_prices(json.dumps({"currency": "EUR", "deployments": {"gpt-4o": {"input": 2.5, "output": 10}}}))

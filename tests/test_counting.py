@@ -20,7 +20,7 @@ from shared.flow.gateway import Gateway
 from shared.flow.offload import ON_LOOP_BYTES as COUNT_ON_LOOP_BYTES
 from shared.limits.limiter import TokenLimiter
 from shared.records.consumers import Consumer, Limits
-from shared.telemetry.events import NullTelemetry
+from shared.telemetry.protocol import NullTelemetry
 from shared.wiring import build, memory_stores
 
 KEY = "gw-counting-test-key"

@@ -225,7 +225,7 @@ def test_limits_and_quotas_hold_for_responses_with_max_output_tokens_in_the_esti
 def test_usage_rows_and_exported_metrics_carry_the_operation(
     fresh_sims: Stack, gateway_factory: Callable[..., stack.Child]
 ) -> None:
-    from shared.telemetry import events as names
+    from shared.telemetry import protocol as names
     from tools.capture import Capture
 
     e2e = fresh_sims

@@ -10,7 +10,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from shared.telemetry import events as names
+from shared.telemetry import protocol as names
 from tests.conftest import unique
 from tests.e2e import Stack, wait_for
 from tools import stack

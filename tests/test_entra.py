@@ -28,7 +28,7 @@ from shared.edge.identity import Identifier
 from shared.outcomes import AuthStoreUnavailable, AuthThrottled, InvalidToken
 from shared.records.consumers import Consumer
 from shared.storage.memory import MemoryConsumerStore
-from shared.telemetry.events import NullTelemetry
+from shared.telemetry.protocol import NullTelemetry
 from tools.entra import (
     AUDIENCE,
     CALLER_APP,

@@ -16,12 +16,12 @@ import pytest
 
 from shared.clock import FakeClock
 from shared.edge.errors import GatewayError
-from shared.limits.contract import Ticket
 from shared.limits.limiter import TokenLimiter
+from shared.limits.tickets import Ticket
 from shared.outcomes import Refusal
 from shared.records.consumers import Consumer, Limits
 from shared.storage.memory import MemoryLedgerStore
-from shared.telemetry.events import NullTelemetry
+from shared.telemetry.protocol import NullTelemetry
 
 LIMIT = 10_000
 PROMPT = 30

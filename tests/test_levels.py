@@ -19,7 +19,7 @@ from shared.limits.scopes import team_key, user_key
 from shared.outcomes import QuotaExhausted, RateLimited, Refusal
 from shared.records.consumers import Consumer, Limits, Team, UserLimits
 from shared.storage.memory import MemoryLedgerStore
-from shared.telemetry.events import NullTelemetry
+from shared.telemetry.protocol import NullTelemetry
 
 DEPLOYMENT = "gpt-4o"
 

@@ -6,12 +6,12 @@ import pytest
 
 from shared.clock import FakeClock
 from shared.edge.errors import render
-from shared.limits.blocks import Blocks
 from shared.limits.fallback import Fallback
 from shared.limits.leases import Holdings, LeaseState
 from shared.limits.ledger import CONSUMER_SCOPE, Grant, Ledger, Refusal
 from shared.limits.ledger_copy import Contended, LedgerCopy, read_ledger
 from shared.limits.pacing import Pacing
+from shared.limits.refused_scopes import Blocks
 from shared.limits.scopes import Scopes
 from shared.outcomes import Refusal as Refused
 from shared.storage.memory import MemoryLedgerStore
@@ -148,7 +148,7 @@ class CountingDown(MemoryLedgerStore):
 async def test_a_store_outage_is_probed_once_per_retry_interval_not_once_per_consumer() -> None:
     from shared.limits.limiter import TokenLimiter
     from shared.records.consumers import Consumer, Limits
-    from shared.telemetry.events import NullTelemetry
+    from shared.telemetry.protocol import NullTelemetry
 
     clock = FakeClock(start=T0)
     store = CountingDown()

@@ -17,9 +17,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from shared.config import Settings, load_settings
 from shared.records.usage import TokenUsage
-from shared.telemetry import events as names
-from shared.telemetry.events import RequestRecord
+from shared.telemetry import protocol as names
 from shared.telemetry.otel import OtelTelemetry, views
+from shared.telemetry.protocol import RequestRecord
 
 BACKENDS = '[{"id": "b", "endpoint": "https://b.example", "region": "uksouth", "deployments": ["gpt-4o"], "auth": "none"}]'
 

@@ -15,7 +15,7 @@ from shared.outcomes import ResponseBackendUnavailable, ResponseNotFound, Respon
 from shared.records.usage import TokenUsage
 from shared.routing.router import Router
 from shared.storage.memory import MemoryResponseStore
-from shared.telemetry.events import NullTelemetry
+from shared.telemetry.protocol import NullTelemetry
 
 D = "gpt-4o"
 PTU = Backend(id="ptu", endpoint="https://ptu.example", region="uksouth", deployments={D: D}, breaker=BreakerRule(trip_s=10))

@@ -408,7 +408,7 @@ def test_schema_cites_microsofts_documentation_and_lists_the_classic_tables() ->
 
 def test_schema_metrics_and_dimensions_are_the_gateways() -> None:
     from shared.config import ALL_METRIC_DIMENSIONS
-    from shared.telemetry import events as telemetry
+    from shared.telemetry import protocol as telemetry
     from shared.telemetry.otel import INSTRUMENTS
 
     assert set(SCHEMA["metrics"]) == set(INSTRUMENTS)

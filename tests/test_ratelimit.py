@@ -15,7 +15,7 @@ from shared.limits.limiter import LimitTicket, TokenLimiter
 from shared.outcomes import RateLimited, Refusal
 from shared.records.consumers import Consumer, Limits
 from shared.storage.memory import MemoryLedgerStore
-from shared.telemetry.events import NullTelemetry
+from shared.telemetry.protocol import NullTelemetry
 
 DEPLOYMENT = "gpt-4o"
 

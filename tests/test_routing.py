@@ -10,7 +10,7 @@ from shared.edge.errors import render
 from shared.outcomes import AttemptFailure, BackendsBusy, FailureKind, NoBackend
 from shared.routing.router import Router
 from shared.storage.memory import MemoryBreakerStore
-from shared.telemetry.events import NullTelemetry
+from shared.telemetry.protocol import NullTelemetry
 
 D = "gpt-4o"
 

@@ -11,7 +11,7 @@ from shared.edge.consumers import ConsumerDirectory, key_from_headers
 from shared.edge.entra import TokenRefused, TokenValidator, looks_like_jwt
 from shared.outcomes import InvalidToken
 from shared.records.consumers import Consumer
-from shared.telemetry.events import Telemetry
+from shared.telemetry.protocol import Telemetry
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from shared.flow import offload, tokens
 from shared.flow.end_users import caller_user_id, end_user, ledger_id
 from shared.flow.exchange import Checked, Exchange, count_prompt, prompt_bound
 from shared.flow.translate import CallShape, Operation
-from shared.limits.contract import Limiter, Ticket, UnlimitedTicket
+from shared.limits.tickets import Limiter, Ticket, UnlimitedTicket
 from shared.records.consumers import Consumer
-from shared.telemetry.events import Trace
+from shared.telemetry.protocol import Trace
 
 # A large prompt is admitted on its upper bound, uncounted, only when the bound and the output fit this many times in
 # what the consumer has left: the bound holds up to ~4x the prompt's tokens (English text is ~4 bytes a token) until

@@ -26,11 +26,11 @@ from shared.clock import Clock
 from shared.edge.errors import bad_request
 from shared.edge.messages import TOKENS_CONSUMED_HEADER, GatewayRequest, GatewayResponse
 from shared.flow import answer_forms, offload
-from shared.flow.books import Books
 from shared.flow.exchange import Checked, Exchange
+from shared.flow.settlement import Books
 from shared.flow.translate import Operation
 from shared.records.usage import TokenUsage
-from shared.telemetry.events import RequestRecord, Trace
+from shared.telemetry.protocol import RequestRecord, Trace
 
 JSON = "application/json"
 SSE = "text/event-stream"

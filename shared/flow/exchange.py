@@ -24,12 +24,12 @@ from shared.flow.credentials import BackendAuth
 from shared.flow.pinning import Holder
 from shared.flow.translate import CallShape, Operation, Route
 from shared.flow.upstream import Answer, UpstreamClient
-from shared.limits.contract import Limiter, Ticket
+from shared.limits.tickets import Limiter, Ticket
 from shared.records.consumers import Consumer
 from shared.records.usage import TokenUsage
 from shared.routing.router import Router
 from shared.storage.protocols import ResponseStore
-from shared.telemetry.events import Telemetry, Trace
+from shared.telemetry.protocol import Telemetry, Trace
 from shared.telemetry.usage_rows import UsageRecorder
 
 

@@ -28,18 +28,18 @@ from shared.config import Backend, Settings
 from shared.edge.errors import bad_request
 from shared.flow import offload
 from shared.flow.admission import Admission
-from shared.flow.books import Books
 from shared.flow.credentials import BackendAuth
 from shared.flow.exchange import Checked, Chosen, Exchange, LostAttempt
 from shared.flow.family import for_family
 from shared.flow.pinning import Holder, Pinning
+from shared.flow.settlement import Books
 from shared.flow.translate import FOLLOW_UPS, backend_body, backend_method, backend_url, request_headers
 from shared.flow.upstream import Answer, UpstreamBroken, UpstreamClient, UpstreamError
-from shared.limits.contract import UnlimitedTicket
+from shared.limits.tickets import UnlimitedTicket
 from shared.outcomes import AttemptFailure, BackendsBusy, FailureKind, Refusal, TooLargeForBackends
 from shared.routing.breaker import SIZE
 from shared.routing.router import Router
-from shared.telemetry.events import Telemetry
+from shared.telemetry.protocol import Telemetry
 from shared.waits import retry_after_s
 
 

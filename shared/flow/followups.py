@@ -16,15 +16,15 @@ import orjson
 
 from shared.edge.messages import GatewayResponse
 from shared.flow import responses
-from shared.flow.books import Books
 from shared.flow.exchange import Chosen, Exchange, Served
 from shared.flow.holds import BackgroundHolds
 from shared.flow.pinning import Holder, Pinning
+from shared.flow.settlement import Books
 from shared.flow.translate import FORWARDED_RESPONSE_HEADERS, Operation
 from shared.flow.upstream import UpstreamBroken
 from shared.outcomes import FailureKind
 from shared.routing.router import Router
-from shared.telemetry.events import RequestRecord
+from shared.telemetry.protocol import RequestRecord
 
 
 class FollowUps:

@@ -7,7 +7,7 @@ one hands the request from phase to phase and is the only place a refusal become
     admit         shared/flow/admission.py   its largest cost reserved against the consumer's limits -> Exchange
     dispatch      shared/flow/failover.py    the best backend that answers, failing over before any byte is sent -> Chosen
     relay         shared/flow/relay.py       the answer to the client, whole or streamed
-    settle        shared/flow/books.py       charged = recorded = emitted, in one function
+    settle        shared/flow/settlement.py       charged = recorded = emitted, in one function
 
 Nothing here touches a framework or a socket: the edge hands over a GatewayRequest, the upstream module does the I/O.
 """
@@ -27,7 +27,6 @@ from shared.flow import bodies, offload
 from shared.flow.admission import Admission
 from shared.flow.audit import Auditing
 from shared.flow.bodies import BodyBudget, Held
-from shared.flow.books import Books
 from shared.flow.cache import ResponseCache
 from shared.flow.checks import Checks
 from shared.flow.exchange import Services
@@ -37,11 +36,12 @@ from shared.flow.holds import BackgroundHolds
 from shared.flow.pinning import Pinning
 from shared.flow.relay import JSON, Relay
 from shared.flow.safety import BLOCKED, UNAVAILABLE, Screening, client_bytes
+from shared.flow.settlement import Books
 from shared.flow.translate import FOLLOW_UPS, Operation, Route, match_route
 from shared.limits.local_rate import PerKeyRate
 from shared.outcomes import ConsumerDisabled, ContentFiltered, InvalidKey, KeyProblem, Refusal, SafetyUnavailable
 from shared.records.consumers import Consumer
-from shared.telemetry.events import NULL_TRACE, Trace
+from shared.telemetry.protocol import NULL_TRACE, Trace
 
 
 class Gateway:

@@ -2,7 +2,7 @@
 
 A `background` create is answered `queued`, without usage, and generates on at the backend for as long as it takes.
 Its reservation (the prompt and the output cap, which admission writes into the body) is therefore held in the
-consumer's window (limits.contract.Held) until HOLD_S from now, and the response's record says where. Whatever first
+consumer's window (limits.tickets.Held) until HOLD_S from now, and the response's record says where. Whatever first
 sees the finished response settles it: a GET (plain or `?stream=true`), a cancel, or the sweep. Every instance sweeps,
 not only the one that created the response: each SWEEP_EVERY_S it reads, in one query of the responses table's
 `sweep:` partition, the unsettled responses (of any instance) whose hold ends within SWEEP_AHEAD_S, each claimed for it
@@ -29,15 +29,15 @@ from shared.flow.pinning import Holder, Pinning
 from shared.flow.translate import request_headers
 from shared.flow.upstream import UpstreamBroken, UpstreamError
 from shared.flow.usage import usage_from_object
-from shared.limits.contract import Held
+from shared.limits.tickets import Held
 from shared.outcomes import Refusal, ResponseNotFound
 from shared.records.responses import StoredResponse
 from shared.records.usage import TokenUsage
-from shared.telemetry.events import RequestRecord
+from shared.telemetry.protocol import RequestRecord
 
 if TYPE_CHECKING:
-    from shared.flow.books import Books
     from shared.flow.exchange import Services
+    from shared.flow.settlement import Books
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from shared.flow import offload, responses, tokens
 from shared.flow.answer_forms import StreamAssembler
 from shared.flow.audit import Auditing
 from shared.flow.backend_api import api_of
-from shared.flow.books import Books
 from shared.flow.cache import ResponseCache, cache_headers
 from shared.flow.exchange import Chosen, Exchange, Served
 from shared.flow.holds import BackgroundHolds, record_fields
 from shared.flow.pinning import Pinning
+from shared.flow.settlement import Books
 from shared.flow.translate import FORWARDED_RESPONSE_HEADERS, Operation
 from shared.flow.upstream import Answer, UpstreamBroken
 from shared.flow.usage import SseRelay

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 from shared.background import keep_running
 from shared.clock import Clock
-from shared.limits.contract import Held, Limiter, Ticket
 from shared.limits.ledger import period_bounds
+from shared.limits.tickets import Held, Limiter, Ticket
 from shared.outcomes import BudgetExceeded
 from shared.records.consumers import Consumer
 from shared.records.prices import PriceTable
 from shared.records.spend import SpendRow
 from shared.storage.protocols import BudgetStore
-from shared.telemetry.events import RequestRecord, Telemetry, Trace
+from shared.telemetry.protocol import ForwardingTelemetry, RequestRecord, Telemetry, Trace
 
 log = logging.getLogger(__name__)
 
@@ -189,17 +189,14 @@ class BudgetedLimiter:
             await self.book.close()
 
 
-class SpendingTelemetry:
+class SpendingTelemetry(ForwardingTelemetry):
     """The request flow's telemetry, with every answer also charged to its consumer's budget: the records telemetry
     receives are exactly what was charged (the answer, and attempts whose body broke off), so spend and the Cost
     metric cannot drift apart."""
 
     def __init__(self, inner: Telemetry, book: BudgetBook) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.book = book
-
-    def begin(self, method: str, route: str) -> Trace:
-        return self._inner.begin(method, route)
 
     def request_done(self, record: RequestRecord, trace: Trace | None = None) -> None:
         self.book.spend(record)
@@ -209,29 +206,3 @@ class SpendingTelemetry:
         self.book.spend(record)
         self._inner.tokens_spent(record)
 
-    def throttled(self, consumer_id: str, deployment: str, reason: str) -> None:
-        self._inner.throttled(consumer_id, deployment, reason)
-
-    def failover(self, from_backend: str, to_backend: str, reason: str) -> None:
-        self._inner.failover(from_backend, to_backend, reason)
-
-    def model_fallback(self, from_deployment: str, to_deployment: str, reason: str) -> None:
-        self._inner.model_fallback(from_deployment, to_deployment, reason)
-
-    def breaker_transition(self, backend_id: str, region: str, state: str) -> None:
-        self._inner.breaker_transition(backend_id, region, state)
-
-    def store_fallback(self, reason: str) -> None:
-        self._inner.store_fallback(reason)
-
-    def auth_refused(self, reason: str) -> None:
-        self._inner.auth_refused(reason)
-
-    def cache_used(self, record: RequestRecord) -> None:
-        self._inner.cache_used(record)
-
-    def safety_checked(self, record: RequestRecord) -> None:
-        self._inner.safety_checked(record)
-
-    def audit_lost(self, count: int) -> None:
-        self._inner.audit_lost(count)

@@ -6,7 +6,7 @@ lease runs low, expires or goes idle, not per request. What was really admitted 
 reported with the next write, bucketed by admission time, so the shared window stays exact.
 
 The parts, one module each: leases.py (what this instance holds and has not reported), ledger_copy.py (the cached
-copy and the conditional write), pacing.py (how much to claim, when to renew), blocks.py (scopes the ledger refused),
+copy and the conditional write), pacing.py (how much to claim, when to renew), refused_scopes.py (scopes the ledger refused),
 fallback.py (the local window when the store is down), refusals.py (what the client is told). This module ties them
 together per consumer and runs the writes, one at a time per consumer.
 
@@ -28,8 +28,6 @@ from shared.clock import Clock
 from shared.limits import refusals
 from shared.limits.allowance import RENEW_AHEAD_S, Allowance, allowance, holders
 from shared.limits.backoff import BusyBackoff
-from shared.limits.blocks import Blocks
-from shared.limits.contract import Held, Place, Ticket, UnlimitedTicket
 from shared.limits.fallback import Fallback
 from shared.limits.leases import Holdings, LeaseState, Outgoing
 from shared.limits.ledger import (
@@ -48,12 +46,14 @@ from shared.limits.ledger import (
 )
 from shared.limits.ledger_copy import Contended, LedgerCopy
 from shared.limits.pacing import Pacing
+from shared.limits.refused_scopes import Blocks
 from shared.limits.scopes import CONSUMER, TEAM, USER, Level, Scopes, level_name, levels_for, scopes_for
+from shared.limits.tickets import Held, Place, Ticket, UnlimitedTicket
 from shared.limits.user_shares import MAX_SHARE_S, UserWindows, declare, declaring, serving
 from shared.outcomes import NeverAdmissible, QuotaExhausted, RateLimited
 from shared.records.consumers import Consumer
 from shared.storage.protocols import LedgerStore, StoreBusy, StoreUnavailable
-from shared.telemetry.events import Telemetry
+from shared.telemetry.protocol import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ MAX_LEVELS_SEEN = 4096  # consumer records x deployments whose levels are kept (
 
 
 @dataclass(eq=False)
-class Budget:
+class LedgerState:
     """One ledger's limiting state on this instance: a consumer's, a team's or an end user's."""
 
     consumer_id: str  # the ledger's key (partition): a consumer id, team|<id> or user|<consumer>|<user>
@@ -137,7 +137,7 @@ class LimitTicket:
     __slots__ = ("_limiter", "_budget", "_lease", "_limits", "_scopes", "_holding", "_quota_key", "_settled", "_user")
 
     def __init__(
-        self, limiter: TokenLimiter, budget: Budget, lease: LeaseState | None, limits: Scopes,
+        self, limiter: TokenLimiter, budget: LedgerState, lease: LeaseState | None, limits: Scopes,
         expiry: int, reserved: int, quota_key: str | None, user: str | None = None,
     ) -> None:
         self._user = user
@@ -224,7 +224,7 @@ class _Write:
     """What one write of a consumer's ledger changes, worked out on the ledger as read (`change` may run again on a
     fresher copy when another instance wrote first): the usage this instance reports, and the lease it claims."""
 
-    def __init__(self, limiter: TokenLimiter, budget: Budget, out: Outgoing, need: int, need_scopes: tuple[str, ...],
+    def __init__(self, limiter: TokenLimiter, budget: LedgerState, out: Outgoing, need: int, need_scopes: tuple[str, ...],
                  claim_new: bool, releasing: bool) -> None:
         self._limiter = limiter
         self._budget = budget
@@ -321,7 +321,7 @@ class TokenLimiter:
         self._instance = instance_id or uuid.uuid4().hex[:12]
         self._max_fraction = max_lease_fraction
         self._store_retry_s = store_retry_s
-        self._budgets: dict[str, Budget] = {}
+        self._budgets: dict[str, LedgerState] = {}
         self._end_users_max = end_users_max
         self._end_users = 0  # budgets of end users held here: bounded, an end user is a client's word
         self._lease_seq = 0
@@ -414,7 +414,7 @@ class TokenLimiter:
                     # idle ones are forgotten (a minute without requests).
                     raise refusals.rate_limited(max(level.scopes.limits.values(), default=0), WINDOW_MS)
                 self._end_users += 1
-            budget = self._budgets[level.key] = Budget(level.key, level.kind)
+            budget = self._budgets[level.key] = LedgerState(level.key, level.kind)
             self._start_ticker()
         budget.note(scopes, reserve, self._clock.monotonic(), level.user_tpm)
         user = level.user
@@ -459,7 +459,7 @@ class TokenLimiter:
         return_at = blocked[0] if blocked else now + 1
         raise self._refused(budget, scopes, refusal, return_at, now, reserve)
 
-    def _may_fit(self, budget: Budget, scopes: Scopes, need: int) -> bool:
+    def _may_fit(self, budget: LedgerState, scopes: Scopes, need: int) -> bool:
         """Whether tokens this instance frees at its next write (its lease's rest, with what requests that ended below
         their reservations gave back) would make room for `need`: a refusal known from the last write is then checked
         by the next one (never twice for the same refunds). Room others free is learnt at the usual pace."""
@@ -475,12 +475,12 @@ class TokenLimiter:
         return True
 
     def _refused(
-        self, budget: Budget, scopes: Scopes, refusal: Refusal, until: float, now: float, need: int
+        self, budget: LedgerState, scopes: Scopes, refusal: Refusal, until: float, now: float, need: int
     ) -> Exception:
         tokens, _ = self._remaining(budget, scopes)
         return refusals.refused(scopes, refusal, until, now, need, tokens[1] if tokens is not None else 0, budget.kind)
 
-    def _saturated_until(self, budget: Budget, scopes: Scopes, reserve: int, now: float) -> float | None:
+    def _saturated_until(self, budget: LedgerState, scopes: Scopes, reserve: int, now: float) -> float | None:
         """While the window is full claims are spaced out, but the answer is the true time until this request fits,
         from the last copy of the ledger."""
         pace = budget.pace
@@ -496,7 +496,7 @@ class TokenLimiter:
         return until
 
     def _admit_from_lease(
-        self, budget: Budget, scopes: Scopes, reserve: int, user: str | None = None, after_sync: bool = False
+        self, budget: LedgerState, scopes: Scopes, reserve: int, user: str | None = None, after_sync: bool = False
     ) -> LimitTicket | None:
         lease = budget.held.current
         if lease is None:
@@ -522,12 +522,12 @@ class TokenLimiter:
         return LimitTicket(self, budget, lease, scopes, expiry, reserve, lease.quota_key, user)
 
     @staticmethod
-    def _user_refused(budget: Budget, wait_ms: float) -> RateLimited:
+    def _user_refused(budget: LedgerState, wait_ms: float) -> RateLimited:
         refused = refusals.rate_limited(budget.user_tpm, wait_ms)
         refused.level = USER
         return refused
 
-    def _admit_degraded(self, budget: Budget, scopes: Scopes, reserve: int, user: str | None = None) -> LimitTicket:
+    def _admit_degraded(self, budget: LedgerState, scopes: Scopes, reserve: int, user: str | None = None) -> LimitTicket:
         """The store is unreachable: fail closed (503), or admit against this instance's share of the limit."""
         if self._fail_closed:
             raise refusals.store_unavailable()
@@ -585,7 +585,7 @@ class TokenLimiter:
         budget = self._budgets.get(place.ledger)
         if budget is None:
             kind = TEAM if place.ledger.startswith("team|") else USER if place.ledger.startswith("user|") else CONSUMER
-            budget = self._budgets[place.ledger] = Budget(place.ledger, kind)
+            budget = self._budgets[place.ledger] = LedgerState(place.ledger, kind)
             if kind == USER:
                 self._end_users += 1
             self._start_ticker()
@@ -615,7 +615,7 @@ class TokenLimiter:
             self._book(place, {held.expiry_ms: -held.tokens, expiry: held.tokens})
         return Held(held.tokens, expiry, held.places, held.credit)
 
-    def _headers(self, budget: Budget, scopes: Scopes) -> dict[str, str]:
+    def _headers(self, budget: LedgerState, scopes: Scopes) -> dict[str, str]:
         headers: dict[str, str] = {}
         tokens, quota = self._remaining(budget, scopes)
         if tokens is not None:
@@ -627,7 +627,7 @@ class TokenLimiter:
         return headers
 
     @staticmethod
-    def _remaining(budget: Budget | None, scopes: Scopes) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    def _remaining(budget: LedgerState | None, scopes: Scopes) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
         """(limit, remaining) of the tightest per-minute scope and of the quota, as this instance sees them now: the
         ledger's last copy and its own lease (a consumer it has not seen lately: all of it, for the ledger to judge)."""
         lease = budget.held.current if budget is not None else None
@@ -656,7 +656,7 @@ class TokenLimiter:
     # ---- talking to the shared ledger ----------------------------------------------------------------------------
 
     def _sync_in_background(
-        self, budget: Budget, need: int = 0, need_scopes: tuple[str, ...] = (), claim_new: bool = True,
+        self, budget: LedgerState, need: int = 0, need_scopes: tuple[str, ...] = (), claim_new: bool = True,
         flush_only: bool = False,
     ) -> asyncio.Task[None]:
         """Start a sync unless one is running (one at a time per consumer); return the running one."""
@@ -667,13 +667,13 @@ class TokenLimiter:
             )
         return task
 
-    async def _sync(self, budget: Budget, need: int, need_scopes: tuple[str, ...] = (), claim_new: bool = True) -> None:
+    async def _sync(self, budget: LedgerState, need: int, need_scopes: tuple[str, ...] = (), claim_new: bool = True) -> None:
         """Close the finished lease, trim or release the current one and claim a new one, in one conditional write."""
         # Shielded: a client that disconnects must not abort a write half-way through the bookkeeping.
         await asyncio.shield(self._sync_in_background(budget, need, need_scopes, claim_new))
 
     async def _sync_once(
-        self, budget: Budget, need: int, need_scopes: tuple[str, ...], claim_new: bool, flush_only: bool = False
+        self, budget: LedgerState, need: int, need_scopes: tuple[str, ...], claim_new: bool, flush_only: bool = False
     ) -> None:
         """One conditional write of the consumer's ledger: report what this instance admitted, and claim (or renew,
         trim, release) its lease; see _Write for what the write changes, _failed and _written for what follows."""
@@ -703,7 +703,7 @@ class TokenLimiter:
             return
         self._written(budget, write, ledger, now, mono)
 
-    def _failed(self, budget: Budget, exc: StoreUnavailable | Contended) -> None:
+    def _failed(self, budget: LedgerState, exc: StoreUnavailable | Contended) -> None:
         """A write that did not happen: contention and throttling are retried; a store that is down is left alone for
         a while by every consumer of this instance (the fallback window admits meanwhile, or nothing if fail-closed)."""
         if isinstance(exc, Contended):
@@ -728,7 +728,7 @@ class TokenLimiter:
         if budget.fallback.failed(failed_at, self._store_retry_s):
             self._telemetry.store_fallback("closed" if self._fail_closed else "open")
 
-    def _written(self, budget: Budget, write: _Write, ledger: Ledger, now: float, mono: float) -> None:
+    def _written(self, budget: LedgerState, write: _Write, ledger: Ledger, now: float, mono: float) -> None:
         """The write was stored: what it granted becomes this instance's lease, what it learnt its copy."""
         self.syncs += 1
         budget.backoff.cleared()

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shared.limits.blocks import Blocks
 from shared.limits.leases import LeaseState
 from shared.limits.ledger import CONSUMER_SCOPE, Grant, Quota
+from shared.limits.refused_scopes import Blocks
 
 RENEW_AHEAD_S = 0.25  # renew a lease when it has less than this long of admissions left at the current rate
 # When the shared window is full, capacity trickles back as admissions age out; claiming it in larger, less frequent

@@ -20,7 +20,7 @@ class StoredResponse:
     # until a follow-up reads the finished response and its usage is settled, once, by whichever instance reads it.
     unsettled: bool = False
     charged: int = 0
-    # Where `charged` is held (limits.contract.Held): until this bucket (ms; 0 for a record written before holds were
+    # Where `charged` is held (limits.tickets.Held): until this bucket (ms; 0 for a record written before holds were
     # kept), in these places (its encoding: the ledger, scopes and quota period of each level admitted).
     held_until_ms: int = 0
     held_places: str = ""

@@ -27,7 +27,7 @@ from shared.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Transition,
 from shared.routing.capacity import utilisation_wait
 from shared.routing.provisioned import ProvisionedCapacity
 from shared.storage.protocols import BreakerStore
-from shared.telemetry.events import Telemetry
+from shared.telemetry.protocol import Telemetry
 from shared.waits import retry_after_s
 
 log = logging.getLogger(__name__)

@@ -14,10 +14,9 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 from shared.records.prices import PriceTable
-from shared.telemetry.events import RequestRecord, Telemetry, Trace
+from shared.telemetry.protocol import ForwardingTelemetry, RequestRecord, Telemetry, Trace
 
 
 def _cut(text: str, width: int) -> str:
@@ -57,22 +56,15 @@ def format_line(record: RequestRecord, prices: PriceTable, now_s: float) -> str:
     return line.rstrip()
 
 
-class ConsoleTelemetry:
+class ConsoleTelemetry(ForwardingTelemetry):
     """The flow's telemetry, with each finished request also written as one console line."""
 
     def __init__(self, inner: Telemetry, prices: PriceTable, write: Callable[[str], object] | None = None,
                  now: Callable[[], float] = time.time) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._prices = prices
         self._write = write or _stdout
         self._now = now
-
-    def __getattr__(self, name: str) -> Any:
-        # A Telemetry method added later reaches the inner sink unchanged, rather than failing a request here.
-        return getattr(self._inner, name)
-
-    def begin(self, method: str, route: str) -> Trace:
-        return self._inner.begin(method, route)
 
     def request_done(self, record: RequestRecord, trace: Trace | None = None) -> None:
         self._inner.request_done(record, trace)
@@ -80,35 +72,6 @@ class ConsoleTelemetry:
             self._write(format_line(record, self._prices, self._now()))
         except (OSError, ValueError):  # a closed console never fails a request
             pass
-
-    def tokens_spent(self, record: RequestRecord) -> None:
-        self._inner.tokens_spent(record)
-
-    def throttled(self, consumer_id: str, deployment: str, reason: str) -> None:
-        self._inner.throttled(consumer_id, deployment, reason)
-
-    def failover(self, from_backend: str, to_backend: str, reason: str) -> None:
-        self._inner.failover(from_backend, to_backend, reason)
-    def breaker_transition(self, backend_id: str, region: str, state: str) -> None:
-        self._inner.breaker_transition(backend_id, region, state)
-
-    def store_fallback(self, reason: str) -> None:
-        self._inner.store_fallback(reason)
-
-    def auth_refused(self, reason: str) -> None:
-        self._inner.auth_refused(reason)
-
-    def cache_used(self, record: RequestRecord) -> None:
-        self._inner.cache_used(record)
-
-    def safety_checked(self, record: RequestRecord) -> None:
-        self._inner.safety_checked(record)
-
-    def audit_lost(self, count: int) -> None:
-        self._inner.audit_lost(count)
-
-    def model_fallback(self, from_deployment: str, to_deployment: str, reason: str) -> None:
-        self._inner.model_fallback(from_deployment, to_deployment, reason)
 
 
 def _stdout(line: str) -> None:

@@ -21,9 +21,9 @@ from opentelemetry.metrics import Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared.config import Settings
-from shared.telemetry import events as names
-from shared.telemetry.events import Attempt, NullTelemetry, RequestRecord, Telemetry, Trace
+from shared.telemetry import protocol as names
 from shared.telemetry.privacy import Privacy
+from shared.telemetry.protocol import Attempt, NullTelemetry, RequestRecord, Telemetry, Trace
 from shared.telemetry.request_log import EVENT_NAME, KIND_LOST_ATTEMPT, KIND_REQUEST, RequestLog
 from shared.telemetry.series import SeriesTable
 

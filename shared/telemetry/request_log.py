@@ -15,9 +15,9 @@ import json
 from dataclasses import dataclass
 
 from shared.records.prices import PriceTable
-from shared.telemetry import events as names
-from shared.telemetry.events import RequestRecord
+from shared.telemetry import protocol as names
 from shared.telemetry.privacy import Privacy
+from shared.telemetry.protocol import RequestRecord
 
 EVENT_NAME = "GatewayLlmLog"
 CUSTOM_EVENT = "microsoft.custom_event.name"  # the exporter turns a log record with this attribute into a custom event

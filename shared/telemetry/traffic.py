@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from shared.background import keep_running
 from shared.clock import Clock
 from shared.records.traffic import TrafficRow
-from shared.telemetry.events import Attempt, RequestRecord, Telemetry, Trace
+from shared.telemetry.protocol import Attempt, ForwardingTelemetry, RequestRecord, Telemetry, Trace
 
 if TYPE_CHECKING:
     from shared.storage.protocols import TrafficStore
@@ -69,12 +69,12 @@ class _Bucket:
     tokens: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-class TrafficCounter:
+class TrafficCounter(ForwardingTelemetry):
     """The flow's telemetry, with each backend attempt and finished request counted per backend per 10 s."""
 
     def __init__(self, inner: Telemetry, store: TrafficStore, clock: Clock, instance: str,
                  background: bool = True, keep_s: float = KEEP_S) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._store = store
         self._clock = clock
         self.instance = instance
@@ -85,9 +85,6 @@ class TrafficCounter:
         self._task: asyncio.Task[None] | None = None
         self.writes = 0
         self.failures = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
     def _bucket(self) -> _Bucket:
         bucket = self._open.get(now := int(self._clock.now() // BUCKET_S))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from shared.telemetry.events import Attempt, RequestRecord, Trace
+from shared.telemetry.protocol import Attempt, RequestRecord, Trace
 
 
 @dataclass

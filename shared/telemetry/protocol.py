@@ -1,4 +1,6 @@
-"""Token and operational metrics: the names, the record the request flow hands over, and its sinks."""
+"""What the request flow hands to telemetry: the metric and dimension names, the RequestRecord, the Telemetry protocol,
+and two implementations every sink builds on: NullTelemetry (does nothing) and ForwardingTelemetry (hands every call
+to an inner sink; a wrapper overrides only what it adds)."""
 
 from __future__ import annotations
 
@@ -204,3 +206,49 @@ class NullTelemetry:
 
     def audit_lost(self, count: int) -> None:
         pass
+
+
+class ForwardingTelemetry:
+    """Hands every Telemetry call to `inner`. A wrapper (spend, the console line, the traffic counter) subclasses it and
+    overrides only the calls it adds to, so a call added to the protocol reaches the inner sink without each wrapper
+    repeating it (tests/test_telemetry_forwarding.py checks every method of the protocol). A wrapper that wraps the
+    trace too must give the inner sink its own trace back in request_done (TrafficCounter does)."""
+
+    def __init__(self, inner: Telemetry) -> None:
+        self._inner = inner
+
+    def begin(self, method: str, route: str) -> Trace:
+        return self._inner.begin(method, route)
+
+    def request_done(self, record: RequestRecord, trace: Trace | None = None) -> None:
+        self._inner.request_done(record, trace)
+
+    def tokens_spent(self, record: RequestRecord) -> None:
+        self._inner.tokens_spent(record)
+
+    def throttled(self, consumer_id: str, deployment: str, reason: str) -> None:
+        self._inner.throttled(consumer_id, deployment, reason)
+
+    def failover(self, from_backend: str, to_backend: str, reason: str) -> None:
+        self._inner.failover(from_backend, to_backend, reason)
+
+    def model_fallback(self, from_deployment: str, to_deployment: str, reason: str) -> None:
+        self._inner.model_fallback(from_deployment, to_deployment, reason)
+
+    def breaker_transition(self, backend_id: str, region: str, state: str) -> None:
+        self._inner.breaker_transition(backend_id, region, state)
+
+    def store_fallback(self, reason: str) -> None:
+        self._inner.store_fallback(reason)
+
+    def auth_refused(self, reason: str) -> None:
+        self._inner.auth_refused(reason)
+
+    def cache_used(self, record: RequestRecord) -> None:
+        self._inner.cache_used(record)
+
+    def safety_checked(self, record: RequestRecord) -> None:
+        self._inner.safety_checked(record)
+
+    def audit_lost(self, count: int) -> None:
+        self._inner.audit_lost(count)

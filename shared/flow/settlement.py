@@ -16,10 +16,10 @@ from shared.edge.messages import GatewayRequest
 from shared.flow.exchange import Exchange, LostAttempt, Served
 from shared.flow.gates import norm
 from shared.flow.translate import Operation, Route
-from shared.limits.contract import Held, Limiter
+from shared.limits.tickets import Held, Limiter
 from shared.records.prices import PriceTable
 from shared.records.usage import TokenUsage, add_tools, combined
-from shared.telemetry.events import RequestRecord, Telemetry, Trace
+from shared.telemetry.protocol import RequestRecord, Telemetry, Trace
 from shared.telemetry.usage_rows import UsageRecorder
 
 
