@@ -10,7 +10,7 @@ import pytest
 
 from shared.records.cache import CachePolicy
 from tests.conftest import unique
-from tests.e2e import Stack, patience
+from tests.e2e import Stack, patience, wait_for
 from tools import stack
 
 pytestmark = pytest.mark.e2e
@@ -68,6 +68,13 @@ def test_a_stream_served_from_the_cache_equals_the_original_text(fresh_sims: Sta
 
     original, original_usage = streamed(stream_options={"include_usage": True})
     assert original and original_usage
+
+    def cached() -> bool:  # the entry is written once the stream has ended, in the background
+        raw = sdk.chat.completions.with_raw_response.create(**CHAT, stream=True)  # type: ignore[call-overload]
+        list(raw.parse())
+        return bool(raw.headers["x-gateway-cache"] == "hit")
+
+    wait_for(cached)
     served = backend_requests(fresh_sims)
     assert streamed() == (original, None)
     assert streamed(stream_options={"include_usage": True}) == (original, original_usage)
