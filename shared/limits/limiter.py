@@ -45,7 +45,7 @@ from shared.limits.ledger import (
     quota_period,
 )
 from shared.limits.ledger_copy import Contended, LedgerCopy
-from shared.limits.pacing import Pacing
+from shared.limits.pacing import Pacing, lease_lifetime
 from shared.limits.refused_scopes import Blocks
 from shared.limits.scopes import CONSUMER, TEAM, USER, Level, Scopes, level_name, levels_for, scopes_for
 from shared.limits.tickets import Held, Place, Ticket, UnlimitedTicket
@@ -86,6 +86,7 @@ class LedgerState:
     blocks: Blocks = field(default_factory=Blocks)
     fallback: Fallback = field(default_factory=Fallback)
     backoff: BusyBackoff = field(default_factory=BusyBackoff)  # after a ServerBusy on this ledger (backoff.py)
+    spread: float = 1.0  # how much longer than usual leases last (many instances hold leases on it: pacing.py)
     sync_task: asyncio.Task[None] | None = None
     last_sync_mono: float = 0.0
     # A request ended below its reservation since the last write: the ledger (and any refusal learnt from it) still
@@ -238,6 +239,7 @@ class _Write:
         self.wants: dict[str, int] = {}
         self.grant: Grant | None = None
         self.plan: Allowance | None = None
+        self.lifetime_s = limiter._lifetime_s  # a normal lease's, longer with many instances holding leases (pacing.py)
         self.share = budget.user_share  # this instance's share of each end user's limit, as the write declares it
 
     def change(self, ledger: Ledger, at: float) -> bool:
@@ -262,10 +264,11 @@ class _Write:
         """The lease to claim: what the waiting requests need, what the pace wants, or an allowance that lasts minutes
         for a consumer far from its limit (allowance.py)."""
         limiter, budget, pace = self._limiter, self._budget, self._budget.pace
+        serving = holders(ledger, int(at * 1000), limiter._instance)
+        lifetime_s = self.lifetime_s = lease_lifetime(limiter._lifetime_s, serving)
         needs, wants = pace.wants(budget.limits, self.quota, budget.blocks, self._need, self._need_scopes, at,
-                                  limiter._lifetime_s, limiter._max_fraction)
-        lifetime_s = limiter._lifetime_s
-        instances = max(limiter._instances, holders(ledger, int(at * 1000), limiter._instance))
+                                  lifetime_s, limiter._max_fraction)
+        instances = max(limiter._instances, serving)
         plan = allowance(ledger, at, budget.limits, self.quota, pace.rate, pace.request_rate, pace.typical, instances,
                          limiter._lifetime_s) if wants else None
         if plan is not None:
@@ -738,12 +741,13 @@ class TokenLimiter:
         grant, plan = write.grant, write.plan
         if grant is not None:
             budget.blocks.record(grant, now)
-            budget.pace.claimed(write.wants, grant, budget.limits, now)
+            budget.spread = write.lifetime_s / self._lifetime_s
+            budget.pace.claimed(write.wants, grant, budget.limits, now, budget.spread)
             if trimmed:
                 budget.held.current = None  # the new lease (if any) replaces it; it is released by the next write
             if grant.tokens:
                 self._lease_seq += 1
-                lifetime_s = plan.lifetime_s if plan is not None else self._lifetime_s
+                lifetime_s = plan.lifetime_s if plan is not None else write.lifetime_s
                 quota = write.quota
                 budget.held.current = LeaseState(
                     id=write.lease_id,
@@ -793,8 +797,9 @@ class TokenLimiter:
             # A trimmed lease still holds tokens nobody else can use, and pending usage should reach the ledger; both
             # usually ride along with the next renewal, and get a write of their own only if none comes soon.
             renew = lease is not None and (idle or lease.expires_s - now < lease.renew_ahead_s)
-            flush = (held.closing is not None and mono - held.closing_since > CLOSING_GRACE_S) or (
-                bool(held.pending) and mono - held.pending_since > PENDING_GRACE_S
+            # Writes of their own are as much rarer as leases are longer (many instances serving the consumer).
+            flush = (held.closing is not None and mono - held.closing_since > CLOSING_GRACE_S * budget.spread) or (
+                bool(held.pending) and mono - held.pending_since > PENDING_GRACE_S * budget.spread
             )
             if not (renew or flush):
                 if (lease is None and idle and mono - budget.pace.last_admit_mono > WINDOW_MS / 1000

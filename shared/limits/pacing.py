@@ -15,6 +15,18 @@ RENEW_AHEAD_S = 0.25  # renew a lease when it has less than this long of admissi
 # pieces keeps Table round trips per admitted request low without leaving it unused (the window slides).
 SATURATED_CLAIM_INTERVAL_S = 1.0
 RATE_MIN_SPAN_S = 0.25  # a rate measured over less than this is noise
+# Every instance serving a consumer renews its lease on the consumer's one ledger entity about every 3/4 of a lease
+# lifetime, so the entity's writes (and the ETag races between them) grow with the instances serving it (issue 32:
+# 256 instances lost most of their writes to one another). Past HOLDERS_PER_LEASE instances holding leases, the lifetime
+# grows with their number, up to MAX_LEASE_SCALE times, and so does the spacing of claims while the window is full:
+# fewer writes, at the price of tokens held a little longer.
+HOLDERS_PER_LEASE = 32
+MAX_LEASE_SCALE = 4.0
+
+
+def lease_lifetime(base_s: float, holders: int) -> float:
+    """A normal lease's lifetime when `holders` instances (this one included) hold leases on the ledger."""
+    return base_s * min(MAX_LEASE_SCALE, max(1.0, holders / HOLDERS_PER_LEASE))
 
 
 @dataclass(eq=False)
@@ -84,11 +96,14 @@ class Pacing:
         low = max(self.typical, self.rate * RENEW_AHEAD_S, 1.0)
         return any(v < low for v in lease.available.values())
 
-    def claimed(self, wants: Mapping[str, int], grant: Grant, limits: Mapping[str, int], now: float) -> None:
+    def claimed(self, wants: Mapping[str, int], grant: Grant, limits: Mapping[str, int], now: float,
+                spacing: float = 1.0) -> None:
+        """`spacing`: how much longer than usual claims are spaced while the window is full (as leases last longer with
+        many instances: each of them claiming every second would be hundreds of writes a second on one entity)."""
         # Only a full *window* slows claims down; a quota running out must be asked again, to answer 403.
         partial = [
             sc for sc, w in wants.items()
             if limits.get(sc, 0) > 0 and (sc in grant.refused or grant.tokens.get(sc, 0) < w)
         ]
-        self.saturated_until = now + SATURATED_CLAIM_INTERVAL_S if partial else 0.0
+        self.saturated_until = now + SATURATED_CLAIM_INTERVAL_S * spacing if partial else 0.0
         self.saturated_scope = partial[0] if partial else CONSUMER_SCOPE

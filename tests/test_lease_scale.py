@@ -1,0 +1,39 @@
+"""Leases last longer when many instances serve one consumer (issue 32): every instance renews its lease on the
+consumer's one ledger entity about every 3/4 of a lifetime, so at 256 instances the entity was written hundreds of times
+a second and most writes lost ETag races. Past 32 instances holding leases the lifetime (and the spacing of claims while
+the window is full) grows with their number, up to 4 times."""
+
+from __future__ import annotations
+
+from shared.clock import FakeClock
+from shared.edge.consumers import Consumer, Limits
+from shared.limits.ledger import Lease, Ledger
+from shared.limits.limiter import TokenLimiter
+from shared.limits.pacing import HOLDERS_PER_LEASE, MAX_LEASE_SCALE, lease_lifetime
+from shared.storage.memory import MemoryLedgerStore
+from shared.telemetry.events import NullTelemetry
+
+
+def test_the_lifetime_is_the_base_up_to_32_holders_then_grows_to_four_times() -> None:
+    assert [lease_lifetime(2.0, n) for n in (1, 16, HOLDERS_PER_LEASE)] == [2.0, 2.0, 2.0]
+    assert lease_lifetime(2.0, 64) == 4.0
+    assert lease_lifetime(2.0, 256) == lease_lifetime(2.0, 10_000) == 2.0 * MAX_LEASE_SCALE
+
+
+async def lease_seconds(others: int) -> float:
+    clock = FakeClock()
+    store = MemoryLedgerStore()
+    now_ms = int(clock.now() * 1000)
+    ledger = Ledger(leases={f"i{k}:1": Lease({"*": 10}, now_ms + 61_000) for k in range(others)})
+    await store.write("c", ledger, None)
+    lim = TokenLimiter(store, clock, NullTelemetry(), background=False, instance_count=4)
+    consumer = Consumer(id="c", name="c", key_hash="h", key_prefix="gw-x", limits=Limits(tokens_per_minute=10_000_000))
+    (await lim.admit(consumer, "gpt-4o", 100)).settle(100)
+    lease = lim._budgets["c"].held.current
+    assert lease is not None
+    return lease.expires_s - clock.now()
+
+
+async def test_a_lease_claimed_among_many_holders_lasts_longer() -> None:
+    assert await lease_seconds(3) == 2.0
+    assert await lease_seconds(127) == 8.0  # 128 holders: four times the 2 s lease
