@@ -6,12 +6,12 @@ the window is full) grows with their number, up to 4 times."""
 from __future__ import annotations
 
 from shared.clock import FakeClock
-from shared.edge.consumers import Consumer, Limits
 from shared.limits.ledger import Lease, Ledger
 from shared.limits.limiter import TokenLimiter
 from shared.limits.pacing import HOLDERS_PER_LEASE, MAX_LEASE_SCALE, lease_lifetime
+from shared.records.consumers import Consumer, Limits
 from shared.storage.memory import MemoryLedgerStore
-from shared.telemetry.events import NullTelemetry
+from shared.telemetry.protocol import NullTelemetry
 
 
 def test_the_lifetime_is_the_base_up_to_32_holders_then_grows_to_four_times() -> None:
@@ -25,7 +25,7 @@ async def lease_seconds(others: int) -> float:
     store = MemoryLedgerStore()
     now_ms = int(clock.now() * 1000)
     ledger = Ledger(leases={f"i{k}:1": Lease({"*": 10}, now_ms + 61_000) for k in range(others)})
-    await store.write("c", ledger, None)
+    await store.write("c", ledger.to_entity(), None)
     lim = TokenLimiter(store, clock, NullTelemetry(), background=False, instance_count=4)
     consumer = Consumer(id="c", name="c", key_hash="h", key_prefix="gw-x", limits=Limits(tokens_per_minute=10_000_000))
     (await lim.admit(consumer, "gpt-4o", 100)).settle(100)
