@@ -27,7 +27,8 @@ from shared.config import load_settings
 from shared.edge.consumers import hash_key, key_prefix, new_key
 from shared.records.cache import CachePolicy
 from shared.records.consumers import Consumer
-from shared.storage.tables import TableConsumerStore, Tables
+from shared.storage.consumer_table import TableConsumerStore
+from shared.storage.tables import Tables
 from tools import stack
 
 EMBED = {"model": "text-embedding-3-small", "input": "a chunk re-embedded on every re-index"}

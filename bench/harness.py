@@ -21,7 +21,8 @@ from bench.procs import cpu_seconds, rss_mb
 from shared.config import load_settings
 from shared.edge.consumers import hash_key, key_prefix, new_key
 from shared.records.consumers import Consumer, Limits
-from shared.storage.tables import TableConsumerStore, Tables
+from shared.storage.consumer_table import TableConsumerStore
+from shared.storage.tables import Tables
 from tools import stack
 
 ROOT = Path(__file__).resolve().parent.parent

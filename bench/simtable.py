@@ -203,7 +203,7 @@ class SimAccount:
 
 
 class SimLedgerStore:
-    """LedgerStore: one entity per ledger, partition = the ledger's key (as tables.py)."""
+    """LedgerStore: one entity per ledger, partition = the ledger's key (as ledger_table.py)."""
 
     def __init__(self, account: SimAccount) -> None:
         self._a = account

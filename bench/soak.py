@@ -41,7 +41,8 @@ from bench.harness import ROOT, bench_stack, finish_load, machine, save, stamp, 
 from bench.procs import open_fds, rss_mb
 from shared.admin.usage_report import summarize
 from shared.config import load_settings
-from shared.storage.tables import Tables, TableUsageStore
+from shared.storage.tables import Tables
+from shared.storage.usage_table import TableUsageStore
 from shared.telemetry import protocol as names
 from shared.telemetry.request_log import EVENT_NAME
 from tools import stack

@@ -30,6 +30,12 @@ from shared.routing.provisioned import ProvisionedCapacity
 from shared.routing.router import Router
 from shared.safety.audit import AuditTrail
 from shared.storage.blobs import BlobAnswerStore, BlobAuditStore
+from shared.storage.breaker_table import TableBreakerStore
+from shared.storage.budget_table import TableBudgetStore
+from shared.storage.capacity_table import TableCapacityStore
+from shared.storage.change_log_table import TableChangeLogStore
+from shared.storage.consumer_table import TableConsumerStore
+from shared.storage.ledger_table import TableLedgerStore
 from shared.storage.memory import (
     MemoryAnswerStore,
     MemoryAuditStore,
@@ -57,17 +63,9 @@ from shared.storage.protocols import (
     UsageStore,
 )
 from shared.storage.responses import TableResponseStore
-from shared.storage.tables import (
-    TableBreakerStore,
-    TableBudgetStore,
-    TableCapacityStore,
-    TableChangeLogStore,
-    TableConsumerStore,
-    TableLedgerStore,
-    Tables,
-    TableTrafficStore,
-    TableUsageStore,
-)
+from shared.storage.tables import Tables
+from shared.storage.traffic_table import TableTrafficStore
+from shared.storage.usage_table import TableUsageStore
 from shared.telemetry.console import ConsoleTelemetry
 from shared.telemetry.protocol import Telemetry
 from shared.telemetry.traffic import TrafficCounter

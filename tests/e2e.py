@@ -20,7 +20,10 @@ from shared.edge.consumers import hash_key, key_prefix, new_key
 from shared.limits.ledger_copy import read_ledger
 from shared.records.cache import CachePolicy
 from shared.records.consumers import Consumer, Limits, Team, UserLimits
-from shared.storage.tables import TableConsumerStore, TableLedgerStore, Tables, TableUsageStore
+from shared.storage.consumer_table import TableConsumerStore
+from shared.storage.ledger_table import TableLedgerStore
+from shared.storage.tables import Tables
+from shared.storage.usage_table import TableUsageStore
 from tools import stack
 
 # One client for every control call: a new httpx client costs tens of milliseconds of CPU (its TLS context), and the

@@ -16,9 +16,9 @@ from shared.admin.failures import BAD_INPUT, NOT_AUTHORIZED, REFUSED, UNREACHABL
 from shared.config import load_settings
 from shared.edge.consumers import hash_key
 from shared.records.consumers import Consumer
+from shared.storage.consumer_table import consumer_from_entity, consumer_to_entity
 from shared.storage.memory import MemoryConsumerStore
 from shared.storage.protocols import Conflict, StoreUnavailable
-from shared.storage.tables import consumer_from_entity, consumer_to_entity
 from tools import stack
 
 SECRET = "Zm9vYmFyc2VjcmV0a2V5bm90dG9iZWVjaG9lZA=="

@@ -17,15 +17,15 @@ from shared.config import load_settings
 from shared.edge.consumers import hash_key, key_prefix, new_key, rotated
 from shared.records.cache import CachePolicy
 from shared.records.consumers import Consumer, Limits, Team, UserLimits
-from shared.storage.tables import (
+from shared.storage.consumer_table import (
     BadConsumerRecord,
     TableConsumerStore,
-    Tables,
     consumer_from_entity,
     consumer_to_entity,
     team_from_entity,
     team_to_entity,
 )
+from shared.storage.tables import Tables
 from tests.conftest import unique
 from tools import stack
 

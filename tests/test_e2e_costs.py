@@ -14,7 +14,8 @@ import pytest
 
 from shared.records.prices import parse_prices
 from shared.records.spend import SpendRow
-from shared.storage.tables import TableBudgetStore, Tables
+from shared.storage.budget_table import TableBudgetStore
+from shared.storage.tables import Tables
 from shared.telemetry import protocol as names
 from tests.conftest import unique
 from tests.e2e import GatewayFactory, Stack, wait_for

@@ -134,7 +134,7 @@ def test_a_breaker_trip_seen_by_one_gateway_is_honoured_by_another(
 
 def test_a_late_write_of_an_older_breaker_transition_never_replaces_a_newer_shared_trip(e2e: Stack) -> None:
     from shared.records.breaker import BreakerRecord
-    from shared.storage.tables import TableBreakerStore
+    from shared.storage.breaker_table import TableBreakerStore
 
     backend = unique("late-writer")
 

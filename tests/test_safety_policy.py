@@ -14,14 +14,14 @@ from shared.admin.teams import TeamAdmin
 from shared.config import ConfigError, load_settings
 from shared.records.consumers import Consumer, Team, with_team
 from shared.records.safety import PiiRule, PolicyError, parse_policies, resolve
-from shared.storage.memory import MemoryConsumerStore
-from shared.storage.tables import (
+from shared.storage.consumer_table import (
     BadConsumerRecord,
     consumer_from_entity,
     consumer_to_entity,
     team_from_entity,
     team_to_entity,
 )
+from shared.storage.memory import MemoryConsumerStore
 
 BASE = {"GATEWAY_TABLE_CONNECTION_STRING": "UseDevelopmentStorage=true"}
 SERVICES = {"GATEWAY_CONTENT_SAFETY_ENDPOINT": "https://cs.cognitiveservices.azure.com",

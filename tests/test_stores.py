@@ -26,6 +26,11 @@ from shared.records.consumers import Consumer, Limits
 from shared.records.traffic import TrafficRow
 from shared.records.usage import UsageRow
 from shared.storage import memory
+from shared.storage.breaker_table import TableBreakerStore
+from shared.storage.capacity_table import TableCapacityStore
+from shared.storage.change_log_table import TableChangeLogStore
+from shared.storage.consumer_table import TableConsumerStore
+from shared.storage.ledger_table import TableLedgerStore
 from shared.storage.protocols import (
     BreakerStore,
     CapacityStore,
@@ -36,16 +41,9 @@ from shared.storage.protocols import (
     TrafficStore,
     UsageStore,
 )
-from shared.storage.tables import (
-    TableBreakerStore,
-    TableCapacityStore,
-    TableChangeLogStore,
-    TableConsumerStore,
-    TableLedgerStore,
-    Tables,
-    TableTrafficStore,
-    TableUsageStore,
-)
+from shared.storage.tables import Tables
+from shared.storage.traffic_table import TableTrafficStore
+from shared.storage.usage_table import TableUsageStore
 from tools import stack
 
 _prefixes = itertools.count(1)

@@ -56,7 +56,8 @@ async def _demo_consumer(env: dict[str, str], consumer_id: str = "demo", safety:
                          ) -> tuple[str, str] | None:
     from shared.edge.consumers import hash_key, key_prefix, new_key
     from shared.records.consumers import Consumer, Limits
-    from shared.storage.tables import Conflict, TableConsumerStore, Tables
+    from shared.storage.consumer_table import TableConsumerStore
+    from shared.storage.tables import Conflict, Tables
 
     settings = load_settings(env, require_backends=False)
     tables = Tables.from_settings(settings, timeout_s=10)

@@ -68,8 +68,10 @@ from shared.records.consumers import (
     UserLimits,
     validate_consumer_id,
 )
+from shared.storage.change_log_table import TableChangeLogStore
+from shared.storage.consumer_table import TableConsumerStore
 from shared.storage.protocols import ChangeLogStore
-from shared.storage.tables import TableChangeLogStore, TableConsumerStore, Tables
+from shared.storage.tables import Tables
 from shared.text import table
 
 
@@ -599,7 +601,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             return await report(tables, args, sys.stdout, settings)
         served = settings.deployments() if settings.backends else None
         from shared.admin.spend import spend_summary
-        from shared.storage.tables import TableBudgetStore, TableUsageStore
+        from shared.storage.budget_table import TableBudgetStore
+        from shared.storage.usage_table import TableUsageStore
 
         async def spend(consumer: Consumer) -> dict[str, Any]:
             return await spend_summary(consumer, TableBudgetStore(tables), TableUsageStore(tables), settings, time.time())

@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 from shared.adminops.usage import UsageTotal, by_team, freshness, last_written, period_hours, summarize
 from shared.config import Settings
-from shared.storage.tables import TableUsageStore
+from shared.storage.usage_table import TableUsageStore
 from shared.text import table
 
 
@@ -60,7 +60,7 @@ async def report(tables: Any, args: Any, out: TextIO, settings: Settings | None 
     rows = await TableUsageStore(tables).query(args.consumer, first, after)
     totals = summarize(rows)
     if getattr(args, "by_team", False):
-        from shared.storage.tables import TableConsumerStore
+        from shared.storage.consumer_table import TableConsumerStore
 
         totals = by_team(totals, {c.id: c.team for c in await TableConsumerStore(tables).list_consumers()})
     flush_s = (settings or Settings).usage_flush_s  # the setting, else its default

@@ -1,5 +1,5 @@
 """What the gateway asks of its stores, and the errors every store raises: one contract for the Table Storage
-stores (tables.py) and their in-memory twins (memory.py); tests/test_stores.py runs the same cases against both.
+stores (tables.py and a *_table.py per table) and their in-memory twins (memory.py); tests/test_stores.py runs the same cases against both.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from azure.data.tables import UpdateMode
 
 from shared.records.responses import StoredResponse
 from shared.storage.protocols import Conflict, StoreUnavailable
-from shared.storage.tables import MatchConditions, Tables, entity_etag
+from shared.storage.tables import Tables, change_row, entity_etag, replace_if_unchanged
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,8 @@ class TableResponseStore:
 
     async def _claim(self, row: Any, claim_until_ms: int) -> bool:
         changed = {**dict(row), "claimed_until": float(claim_until_ms)}
-        etag = entity_etag(row)
         try:
-            await self._tables.call(TABLE, lambda t: t.update_entity(
-                changed, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified))
+            await self._tables.call(TABLE, replace_if_unchanged(changed, entity_etag(row)))
         except (Conflict, ResourceNotFoundError):
             return False  # another sweeper claimed it (or settled it) first
         except StoreUnavailable:
@@ -127,17 +125,12 @@ class TableResponseStore:
         return record
 
     async def settle(self, response_id: str) -> bool:
+        def settled(entity: dict[str, Any] | None) -> dict[str, Any] | None:
+            return {**entity, "unsettled": False} if entity is not None and entity.get("unsettled") else None
+
         try:
-            entity = await self._tables.call(TABLE, lambda t: t.get_entity(response_id, _RK))
-        except ResourceNotFoundError:
-            return False
-        if not entity.get("unsettled"):
-            return False
-        changed = {**dict(entity), "unsettled": False}
-        etag = entity_etag(entity)
-        try:
-            await self._tables.call(TABLE, lambda t: t.update_entity(
-                changed, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified))
+            if await change_row(self._tables, TABLE, response_id, _RK, settled) is None:
+                return False
         except Conflict:
             return False  # another instance settled it first
         try:
@@ -147,18 +140,16 @@ class TableResponseStore:
         return True
 
     async def rehold(self, response_id: str, held_until_ms: int, previous_ms: int) -> bool:
+        def moved(entity: dict[str, Any] | None) -> dict[str, Any] | None:
+            if entity is None or not entity.get("unsettled") or int(entity.get("held_until", 0) or 0) != previous_ms:
+                return None
+            return {**entity, "held_until": float(held_until_ms)}
+
         try:
-            entity = await self._tables.call(TABLE, lambda t: t.get_entity(response_id, _RK))
-        except ResourceNotFoundError:
-            return False
-        if not entity.get("unsettled") or int(entity.get("held_until", 0) or 0) != previous_ms:
-            return False
-        changed = {**dict(entity), "held_until": float(held_until_ms)}
-        etag = entity_etag(entity)
-        try:
-            await self._tables.call(TABLE, lambda t: t.update_entity(
-                changed, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified))
+            entity = await change_row(self._tables, TABLE, response_id, _RK, moved)
         except Conflict:
+            return False
+        if entity is None:
             return False
         try:
             await self._index(response_id, str(entity.get("consumer", "")), held_until_ms)
