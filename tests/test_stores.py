@@ -496,3 +496,61 @@ async def test_forgetting_deletes_only_that_instances_buckets_and_missing_ones_a
     left = sorted((r.bucket - base, r.instance) for r in await stores.traffic.read(base, base + 2))
     assert left == [(0, "b"), (1, "b"), (2, "a"), (2, "b")]
     await stores.traffic.forget("a", [base, base + 1])  # again: nothing there, no error
+
+
+# ---- the one read-modify-write every shared row uses (storage/tables.py: change_row) ---------------------------------
+
+
+@pytest.mark.process
+async def test_change_row_loses_no_change_among_many_writers_and_gives_up_only_after_its_tries(
+    request: pytest.FixtureRequest,
+) -> None:
+    """Twelve writers add one each to the same row at once: every addition lands (each lost race is decided again on
+    what the winner wrote); a writer allowed a single try against a row that moves under it gets Conflict, never a
+    silent overwrite; and `change` returning None leaves the row as it is."""
+    from shared.storage.tables import change_row
+
+    azurite = request.getfixturevalue("azurite")
+    service = TableServiceClient.from_connection_string(stack.table_connection_string(azurite.port), retry_total=0)
+    prefix = f"rmw{next(_prefixes)}x{id(request) % 10_000}"
+    tables = Tables(service, prefix, timeout_s=10)
+    other = Tables(TableServiceClient.from_connection_string(stack.table_connection_string(azurite.port), retry_total=0),
+                   prefix, timeout_s=10)  # another instance, on the same table
+
+    def plus_one(row: dict[str, Any] | None) -> dict[str, Any]:
+        return {"n": (row or {}).get("n", 0) + 1}
+
+    async def count() -> int:
+        return int((await tables.call("breakers", lambda t: t.get_entity("p", "r")))["n"])
+
+    try:
+        results = await asyncio.gather(
+            *(change_row(tables, "breakers", "p", "r", plus_one, tries=40) for _ in range(12)), return_exceptions=True
+        )
+        assert [r for r in results if isinstance(r, BaseException)] == []
+        assert await count() == 12
+
+        assert await change_row(tables, "breakers", "p", "r", lambda row: None) is None
+        assert await count() == 12
+
+        def moved_meanwhile(row: dict[str, Any] | None) -> dict[str, Any]:
+            racer.append(asyncio.ensure_future(change_row(other, "breakers", "p", "r", plus_one)))
+            return {"n": 1000}
+
+        racer: list[asyncio.Future[Any]] = []
+        # The racer's write lands between this writer's read and its write: with one try, Conflict.
+        original_call = tables.call
+
+        async def call_then_let_racer_write(table: str, operation: Any) -> Any:
+            if racer and not racer[0].done():
+                await racer[0]
+            return await original_call(table, operation)
+
+        tables.call = call_then_let_racer_write  # type: ignore[method-assign]
+        with pytest.raises(Conflict):
+            await change_row(tables, "breakers", "p", "r", moved_meanwhile, tries=1)
+        tables.call = original_call  # type: ignore[method-assign]
+        assert await count() == 13  # the racer's addition, not the 1000 written over it
+    finally:
+        await tables.close()
+        await other.close()
