@@ -62,7 +62,7 @@ from shared.storage.protocols import (
     TrafficStore,
     UsageStore,
 )
-from shared.storage.responses import TableResponseStore
+from shared.storage.response_table import TableResponseStore
 from shared.storage.tables import Tables
 from shared.storage.traffic_table import TableTrafficStore
 from shared.storage.usage_table import TableUsageStore

@@ -13,7 +13,7 @@ from shared.flow.pinning import RETENTION_S
 from shared.records.responses import StoredResponse
 from shared.storage.memory import MemoryResponseStore
 from shared.storage.protocols import ResponseStore, StoreUnavailable
-from shared.storage.responses import TableResponseStore
+from shared.storage.response_table import TableResponseStore
 from shared.storage.tables import Tables
 from tests.conftest import unique
 from tools import stack

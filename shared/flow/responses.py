@@ -1,7 +1,7 @@
 """The Responses API: body checks, the pre-flight estimate of its input shapes, the backend URL, and its event stream.
 
 Pure: values in, values out. The request flow asks this module what a Responses body means; the state of stored
-responses (which region holds which id) lives in shared/storage/responses.py.
+responses (which region holds which id) lives in shared/storage/response_table.py.
 """
 
 from __future__ import annotations
