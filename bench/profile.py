@@ -56,7 +56,7 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("dispatch", ("shared/flow/failover.py", "shared/flow/upstream.py", "shared/routing/", "shared/flow/credentials.py",
                   "shared/flow/backend_api.py")),
     ("relay", ("shared/flow/relay.py", "shared/flow/usage.py", "shared/flow/sse.py", "shared/flow/responses.py")),
-    ("books", ("shared/flow/settlement.py", "shared/telemetry/usage_rows.py", "shared/storage/")),
+    ("books", ("shared/flow/settlement.py", "shared/flow/books.py", "shared/telemetry/usage_rows.py", "shared/storage/")),
     ("telemetry", ("shared/telemetry/", "opentelemetry/", "azure/monitor/")),
     ("edge", ("shared/", "tools/localhost.py", "function_app.py")),
 )
