@@ -145,6 +145,34 @@ def _fallback(entity: dict[str, Any]) -> bool:
     return value == "on"
 
 
+def _deployments(entity: dict[str, Any]) -> frozenset[str] | None:
+    """The deployments a consumer or team may call: None for "*" (all), else a list of names."""
+    raw = entity.get("deployments")
+    if raw == "*":
+        return None
+    names = _names(raw, "deployments")
+    if not all(isinstance(n, str) and DEPLOYMENT_NAME.fullmatch(n) for n in names):
+        raise BadConsumerRecord("deployments: expected deployment names")
+    return frozenset(names)
+
+
+def _spending(entity: dict[str, Any]) -> tuple[int, str | None, int | float, str | None]:
+    """A consumer's or team's quota and budget with their periods, checked alike for both."""
+    quota = _count(entity, "quota")
+    quota_period = entity.get("quota_period") or None
+    if quota_period is not None and quota_period not in QUOTA_PERIODS:
+        raise BadConsumerRecord(f"quota_period: expected one of {', '.join(QUOTA_PERIODS)}, got {quota_period!r}")
+    if quota and quota_period is None:
+        raise BadConsumerRecord("quota: a quota needs a quota_period")
+    budget = entity.get("budget", 0.0)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < float("inf"):
+        raise BadConsumerRecord(f"budget: expected an amount >= 0, got {budget!r}")
+    budget_period = entity.get("budget_period") or None
+    if budget_period is not None and budget_period not in QUOTA_PERIODS:
+        raise BadConsumerRecord(f"budget_period: expected one of {', '.join(QUOTA_PERIODS)}, got {budget_period!r}")
+    return quota, quota_period, budget, budget_period
+
+
 def consumer_from_entity(entity: dict[str, Any]) -> Consumer:
     """Parse a consumer row strictly: every field typed as the admin command writes it, nothing defaulted to more
     access. `enabled` must be a boolean ("false" as text is not), the deployment list must be there ("*" for all)."""
@@ -167,15 +195,7 @@ def consumer_from_entity(entity: dict[str, Any]) -> Consumer:
     expires = entity.get("previous_key_expires", 0.0)
     if isinstance(expires, bool) or not isinstance(expires, (int, float)):
         raise BadConsumerRecord(f"previous_key_expires: expected a number, got {expires!r}")
-    deployments_raw = entity.get("deployments")
-    deployments: frozenset[str] | None
-    if deployments_raw == "*":
-        deployments = None
-    else:
-        names = _names(deployments_raw, "deployments")
-        if not all(isinstance(n, str) and DEPLOYMENT_NAME.fullmatch(n) for n in names):
-            raise BadConsumerRecord("deployments: expected deployment names")
-        deployments = frozenset(names)
+    deployments = _deployments(entity)
     try:
         per_deployment = json.loads(entity.get("deployment_tpm") or "{}")
     except ValueError:
@@ -185,18 +205,7 @@ def consumer_from_entity(entity: dict[str, Any]) -> Consumer:
         for k, v in per_deployment.items()
     ):
         raise BadConsumerRecord("deployment_tpm: expected a JSON object {deployment: whole number >= 0}")
-    quota = _count(entity, "quota")
-    quota_period = entity.get("quota_period") or None
-    if quota_period is not None and quota_period not in QUOTA_PERIODS:
-        raise BadConsumerRecord(f"quota_period: expected one of {', '.join(QUOTA_PERIODS)}, got {quota_period!r}")
-    if quota and quota_period is None:
-        raise BadConsumerRecord("quota: a quota needs a quota_period")
-    budget = entity.get("budget", 0.0)
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < float("inf"):
-        raise BadConsumerRecord(f"budget: expected an amount >= 0, got {budget!r}")
-    budget_period = entity.get("budget_period") or None
-    if budget_period is not None and budget_period not in QUOTA_PERIODS:
-        raise BadConsumerRecord(f"budget_period: expected one of {', '.join(QUOTA_PERIODS)}, got {budget_period!r}")
+    quota, quota_period, budget, budget_period = _spending(entity)
     priority = entity.get("priority")
     priority = RETIRED_PRIORITIES.get(priority, priority) if isinstance(priority, str) else priority
     if priority not in PRIORITIES:
@@ -304,25 +313,8 @@ def team_from_entity(entity: dict[str, Any]) -> Team:
     team_id = entity.get("RowKey")
     if not isinstance(team_id, str) or not _CONSUMER_ID.fullmatch(team_id):
         raise BadConsumerRecord(f"RowKey: not a team id: {team_id!r}")
-    deployments_raw = entity.get("deployments")
-    deployments: frozenset[str] | None = None
-    if deployments_raw != "*":
-        names = _names(deployments_raw, "deployments")
-        if not all(isinstance(n, str) and DEPLOYMENT_NAME.fullmatch(n) for n in names):
-            raise BadConsumerRecord("deployments: expected deployment names")
-        deployments = frozenset(names)
-    quota = _count(entity, "quota")
-    quota_period = entity.get("quota_period") or None
-    if quota_period is not None and quota_period not in QUOTA_PERIODS:
-        raise BadConsumerRecord(f"quota_period: expected one of {', '.join(QUOTA_PERIODS)}, got {quota_period!r}")
-    if quota and quota_period is None:
-        raise BadConsumerRecord("quota: a quota needs a quota_period")
-    budget = entity.get("budget", 0.0)
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < float("inf"):
-        raise BadConsumerRecord(f"budget: expected an amount >= 0, got {budget!r}")
-    budget_period = entity.get("budget_period") or None
-    if budget_period is not None and budget_period not in QUOTA_PERIODS:
-        raise BadConsumerRecord(f"budget_period: expected one of {', '.join(QUOTA_PERIODS)}, got {budget_period!r}")
+    deployments = _deployments(entity)
+    quota, quota_period, budget, budget_period = _spending(entity)
     priority = entity.get("priority")
     if priority not in PRIORITIES:
         raise BadConsumerRecord(f"priority: expected one of {', '.join(PRIORITIES)}, got {priority!r}")
