@@ -103,6 +103,29 @@ def measure(config: Config, workload: str, concurrency: int, seconds: float) -> 
     return result
 
 
+def interleaved(configs: list[Config], workload: str, concurrency: int, rounds_n: int, seconds: float) -> list[dict[str, Any]]:
+    """Measure every configuration at one point, rounds interleaved (order reversed every other round, the others
+    paused), and state each against the direct call measured in the same rounds."""
+    rounds: dict[str, list[dict[str, Any]]] = {c.name: [] for c in configs}
+    for round_ in range(rounds_n):
+        order = configs if round_ % 2 == 0 else list(reversed(configs))
+        for config in order:
+            pause_others(configs, config)
+            rounds[config.name].append(measure(config, workload, concurrency, seconds))
+    direct = merge(rounds["direct"], workload)
+    points = []
+    for config in configs:
+        point = merge(rounds[config.name], workload)
+        point.update({"config": config.name, "workload": workload, "concurrency": concurrency})
+        point["added_p50_ms"] = round(point["p50_ms"] - direct["p50_ms"], 3)
+        point["added_p99_ms"] = round(point["p99_ms"] - direct["p99_ms"], 3)
+        point["throughput_vs_direct"] = round(point["rps"] / max(direct["rps"], 1e-9), 3)
+        if workload == "stream":
+            point["added_ttfb_p50_ms"] = round(point["ttfb_p50_ms"] - direct["ttfb_p50_ms"], 3)
+        points.append(point)
+    return points
+
+
 def ensure_litellm() -> Path:
     binary = LITELLM_VENV / "bin" / "litellm"
     if not binary.exists():
@@ -220,19 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for workload in workloads:
             for concurrency in concurrencies:
-                rounds: dict[str, list[dict[str, Any]]] = {c.name: [] for c in configs}
-                for round_ in range(args.rounds):
-                    order = configs if round_ % 2 == 0 else list(reversed(configs))
-                    for config in order:
-                        pause_others(configs, config)
-                        rounds[config.name].append(measure(config, workload, concurrency, args.seconds))
-                direct = merge(rounds["direct"], workload)
-                for config in configs:
-                    point = merge(rounds[config.name], workload)
-                    point.update({"config": config.name, "workload": workload, "concurrency": concurrency})
-                    point["added_p50_ms"] = round(point["p50_ms"] - direct["p50_ms"], 3)
-                    point["added_p99_ms"] = round(point["p99_ms"] - direct["p99_ms"], 3)
-                    point["throughput_vs_direct"] = round(point["rps"] / max(direct["rps"], 1e-9), 3)
+                for point in interleaved(configs, workload, concurrency, args.rounds, args.seconds):
                     results["points"].append(point)
                     print(json.dumps(point), flush=True)
 
@@ -307,21 +318,7 @@ def hot(args: argparse.Namespace) -> int:
         if baseline is not None:
             configs.append(Config("gateway-baseline", baseline.url, "azure", key, baseline.process.pid))
         for workload, concurrency in points:
-            rounds: dict[str, list[dict[str, Any]]] = {c.name: [] for c in configs}
-            for round_ in range(args.rounds):
-                order = configs if round_ % 2 == 0 else list(reversed(configs))
-                for config in order:
-                    pause_others(configs, config)
-                    rounds[config.name].append(measure(config, workload, concurrency, args.seconds))
-            direct = merge(rounds["direct"], workload)
-            for config in configs:
-                point = merge(rounds[config.name], workload)
-                point.update({"config": config.name, "workload": workload, "concurrency": concurrency})
-                point["added_p50_ms"] = round(point["p50_ms"] - direct["p50_ms"], 3)
-                point["added_p99_ms"] = round(point["p99_ms"] - direct["p99_ms"], 3)
-                point["throughput_vs_direct"] = round(point["rps"] / max(direct["rps"], 1e-9), 3)
-                if workload == "stream":
-                    point["added_ttfb_p50_ms"] = round(point["ttfb_p50_ms"] - direct["ttfb_p50_ms"], 3)
+            for point in interleaved(configs, workload, concurrency, args.rounds, args.seconds):
                 results["points"].append(point)
                 print(json.dumps(point), flush=True)
         for config in configs:
