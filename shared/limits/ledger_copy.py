@@ -47,17 +47,21 @@ class LedgerCopy:
         self.have = False
 
     async def commit(
-        self, store: LedgerStore, consumer_id: str, clock: Clock, change: Callable[[Ledger, float], bool]
+        self, store: LedgerStore, consumer_id: str, clock: Clock, change: Callable[[Ledger, float], bool],
+        counts: dict[str, int] | None = None,
     ) -> tuple[Ledger, float]:
         """Apply `change(copy, now)` to a copy of the ledger and write it on the ETag, again on a fresh read when another
         instance wrote first. `change` returns False when there is nothing to write; that answer is trusted only from
         a fresh read (other instances may have released tokens since the cached copy). Returns the ledger as changed
-        and the time it was changed at; raises StoreUnavailable, or Contended when every attempt lost."""
+        and the time it was changed at; raises StoreUnavailable, or Contended when every attempt lost. `counts`
+        (optional) adds up the reads, writes, lost races and writes found unneeded, for the scale bench."""
+        tally = counts if counts is not None else {}
         try:
             for attempt in range(WRITE_ATTEMPTS):
                 fresh = (not self.have or self.hits < 0.5
                          or (self.shared and clock.monotonic() - self.changed_mono > STALE_SHARED_S))
                 if fresh:
+                    tally["reads"] = tally.get("reads", 0) + 1
                     self.ledger, self.etag = await read_ledger(store, consumer_id)
                     self.have = True
                     self.changed_mono = clock.monotonic()
@@ -65,13 +69,18 @@ class LedgerCopy:
                 ledger = self.ledger.copy()
                 now = clock.now()
                 if not change(ledger, now):
+                    tally["nothing"] = tally.get("nothing", 0) + 1
                     if fresh:
                         return ledger, now
                     self.have = False
                     continue
                 try:
+                    tally["writes"] = tally.get("writes", 0) + 1
                     self.etag = await store.write(consumer_id, ledger.to_entity(), self.etag)
                 except Conflict:
+                    tally["lost"] = tally.get("lost", 0) + 1
+                    tally["lost_on_copy" if not fresh else "lost_on_read"] = \
+                        tally.get("lost_on_copy" if not fresh else "lost_on_read", 0) + 1
                     self.have = False
                     if not fresh:
                         self.hits *= 0.7

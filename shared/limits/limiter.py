@@ -335,6 +335,9 @@ class TokenLimiter:
         self.busy = 0  # 503 ServerBusy on a ledger: throttled, not down (no fallback window)
         self.fallback_admissions = 0
         self.allowances = 0
+        # Ledger operations by what they were for (claim: a request waiting; renew; release; flush) and what became of
+        # them (reads, writes, lost races, found unneeded): where a busy ledger's write capacity goes (bench.scale).
+        self.ledger_counts: dict[str, int] = {}
         # The store failed for one consumer: it is down for all of them. Until this time no consumer of this instance
         # tries it (each would wait for its own timeout, and retry, together), and admissions use the fallback.
         self._store_down_until = 0.0
@@ -697,8 +700,12 @@ class TokenLimiter:
         if self._writes is None:
             self._writes = asyncio.Semaphore(MAX_CONCURRENT_SYNCS)
         try:
+            purpose = ("flush" if flush_only else "claim" if need else "renew" if claim_new else "release")
+            counts = self.ledger_counts
+            counts[purpose] = counts.get(purpose, 0) + 1
             async with self._writes:
-                ledger, now = await budget.copy.commit(self._store, budget.consumer_id, self._clock, write.change)
+                ledger, now = await budget.copy.commit(self._store, budget.consumer_id, self._clock, write.change,
+                                                       counts)
         except (StoreUnavailable, Contended) as exc:
             budget.held.restore(out, mono)
             budget.refunded = budget.refunded or refunded
