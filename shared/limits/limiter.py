@@ -770,8 +770,7 @@ class TokenLimiter:
                 if plan is not None:
                     self.allowances += 1
                 budget.user_share = write.share
-        others = holders(ledger, int(now * 1000), self._instance) > 1
-        budget.copy.observe(ledger, lambda: list(budget.limits), now, others)
+        budget.copy.observe(ledger, lambda: list(budget.limits), now, holders(ledger, int(now * 1000), self._instance))
 
     # ---- background upkeep ---------------------------------------------------------------------------------------
 
