@@ -9,6 +9,9 @@ Shapes:
   spreads them), twice its tokens-per-minute limit, across N instances; each request reserves 300 tokens and uses
   150-300, settled 0.5-5 s later.
 - `many`: 10,000 consumers at one request a second each (each at ~15% of its limit), across N instances.
+- `change`: C consumers (rps = C) known to N warm instances, each instance authenticating a request every 0.2 s;
+  an admin disables one consumer and lowers another's limit: how long until every instance refuses the first key and
+  sees the new limit, and how many consumer-partition entities the instances read for it.
 - `trip`: N idle instances sharing state; one sees a backend refuse its credential (a trip) and a PTU's 429: how long
   until every instance has the trip and the PTU's instant.
 
@@ -42,9 +45,10 @@ from bench.simtable import (
     VirtualLoop,
 )
 from shared import wiring
+from shared.adminops.operations import Actor, AdminOperations
 from shared.config import Backend, Settings
 from shared.edge.consumers import hash_key
-from shared.outcomes import Refusal
+from shared.outcomes import ConsumerDisabled, Refusal
 from shared.records.consumers import Consumer, Limits
 from shared.routing.breaker import OPEN
 from shared.storage.protocols import StoreUnavailable
@@ -68,6 +72,9 @@ QUICK = [("trip", 0, 16), ("trip", 0, 64), ("trip", 0, 256), ("one", 1000, 16), 
 TRIP_WARM_S = 60.0  # simulated seconds before the trip
 TRIP_WAIT_S = 150.0  # how long the trip shape waits for every instance to have it
 SECONDS_CAP = {1000: 130.0, 5000: 70.0, 10000: 20.0, 20000: 15.0}
+CHANGE_WARM_S = 20.0  # simulated seconds of checks before the change
+CHANGE_WAIT_S = 1800.0  # how long the change shape waits for every instance to have it
+CHANGE_STEP_S = 0.2  # each instance's requests (each runs the directory's checks, as a real request does)
 
 
 class Instance:
@@ -304,11 +311,89 @@ async def trip(n: int, loop: VirtualLoop, seed: int) -> dict[str, Any]:
     }
 
 
+async def change(count: int, n: int, loop: VirtualLoop, seed: int) -> dict[str, Any]:
+    """A consumer disabled and another's limit lowered through the admin operations, with N instances warm: when each
+    instance has both (it refuses the key, its copy has the new limit), and what the consumer partition served."""
+    account = SimAccount(seed)
+    clock = SimClock(loop)
+    stores = sim_stores(account)
+    store = cast(SimConsumerStore, stores.consumers)
+    for k in range(count):
+        store.twin._store(Consumer(id=f"c{k}", name=f"c{k}", key_hash=hash_key(f"k-c{k}"), key_prefix="gw-x",
+                                   limits=Limits(tokens_per_minute=100_000)))
+    instances = [Instance(i, n, clock, stores) for i in range(n)]
+    account.metered = False
+    for inst in instances:
+        await inst.directory.reload()
+    account.metered = True
+    rng = random.Random(seed)
+    revoked, lowered = "c1", "c2"
+    changed_at: float | None = None
+    has: dict[int, float] = {}
+    stop = False
+
+    async def drive(i: int, inst: Instance) -> None:
+        await asyncio.sleep(rng.uniform(0, CHANGE_STEP_S))
+        while not stop:
+            try:
+                await inst.directory.authenticate(f"k-{revoked}")
+                refused = False
+            except ConsumerDisabled:
+                refused = True
+            except Exception:  # a cold or stale instance's 503: not the change
+                refused = False
+            try:
+                seen = (await inst.directory.authenticate(f"k-{lowered}")).limits.tokens_per_minute
+            except Exception:
+                seen = 0
+            if changed_at is not None and i not in has and refused and seen == 1_000:
+                has[i] = loop.time() - changed_at
+            await asyncio.sleep(CHANGE_STEP_S)
+
+    drivers = [loop.create_task(drive(i, inst)) for i, inst in enumerate(instances)]
+    await asyncio.sleep(CHANGE_WARM_S)
+    base = dict(account.counts.by_kind)
+    base_busy = account.counts.busy
+    t0 = int(loop.time())
+    ops = AdminOperations(store, None, clock)
+    actor = Actor("bench")
+    await ops.set_enabled(revoked, False, actor)
+    await ops.change(lowered, lambda c: replace(c, limits=replace(c.limits, tokens_per_minute=1_000),
+                                                version=c.version + 1), actor)
+    changed_at = loop.time()
+    while loop.time() - changed_at < CHANGE_WAIT_S and len(has) < n:
+        await asyncio.sleep(0.5)
+    reached = loop.time() - changed_at
+    stop = True
+    await asyncio.gather(*drivers, return_exceptions=True)
+    for inst in instances:
+        await inst.close()
+    c = account.counts
+    kinds = {k: v - base.get(k, 0) for k, v in c.by_kind.items() if v - base.get(k, 0)}
+    listing = sum(e for (p, s), e in c.per_partition_second.items() if p == "consumer" and s >= t0)
+    times = sorted(has.values())
+    return {
+        "shape": "change", "rps": count, "instances": n,
+        "reaches_all_s": round(max(times), 2) if len(has) == n else None,
+        "instances_with_it": len(has),
+        "reaches_half_s": round(times[len(times) // 2], 2) if times else None,
+        "listing_entities_read": listing,
+        "listing_entities_per_instance": round(listing / n, 1),
+        "consumer_partition_peak_per_s": c.partition_group_peak("consumer", t0),
+        "marker_partition_peak_per_s": c.partition_group_peak("marker", t0),
+        "ops_by_kind": kinds,
+        "server_busy_503": c.busy - base_busy,
+        "consumer_reload_failures": sum(i.directory.reload_failures for i in instances),
+        "seconds": round(reached, 1),
+    }
+
+
 def run_shape(shape: str, rps: int, n: int, seconds: float, seed: int) -> dict[str, Any]:
     loop = VirtualLoop()
     started = time.monotonic()
     try:
-        coro = trip(n, loop, seed) if shape == "trip" else traffic(shape, rps, n, seconds, loop, seed)
+        coro = (trip(n, loop, seed) if shape == "trip" else change(rps, n, loop, seed) if shape == "change"
+                else traffic(shape, rps, n, seconds, loop, seed))
         figures = loop.run_until_complete(coro)
     finally:
         for task in asyncio.all_tasks(loop):
@@ -366,7 +451,7 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
-        if r["shape"] == "trip":
+        if r["shape"] in ("trip", "change"):
             continue
         lines.append(
             f"| {r['shape']} | {r['rps']:,} | {r['instances']} | {r['seconds']:g} | {r['admitted']:,} / {r['refused_429']:,} / "

@@ -269,10 +269,19 @@ class SimConsumerStore:
 
         for _ in range(1000, rows, 1000):  # every page but the last
             await self._a.op("consumers.list_page", "consumer", nothing, entities=1000)
+            # A page of 1,000 entities is half a second of the partition's 2,000 a second: the service takes that
+            # long to serve the next one (back to back, one reader alone would otherwise exceed the target).
+            await asyncio.sleep(1000 / self._a.partition_rate)
         return await self._a.op("consumers.list", "consumer", self.twin.list_all, entities=rows - 1000 * ((rows - 1) // 1000))
 
     async def find_by_key_hash(self, key_hash: str) -> Consumer | None:
         return await self._a.op("consumers.lookup", "keyhash", lambda: self.twin.find_by_key_hash(key_hash))
+
+    async def get(self, consumer_id: str) -> Consumer | None:
+        return await self._a.op("consumers.get", "consumer", lambda: self.twin.get(consumer_id))
+
+    async def get_team(self, team_id: str) -> Team | None:
+        return await self._a.op("consumers.get_team", "team", lambda: self.twin.get_team(team_id))
 
     def __getattr__(self, name: str) -> Any:  # the admin's operations: not part of the load, served by the twin
         return getattr(self.twin, name)
