@@ -322,6 +322,8 @@ async def change(count: int, n: int, loop: VirtualLoop, seed: int) -> dict[str, 
         store.twin._store(Consumer(id=f"c{k}", name=f"c{k}", key_hash=hash_key(f"k-c{k}"), key_prefix="gw-x",
                                    limits=Limits(tokens_per_minute=100_000)))
     instances = [Instance(i, n, clock, stores) for i in range(n)]
+    for i, inst in enumerate(instances):
+        inst.directory._rng = random.Random(seed * 1_000 + i)  # its jitter, repeatable
     account.metered = False
     for inst in instances:
         await inst.directory.reload()
