@@ -32,6 +32,7 @@ from shared.storage.protocols import Conflict, StoreBusy, StoreUnavailable
 if TYPE_CHECKING:
     from shared.records.breaker import BreakerRecord
     from shared.records.capacity import CapacityReport
+    from shared.records.consumer_feed import ChangeFeed
     from shared.records.consumers import Consumer, Team
 
 T = TypeVar("T")
@@ -250,14 +251,15 @@ class SimCapacityStore:
 
 
 class SimConsumerStore:
-    """The part of ConsumerStore a running gateway reads: the change marker (a point read) and the full listing."""
+    """The part of ConsumerStore a running gateway reads: the change marker with its feed (a point read), the rows the
+    feed names (point reads) and the full listing."""
 
     def __init__(self, account: SimAccount) -> None:
         self._a = account
         self.twin = MemoryConsumerStore()
 
-    async def change_marker(self) -> str | None:
-        return await self._a.op("consumers.marker", "marker", self.twin.change_marker)
+    async def change_feed(self) -> ChangeFeed:
+        return await self._a.op("consumers.marker", "marker", self.twin.change_feed)
 
     async def list_all(self) -> tuple[list[Consumer], list[Team]]:
         """A query answers 1,000 entities a page, each page a request read one after the other (the SDK follows the

@@ -108,9 +108,9 @@ async def test_teams_are_stored_beside_the_consumers_and_a_bad_row_is_left_out(
 ) -> None:
     store = TableConsumerStore(tables)
     team = Team("search", "Search", Limits(tokens_per_minute=1000), None, "normal")
-    marker = await store.change_marker()
+    marker = (await store.change_feed()).token
     await store.create_team(team)
-    assert await store.change_marker() != marker
+    assert (await store.change_feed()).token != marker
     with pytest.raises(Exception, match="Conflict|Exists"):
         await store.create_team(team)
     await store.put_team(Team("bad", "Bad"))

@@ -293,29 +293,60 @@ async def test_as_many_concurrent_admin_commands_as_write_tries_all_land(stores:
 async def test_every_consumer_write_changes_the_marker_and_reads_do_not(stores: Stores) -> None:
     from dataclasses import replace
 
-    store: Any = stores.consumers
-    seen = [await store.change_marker()]
+    from shared.records.consumer_feed import CONSUMER, TEAM
+    from shared.records.consumers import Team
 
-    async def changed() -> bool:
-        marker = await store.change_marker()
-        fresh = marker not in seen
-        seen.append(marker)
+    store: Any = stores.consumers
+    first = await store.change_feed()
+    seen = [first.token]
+    assert first.token is None and first.after("", 0) is None  # nothing written: nothing to follow yet
+
+    async def changed(*named: tuple[str, str]) -> bool:
+        feed = await store.change_feed()
+        fresh = feed.token not in seen
+        seen.append(feed.token)
+        if fresh and named:  # the feed names what was written, and follows on from the last read
+            assert feed.after(last[0].epoch, last[0].seq) is not None
+            assert [(c.kind, c.id) for c in feed.after(last[0].epoch, last[0].seq) or ()] == list(named)
+        last[0] = feed
         return fresh
 
+    last = [first]
     await store.create(consumer("m-1", key="gw-m1"))
-    assert await changed()
+    assert await changed()  # the first entry starts the feed: nothing before it to follow on from
     await store.list_consumers()
     await store.get("m-1")
     await store.find_by_key_hash(hash_key("gw-m1"))
     assert not await changed()
     await store.put(replace(consumer("m-1", key="gw-m1"), enabled=False))
-    assert await changed()
+    assert await changed((CONSUMER, "m-1"))
     await store.create_many([consumer("m-2", key="gw-m2"), consumer("m-3", key="gw-m3")])
-    assert await changed()
+    assert await changed((CONSUMER, "m-2"), (CONSUMER, "m-3"))
     assert await store.delete("m-2")
-    assert await changed()
+    assert await changed((CONSUMER, "m-2"))
     assert not await store.delete("m-2")  # nothing deleted, nothing to see
     assert not await changed()
+    await store.create_team(Team("t-1", "T"))
+    assert await changed((TEAM, "t-1"))
+    await store.put_team(Team("t-1", "T2"))
+    assert await changed((TEAM, "t-1"))
+    assert await store.delete_team("t-1")
+    assert await changed((TEAM, "t-1"))
+
+
+async def test_two_admins_writing_at_once_each_get_their_feed_entry(stores: Stores) -> None:
+    """The feed is appended on the marker row's ETag: concurrent writes through two stores (two admins) never lose
+    one another's entry."""
+    from shared.records.consumer_feed import CONSUMER
+
+    store: Any = stores.consumers
+    await store.create(consumer("w-0", key="gw-w0"))
+    start = await store.change_feed()
+    await asyncio.gather(*(store.create(consumer(f"w-{i}", key=f"gw-w{i}")) for i in range(1, 13)))
+    feed = await store.change_feed()
+    changes = feed.after(start.epoch, start.seq)
+    assert changes is not None and feed.seq == start.seq + 12
+    assert sorted(c.id for c in changes if c.kind == CONSUMER) == sorted(f"w-{i}" for i in range(1, 13))
 
 
 async def test_usage_rows_are_replaced_cumulatively_and_queried_by_hour_and_consumer(stores: Stores) -> None:
@@ -391,7 +422,7 @@ async def test_many_consumers_are_created_at_once_and_an_existing_id_is_a_confli
     assert await store.get("fresh-1") is None  # a batch is all or nothing
 
 
-async def test_creating_a_thousand_consumers_takes_twenty_one_round_trips(azurite: stack.Child) -> None:
+async def test_creating_a_thousand_consumers_takes_twenty_two_round_trips(azurite: stack.Child) -> None:
     service = TableServiceClient.from_connection_string(stack.table_connection_string(azurite.port), retry_total=0)
     tables = Tables(service, f"bulk{next(_prefixes)}", timeout_s=10)
     try:
@@ -399,8 +430,9 @@ async def test_creating_a_thousand_consumers_takes_twenty_one_round_trips(azurit
         await tables.ensure("consumers")
         before = tables.calls
         await store.create_many([consumer(f"c-{n}", key=f"gw-{n}") for n in range(1000)])
-        # 10 batches of key-hash index rows, 10 of consumer rows, and the change marker the gateways read.
-        assert tables.calls - before == 21
+        # 10 batches of key-hash index rows, 10 of consumer rows, and the change marker the gateways read (a read and
+        # a conditional write: its feed is appended on its ETag).
+        assert tables.calls - before == 22
         assert len(await store.list_consumers()) == 1000
     finally:
         await tables.close()

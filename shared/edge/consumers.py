@@ -26,6 +26,7 @@ from shared.outcomes import (
     KeyProblem,
     Refusal,
 )
+from shared.records.consumer_feed import CONSUMER, ChangeFeed
 from shared.records.consumers import Consumer, Team, with_team
 from shared.storage.protocols import ConsumerStore
 from shared.waits import whole_seconds
@@ -42,6 +43,10 @@ MAX_RELOAD_RETRY_S = 60.0
 LIST_ROWS_PER_S = 5.0
 MARKER_ROWS_PER_S = 1_000.0
 RELOAD_JITTER = 0.2
+# A change the feed names costs each instance a point read per row named: up to this many rows at the check that sees
+# them, more spread over rows / FEED_ROWS_PER_S seconds (at random), so that N instances ask the consumer partition
+# for at most about N x FEED_ROWS_PER_S rows a second (256 instances: 1,280) however many rows one change names.
+FEED_ROWS_PER_S = 5.0
 
 
 def new_key() -> str:
@@ -81,11 +86,16 @@ class ConsumerDirectory:
     """Every consumer, cached in memory and kept current in the background, so authentication costs no I/O.
 
     Every `check_s` the directory reads the store's change marker (one point read; every write through the admin
-    command replaces it) and reloads the consumers only when it changed: a consumer created, disabled, rotated or
-    deleted is seen within about `check_s`, spray or not (with more than a thousand consumers and teams, within
-    `check_s` + rows / MARKER_ROWS_PER_S: the instances' reloads are spread). A full reload every `refresh_s` (or, with
-    many rows, rows / LIST_ROWS_PER_S; jittered) whatever the marker says catches rows edited by other means. A reload
-    that fails is tried again after a pause doubling from RELOAD_RETRY_S, jittered.
+    command, API or console replaces it) and, when it changed, reads the consumers and teams its change feed names
+    (a point read each; records/consumer_feed.py): a consumer created, disabled, rotated or deleted, or a team changed,
+    is seen within about `check_s` (a change naming more than FEED_ROWS_PER_S rows: within rows / FEED_ROWS_PER_S
+    more), whatever the number of consumers. When the feed cannot be followed from where this copy is (more changes
+    than it holds, a bulk creation, a marker written by an older version, a feed that does not parse) the whole
+    listing is reloaded instead (with more than a thousand consumers and teams, at a random moment of the next
+    rows / MARKER_ROWS_PER_S seconds: the instances' reloads are spread). A full reload every `refresh_s` (or, with
+    many rows, rows / LIST_ROWS_PER_S; jittered) whatever the marker says catches rows edited by other means, and a
+    change whose feed entry could not be written. A reload, or a read of the rows named, that fails is tried again
+    after a pause doubling from RELOAD_RETRY_S, jittered.
 
     A key not in the cache (a consumer created since the last reload) is looked up by a point read on its hash, within
     a per-instance budget of `lookups_per_s`; the store's "unknown" is remembered (bounded), and an address whose
@@ -116,6 +126,7 @@ class ConsumerDirectory:
         self._fail_closed = fail_closed
         self._by_hash: dict[str, Consumer] = {}
         self._by_id: dict[str, Consumer] = {}  # for Entra principals, mapped to consumer ids
+        self._raw: dict[str, Consumer] = {}  # as stored (no team attached): what a team's change is applied to
         self._teams: dict[str, Team] = {}
         # A digest the store did not know stays unknown until a reload brings it: a 256-bit key is not guessed.
         self.unknown = UnknownKeys(clock, ttl_s=max(refresh_s * 4, 60.0))
@@ -124,7 +135,11 @@ class ConsumerDirectory:
         self._principals = PrincipalIndex(())
         self._loaded_at = float("-inf")
         self._checked_at = float("-inf")
-        self._marker: str | None = None  # the change marker as of the last reload
+        self._marker: str | None = None  # the change marker's token as of the last reload or feed read
+        self._epoch = ""  # the change feed's epoch and sequence this copy is current to ("": none to follow)
+        self._seq = 0
+        self._apply_at: float | None = None  # monotonic: when to read the rows the feed names (spread, or paused)
+        self.feed_reads = 0  # rows read because the feed named them
         self._fresh_at = clock.monotonic()  # the last time the store confirmed the cache (or the start)
         self._reloading: asyncio.Task[None] | None = None
         self._stale_logged = False
@@ -135,6 +150,7 @@ class ConsumerDirectory:
         self._rng = random.Random()
 
     def _index(self, consumers: list[Consumer], teams: list[Team]) -> None:
+        self._raw = {c.id: c for c in consumers}
         self._teams = {t.id: t for t in teams}
         consumers = [with_team(c, self._teams) for c in consumers]
         by_hash: dict[str, Consumer] = {}
@@ -149,18 +165,14 @@ class ConsumerDirectory:
 
     async def reload(self) -> None:
         try:
-            # The marker first: a write that lands while the list is read changes it again, and the next check reloads.
-            marker = await self._store.change_marker()
+            # The marker first: a write that lands while the list is read changes it again, and the next check reads it.
+            feed = await self._store.change_feed()
             consumers, teams = await self._store.list_all()
         except Exception as exc:  # the store's own errors are already mapped; keep serving the cached copy
-            self.reload_failures += 1
+            pause = self._pause()
             if self.reload_failures == 1 or self.reload_failures % 20 == 0:
                 log.warning("could not reload consumers (%s, %d times); serving the cached copy",
                             type(exc).__name__, self.reload_failures)
-            # Try again in a little while, not on every request while the store is away (or throttles the listing),
-            # and later each time: the instances that failed together do not come back together.
-            ceiling = min(MAX_RELOAD_RETRY_S, RELOAD_RETRY_S * 2 ** min(self.reload_failures - 1, 8))
-            pause = min(self._refresh_s, self._rng.uniform(ceiling / 2, ceiling))
             now = self._clock.monotonic()
             self._loaded_at = now - self._refresh_s + pause
             self._due_at = now + pause
@@ -168,7 +180,7 @@ class ConsumerDirectory:
             return
         self.reload_failures = 0
         self.reloads += 1
-        self._marker = marker
+        self._follow(feed)
         self._index(consumers, teams)
         self._loaded_at = self._checked_at = self._fresh_at = self._clock.monotonic()
         self._rows = len(consumers) + len(teams)
@@ -178,31 +190,91 @@ class ConsumerDirectory:
         self._due_at = self._loaded_at + period
         self._stale_logged = False
 
+    def _follow(self, feed: ChangeFeed) -> None:
+        self._marker, self._epoch, self._seq, self._apply_at = feed.token, feed.epoch, feed.seq, None
+
+    def _pause(self) -> float:
+        """After a failure: try again in a little while, not on every request while the store is away (or throttles),
+        and later each time: the instances that failed together do not come back together."""
+        self.reload_failures += 1
+        ceiling = min(MAX_RELOAD_RETRY_S, RELOAD_RETRY_S * 2 ** min(self.reload_failures - 1, 8))
+        return min(self._refresh_s, self._rng.uniform(ceiling / 2, ceiling))
+
     async def check(self) -> None:
-        """One point read of the change marker; a reload only when the admin command has written since the last."""
-        self._checked_at = self._clock.monotonic()
+        """One point read of the change marker; when it moved, the rows its feed names, or (when the feed cannot be
+        followed from this copy) the whole listing."""
+        now = self._checked_at = self._clock.monotonic()
         try:
-            marker = await self._store.change_marker()
+            feed = await self._store.change_feed()
         except Exception as exc:  # as for a reload: keep serving the cached copy, within max_stale_s
             self.reload_failures += 1
             if self.reload_failures == 1 or self.reload_failures % 20 == 0:
                 log.warning("could not check consumers for changes (%s, %d times); serving the cached copy",
                             type(exc).__name__, self.reload_failures)
             return
-        if marker != self._marker:
-            spread = self._rows / MARKER_ROWS_PER_S
-            if self.reload_failures and self._clock.monotonic() < self._due_at:
-                pass  # the last reload failed: the next is tried when its pause ends, not at every check
-            elif spread <= 1.0:
-                await self.reload()
-            elif self._due_at > self._clock.monotonic() + spread:
-                # Many rows: this instance reloads at a random moment of the spread, not with every other instance
-                # (once: the checks until then see the same change and leave the moment alone).
-                self._due_at = self._clock.monotonic() + self._rng.uniform(0, spread)
-        else:
+        if feed.token == self._marker:
             self.reload_failures = 0
-            self._fresh_at = self._clock.monotonic()
+            self._fresh_at = now
             self._stale_logged = False
+            return
+        changes = feed.after(self._epoch, self._seq)
+        if changes is not None:
+            named = list(dict.fromkeys((c.kind, c.id) for c in changes))
+            spread = len(named) / FEED_ROWS_PER_S
+            if self._apply_at is None and spread > 1.0:
+                self._apply_at = now + self._rng.uniform(0, spread)
+            if self._apply_at is None or now >= self._apply_at:
+                await self._apply(feed, named)
+            return
+        spread = self._rows / MARKER_ROWS_PER_S
+        if self.reload_failures and now < self._due_at:
+            pass  # the last reload failed: the next is tried when its pause ends, not at every check
+        elif spread <= 1.0:
+            await self.reload()
+        elif self._due_at > now + spread:
+            # Many rows: this instance reloads at a random moment of the spread, not with every other instance
+            # (once: the checks until then see the same change and leave the moment alone).
+            self._due_at = now + self._rng.uniform(0, spread)
+
+    async def _apply(self, feed: ChangeFeed, named: list[tuple[str, str]]) -> None:
+        """Read the rows the feed names (every write is recorded after its row, so each is read as written or newer)
+        and apply them to the cached copy; a row gone (or one that does not parse) is a consumer or team gone."""
+        consumers: dict[str, Consumer | None] = {}
+        teams: dict[str, Team | None] = {}
+        try:
+            for kind, name in named:
+                if kind == CONSUMER:
+                    consumers[name] = await self._store.get(name)
+                else:
+                    try:
+                        teams[name] = await self._store.get_team(name)
+                    except ValueError:  # a team row that does not parse: left out, as a full reload leaves it out
+                        teams[name] = None
+        except Exception as exc:
+            pause = self._pause()
+            if self.reload_failures == 1 or self.reload_failures % 20 == 0:
+                log.warning("could not read the changed consumers (%s, %d times); serving the cached copy",
+                            type(exc).__name__, self.reload_failures)
+            self._apply_at = self._clock.monotonic() + pause
+            return
+        self.feed_reads += len(named)
+        raw, all_teams = dict(self._raw), dict(self._teams)
+        for name, consumer in consumers.items():
+            if consumer is None:
+                raw.pop(name, None)
+            else:
+                raw[name] = consumer
+        for name, team in teams.items():
+            if team is None:
+                all_teams.pop(name, None)
+            else:
+                all_teams[name] = team
+        self._index(list(raw.values()), list(all_teams.values()))  # a team's members get its change with it
+        self._follow(feed)
+        self.reload_failures = 0
+        self._rows = len(raw) + len(all_teams)
+        self._fresh_at = self._clock.monotonic()
+        self._stale_logged = False
 
     def _reload_if_due(self) -> None:
         if self._reloading is not None and not self._reloading.done():
@@ -289,6 +361,7 @@ class ConsumerDirectory:
         if consumer is None:
             self.unknown.add(digest)
             return None
+        self._raw[consumer.id] = consumer
         consumer = with_team(consumer, self._teams)
         self._by_hash[digest] = consumer
         self._by_id[consumer.id] = consumer

@@ -1,5 +1,5 @@
 """Consumers and teams in Table Storage: one row per consumer and per team, an index row per key hash, and a
-change marker every write replaces."""
+change marker every write replaces, holding the change feed (the ids of the last changes: records/consumer_feed.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from azure.data.tables import EntityProperty, UpdateMode
 
 from shared.config import DEPLOYMENT_NAME
 from shared.records.cache import MAX_TTL_S, SCOPES, CachePolicy
+from shared.records.consumer_feed import CONSUMER, TEAM, ChangeFeed, appended, parse
 from shared.records.consumers import (
     CAPABILITIES,
     PRIORITIES,
@@ -30,17 +31,19 @@ from shared.records.consumers import (
 )
 from shared.records.safety import NONE, valid_name
 from shared.storage.protocols import Conflict, StoreBusy, StoreUnavailable
-from shared.storage.tables import Tables, collect, entity_etag, replace_if_unchanged
+from shared.storage.tables import Tables, change_row, collect, entity_etag, replace_if_unchanged
 
 log = logging.getLogger(__name__)
 
 
 _CONSUMER_PK = "consumer"
 _INDEX_PK = "keyhash"
-# One row that every write through TableConsumerStore replaces: gateways read it (one point read a second) and reload
-# the consumers only when its ETag has changed, so a consumer created, disabled or rotated is seen within about a
-# second without every instance listing every consumer that often.
+# One row that every write through TableConsumerStore replaces: gateways read it (one point read a second) and, when
+# its ETag has changed, read the consumers and teams its change feed names (or, when they cannot follow the feed, the
+# whole listing), so a consumer created, disabled or rotated is seen within about a second without every instance
+# listing every consumer. The feed is appended on the row's ETag: two admins writing at once both get their entry.
 _MARKER_PK, _MARKER_RK = "marker", "consumers"
+MARK_TRIES = 20
 _CONSUMER_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
@@ -358,18 +361,24 @@ class TableConsumerStore:
     def __init__(self, tables: Tables) -> None:
         self._tables = tables
 
-    async def change_marker(self) -> str | None:
-        """The change marker's ETag (every write through this store replaces the row); None before the first write."""
+    async def change_feed(self) -> ChangeFeed:
+        """The change marker (its ETag is the token) and the feed it holds: one point read."""
         try:
             entity = await self._tables.call("consumers", lambda t: t.get_entity(_MARKER_PK, _MARKER_RK))
         except ResourceNotFoundError:
-            return None
-        return entity_etag(entity)
+            return ChangeFeed(None)
+        return parse(entity_etag(entity), dict(entity))
 
-    async def _mark_changed(self) -> None:
-        # Last writer wins: any new ETag tells the gateways to reload, whatever the row holds.
-        row = {"PartitionKey": _MARKER_PK, "RowKey": _MARKER_RK}
-        await self._tables.call("consumers", lambda t: t.upsert_entity(row, mode=UpdateMode.REPLACE))
+    async def _mark_changed(self, changed: list[tuple[str, str]]) -> None:
+        """Record the rows just written in the feed: after the write, so that a gateway reading a row the feed names
+        reads it as written (the feed failing to record it leaves it to the periodic full reload, and the admin is
+        told: StoreUnavailable)."""
+        try:
+            await change_row(self._tables, "consumers", _MARKER_PK, _MARKER_RK,
+                             lambda row: appended(parse(None, row), changed), tries=MARK_TRIES)
+        except Conflict:
+            raise StoreUnavailable("the change is written, but other admins' writes kept the change feed from "
+                                   "recording it: gateways see it at their next full reload") from None
 
     async def list_consumers(self) -> list[Consumer]:
         entities = await self._tables.call(
@@ -439,7 +448,7 @@ class TableConsumerStore:
             except ResourceNotFoundError:
                 raise Conflict("the consumer was deleted meanwhile") from None
         await self._drop_index({h for h in before if h} - {consumer.key_hash, consumer.previous_key_hash or ""})
-        await self._mark_changed()
+        await self._mark_changed([(CONSUMER, consumer.id)])
 
     async def create(self, consumer: Consumer) -> None:
         await self._write_index(consumer)
@@ -449,7 +458,7 @@ class TableConsumerStore:
         except Conflict:
             await self._drop_index({row["RowKey"] for row in _index_rows(consumer)})
             raise
-        await self._mark_changed()
+        await self._mark_changed([(CONSUMER, consumer.id)])
 
     async def create_many(self, consumers: list[Consumer], parallel: int = 4) -> None:
         """Create many consumers in batches of 100 (one round trip each; all share one partition), a few at a time.
@@ -479,7 +488,7 @@ class TableConsumerStore:
         try:
             await asyncio.gather(*(batch(entities[i : i + 100], "create") for i in range(0, len(entities), 100)))
         finally:
-            await self._mark_changed()  # batches that went through before a conflict are consumers too
+            await self._mark_changed([(CONSUMER, c.id) for c in consumers])  # batches that went through are consumers too
 
     async def list_teams(self) -> list[Team]:
         entities = await self._tables.call(
@@ -522,18 +531,18 @@ class TableConsumerStore:
                 await self._tables.call("consumers", replace_if_unchanged(entity, if_match))
             except ResourceNotFoundError:
                 raise Conflict("the team was deleted meanwhile") from None
-        await self._mark_changed()
+        await self._mark_changed([(TEAM, team.id)])
 
     async def create_team(self, team: Team) -> None:
         entity = team_to_entity(team)
         await self._tables.call("consumers", lambda t: t.create_entity(entity))
-        await self._mark_changed()
+        await self._mark_changed([(TEAM, team.id)])
 
     async def delete_team(self, team_id: str) -> bool:
         if await self.get_team(team_id) is None:
             return False
         await self._tables.call("consumers", lambda t: t.delete_entity(_TEAM_PK, team_id))
-        await self._mark_changed()
+        await self._mark_changed([(TEAM, team_id)])
         return True
 
     async def delete(self, consumer_id: str) -> bool:
@@ -543,7 +552,7 @@ class TableConsumerStore:
             return False
         await self._tables.call("consumers", lambda t: t.delete_entity(_CONSUMER_PK, consumer_id))
         await self._drop_index({h for h in (entity.get("key_hash"), entity.get("previous_key_hash")) if isinstance(h, str) and h})
-        await self._mark_changed()
+        await self._mark_changed([(CONSUMER, consumer_id)])
         return True
 
 

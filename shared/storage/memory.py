@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from shared.records.consumer_feed import CONSUMER, TEAM, ChangeFeed, appended, parse
 from shared.storage.protocols import Conflict, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -34,13 +35,26 @@ class MemoryConsumerStore(_Switch):
         self.teams: dict[str, Team] = {}
         self.team_etags: dict[str, str] = {}
         self.calls = 0
-        self.writes = 0  # the change marker: every write through the store bumps it
+        # The change marker: every write through the store bumps `writes` and records the feed. A test bumping
+        # `writes` by hand is a marker replaced without a feed (an older version's admin command).
+        self.writes = 0
         self.etags: dict[str, str] = {}
+        self._feed: dict[str, object] | None = None
+        self._feed_at = 0  # `writes` when the feed was recorded
 
-    async def change_marker(self) -> str | None:
+    def _current_feed(self) -> ChangeFeed:
+        return parse(str(self.writes) if self.writes else None,
+                     self._feed if self._feed_at == self.writes else None)
+
+    def mark(self, changed: list[tuple[str, str]]) -> None:
+        self._feed = appended(self._current_feed(), changed)
+        self.writes += 1
+        self._feed_at = self.writes
+
+    async def change_feed(self) -> ChangeFeed:
         self._check()
         self.calls += 1
-        return str(self.writes) if self.writes else None
+        return self._current_feed()
 
     async def list_consumers(self) -> list[Consumer]:
         self._check()
@@ -74,7 +88,7 @@ class MemoryConsumerStore(_Switch):
 
     def _store(self, consumer: Consumer) -> None:
         self.consumers[consumer.id] = consumer
-        self.writes += 1
+        self.mark([(CONSUMER, consumer.id)])
         self.etags[consumer.id] = f"c{self.writes}"
 
     async def create(self, consumer: Consumer) -> None:
@@ -92,13 +106,14 @@ class MemoryConsumerStore(_Switch):
             for c in chunk:
                 self.consumers[c.id] = c
                 self.etags[c.id] = f"c{self.writes + 1}-{c.id}"
-            self.writes += 1
+            self.mark([(CONSUMER, c.id) for c in chunk])
 
     async def delete(self, consumer_id: str) -> bool:
         self._check()
         deleted = self.consumers.pop(consumer_id, None) is not None
         self.etags.pop(consumer_id, None)
-        self.writes += deleted
+        if deleted:
+            self.mark([(CONSUMER, consumer_id)])
         return deleted
 
     async def list_teams(self) -> list[Team]:
@@ -128,7 +143,7 @@ class MemoryConsumerStore(_Switch):
 
     def _store_team(self, team: Team) -> None:
         self.teams[team.id] = team
-        self.writes += 1
+        self.mark([(TEAM, team.id)])
         self.team_etags[team.id] = f"t{self.writes}"
 
     async def create_team(self, team: Team) -> None:
@@ -140,7 +155,8 @@ class MemoryConsumerStore(_Switch):
     async def delete_team(self, team_id: str) -> bool:
         self._check()
         deleted = self.teams.pop(team_id, None) is not None
-        self.writes += deleted
+        if deleted:
+            self.mark([(TEAM, team_id)])
         return deleted
 
 

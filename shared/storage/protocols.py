@@ -11,6 +11,7 @@ if TYPE_CHECKING:  # the records are defined beside the logic that uses them; on
     from shared.records.audit import AuditEntry
     from shared.records.breaker import BreakerRecord
     from shared.records.capacity import CapacityReport
+    from shared.records.consumer_feed import ChangeFeed
     from shared.records.consumers import Consumer, Team
     from shared.records.responses import StoredResponse
     from shared.records.spend import SpendRow
@@ -37,8 +38,9 @@ class Conflict(Exception):
 
 
 class ConsumerStore(Protocol):
-    async def change_marker(self) -> str | None:
-        """A value that changes whenever a consumer is written through this store (None before the first write)."""
+    async def change_feed(self) -> ChangeFeed:
+        """The change marker: a token that changes whenever a consumer or team is written through this store (None
+        before the first write), and the ids of the last changes (records/consumer_feed.py). One point read."""
         ...
 
     async def list_consumers(self) -> list[Consumer]: ...
