@@ -464,6 +464,16 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"{r['account_peak_per_s']:,} | {r['etag_conflicts']:,} | {r['server_busy_503']:,} | "
             f"{r['fallback_admissions']:,} | {r['admission_p50_ms']} / {r['admission_p99_ms']} | {r['real_seconds']} |"
         )
+    changes = [r for r in results["runs"] if r["shape"] == "change"]
+    if changes:
+        lines += ["", "| change shape: consumers | instances | reaches all (s) | instances with it | listing entities read "
+                  "(per instance) | consumer partition peak/s | ServerBusy | real s |", "|---|---|---|---|---|---|---|---|"]
+        for r in changes:
+            lines.append(
+                f"| {r['rps']:,} | {r['instances']} | {r['reaches_all_s']} | {r['instances_with_it']} | "
+                f"{r['listing_entities_read']:,} ({r['listing_entities_per_instance']:,}) | "
+                f"{r['consumer_partition_peak_per_s']:,} | {r['server_busy_503']:,} | {r['real_seconds']} |"
+            )
     trips = [r for r in results["runs"] if r["shape"] == "trip"]
     if trips:
         lines += ["", "| trip shape: instances | trip reaches all (s) | PTU 429 reaches all (s) | breakers partition "

@@ -29,3 +29,10 @@ def test_past_31_instances_the_capacity_rows_stay_under_the_partition_target() -
     assert figures["capacity_partition_peak_per_s"] <= 2_000
     assert figures["server_busy_503_after_trip"] == 0 and figures["capacity_sync_failures"] == 0
     assert figures["ptu_429_reaches_all_s"] is not None and figures["ptu_429_reaches_all_s"] <= 10
+
+
+def test_a_change_reaches_every_simulated_instance_for_a_point_read_per_row_changed() -> None:
+    figures = run_shape("change", 3_000, 8, 0.0, seed=3)
+    assert figures["instances_with_it"] == 8  # every instance refuses the disabled key and has the lowered limit
+    assert figures["listing_entities_read"] == 2 * 8  # two rows changed, one point read each per instance
+    assert figures["ops_by_kind"].get("consumers.list", 0) == 0 and figures["server_busy_503"] == 0
