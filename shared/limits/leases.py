@@ -47,6 +47,12 @@ class LeaseState:
     renew_ahead_s: float = 0.5  # renewed when less than this is left of its lifetime
     idle_after_s: float = 2.0  # returned when no request used it for this long
     allowance: bool = False  # a long lease of a quiet consumer (allowance.py): released, not trimmed, at renewal
+    # A quiet claim (allowance.py, quiet_claim): held in the ledger long enough to cover its requests' settlement, so
+    # that once they have settled within it the close need not be written (`covered`).
+    quiet: bool = False
+    held: dict[str, int] = field(default_factory=dict)  # tokens held in the ledger per limited scope
+    held_until_ms: int = 0  # when that hold leaves the ledger's window
+    open: int = 0  # requests admitted from it and not settled yet
 
     def quota_hold(self) -> int:
         return max(0, self.available.get(CONSUMER_SCOPE, 0)) if self.quota_held else 0
@@ -62,6 +68,21 @@ class LeaseState:
         for scope in scopes:
             available[scope] -= tokens
             add(self.unreported, scope, expiry, tokens)
+        self.open += 1
+        return True
+
+    def covered(self) -> bool:
+        """Whether the hold this lease keeps in the ledger covers, at every instant, what it admitted: every bucket of
+        its usage (settlements included) leaves the window no later than the hold, and its usage in each scope is no
+        more than the hold. Then the ledger's occupancy is an upper bound without the close: it need not be written."""
+        for scope, buckets in self.unreported.items():
+            live = [(e, t) for e, t in buckets.items() if t > 0]
+            if not live:
+                continue
+            if scope not in self.held or sum(t for _, t in live) > self.held[scope]:
+                return False
+            if max(e for e, _ in live) > self.held_until_ms:
+                return False
         return True
 
 

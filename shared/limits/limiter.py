@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from shared.background import keep_running
 from shared.clock import Clock
 from shared.limits import refusals
-from shared.limits.allowance import RENEW_AHEAD_S, Allowance, allowance, holders
+from shared.limits.allowance import QUIET_SETTLE_S, RENEW_AHEAD_S, Allowance, allowance, holders, quiet_claim
 from shared.limits.backoff import BusyBackoff
 from shared.limits.fallback import Fallback
 from shared.limits.leases import Holdings, LeaseState, Outgoing
@@ -164,6 +164,8 @@ class LimitTicket:
         if self._settled:
             return
         self._settled = True
+        if self._lease is not None:
+            self._lease.open -= 1
         self._limiter._charge(self, actual_tokens, final=True)
 
     def hold(self, tokens: int, until_s: float, spent: int = 0) -> Held | None:
@@ -241,6 +243,8 @@ class _Write:
         self.plan: Allowance | None = None
         self.lifetime_s = limiter._lifetime_s  # a normal lease's, longer with many instances holding leases (pacing.py)
         self.share = budget.user_share  # this instance's share of each end user's limit, as the write declares it
+        self.quiet = False  # a quiet claim (allowance.py): held longer in the ledger than it admits, close not written
+        self.held_until_ms = 0  # when the claimed lease's hold leaves the ledger's window
 
     def change(self, ledger: Ledger, at: float) -> bool:
         """Apply the write to `ledger`; False when there is nothing to write (refused, and nothing to report)."""
@@ -277,8 +281,17 @@ class _Write:
             if budget.user_tpm > 0:
                 # The end users' share is renewed with the lease: a newcomer instance waits at most this long.
                 lifetime_s = min(lifetime_s, MAX_SHARE_S)
-        grant = claim(ledger, self.lease_id, needs, wants, budget.limits, self.quota, at, int(lifetime_s * 1000)) \
+        hold_s = lifetime_s
+        self.quiet = plan is None and bool(wants) and quiet_claim(
+            ledger, at, budget.limits, self.quota, budget.user_tpm > 0, serving, pace.request_rate, lifetime_s, wants)
+        if self.quiet:
+            # One request expected here: no headroom for a next one (it would only be held, unused, for a minute).
+            usual = max(int(pace.typical), 1) * max(1, pace.waiting)
+            wants = {s: max(needs.get(s, 0), min(w, usual)) for s, w in wants.items()}
+            hold_s = lifetime_s + QUIET_SETTLE_S
+        grant = claim(ledger, self.lease_id, needs, wants, budget.limits, self.quota, at, int(hold_s * 1000)) \
             if wants else None
+        self.held_until_ms = int(at * 1000) + int(hold_s * 1000) + WINDOW_MS
         self.wants, self.grant, self.plan = wants, grant, plan
         if budget.user_tpm > 0 and grant is not None and grant.tokens:
             self._declare_share(ledger, at, lifetime_s)
@@ -335,9 +348,7 @@ class TokenLimiter:
         self.busy = 0  # 503 ServerBusy on a ledger: throttled, not down (no fallback window)
         self.fallback_admissions = 0
         self.allowances = 0
-        # Ledger operations by what they were for (claim: a request waiting; renew; release; flush) and what became of
-        # them (reads, writes, lost races, found unneeded): where a busy ledger's write capacity goes (bench.scale).
-        self.ledger_counts: dict[str, int] = {}
+        self.closes_unwritten = 0  # quiet leases closed without a write (their hold covered what they admitted)
         # The store failed for one consumer: it is down for all of them. Until this time no consumer of this instance
         # tries it (each would wait for its own timeout, and retry, together), and admissions use the fallback.
         self._store_down_until = 0.0
@@ -523,7 +534,7 @@ class TokenLimiter:
         if user is not None:
             budget.users.charge(user, expiry, reserve)
         budget.pace.admitted(reserve, self._clock.monotonic())
-        if not budget.syncing() and budget.pace.needs_renewal(lease, now):
+        if not lease.quiet and not budget.syncing() and budget.pace.needs_renewal(lease, now):
             self._sync_in_background(budget)
         return LimitTicket(self, budget, lease, scopes, expiry, reserve, lease.quota_key, user)
 
@@ -700,12 +711,8 @@ class TokenLimiter:
         if self._writes is None:
             self._writes = asyncio.Semaphore(MAX_CONCURRENT_SYNCS)
         try:
-            purpose = ("flush" if flush_only else "claim" if need else "renew" if claim_new else "release")
-            counts = self.ledger_counts
-            counts[purpose] = counts.get(purpose, 0) + 1
             async with self._writes:
-                ledger, now = await budget.copy.commit(self._store, budget.consumer_id, self._clock, write.change,
-                                                       counts)
+                ledger, now = await budget.copy.commit(self._store, budget.consumer_id, self._clock, write.change)
         except (StoreUnavailable, Contended) as exc:
             budget.held.restore(out, mono)
             budget.refunded = budget.refunded or refunded
@@ -766,11 +773,15 @@ class TokenLimiter:
                     renew_ahead_s=min(lifetime_s / 4, RENEW_AHEAD_S) if plan is not None else lifetime_s / 4,
                     idle_after_s=plan.idle_after_s if plan is not None else self._lifetime_s,
                     allowance=plan is not None,
+                    quiet=write.quiet,
+                    held={s: t for s, t in grant.tokens.items() if budget.limits.get(s, 0) > 0},
+                    held_until_ms=write.held_until_ms,
                 )
                 if plan is not None:
                     self.allowances += 1
                 budget.user_share = write.share
-        budget.copy.observe(ledger, lambda: list(budget.limits), now, holders(ledger, int(now * 1000), self._instance))
+        others = holders(ledger, int(now * 1000), self._instance) > 1
+        budget.copy.observe(ledger, lambda: list(budget.limits), now, others)
 
     # ---- background upkeep ---------------------------------------------------------------------------------------
 
@@ -803,6 +814,16 @@ class TokenLimiter:
             # A trimmed lease still holds tokens nobody else can use, and pending usage should reach the ledger; both
             # usually ride along with the next renewal, and get a write of their own only if none comes soon.
             renew = lease is not None and (idle or lease.expires_s - now < lease.renew_ahead_s)
+            quiet = lease is not None and lease.quiet
+            if quiet:
+                assert lease is not None
+                # Not renewed ahead (no other request is expected here): closed once it is over and its requests have
+                # settled, and only written if its hold does not cover what they used (allowance.py, quiet_claim).
+                renew = idle or lease.expires_s <= now
+                if renew and lease.open > 0 and now < lease.held_until_ms / 1000 - WINDOW_MS / 1000 - 1:
+                    renew = False
+                if renew and self._close_unwritten(budget):
+                    continue
             # Writes of their own are as much rarer as leases are longer (many instances serving the consumer).
             flush = (held.closing is not None and mono - held.closing_since > CLOSING_GRACE_S * budget.spread) or (
                 bool(held.pending) and mono - held.pending_since > PENDING_GRACE_S * budget.spread
@@ -815,9 +836,24 @@ class TokenLimiter:
                 continue
             if budget.fallback.active(now) or self._store_down_until > now:
                 continue
-            syncs.append(self._sync_in_background(budget, 0, (), claim_new=not idle, flush_only=not renew))
+            syncs.append(self._sync_in_background(budget, 0, (), claim_new=not idle and not quiet,
+                                                  flush_only=not renew))
         if syncs:
             await asyncio.gather(*syncs, return_exceptions=True)
+
+    def _close_unwritten(self, budget: LedgerState) -> bool:
+        """Close a quiet lease without a write when its hold in the ledger covers what it admitted (leases.py,
+        `covered`) and nothing else waits to be written; False: it is closed by a write, as any lease."""
+        held = budget.held
+        lease = held.current
+        if (lease is None or lease.open > 0 or held.closing is not None or held.pending or budget.quota is not None
+                or budget.user_tpm > 0 or not lease.covered()):
+            return False
+        held.current = None
+        lease.released = True
+        lease.unreported = {}
+        self.closes_unwritten += 1
+        return True
 
     async def close(self) -> None:
         """Return every lease and write pending usage (at shutdown)."""
@@ -835,4 +871,4 @@ class TokenLimiter:
 
     def stats(self) -> Mapping[str, int]:
         return {"syncs": self.syncs, "fallback_admissions": self.fallback_admissions, "consumers": len(self._budgets),
-                "allowances": self.allowances}
+                "allowances": self.allowances, "closes_unwritten": self.closes_unwritten}
