@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from shared.adminops.operations import Actor, AdminOperations
+from shared.adminops.operations import Actor, AdminOperations, OperationError
 from shared.clock import FakeClock
 from shared.edge.consumers import FEED_ROWS_PER_S, ConsumerDirectory, hash_key, key_prefix, new_key
 from shared.outcomes import ConsumerDisabled, InvalidKey
@@ -29,8 +29,8 @@ from shared.records.consumer_feed import (
     parse,
 )
 from shared.records.consumers import Consumer, Limits, Team
-from shared.storage.memory import MemoryConsumerStore
-from shared.storage.protocols import StoreBusy, StoreUnavailable
+from shared.storage.memory import MemoryChangeLogStore, MemoryConsumerStore
+from shared.storage.protocols import ChangeNotAnnounced, StoreBusy
 
 ADMIN = Actor("test")
 
@@ -67,8 +67,8 @@ class Store(MemoryConsumerStore):
         return await super().change_feed()
 
     def mark(self, changed: list[tuple[str, str]]) -> None:
-        if self.feed_fails:
-            raise StoreUnavailable("the change feed could not be written")
+        if self.feed_fails:  # (as TableConsumerStore: the row is written first, then the feed)
+            raise ChangeNotAnnounced("written, but not recorded in the change feed")
         super().mark(changed)
 
 
@@ -315,9 +315,13 @@ async def test_a_change_whose_feed_entry_failed_is_refused_at_the_periodic_reloa
     keys = fill(store, 10)
     [d] = await warm(store, clock)
     store.feed_fails = True
-    with pytest.raises(StoreUnavailable):
-        await AdminOperations(store, None, clock).set_enabled("c1", False, ADMIN)
+    audit = MemoryChangeLogStore()
+    with pytest.raises(OperationError) as refused:
+        await AdminOperations(store, audit, clock).set_enabled("c1", False, ADMIN)
+    assert refused.value.status == 503 and refused.value.code == "change_not_announced"
+    assert "full reload" in refused.value.message and "again" in refused.value.message
     assert store.consumers["c1"].enabled is False  # written
+    assert [e.action for e in await audit.recent(10, 0)] == ["consumers.disable"]  # and recorded as done
     store.feed_fails = False
     for _ in range(59):
         clock.advance(1.0)
@@ -375,3 +379,21 @@ async def test_point_reads_refused_are_tried_again_after_a_pause_not_at_every_ch
     with pytest.raises(ConsumerDisabled):
         await d.authenticate(keys[1])
     assert store.listings <= 1  # (the periodic reload may come due meanwhile; the feed needed none)
+
+
+async def test_a_created_or_rotated_key_reaches_the_caller_even_when_the_feed_fails() -> None:
+    """A key is shown once: an operation that wrote it returns it, feed or not; the gateways find a key they do not
+    have yet by one lookup."""
+    store, clock = Store(), FakeClock()
+    fill(store, 5)
+    [d] = await warm(store, clock)
+    store.feed_fails = True
+    ops = AdminOperations(store, None, clock)
+    key = new_key()
+    await ops.create(Consumer(id="fresh", name="fresh", key_hash=hash_key(key), key_prefix=key_prefix(key)), ADMIN)
+    _, rotated_key = await ops.rotate("c1", 0, ADMIN)
+    assert (await d.authenticate(key)).id == "fresh"
+    assert (await d.authenticate(rotated_key)).id == "c1"
+    with pytest.raises(OperationError, match="change is written"):
+        await ops.delete("c2", ADMIN)
+    assert "c2" not in store.consumers

@@ -20,7 +20,7 @@ from shared.clock import Clock
 from shared.edge.consumers import new_key, rotated
 from shared.records.audit import AuditEntry
 from shared.records.consumers import Consumer, Team
-from shared.storage.protocols import ChangeLogStore, Conflict, ConsumerStore
+from shared.storage.protocols import ChangeLogStore, ChangeNotAnnounced, Conflict, ConsumerStore
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,15 @@ class Actor:
     @property
     def may_write(self) -> bool:
         return self.role == ADMIN_ROLE
+
+
+def not_announced(target: str) -> OperationError:
+    """A change written whose change-feed entry failed: done, and the audit table has it, but the gateways keep the
+    record they had until their next full reload. Running the operation again records it."""
+    return OperationError(503, "change_not_announced", f"{target}: the change is written, but Table Storage failed "
+                          "before the gateways were told: they apply it at their next full reload of the consumers "
+                          "(GATEWAY_CONSUMER_REFRESH_S, or consumers / 5 seconds if longer). Run the same change again "
+                          "to tell them at once")
 
 
 def unserved(served: frozenset[str] | None, deployments: frozenset[str] | None) -> list[str]:
@@ -112,6 +121,10 @@ class AdminOperations:
             await self.store.create(consumer)
         except Conflict:
             raise OperationError(409, "already_exists", f"a consumer with id {consumer.id!r} exists already", "id") from None
+        except ChangeNotAnnounced:
+            # Not a failure: a key the gateways do not have yet costs them one lookup and works at once; the key must
+            # still reach the caller.
+            log.warning("consumer %s created; the change feed did not record it", consumer.id)
         await self._record(actor, "consumers.create", consumer.id, None, describe_consumer(consumer))
         return consumer
 
@@ -119,6 +132,8 @@ class AdminOperations:
         """Consumers of a file, a hundred per round trip (no Entra mappings or teams: the file has neither)."""
         try:
             await self.store.create_many(consumers)  # type: ignore[attr-defined]
+        except ChangeNotAnnounced:
+            log.warning("%d consumers created; the change feed did not record them", len(consumers))
         except Conflict:
             raise OperationError(409, "already_exists", "nothing created by the batch holding an id created meanwhile; "
                                  "run again without it") from None
@@ -138,12 +153,21 @@ class AdminOperations:
                 await self.check_team(changed.team)
             if changed.entra != consumer.entra:
                 await self.check_mappings_free(changed)
+            announced = True
             try:
                 await self.store.put(changed, if_match=etag)
             except Conflict:
                 continue
+            except ChangeNotAnnounced:
+                announced = False
             if action:
                 await self._record(actor, action, consumer_id, describe_consumer(consumer), describe_consumer(changed))
+            if not announced:
+                if action == "consumers.rotate":  # the new key must reach the caller: it works at once (a lookup)
+                    log.error("consumer %s rotated; the change feed did not record it: its previous key works on "
+                              "the gateways until their next full reload", consumer_id)
+                else:
+                    raise not_announced(consumer_id)
             return changed
         raise OperationError(409, "write_conflict", f"{consumer_id}: changed by other writers {WRITE_TRIES} times while "
                              "this operation ran; nothing written by it. Try again")
@@ -160,7 +184,14 @@ class AdminOperations:
 
     async def delete(self, consumer_id: str, actor: Actor) -> None:
         before = await self.store.get(consumer_id)
-        if before is None or not await self.store.delete(consumer_id):
+        if before is None:
+            raise OperationError(404, "not_found", f"no consumer with id {consumer_id!r}")
+        try:
+            deleted = await self.store.delete(consumer_id)
+        except ChangeNotAnnounced:
+            await self._record(actor, "consumers.delete", consumer_id, describe_consumer(before), None)
+            raise not_announced(consumer_id) from None
+        if not deleted:
             raise OperationError(404, "not_found", f"no consumer with id {consumer_id!r}")
         await self._record(actor, "consumers.delete", consumer_id, describe_consumer(before), None)
 
@@ -171,6 +202,8 @@ class AdminOperations:
             await self.store.create_team(team)
         except Conflict:
             raise OperationError(409, "already_exists", f"a team with id {team.id!r} exists already", "id") from None
+        except ChangeNotAnnounced:
+            log.warning("team %s created; the change feed did not record it", team.id)  # no member yet: nothing to tell
         await self._record(actor, "teams.create", team.id, None, describe_team(team))
         return team
 
@@ -182,11 +215,16 @@ class AdminOperations:
                 raise OperationError(404, "not_found", f"no team with id {team_id!r}")
             team, etag = found
             changed = change(team)
+            announced = True
             try:
                 await self.store.put_team(changed, if_match=etag)
             except Conflict:
                 continue
+            except ChangeNotAnnounced:
+                announced = False
             await self._record(actor, "teams.set", team_id, describe_team(team), describe_team(changed))
+            if not announced:
+                raise not_announced(team_id)
             return changed
         raise OperationError(409, "write_conflict", f"{team_id}: changed by other writers {WRITE_TRIES} times while "
                              "this operation ran; nothing written by it. Try again")
@@ -196,7 +234,10 @@ class AdminOperations:
         if members:
             raise OperationError(409, "team_has_members", f"team {team_id!r} has members ({', '.join(members[:20])}): "
                                  "move them first (consumers set ID --team OTHER, or --team '')")
-        await self.store.delete_team(team_id)
+        try:
+            await self.store.delete_team(team_id)
+        except ChangeNotAnnounced:
+            log.warning("team %s deleted; the change feed did not record it", team_id)  # no members: nothing to tell
         await self._record(actor, "teams.delete", team_id, describe_team(team), None)
 
     # ---- the audit table -------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from shared.records.consumers import (
     UserLimits,
 )
 from shared.records.safety import NONE, valid_name
-from shared.storage.protocols import Conflict, StoreBusy, StoreUnavailable
+from shared.storage.protocols import ChangeNotAnnounced, Conflict, StoreBusy, StoreUnavailable
 from shared.storage.tables import Tables, change_row, collect, entity_etag, replace_if_unchanged
 
 log = logging.getLogger(__name__)
@@ -372,13 +372,12 @@ class TableConsumerStore:
     async def _mark_changed(self, changed: list[tuple[str, str]]) -> None:
         """Record the rows just written in the feed: after the write, so that a gateway reading a row the feed names
         reads it as written (the feed failing to record it leaves it to the periodic full reload, and the admin is
-        told: StoreUnavailable)."""
+        told: ChangeNotAnnounced)."""
         try:
             await change_row(self._tables, "consumers", _MARKER_PK, _MARKER_RK,
                              lambda row: appended(parse(None, row), changed), tries=MARK_TRIES)
-        except Conflict:
-            raise StoreUnavailable("the change is written, but other admins' writes kept the change feed from "
-                                   "recording it: gateways see it at their next full reload") from None
+        except (Conflict, StoreUnavailable) as exc:
+            raise ChangeNotAnnounced(f"written, but not recorded in the change feed ({type(exc).__name__})") from exc
 
     async def list_consumers(self) -> list[Consumer]:
         entities = await self._tables.call(

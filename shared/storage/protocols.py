@@ -33,6 +33,11 @@ class StoreBusy(StoreUnavailable):
         self.retry_after_s = retry_after_s
 
 
+class ChangeNotAnnounced(StoreUnavailable):
+    """A consumer or team row is written, but recording it in the consumers' change feed failed: the gateways see it at
+    their next full reload, not at their next check."""
+
+
 class Conflict(Exception):
     """An ETag-conditional write lost a race (412) or a create found the row already there (409)."""
 
