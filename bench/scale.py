@@ -252,7 +252,7 @@ def _poisson(rng: random.Random, mean: float) -> int:
     return count
 
 
-async def trip(n: int, loop: VirtualLoop, seed: int) -> dict[str, Any]:
+async def trip(n: int, loop: VirtualLoop, seed: int, warm_s: float = TRIP_WARM_S) -> dict[str, Any]:
     account = SimAccount(seed)
     clock = SimClock(loop)
     stores = sim_stores(account)
@@ -265,8 +265,9 @@ async def trip(n: int, loop: VirtualLoop, seed: int) -> dict[str, Any]:
         inst.router.acquire(ptu, D)
     # The sync loops out of step, as they are, and past the start (every instance starting in the same second is a
     # burst of its own, reported apart); the trip at any moment.
-    await asyncio.sleep(TRIP_WARM_S + rng.random())
+    await asyncio.sleep(warm_s + rng.random())
     base = account.counts.busy
+    base_capacity = sum(v for p, v in account.counts.busy_by_partition.items() if p.startswith("capacity"))
     first = instances[0].router
     t0 = loop.time()
     first.record_auth_failure(paygo, D, 401)  # a trip
@@ -289,15 +290,23 @@ async def trip(n: int, loop: VirtualLoop, seed: int) -> dict[str, Any]:
         await inst.close()
     c = account.counts
     return {
-        "shape": "trip", "instances": n,
+        "shape": "trip", "instances": n, "warm_s": warm_s,
         "trip_reaches_all_s": None if trip_all is None else round(trip_all, 2),
         "ptu_429_reaches_all_s": None if ptu_all is None else round(ptu_all, 2),
         "breakers_partition_peak_per_s": c.partition_group_peak("breakers", 0),
-        "capacity_partition_peak_per_s": c.partition_group_peak("capacity", steady_from),
-        "capacity_partition_start_peak_per_s": c.partition_group_peak("capacity", 0),
+        # The per-instance rows (one partition), and the summary row of the PTU deployment (a partition of its own).
+        "capacity_partition_peak_per_s": c.partition_peak("capacity", steady_from),
+        "capacity_partition_start_peak_per_s": c.partition_peak("capacity", 0),
+        "summary_partition_peak_per_s": c.partition_group_peak("capacity|", steady_from),
+        "summary_partition_start_peak_per_s": c.partition_group_peak("capacity|", 0),
+        "summary_writes": sum(i.router.capacity.summary_writes for i in instances),
+        "summary_races": sum(i.router.capacity.summary_races for i in instances),
+        "summary_failures": sum(i.router.capacity.summary_failures for i in instances),
         "marker_partition_peak_per_s": c.partition_group_peak("marker", 0),
         "account_mean_per_s": round(c.ops / seconds),
         "server_busy_503_after_trip": c.busy - base,
+        "capacity_busy_503_after_trip": sum(v for p, v in c.busy_by_partition.items() if p.startswith("capacity"))
+        - base_capacity,
         "capacity_sync_failures": sum(i.router.capacity.sync_failures for i in instances),
     }
 
@@ -383,11 +392,11 @@ async def change(count: int, n: int, loop: VirtualLoop, seed: int) -> dict[str, 
     }
 
 
-def run_shape(shape: str, rps: int, n: int, seconds: float, seed: int) -> dict[str, Any]:
+def run_shape(shape: str, rps: int, n: int, seconds: float, seed: int, trip_warm_s: float = TRIP_WARM_S) -> dict[str, Any]:
     loop = VirtualLoop()
     started = time.monotonic()
     try:
-        coro = (trip(n, loop, seed) if shape == "trip" else change(rps, n, loop, seed) if shape == "change"
+        coro = (trip(n, loop, seed, trip_warm_s) if shape == "trip" else change(rps, n, loop, seed) if shape == "change"
                 else traffic(shape, rps, n, seconds, loop, seed))
         figures = loop.run_until_complete(coro)
     finally:
@@ -404,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the subset of shapes in QUICK")
     parser.add_argument("--seconds", type=float, default=100.0, help="simulated seconds per traffic shape")
     parser.add_argument("--only", default="", help="shape:rps:instances,... to run just those")
+    parser.add_argument("--trip-warm", type=float, default=TRIP_WARM_S,
+                        help="simulated seconds the trip shape waits before the trip (N instances start at once)")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)  # every instance logs every trip it adopts
@@ -413,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": machine(), "date": stamp(), "seconds": args.seconds,
                                "quick": args.quick, "runs": []}
     for shape, rps, n in shapes:
-        figures = run_shape(shape, rps, n, min(args.seconds, SECONDS_CAP.get(rps, args.seconds)), seed=7)
+        figures = run_shape(shape, rps, n, min(args.seconds, SECONDS_CAP.get(rps, args.seconds)), seed=7,
+                            trip_warm_s=args.trip_warm)
         results["runs"].append(figures)
         print(json.dumps(figures), flush=True)
     save("scale", results)
@@ -468,15 +480,18 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
     trips = [r for r in results["runs"] if r["shape"] == "trip"]
     if trips:
         lines += ["", "| trip shape: instances | trip reaches all (s) | PTU 429 reaches all (s) | breakers partition "
-                  "peak/s | capacity partition peak/s (at start) | marker partition peak/s | ServerBusy after | capacity "
-                  "sync failures | real s |", "|---|---|---|---|---|---|---|---|---|"]
+                  "peak/s | capacity rows partition peak/s (at start) | PTU summary partition peak/s (at start) | "
+                  "summary writes / lost races | marker partition peak/s | ServerBusy after | capacity sync failures "
+                  "(rows / summary) | real s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in trips:
             lines.append(
                 f"| {r['instances']} | {r['trip_reaches_all_s']} | {r['ptu_429_reaches_all_s']} | "
                 f"{r['breakers_partition_peak_per_s']:,} | {r['capacity_partition_peak_per_s']:,} "
-                f"({r.get('capacity_partition_start_peak_per_s', 0):,}) | "
+                f"({r.get('capacity_partition_start_peak_per_s', 0):,}) | {r.get('summary_partition_peak_per_s', 0):,} "
+                f"({r.get('summary_partition_start_peak_per_s', 0):,}) | {r.get('summary_writes', 0):,} / "
+                f"{r.get('summary_races', 0):,} | "
                 f"{r['marker_partition_peak_per_s']:,} | {r['server_busy_503_after_trip']:,} | "
-                f"{r['capacity_sync_failures']:,} | {r['real_seconds']} |"
+                f"{r['capacity_sync_failures']:,} / {r.get('summary_failures', 0):,} | {r['real_seconds']} |"
             )
     return "\n".join(lines)
 

@@ -31,7 +31,7 @@ from shared.storage.protocols import Conflict, StoreBusy, StoreUnavailable
 
 if TYPE_CHECKING:
     from shared.records.breaker import BreakerRecord
-    from shared.records.capacity import CapacityReport
+    from shared.records.capacity import CapacityReport, CapacitySummary
     from shared.records.consumer_feed import ChangeFeed
     from shared.records.consumers import Consumer, Team
 
@@ -123,6 +123,7 @@ class Counts:
     ops: int = 0
     entities: int = 0
     busy: int = 0  # 503 ServerBusy answers
+    busy_by_partition: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     conflicts: int = 0  # 412/409 answers
     per_second: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     per_partition_second: dict[tuple[str, int], int] = field(default_factory=lambda: defaultdict(int))
@@ -138,6 +139,9 @@ class Counts:
             if s >= start and n > best[1]:
                 best = (p, n)
         return best
+
+    def partition_peak(self, partition: str, start: int = 0) -> int:
+        return max((n for (p, s), n in self.per_partition_second.items() if s >= start and p == partition), default=0)
 
     def partition_group_peak(self, prefix: str, start: int = 0) -> int:
         return max((n for (p, s), n in self.per_partition_second.items() if s >= start and p.startswith(prefix)),
@@ -190,6 +194,7 @@ class SimAccount:
         pages = max(1, math.ceil(entities / 1000))  # a query answers 1,000 entities a page, a request each
         if not self.account.take(pages, now) or not bucket.take(max(1, entities), now):
             c.busy += 1
+            c.busy_by_partition[partition] += 1
             await asyncio.sleep(latency / 2)
             raise StoreBusy("503 ServerBusy")
         c.entities += max(1, entities)
@@ -237,7 +242,9 @@ class SimBreakerStore:
 
 
 class SimCapacityStore:
-    """CapacityStore: one partition, one row per instance, backend and deployment (as tables.py)."""
+    """CapacityStore: one partition, one row per instance, backend and deployment, read in one query; and one summary
+    row per backend and deployment in a partition of its own, point-read and written on its ETag (as
+    capacity_table.py)."""
 
     def __init__(self, account: SimAccount) -> None:
         self._a = account
@@ -248,6 +255,14 @@ class SimCapacityStore:
 
     async def load(self) -> list[CapacityReport]:
         return await self._a.op("capacity.load", "capacity", self.twin.load, entities=len(self.twin.reports))
+
+    async def read_summary(self, backend_id: str, deployment: str) -> tuple[CapacitySummary | None, str | None]:
+        return await self._a.op("capacity.summary_read", f"capacity|{backend_id}|{deployment}",
+                                lambda: self.twin.read_summary(backend_id, deployment))
+
+    async def write_summary(self, summary: CapacitySummary, etag: str | None) -> None:
+        await self._a.op("capacity.summary_write", f"capacity|{summary.backend_id}|{summary.deployment}",
+                         lambda: self.twin.write_summary(summary, etag))
 
 
 class SimConsumerStore:

@@ -245,6 +245,7 @@ class Fleet:
             self.next_sync = self.clock.monotonic() + 0.5
             for router in self.routers:
                 await router.capacity.sync()
+                await router.capacity.exchange()  # the summary row: the news, beside the reports
                 await router.sync()
 
     def utilisation(self, first_s: int, last_s: int, tpm: int | None = None) -> float:

@@ -21,7 +21,7 @@ from shared.limits.ledger import Ledger, Quota, claim
 from shared.limits.ledger_copy import read_ledger
 from shared.records.audit import AuditEntry
 from shared.records.breaker import BreakerRecord
-from shared.records.capacity import CapacityReport
+from shared.records.capacity import CapacityReport, CapacitySummary
 from shared.records.consumers import Consumer, Limits
 from shared.records.traffic import TrafficRow
 from shared.records.usage import UsageRow
@@ -162,6 +162,31 @@ async def test_capacity_reports_are_one_per_instance_replaced_on_publish_and_rea
     assert all(abs(a[0] - b[0]) < 0.001 and a[1] == b[1] for a, b in zip(i1.charges, later.charges, strict=True))
     assert [round(t, 3) for t in i1.ready] == [round(t, 3) for t in first.ready]
     assert loaded["i2"].rate == 500.0 and loaded["i2"].charges == ()
+
+
+async def test_a_ptu_summary_row_is_created_once_written_only_over_the_version_read_and_not_among_the_reports(
+    stores: Stores,
+) -> None:
+    now = time.time()
+    assert await stores.capacity.read_summary("ptu", "gpt-4o") == (None, None)
+    first = CapacitySummary("ptu", "gpt-4o", now, (now - 20.123, now + 0.8), 512.5, now - 20.123, True, "i1")
+    await stores.capacity.write_summary(first, None)
+    with pytest.raises(Conflict):  # a second creator lost the race
+        await stores.capacity.write_summary(replace(first, by="i2"), None)
+    read, etag = await stores.capacity.read_summary("ptu", "gpt-4o")
+    assert read is not None and etag is not None
+    assert all(abs(a - b) < 0.001 for a, b in zip(read.ready, first.ready, strict=True))  # to the millisecond
+    assert read.rate == 512.5 and read.by == "i1"
+    assert read.rate_learnt and abs(read.rate_from - first.rate_from) < 0.001
+    newer = replace(first, ready=(*first.ready, now + 5), rate=None, rate_from=0.0, rate_learnt=False, by="i3")
+    await stores.capacity.write_summary(newer, etag)
+    with pytest.raises(Conflict):  # written over the version read: the stale ETag loses
+        await stores.capacity.write_summary(replace(first, by="i4"), etag)
+    read, _ = await stores.capacity.read_summary("ptu", "gpt-4o")
+    assert read is not None and read.by == "i3" and read.rate is None and len(read.ready) == 3
+    assert (await stores.capacity.read_summary("ptu", "gpt-4o-mini")) == (None, None)  # one row per deployment
+    # The per-instance reports' query (gateways of every version read it) does not return the summary.
+    assert await stores.capacity.load() == []
 
 
 # ---- consumers ------------------------------------------------------------------------------------------------------

@@ -18,3 +18,21 @@ class CapacityReport:
     ready: tuple[float, ...]  # instants the PTU named as 100 % (wall time)
     demand: float  # tokens/s this instance offered the PTU lately
     rate: float | None  # tokens/s this instance believes the PTU drains (for a newcomer before the first run)
+
+
+@dataclass(frozen=True)
+class CapacitySummary:
+    """What every instance has told the others about one PTU backend and deployment, merged into one row that each
+    instance reads with a point read and writes (ETag-conditional) only when it has news: the instants the PTU named
+    lately and the newest rate anyone learnt or estimated, with the instant it was learnt up to."""
+
+    backend_id: str
+    deployment: str
+    at: float  # wall clock of the last write
+    ready: tuple[float, ...]  # instants the PTU named as 100 % (wall time), at least a second apart, newest last
+    rate: float | None  # tokens/s, learnt up to `rate_from`
+    rate_from: float  # the instant the rate was learnt up to (or the one 429 a first estimate came from)
+    rate_learnt: bool  # learnt from two instants (else a first estimate from one 429)
+    by: str  # the instance that wrote it last
+    rows: int = 0  # the per-instance rows a recent query returned (0: not known): how often to read them, and this row
+    rows_at: float = 0.0  # wall clock of that query's answer

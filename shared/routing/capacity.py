@@ -28,16 +28,23 @@ refused anything for that long is sent everything, whatever was learnt before, s
 A PTU may also state its capacity (`ptu_tokens_per_minute`, docs/ptu.md): then it is paced to that from its first call,
 with no learning phase; 429s refine it while their evidence is fresh (and the probe raises it while it overflows
 without them), and when the evidence is gone the pace is the stated capacity again, not nothing.
+
+Instances share two things, at two speeds (shared/routing/provisioned.py): each instance's report (its charges, the
+instants it was told, its demand) in a row of its own, read by everyone at an interval that grows with the rows; and
+the news (the instants the PTU named, the newest rate anyone learnt) in one summary row per deployment that everyone
+reads every second or less and writes only when it knows something the row does not (`news`, `merge_summary`), so a
+429 reaches every instance within about a second however many there are.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from shared.records.capacity import CapacityReport
+from shared.records.capacity import CapacityReport, CapacitySummary
 
 HORIZON_S = 60.0  # how far back charges and instants are kept (and shared)
 RECENT_S = 30.0  # the span the rate is learnt over reaches back this far
@@ -57,6 +64,10 @@ BURST_S = 1.0  # what an idle instance may send at once, in seconds of its share
 DEMAND_TAU_S = 2.0  # smoothing of the demand each instance reports (for shares)
 QUIET_TAU_S = 0.4  # smoothing of the local demand that says whether this instance is overflowing right now
 MAX_EVENTS = 4000  # charges kept per instance (a report stays well within a Table property)
+# The summary row keeps instants at least this far apart (the newest first), at most SUMMARY_INSTANTS of them: closer
+# instants say too little to learn from (MIN_SPAN_S), and an instant this close to one the row has is no news.
+COALESCE_S = MIN_SPAN_S
+SUMMARY_INSTANTS = 64  # with COALESCE_S apart: the whole horizon
 
 
 # What a pay-as-you-go deployment's 429 carries and a provisioned deployment's never does (it documents only the
@@ -124,6 +135,41 @@ def share_of(total: float, mine: float, others: Iterable[float]) -> float:
     return max(total * mine / wanted, total - others_sum)
 
 
+def merge_summary(
+    current: CapacitySummary | None, backend_id: str, deployment: str, instants: Iterable[float],
+    rate: float | None, rate_from: float, rate_learnt: bool, by: str, now: float,
+) -> CapacitySummary:
+    """The summary row with one instance's news merged in: the instants of both within the horizon (the newest kept,
+    others at least COALESCE_S apart), and the rate with the newer basis (learnt from a later instant; at the same
+    instant, one learnt from two instants over a first estimate). What is stale expires here: instants past the
+    horizon, and a rate whose instant is older than FRESH_S (its evidence is gone). The row's count of per-instance
+    rows is kept (shared/routing/provisioned.py tells it)."""
+    horizon = now - HORIZON_S
+    kept: list[float] = []  # sorted
+    # The row's instants first (so a row does not churn between near instants), then the news, newest first.
+    for t in sorted(current.ready if current else (), reverse=True):
+        if t >= horizon and not _near(kept, t):
+            bisect.insort(kept, t)
+    for t in sorted((round(t, 3) for t in instants), reverse=True):
+        if t >= horizon and not _near(kept, t):
+            bisect.insort(kept, t)
+    kept = kept[-SUMMARY_INSTANTS:]
+    candidates = [(rate_from, rate_learnt, rate)] if rate is not None and rate > 0 and now - rate_from <= FRESH_S else []
+    if current is not None and current.rate is not None and now - current.rate_from <= FRESH_S:
+        candidates.append((current.rate_from, current.rate_learnt, current.rate))
+    best = max(candidates, key=lambda c: (c[0], c[1]), default=None)
+    return CapacitySummary(
+        backend_id, deployment, now, tuple(kept), best[2] if best else None, best[0] if best else 0.0,
+        best[1] if best else False, by, current.rows if current else 0, current.rows_at if current else 0.0,
+    )
+
+
+def _near(instants: Sequence[float], t: float) -> bool:
+    """Whether a sorted list of instants has one less than COALESCE_S from `t`."""
+    i = bisect.bisect_left(instants, t)
+    return any(0 <= j < len(instants) and abs(instants[j] - t) < COALESCE_S for j in (i - 1, i))
+
+
 @dataclass
 class Pacer:
     """A token bucket refilled at `rate` tokens/s; monotonic time."""
@@ -183,6 +229,9 @@ class PtuModel:
     _evidence: float = -math.inf  # the newest instant any instance was told (wall time): what keeps the rate alive
     _run_from: float = -math.inf  # when the rate was last forgotten: instants before then are not paired with later ones
     _learnt: bool = False  # the rate comes from 429s (else from the stated capacity)
+    _heard: set[float] = field(default_factory=set)  # instants read in the summary row
+    _heard_rate: tuple[float, float, bool] | None = None  # the summary's fresh rate: (rate, its instant, learnt)
+    _basis: tuple[float, bool] | None = None  # the instant the rate was learnt up to (learnt from two: True)
 
     # ---- per call (monotonic `mono`, wall `now`) ------------------------------------------------------------------
 
@@ -282,10 +331,55 @@ class PtuModel:
         }
         self._learn(now, mono)
 
+    def hear(self, summary: CapacitySummary | None, now: float, mono: float) -> None:
+        """Take in the summary row: its instants (evidence, and instants to learn from once everyone's charges are
+        known up to them) and its rate (a start for a model that has none). Stale parts are ignored."""
+        if summary is None or summary.backend_id != self.backend_id or summary.deployment != self.deployment:
+            return
+        horizon = now - HORIZON_S
+        new = {t for t in summary.ready if t >= horizon} - self._heard
+        fresh = summary.rate is not None and summary.rate > 0 and now - summary.rate_from <= FRESH_S
+        heard_rate = (summary.rate, summary.rate_from, summary.rate_learnt) if fresh and summary.rate else None
+        if not new and heard_rate == self._heard_rate:
+            return
+        self._heard |= new
+        self._heard_rate = heard_rate
+        self._learn(now, mono)
+
+    def news(self, summary: CapacitySummary | None, now: float) -> CapacitySummary | None:
+        """The summary row to write over `summary` when this instance knows something it does not, else None: an
+        instant (its own, or one another instance's row told it) at least COALESCE_S from every instant the row has,
+        or a rate with a newer basis. So a flood of 429s from many instances is about a write a second of instants
+        (the row's instants are COALESCE_S apart), not one write per instance."""
+        self._trim(now)
+        horizon = now - HORIZON_S
+        mine = [t for t in (*self.ready, *(t for o in self._others.values() for t in o.ready))
+                if t >= horizon and t > self._run_from]
+        theirs = sorted(t for t in summary.ready if t >= horizon) if summary else []
+        newest = theirs[-1] if theirs else -math.inf
+        news = bool(mine) and (
+            max(mine) >= newest + COALESCE_S  # a newer instant: always kept
+            or len(theirs) < SUMMARY_INSTANTS and any(not _near(theirs, t) for t in mine)  # kept while there is room
+        )
+        rate, basis = self.rate, self._basis
+        rate_news = False
+        if rate is not None and basis is not None and now - basis[0] <= FRESH_S:
+            if summary is None or summary.rate is None or now - summary.rate_from > FRESH_S:
+                rate_news = True
+            else:
+                rate_news = basis[0] >= summary.rate_from + COALESCE_S or (
+                    basis[1] and not summary.rate_learnt and basis[0] >= summary.rate_from)
+        if not news and not rate_news:
+            return None
+        return merge_summary(
+            summary, self.backend_id, self.deployment, mine, rate if rate_news else None,
+            basis[0] if rate_news and basis else 0.0, bool(rate_news and basis and basis[1]), self.instance, now,
+        )
+
     def _learn(self, now: float, mono: float) -> None:
         self._trim(now)
         charges = list(self.charges)
-        ready = list(self.ready)
+        ready = [*self.ready, *self._heard]
         known_until = now
         for other in self._others.values():
             charges.extend(other.charges)
@@ -308,19 +402,28 @@ class PtuModel:
                 self.rate = learnt
                 self._learnt = True
                 self._learnt_from = latest_known
+                self._basis = (latest_known, True)
                 self._probe_step = PROBE_STEP[0]
         if self.rate is None:
             # Until everyone has reported past this instance's 429s, its own charges give a first rate; it can only
             # be low (others' admissions are missing), and the next round with everyone's corrects it.
-            local = learnt_rate(self.charges, [t for t in self.ready if t > self._run_from], now)
+            own = [t for t in self.ready if t > self._run_from]
+            local = learnt_rate(self.charges, own, now)
             adopted = [o.rate for o in self._others.values() if o.rate] if not stale else []
-            self._learnt = local is not None or bool(adopted)
+            heard = self._heard_rate
+            if heard is not None and (stale or heard[1] <= self._run_from or now - heard[1] > FRESH_S):
+                heard = None
+            self._learnt = local is not None or bool(adopted) or heard is not None
             if local is not None:
                 self.rate = local
-            elif adopted:
-                self.rate = max(adopted)  # a newcomer starts from what the others learnt
+                self._basis = (max(t for t in own if t <= now), True)
+            elif adopted or heard:
+                # A newcomer starts from what the others learnt (its basis, when the summary says it: not news).
+                self.rate = max([*adopted, *([heard[0]] if heard else [])])
+                self._basis = (heard[1], heard[2]) if heard and self.rate == heard[0] else None
             elif self.stated is not None:
                 self.rate = self.stated  # better than one 429's bound, which errs high
+                self._basis = None
                 # The silence the probe looks for starts now: before this pace, the PTU was not paced at all.
                 self._probed_at = max(self._probed_at, now)
             elif self._first_wait and self.cost > 0:
@@ -330,6 +433,7 @@ class PtuModel:
                 # 429s it brings are the instants that say better.
                 self.rate = max(self.call_cost(0), self._need) / self._first_wait
                 self._learnt = True
+                self._basis = (max(self.ready), False) if self.ready else None
             else:
                 return
         demand = self._decayed_demand(mono)
@@ -362,6 +466,7 @@ class PtuModel:
             self._run_from = now
         self.rate = self.share = self.pacer = None
         self._learnt = False
+        self._basis = self._heard_rate = None
         self._first_wait = 0.0
         self._probe_step = PROBE_STEP[0]
         self._probed_at = -math.inf
@@ -384,6 +489,8 @@ class PtuModel:
             self.charges.popleft()
         if self.ready and min(self.ready) < horizon:
             self.ready = deque(t for t in self.ready if t >= horizon)
+        if self._heard and min(self._heard) < horizon:
+            self._heard = {t for t in self._heard if t >= horizon}
 
     def _offer(self, cost: float, mono: float) -> None:
         self._demand = self._decayed_demand(mono) + cost / DEMAND_TAU_S

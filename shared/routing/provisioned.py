@@ -1,31 +1,44 @@
 """The capacity models of every PTU backend and deployment of one instance, shared with the other instances.
 
-Each instance publishes its report for each PTU deployment it has touched and reads everyone's every `sync_s` seconds
-(one upsert per deployment and one query per round); a store that does not answer only delays what is learnt from the
-others: each instance keeps learning from its own 429s, and paces with what it knew last.
+Two channels, at two speeds; a store that does not answer only delays what is learnt from the others: each instance
+keeps learning from its own 429s, and paces with what it knew last.
 
-The rows are one partition, and every instance reads all of them: N instances cost the partition about N x rows /
-interval entities a second, N squared (issue 32: past about 31 instances it passed Table Storage's 2,000 entities/s and
-the reads were throttled, so a PTU's 429s stopped reaching the others). So the interval grows with the rows read:
-with R rows (about one per instance and PTU deployment) the instances together read about R x R / interval, kept
-under ROWS_PER_S; a few dozen instances still sync every `sync_s`, 256 about every 45 s (a 429 then reaches every
-instance within a minute, while its evidence still counts). A stretched interval is jittered so the instances stay
-apart.
+- **Reports** (what the rate and the shares are computed from): each instance upserts its report for each PTU
+  deployment it has touched (its charges, instants and demand: one row of its own) and queries everyone's. The rows
+  are one partition and every instance reads all of them, N squared entities (issue 32: past about 31 instances at
+  0.5 s it passed Table Storage's 2,000 entities/s), so the interval grows with the rows read: with R rows (about one
+  per instance and PTU deployment) the instances together read about R x R / interval, kept under ROWS_PER_S
+  (jittered; doubling after a failed sync). A few dozen instances still sync every `sync_s`; 256 about every 66 s.
+- **News** (what must reach everyone fast: the instants the PTU named, the newest rate): one summary row per PTU
+  deployment, in its own partition. Every instance point-reads it every max(`sync_s`, instances / SUMMARY_READS_PER_S)
+  seconds (1 entity a read: 0.5 s up to 500 instances, 1 s at 1,000), takes in what it says, and writes it over, with
+  an ETag condition on the version it just read, only when it knows something the row does not (PtuModel.news: an
+  instant a second newer than the row's newest, a rate with a newer basis). Writes scale with news, not with N: a
+  flood of 429s on many instances is the first writer's instant, and the others find theirs already told. A write
+  that loses the race is decided again on a fresh read after a short jittered pause (no news is lost: it stays news
+  until the row holds it or it expires); a throttled or absent store means a pause doubling to SUMMARY_MAX_PAUSE_S
+  (jittered; at least the store's Retry-After), not a retry at once.
+
+Gateways of an earlier version (during a rolling deploy) read and write only the reports: they see a new instance's
+instants there as before (new instances keep publishing them), and new instances relay the old ones' instants into the
+summary when the reports show them (news includes instants read in others' reports).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
+from dataclasses import replace
 from typing import Any
 
 from shared.background import keep_running
 from shared.clock import Clock
 from shared.config import Backend
 from shared.records.capacity import CapacityReport
-from shared.routing.capacity import PtuModel
-from shared.storage.protocols import CapacityStore
+from shared.routing.capacity import PtuModel, merge_summary
+from shared.storage.protocols import CapacityStore, Conflict
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +46,27 @@ log = logging.getLogger(__name__)
 # partition, with room for the publishes and the rows of instances gone lately.
 ROWS_PER_S = 1_000.0
 JITTER = 0.2  # each interval is drawn from +-20 % of its value
-MAX_BACKOFF_S = 60.0  # after failed syncs, the pause doubles up to this
+MAX_BACKOFF_S = 60.0  # after failed syncs, the pause doubles up to this (or 16 intervals, if longer)
+# Point reads a second all instances may ask of one deployment's summary row (its own partition): half the partition's
+# 2,000 entities/s, the rest for the writes and their lost races.
+SUMMARY_READS_PER_S = 1_000.0
+SUMMARY_MAX_PAUSE_S = 10.0  # after failed summary reads or writes, the pause doubles up to this
+# A summary row's count of per-instance rows is trusted this long (instances gone leave theirs for STALE_S, 600 s);
+# a count half this old is told again by the next instance that reads the rows.
+ROWS_TRUSTED_S = 600.0
+RACE_PAUSE_S = 0.1  # after a lost race, decide again after about this (doubling with races in a row, jittered)
 
 
 def sync_interval(sync_s: float, rows: int) -> float:
     """How long to wait between syncs when the last read returned `rows` rows: `sync_s`, or longer so that about
     `rows` instances reading `rows` rows each stay under ROWS_PER_S."""
     return max(sync_s, rows * (rows + 1) / ROWS_PER_S)
+
+
+def summary_interval(sync_s: float, instances: int) -> float:
+    """How often to read a summary row when about `instances` instances read it: `sync_s`, or longer so that they
+    stay under SUMMARY_READS_PER_S together."""
+    return max(sync_s, instances / SUMMARY_READS_PER_S)
 
 
 class ProvisionedCapacity:
@@ -56,9 +83,18 @@ class ProvisionedCapacity:
             for b in backends if b.ptu for d in b.deployments
         }
         self._task: asyncio.Task[None] | None = None
+        self._news_task: asyncio.Task[None] | None = None
         self.sync_failures = 0
         self.rows = 0  # rows the last read returned
         self._failed_in_row = 0
+        self.summary_failures = 0  # summary reads or writes that failed (throttled, away)
+        self.summary_writes = 0
+        self.summary_races = 0  # summary writes that lost to another writer
+        self._summary_failed_in_row = 0
+        self._races_in_row = 0
+        self.summary_rows = 0  # the per-instance rows the summary rows say there are
+        self._rows_at = 0.0
+        self._rows_news: set[tuple[str, str]] = set()  # summary rows not yet told this instance's latest count
         self._rng = random.Random()
 
     def model(self, backend_id: str, deployment: str) -> PtuModel | None:
@@ -81,18 +117,34 @@ class ProvisionedCapacity:
         }
 
     def start(self) -> None:
-        """Start sharing (from the first request, inside the running loop)."""
+        """Start sharing (from the first request, inside the running loop): the summary rows at once; the reports
+        after the first summary read (`_exchange_forever`)."""
         if self._store is not None and self._models:
-            self._task = keep_running(self._task, self._sync_forever)
+            self._news_task = keep_running(self._news_task, self._exchange_forever)
+
+    def known_rows(self) -> int:
+        """About how many per-instance rows there are: what this instance's last query returned, or what a summary
+        row says another's did (a newcomer knows it before its first query)."""
+        return max(self.rows, self.summary_rows)
 
     def interval(self) -> float:
         """The pause before the next sync (see the module's docstring), jittered."""
-        base = sync_interval(self._sync_s, self.rows)
-        if self._failed_in_row:  # throttled or away: ask it less, not again at once (doubling, at most a minute)
-            base = min(MAX_BACKOFF_S, base * 2 ** min(self._failed_in_row, 3))
+        base = sync_interval(self._sync_s, self.known_rows())
+        if self._failed_in_row:
+            # Throttled or away: ask it less, not again at once; doubling, to a minute, or to 16 times the interval
+            # when the count of rows is large (a fleet that started at once may have more rows than any count said:
+            # its queries are refused until the pauses are long enough for some to be answered and tell it).
+            cap = max(MAX_BACKOFF_S, 16 * base)
+            base = min(cap, base * 2.0 ** min(self._failed_in_row, 10))
         return base if base <= self._sync_s else base * self._rng.uniform(1 - JITTER, 1 + JITTER)
 
     async def _sync_forever(self) -> None:
+        # Past a few dozen instances the first query comes at a random moment of the interval the summary's count of
+        # rows says, not at once: instances starting together (a scale-out, a deployment) would otherwise all read
+        # every row in the same second.
+        first = sync_interval(self._sync_s, self.known_rows())
+        if first > self._sync_s:
+            await asyncio.sleep(self._rng.uniform(0, first))
         while True:
             await self.sync()
             await asyncio.sleep(self.interval())
@@ -113,6 +165,8 @@ class ProvisionedCapacity:
             log.warning("could not share PTU capacity (%s)", type(exc).__name__)
             return
         self.rows = len(reports)
+        self._rows_at = self._clock.now()
+        self._rows_news = set(self._models)  # a count to tell in each summary row, if it differs from what it says
         self._failed_in_row = 0
         now, mono = self._clock.now(), self._clock.monotonic()
         grouped: dict[tuple[str, str], list[CapacityReport]] = {}
@@ -121,9 +175,67 @@ class ProvisionedCapacity:
         for key, model in self._models.items():
             model.merge(grouped.get(key, ()), now, mono)
 
+    # ---- the summary rows (news) -------------------------------------------------------------------------------
+
+    def instances(self) -> int:
+        """About how many instances read each summary row: the per-instance rows, per deployment."""
+        return max(1, math.ceil(self.known_rows() / max(1, len(self._models))))
+
+    async def _exchange_forever(self) -> None:
+        while True:
+            pause = await self.exchange()
+            self._task = keep_running(self._task, self._sync_forever)  # the reports, once the summary said how many
+            await asyncio.sleep(pause)
+
+    async def exchange(self) -> float:
+        """Read each PTU deployment's summary row, take in what it says, and write it over (on the ETag just read)
+        where this instance has news. Returns the pause before the next exchange."""
+        if self._store is None:
+            return self._sync_s
+        base = summary_interval(self._sync_s, self.instances())
+        raced = False
+        for key, model in self._models.items():
+            try:
+                summary, etag = await self._store.read_summary(*key)
+                now, mono = self._clock.now(), self._clock.monotonic()
+                told = summary.rows if summary is not None and now - summary.rows_at <= ROWS_TRUSTED_S else 0
+                self.summary_rows = told
+                model.hear(summary, now, mono)
+                news = model.news(summary, now)
+                told_at = summary.rows_at if summary is not None else 0.0
+                if key in self._rows_news and (self.rows > 2 * told + 2 or told_at and now - told_at > ROWS_TRUSTED_S / 2):
+                    # A count of rows more than twice the row's, or the row's getting old: news, once after each query
+                    # of them. So a growing fleet tells it a few times (log2 of the growth), not once per instance,
+                    # and a steady one about every ROWS_TRUSTED_S / 2; a fleet that shrank tells it within that.
+                    news = news or merge_summary(summary, *key, (), None, 0.0, False, self.instance, now)
+                if news is not None and self._rows_at > told_at:  # what is written anyway carries the newer count
+                    news = replace(news, rows=self.rows, rows_at=self._rows_at)
+                if news is not None:
+                    await self._store.write_summary(news, etag)
+                    self.summary_writes += 1
+                self._rows_news.discard(key)  # told (or not news); after a lost race, decided again on a fresh read
+            except Conflict:
+                self.summary_races += 1
+                raced = True
+            except Exception as exc:
+                self.summary_failures += 1
+                self._summary_failed_in_row += 1
+                log.warning("could not share PTU news (%s)", type(exc).__name__)
+                # Throttled or away: ask it less, not again at once (doubling; at least what the store asked for).
+                pause = min(SUMMARY_MAX_PAUSE_S, base * 2.0 ** min(self._summary_failed_in_row, 6))
+                pause *= self._rng.uniform(0.5, 1.0)
+                return max(pause, getattr(exc, "retry_after_s", None) or 0.0)
+        self._summary_failed_in_row = 0
+        if raced:  # decide again soon, on a fresh read: the news may be told already (then there is nothing to write)
+            self._races_in_row += 1
+            return min(base, RACE_PAUSE_S * 2.0 ** min(self._races_in_row - 1, 4)) * self._rng.uniform(0.5, 1.0)
+        self._races_in_row = 0
+        return base if base <= self._sync_s else base * self._rng.uniform(1 - JITTER, 1 + JITTER)
+
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._task, self._news_task):
+            if task is not None:
+                task.cancel()
 
 
 def _per_second(tokens_per_minute: int | None) -> float | None:

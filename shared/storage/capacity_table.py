@@ -1,4 +1,6 @@
-"""Shared PTU capacity in Table Storage: one row per instance, backend and deployment."""
+"""Shared PTU capacity in Table Storage: one row per instance, backend and deployment (partition `capacity`, all read
+in one query), and one summary row per backend and deployment (its own partition, `capacity|<backend>|<deployment>`,
+read with a point read and written with ETag conditions; shared/routing/provisioned.py says who writes it when)."""
 
 from __future__ import annotations
 
@@ -14,12 +16,19 @@ from azure.core.exceptions import (
 from azure.data.tables import UpdateMode
 
 from shared.storage.protocols import StoreUnavailable
-from shared.storage.tables import Tables, collect
+from shared.storage.tables import Tables, collect, entity_etag, replace_if_unchanged
 
 log = logging.getLogger(__name__)
 
 
 _CAPACITY_PK = "capacity"
+_SUMMARY_RK = "summary"
+
+
+def summary_partition(backend_id: str, deployment: str) -> str:
+    """A summary row's partition: one per deployment, so each has a partition's throughput to itself, and the query of
+    the per-instance rows (`PartitionKey eq 'capacity'`, also by gateways of earlier versions) never returns it."""
+    return f"{_CAPACITY_PK}|{backend_id}|{deployment}"
 _PROPERTY_CHARS = 30_000  # a string property holds 64 KiB of UTF-16: 32K characters, with room to spare
 
 
@@ -97,3 +106,40 @@ class TableCapacityStore:
             await self._tables.call("capacity", lambda t: t.delete_entity(_CAPACITY_PK, entity["RowKey"]))
         except (StoreUnavailable, ResourceNotFoundError):
             pass
+
+    async def read_summary(self, backend_id: str, deployment: str) -> tuple[Any, str | None]:
+        from shared.records.capacity import CapacitySummary
+
+        partition = summary_partition(backend_id, deployment)
+        try:
+            e = await self._tables.call("capacity", lambda t: t.get_entity(partition, _SUMMARY_RK))
+        except ResourceNotFoundError:
+            return None, None
+        try:
+            summary = CapacitySummary(
+                backend_id, deployment, float(e["at"]), tuple(float(t) for t in json.loads(e["ready"])),
+                float(e["rate"]) if float(e["rate"]) > 0 else None, float(e["rate_from"]), bool(e["rate_learnt"]),
+                str(e.get("by", "")), int(e.get("rows", 0)), float(e.get("rows_at", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("ignored a malformed capacity summary (%s)", type(exc).__name__)
+            return None, entity_etag(e)  # overwritten (over its ETag) by the next instance with news
+        return summary, entity_etag(e)
+
+    async def write_summary(self, summary: Any, etag: str | None) -> None:
+        entity = {
+            "PartitionKey": summary_partition(summary.backend_id, summary.deployment),
+            "RowKey": _SUMMARY_RK,
+            "at": float(summary.at),
+            "ready": json.dumps([round(t, 3) for t in summary.ready]),
+            "rate": float(summary.rate) if summary.rate is not None else -1.0,
+            "rate_from": float(summary.rate_from),
+            "rate_learnt": bool(summary.rate_learnt),
+            "by": summary.by,
+            "rows": int(summary.rows),
+            "rows_at": float(summary.rows_at),
+        }
+        if etag is None:
+            await self._tables.call("capacity", lambda t: t.create_entity(entity))
+        else:
+            await self._tables.call("capacity", replace_if_unchanged(entity, etag))

@@ -13,7 +13,7 @@ from shared.storage.protocols import Conflict, StoreUnavailable
 if TYPE_CHECKING:
     from shared.records.audit import AuditEntry
     from shared.records.breaker import BreakerRecord
-    from shared.records.capacity import CapacityReport
+    from shared.records.capacity import CapacityReport, CapacitySummary
     from shared.records.consumers import Consumer, Team
     from shared.records.responses import StoredResponse
     from shared.records.spend import SpendRow
@@ -226,6 +226,8 @@ class MemoryCapacityStore(_Switch):
         self.reports: dict[tuple[str, str, str], CapacityReport] = {}
         self.publishes = 0
         self.loads = 0
+        self.summaries: dict[tuple[str, str], tuple[CapacitySummary, str]] = {}  # (backend, deployment) -> (row, etag)
+        self.summary_reads = self.summary_writes = self.summary_conflicts = 0
 
     async def publish(self, report: CapacityReport) -> None:
         self._check()
@@ -236,6 +238,20 @@ class MemoryCapacityStore(_Switch):
         self._check()
         self.loads += 1
         return list(self.reports.values())
+
+    async def read_summary(self, backend_id: str, deployment: str) -> tuple[CapacitySummary | None, str | None]:
+        self._check()
+        self.summary_reads += 1
+        return self.summaries.get((backend_id, deployment), (None, None))
+
+    async def write_summary(self, summary: CapacitySummary, etag: str | None) -> None:
+        self._check()
+        key = (summary.backend_id, summary.deployment)
+        if self.summaries.get(key, (None, None))[1] != etag:
+            self.summary_conflicts += 1
+            raise Conflict("412: the summary changed since it was read" if etag else "409: the summary exists")
+        self.summary_writes += 1
+        self.summaries[key] = (summary, f"s{self.summary_writes}")
 
 
 class MemoryUsageStore(_Switch):

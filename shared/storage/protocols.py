@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:  # the records are defined beside the logic that uses them; only their names are needed here
     from shared.records.audit import AuditEntry
     from shared.records.breaker import BreakerRecord
-    from shared.records.capacity import CapacityReport
+    from shared.records.capacity import CapacityReport, CapacitySummary
     from shared.records.consumer_feed import ChangeFeed
     from shared.records.consumers import Consumer, Team
     from shared.records.responses import StoredResponse
@@ -133,6 +133,14 @@ class CapacityStore(Protocol):
 
     async def load(self) -> list[CapacityReport]:
         """Every instance's reports, in one round trip."""
+        ...
+
+    async def read_summary(self, backend_id: str, deployment: str) -> tuple[CapacitySummary | None, str | None]:
+        """The one summary row of a PTU deployment and its ETag (None, None: there is none yet); a point read."""
+        ...
+
+    async def write_summary(self, summary: CapacitySummary, etag: str | None) -> None:
+        """Replace the summary row only over the version read (`etag`; None: create it), else Conflict."""
         ...
 
 
