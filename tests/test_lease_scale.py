@@ -37,3 +37,29 @@ async def lease_seconds(others: int) -> float:
 async def test_a_lease_claimed_among_many_holders_lasts_longer() -> None:
     assert await lease_seconds(3) == 2.0
     assert await lease_seconds(127) == 8.0  # 128 holders: four times the 2 s lease
+
+
+async def first_lease_tokens(others: int, limit: int = 10_000_000) -> int:
+    clock = FakeClock()
+    store = MemoryLedgerStore()
+    now_ms = int(clock.now() * 1000)
+    ledger = Ledger(leases={f"i{k}:1": Lease({"*": 10}, now_ms + 61_000) for k in range(others)})
+    await store.write("c", ledger.to_entity(), None)
+    lim = TokenLimiter(store, clock, NullTelemetry(), background=False, instance_count=4)
+    consumer = Consumer(id="c", name="c", key_hash="h", key_prefix="gw-x", limits=Limits(tokens_per_minute=limit))
+    ticket = await lim.admit(consumer, "gpt-4o", 100)
+    lease = lim._budgets["c"].held.current
+    assert lease is not None
+    tokens = lease.available["*"] + 100
+    ticket.settle(100)
+    return tokens
+
+
+async def test_a_cold_instance_among_many_holders_claims_its_even_share_not_a_request_or_two() -> None:
+    # No rate measured yet: with a few holders the first lease is two requests' worth, as before.
+    assert await first_lease_tokens(3) == 200
+    # 128 holders: 8 s leases, and at least the limit's even share over them (10,000,000 x 8 / 60 / 128), so hundreds of
+    # instances starting together do not each claim a request or two at a time.
+    assert await first_lease_tokens(127) == 10_000_000 * 8 // 60 // 128
+    # A small limit's even share (20 tokens here) is less than two requests: two requests, as before.
+    assert await first_lease_tokens(127, limit=20_000) == 200

@@ -271,7 +271,7 @@ class _Write:
         serving = holders(ledger, int(at * 1000), limiter._instance)
         lifetime_s = self.lifetime_s = lease_lifetime(limiter._lifetime_s, serving)
         needs, wants = pace.wants(budget.limits, self.quota, budget.blocks, self._need, self._need_scopes, at,
-                                  lifetime_s, limiter._max_fraction)
+                                  lifetime_s, limiter._max_fraction, serving)
         instances = max(limiter._instances, serving)
         plan = allowance(ledger, at, budget.limits, self.quota, pace.rate, pace.request_rate, pace.typical, instances,
                          limiter._lifetime_s) if wants else None

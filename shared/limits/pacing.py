@@ -69,9 +69,13 @@ class Pacing:
 
     def wants(
         self, limits: Mapping[str, int], quota: Quota | None, blocks: Blocks, need: int, need_scopes: tuple[str, ...],
-        now: float, lifetime_s: float, max_fraction: float,
+        now: float, lifetime_s: float, max_fraction: float, holders: int = 1,
     ) -> tuple[dict[str, int], dict[str, int]]:
-        """At least the request's need; ideally what this instance admits over a lease lifetime, within a share."""
+        """At least the request's need; ideally what this instance admits over a lease lifetime, within a share. With
+        many instances holding leases (`holders`), at least this instance's even share of the limit over the lifetime:
+        the rate measured here starts at nothing and grows only as claims succeed, so without it each of hundreds of
+        instances starting together would claim a request or two at a time, and the claims (one entity's writes)
+        would be as many as the requests."""
         needs: dict[str, int] = {}
         wants: dict[str, int] = {}
         usual = max(need, int(self.typical), 1)
@@ -83,8 +87,9 @@ class Pacing:
             cap = limit if limit > 0 else (quota.limit if quota else 0)
             scope_need = need if scope in need_scopes else 0
             upper = max(scope_need, int(cap * max_fraction)) if cap > 0 else max(usual, expected)
+            share = int(limit * lifetime_s / 60 / holders) if limit > 0 and holders > HOLDERS_PER_LEASE else 0
             needs[scope] = scope_need
-            wants[scope] = max(scope_need, min(max(expected, 2 * usual), upper))
+            wants[scope] = max(scope_need, min(max(expected, 2 * usual, share), upper))
         return needs, wants
 
     def needs_renewal(self, lease: LeaseState, now: float) -> bool:
