@@ -40,13 +40,15 @@ async def test_a_lease_claimed_among_many_holders_lasts_longer() -> None:
 
 
 async def first_lease_tokens(others: int, limit: int = 10_000_000) -> int:
+    """The tokens of a cold instance's first lease (a consumer with a quota: not a quiet claim, allowance.py)."""
     clock = FakeClock()
     store = MemoryLedgerStore()
     now_ms = int(clock.now() * 1000)
     ledger = Ledger(leases={f"i{k}:1": Lease({"*": 10}, now_ms + 61_000) for k in range(others)})
     await store.write("c", ledger.to_entity(), None)
     lim = TokenLimiter(store, clock, NullTelemetry(), background=False, instance_count=4)
-    consumer = Consumer(id="c", name="c", key_hash="h", key_prefix="gw-x", limits=Limits(tokens_per_minute=limit))
+    consumer = Consumer(id="c", name="c", key_hash="h", key_prefix="gw-x",
+                        limits=Limits(tokens_per_minute=limit, quota=10**12, quota_period="monthly"))
     ticket = await lim.admit(consumer, "gpt-4o", 100)
     lease = lim._budgets["c"].held.current
     assert lease is not None
