@@ -11,7 +11,8 @@ Shapes:
 - `many`: 10,000 consumers at one request a second each (each at ~15% of its limit), across N instances.
 - `change`: C consumers (rps = C) known to N warm instances, each instance authenticating a request every 0.2 s;
   an admin disables one consumer and lowers another's limit: how long until every instance refuses the first key and
-  sees the new limit, and how many consumer-partition entities the instances read for it.
+  sees the new limit, and how many consumer-partition entities the instances read for it. `burst`: the same with 98
+  more consumers disabled at once (100 changes, what the feed holds), the last of them checked too.
 - `trip`: N idle instances sharing state; one sees a backend refuse its credential (a trip) and a PTU's 429: how long
   until every instance has the trip and the PTU's instant.
 
@@ -311,7 +312,7 @@ async def trip(n: int, loop: VirtualLoop, seed: int, warm_s: float = TRIP_WARM_S
     }
 
 
-async def change(count: int, n: int, loop: VirtualLoop, seed: int) -> dict[str, Any]:
+async def change(count: int, n: int, loop: VirtualLoop, seed: int, more: int = 0) -> dict[str, Any]:
     """A consumer disabled and another's limit lowered through the admin operations, with N instances warm: when each
     instance has both (it refuses the key, its copy has the new limit), and what the consumer partition served."""
     account = SimAccount(seed)
@@ -329,7 +330,7 @@ async def change(count: int, n: int, loop: VirtualLoop, seed: int) -> dict[str, 
         await inst.directory.reload()
     account.metered = True
     rng = random.Random(seed)
-    revoked, lowered = "c1", "c2"
+    revoked, lowered, last = "c1", "c2", f"c{2 + more}"
     changed_at: float | None = None
     has: dict[int, float] = {}
     stop = False
@@ -348,6 +349,14 @@ async def change(count: int, n: int, loop: VirtualLoop, seed: int) -> dict[str, 
                 seen = (await inst.directory.authenticate(f"k-{lowered}")).limits.tokens_per_minute
             except Exception:
                 seen = 0
+            if more:
+                try:
+                    await inst.directory.authenticate(f"k-{last}")
+                    refused = False
+                except ConsumerDisabled:
+                    pass
+                except Exception:
+                    refused = False
             if changed_at is not None and i not in has and refused and seen == 1_000:
                 has[i] = loop.time() - changed_at
             await asyncio.sleep(CHANGE_STEP_S)
@@ -362,6 +371,8 @@ async def change(count: int, n: int, loop: VirtualLoop, seed: int) -> dict[str, 
     await ops.set_enabled(revoked, False, actor)
     await ops.change(lowered, lambda c: replace(c, limits=replace(c.limits, tokens_per_minute=1_000),
                                                 version=c.version + 1), actor)
+    for k in range(3, 3 + more):
+        await ops.set_enabled(f"c{k}", False, actor)
     changed_at = loop.time()
     for _ in range(int(CHANGE_WAIT_S / 0.5)):
         if len(has) == n:
@@ -377,7 +388,7 @@ async def change(count: int, n: int, loop: VirtualLoop, seed: int) -> dict[str, 
     listing = sum(e for (p, s), e in c.per_partition_second.items() if p == "consumer" and s >= t0)
     times = sorted(has.values())
     return {
-        "shape": "change", "rps": count, "instances": n,
+        "shape": "burst" if more else "change", "rps": count, "instances": n, "rows_changed": 2 + more,
         "reaches_all_s": round(max(times), 2) if len(has) == n else None,
         "instances_with_it": len(has),
         "reaches_half_s": round(times[len(times) // 2], 2) if times else None,
@@ -397,6 +408,7 @@ def run_shape(shape: str, rps: int, n: int, seconds: float, seed: int, trip_warm
     started = time.monotonic()
     try:
         coro = (trip(n, loop, seed, trip_warm_s) if shape == "trip" else change(rps, n, loop, seed) if shape == "change"
+                else change(rps, n, loop, seed, more=98) if shape == "burst"
                 else traffic(shape, rps, n, seconds, loop, seed))
         figures = loop.run_until_complete(coro)
     finally:
@@ -458,7 +470,7 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
-        if r["shape"] in ("trip", "change"):
+        if r["shape"] in ("trip", "change", "burst"):
             continue
         lines.append(
             f"| {r['shape']} | {r['rps']:,} | {r['instances']} | {r['seconds']:g} | {r['admitted']:,} / {r['refused_429']:,} / "
@@ -467,13 +479,13 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"{r['account_peak_per_s']:,} | {r['etag_conflicts']:,} | {r['server_busy_503']:,} | "
             f"{r['fallback_admissions']:,} | {r['admission_p50_ms']} / {r['admission_p99_ms']} | {r['real_seconds']} |"
         )
-    changes = [r for r in results["runs"] if r["shape"] == "change"]
+    changes = [r for r in results["runs"] if r["shape"] in ("change", "burst")]
     if changes:
-        lines += ["", "| change shape: consumers | instances | reaches all (s) | instances with it | listing entities read "
-                  "(per instance) | consumer partition peak/s | ServerBusy | real s |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| change shape: consumers | rows changed | instances | reaches all (s) | instances with it | listing entities read "
+                  "(per instance) | consumer partition peak/s | ServerBusy | real s |", "|---|---|---|---|---|---|---|---|---|"]
         for r in changes:
             lines.append(
-                f"| {r['rps']:,} | {r['instances']} | {r['reaches_all_s']} | {r['instances_with_it']} | "
+                f"| {r['rps']:,} | {r['rows_changed']} | {r['instances']} | {r['reaches_all_s']} | {r['instances_with_it']} | "
                 f"{r['listing_entities_read']:,} ({r['listing_entities_per_instance']:,}) | "
                 f"{r['consumer_partition_peak_per_s']:,} | {r['server_busy_503']:,} | {r['real_seconds']} |"
             )

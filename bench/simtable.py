@@ -273,8 +273,11 @@ class SimConsumerStore:
         self._a = account
         self.twin = MemoryConsumerStore()
 
+    async def change_marker(self) -> ChangeFeed:
+        return await self._a.op("consumers.marker", "marker", self.twin.change_marker)
+
     async def change_feed(self) -> ChangeFeed:
-        return await self._a.op("consumers.marker", "marker", self.twin.change_feed)
+        return await self._a.op("consumers.feed", "marker", self.twin.change_feed)
 
     async def list_all(self) -> tuple[list[Consumer], list[Team]]:
         """A query answers 1,000 entities a page, each page a request read one after the other (the SDK follows the

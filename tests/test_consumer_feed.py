@@ -27,6 +27,7 @@ from shared.records.consumer_feed import (
     ChangeFeed,
     appended,
     parse,
+    parse_marker,
 )
 from shared.records.consumers import Consumer, Limits, Team
 from shared.storage.memory import MemoryChangeLogStore, MemoryConsumerStore
@@ -60,6 +61,11 @@ class Store(MemoryConsumerStore):
     async def get_team(self, team_id: str) -> Team | None:
         self.point_reads += 1
         return await super().get_team(team_id)
+
+    async def change_marker(self) -> ChangeFeed:
+        if self.row is not None:
+            return parse_marker(f"own-{self.writes}", self.row)
+        return await super().change_marker()
 
     async def change_feed(self) -> ChangeFeed:
         if self.row is not None:
@@ -286,6 +292,49 @@ async def test_a_marker_row_this_version_cannot_follow_means_a_full_reload(row: 
         await d.authenticate(keys[1])
     await d.check()
     assert store.listings == 1  # once per change of the row, not at every check
+
+
+@pytest.mark.parametrize("feed", ["[" + " " * 40_000 + "]", "[[1, \"c\"]]", "{}", "[[1, \"c\", \"c1\"]]"])
+async def test_a_feed_that_does_not_parse_behind_a_good_marker_means_a_full_reload(feed: str) -> None:
+    """The check reads the marker's epoch and sequence alone: they may say "followable" while the entries, read
+    next, are corrupt, oversized or do not run to the sequence."""
+    store, clock = Store(), FakeClock()
+    keys = fill(store, 10)
+    [d] = await warm(store, clock)
+    current = await store.change_feed()
+    store.consumers["c1"] = replace(store.consumers["c1"], enabled=False)
+    store.row = {"feed_format": FEED_FORMAT, "epoch": current.epoch, "seq": current.seq + 1, "feed": feed}
+    assert (await store.change_marker()).may_follow(current.epoch, current.seq)
+    await d.check()
+    assert store.listings == 1 and store.point_reads == 0
+    with pytest.raises(ConsumerDisabled):
+        await d.authenticate(keys[1])
+
+
+async def test_the_check_every_second_reads_the_marker_alone_and_the_feed_once_per_change() -> None:
+    store, clock = Store(), FakeClock()
+    keys = fill(store, 100)
+    [d] = await warm(store, clock)
+    feeds = []
+    original = store.change_feed
+
+    async def counted() -> ChangeFeed:
+        feeds.append(1)
+        return await original()
+
+    store.change_feed = counted  # type: ignore[method-assign]
+    for _ in range(5):
+        await d.check()
+    assert feeds == []  # nothing changed: only the marker's few properties
+    ops = AdminOperations(store, None, clock)
+    for i in range(30):  # 30 rows: read at a random moment of the next 6 s
+        await ops.set_enabled(f"c{i}", False, ADMIN)
+    for _ in range(80):
+        clock.advance(0.1)
+        await d.check()
+    assert len(feeds) == 1 and store.point_reads == 30
+    with pytest.raises(ConsumerDisabled):
+        await d.authenticate(keys[29])
 
 
 async def test_in_a_rolling_deploy_an_older_writer_costs_full_reloads_and_the_feed_resumes_after() -> None:

@@ -327,7 +327,9 @@ async def test_every_consumer_write_changes_the_marker_and_reads_do_not(stores: 
     assert first.token is None and first.after("", 0) is None  # nothing written: nothing to follow yet
 
     async def changed(*named: tuple[str, str]) -> bool:
-        feed = await store.change_feed()
+        marker, feed = await store.change_marker(), await store.change_feed()
+        # The check every second reads the marker alone (a projection): the same token, epoch and sequence, no ids.
+        assert (marker.token, marker.epoch, marker.seq, marker.changes) == (feed.token, feed.epoch, feed.seq, ())
         fresh = feed.token not in seen
         seen.append(feed.token)
         if fresh and named:  # the feed names what was written, and follows on from the last read

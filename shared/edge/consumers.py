@@ -139,6 +139,7 @@ class ConsumerDirectory:
         self._epoch = ""  # the change feed's epoch and sequence this copy is current to ("": none to follow)
         self._seq = 0
         self._apply_at: float | None = None  # monotonic: when to read the rows the feed names (spread, or paused)
+        self._pending: ChangeFeed | None = None  # the feed read, until its rows are
         self.feed_reads = 0  # rows read because the feed named them
         self._fresh_at = clock.monotonic()  # the last time the store confirmed the cache (or the start)
         self._reloading: asyncio.Task[None] | None = None
@@ -166,7 +167,7 @@ class ConsumerDirectory:
     async def reload(self) -> None:
         try:
             # The marker first: a write that lands while the list is read changes it again, and the next check reads it.
-            feed = await self._store.change_feed()
+            feed = await self._store.change_marker()
             consumers, teams = await self._store.list_all()
         except Exception as exc:  # the store's own errors are already mapped; keep serving the cached copy
             pause = self._pause()
@@ -192,6 +193,7 @@ class ConsumerDirectory:
 
     def _follow(self, feed: ChangeFeed) -> None:
         self._marker, self._epoch, self._seq, self._apply_at = feed.token, feed.epoch, feed.seq, None
+        self._pending = None
 
     def _pause(self) -> float:
         """After a failure: try again in a little while, not on every request while the store is away (or throttles),
@@ -201,30 +203,37 @@ class ConsumerDirectory:
         return min(self._refresh_s, self._rng.uniform(ceiling / 2, ceiling))
 
     async def check(self) -> None:
-        """One point read of the change marker; when it moved, the rows its feed names, or (when the feed cannot be
-        followed from this copy) the whole listing."""
+        """One small point read of the change marker; when it moved, the feed (one more point read) and the rows it
+        names, or (when the feed cannot be followed from this copy) the whole listing."""
         now = self._checked_at = self._clock.monotonic()
         try:
-            feed = await self._store.change_feed()
+            marker = await self._store.change_marker()
+            if marker.token == self._marker:
+                self.reload_failures = 0
+                self._fresh_at = now
+                self._stale_logged = False
+                return
+            feed = None
+            if marker.may_follow(self._epoch, self._seq):
+                pending = self._pending
+                feed = pending if pending is not None and pending.token == marker.token else \
+                    await self._store.change_feed()
         except Exception as exc:  # as for a reload: keep serving the cached copy, within max_stale_s
             self.reload_failures += 1
             if self.reload_failures == 1 or self.reload_failures % 20 == 0:
                 log.warning("could not check consumers for changes (%s, %d times); serving the cached copy",
                             type(exc).__name__, self.reload_failures)
             return
-        if feed.token == self._marker:
-            self.reload_failures = 0
-            self._fresh_at = now
-            self._stale_logged = False
-            return
-        changes = feed.after(self._epoch, self._seq)
-        if changes is not None:
+        changes = None if feed is None else feed.after(self._epoch, self._seq)
+        if feed is not None and changes is not None:
             named = list(dict.fromkeys((c.kind, c.id) for c in changes))
             spread = len(named) / FEED_ROWS_PER_S
             if self._apply_at is None and spread > 1.0:
                 self._apply_at = now + self._rng.uniform(0, spread)
             if self._apply_at is None or now >= self._apply_at:
                 await self._apply(feed, named)
+            else:
+                self._pending = feed  # read once: the checks until then read only the marker
             return
         spread = self._rows / MARKER_ROWS_PER_S
         if self.reload_failures and now < self._due_at:

@@ -41,6 +41,10 @@ class ChangeFeed:
     seq: int = 0
     changes: tuple[Change, ...] = ()
 
+    def may_follow(self, epoch: str, seq: int) -> bool:
+        """Whether a feed with this marker might hold every change since `seq` (worth reading its entries)."""
+        return bool(self.epoch) and epoch == self.epoch and seq <= self.seq <= seq + FEED_ENTRIES
+
     def after(self, epoch: str, seq: int) -> tuple[Change, ...] | None:
         """The changes since `seq` when this feed holds every one of them, else None (read the whole listing)."""
         if not self.epoch or epoch != self.epoch or seq > self.seq:
@@ -55,6 +59,22 @@ class ChangeFeed:
 
 def new_epoch() -> str:
     return secrets.token_hex(6)
+
+
+MARKER_FIELDS = ("feed_format", "epoch", "seq")  # what the check every second reads of the row (a projection)
+
+
+def parse_marker(token: str | None, row: Mapping[str, Any] | None) -> ChangeFeed:
+    """The marker's token, epoch and sequence without the feed's entries (read every second by every instance, so the
+    row's up to 7.5 KiB of ids is read only when the sequence moved)."""
+    if row is None:
+        return ChangeFeed(token)
+    epoch, seq = row.get("epoch"), row.get("seq")
+    if row.get("feed_format") != FEED_FORMAT or not isinstance(epoch, str) or not epoch:
+        return ChangeFeed(token)
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        return ChangeFeed(token)
+    return ChangeFeed(token, epoch, seq)
 
 
 def parse(token: str | None, row: Mapping[str, Any] | None) -> ChangeFeed:

@@ -17,7 +17,7 @@ from azure.data.tables import EntityProperty, UpdateMode
 
 from shared.config import DEPLOYMENT_NAME
 from shared.records.cache import MAX_TTL_S, SCOPES, CachePolicy
-from shared.records.consumer_feed import CONSUMER, TEAM, ChangeFeed, appended, parse
+from shared.records.consumer_feed import CONSUMER, MARKER_FIELDS, TEAM, ChangeFeed, appended, parse, parse_marker
 from shared.records.consumers import (
     CAPABILITIES,
     PRIORITIES,
@@ -360,6 +360,15 @@ class TableConsumerStore:
 
     def __init__(self, tables: Tables) -> None:
         self._tables = tables
+
+    async def change_marker(self) -> ChangeFeed:
+        """The marker's token (its ETag), epoch and sequence: a projection, a few dozen bytes whatever the feed holds."""
+        try:
+            entity = await self._tables.call(
+                "consumers", lambda t: t.get_entity(_MARKER_PK, _MARKER_RK, select=list(MARKER_FIELDS)))
+        except ResourceNotFoundError:
+            return ChangeFeed(None)
+        return parse_marker(entity_etag(entity), dict(entity))
 
     async def change_feed(self) -> ChangeFeed:
         """The change marker (its ETag is the token) and the feed it holds: one point read."""

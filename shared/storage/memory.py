@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from shared.records.consumer_feed import CONSUMER, TEAM, ChangeFeed, appended, parse
+from shared.records.consumer_feed import CONSUMER, TEAM, ChangeFeed, appended, parse, parse_marker
 from shared.storage.protocols import Conflict, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -50,6 +50,12 @@ class MemoryConsumerStore(_Switch):
         self._feed = appended(self._current_feed(), changed)
         self.writes += 1
         self._feed_at = self.writes
+
+    async def change_marker(self) -> ChangeFeed:
+        self._check()
+        self.calls += 1
+        return parse_marker(str(self.writes) if self.writes else None,
+                            self._feed if self._feed_at == self.writes else None)
 
     async def change_feed(self) -> ChangeFeed:
         self._check()

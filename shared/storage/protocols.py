@@ -43,9 +43,13 @@ class Conflict(Exception):
 
 
 class ConsumerStore(Protocol):
-    async def change_feed(self) -> ChangeFeed:
+    async def change_marker(self) -> ChangeFeed:
         """The change marker: a token that changes whenever a consumer or team is written through this store (None
-        before the first write), and the ids of the last changes (records/consumer_feed.py). One point read."""
+        before the first write), the feed's epoch and sequence, no entries. One small point read."""
+        ...
+
+    async def change_feed(self) -> ChangeFeed:
+        """The change marker with the ids of the last changes (records/consumer_feed.py). One point read."""
         ...
 
     async def list_consumers(self) -> list[Consumer]: ...
