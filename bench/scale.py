@@ -205,6 +205,7 @@ async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoo
         "etag_conflicts": c.conflicts,
         "server_busy_503": c.busy,
         "limiter_contended": sum(i.limiter.contended for i in instances),
+        "ledger_by_purpose": _summed(i.limiter.ledger_counts for i in instances),
         "fallback_admissions": sum(i.limiter.fallback_admissions for i in instances),
         "auth_refusals_by_kind": auth_kinds,
         "consumer_reload_failures": sum(i.directory.reload_failures for i in instances),
@@ -232,6 +233,14 @@ async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoo
         worst = max((most_in_any_window(s) for s in admitted.values() if s), default=0)
         figures["max_any_60s_over_limit"] = round(worst / limit, 4)
     return figures
+
+
+def _summed(counts: Any) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for one in counts:
+        for k, v in one.items():
+            total[k] = total.get(k, 0) + v
+    return dict(sorted(total.items()))
 
 
 def _filled_at(series: list[tuple[float, int]], limit: int) -> float | None:

@@ -349,6 +349,9 @@ class TokenLimiter:
         self.fallback_admissions = 0
         self.allowances = 0
         self.closes_unwritten = 0  # quiet leases closed without a write (their hold covered what they admitted)
+        # Ledger operations by what they were for (claim: a request waiting; renew; release; flush) and what became of
+        # them (reads, writes, lost races, found unneeded): where a busy ledger's write capacity goes (bench.scale).
+        self.ledger_counts: dict[str, int] = {}
         # The store failed for one consumer: it is down for all of them. Until this time no consumer of this instance
         # tries it (each would wait for its own timeout, and retry, together), and admissions use the fallback.
         self._store_down_until = 0.0
@@ -711,8 +714,12 @@ class TokenLimiter:
         if self._writes is None:
             self._writes = asyncio.Semaphore(MAX_CONCURRENT_SYNCS)
         try:
+            purpose = ("flush" if flush_only else "claim" if need else "renew" if claim_new else "release")
+            counts = self.ledger_counts
+            counts[purpose] = counts.get(purpose, 0) + 1
             async with self._writes:
-                ledger, now = await budget.copy.commit(self._store, budget.consumer_id, self._clock, write.change)
+                ledger, now = await budget.copy.commit(self._store, budget.consumer_id, self._clock, write.change,
+                                                       counts)
         except (StoreUnavailable, Contended) as exc:
             budget.held.restore(out, mono)
             budget.refunded = budget.refunded or refunded
@@ -780,8 +787,7 @@ class TokenLimiter:
                 if plan is not None:
                     self.allowances += 1
                 budget.user_share = write.share
-        others = holders(ledger, int(now * 1000), self._instance) > 1
-        budget.copy.observe(ledger, lambda: list(budget.limits), now, others)
+        budget.copy.observe(ledger, lambda: list(budget.limits), now, holders(ledger, int(now * 1000), self._instance))
 
     # ---- background upkeep ---------------------------------------------------------------------------------------
 

@@ -1,0 +1,101 @@
+"""A busy ledger's lost races (issue 32): after a conditional write loses to another instance's, the instance waits a
+random pause whose ceiling doubles with each lost race and grows with the instances holding leases on the ledger, so
+the instances that lost together do not collide again in step. At 256 instances the fixed 0-30 ms pauses lost 93 % of
+the writes on one consumer's entity and kept its partition past the target (bench.scale, docs/scale.md)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from shared.clock import FakeClock
+from shared.limits import ledger_copy
+from shared.limits.ledger import Lease, Ledger
+from shared.limits.ledger_copy import (
+    CONFLICT_BACKOFF_S,
+    CONTENDERS_PER_BACKOFF,
+    MAX_CONFLICT_BACKOFF_S,
+    WRITE_ATTEMPTS,
+    Contended,
+    LedgerCopy,
+    conflict_pause,
+)
+from shared.limits.limiter import TokenLimiter
+from shared.records.consumers import Consumer, Limits
+from shared.storage.memory import MemoryLedgerStore
+from shared.storage.protocols import Conflict
+from shared.telemetry.protocol import NullTelemetry
+
+T0 = 1_700_000_000.0
+
+
+def ceilings(holders: int) -> list[float]:
+    """The largest pause drawn, per lost race, over many draws."""
+    rng = random.Random(4)
+    return [max(conflict_pause(a, holders, rng) for _ in range(2000)) for a in range(WRITE_ATTEMPTS)]
+
+
+def test_the_pause_doubles_with_each_lost_race_and_grows_with_the_contenders() -> None:
+    few = ceilings(CONTENDERS_PER_BACKOFF)
+    many = ceilings(32 * CONTENDERS_PER_BACKOFF)
+    for attempt, (small, large) in enumerate(zip(few, many, strict=True)):
+        expected = CONFLICT_BACKOFF_S * 2 ** attempt
+        assert 0.95 * expected <= small <= expected  # full jitter: drawn from 0 up to the ceiling
+        assert large <= MAX_CONFLICT_BACKOFF_S
+        assert large >= 0.95 * min(MAX_CONFLICT_BACKOFF_S, 32 * expected)
+    assert ceilings(1) == ceilings(CONTENDERS_PER_BACKOFF)  # a few contenders: the base pauses
+    assert max(many) <= MAX_CONFLICT_BACKOFF_S
+
+
+def test_the_pauses_are_spread_not_in_step() -> None:
+    rng = random.Random(9)
+    pauses = sorted(conflict_pause(0, 256, rng) for _ in range(256))
+    ceiling = CONFLICT_BACKOFF_S * 256 / CONTENDERS_PER_BACKOFF
+    # 256 instances that lost together come back over the whole ceiling, not in a burst: every tenth of it has some.
+    tenths = {int(p / ceiling * 10) for p in pauses}
+    assert tenths == set(range(10))
+
+
+class Losing(MemoryLedgerStore):
+    def __init__(self, conflicts: int) -> None:
+        super().__init__()
+        self.left = conflicts
+
+    async def write(self, consumer_id: str, ledger: dict[str, object], etag: str | None) -> str:
+        if self.left:
+            self.left -= 1
+            raise Conflict("another instance wrote first")
+        return await super().write(consumer_id, ledger, etag)
+
+
+async def test_a_copy_held_by_many_waits_longer_after_each_lost_race(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr(ledger_copy.asyncio, "sleep", sleep)
+    copy = LedgerCopy(holders=256, rng=random.Random(1))
+    with pytest.raises(Contended):
+        await copy.commit(Losing(conflicts=100), "c", FakeClock(start=T0), lambda led, now: True)
+    assert len(slept) == WRITE_ATTEMPTS
+    rng = random.Random(1)
+    assert slept == [conflict_pause(a, 256, rng) for a in range(WRITE_ATTEMPTS)]
+    counts: dict[str, int] = {}
+    ok = LedgerCopy(holders=256)
+    await ok.commit(Losing(conflicts=2), "c", FakeClock(start=T0), lambda led, now: True, counts)
+    assert counts == {"reads": 3, "writes": 3, "lost": 2, "lost_on_read": 2}
+
+
+async def test_the_limiter_learns_the_contenders_from_the_ledger_it_wrote() -> None:
+    clock = FakeClock(start=T0)
+    store = MemoryLedgerStore()
+    now_ms = int(clock.now() * 1000)
+    ledger = Ledger(leases={f"i{k}:1": Lease({"*": 10}, now_ms + 61_000) for k in range(99)})
+    await store.write("c", ledger.to_entity(), None)
+    lim = TokenLimiter(store, clock, NullTelemetry(), background=False, instance_count=4)
+    consumer = Consumer(id="c", name="c", key_hash="h", key_prefix="gw-x", limits=Limits(tokens_per_minute=10_000_000))
+    (await lim.admit(consumer, "gpt-4o", 100)).settle(100)
+    assert lim._budgets["c"].copy.holders == 100
+    assert lim.ledger_counts["claim"] == 1 and lim.ledger_counts["writes"] == 1
