@@ -446,3 +446,39 @@ async def test_a_created_or_rotated_key_reaches_the_caller_even_when_the_feed_fa
     with pytest.raises(OperationError, match="change is written"):
         await ops.delete("c2", ADMIN)
     assert "c2" not in store.consumers
+
+
+async def test_the_first_request_after_an_idle_spell_is_judged_by_a_confirmed_copy() -> None:
+    """An instance that served nothing for a while has checked nothing: its first request waits for the check it
+    starts, so a key revoked meanwhile is refused at once, not once more from a copy minutes old."""
+    store, clock = Store(), FakeClock()
+    keys = fill(store, 10)
+    [d] = await warm(store, clock)
+    await d.authenticate(keys[1])
+    await AdminOperations(store, None, clock).set_enabled("c1", False, ADMIN)
+    clock.advance(30.0)
+    with pytest.raises(ConsumerDisabled):
+        await d.authenticate(keys[1])
+    assert store.listings == 0 and store.point_reads == 1
+
+
+async def test_a_slow_store_costs_the_first_request_after_an_idle_spell_a_bounded_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from shared.edge import consumers
+
+    monkeypatch.setattr(consumers, "CONFIRM_WAIT_S", 0.01)
+    store, clock = Store(), FakeClock()
+    keys = fill(store, 10)
+    [d] = await warm(store, clock)
+    never = asyncio.Event()
+
+    async def hanging() -> ChangeFeed:
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    store.change_marker = hanging  # type: ignore[method-assign]
+    clock.advance(30.0)
+    assert (await d.authenticate(keys[1])).id == "c1"  # served from the copy once the wait is over
+    assert d._reloading is not None and not d._reloading.done()  # the check goes on, not cancelled
+    d._reloading.cancel()

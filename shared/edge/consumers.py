@@ -7,6 +7,7 @@ full entropy (nothing to brute-force from a dictionary); comparison of the store
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -47,6 +48,9 @@ RELOAD_JITTER = 0.2
 # them, more spread over rows / FEED_ROWS_PER_S seconds (at random), so that N instances ask the consumer partition
 # for at most about N x FEED_ROWS_PER_S rows a second (256 instances: 1,280) however many rows one change names.
 FEED_ROWS_PER_S = 5.0
+# A request that finds the copy unconfirmed for more than two checks (an idle instance) waits for the check it starts,
+# at most this long, so that the first request after an idle spell is not judged by a copy minutes old.
+CONFIRM_WAIT_S = 0.5
 
 
 def new_key() -> str:
@@ -95,7 +99,8 @@ class ConsumerDirectory:
     rows / MARKER_ROWS_PER_S seconds: the instances' reloads are spread). A full reload every `refresh_s` (or, with
     many rows, rows / LIST_ROWS_PER_S; jittered) whatever the marker says catches rows edited by other means, and a
     change whose feed entry could not be written. A reload, or a read of the rows named, that fails is tried again
-    after a pause doubling from RELOAD_RETRY_S, jittered.
+    after a pause doubling from RELOAD_RETRY_S, jittered. The checks run when requests come: the first request after
+    an idle spell (no check for two `check_s`) waits for the check it starts, at most CONFIRM_WAIT_S.
 
     A key not in the cache (a consumer created since the last reload) is looked up by a point read on its hash, within
     a per-instance budget of `lookups_per_s`; the store's "unknown" is remembered (bounded), and an address whose
@@ -285,6 +290,18 @@ class ConsumerDirectory:
         self._fresh_at = self._clock.monotonic()
         self._stale_logged = False
 
+    async def _current(self) -> None:
+        if self._loaded_at == float("-inf"):
+            await self.reload()
+            return
+        idle = self._clock.monotonic() - self._checked_at >= 2 * self._check_s
+        self._reload_if_due()
+        task = self._reloading
+        if idle and task is not None and not task.done():
+            # shield: a request given up on does not cancel the check; wait_for: a slow store costs at most this
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(task), CONFIRM_WAIT_S)
+
     def _reload_if_due(self) -> None:
         if self._reloading is not None and not self._reloading.done():
             return
@@ -324,10 +341,7 @@ class ConsumerDirectory:
             raise AuthThrottled(whole_seconds(retry))
 
     async def authenticate(self, key: str, client: str = "") -> Consumer:
-        if self._loaded_at == float("-inf"):
-            await self.reload()
-        else:
-            self._reload_if_due()
+        await self._current()
         self._check_fresh()
         digest = hash_key(key)
         consumer = self._by_hash.get(digest)
@@ -381,10 +395,7 @@ class ConsumerDirectory:
         """The consumer an Entra ID principal is mapped to, trusting the cache for at most `max_stale_s` as for keys.
         It never forces a reload: a mapping added through the admin command is seen at the next marker check, so
         tokens that map to nothing cannot turn into store reads."""
-        if self._loaded_at == float("-inf"):
-            await self.reload()
-        else:
-            self._reload_if_due()
+        await self._current()
         self._check_fresh()
         consumer_id = self._principals.resolve(principal)
         return None if consumer_id is None else self._by_id.get(consumer_id)
