@@ -52,7 +52,8 @@ from shared.edge.consumers import hash_key
 from shared.outcomes import ConsumerDisabled, Refusal
 from shared.records.consumers import Consumer, Limits
 from shared.routing.breaker import OPEN
-from shared.storage.protocols import StoreUnavailable
+from shared.storage.ledger_shards import ShardedLedgerStore
+from shared.storage.protocols import LedgerStore, StoreUnavailable
 from shared.telemetry.protocol import NullTelemetry
 from shared.wiring import Stores, memory_stores
 
@@ -95,9 +96,12 @@ class Instance:
             self.limiter._ticker.cancel()
 
 
-def sim_stores(account: SimAccount) -> Stores:
-    """The shared state the scale is about on the simulated account; the rest (usage rows, budgets, ...) in memory."""
-    return replace(memory_stores(), ledger=SimLedgerStore(account), breakers=SimBreakerStore(account),
+def sim_stores(account: SimAccount, ledger_accounts: list[SimAccount] | None = None) -> Stores:
+    """The shared state the scale is about on the simulated account (the ledgers on `ledger_accounts` if given, as
+    GATEWAY_LEDGER_ACCOUNTS places them); the rest (usage rows, budgets, ...) in memory."""
+    ledger: LedgerStore = ShardedLedgerStore([SimLedgerStore(a) for a in ledger_accounts]) if ledger_accounts \
+        else SimLedgerStore(account)
+    return replace(memory_stores(), ledger=ledger, breakers=SimBreakerStore(account),
                    capacity=SimCapacityStore(account), consumers=SimConsumerStore(account))
 
 
@@ -106,10 +110,13 @@ def start(loop: VirtualLoop, inst: Instance, rng: random.Random) -> None:
     loop.call_later(rng.uniform(0, 1.0), inst.router.candidates, D, RESERVE, "normal")
 
 
-async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoop, seed: int) -> dict[str, Any]:
+async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoop, seed: int,
+                  ledger_accounts: int = 1) -> dict[str, Any]:
     account = SimAccount(seed)
+    shards = [SimAccount(seed + 1 + k) for k in range(ledger_accounts)] if ledger_accounts > 1 else []
+    accounts = [account, *shards]
     clock = SimClock(loop)
-    stores = sim_stores(account)
+    stores = sim_stores(account, shards)
     rng = random.Random(seed)
     if shape == "one":
         per_request = 225  # the mean of 150-300
@@ -133,8 +140,9 @@ async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoo
     for inst in instances:
         start(loop, inst, rng)
     await asyncio.sleep(1)
-    account.counts.ops = 0
-    base_kind = dict(account.counts.by_kind)
+    for a in accounts:
+        a.counts.ops = 0
+    base_kind = _kinds(accounts)
     admitted: dict[str, list[tuple[float, int]]] = {c.id: [] for c in consumers}
     settled: dict[str, list[tuple[float, int]]] = {c.id: [] for c in consumers}
     latencies: list[float] = []
@@ -191,19 +199,21 @@ async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoo
     for inst in instances:
         await inst.close()
     c = account.counts
-    kinds = {k: v - base_kind.get(k, 0) for k, v in c.by_kind.items()}
+    kinds = {k: v - base_kind.get(k, 0) for k, v in _kinds(accounts).items()}
     ledger_ops = kinds.get("ledger.read", 0) + kinds.get("ledger.write", 0)
     figures: dict[str, Any] = {
         "shape": shape, "rps": rps, "instances": n, "seconds": seconds, "limit_tpm": limit, **results,
         "storage_ops_per_request": round(sum(kinds.values()) / max(1, results["requests"]), 4),
         "ledger_ops_per_request": round(ledger_ops / max(1, results["requests"]), 4),
         "ops_by_kind": kinds,
-        "account_peak_per_s": c.peak_account_per_s(2),
+        "account_peak_per_s": max(a.counts.peak_account_per_s(2) for a in accounts),
+        "ledger_accounts": ledger_accounts,
+        "per_account_peak_per_s": [a.counts.peak_account_per_s(2) for a in accounts],
         "account_mean_per_s": round(sum(kinds.values()) / seconds),
         "busiest_partition": c.peak_partition_per_s(2),
-        "ledger_partition_peak_per_s": c.partition_group_peak("ledger/", 2),
-        "etag_conflicts": c.conflicts,
-        "server_busy_503": c.busy,
+        "ledger_partition_peak_per_s": max(a.counts.partition_group_peak("ledger/", 2) for a in accounts),
+        "etag_conflicts": sum(a.counts.conflicts for a in accounts),
+        "server_busy_503": sum(a.counts.busy for a in accounts),
         "limiter_contended": sum(i.limiter.contended for i in instances),
         "ledger_by_purpose": _summed(i.limiter.ledger_counts for i in instances),
         "fallback_admissions": sum(i.limiter.fallback_admissions for i in instances),
@@ -241,6 +251,14 @@ def _summed(counts: Any) -> dict[str, int]:
         for k, v in one.items():
             total[k] = total.get(k, 0) + v
     return dict(sorted(total.items()))
+
+
+def _kinds(accounts: list[SimAccount]) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for a in accounts:
+        for kind, count in a.counts.by_kind.items():
+            kinds[kind] = kinds.get(kind, 0) + count
+    return kinds
 
 
 def _filled_at(series: list[tuple[float, int]], limit: int) -> float | None:
@@ -411,13 +429,14 @@ async def change(count: int, n: int, loop: VirtualLoop, seed: int, more: int = 0
     }
 
 
-def run_shape(shape: str, rps: int, n: int, seconds: float, seed: int, trip_warm_s: float = TRIP_WARM_S) -> dict[str, Any]:
+def run_shape(shape: str, rps: int, n: int, seconds: float, seed: int, trip_warm_s: float = TRIP_WARM_S,
+              ledger_accounts: int = 1) -> dict[str, Any]:
     loop = VirtualLoop()
     started = time.monotonic()
     try:
         coro = (trip(n, loop, seed, trip_warm_s) if shape == "trip" else change(rps, n, loop, seed) if shape == "change"
                 else change(rps, n, loop, seed, more=98) if shape == "burst"
-                else traffic(shape, rps, n, seconds, loop, seed))
+                else traffic(shape, rps, n, seconds, loop, seed, ledger_accounts))
         figures = loop.run_until_complete(coro)
     finally:
         for task in asyncio.all_tasks(loop):
@@ -436,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trip-warm", type=float, default=TRIP_WARM_S,
                         help="simulated seconds the trip shape waits before the trip (N instances start at once)")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--ledger-accounts", type=int, default=1,
+                        help="storage accounts the ledgers are spread over (GATEWAY_LEDGER_ACCOUNTS), each simulated")
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)  # every instance logs every trip it adopts
     shapes = QUICK if args.quick else FULL
@@ -445,13 +466,18 @@ def main(argv: list[str] | None = None) -> int:
                                "quick": args.quick, "runs": []}
     for shape, rps, n in shapes:
         figures = run_shape(shape, rps, n, min(args.seconds, SECONDS_CAP.get(rps, args.seconds)), seed=7,
-                            trip_warm_s=args.trip_warm)
+                            trip_warm_s=args.trip_warm, ledger_accounts=args.ledger_accounts)
         results["runs"].append(figures)
         print(json.dumps(figures), flush=True)
     save("scale", results)
     if args.write:
         update_doc("scale", markdown(results, args))
     return 0
+
+
+def _accounts(r: dict[str, Any]) -> str:
+    k = r.get("ledger_accounts", 1)
+    return f" (ledgers on {k} accounts)" if k > 1 else ""
 
 
 def _minutes(r: dict[str, Any]) -> str:
@@ -481,7 +507,7 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         if r["shape"] in ("trip", "change", "burst"):
             continue
         lines.append(
-            f"| {r['shape']} | {r['rps']:,} | {r['instances']} | {r['seconds']:g} | {r['admitted']:,} / {r['refused_429']:,} / "
+            f"| {r['shape']}{_accounts(r)} | {r['rps']:,} | {r['instances']} | {r['seconds']:g} | {r['admitted']:,} / {r['refused_429']:,} / "
             f"{r['store_503']:,}{' / 401: ' + format(r['auth_refused'], ',') if r.get('auth_refused') else ''} | {r['max_any_60s_over_limit']} | {_minutes(r)} | "
             f"{r['storage_ops_per_request']} ({r['ledger_ops_per_request']}) | {r['ledger_partition_peak_per_s']:,} | "
             f"{r['account_peak_per_s']:,} | {r['etag_conflicts']:,} | {r['server_busy_503']:,} | "

@@ -182,6 +182,11 @@ param adminPrincipalType string = 'User'
 ])
 param storageSkuName string = 'Standard_LRS'
 
+@description('Storage accounts of their own for the consumers\' ledgers (GATEWAY_LEDGER_ACCOUNTS), each ledger in the one its consumer\'s id hashes to; 0 keeps the ledgers with the other tables. One account carries about 9,000 quiet consumers\' requests a second (docs/scale.md, "Consumers per storage account"). Changing the count moves ledgers: each consumer starts a fresh window in its new account.')
+@minValue(0)
+@maxValue(32)
+param ledgerAccountCount int = 0
+
 @description('Zone redundancy where the region has availability zones: the Flex Consumption plan spreads instances over zones and storage becomes Standard_ZRS. Flex Consumption requires at least two always-ready instances with it (alwaysReadyInstances, billed while idle).')
 param zoneRedundant bool = false
 
@@ -326,6 +331,21 @@ module storage 'modules/storage.bicep' = {
   }
 }
 
+module ledgerStorage 'modules/ledger-storage.bicep' = [for i in range(0, ledgerAccountCount): {
+  name: 'aigw-ledger-${i}-${resourceToken}'
+  params: {
+    name: take('stlg${i}${resourceToken}', 24)
+    location: location
+    tags: allTags
+    skuName: zoneRedundant ? 'Standard_ZRS' : storageSkuName
+    gatewayPrincipalId: identity.outputs.principalId
+    privateNetworking: enablePrivateNetworking
+    allowedIpRanges: storageAllowedIpRanges
+    privateEndpointSubnetId: enablePrivateNetworking ? network.outputs.privateEndpointSubnetId : ''
+    tableDnsZoneId: enablePrivateNetworking ? network.outputs.tableZoneId : ''
+  }
+}]
+
 var safetyOn = !empty(safetyPolicies)
 
 module contentSafety 'modules/safety.bicep' = if (safetyOn) {
@@ -432,6 +452,8 @@ module functionApp 'modules/functionapp.bicep' = {
     consoleSignInTenantId: consoleSignInTenantId
     gatewayId: empty(gatewayId) ? appName : gatewayId
     extraAppSettings: extraAppSettings
+    // The accounts' table endpoints, known before they exist (the app is created after them: dependsOn below).
+    ledgerAccountEndpoints: [for i in range(0, ledgerAccountCount): 'https://${take('stlg${i}${resourceToken}', 24)}.table.${environment().suffixes.storage}/']
     safetyPolicies: safetyPolicies
     contentSafetyEndpoint: safetyOn ? contentSafety.outputs.endpoint : ''
     languageEndpoint: safetyOn ? language.outputs.endpoint : ''
@@ -447,6 +469,7 @@ module functionApp 'modules/functionapp.bicep' = {
     network
     openAI
     openAIAccess
+    ledgerStorage
   ]
 }
 

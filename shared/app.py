@@ -96,6 +96,8 @@ class Edge:
                     log.exception("error while closing %s", type(closer).__name__)
         if built.stores.tables is not None:
             await built.stores.tables.close()
+        for tables in built.stores.ledger_tables:
+            await tables.close()
         otel.flush()
 
     async def console(self) -> ConsoleApi:

@@ -133,6 +133,9 @@ class Settings:
     table_connection_string: str | None = field(default=None, repr=False)
     table_endpoint: str | None = None
     table_prefix: str = "gateway"
+    # GATEWAY_LEDGER_ACCOUNTS: the consumers' ledgers spread over these storage accounts (table endpoints, reached with
+    # the managed identity, or connection strings), each ledger in the one its key hashes to; empty: with the tables
+    ledger_accounts: tuple[str, ...] = field(default=(), repr=False)
     managed_identity_client_id: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
     default_max_tokens: int = 1024
@@ -731,6 +734,28 @@ def _table_storage(env: Mapping[str, str]) -> tuple[str | None, str | None]:
     return connection, endpoint
 
 
+MAX_LEDGER_ACCOUNTS = 32
+
+
+def _ledger_accounts(env: Mapping[str, str]) -> tuple[str, ...]:
+    """GATEWAY_LEDGER_ACCOUNTS: table endpoints or connection strings, separated by spaces, commas or new lines."""
+    text = _get(env, "GATEWAY_LEDGER_ACCOUNTS")
+    if text is None:
+        return ()
+    entries = tuple(e for e in re.split(r"[\s,]+", text) if e)
+    if len(entries) > MAX_LEDGER_ACCOUNTS:
+        raise ConfigError(f"GATEWAY_LEDGER_ACCOUNTS: at most {MAX_LEDGER_ACCOUNTS} accounts, got {len(entries)}")
+    for n, entry in enumerate(entries, 1):
+        url = re.fullmatch(r"https?://[^\s?#;]+", entry) is not None
+        connection = "=" in entry  # never echoed: it may hold an account key
+        if not (url or connection):
+            raise ConfigError(f"GATEWAY_LEDGER_ACCOUNTS: entry {n} is neither a table endpoint (http(s) URL) nor a "
+                              "connection string")
+    if len(set(entries)) != len(entries):
+        raise ConfigError("GATEWAY_LEDGER_ACCOUNTS: an account is listed twice")
+    return entries
+
+
 def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> Settings:
     """Parse and validate every gateway setting; raise ConfigError naming the first bad one."""
     connection, endpoint = _table_storage(env)
@@ -760,6 +785,7 @@ def load_settings(env: Mapping[str, str], *, require_backends: bool = True) -> S
         table_connection_string=connection,
         table_endpoint=endpoint if connection is None else None,
         table_prefix=prefix,
+        ledger_accounts=_ledger_accounts(env),
         managed_identity_client_id=_get(env, "AZURE_CLIENT_ID"),
         max_body_bytes=_integer(env, "GATEWAY_MAX_BODY_BYTES", _DEFAULT.max_body_bytes, minimum=1024, maximum=100 * 1024 * 1024),
         default_max_tokens=_integer(env, "GATEWAY_DEFAULT_MAX_TOKENS", _DEFAULT.default_max_tokens, minimum=1, maximum=10**7),

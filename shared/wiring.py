@@ -35,6 +35,7 @@ from shared.storage.budget_table import TableBudgetStore
 from shared.storage.capacity_table import TableCapacityStore
 from shared.storage.change_log_table import TableChangeLogStore
 from shared.storage.consumer_table import TableConsumerStore
+from shared.storage.ledger_shards import ShardedLedgerStore
 from shared.storage.ledger_table import TableLedgerStore
 from shared.storage.memory import (
     MemoryAnswerStore,
@@ -90,18 +91,22 @@ class Stores:
     answers: AnswerStore | None = None  # None: cache entries stay in this worker's memory
     audit: AuditStore | None = None  # None: no audit trail can be written (refused at start-up if a policy audits)
     tables: Tables | None = None  # the Table Storage clients, closed with the worker
+    ledger_tables: tuple[Tables, ...] = ()  # those of the ledgers' own accounts (GATEWAY_LEDGER_ACCOUNTS), likewise
 
 
 def table_stores(settings: Settings) -> Stores:
     """Table Storage for the tables, Blob storage (where the settings reach one) for cache entries and audit trails."""
     tables = Tables.from_settings(settings)
     audited = any(p.audited for p in settings.safety.policies.values())
+    ledger_tables = tuple(Tables.for_account(settings, account) for account in settings.ledger_accounts)
+    ledger: LedgerStore = ShardedLedgerStore([TableLedgerStore(t) for t in ledger_tables]) if ledger_tables \
+        else TableLedgerStore(tables)
     return Stores(
-        consumers=TableConsumerStore(tables), ledger=TableLedgerStore(tables), breakers=TableBreakerStore(tables),
+        consumers=TableConsumerStore(tables), ledger=ledger, breakers=TableBreakerStore(tables),
         capacity=TableCapacityStore(tables), usage=TableUsageStore(tables), responses=TableResponseStore(tables),
         budgets=TableBudgetStore(tables), changes=TableChangeLogStore(tables), traffic=TableTrafficStore(tables),
         answers=BlobAnswerStore.from_settings(settings), audit=BlobAuditStore.for_audit(settings) if audited else None,
-        tables=tables,
+        tables=tables, ledger_tables=ledger_tables,
     )
 
 

@@ -36,3 +36,14 @@ def test_a_change_reaches_every_simulated_instance_for_a_point_read_per_row_chan
     assert figures["instances_with_it"] == 8  # every instance refuses the disabled key and has the lowered limit
     assert figures["listing_entities_read"] == 2 * 8  # two rows changed, one point read each per instance
     assert figures["ops_by_kind"].get("consumers.list", 0) == 0 and figures["server_busy_503"] == 0
+
+
+def test_ledgers_over_two_accounts_leave_the_tables_account_and_share_the_ledger_traffic() -> None:
+    # GATEWAY_LEDGER_ACCOUNTS as bench.scale simulates it: each ledger on the account its key hashes to.
+    one = run_shape("many", 400, 8, 3.0, seed=3)
+    two = run_shape("many", 400, 8, 3.0, seed=3, ledger_accounts=2)
+    assert len(one["per_account_peak_per_s"]) == 1 and len(two["per_account_peak_per_s"]) == 3
+    tables, *ledgers = two["per_account_peak_per_s"]
+    assert tables < 0.2 * one["per_account_peak_per_s"][0]  # only the shared rows are left on it
+    assert all(0 < peak < one["per_account_peak_per_s"][0] for peak in ledgers)
+    assert two["refused_429"] == 0 and two["max_any_60s_over_limit"] <= 1.0

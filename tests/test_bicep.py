@@ -775,3 +775,24 @@ def test_the_breaker_rule_type_is_the_gateways() -> None:
 def test_backend_ids_the_template_accepts_are_ones_the_gateway_accepts() -> None:
     longest = "a" + "-_." * 13  # 40 characters, the template's @maxLength
     assert len(longest) == 40 and config._ID_RE.fullmatch(longest)
+
+
+def test_ledger_accounts_are_optional_each_one_locked_down_granted_and_listed_in_the_setting() -> None:
+    assert app_settings(deployed("main"))["GATEWAY_LEDGER_ACCOUNTS"] == ""
+    for scenario in ("main", "private"):
+        deployment = deployed(scenario, ledgerAccountCount=3)
+        accounts = [r for r in of_type(deployment, "Microsoft.Storage/storageAccounts") if str(r.name).startswith("stlg")]
+        assert len(accounts) == 3
+        for account in accounts:
+            p = props(account)
+            assert p["allowSharedKeyAccess"] is False and p["minimumTlsVersion"] == "TLS1_2"
+            assert len(str(account.name)) <= 24 and re.fullmatch(r"[a-z0-9]+", str(account.name))
+        listed = app_settings(deployment)["GATEWAY_LEDGER_ACCOUNTS"].split(",")
+        assert listed == [f"https://{a.name}.table.core.windows.net/" for a in accounts]
+        settings = config.load_settings({**settings_as_deployed(scenario), "GATEWAY_LEDGER_ACCOUNTS": ",".join(listed)})
+        assert len(settings.ledger_accounts) == 3
+        table_grants = [r for r in of_type(deployment, "Microsoft.Authorization/roleAssignments")
+                        if props(r)["roleDefinitionId"].endswith(DOCUMENTED_ROLES["Storage Table Data Contributor"])]
+        assert len(table_grants) >= 4  # the tables' account and each ledger account
+        endpoints = [r for r in of_type(deployment, "Microsoft.Network/privateEndpoints") if str(r.name).startswith("pe-stlg")]
+        assert len(endpoints) == (3 if scenario == "private" else 0)

@@ -114,12 +114,14 @@ def with_ptu_example(params: Path) -> None:
 
 
 def test_every_resource_declaration_is_checked_by_some_scenario(copy: Path) -> None:
-    """Conditional resources only exist in some scenarios; with the PTU example, an alert address, a safety policy and
-    the console's sign-in they cover every declaration, so every resource body meets the type check somewhere."""
+    """Conditional resources only exist in some scenarios; with the PTU example, an alert address, a safety policy,
+    ledger accounts and the console's sign-in they cover every declaration, so every resource body meets the type check somewhere."""
     with_ptu_example(copy / "main.bicepparam")
     edit(copy / "main.bicepparam", "param limitFailMode", "param alertEmail = 'ops@example.com'\nparam limitFailMode")
     edit(copy / "main.bicepparam", "param limitFailMode",
          "param safetyPolicies = {\n  strict: {\n    pii: 'redact'\n  }\n}\nparam limitFailMode")
+    # Ledgers on storage accounts of their own (GATEWAY_LEDGER_ACCOUNTS), with their private endpoints.
+    edit(copy / "private.bicepparam", "param zoneRedundant", "param ledgerAccountCount = 2\nparam zoneRedundant")
     deployer = Context(environment={"AZURE_PRINCIPAL_ID": "22222222-3333-4444-5555-666666666666",
                                     "AZURE_PRINCIPAL_TYPE": "User",
                                     "GATEWAY_CONSOLE_CLIENT_ID": "7d3f5a2e-1b4c-4d8e-9f60-2a1b3c4d5e6f"})

@@ -68,6 +68,9 @@ param consoleSignInTenantId string = ''
 @description('More app settings (tuning such as GATEWAY_MAX_ATTEMPTS); they cannot replace the ones set here.')
 param extraAppSettings object = {}
 
+@description('Table endpoints of the ledgers\' own storage accounts (GATEWAY_LEDGER_ACCOUNTS); empty: with the other tables.')
+param ledgerAccountEndpoints array = []
+
 @description('Subnet (delegated to Microsoft.App/environments) for virtual network integration; empty for none.')
 param subnetId string = ''
 
@@ -204,6 +207,7 @@ resource appSettings 'Microsoft.Web/sites/config@2024-11-01' = {
     PYTHON_ENABLE_INIT_INDEXING: '1'
     GATEWAY_BACKENDS: string(backends)
     GATEWAY_TABLE_ENDPOINT: storage.properties.primaryEndpoints.table
+    GATEWAY_LEDGER_ACCOUNTS: join(ledgerAccountEndpoints, ',')
     GATEWAY_BLOB_ENDPOINT: storage.properties.primaryEndpoints.blob
     GATEWAY_INSTANCE_COUNT: string(maximumInstanceCount)
     GATEWAY_LIMIT_FAIL_MODE: limitFailMode

@@ -247,4 +247,5 @@ output vnetId string = vnet.id
 output appSubnetId string = resourceId('Microsoft.Network/virtualNetworks/subnets', vnet.name, appSubnetName)
 output privateEndpointSubnetId string = privateEndpointSubnetId
 output sitesZoneId string = zoneIds.sites
+output tableZoneId string = zoneIds.table
 output manualApprovalEndpoints array = filter(map(range(0, length(openAIAccounts)), i => openAIAccounts[i].manualApproval ? openAIEndpointNames[i] : ''), endpoint => !empty(endpoint))

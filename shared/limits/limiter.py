@@ -52,6 +52,7 @@ from shared.limits.tickets import Held, Place, Ticket, UnlimitedTicket
 from shared.limits.user_shares import MAX_SHARE_S, UserWindows, declare, declaring, serving
 from shared.outcomes import NeverAdmissible, QuotaExhausted, RateLimited
 from shared.records.consumers import Consumer
+from shared.storage.ledger_shards import ShardedLedgerStore
 from shared.storage.protocols import LedgerStore, StoreBusy, StoreUnavailable
 from shared.telemetry.protocol import Telemetry
 
@@ -74,6 +75,7 @@ class LedgerState:
 
     consumer_id: str  # the ledger's key (partition): a consumer id, team|<id> or user|<consumer>|<user>
     kind: str = CONSUMER
+    account: int = 0  # which storage account holds the ledger (GATEWAY_LEDGER_ACCOUNTS: ledger_shards.py)
     user_tpm: int = 0  # each end user's tokens per minute (a consumer's ledger), and this instance's share of it
     user_share: int = 0
     users: UserWindows = field(default_factory=UserWindows)
@@ -352,9 +354,11 @@ class TokenLimiter:
         # Ledger operations by what they were for (claim: a request waiting; renew; release; flush) and what became of
         # them (reads, writes, lost races, found unneeded): where a busy ledger's write capacity goes (bench.scale).
         self.ledger_counts: dict[str, int] = {}
-        # The store failed for one consumer: it is down for all of them. Until this time no consumer of this instance
-        # tries it (each would wait for its own timeout, and retry, together), and admissions use the fallback.
-        self._store_down_until = 0.0
+        # The store failed for one consumer: it is down for all of them (all on its storage account, when the ledgers
+        # are spread over several). Until this time no consumer of this instance tries it (each would wait for its own
+        # timeout, and retry, together), and admissions use the fallback.
+        self._down_until: dict[int, float] = {}
+        self._sharded = store if isinstance(store, ShardedLedgerStore) else None
         self._writes: asyncio.Semaphore | None = None
         self._levels_seen: dict[tuple[int, str], tuple[Consumer, list[Level]]] = {}
 
@@ -434,7 +438,7 @@ class TokenLimiter:
                     # idle ones are forgotten (a minute without requests).
                     raise refusals.rate_limited(max(level.scopes.limits.values(), default=0), WINDOW_MS)
                 self._end_users += 1
-            budget = self._budgets[level.key] = LedgerState(level.key, level.kind)
+            budget = self._budgets[level.key] = LedgerState(level.key, level.kind, self._account(level.key))
             self._start_ticker()
         budget.note(scopes, reserve, self._clock.monotonic(), level.user_tpm)
         user = level.user
@@ -450,7 +454,7 @@ class TokenLimiter:
         try:
             for _ in range(MAX_CLAIMS_PER_REQUEST):
                 now = self._clock.now()
-                if budget.fallback.active(now) or self._store_down_until > now:
+                if budget.fallback.active(now) or self._store_down(budget) > now:
                     return self._admit_degraded(budget, scopes, reserve, user)
                 # What this instance knows is full is refused without a write, unless requests ended below their
                 # reservations since and the tokens they free would let this one in: then the write decides.
@@ -478,6 +482,13 @@ class TokenLimiter:
         refusal = blocked[1] if blocked else Refusal(CONSUMER_SCOPE, 1000)
         return_at = blocked[0] if blocked else now + 1
         raise self._refused(budget, scopes, refusal, return_at, now, reserve)
+
+    def _account(self, key: str) -> int:
+        return self._sharded.account(key) if self._sharded is not None else 0
+
+    def _store_down(self, budget: LedgerState) -> float:
+        """Until when the store of this ledger's account is left alone (0: it is not)."""
+        return self._down_until.get(budget.account, 0.0)
 
     def _may_fit(self, budget: LedgerState, scopes: Scopes, need: int) -> bool:
         """Whether tokens this instance frees at its next write (its lease's rest, with what requests that ended below
@@ -605,7 +616,7 @@ class TokenLimiter:
         budget = self._budgets.get(place.ledger)
         if budget is None:
             kind = TEAM if place.ledger.startswith("team|") else USER if place.ledger.startswith("user|") else CONSUMER
-            budget = self._budgets[place.ledger] = LedgerState(place.ledger, kind)
+            budget = self._budgets[place.ledger] = LedgerState(place.ledger, kind, self._account(place.ledger))
             if kind == USER:
                 self._end_users += 1
             self._start_ticker()
@@ -698,8 +709,9 @@ class TokenLimiter:
         """One conditional write of the consumer's ledger: report what this instance admitted, and claim (or renew,
         trim, release) its lease; see _Write for what the write changes, _failed and _written for what follows."""
         now = self._clock.now()
-        if self._store_down_until > now:
-            budget.fallback.degraded_until = max(budget.fallback.degraded_until, self._store_down_until)
+        down_until = self._store_down(budget)
+        if down_until > now:
+            budget.fallback.degraded_until = max(budget.fallback.degraded_until, down_until)
             return
         if budget.backoff.active(now):
             return
@@ -744,11 +756,12 @@ class TokenLimiter:
             budget.backoff.busy(self._clock.now(), exc.retry_after_s)
             return
         failed_at = self._clock.now()
-        if self._store_down_until <= failed_at:
-            log.warning("limiter store unavailable (%s, consumer %s); %s for %.1f s", exc, budget.consumer_id,
+        if self._store_down(budget) <= failed_at:
+            log.warning("limiter store unavailable (%s, consumer %s, ledger account %d); %s for %.1f s", exc,
+                        budget.consumer_id, budget.account,
                         "failing closed" if self._fail_closed else "using the local fallback window",
                         self._store_retry_s)
-        self._store_down_until = failed_at + self._store_retry_s
+        self._down_until[budget.account] = failed_at + self._store_retry_s
         if budget.fallback.failed(failed_at, self._store_retry_s):
             self._telemetry.store_fallback("closed" if self._fail_closed else "open")
 
@@ -840,7 +853,7 @@ class TokenLimiter:
                     del self._budgets[consumer_id]
                     self._end_users -= budget.kind == USER
                 continue
-            if budget.fallback.active(now) or self._store_down_until > now:
+            if budget.fallback.active(now) or self._store_down(budget) > now:
                 continue
             syncs.append(self._sync_in_background(budget, 0, (), claim_new=not idle and not quiet,
                                                   flush_only=not renew))

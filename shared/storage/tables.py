@@ -55,17 +55,22 @@ class Tables:
 
     @classmethod
     def from_settings(cls, settings: Settings, timeout_s: float | None = None) -> Tables:
+        return cls.for_account(settings, settings.table_connection_string or settings.table_endpoint or "", timeout_s)
+
+    @classmethod
+    def for_account(cls, settings: Settings, account: str, timeout_s: float | None = None) -> Tables:
+        """The tables of one account: `account` is a table endpoint (reached with the managed identity) or a
+        connection string (GATEWAY_LEDGER_ACCOUNTS lists such accounts for the ledgers)."""
         # The SDK's own retries would stretch a call far past our timeout; we decide about retrying ourselves.
         options: dict[str, Any] = {"retry_total": 0, "connection_timeout": settings.store_timeout_s,
                                     "use_env_settings": proxies_in_environment()}
-        if settings.table_connection_string:
-            service = TableServiceClient.from_connection_string(settings.table_connection_string, **options)
+        if not account.startswith(("http://", "https://")):
+            service = TableServiceClient.from_connection_string(account, **options)
         else:
             from azure.identity.aio import DefaultAzureCredential
 
             credential = DefaultAzureCredential(managed_identity_client_id=settings.managed_identity_client_id)
-            assert settings.table_endpoint is not None
-            service = TableServiceClient(endpoint=settings.table_endpoint, credential=credential, **options)
+            service = TableServiceClient(endpoint=account, credential=credential, **options)
         return cls(service, settings.table_prefix, timeout_s or settings.store_timeout_s)
 
     def name(self, table: str) -> str:
