@@ -99,3 +99,26 @@ async def test_the_limiter_learns_the_contenders_from_the_ledger_it_wrote() -> N
     (await lim.admit(consumer, "gpt-4o", 100)).settle(100)
     assert lim._budgets["c"].copy.holders == 100
     assert lim.ledger_counts["claim"] == 1 and lim.ledger_counts["writes"] == 1
+
+
+async def test_a_copy_that_never_wrote_backs_off_for_the_holders_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Hundreds of instances starting together have no copy yet: the ledger each reads shows the others' leases, and
+    # the pause after a lost race is sized for them, not for an instance alone.
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr(ledger_copy.asyncio, "sleep", sleep)
+    clock = FakeClock(start=T0)
+    now_ms = int(clock.now() * 1000)
+    store = Losing(conflicts=0)
+    ledger = Ledger(leases={f"i{k}:1": Lease({"*": 10}, now_ms + 61_000) for k in range(255)})
+    await store.write("c", ledger.to_entity(), None)
+    store.left = 1
+    copy = LedgerCopy(rng=random.Random(2))
+    assert copy.holders == 1
+    await copy.commit(store, "c", clock, lambda led, now: True)
+    assert copy.holders == 256  # the 255 others and this one
+    assert slept == [conflict_pause(0, 256, random.Random(2))]
+    assert slept[0] > CONFLICT_BACKOFF_S  # alone, the first pause would be at most 5 ms (this draw: far more)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shared.clock import Clock
+from shared.limits.allowance import holders
 from shared.limits.ledger import Ledger
 from shared.storage.protocols import Conflict, LedgerStore, StoreUnavailable
 
@@ -82,6 +83,9 @@ class LedgerCopy:
                     self.ledger, self.etag = await read_ledger(store, consumer_id)
                     self.have = True
                     self.changed_mono = clock.monotonic()
+                    # The contenders as the ledger shows them now: an instance that never wrote it yet (all of them,
+                    # when hundreds start together) would otherwise back off as if alone.
+                    self.holders = max(self.holders, holders(self.ledger, int(clock.now() * 1000), ""))
                 assert self.ledger is not None
                 ledger = self.ledger.copy()
                 now = clock.now()
