@@ -160,6 +160,8 @@ GOOD = appended(ChangeFeed(None), [(CONSUMER, "a"), (CONSUMER, "b")])
     {**GOOD, "feed": json.dumps([[1, "c", "a"], [3, "c", "b"]])},  # a gap
     {**GOOD, "feed": json.dumps([[1, "x", "a"], [2, "c", "b"]])},  # an unknown kind
     {**GOOD, "feed": json.dumps([[1, "c", 5], [2, "c", "b"]])},
+    {**GOOD, "feed": json.dumps([[1, "c", "a' or PartitionKey ne '"], [2, "c", "b"]])},  # not an id: never read
+    {**GOOD, "feed": json.dumps([[1, "t", "../x"], [2, "c", "b"]])},
     {**GOOD, "feed": json.dumps([[1, "c"], [2, "c", "b"]])},
     {**GOOD, "feed": json.dumps([[i, "c", "a"] for i in range(1, FEED_ENTRIES + 2)]), "seq": FEED_ENTRIES + 1},
     {**GOOD, "feed": "[" + " " * 40_000 + "]"},  # too big for a property: not ours

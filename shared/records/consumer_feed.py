@@ -11,6 +11,7 @@ starts a new epoch (every reader then reads the listing once).
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ FEED_ENTRIES = 100  # changes the row keeps: at most ~100 x (63-character id + 1
 MAX_FEED_CHARS = 32_000  # a Table string property holds 64 KiB (32K UTF-16 characters); longer is not ours
 CONSUMER, TEAM, EVERYTHING = "c", "t", "*"  # EVERYTHING: more rows changed than the feed holds (a bulk creation)
 _KINDS = (CONSUMER, TEAM, EVERYTHING)
+_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # a consumer's or team's id (records/consumers.py); nothing else is read
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +105,8 @@ def _parse(token: str | None, row: Mapping[str, Any]) -> ChangeFeed:
         number, kind, name = entry
         if isinstance(number, bool) or not isinstance(number, int) or kind not in _KINDS or not isinstance(name, str):
             raise ValueError("bad entry")
+        if not (_ID.fullmatch(name) or (kind == EVERYTHING and name == "")):
+            raise ValueError("not an id")
         changes.append(Change(number, kind, name))
     if changes and (changes[-1].seq != seq or any(b.seq != a.seq + 1 for a, b in pairwise(changes))):
         raise ValueError("the feed's numbers do not run to its sequence")
