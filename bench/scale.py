@@ -233,7 +233,9 @@ async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoo
             offset += 60
         figures["per_full_minute_over_limit"] = [round(m / limit, 4) for m in minutes]
         series = admitted["busy"]
-        figures["max_any_60s_over_limit"] = round(most_in_any_window(series) / limit, 4)
+        most = most_in_any_window(series)
+        figures["max_any_60s_over_limit"] = round(most / limit, 4)
+        figures["tokens_over_limit_in_any_60s"] = max(0, most - limit)  # exact: the ratio above is rounded
         fill = _filled_at(series, limit)
         if fill is not None and fill + 60 <= seconds:
             minute = sum(tok for at, tok in series if fill <= at < fill + 60)
@@ -242,6 +244,7 @@ async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoo
     else:
         worst = max((most_in_any_window(s) for s in admitted.values() if s), default=0)
         figures["max_any_60s_over_limit"] = round(worst / limit, 4)
+        figures["tokens_over_limit_in_any_60s"] = max(0, worst - limit)
     return figures
 
 

@@ -9,7 +9,7 @@ from bench.scale import run_shape
 def test_one_busy_consumer_over_eight_instances_is_held_to_its_limit() -> None:
     figures = run_shape("one", 200, 8, 70.0, seed=3)
     assert figures["admitted"] > 0 and figures["refused_429"] > 0  # demand is twice the limit
-    assert figures["max_any_60s_over_limit"] <= 1.0
+    assert figures["max_any_60s_over_limit"] <= 1.0 and figures["tokens_over_limit_in_any_60s"] == 0
     assert figures["server_busy_503"] == 0  # far below every target
     assert figures["fallback_admissions"] == 0
     assert figures["ledger_ops_per_request"] > 0
@@ -47,3 +47,16 @@ def test_ledgers_over_two_accounts_leave_the_tables_account_and_share_the_ledger
     assert tables < 0.2 * one["per_account_peak_per_s"][0]  # only the shared rows are left on it
     assert all(0 < peak < one["per_account_peak_per_s"][0] for peak in ledgers)
     assert two["refused_429"] == 0 and two["max_any_60s_over_limit"] <= 1.0
+
+
+def test_128_instances_on_one_ledger_back_off_their_lost_races_and_keep_the_limit() -> None:
+    # Issue 32: every instance's claims go to one entity with ETag-conditional writes. With fixed 0-30 ms pauses after
+    # a lost race, 128 instances lost about 7 races per write that went through and 903 claims lost every attempt
+    # (this shape, seed 11); the pause now grows with the contenders. Whatever the contention, never over the limit.
+    figures = run_shape("one", 1000, 128, 20.0, seed=11)
+    assert figures["tokens_over_limit_in_any_60s"] == 0
+    ops = figures["ledger_by_purpose"]
+    won = ops["writes"] - ops["lost"]
+    assert won > 0 and ops["lost"] < 3 * won
+    assert figures["limiter_contended"] < 300
+    assert figures["admitted"] > 0.9 * figures["requests"]  # the window is not full yet: nearly every request fits

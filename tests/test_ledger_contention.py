@@ -22,6 +22,7 @@ from shared.limits.ledger_copy import (
     conflict_pause,
 )
 from shared.limits.limiter import TokenLimiter
+from shared.outcomes import QuotaExhausted, RateLimited
 from shared.records.consumers import Consumer, Limits
 from shared.storage.memory import MemoryLedgerStore
 from shared.storage.protocols import Conflict
@@ -122,3 +123,53 @@ async def test_a_copy_that_never_wrote_backs_off_for_the_holders_it_reads(monkey
     assert copy.holders == 256  # the 255 others and this one
     assert slept == [conflict_pause(0, 256, random.Random(2))]
     assert slept[0] > CONFLICT_BACKOFF_S  # alone, the first pause would be at most 5 ms (this draw: far more)
+
+
+def crowded_limiter(others: int, limits: Limits) -> tuple[TokenLimiter, Consumer, FakeClock, MemoryLedgerStore]:
+    """A limiter on a ledger that `others` other instances hold (small) leases on."""
+    clock = FakeClock(start=T0)
+    store = MemoryLedgerStore()
+    now_ms = int(clock.now() * 1000)
+    ledger = Ledger(leases={f"i{k}:1": Lease({"*": 1}, now_ms + 61_000) for k in range(others)})
+    store.ledgers["c"] = (ledger.to_entity(), "e0")
+    lim = TokenLimiter(store, clock, NullTelemetry(), background=False, instance_count=4)
+    return lim, Consumer(id="c", name="c", key_hash="h", key_prefix="gw-x", limits=limits), clock, store
+
+
+async def test_with_many_holders_the_even_share_never_takes_more_quota_than_is_left() -> None:
+    # 127 others: a claim wants the limit's even share over an 8 s lease (10,416 tokens), but only 1,000 of the quota
+    # is left: the lease holds at most that, and the requests past it are refused 403 (quota), not admitted.
+    lim, consumer, clock, store = crowded_limiter(127, Limits(tokens_per_minute=10_000_000, quota=1_000,
+                                                              quota_period="monthly"))
+    admitted = 0
+    with pytest.raises(QuotaExhausted):
+        for _ in range(20):
+            ticket = await lim.admit(consumer, "gpt-4o", 100)
+            ticket.settle(100)
+            admitted += 100
+    assert admitted == 1_000
+    lease = lim._budgets["c"].held.current
+    assert lease is None or lease.available.get("*", 0) <= 0
+    with pytest.raises(QuotaExhausted):  # and again: consistently 403 while the period lasts
+        await lim.admit(consumer, "gpt-4o", 1)
+    await lim.close()
+    row, _ = await store.read("c")
+    assert row is not None and Ledger.from_entity(row).quota_used == 1_000
+
+
+async def test_with_many_holders_an_overrun_is_carried_as_debt() -> None:
+    # A request that used far more than it reserved, among 127 holders: the excess stays in the window (debt), so the
+    # next claims are refused until a minute's limit has left it, and nothing is admitted meanwhile.
+    lim, consumer, clock, store = crowded_limiter(127, Limits(tokens_per_minute=60_000))
+    (await lim.admit(consumer, "gpt-4o", 100)).settle(150_000)  # 2.5 minutes' worth
+    await lim.close()
+    for _ in range(3):
+        clock.advance(30)
+        with pytest.raises(RateLimited):
+            await lim.admit(consumer, "gpt-4o", 100)
+    row, _ = await store.read("c")
+    assert row is not None
+    ledger = Ledger.from_entity(row)
+    now_ms = int(clock.now() * 1000)
+    assert sum(ledger.windows["*"].values()) > 60_000  # still in debt 90 s later: at most a minute's limit freed
+    assert ledger.occupancy("*", now_ms) >= 150_000 - 60_000

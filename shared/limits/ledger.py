@@ -277,6 +277,7 @@ class Grant:
     tokens: dict[str, int]
     quota_tokens: int
     refused: dict[str, Refusal] = field(default_factory=dict)
+    quota_bound: bool = False  # the consumer scope got less than the window had free: the quota's rest, not the window
 
 
 def claim(
@@ -316,6 +317,7 @@ def claim(
             continue
         granted[scope] = min(wanted, free)
     quota_tokens = 0
+    quota_bound = False
     if quota is not None and quota.limit > 0 and CONSUMER_SCOPE in granted:
         key, reset_s = quota_period(quota.period, now_s)
         if ledger.quota_key != key:
@@ -326,13 +328,14 @@ def claim(
             del granted[CONSUMER_SCOPE]
             refused[CONSUMER_SCOPE] = Refusal(CONSUMER_SCOPE, None, quota_exhausted=True, quota_reset_s=reset_s)
         else:
+            quota_bound = free_quota < granted[CONSUMER_SCOPE]
             quota_tokens = min(granted[CONSUMER_SCOPE], free_quota)
             granted[CONSUMER_SCOPE] = quota_tokens
             ledger.quota_used += quota_tokens
     held = {s: t for s, t in granted.items() if limits.get(s, 0) > 0}
     if held or quota_tokens:
         ledger.leases[lease_id] = Lease(held, now_ms + lifetime_ms + WINDOW_MS, quota_tokens)
-    return Grant(granted, quota_tokens, refused)
+    return Grant(granted, quota_tokens, refused, quota_bound)
 
 
 def begin_period(ledger: Ledger, quota: Quota | None, now_s: float) -> None:

@@ -109,6 +109,7 @@ class Pacing:
         partial = [
             sc for sc, w in wants.items()
             if limits.get(sc, 0) > 0 and (sc in grant.refused or grant.tokens.get(sc, 0) < w)
+            and not (sc == CONSUMER_SCOPE and grant.quota_bound and sc not in grant.refused)
         ]
         self.saturated_until = now + SATURATED_CLAIM_INTERVAL_S * spacing if partial else 0.0
         self.saturated_scope = partial[0] if partial else CONSUMER_SCOPE
