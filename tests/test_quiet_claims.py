@@ -199,16 +199,17 @@ async def test_a_quiet_claim_of_an_instance_that_vanished_is_held_until_its_hold
     gone, other = gateways(store, clock, 2)
     c = consumer("orphan", limit)
     (await other.admit(c, D, 100)).settle(100)  # another instance holds a lease on the ledger
+    clock.advance(5.0)
     await gone.admit(c, D, 300)  # never settled: the instance vanished
     lease = gone._budgets["orphan"].held.current
     assert lease is not None and lease.quiet
-    claimed_ms = int(T0 * 1000)
+    claimed_ms = int((T0 + 5.0) * 1000)
     assert lease.held_until_ms == claimed_ms + int((2.0 + QUIET_SETTLE_S) * 1000) + WINDOW_MS
     held = lease.held[S]
     until_s = lease.held_until_ms / 1000
     clock.advance(until_s - clock.now() - 0.5)
     ledger, _ = await read_ledger(store, "orphan")
-    # Still held half a second before its end (the other instance's 100 has left the window by then).
+    # Still held half a second before its end (the other instance's claim, 5 s older, has left the window by then).
     assert ledger.occupancy(S, int(clock.now() * 1000)) == held
     # The other instance cannot have what the vanished one holds ...
     with pytest.raises(Refusal):

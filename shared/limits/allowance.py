@@ -102,9 +102,10 @@ def allowance(
 # not written at all: the hold, which leaves the window after every bucket of its usage and holds at least as much,
 # already bounds the window. Cost: a claim's unused rest (and the difference between reservation and use) stays held
 # until the hold ends (about a minute) instead of being freed at the close, so quiet claims are made only far from the
-# limit, not for a quota (counted per period, not released by time) or end users' shares, and only on a ledger other
-# instances hold leases on too: an instance alone on a ledger writes its close on its own fresh copy (one write, no
-# read), and its window then holds exactly what was used, not the reservation, from the close on.
+# limit, not for a quota (counted per period, not released by time) or end users' shares, and only where other
+# instances may serve the consumer (other instances hold leases on the ledger, or GATEWAY_INSTANCE_COUNT is above 1): a
+# gateway alone writes its close on its own fresh copy (one write, no read), and its window then holds exactly what was
+# used, not the reservation, from the close on.
 QUIET_SETTLE_S = 10.0  # a quiet claim's hold covers settlements this long after it stops admitting
 QUIET_REQUESTS = 0.5  # quiet: fewer requests than this expected here during a lease's lifetime
 
@@ -120,7 +121,8 @@ def quiet_claim(
     lifetime_s: float,
     wants: Mapping[str, int],
 ) -> bool:
-    """Whether this claim is a quiet one: other instances hold leases on the ledger (`holders`, this one included), no
+    """Whether this claim is a quiet one: other instances may serve the consumer (`holders`: the instances holding
+    leases on the ledger, this one included, or the configured instance count if larger), no
     other request is expected here during its lifetime, no quota or end users' shares to settle exactly, and the window
     is far from the limit even with its longer hold."""
     if quota is not None or user_limited or holders < 2 or request_rate * lifetime_s >= QUIET_REQUESTS:

@@ -285,7 +285,8 @@ class _Write:
                 lifetime_s = min(lifetime_s, MAX_SHARE_S)
         hold_s = lifetime_s
         self.quiet = plan is None and bool(wants) and quiet_claim(
-            ledger, at, budget.limits, self.quota, budget.user_tpm > 0, serving, pace.request_rate, lifetime_s, wants)
+            ledger, at, budget.limits, self.quota, budget.user_tpm > 0, max(serving, limiter._instances), pace.request_rate,
+            lifetime_s, wants)
         if self.quiet:
             # One request expected here: no headroom for a next one (it would only be held, unused, for a minute).
             usual = max(int(pace.typical), 1) * max(1, pace.waiting)
