@@ -182,7 +182,7 @@ param adminPrincipalType string = 'User'
 ])
 param storageSkuName string = 'Standard_LRS'
 
-@description('Storage accounts of their own for the consumers\' ledgers (GATEWAY_LEDGER_ACCOUNTS), each ledger in the one its consumer\'s id hashes to; 0 keeps the ledgers with the other tables. One account carries about 9,000 quiet consumers\' requests a second (docs/scale.md, "Consumers per storage account"). Changing the count moves ledgers: each consumer starts a fresh window in its new account.')
+@description('Storage accounts of their own for the consumers\' ledgers (GATEWAY_LEDGER_ACCOUNTS), each ledger in the one its consumer\'s id hashes to; 0 keeps the ledgers with the other tables. One account carries about 8,000 quiet consumers\' requests a second (docs/scale.md, "Consumers per storage account"). Changing the count moves ledgers: each consumer starts a fresh window in its new account.')
 @minValue(0)
 @maxValue(32)
 param ledgerAccountCount int = 0
