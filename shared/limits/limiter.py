@@ -773,13 +773,16 @@ class TokenLimiter:
         budget.fallback.recovered()
         budget.last_sync_mono = mono
         trimmed = budget.held.committed(write.out, mono)
+        if trimmed:
+            # The trimmed lease is closing now (released by the next write): it admits nothing more, whether or not
+            # this write claimed a new one. (A renewal that claimed nothing, every scope known full, used to leave it
+            # current *and* closing: the next write released its hold while it still admitted, over the limit.)
+            budget.held.current = None
         grant, plan = write.grant, write.plan
         if grant is not None:
             budget.blocks.record(grant, now)
             budget.spread = write.lifetime_s / self._lifetime_s
             budget.pace.claimed(write.wants, grant, budget.limits, now, budget.spread)
-            if trimmed:
-                budget.held.current = None  # the new lease (if any) replaces it; it is released by the next write
             if grant.tokens:
                 self._lease_seq += 1
                 lifetime_s = plan.lifetime_s if plan is not None else write.lifetime_s
