@@ -266,3 +266,19 @@ def test_a_huge_debt_is_carried_in_bounded_steps_and_space() -> None:
     later = now_ms + 3_600_000
     ledger.prune(later)  # an hour later it is still owed, laid out again from then
     assert ledger.occupancy(S, later) == 10**12 - 60 and len(ledger.windows[S]) <= 241
+
+
+def test_leases_are_spread_over_properties_each_a_whole_json_object_under_the_property_limit() -> None:
+    import orjson
+
+    from shared.limits.ledger import LEASE_PROPERTY_CHARS, Lease, lease_properties, read_lease_properties
+
+    leases = {f"{i:012x}:{i}": Lease({"*": 300 + i, "d:gpt-4o": 7}, 1_700_000_000_000 + i, i % 3) for i in range(3_000)}
+    props = lease_properties(leases)
+    assert list(props) == ["leases"] + [f"leases_{i}" for i in range(1, len(props))] and len(props) > 3
+    for text in props.values():
+        assert len(text) <= LEASE_PROPERTY_CHARS
+        orjson.loads(text)  # whole entries: each property parses alone
+    assert Ledger.from_entity(Ledger(leases=leases).to_entity()).leases == leases
+    assert lease_properties({}) == {"leases": "{}"}
+    assert read_lease_properties({}) == {}

@@ -96,6 +96,25 @@ async def test_ledger_starts_empty_and_is_created_only_where_there_is_none(store
     assert etag == first and stored == ledger
 
 
+async def test_a_ledger_with_thousands_of_lease_holders_is_stored_whole_and_shrinks_back(stores: Stores) -> None:
+    # One string property holds 32K characters; 2,000 holders' leases take about 90,000 (issue 32: Flex scales an app
+    # to 1,000 instances). Spread over several properties, the write is accepted and every lease comes back; and when
+    # the holders leave, the extra properties go with the replaced row.
+    t0 = 1_700_000_000.0
+    ledger = Ledger()
+    for i in range(2_000):
+        claim(ledger, f"{i:012x}:{i}", {"*": 1}, {"*": 300}, {"*": 10_000_000}, None, t0, 8_000)
+    entity = ledger.to_entity()
+    assert "leases_2" in entity and all(len(str(v)) <= 30_000 for v in entity.values())
+    first = await stores.ledger.write("team-big", entity, None)
+    stored, etag = await read_ledger(stores.ledger, "team-big")
+    assert etag == first and stored == ledger and len(stored.leases) == 2_000
+    stored.leases = dict(list(stored.leases.items())[:3])
+    await stores.ledger.write("team-big", stored.to_entity(), etag)
+    again, _ = await read_ledger(stores.ledger, "team-big")
+    assert set(again.leases) == set(stored.leases)
+
+
 async def test_ledger_write_on_a_stale_etag_is_a_conflict_and_changes_nothing(stores: Stores) -> None:
     await stores.ledger.write("team-b", Ledger(quota_key="2026-12-01", quota_used=1).to_entity(), None)
     _, etag = await read_ledger(stores.ledger, "team-b")

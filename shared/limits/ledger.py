@@ -24,6 +24,7 @@ import time
 from bisect import insort
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -154,9 +155,7 @@ class Ledger:
     def to_entity(self) -> dict[str, object]:
         return {
             "windows": orjson.dumps({s: {str(e): t for e, t in w.items()} for s, w in self.windows.items()}).decode(),
-            "leases": orjson.dumps(
-                {k: [lease.tokens, lease.expires_ms, lease.quota_tokens] for k, lease in self.leases.items()}
-            ).decode(),
+            **lease_properties(self.leases),
             "quota_key": self.quota_key,
             "quota_used": self.quota_used,
             "limits": orjson.dumps(self.limits).decode(),
@@ -166,7 +165,7 @@ class Ledger:
     @classmethod
     def from_entity(cls, entity: Mapping[str, object]) -> Ledger:
         windows_raw = orjson.loads(str(entity.get("windows") or "{}"))
-        leases_raw = orjson.loads(str(entity.get("leases") or "{}"))
+        leases_raw = read_lease_properties(entity)
         return cls(
             windows={s: {int(e): int(t) for e, t in w.items()} for s, w in windows_raw.items()},
             leases={k: Lease(dict(v[0]), int(v[1]), int(v[2])) for k, v in leases_raw.items()},
@@ -185,6 +184,42 @@ class Ledger:
             limits=dict(self.limits),
             user_shares={i: list(v) for i, v in self.user_shares.items()},
         )
+
+
+# A Table string property holds 64 KiB of UTF-16 (32K characters). Each instance holding a lease adds about 40
+# characters to the ledger's leases (bench.scale: 375 leases, 14,148 characters, at 256 instances), so one property
+# would refuse the write (400) past about 800 holders, and a refused ledger write is the store failing for this
+# instance. The leases are spread over `leases`, `leases_1`, ... of at most LEASE_PROPERTY_CHARS each, whole entries
+# per property (each a JSON object of its own); an entity's 1 MiB then carries about 10,000 holders.
+LEASE_PROPERTY_CHARS = 30_000
+LEASE_PROPERTY = "leases"
+
+
+def lease_properties(leases: Mapping[str, Lease]) -> dict[str, str]:
+    """The leases as one or more string properties, each under LEASE_PROPERTY_CHARS: `leases`, then `leases_1`...
+    (the first always present, so a ledger without leases still says so)."""
+    parts: list[str] = []
+    entries: list[str] = []
+    size = 2
+    for key, lease in leases.items():
+        entry = orjson.dumps(key).decode() + ":" + orjson.dumps([lease.tokens, lease.expires_ms, lease.quota_tokens]).decode()
+        if entries and size + len(entry) + 1 > LEASE_PROPERTY_CHARS:
+            parts.append("{" + ",".join(entries) + "}")
+            entries, size = [], 2
+        entries.append(entry)
+        size += len(entry) + 1
+    parts.append("{" + ",".join(entries) + "}")
+    return {LEASE_PROPERTY if i == 0 else f"{LEASE_PROPERTY}_{i}": part for i, part in enumerate(parts)}
+
+
+def read_lease_properties(entity: Mapping[str, object]) -> dict[str, Any]:
+    """Every lease of `leases`, `leases_1`, ... (read until the first missing one)."""
+    leases: dict[str, Any] = dict(orjson.loads(str(entity.get(LEASE_PROPERTY) or "{}")))
+    index = 1
+    while (part := entity.get(f"{LEASE_PROPERTY}_{index}")) is not None:
+        leases.update(orjson.loads(str(part)))
+        index += 1
+    return leases
 
 
 @dataclass
