@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from bench.figures import most_in_any_window
 from shared.clock import FakeClock
 from shared.limits.allowance import allowance
 from shared.limits.ledger import CONSUMER_SCOPE, Ledger, Quota, claim
@@ -31,18 +32,6 @@ def consumer(name: str, tpm: int) -> Consumer:
 def instances(store: MemoryLedgerStore, clock: FakeClock, count: int) -> list[TokenLimiter]:
     return [TokenLimiter(store, clock, NullTelemetry(), background=False, instance_count=count, instance_id=f"i{i}")
             for i in range(count)]
-
-
-def worst_minute(admissions: list[tuple[float, int]]) -> int:
-    admissions = sorted(admissions)
-    worst = total = j = 0
-    for t, tokens in admissions:
-        total += tokens
-        while admissions[j][0] <= t - 60:
-            total -= admissions[j][1]
-            j += 1
-        worst = max(worst, total)
-    return worst
 
 
 async def quiet_traffic(count: int, gateways: int, seconds: int, measure_from: int) -> tuple[float, int]:
@@ -132,7 +121,7 @@ async def test_an_allowance_is_withdrawn_as_the_consumer_nears_its_limit_and_the
         ):
             withdrawn_at = now
     assert checked_before and withdrawn_at is not None and withdrawn_at - burst_at < 30, withdrawn_at
-    assert worst_minute(admissions) <= limit
+    assert most_in_any_window(admissions) <= limit
     # Once the burst's first minute is over, the consumer gets (nearly) its whole limit every minute.
     for start in (burst_at + 60, burst_at + 120, burst_at + 180):
         got = sum(a for t, a in admissions if T0 + start <= t < T0 + start + 60)
@@ -167,7 +156,7 @@ async def test_the_limit_holds_in_every_minute_across_eight_instances_through_qu
             for lim in lims:
                 await lim.tick()
     assert sum(lim.allowances for lim in lims) > 0  # the quiet spells did run on allowances
-    assert worst_minute(admissions) <= limit
+    assert most_in_any_window(admissions) <= limit
 
 
 def test_allowance_sizes_from_the_rate_and_the_instances_and_stops_near_the_limit() -> None:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import pytest
 
+from bench.figures import most_in_any_window
 from shared.clock import FakeClock
 from shared.limits.allowance import QUIET_SETTLE_S
 from shared.limits.leases import LeaseState
@@ -65,18 +66,6 @@ class Interleaving(MemoryLedgerStore):
 def gateways(store: MemoryLedgerStore, clock: FakeClock, count: int) -> list[TokenLimiter]:
     return [TokenLimiter(store, clock, NullTelemetry(), background=False, instance_count=count, instance_id=f"i{i}")
             for i in range(count)]
-
-
-def worst_minute(admissions: list[tuple[float, int]]) -> int:
-    admissions = sorted(admissions)
-    worst = total = j = 0
-    for t, tokens in admissions:
-        total += tokens
-        while admissions[j][0] <= t - 60:
-            total -= admissions[j][1]
-            j += 1
-        worst = max(worst, total)
-    return worst
 
 
 class Traffic:
@@ -162,9 +151,9 @@ async def test_many_instances_claiming_at_once_for_one_quiet_consumer_never_exce
     assert sum(lim.closes_unwritten for lim in lims) > 20  # the quiet path ran
     assert store.conflicts > 20  # and claims raced (lost writes are re-read and written again)
     assert traffic.refused > 0  # demand went past the limit
-    assert worst_minute(traffic.admissions) <= limit
+    assert most_in_any_window(traffic.admissions) <= limit
     # Held tokens do not starve it: in its busiest minute it got most of its limit.
-    assert worst_minute(traffic.admissions) >= 0.8 * limit
+    assert most_in_any_window(traffic.admissions) >= 0.8 * limit
 
 
 async def test_a_quiet_consumer_who_turns_busy_keeps_to_its_limit_and_gets_it() -> None:
@@ -184,7 +173,7 @@ async def test_a_quiet_consumer_who_turns_busy_keeps_to_its_limit_and_gets_it() 
     await traffic.drain()
     quiet = sum(lim.closes_unwritten for lim in lims)
     assert quiet > 30
-    assert worst_minute(traffic.admissions) <= limit
+    assert most_in_any_window(traffic.admissions) <= limit
     for start in (busy_at + 60, busy_at + 120):  # once busy, it gets (nearly) its whole limit each minute
         got = sum(a for t, a in traffic.admissions if T0 + start <= t < T0 + start + 60)
         assert got >= 0.9 * limit, (start, got)

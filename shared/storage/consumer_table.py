@@ -447,14 +447,7 @@ class TableConsumerStore:
         except ResourceNotFoundError:
             before = set()
         await self._write_index(consumer)
-        entity = consumer_to_entity(consumer)
-        if if_match is None:
-            await self._tables.call("consumers", lambda t: t.upsert_entity(entity, mode=UpdateMode.REPLACE))
-        else:
-            try:
-                await self._tables.call("consumers", replace_if_unchanged(entity, if_match))
-            except ResourceNotFoundError:
-                raise Conflict("the consumer was deleted meanwhile") from None
+        await self._put(consumer_to_entity(consumer), if_match, "consumer")
         await self._drop_index({h for h in before if h} - {consumer.key_hash, consumer.previous_key_hash or ""})
         await self._mark_changed([(CONSUMER, consumer.id)])
 
@@ -530,15 +523,19 @@ class TableConsumerStore:
         etag = entity_etag(entity)
         return None if etag is None else (team_from_entity(dict(entity)), etag)
 
-    async def put_team(self, team: Team, if_match: str | None = None) -> None:
-        entity = team_to_entity(team)
+    async def _put(self, entity: dict[str, Any], if_match: str | None, what: str) -> None:
+        """Replace a consumer's or team's row: whatever is there, or with `if_match` only that version (Conflict when
+        another write, or a deletion, came in between)."""
         if if_match is None:
             await self._tables.call("consumers", lambda t: t.upsert_entity(entity, mode=UpdateMode.REPLACE))
-        else:
-            try:
-                await self._tables.call("consumers", replace_if_unchanged(entity, if_match))
-            except ResourceNotFoundError:
-                raise Conflict("the team was deleted meanwhile") from None
+            return
+        try:
+            await self._tables.call("consumers", replace_if_unchanged(entity, if_match))
+        except ResourceNotFoundError:
+            raise Conflict(f"the {what} was deleted meanwhile") from None
+
+    async def put_team(self, team: Team, if_match: str | None = None) -> None:
+        await self._put(team_to_entity(team), if_match, "team")
         await self._mark_changed([(TEAM, team.id)])
 
     async def create_team(self, team: Team) -> None:
