@@ -198,6 +198,9 @@ LEASE_PROPERTY = "leases"
 def lease_properties(leases: Mapping[str, Lease]) -> dict[str, str]:
     """The leases as one or more string properties, each under LEASE_PROPERTY_CHARS: `leases`, then `leases_1`...
     (the first always present, so a ledger without leases still says so)."""
+    whole = orjson.dumps({k: [lease.tokens, lease.expires_ms, lease.quota_tokens] for k, lease in leases.items()}).decode()
+    if len(whole) <= LEASE_PROPERTY_CHARS:
+        return {LEASE_PROPERTY: whole}  # the usual case, one property: one encoding, as before
     parts: list[str] = []
     entries: list[str] = []
     size = 2
