@@ -84,6 +84,8 @@ class Instance:
 
     def __init__(self, i: int, n: int, clock: SimClock, stores: Stores) -> None:
         self.name = f"i{i}"
+        if isinstance(stores.breakers, SimBreakerStore):  # each instance's own store (its read schedule), one table
+            stores = replace(stores, breakers=stores.breakers.another(i))
         built = wiring.build(Settings(backends=BACKENDS, instance_count=n), stores, clock, NullTelemetry(),
                              instance=self.name)
         self.limiter = built.limiter
@@ -324,6 +326,8 @@ async def trip(n: int, loop: VirtualLoop, seed: int, warm_s: float = TRIP_WARM_S
         "trip_reaches_all_s": None if trip_all is None else round(trip_all, 2),
         "ptu_429_reaches_all_s": None if ptu_all is None else round(ptu_all, 2),
         "breakers_partition_peak_per_s": c.partition_group_peak("breakers", 0),
+        "breakers_partition_steady_peak_per_s": c.partition_group_peak("breakers", steady_from),
+        "breakers_busy_503": sum(v for p, v in c.busy_by_partition.items() if p.startswith("breakers")),
         # The per-instance rows (one partition), and the summary row of the PTU deployment (a partition of its own).
         "capacity_partition_peak_per_s": c.partition_peak("capacity", steady_from),
         "capacity_partition_start_peak_per_s": c.partition_peak("capacity", 0),

@@ -26,11 +26,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from shared.storage.memory import MemoryBreakerStore, MemoryCapacityStore, MemoryConsumerStore, MemoryLedgerStore
+from shared.storage.breaker_table import TableBreakerStore
+from shared.storage.memory import MemoryCapacityStore, MemoryConsumerStore, MemoryLedgerStore
 from shared.storage.protocols import Conflict, StoreBusy, StoreUnavailable
 
 if TYPE_CHECKING:
-    from shared.records.breaker import BreakerRecord
     from shared.records.capacity import CapacityReport, CapacitySummary
     from shared.records.consumer_feed import ChangeFeed
     from shared.records.consumers import Consumer, Team
@@ -223,22 +223,54 @@ class SimLedgerStore:
                                 lambda: self.twin.write(consumer_id, row, etag))
 
 
-class SimBreakerStore:
-    """BreakerStore: one partition, one row per backend and deployment; a save is a read and a conditional write."""
+class SimBreakerTable:
+    """The breaker store's table (shared/storage/breaker_table.py's BreakerTable): queries, point reads and ETag
+    writes of rows, each partition `breakers/<partition>` of the account. The store itself is the real one."""
 
     def __init__(self, account: SimAccount) -> None:
         self._a = account
-        self.twin = MemoryBreakerStore()
+        self.rows: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}
+        self._version = 0
 
-    async def load(self) -> list[BreakerRecord]:
-        return await self._a.op("breakers.load", "breakers", self.twin.load, entities=len(self.twin.records))
+    async def query(self, partition: str) -> list[dict[str, Any]]:
+        found = [dict(e) for (p, _), (e, _) in self.rows.items() if p == partition]
 
-    async def save(self, record: BreakerRecord) -> None:
-        async def nothing() -> None:
-            return None
+        async def answer() -> list[dict[str, Any]]:
+            return found
 
-        await self._a.op("breakers.read", "breakers", nothing)
-        await self._a.op("breakers.write", "breakers", lambda: self.twin.save(record))
+        return await self._a.op("breakers.query", f"breakers/{partition}", answer, entities=len(found))
+
+    async def read(self, partition: str, row: str) -> tuple[dict[str, Any] | None, str | None]:
+        async def answer() -> tuple[dict[str, Any] | None, str | None]:
+            found = self.rows.get((partition, row))
+            return (dict(found[0]), found[1]) if found else (None, None)
+
+        return await self._a.op("breakers.read", f"breakers/{partition}", answer)
+
+    async def write(self, entity: dict[str, Any], etag: str | None) -> None:
+        key = (str(entity["PartitionKey"]), str(entity["RowKey"]))
+
+        async def apply() -> None:
+            current = self.rows.get(key)
+            if (etag is None) != (current is None) or (current is not None and current[1] != etag):
+                raise Conflict("412" if etag else "409")
+            self._version += 1
+            self.rows[key] = (dict(entity), f"v{self._version}")
+
+        await self._a.op("breakers.write", f"breakers/{key[0]}", apply)
+
+
+class SimBreakerStore(TableBreakerStore):
+    """The real breaker store (one per instance: it keeps its own read schedule) over the simulated account's table."""
+
+    def __init__(self, account: SimAccount, seed: int = 0, table: SimBreakerTable | None = None) -> None:
+        self.account = account
+        self.table = table or SimBreakerTable(account)
+        super().__init__(self.table, random.Random(seed))
+
+    def another(self, seed: int) -> SimBreakerStore:
+        """Another instance's store over the same table."""
+        return SimBreakerStore(self.account, seed, self.table)
 
 
 class SimCapacityStore:

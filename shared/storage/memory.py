@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from shared.records.breaker import is_news
 from shared.records.consumer_feed import CONSUMER, TEAM, ChangeFeed, appended, parse, parse_marker
 from shared.storage.protocols import Conflict, StoreUnavailable
 
@@ -222,8 +223,7 @@ class MemoryBreakerStore(_Switch):
         self._check()
         self.saves += 1
         key = f"{record.backend_id}|{record.deployment}"
-        current = self.records.get(key)
-        if current is None or current.since < record.since:  # as the table store: an older transition never wins
+        if is_news(self.records.get(key), record):  # as the table store: an older transition never wins
             self.records[key] = record
 
 
