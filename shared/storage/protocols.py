@@ -126,7 +126,7 @@ class BreakerStore(Protocol):
         ...
 
     async def save(self, record: BreakerRecord) -> None:
-        """Share a transition unless a newer one (by `since`) is shared already."""
+        """Share a transition if it is news (records/breaker.is_news): never over a newer one (by `since`)."""
         ...
 
 
