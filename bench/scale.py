@@ -36,7 +36,9 @@ from typing import Any, cast
 
 from bench.figures import most_in_any_window, percentile
 from bench.harness import machine, save, stamp, update_doc
+from bench.oracle import LedgerOracle
 from bench.simtable import (
+    T0,
     SimAccount,
     SimBreakerStore,
     SimCapacityStore,
@@ -82,7 +84,7 @@ CHANGE_STEP_S = 0.2  # each instance's requests (each runs the directory's check
 class Instance:
     """One gateway instance, built as shared/app.py builds a worker (shared/wiring.py) over the simulated stores."""
 
-    def __init__(self, i: int, n: int, clock: SimClock, stores: Stores) -> None:
+    def __init__(self, i: int, n: int, clock: SimClock, stores: Stores, seed: int = 0) -> None:
         self.name = f"i{i}"
         if isinstance(stores.breakers, SimBreakerStore):  # each instance's own store (its read schedule), one table
             stores = replace(stores, breakers=stores.breakers.another(i))
@@ -91,6 +93,10 @@ class Instance:
         self.limiter = built.limiter
         self.router = built.services.router
         self.directory = built.services.consumers
+        # Every source of jitter in the instance from the run's seed: a run (a failing one above all) replays exactly.
+        self.limiter.rng = random.Random(f"{seed}:{i}:limiter")
+        self.directory._rng = random.Random(f"{seed}:{i}:directory")
+        self.router.capacity._rng = random.Random(f"{seed}:{i}:capacity")
 
     async def close(self) -> None:
         await self.router.close()
@@ -113,7 +119,7 @@ def start(loop: VirtualLoop, inst: Instance, rng: random.Random) -> None:
 
 
 async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoop, seed: int,
-                  ledger_accounts: int = 1) -> dict[str, Any]:
+                  ledger_accounts: int = 1, oracle: bool = False) -> dict[str, Any]:
     account = SimAccount(seed)
     shards = [SimAccount(seed + 1 + k) for k in range(ledger_accounts)] if ledger_accounts > 1 else []
     accounts = [account, *shards]
@@ -132,7 +138,14 @@ async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoo
     for c in consumers:
         cast(SimConsumerStore, stores.consumers).twin._store(c)
     keys = [f"k-{c.id}" for c in consumers]
-    instances = [Instance(i, n, clock, stores) for i in range(n)]
+    checker = LedgerOracle(consumers[0].id, limit, T0) if oracle and shape == "one" and not shards else None
+    if checker is not None:  # each instance its own view of the ledger store, so that the oracle knows who wrote
+        twin = cast(SimLedgerStore, stores.ledger).twin
+        instances = [Instance(i, n, clock, replace(stores, ledger=SimLedgerStore(account, twin, f"i{i}",
+                                                                                 checker.written)), seed)
+                     for i in range(n)]
+    else:
+        instances = [Instance(i, n, clock, stores, seed) for i in range(n)]
     # Warm instances: each loaded the listing before the measured period, unmetered (N instances starting at once
     # would read N x C consumer rows from one partition: N x C / 2,000 s, the arithmetic in docs/scale.md).
     account.metered = False
@@ -173,6 +186,9 @@ async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoo
         results["admitted"] += 1
         used = rng.randint(150, 300)
         admitted[consumer.id].append((loop.time(), used))
+        if checker is not None:
+            lease = getattr(ticket, "_lease", None)
+            checker.admitted(inst.name, loop.time(), used, lease.id if lease else "-", bool(lease and lease.quiet))
 
         def settle() -> None:
             ticket.settle(used)
@@ -224,6 +240,8 @@ async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoo
         "admission_p50_ms": round(percentile(latencies, 0.5) * 1000, 2),
         "admission_p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
     }
+    if checker is not None:
+        figures["oracle"] = checker.report()
     if shape == "one":
         # Full minutes once the window is full (from 60 s on: before, nothing has aged out), counted when each
         # request's usage is known (settled), as bench.limits counts responses. (The minute right after the window
@@ -289,7 +307,7 @@ async def trip(n: int, loop: VirtualLoop, seed: int, warm_s: float = TRIP_WARM_S
     account = SimAccount(seed)
     clock = SimClock(loop)
     stores = sim_stores(account)
-    instances = [Instance(i, n, clock, stores) for i in range(n)]
+    instances = [Instance(i, n, clock, stores, seed) for i in range(n)]
     rng = random.Random(seed)
     for inst in instances:
         start(loop, inst, rng)
@@ -355,7 +373,7 @@ async def change(count: int, n: int, loop: VirtualLoop, seed: int, more: int = 0
     for k in range(count):
         store.twin._store(Consumer(id=f"c{k}", name=f"c{k}", key_hash=hash_key(f"k-c{k}"), key_prefix="gw-x",
                                    limits=Limits(tokens_per_minute=100_000)))
-    instances = [Instance(i, n, clock, stores) for i in range(n)]
+    instances = [Instance(i, n, clock, stores, seed) for i in range(n)]
     for i, inst in enumerate(instances):
         inst.directory._rng = random.Random(seed * 1_000 + i)  # its jitter, repeatable
     account.metered = False
@@ -437,13 +455,13 @@ async def change(count: int, n: int, loop: VirtualLoop, seed: int, more: int = 0
 
 
 def run_shape(shape: str, rps: int, n: int, seconds: float, seed: int, trip_warm_s: float = TRIP_WARM_S,
-              ledger_accounts: int = 1) -> dict[str, Any]:
+              ledger_accounts: int = 1, oracle: bool = False) -> dict[str, Any]:
     loop = VirtualLoop()
     started = time.monotonic()
     try:
         coro = (trip(n, loop, seed, trip_warm_s) if shape == "trip" else change(rps, n, loop, seed) if shape == "change"
                 else change(rps, n, loop, seed, more=98) if shape == "burst"
-                else traffic(shape, rps, n, seconds, loop, seed, ledger_accounts))
+                else traffic(shape, rps, n, seconds, loop, seed, ledger_accounts, oracle))
         figures = loop.run_until_complete(coro)
     finally:
         for task in asyncio.all_tasks(loop):

@@ -208,19 +208,35 @@ class SimAccount:
         return result
 
 
-class SimLedgerStore:
-    """LedgerStore: one entity per ledger, partition = the ledger's key (as ledger_table.py)."""
+# Told of every ledger write stored: (writer, ledger key, the row before, the row written, simulated time).
+WriteObserver = Callable[[str, str, "Mapping[str, object] | None", "Mapping[str, object]", float], None]
 
-    def __init__(self, account: SimAccount) -> None:
+
+class SimLedgerStore:
+    """LedgerStore: one entity per ledger, partition = the ledger's key (as ledger_table.py). `writer` and `observer`
+    (optional): each instance may get its own view of one shared store (`twin`), so that an observer (the bench's
+    oracle) learns who wrote what."""
+
+    def __init__(self, account: SimAccount, twin: MemoryLedgerStore | None = None, writer: str = "",
+                 observer: WriteObserver | None = None) -> None:
         self._a = account
-        self.twin = MemoryLedgerStore()
+        self.twin = twin if twin is not None else MemoryLedgerStore()
+        self._writer = writer
+        self._observer = observer
 
     async def read(self, consumer_id: str) -> tuple[dict[str, object] | None, str | None]:
         return await self._a.op("ledger.read", f"ledger/{consumer_id}", lambda: self.twin.read(consumer_id))
 
     async def write(self, consumer_id: str, row: Mapping[str, object], etag: str | None) -> str:
-        return await self._a.op("ledger.write", f"ledger/{consumer_id}",
-                                lambda: self.twin.write(consumer_id, row, etag))
+        return await self._a.op("ledger.write", f"ledger/{consumer_id}", lambda: self._write(consumer_id, row, etag))
+
+    async def _write(self, consumer_id: str, row: Mapping[str, object], etag: str | None) -> str:
+        stored = self.twin.ledgers.get(consumer_id)
+        new_etag = await self.twin.write(consumer_id, row, etag)
+        if self._observer is not None:
+            self._observer(self._writer, consumer_id, stored[0] if stored else None, row,
+                           asyncio.get_running_loop().time())
+        return new_etag
 
 
 class SimBreakerTable:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -96,8 +97,10 @@ class LedgerState:
     refunded: bool = False
     noted: Scopes | None = None  # the scopes last noted, and when: the same ones again within a second change nothing
     noted_mono: float = -1e18
+    asked_mono: float = 0.0  # the last request for this ledger here (admitted or not)
 
     def note(self, scopes: Scopes, reserve: int, mono: float, user_tpm: int = 0) -> None:
+        self.asked_mono = mono
         if scopes is self.noted and mono - self.noted_mono < 1.0 and (not user_tpm or user_tpm == self.user_tpm):
             # Same limits as a moment ago (the limiter hands out one Scopes per consumer object): only the pace moves.
             # A scope's last use is then at most a second old, against the minute after which it is forgotten.
@@ -238,6 +241,8 @@ class _Write:
         self._need_scopes = need_scopes
         self._claim_new = claim_new
         self._releasing = releasing
+        # Numbered when the write is made, not when it is stored: a lease id is never claimed twice by this instance,
+        # whatever writes are in flight together (a claim under an id already in the ledger replaces that lease's hold).
         self.lease_id = f"{limiter._instance}:{limiter._lease_seq + 1}"
         self.quota = budget.quota
         self.wants: dict[str, int] = {}
@@ -330,8 +335,12 @@ class TokenLimiter:
         store_retry_s: float = 1.0,
         background: bool = True,
         end_users_max: int = 20_000,
+        rng: random.Random | None = None,
     ) -> None:
         self._store = store
+        # The lost-race and ServerBusy pauses' jitter (ledger_copy.py, backoff.py): one source per instance, so that a
+        # simulation seeded from its run's seed (bench.scale) replays a run exactly.
+        self.rng = rng if rng is not None else random.Random()
         self._clock = clock
         self._telemetry = telemetry
         self._lifetime_s = lease_lifetime_s
@@ -439,7 +448,7 @@ class TokenLimiter:
                     # idle ones are forgotten (a minute without requests).
                     raise refusals.rate_limited(max(level.scopes.limits.values(), default=0), WINDOW_MS)
                 self._end_users += 1
-            budget = self._budgets[level.key] = LedgerState(level.key, level.kind, self._account(level.key))
+            budget = self._budgets[level.key] = self._new_state(level.key, level.kind)
             self._start_ticker()
         budget.note(scopes, reserve, self._clock.monotonic(), level.user_tpm)
         user = level.user
@@ -483,6 +492,9 @@ class TokenLimiter:
         refusal = blocked[1] if blocked else Refusal(CONSUMER_SCOPE, 1000)
         return_at = blocked[0] if blocked else now + 1
         raise self._refused(budget, scopes, refusal, return_at, now, reserve)
+
+    def _new_state(self, key: str, kind: str) -> LedgerState:
+        return LedgerState(key, kind, self._account(key), copy=LedgerCopy(rng=self.rng), backoff=BusyBackoff(rng=self.rng))
 
     def _account(self, key: str) -> int:
         return self._sharded.account(key) if self._sharded is not None else 0
@@ -617,7 +629,7 @@ class TokenLimiter:
         budget = self._budgets.get(place.ledger)
         if budget is None:
             kind = TEAM if place.ledger.startswith("team|") else USER if place.ledger.startswith("user|") else CONSUMER
-            budget = self._budgets[place.ledger] = LedgerState(place.ledger, kind, self._account(place.ledger))
+            budget = self._budgets[place.ledger] = self._new_state(place.ledger, kind)
             if kind == USER:
                 self._end_users += 1
             self._start_ticker()
@@ -852,8 +864,7 @@ class TokenLimiter:
                 bool(held.pending) and mono - held.pending_since > PENDING_GRACE_S * budget.spread
             )
             if not (renew or flush):
-                if (lease is None and idle and mono - budget.pace.last_admit_mono > WINDOW_MS / 1000
-                        and not held.pending and held.closing is None):
+                if self._forgettable(budget, mono):
                     del self._budgets[consumer_id]
                     self._end_users -= budget.kind == USER
                 continue
@@ -863,6 +874,18 @@ class TokenLimiter:
                                                   flush_only=not renew))
         if syncs:
             await asyncio.gather(*syncs, return_exceptions=True)
+
+    @staticmethod
+    def _forgettable(budget: LedgerState, mono: float) -> bool:
+        """Whether this instance may forget the ledger's state: nothing held or unwritten, no request waiting for it
+        and none for a minute. A request on the slow path holds the state between its claims; forgotten then, its
+        claim would make a lease the next request's new state knows nothing of (issue 32: two states of one ledger
+        on an instance, their claims under one lease id, the second replacing the first's hold while it admitted).
+        A consumer never admitted here has no admission time: its last request counts."""
+        held = budget.held
+        last = max(budget.pace.last_admit_mono, budget.asked_mono, budget.last_sync_mono)
+        return (held.current is None and held.closing is None and not held.pending
+                and mono - budget.pace.last_admit_mono > WINDOW_MS / 1000)
 
     def _close_unwritten(self, budget: LedgerState) -> bool:
         """Close a quiet lease without a write when its hold in the ledger covers what it admitted (leases.py,
