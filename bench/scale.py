@@ -84,7 +84,8 @@ CHANGE_STEP_S = 0.2  # each instance's requests (each runs the directory's check
 class Instance:
     """One gateway instance, built as shared/app.py builds a worker (shared/wiring.py) over the simulated stores."""
 
-    def __init__(self, i: int, n: int, clock: SimClock, stores: Stores, seed: int = 0) -> None:
+    def __init__(self, i: int, n: int, clock: SimClock, stores: Stores, seed: int = 0, max_claims: int | None = None
+                 ) -> None:
         self.name = f"i{i}"
         if isinstance(stores.breakers, SimBreakerStore):  # each instance's own store (its read schedule), one table
             stores = replace(stores, breakers=stores.breakers.another(i))
@@ -97,6 +98,8 @@ class Instance:
         self.limiter.rng = random.Random(f"{seed}:{i}:limiter")
         self.directory._rng = random.Random(f"{seed}:{i}:directory")
         self.router.capacity._rng = random.Random(f"{seed}:{i}:capacity")
+        if max_claims is not None:
+            self.limiter.max_claims = max_claims
 
     async def close(self) -> None:
         await self.router.close()
@@ -119,7 +122,7 @@ def start(loop: VirtualLoop, inst: Instance, rng: random.Random) -> None:
 
 
 async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoop, seed: int,
-                  ledger_accounts: int = 1, oracle: bool = False) -> dict[str, Any]:
+                  ledger_accounts: int = 1, oracle: bool = False, max_claims: int | None = None) -> dict[str, Any]:
     account = SimAccount(seed)
     shards = [SimAccount(seed + 1 + k) for k in range(ledger_accounts)] if ledger_accounts > 1 else []
     accounts = [account, *shards]
@@ -142,10 +145,10 @@ async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoo
     if checker is not None:  # each instance its own view of the ledger store, so that the oracle knows who wrote
         twin = cast(SimLedgerStore, stores.ledger).twin
         instances = [Instance(i, n, clock, replace(stores, ledger=SimLedgerStore(account, twin, f"i{i}",
-                                                                                 checker.written)), seed)
+                                                                                 checker.written)), seed, max_claims)
                      for i in range(n)]
     else:
-        instances = [Instance(i, n, clock, stores, seed) for i in range(n)]
+        instances = [Instance(i, n, clock, stores, seed, max_claims) for i in range(n)]
     # Warm instances: each loaded the listing before the measured period, unmetered (N instances starting at once
     # would read N x C consumer rows from one partition: N x C / 2,000 s, the arithmetic in docs/scale.md).
     account.metered = False
@@ -455,13 +458,13 @@ async def change(count: int, n: int, loop: VirtualLoop, seed: int, more: int = 0
 
 
 def run_shape(shape: str, rps: int, n: int, seconds: float, seed: int, trip_warm_s: float = TRIP_WARM_S,
-              ledger_accounts: int = 1, oracle: bool = False) -> dict[str, Any]:
+              ledger_accounts: int = 1, oracle: bool = False, max_claims: int | None = None) -> dict[str, Any]:
     loop = VirtualLoop()
     started = time.monotonic()
     try:
         coro = (trip(n, loop, seed, trip_warm_s) if shape == "trip" else change(rps, n, loop, seed) if shape == "change"
                 else change(rps, n, loop, seed, more=98) if shape == "burst"
-                else traffic(shape, rps, n, seconds, loop, seed, ledger_accounts, oracle))
+                else traffic(shape, rps, n, seconds, loop, seed, ledger_accounts, oracle, max_claims))
         figures = loop.run_until_complete(coro)
     finally:
         for task in asyncio.all_tasks(loop):
@@ -480,6 +483,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trip-warm", type=float, default=TRIP_WARM_S,
                         help="simulated seconds the trip shape waits before the trip (N instances start at once)")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--seed", type=int, default=7, help="the run's seed (every instance's jitter is drawn from it)")
+    parser.add_argument("--oracle", action="store_true",
+                        help="check every admission against every ledger write (shape one, one ledger account)")
+    parser.add_argument("--max-claims", type=int, default=None,
+                        help="claims a request may wait for (the limiter's MAX_CLAIMS_PER_REQUEST unless given)")
     parser.add_argument("--ledger-accounts", type=int, default=1,
                         help="storage accounts the ledgers are spread over (GATEWAY_LEDGER_ACCOUNTS), each simulated")
     args = parser.parse_args(argv)
@@ -490,8 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": machine(), "date": stamp(), "seconds": args.seconds,
                                "quick": args.quick, "runs": []}
     for shape, rps, n in shapes:
-        figures = run_shape(shape, rps, n, min(args.seconds, SECONDS_CAP.get(rps, args.seconds)), seed=7,
-                            trip_warm_s=args.trip_warm, ledger_accounts=args.ledger_accounts)
+        figures = run_shape(shape, rps, n, min(args.seconds, SECONDS_CAP.get(rps, args.seconds)), seed=args.seed,
+                            trip_warm_s=args.trip_warm, ledger_accounts=args.ledger_accounts, oracle=args.oracle,
+                            max_claims=args.max_claims)
         results["runs"].append(figures)
         print(json.dumps(figures), flush=True)
     save("scale", results)

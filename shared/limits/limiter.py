@@ -243,7 +243,8 @@ class _Write:
         self._releasing = releasing
         # Numbered when the write is made, not when it is stored: a lease id is never claimed twice by this instance,
         # whatever writes are in flight together (a claim under an id already in the ledger replaces that lease's hold).
-        self.lease_id = f"{limiter._instance}:{limiter._lease_seq + 1}"
+        limiter._lease_seq += 1
+        self.lease_id = f"{limiter._instance}:{limiter._lease_seq}"
         self.quota = budget.quota
         self.wants: dict[str, int] = {}
         self.grant: Grant | None = None
@@ -341,6 +342,7 @@ class TokenLimiter:
         # The lost-race and ServerBusy pauses' jitter (ledger_copy.py, backoff.py): one source per instance, so that a
         # simulation seeded from its run's seed (bench.scale) replays a run exactly.
         self.rng = rng if rng is not None else random.Random()
+        self.max_claims = MAX_CLAIMS_PER_REQUEST  # claims one request may wait for (a bench may try fewer)
         self._clock = clock
         self._telemetry = telemetry
         self._lifetime_s = lease_lifetime_s
@@ -462,7 +464,7 @@ class TokenLimiter:
         # store keeps failing), never because other waiters took the tokens first.
         budget.pace.waiting += 1
         try:
-            for _ in range(MAX_CLAIMS_PER_REQUEST):
+            for _ in range(self.max_claims):
                 now = self._clock.now()
                 if budget.fallback.active(now) or self._store_down(budget) > now:
                     return self._admit_degraded(budget, scopes, reserve, user)
@@ -796,7 +798,6 @@ class TokenLimiter:
             budget.spread = write.lifetime_s / self._lifetime_s
             budget.pace.claimed(write.wants, grant, budget.limits, now, budget.spread)
             if grant.tokens:
-                self._lease_seq += 1
                 lifetime_s = plan.lifetime_s if plan is not None else write.lifetime_s
                 quota = write.quota
                 budget.held.current = LeaseState(
@@ -884,8 +885,8 @@ class TokenLimiter:
         A consumer never admitted here has no admission time: its last request counts."""
         held = budget.held
         last = max(budget.pace.last_admit_mono, budget.asked_mono, budget.last_sync_mono)
-        return (held.current is None and held.closing is None and not held.pending
-                and mono - budget.pace.last_admit_mono > WINDOW_MS / 1000)
+        return (held.current is None and held.closing is None and not held.pending and budget.pace.waiting == 0
+                and not budget.syncing() and mono - last > WINDOW_MS / 1000)
 
     def _close_unwritten(self, budget: LedgerState) -> bool:
         """Close a quiet lease without a write when its hold in the ledger covers what it admitted (leases.py,
