@@ -484,3 +484,44 @@ async def test_a_slow_store_costs_the_first_request_after_an_idle_spell_a_bounde
     assert (await d.authenticate(keys[1])).id == "c1"  # served from the copy once the wait is over
     assert d._reloading is not None and not d._reloading.done()  # the check goes on, not cancelled
     d._reloading.cancel()
+
+
+async def test_requests_arriving_while_an_idle_instance_confirms_a_stale_copy_wait_for_it_too() -> None:
+    """bench.scale many:10000:256 answered 11 valid keys 503: an instance idle for longer than max_stale_s got several
+    requests at once; the first waited for the check it started, the others (the instance no longer looked idle: the
+    check had started) were judged by the stale copy while the check that would confirm it was in flight. Every
+    request that would be refused as stale waits for the check under way (at most CONFIRM_WAIT_S)."""
+    store, clock = Store(), FakeClock()
+    keys = fill(store, 10)
+    d = ConsumerDirectory(store, clock, refresh_s=3600, check_s=1.0, max_stale_s=300)  # many rows: a long period
+    await d.reload()
+    store.listings = 0
+    gate = asyncio.Event()
+    read = store.change_marker
+
+    async def slow() -> ChangeFeed:
+        await gate.wait()
+        return await read()
+
+    store.change_marker = slow  # type: ignore[method-assign]
+    clock.advance(d._max_stale_s + 10)  # idle for longer than the copy may be trusted unconfirmed
+    first = asyncio.create_task(d.authenticate(keys[1]))
+    await asyncio.sleep(0)
+    others = [asyncio.create_task(d.authenticate(k)) for k in keys[2:6]]
+    await asyncio.sleep(0)
+    gate.set()
+    assert [c.id for c in await asyncio.gather(first, *others)] == ["c1", "c2", "c3", "c4", "c5"]
+    assert store.listings == 0
+
+
+async def test_a_stale_copy_whose_check_fails_is_still_refused_with_503() -> None:
+    """The fix above waits for the check; it does not serve a copy the store has not confirmed (fail mode closed)."""
+    from shared.outcomes import AuthStoreUnavailable
+
+    store, clock = Store(), FakeClock()
+    keys = fill(store, 10)
+    [d] = await warm(store, clock)
+    store.unavailable = True
+    clock.advance(d._max_stale_s + 10)
+    results = await asyncio.gather(*(d.authenticate(k) for k in keys[:4]), return_exceptions=True)
+    assert all(isinstance(r, AuthStoreUnavailable) for r in results)

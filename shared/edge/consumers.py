@@ -294,10 +294,15 @@ class ConsumerDirectory:
         if self._loaded_at == float("-inf"):
             await self.reload()
             return
-        idle = self._clock.monotonic() - self._checked_at >= 2 * self._check_s
+        now = self._clock.monotonic()
+        idle = now - self._checked_at >= 2 * self._check_s
+        # A copy past max_stale_s would be refused: a request waits for the check under way even when another request
+        # started it (bench.scale many:10000:256 answered 11 valid keys 503 that way: an instance idle for minutes got
+        # several requests at once, and only the first waited for the check that confirmed its copy).
+        stale = now - self._fresh_at > self._max_stale_s
         self._reload_if_due()
         task = self._reloading
-        if idle and task is not None and not task.done():
+        if (idle or stale) and task is not None and not task.done():
             # shield: a request given up on does not cancel the check; wait_for: a slow store costs at most this
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(task), CONFIRM_WAIT_S)
