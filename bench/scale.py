@@ -13,6 +13,9 @@ Shapes:
   an admin disables one consumer and lowers another's limit: how long until every instance refuses the first key and
   sees the new limit, and how many consumer-partition entities the instances read for it. `burst`: the same with 98
   more consumers disabled at once (100 changes, what the feed holds), the last of them checked too.
+- `cold`: N instances starting at once with C consumers stored, each authenticating a valid key every 0.2 s from its
+  start: when every instance answers valid keys, what the listing's snapshot (written by a warm instance before, then
+  3 consumers changed) and the listing cost; `coldlist`: the same with the snapshot off (the listing, as before).
 - `trip`: N idle instances sharing state; one sees a backend refuse its credential (a trip) and a PTU's 429: how long
   until every instance has the trip and the PTU's instant.
 
@@ -457,12 +460,110 @@ async def change(count: int, n: int, loop: VirtualLoop, seed: int, more: int = 0
     }
 
 
+COLD_WAIT_S = 1800.0  # how long the cold shape waits for every instance to answer valid keys
+COLD_CHANGED = 3  # consumers changed after the snapshot was written (a cold instance reads them through the feed)
+
+
+async def cold(count: int, n: int, loop: VirtualLoop, seed: int, snapshot: bool = True) -> dict[str, Any]:
+    """N instances starting at once (within a second, as Flex Consumption scales out or a deploy restarts them) with
+    C consumers stored, each authenticating a valid key every 0.2 s from its start: when every instance answers valid
+    keys, what the listing and the snapshot cost the partitions and the account, and what valid keys got meanwhile.
+    With `snapshot`, a warm instance wrote the listing's snapshot before (then COLD_CHANGED consumers were changed);
+    without, the directories read the listing as before the snapshot (`coldlist`)."""
+    account = SimAccount(seed)
+    clock = SimClock(loop)
+    stores = sim_stores(account)
+    store = cast(SimConsumerStore, stores.consumers)
+    for k in range(count):
+        store.twin._store(Consumer(id=f"c{k}", name=f"c{k}", key_hash=hash_key(f"k-c{k}"), key_prefix="gw-x",
+                                   limits=Limits(tokens_per_minute=100_000)))
+    account.metered = False
+    if snapshot:
+        earlier = Instance(n, n, clock, stores)  # the fleet before the deploy: one listing, which writes the snapshot
+        await earlier.directory.reload()
+        if earlier.directory._writing is not None:
+            await earlier.directory._writing
+        ops = AdminOperations(store, None, clock)
+        for k in range(COLD_CHANGED):
+            await ops.change(f"c{k}", lambda c: replace(c, limits=replace(c.limits, tokens_per_minute=50_000),
+                                                        version=c.version + 1), Actor("bench"))
+    account.metered = True
+    instances = [Instance(i, n, clock, stores) for i in range(n)]
+    for i, inst in enumerate(instances):
+        inst.directory._rng = random.Random(seed * 1_000 + i)
+        inst.directory._snapshots = snapshot
+    rng = random.Random(seed)
+    t0 = loop.time()
+    ready: dict[int, float] = {}  # an instance's first answer to a valid key with no refusal of one after it
+    refused: dict[str, int] = {}
+    answered = 0
+    stop = False
+
+    async def drive(i: int, inst: Instance) -> None:
+        nonlocal answered
+        await asyncio.sleep(rng.uniform(0, 1.0))
+        start(loop, inst, rng)
+        while not stop:
+            k = rng.randrange(count)
+            try:
+                consumer = await inst.directory.authenticate(f"k-c{k}")
+                answered += 1
+                if k < COLD_CHANGED and snapshot and consumer.limits.tokens_per_minute != 50_000:
+                    refused["stale_limit"] = refused.get("stale_limit", 0) + 1  # a change lost: must stay 0
+                ready.setdefault(i, loop.time() - t0)
+            except Exception as exc:  # 401 (InvalidKey) or 503 (AuthStoreUnavailable) to a valid key
+                name = type(exc).__name__
+                refused[name] = refused.get(name, 0) + 1
+                ready.pop(i, None)
+            await asyncio.sleep(CHANGE_STEP_S)
+
+    drivers = [loop.create_task(drive(i, inst)) for i, inst in enumerate(instances)]
+    await asyncio.sleep(2.0)
+    for _ in range(int(COLD_WAIT_S / 0.5)):
+        if len(ready) == n:
+            break
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(5.0)  # and a few seconds more: nothing refused once every instance answers
+    stop = True
+    await asyncio.gather(*drivers, return_exceptions=True)
+    for inst in instances:
+        await inst.close()
+    c = account.counts
+    kinds = {k: v for k, v in c.by_kind.items() if v}
+    listing = sum(e for (p, _), e in c.per_partition_second.items() if p == "consumer")
+    snap = sum(e for (p, _), e in c.per_partition_second.items() if p.startswith("snapshot"))
+    times = sorted(ready.values())
+    return {
+        "shape": "cold" if snapshot else "coldlist", "rps": count, "instances": n,
+        "all_answer_s": round(max(times), 2) if len(ready) == n else None,
+        "instances_answering": len(ready),
+        "half_answer_s": round(times[len(times) // 2], 2) if times else None,
+        "valid_keys_answered": answered,
+        "valid_keys_refused": refused,
+        "listing_entities_read": listing,
+        "snapshot_reads": kinds.get("consumers.snapshot_chunk", 0) + kinds.get("consumers.snapshot_head", 0),
+        "snapshot_kib_read": snap,
+        "consumer_partition_peak_per_s": c.partition_group_peak("consumer", 0),
+        "snapshot_partition_peak_per_s": c.partition_group_peak("snapshot", 0),
+        "account_peak_per_s": c.peak_account_per_s(0),
+        "server_busy_503": c.busy,
+        "busy_by_partition": {p: v for p, v in sorted(c.busy_by_partition.items()) if v},
+        "snapshot_loads": sum(i.directory.snapshot_loads for i in instances),
+        "snapshot_fallbacks": sum(i.directory.snapshot_fallbacks for i in instances),
+        "snapshot_writes": sum(i.directory.snapshot_writes for i in instances),
+        "consumer_reload_failures": sum(i.directory.reload_failures for i in instances),
+        "ops_by_kind": kinds,
+        "seconds": round(loop.time() - t0, 1),
+    }
+
+
 def run_shape(shape: str, rps: int, n: int, seconds: float, seed: int, trip_warm_s: float = TRIP_WARM_S,
               ledger_accounts: int = 1, oracle: bool = False, max_claims: int | None = None) -> dict[str, Any]:
     loop = VirtualLoop()
     started = time.monotonic()
     try:
         coro = (trip(n, loop, seed, trip_warm_s) if shape == "trip" else change(rps, n, loop, seed) if shape == "change"
+                else cold(rps, n, loop, seed, snapshot=shape == "cold") if shape in ("cold", "coldlist")
                 else change(rps, n, loop, seed, more=98) if shape == "burst"
                 else traffic(shape, rps, n, seconds, loop, seed, ledger_accounts, oracle, max_claims))
         figures = loop.run_until_complete(coro)
@@ -538,7 +639,7 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
-        if r["shape"] in ("trip", "change", "burst"):
+        if r["shape"] in ("trip", "change", "burst", "cold", "coldlist"):  # cold: printed lines only (benchmarks.md)
             continue
         lines.append(
             f"| {r['shape']}{_accounts(r)} | {r['rps']:,} | {r['instances']} | {r['seconds']:g} | {r['admitted']:,} / {r['refused_429']:,} / "

@@ -73,3 +73,15 @@ def test_256_instances_starting_with_two_claims_a_request_leave_no_admission_unc
     assert oracle["first_deficit"] is None, oracle.get("history")
     assert oracle["foreign_lease_changes"] == []
     assert figures["tokens_over_limit_in_any_60s"] == 0
+
+
+def test_instances_starting_cold_read_the_snapshot_not_the_listing_and_refuse_no_valid_key() -> None:
+    """bench.scale `cold`: N instances starting at once, each answering valid keys from its start. With the snapshot a
+    few entities each (and the rows changed after it, a point read each), no listing page; `coldlist` (as before the
+    snapshot) reads the listing on every instance."""
+    after = run_shape("cold", 3_000, 8, 0.0, seed=3)
+    assert after["all_answer_s"] is not None and after["instances_answering"] == 8
+    assert after["valid_keys_refused"] == {} and after["snapshot_loads"] == 8 and after["snapshot_fallbacks"] == 0
+    assert after["ops_by_kind"].get("consumers.list", 0) == 0 and after["listing_entities_read"] <= 8 * 3
+    before = run_shape("coldlist", 3_000, 8, 0.0, seed=3)
+    assert before["listing_entities_read"] >= 8 * 3_000 and before["snapshot_loads"] == 0

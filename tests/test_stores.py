@@ -642,3 +642,112 @@ async def test_change_row_loses_no_change_among_many_writers_and_gives_up_only_a
     finally:
         await tables.close()
         await other.close()
+
+
+# ---- the consumer listing's snapshot (issue 32) ----------------------------------------------------------------------
+
+
+async def _raw_put(store: Any, partition: str, row: str, props: dict[str, Any]) -> None:
+    """Overwrite one snapshot row as a corrupting writer would (bypassing the store's own writes)."""
+    if isinstance(store, memory.MemoryConsumerStore):
+        current = store.snapshot_rows.get((partition, row), {})
+        store.snapshot_rows[(partition, row)] = {**current, **props}
+        return
+    entity = {"PartitionKey": partition, "RowKey": row, **props}
+    await store._tables.call("consumers", lambda t: t.upsert_entity(entity, mode="merge"))
+
+
+async def _filled(store: Any, count: int) -> list[str]:
+    from shared.edge.consumers import new_key
+
+    keys = [new_key() for _ in range(count)]
+    await store.create_many([consumer(f"s-{i}", key=k) for i, k in enumerate(keys)])
+    return keys
+
+
+async def test_a_listing_snapshot_is_written_in_chunks_and_read_back_as_the_listing(stores: Stores) -> None:
+    """About 2,000 consumers (random key hashes do not compress) span several chunks, each a binary property of a row
+    of its own partition; read back they are the listing, row for row. Replacing it deletes the chunks it replaced; a
+    writer on a stale ETag loses (Conflict) and leaves the snapshot as it was."""
+    from shared.records.consumer_snapshot import CHUNK_BYTES, SnapshotGone
+    from shared.records.consumers import Team
+
+    store: Any = stores.consumers
+    await _filled(store, 2_000)
+    await store.create_team(Team("t-1", "T", limits=Limits(tokens_per_minute=5)))
+    consumers, teams = await store.list_all()
+    assert await store.snapshot_head() == (None, None)
+    await store.write_snapshot(consumers, teams, "abc123", 7, 1_000.0, None, None)
+    head, etag = await store.snapshot_head()
+    assert head is not None and etag is not None and (head.epoch, head.seq, head.written_at) == ("abc123", 7, 1_000.0)
+    assert head.chunks > 3 and head.size > 3 * CHUNK_BYTES
+    back, back_teams = await store.read_snapshot(head)
+    assert sorted(back, key=lambda c: c.id) == sorted(consumers, key=lambda c: c.id) and back_teams == teams
+    with pytest.raises(Conflict):
+        await store.write_snapshot(consumers[:5], teams, "abc123", 9, 2_000.0, "W/\"datetime'2000-01-01T00%3A00%3A00Z'\"",
+                                   head)
+    assert (await store.snapshot_head())[0] == head
+    await store.write_snapshot(consumers[:5], [], "abc123", 9, 2_000.0, etag, head)
+    newer, _ = await store.snapshot_head()
+    assert newer is not None and newer.seq == 9 and newer.chunks == 1
+    assert [c.id for c in (await store.read_snapshot(newer))[0]] == [c.id for c in consumers[:5]]
+    with pytest.raises(SnapshotGone):  # the generation it replaced is deleted: a reader of the old head reads again
+        await store.read_snapshot(head)
+
+
+@pytest.mark.parametrize("damage", ["chunk", "oversized", "format", "epoch", "truncated"])
+async def test_a_cold_instance_reads_the_listing_when_the_snapshot_cannot_be_used(stores: Stores, damage: str) -> None:
+    """A corrupt chunk, a chunk larger than a chunk may be, another format, another epoch of the change feed, a head
+    promising more than the chunks hold: the cold instance reads the whole listing, and answers every key."""
+    from shared.clock import FakeClock
+    from shared.edge.consumers import ConsumerDirectory
+    from shared.records.consumer_snapshot import CHUNK_BYTES, CHUNK_PK, HEAD_PK, HEAD_RK
+
+    store: Any = stores.consumers
+    keys = await _filled(store, 30)
+    writer = ConsumerDirectory(store, FakeClock(), refresh_s=60)
+    await writer.reload()
+    assert writer._writing is not None
+    await writer._writing
+    head, _ = await store.snapshot_head()
+    assert head is not None and writer.snapshot_writes == 1
+    if damage == "chunk":
+        await _raw_put(store, CHUNK_PK.format(0), head.generation, {"data": b"x" * 100})
+    elif damage == "oversized":
+        await _raw_put(store, CHUNK_PK.format(0), head.generation, {"data": b"x" * (CHUNK_BYTES + 1)})
+    elif damage == "format":
+        await _raw_put(store, HEAD_PK, HEAD_RK, {"format": 99})
+    elif damage == "epoch":
+        await _raw_put(store, HEAD_PK, HEAD_RK, {"epoch": "0ddba11"})
+    else:
+        await _raw_put(store, HEAD_PK, HEAD_RK, {"size": head.size + 1})
+    cold = ConsumerDirectory(store, FakeClock(), refresh_s=60)
+    assert (await cold.authenticate(keys[3])).id == "s-3"
+    assert (cold.snapshot_loads, cold.snapshot_fallbacks) == (0, 1)
+    if cold._writing is not None:  # the listing it read replaces the unusable snapshot
+        await cold._writing
+    fixed, _ = await store.snapshot_head()
+    assert fixed is not None and fixed.generation != head.generation
+    again = ConsumerDirectory(store, FakeClock(), refresh_s=60)
+    assert (await again.authenticate(keys[4])).id == "s-4" and again.snapshot_loads == 1
+
+
+async def test_a_row_changed_between_the_snapshots_stamp_and_its_listing_is_replayed_from_the_feed(stores: Stores) -> None:
+    """The writer reads the marker, then the listing; a consumer disabled after the marker was read but before (or
+    while) the listing was read may be in the snapshot as it was: its feed entry is after the stamp, so a cold
+    instance reads its row before it answers, and refuses the key."""
+    from shared.clock import FakeClock
+    from shared.edge.consumers import ConsumerDirectory
+    from shared.outcomes import ConsumerDisabled
+
+    store: Any = stores.consumers
+    keys = await _filled(store, 20)
+    listing = await store.list_all()  # the listing as read before the change ...
+    stamp = await store.change_marker()
+    await store.put(replace((await store.get("s-5")), enabled=False))  # ... the change, recorded after the stamp
+    await store.write_snapshot(*listing, stamp.epoch, stamp.seq, 1_000.0, None, None)
+    cold = ConsumerDirectory(store, FakeClock(), refresh_s=60)
+    with pytest.raises(ConsumerDisabled):
+        await cold.authenticate(keys[5])
+    assert (await cold.authenticate(keys[6])).id == "s-6"
+    assert cold.snapshot_loads == 1 and cold.feed_reads == 1

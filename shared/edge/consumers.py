@@ -27,9 +27,10 @@ from shared.outcomes import (
     KeyProblem,
     Refusal,
 )
-from shared.records.consumer_feed import CONSUMER, ChangeFeed
+from shared.records.consumer_feed import CONSUMER, FEED_ENTRIES, Change, ChangeFeed
+from shared.records.consumer_snapshot import BadSnapshot, SnapshotGone, SnapshotHead
 from shared.records.consumers import Consumer, Team, with_team
-from shared.storage.protocols import ConsumerStore
+from shared.storage.protocols import Conflict, ConsumerStore
 from shared.waits import whole_seconds
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,11 @@ FEED_ROWS_PER_S = 5.0
 # A request that finds the copy unconfirmed for more than two checks (an idle instance) waits for the check it starts,
 # at most this long, so that the first request after an idle spell is not judged by a copy minutes old.
 CONFIRM_WAIT_S = 0.5
+# The listing's snapshot (records/consumer_snapshot.py): an instance that has just read the whole listing rewrites it
+# when it is this many changes behind the marker read before that listing, or this old, or absent or unusable; a cold
+# instance reads it (a few entities) instead of the listing when the feed can bring it to the marker.
+SNAPSHOT_BEHIND = 20
+SNAPSHOT_MAX_AGE_S = 600.0
 
 
 def new_key() -> str:
@@ -122,8 +128,10 @@ class ConsumerDirectory:
         fail_closed: bool = True,
         lookups_per_s: float = 2.0,
         failures_per_minute: int = 20,
+        snapshots: bool = True,
     ) -> None:
         self._store = store
+        self._snapshots = snapshots
         self._clock = clock
         self._refresh_s = refresh_s
         self._check_s = min(check_s, refresh_s)
@@ -154,6 +162,11 @@ class ConsumerDirectory:
         self._rows = 0  # consumers and teams at the last reload
         self._due_at = float("-inf")  # monotonic: the next full reload
         self._rng = random.Random()
+        self._writing: asyncio.Task[None] | None = None  # a snapshot being written after a listing
+        self._snapshot_broken = ""  # the generation of a snapshot whose chunks did not verify
+        self.snapshot_loads = 0  # cold starts served by the snapshot
+        self.snapshot_fallbacks = 0  # cold starts that found it absent or unusable and read the listing
+        self.snapshot_writes = 0
 
     def _index(self, consumers: list[Consumer], teams: list[Team]) -> None:
         self._raw = {c.id: c for c in consumers}
@@ -171,6 +184,8 @@ class ConsumerDirectory:
 
     async def reload(self) -> None:
         try:
+            if self.reloads == 0 and self._snapshots and await self._from_snapshot():
+                return  # a cold start from the snapshot; the next check follows the feed from its stamp
             # The marker first: a write that lands while the list is read changes it again, and the next check reads it.
             feed = await self._store.change_marker()
             consumers, teams = await self._store.list_all()
@@ -195,6 +210,88 @@ class ConsumerDirectory:
             period *= self._rng.uniform(1 - RELOAD_JITTER, 1 + RELOAD_JITTER)
         self._due_at = self._loaded_at + period
         self._stale_logged = False
+        if self._snapshots and feed.epoch and (self._writing is None or self._writing.done()):
+            self._writing = asyncio.get_running_loop().create_task(self._refresh_snapshot(feed, consumers, teams))
+
+    async def _from_snapshot(self) -> bool:
+        """A cold start from the listing's snapshot, when the change feed can bring it to the marker read first: the
+        copy is then the snapshot at its stamp, and the check that follows at once reads the rows changed since (as
+        for any copy behind the feed). False (read the listing) when there is none, or it is from another epoch, more
+        changes behind than the feed holds, behind a change the feed cannot name (a bulk creation), or does not verify.
+
+        Why it is never older than the marker it is followed to: the snapshot's writer read the marker (epoch e,
+        sequence s) before it read the listing, and every write records its feed entry after its row; so every change
+        numbered up to s was in the rows it read, and every change after s (written during its listing or since) is
+        named by the feed after s, whose rows this instance reads before it takes its copy as current."""
+        marker = await self._store.change_marker()
+        for _ in range(2):  # a snapshot replaced while its chunks were read: its head once more
+            head, _ = await self._store.snapshot_head()
+            reason = _unusable(head, marker)
+            feed: ChangeFeed | None = None
+            changes: tuple[Change, ...] = ()
+            if reason is None and head is not None and marker.seq > head.seq:
+                feed = await self._store.change_feed()
+                after = feed.after(head.epoch, head.seq)
+                if after is None:
+                    reason = "the feed cannot bring it to the marker"
+                changes = after or ()
+            if reason is not None or head is None:
+                log.info("consumer listing snapshot not used (%s): reading the listing", reason)
+                self.snapshot_fallbacks += 1
+                return False
+            try:
+                consumers, teams = await self._store.read_snapshot(head)
+            except SnapshotGone:
+                continue
+            except BadSnapshot as problem:
+                log.warning("consumer listing snapshot not used (%s): reading the listing", problem)
+                self.snapshot_fallbacks += 1
+                self._snapshot_broken = head.generation  # its head looks current: the listing replaces it anyway
+                return False
+            # Every row changed since the stamp, read before the copy is taken (all of them, at once: a cold copy
+            # is never served older than the marker read above).
+            named = list(dict.fromkeys((c.kind, c.id) for c in changes))
+            changed, changed_teams = await self._read_named(named)
+            self.feed_reads += len(named)
+            raw, all_teams = _merged({c.id: c for c in consumers}, {t.id: t for t in teams}, changed, changed_teams)
+            self._loaded_from(feed or ChangeFeed(None, head.epoch, head.seq), list(raw.values()), list(all_teams.values()))
+            return True
+        self.snapshot_fallbacks += 1
+        return False
+
+    def _loaded_from(self, stamp: ChangeFeed, consumers: list[Consumer], teams: list[Team]) -> None:
+        self.reload_failures = 0
+        self.reloads += 1
+        self.snapshot_loads += 1
+        self._index(consumers, teams)
+        # Current to the feed read (its token: the next check reads only the marker), or to the snapshot's stamp when
+        # the marker was not ahead of it (no token: the next check reads the marker and adopts its token).
+        self._follow(stamp)
+        now = self._clock.monotonic()
+        self._loaded_at = self._fresh_at = self._checked_at = now
+        self._rows = len(consumers) + len(teams)
+        period = max(self._refresh_s, self._rows / LIST_ROWS_PER_S)
+        # Instances started together from one snapshot read their first full listing (which catches rows edited by
+        # other means than the store) spread over the whole period, not together.
+        self._due_at = now + (period * self._rng.uniform(0.1, 1.0) if period > self._refresh_s else period)
+        self._stale_logged = False
+
+    async def _refresh_snapshot(self, feed: ChangeFeed, consumers: list[Consumer], teams: list[Team]) -> None:
+        """After a full listing: write it as the snapshot, stamped with the marker read before it, when the one there
+        is absent, unusable, from another epoch, SNAPSHOT_BEHIND changes behind or SNAPSHOT_MAX_AGE_S old; on the
+        head's ETag, so of the instances that find it stale together one writes it."""
+        try:
+            head, etag = await self._store.snapshot_head()
+            if head is not None and head.epoch == feed.epoch and feed.seq - head.seq <= SNAPSHOT_BEHIND \
+                    and self._clock.now() - head.written_at < SNAPSHOT_MAX_AGE_S \
+                    and head.generation != self._snapshot_broken:
+                return
+            await self._store.write_snapshot(consumers, teams, feed.epoch, feed.seq, self._clock.now(), etag, head)
+            self.snapshot_writes += 1
+        except Conflict:
+            pass  # another instance wrote it first
+        except Exception as exc:  # a snapshot not written costs the next cold start a listing, nothing more
+            log.warning("could not write the consumer listing snapshot (%s: %s)", type(exc).__name__, exc)
 
     def _follow(self, feed: ChangeFeed) -> None:
         self._marker, self._epoch, self._seq, self._apply_at = feed.token, feed.epoch, feed.seq, None
@@ -217,6 +314,10 @@ class ConsumerDirectory:
                 self.reload_failures = 0
                 self._fresh_at = now
                 self._stale_logged = False
+                return
+            if marker.epoch and (marker.epoch, marker.seq) == (self._epoch, self._seq) and self._pending is None:
+                # No change since this copy's stamp (a copy from the snapshot has no token yet): nothing to read.
+                self._marker, self.reload_failures, self._fresh_at, self._stale_logged = marker.token, 0, now, False
                 return
             feed = None
             if marker.may_follow(self._epoch, self._seq):
@@ -253,17 +354,8 @@ class ConsumerDirectory:
     async def _apply(self, feed: ChangeFeed, named: list[tuple[str, str]]) -> None:
         """Read the rows the feed names (every write is recorded after its row, so each is read as written or newer)
         and apply them to the cached copy; a row gone (or one that does not parse) is a consumer or team gone."""
-        consumers: dict[str, Consumer | None] = {}
-        teams: dict[str, Team | None] = {}
         try:
-            for kind, name in named:
-                if kind == CONSUMER:
-                    consumers[name] = await self._store.get(name)
-                else:
-                    try:
-                        teams[name] = await self._store.get_team(name)
-                    except ValueError:  # a team row that does not parse: left out, as a full reload leaves it out
-                        teams[name] = None
+            consumers, teams = await self._read_named(named)
         except Exception as exc:
             pause = self._pause()
             if self.reload_failures == 1 or self.reload_failures % 20 == 0:
@@ -272,17 +364,7 @@ class ConsumerDirectory:
             self._apply_at = self._clock.monotonic() + pause
             return
         self.feed_reads += len(named)
-        raw, all_teams = dict(self._raw), dict(self._teams)
-        for name, consumer in consumers.items():
-            if consumer is None:
-                raw.pop(name, None)
-            else:
-                raw[name] = consumer
-        for name, team in teams.items():
-            if team is None:
-                all_teams.pop(name, None)
-            else:
-                all_teams[name] = team
+        raw, all_teams = _merged(self._raw, self._teams, consumers, teams)
         self._index(list(raw.values()), list(all_teams.values()))  # a team's members get its change with it
         self._follow(feed)
         self.reload_failures = 0
@@ -290,9 +372,28 @@ class ConsumerDirectory:
         self._fresh_at = self._clock.monotonic()
         self._stale_logged = False
 
+    async def _read_named(self, named: list[tuple[str, str]]) -> tuple[dict[str, Consumer | None], dict[str, Team | None]]:
+        """The rows the feed names, as stored now (None: gone, or a team row that does not parse)."""
+        consumers: dict[str, Consumer | None] = {}
+        teams: dict[str, Team | None] = {}
+        for kind, name in named:
+            if kind == CONSUMER:
+                consumers[name] = await self._store.get(name)
+            else:
+                try:
+                    teams[name] = await self._store.get_team(name)
+                except ValueError:  # a team row that does not parse: left out, as a full reload leaves it out
+                    teams[name] = None
+        return consumers, teams
+
     async def _current(self) -> None:
         if self._loaded_at == float("-inf"):
-            await self.reload()
+            # A cold instance: every request waits for the one first load (the snapshot or the listing), not a load
+            # of its own (the requests that came together multiplied the reads of a cold start).
+            if self._reloading is None or self._reloading.done():
+                self._reloading = asyncio.get_running_loop().create_task(self.reload())
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._reloading)
             return
         now = self._clock.monotonic()
         idle = now - self._checked_at >= 2 * self._check_s
@@ -404,6 +505,35 @@ class ConsumerDirectory:
         self._check_fresh()
         consumer_id = self._principals.resolve(principal)
         return None if consumer_id is None else self._by_id.get(consumer_id)
+
+
+def _merged(raw: Mapping[str, Consumer], teams: Mapping[str, Team], consumers: Mapping[str, Consumer | None],
+            changed_teams: Mapping[str, Team | None]) -> tuple[dict[str, Consumer], dict[str, Team]]:
+    """A copy with the rows read applied: each as read now, or gone (None)."""
+    all_raw, all_teams = dict(raw), dict(teams)
+    for name, consumer in consumers.items():
+        if consumer is None:
+            all_raw.pop(name, None)
+        else:
+            all_raw[name] = consumer
+    for name, team in changed_teams.items():
+        if team is None:
+            all_teams.pop(name, None)
+        else:
+            all_teams[name] = team
+    return all_raw, all_teams
+
+
+def _unusable(head: SnapshotHead | None, marker: ChangeFeed) -> str | None:
+    """Why a cold instance cannot start from this snapshot with this marker (None: it can, if the feed names every
+    change between them)."""
+    if head is None:
+        return "none, or another version's"
+    if not marker.epoch or head.epoch != marker.epoch:
+        return "another epoch of the change feed"
+    if marker.seq - head.seq > FEED_ENTRIES:
+        return "more changes behind than the feed holds"
+    return None
 
 
 def rotated(consumer: Consumer, key: str, grace_s: float, now: float) -> Consumer:

@@ -4,6 +4,8 @@ change marker every write replaces, holding the change feed (the ids of the last
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -18,6 +20,20 @@ from azure.data.tables import EntityProperty, UpdateMode
 from shared.config import DEPLOYMENT_NAME
 from shared.records.cache import MAX_TTL_S, SCOPES, CachePolicy
 from shared.records.consumer_feed import CONSUMER, MARKER_FIELDS, TEAM, ChangeFeed, appended, parse, parse_marker
+from shared.records.consumer_snapshot import (
+    CHUNK_PK,
+    HEAD_PK,
+    HEAD_RK,
+    READ_PARALLEL,
+    BadSnapshot,
+    Encoded,
+    SnapshotHead,
+    check_chunk,
+    pack,
+    parse_head,
+    read_chunks,
+    unpack,
+)
 from shared.records.consumers import (
     CAPABILITIES,
     PRIORITIES,
@@ -343,6 +359,33 @@ def _parsed(entity: dict[str, Any]) -> Consumer | None:
         return None
 
 
+def _snapshot_schema() -> str:
+    """The row fields this version writes: a snapshot written by a version with other fields is not read (a reader of
+    another version reads the rows themselves: the listing)."""
+    consumer = sorted(consumer_to_entity(Consumer(id="x", name="x", key_hash="", key_prefix="")))
+    team = sorted(team_to_entity(Team(id="x", name="x")))
+    return hashlib.sha256(json.dumps([consumer, team]).encode()).hexdigest()[:16]
+
+
+SNAPSHOT_SCHEMA = _snapshot_schema()
+
+
+def encode_snapshot(consumers: list[Consumer], teams: list[Team], epoch: str, seq: int, written_at: float) -> Encoded:
+    """The listing as a snapshot (records/consumer_snapshot.py), rows as this table holds them: key hashes, no keys."""
+    def row(entity: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in entity.items() if k != "PartitionKey"}
+
+    rows = {"consumers": [row(consumer_to_entity(c)) for c in consumers], "teams": [row(team_to_entity(t)) for t in teams]}
+    return pack(rows, SNAPSHOT_SCHEMA, epoch, seq, written_at)
+
+
+def decode_snapshot(head: SnapshotHead, chunks: list[bytes]) -> tuple[list[Consumer], list[Team]]:
+    """The snapshot's rows, each parsed as strictly as a row of the listing (one that does not parse is left out)."""
+    rows = unpack(head, chunks)
+    consumers = [c for c in (_parsed({**r, "PartitionKey": _CONSUMER_PK}) for r in rows["consumers"]) if c is not None]
+    return consumers, _parsed_teams([{**r, "PartitionKey": _TEAM_PK} for r in rows["teams"]])
+
+
 def _index_partition(key_hash: str) -> str:
     # One partition: point reads (the row key is the hash) need no spreading at a few lookups a second per instance,
     # and bulk creation writes the index in batches of 100 (a batch holds one partition).
@@ -387,6 +430,66 @@ class TableConsumerStore:
                              lambda row: appended(parse(None, row), changed), tries=MARK_TRIES)
         except (Conflict, StoreUnavailable) as exc:
             raise ChangeNotAnnounced(f"written, but not recorded in the change feed ({type(exc).__name__})") from exc
+
+    async def snapshot_head(self) -> tuple[SnapshotHead | None, str | None]:
+        """The listing snapshot's head and its row's ETag: (None, None) when there is none, (None, etag) when there is
+        one this version cannot use (another format, schema, out of shape: a writer replaces it)."""
+        try:
+            entity = await self._tables.call("consumers", lambda t: t.get_entity(HEAD_PK, HEAD_RK))
+        except ResourceNotFoundError:
+            return None, None
+        etag = entity_etag(entity)
+        try:
+            return parse_head(dict(entity), etag, SNAPSHOT_SCHEMA), etag
+        except BadSnapshot as problem:
+            log.warning("consumer listing snapshot not used: %s", problem)
+            return None, etag
+
+    async def read_snapshot(self, head: SnapshotHead) -> tuple[list[Consumer], list[Team]]:
+        """The snapshot's rows: every chunk of the head's generation (a point read each, a few at a time, each in a
+        partition of its own). BadSnapshot when they are not what the head says (SnapshotGone: one is not there)."""
+        async def chunk(k: int) -> bytes:
+            try:
+                entity = await self._tables.call("consumers", lambda t: t.get_entity(CHUNK_PK.format(k), head.generation))
+            except ResourceNotFoundError:
+                return check_chunk(head, None)
+            return check_chunk(head, dict(entity))
+
+        return decode_snapshot(head, await read_chunks(head, chunk, lambda exc: isinstance(exc, StoreBusy)))
+
+    async def write_snapshot(self, consumers: list[Consumer], teams: list[Team], epoch: str, seq: int,
+                             written_at: float, etag: str | None, previous: SnapshotHead | None) -> None:
+        """The listing as a snapshot stamped (epoch, seq): the chunks of a new generation, then the head over the
+        version read (`etag`; None: created), then the previous generation's chunks deleted. Conflict when another
+        writer replaced the head first (its chunks stay, this writer's are deleted); BadSnapshot when too large."""
+        encoded = encode_snapshot(consumers, teams, epoch, seq, written_at)
+        gate = asyncio.Semaphore(READ_PARALLEL)
+
+        async def put(k: int, data: bytes) -> None:
+            row = {"PartitionKey": CHUNK_PK.format(k), "RowKey": encoded.generation, "data": data}
+            async with gate:
+                await self._tables.call("consumers", lambda t: t.upsert_entity(row, mode=UpdateMode.REPLACE))
+
+        async def drop(generation: str, chunks: int) -> None:
+            async def one(k: int) -> None:
+                async with gate:
+                    with contextlib.suppress(ResourceNotFoundError, StoreUnavailable):
+                        await self._tables.call("consumers", lambda t: t.delete_entity(CHUNK_PK.format(k), generation))
+
+            await asyncio.gather(*(one(k) for k in range(chunks)))
+
+        await asyncio.gather(*(put(k, data) for k, data in enumerate(encoded.chunks)))
+        head = {**encoded.head, "PartitionKey": HEAD_PK, "RowKey": HEAD_RK}
+        try:
+            if etag is None:
+                await self._tables.call("consumers", lambda t: t.create_entity(head))
+            else:
+                await self._tables.call("consumers", replace_if_unchanged(head, etag))
+        except (Conflict, ResourceNotFoundError):
+            await drop(encoded.generation, len(encoded.chunks))
+            raise Conflict("another writer replaced the snapshot first") from None
+        if previous is not None:
+            await drop(previous.generation, previous.chunks)
 
     async def list_consumers(self) -> list[Consumer]:
         entities = await self._tables.call(

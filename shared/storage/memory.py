@@ -9,7 +9,18 @@ from typing import TYPE_CHECKING
 
 from shared.records.breaker import is_news
 from shared.records.consumer_feed import CONSUMER, TEAM, ChangeFeed, appended, parse, parse_marker
-from shared.storage.protocols import Conflict, StoreUnavailable
+from shared.records.consumer_snapshot import (
+    CHUNK_PK,
+    HEAD_PK,
+    HEAD_RK,
+    BadSnapshot,
+    SnapshotHead,
+    check_chunk,
+    parse_head,
+    read_chunks,
+)
+from shared.storage.consumer_table import SNAPSHOT_SCHEMA, decode_snapshot, encode_snapshot
+from shared.storage.protocols import Conflict, StoreBusy, StoreUnavailable
 
 if TYPE_CHECKING:
     from shared.records.audit import AuditEntry
@@ -42,6 +53,9 @@ class MemoryConsumerStore(_Switch):
         self.etags: dict[str, str] = {}
         self._feed: dict[str, object] | None = None
         self._feed_at = 0  # `writes` when the feed was recorded
+        # The listing snapshot's rows by (partition, row): the head (with its "etag") and the chunks, as the table has them.
+        self.snapshot_rows: dict[tuple[str, str], dict[str, object]] = {}
+        self.snapshot_writes = 0
 
     def _current_feed(self) -> ChangeFeed:
         return parse(str(self.writes) if self.writes else None,
@@ -62,6 +76,49 @@ class MemoryConsumerStore(_Switch):
         self._check()
         self.calls += 1
         return self._current_feed()
+
+    async def snapshot_head(self) -> tuple[SnapshotHead | None, str | None]:
+        self._check()
+        self.calls += 1
+        row = self.snapshot_rows.get((HEAD_PK, HEAD_RK))
+        if row is None:
+            return None, None
+        etag = str(row["etag"])
+        try:
+            return parse_head(row, etag, SNAPSHOT_SCHEMA), etag
+        except BadSnapshot:
+            return None, etag
+
+    def snapshot_chunk(self, head: SnapshotHead, k: int) -> bytes:
+        return check_chunk(head, self.snapshot_rows.get((CHUNK_PK.format(k), head.generation)))
+
+    async def read_snapshot(self, head: SnapshotHead) -> tuple[list[Consumer], list[Team]]:
+        self._check()
+
+        async def chunk(k: int) -> bytes:
+            self._check()
+            self.calls += 1
+            return self.snapshot_chunk(head, k)
+
+        return decode_snapshot(head, await read_chunks(head, chunk, lambda exc: isinstance(exc, StoreBusy)))
+
+    async def write_snapshot(self, consumers: list[Consumer], teams: list[Team], epoch: str, seq: int,
+                             written_at: float, etag: str | None, previous: SnapshotHead | None) -> None:
+        """As the Table store: chunks, then the head on its ETag, then the previous generation's chunks deleted."""
+        self._check()
+        encoded = encode_snapshot(consumers, teams, epoch, seq, written_at)
+        for k, data in enumerate(encoded.chunks):
+            self.snapshot_rows[(CHUNK_PK.format(k), encoded.generation)] = {"data": data}
+        current = self.snapshot_rows.get((HEAD_PK, HEAD_RK))
+        if (current is None) != (etag is None) or (current is not None and current["etag"] != etag):
+            for k in range(len(encoded.chunks)):
+                self.snapshot_rows.pop((CHUNK_PK.format(k), encoded.generation), None)
+            raise Conflict("another writer replaced the snapshot first")
+        self.snapshot_writes += 1
+        self.snapshot_rows[(HEAD_PK, HEAD_RK)] = {**encoded.head, "etag": f"s{self.snapshot_writes}"}
+        if previous is not None:
+            for k in range(previous.chunks):
+                self.snapshot_rows.pop((CHUNK_PK.format(k), previous.generation), None)
 
     async def list_consumers(self) -> list[Consumer]:
         self._check()

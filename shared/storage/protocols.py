@@ -12,6 +12,7 @@ if TYPE_CHECKING:  # the records are defined beside the logic that uses them; on
     from shared.records.breaker import BreakerRecord
     from shared.records.capacity import CapacityReport, CapacitySummary
     from shared.records.consumer_feed import ChangeFeed
+    from shared.records.consumer_snapshot import SnapshotHead
     from shared.records.consumers import Consumer, Team
     from shared.records.responses import StoredResponse
     from shared.records.spend import SpendRow
@@ -50,6 +51,20 @@ class ConsumerStore(Protocol):
 
     async def change_feed(self) -> ChangeFeed:
         """The change marker with the ids of the last changes (records/consumer_feed.py). One point read."""
+        ...
+
+    async def snapshot_head(self) -> tuple[SnapshotHead | None, str | None]:
+        """The listing snapshot's head and its row's ETag (records/consumer_snapshot.py): (None, None) when there is
+        none, (None, etag) when there is one this version cannot use. One point read."""
+        ...
+
+    async def read_snapshot(self, head: SnapshotHead) -> tuple[list[Consumer], list[Team]]:
+        """The snapshot's rows (a point read per chunk); BadSnapshot when they are not what the head says."""
+        ...
+
+    async def write_snapshot(self, consumers: list[Consumer], teams: list[Team], epoch: str, seq: int,
+                             written_at: float, etag: str | None, previous: SnapshotHead | None) -> None:
+        """Replace the snapshot read with `etag` (None: create it); Conflict when another writer came first."""
         ...
 
     async def list_consumers(self) -> list[Consumer]: ...
