@@ -455,14 +455,16 @@ class TableConsumerStore:
                 return check_chunk(head, None)
             return check_chunk(head, dict(entity))
 
-        return decode_snapshot(head, await read_chunks(head, chunk, lambda exc: isinstance(exc, StoreBusy)))
+        chunks = await read_chunks(head, chunk, lambda exc: isinstance(exc, StoreBusy))
+        # Inflating and parsing 10,000 rows takes a few hundred ms: not on the worker's event loop.
+        return await asyncio.to_thread(decode_snapshot, head, chunks)
 
     async def write_snapshot(self, consumers: list[Consumer], teams: list[Team], epoch: str, seq: int,
                              written_at: float, etag: str | None, previous: SnapshotHead | None) -> None:
         """The listing as a snapshot stamped (epoch, seq): the chunks of a new generation, then the head over the
         version read (`etag`; None: created), then the previous generation's chunks deleted. Conflict when another
         writer replaced the head first (its chunks stay, this writer's are deleted); BadSnapshot when too large."""
-        encoded = encode_snapshot(consumers, teams, epoch, seq, written_at)
+        encoded = await asyncio.to_thread(encode_snapshot, consumers, teams, epoch, seq, written_at)  # (as decoding)
         gate = asyncio.Semaphore(READ_PARALLEL)
 
         async def put(k: int, data: bytes) -> None:
