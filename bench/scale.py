@@ -16,6 +16,8 @@ Shapes:
 - `cold`: N instances starting at once with C consumers stored, each authenticating a valid key every 0.2 s from its
   start: when every instance answers valid keys, what the listing's snapshot (written by a warm instance before, then
   3 consumers changed) and the listing cost; `coldlist`: the same with the snapshot off (the listing, as before).
+- `ptu`, `ptuskew`: N instances overflowing one PTU twice over (evenly, or a third of them three times the others):
+  how far each instance's learnt rate and share are from the PTU's (bench/scale_ptu.py; warm-up: --trip-warm).
 - `trip`: N idle instances sharing state; one sees a backend refuse its credential (a trip) and a PTU's 429: how long
   until every instance has the trip and the PTU's instant.
 
@@ -37,6 +39,7 @@ import time
 from dataclasses import replace
 from typing import Any, cast
 
+from bench import scale_ptu
 from bench.figures import most_in_any_window, percentile
 from bench.harness import machine, save, stamp, update_doc
 from bench.oracle import LedgerOracle
@@ -564,6 +567,8 @@ def run_shape(shape: str, rps: int, n: int, seconds: float, seed: int, trip_warm
     try:
         coro = (trip(n, loop, seed, trip_warm_s) if shape == "trip" else change(rps, n, loop, seed) if shape == "change"
                 else cold(rps, n, loop, seed, snapshot=shape == "cold") if shape in ("cold", "coldlist")
+                else scale_ptu.ptu(rps, n, loop, seed, trip_warm_s, skew=shape == "ptuskew")
+                if shape in ("ptu", "ptuskew")
                 else change(rps, n, loop, seed, more=98) if shape == "burst"
                 else traffic(shape, rps, n, seconds, loop, seed, ledger_accounts, oracle, max_claims))
         figures = loop.run_until_complete(coro)
