@@ -102,6 +102,11 @@ async def ptu(rps: int, n: int, loop: VirtualLoop, seed: int, warm_s: float, ske
     share_sums: list[float] = []
     fair: list[float] = []
     learnt_from_all = 0
+    complete = 0
+    high: Counter[str] = Counter()
+    ages: list[float] = []
+    row_ages: list[float] = []
+    learnt_rates: list[float] = []
     end = warm_s + MEASURE_S
     t = 0.0
     step = 0.01
@@ -128,9 +133,21 @@ async def ptu(rps: int, n: int, loop: VirtualLoop, seed: int, warm_s: float, ske
                     missing += 1
                     continue
                 rates.append(model.rate / PTU_TOKENS_PER_S)
+                ages.append(clock.now() - model.evidence_at)
+                learnt = getattr(model, "basis_rate", None)
+                if learnt is not None:
+                    learnt_rates.append(learnt / PTU_TOKENS_PER_S)
+                if model.rate > 1.05 * PTU_TOKENS_PER_S:  # why a rate is high: a probe's steps, or learnt so
+                    high["probed"] += clock.now() - getattr(model, "_stepped_at", -math.inf) < 10
+                    learnt = getattr(model, "basis_rate", None)
+                    high["learnt_high"] += learnt is not None and learnt > 1.05 * PTU_TOKENS_PER_S
                 learnt_from_all += len(model._others) + 1 >= n
+                complete += bool(getattr(model, "rate_complete", False))
                 shares.append(model.share or 0.0)
                 demands.append(model._decayed_demand(mono))
+            row, _ = await stores.capacity.twin.read_summary(ptu_backend.id, D)  # type: ignore[attr-defined]
+            if row is not None and row.ready:
+                row_ages.append(clock.now() - max(row.ready))
             share_sums.append(sum(shares) / (PTU_TOKENS_PER_S * (1 + PROBE)))
             if shares and sum(demands) > 0:
                 for s, d in zip(shares, demands, strict=True):
@@ -149,8 +166,17 @@ async def ptu(rps: int, n: int, loop: VirtualLoop, seed: int, warm_s: float, ske
         "ptu_tokens_per_s": PTU_TOKENS_PER_S,
         # Every instance's learnt rate / the PTU's, each simulated second of the measured minute.
         "rate_over_ptu": _q(rates),
+        # The same, the rate as learnt at its basis (without the probe's steps since; this version's models only).
+        "learnt_over_ptu": _q(learnt_rates),
         "samples_without_rate": missing,
+        # Samples whose rate the instance learnt itself from every instance's report, or heard as learnt so.
         "samples_learnt_from_every_instance": round(learnt_from_all / max(1, samples), 3),
+        "samples_rate_complete": round(complete / max(1, samples), 3),
+        # Samples with a rate more than 5 % above the PTU's: how many had probed within 10 s, how many learnt it so.
+        "samples_rate_high": sum(r > 1.05 for r in rates), "high_probed": high["probed"],
+        "high_learnt": high["learnt_high"],
+        "evidence_age_s": _q(ages),  # how old the newest 429's instant each instance knows is
+        "summary_evidence_age_s": _q(row_ages),  # and the summary row's newest, each second
         # The instances' shares added up / the PTU's rate x (1 + PROBE) (what the pacing aims at), each second.
         "shares_sum_over_ptu": _q(share_sums),
         # Each instance's share / its part (the PTU in proportion to its demand), each second.

@@ -279,7 +279,8 @@ async def test_reports_are_still_published_and_read_beside_the_summary() -> None
     await b.sync()
     reports: list[CapacityReport] = await store.load()
     assert [r.instance for r in reports] == ["i0"] and reports[0].charges
-    assert store.summary_writes == 1 and b.rows == 1
+    # One write of news (with the claim to make the fleet's figures), then the figures themselves.
+    assert store.summary_writes - a.fleet_writes == 1 and a.summary_writes == 1 and b.rows == 1
 
 
 @pytest.mark.parametrize("n", [4, 16])
@@ -293,7 +294,12 @@ async def test_news_written_once_is_not_written_again(n: int) -> None:
             await cap.sync()
             await cap.exchange()
         clock.advance(0.5)
-    assert store.summary_writes == 1 and store.summary_conflicts == 0
+    # The news once; beside it, the fleet's figures (made by one instance, about once a second, with no claim after
+    # its first) are the only other writes.
+    fleet_writes = sum(c.fleet_writes for c in caps)
+    assert store.summary_writes - fleet_writes == 1 and store.summary_conflicts == 0
+    assert sum(c.summary_writes for c in caps) == 1 and 1 <= fleet_writes <= 2.5 / 1.0 + 1
+    assert [c.fleet_reads > 0 for c in caps].count(True) == 1  # one instance read every row for them
     assert all(known(c).evidence_at == max(known(caps[0]).ready) for c in caps)
 
 
@@ -302,13 +308,15 @@ def test_a_newcomer_reads_how_many_rows_there_are_before_querying_them_and_does_
     their interval (about 66 s), not at once with every other instance starting; a count older than
     ROWS_TRUSTED_S says nothing (instances may have gone), and it queries at once."""
 
-    async def scenario(loop: VirtualLoop, counted_s_ago: float) -> tuple[int, int]:
+    async def scenario(loop: VirtualLoop, counted_s_ago: float, made_s_ago: float = 0.0) -> tuple[int, int]:
         clock = SimClock(loop)
         store = MemoryCapacityStore()
         now = clock.now()
         for i in range(256):
             await store.publish(CapacityReport("ptu", D, f"o{i}", now, ((now, 10.0),), (), 1.0, None))
-        told = CapacitySummary("ptu", D, now, (), None, 0.0, False, "o1", 256, now - counted_s_ago)
+        # The count, and the fleet's figures another instance (o1) made a moment ago: it makes them, not a newcomer.
+        told = CapacitySummary("ptu", D, now, (), None, 0.0, False, "o1", 256, now - counted_s_ago,
+                               fleet_at=now - made_s_ago, fleet_by="o1", members=256)
         await store.write_summary(told, None)
         (cap,) = fleet(1, store, clock)
         cap._rng.seed(1)
@@ -321,5 +329,9 @@ def test_a_newcomer_reads_how_many_rows_there_are_before_querying_them_and_does_
 
     early, later = run(lambda loop: scenario(loop, 10.0))
     assert early == 0 and later >= 1
-    early, _ = run(lambda loop: scenario(loop, ROWS_TRUSTED_S + 1))
+    # The figures made by o1 until a while ago, and o1 gone: the newcomer makes them (one query) at once.
+    early, _ = run(lambda loop: scenario(loop, 10.0, made_s_ago=60.0))
+    assert early == 1
+    # And with figures long gone and a count too old to trust: the same, at once.
+    early, _ = run(lambda loop: scenario(loop, ROWS_TRUSTED_S + 1, made_s_ago=1e9))
     assert early == 1

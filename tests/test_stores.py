@@ -201,8 +201,17 @@ async def test_a_ptu_summary_row_is_created_once_written_only_over_the_version_r
     await stores.capacity.write_summary(newer, etag)
     with pytest.raises(Conflict):  # written over the version read: the stale ETag loses
         await stores.capacity.write_summary(replace(first, by="i4"), etag)
-    read, _ = await stores.capacity.read_summary("ptu", "gpt-4o")
+    read, etag = await stores.capacity.read_summary("ptu", "gpt-4o")
     assert read is not None and read.by == "i3" and read.rate is None and len(read.ready) == 3
+    assert (read.fleet_at, read.members, read.rate_complete) == (0.0, 0, False)  # no figures (as an older version's)
+    # The fleet's figures, read back as written.
+    figures = replace(read, rate=480.25, rate_from=now, rate_learnt=True, rate_complete=True, fleet_at=now + 1,
+                      fleet_by="i7", members=256, demand=12_345.5, demanders=200)
+    await stores.capacity.write_summary(figures, etag)
+    read, _ = await stores.capacity.read_summary("ptu", "gpt-4o")
+    assert read is not None and read.rate_complete and read.fleet_by == "i7"
+    assert (read.members, read.demanders, read.demand, read.rate) == (256, 200, 12_345.5, 480.25)
+    assert abs(read.fleet_at - (now + 1)) < 0.001
     assert (await stores.capacity.read_summary("ptu", "gpt-4o-mini")) == (None, None)  # one row per deployment
     # The per-instance reports' query (gateways of every version read it) does not return the summary.
     assert await stores.capacity.load() == []

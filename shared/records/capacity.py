@@ -36,3 +36,11 @@ class CapacitySummary:
     by: str  # the instance that wrote it last
     rows: int = 0  # the per-instance rows a recent query returned (0: not known): how often to read them, and this row
     rows_at: float = 0.0  # wall clock of that query's answer
+    # The fleet's figures (shared/routing/provisioned.py): about once a second one instance reads every per-instance
+    # row and writes here what they add up to, so that no other instance needs to read them.
+    rate_complete: bool = False  # the rate was learnt from every instance's fresh row (by that instance)
+    fleet_at: float = 0.0  # wall clock of that read (or of the claim to make it, by `fleet_by`)
+    fleet_by: str = ""
+    members: int = 0  # fresh rows of this deployment then: the instances sending to it (0: no figures)
+    demand: float = 0.0  # their demand, tokens/s, added up
+    demanders: int = 0  # how many of them had any

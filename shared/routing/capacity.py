@@ -30,10 +30,12 @@ with no learning phase; 429s refine it while their evidence is fresh (and the pr
 without them), and when the evidence is gone the pace is the stated capacity again, not nothing.
 
 Instances share two things, at two speeds (shared/routing/provisioned.py): each instance's report (its charges, the
-instants it was told, its demand) in a row of its own, read by everyone at an interval that grows with the rows; and
-the news (the instants the PTU named, the newest rate anyone learnt) in one summary row per deployment that everyone
-reads every second or less and writes only when it knows something the row does not (`news`, `merge_summary`), so a
-429 reaches every instance within about a second however many there are.
+instants it was told, its demand) in a row of its own; and the news (the instants the PTU named, the newest rate
+anyone learnt) in one summary row per deployment that everyone reads every second or less and writes only when it
+knows something the row does not (`news`, `merge_summary`), so a 429 reaches every instance within about a second
+however many there are. About once a second one instance reads every report and writes the fleet's figures into the
+summary row (the rate learnt from everyone's charges, their demand added up): an instance that has not read every
+report itself (`covered`) takes its rate and the others' demand from there, not from the part it has read.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import bisect
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from shared.records.capacity import CapacityReport, CapacitySummary
 
@@ -68,6 +70,7 @@ MAX_EVENTS = 4000  # charges kept per instance (a report stays well within a Tab
 # instants say too little to learn from (MIN_SPAN_S), and an instant this close to one the row has is no news.
 COALESCE_S = MIN_SPAN_S
 SUMMARY_INSTANTS = 64  # with COALESCE_S apart: the whole horizon
+FLEET_FRESH_S = HORIZON_S / 4  # the fleet's figures in the summary row count this long (a report's freshness too)
 
 
 # What a pay-as-you-go deployment's 429 carries and a provisioned deployment's never does (it documents only the
@@ -137,13 +140,14 @@ def share_of(total: float, mine: float, others: Iterable[float]) -> float:
 
 def merge_summary(
     current: CapacitySummary | None, backend_id: str, deployment: str, instants: Iterable[float],
-    rate: float | None, rate_from: float, rate_learnt: bool, by: str, now: float,
+    rate: float | None, rate_from: float, rate_learnt: bool, by: str, now: float, rate_complete: bool = False,
 ) -> CapacitySummary:
     """The summary row with one instance's news merged in: the instants of both within the horizon (the newest kept,
     others at least COALESCE_S apart), and the rate with the newer basis (learnt from a later instant; at the same
     instant, one learnt from two instants over a first estimate). What is stale expires here: instants past the
-    horizon, and a rate whose instant is older than FRESH_S (its evidence is gone). The row's count of per-instance
-    rows is kept (shared/routing/provisioned.py tells it)."""
+    horizon, and a rate whose instant is older than FRESH_S (its evidence is gone). At the same basis a rate learnt
+    from every instance's charges (`rate_complete`) wins over one learnt from a part of them. The row's count of
+    per-instance rows and the fleet's figures are kept (shared/routing/provisioned.py tells them)."""
     horizon = now - HORIZON_S
     kept: list[float] = []  # sorted
     # The row's instants first (so a row does not churn between near instants), then the news, newest first.
@@ -154,14 +158,20 @@ def merge_summary(
         if t >= horizon and not _near(kept, t):
             bisect.insort(kept, t)
     kept = kept[-SUMMARY_INSTANTS:]
-    candidates = [(rate_from, rate_learnt, rate)] if rate is not None and rate > 0 and now - rate_from <= FRESH_S else []
+    candidates = [(rate_from, rate_learnt, rate_complete, rate)] \
+        if rate is not None and rate > 0 and now - rate_from <= FRESH_S else []
     if current is not None and current.rate is not None and now - current.rate_from <= FRESH_S:
-        candidates.append((current.rate_from, current.rate_learnt, current.rate))
-    best = max(candidates, key=lambda c: (c[0], c[1]), default=None)
-    return CapacitySummary(
-        backend_id, deployment, now, tuple(kept), best[2] if best else None, best[0] if best else 0.0,
+        candidates.append((current.rate_from, current.rate_learnt, current.rate_complete, current.rate))
+    best = max(candidates, key=lambda c: (c[0], c[1], c[2]), default=None)
+    merged = CapacitySummary(
+        backend_id, deployment, now, tuple(kept), best[3] if best else None, best[0] if best else 0.0,
         best[1] if best else False, by, current.rows if current else 0, current.rows_at if current else 0.0,
+        best[2] if best else False,
     )
+    if current is None:
+        return merged
+    return replace(merged, fleet_at=current.fleet_at, fleet_by=current.fleet_by, members=current.members,
+                   demand=current.demand, demanders=current.demanders)
 
 
 def _near(instants: Sequence[float], t: float) -> bool:
@@ -223,6 +233,7 @@ class PtuModel:
     _others: dict[str, CapacityReport] = field(default_factory=dict)
     _probe_step: float = PROBE_STEP[0]
     _probed_at: float = -math.inf
+    _stepped_at: float = -math.inf  # the last step up of the probe
     _learnt_from: float | None = None  # the instant the rate was last learnt up to
     _first_wait: float = 0.0
     _need: float = 0.0  # what the latest call may take (prompt + max tokens), an upper bound on a 429's overshoot
@@ -232,6 +243,11 @@ class PtuModel:
     _heard: set[float] = field(default_factory=set)  # instants read in the summary row
     _heard_rate: tuple[float, float, bool] | None = None  # the summary's fresh rate: (rate, its instant, learnt)
     _basis: tuple[float, bool] | None = None  # the instant the rate was learnt up to (learnt from two: True)
+    _fleet: CapacitySummary | None = None  # the newest fleet figures heard in the summary row (fleet_at)
+    _complete: bool = False  # the rate was learnt from the charges of every instance sending to the PTU
+    _basis_rate: float | None = None  # the rate as learnt (or heard) at its basis, before any probe's steps
+    _merged_at: float = -math.inf  # when the others' reports were last taken in (merge)
+    _published: float = 0.0  # the demand this instance last reported
 
     # ---- per call (monotonic `mono`, wall `now`) ------------------------------------------------------------------
 
@@ -264,7 +280,7 @@ class PtuModel:
             self._learn(now, mono)  # paced to the stated capacity (again)
             if self.pacer is None:
                 return True
-        reserve = 0.0 if high else self._my_reserve()
+        reserve = 0.0 if high else self._my_reserve(now)
         if self.pacer.allows(cost, reserve, quiet, mono):
             return True
         self.diverted += 1
@@ -317,18 +333,50 @@ class PtuModel:
 
     def report(self, now: float, mono: float) -> CapacityReport:
         self._trim(now)
+        self._published = self._decayed_demand(mono)
         return CapacityReport(
             self.backend_id, self.deployment, self.instance, now, tuple(self.charges), tuple(self.ready),
-            self._decayed_demand(mono), self.rate,
+            self._published, self.rate,
         )
+
+    @property
+    def basis(self) -> tuple[float, bool] | None:
+        """The instant the rate was learnt up to, and whether from two instants (else a first estimate)."""
+        return self._basis
+
+    @property
+    def basis_rate(self) -> float | None:
+        """The rate as it was learnt (or heard) at its basis: without the steps the probe has added since."""
+        return self._basis_rate if self._basis is not None else None
+
+    @property
+    def rate_complete(self) -> bool:
+        """The rate was learnt from the charges of every instance sending to the PTU (or heard as such)."""
+        return self._complete and self.rate is not None
+
+    def demand(self, mono: float) -> float:
+        """Tokens/s this instance offers the PTU lately (smoothed)."""
+        return self._decayed_demand(mono)
+
+    def fleet_fresh(self, now: float) -> CapacitySummary | None:
+        """The fleet's figures from the summary row, if fresh (FLEET_FRESH_S)."""
+        fleet = self._fleet
+        return fleet if fleet is not None and now - fleet.fleet_at <= FLEET_FRESH_S else None
+
+    def covered(self, now: float) -> bool:
+        """Whether the reports this instance took in cover the fleet that sends to the PTU (so a rate it learns from
+        their charges is the PTU's, not a part's): always, unless the fleet's figures say there are more instances."""
+        fleet = self.fleet_fresh(now)
+        return fleet is None or len(self._others) + 1 >= fleet.members
 
     def merge(self, reports: Iterable[CapacityReport], now: float, mono: float) -> None:
         """Take in the other instances' reports (fresh ones only) and recompute the rate, the share and the pace."""
         self._others = {
             r.instance: r for r in reports
             if r.instance != self.instance and r.backend_id == self.backend_id and r.deployment == self.deployment
-            and now - r.at <= HORIZON_S / 4
+            and now - r.at <= FLEET_FRESH_S
         }
+        self._merged_at = now
         self._learn(now, mono)
 
     def hear(self, summary: CapacitySummary | None, now: float, mono: float) -> None:
@@ -340,7 +388,22 @@ class PtuModel:
         new = {t for t in summary.ready if t >= horizon} - self._heard
         fresh = summary.rate is not None and summary.rate > 0 and now - summary.rate_from <= FRESH_S
         heard_rate = (summary.rate, summary.rate_from, summary.rate_learnt) if fresh and summary.rate else None
-        if not new and heard_rate == self._heard_rate:
+        fleet = summary.members > 0 and (self._fleet is None or summary.fleet_at > self._fleet.fleet_at)
+        if fleet:
+            self._fleet = summary
+        # A rate learnt from every instance's charges, up to an instant newer than this one's rate: the PTU's rate,
+        # whatever this instance could learn from the reports it has read (a part of the fleet past ~100 instances).
+        complete = (summary.rate is not None and fresh and summary.rate_complete and summary.rate_from > self._run_from
+                    and (self._learnt_from is None or summary.rate_from > self._learnt_from))
+        if complete and summary.rate is not None:
+            self.rate = summary.rate
+            self._learnt = True
+            self._learnt_from = summary.rate_from
+            self._basis = (summary.rate_from, summary.rate_learnt)
+            self._basis_rate = self.rate
+            self._complete = True
+            self._probe_step = PROBE_STEP[0]
+        if not new and heard_rate == self._heard_rate and not fleet and not complete:
             return
         self._heard |= new
         self._heard_rate = heard_rate
@@ -363,6 +426,9 @@ class PtuModel:
         )
         rate, basis = self.rate, self._basis
         rate_news = False
+        partial = not self.covered(now)  # learnt from a part of the fleet: news only where the row has no rate
+        if partial and summary is not None and summary.rate is not None and now - summary.rate_from <= FRESH_S:
+            rate = None
         if rate is not None and basis is not None and now - basis[0] <= FRESH_S:
             if summary is None or summary.rate is None or now - summary.rate_from > FRESH_S:
                 rate_news = True
@@ -396,13 +462,16 @@ class PtuModel:
         ready = [t for t in ready if t > self._run_from]
         latest_known = max((t for t in ready if t <= known_until), default=None)
         # Only a newer instant is news: when old ones leave the horizon, what is left says less than what was learnt.
-        if latest_known is not None and (self._learnt_from is None or latest_known > self._learnt_from):
+        covered = self.covered(now)
+        if covered and latest_known is not None and (self._learnt_from is None or latest_known > self._learnt_from):
             learnt = learnt_rate(charges, ready, known_until)
             if learnt is not None:  # what the PTU said since the last time: the rate is what it is
                 self.rate = learnt
                 self._learnt = True
                 self._learnt_from = latest_known
                 self._basis = (latest_known, True)
+                self._basis_rate = self.rate
+                self._complete = covered
                 self._probe_step = PROBE_STEP[0]
         if self.rate is None:
             # Until everyone has reported past this instance's 429s, its own charges give a first rate; it can only
@@ -414,13 +483,16 @@ class PtuModel:
             if heard is not None and (stale or heard[1] <= self._run_from or now - heard[1] > FRESH_S):
                 heard = None
             self._learnt = local is not None or bool(adopted) or heard is not None
+            self._complete = False
             if local is not None:
                 self.rate = local
                 self._basis = (max(t for t in own if t <= now), True)
+                self._basis_rate = self.rate
             elif adopted or heard:
                 # A newcomer starts from what the others learnt (its basis, when the summary says it: not news).
                 self.rate = max([*adopted, *([heard[0]] if heard else [])])
                 self._basis = (heard[1], heard[2]) if heard and self.rate == heard[0] else None
+                self._basis_rate = self.rate
             elif self.stated is not None:
                 self.rate = self.stated  # better than one 429's bound, which errs high
                 self._basis = None
@@ -434,24 +506,29 @@ class PtuModel:
                 self.rate = max(self.call_cost(0), self._need) / self._first_wait
                 self._learnt = True
                 self._basis = (max(self.ready), False) if self.ready else None
+                self._basis_rate = self.rate
             else:
                 return
         demand = self._decayed_demand(mono)
-        others = [o.demand for o in self._others.values()]
+        others = self._others_demand(now)
         quiet_since = max(self._evidence, self._probed_at)
         # Paced PROBE above the rate, a full PTU refuses a call about every cost / (PROBE * rate) seconds; twice that
         # without a 429 (within bounds) is a silence the pace does not explain.
         explained = 2 * self.call_cost(0) / (PROBE * self.rate)
         probe_after = min(PROBE_AFTER_S[1], max(PROBE_AFTER_S[0], explained))
-        if now - quiet_since >= probe_after and demand + sum(others) > self.rate * (1 + PROBE):
+        # (At most one step every PROBE_EVERY_S, however often this runs: a step shortens probe_after, so the same
+        # moment's next call, a summary heard right after a sync, would otherwise step again.)
+        if (now - quiet_since >= probe_after and now - self._stepped_at >= PROBE_EVERY_S
+                and demand + sum(others) > self.rate * (1 + PROBE)):
             # Overflowing and paced, and the PTU has not refused anything for a while: it may take more than we think.
             self.rate *= 1 + self._probe_step
             self._probe_step = min(PROBE_STEP[1], self._probe_step * 2)
             self._probed_at = now - probe_after + PROBE_EVERY_S
+            self._stepped_at = now
         total = self.rate * (1 + PROBE)
         share = share_of(total, demand, others)
         self.share = share
-        reserve = self._my_reserve()
+        reserve = self._my_reserve(now)
         # Room for the reserve, one call, and a second of share: refill is never clipped while a call waits for it.
         cap = reserve + self.call_cost(0) + share * BURST_S
         if self.pacer is None:
@@ -467,16 +544,35 @@ class PtuModel:
         self.rate = self.share = self.pacer = None
         self._learnt = False
         self._basis = self._heard_rate = None
+        self._complete = False
         self._first_wait = 0.0
         self._probe_step = PROBE_STEP[0]
         self._probed_at = -math.inf
 
     # ---- bookkeeping ----------------------------------------------------------------------------------------------
 
-    def _my_reserve(self) -> float:
+    def _fleet_figures(self, now: float) -> CapacitySummary | None:
+        """The fleet's figures when they are newer than the reports this instance took in itself."""
+        fleet = self.fleet_fresh(now)
+        return fleet if fleet is not None and fleet.fleet_at > self._merged_at else None
+
+    def _others_demand(self, now: float) -> list[float]:
+        """What the other instances want (tokens/s): the fleet's total less this instance's part of it, or the
+        reports this instance read."""
+        fleet = self._fleet_figures(now)
+        if fleet is not None:
+            return [max(0.0, fleet.demand - self._published)]
+        return [o.demand for o in self._others.values()]
+
+    def _my_reserve(self, now: float) -> float:
         if not self.reserve_tokens:
             return 0.0
-        return self.reserve_tokens / (1 + sum(1 for o in self._others.values() if o.demand > 0))
+        fleet = self._fleet_figures(now)
+        if fleet is not None:
+            others = max(0, fleet.demanders - (1 if self._published > 0 else 0))
+        else:
+            others = sum(1 for o in self._others.values() if o.demand > 0)
+        return self.reserve_tokens / (1 + others)
 
     def _charge(self, now: float, tokens: float) -> None:
         self.charges.append((now, tokens))

@@ -4,7 +4,8 @@ Two channels, at two speeds; a store that does not answer only delays what is le
 keeps learning from its own 429s, and paces with what it knew last.
 
 - **Reports** (what the rate and the shares are computed from): each instance upserts its report for each PTU
-  deployment it has touched (its charges, instants and demand: one row of its own) and queries everyone's. The rows
+  deployment it has touched (its charges, instants and demand: one row of its own) and, while nobody makes the
+  fleet's figures (below), queries everyone's. The rows
   are one partition and every instance reads all of them, N squared entities (issue 32: past about 31 instances at
   0.5 s it passed Table Storage's 2,000 entities/s), so the interval grows with the rows read: with R rows (about one
   per instance and PTU deployment) the instances together read about R x R / interval, kept under ROWS_PER_S
@@ -19,9 +20,24 @@ keeps learning from its own 429s, and paces with what it knew last.
   until the row holds it or it expires); a throttled or absent store means a pause doubling to SUMMARY_MAX_PAUSE_S
   (jittered; at least the store's Retry-After), not a retry at once.
 
+- **The fleet's figures** (what the rate and the shares are computed from, added up): about every
+  max(FLEET_EVERY_S, rows / ROWS_PER_S) seconds one instance reads every report and writes into each summary row the
+  rate learnt from everyone's charges (`rate_complete`), their demand added up, and how many they are; every other
+  instance takes the rate and its share from there, so both are exact at any number of instances, where each instance
+  alone could read only a part of the reports fresh. The instance that made them last makes them again (one write an
+  interval, no claim); another claims the job (a write on the row's ETag) only when they are FLEET_ORPHANED intervals
+  old. While they are made, each instance publishes its report every max(`sync_s`, rows / ROWS_PER_S) seconds and
+  queries nobody's: the reports' partition serves about 2 x ROWS_PER_S entities a second at any number of instances
+  (the publishes, and one query of every row an interval), not R x R / interval.
+
 Gateways of an earlier version (during a rolling deploy) read and write only the reports: they see a new instance's
 instants there as before (new instances keep publishing them), and new instances relay the old ones' instants into the
-summary when the reports show them (news includes instants read in others' reports).
+summary when the reports show them (news includes instants read in others' reports; the fleet's maker reads every
+report). Their rows count in the fleet's figures while fresh (published within 15 s), which at their own slow interval
+they seldom are: during the deploy the rate is learnt without most of their charges (lower than the PTU's, so paced
+below it) and the shares are computed without their demand, as an instance of their version computes both from a part
+of the fleet. Gateways of the version before the figures write the summary row without them: the rate they write is
+not taken over one learnt from everyone (`rate_complete`), and the figures are made again within a few intervals.
 """
 
 from __future__ import annotations
@@ -37,7 +53,7 @@ from shared.background import keep_running
 from shared.clock import Clock
 from shared.config import Backend
 from shared.records.capacity import CapacityReport
-from shared.routing.capacity import PtuModel, merge_summary
+from shared.routing.capacity import FLEET_FRESH_S, FRESH_S, PtuModel, merge_summary
 from shared.storage.protocols import CapacityStore, Conflict
 
 log = logging.getLogger(__name__)
@@ -60,6 +76,24 @@ SUMMARY_MAX_PAUSE_S = 10.0  # after failed summary reads or writes, the pause do
 # a count half this old is told again by the next instance that reads the rows.
 ROWS_TRUSTED_S = 600.0
 RACE_PAUSE_S = 0.1  # after a lost race, decide again after about this (doubling with races in a row, jittered)
+# The fleet's figures: about every max(FLEET_EVERY_S, rows / ROWS_PER_S) seconds one instance (the first to find them
+# that old in the summary row, which it claims first) reads every per-instance row and writes what they add up to;
+# every instance publishes its own row every max(sync_s, rows / ROWS_PER_S) seconds, so that each is fresh then.
+FLEET_EVERY_S = 1.0
+# The instance that made the figures last makes them again when due, without a claim; another claims only when they are
+# this many intervals old (that one has gone, or cannot reach the store).
+FLEET_ORPHANED = 3.0
+
+
+def fleet_interval(rows: int) -> float:
+    """How often one instance reads every row for the fleet's figures: about ROWS_PER_S entities a second."""
+    return max(FLEET_EVERY_S, rows / ROWS_PER_S)
+
+
+def publish_interval(sync_s: float, rows: int) -> float:
+    """How often each instance publishes its row while the fleet's figures are made: `rows` writes per interval,
+    about ROWS_PER_S a second together."""
+    return max(sync_s, rows / ROWS_PER_S)
 
 
 def sync_interval(sync_s: float, rows: int) -> float:
@@ -98,6 +132,9 @@ class ProvisionedCapacity:
         self._summary_failed_in_row = 0
         self._races_in_row = 0
         self.summary_rows = 0  # the per-instance rows the summary rows say there are
+        self.fleet_reads = 0  # reads of every row this instance made for the fleet's figures
+        self.fleet_writes = 0  # summary writes of the fleet's figures, and claims to make them (not news)
+        self._fleet_seen = -math.inf  # wall clock of the newest fleet figures heard (fleet_at)
         self._rows_at = 0.0
         self._rows_news: set[tuple[str, str]] = set()  # summary rows not yet told this instance's latest count
         self._rng = random.Random()
@@ -143,16 +180,48 @@ class ProvisionedCapacity:
             base = min(cap, base * 2.0 ** min(self._failed_in_row, 10))
         return base if base <= self._sync_s else max(self._sync_s, base * self._rng.uniform(1 - JITTER, 1 + JITTER))
 
+    def fleet_alive(self) -> bool:
+        """Whether an instance makes the fleet's figures (fresh ones were heard lately): then this one only publishes
+        its row, and reads them all only when it is its turn (`exchange`)."""
+        return self._clock.now() - self._fleet_seen <= FLEET_FRESH_S
+
     async def _sync_forever(self) -> None:
         # Past a few dozen instances the first query comes at a random moment of the interval the summary's count of
         # rows says, not at once: instances starting together (a scale-out, a deployment) would otherwise all read
         # every row in the same second.
-        first = sync_interval(self._sync_s, self.known_rows())
-        if first > self._sync_s:
+        alive = self.fleet_alive()
+        first = publish_interval(self._sync_s, self.known_rows()) if alive else sync_interval(self._sync_s, self.known_rows())
+        if first > self._sync_s or alive:
             await asyncio.sleep(self._rng.uniform(0, first))
         while True:
-            await self.sync()
-            await asyncio.sleep(self.interval())
+            if self.fleet_alive():
+                await self.publish()
+                base = publish_interval(self._sync_s, self.known_rows())
+                await asyncio.sleep(self._paused(base))
+            else:
+                await self.sync()
+                await asyncio.sleep(self.interval())
+
+    async def publish(self) -> None:
+        """Publish this instance's reports (its row per PTU deployment), without reading anyone's."""
+        if self._store is None:
+            return
+        now, mono = self._clock.now(), self._clock.monotonic()
+        try:
+            for model in self._models.values():
+                if model.charges or model.ready or model.rate is not None:
+                    await self._store.publish(model.report(now, mono))
+        except Exception as exc:
+            self.sync_failures += 1
+            self._failed_in_row += 1
+            log.warning("could not share PTU capacity (%s)", type(exc).__name__)
+            return
+        self._failed_in_row = 0
+
+    def _paused(self, base: float) -> float:
+        if self._failed_in_row:
+            base = min(max(MAX_BACKOFF_S, 16 * base), base * 2.0 ** min(self._failed_in_row, 10))
+        return max(self._sync_s, base * self._rng.uniform(1 - JITTER, 1 + JITTER)) if base > self._sync_s else base
 
     async def sync(self) -> None:
         """Publish this instance's reports, then take in everyone's."""
@@ -199,6 +268,7 @@ class ProvisionedCapacity:
             return self._sync_s
         base = summary_interval(self._sync_s, self.instances())
         raced = False
+        claimed: list[tuple[str, str]] = []
         for key, model in self._models.items():
             try:
                 summary, etag = await self._store.read_summary(*key)
@@ -206,7 +276,20 @@ class ProvisionedCapacity:
                 told = summary.rows if summary is not None and now - summary.rows_at <= ROWS_TRUSTED_S else 0
                 self.summary_rows = told
                 model.hear(summary, now, mono)
+                if summary is not None and summary.members > 0:
+                    self._fleet_seen = max(self._fleet_seen, summary.fleet_at)
                 news = model.news(summary, now)
+                every = fleet_interval(self.known_rows())
+                age = now - summary.fleet_at if summary is not None else math.inf
+                claim = False
+                if age > every and summary is not None and summary.fleet_by == self.instance:
+                    claimed.append(key)  # this instance made them last: it makes them again
+                elif age > FLEET_ORPHANED * every:
+                    # Nobody makes the fleet's figures: this instance will, if its claim (the row, on its ETag) wins.
+                    claim = True
+                    plain = news is None
+                    news = replace(news or merge_summary(summary, *key, (), None, 0.0, False, self.instance, now),
+                                   fleet_at=now, fleet_by=self.instance)
                 told_at = summary.rows_at if summary is not None else 0.0
                 if key in self._rows_news and (self.rows > 2 * told + 2 or told_at and now - told_at > ROWS_TRUSTED_S / 2):
                     # A count of rows more than twice the row's, or the row's getting old: news, once after each query
@@ -217,7 +300,12 @@ class ProvisionedCapacity:
                     news = replace(news, rows=self.rows, rows_at=self._rows_at)
                 if news is not None:
                     await self._store.write_summary(news, etag)
-                    self.summary_writes += 1
+                    if claim:
+                        claimed.append(key)
+                    if claim and plain:
+                        self.fleet_writes += 1
+                    else:
+                        self.summary_writes += 1
                 self._rows_news.discard(key)  # told (or not news); after a lost race, decided again on a fresh read
             except Conflict:
                 self.summary_races += 1
@@ -231,11 +319,72 @@ class ProvisionedCapacity:
                 pause *= self._rng.uniform(0.5, 1.0)
                 return max(pause, getattr(exc, "retry_after_s", None) or 0.0)
         self._summary_failed_in_row = 0
+        if claimed:
+            await self._make_fleet(claimed)
         if raced:  # decide again soon, on a fresh read: the news may be told already (then there is nothing to write)
             self._races_in_row += 1
             return min(base, RACE_PAUSE_S * 2.0 ** min(self._races_in_row - 1, 4)) * self._rng.uniform(0.5, 1.0)
         self._races_in_row = 0
         return base if base <= self._sync_s else max(self._sync_s, base * self._rng.uniform(1 - JITTER, 1 + JITTER))
+
+    async def _make_fleet(self, keys: list[tuple[str, str]]) -> None:
+        """Read every per-instance row and write the fleet's figures into the claimed summary rows: the rate learnt
+        from everyone's charges (exact at any number of instances, where each instance alone reads only a part of
+        the rows fresh), their demand added up, and how many they are. Failures leave the figures to the next claim."""
+        assert self._store is not None
+        try:
+            await self.publish()
+            reports = await self._store.load()
+        except Exception as exc:
+            self.sync_failures += 1
+            log.warning("could not read the PTU capacity rows (%s)", type(exc).__name__)
+            return
+        self.fleet_reads += 1
+        now, mono = self._clock.now(), self._clock.monotonic()
+        self.rows = len(reports)
+        self._rows_at = now
+        grouped: dict[tuple[str, str], list[CapacityReport]] = {}
+        for report in reports:
+            grouped.setdefault((report.backend_id, report.deployment), []).append(report)
+        for key in keys:
+            model = self._models[key]
+            model.merge(grouped.get(key, ()), now, mono)
+            fresh = [r for r in grouped.get(key, ()) if r.instance != self.instance and now - r.at <= FLEET_FRESH_S]
+            mine = model.demand(mono)
+            made_at = now
+            members, demand = len(fresh) + 1, sum(r.demand for r in fresh) + mine
+            demanders = sum(1 for r in fresh if r.demand > 0) + (1 if mine > 0 else 0)
+            for _ in range(3):
+                try:
+                    summary, etag = await self._store.read_summary(*key)
+                    now = self._clock.now()
+                    if summary is not None and summary.fleet_by != self.instance:
+                        break  # claimed again meanwhile (this instance was too slow): the other one tells it
+                    news = model.news(summary, now) or merge_summary(summary, *key, (), None, 0.0, False,
+                                                                     self.instance, now)
+                    # The rate as learnt from everyone's charges (not the probe's steps above it since: each
+                    # instance probes on its own, from the learnt rate).
+                    basis, learnt = model.basis, model.basis_rate
+                    complete = news.rate_complete  # the row's own, unless this instance's is newer
+                    if learnt is not None and basis is not None and now - basis[0] <= FRESH_S and (
+                            news.rate is None or basis[0] >= news.rate_from):
+                        news = replace(news, rate=learnt, rate_from=basis[0], rate_learnt=basis[1])
+                        complete = model.rate_complete
+                    news = replace(news, rate_complete=complete, fleet_at=made_at,
+                                   fleet_by=self.instance, members=members, demand=demand, demanders=demanders,
+                                   rows=self.rows, rows_at=made_at)
+                    await self._store.write_summary(news, etag)
+                    self.fleet_writes += 1
+                    self._fleet_seen = max(self._fleet_seen, now)
+                    model.hear(news, now, self._clock.monotonic())
+                    break
+                except Conflict:
+                    self.summary_races += 1
+                    continue
+                except Exception as exc:
+                    self.summary_failures += 1
+                    log.warning("could not share the PTU fleet's figures (%s)", type(exc).__name__)
+                    break
 
     async def close(self) -> None:
         for task in (self._task, self._news_task):

@@ -120,6 +120,9 @@ class TableCapacityStore:
                 backend_id, deployment, float(e["at"]), tuple(float(t) for t in json.loads(e["ready"])),
                 float(e["rate"]) if float(e["rate"]) > 0 else None, float(e["rate_from"]), bool(e["rate_learnt"]),
                 str(e.get("by", "")), int(e.get("rows", 0)), float(e.get("rows_at", 0.0)),
+                # The fleet's figures: absent from a row an earlier version wrote (then none are known).
+                bool(e.get("rate_complete", False)), float(e.get("fleet_at", 0.0)), str(e.get("fleet_by", "")),
+                int(e.get("members", 0)), float(e.get("demand", 0.0)), int(e.get("demanders", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("ignored a malformed capacity summary (%s)", type(exc).__name__)
@@ -138,6 +141,12 @@ class TableCapacityStore:
             "by": summary.by,
             "rows": int(summary.rows),
             "rows_at": float(summary.rows_at),
+            "rate_complete": bool(summary.rate_complete),
+            "fleet_at": float(summary.fleet_at),
+            "fleet_by": summary.fleet_by,
+            "members": int(summary.members),
+            "demand": float(summary.demand),
+            "demanders": int(summary.demanders),
         }
         if etag is None:
             await self._tables.call("capacity", lambda t: t.create_entity(entity))
