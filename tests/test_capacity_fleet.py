@@ -153,3 +153,39 @@ async def test_a_summary_written_by_the_previous_version_loses_no_figure_and_no_
     model.hear(old, now, mono)
     assert model.rate == 500.0 and model.fleet_fresh(now) is made  # the part's rate is not taken, the figures stay
     assert not model.covered(now)  # it has read nobody's row: what it would learn alone is a part's
+
+
+def test_a_429_is_told_at_once_not_at_the_next_interval_and_a_flood_of_them_at_most_once_a_second() -> None:
+    """At 1,000 instances the summary row is read (and news written) every 2 s: the instance a PTU refused writes the
+    instant at once, so the others have it within their one interval. A flood of 429s on that instance wakes it at
+    most once a second, and not while the summary row is failing."""
+
+    async def scenario(loop: VirtualLoop) -> tuple[float | None, int, int]:
+        clock = SimClock(loop)
+        store = MemoryCapacityStore()
+        now = clock.now()
+        told = CapacitySummary("ptu", D, now, (), None, 0.0, False, "o1", 1000, now,
+                               fleet_at=now, fleet_by="o1", members=1000)
+        await store.write_summary(told, None)  # 1,000 rows: the exchange interval is 2 s
+        (cap,) = fleet(1, store, clock)
+        cap.start()
+        await asyncio.sleep(0.3)  # its first exchange is done; the next is 2 s away
+        model = known(cap)
+        model.refused(0.0, 0.2, clock.now(), clock.monotonic())
+        cap.told("ptu", D)
+        asked = clock.now()
+        reads = store.summary_reads
+        await asyncio.sleep(0.1)
+        summary, _ = await store.read_summary("ptu", D)
+        written = summary.ready[-1] - asked if summary is not None and summary.ready else None
+        for _ in range(20):  # 20 more 429s within the next second: at most one more wake-up
+            await asyncio.sleep(0.05)
+            model.refused(0.0, 0.2, clock.now(), clock.monotonic())
+            cap.told("ptu", D)
+        extra = store.summary_reads - reads
+        await cap.close()
+        return written, extra, store.summary_writes
+
+    written, extra, _ = run(scenario)
+    assert written is not None and abs(written - 0.2) < 0.01  # the instant (now + 0.2 s) in the row within 0.1 s
+    assert extra <= 3  # the wake-up, one more a second later, maybe the regular exchange: not one per 429

@@ -358,6 +358,12 @@ class PtuModel:
         """Tokens/s this instance offers the PTU lately (smoothed)."""
         return self._decayed_demand(mono)
 
+    def own_instant_is_news(self) -> bool:
+        """Whether this instance's newest instant is at least COALESCE_S newer than any it has heard of."""
+        if not self.ready:
+            return False
+        return max(self.ready) >= max(self._heard, default=-math.inf) + COALESCE_S
+
     def fleet_fresh(self, now: float) -> CapacitySummary | None:
         """The fleet's figures from the summary row, if fresh (FLEET_FRESH_S)."""
         fleet = self._fleet

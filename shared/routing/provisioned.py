@@ -18,7 +18,8 @@ keeps learning from its own 429s, and paces with what it knew last.
   flood of 429s on many instances is the first writer's instant, and the others find theirs already told. A write
   that loses the race is decided again on a fresh read after a short jittered pause (no news is lost: it stays news
   until the row holds it or it expires); a throttled or absent store means a pause doubling to SUMMARY_MAX_PAUSE_S
-  (jittered; at least the store's Retry-After), not a retry at once.
+  (jittered; at least the store's Retry-After), not a retry at once. An instance the PTU refuses exchanges at once
+  (`told`) rather than at its next interval, so a 429 reaches everyone within their one interval.
 
 - **The fleet's figures** (what the rate and the shares are computed from, added up): about every
   max(FLEET_EVERY_S, rows / ROWS_PER_S) seconds one instance reads every report and writes into each summary row the
@@ -53,7 +54,7 @@ from shared.background import keep_running
 from shared.clock import Clock
 from shared.config import Backend
 from shared.records.capacity import CapacityReport
-from shared.routing.capacity import FLEET_FRESH_S, FRESH_S, PtuModel, merge_summary
+from shared.routing.capacity import COALESCE_S, FLEET_FRESH_S, FRESH_S, PtuModel, merge_summary
 from shared.storage.protocols import CapacityStore, Conflict
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,8 @@ class ProvisionedCapacity:
         self.fleet_reads = 0  # reads of every row this instance made for the fleet's figures
         self.fleet_writes = 0  # summary writes of the fleet's figures, and claims to make them (not news)
         self._fleet_seen = -math.inf  # wall clock of the newest fleet figures heard (fleet_at)
+        self._wake: asyncio.Event | None = None  # set to exchange at once (`told`), inside the running loop
+        self._woken_at = -math.inf
         self._rows_at = 0.0
         self._rows_news: set[tuple[str, str]] = set()  # summary rows not yet told this instance's latest count
         self._rng = random.Random()
@@ -255,11 +258,28 @@ class ProvisionedCapacity:
         """About how many instances read each summary row: the per-instance rows, per deployment."""
         return max(1, math.ceil(self.known_rows() / max(1, len(self._models))))
 
+    def told(self, backend_id: str, deployment: str) -> None:
+        """A PTU's 429 named an instant here: exchange now rather than at the next interval (at 1,000 instances the
+        interval is 2 s, and the others read the row that often too: the 429 reaches them in one interval, not two).
+        At most once every COALESCE_S (closer instants are no news), and never while the summary is failing."""
+        model = self._models.get((backend_id, deployment))
+        if model is None or not model.own_instant_is_news():
+            return
+        now = self._clock.monotonic()
+        if self._wake is not None and now - self._woken_at >= COALESCE_S and not self._summary_failed_in_row:
+            self._woken_at = now
+            self._wake.set()
+
     async def _exchange_forever(self) -> None:
+        self._wake = asyncio.Event()
         while True:
+            self._wake.clear()
             pause = await self.exchange()
             self._task = keep_running(self._task, self._sync_forever)  # the reports, once the summary said how many
-            await asyncio.sleep(pause)
+            try:
+                await asyncio.wait_for(self._wake.wait(), pause)
+            except TimeoutError:
+                pass
 
     async def exchange(self) -> float:
         """Read each PTU deployment's summary row, take in what it says, and write it over (on the ETag just read)

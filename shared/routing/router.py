@@ -198,6 +198,8 @@ class Router:
             # any other (a quota's, a bare one, an injected fault) only gives the charge back.
             wait = utilisation_wait(headers) if status == 429 else None
             model.refused(model.call_cost(0), wait, now, self._clock.monotonic())
+            if wait is not None:
+                self.capacity.told(backend.id, deployment)  # an instant: news for every instance, told now
         trip_s = breaker.trip_length(status, headers, now)
         if breaker.rule.accept_retry_after and retry_after_s(headers, now):
             breaker.asked(now, now + trip_s)  # the backend's own word, capped as the trip is
