@@ -296,7 +296,7 @@ class ProvisionedCapacity:
                 told = summary.rows if summary is not None and now - summary.rows_at <= ROWS_TRUSTED_S else 0
                 self.summary_rows = told
                 model.hear(summary, now, mono)
-                if summary is not None and summary.members > 0:
+                if summary is not None:  # figures made, or claimed to be made (a fleet starting: none yet)
                     self._fleet_seen = max(self._fleet_seen, summary.fleet_at)
                 news = model.news(summary, now)
                 every = fleet_interval(self.known_rows())
@@ -322,6 +322,7 @@ class ProvisionedCapacity:
                     await self._store.write_summary(news, etag)
                     if claim:
                         claimed.append(key)
+                        self._fleet_seen = max(self._fleet_seen, now)
                     if claim and plain:
                         self.fleet_writes += 1
                     else:
