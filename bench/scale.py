@@ -2,7 +2,7 @@
 marker reads, in one process, on a simulated clock, against a simulated Table Storage account (bench/simtable.py:
 latency, real ETag conflicts, 2,000 entities/s a partition and 20,000 requests/s an account, 503 ServerBusy beyond).
 
-    .venv/bin/python -m bench.scale [--quick] [--seconds 100] [--write]
+    .venv/bin/python -m bench.scale [--quick] [--seconds 100] [--write] [--seed 7] [--oracle] [--max-claims N]
 
 Shapes:
 - `one`: one consumer asking `rps` requests a second (Poisson, each to a random instance, as the Functions front end
@@ -26,6 +26,8 @@ usage settles / limit (>= 0.95; runs shorter than 120 s have none), storage oper
 (and the re-reads they cost), ServerBusy answers and what the limiter did about them (fallback admissions, 503s), and
 the admission latency the store adds (simulated, p50/p99). Every instance's gateway code is the real code; only the
 store and the clock are simulated. Real run time is bounded by the shapes chosen (--quick: the subset in QUICK).
+A run replays exactly from its seed (every instance's jitter is drawn from it); `--oracle` checks every admission
+against every ledger write (bench/oracle.py) and reports the first instance whose admissions the ledger does not keep.
 """
 
 from __future__ import annotations
