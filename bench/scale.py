@@ -176,7 +176,7 @@ async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoo
     auth_kinds: dict[str, int] = {}
     tasks: set[asyncio.Task[None]] = set()
 
-    async def one(inst: Instance, key: str) -> None:
+    async def one(inst: Instance, key: str, used: int, settle_s: float) -> None:
         started = loop.time()
         try:
             consumer = await inst.directory.authenticate(key)
@@ -195,7 +195,6 @@ async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoo
             return
         latencies.append(loop.time() - started)
         results["admitted"] += 1
-        used = rng.randint(150, 300)
         admitted[consumer.id].append((loop.time(), used))
         if checker is not None:
             lease = getattr(ticket, "_lease", None)
@@ -205,7 +204,7 @@ async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoo
             ticket.settle(used)
             settled[consumer.id].append((loop.time(), used))
 
-        loop.call_later(rng.uniform(*SETTLE_S), settle)
+        loop.call_later(settle_s, settle)
 
     step = 0.01
     t = 0.0
@@ -221,7 +220,10 @@ async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoo
             picks = keys[lo:hi] if lo <= hi else keys[lo:] + keys[:hi]
         for key in picks:
             results["requests"] += 1
-            task = loop.create_task(one(instances[rng.randrange(n)], key))
+            # Every draw at arrival, none on admission: the demand (instance, tokens used, when it settles) is the
+            # seed's alone, the same whatever the gateway admits, so two versions of it see the same requests.
+            inst, used, settle_s = instances[rng.randrange(n)], rng.randint(150, 300), rng.uniform(*SETTLE_S)
+            task = loop.create_task(one(inst, key, used, settle_s))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
     await asyncio.gather(*tasks, return_exceptions=True)
