@@ -189,3 +189,26 @@ def test_a_429_is_told_at_once_not_at_the_next_interval_and_a_flood_of_them_at_m
     written, extra, _ = run(scenario)
     assert written is not None and abs(written - 0.2) < 0.01  # the instant (now + 0.2 s) in the row within 0.1 s
     assert extra <= 3  # the wake-up, one more a second later, maybe the regular exchange: not one per 429
+
+
+def test_an_instance_whose_share_is_less_than_a_call_a_second_still_sends_its_whole_share() -> None:
+    """At 1,000 instances each one's share of a PTU can be half a call a second. Calls offered at random at twice the
+    share (overflowing): what the instance sends over ten minutes is its share, not less (a bucket that held one call
+    and a second of share lost part of the refill between calls, and the fleet sent less than its pace)."""
+    from shared.clock import FakeClock
+
+    clock = FakeClock()
+    model = PtuModel("ptu", D, "i1", stated=150.0)  # tokens/s: half a 300-token call a second
+    model.settled(model.sent(300, clock.now(), clock.monotonic()), 300, clock.now(), clock.monotonic())
+    rng = random.Random(3)
+    sent = 0.0
+    start = clock.monotonic()
+    for _ in range(600 * 20):
+        clock.advance(0.05)
+        if rng.random() < 0.05:  # about a call a second, at random
+            now, mono = clock.now(), clock.monotonic()
+            if model.admits(300, False, now, mono):
+                sent += model.sent(300, now, mono)
+    assert model.share is not None
+    seconds = clock.monotonic() - start
+    assert sent / (model.share * seconds) > 0.95, (sent, model.share * seconds)

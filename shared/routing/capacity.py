@@ -535,8 +535,12 @@ class PtuModel:
         share = share_of(total, demand, others)
         self.share = share
         reserve = self._my_reserve(now)
-        # Room for the reserve, one call, and a second of share: refill is never clipped while a call waits for it.
-        cap = reserve + self.call_cost(0) + share * BURST_S
+        # Room for the reserve, one call, and a second of share or two calls, whichever is more: refill is never
+        # clipped while a call waits for it. (With many instances a second of share is less than a call: at 1,000
+        # instances half of one, and a bucket holding one call and a second of share lost part of every second's
+        # refill between calls; the fleet sent less than its pace, and each instance's probe took the pace up to
+        # 1.57 of the learnt rate to make up for it: bench.scale ptu:1000:1000.)
+        cap = reserve + self.call_cost(0) + max(share * BURST_S, 2 * self.call_cost(0))
         if self.pacer is None:
             # After a 429 the PTU is full: nothing saved yet. Paced to a stated capacity before any, it is presumed
             # idle: a second of its share may go at once.
