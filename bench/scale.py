@@ -233,7 +233,7 @@ async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoo
     await asyncio.gather(*tasks, return_exceptions=True)
     for inst in instances:
         await inst.close()
-    c = account.counts
+    counts = account.counts
     kinds = {k: v - base_kind.get(k, 0) for k, v in _kinds(accounts).items()}
     ledger_ops = kinds.get("ledger.read", 0) + kinds.get("ledger.write", 0)
     figures: dict[str, Any] = {
@@ -245,7 +245,7 @@ async def traffic(shape: str, rps: int, n: int, seconds: float, loop: VirtualLoo
         "ledger_accounts": ledger_accounts,
         "per_account_peak_per_s": [a.counts.peak_account_per_s(2) for a in accounts],
         "account_mean_per_s": round(sum(kinds.values()) / seconds),
-        "busiest_partition": c.peak_partition_per_s(2),
+        "busiest_partition": counts.peak_partition_per_s(2),
         "ledger_partition_peak_per_s": max(a.counts.partition_group_peak("ledger/", 2) for a in accounts),
         "etag_conflicts": sum(a.counts.conflicts for a in accounts),
         "server_busy_503": sum(a.counts.busy for a in accounts),
