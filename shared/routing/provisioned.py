@@ -207,19 +207,25 @@ class ProvisionedCapacity:
 
     async def publish(self) -> None:
         """Publish this instance's reports (its row per PTU deployment), without reading anyone's."""
-        if self._store is None:
-            return
+        if self._store is not None:
+            await self._share(self._store, read=False)
+
+    async def _share(self, store: CapacityStore, read: bool) -> list[CapacityReport] | None:
+        """Publish this instance's reports and, with `read`, take everyone's; None when the store failed (counted, and
+        the next exchange pauses longer)."""
         now, mono = self._clock.now(), self._clock.monotonic()
         try:
             for model in self._models.values():
                 if model.charges or model.ready or model.rate is not None:
-                    await self._store.publish(model.report(now, mono))
+                    await store.publish(model.report(now, mono))
+            reports = await store.load() if read else []
         except Exception as exc:
             self.sync_failures += 1
             self._failed_in_row += 1
             log.warning("could not share PTU capacity (%s)", type(exc).__name__)
-            return
+            return None
         self._failed_in_row = 0
+        return reports
 
     def _paused(self, base: float) -> float:
         if self._failed_in_row:
@@ -230,21 +236,12 @@ class ProvisionedCapacity:
         """Publish this instance's reports, then take in everyone's."""
         if self._store is None:
             return
-        now, mono = self._clock.now(), self._clock.monotonic()
-        try:
-            for model in self._models.values():
-                if model.charges or model.ready or model.rate is not None:
-                    await self._store.publish(model.report(now, mono))
-            reports = await self._store.load()
-        except Exception as exc:
-            self.sync_failures += 1
-            self._failed_in_row += 1
-            log.warning("could not share PTU capacity (%s)", type(exc).__name__)
+        reports = await self._share(self._store, read=True)
+        if reports is None:
             return
         self.rows = len(reports)
         self._rows_at = self._clock.now()
         self._rows_news = set(self._models)  # a count to tell in each summary row, if it differs from what it says
-        self._failed_in_row = 0
         now, mono = self._clock.now(), self._clock.monotonic()
         grouped: dict[tuple[str, str], list[CapacityReport]] = {}
         for report in reports:
