@@ -381,9 +381,8 @@ async def trip(n: int, loop: VirtualLoop, seed: int, warm_s: float = TRIP_WARM_S
     }
 
 
-async def change(count: int, n: int, loop: VirtualLoop, seed: int, more: int = 0) -> dict[str, Any]:
-    """A consumer disabled and another's limit lowered through the admin operations, with N instances warm: when each
-    instance has both (it refuses the key, its copy has the new limit), and what the consumer partition served."""
+def _with_consumers(count: int, loop: VirtualLoop, seed: int) -> tuple[SimAccount, SimClock, Stores, SimConsumerStore]:
+    """A simulated account and its stores with `count` consumers c0, c1, ... stored (keys k-c0, k-c1, ...)."""
     account = SimAccount(seed)
     clock = SimClock(loop)
     stores = sim_stores(account)
@@ -391,6 +390,13 @@ async def change(count: int, n: int, loop: VirtualLoop, seed: int, more: int = 0
     for k in range(count):
         store.twin._store(Consumer(id=f"c{k}", name=f"c{k}", key_hash=hash_key(f"k-c{k}"), key_prefix="gw-x",
                                    limits=Limits(tokens_per_minute=100_000)))
+    return account, clock, stores, store
+
+
+async def change(count: int, n: int, loop: VirtualLoop, seed: int, more: int = 0) -> dict[str, Any]:
+    """A consumer disabled and another's limit lowered through the admin operations, with N instances warm: when each
+    instance has both (it refuses the key, its copy has the new limit), and what the consumer partition served."""
+    account, clock, stores, store = _with_consumers(count, loop, seed)
     instances = [Instance(i, n, clock, stores, seed) for i in range(n)]
     for i, inst in enumerate(instances):
         inst.directory._rng = random.Random(seed * 1_000 + i)  # its jitter, repeatable
@@ -482,13 +488,7 @@ async def cold(count: int, n: int, loop: VirtualLoop, seed: int, snapshot: bool 
     keys, what the listing and the snapshot cost the partitions and the account, and what valid keys got meanwhile.
     With `snapshot`, a warm instance wrote the listing's snapshot before (then COLD_CHANGED consumers were changed);
     without, the directories read the listing as before the snapshot (`coldlist`)."""
-    account = SimAccount(seed)
-    clock = SimClock(loop)
-    stores = sim_stores(account)
-    store = cast(SimConsumerStore, stores.consumers)
-    for k in range(count):
-        store.twin._store(Consumer(id=f"c{k}", name=f"c{k}", key_hash=hash_key(f"k-c{k}"), key_prefix="gw-x",
-                                   limits=Limits(tokens_per_minute=100_000)))
+    account, clock, stores, store = _with_consumers(count, loop, seed)
     account.metered = False
     if snapshot:
         earlier = Instance(n, n, clock, stores)  # the fleet before the deploy: one listing, which writes the snapshot
