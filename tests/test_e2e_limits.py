@@ -125,13 +125,22 @@ def test_the_limit_holds_across_several_gateway_processes(e2e: Stack, gateway_fa
     spent: list[int] = []
     refused = [0]
 
+    # Clients that keep coming, as real ones do (bounded in count and time): tokens one instance's lease holds unused
+    # come back when it is closed or renewed, and another instance's clients then get them. Clients that each gave up
+    # after a fixed number of attempts burned them in a second of refusals while other instances still held the rest of
+    # the minute, and measured that second, not the limiter (CI: 2,244 of 3,000).
+    deadline = time.monotonic() + 8.0
+
     def worker(index: int) -> None:
         c = client(gateways[index % 3], key)
-        for _ in range(60):
+        for _ in range(400):
+            if time.monotonic() > deadline:
+                return
             try:
                 raw = c.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES, max_tokens=10)
             except openai.RateLimitError:
                 refused[0] += 1
+                time.sleep(0.1)
                 continue
             spent.append(int(raw.headers["x-gateway-tokens-consumed"]))
 
@@ -139,6 +148,6 @@ def test_the_limit_holds_across_several_gateway_processes(e2e: Stack, gateway_fa
         list(pool.map(worker, range(6)))
     assert refused[0] > 0
     assert sum(spent) <= 3000, sum(spent)
-    # And not far under it: the 6 workers' in-flight reservations near the limit cost some admissions (2,398 of 3,000
-    # once, on a loaded machine), so the floor is 75 %, not the bench's 95 % (bench.limits measures that, unhurried).
-    assert sum(spent) >= 0.75 * 3000, sum(spent)
+    # And hardly under it: what is left unadmitted at the end is what the three instances' last leases hold, a few
+    # requests' worth each.
+    assert sum(spent) >= 0.9 * 3000, sum(spent)
