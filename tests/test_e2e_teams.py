@@ -3,6 +3,7 @@ belongs to holds across processes; a refusal names the level."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -21,17 +22,24 @@ def client(url: str, key: str, user: str | None = None) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, default_headers=headers)
 
 
-def hammer(clients: list[openai.OpenAI], rounds: int) -> tuple[list[int], list[str]]:
-    """Each client from its own thread, `rounds` requests each; what was consumed, and the scopes that refused."""
+def hammer(clients: list[openai.OpenAI], rounds: int, seconds: float = 8.0) -> tuple[list[int], list[str]]:
+    """Each client from its own thread, at most `rounds` requests each for at most `seconds`, coming back 0.1 s after a
+    429 as real clients do (a client that gives up after a fixed count burns it in a second of refusals while other
+    processes' leases still hold the rest of the minute: test_e2e_limits); what was consumed, and the scopes that
+    refused."""
     spent: list[int] = []
     scopes: list[str] = []
+    deadline = time.monotonic() + seconds
 
     def worker(c: openai.OpenAI) -> None:
         for _ in range(rounds):
+            if time.monotonic() > deadline:
+                return
             try:
                 raw = c.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES, max_tokens=10)
             except openai.RateLimitError as error:
                 scopes.append(error.response.headers.get("x-gateway-limit-scope", ""))
+                time.sleep(0.1)
                 continue
             spent.append(int(raw.headers["x-gateway-tokens-consumed"]))
 
@@ -53,10 +61,10 @@ def test_two_consumers_of_a_team_together_hold_the_teams_minute_across_processes
     keys = [e2e.create_consumer(first, tpm=100_000, team=team), e2e.create_consumer(second, tpm=100_000, team=team)]
     wait_for(lambda: client(gateways[2], keys[1]).models.list() is not None, timeout_s=5)
     clients = [client(gateways[n % 3], keys[n % 2]) for n in range(6)]
-    spent, scopes = hammer(clients, 60)
+    spent, scopes = hammer(clients, 400)
     assert scopes and set(scopes) == {"team"}
     assert sum(spent) <= 3000, sum(spent)
-    assert sum(spent) >= 0.75 * 3000, sum(spent)  # as test_e2e_limits: in-flight reservations near the limit cost some
+    assert sum(spent) >= 0.9 * 3000, sum(spent)  # what the last leases hold is left: 2,992 in three runs
     assert e2e.window(f"team|{team}") <= 3000
     assert e2e.charged(first) + e2e.charged(second) == e2e.window(f"team|{team}")
 
@@ -67,14 +75,14 @@ def test_one_end_user_at_its_limit_another_served_and_the_consumers_limit_holds_
     consumer = unique("chat")
     key = e2e.create_consumer(consumer, tpm=2400, users=UserLimits(tokens_per_minute=1000, sources=("header",)))
     busy = [client(gateways[n % 3], key, "alice") for n in range(3)]
-    spent, scopes = hammer(busy, 40)
+    spent, scopes = hammer(busy, 400)
     assert scopes and set(scopes) == {"user"}
     assert sum(spent) <= 1000, sum(spent)
-    assert sum(spent) >= 0.5 * 1000, sum(spent)  # split across three processes' shares, each filled by round robin
+    assert sum(spent) >= 0.9 * 1000, sum(spent)  # three processes' shares, each filled in turn: 990 in three runs
     bob = client(gateways[0], key, "bob")
     assert bob.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=10).usage is not None
     # Many end users, each well within its own 1,000: together they stop at the consumer's 2,400.
     crowd = [client(gateways[n % 3], key, f"user-{n}") for n in range(6)]
-    more, scopes = hammer(crowd, 30)
+    more, scopes = hammer(crowd, 400, seconds=5.0)
     assert "consumer" in scopes
     assert e2e.charged(consumer) <= 2400
