@@ -7,6 +7,8 @@
 token limit, App Insights off; non-streaming chat at 64 clients (wrk: CPU per request, p99), streams at 1 and 16
 clients (time to first byte); RSS after start and the first request's latency. `--baseline DIR`: another checkout of
 the gateway (an earlier commit, e.g. from `git archive`) runs beside it in the same run, as "gateway-baseline".
+`--unlimited`: the same gateway process is also called as a consumer without any limit ("gateway-unlimited": no lease,
+no reservation, no x-ratelimit headers), which tells the limiter's share of the gateway's CPU and tail from the rest.
 
 One simulated backend (50 ms; streams of 20 tokens 5 ms apart); every configuration forwards to it:
 - direct: the load generator straight to the backend (the floor);
@@ -84,7 +86,8 @@ def pause_others(configs: list[Config], running: Config) -> None:
         if config.pid:
             for member in tree(config.pid):
                 try:
-                    os.kill(member, signal.SIGCONT if config is running else signal.SIGSTOP)
+                    # Two configurations may be one process called two ways (--unlimited): the running one's stays up.
+                    os.kill(member, signal.SIGCONT if config.pid == running.pid else signal.SIGSTOP)
                 except ProcessLookupError:
                     pass
     time.sleep(0.2)
@@ -213,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--hot", action="store_true", help="the hot path's measurement (see above)")
     parser.add_argument("--baseline", type=Path, help="with --hot: a checkout of an earlier gateway to run beside it")
+    parser.add_argument("--unlimited", action="store_true",
+                        help="with --hot: also call the gateway as a consumer without limits (the limiter's share)")
     args = parser.parse_args(argv)
     if args.hot:
         return hot(args)
@@ -283,7 +288,7 @@ def hot(args: argparse.Namespace) -> int:
               and (not args.concurrency or c in args.concurrency)]
     results: dict[str, Any] = {"machine": machine(), "date": stamp(), "seconds": args.seconds, "rounds": args.rounds,
                                "points": [], "extras": {}, "load_average": os.getloadavg()[0],
-                               "baseline": str(args.baseline) if args.baseline else None}
+                               "baseline": str(args.baseline) if args.baseline else None, "unlimited": args.unlimited}
     extras = results["extras"]
     with bench_stack() as bench, tempfile.TemporaryDirectory() as folder:
         log_dir = Path(folder)
@@ -293,6 +298,7 @@ def hot(args: argparse.Namespace) -> int:
         backend = f"http://127.0.0.1:{region.port}"
         # A limited consumer (its limit far above what the load asks): the limiter is on the path, no 429s.
         key = bench.consumer("bench", tokens_per_minute=2_000_000_000)
+        free_key = bench.consumer("bench-unlimited") if args.unlimited else None
         env = {"APPLICATIONINSIGHTS_CONNECTION_STRING": ""}
         chat_path = AZURE_PATH.format(deployment="gpt-4o", operation="chat/completions")
         started = time.monotonic()
@@ -318,6 +324,8 @@ def hot(args: argparse.Namespace) -> int:
         configs = [Config("direct", backend, "azure", stack.SIM_API_KEY, None),
                    Config("passthrough-aiohttp", passthrough.url, "azure", stack.SIM_API_KEY, passthrough.process.pid),
                    Config("gateway", gateway.url, "azure", key, pid)]
+        if free_key is not None:
+            configs.append(Config("gateway-unlimited", gateway.url, "azure", free_key, pid))
         if baseline is not None:
             configs.append(Config("gateway-baseline", baseline.url, "azure", key, baseline.process.pid))
         for workload, concurrency in points:
@@ -439,13 +447,30 @@ def hot_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     return goals
 
 
+def limiter_share(points: list[dict[str, Any]]) -> str:
+    """What the limiter costs at 64 clients: the gateway called by a limited consumer against the same process called by
+    an unlimited one (--unlimited), CPU per request and p99 (medians, and round by round); '' without that row."""
+    rows = {(p["config"], p["workload"], p["concurrency"]): p for p in points}
+    limited, free = rows.get(("gateway", "chat", 64)), rows.get(("gateway-unlimited", "chat", 64))
+    if not limited or not free:
+        return ""
+    paired = paired_differences(limited.get("p99_rounds_ms", []), free.get("p99_rounds_ms", []))
+    rounds = (f"; round by round {statistics.median(paired):+.2f} (rounds {', '.join(f'{d:+}' for d in paired)})"
+              if paired else "")
+    return (f"The limiter's share (chat, 64 clients; the same process called by a consumer without limits): CPU per "
+            f"request {limited['cpu_ms_per_request']} against {free['cpu_ms_per_request']} ms "
+            f"({limited['cpu_ms_per_request'] - free['cpu_ms_per_request']:+.3f}), p99 {limited['p99_ms']} against "
+            f"{free['p99_ms']} ms ({limited['p99_ms'] - free['p99_ms']:+.2f}{rounds}).")
+
+
 def hot_markdown(results: dict[str, Any]) -> str:
     extras = results["extras"]
     lines = [
         "## The hot path: the gateway against the aiohttp passthrough (issue 25)",
         "",
         f"`.venv/bin/python -m bench.compare --hot --seconds {results['seconds']:g} --rounds {results['rounds']}"
-        f"{' --baseline ' + results['baseline'] if results.get('baseline') else ''} --write` — "
+        f"{' --baseline ' + results['baseline'] if results.get('baseline') else ''}"
+        f"{' --unlimited' if results.get('unlimited') else ''} --write` — "
         f"{results['date']}, {results['machine']}; load average {results['load_average']:.2f} at the start.",
         "One 50 ms simulated backend (streams: 20 tokens 5 ms apart); the gateway with one consumer that has a token "
         "limit (far above the load: the limiter is on the path, nothing refused), Azurite, App Insights off; the bare "
@@ -468,6 +493,9 @@ def hot_markdown(results: dict[str, Any]) -> str:
     lines += ["", f"Listening {extras.get('gateway_listening_s')} s after the process started. First request after "
               f"start: {extras.get('gateway_first_request_ms')} ms (the next ones' p50 "
               f"{extras.get('gateway_next_requests_p50_ms')} ms, one client, sequential)."]
+    share = limiter_share(results["points"])
+    if share:
+        lines.append(share)
     if "baseline_commit" in extras:
         lines.append(f"Baseline ({extras['baseline_commit']}): RSS after start {extras.get('baseline_rss_after_start_mb')} "
                      f"MB, first request {extras.get('baseline_first_request_ms')} ms (next ones' p50 "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.compare import hot_goals, paired_differences
+from bench.compare import hot_goals, limiter_share, paired_differences
 
 
 def point(config: str, p99: float, rounds: list[float], cpu: float = 0.5) -> dict[str, Any]:
@@ -35,3 +35,12 @@ def test_met_only_when_the_medians_and_the_rounds_both_say_so() -> None:
 def test_without_rounds_the_medians_decide() -> None:
     goal = p99_goal([point("gateway", 62.5, []), point("passthrough-aiohttp", 60.0, [])])
     assert goal["met"] and "round by round" not in goal["measured"]
+
+
+def test_the_limiters_share_compares_the_same_process_called_with_and_without_limits() -> None:
+    limited = point("gateway", 65.0, [66.0, 60.0, 64.0], cpu=0.47)
+    free = point("gateway-unlimited", 61.0, [61.0, 61.0, 60.5], cpu=0.41)
+    text = limiter_share([limited, free, point("passthrough-aiohttp", 62.0, [62.0, 62.0, 62.0])])
+    assert "0.47 against 0.41 ms (+0.060)" in text
+    assert "p99 65.0 against 61.0 ms (+4.00; round by round +3.50 (rounds +5.0, -1.0, +3.5))" in text
+    assert limiter_share([limited]) == ""
