@@ -120,7 +120,7 @@ def interleaved(configs: list[Config], workload: str, concurrency: int, rounds_n
     for config in configs:
         point = merge(rounds[config.name], workload)
         point.update({"config": config.name, "workload": workload, "concurrency": concurrency})
-        # Each round's p99, in round order: configurations measured in the same round ran minutes apart at most, so
+        # Each round's p99, in round order: configurations measured in the same round ran seconds apart, so
         # their differences round by round are what the machine's drift disturbs least (hot_goals pairs them).
         point["p99_rounds_ms"] = [run.get("latency_ms", {}).get("p99") for run in rounds[config.name]]
         point["added_p50_ms"] = round(point["p50_ms"] - direct["p50_ms"], 3)
