@@ -199,17 +199,7 @@ class ConsumerDirectory:
             self._due_at = now + pause
             self._checked_at = now - self._check_s + min(self._check_s, pause)
             return
-        self.reload_failures = 0
-        self.reloads += 1
-        self._follow(feed)
-        self._index(consumers, teams)
-        self._loaded_at = self._checked_at = self._fresh_at = self._clock.monotonic()
-        self._rows = len(consumers) + len(teams)
-        period = max(self._refresh_s, self._rows / LIST_ROWS_PER_S)
-        if period > self._refresh_s:
-            period *= self._rng.uniform(1 - RELOAD_JITTER, 1 + RELOAD_JITTER)
-        self._due_at = self._loaded_at + period
-        self._stale_logged = False
+        self._took(feed, consumers, teams, (1 - RELOAD_JITTER, 1 + RELOAD_JITTER))
         if self._snapshots and feed.epoch and (self._writing is None or self._writing.done()):
             self._writing = asyncio.get_running_loop().create_task(self._refresh_snapshot(feed, consumers, teams))
 
@@ -260,20 +250,26 @@ class ConsumerDirectory:
         return False
 
     def _loaded_from(self, stamp: ChangeFeed, consumers: list[Consumer], teams: list[Team]) -> None:
+        self.snapshot_loads += 1
+        # Current to the feed read (its token: the next check reads only the marker), or to the snapshot's stamp when
+        # the marker was not ahead of it (no token: the next check reads the marker and adopts its token). Instances
+        # started together from one snapshot read their first full listing (which catches rows edited by other means
+        # than the store) spread over the whole period, not together.
+        self._took(stamp, consumers, teams, (0.1, 1.0))
+
+    def _took(self, stamp: ChangeFeed, consumers: list[Consumer], teams: list[Team], drawn: tuple[float, float]) -> None:
+        """The copy is now these rows, current to `stamp`; the next full listing is due after the period the rows
+        need, times a factor drawn from `drawn` (short periods are not drawn: nothing to spread)."""
         self.reload_failures = 0
         self.reloads += 1
-        self.snapshot_loads += 1
-        self._index(consumers, teams)
-        # Current to the feed read (its token: the next check reads only the marker), or to the snapshot's stamp when
-        # the marker was not ahead of it (no token: the next check reads the marker and adopts its token).
         self._follow(stamp)
-        now = self._clock.monotonic()
-        self._loaded_at = self._fresh_at = self._checked_at = now
+        self._index(consumers, teams)
+        self._loaded_at = self._checked_at = self._fresh_at = self._clock.monotonic()
         self._rows = len(consumers) + len(teams)
         period = max(self._refresh_s, self._rows / LIST_ROWS_PER_S)
-        # Instances started together from one snapshot read their first full listing (which catches rows edited by
-        # other means than the store) spread over the whole period, not together.
-        self._due_at = now + (period * self._rng.uniform(0.1, 1.0) if period > self._refresh_s else period)
+        if period > self._refresh_s:
+            period *= self._rng.uniform(*drawn)
+        self._due_at = self._loaded_at + period
         self._stale_logged = False
 
     async def _refresh_snapshot(self, feed: ChangeFeed, consumers: list[Consumer], teams: list[Team]) -> None:

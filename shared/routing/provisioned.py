@@ -97,6 +97,13 @@ def publish_interval(sync_s: float, rows: int) -> float:
     return max(sync_s, rows / ROWS_PER_S)
 
 
+def _by_deployment(reports: list[CapacityReport]) -> dict[tuple[str, str], list[CapacityReport]]:
+    grouped: dict[tuple[str, str], list[CapacityReport]] = {}
+    for report in reports:
+        grouped.setdefault((report.backend_id, report.deployment), []).append(report)
+    return grouped
+
+
 def sync_interval(sync_s: float, rows: int) -> float:
     """How long to wait between syncs when the last read returned `rows` rows: `sync_s`, or longer so that about
     `rows` instances reading `rows` rows each stay under ROWS_PER_S."""
@@ -174,14 +181,7 @@ class ProvisionedCapacity:
 
     def interval(self) -> float:
         """The pause before the next sync (see the module's docstring), jittered."""
-        base = sync_interval(self._sync_s, self.known_rows())
-        if self._failed_in_row:
-            # Throttled or away: ask it less, not again at once; doubling, to a minute, or to 16 times the interval
-            # when the count of rows is large (a fleet that started at once may have more rows than any count said:
-            # its queries are refused until the pauses are long enough for some to be answered and tell it).
-            cap = max(MAX_BACKOFF_S, 16 * base)
-            base = min(cap, base * 2.0 ** min(self._failed_in_row, 10))
-        return base if base <= self._sync_s else max(self._sync_s, base * self._rng.uniform(1 - JITTER, 1 + JITTER))
+        return self._paused(sync_interval(self._sync_s, self.known_rows()))
 
     def fleet_alive(self) -> bool:
         """Whether an instance makes the fleet's figures (fresh ones were heard lately): then this one only publishes
@@ -228,7 +228,11 @@ class ProvisionedCapacity:
         return reports
 
     def _paused(self, base: float) -> float:
+        """`base`, the pause between exchanges with the rows, after the failures in a row and jittered."""
         if self._failed_in_row:
+            # Throttled or away: ask it less, not again at once; doubling, to a minute, or to 16 times the interval
+            # when the count of rows is large (a fleet that started at once may have more rows than any count said:
+            # its queries are refused until the pauses are long enough for some to be answered and tell it).
             base = min(max(MAX_BACKOFF_S, 16 * base), base * 2.0 ** min(self._failed_in_row, 10))
         return max(self._sync_s, base * self._rng.uniform(1 - JITTER, 1 + JITTER)) if base > self._sync_s else base
 
@@ -243,9 +247,7 @@ class ProvisionedCapacity:
         self._rows_at = self._clock.now()
         self._rows_news = set(self._models)  # a count to tell in each summary row, if it differs from what it says
         now, mono = self._clock.now(), self._clock.monotonic()
-        grouped: dict[tuple[str, str], list[CapacityReport]] = {}
-        for report in reports:
-            grouped.setdefault((report.backend_id, report.deployment), []).append(report)
+        grouped = _by_deployment(reports)
         for key, model in self._models.items():
             model.merge(grouped.get(key, ()), now, mono)
 
@@ -361,9 +363,7 @@ class ProvisionedCapacity:
         now, mono = self._clock.now(), self._clock.monotonic()
         self.rows = len(reports)
         self._rows_at = now
-        grouped: dict[tuple[str, str], list[CapacityReport]] = {}
-        for report in reports:
-            grouped.setdefault((report.backend_id, report.deployment), []).append(report)
+        grouped = _by_deployment(reports)
         for key in keys:
             model = self._models[key]
             model.merge(grouped.get(key, ()), now, mono)

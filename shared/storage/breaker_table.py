@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import random
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from azure.core.exceptions import ResourceNotFoundError
@@ -79,6 +80,24 @@ class _Table:
             await self._tables.call("breakers", lambda t: t.create_entity(entity))
         else:
             await self._tables.call("breakers", replace_if_unchanged(entity, etag))
+
+
+async def _change(table: BreakerTable, partition: str, row: str,
+                  change: Callable[[dict[str, Any] | None], dict[str, Any] | None]) -> bool:
+    """tables.change_row's read-decide-write loop on the ETag, over the BreakerTable (which bench.scale's simulated
+    table also implements): `change` returns the entity to write over what it was given, or None (nothing to tell).
+    True when written; Conflict after _BREAKER_WRITE_TRIES lost races."""
+    for _ in range(_BREAKER_WRITE_TRIES):
+        current, etag = await table.read(partition, row)
+        entity = change(current)
+        if entity is None:
+            return False
+        try:
+            await table.write(entity, etag)
+        except Conflict:
+            continue  # another writer came first: decide again on what it wrote
+        return True
+    raise Conflict(f"breakers: every write of {partition}/{row} lost to another writer")
 
 
 def _from_row(e: dict[str, Any]) -> BreakerRecord:
@@ -168,20 +187,15 @@ class TableBreakerStore:
             "deployment": record.deployment, "state": record.state, "until": float(record.until),
             "since": float(record.since), "reason": record.reason,
         }
-        for _ in range(_BREAKER_WRITE_TRIES):
-            current, etag = await self._table.read(_BREAKER_PK, row_key)
+
+        def told(current: dict[str, Any] | None) -> dict[str, Any] | None:
             try:
                 shared = _from_row(current) if current is not None else None
             except (KeyError, TypeError, ValueError):
                 shared = None
-            if not is_news(shared, record):
-                return False  # told already (or a newer transition is shared)
-            try:
-                await self._table.write(entity, etag)
-            except Conflict:
-                continue  # another writer came first: decide again on what it wrote
-            return True
-        raise Conflict(f"breakers: every write of {row_key} lost to another writer")
+            return entity if is_news(shared, record) else None  # None: told already (or a newer one is shared)
+
+        return await _change(self._table, _BREAKER_PK, row_key, told)
 
     async def _write_copies(self, record: BreakerRecord) -> None:
         await asyncio.gather(*(self._write_copy(k, [record]) for k in range(COPIES)))
@@ -207,22 +221,18 @@ class TableBreakerStore:
 
     async def _change_copy(self, k: int, records: list[BreakerRecord]) -> None:
         partition = copy_partition(k)
-        for _ in range(_BREAKER_WRITE_TRIES):
-            current, etag = await self._table.read(partition, _COPY_RK)
+
+        def with_news(current: dict[str, Any] | None) -> dict[str, Any] | None:
             shared = _from_copy(current)
             news = [r for r in records if is_news(shared.get((r.backend_id, r.deployment)), r)]
             if not news:
-                return
+                return None
             for r in news:
                 shared[(r.backend_id, r.deployment)] = r
             now = max(r.since for r in records)
-            entity = {"PartitionKey": partition, "RowKey": _COPY_RK, "rows": copy_text(shared, now)}
-            try:
-                await self._table.write(entity, etag)
-            except Conflict:
-                continue
-            return
-        raise Conflict(f"breakers: every write of copy {k} lost to another writer")
+            return {"PartitionKey": partition, "RowKey": _COPY_RK, "rows": copy_text(shared, now)}
+
+        await _change(self._table, partition, _COPY_RK, with_news)
 
     async def _write_unwritten(self) -> None:
         for k, pending in list(self._unwritten.items()):
