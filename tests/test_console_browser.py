@@ -145,7 +145,7 @@ def test_create_use_watch_rotate_and_disable_a_consumer_from_the_page(gateway: L
 
 def test_a_wrong_key_is_refused_and_not_kept(gateway: LiveGateway, tab: Tab) -> None:
     sign_in(tab.page, gateway.url, "gw-admin-not-the-key")
-    tab.page.wait_for_function("document.getElementById('signin-error').textContent.length > 0")
+    tab.page.wait_for_function("() => document.getElementById('signin-error').textContent.length > 0")
     assert "not valid" in tab.page.locator("#signin-error").inner_text()
     assert tab.page.locator("#app").is_hidden()
     assert tab.storage()["session"] == {} and tab.storage()["local"] == {}
@@ -201,7 +201,7 @@ def test_a_refused_edit_says_why_and_changes_nothing(gateway: LiveGateway, tab: 
     tab.page.fill("#e-quota", "500")
     tab.page.select_option("#e-quota-period", "")  # a quota without a period: the API says no, naming the field
     tab.page.click("#edit-save")
-    tab.page.wait_for_function("document.getElementById('edit-error').textContent.includes('quota_period')")
+    tab.page.wait_for_function("() => document.getElementById('edit-error').textContent.includes('quota_period')")
     assert tab.page.locator("#edit").is_visible()
     consumer = gateway.do(lambda: gateway.harness.consumer_store.consumers["strict-app"])
     assert (consumer.limits.quota, consumer.limits.tokens_per_minute) == (0, 100)
