@@ -313,3 +313,47 @@ async def test_an_end_users_limit_holds_across_instances_joining_and_a_lowered_l
     assert refused_scopes == {"user"}
     assert all(busy_served[m] >= 0.8 * 3000 for m in (1, 3))  # two instances, then three sharing the limit
     assert busy_served[5] >= 0.8 * 1200
+
+
+
+@pytest.mark.parametrize("seed", range(10))
+async def test_an_end_user_at_its_limit_is_told_its_own_limit_while_the_others_leases_hold_the_consumers_window(
+    seed: int,
+) -> None:
+    """One end user hammering through three instances reaches its 1,000 while the consumer (2,400) has room: the
+    instances' leases hold what is left of the consumer's window, so an instance whose lease runs out claims nothing
+    more. Every refusal names the end user (whose limit binds), with the end user's wait, never the consumer: an e2e
+    run was told "This key has 1410 of its 2400 tokens per minute left; retry after 1 seconds", and so were 7 of these
+    10 runs before the fix. Other end users are still served, and once the consumer's window is spent
+    they are refused naming the consumer."""
+    rng = random.Random(seed)
+    store, clock = MemoryLedgerStore(), FakeClock()
+    instances = limiters(store, clock, 3)
+    c = member("app", tpm=2400, users=UserLimits(tokens_per_minute=1000))
+
+    async def hammer(users: list[str], seconds: float) -> tuple[int, list[RateLimited]]:
+        admitted, refused = 0, []
+        start, n = clock.now(), 0
+        while clock.now() - start < seconds:  # a request about every 10 ms over the three instances in turn
+            try:
+                ticket = await instances[n % 3].admit(c, DEPLOYMENT, 22, user=users[n % len(users)])
+            except RateLimited as refusal:
+                refused.append(refusal)
+            else:
+                ticket.settle(22)
+                admitted += 22
+            clock.advance(0.01 * rng.uniform(0.5, 1.5))
+            n += 1
+            if rng.random() < 0.05:
+                for lim in instances:
+                    await lim.tick()
+        return admitted, refused
+
+    admitted, alice = await hammer(["alice"], 8)
+    assert 0.9 * 1000 <= admitted <= 1000
+    assert alice and {r.level for r in alice} == {"user"}, [(r.level, round(r.wait_ms)) for r in alice if r.level != "user"][:5]
+    # What the end user is told to wait is its own: the window it spent, not the consumer's next second.
+    assert max(r.wait_ms for r in alice) > 30_000
+    _, crowd = await hammer([f"user-{n}" for n in range(6)], 6)
+    assert "consumer" in {r.level for r in crowd}
+    assert await charged(store, "app", clock) <= 2400

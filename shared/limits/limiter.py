@@ -50,7 +50,7 @@ from shared.limits.pacing import Pacing, lease_lifetime
 from shared.limits.refused_scopes import Blocks
 from shared.limits.scopes import CONSUMER, TEAM, USER, Level, Scopes, level_name, levels_for, scopes_for
 from shared.limits.tickets import Held, Place, Ticket, UnlimitedTicket
-from shared.limits.user_shares import MAX_SHARE_S, UserWindows, declare, declaring, serving
+from shared.limits.user_shares import MAX_SHARE_S, SHARE_RETRY_MS, UserWindows, declare, declaring, serving
 from shared.outcomes import NeverAdmissible, QuotaExhausted, RateLimited
 from shared.records.consumers import Consumer
 from shared.storage.ledger_shards import ShardedLedgerStore
@@ -406,7 +406,7 @@ class TokenLimiter:
             blocked = budget.blocks.refusal(level.scopes, now)
             if (blocked is not None and not budget.fallback.active(now)
                     and not self._may_fit(budget, level.scopes, at_least)):
-                raise self._refused(budget, level.scopes, blocked[1], blocked[0], now, at_least)
+                raise self._refused(budget, level.scopes, blocked[1], blocked[0], now, at_least, level.user)
 
     def room(self, consumer: Consumer, deployment: str, user: str | None = None) -> int | None:
         left: list[int] = []
@@ -473,14 +473,14 @@ class TokenLimiter:
                 may_fit = self._may_fit(budget, scopes, reserve)
                 blocked = budget.blocks.refusal(scopes, now)
                 if blocked is not None and not may_fit:
-                    raise self._refused(budget, scopes, blocked[1], blocked[0], now, reserve)
+                    raise self._refused(budget, scopes, blocked[1], blocked[0], now, reserve, user)
                 if budget.backoff.active(now):  # the store throttled this ledger: no write before the pause ends
                     raise self._refused(budget, scopes, Refusal(CONSUMER_SCOPE, None), budget.backoff.until, now,
-                                        reserve)
+                                        reserve, user)
                 saturated = self._saturated_until(budget, scopes, reserve, now)
                 if saturated is not None and not may_fit:
                     raise self._refused(budget, scopes, Refusal(budget.pace.saturated_scope, None), saturated, now,
-                                        reserve)
+                                        reserve, user)
                 await self._sync(budget, reserve, scopes.names)
                 ticket = self._admit_from_lease(budget, scopes, reserve, user, after_sync=True)
                 if ticket is not None:
@@ -493,7 +493,7 @@ class TokenLimiter:
         blocked = budget.blocks.refusal(scopes, now)
         refusal = blocked[1] if blocked else Refusal(CONSUMER_SCOPE, 1000)
         return_at = blocked[0] if blocked else now + 1
-        raise self._refused(budget, scopes, refusal, return_at, now, reserve)
+        raise self._refused(budget, scopes, refusal, return_at, now, reserve, user)
 
     def _new_state(self, key: str, kind: str) -> LedgerState:
         return LedgerState(key, kind, self._account(key), copy=LedgerCopy(rng=self.rng), backoff=BusyBackoff(rng=self.rng))
@@ -521,10 +521,20 @@ class TokenLimiter:
         return True
 
     def _refused(
-        self, budget: LedgerState, scopes: Scopes, refusal: Refusal, until: float, now: float, need: int
+        self, budget: LedgerState, scopes: Scopes, refusal: Refusal, until: float, now: float, need: int,
+        user: str | None = None,
     ) -> Exception:
         tokens, _ = self._remaining(budget, scopes)
-        return refusals.refused(scopes, refusal, until, now, need, tokens[1] if tokens is not None else 0, budget.kind)
+        refused = refusals.refused(scopes, refusal, until, now, need, tokens[1] if tokens is not None else 0,
+                                   budget.kind)
+        if user is not None and isinstance(refused, RateLimited):
+            # The narrowest level that refuses is the one named (levels_for): an end user already over its share here
+            # would be refused by it whatever the consumer's window holds (the others' leases may hold the rest of a
+            # window it cannot use), so it is told its own limit, and the longer of the two waits.
+            own = budget.users.refuses(user, need, budget.user_share, int(now * 1000))
+            if own is not None:
+                return self._user_refused(budget, max(own, refused.wait_ms))
+        return refused
 
     def _saturated_until(self, budget: LedgerState, scopes: Scopes, reserve: int, now: float) -> float | None:
         """While the window is full claims are spaced out, but the answer is the true time until this request fits,
@@ -554,7 +564,7 @@ class TokenLimiter:
             if wait_ms is None:
                 if not after_sync:
                     return None  # this instance's share is too small for it: the next write asks for more
-                raise self._user_refused(budget, 1000)  # other instances hold the end users' limit for now
+                raise self._user_refused(budget, SHARE_RETRY_MS)  # other instances hold the end users' limit for now
             if wait_ms > 0:
                 raise self._user_refused(budget, wait_ms)
         expiry = bucket_expiry(now_ms)

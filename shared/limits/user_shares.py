@@ -30,6 +30,9 @@ from shared.limits.ledger import WINDOW_MS, Ledger
 # A consumer with end-user limits renews its lease (an allowance included) at least this often, so an instance that
 # starts serving it gets a share within about this long.
 MAX_SHARE_S = 30.0
+# An end user refused because this instance's share is below one request is told to come back after this: the share
+# may grow at the next claim (the others' renewals shrink theirs).
+SHARE_RETRY_MS = 1000
 
 
 def declare(ledger: Ledger, instance: str, want: int, floor: int, limit: int, until_ms: int, now_ms: int) -> int:
@@ -88,6 +91,17 @@ class UserWindows:
             if held + need <= share:
                 return expiry - now_ms
         return WINDOW_MS
+
+    def refuses(self, user: str, need: int, share: int, now_ms: int) -> int | None:
+        """How long until `need` more fits under `share` for an end user this instance has admitted within the window
+        and cannot admit now (a share below one request: SHARE_RETRY_MS, until a claim may raise it); None when it
+        fits, or when the end user holds nothing here (then a small share says nothing of the end user)."""
+        if not self._live(user, now_ms):
+            return None
+        wait = self.wait_ms(user, need, share, now_ms)
+        if wait == 0:
+            return None
+        return wait if wait is not None else SHARE_RETRY_MS
 
     def charge(self, user: str, expiry: int, tokens: int) -> None:
         window = self.windows.setdefault(user, {})
