@@ -92,9 +92,17 @@ class AiohttpAnswer:
     async def next_chunk(self) -> bytes:
         """Whatever part of the body has arrived (waiting for some); b"" at the end. A plain coroutine rather than an
         async generator: a stream of a thousand small chunks pays for every layer between the socket and the client."""
+        content = self._response.content
         try:
-            return await self._response.content.readany()
+            return await content.readany()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            # The bytes that arrived ahead of the break are the client's: hand them on first. aiohttp's readany raises
+            # a broken body's error before what is still in its buffer, so a relay that reads late (a busy worker) lost
+            # the events the backend had sent: a cut stream reached the client with 0-2 of its 5 deltas. The error
+            # stays set on the reader: the next call raises it.
+            left = _buffered(content)
+            if left:
+                return left
             raise UpstreamBroken(type(exc).__name__) from None
 
     def close(self) -> None:
@@ -103,6 +111,20 @@ class AiohttpAnswer:
 
     def release(self) -> None:
         self._response.release()
+
+
+def _buffered(content: aiohttp.StreamReader) -> bytes:
+    """What a reader whose body broke off still holds. aiohttp has no public call for it (readany and read_nowait raise
+    the error first), so this reads its buffer the way read_nowait does after that check; b"" if the reader's inside
+    is not what it was written against (tests/test_upstream_break.py fails then)."""
+    read = getattr(content, "_read_nowait", None)
+    if not getattr(content, "_buffer", None) or read is None:
+        return b""
+    try:
+        data = read(-1)
+    except Exception:  # the reader's own timeout, or an inside that changed
+        return b""
+    return data if isinstance(data, bytes) else b""
 
 
 class AiohttpUpstream:
