@@ -28,7 +28,7 @@ from azure.core.exceptions import ResourceNotFoundError
 
 from shared.records.breaker import BreakerRecord, is_news
 from shared.storage.protocols import Conflict, StoreUnavailable
-from shared.storage.tables import Tables, collect, entity_etag, replace_if_unchanged
+from shared.storage.tables import Tables, change_on_etag, collect, entity_etag, replace_if_unchanged
 
 log = logging.getLogger(__name__)
 
@@ -84,20 +84,12 @@ class _Table:
 
 async def _change(table: BreakerTable, partition: str, row: str,
                   change: Callable[[dict[str, Any] | None], dict[str, Any] | None]) -> bool:
-    """tables.change_row's read-decide-write loop on the ETag, over the BreakerTable (which bench.scale's simulated
-    table also implements): `change` returns the entity to write over what it was given, or None (nothing to tell).
-    True when written; Conflict after _BREAKER_WRITE_TRIES lost races."""
-    for _ in range(_BREAKER_WRITE_TRIES):
-        current, etag = await table.read(partition, row)
-        entity = change(current)
-        if entity is None:
-            return False
-        try:
-            await table.write(entity, etag)
-        except Conflict:
-            continue  # another writer came first: decide again on what it wrote
-        return True
-    raise Conflict(f"breakers: every write of {partition}/{row} lost to another writer")
+    """tables.change_on_etag over the BreakerTable (which bench.scale's simulated table also implements): `change`
+    returns the entity to write over what it was given, or None (nothing to tell). True when written; Conflict after
+    _BREAKER_WRITE_TRIES lost races."""
+    written = await change_on_etag(lambda: table.read(partition, row), table.write, change, _BREAKER_WRITE_TRIES,
+                                   f"breakers: every write of {partition}/{row}")
+    return written is not None
 
 
 def _from_row(e: dict[str, Any]) -> BreakerRecord:

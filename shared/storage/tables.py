@@ -166,30 +166,51 @@ def _create(entity: dict[str, Any]) -> Callable[[TableClient], Awaitable[Any]]:
     return lambda table: table.create_entity(entity)
 
 
+async def change_on_etag(
+    read: Callable[[], Awaitable[tuple[dict[str, Any] | None, str | None]]],
+    write: Callable[[dict[str, Any], str | None], Awaitable[None]],
+    change: Callable[[dict[str, Any] | None], Mapping[str, Any] | None], tries: int, where: str,
+) -> dict[str, Any] | None:
+    """Read-modify-write of one row on its ETag, the loop every table that shares a row between instances needs, over
+    any table's read and write (`change_row` for Tables; the breaker store's own table, which bench.scale simulates):
+    `read` gives the row and its ETag (None, None: there is none), `change` returns its replacement (None: leave it as
+    it is), `write` writes it only over that ETag (creates it when None) or raises Conflict. A write that loses to
+    another writer is tried again on a fresh read, `tries` times in all, then Conflict. Returns the row written, or
+    None when `change` left it."""
+    for _ in range(tries):
+        current, etag = await read()
+        changed = change(current)
+        if changed is None:
+            return None
+        entity = dict(changed)
+        try:
+            await write(entity, etag)
+        except Conflict:
+            continue  # another writer came first: decide again on what it wrote
+        return entity
+    raise Conflict(f"{where} lost to another writer")
+
+
 async def change_row(
     tables: Tables, table: str, partition: str, row: str,
     change: Callable[[dict[str, Any] | None], Mapping[str, Any] | None], tries: int = 1,
 ) -> dict[str, Any] | None:
-    """Read-modify-write of one row on its ETag, the loop every table that shares a row between instances needs:
-    `change` gets the row as read (None: there is none) and returns its replacement (None: leave it as it is); the
-    replacement is written only over the version read (created only where there was none). A write that loses to
-    another writer is tried again on a fresh read, `tries` times in all, then Conflict. Returns the row written, or
-    None when `change` left it."""
-    for _ in range(tries):
+    """`change_on_etag` on a row of `table` (the replacement gets the row's keys)."""
+
+    async def read() -> tuple[dict[str, Any] | None, str | None]:
         try:
             current: Any = await tables.call(table, lambda t: t.get_entity(partition, row))
         except ResourceNotFoundError:
-            current = None
-        changed = change(None if current is None else dict(current))
-        if changed is None:
-            return None
-        entity = {**changed, "PartitionKey": partition, "RowKey": row}
-        write = _create(entity) if current is None else replace_if_unchanged(entity, entity_etag(current))
-        try:
-            await tables.call(table, write)
-        except Conflict:
-            continue  # another writer came first: decide again on what it wrote
-        return entity
-    raise Conflict(f"{table}: every write of {partition}/{row} lost to another writer")
+            return None, None
+        return dict(current), entity_etag(current)
+
+    async def write(entity: dict[str, Any], etag: str | None) -> None:
+        await tables.call(table, _create(entity) if etag is None else replace_if_unchanged(entity, etag))
+
+    def keyed(current: dict[str, Any] | None) -> dict[str, Any] | None:
+        changed = change(current)
+        return None if changed is None else {**changed, "PartitionKey": partition, "RowKey": row}
+
+    return await change_on_etag(read, write, keyed, tries, f"{table}: every write of {partition}/{row}")
 
 
