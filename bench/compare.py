@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import statistics
@@ -287,7 +288,7 @@ def hot(args: argparse.Namespace) -> int:
     points = [(w, c) for w, c in HOT_POINTS if (not args.workload or w in args.workload)
               and (not args.concurrency or c in args.concurrency)]
     results: dict[str, Any] = {"machine": machine(), "date": stamp(), "seconds": args.seconds, "rounds": args.rounds,
-                               "points": [], "extras": {}, "load_average": os.getloadavg()[0],
+                               "points": [], "extras": {}, "load_average": os.getloadavg()[0], "measured": points,
                                "baseline": str(args.baseline) if args.baseline else None, "unlimited": args.unlimited}
     extras = results["extras"]
     with bench_stack() as bench, tempfile.TemporaryDirectory() as folder:
@@ -345,7 +346,10 @@ def hot(args: argparse.Namespace) -> int:
     print(json.dumps(results["goals"], indent=1), flush=True)
     save("compare_hot", results)
     if args.write:
-        update_doc("hot", hot_markdown(results))
+        # Only some of the points (e.g. `--workload chat --concurrency 64 --rounds 25`, the p99 goal over many rounds):
+        # a section of their own, so that the full run's section keeps the goals this run did not measure.
+        whole = set(points) == set(HOT_POINTS)
+        update_doc("hot" if whole else "hot-" + "-".join(f"{w}{c}" for w, c in points), hot_markdown(results))
     return 0
 
 
@@ -383,6 +387,24 @@ def paired_differences(values: list[Any], floor: list[Any]) -> list[float]:
             if isinstance(v, (int, float)) and isinstance(f, (int, float))]
 
 
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free interval for the median of `values` (the sign test's): the k-th smallest and k-th largest,
+    k the largest for which the chance that the median lies outside is at most 1 - `confidence`. None when there are
+    too few values for any such k (5 or fewer at 95 %)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    k = 0  # values below the interval's lower end: P(Binomial(n, 1/2) <= k - 1) * 2 must stay within 1 - confidence
+    tail = 0.0
+    while k < n // 2:
+        tail += math.comb(n, k) / 2**n
+        if 2 * tail > 1 - confidence:
+            break
+        k += 1
+    if k == 0:
+        return None
+    return ordered[k - 1], ordered[n - k]
+
+
 def hot_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's goals, each as (measured, target, met), for the gateway and (in brackets) the baseline if one ran."""
     rows = {(p["config"], p["workload"], p["concurrency"]): p for p in results["points"]}
@@ -416,7 +438,9 @@ def hot_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         if not paired:
             return text, extra <= 3
         middle = round(statistics.median(paired), 2)
-        text += f"; round by round {middle:+} (median; rounds {', '.join(f'{d:+}' for d in paired)})"
+        interval = median_interval(paired)
+        within = f", 95 % interval {interval[0]:+} to {interval[1]:+}" if interval else ""
+        text += f"; round by round {middle:+} (median{within}; rounds {', '.join(f'{d:+}' for d in paired)})"
         return text, extra <= 3 and middle <= 3  # met only when both say so
 
     def ttfb(clients: int) -> Any:
@@ -465,10 +489,16 @@ def limiter_share(points: list[dict[str, Any]]) -> str:
 
 def hot_markdown(results: dict[str, Any]) -> str:
     extras = results["extras"]
+    measured = [tuple(p) for p in results.get("measured", HOT_POINTS)]
+    subset = "" if set(measured) == set(HOT_POINTS) else "".join(
+        f" --workload {w}" for w in dict.fromkeys(w for w, _ in measured)) + "".join(
+        f" --concurrency {c}" for c in dict.fromkeys(c for _, c in measured))
+    title = "the gateway against the aiohttp passthrough" if not subset else (
+        "only " + ", ".join(f"{w} at {c} clients" for w, c in measured) + ", over more rounds")
     lines = [
-        "## The hot path: the gateway against the aiohttp passthrough (issue 25)",
+        f"## The hot path: {title} (issue 25)",
         "",
-        f"`.venv/bin/python -m bench.compare --hot --seconds {results['seconds']:g} --rounds {results['rounds']}"
+        f"`.venv/bin/python -m bench.compare --hot{subset} --seconds {results['seconds']:g} --rounds {results['rounds']}"
         f"{' --baseline ' + results['baseline'] if results.get('baseline') else ''}"
         f"{' --unlimited' if results.get('unlimited') else ''} --write` — "
         f"{results['date']}, {results['machine']}; load average {results['load_average']:.2f} at the start.",
