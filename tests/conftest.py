@@ -76,7 +76,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # With pytest-xdist (scripts/test runs two workers) the guard goes on in each worker: the controller must start them.
+    # With pytest-xdist (scripts/test runs several workers) the guard goes on in each worker: the controller must start them.
     controller = getattr(config.option, "dist", "no") != "no" and not hasattr(config, "workerinput")
     if config.getoption("--quick") and not controller:
         # The standard library asks `uname -p` once per interpreter (azure-identity's user agent reads it): asked here,
