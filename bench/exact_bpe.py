@@ -63,7 +63,7 @@ def merged_length(piece: bytes, rank: Callable[[bytes], int | None]) -> int:
 class Counter:
     def __init__(self, name: str, form: Form) -> None:
         self.rank = ranks_lookup(name, form)
-        self.pattern = _PATTERNS.get(name) or pattern_of(name)
+        self.pattern = pattern_of(name)
         self.pieces: dict[str, int] = {}
 
     def count(self, text: str) -> int:
@@ -80,20 +80,14 @@ class Counter:
         return total
 
 
-# The split patterns: taken from tiktoken's constructors without building tiktoken's tables, whose memory is what the
-# counter is measured without.
+# The split patterns, taken from tiktoken's constructors without building tiktoken's tables (whose memory is what the
+# counter is measured without).
 _PATTERNS: dict[str, regex.Pattern[str]] = {}
 
 
 def pattern_of(name: str) -> regex.Pattern[str]:
-    """The encoding's split pattern, from tiktoken's constructor of it, without building the encoding."""
-    from tiktoken_ext import openai_public
-
-    original = openai_public.load_tiktoken_bpe
-    openai_public.load_tiktoken_bpe = lambda *_args, **_kwargs: {}
-    try:
-        spec = getattr(openai_public, name)()
-    finally:
-        openai_public.load_tiktoken_bpe = original
-    _PATTERNS[name] = regex.compile(spec["pat_str"])
-    return _PATTERNS[name]
+    """The encoding's split pattern (compiled once)."""
+    pattern = _PATTERNS.get(name)
+    if pattern is None:
+        pattern = _PATTERNS[name] = regex.compile(tokens.encoding_spec(name, with_ranks=False)["pat_str"])
+    return pattern

@@ -147,7 +147,9 @@ def parse_ranks(name: str, raw: bytes, expected_sha256: str | None) -> dict[byte
     return ranks
 
 
-def _build(name: str) -> tiktoken.Encoding:
+def encoding_spec(name: str, with_ranks: bool = True) -> dict[str, Any]:
+    """tiktoken's own description of a supported encoding (name, split pattern, special tokens, ranks), its ranks from
+    the bundled file (`with_ranks=False`: none, for a reader of the pattern alone, e.g. bench/exact_bpe.py)."""
     constructor = getattr(openai_public, name, None)
     if constructor is None or name not in SUPPORTED_ENCODINGS:
         raise EncodingUnavailable(f"unsupported encoding {name}")
@@ -155,14 +157,19 @@ def _build(name: str) -> tiktoken.Encoding:
     # The constructor holds the split pattern and special tokens we need; it asks `load_tiktoken_bpe` for the ranks with
     # the URL and the sha256 it trusts. Answer that call from the bundled file instead of the network.
     def offline_loader(_url: str, expected_hash: str | None = None) -> dict[bytes, int]:
-        return _bundled_ranks(name, expected_hash)
+        return _bundled_ranks(name, expected_hash) if with_ranks else {}
 
     original = openai_public.load_tiktoken_bpe
     openai_public.load_tiktoken_bpe = offline_loader
     try:
-        spec = constructor()
+        spec: dict[str, Any] = constructor()
     finally:
         openai_public.load_tiktoken_bpe = original
+    return spec
+
+
+def _build(name: str) -> tiktoken.Encoding:
+    spec = encoding_spec(name)
     longest = max(map(len, spec["mergeable_ranks"]))
     if longest > MAX_TOKEN_BYTES:
         raise EncodingUnavailable(f"{name} has a {longest}-byte token; prompt_lower_bound assumes {MAX_TOKEN_BYTES}")
